@@ -1,0 +1,78 @@
+"""Default file locations and their overrides.
+
+The system defaults are OpenSMTPD's. Each one can be overridden by an environment variable (and, in the
+programs, by a command-line option that takes precedence), so the daemon, smtpctl and the tests can run
+unprivileged anywhere: point SMTPD_SPOOL and SMTPD_SOCKET at a folder you own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+DEFAULT_CONFIG = "/etc/smtpd.conf"
+DEFAULT_SPOOL = "/var/spool/smtpd"
+DEFAULT_SOCKET = "/var/run/smtpd.sock"
+DEFAULT_MAILNAME = "/etc/mailname"
+DEFAULT_PIDFILE = "/var/run/smtpd.pid"
+
+ENV_CONFIG = "SMTPD_CONFIG"
+ENV_SPOOL = "SMTPD_SPOOL"
+ENV_SOCKET = "SMTPD_SOCKET"
+ENV_MAILNAME = "SMTPD_MAILNAME"
+ENV_PIDFILE = "SMTPD_PIDFILE"
+# Where the daemon's DNS questions (reverse lookups, MX) go: "host:port" of a resolver. Tests point it at a
+# DNS server of their own on loopback; unset means the system resolver.
+ENV_RESOLVER = "SMTPD_RESOLVER"
+
+
+@dataclass(frozen=True)
+class Paths:
+    config: str
+    spool: str
+    socket: str
+    mailname: str
+    pidfile: str
+
+    @classmethod
+    def from_environment(cls, **overrides: str | None) -> Paths:
+        """Defaults, then environment variables, then explicit (non-None) overrides."""
+        values = {
+            "config": os.environ.get(ENV_CONFIG, DEFAULT_CONFIG),
+            "spool": os.environ.get(ENV_SPOOL, DEFAULT_SPOOL),
+            "socket": os.environ.get(ENV_SOCKET, DEFAULT_SOCKET),
+            "mailname": os.environ.get(ENV_MAILNAME, DEFAULT_MAILNAME),
+            "pidfile": os.environ.get(ENV_PIDFILE, DEFAULT_PIDFILE),
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+class MailnameError(Exception):
+    pass
+
+
+def read_mailname(path: str) -> str:
+    """The server name as OpenSMTPD derives it: the mailname file's first line, else the host's FQDN."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            first_line = handle.readline().rstrip("\n")
+    except OSError:
+        first_line = ""
+    if first_line:
+        if len(first_line) >= 255:
+            raise MailnameError(f"{path} entry too long")
+        return first_line
+    name = socket.gethostname()
+    if not name:
+        raise MailnameError("getmailname: gethostname() failed")
+    if "." not in name:
+        try:
+            infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+        except OSError:
+            infos = []
+        for info in infos:
+            if info[3]:
+                return info[3]
+    return name

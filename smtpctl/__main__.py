@@ -1,0 +1,3 @@
+from smtpctl.cli import main
+
+main(prog="smtpctl")

@@ -1,0 +1,199 @@
+"""The running system: built from one config snapshot, in one asyncio event loop.
+
+Subsystems are components with ``start()`` and ``stop()``, started in dependency order (tables, queue,
+scheduler, deliveries, SMTP listeners, control socket) and stopped in reverse. A reload parses and validates a
+new config; only if it is valid is it swapped in, and each component's ``reconfigure(new_config)`` is called so
+new sessions use it while sessions in progress finish on the snapshot they began with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.paths import Paths, read_mailname
+from smtpd import log, trace
+from smtpd.config.model import Config
+from smtpd.stats import STATS, Stats
+
+VERSION = "PySMTPD 0.1.0"
+PAUSABLE = ("mda", "mta", "smtp")
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    foreground: bool = True
+    log_to_syslog: bool = False
+    verbose: bool = False
+    paused: frozenset[str] = frozenset()  # subsystems started paused (smtpd -P)
+    traces: frozenset[str] = frozenset()  # trace keywords enabled at start (smtpd -T)
+    macros: dict[str, str] = field(default_factory=dict)  # -D, re-applied at reload
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+
+class Daemon:
+    def __init__(self, paths: Paths, config: Config, options: DaemonOptions) -> None:
+        self.paths = paths
+        self.config = config
+        self.options = options
+        self.mailname = read_mailname(paths.mailname)
+        self.started = time.time()
+        self.stats: Stats = STATS
+        self.paused: set[str] = set(options.paused) & set(PAUSABLE)
+        self.log = log.get()
+        # The subsystems, set while building. Typed loosely here so that this module does not import them all.
+        self.tables: Any = None
+        self.queue: Any = None
+        self.scheduler: Any = None
+        self.mda: Any = None
+        self.mta: Any = None
+        self.smtp: Any = None
+        self.control: Any = None
+        self.components: list[Component] = []
+        self._stopping = asyncio.Event()
+        # Called with (daemon, subsystem, paused) when pause/resume changes a subsystem's state.
+        self.pause_listeners: list[Callable[[Daemon, str, bool], None]] = []
+
+    # -- building -------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the components in start order. Each subsystem adds itself here with one line."""
+        for target in BUILDERS:
+            module_name, _, function_name = target.partition(":")
+            builder = getattr(importlib.import_module(module_name), function_name)
+            component = builder(self)
+            if component is not None:
+                self.components.append(component)
+
+    async def start(self) -> None:
+        for component in self.components:
+            await component.start()
+
+    async def stop(self) -> None:
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception:  # noqa: BLE001 — shutdown goes on whatever one component does
+                self.log.exception("error while stopping %r", component)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    # -- pause / resume -------------------------------------------------------------------------------
+    def set_paused(self, subsystem: str, paused: bool) -> bool:
+        """Pause or resume mda, mta or smtp. False when it already was in that state (command failed)."""
+        if subsystem not in PAUSABLE or (subsystem in self.paused) == paused:
+            return False
+        if paused:
+            self.paused.add(subsystem)
+        else:
+            self.paused.discard(subsystem)
+        self.log.info("%s %s", subsystem, "paused" if paused else "resumed")
+        for listener in list(self.pause_listeners):
+            listener(self, subsystem, paused)
+        return True
+
+    def is_paused(self, subsystem: str) -> bool:
+        return subsystem in self.paused
+
+    # -- reload ---------------------------------------------------------------------------------------
+    async def reload(self) -> ReloadResult:
+        """Parse and validate the config again; swap it in only if valid."""
+        from smtpd import config as config_package
+
+        result = await asyncio.to_thread(config_package.load, self.paths.config, macros=self.options.macros)
+        errors = [str(diagnostic) for diagnostic in result.errors]
+        warnings = [str(diagnostic) for diagnostic in result.warnings]
+        if errors or result.config is None:
+            self.log.warning("reload failed, keeping the running configuration")
+            return ReloadResult(False, errors, warnings)
+        old, new = self.config, result.config
+        changes: list[str] = []
+        for component in self.components:
+            reconfigure = getattr(component, "reconfigure", None)
+            if reconfigure is not None:
+                changes.extend(await reconfigure(old, new) or [])
+        self.config = new
+        self.log.info("configuration reloaded")
+        return ReloadResult(True, [], warnings, changes)
+
+
+# The component builders, in start order, as "module:function". A builder takes the Daemon, sets its
+# attribute (daemon.tables, daemon.queue, ...) and returns the component to start, or None. Each subsystem adds
+# its one line here.
+BUILDERS: list[str] = [
+]
+
+
+def _install_signal_handlers(daemon: Daemon) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, daemon.request_stop)
+
+    def reload_on_hup() -> None:
+        # Unlike OpenSMTPD 6.8 (which dies on SIGHUP), SIGHUP reloads the configuration.
+        asyncio.ensure_future(daemon.reload())
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
+
+
+async def serve(daemon: Daemon) -> None:
+    daemon.build()
+    _install_signal_handlers(daemon)
+    daemon.log.info("%s starting", VERSION)
+    try:
+        await daemon.start()
+        _write_pidfile(daemon.paths.pidfile)
+        await daemon.wait_stopped()
+        daemon.log.info("Exiting")
+    finally:
+        await daemon.stop()
+        _remove_pidfile(daemon.paths.pidfile)
+
+
+def _write_pidfile(path: str) -> None:
+    try:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(f"{os.getpid()}\n")
+    except OSError:
+        pass  # the pid file is a convenience; an unwritable /var/run must not stop an unprivileged daemon
+
+
+def _remove_pidfile(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT or `smtpctl stop`. Returns the exit code."""
+    log.setup(to_syslog=options.log_to_syslog, verbose=options.verbose)
+    if options.traces:
+        for keyword in options.traces:
+            trace.BUS.enable(keyword)
+        trace.console_to_stderr()
+    daemon = Daemon(paths, config, options)
+    asyncio.run(serve(daemon))
+    return 0

@@ -1,0 +1,63 @@
+"""The envelope: one recipient of one message, everything the queue keeps about it (reference §8.3).
+
+The on-disk format (versioned text) lives in the queue package; this module only holds the shape that the
+SMTP session, expansion, scheduler, MDA and MTA pass between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntFlag, StrEnum
+
+
+class EnvelopeType(StrEnum):
+    MDA = "mda"
+    MTA = "mta"
+    BOUNCE = "bounce"
+
+
+class DsnNotify(IntFlag):
+    NONE = 0
+    SUCCESS = 1
+    FAILURE = 2
+    DELAY = 4
+    NEVER = 8
+
+
+@dataclass
+class Envelope:
+    evpid: int = 0
+    dispatcher: str = ""  # the action's name
+    type: EnvelopeType = EnvelopeType.MDA
+    tag: str = ""
+    smtpname: str = ""
+    helo: str = ""
+    hostname: str = ""  # the client's reverse name
+    username: str = ""  # the authenticated user
+    errorline: str = ""
+    sockaddr: str = ""  # "local", "1.2.3.4", "[::1]"
+    sender: str = ""  # "" is the null sender
+    rcpt: str = ""  # as given at RCPT TO
+    dest: str = ""  # after expansion
+    ctime: int = 0
+    last_try: int = 0
+    last_bounce: int = 0
+    ttl: int = 0
+    retry: int = 0
+    flags: set[str] = field(default_factory=set)  # authenticated, bounce, internal, suspend, hold
+    dsn_notify: DsnNotify = DsnNotify.NONE
+    dsn_ret: str = ""  # "", FULL, HDRS
+    dsn_envid: str = ""
+    dsn_orcpt: str = ""
+    esc_class: int = 0
+    esc_code: int = 0
+    mda_exec: str = ""  # a |command or /file from an alias or .forward
+    mda_subaddress: str = ""
+    mda_user: str = ""
+    bounce_ttl: int = 0
+    bounce_delay: int = 0
+    bounce_type: str = ""  # failed | delayed | delivered | relayed
+
+    @property
+    def msgid(self) -> int:
+        return self.evpid >> 32

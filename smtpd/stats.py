@@ -1,0 +1,39 @@
+"""Counters for `smtpctl show stats` and `monitor` (reference §2.4 keys).
+
+A key appears only once it has been set. Subsystems call ``STATS.increment("smtp.session")`` etc.
+"""
+
+from __future__ import annotations
+
+import time
+
+from smtpd import trace
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.started = time.time()
+
+    def increment(self, key: str, amount: int = 1) -> None:
+        self.values[key] = self.values.get(key, 0) + amount
+        if trace.wants("stat"):
+            trace.emit("stat", f"stat: {key} += {amount} -> {self.values[key]}", key=key, value=self.values[key])
+
+    def decrement(self, key: str, amount: int = 1) -> None:
+        self.increment(key, -amount)
+
+    def set(self, key: str, value: int) -> None:
+        self.values[key] = value
+
+    def get(self, key: str) -> int:
+        return self.values.get(key, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        """Every set key plus uptime, as `show stats` prints them (sorted by the caller)."""
+        values = dict(self.values)
+        values["uptime"] = int(time.time() - self.started)
+        return values
+
+
+STATS = Stats()
