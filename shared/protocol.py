@@ -27,6 +27,15 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 65536  # a longer line is an error for that connection only
 
 
+# Keywords `smtpctl trace`/`untrace` accept: the reference's, plus the table and queue subsystems our daemon
+# also traces, and the spellings smtpd -T accepts.
+TRACE_KEYWORDS: tuple[str, ...] = (
+    "imsg", "io", "smtp", "filters", "mta", "bounce", "scheduler", "lookup", "stat", "rules", "mproc",
+    "expand", "all", "table", "queue", "transfer", "bounces", "stats", "tables",
+)
+PROFILE_KEYWORDS: tuple[str, ...] = ("imsg", "queue")
+
+
 class Privilege(StrEnum):
     OPEN = "open"  # anyone who can reach the socket (e.g. sendmail's enqueue)
     READ = "read"  # root, the daemon's user, or members of the configured control group

@@ -10,29 +10,37 @@ import importlib
 import os
 import sys
 
-import click
-
-# name -> "module:attribute" of a Click command or group. Each family adds its line.
+# name -> "module:attribute" of a Click command or group. Each family adds its line. The order is OpenSMTPD's
+# (it is the order of the `possibilities are:` listing); our own commands follow.
 COMMANDS: dict[str, str] = {
+    "discover": "smtpctl.commands.queue:discover",
+    "pause": "smtpctl.commands.control:pause",
+    "resume": "smtpctl.commands.control:resume",
+    "show": "smtpctl.commands.show:show",
+    "log": "smtpctl.commands.control:log",
+    "monitor": "smtpctl.commands.monitor:monitor",
+    "profile": "smtpctl.commands.control:profile",
+    "remove": "smtpctl.commands.queue:remove",
+    "schedule": "smtpctl.commands.queue:schedule",
+    "trace": "smtpctl.commands.trace:trace",
+    "unprofile": "smtpctl.commands.control:unprofile",
+    "untrace": "smtpctl.commands.trace:untrace",
+    "update": "smtpctl.commands.control:update",
     "encrypt": "smtpctl.commands.encrypt:encrypt",
+    "reload": "smtpctl.commands.control:reload",
+    "stop": "smtpctl.commands.control:stop",
+    "explain": "smtpctl.commands.explain:explain",
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
+def __getattr__(name: str) -> object:
+    # The Click group lives in smtpctl.words and is imported on demand: Click costs more start-up time than
+    # `smtpctl show status` may take in total (bench/smtpctl_start.py).
+    if name in ("cli", "LazyGroup"):
+        from smtpctl import words
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
-            return None
-        module_name, _, attribute = target.partition(":")
-        return getattr(importlib.import_module(module_name), attribute)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Control the PySMTPD mail server."""
+        return words.cli if name == "cli" else words.WordGroup
+    raise AttributeError(name)
 
 
 def _personality(prog: str, argv: list[str]) -> int | None:
@@ -61,4 +69,34 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     status = _personality(prog, argv)
     if status is not None:
         sys.exit(status)
-    cli.main(args=argv, prog_name="smtpctl")
+    from smtpctl import fast
+
+    status = fast.run(argv)
+    if status is not None:
+        sys.exit(status)
+    sys.exit(_run_click(argv))
+
+
+def _run_click(argv: list[str]) -> int:
+    import click
+
+    from smtpctl.exitcodes import Exit
+    from smtpctl.words import cli
+
+    try:
+        result = cli.main(args=argv, prog_name="smtpctl", standalone_mode=False)
+    except click.UsageError as error:
+        error.show()
+        return Exit.USAGE
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Exit as error:
+        return error.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        return Exit.INTERRUPTED
+    except BrokenPipeError:
+        # `smtpctl monitor | head`: the reader left; not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return Exit.OK
+    return result if isinstance(result, int) else Exit.OK

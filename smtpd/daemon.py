@@ -143,6 +143,12 @@ class Daemon:
 # attribute (daemon.tables, daemon.queue, ...) and returns the component to start, or None. Each subsystem adds
 # its one line here.
 BUILDERS: list[str] = [
+    "smtpd.queue:build",  # after tables
+    "smtpd.scheduler:build",
+    "smtpd.mda:build",
+    "smtpd.mta:build",
+    "smtpd.smtp:build",
+    "smtpd.control:build",  # last: the control socket opens once everything it controls exists
 ]
 
 

@@ -3,8 +3,10 @@
 The parser (modern or legacy grammar) produces one ``Config``; every other subsystem reads it and nothing
 changes it. A reload parses a new ``Config`` and swaps it in whole; a session keeps the one it began with.
 
-Table references are by name (``"aliases"``, ``"dynamic:3"`` for an anonymous table at a use site, or a
-built-in such as ``"localhost"``); ``Config.tables`` holds the declarations. Durations are seconds, sizes bytes.
+Table references are by name: ``"aliases"``, ``"<dynamic:3>"`` for an anonymous table written at a use site
+(a bare word or ``{..}``), or a built-in such as ``"<localhost>"`` (OpenSMTPD's own names; the angle brackets
+keep them apart from user tables, which cannot refer to them). ``Config.tables`` holds the declarations,
+built-ins included. Durations are seconds, sizes bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ DEFAULT_SUBADDRESS_DELIMITER = "+"
 DEFAULT_MAX_RCPT = 1000
 DEFAULT_MAX_MAILS = 100
 
-BUILTIN_TABLES = ("localhost", "anyhost", "localnames", "anydestination", "getpwnam")
+BUILTIN_TABLES = ("<localhost>", "<anyhost>", "<localnames>", "<anydestination>", "<getpwnam>")
+SOCKET = "socket"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ class Listener:
     """One `listen on` statement (or the implicit socket listener)."""
 
     interface: str  # "socket", an interface name, an address or a host name, as written
-    location: Location | None = None
+    location: Location | None = None  # None for the implicit socket listener
+    # The addresses to bind, resolved at config time (interface addresses, the literal, or the host's
+    # addresses), in OpenSMTPD's order; empty for the socket listener.
+    addresses: tuple[str, ...] = ()
     family: str | None = None  # "inet4" | "inet6" | None
     port: int = 25  # the default already applied (465 with smtps)
     port_explicit: bool = False
@@ -110,11 +116,24 @@ class Listener:
     senders_table: str | None = None
     masquerade: bool = False
     proxy_v2: bool = False
-    filter: str | None = None
+    filter: str | None = None  # a filter or chain name ("<dynchain:00000001>" for an inline list)
 
     @property
     def is_socket(self) -> bool:
-        return self.interface == "socket"
+        return self.interface == SOCKET
+
+    @property
+    def is_local(self) -> bool:
+        """Socket and loopback listeners add missing Date/Message-ID headers (reference §7.6)."""
+        import ipaddress
+
+        if self.is_socket:
+            return True
+        try:
+            return all(ipaddress.ip_address(address).is_loopback for address in self.addresses) and bool(
+                self.addresses)
+        except ValueError:
+            return False
 
 
 class Method(StrEnum):
@@ -241,7 +260,7 @@ class Filter:
     """A filter, proc or chain declaration (parsed and validated; running filters is later work)."""
 
     name: str
-    kind: str  # "phase" | "proc" | "proc-exec" | "chain"
+    kind: str  # "phase" | "proc" | "proc-exec" | "chain" (an inline listen/relay list is a chain too)
     phase: str | None = None
     conditions: tuple[Condition, ...] = ()
     decision: str | None = None  # reject | disconnect | rewrite | report | junk | bypass
@@ -287,6 +306,18 @@ class Config:
     procs: dict[str, Proc] = field(default_factory=dict)
     admd: str | None = None
     legacy: bool = False  # written in the pre-6.4 grammar
+
+    @property
+    def socket_listener(self) -> Listener:
+        """The local enqueue listener: always there, declared (`listen on socket`) or implicit."""
+        for listener in self.listeners:
+            if listener.is_socket:
+                return listener
+        return Listener(interface=SOCKET)
+
+    @property
+    def network_listeners(self) -> tuple[Listener, ...]:
+        return tuple(listener for listener in self.listeners if not listener.is_socket)
 
     def action(self, name: str) -> Action:
         return self.actions[name]

@@ -1,0 +1,408 @@
+"""Local delivery (OpenSMTPD's mda): mbox, maildir, lmtp, mda commands, |pipes and /files from expansion.
+
+`daemon.mda.deliver(envelope, message_path)` delivers one envelope and never raises. It
+
+1. finds the envelope's action in the running config;
+2. refuses a loop (the message already carries `Delivered-To: <dest>`);
+3. resolves who the delivery runs as: the action's `user`, else the envelope's user through the userbase
+   (`<getpwnam>` by default). As root it never delivers as root: root's mbox is opened by the privileged child
+   and written after dropping to the unprivileged user; every other method refuses uid 0
+   (`not allowed to deliver to: root`). When the daemon runs unprivileged it delivers as itself;
+4. prepends `Return-Path: <sender>` (non-empty senders) and `Delivered-To: <rcpt>`;
+5. runs the method (see local.py, command.py, lmtp.py) and maps the outcome to a DeliveryResult.
+
+The mbox spool directory is /var/mail unless the environment variable SMTPD_MAILDIR_ROOT (or the daemon option
+`mail_spool`) names another one: tests and the unprivileged trial run deliver under a folder of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from smtpd import log, trace
+from smtpd.config.model import Action, Config, Method
+from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.lookup.tables.base import Service, TableError
+from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfoError, parse_userinfo, unprivileged_user
+from smtpd.mda import command, lmtp, local
+from smtpd.mda.privilege import ChildResult, Identity, privileged, run_as
+from smtpd.mda.variables import VariableContext, VariableError, expand
+from smtpd.queue.envelope import Envelope
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+ENV_MAIL_ROOT = "SMTPD_MAILDIR_ROOT"
+DEFAULT_MAIL_ROOT = "/var/mail"
+MAX_SESSIONS = 50
+MAX_SESSIONS_PER_USER = 7
+OPENSMTPD_MBOXFILE = "/usr/libexec/opensmtpd/mail.mboxfile"
+MAX_HEADER_BYTES = 1 << 20
+
+_log = log.get("mda")
+
+
+def mail_root(options: Any = None) -> str:
+    configured = getattr(options, "mail_spool", None) if options is not None else None
+    return configured or os.environ.get(ENV_MAIL_ROOT) or DEFAULT_MAIL_ROOT
+
+
+@dataclass(frozen=True)
+class _Job:
+    envelope: Envelope
+    action: Action
+    identity: Identity  # who the work runs as
+    username: str  # the recipient's user name (for %{user.username}, lmtp -u, the mbox name)
+    directory: str  # the recipient's home
+    prefix: bytes
+    context: VariableContext
+
+
+class _Failure(Exception):
+    def __init__(self, result: DeliveryResult) -> None:
+        super().__init__(result.text)
+        self.result = result
+
+
+class MdaAgent:
+    """The local delivery agent: one per daemon."""
+
+    def __init__(self, config_source: Any, tables: Any, mailname: str, options: Any = None) -> None:
+        # config_source: the Daemon (its .config is read at each delivery, so reloads apply) or a Config.
+        self._config_source = config_source
+        self._tables = tables
+        self.mailname = mailname
+        self.mail_root = mail_root(options)
+        self._sessions: asyncio.Semaphore | None = None
+        self._per_user: dict[str, asyncio.Semaphore] = {}
+        self._per_user_waiting: dict[str, int] = {}
+        self.replay_task: asyncio.Task[Any] | None = None
+
+    @property
+    def tables(self) -> Any:
+        # The daemon's registry when we have one (it may be rebuilt at reload), else the one we were given.
+        return getattr(self._config_source, "tables", None) or self._tables
+
+    @property
+    def config(self) -> Config:
+        source = self._config_source
+        return source if isinstance(source, Config) else source.config
+
+    async def start(self) -> None:
+        self._sessions = asyncio.Semaphore(MAX_SESSIONS)
+
+    async def stop(self) -> None:
+        if self.replay_task is not None:
+            self.replay_task.cancel()
+
+    # -- the contract ---------------------------------------------------------------------------------
+    async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
+        started = time.time()
+        try:
+            result = await self._deliver_limited(envelope, message_path)
+        except _Failure as failure:
+            result = failure.result
+        except Exception as error:  # noqa: BLE001 — a delivery never takes the daemon down
+            _log.exception("mda: unexpected error delivering %016x", envelope.evpid)
+            result = DeliveryResult.tempfail(f"internal error: {type(error).__name__}: {error}")
+        self._log_result(envelope, result, started)
+        return result
+
+    async def _deliver_limited(self, envelope: Envelope, message_path: str) -> DeliveryResult:
+        if self._sessions is None:
+            self._sessions = asyncio.Semaphore(MAX_SESSIONS)
+        user_key = envelope.mda_user or envelope.dest
+        per_user = self._per_user.setdefault(user_key, asyncio.Semaphore(MAX_SESSIONS_PER_USER))
+        self._per_user_waiting[user_key] = self._per_user_waiting.get(user_key, 0) + 1
+        try:
+            async with self._sessions, per_user:
+                return await self._deliver(envelope, message_path)
+        finally:
+            self._per_user_waiting[user_key] -= 1
+            if not self._per_user_waiting[user_key]:
+                del self._per_user_waiting[user_key]
+                self._per_user.pop(user_key, None)
+
+    async def _deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
+        action = self.config.actions.get(envelope.dispatcher)
+        if action is None:
+            return DeliveryResult.tempfail(f"no such dispatcher: {envelope.dispatcher}")
+        if action.method is Method.RELAY:
+            return DeliveryResult.permfail(f"dispatcher {action.name} relays, it does not deliver locally")
+        try:
+            message = open(message_path, "rb")  # noqa: SIM115 — closed below, after the child is done
+        except OSError as error:
+            return DeliveryResult.tempfail(f"cannot open message: {error.strerror}")
+        with message:
+            if _has_loop(message, envelope.dest):
+                return DeliveryResult(Outcome.LOOP, "Loop detected", 5, 47)
+            job = self._prepare(envelope, action)
+            trace.emit("mda", f"delivering {envelope.evpid:016x} to {envelope.dest} as {job.identity.username} "
+                              f"via {envelope.mda_exec or action.method}", evpid=f"{envelope.evpid:016x}")
+            return await self._run(job, message)
+
+    # -- preparing ------------------------------------------------------------------------------------
+    def _prepare(self, envelope: Envelope, action: Action) -> _Job:
+        username, uid, gid, directory = self._resolve_user(envelope, action)
+        recipient = Identity.for_user(username, uid, gid, directory)
+        if not privileged():
+            identity = Identity.current()
+        elif uid == 0:
+            if action.method is not Method.MBOX or envelope.mda_exec:
+                raise _Failure(DeliveryResult.permfail(f"not allowed to deliver to: {username}"))
+            identity = recipient  # mbox for root: _run_mbox writes as the unprivileged user
+        else:
+            identity = recipient
+        prefix = b""
+        if envelope.sender:
+            prefix += f"Return-Path: <{envelope.sender}>\n".encode("utf-8", "surrogateescape")
+        prefix += f"Delivered-To: {envelope.rcpt or envelope.dest}\n".encode("utf-8", "surrogateescape")
+        context = VariableContext(envelope.sender, envelope.rcpt or envelope.dest, envelope.dest, username,
+                                  directory, delimiter=(self.config.smtp.sub_addr_delim or "+")[:1])
+        return _Job(envelope, action, identity, username, directory, prefix, context)
+
+    def _resolve_user(self, envelope: Envelope, action: Action) -> tuple[str, int, int, str]:
+        if action.user:
+            try:
+                entry = pwd.getpwnam(action.user)
+            except KeyError:
+                raise _Failure(DeliveryResult.permfail(f"delivery user '{action.user}' does not exist")) from None
+            return entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir
+        name = envelope.mda_user or envelope.dest.rpartition("@")[0].lower()
+        userbase = action.userbase_table or DEFAULT_USERBASE
+        value = None
+        if self.tables is not None:
+            try:
+                value = self.tables.lookup(userbase, Service.USERINFO, name)
+            except TableError as error:
+                raise _Failure(DeliveryResult.tempfail(f"userbase <{userbase}>: {error}")) from None
+        if value is not None:
+            try:
+                info = parse_userinfo(name, value)
+            except UserInfoError as error:
+                raise _Failure(DeliveryResult.tempfail(str(error))) from None
+            return info.username, info.uid, info.gid, info.directory
+        if envelope.mda_exec or self.tables is None:
+            # Files and commands from aliases run as the daemon's unprivileged user, a system account.
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                pass
+            else:
+                return entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir
+        raise _Failure(DeliveryResult.permfail(f"user {name} does not exist"))
+
+    # -- running --------------------------------------------------------------------------------------
+    async def _run(self, job: _Job, message: BinaryIO) -> DeliveryResult:
+        exec_item = job.envelope.mda_exec
+        if exec_item:
+            if exec_item.startswith("|"):
+                return await self._run_shell_item(job, exec_item[1:], message)
+            if exec_item.startswith(OPENSMTPD_MBOXFILE):
+                return await self._run_mboxfile(job, exec_item.rsplit(" ", 1)[-1], message)
+            if exec_item.startswith("/"):
+                return await self._run_mboxfile(job, exec_item, message)
+            return await self._run_shell_item(job, exec_item, message)
+        method = job.action.method
+        if job.action.wrapper:
+            return await self._run_wrapped(job, message)
+        if method is Method.MBOX:
+            return await self._run_mbox(job, message)
+        if method is Method.MAILDIR:
+            return await self._run_maildir(job, message)
+        if method is Method.LMTP:
+            return await self._run_lmtp(job, message)
+        if method is Method.MDA:
+            return await self._run_command(job, self._expand_argv(job.action.mda_command or "", job), message)
+        return DeliveryResult.permfail(f"dispatcher {job.action.name} ({method}) has no local delivery method")
+
+    def _mbox_path(self, job: _Job) -> str:
+        if "/" in job.username or job.username in ("", ".", ".."):
+            raise _Failure(DeliveryResult.permfail(f"invalid user name for a mailbox: {job.username!r}"))
+        return os.path.join(self.mail_root, job.username)
+
+    async def _run_mbox(self, job: _Job, message: BinaryIO) -> DeliveryResult:
+        path = self._mbox_path(job)
+        sender, prefix = job.envelope.sender, job.prefix
+        writer = job.identity
+        owner = (job.identity.uid, job.identity.gid)
+        if privileged() and job.identity.uid == 0:
+            writer = _unprivileged_identity()
+        writer = writer.with_group(_spool_group(self.mail_root))
+
+        def open_as_root() -> int:
+            return local.open_mbox(path, owner=owner if privileged() else None)
+
+        def write(fd: object) -> None:
+            assert isinstance(fd, int)
+            try:
+                local.append_mbox(fd, path, sender, prefix, message)
+            finally:
+                os.close(fd)
+
+        return _child_result(await run_as(writer, write, before_drop=open_as_root))
+
+    async def _run_mboxfile(self, job: _Job, path: str, message: BinaryIO) -> DeliveryResult:
+        sender, prefix = job.envelope.sender, job.prefix
+
+        def write(_: object) -> None:
+            local.deliver_mbox(path, sender, prefix, message)
+
+        return _child_result(await run_as(job.identity, write))
+
+    async def _run_maildir(self, job: _Job, message: BinaryIO) -> DeliveryResult:
+        directory = self._expand(job.action.maildir_path or "~/Maildir", job)
+        if not directory.startswith("/"):
+            return DeliveryResult.permfail(f"maildir path is not absolute: {directory}")
+        extension, junk, prefix = job.envelope.mda_subaddress, job.action.junk, job.prefix
+
+        def write(_: object) -> None:
+            local.deliver_maildir(directory, prefix, message, extension, junk)
+
+        return _child_result(await run_as(job.identity, write))
+
+    async def _run_lmtp(self, job: _Job, message: BinaryIO) -> DeliveryResult:
+        destination = job.action.lmtp_destination or ""
+        recipient = job.envelope.dest if job.action.lmtp_rcpt_to else job.username
+        try:
+            [reply] = await lmtp.deliver_lmtp(destination, self.mailname, job.envelope.sender, [recipient],
+                                              job.prefix, message)
+        except lmtp.LmtpError as error:
+            return DeliveryResult.tempfail(str(error))
+        if reply.ok:
+            return DeliveryResult.ok()
+        if reply.temporary:
+            return DeliveryResult.tempfail(reply.text)
+        return DeliveryResult.permfail(reply.text)
+
+    async def _run_shell_item(self, job: _Job, shell_command: str, message: BinaryIO) -> DeliveryResult:
+        # The text of a |command item is the alias or .forward owner's shell command, never envelope data.
+        return await self._run_command(job, ["/bin/sh", "-c", shell_command], message)
+
+    async def _run_wrapped(self, job: _Job, message: BinaryIO) -> DeliveryResult:
+        wrapper = self.config.mda_wrappers.get(job.action.wrapper or "")
+        if wrapper is None:
+            return DeliveryResult.permfail(f"no mda wrapper with that name: {job.action.wrapper}")
+        method = job.action.method
+        if method is Method.MDA:
+            wrapped = self._expand_argv(job.action.mda_command or "", job)
+        elif method is Method.MAILDIR:
+            directory = self._expand(job.action.maildir_path or "~/Maildir", job)
+            wrapped = [sys.executable, local.__file__, "maildir", *(["-j"] if job.action.junk else []),
+                       *(["-e", job.envelope.mda_subaddress] if job.envelope.mda_subaddress else []), directory]
+        elif method is Method.MBOX:
+            wrapped = [sys.executable, local.__file__, "mbox", "-f", job.envelope.sender or "MAILER-DAEMON",
+                       self._mbox_path(job)]
+        else:
+            return DeliveryResult.permfail(f"wrapper not supported for {method}")
+        try:
+            argv = command.wrap_argv(wrapper, wrapped, job.context)
+        except VariableError as error:
+            return DeliveryResult.permfail(f"mda command line could not be expanded: {error}")
+        return await self._run_command(job, argv, message)
+
+    async def _run_command(self, job: _Job, argv: list[str], message: BinaryIO) -> DeliveryResult:
+        environment = command.delivery_environment(job.identity, job.envelope.sender,
+                                                   job.envelope.rcpt or job.envelope.dest, job.envelope.dest,
+                                                   job.envelope.mda_subaddress)
+        # The command learns about the recipient, even when an unprivileged daemon runs it as itself.
+        environment["USER"] = environment["LOGNAME"] = job.username
+        environment["HOME"] = job.directory or "/"
+        outcome = await command.run_command(argv, job.identity, environment, job.prefix, message)
+        if outcome.ok:
+            return DeliveryResult.ok()
+        if outcome.temporary:
+            return DeliveryResult.tempfail(outcome.error_text())
+        return DeliveryResult.permfail(outcome.error_text())
+
+    @staticmethod
+    def _expand_argv(template: str, job: _Job) -> list[str]:
+        try:
+            return command.command_argv(template, job.context)
+        except VariableError as error:
+            raise _Failure(DeliveryResult.permfail(f"mda command line could not be expanded: {error}")) from None
+
+    def _expand(self, template: str, job: _Job) -> str:
+        try:
+            return expand(template, job.context)
+        except VariableError as error:
+            raise _Failure(DeliveryResult.permfail(f"mda command line could not be expanded: {error}")) from None
+
+    # -- logging --------------------------------------------------------------------------------------
+    @staticmethod
+    def _log_result(envelope: Envelope, result: DeliveryResult, started: float) -> None:
+        words = {Outcome.OK: "Ok", Outcome.TEMPFAIL: "TempFail", Outcome.PERMFAIL: "PermFail",
+                 Outcome.LOOP: "PermFail"}
+        stat = "Delivered" if result.outcome is Outcome.OK else f"Error ({result.text})"
+        delay = _duration(max(0, int(started - envelope.ctime))) if envelope.ctime else "0s"
+        _log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s result=%s stat=%s",
+                  secrets.randbits(64), envelope.evpid, envelope.sender, envelope.dest,
+                  envelope.rcpt or envelope.dest, envelope.mda_user, delay, words[result.outcome], stat)
+
+
+def _child_result(result: ChildResult) -> DeliveryResult:
+    if result.status == 0:
+        return DeliveryResult.ok()
+    if result.timed_out:
+        return DeliveryResult.tempfail("terminated; timeout")
+    if result.status < 0:
+        return DeliveryResult.tempfail(f"terminated; signal {-result.status}")
+    if result.status in command.TEMPFAIL_STATUSES:
+        return DeliveryResult.tempfail(result.text or "temporary failure")
+    return DeliveryResult.permfail(result.text or f"Error (exited with status {result.status})")
+
+
+def _has_loop(message: BinaryIO, dest: str) -> bool:
+    """Whether the header already holds `Delivered-To: <dest>` (then the message is looping)."""
+    wanted = dest.strip().lower()
+    read = 0
+    try:
+        for line in message:
+            read += len(line)
+            if line in (b"\n", b"\r\n") or read > MAX_HEADER_BYTES:
+                break
+            name, colon, value = line.partition(b":")
+            if colon and name.strip().lower() == b"delivered-to":
+                text = value.decode("utf-8", "replace").strip().strip("<>").strip().lower()
+                if text == wanted:
+                    return True
+        return False
+    finally:
+        message.seek(0)
+
+
+def _spool_group(directory: str) -> int | None:
+    """The spool directory's group when members may create files there (the dotlock needs it)."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return info.st_gid if info.st_mode & 0o020 else None
+
+
+def _unprivileged_identity() -> Identity:
+    entry = pwd.getpwnam(unprivileged_user())
+    return Identity.for_user(entry.pw_name, entry.pw_uid, entry.pw_gid, "/")
+
+
+def _duration(seconds: int) -> str:
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    parts.append(f"{seconds}s")
+    return "".join(parts)
+
+
+def build(daemon: Daemon) -> MdaAgent:
+    agent = MdaAgent(daemon, daemon.tables, daemon.mailname, daemon.options)
+    daemon.mda = agent
+    return agent

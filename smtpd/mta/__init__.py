@@ -1,0 +1,425 @@
+"""Relaying (OpenSMTPD's mta): envelopes of relay actions go to a smarthost or to the domain's MX hosts.
+
+`await daemon.mta.deliver(envelope, message_path)` relays one envelope and never raises. The scheduler hands
+envelopes over one at a time; the agent groups those of one message that go the same way (same relay, same
+MAIL FROM) during a short window (BATCH_WINDOW) and sends them in one transaction, and keeps sessions open a
+few seconds (`session-keepalive`) so that the next message to the same host reuses the connection.
+
+Results: a remote 2xx → Ok; 4xx → tempfail; 5xx → permfail carrying the remote's whole reply (every line);
+connection, TLS and protocol failures → tempfail (the next MX is tried first). A malformed or oversized reply
+(the CVE-2020-8794 shapes) ends that session and tempfails the envelopes in it, nothing more.
+
+The port of MX deliveries is 25; the environment variable SMTPD_MX_PORT changes it (tests, and setups that
+reach their MX through a port-mapping firewall). DNS questions go to the SMTPD_RESOLVER resolver (mx.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from smtpd import log, trace
+from smtpd.config.model import Config, Method
+from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.mta.mx import MxError, Resolver
+from smtpd.mta.plan import Plan, PlanError, make_plan
+from smtpd.mta.routes import MtaState, RelayState, Route
+from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
+from smtpd.mta.tls import TlsMode
+from smtpd.queue.envelope import Envelope
+from smtpd.stats import STATS
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+ENV_MX_PORT = "SMTPD_MX_PORT"
+BATCH_WINDOW = 0.05  # seconds to wait for the other envelopes of a message before connecting
+MAX_RCPT_PER_TRANSACTION = 100
+DEFAULT_TIMEOUT = 300.0
+
+LOG = log.get("mta")
+
+
+@dataclass
+class _Batch:
+    plan: Plan
+    message_path: str
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass
+class _Pooled:
+    session: Session
+    route: Route
+    relay: RelayState
+    domain: str
+    timer: asyncio.TimerHandle | None = None
+
+
+class MtaAgent:
+    """The relay agent: one per daemon."""
+
+    def __init__(self, config_source: Any, tables: Any = None, mailname: str = "localhost", *,
+                 resolver: Resolver | None = None, mx_port: int | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, batch_window: float = BATCH_WINDOW) -> None:
+        # config_source: the Daemon (its .config and .tables are read at each delivery) or a Config.
+        self._config_source = config_source
+        self._tables = tables
+        self.mailname = mailname
+        self.resolver = resolver or Resolver()
+        self.mx_port = mx_port or int(os.environ.get(ENV_MX_PORT) or 25)
+        self.timeout = timeout
+        self.batch_window = batch_window
+        self.state = MtaState()
+        self._batches: dict[tuple[Any, ...], _Batch] = {}
+        self._pool: dict[tuple[str, str], list[_Pooled]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def config(self) -> Config:
+        source = self._config_source
+        return source if isinstance(source, Config) else source.config
+
+    @property
+    def tables(self) -> Any:
+        return getattr(self._config_source, "tables", None) or self._tables
+
+    # -- component ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._apply_limits(self.config)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self._close_pool()
+
+    async def reconfigure(self, old_config: Config, new_config: Config) -> list[str]:
+        self._apply_limits(new_config)
+        await self._close_pool()  # sessions were opened with the old relay options
+        return []
+
+    def _apply_limits(self, config: Config) -> None:
+        for limit in config.mta_limits:
+            values = dict(limit.values)
+            if limit.domain is None:
+                self.state.limits.update(values)
+            else:
+                self.state.domain_limits.setdefault(limit.domain.lower(), {}).update(values)
+
+    # -- the contract ---------------------------------------------------------------------------------------
+    async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
+        started = time.time()
+        STATS.increment("mta.envelope")
+        job: Job | None = None
+        try:
+            job = self._enqueue(envelope, message_path)
+            result = await asyncio.shield(job.future)
+        except PlanError as error:
+            result = (DeliveryResult.permfail if error.permanent else DeliveryResult.tempfail)(error.message, 0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 — a delivery never takes the daemon down
+            LOG.exception("mta: unexpected error relaying %016x", envelope.evpid)
+            result = DeliveryResult.tempfail(f"internal error: {type(error).__name__}: {error}")
+        finally:
+            STATS.decrement("mta.envelope")
+        self._log_delivery(envelope, job, result, started)
+        return result
+
+    def _enqueue(self, envelope: Envelope, message_path: str) -> Job:
+        config = self.config
+        action = config.actions.get(envelope.dispatcher)
+        if action is None:
+            raise PlanError(f"no such dispatcher: {envelope.dispatcher}")
+        if action.method is not Method.RELAY or action.relay is None:
+            raise PlanError(f"dispatcher {action.name} does not relay")
+        plan = make_plan(config, self.tables, action.relay, envelope, self.mx_port, self.mailname)
+        if plan.source and ((plan.source, plan.domain) in self.state.paused
+                            or (plan.source, "*") in self.state.paused):
+            raise PlanError(f"relaying from {plan.source} for {plan.domain} is paused")
+        loop = asyncio.get_running_loop()
+        job = Job(envelope, loop.create_future(), time.time())
+        key = (envelope.msgid, plan.relay_key, plan.sender, message_path)
+        batch = self._batches.get(key)
+        if batch is None or len(batch.jobs) >= MAX_RCPT_PER_TRANSACTION:
+            batch = self._batches[key] = _Batch(plan, message_path)
+            loop.call_later(self.batch_window, self._flush, key, batch)
+        batch.jobs.append(job)
+        trace.emit("mta", f"mta: {envelope.evpid:016x} for <{envelope.dest}> queued on {plan.relay_key}",
+                   evpid=f"{envelope.evpid:016x}", relay=plan.relay_key)
+        return job
+
+    def _flush(self, key: tuple[Any, ...], batch: _Batch) -> None:
+        if self._batches.get(key) is batch:
+            del self._batches[key]
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one message, one relay -----------------------------------------------------------------------------
+    async def _run_batch(self, batch: _Batch) -> None:
+        plan = batch.plan
+        relay = self.state.relay(plan.relay_key, plan.domain)
+        relay.ntask += 1
+        relay.refcount += 1
+        STATS.increment("mta.task")
+        STATS.increment("mta.task.running")
+        try:
+            await self._deliver_batch(batch, relay)
+        except asyncio.CancelledError:
+            _resolve_pending(batch.jobs, DeliveryResult.tempfail("relay agent stopping"))
+            raise
+        except Exception as error:  # noqa: BLE001
+            LOG.exception("mta: unexpected error on %s", plan.relay_key)
+            _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"internal error: {type(error).__name__}"))
+        finally:
+            _resolve_pending(batch.jobs, DeliveryResult.tempfail("relay attempt ended without a result"))
+            relay.ntask -= 1
+            relay.refcount -= 1
+            STATS.decrement("mta.task")
+            STATS.decrement("mta.task.running")
+
+    async def _deliver_batch(self, batch: _Batch, relay: RelayState) -> None:
+        plan = batch.plan
+        try:
+            has_8bit, size = await asyncio.to_thread(message_facts, batch.message_path)
+        except OSError as error:
+            _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
+            return
+        try:
+            candidates = await self._candidates(plan)
+        except MxError as error:
+            result = (DeliveryResult.permfail if error.permanent else DeliveryResult.tempfail)(
+                error.message, 12 if error.permanent else 44)
+            trace.emit("mta", f"mta: {plan.domain}: {error.message}", domain=plan.domain)
+            _resolve_pending(batch.jobs, result)
+            return
+        last_error = "No MX host could be reached"
+        now = time.time()
+        for name, address in candidates:
+            pending = [job for job in batch.jobs if not job.future.done()]
+            if not pending:
+                return
+            route = self.state.route(plan.source, self.state.host(address, name))
+            if route.disabled(now):
+                last_error = f"Route {route.text()} is disabled after repeated errors"
+                trace.emit("mta", f"mta: skipping disabled route {route.id}. {route.text()}", route=route.id)
+                continue
+            outcome = await self._try_route(plan, relay, route, name, address, pending, batch, has_8bit, size)
+            if outcome is None:
+                return
+            last_error = outcome
+        _resolve_pending(batch.jobs, DeliveryResult.tempfail(last_error, 42))
+
+    async def _try_route(self, plan: Plan, relay: RelayState, route: Route, name: str, address: str,
+                         jobs: list[Job], batch: _Batch, has_8bit: bool, size: int) -> str | None:
+        """Deliver over this route. None when every job got its result; else why the route failed."""
+        session = await self._idle_session_or_place(plan, relay, route, address)
+        if session is None:
+            try:
+                session = await self._connect(plan, relay, route, name, address)
+            except SessionError as error:
+                self.state.hoststat(name, error.message)
+                if error.permanent:
+                    _resolve_pending(jobs, DeliveryResult.permfail(error.message, 0))
+                    return None
+                if not error.route_failure:
+                    _resolve_pending(jobs, DeliveryResult.tempfail(error.message, 0))
+                    return None
+                if self.state.route_error(route):
+                    LOG.info("smtp-out: Disabling route %s for %ds", route.text(),
+                             int(route.disabled_until - time.time()))
+                return error.message
+        for job in jobs:
+            job.relay_text = f"{address} ({name})" if name != address else address
+        usable = await transfer(session, plan, jobs, batch.message_path, has_8bit, size)
+        last = next((job.future.result() for job in reversed(jobs) if job.future.done()), None)
+        if last is not None:
+            self.state.hoststat(name, last.text or "Ok")
+        if usable:
+            self.state.route_ok(route)
+            await self._keep_or_close(plan, session, route, relay)
+        else:
+            self.state.route_error(route)
+            await self._discard(session, route, relay, plan.domain)
+        return None
+
+    async def _idle_session_or_place(self, plan: Plan, relay: RelayState, route: Route,
+                                     address: str) -> Session | None:
+        """An idle session to reuse, or None once a connection place is reserved for a new one."""
+        while True:
+            pooled = await self._take_pooled(plan.relay_key, address)
+            if pooled is not None:
+                return pooled.session
+            if self.state.reserve(route, relay, plan.domain):
+                return None
+            # Full: sessions kept idle for other relays to this host give their place up first.
+            if not await self._close_one_idle(address):
+                await self.state.wait_for_change(1.0)
+
+    async def _close_one_idle(self, address: str) -> bool:
+        for (_key, pooled_address), entries in self._pool.items():
+            if pooled_address == address and entries:
+                pooled = entries.pop(0)
+                if pooled.timer is not None:
+                    pooled.timer.cancel()
+                pooled.route.idle -= 1
+                await self._discard(pooled.session, pooled.route, pooled.relay, pooled.domain, polite=True)
+                return True
+        return False
+
+    async def _connect(self, plan: Plan, relay: RelayState, route: Route, name: str, address: str) -> Session:
+        """Open a session on a reserved connection place (given back if it fails)."""
+        try:
+            try:
+                session = await open_session(plan, name, address, self.tables, self.mailname, self.timeout)
+            except SessionError as error:
+                if plan.tls.mode is not TlsMode.OPPORTUNISTIC or "TLS" not in error.message:
+                    raise
+                # Opportunistic TLS that fails is not a reason to keep the mail: start again in plain text.
+                trace.emit("mta", f"mta: {address}: {error.message}; retrying without TLS", address=address)
+                session = await open_session(plan, name, address, self.tables, self.mailname, self.timeout,
+                                             allow_tls=False)
+        except BaseException:
+            self.state.release(route, relay, plan.domain)
+            raise
+        STATS.increment("mta.session")
+        return session
+
+    # -- the session pool -------------------------------------------------------------------------------------
+    async def _take_pooled(self, plan_key: str, address: str) -> _Pooled | None:
+        entries = self._pool.get((plan_key, address))
+        while entries:
+            pooled = entries.pop()
+            if pooled.timer is not None:
+                pooled.timer.cancel()
+            pooled.route.idle -= 1
+            client = pooled.session.client
+            if not client.closed:
+                try:
+                    reply = await client.rset()  # is it still there?
+                    if reply.is_ok:
+                        trace.emit("mta", f"{pooled.session.id}: reusing the session", session=pooled.session.id)
+                        return pooled
+                except Exception:  # noqa: BLE001 — any failure: the session is gone
+                    pass
+            await self._discard(pooled.session, pooled.route, pooled.relay, pooled.domain)
+        return None
+
+    async def _keep_or_close(self, plan: Plan, session: Session, route: Route, relay: RelayState) -> None:
+        keepalive = self.state.limit("session-keepalive", plan.domain)
+        if session.client.closed or session.messages >= self.state.limit("session-mail-max", plan.domain) \
+                or keepalive <= 0:
+            await self._discard(session, route, relay, plan.domain, polite=True)
+            return
+        pooled = _Pooled(session, route, relay, plan.domain)
+        key = (plan.relay_key, session.address)
+        self._pool.setdefault(key, []).append(pooled)
+        route.idle += 1
+        pooled.timer = asyncio.get_running_loop().call_later(keepalive, self._expire, key, pooled)
+        self.state.changed()
+
+    def _expire(self, key: tuple[str, str], pooled: _Pooled) -> None:
+        entries = self._pool.get(key, [])
+        if pooled in entries:
+            entries.remove(pooled)
+            pooled.route.idle -= 1
+            task = asyncio.get_running_loop().create_task(
+                self._discard(pooled.session, pooled.route, pooled.relay, pooled.domain, polite=True))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _discard(self, session: Session, route: Route, relay: RelayState, domain: str,
+                       polite: bool = False) -> None:
+        if polite:
+            await session.client.quit()
+        else:
+            await session.client.close()
+        LOG.info("%s mta disconnected reason=%s messages=%d", session.id, "quit" if polite else "error",
+                 session.messages)
+        STATS.decrement("mta.session")
+        self.state.release(route, relay, domain)
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, {}
+        for entries in pool.values():
+            for pooled in entries:
+                if pooled.timer is not None:
+                    pooled.timer.cancel()
+                pooled.route.idle -= 1
+                await self._discard(pooled.session, pooled.route, pooled.relay, pooled.domain, polite=True)
+
+    # -- where to go --------------------------------------------------------------------------------------------
+    async def _candidates(self, plan: Plan) -> list[tuple[str, str]]:
+        if plan.smarthost is not None:
+            addresses = await self.resolver.addresses(plan.smarthost.host)
+            if not addresses:
+                raise MxError(f"No address found for relay host {plan.smarthost.host}", permanent=False)
+            return [(plan.smarthost.host, address) for address in addresses]
+        hosts = await self.resolver.mx_hosts(plan.domain)
+        if plan.backup:
+            hosts = self._higher_than_us(plan, hosts)
+        return [(host.name, address) for host in hosts for address in host.addresses]
+
+    def _higher_than_us(self, plan: Plan, hosts: list[Any]) -> list[Any]:
+        ours = (plan.backup_name or self.mailname).rstrip(".").lower()
+        preference = next((host.preference for host in hosts if host.name == ours), None)
+        if preference is None:
+            return hosts
+        better = [host for host in hosts if host.preference < preference]
+        if not better:
+            raise MxError(f"No MX host with a better preference than {ours} (backup)", permanent=False)
+        return better
+
+    # -- smtpctl -------------------------------------------------------------------------------------------------
+    def control_view(self, kind: str) -> list[dict[str, object]]:
+        now = time.time()
+        views = {"hosts": self.state.show_hosts, "routes": self.state.show_routes,
+                 "relays": self.state.show_relays, "hoststats": self.state.show_hoststats}
+        if kind == "mta.paused":
+            return self.state.show_paused()
+        view = views.get(kind)
+        return view(now) if view is not None else []
+
+    def pause_route(self, source: str, domain: str) -> bool:
+        key = (source, (domain or "*").lower())
+        if key in self.state.paused:
+            return False
+        self.state.paused.add(key)
+        return True
+
+    def resume_route(self, source: str, domain: str) -> bool:
+        key = (source, (domain or "*").lower())
+        if key not in self.state.paused:
+            return False
+        self.state.paused.discard(key)
+        return True
+
+    def resume_route_id(self, route_id: int) -> bool:
+        return self.state.resume_route_id(route_id)
+
+    # -- logging ------------------------------------------------------------------------------------------------
+    def _log_delivery(self, envelope: Envelope, job: Job | None, result: DeliveryResult, started: float) -> None:
+        word = {Outcome.OK: "Ok", Outcome.TEMPFAIL: "TempFail", Outcome.PERMFAIL: "PermFail"}.get(
+            result.outcome, "Loop")
+        relay = getattr(job, "relay_text", "") if job is not None else ""
+        stat = result.text.split("\n")[-1] if result.text else ""
+        LOG.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> relay="%s" delay=%ds result="%s" stat="%s"',
+                 envelope.evpid >> 32, envelope.evpid, envelope.sender, envelope.dest, relay,
+                 int(time.time() - started), word, stat)
+        trace.emit("mta", f"mta: {envelope.evpid:016x} <{envelope.dest}>: {word}: {stat}",
+                   evpid=f"{envelope.evpid:016x}", result=str(result.outcome), text=result.text)
+
+
+def _resolve_pending(jobs: list[Job], result: DeliveryResult) -> None:
+    for job in jobs:
+        job.resolve(result)
+
+
+def build(daemon: Daemon) -> MtaAgent:
+    agent = MtaAgent(daemon, daemon.tables, daemon.mailname)
+    daemon.mta = agent
+    return agent

@@ -1,0 +1,215 @@
+"""The table registry: every table of one configuration, asked by name.
+
+``Tables(config)`` opens every declared table (file, inline, db, getpwnam) and the built-ins. Callers ask::
+
+    tables.lookup("aliases", Service.ALIAS, "root")      -> "bob, alice" | None
+    tables.match("localnames", Service.DOMAIN, "example.org") -> True | False
+    tables.fetch("sources", Service.SOURCE)              -> the next entry, round-robin
+    tables.reload("aliases")                             # atomic; raises TableLoadError, keeping the old content
+
+Keys are lowercased here, once, for every backend (reference §5.1). Every question emits a `lookup` trace event
+in OpenSMTPD's words (`lookup "KEY" as SERVICE in table BACKEND:NAME -> RESULT`); credentials values are shown
+masked. A backend failure raises TableError (a temporary failure for the caller).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from smtpd import trace
+from smtpd.config.model import Config, TableDecl, TableShape
+from smtpd.lookup.tables.base import (
+    MATCH_SERVICES,
+    Service,
+    TableBackend,
+    TableError,
+    TableLoadError,
+)
+from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addresses
+from smtpd.lookup.tables.db import DbTable
+from smtpd.lookup.tables.passwd import GetpwnamTable
+from smtpd.lookup.tables.static import FileTable, InlineTable
+
+__all__ = [
+    "MATCH_SERVICES", "Service", "TableBackend", "TableError", "TableLoadError", "Tables", "open_table",
+    "validate_tables",
+]
+
+FILE_BACKENDS = ("file", "static")
+MASK = "********"
+
+
+def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
+    """The backend for one declaration, loaded. Raises TableLoadError with the messages to show."""
+    if decl.inline or (decl.source is None and decl.backend in FILE_BACKENDS):
+        return InlineTable.from_decl(decl, delimiter)
+    if decl.backend in FILE_BACKENDS:
+        assert decl.source is not None
+        return FileTable(decl.name, decl.source, delimiter)
+    if decl.backend == "db":
+        if not decl.source:
+            raise TableLoadError(f"table {decl.name}: the db backend needs a file path")
+        return DbTable(decl.name, decl.source, delimiter)
+    if decl.backend == "getpwnam":
+        return GetpwnamTable(decl.name)
+    raise TableLoadError(f'table_create: backend "{decl.backend}" is not supported')
+
+
+def _display_name(name: str, builtin: bool) -> str:
+    # OpenSMTPD names built-in and anonymous tables `<localhost>`, `<dynamic:3>`; traces show them so.
+    if builtin or name.startswith("dynamic:"):
+        return f"<{name}>"
+    return name
+
+
+class Tables:
+    """Every table of one configuration snapshot. Safe to use from several threads."""
+
+    def __init__(self, config: Config | None = None, *, mailname: str | None = None,
+                 addresses: Iterable[str] | None = None, strict: bool = True) -> None:
+        """Open every table. With ``strict`` (the daemon) any table that fails to load raises TableLoadError
+        with every message; otherwise the failures are kept in ``load_errors`` (by table name)."""
+        self.config = config
+        self.delimiter = config.smtp.sub_addr_delim if config is not None else "+"
+        self.mailname = mailname if mailname is not None else _default_mailname()
+        self.addresses = list(addresses) if addresses is not None else local_addresses()
+        self._tables: dict[str, TableBackend] = {}
+        self._builtin: set[str] = set()
+        self._reload_lock = threading.Lock()
+        problems: list[str] = []
+        self.load_errors: dict[str, list[str]] = {}
+        declared = dict(config.tables) if config is not None else {}
+        for name in BUILTIN_NAMES:
+            decl = declared.get(name)
+            if decl is None or decl.builtin:
+                self._tables[name] = builtin_table(name, self.mailname, self.addresses, self.delimiter)
+                self._builtin.add(name)
+        for name, decl in declared.items():
+            if decl.builtin and name in self._tables:
+                continue
+            try:
+                self._tables[name] = open_table(decl, self.delimiter)
+            except TableLoadError as error:
+                self.load_errors[name] = list(error.lines)
+                problems.extend(error.lines)
+                if decl.location is not None and decl.source:
+                    problems.append(f"{decl.location}: invalid configuration file {decl.source} for table {name}")
+        if problems and strict:
+            raise TableLoadError(*problems)
+
+    # -- the registry ---------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._tables)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tables
+
+    def backend(self, name: str) -> TableBackend:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise TableError(f'Lookup table not found: "{name}"') from None
+
+    def shape(self, name: str) -> TableShape:
+        return self.backend(name).shape
+
+    def add(self, name: str, backend: TableBackend, builtin: bool = False) -> None:
+        """Register a table made elsewhere (an external backend, a test's own)."""
+        self._tables[name] = backend
+        if builtin:
+            self._builtin.add(name)
+
+    def _label(self, name: str, backend: TableBackend) -> str:
+        return f"{backend.backend_name}:{_display_name(name, name in self._builtin)}"
+
+    # -- questions ------------------------------------------------------------------------------------
+    def lookup(self, name: str, service: Service, key: str) -> str | None:
+        """The value for key (for match services: of the first matching entry), or None."""
+        backend = self.backend(name)
+        try:
+            value = backend.lookup(service, key.lower())
+        except TableError as error:
+            self._trace("lookup", name, backend, service, key, f"error: {error}", found=None)
+            raise
+        if value is None:
+            self._trace("lookup", name, backend, service, key, "none", found=False)
+        else:
+            shown = MASK if service is Service.CREDENTIALS else value
+            self._trace("lookup", name, backend, service, key, f'"{shown}"', found=True)
+        return value
+
+    def match(self, name: str, service: Service, key: str) -> bool:
+        backend = self.backend(name)
+        try:
+            found = backend.match(service, key.lower())
+        except TableError as error:
+            self._trace("match", name, backend, service, key, f"error: {error}", found=None)
+            raise
+        self._trace("match", name, backend, service, key, "true" if found else "false", found=found)
+        return found
+
+    def fetch(self, name: str, service: Service) -> str | None:
+        backend = self.backend(name)
+        label = self._label(name, backend)
+        try:
+            value = backend.fetch(service)
+        except TableError as error:
+            trace.emit("lookup", f"fetch {service} from table {label} -> error: {error}", table=name,
+                       service=str(service), found=None)
+            raise
+        result = "none" if value is None else f'"{value}"'
+        trace.emit("lookup", f"fetch {service} from table {label} -> {result}", table=name, service=str(service),
+                   found=value is not None)
+        return value
+
+    def _trace(self, verb: str, name: str, backend: TableBackend, service: Service, key: str, result: str,
+               found: bool | None) -> None:
+        if not trace.wants("lookup"):
+            return
+        trace.emit("lookup", f'{verb} "{key}" as {service} in table {self._label(name, backend)} -> {result}',
+                   table=name, service=str(service), key=key, found=found)
+
+    # -- reload ---------------------------------------------------------------------------------------
+    def reload(self, name: str) -> None:
+        """Re-read one table's source, atomically. Raises TableLoadError (old content kept) or TableError."""
+        backend = self.backend(name)
+        with self._reload_lock:
+            try:
+                backend.reload()
+            except TableLoadError as error:
+                trace.emit("table", f'Failed to update table "{name}"', table=name, errors=error.lines)
+                raise
+        trace.emit("table", f'Table "{name}" successfully updated', table=name)
+
+    def close(self) -> None:
+        for backend in self._tables.values():
+            backend.close()
+
+    # -- checks (smtpd -n) ----------------------------------------------------------------------------
+    def validate(self):  # -> list[Diagnostic]
+        """Deeper checks of the loaded tables against their uses in the configuration (see validate.py)."""
+        from smtpd.lookup.tables.validate import check_table_uses
+
+        return check_table_uses(self)
+
+
+def _default_mailname() -> str:
+    from shared.paths import Paths, read_mailname
+
+    try:
+        return read_mailname(Paths.from_environment().mailname)
+    except Exception:  # noqa: BLE001 - a broken mailname must not stop table loading; the daemon reports it
+        return "localhost"
+
+
+def validate_tables(config: Config):  # -> list[Diagnostic]
+    """The `smtpd -n` hook: load every table of config and check it against its uses.
+
+    Returns Diagnostic objects (smtpd.config.errors): errors for tables that cannot be opened (a db file that
+    is missing or not ours, a file that fails to parse), warnings for entries that would fail at lookup time
+    (alias items, credentials, userinfo, regexes, addresses) with their FILE:LINE.
+    """
+    from smtpd.lookup.tables.validate import validate_config
+
+    return validate_config(config)

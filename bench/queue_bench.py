@@ -1,0 +1,264 @@
+"""Queue benchmark: our daemon against real OpenSMTPD 6.8, one after the other, same load, on loopback.
+
+    sudo .venv/bin/python bench/queue_bench.py [--only ours|opensmtpd] [--scale 1.0]
+
+Measures, for each daemon (started with deliveries paused, so that mail stays queued):
+  * accept+queue throughput (250 after DATA) with 1, 8 and 32 sessions at 2 KB, and 8 sessions at 100 KB;
+  * `smtpctl show queue` with 10,000 and with 50,000 envelopes queued;
+  * the daemon's RSS (all its processes) with 50,000 queued;
+  * after a restart with 50,000 queued, the time until all of them are loaded (`show stats`:
+    scheduler.envelope reaches the count).
+Prints both figures and the ratio ours/OpenSMTPD (for times: OpenSMTPD/ours, so > 1 is always "we are better").
+
+OpenSMTPD needs root and its spool is fixed at /var/spool/smtpd and its socket at /var/run/smtpd.sock: the
+script refuses to run if an OpenSMTPD is already running, moves an existing /var/spool/smtpd aside first, and
+stops the daemon it started by pid. Spools are never deleted right before the next run (creating many files
+shortly after deleting many is slow on this filesystem): they are moved aside and deleted at the very end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from loadgen import run_load  # noqa: E402
+
+OPENSMTPD = "/usr/sbin/smtpd"
+OPENSMTPCTL = "/usr/sbin/smtpctl"
+OPENSMTPD_SPOOL = Path("/var/spool/smtpd")
+WORK = Path("/tmp/queue-bench")
+CONFIG = """listen on 127.0.0.1 port {port}
+action "relay" relay
+match from any for domain "relay.test" action "relay"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(status.split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError):
+            pass
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            children = []
+        pending.extend(int(child) for child in children)
+    return total
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+    results: dict[str, float] = field(default_factory=dict)
+
+    # overridden
+    def command(self) -> list[str]: raise NotImplementedError
+    def env(self) -> dict[str, str]: return dict(os.environ)
+    def ctl(self) -> list[str]: raise NotImplementedError
+    def prepare_spool(self, run: int) -> None: ...
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "daemon.log", "ab")  # noqa: SIM115 — kept for the daemon's lifetime
+        self.process = subprocess.Popen(self.command(), env=self.env(), stdout=log, stderr=log,
+                                        start_new_session=True)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def show_queue_seconds(self) -> tuple[float, int]:
+        started = time.perf_counter()
+        output = subprocess.run(self.ctl() + ["show", "queue"], env=self.env(), capture_output=True, check=True)
+        return time.perf_counter() - started, output.stdout.count(b"\n")
+
+    def stat(self, key: str) -> int:
+        output = subprocess.run(self.ctl() + ["show", "stats"], env=self.env(), capture_output=True, text=True)
+        for line in output.stdout.splitlines():
+            name, _, value = line.partition("=")
+            if name == key:
+                return int(value)
+        return 0
+
+
+class OpenSMTPD(Target):
+    def command(self) -> list[str]:
+        return [OPENSMTPD, "-d", "-f", str(self.workdir / "smtpd.conf"), "-P", "mta", "-P", "mda"]
+
+    def ctl(self) -> list[str]:
+        return [OPENSMTPCTL]
+
+    def prepare_spool(self, run: int) -> None:
+        if OPENSMTPD_SPOOL.exists():
+            OPENSMTPD_SPOOL.rename(WORK / f"trash-opensmtpd-spool-{run}-{time.time_ns()}")
+        (self.workdir / "smtpd.conf").write_text(CONFIG.format(port=self.port))
+
+
+class Ours(Target):
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, SMTPD_SPOOL=str(self.workdir / "spool"), SMTPD_SOCKET=str(self.workdir / "sock"),
+                    SMTPD_PIDFILE=str(self.workdir / "smtpd.pid"), PYTHONPATH=str(ROOT))
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "smtpd", "-d", "-f", str(self.workdir / "smtpd.conf"), "-P", "mta", "-P",
+                "mda"]
+
+    def ctl(self) -> list[str]:
+        return [sys.executable, "-m", "smtpctl"]
+
+    def prepare_spool(self, run: int) -> None:
+        spool = self.workdir / "spool"
+        if spool.exists():
+            spool.rename(WORK / f"trash-ours-spool-{run}-{time.time_ns()}")
+        (self.workdir / "smtpd.conf").write_text(CONFIG.format(port=self.port))
+
+
+def load(target: Target, sessions: int, messages: int, size: int) -> dict[str, object]:
+    return asyncio.run(run_load("127.0.0.1", target.port, sessions, messages, size))
+
+
+def fill_to(target: Target, count: int, already: int) -> int:
+    missing = count - already
+    if missing > 0:
+        result = load(target, 8, missing, 2048)
+        already += int(result["messages"])  # type: ignore[arg-type]
+    return already
+
+
+def wait_loaded(target: Target, count: int, timeout: float) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout:
+        if target.stat("scheduler.envelope") >= count:
+            return time.perf_counter() - started
+        time.sleep(0.1)
+    return float("inf")
+
+
+def bench(target: Target, scale: float, load_timeout: float) -> dict[str, float]:
+    results: dict[str, float] = {}
+    target.workdir.mkdir(parents=True, exist_ok=True)
+    target.prepare_spool(0)
+    target.start()
+    try:
+        queued = 0
+        for sessions, messages, size, key in ((1, 1000, 2048, "accept 1 session 2 KB"),
+                                              (8, 3000, 2048, "accept 8 sessions 2 KB"),
+                                              (32, 3000, 2048, "accept 32 sessions 2 KB"),
+                                              (8, 600, 100 * 1024, "accept 8 sessions 100 KB")):
+            result = load(target, sessions, max(1, int(messages * scale)), size)
+            print(f"  {target.name}: {key}: {result}", flush=True)
+            if result["failures"]:
+                raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
+            results[key + " (msg/s)"] = float(result["msg_per_s"])  # type: ignore[arg-type]
+            queued += int(result["messages"])  # type: ignore[arg-type]
+        for count in (10_000, 50_000):
+            count = int(count * scale)
+            queued = fill_to(target, count, queued)
+            seconds, lines = target.show_queue_seconds()
+            print(f"  {target.name}: show queue with {lines} envelopes: {seconds:.2f}s", flush=True)
+            results[f"show queue {count} (s)"] = seconds
+        assert target.process is not None
+        results[f"RSS with {queued} queued (MB)"] = process_tree_rss(target.process.pid) / 1e6
+        target.stop()
+        target.start()
+        results[f"load {queued} after restart (s)"] = wait_loaded(target, queued, load_timeout)
+        print(f"  {target.name}: loaded after restart in {results[f'load {queued} after restart (s)']:.2f}s",
+              flush=True)
+    finally:
+        target.stop()
+    return results
+
+
+def report(ours: dict[str, float], theirs: dict[str, float]) -> str:
+    lines = [f"{'measure':40} {'PySMTPD':>10} {'OpenSMTPD':>10} {'ratio':>7}"]
+    for key in ours:
+        mine, other = ours[key], theirs.get(key, float("nan"))
+        higher_is_better = "msg/s" in key
+        ratio = (mine / other if higher_is_better else other / mine) if mine and other else float("nan")
+        lines.append(f"{key:40} {mine:10.2f} {other:10.2f} {ratio:6.2f}x")
+    lines.append("ratio > 1: PySMTPD is better (throughput ours/theirs; times and memory theirs/ours)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["ours", "opensmtpd"])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts (e.g. 0.2 for a try)")
+    parser.add_argument("--load-timeout", type=float, default=300.0)
+    args = parser.parse_args()
+    if os.geteuid() != 0 and args.only != "ours":
+        print("OpenSMTPD needs root", file=sys.stderr)
+        return 1
+    if args.only != "ours" and subprocess.run(["pgrep", "-x", "smtpd"], capture_output=True).returncode == 0:
+        print("an OpenSMTPD is already running; not touching it", file=sys.stderr)
+        return 1
+    WORK.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        if args.only != "opensmtpd":
+            print("PySMTPD:", flush=True)
+            results["ours"] = bench(Ours("PySMTPD", free_port(), WORK / "ours"), args.scale, args.load_timeout)
+        if args.only != "ours":
+            print("OpenSMTPD:", flush=True)
+            results["opensmtpd"] = bench(OpenSMTPD("OpenSMTPD", free_port(), WORK / "opensmtpd"), args.scale,
+                                         args.load_timeout)
+    finally:
+        if OPENSMTPD_SPOOL.exists() and args.only != "ours":
+            OPENSMTPD_SPOOL.rename(WORK / f"trash-opensmtpd-spool-end-{time.time_ns()}")
+        for trash in WORK.glob("trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+    if "ours" in results and "opensmtpd" in results:
+        print(report(results["ours"], results["opensmtpd"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The control socket's client: one request, one reply (or a stream of events), as shared/protocol.py says.
+
+Kept free of Click and rich so that `smtpctl show status` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from shared import protocol
+
+NOT_RUNNING = "smtpd doesn't seem to be running"
+INCOMPATIBLE = "incompatible smtpd and smtpctl"
+DEFAULT_TIMEOUT = 120.0  # reload and explain may take a while; a stream has no timeout
+
+
+class ControlError(Exception):
+    """The daemon answered with an error (code from shared.protocol.ErrorCode)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DaemonNotRunning(ControlError):
+    def __init__(self) -> None:
+        super().__init__("not-running", NOT_RUNNING)
+
+
+class Client:
+    def __init__(self, socket_path: str, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._socket: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 1
+
+    # -- connection -----------------------------------------------------------------------------------
+    def connect(self) -> socket.socket:
+        if self._socket is None:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.settimeout(self.timeout)
+            try:
+                connection.connect(self.socket_path)
+            except OSError:
+                connection.close()
+                raise DaemonNotRunning() from None
+            self._socket = connection
+        return self._socket
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def detach(self) -> socket.socket:
+        """Give up the socket (after `enqueue`, the connection speaks SMTP). Buffered bytes are lost: none are
+        expected, since the daemon sends nothing after its reply until the client speaks."""
+        connection = self.connect()
+        self._socket = None
+        return connection
+
+    # -- requests -------------------------------------------------------------------------------------
+    def send(self, command: str, **args: Any) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        try:
+            self.connect().sendall(protocol.encode(protocol.request(request_id, command, **args)))
+        except OSError:
+            self.close()
+            raise DaemonNotRunning() from None
+        return request_id
+
+    def call(self, command: str, **args: Any) -> Any:
+        """Run one command and return its result; raises ControlError (DaemonNotRunning if no daemon)."""
+        request_id = self.send(command, **args)
+        while True:
+            message = self._receive()
+            if message.get("id") not in (request_id, None):
+                continue
+            if "event" in message:
+                continue
+            return _result(message)
+
+    def stream(self, command: str, **args: Any) -> Iterator[dict[str, Any]]:
+        """Yield a streaming command's events until it ends (its final reply) or the daemon goes away."""
+        request_id = self.send(command, **args)
+        if self._socket is not None:
+            self._socket.settimeout(None)
+        while True:
+            try:
+                message = self._receive()
+            except DaemonNotRunning:
+                return
+            if message.get("id") not in (request_id, None):
+                continue
+            if "event" in message:
+                event = message["event"]
+                if isinstance(event, dict):
+                    yield event
+                continue
+            _result(message)
+            return
+
+    def _receive(self) -> dict[str, Any]:
+        connection = self.connect()
+        while b"\n" not in self._buffer:
+            try:
+                chunk = connection.recv(65536)
+            except TimeoutError:
+                raise ControlError("timeout", "no answer from smtpd") from None
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.close()
+                raise DaemonNotRunning()
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ControlError("version-mismatch", INCOMPATIBLE) from None
+        if not isinstance(message, dict) or message.get("v") != protocol.PROTOCOL_VERSION:
+            raise ControlError("version-mismatch", INCOMPATIBLE)
+        return message
+
+
+def _result(message: dict[str, Any]) -> Any:
+    if message.get("ok"):
+        return message.get("result")
+    error = message.get("error") or {}
+    code = str(error.get("code", "failed"))
+    if code == "version-mismatch":
+        raise ControlError(code, INCOMPATIBLE)
+    raise ControlError(code, str(error.get("message", "command failed")))

@@ -1,0 +1,92 @@
+"""`smtpctl explain`: where would mail from S to R go, and why? Asked of the running daemon, nothing is sent."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from smtpctl import render
+from smtpctl.exitcodes import Exit
+from smtpctl.words import Leaf, call
+
+
+@click.command(cls=Leaf)
+@click.option("--from", "sender", default="", metavar="SENDER", help="The MAIL FROM address (empty: <>).")
+@click.option("--to", "rcpt", required=True, metavar="RECIPIENT", help="The RCPT TO address.")
+@click.option("--src", metavar="IP", help="The client's address (default: a local submission).")
+@click.option("--rdns", metavar="NAME", help="The client's reverse DNS name.")
+@click.option("--listener", metavar="NAME", help="The listener it arrives on: interface, interface:port or tag.")
+@click.option("--auth-user", metavar="USER", help="The authenticated user, if any.")
+@click.option("--helo", metavar="NAME", help="The HELO/EHLO name.")
+@click.option("--tls", is_flag=True, help="The session uses TLS.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
+def explain(sender: str, rcpt: str, src: str | None, rdns: str | None, listener: str | None,
+            auth_user: str | None, helo: str | None, tls: bool, as_json: bool) -> None:
+    """Explain, without sending mail, which rule a message matches, why earlier rules did not, the action,
+    and the expansion down to mailboxes, commands and relays.
+
+    Exit 0 when the recipient would be accepted, 1 when it would be refused.
+
+    \b
+    Examples:
+      smtpctl explain --from alice@example.org --to bob@example.com
+      smtpctl explain --src 192.0.2.7 --helo mx.example.net --to postmaster@example.com
+    """
+    args: dict[str, Any] = {"sender": sender, "rcpt": rcpt, "src": src, "rdns": rdns, "listener": listener,
+                            "auth_user": auth_user, "helo": helo, "tls": tls}
+    result = call("explain", **{key: value for key, value in args.items() if value not in (None, "", False)})
+    if as_json:
+        render.print_json(result)
+    else:
+        render.print_lines(explanation_lines(result))
+    sys.exit(Exit.OK if _accepted(result) else Exit.FAILED)
+
+
+def _accepted(result: dict[str, Any]) -> bool:
+    expansion = result.get("expansion") or {}
+    return bool(result.get("action")) and bool(expansion.get("accepted"))
+
+
+def explanation_lines(result: dict[str, Any]) -> list[str]:
+    sender = result.get("sender") or ""
+    lines = [f"mail from <{sender}> to <{result.get('rcpt')}>"]
+    facts = result.get("facts") or {}
+    origin = "local submission" if facts.get("local_socket") else f"from {facts.get('address')}"
+    extras = [f"{label} {facts[key]}" for key, label in
+              (("rdns", "rdns"), ("helo", "helo"), ("auth_user", "auth"), ("tag", "tag")) if facts.get(key)]
+    if facts.get("tls"):
+        extras.append("tls")
+    lines.append(f"session: {origin}" + (f" ({', '.join(extras)})" if extras else ""))
+    lines.append("rules:")
+    lines.extend(f"  {reason}" for reason in result.get("rules") or [])
+    matched = result.get("matched")
+    if matched is None:
+        lines.append("no rule matched: the recipient is refused (550 Invalid recipient)")
+        return lines
+    where = f" ({matched['location']})" if matched.get("location") else ""
+    lines.append(f"matched rule #{matched['number']}{where}: {matched['text']}")
+    if result.get("tempfail"):
+        lines.append("a table lookup failed: the recipient is deferred (451)")
+        return lines
+    if result.get("rejected"):
+        lines.append("the rule rejects: the recipient is refused")
+        return lines
+    action = result.get("action") or {}
+    details = ", ".join(f"{key} {value}" for key, value in action.items()
+                        if key not in ("name", "method", "location"))
+    lines.append(f"action: {action.get('name')} ({action.get('method')}{', ' + details if details else ''})")
+    expansion = result.get("expansion") or {}
+    lines.append("expansion:")
+    lines.extend(f"  {line}" for line in expansion.get("lines") or [])
+    refusal = expansion.get("refusal")
+    if refusal:
+        lines.append(f"refused: {refusal[0]} {refusal[1]}: {result.get('rcpt')}")
+        return lines
+    lines.append("deliveries:")
+    for delivery in expansion.get("deliveries") or []:
+        target = delivery.get("mda_exec") or delivery.get("dest")
+        who = f" as {delivery['mda_user']}" if delivery.get("mda_user") else ""
+        lines.append(f"  {delivery.get('type')} via action {delivery.get('dispatcher')}: {target}{who}")
+    return lines

@@ -1,0 +1,386 @@
+"""smtpctl's queue commands: show queue / mailq, show envelope, show message, schedule, remove, pause/resume
+envelope, discover.
+
+`show queue` talks to the daemon; when it is not running it reads the spool itself (runstate `offline`), as
+OpenSMTPD does. Output: the reference's 14-field lines when piped, a table on a terminal, JSON Lines with
+--json (docs/queue.md). The commands that change the queue accept filters and --dry-run.
+
+Attaching: ``show_queue``, ``show_envelope``, ``show_message`` are commands named queue/envelope/message for
+the `show` group; ``pause_envelope`` / ``resume_envelope`` are commands named `envelope` for the pause/resume
+groups; ``schedule``, ``remove``, ``discover`` are top-level commands; ``mailq_main`` is the mailq personality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from shared.ids import format_msgid, parse_evpid, parse_msgid
+from shared.paths import Paths
+from smtpd.queue.listing import (
+    EnvelopeFilter,
+    Row,
+    envelope_row,
+    format_line,
+    parse_age,
+    plural_envelopes,
+    row_to_json,
+    vis,
+)
+from smtpd.queue.spool import MESSAGE_FILE, Spool
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 255
+NOT_RUNNING = "smtpd doesn't seem to be running"
+
+
+class DaemonDown(Exception):
+    pass
+
+
+class CommandFailed(Exception):
+    pass
+
+
+# -- talking to the daemon ----------------------------------------------------------------------------------
+def _paths() -> Paths:
+    context = click.get_current_context(silent=True)
+    obj = getattr(context, "obj", None) if context is not None else None
+    paths = getattr(obj, "paths", None) or (obj.get("paths") if isinstance(obj, dict) else None)
+    return paths if isinstance(paths, Paths) else Paths.from_environment()
+
+
+def call_daemon(command: str, **args: Any) -> Any:
+    """One control request. Raises DaemonDown when there is no daemon, CommandFailed on an error reply."""
+    socket_path = _paths().socket
+    try:
+        from smtpctl.client import Client, ControlError, DaemonNotRunning
+    except ImportError:  # the control client is another family's; speak the protocol directly without it
+        return _call_directly(socket_path, command, args)
+    try:
+        with Client(socket_path) as client:
+            return client.call(command, **args)
+    except DaemonNotRunning:
+        raise DaemonDown(NOT_RUNNING) from None
+    except ControlError as error:
+        raise CommandFailed(error.message) from None
+
+
+def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
+    from shared import protocol
+
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(socket_path)
+    except OSError:
+        connection.close()
+        raise DaemonDown(NOT_RUNNING) from None
+    with connection, connection.makefile("rb") as replies:
+        connection.sendall(protocol.encode(protocol.request(1, command, **args)))
+        while True:
+            line = replies.readline()
+            if not line:
+                raise CommandFailed("connection closed by smtpd")
+            reply = protocol.decode_reply(line)
+            if "event" in reply:
+                continue
+            if reply.get("ok"):
+                return reply.get("result")
+            raise CommandFailed(reply.get("error", {}).get("message", "command failed"))
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> None:
+    click.echo(f"smtpctl: {message}", err=True)
+    sys.exit(code)
+
+
+# -- filters shared by the commands ----------------------------------------------------------------------------
+def filter_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--sender", help="Sender address contains this text (case-insensitive)."),
+        click.option("--rcpt", help="Recipient (original or final) contains this text."),
+        click.option("--domain", help="Recipient domain is exactly this."),
+        click.option("--older", metavar="AGE", help="Created at least AGE ago (90s, 15m, 4h, 2d, 1w)."),
+        click.option("--newer", metavar="AGE", help="Created at most AGE ago."),
+        click.option("--state", type=click.Choice(["pending", "inflight", "suspended", "offline"]),
+                     help="Only envelopes in this state."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _filter_args(sender: str | None, rcpt: str | None, domain: str | None, older: str | None,
+                 newer: str | None, state: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"sender": sender, "rcpt": rcpt, "domain": domain, "state": state}
+    for key, value in (("older", older), ("newer", newer)):
+        if value is not None:
+            try:
+                args[key] = parse_age(value)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint=f"--{key}") from None
+    return {key: value for key, value in args.items() if value is not None}
+
+
+def _check_target(value: str, allow_all: bool = True) -> str:
+    if allow_all and value == "all":
+        return value
+    if (len(value) == 16 and parse_evpid(value)) or (len(value) == 8 and parse_msgid(value)):
+        return value.lower()
+    expected = "<evpid>|<msgid>|all" if allow_all else "<evpid>|<msgid>"
+    raise click.BadParameter(f"{value!r} is not {expected}", param_hint="target")
+
+
+# -- show queue -------------------------------------------------------------------------------------------
+def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter) -> tuple[list[Row], list[str]]:
+    """Rows read from the spool by smtpctl itself (daemon down). Nothing is moved; problems are reported."""
+    spool = Spool(spool_root)
+    if not os.path.isdir(spool.queue):
+        raise CommandFailed(f"{spool.queue}: no such spool directory")
+    rows: list[Row] = []
+    problems: list[str] = []
+    now = time.time()
+    msgids = [msgid] if msgid is not None else spool.message_ids()
+    for current in msgids:
+        loaded = spool.load_message(current, move_corrupt=False)
+        for entry in loaded.corrupt:
+            problems.append(f"corrupt queue file queue/{current >> 24:02x}/{entry.name}: {entry.reason}")
+        for envelope in sorted(loaded.envelopes, key=lambda item: (item.ctime, item.evpid)):
+            if selector.matches(envelope, "offline", now):
+                rows.append(envelope_row(envelope, "offline", None))
+    for entry in spool.corrupt_entries():
+        problems.append(f"corrupt queue file moved aside: corrupt/{entry.name}: {entry.reason}")
+    return rows, problems
+
+
+def _relative(seconds: float) -> str:
+    seconds = int(seconds)
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{sign}{seconds // size}{unit}"
+    return f"{sign}{seconds}s"
+
+
+def _iso(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def render_table(rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    now = time.time()
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("envelope", "state", "age", "created", "from", "to", "tries", "next/last", "expires in",
+                   "error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        state, value = row[11], row[12]
+        if state == "pending":
+            timing = "now" if value is not None and value <= 0 else f"in {_relative(value or 0)}"
+        elif state == "inflight":
+            timing = f"{_relative(value or 0)} ago"
+        else:
+            timing = "-"
+        if "suspend" in str(row[3]).split(","):
+            state = "suspended"
+        recipient = row[5] if row[5] == row[6] else f"{row[5]} → {row[6]}"
+        cells = (str(row[0]), state, _relative(now - int(row[7])), _iso(int(row[7])), str(row[4]), recipient,
+                 str(row[10]), timing, _relative(int(row[8]) - now), str(row[13]))
+        # Text, not markup: addresses and error lines come from the network ("[bold]" must stay literal), and
+        # vis-encoded so that no control character reaches the terminal.
+        table.add_row(*(Text(vis(cell)) for cell in cells))
+    console = Console()
+    console.print(table)
+    console.print(f"{len(rows)} envelope{'s' if len(rows) != 1 else ''}", highlight=False)
+
+
+def print_rows(rows: list[Row], as_json: bool) -> None:
+    if as_json:
+        out = sys.stdout
+        for row in rows:
+            out.write(json.dumps(row_to_json(row), separators=(",", ":"), ensure_ascii=False) + "\n")
+    elif sys.stdout.isatty():
+        render_table(rows)
+    else:
+        sys.stdout.write("".join(format_line(row) + "\n" for row in rows))
+    sys.stdout.flush()
+
+
+def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: bool) -> int:
+    msgid = None
+    if msgid_text is not None:
+        msgid = parse_msgid(msgid_text)
+        if msgid is None:
+            raise click.BadParameter(f"{msgid_text!r} is not a <msgid> (8 hex digits)", param_hint="msgid")
+    selector = EnvelopeFilter.from_args(filters)
+    args = dict(filters)
+    if msgid is not None:
+        args["msgid"] = format_msgid(msgid)
+    piped_lines = not as_json and not sys.stdout.isatty()
+    if piped_lines:
+        args["format"] = "lines"
+    try:
+        result = call_daemon("show.queue", **args)
+    except DaemonDown:
+        try:
+            rows, problems = offline_rows(_paths().spool, msgid, selector)
+        except (CommandFailed, PermissionError) as error:
+            _fail(str(error))
+            return EXIT_FAILURE
+        for problem in problems:
+            click.echo(f"smtpctl: {problem}", err=True)
+        print_rows(rows, as_json)
+        return EXIT_OK
+    except CommandFailed as error:
+        _fail(str(error))
+        return EXIT_FAILURE
+    for entry in result.get("corrupt", []):
+        click.echo(f"smtpctl: corrupt queue file moved aside: corrupt/{entry['name']}: {entry['reason']}", err=True)
+    if result.get("loading"):
+        click.echo("smtpctl: the queue is still being loaded; the list may be incomplete", err=True)
+    if "lines" in result:
+        sys.stdout.write(result["lines"])
+        sys.stdout.flush()
+    else:
+        print_rows(result["rows"], as_json)
+    return EXIT_OK
+
+
+@click.command("queue")
+@click.argument("msgid", required=False)
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per envelope (docs/queue.md).")
+def show_queue(msgid: str | None, sender: str | None, rcpt: str | None, domain: str | None, older: str | None,
+               newer: str | None, state: str | None, as_json: bool) -> None:
+    """List the queued envelopes (all, or those of MSGID)."""
+    filters = _filter_args(sender, rcpt, domain, older, newer, state)
+    sys.exit(run_show_queue(msgid, filters, as_json))
+
+
+def mailq_main(argv: list[str], prog: str) -> int:
+    """The mailq personality: `show queue` with the same options."""
+    try:
+        show_queue.main(args=argv, prog_name=prog, standalone_mode=True)
+    except SystemExit as exit_request:
+        return int(exit_request.code or 0)
+    return EXIT_OK
+
+
+# -- show envelope / show message ----------------------------------------------------------------------------
+def _print_file(path: str) -> None:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        _fail("fopen: No such file or directory")
+        return
+    except PermissionError:
+        _fail("fopen: Permission denied")
+        return
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
+@click.command("envelope")
+@click.argument("evpid")
+def show_envelope(evpid: str) -> None:
+    """Print an envelope file."""
+    value = parse_evpid(evpid)
+    if value is None:
+        raise click.BadParameter(f"{evpid!r} is not an <evpid> (16 hex digits)", param_hint="evpid")
+    _print_file(Spool(_paths().spool).envelope_path(value))
+
+
+@click.command("message")
+@click.argument("msgid")
+def show_message(msgid: str) -> None:
+    """Print a queued message (MSGID, or the message of EVPID)."""
+    value = parse_evpid(msgid) if len(msgid) == 16 else parse_msgid(msgid)
+    if value is None:
+        raise click.BadParameter(f"{msgid!r} is not a <msgid> or <evpid>", param_hint="msgid")
+    spool = Spool(_paths().spool)
+    path = os.path.join(spool.message_dir(value >> 32 if value > 0xFFFFFFFF else value), MESSAGE_FILE)
+    _print_file(path)
+
+
+# -- commands that change the queue ------------------------------------------------------------------------------
+def _change(command: str, verb: str, target: str | None, filters: dict[str, Any], dry_run: bool,
+            as_json: bool = False) -> None:
+    if target is None:
+        if not filters:
+            raise click.UsageError("missing <evpid>|<msgid>|all (or a filter)")
+        target = "all"
+    target = _check_target(target)
+    try:
+        result = call_daemon(command, target=target, dry_run=dry_run, **filters)
+    except DaemonDown:
+        _fail(NOT_RUNNING)
+        return
+    except CommandFailed as error:
+        _fail(str(error))
+        return
+    count = int(result.get("count", 0))
+    if dry_run:
+        print_rows(result.get("rows", []), as_json)
+        click.echo(f"{count} envelope{'s' if count > 1 else ''} would be {verb} (dry run)", err=as_json)
+        return
+    click.echo(plural_envelopes(count, verb))
+
+
+def _change_command(name: str, command: str, verb: str, summary: str) -> click.Command:
+    @click.command(name, help=summary)
+    @click.argument("target", required=False, metavar="EVPID|MSGID|all")
+    @filter_options
+    @click.option("--dry-run", is_flag=True, help="Only list the envelopes that would be affected.")
+    @click.option("--json", "as_json", is_flag=True, help="With --dry-run: JSON Lines.")
+    def run(target: str | None, sender: str | None, rcpt: str | None, domain: str | None, older: str | None,
+            newer: str | None, state: str | None, dry_run: bool, as_json: bool) -> None:
+        _change(command, verb, target, _filter_args(sender, rcpt, domain, older, newer, state), dry_run, as_json)
+
+    return run
+
+
+schedule = _change_command("schedule", "schedule", "scheduled", "Try delivering the selected envelopes now.")
+remove = _change_command("remove", "remove", "removed", "Remove the selected envelopes from the queue.")
+pause_envelope = _change_command("envelope", "pause.envelope", "paused",
+                                 "Suspend the selected envelopes (no delivery until resumed).")
+resume_envelope = _change_command("envelope", "resume.envelope", "resumed", "Resume suspended envelopes.")
+
+
+@click.command("discover")
+@click.argument("target", metavar="EVPID|MSGID")
+def discover(target: str) -> None:
+    """Make the daemon read a message's envelopes from the spool again."""
+    target = _check_target(target, allow_all=False)
+    try:
+        result = call_daemon("discover", target=target)
+    except DaemonDown:
+        _fail(NOT_RUNNING)
+        return
+    except CommandFailed as error:
+        _fail(str(error))
+        return
+    count = int(result.get("count", 0))
+    click.echo(f"{count} envelope{'s' if count != 1 else ''} discovered")
+
+
+def iter_commands() -> Iterable[tuple[str, click.Command]]:
+    """(group, command) pairs for whoever assembles the CLI: group "" is top level."""
+    yield "show", show_queue
+    yield "show", show_envelope
+    yield "show", show_message
+    yield "pause", pause_envelope
+    yield "resume", resume_envelope
+    yield "", schedule
+    yield "", remove
+    yield "", discover

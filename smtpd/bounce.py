@@ -1,0 +1,322 @@
+"""Delivery status notifications (RFC 3464 multipart/report), queued as new messages.
+
+The scheduler calls ``Bouncer.report(envelope, kind)`` when an envelope failed for good, expired, was delayed
+past a warn interval, or was delivered with NOTIFY=SUCCESS. Reports for envelopes of the same message, sender
+and kind are grouped into one DSN (they are collected for ``group_delay`` seconds). The DSN is queued with the
+null sender, to the original sender, routed by the ruleset like a local submission; the future that
+``report`` returns resolves once the DSN is durable, so the scheduler removes the original envelope only after
+its report is safe.
+
+Never reported: a null sender, a message that is itself a report (flag ``bounce``; a "double bounce" is only
+logged), NOTIFY=NEVER, or a kind that NOTIFY does not ask for (an empty NOTIFY means FAILURE,DELAY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from smtpd import log, trace
+from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
+from smtpd.stats import STATS
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+LOG = log.get("bounce")
+FAILED, DELAYED, DELIVERED, RELAYED = "failed", "delayed", "delivered", "relayed"
+KINDS = (FAILED, DELAYED, DELIVERED, RELAYED)
+GROUP_DELAY = 1.0
+MAX_RETURNED_BYTES = 10 * 1024 * 1024  # a bigger original is returned as headers only
+
+# (sender, smtpname) -> the envelopes that carry a DSN to that sender (type, dispatcher, dest... filled).
+Router = Callable[[str, str], Awaitable[list[Envelope]]]
+
+
+class BounceRoutingError(Exception):
+    """The DSN has nowhere to go (no rule accepts its recipient); it is dropped and logged."""
+
+
+def duration_text(seconds: int) -> str:
+    """`N second(s)` below a minute, then minutes, hours, days (integer division, singular for 1)."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def status_code(envelope: Envelope, kind: str) -> str:
+    """The enhanced status code (RFC 3463) of one recipient, e.g. 5.4.7."""
+    if kind in (DELIVERED, RELAYED):
+        return "2.0.0"
+    klass = envelope.esc_class if envelope.esc_class in (2, 4, 5) else (4 if kind == DELAYED else 5)
+    if kind == FAILED and klass == 4:
+        klass = 5  # a failure report is permanent whatever the last attempt said
+    if kind == DELAYED:
+        klass = 4
+    code = envelope.esc_code
+    return f"{klass}.{code // 10}.{code % 10}" if code else f"{klass}.0.0"
+
+
+def wants_report(envelope: Envelope, kind: str) -> bool:
+    if not envelope.sender or "bounce" in envelope.flags or envelope.type is EnvelopeType.BOUNCE:
+        return False
+    notify = envelope.dsn_notify
+    if notify & DsnNotify.NEVER:
+        return False
+    if kind in (DELIVERED, RELAYED):
+        return bool(notify & DsnNotify.SUCCESS)
+    if notify == DsnNotify.NONE:
+        return True  # RFC 3461: without NOTIFY, failures and delays are reported
+    return bool(notify & (DsnNotify.FAILURE if kind == FAILED else DsnNotify.DELAY))
+
+
+@dataclass
+class ReportContext:
+    smtpname: str
+    now: float
+    delay: int = 0  # delayed: the warn interval passed
+    remaining: int = 0  # delayed: how long the message stays queued still (QUIRK fixed: the real time)
+
+
+def _split_headers(message: bytes) -> bytes:
+    end = message.find(b"\n\n")
+    return message if end < 0 else message[:end + 1]
+
+
+def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) -> list[str]:
+    lines = [f"This is the mail system at {context.smtpname} (PySMTPD).", ""]
+    if kind == FAILED:
+        lines += ["Your message could not be delivered to the following recipient(s).",
+                  "This is a permanent error: the mail system has given up on them.", ""]
+    elif kind == DELAYED:
+        lines += [f"Your message has not been delivered yet after more than {duration_text(context.delay)},",
+                  "to the following recipient(s). The mail system keeps trying:", ""]
+    elif kind == DELIVERED:
+        lines += ["Your message was delivered to the following recipient(s).", ""]
+    else:
+        lines += ["Your message was passed on to another mail system for the following",
+                  "recipient(s); that system does not confirm the final delivery.", ""]
+    for envelope in envelopes:
+        address = envelope.rcpt or envelope.dest
+        lines.append(f"<{address}>: {envelope.errorline}" if envelope.errorline and kind in (FAILED, DELAYED)
+                     else f"<{address}>")
+    lines.append("")
+    if kind == DELAYED:
+        lines += ["This is only a warning: you do not need to send the message again.",
+                  f"It stays in the queue for up to {duration_text(context.remaining)} more; if it still cannot",
+                  "be delivered by then, you will receive a failure report.", ""]
+    lines += ["Please do not reply to this message.", ""]
+    return lines
+
+
+def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -> list[str]:
+    first = envelopes[0]
+    lines = [f"Reporting-MTA: dns; {context.smtpname}"]
+    if first.dsn_envid:
+        lines.append(f"Original-Envelope-Id: {first.dsn_envid}")
+    lines.append(f"Arrival-Date: {email.utils.formatdate(first.ctime, localtime=True)}")
+    lines.append("")
+    for envelope in envelopes:
+        if envelope.dsn_orcpt:
+            orcpt = envelope.dsn_orcpt
+            lines.append(f"Original-Recipient: {orcpt if ';' in orcpt else 'rfc822; ' + orcpt}")
+        lines.append(f"Final-Recipient: rfc822; {envelope.dest or envelope.rcpt}")
+        lines.append(f"Action: {kind}")
+        lines.append(f"Status: {status_code(envelope, kind)}")
+        if envelope.errorline and kind in (FAILED, DELAYED):
+            lines.append(f"Diagnostic-Code: smtp; {envelope.errorline}")
+        if envelope.last_try:
+            lines.append(f"Last-Attempt-Date: {email.utils.formatdate(envelope.last_try, localtime=True)}")
+        if kind == DELAYED:
+            expire = envelope.ctime + envelope.ttl
+            lines.append(f"Will-Retry-Until: {email.utils.formatdate(expire, localtime=True)}")
+        lines.append("")
+    return lines
+
+
+def render_report(kind: str, envelopes: list[Envelope], original: bytes, context: ReportContext) -> bytes:
+    """The DSN message, LF line endings (as every message is stored in the queue)."""
+    if kind not in KINDS or not envelopes:
+        raise ValueError(f"bad report: {kind!r} with {len(envelopes)} envelope(s)")
+    first = envelopes[0]
+    boundary = f"{secrets.randbits(64)}/{context.smtpname}"
+    message_id = f"<{secrets.token_hex(8)}@{context.smtpname}>"
+    return_full = first.dsn_ret.upper() == "FULL" or (not first.dsn_ret and kind in (FAILED, DELAYED))
+    if len(original) > MAX_RETURNED_BYTES:
+        return_full = False
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{context.smtpname}>",
+        f"To: <{first.sender}>",
+        f"Subject: Delivery status notification: {kind}",
+        f"Date: {email.utils.formatdate(context.now, localtime=True)}",
+        f"Message-ID: {message_id}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated delivery status notification.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        *_human_part(kind, envelopes, context),
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        "Content-Type: message/delivery-status",
+        "",
+        *_status_part(kind, envelopes, context),
+        f"--{boundary}",
+    ]
+    if return_full:
+        lines += ["Content-Description: Undelivered message" if kind != DELIVERED else
+                  "Content-Description: Delivered message", "Content-Type: message/rfc822", ""]
+        body = original
+    else:
+        lines += ["Content-Description: Message headers", "Content-Type: text/rfc822-headers", ""]
+        body = _split_headers(original)
+    head = "\n".join(lines).encode("utf-8", errors="surrogateescape") + b"\n"
+    body = body.replace(b"\r\n", b"\n")
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return head + body + f"\n--{boundary}--\n".encode()
+
+
+@dataclass
+class _Group:
+    kind: str
+    msgid: int
+    sender: str
+    envelopes: list[Envelope] = field(default_factory=list)
+    futures: list[asyncio.Future[bool]] = field(default_factory=list)
+    context: ReportContext | None = None
+
+
+class Bouncer:
+    """Collects report requests, renders and queues DSNs."""
+
+    def __init__(self, daemon: Daemon | None, queue: object, smtpname: str, router: Router | None = None,
+                 group_delay: float = GROUP_DELAY) -> None:
+        self.daemon = daemon
+        self.queue = queue
+        self.smtpname = smtpname
+        self.router = router or self._route_by_rules
+        self.group_delay = group_delay
+        self.groups: dict[tuple[int, str, str], _Group] = {}
+
+    def report(self, envelope: Envelope, kind: str, delay: int = 0, remaining: int = 0) -> asyncio.Future[bool]:
+        """Ask for a report. The future resolves True when the DSN is queued, False when none is sent, and
+        raises when queueing failed (the caller keeps the envelope and tries again later)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if not wants_report(envelope, kind):
+            if "bounce" in envelope.flags or envelope.type is EnvelopeType.BOUNCE:
+                LOG.info("bounce: double bounce for %016x (%s): dropped", envelope.evpid, envelope.errorline)
+            trace.emit("bounce", f"bounce: no {kind} report for {envelope.evpid:016x}", evpid=f"{envelope.evpid:016x}")
+            future.set_result(False)
+            return future
+        key = (envelope.msgid, envelope.sender, kind)
+        group = self.groups.get(key)
+        if group is None:
+            group = _Group(kind, envelope.msgid, envelope.sender)
+            self.groups[key] = group
+            asyncio.get_running_loop().call_later(self.group_delay, self._flush_soon, key)
+        group.envelopes.append(envelope)
+        group.futures.append(future)
+        group.context = ReportContext(self.smtpname, time.time(), delay, remaining)
+        trace.emit("bounce", f"bounce: {kind} report for {envelope.evpid:016x} to <{envelope.sender}> queued",
+                   evpid=f"{envelope.evpid:016x}", kind=kind)
+        return future
+
+    def _flush_soon(self, key: tuple[int, str, str]) -> None:
+        group = self.groups.pop(key, None)
+        if group is not None:
+            asyncio.ensure_future(self._send(group))
+
+    async def _send(self, group: _Group) -> None:
+        try:
+            msgid = await self._queue_report(group)
+        except BounceRoutingError as error:
+            LOG.warning("bounce: report to <%s> dropped: %s", group.sender, error)
+            trace.emit("bounce", f"bounce: report to <{group.sender}> dropped: {error}")
+            for future in group.futures:
+                if not future.done():
+                    future.set_result(False)
+            return
+        except Exception as error:  # noqa: BLE001 — reported to every waiter: they keep their envelopes
+            LOG.warning("bounce: could not queue a report to <%s>: %s", group.sender, error)
+            for future in group.futures:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        STATS.increment("bounce.message")
+        STATS.increment("bounce.envelope", len(group.envelopes))
+        STATS.increment("queue.bounce")
+        LOG.info("bounce: %s report for message %08x to <%s> queued as %08x (%d recipient(s))", group.kind,
+                 group.msgid, group.sender, msgid, len(group.envelopes))
+        trace.emit("bounce", f"bounce: {group.kind} report to <{group.sender}> queued as {msgid:08x}",
+                   msgid=f"{msgid:08x}", kind=group.kind, recipients=len(group.envelopes))
+        for future in group.futures:
+            if not future.done():
+                future.set_result(True)
+
+    async def _queue_report(self, group: _Group) -> int:
+        original = await asyncio.to_thread(self._read_original, group.msgid)
+        assert group.context is not None
+        data = render_report(group.kind, group.envelopes, original, group.context)
+        envelopes = await self.router(group.sender, self.smtpname)
+        if not envelopes:
+            raise BounceRoutingError("no delivery for the sender's address")
+        now = int(time.time())
+        for envelope in envelopes:
+            envelope.sender = ""
+            envelope.rcpt = envelope.rcpt or group.sender
+            envelope.sockaddr = envelope.sockaddr or "local"
+            envelope.helo = envelope.helo or self.smtpname
+            envelope.hostname = envelope.hostname or "localhost"
+            envelope.smtpname = self.smtpname
+            envelope.ctime = now
+            envelope.flags = set(envelope.flags) | {"bounce", "authenticated"}
+            envelope.dsn_notify = DsnNotify.NONE
+        return await self.queue.inject(data, envelopes)  # type: ignore[attr-defined]
+
+    def _read_original(self, msgid: int) -> bytes:
+        path = self.queue.message_path(msgid)  # type: ignore[attr-defined]
+        try:
+            with open(path, "rb") as handle:
+                return handle.read(MAX_RETURNED_BYTES + 1)
+        except OSError:
+            return b"(the original message could not be read)\n"
+
+    async def _route_by_rules(self, sender: str, smtpname: str) -> list[Envelope]:
+        """Route like a local submission of MAIL FROM:<> RCPT TO:<sender>, via the ruleset and expansion."""
+        daemon = self.daemon
+        if daemon is None:
+            raise BounceRoutingError("no daemon to route with")
+        from smtpd.lookup.expand import expand_recipient
+        from smtpd.lookup.facts import SessionFacts
+        from smtpd.lookup.rules import match_rules
+
+        facts = SessionFacts(address="local", rdns="localhost", helo=smtpname, auth_user=None,
+                             listener_hostname=smtpname, local_socket=True)
+        config, tables = daemon.config, daemon.tables
+
+        def route() -> list[Envelope]:
+            decision = match_rules(config, tables, facts, "", sender)
+            if decision.tempfail:
+                raise RuntimeError("temporary failure while matching rules")
+            if decision.rejected or decision.action is None:
+                raise BounceRoutingError("no rule accepts the sender's address")
+            result = expand_recipient(config, tables, facts, "", sender, smtpname)
+            if result.refusal is not None:
+                raise BounceRoutingError(f"{result.refusal[0]} {result.refusal[1]}")
+            return list(result.deliveries)
+
+        return await asyncio.to_thread(route)

@@ -1,0 +1,167 @@
+"""Checks that look at files outside the config: table sources, pki/ca files, the queue key.
+
+These run during `smtpd -n` (and at start and reload), as OpenSMTPD's do:
+
+* ``probe_table_source`` runs at the `table` statement itself (OpenSMTPD loads the table there), so its
+  messages come in file order. It only decides whether the source is usable and whether it is a list or a
+  mapping (reference §5.1); reading tables for lookups is the tables subsystem's job (smtpd/lookup/tables/).
+* ``validate_tables(config)`` is the hook for whatever the tables subsystem wants to verify once the whole
+  config is known (it returns extra diagnostics; nothing yet).
+* ``check_pki_and_queue(config)`` is what `smtpd -n` does after parsing: the queue key, then every pki
+  certificate and key, then every ca file. Problems there are fatal (``smtpd: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import stat
+from dataclasses import dataclass
+
+from smtpd.config.errors import Diagnostic, FatalConfigError
+from smtpd.config.model import Config, TableShape
+
+LIBEXEC_TABLES = "/usr/libexec/opensmtpd"
+FILE_BACKENDS = ("file", "static")
+BUILTIN_BACKENDS = (*FILE_BACKENDS, "db", "getpwnam", "proc")
+
+
+@dataclass(frozen=True)
+class TableProbe:
+    ok: bool
+    shape: TableShape
+    notes: tuple[str, ...] = ()  # lines printed before the `invalid configuration file` error
+
+
+def backend_exists(backend: str) -> bool:
+    """OpenSMTPD knows static/file, db, getpwnam and proc, and runs any other as libexec table-BACKEND."""
+    if backend in BUILTIN_BACKENDS:
+        return True
+    if not backend or "/" in backend:
+        return False
+    return os.access(os.path.join(LIBEXEC_TABLES, f"table-{backend}"), os.X_OK)
+
+
+def probe_table_source(backend: str, source: str | None) -> TableProbe:
+    if backend in FILE_BACKENDS:
+        if source is None:
+            return TableProbe(True, TableShape.MAPPING)
+        return probe_static_file(source)
+    if backend == "db":
+        if source is None or not _is_readable_file(source):
+            return TableProbe(False, TableShape.ANY)
+        return TableProbe(True, TableShape.ANY)
+    if backend == "getpwnam":
+        return TableProbe(source is None, TableShape.ANY)
+    return TableProbe(True, TableShape.ANY)
+
+
+def _is_readable_file(path: str) -> bool:
+    try:
+        with open(path, "rb"):
+            return os.path.isfile(path)
+    except OSError:
+        return False
+
+
+def probe_static_file(path: str) -> TableProbe:
+    """Shape detection of a static table file, with OpenSMTPD's error lines (reference §5.1)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except IsADirectoryError:
+        return TableProbe(False, TableShape.ANY, (f"{path}: getline: Is a directory",))
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        return TableProbe(False, TableShape.ANY, (f"{path}: fopen: {reason}",))
+    shape: TableShape | None = None
+    forced_list = False
+    for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            if shape is None and line.replace(" ", "").replace("\t", "") == "#@list":
+                forced_list = True
+            continue
+        if shape is None:
+            if forced_list or not any(char in line for char in " \t:"):
+                shape = TableShape.LIST
+            else:
+                shape = TableShape.MAPPING
+        if shape is TableShape.MAPPING and not _map_value(line):
+            return TableProbe(False, TableShape.ANY, (f"{path}: invalid map entry line {number}",))
+    return TableProbe(True, shape or TableShape.MAPPING)
+
+
+def _map_value(line: str) -> str:
+    """The value part of a mapping line: after the key and any run of whitespace and `:`."""
+    index = 0
+    while index < len(line) and line[index] not in " \t:":
+        index += 1
+    return line[index:].lstrip(" \t:").strip()
+
+
+def validate_tables(config: Config) -> list[Diagnostic]:
+    """Hook for the tables subsystem: deeper checks of every declared table once the config is complete.
+
+    The tables helper fills this in (e.g. loading db files, checking credential formats); the parser calls it
+    after a successful parse and reports what it returns.
+    """
+    return []
+
+
+# -- pki, ca and queue key (smtpd -n) ---------------------------------------------------------------------
+def check_pki_and_queue(config: Config) -> list[str]:
+    """Raise FatalConfigError like OpenSMTPD's -n; return warn: lines that do not stop the run."""
+    notes: list[str] = []
+    key = config.queue.encryption_key
+    if config.queue.encryption and key is not None and key != "stdin" and len(key) != 32:
+        raise FatalConfigError("smtpd: crypto_setup:invalid key for queue encryption")
+    for pki in config.pkis.values():
+        if pki.cert is None:
+            raise FatalConfigError("smtpd: load_pki_tree: missing certificate file")
+        if not _is_readable_file(pki.cert):
+            raise FatalConfigError("smtpd: load_pki_tree: failed to load certificate file")
+        if pki.key is None:
+            raise FatalConfigError("smtpd: load_pki_tree: missing key file")
+    for ca in config.cas.values():
+        if not _is_readable_file(ca.cert):
+            raise FatalConfigError("smtpd: load_pki_tree: failed to load CA file")
+    for pki in config.pkis.values():
+        assert pki.key is not None and pki.cert is not None
+        problem = _key_problem(pki.key)
+        if problem is not None:
+            lines = [problem] if problem else []
+            raise FatalConfigError(*lines, "smtpd: load_pki_keys: failed to load key file")
+    return notes
+
+
+def _key_problem(path: str) -> str | None:
+    """None if the key is usable; otherwise a warn: line to print first ("" when there is none)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ""
+    if info.st_uid not in (0, os.getuid()):
+        return f"warn:  {path}: not owned by uid 0 or the current user"
+    if info.st_mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
+        return f"warn:  {path}: insecure permissions: must be at most rwxr----- "
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("ascii", errors="replace")
+    except OSError:
+        return ""
+    if "-----BEGIN" not in text or "PRIVATE KEY-----" not in text:
+        return ""
+    return None
+
+
+def certificate_problem(cert: str, key: str) -> str | None:
+    """A warning text when the certificate and key do not load together (OpenSMTPD does not check this)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as error:
+        return f"certificate {cert} and key {key} cannot be used together: {error.reason or error}"
+    return None

@@ -1,0 +1,130 @@
+"""Resolving a `listen on TARGET` to addresses, in OpenSMTPD's order (reference §3.4).
+
+Interface name, then IPv4 literal, IPv6 literal, then a host name (`localhost` gives 127.0.0.1 and ::1).
+Interface addresses come from getifaddrs(3) through ctypes, the only source with every address of every
+interface (the socket module offers names only).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import ipaddress
+import socket
+
+INET4 = "inet4"
+INET6 = "inet6"
+
+
+class _SockAddr(ctypes.Structure):
+    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_ubyte * 14)]
+
+
+class _SockAddrIn6(ctypes.Structure):
+    _fields_ = [("sin6_family", ctypes.c_ushort), ("sin6_port", ctypes.c_uint16),
+                ("sin6_flowinfo", ctypes.c_uint32), ("sin6_addr", ctypes.c_ubyte * 16),
+                ("sin6_scope_id", ctypes.c_uint32)]
+
+
+class _IfAddrs(ctypes.Structure):
+    pass
+
+
+_IfAddrs._fields_ = [
+    ("ifa_next", ctypes.POINTER(_IfAddrs)), ("ifa_name", ctypes.c_char_p), ("ifa_flags", ctypes.c_uint),
+    ("ifa_addr", ctypes.POINTER(_SockAddr)), ("ifa_netmask", ctypes.POINTER(_SockAddr)),
+    ("ifa_ifu", ctypes.POINTER(_SockAddr)), ("ifa_data", ctypes.c_void_p),
+]
+
+
+def interface_addresses() -> dict[str, list[str]]:
+    """Every interface's IPv4 and IPv6 addresses, by interface name (empty if getifaddrs is unavailable)."""
+    result: dict[str, list[str]] = {}
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return result
+    head = ctypes.POINTER(_IfAddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        return result
+    try:
+        node = head
+        while node:
+            entry = node.contents
+            name = (entry.ifa_name or b"").decode(errors="replace")
+            address = _address_of(entry.ifa_addr)
+            if address is not None:
+                result.setdefault(name, []).append(address)
+            else:
+                result.setdefault(name, [])
+            node = entry.ifa_next
+    finally:
+        libc.freeifaddrs(head)
+    return result
+
+
+def _address_of(pointer: ctypes._Pointer) -> str | None:  # type: ignore[type-arg]
+    if not pointer:
+        return None
+    family = pointer.contents.sa_family
+    if family == socket.AF_INET:
+        raw = bytes(pointer.contents.sa_data[2:6])
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if family == socket.AF_INET6:
+        six = ctypes.cast(pointer, ctypes.POINTER(_SockAddrIn6)).contents
+        return socket.inet_ntop(socket.AF_INET6, bytes(six.sin6_addr))
+    return None
+
+
+def _family_of(address: str) -> str:
+    return INET6 if ":" in address else INET4
+
+
+def _literal(target: str, family_wanted: str) -> str | None:
+    try:
+        if family_wanted == INET4:
+            socket.inet_pton(socket.AF_INET, target)
+        else:
+            socket.inet_pton(socket.AF_INET6, target)
+    except (OSError, ValueError):
+        return None
+    return str(ipaddress.ip_address(target))
+
+
+def resolve_listen_target(target: str, family: str | None) -> list[str]:
+    """The addresses `listen on TARGET [inet4|inet6]` binds, or [] when TARGET is nothing known."""
+    interfaces = interface_addresses()
+    if target in interfaces:
+        addresses = [a for a in interfaces[target] if family is None or _family_of(a) == family]
+        if addresses:
+            return addresses
+    for wanted in (INET4, INET6):
+        if family not in (None, wanted):
+            continue
+        literal = _literal(target, wanted)
+        if literal is not None:
+            return [literal]
+    return _resolve_host(target, family)
+
+
+def _resolve_host(target: str, family: str | None) -> list[str]:
+    socket_family = {None: socket.AF_UNSPEC, INET4: socket.AF_INET, INET6: socket.AF_INET6}[family]
+    try:
+        infos = socket.getaddrinfo(target, None, socket_family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+    except (OSError, UnicodeError, ValueError):
+        return []
+    addresses: list[str] = []
+    for info in infos:
+        if info[0] not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        address = str(info[4][0]).split("%")[0]
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,375 @@
+"""The control socket: newline-delimited JSON requests from smtpctl, answered by the registered handlers.
+
+Authorisation is by the peer's credentials (SO_PEERCRED), not by the socket's mode, which is 0666 as in
+OpenSMTPD so that sendmail can enqueue as any user. Each connection is served by its own task; a request line
+that is malformed, longer than MAX_REQUEST_BYTES or slower than REQUEST_TIMEOUT gets an error reply and ends
+that connection only. Reading is bounded by the stream's limit, so no client can make the daemon buffer more
+than one request's worth of bytes or block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from shared.protocol import (
+    COMMANDS,
+    MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
+    CommandSpec,
+    ErrorCode,
+    Privilege,
+    ProtocolError,
+    decode_request,
+    encode,
+    error_reply,
+    event_message,
+    ok_reply,
+)
+from smtpd import log, trace
+from smtpd.control.registry import HANDLERS, STREAM_HANDLERS, ControlFailure
+from smtpd.stats import STATS
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+LOG = log.get("control")
+
+ENV_CONTROL_GROUP = "SMTPD_CONTROL_GROUP"
+# A client has this long to send one complete request line; a slower one is cut off (slowloris).
+REQUEST_TIMEOUT = 10.0
+# Connections one uid may hold open at once (root included: a runaway script must not exhaust the daemon).
+MAX_CONNECTIONS_PER_UID = 32
+SOCKET_MODE = 0o666
+STREAM_SEND_BUFFER = 16384  # bytes queued towards a streaming client (trace.follow, monitor) before waiting
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def user(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    def describe(self) -> str:
+        return f"uid={self.uid} ({self.user}) pid={self.pid}"
+
+    def groups(self) -> set[int]:
+        """The peer's primary and supplementary groups, from /proc (the kernel's view), else the group file."""
+        groups = {self.gid}
+        try:
+            with open(f"/proc/{self.pid}/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith("Groups:"):
+                        groups.update(int(gid) for gid in line.split()[1:])
+                        return groups
+        except (OSError, ValueError):
+            pass
+        user = self.user
+        groups.update(entry.gr_gid for entry in grp.getgrall() if user in entry.gr_mem)
+        return groups
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return Peer(*_PEERCRED.unpack(data))
+
+
+def control_group_id(name: str | None) -> int | None:
+    """The gid of the configured read-only group (a name or a number), None when unset or unknown."""
+    if not name:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        LOG.warning("control group %r does not exist; read-only access stays with root", name)
+        return None
+
+
+class Authoriser:
+    """Who may run what: WRITE needs root or the daemon's uid; READ also the control group; OPEN anyone."""
+
+    def __init__(self, group: str | None) -> None:
+        self.group_name = group
+        self.group_id = control_group_id(group)
+        self.own_uid = os.geteuid()
+
+    def is_admin(self, peer: Peer) -> bool:
+        return peer.uid in (0, self.own_uid)
+
+    def refusal(self, peer: Peer, spec: CommandSpec) -> str | None:
+        """None when allowed, else the message telling the peer why not."""
+        if spec.privilege is Privilege.OPEN or self.is_admin(peer):
+            return None
+        if spec.privilege is Privilege.READ and self.group_id is not None and self.group_id in peer.groups():
+            return None
+        if spec.privilege is Privilege.READ and self.group_name:
+            return f"need root privileges or membership of group {self.group_name} for {spec.name}"
+        return f"need root privileges for {spec.name}"
+
+
+class ControlServer:
+    def __init__(self, daemon: Daemon, socket_path: str, group: str | None = None) -> None:
+        self.daemon = daemon
+        self.socket_path = socket_path
+        self.authoriser = Authoriser(group)
+        self.server: asyncio.AbstractServer | None = None
+        self.connections_by_uid: Counter[int] = Counter()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.next_session = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if _socket_is_live(self.socket_path):
+            raise RuntimeError("control socket already listening")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self.server = await asyncio.start_unix_server(
+            self._accept, path=self.socket_path, limit=MAX_REQUEST_BYTES + 1)
+        os.chmod(self.socket_path, SOCKET_MODE)
+        LOG.debug("control socket listening on %s", self.socket_path)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    # -- connections ----------------------------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        try:
+            peer = peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
+            writer.close()
+            return
+        if self.connections_by_uid[peer.uid] >= MAX_CONNECTIONS_PER_UID:
+            await self._send_quietly(writer, error_reply(
+                None, ErrorCode.BUSY, f"too many control connections for uid {peer.uid}"))
+            await _close(writer)
+            if task is not None:
+                self.tasks.discard(task)
+            return
+        self.connections_by_uid[peer.uid] += 1
+        STATS.increment("control.session")
+        handed_off = False
+        try:
+            handed_off = await self._serve(peer, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 — a bug in one handler must not take the daemon down
+            LOG.exception("control connection of %s failed", peer.describe())
+        finally:
+            STATS.decrement("control.session")
+            self.connections_by_uid[peer.uid] -= 1
+            if self.connections_by_uid[peer.uid] <= 0:
+                del self.connections_by_uid[peer.uid]
+            if not handed_off:
+                await _close(writer)
+            if task is not None:
+                self.tasks.discard(task)
+
+    async def _serve(self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer requests until the client leaves or errs. True when the stream was handed to SMTP."""
+        while True:
+            line = await self._read_request(reader, writer)
+            if line is None:
+                return False
+            try:
+                request_id, spec, args = decode_request(line)
+            except ProtocolError as error:
+                await self._send(writer, error_reply(_guess_id(line), error.code, error.message))
+                return False
+            refusal = self.authoriser.refusal(peer, spec)
+            if refusal is not None:
+                LOG.warning("control: %s refused %s: %s", peer.describe(), spec.name, refusal)
+                await self._send(writer, error_reply(request_id, ErrorCode.FORBIDDEN, refusal))
+                continue
+            if spec.name == "enqueue":
+                return await self._enqueue(peer, request_id, reader, writer)
+            if spec.streams:
+                await self._stream(peer, spec, request_id, args, reader, writer)
+                return False
+            await self._send(writer, await self._call(peer, spec, request_id, args))
+            if spec.name == "stop":
+                return False
+
+    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+        try:
+            return await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_TIMEOUT)
+        except asyncio.IncompleteReadError as error:
+            if error.partial.strip():
+                await self._send_quietly(writer, error_reply(None, ErrorCode.BAD_REQUEST,
+                                                             "request not terminated by a newline"))
+            return None
+        except asyncio.LimitOverrunError:
+            await self._send_quietly(writer, error_reply(
+                None, ErrorCode.TOO_LARGE, f"request longer than {MAX_REQUEST_BYTES} bytes"))
+            return None
+        except TimeoutError:
+            await self._send_quietly(writer, error_reply(
+                None, ErrorCode.TIMEOUT, f"no complete request within {REQUEST_TIMEOUT:g} seconds"))
+            return None
+
+    async def _call(self, peer: Peer, spec: CommandSpec, request_id: Any, args: dict[str, Any]) -> dict[str, Any]:
+        if spec.changes_state:
+            LOG.info("control: %s ran %s%s", peer.describe(), spec.name, _describe_args(args))
+        if spec.name == "hello":
+            return ok_reply(request_id, self.hello(peer))
+        handler = HANDLERS.get(spec.name)
+        if handler is None:
+            return error_reply(request_id, ErrorCode.UNKNOWN_COMMAND, f"{spec.name} is not available")
+        try:
+            result = await handler(self.daemon, {**args, "_peer": peer})
+        except ControlFailure as failure:
+            return error_reply(request_id, failure.code, failure.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 — reported to the client, logged for the operator
+            LOG.exception("control command %s failed", spec.name)
+            return error_reply(request_id, ErrorCode.FAILED, f"internal error: {error}")
+        return ok_reply(request_id, result)
+
+    def hello(self, peer: Peer) -> dict[str, Any]:
+        from smtpd.daemon import VERSION
+
+        allowed = [name for name, spec in COMMANDS.items() if self.authoriser.refusal(peer, spec) is None]
+        return {"version": VERSION, "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "uid": peer.uid,
+                "commands": allowed, "traces": sorted(trace.BUS.enabled)}
+
+    async def _stream(self, peer: Peer, spec: CommandSpec, request_id: Any, args: dict[str, Any],
+                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Run a streaming handler until it ends or the client goes away (EOF or any further byte)."""
+        handler = STREAM_HANDLERS.get(spec.name)
+        if handler is None:
+            await self._send(writer, error_reply(request_id, ErrorCode.UNKNOWN_COMMAND,
+                                                 f"{spec.name} is not available"))
+            return
+        if spec.changes_state:
+            LOG.info("control: %s ran %s%s", peer.describe(), spec.name, _describe_args(args))
+
+        _limit_buffering(writer)
+
+        async def send(event: dict[str, Any]) -> None:
+            writer.write(encode(event_message(request_id, event)))
+            await writer.drain()
+
+        work = asyncio.ensure_future(handler(self.daemon, {**args, "_peer": peer}, send))
+        hangup = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            if not work.done():
+                work.cancel()
+            results = await asyncio.gather(work, hangup, return_exceptions=True)
+        outcome = results[0]
+        if isinstance(outcome, asyncio.CancelledError):
+            return  # the client left; nobody to answer
+        if isinstance(outcome, ControlFailure):
+            reply = error_reply(request_id, outcome.code, outcome.message)
+        elif isinstance(outcome, BaseException):
+            LOG.error("control stream %s failed: %s", spec.name, outcome)
+            reply = error_reply(request_id, ErrorCode.FAILED, f"internal error: {outcome}")
+        else:
+            reply = ok_reply(request_id, outcome)
+        await self._send_quietly(writer, reply)
+
+    async def _enqueue(self, peer: Peer, request_id: Any, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> bool:
+        smtp = self.daemon.smtp
+        if smtp is None or not hasattr(smtp, "serve_local"):
+            await self._send(writer, error_reply(request_id, ErrorCode.FAILED, "the SMTP server is not running"))
+            return False
+        if self.daemon.is_paused("smtp"):
+            await self._send(writer, error_reply(request_id, ErrorCode.FAILED,
+                                                 "server disallowed submission request"))
+            return False
+        await self._send(writer, ok_reply(request_id, {"uid": peer.uid}))
+        await smtp.serve_local(reader, writer, peer.uid)
+        return True
+
+    # -- writing --------------------------------------------------------------------------------------
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(encode(message))
+        await writer.drain()
+
+    async def _send_quietly(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await asyncio.wait_for(self._send(writer, message), REQUEST_TIMEOUT)
+
+
+def _limit_buffering(writer: asyncio.StreamWriter) -> None:
+    """Keep little in flight to a stream's reader, so a slow one is noticed (and loses events, counted) soon
+    rather than after megabytes of kernel and transport buffers."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+    with contextlib.suppress(AttributeError):
+        writer.transport.set_write_buffer_limits(high=STREAM_SEND_BUFFER)
+
+
+def _describe_args(args: dict[str, Any]) -> str:
+    shown = {key: value for key, value in args.items() if not key.startswith("_")}
+    if not shown:
+        return ""
+    def text(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+    return " " + " ".join(f"{key}={text(value)}" for key, value in sorted(shown.items()))
+
+
+def _guess_id(line: bytes) -> Any:
+    """The id of a request that failed validation, when it can be read, so the client can match the reply."""
+    import json
+
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message.get("id") if isinstance(message, dict) else None
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _socket_is_live(path: str) -> bool:
+    """True when a daemon already answers on this socket (a stale file is not live)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,184 @@
+"""Expansion items: what an alias value, a virtual value, a `.forward` line or an `:include:` file holds.
+
+A value is a comma-separated list (reference §6.1). Commas inside double or single quotes do not split, and a
+backslash protects the character after it (it is kept: the item text is passed on as written). Each item is
+classified by the first of these shapes it fits:
+
+1. ``error:CODE TEXT`` / ``:error:CODE TEXT`` (CODE: 3 digits starting with 4 or 5, then a space, then an
+   alphanumeric character) — refuse the recipient with that reply;
+2. ``:include:/path`` / ``include:/path`` — the lines of that file are more items;
+3. ``|command`` / ``"|command"`` — pipe the message to a command;
+4. ``/absolute/path`` — append the message to an mbox file;
+5. ``user@domain`` — another address, matched against the rules again;
+6. ``[A-Za-z0-9_.+-]+`` — a local user name.
+
+Anything else makes the whole value invalid (``ItemError``); callers turn that into a temporary failure, since
+the table holding it is broken, not the recipient.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ItemKind(StrEnum):
+    ERROR = "error"
+    INCLUDE = "include"
+    FILTER = "filter"  # OpenSMTPD's name for a |command item
+    FILENAME = "filename"
+    ADDRESS = "address"
+    USERNAME = "username"
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: ItemKind
+    value: str  # error: "CODE TEXT"; include/filename: the path; filter: the command without "|"; address; user
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+class ItemError(ValueError):
+    """An item that fits none of the shapes."""
+
+
+_ERROR_RE = re.compile(r"[45][0-9]{2} [A-Za-z0-9]")
+_USERNAME_RE = re.compile(r"[A-Za-z0-9_.+-]+")
+_ADDRESS_USER_RE = re.compile(r"[A-Za-z0-9!#$%*/?|^{}`~&'+\-=_.]+")
+_ADDRESS_DOMAIN_RE = re.compile(r"[A-Za-z0-9.-]+")
+MAX_ITEM_LENGTH = 4096
+
+
+def split_items(text: str) -> list[str]:
+    """The comma-separated items of a value, trimmed, empty ones dropped."""
+    items: list[str] = []
+    current: list[str] = []
+    escaped = in_double = in_single = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "," and not (in_double or in_single):
+            items.append("".join(current))
+            current = []
+            continue
+        elif char == '"' and not in_single:
+            in_double = not in_double
+        elif char == "'" and not in_double:
+            in_single = not in_single
+        current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def _as_error(text: str) -> Item | None:
+    lowered = text[:7].lower()
+    if lowered.startswith(":error:"):
+        rest = text[7:]
+    elif lowered.startswith("error:"):
+        rest = text[6:]
+    else:
+        return None
+    if len(rest) < 5 or not _ERROR_RE.match(rest):
+        return None
+    return Item(ItemKind.ERROR, rest)
+
+
+def _as_include(text: str) -> Item | None:
+    for prefix in (":include:", "include:"):
+        if text[: len(prefix)].lower() == prefix:
+            path = text[len(prefix):].strip()
+            return Item(ItemKind.INCLUDE, path) if path else None
+    return None
+
+
+def _as_filter(text: str) -> Item | None:
+    if text.startswith('"'):
+        if len(text) < 2 or not text.endswith('"'):
+            return None
+        text = text[1:-1]
+    if not text.startswith("|"):
+        return None
+    command = text[1:].strip()
+    return Item(ItemKind.FILTER, command) if command else None
+
+
+def _as_filename(text: str) -> Item | None:
+    return Item(ItemKind.FILENAME, text) if text.startswith("/") else None
+
+
+def _as_address(text: str) -> Item | None:
+    if len(text) < 3 or "@" not in text or text.startswith("@") or text.endswith("@"):
+        return None
+    user, _, domain = text.partition("@")
+    if not _ADDRESS_USER_RE.fullmatch(user) or not _ADDRESS_DOMAIN_RE.fullmatch(domain):
+        return None
+    return Item(ItemKind.ADDRESS, text)
+
+
+def _as_username(text: str) -> Item | None:
+    # User names are compared and looked up lowercased (table keys are lowercased on load).
+    return Item(ItemKind.USERNAME, text.lower()) if _USERNAME_RE.fullmatch(text) else None
+
+
+_CLASSIFIERS = (_as_error, _as_include, _as_filter, _as_filename, _as_address, _as_username)
+
+
+def classify_item(text: str) -> Item | None:
+    """The item one trimmed text is, or None when it fits no shape."""
+    if not text or len(text) >= MAX_ITEM_LENGTH:
+        return None
+    for classifier in _CLASSIFIERS:
+        item = classifier(text)
+        if item is not None:
+            return item
+    return None
+
+
+def parse_items(text: str) -> list[Item]:
+    """Every item of a value, in order. Raises ItemError naming the first item that fits no shape."""
+    items: list[Item] = []
+    for piece in split_items(text):
+        item = classify_item(piece)
+        if item is None:
+            raise ItemError(f"invalid expansion item: {piece!r}")
+        items.append(item)
+    return items
+
+
+def parse_lines(text: str) -> list[str]:
+    """Logical lines of a `.forward` or `:include:` file, read the way fparseln(3) does by default.
+
+    A backslash at the end of a line continues it on the next one; an unescaped `#` starts a comment that runs
+    to the end of the line; other backslashes are kept. Blank results are dropped.
+    """
+    logical: list[str] = []
+    pending = ""
+    for raw_line in text.split("\n"):
+        line = pending + raw_line
+        pending = ""
+        stripped = _strip_comment(line)
+        if stripped.endswith("\\") and not stripped.endswith("\\\\"):
+            pending = stripped[:-1]
+            continue
+        if stripped.strip():
+            logical.append(stripped.strip())
+    if pending.strip():
+        logical.append(pending.strip())
+    return logical
+
+
+def _strip_comment(line: str) -> str:
+    escaped = False
+    for index, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "#":
+            return line[:index]
+    return line

@@ -1,0 +1,181 @@
+"""Running a delivery command: `mda "..."` actions, `|command` items, and wrappers.
+
+How an `mda "CMD"` string is honoured without envelope data ever reaching a shell: the configured string is split
+into words first (shell quoting rules, `shlex.split`), and only then are the `%{...}` specifiers expanded inside
+each word. The result is an argv that is executed directly. A command that needs a shell must say so itself
+(`mda "/bin/sh -c 'exec procmail'"`); even then the envelope data reaches the program only as whole arguments
+and as environment variables, never as shell text.
+
+`|command` items come from the alias table (written by the administrator) or from a user's own `.forward`:
+their text is a shell command by definition, so it runs as `/bin/sh -c TEXT` — TEXT holds no envelope data, which
+the command finds in its environment ($SENDER, $RECIPIENT, ...).
+
+The environment is exactly the reference's: PATH, DOMAIN, HOME, RECIPIENT, SHELL, LOCAL, LOGNAME, USER, SENDER,
+and EXTENSION when the recipient had a sub-address. The message (with Return-Path and Delivered-To prepended) is
+the command's standard input; its output is captured and its last line becomes the error text.
+
+Exit status: 0 delivered; 71 (EX_OSERR) or 75 (EX_TEMPFAIL) temporary; any other status permanent; killed by a
+signal or the 300 s limit: temporary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from smtpd.mda.privilege import CHILD_TIMEOUT, Identity, privileged
+from smtpd.mda.variables import VariableContext, VariableError, expand
+
+DEFAULT_PATH = "/usr/bin:/bin:/usr/sbin:/sbin:/usr/local/bin"
+TEMPFAIL_STATUSES = frozenset({71, 75})
+FEED_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    status: int | None  # exit status; None when killed
+    signal: int | None
+    timed_out: bool
+    last_line: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def temporary(self) -> bool:
+        return self.status is None or self.status in TEMPFAIL_STATUSES
+
+    def error_text(self) -> str:
+        if self.timed_out:
+            return "terminated; timeout"
+        if self.signal is not None:
+            return f"terminated; signal {self.signal}"
+        if self.last_line:
+            return '"' + vis(self.last_line) + '"'
+        return f"Error (exited with status {self.status})"
+
+
+def vis(text: str) -> str:
+    """Make output printable in one line: control characters and backslashes are escaped."""
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable() or char == " ":
+            out.append(char)
+        else:
+            out.append(f"\\{ord(char):03o}")
+    return "".join(out)
+
+
+def delivery_environment(identity: Identity, sender: str, rcpt: str, dest: str, extension: str) -> dict[str, str]:
+    rcpt_user, _, rcpt_domain = rcpt.rpartition("@")
+    environment = {
+        "PATH": DEFAULT_PATH,
+        "DOMAIN": rcpt_domain,
+        "HOME": identity.home or "/",
+        "RECIPIENT": dest,
+        "SHELL": "/bin/sh",
+        "LOCAL": rcpt_user,
+        "LOGNAME": identity.username,
+        "USER": identity.username,
+        "SENDER": sender,
+    }
+    if extension:
+        environment["EXTENSION"] = extension
+    return environment
+
+
+def command_argv(template: str, context: VariableContext) -> list[str]:
+    """Split the configured command into words, then expand %{...} inside each word. Raises VariableError."""
+    try:
+        words = shlex.split(template)
+    except ValueError as error:
+        raise VariableError(f"mda command line could not be split: {error}") from None
+    if not words:
+        raise VariableError("empty mda command")
+    return [expand(word, context) for word in words]
+
+
+def wrap_argv(wrapper: str, wrapped: list[str], context: VariableContext) -> list[str]:
+    """The wrapper's words with %{mda}: a word that is exactly %{mda} is replaced by the wrapped argv,
+    elsewhere %{mda} stands for the wrapped command quoted as one shell string."""
+    try:
+        words = shlex.split(wrapper)
+    except ValueError as error:
+        raise VariableError(f"mda wrapper could not be split: {error}") from None
+    joined = shlex.join(wrapped)
+    with_mda = VariableContext(context.sender, context.rcpt, context.dest, context.username, context.directory,
+                               joined, context.delimiter)
+    argv: list[str] = []
+    for word in words:
+        if word.strip() in ("%{mda}", "%{mda:raw}"):
+            argv.extend(wrapped)
+        else:
+            argv.append(expand(word, with_mda))
+    return argv
+
+
+async def run_command(argv: list[str], identity: Identity, environment: dict[str, str], prefix: bytes,
+                      message: BinaryIO, timeout: float = CHILD_TIMEOUT) -> CommandOutcome:
+    """Run argv as identity (when we are root) with the message on stdin."""
+    switch: dict[str, object] = {}
+    if privileged():
+        switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+    cwd = identity.home if identity.home and os.path.isdir(identity.home) else "/"
+    with tempfile.TemporaryFile() as output:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=output, stderr=output, env=environment, cwd=cwd,
+                start_new_session=True, close_fds=True, **switch)  # type: ignore[arg-type]
+        except OSError as error:
+            return CommandOutcome(127, None, False, f"{argv[0]}: {error.strerror}")
+        timed_out = False
+        try:
+            await asyncio.wait_for(_feed_and_wait(process, prefix, message), timeout)
+        except TimeoutError:
+            timed_out = True
+            _kill_group(process.pid)
+            await process.wait()
+        output.seek(0)
+        last_line = _last_line(output)
+    code = process.returncode
+    if code is not None and code < 0:
+        return CommandOutcome(None, -code, timed_out, last_line)
+    return CommandOutcome(None if timed_out else code, None, timed_out, last_line)
+
+
+async def _feed_and_wait(process: asyncio.subprocess.Process, prefix: bytes, message: BinaryIO) -> None:
+    assert process.stdin is not None
+    try:
+        process.stdin.write(prefix)
+        while block := await asyncio.to_thread(message.read, FEED_CHUNK):
+            process.stdin.write(block)
+            await process.stdin.drain()
+        process.stdin.close()
+        await process.stdin.wait_closed()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the command did not read all of its input; its exit status decides
+    await process.wait()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _last_line(output: BinaryIO) -> str:
+    output.seek(0, os.SEEK_END)
+    size = output.tell()
+    output.seek(max(0, size - 4096))
+    tail = output.read().decode("utf-8", "replace")
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""

@@ -1,0 +1,344 @@
+"""The SMTP/LMTP client of the relay: one connection to one remote host, over asyncio streams.
+
+Why not aiosmtplib (the maintained library we use elsewhere in tests): the relay needs four things it does
+not offer —
+  * LMTP: after DATA an LMTP server answers once per accepted recipient; aiosmtplib reads one reply;
+  * the remote's reply exactly as sent (every line of a multi-line reply, for the bounce and `show queue`),
+    and strict checking of each line (same code on every line, `-` or space after it, printable text):
+    aiosmtplib joins the text and accepts lines such as ``" 25"`` or a bare ``"250"`` continuation
+    (the reply shapes of CVE-2020-8794);
+  * streaming the message from the spool file with dot-stuffing, instead of holding it in memory whole
+    (35 MB per message, up to 100 concurrent transfers);
+  * binding a source address per route together with the TLS modes above on one code path.
+So this module is a small, strict client; everything it does is exercised against real servers in tests.
+
+Limits (a misbehaving server costs one envelope's attempt, never the daemon): a reply line may be at most
+MAX_REPLY_LINE bytes, a reply at most MAX_REPLY_LINES lines; anything else raises BadReply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from smtpd import trace
+
+MAX_REPLY_LINE = 4096  # RFC 5321 says 512; some servers send longer text, nobody sends 4 KiB per line
+MAX_REPLY_LINES = 64
+CHUNK = 64 * 1024
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)")
+_PRINTABLE = re.compile(r"[^\x20-\x7e\t\x80-\U0010ffff]")
+
+
+class ClientError(Exception):
+    """The session cannot go on (connection lost, timeout, TLS failure, bad reply): a temporary failure."""
+
+
+class BadReply(ClientError):
+    """The remote's reply broke the protocol (malformed or oversized)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]  # each line as received, without CRLF, control characters replaced
+
+    @property
+    def text(self) -> str:
+        """The whole reply, one line per line of the remote (kept as the envelope's errorline)."""
+        return "\n".join(self.lines)
+
+    @property
+    def message(self) -> str:
+        """The text of the last line without the code (what a log line shows)."""
+        return self.lines[-1][4:] if len(self.lines[-1]) > 4 else ""
+
+    @property
+    def is_ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+@dataclass
+class Extensions:
+    names: dict[str, str] = field(default_factory=dict)  # upper-case keyword -> parameters
+
+    @classmethod
+    def from_ehlo(cls, reply: Reply) -> Extensions:
+        names: dict[str, str] = {}
+        for line in reply.lines[1:]:
+            keyword, _, params = line[4:].strip().partition(" ")
+            if keyword:
+                names[keyword.upper()] = params.strip()
+        return cls(names)
+
+    def has(self, name: str) -> bool:
+        return name.upper() in self.names
+
+    def auth_mechanisms(self) -> set[str]:
+        return {word.upper() for word in self.names.get("AUTH", "").split()}
+
+    def size_limit(self) -> int:
+        try:
+            return int(self.names.get("SIZE", "0").split()[0])
+        except (ValueError, IndexError):
+            return 0
+
+
+def _clean(text: str) -> str:
+    """Control characters in a reply become '?': they must not reach logs, envelopes or bounces raw."""
+    return _PRINTABLE.sub("?", text)
+
+
+class SmtpClient:
+    """One client connection. Methods raise ClientError; SMTP-level refusals come back as Reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float,
+                 peer: str, lmtp: bool = False, session_id: str = "") -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.peer = peer
+        self.lmtp = lmtp
+        self.session_id = session_id
+        self.extensions = Extensions()
+        self.tls = False
+        self.tls_verified = False
+        self.tls_version = ""
+        self.peer_cert_error = ""
+
+    # -- connecting ---------------------------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, address: str, port: int, *, timeout: float, source: str | None = None,
+                      tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                      lmtp: bool = False, session_id: str = "") -> SmtpClient:
+        """Open the TCP connection (TLS at once when tls_context is given: smtps)."""
+        local_addr = (source, 0) if source else None
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(address, port, family=family, local_addr=local_addr, ssl=tls_context,
+                                        server_hostname=server_hostname if tls_context else None,
+                                        limit=MAX_REPLY_LINE * 2),
+                timeout)
+        except TimeoutError:
+            raise ClientError("Connection timeout") from None
+        except ssl.SSLError as error:
+            raise ClientError(f"TLS handshake failed: {error.reason or error}") from None
+        except OSError as error:
+            raise ClientError(f"Connection failed: {error.strerror or error}") from None
+        client = cls(reader, writer, timeout=timeout, peer=f"{address}:{port}", lmtp=lmtp, session_id=session_id)
+        if tls_context is not None:
+            client._note_tls(tls_context)
+        return client
+
+    def _note_tls(self, context: ssl.SSLContext) -> None:
+        self.tls = True
+        self.tls_verified = context.verify_mode == ssl.CERT_REQUIRED
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        self.tls_version = ssl_object.version() if ssl_object is not None else ""
+
+    # -- replies ------------------------------------------------------------------------------------------
+    async def read_reply(self) -> Reply:
+        lines: list[str] = []
+        code = None
+        while True:
+            raw = await self._read_line()
+            match = _REPLY_LINE.fullmatch(raw)
+            if match is None:
+                raise BadReply(f"Bad response from remote host: malformed line {_clean(_preview(raw))!r}")
+            line_code = int(match.group(1))
+            if code is not None and line_code != code:
+                raise BadReply("Bad response from remote host: reply code changed within a multi-line reply")
+            code = line_code
+            text = match.group(3).decode("utf-8", errors="replace")
+            separator = match.group(2).decode()
+            if separator == "" and text:
+                raise BadReply(f"Bad response from remote host: malformed line {_clean(_preview(raw))!r}")
+            lines.append(_clean(f"{line_code}{separator or ' '}{text}".rstrip()))
+            self._trace(f"<<< {lines[-1]}")
+            if separator != "-":
+                return Reply(code, tuple(lines))
+            if len(lines) >= MAX_REPLY_LINES:
+                raise BadReply(f"Bad response from remote host: more than {MAX_REPLY_LINES} lines in one reply")
+
+    async def _read_line(self) -> bytes:
+        try:
+            raw = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)
+        except TimeoutError:
+            raise ClientError("Connection timeout") from None
+        except asyncio.IncompleteReadError as error:
+            if error.partial:
+                raise ClientError("Connection closed unexpectedly (inside a reply line)") from None
+            raise ClientError("Connection closed unexpectedly") from None
+        except asyncio.LimitOverrunError:
+            raise BadReply(f"Bad response from remote host: reply line longer than {MAX_REPLY_LINE} bytes") \
+                from None
+        except ssl.SSLError as error:
+            raise ClientError(f"TLS error: {error.reason or error}") from None
+        except OSError as error:
+            raise ClientError(f"Connection error: {error.strerror or error}") from None
+        if len(raw) > MAX_REPLY_LINE:
+            raise BadReply(f"Bad response from remote host: reply line longer than {MAX_REPLY_LINE} bytes")
+        return raw.rstrip(b"\r\n")
+
+    # -- commands -----------------------------------------------------------------------------------------
+    async def command(self, line: str, *, secret: bool = False) -> Reply:
+        if "\r" in line or "\n" in line:
+            raise ClientError("refusing to send a command containing a line break")
+        self._trace(">>> " + (_hidden(line) if secret else line))
+        await self._write(line.encode("utf-8") + b"\r\n")
+        return await self.read_reply()
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+        except TimeoutError:
+            raise ClientError("Connection timeout") from None
+        except (OSError, ssl.SSLError) as error:
+            raise ClientError(f"Connection error: {error}") from None
+
+    async def greeting(self) -> Reply:
+        return await self.read_reply()
+
+    async def hello(self, name: str) -> Reply:
+        """EHLO (LHLO for LMTP), falling back to HELO when EHLO is refused with 5xx (SMTP only)."""
+        if self.lmtp:
+            reply = await self.command(f"LHLO {name}")
+        else:
+            reply = await self.command(f"EHLO {name}")
+            if reply.code >= 500:
+                self.extensions = Extensions()
+                return await self.command(f"HELO {name}")
+        if reply.is_ok:
+            self.extensions = Extensions.from_ehlo(reply)
+        return reply
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> Reply:
+        reply = await self.command("STARTTLS")
+        if reply.code != 220:
+            return reply
+        # Anything the server sent after its 220 and before the handshake is discarded (STARTTLS injection).
+        self.reader._buffer.clear()  # type: ignore[attr-defined]
+        try:
+            await asyncio.wait_for(self.writer.start_tls(context, server_hostname=server_hostname), self.timeout)
+        except TimeoutError:
+            raise ClientError("TLS handshake timeout") from None
+        except ssl.SSLCertVerificationError as error:
+            raise ClientError(f"TLS certificate verification failed: {error.verify_message}") from None
+        except (ssl.SSLError, OSError) as error:
+            raise ClientError(f"TLS handshake failed: {getattr(error, 'reason', None) or error}") from None
+        self._note_tls(context)
+        self.extensions = Extensions()
+        return reply
+
+    async def auth(self, username: str, password: str) -> Reply:
+        """AUTH PLAIN, or LOGIN when the server offers only that."""
+        mechanisms = self.extensions.auth_mechanisms()
+        if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
+            token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+            return await self.command(f"AUTH PLAIN {token}", secret=True)
+        reply = await self.command("AUTH LOGIN")
+        if reply.code != 334:
+            return reply
+        reply = await self.command(base64.b64encode(username.encode()).decode(), secret=True)
+        if reply.code != 334:
+            return reply
+        return await self.command(base64.b64encode(password.encode()).decode(), secret=True)
+
+    async def mail_from(self, sender: str, params: list[str]) -> Reply:
+        return await self.command(" ".join([f"MAIL FROM:<{sender}>", *params]))
+
+    async def rcpt_to(self, rcpt: str) -> Reply:
+        return await self.command(f"RCPT TO:<{rcpt}>")
+
+    async def data(self, message_lines: AsyncIterator[bytes], recipients: int) -> list[Reply]:
+        """DATA, the dot-stuffed message, and the final reply (one per accepted recipient with LMTP).
+
+        Returns [the refusal] when the server does not answer 354."""
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            return [reply]
+        buffer = bytearray()
+        async for chunk in message_lines:
+            buffer += chunk
+            if len(buffer) >= CHUNK:
+                await self._write(bytes(buffer))
+                buffer.clear()
+        buffer += b".\r\n"
+        await self._write(bytes(buffer))
+        self._trace(">>> [message] .")
+        count = recipients if self.lmtp else 1
+        return [await self.read_reply() for _ in range(count)]
+
+    async def rset(self) -> Reply:
+        return await self.command("RSET")
+
+    async def quit(self) -> None:
+        try:
+            await asyncio.wait_for(self.command("QUIT"), min(self.timeout, 5))
+        except (ClientError, TimeoutError):
+            pass
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing() or self.reader.at_eof()
+
+    def _trace(self, text: str) -> None:
+        if trace.wants("mta"):
+            trace.emit("mta", f"{self.session_id}: {text}", session=self.session_id, peer=self.peer)
+
+
+def _hidden(line: str) -> str:
+    """An AUTH line for the trace: the command and mechanism, never a credential."""
+    words = line.split(" ")
+    if words[0].upper() == "AUTH":
+        return " ".join(words[:2]) + " ..."
+    return "..."
+
+
+def _preview(raw: bytes) -> str:
+    return raw[:80].decode("utf-8", errors="replace")
+
+
+async def stuffed_lines(path: str) -> AsyncIterator[bytes]:
+    """The spool's message file (LF line endings, dot-unstuffed) as CRLF lines, dot-stuffed for DATA."""
+    loop = asyncio.get_running_loop()
+    handle = await loop.run_in_executor(None, open, path, "rb")
+    try:
+        pending = b""
+        while True:
+            block = await loop.run_in_executor(None, handle.read, CHUNK)
+            if not block:
+                break
+            pending += block
+            *complete, pending = pending.split(b"\n")
+            yield b"".join(_wire_line(line) for line in complete)
+        if pending:
+            yield _wire_line(pending)
+    finally:
+        handle.close()
+
+
+def _wire_line(line: bytes) -> bytes:
+    line = line.rstrip(b"\r")
+    if line.startswith(b"."):
+        line = b"." + line
+    return line + b"\r\n"

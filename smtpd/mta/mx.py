@@ -1,0 +1,179 @@
+"""Finding where a domain's mail goes: MX records (RFC 5321 §5.1), implicit MX, null MX (RFC 7505).
+
+All questions go to the resolver named by the SMTPD_RESOLVER setting ("host:port"), or to the system's
+resolver configuration when it is unset. Tests always set it to a DNS server of their own on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from shared.paths import ENV_RESOLVER
+from smtpd import trace
+
+DNS_TIMEOUT = 10.0
+
+
+class MxError(Exception):
+    """No usable answer. ``permanent``: the domain cannot receive mail (bounce); otherwise retry later."""
+
+    def __init__(self, message: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class MxHost:
+    name: str  # the exchanger's host name (or the domain itself for an implicit MX)
+    preference: int
+    addresses: tuple[str, ...]  # IPv4 and IPv6 literals, in the order to try
+
+
+def parse_resolver_setting(value: str) -> tuple[str, int]:
+    """'127.0.0.1:5353', '[::1]:5353' or '127.0.0.1' -> (address, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":") or "53"
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, "53"
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+class Resolver:
+    """A thin asynchronous resolver over dnspython, configured once from SMTPD_RESOLVER."""
+
+    def __init__(self, setting: str | None = None) -> None:
+        setting = os.environ.get(ENV_RESOLVER) if setting is None else setting
+        self.setting = setting or ""
+        if self.setting:
+            host, port = parse_resolver_setting(self.setting)
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [host]
+            self._resolver.port = port
+        else:
+            self._resolver = dns.asyncresolver.Resolver()
+        self._resolver.lifetime = DNS_TIMEOUT
+        self._resolver.timeout = DNS_TIMEOUT / 3
+
+    async def mx_hosts(self, domain: str) -> list[MxHost]:
+        """The exchangers of domain, in the order to try: by preference, random among equals."""
+        domain = domain.rstrip(".").lower()
+        if _is_literal(domain):
+            return [MxHost(domain, 0, (domain.strip("[]"),))]
+        try:
+            answer = await self._resolver.resolve(domain, "MX", raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise MxError("Domain does not exist", permanent=True) from None
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as error:
+            raise MxError(f"Temporary failure in MX lookup: {error.__class__.__name__}", permanent=False) from None
+        except dns.exception.DNSException as error:
+            raise MxError(f"Invalid domain name: {error}", permanent=True) from None
+        records = [(record.preference, record.exchange) for record in (answer.rrset or [])]
+        if not records:
+            return await self._implicit_mx(domain)
+        if any(exchange == dns.name.root for _, exchange in records):
+            # RFC 7505: a single "MX 0 ." says the domain accepts no mail at all.
+            raise MxError("Domain does not accept mail (null MX)", permanent=True)
+        hosts = await self._resolve_exchangers(records)
+        trace.emit("mta", f"mta: MX for {domain}: " +
+                   ", ".join(f"{host.name} pref {host.preference} {list(host.addresses)}" for host in hosts),
+                   domain=domain)
+        if not any(host.addresses for host in hosts):
+            raise MxError("No MX found for domain", permanent=False)
+        return hosts
+
+    async def _implicit_mx(self, domain: str) -> list[MxHost]:
+        addresses = await self.addresses(domain)
+        if not addresses:
+            raise MxError("No MX found for domain", permanent=False)
+        trace.emit("mta", f"mta: no MX for {domain}, implicit MX {list(addresses)}", domain=domain)
+        return [MxHost(domain, 0, addresses)]
+
+    async def _resolve_exchangers(self, records: list[tuple[int, dns.name.Name]]) -> list[MxHost]:
+        by_preference: dict[int, list[str]] = {}
+        for preference, exchange in records:
+            by_preference.setdefault(preference, []).append(exchange.to_text(omit_final_dot=True).lower())
+        ordered: list[tuple[int, str]] = []
+        for preference in sorted(by_preference):
+            names = by_preference[preference]
+            random.shuffle(names)
+            ordered.extend((preference, name) for name in names)
+        resolved = await asyncio.gather(*(self.addresses(name) for _, name in ordered), return_exceptions=True)
+        failures = [answer for answer in resolved if isinstance(answer, BaseException)]
+        if failures and len(failures) == len(resolved):
+            raise failures[0] if isinstance(failures[0], MxError) else \
+                MxError("Temporary failure in MX host lookup", permanent=False)
+        return [MxHost(name, preference, () if isinstance(addresses, BaseException) else addresses)
+                for (preference, name), addresses in zip(ordered, resolved, strict=True)]
+
+    async def addresses(self, name: str) -> tuple[str, ...]:
+        """A and AAAA addresses of a host name (IPv4 first). Empty when it has none; MxError on failure."""
+        if _is_literal(name):
+            return (name.strip("[]"),)
+        if not self.setting:
+            return await _system_addresses(name)
+        found: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN:
+                return ()
+            except dns.exception.DNSException as error:
+                if not found:
+                    raise MxError(f"Temporary failure in host lookup: {error.__class__.__name__}",
+                                  permanent=False) from None
+                continue
+            found.extend(record.address for record in (answer.rrset or []))
+        return tuple(found)
+
+    async def preference_of(self, domain: str, exchanger: str) -> int | None:
+        """The preference of exchanger among domain's MX records (for `backup`), or None if absent."""
+        try:
+            answer = await self._resolver.resolve(domain, "MX", raise_on_no_answer=False)
+        except dns.exception.DNSException:
+            return None
+        wanted = exchanger.rstrip(".").lower()
+        for record in answer.rrset or []:
+            if record.exchange.to_text(omit_final_dot=True).lower() == wanted:
+                return int(record.preference)
+        return None
+
+
+async def _system_addresses(name: str) -> tuple[str, ...]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+            return ()
+        raise MxError(f"Temporary failure in host lookup: {error.strerror}", permanent=False) from None
+    seen: list[str] = []
+    for family, *_rest, sockaddr in infos:
+        address = sockaddr[0]
+        if address not in seen and family in (socket.AF_INET, socket.AF_INET6):
+            seen.append(address)
+    return tuple(sorted(seen, key=lambda address: ":" in address))
+
+
+def _is_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,361 @@
+"""Relay URLs, and the relay agent's state: relays, hosts, routes, connection limits, penalties, hoststats.
+
+Vocabulary (OpenSMTPD's, which `show relays|hosts|routes|hoststats` print):
+* a **relay** is where a group of envelopes goes: a destination domain (MX delivery) or a smarthost, with the
+  options that change the session (port, TLS, auth label, helo, source table, client certificate, backup);
+* a **host** is one remote address; a **source** is a local address we connect from (`[]` for any);
+* a **route** is a (source, host) pair. Connection errors count against the route; after MAX_ERRORS_PER_ROUTE
+  in a row the route is disabled for ROUTE_DELAY_BASE × penalty² seconds (at most ROUTE_DELAY_MAX), and
+  `smtpctl resume route ID` enables it again. A success clears the errors and the penalty.
+* **hoststats**: the last result seen per remote host name, kept 4 hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from dataclasses import dataclass, field
+
+from smtpd.stats import STATS
+
+MAX_ERRORS_PER_ROUTE = 4
+ROUTE_DELAY_BASE = 200
+ROUTE_DELAY_MAX = 4 * 3600
+HOSTSTAT_EXPIRE = 4 * 3600
+
+# Limits of reference §10 that the agent enforces (others are accepted by the parser and ignored).
+DEFAULT_LIMITS: dict[str, int] = {
+    "max-conn-per-host": 10,
+    "max-conn-per-route": 5,
+    "max-conn-per-source": 100,
+    "max-conn-per-connector": 20,
+    "max-conn-per-relay": 100,
+    "max-conn-per-domain": 100,
+    "session-mail-max": 100,
+    "session-keepalive": 10,
+    "max-failures-per-session": 25,
+}
+
+SCHEMES: dict[str, tuple[str, int | None]] = {
+    # scheme -> (tls mode name, default port); lmtp has no default port: it must be given.
+    "smtp": ("opportunistic", 25),
+    "smtp+tls": ("starttls", 25),
+    "smtp+notls": ("none", 25),
+    "lmtp": ("none", None),
+    "smtps": ("smtps", 465),
+}
+
+
+class RelayUrlError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RelayHost:
+    """A parsed relay URL `[scheme://][label@]host[:port]`."""
+
+    scheme: str
+    host: str  # a name, or an address literal without brackets
+    port: int
+    label: str | None = None
+
+    @property
+    def lmtp(self) -> bool:
+        return self.scheme == "lmtp"
+
+    @property
+    def tls_mode(self) -> str:
+        return SCHEMES[self.scheme][0]
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        label = f"{self.label}@" if self.label else ""
+        return f"{self.scheme}://{label}{host}:{self.port}"
+
+
+def parse_relay_url(url: str) -> RelayHost:
+    text = url.strip()
+    scheme = "smtp"
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise RelayUrlError(f"invalid relay URL {url!r}: unknown scheme {scheme!r}")
+    label = None
+    if "@" in text:
+        label, _, text = text.rpartition("@")
+        if not label:
+            raise RelayUrlError(f"invalid relay URL {url!r}: empty label")
+        if scheme not in ("smtp+tls", "smtps"):
+            raise RelayUrlError(f"invalid relay URL {url!r}: a label needs smtp+tls:// or smtps://")
+    port_text = ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise RelayUrlError(f"invalid relay URL {url!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host = text
+    host = host.strip().rstrip(".")
+    if not host or "/" in host:
+        raise RelayUrlError(f"invalid relay URL {url!r}: no host")
+    default_port = SCHEMES[scheme][1]
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise RelayUrlError(f"invalid relay URL {url!r}: bad port {port_text!r}")
+        port = int(port_text)
+    elif default_port is None:
+        raise RelayUrlError(f"invalid relay URL {url!r}: lmtp:// needs a port")
+    else:
+        port = default_port
+    return RelayHost(scheme, host.lower(), port, label)
+
+
+# -- state ------------------------------------------------------------------------------------------------
+@dataclass
+class Host:
+    address: str
+    name: str  # the name we reached it by (MX exchanger or relay host); shown where OpenSMTPD shows the PTR
+    refcount: int = 0
+    nconn: int = 0
+    lastconn: float = 0.0
+
+
+@dataclass
+class Route:
+    id: int
+    source: str | None  # None: the system picks the source address
+    host: Host
+    nconn: int = 0
+    nerror: int = 0
+    penalty: int = 0
+    disabled_until: float = 0.0
+    lastconn: float = 0.0
+    new: bool = True
+    idle: int = 0  # sessions kept open for the next message (K flag)
+
+    @property
+    def source_text(self) -> str:
+        return self.source if self.source else "[]"
+
+    def text(self) -> str:
+        host = self.host
+        return f"{self.source_text} <-> {host.address} ({host.name})" if host.name else \
+            f"{self.source_text} <-> {host.address}"
+
+    def disabled(self, now: float) -> bool:
+        return self.disabled_until > now
+
+
+@dataclass
+class RelayState:
+    key: str  # `[relay:...]` text
+    domain: str
+    refcount: int = 0
+    ntask: int = 0
+    nconn: int = 0
+    lastconn: float = 0.0
+
+
+@dataclass
+class HostStat:
+    time: float
+    text: str
+
+
+@dataclass
+class MtaState:
+    """Everything `show hosts|routes|relays|hoststats` reports, and the counters limits are checked on."""
+
+    limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    domain_limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    routes: dict[tuple[str | None, str], Route] = field(default_factory=dict)
+    relays: dict[str, RelayState] = field(default_factory=dict)
+    hoststats: dict[str, HostStat] = field(default_factory=dict)
+    domain_conns: dict[str, int] = field(default_factory=dict)
+    paused: set[tuple[str, str]] = field(default_factory=set)  # (source, domain or "*")
+    _next_route_id: int = 1
+    _change: asyncio.Event | None = None
+
+    def limit(self, name: str, domain: str | None = None) -> int:
+        if domain is not None:
+            for pattern, values in self.domain_limits.items():
+                if pattern == domain.lower() and name in values:
+                    return values[name]
+        return self.limits.get(name, DEFAULT_LIMITS.get(name, 0))
+
+    # -- registry --------------------------------------------------------------------------------------
+    def host(self, address: str, name: str) -> Host:
+        host = self.hosts.get(address)
+        if host is None:
+            host = self.hosts[address] = Host(address, name)
+            STATS.increment("mta.host")
+        elif name and not host.name:
+            host.name = name
+        return host
+
+    def route(self, source: str | None, host: Host) -> Route:
+        key = (source, host.address)
+        route = self.routes.get(key)
+        if route is None:
+            route = self.routes[key] = Route(self._next_route_id, source, host)
+            self._next_route_id += 1
+            STATS.increment("mta.route")
+            if source is not None:
+                STATS.increment("mta.source")
+        return route
+
+    def relay(self, key: str, domain: str) -> RelayState:
+        relay = self.relays.get(key)
+        if relay is None:
+            relay = self.relays[key] = RelayState(key, domain)
+            STATS.increment("mta.relay")
+            STATS.increment("mta.domain")
+        return relay
+
+    # -- connection limits ---------------------------------------------------------------------------------
+    def _has_room(self, route: Route, relay: RelayState, domain: str) -> bool:
+        return (route.nconn < self.limit("max-conn-per-route", domain)
+                and route.host.nconn < self.limit("max-conn-per-host", domain)
+                and relay.nconn < self.limit("max-conn-per-relay", domain)
+                and self.domain_conns.get(domain, 0) < self.limit("max-conn-per-domain", domain))
+
+    def reserve(self, route: Route, relay: RelayState, domain: str) -> bool:
+        """Take one connection's place on the route, host, relay and domain; False when one of them is full."""
+        if not self._has_room(route, relay, domain):
+            return False
+        now = time.time()
+        route.nconn += 1
+        route.host.nconn += 1
+        route.host.refcount += 1
+        relay.nconn += 1
+        self.domain_conns[domain] = self.domain_conns.get(domain, 0) + 1
+        route.lastconn = route.host.lastconn = relay.lastconn = now
+        route.new = False
+        return True
+
+    def release(self, route: Route, relay: RelayState, domain: str) -> None:
+        route.nconn -= 1
+        route.host.nconn -= 1
+        route.host.refcount -= 1
+        relay.nconn -= 1
+        self.domain_conns[domain] -= 1
+        self.changed()
+
+    def changed(self) -> None:
+        """Wake whoever waits for a connection place or an idle session."""
+        if self._change is not None:
+            self._change.set()
+            self._change = None
+
+    async def wait_for_change(self, timeout: float) -> None:
+        if self._change is None:
+            self._change = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._change.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # -- errors and penalties ----------------------------------------------------------------------------
+    def route_error(self, route: Route, now: float | None = None) -> bool:
+        """Count a connection-level error. True when the route has just been disabled."""
+        now = time.time() if now is None else now
+        route.nerror += 1
+        if route.nerror < MAX_ERRORS_PER_ROUTE:
+            return False
+        route.penalty += 1
+        route.nerror = 0
+        route.disabled_until = now + min(ROUTE_DELAY_BASE * route.penalty ** 2, ROUTE_DELAY_MAX)
+        return True
+
+    def route_ok(self, route: Route) -> None:
+        route.nerror = 0
+        route.penalty = 0
+        route.disabled_until = 0.0
+
+    def resume_route_id(self, route_id: int) -> bool:
+        for route in self.routes.values():
+            if route.id == route_id:
+                if not route.disabled(time.time()) and not route.penalty and not route.nerror:
+                    return False
+                self.route_ok(route)
+                return True
+        return False
+
+    def hoststat(self, name: str, text: str) -> None:
+        if name:
+            self.hoststats[name.lower()] = HostStat(time.time(), text.split("\n")[-1])
+
+    # -- show ------------------------------------------------------------------------------------------------
+    def show_hosts(self, now: float) -> list[dict[str, object]]:
+        rows = []
+        for host in sorted(self.hosts.values(), key=lambda item: _address_key(item.address)):
+            lastconn = _duration(now - host.lastconn) if host.lastconn else "-"
+            line = f"{host.address} {host.name or '-'} refcount={host.refcount} nconn={host.nconn} lastconn={lastconn}"
+            rows.append({"address": host.address, "ptr": host.name, "refcount": host.refcount,
+                         "nconn": host.nconn, "lastconn": lastconn, "line": line})
+        return rows
+
+    def show_routes(self, now: float) -> list[dict[str, object]]:
+        rows = []
+        for route in sorted(self.routes.values(), key=lambda item: item.id):
+            disabled = route.disabled(now)
+            flags = ("N" if route.new else "-") + ("D" if disabled else "-") + ("Q" if disabled else "-") + \
+                ("K" if route.idle else "-")
+            timeout = _duration(route.disabled_until - now) if disabled else "-"
+            line = (f"{route.id}. {route.text()} {flags} nconn={route.nconn} nerror={route.nerror} "
+                    f"penalty={route.penalty} timeout={timeout}")
+            rows.append({"id": route.id, "route": route.text(), "flags": flags, "nconn": route.nconn,
+                         "nerror": route.nerror, "penalty": route.penalty, "timeout": timeout, "line": line})
+        return rows
+
+    def show_relays(self, now: float) -> list[dict[str, object]]:
+        rows = []
+        for relay in sorted(self.relays.values(), key=lambda item: item.key):
+            lastconn = _duration(now - relay.lastconn) if relay.lastconn else "-"
+            line = (f"{relay.key} refcount={relay.refcount} ntask={relay.ntask} nconn={relay.nconn} "
+                    f"lastconn={lastconn} timeout=- wait=")
+            rows.append({"text": line, "relay": relay.key, "refcount": relay.refcount, "ntask": relay.ntask,
+                         "nconn": relay.nconn, "lastconn": lastconn, "line": line})
+        return rows
+
+    def show_hoststats(self, now: float) -> list[dict[str, object]]:
+        rows = []
+        for name, stat in sorted(self.hoststats.items()):
+            if now - stat.time > HOSTSTAT_EXPIRE:
+                continue
+            line = f"{name}|{int(stat.time)}|{stat.text}"
+            rows.append({"domain": name, "time": int(stat.time), "text": stat.text, "line": line})
+        return rows
+
+    def show_paused(self) -> list[dict[str, object]]:
+        return [{"source": source, "domain": domain, "line": f"{source} -> {domain}"}
+                for source, domain in sorted(self.paused)]
+
+
+def _address_key(address: str) -> tuple[int, int]:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return (9, 0)
+    return (parsed.version, int(parsed))
+
+
+def _duration(seconds: float) -> str:
+    """`1d2h3s` as smtpctl prints durations (reference §2.4)."""
+    seconds = int(seconds)
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    if seconds or not parts:
+        parts.append(f"{seconds}s")
+    return sign + "".join(parts)

@@ -1,0 +1,259 @@
+"""One relay session: connect, greeting, EHLO, STARTTLS, AUTH — then transactions, one per message.
+
+`open_session` either returns a ready SmtpClient or raises SessionError (the route failed: try the next host).
+`transfer` sends one message for a group of envelopes over a ready session and resolves each envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpd import log, trace
+from smtpd.delivery import DeliveryResult
+from smtpd.mta.client import BadReply, ClientError, Reply, SmtpClient, stuffed_lines
+from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
+from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
+from smtpd.queue.envelope import DsnNotify, Envelope
+
+LOG = log.get("mta")
+_ESC = re.compile(r"^[245]\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+class SessionError(Exception):
+    """The session could not be set up or broke. ``route_failure``: count it against the route."""
+
+    def __init__(self, message: str, route_failure: bool = True, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.route_failure = route_failure
+        self.permanent = permanent
+
+
+@dataclass
+class Job:
+    envelope: Envelope
+    future: asyncio.Future[DeliveryResult]
+    queued: float = 0.0
+    relay_text: str = ""  # where it went, for the log line
+
+    def resolve(self, result: DeliveryResult) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+
+@dataclass
+class Session:
+    client: SmtpClient
+    host_name: str
+    address: str
+    plan_key: str
+    messages: int = 0
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+
+def esc_code(reply_text: str) -> int:
+    """x.S.D of the reply's enhanced status code as S*10+D (the envelope's esc-code), 0 when absent."""
+    match = _ESC.match(reply_text.split("\n")[-1])
+    if match is None:
+        return 0
+    subject, detail = int(match.group(2)), int(match.group(3))
+    return subject * 10 + detail if detail < 10 else subject * 100 + detail
+
+
+def result_for_reply(reply: Reply) -> DeliveryResult:
+    code = esc_code(reply.text)
+    if reply.code >= 500:
+        return DeliveryResult.permfail(reply.text, code)
+    if reply.code >= 400:
+        return DeliveryResult.tempfail(reply.text, code)
+    return DeliveryResult.ok(reply.text)
+
+
+# -- opening ------------------------------------------------------------------------------------------------
+async def open_session(plan: Plan, host_name: str, address: str, tables: Any, mailname: str,
+                       timeout: float, allow_tls: bool = True) -> Session:
+    """Connect and get the session ready for MAIL FROM. Raises SessionError."""
+    session_id = secrets.token_hex(8)
+    policy = plan.tls
+    use_smtps = policy.mode is TlsMode.SMTPS
+    try:
+        context = client_context(policy) if policy.mode is not TlsMode.NONE and allow_tls else None
+    except TlsSetupError as error:
+        raise SessionError(str(error), route_failure=False) from None
+    server_hostname = host_name if host_name and not _is_address(host_name) else None
+    scheme = "lmtp" if plan.lmtp else "smtps" if use_smtps else "smtp"
+    LOG.info("%s mta connecting address=%s://%s:%d host=%s", session_id, scheme, address, plan.port, host_name)
+    trace.emit("mta", f"{session_id}: connecting to {address}:{plan.port} ({host_name}) {policy.describe()}",
+               session=session_id, host=host_name, address=address)
+    try:
+        client = await SmtpClient.connect(address, plan.port, timeout=timeout, source=plan.source,
+                                          tls_context=context if use_smtps else None,
+                                          server_hostname=server_hostname, lmtp=plan.lmtp, session_id=session_id)
+    except ClientError as error:
+        raise SessionError(error.args[0]) from None
+    session = Session(client, host_name, address, plan.relay_key, id=session_id)
+    try:
+        await _handshake(session, plan, tables, mailname, context, server_hostname)
+    except (ClientError, SessionError, PlanError) as error:
+        await client.close()
+        if isinstance(error, SessionError):
+            raise
+        if isinstance(error, PlanError):
+            raise SessionError(error.message, route_failure=False, permanent=error.permanent) from None
+        raise SessionError(error.args[0]) from None
+    LOG.info("%s mta connected%s", session_id, f" tls={client.tls_version}" if client.tls else "")
+    return session
+
+
+async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, context: Any,
+                     server_hostname: str | None) -> None:
+    client = session.client
+    greeting = await client.greeting()
+    if greeting.code != 220:
+        raise SessionError(greeting.text)
+    sockname = client.writer.get_extra_info("sockname")
+    helo = helo_name(tables, plan, sockname[0] if sockname else None, mailname)
+    reply = await client.hello(helo)
+    if not reply.is_ok:
+        raise SessionError(reply.text)
+    if context is not None and not client.tls:
+        offered = client.extensions.has("STARTTLS")
+        if plan.tls.required and not offered:
+            raise SessionError("TLS required but not supported by remote host")
+        if offered:
+            reply = await client.starttls(context, server_hostname)
+            if reply.code != 220:
+                if plan.tls.required:
+                    raise SessionError(reply.text)
+            else:
+                trace.emit("mta", f"{session.id}: TLS established ({client.tls_version}, "
+                           f"{'verified' if client.tls_verified else 'not verified'})", session=session.id)
+                reply = await client.hello(helo)
+                if not reply.is_ok:
+                    raise SessionError(reply.text)
+    if plan.auth_label:
+        await _authenticate(session, plan, tables)
+
+
+async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
+    client = session.client
+    if not client.tls:
+        raise SessionError("Refuse to AUTH over unsecure channel", route_failure=False)
+    if not client.extensions.has("AUTH"):
+        raise SessionError("AUTH not advertised", route_failure=False)
+    username, password = secret_for(tables, plan)
+    reply = await client.auth(username, password)
+    if reply.code != 235:
+        raise SessionError(f"AUTH rejected: {reply.text}", route_failure=False)
+    trace.emit("mta", f"{session.id}: authenticated as {username}", session=session.id)
+
+
+def _is_address(name: str) -> bool:
+    return name.replace(".", "").isdigit() or ":" in name
+
+
+# -- one message ----------------------------------------------------------------------------------------------
+async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: str, has_8bit: bool,
+                   size: int) -> bool:
+    """Send one message to the jobs' recipients. Resolves every job. False if the session is unusable."""
+    client = session.client
+    extensions = client.extensions
+    needs_utf8 = not plan.sender.isascii()
+    params: list[str] = []
+    if has_8bit and extensions.has("8BITMIME"):
+        params.append("BODY=8BITMIME")
+    if extensions.has("SIZE"):
+        params.append(f"SIZE={size}")
+    utf8_jobs = [job for job in jobs if not job.envelope.dest.isascii()]
+    if (needs_utf8 or utf8_jobs) and not extensions.has("SMTPUTF8"):
+        refused = jobs if needs_utf8 else utf8_jobs
+        for job in refused:
+            job.resolve(DeliveryResult.permfail("SMTPUTF8 not supported by remote host", 67))
+        jobs = [job for job in jobs if not job.future.done()]
+        if not jobs:
+            return True
+    elif needs_utf8 or utf8_jobs:
+        params.append("SMTPUTF8")
+    dsn = extensions.has("DSN")
+    first = jobs[0].envelope
+    if dsn and first.dsn_ret:
+        params.append(f"RET={first.dsn_ret}")
+    if dsn and first.dsn_envid:
+        params.append(f"ENVID={first.dsn_envid}")
+    try:
+        reply = await client.mail_from(plan.sender, params)
+        if not reply.is_ok:
+            _resolve_all(jobs, result_for_reply(reply))
+            await _reset(client)
+            return not client.closed
+        accepted: list[Job] = []
+        for job in jobs:
+            reply = await client.command(_rcpt_line(job.envelope, dsn))
+            if reply.is_ok:
+                accepted.append(job)
+            else:
+                job.resolve(result_for_reply(reply))
+        if not accepted:
+            await _reset(client)
+            return not client.closed
+        replies = await client.data(stuffed_lines(message_path), len(accepted))
+        if len(replies) == 1:  # SMTP, or DATA itself refused: one answer for every accepted recipient
+            replies = replies * len(accepted)
+        for job, reply in zip(accepted, replies, strict=True):
+            job.resolve(result_for_reply(reply))
+        session.messages += 1
+        return True
+    except BadReply as error:
+        _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
+        await client.close()
+        return False
+    except ClientError as error:
+        _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
+        await client.close()
+        return False
+    except OSError as error:
+        _resolve_all(jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
+        await client.close()
+        return False
+
+
+def _rcpt_line(envelope: Envelope, dsn: bool) -> str:
+    line = f"RCPT TO:<{envelope.dest}>"
+    if dsn and envelope.dsn_notify:
+        notify = DsnNotify(envelope.dsn_notify)
+        if notify & DsnNotify.NEVER:
+            words = ["NEVER"]
+        else:
+            words = [name for flag, name in ((DsnNotify.SUCCESS, "SUCCESS"), (DsnNotify.FAILURE, "FAILURE"),
+                                             (DsnNotify.DELAY, "DELAY")) if notify & flag]
+        line += f" NOTIFY={','.join(words)}"
+        if envelope.dsn_orcpt:
+            line += f" ORCPT={envelope.dsn_orcpt}"
+    return line
+
+
+def _resolve_all(jobs: list[Job], result: DeliveryResult) -> None:
+    for job in jobs:
+        job.resolve(result)
+
+
+async def _reset(client: SmtpClient) -> None:
+    try:
+        await client.rset()
+    except ClientError:
+        await client.close()
+
+
+def message_facts(path: str) -> tuple[bool, int]:
+    """(the message has 8-bit bytes, its size) — read once per message, in a worker thread."""
+    has_8bit = False
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            if not has_8bit and not block.isascii():
+                has_8bit = True
+    return has_8bit, os.path.getsize(path)

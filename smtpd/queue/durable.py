@@ -1,0 +1,68 @@
+"""The one durability helper every queue write goes through.
+
+A file is durable once its data is flushed (fdatasync) and the directory entry naming it is flushed (fsync of
+the directory). Replacing a file is: write a temporary file in the same directory, flush it, rename it over
+the old one, flush the directory. Callers that make many files durable at once (the group commit) use the
+same pieces but flush each directory only once per batch: ``DirectorySyncs`` collects them.
+"""
+
+from __future__ import annotations
+
+import os
+
+FILE_MODE = 0o600
+
+
+def write_new_file(path: str, data: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; flush the data unless told not to."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        _write_all(fd, data)
+        if sync:
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes, *, sync_directory: bool = True) -> None:
+    """Atomically and durably replace (or create) ``path``: tmp file, fdatasync, rename, fsync the directory."""
+    directory = os.path.dirname(path) or "."
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    try:
+        os.unlink(temporary)  # a leftover of a crash in the middle of a previous replace
+    except FileNotFoundError:
+        pass
+    write_new_file(temporary, data)
+    os.rename(temporary, path)
+    if sync_directory:
+        fsync_directory(directory)
+
+
+class DirectorySyncs:
+    """Directories whose entries changed during a batch; each one is flushed once at the end."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, None] = {}  # insertion-ordered set
+
+    def add(self, directory: str) -> None:
+        self.pending[directory] = None
+
+    def flush(self) -> None:
+        directories, self.pending = list(self.pending), {}
+        for directory in directories:
+            fsync_directory(directory)

@@ -1,0 +1,163 @@
+"""The envelope file: versioned `key: value` text a person can read (docs/queue.md).
+
+Like OpenSMTPD's version-3 envelope (reference §8.3) in spirit and key names, but with our own format marker
+and version number, since the content differs (e.g. ``ttl`` holds the real time to live). A field whose value
+is empty is left out, except ``dsn-notify`` which is always written. Values are one line: a backslash, CR or LF
+inside a value is escaped as ``\\\\``, ``\\r``, ``\\n``.
+
+Loading is strict: an unknown key, a duplicate key, a missing or different version, or a malformed value is an
+EnvelopeFormatError (the queue then moves the file aside as corrupt).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
+
+FORMAT_MARKER = "pysmtpd-envelope"
+FORMAT_VERSION = 1
+MAX_ENVELOPE_BYTES = 64 * 1024
+
+
+class EnvelopeFormatError(ValueError):
+    pass
+
+
+def _escape(value: str) -> str:
+    if "\\" not in value and "\n" not in value and "\r" not in value:
+        return value
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _unescape(value: str) -> str:
+    if "\\" not in value:
+        return value
+    out: list[str] = []
+    index = 0
+    while index < len(value):
+        char = value[index]
+        if char == "\\" and index + 1 < len(value):
+            following = value[index + 1]
+            out.append({"n": "\n", "r": "\r", "\\": "\\"}.get(following, "\\" + following))
+            index += 2
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise EnvelopeFormatError(f"not a number: {text!r}") from None
+
+
+def _address_out(address: str) -> str:
+    return address or "@"
+
+
+def _address_in(text: str) -> str:
+    return "" if text == "@" else text
+
+
+# key -> (attribute, to text, from text). The order is the order of the file.
+_Field = tuple[str, Callable[[Any], str], Callable[[str], Any]]
+_FIELDS: dict[str, _Field] = {
+    "evpid": ("evpid", lambda v: f"{v:016x}" if v else "", lambda t: int(t, 16)),
+    "dispatcher": ("dispatcher", str, str),
+    "tag": ("tag", str, str),
+    "type": ("type", str, EnvelopeType),
+    "smtpname": ("smtpname", str, str),
+    "helo": ("helo", str, str),
+    "hostname": ("hostname", str, str),
+    "username": ("username", str, str),
+    "errorline": ("errorline", str, str),
+    "sockaddr": ("sockaddr", str, str),
+    "sender": ("sender", _address_out, _address_in),
+    "rcpt": ("rcpt", str, str),
+    "dest": ("dest", str, str),
+    "ctime": ("ctime", str, _int),
+    "last-try": ("last_try", str, _int),
+    "last-bounce": ("last_bounce", str, _int),
+    "ttl": ("ttl", str, _int),
+    "retry": ("retry", str, _int),
+    "flags": ("flags", lambda v: " ".join(sorted(v)), lambda t: set(t.split())),
+    "dsn-notify": ("dsn_notify", lambda v: str(int(v)), lambda t: DsnNotify(_int(t))),
+    "dsn-ret": ("dsn_ret", str, str),
+    "dsn-envid": ("dsn_envid", str, str),
+    "dsn-orcpt": ("dsn_orcpt", str, str),
+    "esc-class": ("esc_class", lambda v: str(v) if v else "", _int),
+    "esc-code": ("esc_code", lambda v: str(v) if v else "", _int),
+    "mda-exec": ("mda_exec", str, str),
+    "mda-subaddress": ("mda_subaddress", str, str),
+    "mda-user": ("mda_user", str, str),
+    "bounce-ttl": ("bounce_ttl", lambda v: str(v) if v else "", _int),
+    "bounce-delay": ("bounce_delay", lambda v: str(v) if v else "", _int),
+    "bounce-type": ("bounce_type", str, str),
+}
+_ALWAYS_WRITTEN = {"dsn-notify", "sender", "ctime", "last-try", "last-bounce", "ttl", "retry"}
+# Values that repeat across envelopes: kept once in memory.
+_SHARED_VALUES = {"dispatcher", "tag", "smtpname", "helo", "hostname", "username", "errorline", "sockaddr",
+                  "sender", "dsn-ret", "mda-user", "bounce-type"}
+# Flags that live only in the scheduler's memory (pause envelope) are not written.
+_VOLATILE_FLAGS = {"suspend", "hold"}
+
+
+def dump_envelope(envelope: Envelope) -> bytes:
+    lines = [f"format: {FORMAT_MARKER}", f"version: {FORMAT_VERSION}"]
+    for key, (attribute, to_text, _) in _FIELDS.items():
+        value = getattr(envelope, attribute)
+        if key == "flags":
+            value = set(value) - _VOLATILE_FLAGS
+        text = to_text(value)
+        if text or key in _ALWAYS_WRITTEN:
+            lines.append(f"{key}: {_escape(text)}")
+    lines.append("")
+    return "\n".join(lines).encode("utf-8", errors="surrogateescape")
+
+
+def load_envelope(data: bytes) -> Envelope:
+    """Parse an envelope file. Raises EnvelopeFormatError with the reason."""
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeFormatError("envelope file too large")
+    try:
+        text = data.decode("utf-8", errors="surrogateescape")
+    except UnicodeDecodeError:  # pragma: no cover — surrogateescape never fails
+        raise EnvelopeFormatError("undecodable envelope") from None
+    if not text.endswith("\n"):
+        raise EnvelopeFormatError("truncated envelope (no final newline)")
+    values: dict[str, str] = {}
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        key, separator, value = line.partition(": ")
+        if not separator:
+            key, separator, value = line.partition(":")
+        if not separator:
+            raise EnvelopeFormatError(f"line {number}: not `key: value`")
+        key = key.strip().lower()
+        if key in values:
+            raise EnvelopeFormatError(f"line {number}: duplicate key {key!r}")
+        values[key] = _unescape(value)
+    if values.pop("format", None) != FORMAT_MARKER:
+        raise EnvelopeFormatError(f"not a {FORMAT_MARKER} file")
+    version = values.pop("version", None)
+    if version != str(FORMAT_VERSION):
+        raise EnvelopeFormatError(f"unsupported envelope version {version!r} (expected {FORMAT_VERSION})")
+    envelope = Envelope()
+    for key, text_value in values.items():
+        field = _FIELDS.get(key)
+        if field is None:
+            raise EnvelopeFormatError(f"unknown key {key!r}")
+        attribute, _, from_text = field
+        if key in _SHARED_VALUES:
+            text_value = sys.intern(text_value)  # the same few values in thousands of envelopes
+        try:
+            setattr(envelope, attribute, from_text(text_value))
+        except (ValueError, TypeError) as error:
+            raise EnvelopeFormatError(f"bad value for {key}: {error}") from None
+    if "dsn-notify" not in values or "ctime" not in values:
+        raise EnvelopeFormatError("missing required key (dsn-notify, ctime)")
+    return envelope

@@ -1,0 +1,260 @@
+"""The spool on disk: layout, paths, recovery after a crash, loading, moving corrupt files aside.
+
+Layout (under the spool root; reference §8.2, docs/queue.md):
+
+    temporary/<msgid>          the message while it is being received
+    incoming/<msgid>/          message + envelopes being made durable by a commit
+    queue/<XX>/<msgid>/message the committed message (XX = %02x of msgid >> 24)
+    queue/<XX>/<msgid>/<evpid> one envelope file per recipient
+    corrupt/                   unreadable files moved aside (with a ``.why`` file saying why)
+    offline/                   sendmail submissions written while the daemon is down
+    purge/                     message directories moved here before they are deleted
+
+A directory appears under queue/ only by a rename done after everything inside it is durable, so whatever is
+found under queue/ after a crash is complete, and whatever is found in temporary/ or incoming/ was never
+acknowledged and is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from shared.ids import format_evpid, format_msgid
+from smtpd.queue.durable import fsync_directory, write_new_file
+from smtpd.queue.envelope import Envelope
+from smtpd.queue.format import EnvelopeFormatError, load_envelope
+
+MESSAGE_FILE = "message"
+SUBDIRS = ("temporary", "incoming", "queue", "corrupt", "offline", "purge")
+_MODES = {"temporary": 0o700, "incoming": 0o700, "queue": 0o700, "corrupt": 0o700, "purge": 0o700,
+          "offline": 0o1733}  # offline: anyone may drop a file, nobody but us may list or take others'
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_hex_name(name: str, length: int) -> bool:
+    return len(name) == length and set(name) <= _HEX
+
+
+@dataclass
+class CorruptEntry:
+    name: str  # the name under corrupt/
+    reason: str
+    moved: int  # unix time
+
+
+@dataclass
+class LoadedMessage:
+    msgid: int
+    envelopes: list[Envelope]
+    corrupt: list[CorruptEntry]
+
+
+class Spool:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.temporary = os.path.join(root, "temporary")
+        self.incoming = os.path.join(root, "incoming")
+        self.queue = os.path.join(root, "queue")
+        self.corrupt = os.path.join(root, "corrupt")
+        self.offline = os.path.join(root, "offline")
+        self.purge = os.path.join(root, "purge")
+
+    # -- paths ----------------------------------------------------------------------------------------
+    def bucket(self, msgid: int) -> str:
+        return os.path.join(self.queue, f"{msgid >> 24:02x}")
+
+    def message_dir(self, msgid: int) -> str:
+        return os.path.join(self.bucket(msgid), format_msgid(msgid))
+
+    def message_path(self, msgid: int) -> str:
+        return os.path.join(self.message_dir(msgid), MESSAGE_FILE)
+
+    def envelope_path(self, evpid: int) -> str:
+        return os.path.join(self.message_dir(evpid >> 32), format_evpid(evpid))
+
+    def temporary_path(self, msgid: int) -> str:
+        return os.path.join(self.temporary, format_msgid(msgid))
+
+    def incoming_dir(self, msgid: int) -> str:
+        return os.path.join(self.incoming, format_msgid(msgid))
+
+    # -- setup and recovery -----------------------------------------------------------------------------
+    def create_layout(self) -> None:
+        """Create the folders that are missing (and the 256 buckets), flushing each new entry once."""
+        created = False
+        if not os.path.isdir(self.root):
+            os.makedirs(self.root, mode=0o711, exist_ok=True)
+            created = True
+        for name in SUBDIRS:
+            path = os.path.join(self.root, name)
+            if not os.path.isdir(path):
+                os.mkdir(path, _MODES[name])
+                os.chmod(path, _MODES[name])  # mkdir's mode is filtered by the umask
+                created = True
+        new_buckets = False
+        for bucket in range(256):
+            path = os.path.join(self.queue, f"{bucket:02x}")
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+                new_buckets = True
+        if new_buckets:
+            fsync_directory(self.queue)
+        if created:
+            fsync_directory(self.root)
+
+    def recover(self) -> tuple[int, int]:
+        """Delete what a crash left behind: unacknowledged messages and half-purged folders.
+
+        Returns (number of unacknowledged messages dropped, number of purge leftovers removed).
+        """
+        dropped = 0
+        for name in _listdir(self.temporary):
+            remove_path(os.path.join(self.temporary, name))
+            dropped += 1
+        for name in _listdir(self.incoming):
+            remove_path(os.path.join(self.incoming, name))
+            dropped += 1
+        purged = 0
+        for name in _listdir(self.purge):
+            remove_path(os.path.join(self.purge, name))
+            purged += 1
+        return dropped, purged
+
+    # -- reading --------------------------------------------------------------------------------------
+    def message_ids(self) -> Iterator[int]:
+        """Every committed message id, bucket by bucket."""
+        for bucket in sorted(_listdir(self.queue)):
+            if not is_hex_name(bucket, 2):
+                continue
+            for name in _listdir(os.path.join(self.queue, bucket)):
+                if is_hex_name(name, 8) and int(name, 16):
+                    yield int(name, 16)
+
+    def load_message(self, msgid: int, move_corrupt: bool = True) -> LoadedMessage:
+        """The envelopes of one committed message. Unreadable files are moved aside (unless told not to)."""
+        directory = self.message_dir(msgid)
+        loaded = LoadedMessage(msgid, [], [])
+        names = _listdir(directory)
+        if MESSAGE_FILE not in names:
+            if os.path.isdir(directory):
+                loaded.corrupt.append(self._aside(directory, format_msgid(msgid), "message file missing",
+                                                  move_corrupt))
+            return loaded
+        for name in names:
+            if name == MESSAGE_FILE:
+                continue
+            path = os.path.join(directory, name)
+            if name.startswith(".") and name.endswith(".tmp"):
+                remove_path(path)  # an envelope rewrite interrupted by a crash; the old file is intact
+                continue
+            envelope, reason = read_envelope_file(path, msgid, name)
+            if envelope is not None:
+                loaded.envelopes.append(envelope)
+            else:
+                label = f"{format_msgid(msgid)}.{name}"
+                loaded.corrupt.append(self._aside(path, label, reason, move_corrupt))
+        if not loaded.envelopes and not loaded.corrupt and move_corrupt:
+            self.purge_message(msgid)  # every envelope was done; the crash came before the folder went
+        return loaded
+
+    def read_envelope(self, evpid: int) -> Envelope | None:
+        envelope, _ = read_envelope_file(self.envelope_path(evpid), evpid >> 32, format_evpid(evpid))
+        return envelope
+
+    def corrupt_entries(self) -> list[CorruptEntry]:
+        entries = []
+        for name in sorted(_listdir(self.corrupt)):
+            if name.endswith(".why"):
+                continue
+            path = os.path.join(self.corrupt, name)
+            try:
+                with open(path + ".why", encoding="utf-8", errors="replace") as handle:
+                    reason = handle.read().strip()
+            except OSError:
+                reason = "unknown"
+            try:
+                moved = int(os.lstat(path).st_mtime)
+            except OSError:
+                moved = 0
+            entries.append(CorruptEntry(name, reason, moved))
+        return entries
+
+    # -- changing ---------------------------------------------------------------------------------------
+    def _aside(self, path: str, label: str, reason: str, move: bool) -> CorruptEntry:
+        if not move:
+            return CorruptEntry(label, reason, int(time.time()))
+        target = os.path.join(self.corrupt, label)
+        suffix = 0
+        while os.path.lexists(target):
+            suffix += 1
+            target = os.path.join(self.corrupt, f"{label}.{suffix}")
+        os.rename(path, target)
+        try:
+            write_new_file(target + ".why", reason.encode() + b"\n")
+        except OSError:
+            pass
+        fsync_directory(self.corrupt)
+        return CorruptEntry(os.path.basename(target), reason, int(time.time()))
+
+    def remove_envelope_file(self, evpid: int) -> bool:
+        """Delete one envelope; delete the message too when it was the last one. False if it was not there."""
+        try:
+            os.unlink(self.envelope_path(evpid))
+        except FileNotFoundError:
+            return False
+        msgid = evpid >> 32
+        if not any(name != MESSAGE_FILE and not name.startswith(".") for name in _listdir(self.message_dir(msgid))):
+            self.purge_message(msgid)
+        return True
+
+    def purge_message(self, msgid: int) -> None:
+        directory = self.message_dir(msgid)
+        target = os.path.join(self.purge, format_msgid(msgid))
+        try:
+            os.rename(directory, target)
+        except FileNotFoundError:
+            return
+        except OSError:
+            target = directory  # e.g. a leftover of the same name in purge/: delete in place
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | None, str]:
+    """(envelope, "") or (None, reason). The file name must be the evpid, of this message."""
+    if not is_hex_name(name, 16) or int(name[:8], 16) != msgid or not int(name[8:], 16):
+        return None, "file name is not an envelope id of this message"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        return None, f"unreadable: {error.strerror}"
+    try:
+        envelope = load_envelope(data)
+    except EnvelopeFormatError as error:
+        return None, str(error)
+    evpid = int(name, 16)
+    if envelope.evpid and envelope.evpid != evpid:
+        return None, "evpid inside the file differs from its name"
+    envelope.evpid = evpid
+    return envelope, ""
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,456 @@
+"""The queue component: receiving messages, the group commit, envelope updates and removal, background loading.
+
+Every write to the spool runs on one I/O thread, in order. A commit is durable before its future resolves:
+the message file and each envelope file are flushed, their folder is flushed, the folder is renamed into
+queue/XX/ and that bucket is flushed. Commits that arrive while a batch is being flushed wait for the next
+batch and share its syncs (group commit), so many sessions pay for one round of journal commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import queue as thread_queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shared.ids import format_msgid, new_evpid, new_msgid
+from smtpd import log, trace
+from smtpd.queue.durable import DirectorySyncs, fsync_directory, replace_file
+from smtpd.queue.envelope import Envelope
+from smtpd.queue.format import dump_envelope
+from smtpd.queue.spool import CorruptEntry, Spool, remove_path
+from smtpd.stats import STATS
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+LOG = log.get("queue")
+LOAD_CHUNK = 500  # messages handed to the scheduler at once while loading in the background
+MAX_BATCH = 256  # commits flushed together at most
+
+
+def _sync_file_range() -> Callable[[int], None]:
+    """Start writeback of a whole file without waiting (Linux), so one batch's data goes out together."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+        function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    except (OSError, AttributeError):
+        return lambda fd: None
+    write_flag = 2  # SYNC_FILE_RANGE_WRITE
+    return lambda fd: function(fd, 0, 0, write_flag) and None
+
+
+_START_WRITEBACK = _sync_file_range()
+
+
+class QueueError(Exception):
+    pass
+
+
+@dataclass
+class _Commit:
+    message: IncomingMessage
+    future: asyncio.Future[None]
+    files: list[int] = field(default_factory=list)  # open fds to flush
+
+
+@dataclass
+class _Operation:
+    function: Callable[[], Any]
+    future: asyncio.Future[Any] | None
+
+
+class IOThread:
+    """The single thread that writes the spool; commits are batched, other operations run in order."""
+
+    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop) -> None:
+        self.spool = spool
+        self.loop = loop
+        self.jobs: thread_queue.SimpleQueue[_Commit | _Operation | None] = thread_queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="queue-io", daemon=True)
+        self.batches = 0
+        self.committed = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def submit_commit(self, message: IncomingMessage) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.jobs.put(_Commit(message, future))
+        return future
+
+    def submit(self, function: Callable[[], Any], wait: bool = True) -> asyncio.Future[Any] | None:
+        future = self.loop.create_future() if wait else None
+        self.jobs.put(_Operation(function, future))
+        return future
+
+    # -- the thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch: list[_Commit] = []
+            operations: list[_Operation] = []
+            stopping = False
+            while job is not None:
+                (batch if isinstance(job, _Commit) else operations).append(job)  # type: ignore[arg-type]
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    job = self.jobs.get_nowait()
+                except thread_queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+            if batch:
+                self._commit_batch(batch)
+            for operation in operations:
+                self._run_operation(operation)
+            if stopping:
+                return
+
+    def _resolve(self, future: asyncio.Future[Any] | None, result: Any = None,
+                 error: BaseException | None = None) -> None:
+        if future is None:
+            return
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    def _run_operation(self, operation: _Operation) -> None:
+        try:
+            result = operation.function()
+        except Exception as error:  # noqa: BLE001 — reported to the waiter or logged, never kills the thread
+            if operation.future is None:
+                LOG.warning("queue: %s", error)
+            self._resolve(operation.future, error=error)
+        else:
+            self._resolve(operation.future, result)
+
+    def _commit_batch(self, batch: list[_Commit]) -> None:
+        prepared: list[_Commit] = []
+        for commit in batch:
+            try:
+                self._write_files(commit)
+                prepared.append(commit)
+            except OSError as error:
+                self._fail(commit, error)
+        ready: list[_Commit] = []
+        for commit in prepared:  # flush data; the first flush commits the journal for the whole batch
+            try:
+                for fd in commit.files:
+                    os.fdatasync(fd)
+                fsync_directory(self.spool.incoming_dir(commit.message.msgid))
+                ready.append(commit)
+            except OSError as error:
+                self._fail(commit, error)
+            finally:
+                _close_all(commit)
+        syncs = DirectorySyncs()
+        done: list[_Commit] = []
+        for commit in ready:
+            msgid = commit.message.msgid
+            try:
+                os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
+                syncs.add(self.spool.bucket(msgid))
+                done.append(commit)
+            except OSError as error:
+                self._fail(commit, error)
+        try:
+            syncs.flush()
+        except OSError as error:
+            for commit in done:
+                self._fail(commit, error, committed_dir=True)
+            return
+        self.batches += 1
+        self.committed += len(done)
+        for commit in done:
+            self._resolve(commit.future)
+
+    def _write_files(self, commit: _Commit) -> None:
+        message = commit.message
+        directory = self.spool.incoming_dir(message.msgid)
+        os.mkdir(directory, 0o700)
+        os.rename(message.temporary_path, os.path.join(directory, "message"))
+        commit.files.append(message.take_fd())
+        _START_WRITEBACK(commit.files[0])
+        for envelope in message.envelopes:
+            path = os.path.join(directory, f"{envelope.evpid:016x}")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            commit.files.append(fd)
+            data = dump_envelope(envelope)
+            if os.write(fd, data) != len(data):
+                raise OSError(28, "short write")
+            _START_WRITEBACK(fd)
+
+    def _fail(self, commit: _Commit, error: OSError, committed_dir: bool = False) -> None:
+        _close_all(commit)
+        msgid = commit.message.msgid
+        LOG.warning("queue: commit of message %s failed: %s", format_msgid(msgid), error)
+        remove_path(self.spool.incoming_dir(msgid))
+        remove_path(commit.message.temporary_path)
+        if committed_dir:
+            remove_path(self.spool.message_dir(msgid))
+        self._resolve(commit.future, error=QueueError(f"queue write failed: {error.strerror or error}"))
+
+
+def _close_all(commit: _Commit) -> None:
+    for fd in commit.files:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    commit.files.clear()
+
+
+class IncomingMessage:
+    """One message being received (contract: write, add_envelope, commit, abort)."""
+
+    def __init__(self, store: Queue, msgid: int, fd: int) -> None:
+        self.store = store
+        self.msgid = msgid
+        self.temporary_path = store.spool.temporary_path(msgid)
+        self.envelopes: list[Envelope] = []
+        self.size = 0
+        self._fd: int | None = fd
+        self._state = "open"
+
+    async def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise QueueError("message is not open")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as error:
+            raise QueueError(f"queue write failed: {error.strerror}") from None
+        self.size += len(data)
+
+    def add_envelope(self, envelope: Envelope) -> int:
+        taken = {existing.evpid for existing in self.envelopes}
+        evpid = new_evpid(self.msgid)
+        while evpid in taken:
+            evpid = new_evpid(self.msgid)
+        envelope.evpid = evpid
+        self.store.fill_defaults(envelope)
+        self.envelopes.append(envelope)
+        return evpid
+
+    def take_fd(self) -> int:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise OSError(9, "message file already closed")
+        return fd
+
+    async def commit(self) -> None:
+        if self._state != "open":
+            raise QueueError(f"message already {self._state}")
+        if not self.envelopes:
+            raise QueueError("message has no envelope")
+        self._state = "committing"
+        try:
+            await self.store.io.submit_commit(self)
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._state = "committed"
+        self.store.committed(self)
+
+    async def abort(self) -> None:
+        if self._state in ("committed", "committing", "aborted"):
+            return
+        self._state = "aborted"
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self.temporary_path)
+        except FileNotFoundError:
+            pass
+
+
+class Queue:
+    """daemon.queue: the spool, its I/O thread, and the background loading of a big queue at start."""
+
+    def __init__(self, daemon: Daemon | None, spool_root: str, mailname: str = "localhost") -> None:
+        self.daemon = daemon
+        self.spool = Spool(spool_root)
+        self.mailname = mailname
+        self.io: IOThread = None  # type: ignore[assignment]  # created in start() with the running loop
+        self.loading_done = asyncio.Event()
+        self.loaded_envelopes = 0
+        self.load_seconds = 0.0
+        self.corrupt_found: list[CorruptEntry] = []
+        self._loader: asyncio.Task[None] | None = None
+        # Envelope consumer: the scheduler, or (in tests without one) None.
+        self.on_envelopes: Callable[[list[Envelope], bool], None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.spool.create_layout()
+        dropped, _ = self.spool.recover()
+        if dropped:
+            LOG.info("queue: dropped %d unacknowledged message(s) left by a crash", dropped)
+        # The messages to load are the ones present now: listing later would also find messages committed
+        # (and maybe already delivered) since, and deliver them twice.
+        msgids = await asyncio.to_thread(lambda: list(self.spool.message_ids()))
+        self.io = IOThread(self.spool, asyncio.get_running_loop())
+        self.io.start()
+        self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")
+
+    async def stop(self) -> None:
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            try:
+                await self._loader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self.io is not None:
+            await asyncio.to_thread(self.io.stop)
+
+    # -- receiving ------------------------------------------------------------------------------------
+    def new_message(self) -> IncomingMessage:
+        for _ in range(100):
+            msgid = new_msgid()
+            if os.path.exists(self.spool.message_dir(msgid)):
+                continue
+            try:
+                fd = os.open(self.spool.temporary_path(msgid),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise QueueError(f"cannot create message file: {error.strerror}") from None
+            return IncomingMessage(self, msgid, fd)
+        raise QueueError("no free message id")
+
+    def fill_defaults(self, envelope: Envelope) -> None:
+        if not envelope.ctime:
+            envelope.ctime = int(time.time())
+        if not envelope.smtpname:
+            envelope.smtpname = self.mailname
+        if not envelope.ttl:
+            envelope.ttl = self.ttl_for(envelope)
+
+    def ttl_for(self, envelope: Envelope) -> int:
+        config = self.daemon.config if self.daemon is not None else None
+        if config is None:
+            from smtpd.config.model import DEFAULT_QUEUE_TTL
+
+            return DEFAULT_QUEUE_TTL
+        action = config.actions.get(envelope.dispatcher)
+        if action is not None and action.ttl:
+            return action.ttl
+        return config.queue.ttl
+
+    def committed(self, message: IncomingMessage) -> None:
+        STATS.increment("queue.ram.message.size", message.size)
+        if trace.wants("queue"):
+            trace.emit("queue", f"queue: message {format_msgid(message.msgid)} committed "
+                       f"({len(message.envelopes)} envelope(s), {message.size} bytes)",
+                       msgid=format_msgid(message.msgid), size=message.size, envelopes=len(message.envelopes))
+        if self.on_envelopes is not None:
+            self.on_envelopes(list(message.envelopes), False)
+
+    async def inject(self, data: bytes, envelopes: list[Envelope]) -> int:
+        """Queue a message made by the daemon itself (a bounce). Returns its msgid once durable."""
+        message = self.new_message()
+        try:
+            await message.write(data)
+            for envelope in envelopes:
+                message.add_envelope(envelope)
+            await message.commit()
+        except BaseException:
+            await message.abort()
+            raise
+        return message.msgid
+
+    # -- paths and reading ------------------------------------------------------------------------------
+    def message_path(self, msgid: int) -> str:
+        return self.spool.message_path(msgid)
+
+    def envelope_path(self, evpid: int) -> str:
+        return self.spool.envelope_path(evpid)
+
+    # -- changing stored envelopes ------------------------------------------------------------------------
+    async def update_envelope(self, envelope: Envelope) -> None:
+        """Durably rewrite one envelope (retry count, error line, last try)."""
+        data = dump_envelope(envelope)
+        path = self.spool.envelope_path(envelope.evpid)
+
+        def rewrite() -> None:
+            if os.path.exists(path):  # removed meanwhile: do not resurrect it
+                replace_file(path, data)
+
+        future = self.io.submit(rewrite)
+        assert future is not None
+        await future
+
+    async def remove_envelope(self, evpid: int) -> bool:
+        future = self.io.submit(lambda: self.spool.remove_envelope_file(evpid))
+        assert future is not None
+        return bool(await future)
+
+    async def discover(self, msgid: int) -> list[Envelope]:
+        """Read a message's envelopes from disk (smtpctl discover)."""
+        loaded = await asyncio.to_thread(self.spool.load_message, msgid)
+        self._note_corrupt(loaded.corrupt)
+        return loaded.envelopes
+
+    def corrupt_entries(self) -> list[CorruptEntry]:
+        return self.spool.corrupt_entries()
+
+    def _note_corrupt(self, entries: list[CorruptEntry]) -> None:
+        for entry in entries:
+            LOG.warning("queue: corrupt queue file moved aside to corrupt/%s: %s", entry.name, entry.reason)
+            trace.emit("queue", f"queue: corrupt file moved aside: {entry.name}: {entry.reason}",
+                       name=entry.name, reason=entry.reason)
+        self.corrupt_found.extend(entries)
+
+    # -- loading at start -------------------------------------------------------------------------------
+    async def _load_in_background(self, msgids: list[int]) -> None:
+        """Hand the stored envelopes to the scheduler in chunks, reading files off the event loop."""
+        started = time.monotonic()
+        for start in range(0, len(msgids), LOAD_CHUNK):
+            chunk = msgids[start:start + LOAD_CHUNK]
+            loaded = await asyncio.to_thread(lambda ids=chunk: [self.spool.load_message(m) for m in ids])
+            envelopes: list[Envelope] = []
+            for message in loaded:
+                envelopes.extend(message.envelopes)
+                self._note_corrupt(message.corrupt)
+            self.loaded_envelopes += len(envelopes)
+            if self.on_envelopes is not None and envelopes:
+                self.on_envelopes(envelopes, True)
+        self.load_seconds = time.monotonic() - started
+        LOG.info("queue: %d envelope(s) of %d message(s) loaded in %.2fs", self.loaded_envelopes, len(msgids),
+                 self.load_seconds)
+        trace.emit("queue", f"queue: loaded {self.loaded_envelopes} envelope(s)", envelopes=self.loaded_envelopes)
+        self.loading_done.set()
+
+
+def build(daemon: Daemon) -> Queue:
+    queue = Queue(daemon, daemon.paths.spool, daemon.mailname)
+    daemon.queue = queue
+    return queue

@@ -1,0 +1,437 @@
+"""What runs when: first attempts, retries, expiry, delay warnings, pauses, and the queue commands' effects.
+
+Reference §8.4, with its QUIRKs fixed: an envelope expires at creation + ttl (the action's ttl or the queue
+ttl), an expired envelope is reported as *failed* (5.4.7), and a delay warning states the real remaining time.
+
+Every envelope the queue knows is in memory here as an ``Entry``: pending (waiting for its next try, in a heap),
+inflight (a delivery is running), or suspended (`smtpctl pause envelope`). Due envelopes go to a ready line per
+agent (mda, mta) that is drained while the agent is not paused and under its concurrency limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from smtpd import log, trace
+from smtpd.bounce import DELAYED, DELIVERED, FAILED, RELAYED, Bouncer, duration_text
+from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.queue.envelope import Envelope, EnvelopeType
+from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row
+from smtpd.stats import STATS
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+LOG = log.get("scheduler")
+RETRY_BASE = {"mta": 400, "mda": 10, "bounce": 10}
+MAX_WARN_INTERVALS = 4
+DEFAULT_LIMITS = {"mda": 50, "mta": 100}
+MAX_INFLIGHT = 5000
+IDLE_WAKE = 60.0  # the loop wakes up at least this often even with nothing due
+
+PENDING, INFLIGHT, SUSPENDED = "pending", "inflight", "suspended"
+
+
+@dataclass(slots=True)
+class Entry:
+    envelope: Envelope
+    state: str
+    nexttry: float
+    remove_after: bool = False  # removed by smtpctl while in flight
+
+
+def agent_of(envelope: Envelope) -> str:
+    return "mta" if envelope.type is EnvelopeType.MTA else "mda"
+
+
+def retry_base(envelope: Envelope) -> int:
+    if "bounce" in envelope.flags:
+        return RETRY_BASE["bounce"]
+    return RETRY_BASE[agent_of(envelope)]
+
+
+def next_try_after_failure(envelope: Envelope, now: float) -> float:
+    """ctime + base × n², n = the retry count, increased until that time is in the future."""
+    base = retry_base(envelope)
+    count = max(1, envelope.retry)
+    when = envelope.ctime + base * count * count
+    while when <= now:
+        count += 1
+        when = envelope.ctime + base * count * count
+    return when
+
+
+def expire_time(envelope: Envelope) -> int:
+    return envelope.ctime + envelope.ttl
+
+
+class Scheduler:
+    def __init__(self, daemon: Daemon | None, queue: Any, bouncer: Bouncer | None = None,
+                 limits: dict[str, int] | None = None) -> None:
+        self.daemon = daemon
+        self.queue = queue
+        smtpname = daemon.mailname if daemon is not None else "localhost"
+        self.bouncer = bouncer or Bouncer(daemon, queue, smtpname)
+        self.limits = dict(DEFAULT_LIMITS, **(limits or {}))
+        self.entries: dict[int, Entry] = {}
+        self.messages: dict[int, list[int]] = {}  # msgid -> evpids (lists: smaller than sets)
+        self.heap: list[tuple[float, int]] = []
+        self.ready: dict[str, deque[int]] = {"mda": deque(), "mta": deque()}
+        self.inflight: dict[str, int] = {"mda": 0, "mta": 0}
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Delivery components by agent; None: daemon.mda / daemon.mta at the time of the delivery.
+        self.deliverers: dict[str, Any] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.queue.on_envelopes = self.add_envelopes
+        if self.daemon is not None:
+            self.daemon.pause_listeners.append(self._on_pause)
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self._loop_task, *self.tasks) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_pause(self, daemon: Any, subsystem: str, paused: bool) -> None:
+        if subsystem in self.ready and not paused:
+            self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def is_paused(self, agent: str) -> bool:
+        return self.daemon is not None and self.daemon.is_paused(agent)
+
+    # -- learning of envelopes ----------------------------------------------------------------------------
+    def add_envelopes(self, envelopes: Iterable[Envelope], loaded: bool = False) -> int:
+        """New (just committed) or loaded (at start, discover) envelopes. Returns how many were new to us."""
+        now = time.time()
+        added = 0
+        for envelope in envelopes:
+            if envelope.evpid in self.entries:
+                continue
+            nexttry = now
+            if loaded and envelope.retry:
+                base = retry_base(envelope)
+                planned = envelope.ctime + base * envelope.retry * envelope.retry
+                nexttry = max(now, min(planned, expire_time(envelope)))
+            entry = Entry(envelope, PENDING, nexttry)
+            self.entries[envelope.evpid] = entry
+            evpids = self.messages.setdefault(envelope.msgid, [])
+            if not evpids:
+                STATS.increment("scheduler.ramqueue.message")
+            evpids.append(envelope.evpid)
+            heapq.heappush(self.heap, (nexttry, envelope.evpid))
+            added += 1
+            if not loaded:
+                STATS.increment("scheduler.envelope.incoming")
+            if trace.wants("scheduler"):
+                trace.emit("scheduler", f"scheduler: {'loaded' if loaded else 'new'} envelope {envelope.evpid:016x}",
+                           evpid=f"{envelope.evpid:016x}")
+        if added:
+            STATS.increment("scheduler.envelope", added)
+            STATS.increment("scheduler.ramqueue.envelope", added)
+            self.wake()
+        return added
+
+    def _forget(self, evpid: int) -> None:
+        entry = self.entries.pop(evpid, None)
+        if entry is None:
+            return
+        STATS.decrement("scheduler.envelope")
+        STATS.decrement("scheduler.ramqueue.envelope")
+        evpids = self.messages.get(evpid >> 32)
+        if evpids is not None:
+            if evpid in evpids:
+                evpids.remove(evpid)
+            if not evpids:
+                del self.messages[evpid >> 32]
+                STATS.decrement("scheduler.ramqueue.message")
+
+    def _schedule(self, entry: Entry, when: float) -> None:
+        entry.state = PENDING
+        entry.nexttry = when
+        heapq.heappush(self.heap, (when, entry.envelope.evpid))
+        self.wake()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.time()
+            self._move_due(now)
+            for agent in self.ready:
+                self._drain(agent)
+            timeout = IDLE_WAKE
+            if self.heap:
+                timeout = min(timeout, max(0.0, self.heap[0][0] - time.time()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+
+    def _move_due(self, now: float) -> None:
+        while self.heap and self.heap[0][0] <= now:
+            when, evpid = heapq.heappop(self.heap)
+            entry = self.entries.get(evpid)
+            if entry is None or entry.state != PENDING or entry.nexttry != when:
+                continue  # stale: removed, suspended, rescheduled or already on its way
+            entry.state = "ready"
+            self.ready[agent_of(entry.envelope)].append(evpid)
+
+    def _drain(self, agent: str) -> None:
+        line = self.ready[agent]
+        while line:
+            if self.is_paused(agent) or self.inflight[agent] >= self.limits[agent]:
+                return
+            if sum(self.inflight.values()) >= MAX_INFLIGHT:
+                return
+            entry = self.entries.get(line.popleft())
+            if entry is None or entry.state != "ready":
+                continue
+            entry.state = INFLIGHT
+            self.inflight[agent] += 1
+            STATS.increment("scheduler.envelope.inflight")
+            task = asyncio.create_task(self._attempt(entry, agent))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    # -- one attempt ------------------------------------------------------------------------------------
+    async def _attempt(self, entry: Entry, agent: str) -> None:
+        envelope = entry.envelope
+        try:
+            now = time.time()
+            if now >= expire_time(envelope):
+                await self._expire(entry)
+                return
+            envelope.last_try = int(now)
+            trace.emit("scheduler", f"scheduler: {agent} delivery of {envelope.evpid:016x} to <{envelope.dest}>",
+                       evpid=f"{envelope.evpid:016x}", agent=agent)
+            result = await self._deliver(envelope, agent)
+            if entry.remove_after:
+                await self._delete(entry, "removed")
+                return
+            await self._handle_result(entry, agent, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 — one envelope's trouble must not stop the scheduler
+            LOG.warning("scheduler: %016x: %s; retrying later", envelope.evpid, error)
+            if envelope.evpid in self.entries:
+                self._schedule(entry, time.time() + retry_base(envelope))
+        finally:
+            self.inflight[agent] -= 1
+            STATS.decrement("scheduler.envelope.inflight")
+            self.wake()
+
+    async def _deliver(self, envelope: Envelope, agent: str) -> DeliveryResult:
+        deliverer = self.deliverers.get(agent)
+        if deliverer is None and self.daemon is not None:
+            deliverer = getattr(self.daemon, agent, None)
+        if deliverer is None:
+            return DeliveryResult.tempfail("no relay yet" if agent == "mta" else "no local delivery agent")
+        try:
+            return await deliverer.deliver(envelope, self.queue.message_path(envelope.msgid))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 — the contract says deliver never raises; be safe anyway
+            return DeliveryResult.tempfail(f"delivery agent error: {error}")
+
+    async def _handle_result(self, entry: Entry, agent: str, result: DeliveryResult) -> None:
+        envelope = entry.envelope
+        if result.outcome is Outcome.OK:
+            STATS.increment("scheduler.delivery.ok")
+            kind = DELIVERED if agent == "mda" else RELAYED
+            await self._report_then_delete(entry, kind, "delivered")
+        elif result.outcome is Outcome.TEMPFAIL:
+            STATS.increment("scheduler.delivery.tempfail")
+            await self._tempfail(entry, result)
+        else:
+            loop = result.outcome is Outcome.LOOP
+            STATS.increment("scheduler.delivery.loop" if loop else "scheduler.delivery.permfail")
+            envelope.errorline = "Loop detected" if loop else result.text
+            envelope.esc_class = 5
+            envelope.esc_code = 46 if loop else result.esc_code
+            await self._report_then_delete(entry, FAILED, "failed")
+
+    async def _tempfail(self, entry: Entry, result: DeliveryResult) -> None:
+        envelope = entry.envelope
+        now = time.time()
+        envelope.retry += 1
+        envelope.errorline = result.text
+        envelope.esc_class = 4
+        envelope.esc_code = result.esc_code
+        nexttry = next_try_after_failure(envelope, now)
+        expire = expire_time(envelope)
+        await self._maybe_warn(entry, nexttry, now)
+        STATS.increment("scheduler.envelope.updated")
+        await self.queue.update_envelope(envelope)
+        when = min(nexttry, expire)
+        trace.emit("scheduler", f"scheduler: {envelope.evpid:016x} tempfail ({result.text}), retry {envelope.retry} "
+                   f"in {duration_text(int(when - now))}", evpid=f"{envelope.evpid:016x}", retry=envelope.retry)
+        if entry.remove_after or envelope.evpid not in self.entries:
+            return
+        self._schedule(entry, when)
+
+    async def _maybe_warn(self, entry: Entry, nexttry: float, now: float) -> None:
+        """One delay warning per warn interval that the next try reaches (at most 4 intervals)."""
+        envelope = entry.envelope
+        intervals = self._warn_intervals()
+        for interval in intervals:
+            threshold = envelope.ctime + interval
+            if nexttry >= threshold and envelope.last_bounce < threshold and now < expire_time(envelope):
+                remaining = int(expire_time(envelope) - now)
+                try:
+                    await self.bouncer.report(envelope, DELAYED, delay=interval, remaining=remaining)
+                except Exception as error:  # noqa: BLE001 — a lost warning is not worth keeping the mail back
+                    LOG.warning("scheduler: delay warning for %016x not queued: %s", envelope.evpid, error)
+                envelope.last_bounce = int(now)
+                return
+
+    def _warn_intervals(self) -> list[int]:
+        config = self.daemon.config if self.daemon is not None else None
+        values = config.bounce_warn_intervals if config is not None else (4 * 3600,)
+        return sorted(value for value in values if value > 0)[:MAX_WARN_INTERVALS]
+
+    async def _expire(self, entry: Entry) -> None:
+        envelope = entry.envelope
+        envelope.errorline = "Envelope expired"
+        envelope.esc_class = 5
+        envelope.esc_code = 47
+        STATS.increment("scheduler.envelope.expired")
+        LOG.info("%016x %s delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> delay=%s result=Expire "
+                 "stat=Envelope expired", envelope.evpid, agent_of(envelope), envelope.evpid, envelope.sender,
+                 envelope.dest, envelope.rcpt, duration_text(int(time.time() - envelope.ctime)))
+        await self._report_then_delete(entry, FAILED, "expired")
+
+    async def _report_then_delete(self, entry: Entry, kind: str, why: str) -> None:
+        """Queue the report first (durable), then delete the envelope: a crash in between duplicates, never
+        loses, the report."""
+        envelope = entry.envelope
+        try:
+            await self.bouncer.report(envelope, kind)
+        except Exception as error:  # noqa: BLE001 — keep the envelope and try again
+            LOG.warning("scheduler: %016x: report not queued (%s); keeping the envelope", envelope.evpid, error)
+            if kind == FAILED:
+                envelope.retry += 1
+                self._schedule(entry, time.time() + retry_base(envelope))
+                return
+        await self._delete(entry, why)
+
+    async def _delete(self, entry: Entry, why: str) -> None:
+        evpid = entry.envelope.evpid
+        self._forget(evpid)
+        await self.queue.remove_envelope(evpid)
+        trace.emit("scheduler", f"scheduler: {evpid:016x} {why}, removed from the queue", evpid=f"{evpid:016x}")
+
+    # -- commands -------------------------------------------------------------------------------------
+    def select(self, target: str | int, selector: EnvelopeFilter | None = None) -> list[Entry]:
+        """Entries named by "all", a msgid or an evpid (ints: >32 bits is an evpid), narrowed by a filter."""
+        if target == "all":
+            candidates: Iterable[Entry] = list(self.entries.values())
+        elif isinstance(target, int) and target > 0xFFFFFFFF:
+            entry = self.entries.get(target)
+            candidates = [entry] if entry is not None else []
+        elif isinstance(target, int):
+            candidates = [self.entries[evpid] for evpid in sorted(self.messages.get(target, ()))]
+        else:
+            raise ValueError(f"bad target {target!r}")
+        if selector is None or selector.empty:
+            return list(candidates)
+        now = time.time()
+        return [entry for entry in candidates if selector.matches(entry.envelope, self.state_of(entry), now)]
+
+    @staticmethod
+    def state_of(entry: Entry) -> str:
+        return PENDING if entry.state == "ready" else entry.state
+
+    def rows(self, entries: Iterable[Entry]) -> list[Row]:
+        now = time.time()
+        rows = []
+        for entry in entries:
+            state = self.state_of(entry)
+            if state == INFLIGHT:
+                value: int | None = int(now - entry.envelope.last_try)
+            elif state == PENDING:
+                value = int(entry.nexttry - now)
+            else:
+                value = int(entry.nexttry - now)
+            row = envelope_row(entry.envelope, "pending" if state == SUSPENDED else state, value)
+            rows.append(row)
+        return rows
+
+    def schedule_now(self, entries: list[Entry]) -> int:
+        now = time.time()
+        count = 0
+        for entry in entries:
+            if entry.state == PENDING:
+                self._schedule(entry, now)
+                count += 1
+            elif entry.state == "ready":  # already due (its agent is paused or busy): nothing to advance
+                count += 1
+        return count
+
+    def suspend(self, entries: list[Entry]) -> int:
+        count = 0
+        for entry in entries:
+            if entry.state in (PENDING, "ready"):
+                entry.state = SUSPENDED
+                entry.envelope.flags.add("suspend")
+                count += 1
+        return count
+
+    def resume(self, entries: list[Entry]) -> int:
+        count = 0
+        now = time.time()
+        for entry in entries:
+            if entry.state == SUSPENDED:
+                entry.envelope.flags.discard("suspend")
+                self._schedule(entry, max(now, entry.nexttry) if entry.nexttry > now else now)
+                count += 1
+        return count
+
+    async def remove(self, entries: list[Entry]) -> int:
+        count = 0
+        for entry in entries:
+            if entry.state == INFLIGHT:
+                entry.remove_after = True
+                continue
+            if entry.envelope.evpid not in self.entries:
+                continue
+            STATS.increment("scheduler.envelope.removed")
+            await self._delete(entry, "removed")
+            count += 1
+        return count
+
+    async def discover(self, msgid: int, evpid: int | None = None) -> int:
+        envelopes = await self.queue.discover(msgid)
+        if evpid is not None:
+            envelopes = [envelope for envelope in envelopes if envelope.evpid == evpid]
+        return self.add_envelopes(envelopes, loaded=True)
+
+
+def build(daemon: Daemon) -> Scheduler:
+    import smtpd.control.queue_commands  # noqa: F401 — registers the queue's control commands
+
+    scheduler = Scheduler(daemon, daemon.queue, limits=_limits_from_config(daemon))
+    daemon.scheduler = scheduler
+    return scheduler
+
+
+def _limits_from_config(daemon: Daemon) -> dict[str, int]:
+    limits: dict[str, int] = {}
+    config = daemon.config
+    for key, value in getattr(config, "mda_limits", ()):
+        if key == "max-session":
+            limits["mda"] = value
+    return limits

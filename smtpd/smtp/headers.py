@@ -1,0 +1,281 @@
+"""A message as it arrives: line endings, size, the header block, and the Received header (reference §7.6).
+
+``MessageBuilder`` takes the message text in blocks as they come off the wire (already dot-unstuffed for DATA;
+raw for BDAT) and streams it to the queue with LF line endings. Only the header block is held in memory (it
+is small and needs rewriting); the body passes through in the blocks it came in, so memory does not grow with
+the message.
+
+Line endings (the SMTP-smuggling defence, docs/smtp.md): on network sessions a bare CR or a bare LF anywhere in
+the message makes it refused whole (``strict``); the session ends DATA only at CRLF.CRLF, so such bytes never
+end a message nor start a command. Local submissions (sendmail) may use bare LF line endings.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from smtpd.smtp import replies
+from smtpd.smtp.replies import Reply
+
+MAX_RECEIVED = 100
+MAX_HEADER_NAME = 1023
+MAX_ADDRESS_HEADER = 65535
+MAX_HEADER_BLOCK = 1 << 20  # ours: a header block over 1 MiB is refused as malformed
+_ADDRESS_HEADERS = ("to", "cc", "from")
+_HEADER_NAME_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def time_to_text(when: float | None = None) -> str:
+    """`Tue, 5 Nov 2024 08:09:10 +0100 (CET)`, independent of the locale (to.c time_to_text)."""
+    moment = time.localtime(when if when is not None else time.time())
+    offset = moment.tm_gmtoff or 0
+    sign = "-" if offset < 0 else "+"
+    hours, minutes = divmod(abs(offset) // 60, 60)
+    return (f"{_DAYS[moment.tm_wday]}, {moment.tm_mday} {_MONTHS[moment.tm_mon - 1]} {moment.tm_year} "
+            f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d} {sign}{hours:02d}{minutes:02d} "
+            f"({moment.tm_zone})")
+
+
+def bare_line_endings(data: bytes) -> bool:
+    """Whether data holds a CR not followed by LF or an LF not preceded by CR (C-speed counting)."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+class MessageBuilder:
+    """Receives one message; ``error`` is the refusal to give at the end, if any (the rest is still read)."""
+
+    def __init__(self, write: Callable[[bytes], Awaitable[None]], *, max_size: int, received: str,
+                 hostname: str, local_listener: bool, masquerade_from: str | None = None,
+                 strict: bool = True) -> None:
+        self._write = write
+        self.max_size = max_size
+        self.received = received
+        self.hostname = hostname
+        self.local_listener = local_listener
+        self.masquerade_from = masquerade_from
+        self.strict = strict
+        self.size = 0
+        self.error: Reply | None = None
+        self._in_headers = True
+        self._header_lines: list[bytes] = []
+        self._header_bytes = 0
+        self._partial = b""
+
+    # -- feeding ----------------------------------------------------------------------------------------------
+    async def feed(self, data: bytes) -> None:
+        """Take the next block (CRLF text). A trailing incomplete line waits for the next block."""
+        data = self._partial + data if self._partial else data
+        cut = data.rfind(b"\n") + 1 if self._in_headers else len(data) - (1 if data.endswith(b"\r") else 0)
+        self._partial = data[cut:]
+        if cut:
+            await self._take(data[:cut])
+        if self._in_headers and len(self._partial) > MAX_HEADER_BLOCK:
+            self._fail(replies.MALFORMED)
+            self._in_headers = False
+            self._partial = b""
+
+    async def finish(self) -> Reply | None:
+        """The message is complete: flush what is left. Returns the refusal, or None when all is well."""
+        tail, self._partial = self._partial, b""
+        if tail:
+            if self.strict and tail.endswith(b"\r"):
+                self._fail(replies.BARE_LINE_ENDING)
+            else:
+                await self._take(tail + b"\r\n")
+        if self._in_headers:
+            await self._end_headers(b"")
+        return self.error
+
+    async def _take(self, block: bytes) -> None:
+        if self.strict and bare_line_endings(block):
+            self._fail(replies.BARE_LINE_ENDING)
+        text = block.replace(b"\r\n", b"\n")
+        if not self.strict and b"\r" in text:
+            text = text.replace(b"\r", b"")  # local submissions: a lone CR carries nothing
+        if self._in_headers:
+            text = await self._take_header_lines(text)
+            if not text:
+                return
+        self.size += len(text)
+        if self.size > self.max_size:
+            self._fail(replies.TOO_BIG)
+        if self.error is None:
+            await self._write(text)
+
+    def _fail(self, reply: Reply) -> None:
+        if self.error is None:
+            self.error = reply
+
+    # -- the header block ---------------------------------------------------------------------------------------
+    async def _take_header_lines(self, text: bytes) -> bytes:
+        """Consume header lines from text (complete LF lines); return what follows the header block."""
+        position = 0
+        while position < len(text):
+            end = text.index(b"\n", position)
+            line = text[position:end]
+            position = end + 1
+            if line[:1] in (b" ", b"\t") and self._header_lines:
+                self._header_lines[-1] += b"\n" + line
+            elif _is_header_line(line):
+                self._header_lines.append(line)
+            else:
+                # The first line that is neither a header nor a continuation ends the block; it must be empty.
+                if line:
+                    self._fail(replies.MALFORMED)
+                await self._end_headers(b"\n" + line + b"\n" if line else b"\n")
+                return text[position:]
+            self._header_bytes += len(line) + 1
+            self.size += len(line) + 1
+        return b""
+
+    async def _end_headers(self, separator: bytes) -> None:
+        self._in_headers = False
+        if self.error is None:
+            self._check_headers()
+        headers = self._rewrite_headers() if self.error is None else []
+        self._header_lines = []
+        self.size += len(separator)
+        if self.size > self.max_size:
+            self._fail(replies.TOO_BIG)
+        if self.error is None:
+            block = self.received.encode("utf-8", "surrogateescape") + b"\n" + b"".join(
+                header + b"\n" for header in headers) + separator
+            await self._write(block)
+
+    def _check_headers(self) -> None:
+        received = 0
+        for header in self._header_lines:
+            name = header.split(b":", 1)[0]
+            if len(name) >= MAX_HEADER_NAME:
+                self._fail(replies.MALFORMED)
+                return
+            lowered = name.strip().lower()
+            if lowered == b"received":
+                received += 1
+            elif lowered.decode("latin-1") in _ADDRESS_HEADERS and len(header) >= MAX_ADDRESS_HEADER:
+                self._fail(replies.MALFORMED)
+                return
+        if received >= MAX_RECEIVED:
+            self._fail(replies.LOOP_DETECTED)
+
+    def _rewrite_headers(self) -> list[bytes]:
+        output: list[bytes] = []
+        seen: set[str] = set()
+        for header in self._header_lines:
+            raw_name, _, value = header.partition(b":")
+            name = raw_name.decode("latin-1").strip()
+            lowered = name.lower()
+            seen.add(lowered)
+            if lowered == "bcc":
+                continue
+            if lowered in _ADDRESS_HEADERS:
+                unfolded = value.replace(b"\n", b"").decode("utf-8", "surrogateescape").strip()
+                if lowered == "from" and self.masquerade_from is not None:
+                    unfolded = _masquerade(unfolded, self.masquerade_from)
+                else:
+                    unfolded = qualify_addresses(unfolded, self.hostname)
+                output.append(f"{name}: {unfolded}".encode("utf-8", "surrogateescape"))
+                continue
+            output.append(header)
+        if self.local_listener:
+            if "date" not in seen:
+                output.append(f"Date: {time_to_text()}".encode())
+            if "message-id" not in seen:
+                output.append(f"Message-ID: <{secrets.randbits(64):016x}@{self.hostname}>".encode())
+        return output
+
+
+def _is_header_line(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and bool(_HEADER_NAME_RE.fullmatch(name.rstrip(b" \t")))
+
+
+def split_address_list(value: str) -> list[str]:
+    """Split at commas outside quotes, comments and angle brackets."""
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
+    depth = 0
+    angle = False
+    escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quoted:
+            quoted = char != '"'
+        elif char == '"':
+            quoted = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif char == "<" and not depth:
+            angle = True
+        elif char == ">" and not depth:
+            angle = False
+        elif char == "," and not depth and not angle:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    items.append("".join(current))
+    return items
+
+
+def _qualify_one(item: str, hostname: str) -> str:
+    """Append @hostname to an address without a domain; leave groups, empty items and the rest alone."""
+    stripped = item.strip()
+    if not stripped or stripped.endswith(";") or ":" in stripped and "<" not in stripped:
+        return item
+    open_angle = stripped.rfind("<")
+    if open_angle >= 0:
+        close_angle = stripped.find(">", open_angle)
+        inside = stripped[open_angle + 1:close_angle if close_angle >= 0 else None]
+        if inside and "@" not in inside:
+            return item.replace(f"<{inside}>", f"<{inside}@{hostname}>", 1)
+        return item
+    bare = re.sub(r"\([^)]*\)", "", stripped).strip()
+    if bare and "@" not in bare and " " not in bare and '"' not in bare:
+        return item.replace(bare, f"{bare}@{hostname}", 1)
+    return item
+
+
+def qualify_addresses(value: str, hostname: str) -> str:
+    return ",".join(_qualify_one(item, hostname) for item in split_address_list(value))
+
+
+def _masquerade(value: str, sender: str) -> str:
+    """Replace the From: address by the envelope sender, keeping a display name."""
+    stripped = value.strip()
+    open_angle = stripped.rfind("<")
+    if open_angle >= 0:
+        return f"{stripped[:open_angle]}<{sender}>"
+    return f"<{sender}>" if sender else stripped
+
+
+def received_header(*, helo: str, rdns: str | None, client: str, mask_src: bool, smtpname: str,
+                    protocol: str, msgid: str, tls_text: str | None, rcpt: str | None,
+                    identity: str = replies.IDENTITY) -> str:
+    """The trace header, lines joined with LF+TAB, exactly as the reference lays it out (§7.6)."""
+    first = "Received: "
+    if not mask_src:
+        first += f"from {helo} ({rdns or '<unknown>'} [{client}])"
+        lines = [first, f"by {smtpname} ({identity}) with {protocol} id {msgid}"]
+    else:
+        lines = [f"{first}by {smtpname} ({identity}) with {protocol} id {msgid}"]
+    if tls_text:
+        lines[-1] += f" ({tls_text})"
+    if rcpt is not None:
+        lines.append(f"for <{rcpt}>")
+    lines[-1] += ";"
+    lines.append(time_to_text())
+    return "\n\t".join(lines)

@@ -1,0 +1,275 @@
+"""The SMTP server component: listening sockets, the accept loops, pause and resume, local enqueue.
+
+Every `listen on` becomes one bound socket per address (interface names, literals and host names resolved as
+the reference orders them). Accepting runs as one task per socket; pausing (`smtpctl pause smtp`, `smtpd -P
+smtp`) cancels those tasks and keeps the sockets bound and listening, so clients wait in the kernel backlog
+until resume, as OpenSMTPD does. Sessions in progress are not touched by pause, resume or reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from smtpd import log, trace
+from smtpd.config.model import Config, Listener, TlsMode
+from smtpd.lookup.tables.base import Service, TableError
+from smtpd.smtp import replies, tls
+from smtpd.smtp.session import Session, SessionLimits, local_user_name
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
+
+BACKLOG = 128
+_log = log.get("smtp")
+
+
+class ListenError(Exception):
+    pass
+
+
+@dataclass
+class Endpoint:
+    """One bound address of one listener, with what its sessions need."""
+
+    listener: Listener
+    address: str  # the bound address, or "local" for the socket listener
+    port: int
+    ssl_context: ssl.SSLContext | None
+    smtpname: str
+
+    @property
+    def token(self) -> str:
+        return f"{id(self):x}"
+
+
+@dataclass
+class _Bound:
+    sock: socket.socket
+    endpoint: Endpoint
+    task: asyncio.Task[None] | None = None
+
+
+class SmtpServer:
+    """daemon.smtp."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.limits = SessionLimits.from_environment()
+        self.bound: list[_Bound] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self.active = 0
+        self._config: Config | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._config = self.daemon.config
+        self.bound = self._bind_all(self.daemon.config)
+        self.daemon.pause_listeners.append(self._on_pause)
+        if not self.daemon.is_paused("smtp"):
+            self._start_accepting()
+
+    async def stop(self) -> None:
+        self._stop_accepting()
+        for bound in self.bound:
+            bound.sock.close()
+        self.bound = []
+        for task in list(self.sessions):
+            task.cancel()
+        if self.sessions:
+            await asyncio.wait(list(self.sessions), timeout=10)
+
+    async def reconfigure(self, old: Config, new: Config) -> list[str]:
+        """New sessions use the new config; listeners are rebound only when they changed."""
+        if old.listeners == new.listeners and old.pkis == new.pkis and old.cas == new.cas:
+            return []
+        fresh = self._bind_all(new, reuse=self.bound)
+        kept = {id(bound.sock) for bound in fresh}
+        paused = self.daemon.is_paused("smtp")
+        self._stop_accepting()
+        for bound in self.bound:
+            if id(bound.sock) not in kept:
+                bound.sock.close()
+        self.bound = fresh
+        if not paused:
+            self._start_accepting()
+        return [f"smtp: listening on {len(fresh)} address(es)"]
+
+    # -- binding --------------------------------------------------------------------------------------------
+    def _bind_all(self, config: Config, reuse: list[_Bound] | None = None) -> list[_Bound]:
+        previous = {(bound.endpoint.address, bound.endpoint.port): bound for bound in reuse or []}
+        result: list[_Bound] = []
+        try:
+            for listener in config.listeners:
+                if listener.is_socket:
+                    continue
+                context = self._context(config, listener)
+                addresses = _resolve(listener)
+                if not addresses:
+                    raise ListenError(f"invalid virtual ip or interface: {listener.interface}")
+                for address in addresses:
+                    endpoint = Endpoint(listener, address, listener.port, context,
+                                        self._smtpname(listener, address))
+                    old = previous.pop((address, listener.port), None)
+                    sock = old.sock if old is not None else _listening_socket(address, listener.port)
+                    result.append(_Bound(sock, endpoint))
+        except BaseException:
+            for bound in result:
+                if all(bound.sock is not old.sock for old in reuse or []):
+                    bound.sock.close()
+            raise
+        return result
+
+    def _context(self, config: Config, listener: Listener) -> ssl.SSLContext | None:
+        try:
+            return tls.server_context(config, listener, self.daemon.mailname)
+        except tls.TlsSetupError as error:
+            raise ListenError(str(error)) from None
+
+    def _smtpname(self, listener: Listener, address: str) -> str:
+        if listener.hostname:
+            return listener.hostname
+        if listener.hostnames_table and self.daemon.tables is not None:
+            try:
+                name = self.daemon.tables.lookup(listener.hostnames_table, Service.ADDRNAME, address)
+            except TableError:
+                name = None
+            if name:
+                return name
+        return self.daemon.mailname
+
+    # -- accepting ------------------------------------------------------------------------------------------
+    def _start_accepting(self) -> None:
+        for bound in self.bound:
+            if bound.task is None:
+                bound.task = asyncio.create_task(self._accept_loop(bound), name=f"smtp-accept-{bound.endpoint.port}")
+
+    def _stop_accepting(self) -> None:
+        for bound in self.bound:
+            if bound.task is not None:
+                bound.task.cancel()
+                bound.task = None
+
+    def _on_pause(self, daemon: Any, subsystem: str, paused: bool) -> None:
+        if subsystem != "smtp":
+            return
+        if paused:
+            self._stop_accepting()
+        else:
+            self._start_accepting()
+
+    async def _accept_loop(self, bound: _Bound) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(bound.sock)
+            except OSError as error:  # EMFILE and friends: wait a little rather than spin
+                _log.warning("smtp: accept failed: %s", error)
+                await asyncio.sleep(1)
+                continue
+            try:
+                await self._serve_connection(connection, bound.endpoint)
+            except OSError:
+                connection.close()
+
+    async def _serve_connection(self, connection: socket.socket, endpoint: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+
+        def connected(stream_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            session = Session(self, endpoint, stream_reader, writer)
+            self._track(session.run(proxy=endpoint.listener.proxy_v2,
+                                    smtps=endpoint.listener.tls is TlsMode.SMTPS))
+
+        # A client_connected callback makes the protocol server-side, which StreamWriter.start_tls needs.
+        protocol = asyncio.StreamReaderProtocol(reader, connected)
+        await loop.connect_accepted_socket(lambda: protocol, connection)
+
+    def _track(self, coroutine: Any) -> None:
+        self.active += 1
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.sessions.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self.sessions.discard(finished)
+            self.active -= 1
+
+        task.add_done_callback(done)
+
+    # -- local enqueue ----------------------------------------------------------------------------------------
+    async def serve_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uid: int) -> None:
+        """One SMTP session over an existing stream (sendmail through the control socket)."""
+        listener = next((item for item in self.daemon.config.listeners if item.is_socket), Listener("socket"))
+        name = listener.hostname or self.daemon.mailname
+        if self.daemon.is_paused("smtp"):
+            writer.write(replies.local_enqueue_paused().wire())
+            await writer.drain()
+            return
+        endpoint = Endpoint(listener, "local", 0, None, name)
+        session = Session(self, endpoint, reader, writer, local_user=local_user_name(uid))
+        self.active += 1
+        try:
+            await session.run()
+        finally:
+            self.active -= 1
+
+    # -- reverse DNS -------------------------------------------------------------------------------------------
+    async def reverse_name(self, ip: str) -> str | None:
+        resolver_address = os.environ.get("SMTPD_RESOLVER")
+        try:
+            if resolver_address:
+                return await asyncio.wait_for(_reverse_with_dnspython(ip, resolver_address), 10)
+            loop = asyncio.get_running_loop()
+            host, _ = await asyncio.wait_for(loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 10)
+            return str(host)
+        except (OSError, TimeoutError, ValueError, UnicodeError) as error:
+            trace.emit("smtp", f"no reverse name for {ip}: {error}", address=ip)
+            return None
+        except Exception as error:  # noqa: BLE001 — dnspython's NXDOMAIN/NoAnswer/...: simply no name
+            trace.emit("smtp", f"no reverse name for {ip}: {error}", address=ip)
+            return None
+
+
+def _resolve(listener: Listener) -> list[str]:
+    """The addresses the parser resolved, else resolve now (configs built by hand)."""
+    resolved = getattr(listener, "addresses", ())
+    if resolved:
+        return list(resolved)
+    from smtpd.config.interfaces import resolve_listen_target
+
+    return resolve_listen_target(listener.interface, listener.family)
+
+
+def _listening_socket(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise ListenError(f"cannot listen on {address} port {port}: {error.strerror}") from None
+    return sock
+
+
+async def _reverse_with_dnspython(ip: str, resolver_address: str) -> str | None:
+    import dns.asyncresolver
+    import dns.reversename
+
+    host, _, port = resolver_address.rpartition(":")
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [host.strip("[]") or resolver_address]
+    if port.isdigit():
+        resolver.port = int(port)
+    answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR", lifetime=5)
+    for record in answer:
+        return str(record.target).rstrip(".")
+    return None

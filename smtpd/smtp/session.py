@@ -1,0 +1,840 @@
+"""One SMTP session: OpenSMTPD's states on asyncio streams (reference §7).
+
+States (as the `smtp` traces name them): STATE_NEW -> STATE_CONNECTED (banner sent) -> STATE_TLS (STARTTLS
+handshake) -> STATE_HELO (identified) -> STATE_AUTH_* (AUTH exchange) -> STATE_BODY (DATA/BDAT) -> STATE_QUIT.
+
+Framing differs from OpenSMTPD on purpose, because we offer PIPELINING: a command line ends only at CRLF (a
+bare LF is refused, it never ends or starts a command); DATA ends only at CRLF.CRLF and a message holding a
+bare CR or LF is refused whole (docs/smtp.md, "SMTP smuggling"). Input is read in large blocks into one buffer;
+commands are taken from it one at a time, so pipelined commands are answered in order and replies are flushed
+when the buffer holds no further complete command. Anything buffered after STARTTLS is a command injection
+attempt (CVE-2011-0411 class): the session is dropped.
+
+A session keeps the config snapshot it began with; a reload affects only new sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+import pwd
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shared.ids import format_evpid, format_msgid, new_session_id
+from smtpd import log, trace
+from smtpd.config.model import AuthMode, Listener, TlsMode
+from smtpd.lookup.facts import SessionFacts
+from smtpd.lookup.tables.base import Service, TableError
+from smtpd.queue.envelope import DsnNotify, Envelope
+from smtpd.smtp import address as addr
+from smtpd.smtp import replies, tls
+from smtpd.smtp.auth import AuthResult, authenticate
+from smtpd.smtp.headers import MessageBuilder, received_header
+from smtpd.smtp.replies import Reply
+from smtpd.stats import STATS
+
+if TYPE_CHECKING:
+    from smtpd.smtp.listener import Endpoint, SmtpServer
+
+LINE_MAX_BYTES = 65535
+COMMAND_MAX = 2048
+READ_SIZE = 65536
+DATA_READ_SIZE = 256 * 1024
+MAX_BAD_COMMANDS = 20
+MAX_AUTH_FAILURES = 3
+
+_log = log.get("smtp")
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Timeouts in seconds. ``timeout``: a whole command line, or each 64 KiB of message data, must arrive
+    within it (so a client dribbling bytes cannot hold a slot); ``lifetime``: the longest a session may last."""
+
+    timeout: float = 300.0
+    lifetime: float = 3600.0
+    max_sessions: int = 1000
+
+    @classmethod
+    def from_environment(cls) -> SessionLimits:
+        def number(name: str, default: float) -> float:
+            try:
+                return float(os.environ.get(name, default))
+            except ValueError:
+                return default
+
+        return cls(timeout=number("SMTPD_SMTP_TIMEOUT", 300.0), lifetime=number("SMTPD_SMTP_LIFETIME", 3600.0),
+                   max_sessions=int(number("SMTPD_SMTP_MAX_SESSIONS", 1000)))
+
+
+class _Close(Exception):
+    """End the session (after the reply that says why, if any); ``reason`` goes to the disconnect log."""
+
+    def __init__(self, reason: str = "disconnect") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Recipient:
+    address: addr.Mailaddr
+    parameters: addr.RcptParameters
+    deliveries: list[Envelope]
+
+
+@dataclass
+class _Transaction:
+    sender: addr.Mailaddr
+    parameters: addr.MailParameters
+    recipients: list[_Recipient] = field(default_factory=list)
+    message: Any = None  # the queue's IncomingMessage once DATA/BDAT began
+    builder: MessageBuilder | None = None
+    bdat_used: bool = False
+
+
+class Session:
+    def __init__(self, server: SmtpServer, endpoint: Endpoint, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, *, local_user: str | None = None) -> None:
+        self.server = server
+        self.daemon = server.daemon
+        self.config = server.daemon.config
+        self.endpoint = endpoint
+        self.listener: Listener = endpoint.listener
+        self.limits = server.limits
+        self.reader = reader
+        self.writer = writer
+        self.id = new_session_id()
+        self.token = f"{self.id:016x}"
+        self.buffer = bytearray()
+        self.state = "STATE_NEW"
+        self.local = local_user is not None
+        self.started = time.monotonic()
+        # who the client is
+        self.client_ip = "local" if self.local else ""
+        self.client_port = 0
+        self.rdns: str | None = None
+        self.smtpname = endpoint.smtpname
+        self.helo: str | None = None
+        self.esmtp = False
+        self.secure = False
+        self.tls_text: str | None = None
+        self.auth_user: str | None = local_user
+        self.authenticated = self.local
+        # counters
+        self.mails = 0
+        self.bad_commands = 0
+        self.auth_failures = 0
+        self.transaction: _Transaction | None = None
+        self.disconnect_reason = "disconnect"
+
+    # -- facts -------------------------------------------------------------------------------------------------
+    @property
+    def client_text(self) -> str:
+        """The client as HELO replies and Received print it: `1.2.3.4`, `::1`, or `local`."""
+        return self.client_ip
+
+    @property
+    def sockaddr(self) -> str:
+        if self.local:
+            return "local"
+        return f"[{self.client_ip}]" if ":" in self.client_ip else self.client_ip
+
+    @property
+    def dsn_offered(self) -> bool:
+        return not self.listener.no_dsn
+
+    def facts(self) -> SessionFacts:
+        return SessionFacts(address=self.client_ip if not self.local else "local", rdns=self.rdns,
+                            helo=self.helo or "", auth_user=self.auth_user if self.authenticated else None,
+                            tls=self.secure, tag=self.listener.tag, listener_hostname=self.smtpname,
+                            local_socket=self.local)
+
+    # -- running -----------------------------------------------------------------------------------------------
+    async def run(self, *, proxy: bool = False, smtps: bool = False) -> None:
+        STATS.increment("smtp.session")
+        try:
+            async with asyncio.timeout(self.limits.lifetime):
+                await self._connect(proxy, smtps)
+                await self._command_loop()
+        except _Close as close:
+            self.disconnect_reason = close.reason
+        except TimeoutError:
+            self.disconnect_reason = "timeout"
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, EOFError):
+            self.disconnect_reason = "disconnect"
+        except asyncio.CancelledError:
+            self.disconnect_reason = "shutdown"
+            await self._send_quietly(replies.shutting_down(self.smtpname))
+            raise
+        except Exception:  # noqa: BLE001 — the daemon never dies of one session's input
+            _log.exception("%s smtp session failed", self.token)
+            await self._send_quietly(replies.INTERNAL_ERROR)
+            self.disconnect_reason = "error"
+        finally:
+            await self._cleanup()
+
+    async def _connect(self, proxy: bool, smtps: bool) -> None:
+        if not self.local:
+            peer = self.writer.get_extra_info("peername") or ("", 0)
+            self.client_ip, self.client_port = str(peer[0]).split("%")[0], int(peer[1])
+            if proxy:
+                await self._read_proxy_header()
+            family = "inet6" if ":" in self.client_ip else "inet4"
+            STATS.increment(f"smtp.session.{family}")
+            self.rdns = await self.server.reverse_name(self.client_ip)
+        else:
+            STATS.increment("smtp.session.local")
+            self.rdns = self.daemon.mailname
+        trace.emit("smtp", f"{self.token}: connected to listener {self.endpoint.token} "
+                   f"[hostname={self.smtpname}, port={self.endpoint.port}, tag={self.listener.tag or ''}]",
+                   session=self.token, address=self.client_ip)
+        _log.info("%s smtp connected address=%s host=%s", self.token, self.sockaddr if not self.local else "local",
+                  self.rdns or "<unknown>")
+        if self.server.active > self.limits.max_sessions:
+            await self.reply(replies.too_many_sessions(self.smtpname))
+            raise _Close("too many sessions")
+        if smtps:
+            await self._start_tls()
+            STATS.increment("smtp.smtps")
+        self._set_state("STATE_CONNECTED")
+        await self.reply(replies.banner(self.smtpname))
+
+    async def _read_proxy_header(self) -> None:
+        from aiosmtpd.proxy_protocol import get_proxy
+
+        async with asyncio.timeout(self.limits.timeout):
+            data = await get_proxy(self.reader)
+        if not data.valid or data.src_addr is None:
+            trace.emit("smtp", f"{self.token}: bad PROXY header: {data.error}", session=self.token)
+            raise _Close("bad proxy header")
+        self.client_ip = str(data.src_addr)
+        self.client_port = int(data.src_port or 0)
+
+    async def _cleanup(self) -> None:
+        STATS.decrement("smtp.session")
+        await self._abort_transaction()
+        self._set_state("STATE_QUIT")
+        _log.info("%s smtp disconnected reason=%s", self.token, self.disconnect_reason)
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 — the peer may be long gone
+            pass
+
+    async def _send_quietly(self, reply: Reply) -> None:
+        try:
+            self.writer.write(reply.wire())
+            await asyncio.wait_for(self.writer.drain(), 2)
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001
+            pass
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            trace.emit("smtp", f"{self.token}: {self.state} -> {state}", session=self.token, state=state)
+            self.state = state
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    async def _fill(self, size: int = READ_SIZE) -> None:
+        data = await self.reader.read(size)
+        if not data:
+            raise _Close("disconnect")
+        self.buffer += data
+
+    async def read_line(self) -> str:
+        """The next command line (without CRLF), within the idle timeout."""
+        async with asyncio.timeout(self.limits.timeout):
+            while True:
+                end = self.buffer.find(b"\n")
+                if end >= 0:
+                    break
+                if len(self.buffer) >= LINE_MAX_BYTES:
+                    await self.reply(replies.LINE_TOO_LONG)
+                    raise _Close("line too long")
+                await self._fill()
+        if end >= LINE_MAX_BYTES:
+            await self.reply(replies.LINE_TOO_LONG)
+            raise _Close("line too long")
+        raw = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        elif not self.local:
+            # A bare LF never ends a command line: answer it as an error and do not act on its text.
+            self._trace_input(raw.decode("utf-8", "surrogateescape"))
+            await self.reply(replies.BARE_LF_COMMAND, command=raw.decode("utf-8", "replace")[:40])
+            return await self.read_line()
+        if len(raw) >= COMMAND_MAX:
+            await self.reply(replies.COMMAND_TOO_LONG)
+            raise _Close("command too long")
+        return raw.decode("utf-8", "surrogateescape")
+
+    def _trace_input(self, line: str, secret: bool = False) -> None:
+        if trace.wants("smtp"):
+            shown = line
+            if secret:
+                shown = "********"
+            elif line[:5].upper() == "AUTH ":
+                words = line.split(" ")
+                shown = " ".join(words[:2] + (["********"] if len(words) > 2 else []))
+            trace.emit("smtp", f"{self.token}: <<< {shown}", session=self.token)
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    async def reply(self, reply: Reply, *, command: str | None = None) -> None:
+        self.writer.write(reply.wire())
+        if trace.wants("smtp"):
+            for line in str(reply).split("\n"):
+                trace.emit("smtp", f"{self.token}: >>> {line}", session=self.token, code=reply.code)
+        if reply.failed and command is not None:
+            _log.info('%s smtp failed-command command="%s" result="%s"', self.token, command,
+                      str(reply).split("\n")[0])
+        # Flush when no further pipelined command waits (RFC 2920: replies may be grouped).
+        if b"\n" not in self.buffer:
+            async with asyncio.timeout(self.limits.timeout):
+                await self.writer.drain()
+
+    async def _error(self, reply: Reply, command: str) -> None:
+        """A client error: reply, and close after too many of them."""
+        await self.reply(reply, command=command)
+        self.bad_commands += 1
+        if self.bad_commands >= MAX_BAD_COMMANDS:
+            await self.reply(replies.too_many_errors(self.smtpname))
+            raise _Close("too many errors")
+
+    # -- the command loop --------------------------------------------------------------------------------------------
+    async def _command_loop(self) -> None:
+        handlers = {
+            "HELO": self.cmd_helo, "EHLO": self.cmd_ehlo, "STARTTLS": self.cmd_starttls, "AUTH": self.cmd_auth,
+            "MAIL FROM": self.cmd_mail, "RCPT TO": self.cmd_rcpt, "DATA": self.cmd_data, "BDAT": self.cmd_bdat,
+            "RSET": self.cmd_rset, "NOOP": self.cmd_noop, "QUIT": self.cmd_quit, "HELP": self.cmd_help,
+            "WIZ": self.cmd_wiz,
+        }
+        while True:
+            line = await self.read_line()
+            self._trace_input(line)
+            verb, argument = split_command(line)
+            handler = handlers.get(verb)
+            if handler is None:
+                await self._error(replies.UNKNOWN_COMMAND, line)
+                continue
+            await handler(argument, line)
+
+    # -- commands ----------------------------------------------------------------------------------------------------
+    async def _no_arguments(self, argument: str, line: str) -> bool:
+        if argument:
+            await self._error(replies.NO_ARGUMENTS, line)
+            return False
+        return True
+
+    async def cmd_noop(self, argument: str, line: str) -> None:
+        if await self._no_arguments(argument, line):
+            await self.reply(replies.NOOP_OK)
+
+    async def cmd_help(self, argument: str, line: str) -> None:
+        if await self._no_arguments(argument, line):
+            await self.reply(replies.HELP)
+
+    async def cmd_wiz(self, argument: str, line: str) -> None:
+        if await self._no_arguments(argument, line):
+            await self._error(replies.WIZ, line)
+
+    async def cmd_quit(self, argument: str, line: str) -> None:
+        if await self._no_arguments(argument, line):
+            await self.reply(replies.QUIT_OK)
+            raise _Close("quit")
+
+    async def cmd_rset(self, argument: str, line: str) -> None:
+        if not await self._no_arguments(argument, line):
+            return
+        if self.helo is None:
+            await self._error(replies.BAD_SEQUENCE, line)
+            return
+        await self._abort_transaction()
+        self._set_state("STATE_HELO")
+        await self.reply(replies.RSET_OK)
+
+    async def cmd_helo(self, argument: str, line: str) -> None:
+        await self._identify(argument, line, extended=False)
+
+    async def cmd_ehlo(self, argument: str, line: str) -> None:
+        await self._identify(argument, line, extended=True)
+
+    async def _identify(self, argument: str, line: str, *, extended: bool) -> None:
+        if self.helo is not None:
+            await self._error(replies.ALREADY_IDENTIFIED, line)
+            return
+        if not argument:
+            await self._error(replies.EHLO_NEEDS_DOMAIN if extended else replies.HELO_NEEDS_DOMAIN, line)
+            return
+        name = argument.split(" ")[0] if extended else argument.strip()
+        if not addr.valid_helo(name):
+            await self._error(replies.BAD_HELO_DOMAIN, line)
+            return
+        self.helo, self.esmtp = name, extended
+        self._set_state("STATE_HELO")
+        if extended:
+            await self.reply(replies.ehlo_ok(self.smtpname, name, self.client_text, self.extensions()))
+        else:
+            await self.reply(replies.helo_ok(self.smtpname, name, self.client_text))
+
+    def extensions(self) -> list[str]:
+        offered = ["8BITMIME", "ENHANCEDSTATUSCODES", f"SIZE {self.config.smtp.max_message_size}"]
+        if self.dsn_offered:
+            offered.append("DSN")
+        offered += ["PIPELINING", "CHUNKING", "SMTPUTF8"]
+        if self.starttls_offered:
+            offered.append("STARTTLS")
+        if self.auth_offered:
+            offered.append("AUTH PLAIN LOGIN")
+        offered.append("HELP")
+        return offered
+
+    @property
+    def starttls_offered(self) -> bool:
+        return self.listener.tls in (TlsMode.STARTTLS, TlsMode.REQUIRE) and not self.secure and not self.local
+
+    @property
+    def auth_offered(self) -> bool:
+        return self.listener.auth is not AuthMode.NONE and self.secure and not self.authenticated
+
+    # -- STARTTLS ------------------------------------------------------------------------------------------------------
+    async def cmd_starttls(self, argument: str, line: str) -> None:
+        if self.helo is None or self.transaction is not None:
+            await self._error(replies.BAD_SEQUENCE, line)
+            return
+        if argument:
+            await self._error(replies.NO_PARAMETERS_ALLOWED, line)
+            return
+        if self.secure:
+            await self._error(replies.ALREADY_SECURE, line)
+            return
+        if not self.starttls_offered:
+            await self._error(replies.NOT_SUPPORTED, line)
+            return
+        await self.reply(replies.STARTTLS_OK)
+        await self._start_tls()
+        STATS.increment("smtp.tls")
+        # STARTTLS resets the identification (RFC 3207): the client must say EHLO again.
+        self.helo = None
+        self.esmtp = False
+        self._set_state("STATE_CONNECTED")
+
+    async def _start_tls(self) -> None:
+        if self.buffer or _stream_has_buffered_data(self.reader):
+            # Plaintext sent after STARTTLS would be taken as if it came over TLS: an injection attempt.
+            trace.emit("smtp", f"{self.token}: data pipelined after STARTTLS, dropping the session",
+                       session=self.token)
+            raise _Close("data after starttls")
+        self._set_state("STATE_TLS")
+        if self.endpoint.ssl_context is None:
+            raise _Close("no tls context")
+        try:
+            await self.writer.start_tls(self.endpoint.ssl_context, ssl_handshake_timeout=self.limits.timeout)
+        except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as error:
+            trace.emit("smtp", f"{self.token}: TLS handshake failed: {error}", session=self.token)
+            raise _Close("tls handshake failed") from None
+        self.secure = True
+        self.tls_text = tls.describe(self.writer.get_extra_info("ssl_object"))
+
+    # -- AUTH ------------------------------------------------------------------------------------------------------------
+    async def cmd_auth(self, argument: str, line: str) -> None:
+        if self.helo is None or self.transaction is not None:
+            await self._error(replies.BAD_SEQUENCE, "AUTH")
+            return
+        if self.authenticated:
+            await self._error(replies.ALREADY_AUTHENTICATED, "AUTH")
+            return
+        if not self.auth_offered:
+            await self._error(replies.NOT_SUPPORTED, "AUTH")
+            return
+        if not argument:
+            await self._error(replies.AUTH_NO_PARAMETERS, "AUTH")
+            return
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        self._set_state("STATE_AUTH_INIT")
+        try:
+            if mechanism == "PLAIN":
+                credentials = await self._auth_plain(initial.strip())
+            elif mechanism == "LOGIN":
+                credentials = await self._auth_login(initial.strip())
+            else:
+                await self._error(replies.auth_method_unsupported(mechanism), "AUTH")
+                return
+            if credentials is None:
+                await self._error(replies.AUTH_SYNTAX, "AUTH")
+                return
+            await self._check_credentials(*credentials)
+        finally:
+            self._set_state("STATE_HELO")
+
+    async def _auth_response(self, prompt: Reply, state: str) -> str:
+        self._set_state(state)
+        await self.reply(prompt)
+        line = await self.read_line()
+        self._trace_input(line, secret=True)
+        return line
+
+    async def _auth_plain(self, initial: str) -> tuple[str, str] | None:
+        if not initial:
+            initial = await self._auth_response(replies.AUTH_CONTINUE_EMPTY, "STATE_AUTH_INIT")
+        decoded = _b64decode(initial)
+        if decoded is None or decoded.count(b"\0") != 2:
+            return None
+        _authzid, user, password = decoded.split(b"\0")
+        if not user:
+            return None
+        return user.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")
+
+    async def _auth_login(self, initial: str) -> tuple[str, str] | None:
+        if not initial:
+            initial = await self._auth_response(replies.AUTH_USERNAME_PROMPT, "STATE_AUTH_USERNAME")
+        user = _b64decode(initial)
+        if not user:
+            return None
+        answer = await self._auth_response(replies.AUTH_PASSWORD_PROMPT, "STATE_AUTH_PASSWORD")
+        password = _b64decode(answer)
+        if password is None:
+            return None
+        return user.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")
+
+    async def _check_credentials(self, user: str, password: str) -> None:
+        self._set_state("STATE_AUTH_FINALIZE")
+        result = await authenticate(self.daemon.tables, self.listener.auth_table, user, password)
+        _log.info("%s smtp authentication user=%s result=%s", self.token, user, result.value)
+        if result is AuthResult.OK:
+            self.auth_user, self.authenticated = user, True
+            await self.reply(replies.AUTH_OK)
+        elif result is AuthResult.TEMPFAIL:
+            await self.reply(replies.AUTH_TEMPFAIL, command="AUTH")
+        else:
+            self.auth_failures += 1
+            await self.reply(replies.AUTH_FAILED, command="AUTH")
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                await self.reply(replies.too_many_auth_failures(self.smtpname))
+                raise _Close("too many authentication failures")
+
+    # -- MAIL ---------------------------------------------------------------------------------------------------------------
+    async def cmd_mail(self, argument: str, line: str) -> None:
+        if self.helo is None or self.transaction is not None:
+            await self._error(replies.BAD_SEQUENCE, line)
+            return
+        if self.listener.tls is TlsMode.REQUIRE and not self.secure and not self.local:
+            await self._error(replies.MUST_STARTTLS, line)
+            return
+        if self.listener.auth is AuthMode.REQUIRED and not self.authenticated:
+            await self._error(replies.MUST_AUTH, line)
+            return
+        if self.mails >= self.config.smtp.max_mails:
+            await self.reply(replies.TOO_MANY_MAILS, command=line)
+            return
+        try:
+            inner, parameter_text = addr.split_path(argument)
+            parameters = addr.parse_mail_parameters(parameter_text, dsn=self.dsn_offered and self.esmtp,
+                                                    smtputf8_offered=self.esmtp)
+            sender = addr.parse_path_address(inner, allow_null=True, default_domain=self.smtpname,
+                                             utf8=parameters.smtputf8)
+        except addr.ParameterError as error:
+            reply = replies.envid_too_large(error.value) if error.kind == "too-large" \
+                else replies.unsupported_option(error.value)
+            await self._error(reply, line)
+            return
+        except addr.AddressError:
+            await self._error(replies.SENDER_SYNTAX, line)
+            return
+        if not await self._sender_allowed(sender, line):
+            return
+        self.transaction = _Transaction(sender, parameters)
+        await self.reply(replies.MAIL_OK)
+
+    async def _sender_allowed(self, sender: addr.Mailaddr, line: str) -> bool:
+        table = self.listener.senders_table
+        if table is None or not self.authenticated or self.local:
+            return True
+        try:
+            value = await asyncio.to_thread(self.daemon.tables.lookup, table, Service.MAILADDRMAP,
+                                            self.auth_user or "")
+        except TableError:
+            await self.reply(replies.TEMPORARY_ERROR, command=line)
+            return False
+        patterns = [item.strip() for item in (value or "").split(",") if item.strip()]
+        if any(addr.mailaddr_pattern_matches(pattern, sender, self.config.smtp.sub_addr_delim)
+               for pattern in patterns):
+            return True
+        await self.reply(replies.SENDER_REJECTED, command=line)
+        return False
+
+    # -- RCPT ------------------------------------------------------------------------------------------------------------------
+    async def cmd_rcpt(self, argument: str, line: str) -> None:
+        transaction = self.transaction
+        if transaction is None or transaction.message is not None:
+            await self._error(replies.BAD_SEQUENCE, line)
+            return
+        if len(transaction.recipients) >= self.config.smtp.max_rcpt:
+            await self.reply(replies.TOO_MANY_RCPTS, command=line)
+            return
+        try:
+            inner, parameter_text = addr.split_path(argument)
+            rcpt = addr.parse_path_address(inner, allow_null=False, default_domain=self.smtpname,
+                                           utf8=transaction.parameters.smtputf8)
+        except addr.AddressError:
+            await self._error(replies.RECIPIENT_SYNTAX, line)
+            return
+        try:
+            parameters = addr.parse_rcpt_parameters(parameter_text, dsn=self.dsn_offered and self.esmtp,
+                                                    utf8=transaction.parameters.smtputf8,
+                                                    default_domain=self.smtpname)
+        except addr.ParameterError as error:
+            reply = {"never-combined": replies.NOTIFY_NEVER_COMBINED, "orcpt": replies.ORCPT_SYNTAX}.get(
+                error.kind, replies.unsupported_rcpt_option(error.value))
+            await self._error(reply, line)
+            return
+        refusal, deliveries = await self._expand(transaction.sender, rcpt)
+        if refusal is not None:
+            await self.reply(refusal, command=line)
+            return
+        transaction.recipients.append(_Recipient(rcpt, parameters, deliveries))
+        await self.reply(replies.RCPT_OK)
+
+    async def _expand(self, sender: addr.Mailaddr, rcpt: addr.Mailaddr) -> tuple[Reply | None, list[Envelope]]:
+        from smtpd.lookup.expand import expand_recipient
+
+        try:
+            result = await asyncio.to_thread(expand_recipient, self.config, self.daemon.tables, self.facts(),
+                                             str(sender), str(rcpt), self.smtpname)
+        except TableError:
+            return replies.rcpt_refused(*replies.TEMPORARY_FAILURE, str(rcpt)), []
+        if result.refusal is not None:
+            return replies.rcpt_refused(result.refusal[0], result.refusal[1], str(rcpt)), []
+        return None, list(result.deliveries)
+
+    # -- DATA and BDAT -----------------------------------------------------------------------------------------------------------
+    async def cmd_data(self, argument: str, line: str) -> None:
+        transaction = self.transaction
+        if transaction is None:
+            await self._error(replies.BAD_SEQUENCE, line)
+            return
+        if not await self._no_arguments(argument, line):
+            return
+        if transaction.bdat_used:
+            await self._error(replies.DATA_AFTER_BDAT, line)
+            return
+        if not transaction.recipients:
+            await self._error(replies.NO_RECIPIENT, line)
+            return
+        await self._open_message(transaction)
+        self._set_state("STATE_BODY")
+        await self.reply(replies.DATA_OK)
+        await self._receive_data(transaction)
+        await self._complete(transaction)
+
+    async def _open_message(self, transaction: _Transaction) -> None:
+        try:
+            transaction.message = self.daemon.queue.new_message()
+        except Exception:  # noqa: BLE001 — QueueError or OSError: the client retries later
+            _log.warning("%s smtp: cannot create a message in the queue", self.token, exc_info=True)
+            await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
+            raise _Close("queue failure") from None
+        message = transaction.message
+        transaction.builder = MessageBuilder(
+            message.write, max_size=self.config.smtp.max_message_size,
+            received=self._received(transaction, format_msgid(message.msgid)), hostname=self.smtpname,
+            local_listener=self._is_local_listener(),
+            masquerade_from=str(transaction.sender) if self.listener.masquerade and self.authenticated else None,
+            strict=not self.local)
+
+    def _is_local_listener(self) -> bool:
+        from smtpd.config.interfaces import is_loopback
+
+        return self.local or is_loopback(self.endpoint.address)
+
+    def _received(self, transaction: _Transaction, msgid: str) -> str:
+        protocol = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.secure else "") + (
+            "A" if self.authenticated else "")
+        tls_text = self.tls_text
+        if tls_text and self.listener.received_auth:
+            tls_text += f" auth=yes user={self.auth_user}" if self.authenticated and not self.local else " auth=no"
+        rcpt = str(transaction.recipients[0].address) if len(transaction.recipients) == 1 else None
+        client = "local" if self.local else self.client_ip
+        return received_header(helo=self.helo or "", rdns=self.rdns, client=client,
+                               mask_src=self.listener.mask_src, smtpname=self.smtpname, protocol=protocol,
+                               msgid=msgid, tls_text=tls_text, rcpt=rcpt)
+
+    async def _receive_data(self, transaction: _Transaction) -> None:
+        """Read DATA up to CRLF.CRLF, dot-unstuff, and feed the builder in large blocks."""
+        builder = transaction.builder
+        assert builder is not None
+        while True:
+            end = _data_terminator(self.buffer)
+            if end is not None:
+                body = bytes(self.buffer[:end])
+                del self.buffer[:end + 3]
+                if body:
+                    await builder.feed(_unstuff(body))
+                trace.emit("smtp", f"{self.token}: <<< [EOM]", session=self.token)
+                return
+            # Everything up to the last CRLF is complete lines; the end marker may still be split.
+            cut = self.buffer.rfind(b"\r\n")
+            if cut > 0:
+                block = bytes(self.buffer[:cut])
+                del self.buffer[:cut]  # keep the CRLF: it may begin "\r\n.\r\n"
+                await builder.feed(_unstuff(block))
+                if trace.wants("smtp"):
+                    trace.emit("smtp", f"{self.token}: <<< [MSG] {len(block)} bytes", session=self.token)
+            if len(self.buffer) > LINE_MAX_BYTES + 2:
+                await self.reply(replies.LINE_TOO_LONG)
+                raise _Close("line too long")
+            async with asyncio.timeout(self.limits.timeout):
+                await self._fill(DATA_READ_SIZE)
+
+    async def cmd_bdat(self, argument: str, line: str) -> None:
+        words = argument.split(" ")
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if not words[0].isdigit() or len(words) > 2 or (len(words) == 2 and not last):
+            await self.reply(replies.BDAT_SYNTAX, command=line)
+            raise _Close("bad bdat")  # the chunk's length is unknown: the dialog cannot stay in step
+        size = int(words[0])
+        transaction = self.transaction
+        error: Reply | None = None
+        if transaction is None:
+            error = replies.BAD_SEQUENCE
+        elif not transaction.recipients:
+            error = replies.NO_RECIPIENT
+        if error is not None or transaction is None:
+            await self._read_chunk(size, None)  # RFC 3030: the chunk is read (and dropped) all the same
+            await self._error(error or replies.BAD_SEQUENCE, line)
+            return
+        if transaction.message is None:
+            transaction.bdat_used = True
+            await self._open_message(transaction)
+            self._set_state("STATE_BODY")
+        await self._read_chunk(size, transaction.builder)
+        if last:
+            await self._complete(transaction)
+        else:
+            await self.reply(replies.bdat_ok(size))
+
+    async def _read_chunk(self, size: int, builder: MessageBuilder | None) -> None:
+        remaining = size
+        while remaining:
+            if not self.buffer:
+                async with asyncio.timeout(self.limits.timeout):
+                    await self._fill(min(DATA_READ_SIZE, remaining))
+            block = bytes(self.buffer[:remaining])
+            del self.buffer[:len(block)]
+            remaining -= len(block)
+            if builder is not None:
+                await builder.feed(block)
+
+    async def _complete(self, transaction: _Transaction) -> None:
+        """The message is all in: refuse it, or make it durable and say 250."""
+        builder, message = transaction.builder, transaction.message
+        assert builder is not None and message is not None
+        refusal = await builder.finish()
+        self.transaction = None
+        self._set_state("STATE_HELO")
+        if refusal is not None:
+            await message.abort()
+            await self.reply(refusal, command="DATA")
+            return
+        envelopes = self._envelopes(transaction)
+        try:
+            for envelope in envelopes:
+                message.add_envelope(envelope)
+            await message.commit()
+        except Exception:  # noqa: BLE001 — a queue failure: nothing was accepted
+            _log.warning("%s smtp: queue commit failed", self.token, exc_info=True)
+            await message.abort()
+            await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
+            raise _Close("queue failure") from None
+        self.mails += 1
+        msgid = format_msgid(message.msgid)
+        _log.info("%s smtp message msgid=%s size=%d nrcpt=%d proto=%s", self.token, msgid, builder.size,
+                  len(transaction.recipients), "ESMTP" if self.esmtp else "SMTP")
+        for envelope in envelopes:
+            _log.info("%s smtp envelope evpid=%s from=<%s> to=<%s>", self.token, format_evpid(envelope.evpid),
+                      envelope.sender, envelope.dest or envelope.rcpt)
+        await self.reply(replies.message_accepted(msgid))
+
+    def _envelopes(self, transaction: _Transaction) -> list[Envelope]:
+        now = int(time.time())
+        result: list[Envelope] = []
+        for recipient in transaction.recipients:
+            notify = DsnNotify.NONE
+            for word in recipient.parameters.notify:
+                notify |= DsnNotify[word]
+            for delivery in recipient.deliveries:
+                delivery.sender = str(transaction.sender)
+                delivery.rcpt = str(recipient.address)
+                delivery.helo = self.helo or ""
+                delivery.hostname = self.rdns or "<unknown>"
+                delivery.sockaddr = self.sockaddr
+                delivery.smtpname = self.smtpname
+                delivery.tag = self.listener.tag or ""
+                delivery.ctime = now
+                if self.authenticated:
+                    delivery.username = self.auth_user or ""
+                    delivery.flags.add("authenticated")
+                delivery.dsn_notify = notify
+                delivery.dsn_ret = transaction.parameters.ret
+                delivery.dsn_envid = transaction.parameters.envid
+                delivery.dsn_orcpt = recipient.parameters.orcpt
+                result.append(delivery)
+        return result
+
+    async def _abort_transaction(self) -> None:
+        transaction, self.transaction = self.transaction, None
+        if transaction is not None and transaction.message is not None:
+            try:
+                await transaction.message.abort()
+            except Exception:  # noqa: BLE001
+                _log.warning("%s smtp: aborting a message failed", self.token, exc_info=True)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------------
+def split_command(line: str) -> tuple[str, str]:
+    """`MAIL FROM:` / `RCPT TO:` split at the first ':', other commands at the first space (§7.1)."""
+    upper = line.upper()
+    for verb in ("MAIL FROM", "RCPT TO"):
+        if upper.startswith(verb + ":"):
+            return verb, line[len(verb) + 1:].lstrip(" ")
+    verb, _, argument = line.partition(" ")
+    return verb.upper(), argument.lstrip(" ")
+
+
+def _data_terminator(buffer: bytearray) -> int | None:
+    """Where the line "." begins, if the buffer (which starts at a line start) holds CRLF.CRLF."""
+    if buffer.startswith(b".\r\n"):
+        return 0
+    found = buffer.find(b"\r\n.\r\n")
+    return None if found < 0 else found + 2
+
+
+def _unstuff(block: bytes) -> bytes:
+    """Remove one leading dot from every line of a block that starts at a line start."""
+    if block.startswith(b"."):
+        block = block[1:]
+    return block.replace(b"\r\n.", b"\r\n")
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeError):
+        return None
+
+
+def _stream_has_buffered_data(reader: asyncio.StreamReader) -> bool:
+    # StreamReader offers no public way to peek; its buffer is what a STARTTLS injection would leave there.
+    return bool(getattr(reader, "_buffer", b""))
+
+
+def local_user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

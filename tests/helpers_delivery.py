@@ -1,0 +1,125 @@
+"""Helpers for the local-delivery tests: real system users, small tables, and configs built in code."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from smtpd.config.model import Action, Condition, Config, MatchRule, Method, SmtpOptions
+from smtpd.lookup.tables.base import Service, TableError
+
+
+@contextmanager
+def system_user(home_parent: str, prefix: str = "pyt") -> Iterator[pwd.struct_passwd]:
+    """A real system user with a home under home_parent, removed afterwards."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    home = os.path.join(home_parent, name)
+    subprocess.run(["useradd", "-M", "-d", home, "-s", "/usr/sbin/nologin", "-U", name],
+                   check=True, capture_output=True)
+    try:
+        entry = pwd.getpwnam(name)
+        os.makedirs(home, mode=0o755, exist_ok=True)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        yield entry
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@dataclass
+class DictTables:
+    """A small table registry with the contract's lookup() (used where the real Tables is not needed).
+
+    ``maps`` holds mapping tables by name; ``getpwnam`` answers USERINFO from the system user database;
+    tables named in ``broken`` raise TableError, as a failing backend does.
+    """
+
+    maps: dict[str, dict[str, str]] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)
+    asked: list[tuple[str, str]] = field(default_factory=list)
+
+    def lookup(self, name: str, service: Service, key: str) -> str | None:
+        self.asked.append((name, key))
+        if name in self.broken:
+            raise TableError(f"table {name} is broken")
+        if name == "getpwnam" and service is Service.USERINFO:
+            try:
+                entry = pwd.getpwnam(key)
+            except KeyError:
+                return None
+            return f"{entry.pw_uid}:{entry.pw_gid}:{entry.pw_dir}"
+        return self.maps.get(name, {}).get(key.lower())
+
+    def match(self, name: str, service: Service, candidate: str) -> bool:
+        if name in self.broken:
+            raise TableError(f"table {name} is broken")
+        table = self.maps.get(name, {})
+        if service is Service.DOMAIN:
+            return candidate.lower() in table
+        return candidate.lower() in table
+
+
+def rule_for_domain(number: int, domains_table: str, action: str | None) -> MatchRule:
+    return MatchRule(conditions=(Condition("from", "any"), Condition("for", "domain", domains_table)),
+                     action=action, reject=action is None, number=number)
+
+
+def make_config(actions: list[Action], rules: list[MatchRule], delimiter: str = "+") -> Config:
+    return Config(path="test.conf", actions={action.name: action for action in actions}, rules=tuple(rules),
+                  smtp=SmtpOptions(sub_addr_delim=delimiter))
+
+
+def local_action(name: str = "local", method: Method = Method.MBOX, **options: object) -> Action:
+    return Action(name=name, method=method, **options)  # type: ignore[arg-type]
+
+
+def relay_action(name: str = "relay") -> Action:
+    return Action(name=name, method=Method.RELAY)
+
+
+def make_mail_root(parent: str) -> str:
+    """A mail spool like Debian's /var/mail: root:mail, mode 2775, under a private temp folder."""
+    import grp
+
+    os.chmod(parent, 0o755)
+    root = os.path.join(parent, "mail")
+    os.mkdir(root)
+    os.chown(root, 0, grp.getgrnam("mail").gr_gid)
+    os.chmod(root, 0o2775)
+    return root
+
+
+def write_message(path: str, text: str) -> str:
+    """A queued message file as the queue stores it: LF line endings."""
+    with open(path, "wb") as handle:
+        handle.write(text.encode())
+    return path
+
+
+def mda_envelope(dispatcher: str, dest: str, user: str, sender: str = "alice@sender.test", **fields: object):
+    from smtpd.queue.envelope import Envelope
+
+    envelope = Envelope(evpid=0x1234567890ABCDEF, dispatcher=dispatcher, dest=dest, rcpt=dest, sender=sender,
+                        mda_user=user, ctime=1_700_000_000)
+    for name, value in fields.items():
+        setattr(envelope, name, value)
+    return envelope
+
+
+@contextmanager
+def open_temp_dir(prefix: str = "pysmtpd-test-") -> Iterator[str]:
+    """A temp folder others may traverse (0755), removed afterwards: for deliveries that run as test users."""
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""DSN rendering (RFC 3464 structure) and who gets a report."""
+
+from __future__ import annotations
+
+import email
+
+import pytest
+
+from smtpd.bounce import DELAYED, DELIVERED, FAILED, ReportContext, duration_text, render_report, wants_report
+from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
+
+ORIGINAL = b"From: alice@example.com\nSubject: the original\n\nthe body line\n"
+
+
+def envelope(**fields: object) -> Envelope:
+    values: dict[str, object] = {"evpid": 0x1234567800000001, "type": EnvelopeType.MDA,
+                                 "sender": "alice@example.com", "rcpt": "bob@example.org", "dest": "bob@example.org",
+                                 "ctime": 1_700_000_000, "ttl": 345600, "errorline": "550 no such user",
+                                 "esc_class": 5, "esc_code": 11}
+    values.update(fields)
+    return Envelope(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 seconds"), (1, "1 second"), (59, "59 seconds"), (60, "1 minute"), (3599, "59 minutes"),
+    (3600, "1 hour"), (4 * 3600, "4 hours"), (86400, "1 day"), (7 * 86400, "7 days"),
+])
+def test_duration_text(seconds: int, text: str) -> None:
+    assert duration_text(seconds) == text
+
+
+@pytest.mark.parametrize(("fields", "kind", "expected"), [
+    ({}, FAILED, True),
+    ({}, DELAYED, True),
+    ({}, DELIVERED, False),
+    ({"sender": ""}, FAILED, False),
+    ({"flags": {"bounce"}}, FAILED, False),
+    ({"dsn_notify": DsnNotify.NEVER}, FAILED, False),
+    ({"dsn_notify": DsnNotify.SUCCESS}, FAILED, False),
+    ({"dsn_notify": DsnNotify.SUCCESS}, DELIVERED, True),
+    ({"dsn_notify": DsnNotify.FAILURE}, DELAYED, False),
+    ({"dsn_notify": DsnNotify.DELAY}, DELAYED, True),
+])
+def test_who_gets_a_report(fields: dict[str, object], kind: str, expected: bool) -> None:
+    assert wants_report(envelope(**fields), kind) is expected
+
+
+def parse(data: bytes) -> email.message.Message:
+    assert b"\r" not in data  # stored with LF line endings like every queued message
+    return email.message_from_bytes(data)
+
+
+def test_failure_report_structure() -> None:
+    data = render_report(FAILED, [envelope(dsn_envid="E1"), envelope(rcpt="carol@example.org",
+                                                                     dest="carol@example.org")],
+                         ORIGINAL, ReportContext("mx.example.net", 1_700_000_100))
+    report = parse(data)
+    assert report["From"] == "Mail Delivery System <MAILER-DAEMON@mx.example.net>"
+    assert report["To"] == "<alice@example.com>"
+    assert report["Auto-Submitted"] == "auto-replied"
+    assert report.get_content_type() == "multipart/report"
+    notification, status, returned = report.get_payload()
+    assert notification.get_content_type() == "text/plain"
+    assert "<bob@example.org>: 550 no such user" in notification.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, *per_recipient = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mx.example.net"
+    assert per_message["Original-Envelope-Id"] == "E1"
+    assert [block["Final-Recipient"] for block in per_recipient] == ["rfc822; bob@example.org",
+                                                                     "rfc822; carol@example.org"]
+    assert per_recipient[0]["Status"] == "5.1.1"
+    assert per_recipient[0]["Diagnostic-Code"] == "smtp; 550 no such user"
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned.get_payload()[0]["Subject"] == "the original"
+
+
+def test_ret_hdrs_returns_headers_only() -> None:
+    report = parse(render_report(FAILED, [envelope(dsn_ret="HDRS")], ORIGINAL, ReportContext("h", 0)))
+    returned = report.get_payload()[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert "Subject: the original" in returned.get_payload()
+    assert "the body line" not in returned.get_payload()
+
+
+def test_a_tempfail_class_is_reported_as_permanent_in_a_failure_report() -> None:
+    report = parse(render_report(FAILED, [envelope(esc_class=4, esc_code=47, errorline="Envelope expired")],
+                                 ORIGINAL, ReportContext("h", 0)))
+    assert report.get_payload()[1].get_payload()[1]["Status"] == "5.4.7"
+
+
+def test_delayed_report_mentions_interval_and_remaining_time() -> None:
+    report = parse(render_report(DELAYED, [envelope(esc_class=4, esc_code=30, errorline="421 busy")], ORIGINAL,
+                                 ReportContext("h", 0, delay=4 * 3600, remaining=3 * 86400 + 5)))
+    text = report.get_payload()[0].get_payload()
+    assert "more than 4 hours" in text
+    assert "up to 3 days more" in text
+    assert report.get_payload()[1].get_payload()[1]["Status"] == "4.3.0"
+
+
+def test_reports_are_routed_by_the_ruleset_and_expansion(tmp_path) -> None:
+    """The DSN to the sender goes where the real rules and expansion send a local submission to that address:
+    here a relay action for the sender's domain, and nothing at all for a domain no rule accepts."""
+    import asyncio
+
+    from helpers_queue import Harness, run, wait_for
+
+    from smtpd.config.model import Action, Condition, Config, MatchRule, Method, TableDecl
+    from smtpd.delivery import DeliveryResult
+    from smtpd.lookup.tables import Tables
+
+    senders = TableDecl("senders", "file", items=("example.com",), inline=True)
+    config = Config(path="test.conf",
+                    actions={"local": Action("local", Method.MBOX), "out": Action("out", Method.RELAY)},
+                    rules=(MatchRule((Condition("from", "any"), Condition("for", "domain", table="senders")),
+                                     action="out", number=1),),
+                    tables={"senders": senders})
+
+    async def scenario():
+        harness = Harness(tmp_path, config)
+        harness.scheduler.bouncer.router = harness.scheduler.bouncer._route_by_rules  # noqa: SLF001 — the real one
+        harness.daemon.tables = Tables(config, mailname="mx.test.example", addresses=["127.0.0.1"])
+        harness.mda.policy = lambda envelope: DeliveryResult.permfail("550 unknown user")
+        harness.daemon.set_paused("mta", True)  # keep the report queued to look at it
+        async with harness:
+            await harness.submit(sender="alice@example.com")
+            await harness.submit(sender="mallory@elsewhere.test")
+            await wait_for(lambda: len(harness.mda.attempts) == 2, what="two failures")
+            await wait_for(lambda: len(harness.scheduler.entries) == 1, what="only the report left")
+            await asyncio.sleep(0.3)
+            return [entry.envelope for entry in harness.scheduler.entries.values()]
+
+    (report,) = run(scenario())
+    assert report.sender == "" and report.dest == "alice@example.com"
+    assert report.dispatcher == "out" and str(report.type) == "mta"
+    assert "bounce" in report.flags
+

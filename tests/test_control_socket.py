@@ -1,0 +1,169 @@
+"""The control socket as a hostile or unprivileged client sees it: bad input ends only that connection, peer
+credentials decide who may do what, and the daemon stays up throughout."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers_control import DaemonProcess, make_workdir, read_line, smtpctl_as
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    running = DaemonProcess(workdir, env={"SMTPD_CONTROL_GROUP": "mail"}).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def connect(daemon: DaemonProcess) -> socket.socket:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.settimeout(30)
+    connection.connect(daemon.socket)
+    return connection
+
+
+def reply_to(connection: socket.socket, data: bytes) -> dict:
+    connection.sendall(data)
+    return json.loads(read_line(connection))
+
+
+def assert_still_serving(daemon: DaemonProcess) -> None:
+    assert daemon.alive()
+    assert daemon.request("show.status")["result"] == {"mda": "running", "mta": "running", "smtp": "running"}
+
+
+def test_socket_is_world_writable_like_opensmtpd(daemon: DaemonProcess) -> None:
+    mode = os.stat(daemon.socket).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o666
+
+
+def test_reply_carries_version_and_id(daemon: DaemonProcess) -> None:
+    with connect(daemon) as connection:
+        reply = reply_to(connection, b'{"v": 1, "id": "abc", "cmd": "show.status", "args": {}}\n')
+        assert reply == {"v": 1, "id": "abc", "ok": True,
+                         "result": {"mda": "running", "mta": "running", "smtp": "running"}}
+        # The connection stays open for the next request.
+        second = reply_to(connection, b'{"v": 1, "id": 2, "cmd": "show.stats"}\n')
+        assert second["id"] == 2 and "uptime" in second["result"]["stats"]
+
+
+@pytest.mark.parametrize(("line", "code"), [
+    (b"this is not json\n", "bad-request"),
+    (b"[1, 2, 3]\n", "bad-request"),
+    (b'{"v": 99, "id": 1, "cmd": "show.status"}\n', "version-mismatch"),
+    (b'{"v": 1, "id": 1, "cmd": "rm -rf /"}\n', "unknown-command"),
+    (b'{"v": 1, "id": 1, "cmd": "show.status", "args": [1]}\n', "bad-request"),
+    (b"\xff\xfe\x00garbage\n", "bad-request"),
+])
+def test_malformed_request_gets_error_and_close(daemon: DaemonProcess, line: bytes, code: str) -> None:
+    with connect(daemon) as connection:
+        reply = reply_to(connection, line)
+        assert reply["ok"] is False and reply["error"]["code"] == code
+        assert connection.recv(10) == b""  # only this connection is closed
+    assert_still_serving(daemon)
+
+
+def test_oversized_request_gets_error_and_close(daemon: DaemonProcess) -> None:
+    with connect(daemon) as connection:
+        payload = b'{"v": 1, "id": 1, "cmd": "show.status", "args": {"x": "' + b"A" * 200_000 + b'"}}\n'
+        try:
+            connection.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon may close before we finish writing
+        reply = json.loads(read_line(connection))
+        assert reply["error"]["code"] == "too-large"
+    assert_still_serving(daemon)
+
+
+def test_endless_line_without_newline_does_not_grow_the_daemon(daemon: DaemonProcess) -> None:
+    with connect(daemon) as connection:
+        sent = 0
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 50_000_000:
+                connection.sendall(b"x" * 65536)
+                sent += 65536
+        assert sent < 50_000_000
+    assert_still_serving(daemon)
+
+
+def test_slow_request_is_cut_off_while_others_are_served(daemon: DaemonProcess) -> None:
+    with connect(daemon) as slow:
+        slow.sendall(b'{"v": 1, "id": 1, ')
+        # Meanwhile the daemon answers everyone else.
+        for _ in range(5):
+            assert_still_serving(daemon)
+        reply = json.loads(read_line(slow))
+        assert reply["error"]["code"] == "timeout"
+        assert slow.recv(10) == b""
+
+
+def test_truncated_request_at_eof(daemon: DaemonProcess) -> None:
+    with connect(daemon) as connection:
+        connection.sendall(b'{"v": 1, "id": 1, "cmd": "show.status"}')
+        connection.shutdown(socket.SHUT_WR)
+        reply = json.loads(read_line(connection))
+        assert reply["error"]["code"] == "bad-request"
+    assert_still_serving(daemon)
+
+
+def test_per_uid_connection_cap(daemon: DaemonProcess) -> None:
+    from smtpd.control.server import MAX_CONNECTIONS_PER_UID
+
+    held = [connect(daemon) for _ in range(MAX_CONNECTIONS_PER_UID)]
+    try:
+        for connection in held:  # make sure each is accepted and counted
+            assert reply_to(connection, b'{"v": 1, "id": 1, "cmd": "hello"}\n')["ok"]
+        with connect(daemon) as extra:
+            reply = json.loads(read_line(extra))
+            assert reply["error"]["code"] == "busy"
+    finally:
+        for connection in held:
+            connection.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not daemon.answers():
+        time.sleep(0.05)
+    assert_still_serving(daemon)
+
+
+def test_nobody_is_refused_state_changes(daemon: DaemonProcess) -> None:
+    result = smtpctl_as("nobody", daemon.socket, "pause", "smtp")
+    assert result.returncode == 1
+    assert result.stderr == "smtpctl: need root privileges for pause\n"
+    assert daemon.request("show.status")["result"]["smtp"] == "running"
+    assert "refused pause" in daemon.log()
+
+
+def test_nobody_is_refused_reads(daemon: DaemonProcess) -> None:
+    result = smtpctl_as("nobody", daemon.socket, "show", "status")
+    assert result.returncode == 1
+    assert "need root privileges or membership of group mail" in result.stderr
+    assert result.stdout == ""
+
+
+def test_control_group_member_may_read_but_not_write(daemon: DaemonProcess) -> None:
+    mail_gid = grp.getgrnam("mail").gr_gid
+    status = smtpctl_as("nobody", daemon.socket, "show", "status", extra_groups=(mail_gid,))
+    assert (status.returncode, status.stdout) == (0, "MDA running\nMTA running\nSMTP running\n")
+    stats = smtpctl_as("nobody", daemon.socket, "show", "stats", extra_groups=(mail_gid,))
+    assert stats.returncode == 0 and "uptime=" in stats.stdout
+    paused = smtpctl_as("nobody", daemon.socket, "pause", "mda", extra_groups=(mail_gid,))
+    assert paused.returncode == 1 and "need root privileges" in paused.stderr
+    assert daemon.request("show.status")["result"]["mda"] == "running"
+
+
+def test_state_changes_are_logged_with_who(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("log", "verbose").stdout == "command succeeded\n"
+    assert daemon.smtpctl("log", "brief").stdout == "command succeeded\n"
+    log = daemon.log()
+    assert "control: uid=0 (root)" in log and "ran log.verbose" in log and "ran log.brief" in log

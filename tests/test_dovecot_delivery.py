@@ -1,0 +1,166 @@
+"""Dovecot reads what we deliver (mbox, maildir) and accepts our LMTP deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import os
+
+import pytest
+from helpers_delivery import (
+    DictTables,
+    local_action,
+    make_config,
+    make_mail_root,
+    mda_envelope,
+    open_temp_dir,
+    system_user,
+    write_message,
+)
+from helpers_dovecot import Dovecot, DovecotUser
+
+from smtpd.config.model import Method
+from smtpd.delivery import Outcome
+from smtpd.mda import MdaAgent
+
+BODIES = [
+    "Subject: plain\n\nhello\n",
+    "Subject: from lines\n\nFrom the start\nFrom someone@example.org Wed Nov 25 10:00:00 2026\n\n"
+    "From after a blank line\n>From quoted already\nend\n",
+    "Subject: dots\n\n.\n..\n.leading dot\nno final newline",
+    "Subject: big\n\n" + "".join(f"line {n} of a larger body\n" for n in range(5000)),
+]
+
+
+def expected_text(body: str, user: str, mbox: bool) -> str:
+    text = f"Return-Path: <alice@sender.test>\nDelivered-To: {user}@example.org\n" + body
+    if not text.endswith("\n"):
+        text += "\n"
+    if mbox:
+        text = "\n".join(">" + line if line.startswith("From ") else line for line in text.split("\n"))
+    return text
+
+
+@pytest.fixture()
+def world(monkeypatch):
+    with open_temp_dir("pysmtpd-dovecot-") as top:
+        root = make_mail_root(top)
+        monkeypatch.setenv("SMTPD_MAILDIR_ROOT", root)
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        with system_user(homes, "pdv") as bob:
+            yield top, root, bob
+
+
+def deliver_all(agent: MdaAgent, user: str, top: str, bodies: list[str]) -> None:
+    async def run() -> list:
+        results = []
+        for number, body in enumerate(bodies):
+            path = write_message(os.path.join(top, f"msg{number}"), body)
+            results.append(await agent.deliver(mda_envelope("local", f"{user}@example.org", user), path))
+        return results
+
+    results = asyncio.run(run())
+    assert [result.outcome for result in results] == [Outcome.OK] * len(bodies), results
+
+
+def normalise(text: str) -> str:
+    return text.replace("\r\n", "\n")
+
+
+def test_dovecot_reads_our_mbox(world) -> None:
+    top, root, bob = world
+    agent = MdaAgent(make_config([local_action("local", Method.MBOX)], []), DictTables(), "mx.example.org")
+    deliver_all(agent, bob.pw_name, top, BODIES)
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    with Dovecot(os.path.join(top, "dovecot"), [user], f"mbox:~/mail:INBOX={root}/%u") as dovecot:
+        texts = [normalise(text) for text in dovecot.fetch(bob.pw_name)]
+        assert texts == [expected_text(body, bob.pw_name, mbox=True) for body in BODIES]
+        # After Dovecot has read (and indexed) the mailbox, we append again and it sees the new message.
+        deliver_all(agent, bob.pw_name, top, ["Subject: later\n\nafter dovecot\n"])
+        texts = [normalise(text) for text in dovecot.fetch(bob.pw_name)]
+        assert len(texts) == len(BODIES) + 1
+        assert texts[-1] == expected_text("Subject: later\n\nafter dovecot\n", bob.pw_name, mbox=True)
+        # And an IMAP client sees the same messages.
+        imap = imaplib.IMAP4("127.0.0.1", dovecot.imap_port)
+        try:
+            imap.login(bob.pw_name, user.password)
+            status, data = imap.select("INBOX", readonly=True)
+            assert status == "OK" and int(data[0]) == len(BODIES) + 1
+            status, fetched = imap.fetch("2", "(BODY.PEEK[TEXT])")
+            assert status == "OK"
+            assert b">From someone@example.org Wed Nov 25" in fetched[0][1]
+        finally:
+            imap.logout()
+
+
+def test_dovecot_reads_our_maildir(world) -> None:
+    top, _, bob = world
+    agent = MdaAgent(make_config([local_action("local", Method.MAILDIR)], []), DictTables(), "mx.example.org")
+    deliver_all(agent, bob.pw_name, top, BODIES)
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    with Dovecot(os.path.join(top, "dovecot"), [user], "maildir:~/Maildir") as dovecot:
+        texts = sorted(normalise(text) for text in dovecot.fetch(bob.pw_name))
+        assert texts == sorted(expected_text(body, bob.pw_name, mbox=False) for body in BODIES)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_dovecot_lmtp_accepts_our_deliveries(world, transport) -> None:
+    top, _, bob = world
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    with Dovecot(os.path.join(top, "dovecot"), [user], "maildir:~/Maildir") as dovecot:
+        destination = f"127.0.0.1:{dovecot.lmtp_port}" if transport == "tcp" else dovecot.lmtp_socket
+        config = make_config([local_action("local", Method.LMTP, lmtp_destination=destination),
+                              local_action("byaddress", Method.LMTP, lmtp_destination=destination,
+                                           lmtp_rcpt_to=True)], [])
+        agent = MdaAgent(config, DictTables(), "mx.example.org")
+        deliver_all(agent, bob.pw_name, top, BODIES)
+        texts = [normalise(text) for text in dovecot.fetch(bob.pw_name)]
+        assert len(texts) == len(BODIES)
+        for body in BODIES:
+            assert any(text.endswith(body if body.endswith("\n") else body + "\n") for text in texts), body[:30]
+
+        async def more():
+            path = write_message(os.path.join(top, "extra"), "Subject: unknown\n\nx\n")
+            unknown = await agent.deliver(mda_envelope("local", "nobody-here@example.org", "nobody-here"), path)
+            by_address = await agent.deliver(
+                mda_envelope("byaddress", f"{bob.pw_name}@example.org", bob.pw_name), path)
+            return unknown, by_address
+
+        agent = MdaAgent(config, DictTables(maps={"u": {}}), "mx.example.org")
+        unknown, by_address = asyncio.run(more())
+        # The userbase does not know "nobody-here": a permanent failure before LMTP is even tried.
+        assert unknown.outcome is Outcome.PERMFAIL
+        assert by_address.outcome is Outcome.OK
+        assert len(dovecot.fetch(bob.pw_name)) == len(BODIES) + 1
+
+
+def test_lmtp_per_recipient_replies(world) -> None:
+    """Dovecot refuses an unknown recipient with 5xx: a permanent failure for that envelope only."""
+    from smtpd.mda.lmtp import deliver_lmtp
+
+    top, _, bob = world
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    with Dovecot(os.path.join(top, "dovecot"), [user], "maildir:~/Maildir") as dovecot:
+        path = write_message(os.path.join(top, "m"), "Subject: two\n\nfor two\n")
+
+        async def run():
+            with open(path, "rb") as message:
+                return await deliver_lmtp(f"127.0.0.1:{dovecot.lmtp_port}", "mx.example.org", "a@b.test",
+                                          ["nosuchuser", bob.pw_name], b"", message)
+
+        unknown, known = asyncio.run(run())
+        assert unknown.code == 550 and not unknown.temporary
+        assert known.ok
+        assert len(dovecot.fetch(bob.pw_name)) == 1
+
+
+def test_lmtp_connection_refused_is_temporary(world) -> None:
+    top, _, bob = world
+    from helpers_dovecot import free_port
+
+    config = make_config([local_action("local", Method.LMTP, lmtp_destination=f"127.0.0.1:{free_port()}")], [])
+    agent = MdaAgent(config, DictTables(), "mx.example.org")
+    path = write_message(os.path.join(top, "m"), "Subject: x\n\nx\n")
+    result = asyncio.run(agent.deliver(mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name), path))
+    assert result.outcome is Outcome.TEMPFAIL and result.text.startswith("Connection failed")

@@ -1,0 +1,416 @@
+"""Local delivery (reference §8.6): mbox, maildir, commands, files, privilege drop, loops, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import pwd
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers_delivery import (
+    DictTables,
+    local_action,
+    make_config,
+    make_mail_root,
+    open_temp_dir,
+    mda_envelope,
+    system_user,
+    write_message,
+)
+
+from smtpd.config.model import Config, Method
+from smtpd.delivery import Outcome
+from smtpd.mda import MdaAgent, local
+from smtpd.mda.variables import VariableContext, VariableError, expand
+
+MESSAGE = (
+    "Received: from client.test by mx.example.org (PySMTPD)\n"
+    "From: Alice <alice@sender.test>\n"
+    "Subject: hello\n"
+    "\n"
+    "first line\n"
+    "From the start of a line\n"
+    "\n"
+    "From alice@sender.test Wed Nov 25 10:00:00 2026\n"
+    ">From already quoted\n"
+    ".a dot line\n"
+    "last line without newline"
+)
+
+
+@pytest.fixture()
+def spool(monkeypatch):
+    # Not pytest's tmp_path: its parents are private to root, and deliveries run as other users.
+    with open_temp_dir() as top:
+        tmp_path = Path(top)
+        root = make_mail_root(top)
+        monkeypatch.setenv("SMTPD_MAILDIR_ROOT", root)
+        homes = tmp_path / "homes"
+        homes.mkdir(mode=0o755)
+        yield tmp_path, root, str(homes)
+
+
+@pytest.fixture()
+def bob(spool):
+    with system_user(spool[2], "pmb") as entry:
+        yield entry
+
+
+def agent_for(config: Config, tables: DictTables | None = None) -> MdaAgent:
+    return MdaAgent(config, tables or DictTables(), "mx.example.org")
+
+
+def deliver(agent: MdaAgent, envelope, path: str):
+    return asyncio.run(agent.deliver(envelope, path))
+
+
+def mbox_config(**options) -> Config:
+    method = options.pop("method", Method.MBOX)
+    return make_config([local_action("local", method, **options)], [])
+
+
+# -- mbox -------------------------------------------------------------------------------------------------
+
+def test_mbox_delivery_format_owner_and_mode(spool, bob) -> None:
+    tmp_path, root, _ = spool
+    path = write_message(str(tmp_path / "msg"), MESSAGE)
+    agent = agent_for(mbox_config())
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    mbox = os.path.join(root, bob.pw_name)
+    info = os.stat(mbox)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (bob.pw_uid, 0o600)
+    content = open(mbox, "rb").read().decode()
+    messages = content.split("\n\nFrom alice@sender.test ")
+    assert len(messages) == 2
+    first = content.split("\n")
+    assert first[0].startswith("From alice@sender.test ") and first[0].endswith(time.strftime("%Y"))
+    assert first[1] == "Return-Path: <alice@sender.test>"
+    assert first[2] == f"Delivered-To: {bob.pw_name}@example.org"
+    assert "\n>From the start of a line\n" in content
+    assert "\n>From alice@sender.test Wed Nov 25 10:00:00 2026\n" in content
+    assert "\n>From already quoted\n" in content  # mboxo: only "From " lines get a ">"
+    assert content.endswith("last line without newline\n\n")
+    assert not os.path.exists(mbox + ".lock")
+
+
+def test_mbox_for_root_is_written_without_root_privileges(spool) -> None:
+    tmp_path, root, _ = spool
+    path = write_message(str(tmp_path / "msg"), MESSAGE)
+    agent = agent_for(mbox_config())
+    result = deliver(agent, mda_envelope("local", "root@example.org", "root", sender=""), path)
+    assert result.outcome is Outcome.OK, result
+    mbox = os.path.join(root, "root")
+    assert os.stat(mbox).st_uid == 0
+    content = open(mbox).read()
+    assert content.startswith("From MAILER-DAEMON ")
+    assert "Return-Path" not in content
+
+
+def test_mbox_refuses_symlink_and_foreign_owner(spool, bob) -> None:
+    tmp_path, root, _ = spool
+    path = write_message(str(tmp_path / "msg"), MESSAGE)
+    agent = agent_for(mbox_config())
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    os.symlink(target, os.path.join(root, bob.pw_name))
+    result = deliver(agent, envelope, path)
+    assert result.outcome is Outcome.PERMFAIL and "symbolic link" in result.text
+    assert target.read_text() == ""
+    os.unlink(os.path.join(root, bob.pw_name))
+    with open(os.path.join(root, bob.pw_name), "w"):
+        pass  # owned by root, not bob
+    assert deliver(agent, envelope, path).outcome is Outcome.TEMPFAIL
+
+
+class _FailingMessage(io.BytesIO):
+    """A message whose reading fails after some lines, like a disk error in the middle of a write."""
+
+    def __iter__(self):
+        for number, line in enumerate(io.BytesIO(self.getvalue())):
+            if number == 3:
+                raise OSError(5, "Input/output error")
+            yield line
+
+
+def test_failed_mbox_write_is_truncated_back(tmp_path) -> None:
+    mbox = str(tmp_path / "box")
+    good = io.BytesIO(MESSAGE.encode())
+    local.deliver_mbox(mbox, "a@b.c", b"", good)
+    before = open(mbox, "rb").read()
+    with pytest.raises(local.LocalDeliveryError):
+        local.deliver_mbox(mbox, "a@b.c", b"", _FailingMessage(("x" * 100000 + "\n").encode() * 5))
+    assert open(mbox, "rb").read() == before
+
+
+def test_concurrent_deliveries_keep_every_message_whole(spool, bob) -> None:
+    tmp_path, root, _ = spool
+    agent = agent_for(mbox_config())
+    paths = [write_message(str(tmp_path / f"m{n}"), f"Subject: {n}\n\n" + f"line {n}\n" * 2000)
+             for n in range(12)]
+
+    async def all_of_them():
+        envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+        return await asyncio.gather(*(agent.deliver(envelope, path) for path in paths))
+
+    results = asyncio.run(all_of_them())
+    assert all(result.outcome is Outcome.OK for result in results)
+    content = open(os.path.join(root, bob.pw_name)).read()
+    chunks = content.split("\n\nFrom alice@sender.test ")
+    assert len(chunks) == 12
+    for chunk in chunks:
+        subject = chunk.split("Subject: ")[1].split("\n")[0]
+        assert chunk.count(f"line {subject}") == 2000
+
+
+def test_mbox_waits_for_a_dotlock_and_an_fcntl_lock(spool, bob) -> None:
+    tmp_path, root, _ = spool
+    mbox = os.path.join(root, bob.pw_name)
+    agent = agent_for(mbox_config())
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    path = write_message(str(tmp_path / "msg"), MESSAGE)
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    size = os.path.getsize(mbox)
+    # Another program (a mail reader) holds both locks while it rewrites the mailbox.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"open({mbox + '.lock'!r}, 'x').close()\n"
+        f"f = open({mbox!r}, 'r+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); sys.stdin.readline()\n"
+        f"os.unlink({mbox + '.lock'!r})\n"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+
+        async def deliver_while_locked():
+            task = asyncio.ensure_future(agent.deliver(envelope, path))
+            await asyncio.sleep(0.5)
+            unchanged = os.path.getsize(mbox) == size and not task.done()
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            return unchanged, await task
+
+        unchanged, result = asyncio.run(deliver_while_locked())
+    finally:
+        holder.wait(timeout=30)
+    assert unchanged
+    assert result.outcome is Outcome.OK
+    assert open(mbox).read().count("\n\nFrom alice@sender.test ") == 1
+
+
+# -- maildir ------------------------------------------------------------------------------------------------
+
+def test_maildir_default_path_owner_and_unique_names(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    agent = agent_for(mbox_config(method=Method.MAILDIR))
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    path = write_message(str(tmp_path / "msg"), MESSAGE)
+    for _ in range(3):
+        assert deliver(agent, envelope, path).outcome is Outcome.OK
+    maildir = os.path.join(bob.pw_dir, "Maildir")
+    names = os.listdir(os.path.join(maildir, "new"))
+    assert len(set(names)) == 3
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    for sub in ("", "cur", "new", "tmp"):
+        info = os.stat(os.path.join(maildir, sub))
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (bob.pw_uid, 0o700)
+    delivered = open(os.path.join(maildir, "new", names[0])).read()
+    assert delivered.startswith(f"Return-Path: <alice@sender.test>\nDelivered-To: {bob.pw_name}@example.org\n")
+    # A Maildir message is stored as it is: no From_ quoting.
+    assert "\nFrom the start of a line\n" in delivered
+    assert delivered.endswith("last line without newline\n")
+
+
+def test_maildir_path_variables_junk_and_extension(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    config = mbox_config(method=Method.MAILDIR, maildir_path="~/mail/%{dest.domain}/%{dest.user:lowercase}",
+                         junk=True)
+    agent = agent_for(config)
+    dest = f"{bob.pw_name.upper()}+Lists@Example.ORG"
+    envelope = mda_envelope("local", dest, bob.pw_name, mda_subaddress="lists")
+    plain = write_message(str(tmp_path / "plain"), MESSAGE)
+    spam = write_message(str(tmp_path / "spam"), "X-Spam-Flag: YES\nSubject: buy\n\nnow\n")
+    assert deliver(agent, envelope, plain).outcome is Outcome.OK
+    base = os.path.join(bob.pw_dir, "mail", "Example.ORG", f"{bob.pw_name}+lists")
+    assert len(os.listdir(os.path.join(base, "new"))) == 1
+    os.makedirs(os.path.join(base, ".lists"))
+    os.chown(os.path.join(base, ".lists"), bob.pw_uid, bob.pw_gid)
+    assert deliver(agent, envelope, plain).outcome is Outcome.OK
+    assert len(os.listdir(os.path.join(base, ".lists", "new"))) == 1
+    assert deliver(agent, envelope, spam).outcome is Outcome.OK
+    assert len(os.listdir(os.path.join(base, ".Junk", "new"))) == 1
+
+
+def test_maildir_unwritable_is_temporary(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    agent = agent_for(mbox_config(method=Method.MAILDIR, maildir_path="/proc/forbidden/%{user.username}"))
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    result = deliver(agent, envelope, write_message(str(tmp_path / "m"), MESSAGE))
+    assert result.outcome is Outcome.TEMPFAIL
+
+
+# -- root, loops, unknown users -------------------------------------------------------------------------------
+
+def test_no_delivery_as_root_except_mbox(spool) -> None:
+    tmp_path, _, _ = spool
+    path = write_message(str(tmp_path / "m"), MESSAGE)
+    for config in (mbox_config(method=Method.MAILDIR), mbox_config(method=Method.MDA, mda_command="/bin/true")):
+        result = deliver(agent_for(config), mda_envelope("local", "root@example.org", "root"), path)
+        assert (result.outcome, result.text) == (Outcome.PERMFAIL, "not allowed to deliver to: root")
+
+
+def test_loop_detected_by_delivered_to(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    dest = f"{bob.pw_name}@example.org"
+    path = write_message(str(tmp_path / "m"), f"Delivered-To: {dest.upper()}\nSubject: x\n\nbody\n")
+    result = deliver(agent_for(mbox_config()), mda_envelope("local", dest, bob.pw_name), path)
+    assert (result.outcome, result.text) == (Outcome.LOOP, "Loop detected")
+
+
+def test_missing_delivery_user_and_dispatcher(spool) -> None:
+    tmp_path, _, _ = spool
+    path = write_message(str(tmp_path / "m"), MESSAGE)
+    config = mbox_config(method=Method.MAILDIR, user="no-such-user-xyz")
+    result = deliver(agent_for(config), mda_envelope("local", "a@example.org", "a"), path)
+    assert (result.outcome, result.text) == (Outcome.PERMFAIL, "delivery user 'no-such-user-xyz' does not exist")
+    result = deliver(agent_for(config), mda_envelope("gone", "a@example.org", "a"), path)
+    assert result.outcome is Outcome.TEMPFAIL
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+
+def test_mda_command_argv_environment_and_no_shell(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    os.chmod(out, 0o777)
+    script = tmp_path / "record.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "data = sys.stdin.read()\n"
+        "json.dump({'argv': sys.argv[1:], 'env': dict(os.environ), 'uid': os.getuid(), 'stdin': data},\n"
+        f"          open({str(out / 'record.json')!r}, 'w'))\n")
+    os.chmod(script, 0o755)
+    config = mbox_config(method=Method.MDA,
+                         mda_command=f"/usr/bin/python3 {script} -s '%{{sender}}' --to %{{rcpt:raw}}")
+    evil = "x;touch${IFS}pwned`id`$(id)@sender.test"
+    envelope = mda_envelope("local", f"{bob.pw_name}+tag@example.org", bob.pw_name, sender=evil,
+                            mda_subaddress="tag")
+    result = deliver(agent_for(config), envelope, write_message(str(tmp_path / "m"), MESSAGE))
+    assert result.outcome is Outcome.OK, result
+    import json
+
+    record = json.load(open(out / "record.json"))
+    # %{sender} is escaped (`!#$%&'*?`{|}~/` -> :), %{rcpt:raw} is not; both are single arguments.
+    assert record["argv"] == ["-s", "x;touch::IFS:pwned:id::(id)@sender.test", "--to", f"{bob.pw_name}+tag@example.org"]
+    assert not (tmp_path / "pwned").exists()
+    assert record["uid"] == bob.pw_uid
+    env = record["env"]
+    assert env["SENDER"] == evil and env["RECIPIENT"] == f"{bob.pw_name}+tag@example.org"
+    assert env["USER"] == env["LOGNAME"] == bob.pw_name and env["HOME"] == bob.pw_dir
+    assert env["EXTENSION"] == "tag" and env["DOMAIN"] == "example.org" and env["SHELL"] == "/bin/sh"
+    assert env["LOCAL"] == f"{bob.pw_name}+tag"
+    assert set(env) - {"LC_CTYPE"} == {"PATH", "DOMAIN", "HOME", "RECIPIENT", "SHELL", "LOCAL", "LOGNAME", "USER",
+                                       "SENDER", "EXTENSION"}
+    assert record["stdin"].startswith(f"Return-Path: <{evil}>\nDelivered-To: ")
+
+
+@pytest.mark.parametrize(("script", "outcome", "text"), [
+    ("exit 0", Outcome.OK, "Delivered"),
+    ("echo 'mailbox full' >&2; exit 75", Outcome.TEMPFAIL, '"mailbox full"'),
+    ("echo over quota; exit 71", Outcome.TEMPFAIL, '"over quota"'),
+    ("echo 'no such folder'; exit 67", Outcome.PERMFAIL, '"no such folder"'),
+    ("exit 1", Outcome.PERMFAIL, "Error (exited with status 1)"),
+    ("kill -TERM $$", Outcome.TEMPFAIL, "terminated; signal 15"),
+])
+def test_mda_exit_status_mapping(spool, bob, script, outcome, text) -> None:
+    tmp_path, _, _ = spool
+    program = tmp_path / "prog.sh"
+    program.write_text(f"#!/bin/sh\ncat >/dev/null\n{script}\n")
+    os.chmod(program, 0o755)
+    config = mbox_config(method=Method.MDA, mda_command=str(program))
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    result = deliver(agent_for(config), envelope, write_message(str(tmp_path / "m"), MESSAGE))
+    assert (result.outcome, result.text) == (outcome, text)
+
+
+def test_wrapper_wraps_the_mda_command(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    out = tmp_path / "wrapped"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    config = make_config([local_action("local", Method.MDA, mda_command="/bin/cat", wrapper="log")], [])
+    config = Config(path=config.path, actions=config.actions,
+                    mda_wrappers={"log": f"/bin/sh -c 'echo \"$0 $*\" > {out}/args; exec \"$0\" \"$@\" > {out}/body'"
+                                         " %{mda}"})
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    result = deliver(agent_for(config), envelope, write_message(str(tmp_path / "m"), MESSAGE))
+    assert result.outcome is Outcome.OK, result
+    assert (out / "args").read_text() == "/bin/cat \n"
+    assert "first line" in (out / "body").read_text()
+
+
+def test_pipe_and_file_items(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    os.chmod(drop, 0o777)
+    agent = agent_for(mbox_config())
+    path = write_message(str(tmp_path / "m"), MESSAGE)
+    alias_user = "opensmtpd"
+    # |command from an alias: runs as the unprivileged user.
+    envelope = mda_envelope("local", "list@example.org", alias_user, mda_exec=f"|id -un > {drop}/who; cat > {drop}/in")
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    assert (drop / "who").read_text().strip() == alias_user
+    assert "From the start of a line" in (drop / "in").read_text()
+    # |command from bob's .forward: runs as bob.
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name, mda_exec=f"|id -un > {drop}/who2")
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    assert (drop / "who2").read_text().strip() == bob.pw_name
+    # /file: appended in mbox format, every From_ line quoted, as the unprivileged user.
+    envelope = mda_envelope("local", "list@example.org", alias_user, mda_exec=f"{drop}/archive")
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    archive = drop / "archive"
+    assert os.stat(archive).st_uid == pwd.getpwnam(alias_user).pw_uid
+    assert archive.read_text().startswith("From alice@sender.test ")
+    assert "\n>From the start of a line\n" in archive.read_text()
+    # A file the user may not write: a failure, nothing written.
+    envelope = mda_envelope("local", "list@example.org", alias_user, mda_exec="/root/forbidden-archive")
+    assert deliver(agent, envelope, path).outcome is Outcome.TEMPFAIL
+    assert not os.path.exists("/root/forbidden-archive")
+
+
+# -- variables ----------------------------------------------------------------------------------------------------
+
+def test_format_specifiers() -> None:
+    context = VariableContext("Alice+x@Sender.test", "Bob+Tag@Example.org", "bob+tag@example.org", "bob",
+                              "/home/bob")
+    cases = {
+        "%{sender}": "Alice+x@Sender.test",
+        "%{sender.user}/%{sender.domain}": "Alice+x/Sender.test",
+        "%{rcpt.user:lowercase|strip}": "bob",
+        "%{rcpt:strip}": "Bob@Example.org",
+        "%{dest.user[0]}/%{dest.user[1:2]}/%{dest.user[-3:]}/%{dest.user[:1]}": "b/ob/tag/bo",
+        "%{user.username:uppercase}": "BOB",
+        "~/Maildir/%{dest.domain}": "/home/bob/Maildir/example.org",
+        "%{user.directory}/x": "/home/bob/x",
+        "100%% %{mbox.from}": "100% Alice+x@Sender.test",
+    }
+    for template, expected in cases.items():
+        assert expand(template, context) == expected, template
+    assert expand("%{mbox.from}", VariableContext("", "a@b", "a@b", "a", "/")) == "MAILER-DAEMON"
+    assert expand("%{sender}", VariableContext("", "a@b", "a@b", "a", "/")) == ""
+    hostile = VariableContext("x", "a/../b|c@d", "a@b", "a", "/")
+    assert expand("%{rcpt.user}", hostile) == "a:..:b:c"
+    assert expand("%{rcpt.user:raw}", hostile) == "a/../b|c"
+    for bad in ("%{nope}", "%{rcpt:shout}", "%{rcpt[x]}", "%{mda}", "%{rcpt"):
+        with pytest.raises(VariableError):
+            expand(bad, context)

@@ -1,0 +1,196 @@
+"""Direct delivery: MX lookups through a DNS server on loopback, route penalties, limits, show output."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from helpers_mta import DnsServer, MemoryTables, RawRemote, Remote, free_port, relay_config, standard_script
+
+from smtpd.config.model import Action, Config, Method, MtaLimit, Relay
+from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.mta import MtaAgent
+from smtpd.mta.mx import MxError, Resolver
+from smtpd.queue.envelope import Envelope
+
+MESSAGE = b"Subject: mx test\n\nbody\n"
+
+
+def message(tmp_path: os.PathLike[str], name: str = "message") -> str:
+    path = os.path.join(tmp_path, name)
+    with open(path, "wb") as handle:
+        handle.write(MESSAGE)
+    return path
+
+
+def envelope(dest: str, msgid: int = 0x11, n: int = 1) -> Envelope:
+    return Envelope(evpid=(msgid << 32) | n, dispatcher="relay", sender="bob@local.test", rcpt=dest, dest=dest)
+
+
+def mx_agent(dns: DnsServer, port: int, relay: Relay | None = None, config: Config | None = None,
+             mailname: str = "sender.test") -> MtaAgent:
+    config = config or relay_config(relay or Relay())
+    return MtaAgent(config, MemoryTables(), mailname, resolver=Resolver(dns.setting), mx_port=port, timeout=10.0)
+
+
+async def _deliver_all(agent: MtaAgent, envelopes: list[Envelope], path: str) -> list[DeliveryResult]:
+    return list(await asyncio.gather(*(agent.deliver(item, path) for item in envelopes)))
+
+
+def deliver(agent: MtaAgent, envelopes: list[Envelope], path: str, stop: bool = True) -> list[DeliveryResult]:
+    async def run() -> list[DeliveryResult]:
+        await agent.start()
+        try:
+            return await _deliver_all(agent, envelopes, path)
+        finally:
+            if stop:
+                await agent.stop()
+    return asyncio.run(run())
+
+
+ZONE = {
+    "example.test": [("MX", "10 mx1.example.test."), ("MX", "20 mx2.example.test.")],
+    "mx1.example.test": [("A", "127.0.0.2")],
+    "mx2.example.test": [("A", "127.0.0.3")],
+    "implicit.test": [("A", "127.0.0.3")],
+    "nullmx.test": [("MX", "0 .")],
+    "broken.test": [("SERVFAIL", "")],
+    "equal.test": [("MX", "10 a.equal.test."), ("MX", "10 b.equal.test."), ("MX", "30 c.equal.test.")],
+    "a.equal.test": [("A", "127.0.0.4")],
+    "b.equal.test": [("A", "127.0.0.5")],
+    "c.equal.test": [("A", "127.0.0.6")],
+}
+
+
+def test_lower_preference_first_then_the_next_mx(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.3")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.3", port=port) as mx2:
+        agent = mx_agent(dns, port)
+        results = deliver(agent, [envelope("alice@example.test")], message(tmp_path))
+        routes = agent.control_view("routes")
+    assert results[0].outcome is Outcome.OK
+    assert mx2.received[0].rcpt_tos == ["alice@example.test"]
+    assert [row["route"] for row in routes] == ["[] <-> 127.0.0.2 (mx1.example.test)",
+                                                "[] <-> 127.0.0.3 (mx2.example.test)"]
+    assert [row["nerror"] for row in routes] == [1, 0]
+    assert ("example.test", "MX") in dns.queries
+
+
+def test_equal_preferences_are_tried_in_random_order() -> None:
+    async def orders() -> set[tuple[str, ...]]:
+        resolver = Resolver(dns.setting)
+        seen = set()
+        for _ in range(40):
+            hosts = await resolver.mx_hosts("equal.test")
+            seen.add(tuple(host.name for host in hosts))
+        return seen
+    with DnsServer(ZONE) as dns:
+        seen = asyncio.run(orders())
+    assert seen == {("a.equal.test", "b.equal.test", "c.equal.test"),
+                    ("b.equal.test", "a.equal.test", "c.equal.test")}
+
+
+def test_implicit_mx_on_an_address_record(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.3")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.3", port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope("bob@implicit.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.OK
+    assert remote.received[0].rcpt_tos == ["bob@implicit.test"]
+
+
+@pytest.mark.parametrize(("domain", "outcome", "text"), [
+    ("nullmx.test", Outcome.PERMFAIL, "Domain does not accept mail (null MX)"),
+    ("nowhere.test", Outcome.PERMFAIL, "Domain does not exist"),
+])
+def test_domains_that_take_no_mail_bounce(tmp_path: os.PathLike[str], domain: str, outcome: Outcome,
+                                          text: str) -> None:
+    with DnsServer(ZONE) as dns:
+        results = deliver(mx_agent(dns, 2525), [envelope(f"x@{domain}")], message(tmp_path))
+    assert (results[0].outcome, results[0].text) == (outcome, text)
+
+
+def test_dns_failure_is_temporary(tmp_path: os.PathLike[str]) -> None:
+    with DnsServer(ZONE) as dns:
+        results = deliver(mx_agent(dns, 2525), [envelope("x@broken.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text.startswith("Temporary failure in MX lookup")
+
+
+def test_null_mx_raises_a_permanent_error() -> None:
+    with DnsServer(ZONE) as dns:
+        with pytest.raises(MxError) as caught:
+            asyncio.run(Resolver(dns.setting).mx_hosts("nullmx.test"))
+    assert caught.value.permanent
+
+
+def test_backup_mx_relays_only_to_better_exchangers(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.2")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.2", port=port) as primary:
+        ok = deliver(mx_agent(dns, port, Relay(backup=True, backup_mx="mx2.example.test")),
+                     [envelope("a@example.test")], message(tmp_path))
+        best = deliver(mx_agent(dns, port, Relay(backup=True), mailname="mx1.example.test"),
+                       [envelope("a@example.test", msgid=2)], message(tmp_path))
+    assert ok[0].outcome is Outcome.OK and len(primary.received) == 1
+    assert best[0].outcome is Outcome.TEMPFAIL
+    assert "better preference" in best[0].text
+
+
+def test_route_is_disabled_after_repeated_errors_and_resumed(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.2")
+    zone = {"down.test": [("MX", "10 mx.down.test.")], "mx.down.test": [("A", "127.0.0.2")]}
+    with DnsServer(zone) as dns:
+        agent = mx_agent(dns, port)
+
+        async def run() -> tuple[list[DeliveryResult], list[dict[str, object]], bool, list[dict[str, object]]]:
+            results = []
+            for number in range(5):
+                results.extend(await _deliver_all(agent, [envelope("a@down.test", msgid=number + 1)],
+                                                  message(tmp_path)))
+            disabled = agent.control_view("routes")
+            resumed = agent.resume_route_id(int(disabled[0]["id"]))
+            return results, disabled, resumed, agent.control_view("routes")
+        results, disabled, resumed, after = asyncio.run(run())
+    assert all(result.outcome is Outcome.TEMPFAIL for result in results)
+    assert results[3].text.startswith("Connection failed")
+    assert results[4].text == "Route [] <-> 127.0.0.2 (mx.down.test) is disabled after repeated errors"
+    assert disabled[0]["flags"] == "-DQ-" and disabled[0]["penalty"] == 1
+    assert str(disabled[0]["line"]).startswith("1. [] <-> 127.0.0.2 (mx.down.test) -DQ- nconn=0 nerror=0 "
+                                               "penalty=1 timeout=3m")
+    assert resumed is True
+    assert after[0]["flags"] == "----" and after[0]["timeout"] == "-"
+
+
+def test_connections_per_host_are_limited(tmp_path: os.PathLike[str]) -> None:
+    limit = MtaLimit(domain=None, family=None, values=(("max-conn-per-host", 2),))
+    with RawRemote(standard_script(), eom_delay=0.3) as remote:
+        config = Config(path="<t>", actions={"relay": Action("relay", Method.RELAY,
+                                                              relay=Relay(host=f"smtp://127.0.0.1:{remote.port}"))},
+                        mta_limits=(limit,))
+        agent = MtaAgent(config, MemoryTables(), "sender.test", resolver=Resolver("127.0.0.1:9"), timeout=10.0)
+        envelopes = [envelope("a@remote.test", msgid=number + 1) for number in range(6)]
+        results = deliver(agent, envelopes, message(tmp_path))
+    assert all(result.outcome is Outcome.OK for result in results)
+    assert remote.max_active == 2
+    assert remote.commands.count("<EOM>") == 6
+
+
+def test_show_hosts_relays_and_hoststats(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.3")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.3", port=port):
+        agent = mx_agent(dns, port)
+
+        async def run() -> dict[str, list[dict[str, object]]]:
+            await agent.start()
+            await agent.deliver(envelope("bob@implicit.test"), message(tmp_path))
+            views = {kind: agent.control_view(kind) for kind in ("hosts", "relays", "hoststats", "routes")}
+            await agent.stop()
+            return views
+        views = asyncio.run(run())
+    host_line = str(views["hosts"][0]["line"])
+    assert host_line.startswith("127.0.0.3 implicit.test refcount=1 nconn=1 lastconn=")
+    assert str(views["relays"][0]["text"]).startswith("[relay:implicit.test,mx] refcount=0 ntask=0 nconn=1")
+    stat = views["hoststats"][0]
+    assert stat["domain"] == "implicit.test" and stat["text"] == "250 2.0.0 Ok: queued"
+    assert str(stat["line"]).startswith("implicit.test|") and str(stat["line"]).endswith("|250 2.0.0 Ok: queued")
+    assert views["routes"][0]["flags"] == "---K"  # the session is kept open for the next message

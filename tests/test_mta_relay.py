@@ -1,0 +1,420 @@
+"""The relay agent in-process against real SMTP servers on loopback: smarthosts, replies, TLS, AUTH, LMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from helpers_mta import (
+    MemoryTables,
+    RawRemote,
+    Remote,
+    ScriptedHandler,
+    make_certificate,
+    relay_config,
+    standard_script,
+)
+
+from smtpd.config.model import Action, Ca, Config, Method, Pki, Relay
+from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.mta import MtaAgent
+from smtpd.mta.mx import Resolver
+from smtpd.queue.envelope import Envelope
+
+MESSAGE = b"From: bob@local.test\nTo: alice@remote.test\nSubject: hello\n\nHello Alice.\n.leading dot\n"
+
+
+def write_message(tmp_path: os.PathLike[str], data: bytes = MESSAGE, name: str = "message") -> str:
+    path = os.path.join(tmp_path, name)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def envelope(dest: str, sender: str = "bob@local.test", msgid: int = 0x0A0B0C0D, n: int = 1) -> Envelope:
+    return Envelope(evpid=(msgid << 32) | n, dispatcher="relay", sender=sender, rcpt=dest, dest=dest)
+
+
+def agent_for(config: Config, tables: MemoryTables | None = None, **kwargs: object) -> MtaAgent:
+    kwargs.setdefault("resolver", Resolver("127.0.0.1:9"))  # never the machine's resolver
+    kwargs.setdefault("timeout", 10.0)
+    return MtaAgent(config, tables or MemoryTables(), "sender.test", **kwargs)  # type: ignore[arg-type]
+
+
+def relay_all(agent: MtaAgent, envelopes: list[Envelope], path: str) -> list[DeliveryResult]:
+    async def run() -> list[DeliveryResult]:
+        await agent.start()
+        try:
+            return list(await asyncio.gather(*(agent.deliver(item, path) for item in envelopes)))
+        finally:
+            await agent.stop()
+    return asyncio.run(run())
+
+
+def smarthost(remote: Remote | RawRemote, scheme: str = "smtp", label: str = "") -> str:
+    return f"{scheme}://{label}{remote.host}:{remote.port}"
+
+
+# -- plain smarthost ---------------------------------------------------------------------------------------------
+def test_one_message_to_two_recipients_goes_in_one_transaction(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        config = relay_config(Relay(host=smarthost(remote)))
+        results = relay_all(agent_for(config), [envelope("alice@remote.test", n=1),
+                                                envelope("carol@other.test", n=2)], write_message(tmp_path))
+    assert [result.outcome for result in results] == [Outcome.OK, Outcome.OK]
+    assert len(remote.received) == 1
+    received = remote.received[0]
+    assert received.mail_from == "bob@local.test"
+    assert sorted(received.rcpt_tos) == ["alice@remote.test", "carol@other.test"]
+    assert received.message["Subject"] == "hello"
+    assert b"\r\n.leading dot\r\n" in received.data  # dot-stuffing was undone by the receiver, CRLF on the wire
+
+
+def test_mail_from_rewrites_the_domain_only(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        config = relay_config(Relay(host=smarthost(remote), mail_from="@foo.bar"))
+        results = relay_all(agent_for(config), [envelope("alice@remote.test")], write_message(tmp_path))
+        bounce = relay_all(agent_for(config), [envelope("alice@remote.test", sender="", msgid=7)],
+                           write_message(tmp_path, name="bounce"))
+    assert results[0].outcome is Outcome.OK and bounce[0].outcome is Outcome.OK
+    assert [item.mail_from for item in remote.received] == ["bob@foo.bar", "<>"]
+
+
+def test_mail_from_with_a_full_address_replaces_both_parts(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        config = relay_config(Relay(host=smarthost(remote), mail_from="relay@foo.bar"))
+        relay_all(agent_for(config), [envelope("alice@remote.test")], write_message(tmp_path))
+    assert remote.received[0].mail_from == "relay@foo.bar"
+
+
+def test_helo_option_is_the_ehlo_name(tmp_path: os.PathLike[str]) -> None:
+    with RawRemote(standard_script()) as remote:
+        config = relay_config(Relay(host=smarthost(remote), helo="out.example.test"))
+        results = relay_all(agent_for(config), [envelope("alice@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK
+    assert remote.commands[0] == "EHLO out.example.test"
+
+
+def test_default_helo_is_the_mailname(tmp_path: os.PathLike[str]) -> None:
+    with RawRemote(standard_script()) as remote:
+        relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")],
+                  write_message(tmp_path))
+    assert remote.commands[0] == "EHLO sender.test"
+
+
+def test_helo_src_table_maps_the_source_address(tmp_path: os.PathLike[str]) -> None:
+    tables = MemoryTables(maps={"helos": {"127.0.0.1": "mapped.example.test"}})
+    with RawRemote(standard_script()) as remote:
+        config = relay_config(Relay(host=smarthost(remote), helo_src_table="helos", src="127.0.0.1"))
+        relay_all(agent_for(config, tables), [envelope("a@remote.test")], write_message(tmp_path))
+    assert remote.commands[0] == "EHLO mapped.example.test"
+
+
+# -- replies -----------------------------------------------------------------------------------------------------
+def test_5xx_multiline_reply_is_a_permanent_failure_with_the_whole_reply(tmp_path: os.PathLike[str]) -> None:
+    refusal = "550-5.1.1 The mailbox you tried to reach does not exist.\r\n550-5.1.1 Please check the address\r\n" \
+              "550 5.1.1 and try again."
+    handler = ScriptedHandler(rcpt_replies={"ghost@remote.test": refusal})
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))),
+                            [envelope("ghost@remote.test", n=1), envelope("alice@remote.test", n=2)],
+                            write_message(tmp_path))
+    assert results[0].outcome is Outcome.PERMFAIL
+    assert results[0].text == refusal.replace("\r\n", "\n")
+    assert results[0].esc_class == 5 and results[0].esc_code == 11
+    assert results[1].outcome is Outcome.OK
+    assert remote.received[0].rcpt_tos == ["alice@remote.test"]
+
+
+def test_4xx_rcpt_reply_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
+    handler = ScriptedHandler(rcpt_replies={"busy@remote.test": "451 4.7.1 Greylisted, come back later"})
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))),
+                            [envelope("busy@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text == "451 4.7.1 Greylisted, come back later"
+    assert remote.received == []
+
+
+def test_refused_mail_from_fails_every_recipient(tmp_path: os.PathLike[str]) -> None:
+    handler = ScriptedHandler(mail_reply="553 5.7.1 Sender address rejected")
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))),
+                            [envelope("a@remote.test", n=1), envelope("b@remote.test", n=2)], write_message(tmp_path))
+    assert [result.outcome for result in results] == [Outcome.PERMFAIL, Outcome.PERMFAIL]
+    assert results[0].text == "553 5.7.1 Sender address rejected"
+
+
+def test_refused_message_fails_every_accepted_recipient(tmp_path: os.PathLike[str]) -> None:
+    handler = ScriptedHandler(data_reply="554 5.6.0 Message content rejected")
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))),
+                            [envelope("a@remote.test", n=1), envelope("b@remote.test", n=2)], write_message(tmp_path))
+    assert [result.text for result in results] == ["554 5.6.0 Message content rejected"] * 2
+    assert all(result.outcome is Outcome.PERMFAIL for result in results)
+
+
+def test_connection_refused_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
+    from helpers_mta import free_port
+    config = relay_config(Relay(host=f"smtp://127.0.0.1:{free_port()}"))
+    results = relay_all(agent_for(config), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text.startswith("Connection failed: ")
+
+
+def test_greeting_refusal_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
+    with RawRemote(standard_script({"GREETING": b"554 5.3.2 go away\r\n"})) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")],
+                            write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text == "554 5.3.2 go away"
+
+
+@pytest.mark.parametrize("bad_reply", [
+    b"25O ok\r\n",  # not a code
+    b"250-first line\r\n251 another code\r\n",  # the code changes inside a multi-line reply
+    b"250-ok\r\n250\r\n250x\r\n",  # the CVE-2020-8794 shape: a continuation that is not one
+    b"250 " + b"x" * 20000 + b"\r\n",  # an oversized line
+    b"".join(b"250-line %d\r\n" % number for number in range(200)) + b"250 end\r\n",  # too many lines
+])
+def test_malformed_or_oversized_reply_fails_that_envelope_only(tmp_path: os.PathLike[str], bad_reply: bytes) -> None:
+    with RawRemote(standard_script({"RCPT": bad_reply})) as bad, Remote() as good:
+        config = Config(path="<test>", actions={
+            "bad": Action("bad", Method.RELAY, relay=Relay(host=smarthost(bad))),
+            "relay": Action("relay", Method.RELAY, relay=Relay(host=smarthost(good))),
+        })
+        victim = envelope("a@remote.test", n=1)
+        victim.dispatcher = "bad"
+        bystander = envelope("b@remote.test", msgid=0x0B, n=2)
+        results = relay_all(agent_for(config), [victim, bystander], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text.startswith("Bad response from remote host")
+    assert "\n" not in results[0].text and "\r" not in results[0].text
+    assert results[1].outcome is Outcome.OK
+    assert good.received[0].rcpt_tos == ["b@remote.test"]
+
+
+def test_connection_closed_in_the_middle_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
+    with RawRemote(standard_script({"RCPT": b"250 ok\r\n", "DATA": b"451"})) as remote:
+        # "451" without a line end, then the server waits for the next command: the client times out or sees EOF
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote))), timeout=2.0),
+                            [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text in ("Connection timeout", "Connection closed unexpectedly (inside a reply line)")
+
+
+# -- several messages per connection ------------------------------------------------------------------------------
+def test_consecutive_messages_reuse_the_session(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        agent = agent_for(relay_config(Relay(host=smarthost(remote))))
+        paths = [write_message(tmp_path, name=f"m{number}") for number in range(3)]
+
+        async def run() -> list[DeliveryResult]:
+            await agent.start()
+            results = []
+            for number, path in enumerate(paths):
+                results.append(await agent.deliver(envelope("a@remote.test", msgid=100 + number), path))
+            await agent.stop()
+            return results
+        results = asyncio.run(run())
+    assert [result.outcome for result in results] == [Outcome.OK] * 3
+    assert len(remote.received) == 3
+    assert len(remote.handler.sessions) == 1
+
+
+# -- TLS and AUTH ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory):
+    return make_certificate(str(tmp_path_factory.mktemp("pki")), "smarthost.test")
+
+
+def tls_config(remote: Remote, scheme: str, certificate, tls: str | None = None, label: str = "") -> Config:
+    relay = Relay(host=f"{scheme}://{label}smarthost.test:{remote.port}", auth_table="secrets" if label else None,
+                  ca="smarthost.test" if tls != "no-verify" else None, tls=tls)
+    return relay_config(relay, cas={"smarthost.test": Ca("smarthost.test", certificate.cert)})
+
+
+def tls_agent(config: Config, dns) -> MtaAgent:
+    tables = MemoryTables(maps={"secrets": {"lbl": "relayuser:s3cret-pass"}})
+    return agent_for(config, tables, resolver=Resolver(dns.setting))
+
+
+@pytest.fixture()
+def dns():
+    from helpers_mta import DnsServer
+    with DnsServer({"smarthost.test": [("A", "127.0.0.1")]}) as server:
+        yield server
+
+
+def test_starttls_and_auth_against_the_smarthost(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    with Remote(tls=certificate, require_starttls=True, credentials={"relayuser": "s3cret-pass"}) as remote:
+        config = tls_config(remote, "smtp+tls", certificate, label="lbl@")
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].tls is True
+    assert remote.received[0].auth_user == "relayuser"
+
+
+def test_smtps_and_auth_against_the_smarthost(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    with Remote(tls=certificate, smtps=True, credentials={"relayuser": "s3cret-pass"}) as remote:
+        config = tls_config(remote, "smtps", certificate, label="lbl@")
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].auth_user == "relayuser"
+
+
+def test_wrong_password_is_a_temporary_failure(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    with Remote(tls=certificate, require_starttls=True, credentials={"relayuser": "other"}) as remote:
+        config = tls_config(remote, "smtp+tls", certificate, label="lbl@")
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text.startswith("AUTH rejected: 535")
+    assert remote.received == []
+
+
+def test_unverifiable_certificate_fails_unless_no_verify(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    with Remote(tls=certificate, require_starttls=True) as remote:
+        unknown_ca = relay_config(Relay(host=f"smtp+tls://smarthost.test:{remote.port}"))
+        refused = relay_all(tls_agent(unknown_ca, dns), [envelope("a@remote.test")], write_message(tmp_path))
+        no_verify = relay_config(Relay(host=f"smtp+tls://smarthost.test:{remote.port}", tls="no-verify"))
+        accepted = relay_all(tls_agent(no_verify, dns), [envelope("a@remote.test", msgid=2)],
+                             write_message(tmp_path, name="m2"))
+    assert refused[0].outcome is Outcome.TEMPFAIL
+    assert "certificate verification failed" in refused[0].text
+    assert accepted[0].outcome is Outcome.OK
+    assert len(remote.received) == 1 and remote.received[0].tls
+
+
+def test_certificate_for_another_name_is_refused(tmp_path: os.PathLike[str], certificate) -> None:
+    from helpers_mta import DnsServer
+    with DnsServer({"elsewhere.test": [("A", "127.0.0.1")]}) as dns, \
+            Remote(tls=certificate, require_starttls=True) as remote:
+        config = relay_config(Relay(host=f"smtp+tls://elsewhere.test:{remote.port}", ca="ca"),
+                              cas={"ca": Ca("ca", certificate.cert)})
+        results = relay_all(agent_for(config, resolver=Resolver(dns.setting)), [envelope("a@remote.test")],
+                            write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert "certificate verification failed" in results[0].text
+
+
+def test_tls_required_but_not_offered(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        config = relay_config(Relay(host=smarthost(remote, "smtp+tls"), tls="no-verify"))
+        results = relay_all(agent_for(config), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text == "TLS required but not supported by remote host"
+
+
+def test_opportunistic_starttls_is_used_when_offered(tmp_path: os.PathLike[str], certificate) -> None:
+    with Remote(tls=certificate) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")],
+                            write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK
+    assert remote.received[0].tls is True
+
+
+def test_notls_scheme_never_starts_tls(tmp_path: os.PathLike[str], certificate) -> None:
+    with Remote(tls=certificate) as remote:
+        relay_all(agent_for(relay_config(Relay(host=smarthost(remote, "smtp+notls")))),
+                  [envelope("a@remote.test")], write_message(tmp_path))
+    assert remote.received[0].tls is False
+
+
+def test_auth_over_plain_text_is_refused(tmp_path: os.PathLike[str]) -> None:
+    with RawRemote(standard_script({"EHLO": b"250-raw.test\r\n250 AUTH PLAIN LOGIN\r\n"})) as remote:
+        config = relay_config(Relay(host=f"smtp+tls://lbl@{remote.host}:{remote.port}", auth_table="secrets",
+                                    tls="no-verify"))
+        results = relay_all(agent_for(config, MemoryTables(maps={"secrets": {"lbl": "u:p4ss"}})),
+                            [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text == "TLS required but not supported by remote host"
+    assert not any(command.startswith("AUTH") for command in remote.commands)
+
+
+def test_client_certificate_from_pki(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    client_cert = make_certificate(str(tmp_path), "client.test")
+    import ssl
+
+    from helpers_mta import server_context
+    seen: list[object] = []
+    with Remote(tls=certificate, require_starttls=True) as remote:
+        context = server_context(certificate)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_cert.cert)
+        remote.controller.SMTP_kwargs["tls_context"] = context
+        config = relay_config(Relay(host=f"smtp+tls://smarthost.test:{remote.port}", ca="ca", pki="client"),
+                              cas={"ca": Ca("ca", certificate.cert)},
+                              pkis={"client": Pki("client", client_cert.cert, client_cert.key)})
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+        seen.extend(remote.received)
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert len(seen) == 1
+
+
+# -- LMTP ----------------------------------------------------------------------------------------------------------
+def test_lmtp_gives_one_result_per_recipient(tmp_path: os.PathLike[str]) -> None:
+    script = standard_script({"LHLO": b"250-lmtp.test\r\n250 PIPELINING\r\n",
+                              "EOM": b"250 2.0.0 delivered to a\r\n552 5.2.2 b is over quota\r\n"})
+    with RawRemote(script) as remote:
+        config = relay_config(Relay(host=f"lmtp://{remote.host}:{remote.port}"))
+        results = relay_all(agent_for(config), [envelope("a@remote.test", n=1), envelope("b@remote.test", n=2)],
+                            write_message(tmp_path))
+    assert remote.commands[0] == "LHLO sender.test"
+    assert results[0].outcome is Outcome.OK
+    assert results[1].outcome is Outcome.PERMFAIL and results[1].text == "552 5.2.2 b is over quota"
+
+
+# -- 8BITMIME, SMTPUTF8, DSN -----------------------------------------------------------------------------------------
+def test_8bit_message_is_sent_with_body_8bitmime(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        path = write_message(tmp_path, "Subject: café\n\nDéjà vu\n".encode())
+        relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")], path)
+    assert "BODY=8BITMIME" in remote.received[0].mail_options
+    assert "Déjà vu".encode() in remote.received[0].data
+
+
+def test_utf8_address_needs_smtputf8(tmp_path: os.PathLike[str]) -> None:
+    with Remote(smtputf8=False) as plain, Remote() as modern:
+        refused = relay_all(agent_for(relay_config(Relay(host=smarthost(plain)))), [envelope("jürgen@remote.test")],
+                            write_message(tmp_path))
+        accepted = relay_all(agent_for(relay_config(Relay(host=smarthost(modern)))),
+                             [envelope("jürgen@remote.test")], write_message(tmp_path))
+    assert refused[0].outcome is Outcome.PERMFAIL and "SMTPUTF8" in refused[0].text
+    assert accepted[0].outcome is Outcome.OK
+    assert "SMTPUTF8" in modern.received[0].mail_options
+    assert modern.received[0].rcpt_tos == ["jürgen@remote.test"]
+
+
+def test_null_sender_and_config_errors(tmp_path: os.PathLike[str]) -> None:
+    config = relay_config(Relay(host="gopher://x.test"))
+    results = relay_all(agent_for(config), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL and "unknown scheme" in results[0].text
+    missing = Envelope(evpid=5, dispatcher="nope", sender="", rcpt="a@b.test", dest="a@b.test")
+    results = relay_all(agent_for(config), [missing], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL and results[0].text == "no such dispatcher: nope"
+
+
+# -- trace ------------------------------------------------------------------------------------------------------------
+def test_every_step_is_traced(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    from smtpd import trace
+    subscription = trace.BUS.subscribe(["mta"], capacity=10000)
+    try:
+        with Remote(tls=certificate, require_starttls=True, credentials={"relayuser": "s3cret-pass"}) as remote:
+            config = tls_config(remote, "smtp+tls", certificate, label="lbl@")
+            relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+        events, dropped = subscription.drain()
+    finally:
+        subscription.close()
+    texts = [event.message for event in events]
+    assert dropped == 0
+
+    def seen(fragment: str) -> bool:
+        return any(fragment in text for text in texts)
+    assert seen("queued on [relay:smarthost.test,")
+    assert seen(f"connecting to 127.0.0.1:{remote.port} (smarthost.test) starttls, verified")
+    assert seen(">>> EHLO sender.test") and seen(">>> STARTTLS") and seen("TLS established")
+    assert seen(">>> AUTH PLAIN ...") and not seen("s3cret") and seen("authenticated as relayuser")
+    assert seen(">>> MAIL FROM:<bob@local.test>") and seen(">>> RCPT TO:<a@remote.test>")
+    assert seen("<<< 250 2.0.0 Ok: queued")
+    assert seen("<a@remote.test>: Ok: 250 2.0.0 Ok: queued")

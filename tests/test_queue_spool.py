@@ -1,0 +1,189 @@
+"""The spool: envelope file format, durable commit layout, group commit, abort, crash leftovers, corrupt files,
+loading a queue at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from helpers_queue import Harness, run, spool_files, wait_for
+
+from smtpd.delivery import DeliveryResult
+from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
+from smtpd.queue.format import EnvelopeFormatError, dump_envelope, load_envelope
+
+
+def sample_envelope() -> Envelope:
+    return Envelope(evpid=0x0123456789ABCDEF, dispatcher="local", type=EnvelopeType.MDA, smtpname="mx.test",
+                    helo="client.test", hostname="localhost", sockaddr="[::1]", sender="a@example.com",
+                    rcpt="b+tag@example.org", dest="b@example.org", ctime=1795594471, ttl=345600, retry=2,
+                    errorline="450 mailbox busy\\ try\nlater", flags={"authenticated", "internal"},
+                    dsn_notify=DsnNotify.FAILURE | DsnNotify.DELAY, dsn_ret="HDRS", dsn_envid="ENV1",
+                    dsn_orcpt="rfc822;b@example.org", esc_class=4, esc_code=30, mda_subaddress="tag")
+
+
+def test_envelope_file_round_trips_and_is_readable_text() -> None:
+    envelope = sample_envelope()
+    data = dump_envelope(envelope)
+    text = data.decode()
+    assert text.startswith("format: pysmtpd-envelope\nversion: 1\n")
+    assert "sender: a@example.com\n" in text
+    assert "flags: authenticated internal\n" in text
+    assert "dsn-notify: 6\n" in text
+    assert "errorline: 450 mailbox busy\\\\ try\\nlater\n" in text  # one line, escaped
+    assert "mda-exec" not in text  # empty fields are left out
+    assert load_envelope(data) == envelope
+
+
+def test_null_sender_is_written_as_at_sign() -> None:
+    envelope = Envelope(sender="", rcpt="x@y", dest="x@y", ctime=5)
+    data = dump_envelope(envelope)
+    assert b"sender: @\n" in data
+    assert load_envelope(data).sender == ""
+
+
+@pytest.mark.parametrize(("mutation", "reason"), [
+    (lambda text: text.replace("version: 1", "version: 3"), "version"),
+    (lambda text: text + "colour: blue\n", "unknown key"),
+    (lambda text: text.replace("ctime: 1795594471", "ctime: soon"), "ctime"),
+    (lambda text: text.rstrip("\n"), "truncated"),
+    (lambda text: text.replace("format: pysmtpd-envelope\n", ""), "not a pysmtpd-envelope"),
+    (lambda text: text + "retry: 3\n", "duplicate"),
+])
+def test_malformed_envelope_files_are_refused_with_the_reason(mutation, reason: str) -> None:
+    text = dump_envelope(sample_envelope()).decode()
+    with pytest.raises(EnvelopeFormatError, match=reason):
+        load_envelope(mutation(text).encode())
+
+
+def test_commit_leaves_message_and_envelopes_under_queue_and_nothing_elsewhere(tmp_path: Path) -> None:
+    async def scenario() -> tuple[int, list[int]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            return await harness.submit(b"Subject: hi\n\nbody\n", recipients=("a@x.test", "b@x.test"))
+
+    msgid, evpids = run(scenario())
+    folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+    assert (folder / "message").read_bytes() == b"Subject: hi\n\nbody\n"
+    assert sorted(path.name for path in folder.iterdir()) == sorted(["message", *(f"{e:016x}" for e in evpids)])
+    for evpid in evpids:
+        stored = load_envelope((folder / f"{evpid:016x}").read_bytes())
+        assert stored.sender == "alice@example.com"
+        assert stored.ttl == 4 * 86400  # expire = ctime + ttl: the real ttl is stored
+        assert evpid >> 32 == msgid
+    assert spool_files(tmp_path / "spool", "temporary") == []
+    assert spool_files(tmp_path / "spool", "incoming") == []
+    assert oct((folder / "message").stat().st_mode & 0o777) == "0o600"
+
+
+def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
+    async def scenario() -> tuple[int, int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            await asyncio.gather(*(harness.submit(recipients=(f"u{i}@x.test",)) for i in range(200)))
+            return harness.queue.io.batches, harness.queue.io.committed
+
+    batches, committed = run(scenario())
+    assert committed == 200
+    assert batches < 200  # several sessions' messages were made durable by one round of syncs
+    assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 200
+
+
+def test_abort_removes_the_partial_message(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Harness(tmp_path) as harness:
+            message = harness.queue.new_message()
+            await message.write(b"Subject: never finished\n")
+            assert spool_files(harness.spool, "temporary") == [f"{message.msgid:08x}"]
+            await message.abort()
+
+    run(scenario())
+    assert spool_files(tmp_path / "spool", "temporary") == []
+    assert list((tmp_path / "spool" / "queue").glob("*/*")) == []
+
+
+def test_leftovers_of_a_crash_are_dropped_and_committed_mail_is_delivered(tmp_path: Path) -> None:
+    async def first_life() -> int:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            msgid, _ = await harness.submit(b"Subject: acknowledged\n\nsafe\n")
+            partial = harness.queue.new_message()  # the "crash" comes while this one is being received
+            await partial.write(b"Subject: half")
+            (harness.spool / "incoming" / "0badc0de").mkdir()
+            (harness.spool / "incoming" / "0badc0de" / "message").write_bytes(b"half committed")
+            partial._fd = None  # noqa: SLF001 — keep the file, as a killed process would
+            return msgid
+
+    msgid = run(first_life())
+
+    async def second_life() -> list[bytes]:
+        async with Harness(tmp_path) as harness:
+            await wait_for(lambda: len(harness.mda.delivered) >= 1, what="delivery after restart")
+            await asyncio.sleep(0.1)
+            return [item.data for item in harness.mda.delivered]
+
+    assert run(second_life()) == [b"Subject: acknowledged\n\nsafe\n"]
+    assert spool_files(tmp_path / "spool", "temporary") == []
+    assert spool_files(tmp_path / "spool", "incoming") == []
+    assert not (tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}").exists()
+
+
+def test_corrupt_envelope_is_moved_aside_logged_and_the_rest_still_delivered(tmp_path: Path, caplog) -> None:
+    async def first_life() -> tuple[int, list[int]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            return await harness.submit(recipients=("good@x.test", "bad@x.test"))
+
+    msgid, (good, bad) = run(first_life())
+    folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+    (folder / f"{bad:016x}").write_bytes(b"format: pysmtpd-envelope\nversion: 1\ngarbage line\n")
+    (folder / "0123").write_bytes(b"not an envelope name")
+
+    async def second_life() -> list[str]:
+        async with Harness(tmp_path) as harness:
+            await wait_for(lambda: len(harness.mda.delivered) == 1, what="the good envelope")
+            await harness.queue.loading_done.wait()
+            return [entry.name for entry in harness.queue.corrupt_entries()]
+
+    with caplog.at_level(logging.WARNING, logger="smtpd"):
+        corrupt = run(second_life())
+    assert f"{msgid:08x}.{bad:016x}" in corrupt
+    assert f"{msgid:08x}.0123" in corrupt
+    assert any("corrupt queue file moved aside" in record.getMessage() for record in caplog.records)
+    why = (tmp_path / "spool" / "corrupt" / f"{msgid:08x}.{bad:016x}.why").read_text()
+    assert "not `key: value`" in why
+
+
+def test_message_without_message_file_is_moved_aside(tmp_path: Path) -> None:
+    bogus = tmp_path / "spool" / "queue" / "7f" / "7f000001"
+    bogus.mkdir(parents=True)
+    (bogus / "7f00000100000001").write_bytes(dump_envelope(Envelope(rcpt="x@y", dest="x@y", ctime=1)))
+
+    async def life() -> list[str]:
+        async with Harness(tmp_path) as harness:
+            await harness.queue.loading_done.wait()
+            return [entry.reason for entry in harness.queue.corrupt_entries()]
+
+    assert run(life()) == ["message file missing"]
+    assert not bogus.exists()
+
+
+def test_big_queue_is_loaded_in_the_background_and_delivered(tmp_path: Path) -> None:
+    async def first_life() -> None:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            await asyncio.gather(*(harness.submit(recipients=(f"u{i}@x.test", f"v{i}@x.test")) for i in range(600)))
+
+    run(first_life())
+
+    async def second_life() -> tuple[int, int]:
+        harness = Harness(tmp_path)
+        harness.mda.policy = lambda envelope: DeliveryResult.tempfail("not now")
+        async with harness:
+            await harness.queue.loading_done.wait()
+            await wait_for(lambda: len(harness.mda.attempts) == 1200, what="first attempts")
+            return harness.queue.loaded_envelopes, len(harness.scheduler.entries)
+
+    assert run(second_life()) == (1200, 1200)

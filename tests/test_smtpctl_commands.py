@@ -1,0 +1,196 @@
+"""smtpctl as an administrator types it, against a running daemon: OpenSMTPD's words, abbreviations, listings,
+outputs and exit codes (reference §2.2-2.4)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from helpers_control import DaemonProcess, make_workdir, smtpctl
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    running = DaemonProcess(workdir).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+SHOW_LISTING = ("possibilities are:\nshow mta\nshow envelope\nshow hoststats\nshow message\nshow queue\n"
+                "show hosts\nshow relays\nshow routes\nshow stats\nshow status\n")
+
+
+def test_not_running(tmp_path) -> None:
+    result = smtpctl(str(tmp_path / "absent.sock"), "show", "status")
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", "smtpctl: smtpd doesn't seem to be running\n")
+    result = smtpctl(str(tmp_path / "absent.sock"), "pause", "mda")
+    assert (result.returncode, result.stderr) == (1, "smtpctl: smtpd doesn't seem to be running\n")
+
+
+def test_show_status(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("show", "status")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "MDA running\nMTA running\nSMTP running\n", "")
+
+
+@pytest.mark.parametrize("words", [["sh", "status"], ["show", "statu"], ["sho", "status"]])
+def test_unique_prefixes(daemon: DaemonProcess, words: list[str]) -> None:
+    assert daemon.smtpctl(*words).stdout == "MDA running\nMTA running\nSMTP running\n"
+
+
+def test_ambiguous_prefix_lists_possibilities(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("show", "st")
+    assert (result.returncode, result.stdout, result.stderr) == (255, "", SHOW_LISTING)
+
+
+def test_missing_word_lists_possibilities(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("sh").stderr == SHOW_LISTING
+    top = daemon.smtpctl()
+    assert top.returncode == 255
+    words = top.stderr.splitlines()
+    assert words[0] == "possibilities are:"
+    # OpenSMTPD's words in OpenSMTPD's order, then ours.
+    assert words[1:14] == ["discover", "pause", "resume", "show", "log", "monitor", "profile", "remove",
+                           "schedule", "trace", "unprofile", "untrace", "update"]
+    assert "reload" in words and "stop" in words and "explain" in words
+
+
+def test_unknown_word_lists_possibilities(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("frobnicate")
+    assert result.returncode == 255 and result.stderr.startswith("possibilities are:\ndiscover\npause\n")
+
+
+def test_extra_word_is_invalid(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("show", "status", "extra")
+    assert (result.returncode, result.stdout, result.stderr) == (255, "", "invalid command\n")
+
+
+def test_hosts_is_exact_although_hoststats_exists(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("show", "hosts")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert daemon.smtpctl("show", "hoststats").returncode == 0
+
+
+@pytest.mark.parametrize(("words", "listing"), [
+    (["pause"], ["pause mta", "pause envelope", "pause mda", "pause smtp"]),
+    (["resume"], ["resume mta", "resume envelope", "resume mda", "resume route", "resume smtp"]),
+    (["pause", "m"], ["pause mta", "pause envelope", "pause mda", "pause smtp"]),
+    (["show", "mta"], ["show mta paused"]),
+    (["log"], ["log brief", "log verbose"]),
+    (["update"], ["update table"]),
+    (["update", "table"], ["update table <str>"]),
+    (["trace"], ["trace <str>"]),
+    (["untrace"], ["untrace <str>"]),
+    (["profile"], ["profile <str>"]),
+    (["resume", "route"], ["resume route <routeid>"]),
+    (["pause", "mta", "from"], ["pause mta from <addr>"]),
+    (["pause", "mta", "from", "1.2.3.4"], ["pause mta from <addr> for"]),
+])
+def test_listings_match_opensmtpd(daemon: DaemonProcess, words: list[str], listing: list[str]) -> None:
+    result = daemon.smtpctl(*words)
+    assert result.returncode == 255
+    assert result.stderr.splitlines() == ["possibilities are:", *listing]
+
+
+def test_show_stats(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("show", "stats")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    keys = [line.split("=", 1)[0] for line in lines]
+    assert keys == sorted(keys)
+    values = dict(line.split("=", 1) for line in lines)
+    assert int(values["control.session"]) >= 1  # this very connection
+    assert re.fullmatch(r"(\d+d)?(\d+h)?(\d+m)?\d+s|(\d+d)?(\d+h)?(\d+m)", values["uptime.human"])
+    assert int(values["uptime"]) >= 0
+
+
+def test_show_json(daemon: DaemonProcess) -> None:
+    status = json.loads(daemon.smtpctl("show", "status", "--json").stdout)
+    assert status == {"mda": "running", "mta": "running", "smtp": "running"}
+    stats = json.loads(daemon.smtpctl("show", "stats", "--json").stdout)
+    assert "uptime" in stats and "uptime.human" in stats
+    for what in (["hosts"], ["routes"], ["relays"], ["hoststats"], ["mta", "paused"]):
+        assert json.loads(daemon.smtpctl("show", *what, "--json").stdout) == []
+
+
+@pytest.mark.parametrize("subsystem", ["mda", "mta", "smtp"])
+def test_pause_and_resume(daemon: DaemonProcess, subsystem: str) -> None:
+    label = subsystem.upper()
+    assert daemon.smtpctl("pause", subsystem).stdout == "command succeeded\n"
+    assert f"{label} paused" in daemon.smtpctl("show", "status").stdout.splitlines()
+    again = daemon.smtpctl("pause", subsystem)
+    assert (again.returncode, again.stdout) == (1, "command failed\n")
+    assert daemon.smtpctl("resume", subsystem).stdout == "command succeeded\n"
+    assert f"{label} running" in daemon.smtpctl("show", "status").stdout.splitlines()
+    again = daemon.smtpctl("resume", subsystem)
+    assert (again.returncode, again.stdout) == (1, "command failed\n")
+    assert f"info: {subsystem} paused" in daemon.log() and f"info: {subsystem} resumed" in daemon.log()
+
+
+def test_abbreviated_pause(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("pa", "smt").stdout == "command succeeded\n"
+    assert daemon.smtpctl("res", "smtp").stdout == "command succeeded\n"
+
+
+def test_trace_keywords(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("trace", "expand").stdout == "command succeeded\n"
+    assert daemon.smtpctl("trace", "lookup").stdout == "command succeeded\n"
+    assert daemon.smtpctl("untrace", "expand").stdout == "command succeeded\n"
+    assert daemon.smtpctl("untrace", "lookup").stdout == "command succeeded\n"
+    bad = daemon.smtpctl("trace", "bogus")
+    assert (bad.returncode, bad.stdout, bad.stderr) == (1, "", "smtpctl: invalid trace keyword: bogus\n")
+    assert daemon.smtpctl("untrace", "bogus").returncode == 1
+
+
+def test_trace_keyword_checked_before_connecting(tmp_path) -> None:
+    result = smtpctl(str(tmp_path / "absent.sock"), "trace", "bogus")
+    assert (result.returncode, result.stderr) == (1, "smtpctl: invalid trace keyword: bogus\n")
+
+
+def test_profile(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("profile", "imsg").stdout == "command succeeded\n"
+    assert daemon.smtpctl("unprofile", "imsg").stdout == "command succeeded\n"
+    bad = daemon.smtpctl("profile", "bogus")
+    assert (bad.returncode, bad.stderr) == (1, "smtpctl: invalid profile keyword: bogus\n")
+
+
+def test_log_levels(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("log", "verbose").stdout == "command succeeded\n"
+    assert daemon.smtpctl("log", "b").stdout == "command succeeded\n"
+
+
+def test_update_unknown_table_fails(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("update", "table", "nosuchtable")
+    assert (result.returncode, result.stdout) == (1, "command failed\n")
+    assert 'warn: Lookup table not found: "nosuchtable"' in daemon.log()
+
+
+def test_mta_route_commands_fail_cleanly_without_relay(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("pause", "mta", "from", "192.0.2.1", "for", "example.org")
+    assert result.returncode in (0, 1) and result.stdout in ("command succeeded\n", "command failed\n")
+    assert daemon.smtpctl("resume", "route", "3").stdout in ("command succeeded\n", "command failed\n")
+
+
+def test_every_command_has_help_with_example(daemon: DaemonProcess) -> None:
+    commands = [[], ["show"], ["show", "status"], ["show", "stats"], ["show", "hosts"], ["show", "routes"],
+                ["show", "relays"], ["show", "hoststats"], ["show", "mta"], ["show", "mta", "paused"],
+                ["pause"], ["pause", "mda"], ["pause", "mta"], ["pause", "smtp"], ["resume"], ["resume", "mda"],
+                ["resume", "route"], ["log"], ["log", "brief"], ["log", "verbose"], ["monitor"], ["trace"],
+                ["untrace"], ["profile"], ["unprofile"], ["update"], ["update", "table"], ["reload"], ["stop"],
+                ["explain"]]
+    for words in commands:
+        result = daemon.smtpctl(*words, "--help")
+        assert result.returncode == 0, (words, result.stderr)
+        assert "Example" in result.stdout and "smtpctl" in result.stdout, words
+
+
+def test_stop_last(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("stop")
+    assert (result.returncode, result.stdout) == (0, "command succeeded\n")
+    assert daemon.process is not None
+    assert daemon.process.wait(15) == 0
+    assert daemon.smtpctl("show", "status").stderr == "smtpctl: smtpd doesn't seem to be running\n"

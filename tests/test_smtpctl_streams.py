@@ -1,0 +1,165 @@
+"""Streams: `smtpctl trace ... --follow` and `smtpctl monitor`, including a follower too slow to keep up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers_control import ROOT, DaemonProcess, make_workdir, read_line
+
+ROW = re.compile(r"^ {0,3}\d+ {1,4}\d+ {1,4}\d+  {1,4}\d+ {1,4}\d+ {1,4}\d+ {1,4}\d+ {4,7}\d+ {4,7}\d+ {1,4}\d+"
+                 r" {3,6}\d+ {3,6}\d+ {3,6}\d+$")
+HEADER = ["--- client ---  -- envelope --   ---- relay/delivery --- ------- misc -------",
+          "curr conn disc  curr  enq  deq   ok tmpfail prmfail loop expire remove bounce"]
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    running = DaemonProcess(workdir).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def spawn_smtpctl(daemon: DaemonProcess, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "smtpctl", "--socket", daemon.socket, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def enabled_traces(daemon: DaemonProcess) -> list[str]:
+    return daemon.request("hello")["result"]["traces"]
+
+
+def make_stat_events(daemon: DaemonProcess, connections: int) -> None:
+    """Each control connection counts control.session up and down: two `stat` trace events."""
+    for _ in range(connections):
+        daemon.request("hello")
+
+
+def test_trace_on_returns_at_once_and_stays_on(daemon: DaemonProcess) -> None:
+    assert daemon.smtpctl("trace", "expand").stdout == "command succeeded\n"
+    assert daemon.smtpctl("trace", "lookup").stdout == "command succeeded\n"
+    assert {"expand", "lookup"} <= set(enabled_traces(daemon))
+    daemon.smtpctl("untrace", "expand")
+    daemon.smtpctl("untrace", "lookup")
+    assert not {"expand", "lookup"} & set(enabled_traces(daemon))
+
+
+def test_follow_streams_events_and_turns_off_what_it_turned_on(daemon: DaemonProcess) -> None:
+    follower = spawn_smtpctl(daemon, "trace", "stat", "--follow", "--json")
+    assert follower.stdout is not None
+    try:
+        deadline = time.monotonic() + 20
+        while "stat" not in enabled_traces(daemon) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        make_stat_events(daemon, 3)
+        events = [json.loads(follower.stdout.readline()) for _ in range(4)]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(15)
+    assert follower.returncode == 0
+    assert all(event["type"] == "trace" and event["subsystem"] == "stat" for event in events)
+    assert any(event.get("key") == "control.session" for event in events)
+    deadline = time.monotonic() + 10
+    while "stat" in enabled_traces(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "stat" not in enabled_traces(daemon)
+
+
+def test_follow_keeps_traces_that_were_already_on(daemon: DaemonProcess) -> None:
+    daemon.smtpctl("trace", "stat")
+    follower = spawn_smtpctl(daemon, "trace", "stat", "--follow")
+    assert follower.stdout is not None
+    make_stat_events(daemon, 2)
+    line = follower.stdout.readline()
+    follower.send_signal(signal.SIGINT)
+    follower.wait(15)
+    assert line.startswith("stat: ")
+    assert "stat" in enabled_traces(daemon)
+    daemon.smtpctl("untrace", "stat")
+
+
+def test_follow_filter_by_text(daemon: DaemonProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as follower:
+        follower.settimeout(20)
+        follower.connect(daemon.socket)
+        follower.sendall(json.dumps({"v": 1, "id": 9, "cmd": "trace.follow",
+                                     "args": {"keywords": ["stat"], "address": "no-such-thing"}}).encode() + b"\n")
+        start = json.loads(read_line(follower))
+        assert start["event"]["type"] == "start"
+        make_stat_events(daemon, 3)
+        follower.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            follower.recv(100)  # every event was filtered out
+
+
+def test_slow_follower_loses_events_and_is_told_while_daemon_serves_others(daemon: DaemonProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(30)
+        slow.connect(daemon.socket)
+        slow.sendall(json.dumps({"v": 1, "id": 5, "cmd": "trace.follow",
+                                 "args": {"keywords": ["stat"], "capacity": 5}}).encode() + b"\n")
+        assert json.loads(read_line(slow))["event"]["type"] == "start"
+        # We do not read. The daemon must go on serving everybody else all the same.
+        make_stat_events(daemon, 1500)
+        assert daemon.request("show.status")["ok"]
+        # Now read: somewhere in the stream the daemon reports how many events we lost.
+        dropped = 0
+        received = 0
+        buffer = b""
+        deadline = time.monotonic() + 30
+        while not dropped and time.monotonic() < deadline:
+            try:
+                chunk = slow.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                event = json.loads(line)["event"]
+                if event["type"] == "dropped":
+                    dropped += event["count"]
+                else:
+                    received += 1
+            if not dropped:
+                make_stat_events(daemon, 1)
+    assert dropped > 0
+    assert received + dropped >= 3000
+
+
+def test_monitor_rows(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("monitor", "--count", "3", "--interval", "0.2")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[:2] == HEADER
+    assert len(lines) == 5
+    assert all(ROW.match(line) for line in lines[2:]), lines
+
+
+def test_monitor_counts_connections(daemon: DaemonProcess) -> None:
+    monitor = spawn_smtpctl(daemon, "monitor", "--json", "--interval", "0.5")
+    assert monitor.stdout is not None
+    try:
+        first = json.loads(monitor.stdout.readline())
+        assert set(first) >= {"client_curr", "client_conn", "envelope_curr", "ok", "bounce"}
+        monitor.stdout.readline()
+        rows = [json.loads(monitor.stdout.readline()) for _ in range(2)]
+    finally:
+        monitor.send_signal(signal.SIGINT)
+        monitor.wait(15)
+    assert monitor.returncode == 0
+    assert all(row["client_conn"] == 0 for row in rows)  # control connections are not SMTP clients
