@@ -42,7 +42,7 @@ OPENSMTPD_SPOOL = Path("/var/spool/smtpd")
 WORK = Path("/tmp/queue-bench")
 CONFIG = """listen on 127.0.0.1 port {port}
 action "relay" relay
-match from any for domain "relay.test" action "relay"
+match from any for any action "relay"
 """
 
 
@@ -233,6 +233,8 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts (e.g. 0.2 for a try)")
     parser.add_argument("--load-timeout", type=float, default=300.0)
     args = parser.parse_args()
+    # SIGTERM ends the script through its finally blocks, which stop the daemons it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     if os.geteuid() != 0 and args.only != "ours":
         print("OpenSMTPD needs root", file=sys.stderr)
         return 1

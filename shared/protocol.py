@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-PROTOCOL_VERSION = 1
+from shared.wire import PROTOCOL_VERSION, encode, request  # noqa: F401 — re-exported, defined there for speed
+
 MAX_REQUEST_BYTES = 65536  # a longer line is an error for that connection only
 
 
@@ -111,14 +112,6 @@ class ProtocolError(Exception):
         self.message = message
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
-
-def request(request_id: int | str, command: str, **args: Any) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "cmd": command, "args": args}
-
-
 def ok_reply(request_id: Any, result: Any = None) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
 
@@ -139,6 +132,8 @@ def decode_request(line: bytes) -> tuple[Any, CommandSpec, dict[str, Any]]:
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"not JSON: {error}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "not JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a request is a JSON object")
     if message.get("v") != PROTOCOL_VERSION:

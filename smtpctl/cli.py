@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "untrace": "smtpctl.commands.trace:untrace",
     "update": "smtpctl.commands.control:update",
     "encrypt": "smtpctl.commands.encrypt:encrypt",
+    "spf": "smtpctl.commands.spf:spf",
     "reload": "smtpctl.commands.control:reload",
     "stop": "smtpctl.commands.control:stop",
     "explain": "smtpctl.commands.explain:explain",

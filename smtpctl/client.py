@@ -1,6 +1,6 @@
 """The control socket's client: one request, one reply (or a stream of events), as shared/protocol.py says.
 
-Kept free of Click and rich so that `smtpctl show status` starts fast.
+Kept free of Click, rich and typing so that `smtpctl show status` starts fast.
 """
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
-from typing import Any
 
-from shared import protocol
+from shared import wire as protocol
 
 NOT_RUNNING = "smtpd doesn't seem to be running"
 INCOMPATIBLE = "incompatible smtpd and smtpctl"
@@ -71,7 +70,7 @@ class Client:
         return connection
 
     # -- requests -------------------------------------------------------------------------------------
-    def send(self, command: str, **args: Any) -> int:
+    def send(self, command: str, **args: object) -> int:
         request_id = self._next_id
         self._next_id += 1
         try:
@@ -81,7 +80,7 @@ class Client:
             raise DaemonNotRunning() from None
         return request_id
 
-    def call(self, command: str, **args: Any) -> Any:
+    def call(self, command: str, **args: object) -> object:
         """Run one command and return its result; raises ControlError (DaemonNotRunning if no daemon)."""
         request_id = self.send(command, **args)
         while True:
@@ -92,7 +91,7 @@ class Client:
                 continue
             return _result(message)
 
-    def stream(self, command: str, **args: Any) -> Iterator[dict[str, Any]]:
+    def stream(self, command: str, **args: object) -> Iterator[dict[str, object]]:
         """Yield a streaming command's events until it ends (its final reply) or the daemon goes away."""
         request_id = self.send(command, **args)
         if self._socket is not None:
@@ -112,7 +111,7 @@ class Client:
             _result(message)
             return
 
-    def _receive(self) -> dict[str, Any]:
+    def _receive(self) -> dict[str, object]:
         connection = self.connect()
         while b"\n" not in self._buffer:
             try:
@@ -135,7 +134,7 @@ class Client:
         return message
 
 
-def _result(message: dict[str, Any]) -> Any:
+def _result(message: dict[str, object]) -> object:
     if message.get("ok"):
         return message.get("result")
     error = message.get("error") or {}

@@ -3,8 +3,6 @@ fast path. No Click, no rich here."""
 
 from __future__ import annotations
 
-from typing import Any
-
 SUBSYSTEM_LABELS = (("mda", "MDA"), ("mta", "MTA"), ("smtp", "SMTP"))
 
 
@@ -12,29 +10,29 @@ def status_lines(status: dict[str, str]) -> list[str]:
     return [f"{label} {status.get(name, 'running')}" for name, label in SUBSYSTEM_LABELS]
 
 
-def stats_lines(stats: dict[str, Any]) -> list[str]:
+def stats_lines(stats: dict[str, object]) -> list[str]:
     # strcmp order of the keys, as OpenSMTPD's RB tree walks them; byte order equals strcmp for ASCII keys.
     return [f"{key}={stats[key]}" for key in sorted(stats, key=lambda key: key.encode())]
 
 
-def hosts_lines(rows: list[dict[str, Any]]) -> list[str]:
+def hosts_lines(rows: list[dict[str, object]]) -> list[str]:
     return [f"{row.get('address', '?')} {row.get('ptr', '')} refcount={row.get('refcount', 0)} "
             f"nconn={row.get('nconn', 0)} lastconn={row.get('lastconn') or '-'}" for row in rows]
 
 
-def routes_lines(rows: list[dict[str, Any]]) -> list[str]:
+def routes_lines(rows: list[dict[str, object]]) -> list[str]:
     return [f"{row.get('id', 0)}. {row.get('route', '')} {row.get('flags', '')} nconn={row.get('nconn', 0)} "
             f"nerror={row.get('nerror', 0)} penalty={row.get('penalty', 0)} "
             f"timeout={row.get('timeout') or '-'}" for row in rows]
 
 
-def hoststats_lines(rows: list[dict[str, Any]]) -> list[str]:
+def hoststats_lines(rows: list[dict[str, object]]) -> list[str]:
     return [f"{row.get('domain', '')}|{row.get('time', 0)}|{row.get('text', '')}" for row in rows]
 
 
-def relays_lines(rows: list[dict[str, Any]]) -> list[str]:
+def relays_lines(rows: list[dict[str, object]]) -> list[str]:
     return [str(row.get("text", "")) for row in rows]
 
 
-def mta_paused_lines(rows: list[dict[str, Any]]) -> list[str]:
+def mta_paused_lines(rows: list[dict[str, object]]) -> list[str]:
     return [f"{row.get('source', '')} -> {row.get('domain') or '*'}" for row in rows]

@@ -34,6 +34,8 @@ class DaemonOptions:
     paused: frozenset[str] = frozenset()  # subsystems started paused (smtpd -P)
     traces: frozenset[str] = frozenset()  # trace keywords enabled at start (smtpd -T)
     macros: dict[str, str] = field(default_factory=dict)  # -D, re-applied at reload
+    # Members of this group (name or gid) may run smtpctl's read-only commands; None: SMTPD_CONTROL_GROUP.
+    control_group: str | None = None
 
 
 class Component(Protocol):
@@ -126,15 +128,32 @@ class Daemon:
         errors = [str(diagnostic) for diagnostic in result.errors]
         warnings = [str(diagnostic) for diagnostic in result.warnings]
         if errors or result.config is None:
+            for error in errors:
+                self.log.warning("reload: %s", error)
             self.log.warning("reload failed, keeping the running configuration")
             return ReloadResult(False, errors, warnings)
         old, new = self.config, result.config
-        changes: list[str] = []
-        for component in self.components:
-            reconfigure = getattr(component, "reconfigure", None)
-            if reconfigure is not None:
-                changes.extend(await reconfigure(old, new) or [])
+        from smtpd.control.diff import describe_changes
+
+        changes = describe_changes(old, new)
+        done: list[Any] = []
+        try:
+            for component in self.components:
+                reconfigure = getattr(component, "reconfigure", None)
+                if reconfigure is not None:
+                    changes.extend(await reconfigure(old, new) or [])
+                    done.append(component)
+        except Exception as error:  # noqa: BLE001 — e.g. a new listener's port is taken: keep the old config
+            self.log.warning("reload failed, keeping the running configuration: %s", error)
+            for component in reversed(done):  # put back what had already switched
+                try:
+                    await component.reconfigure(new, old)
+                except Exception:  # noqa: BLE001 — best effort; the old config stays in force regardless
+                    self.log.exception("could not restore %r", component)
+            return ReloadResult(False, [f"{self.paths.config}: {error}"], warnings)
         self.config = new
+        for change in changes:
+            self.log.info("reload: %s", change)
         self.log.info("configuration reloaded")
         return ReloadResult(True, [], warnings, changes)
 
@@ -143,7 +162,8 @@ class Daemon:
 # attribute (daemon.tables, daemon.queue, ...) and returns the component to start, or None. Each subsystem adds
 # its one line here.
 BUILDERS: list[str] = [
-    "smtpd.queue:build",  # after tables
+    "smtpd.lookup.tables:build",  # first: every other subsystem asks its questions through the tables
+    "smtpd.queue:build",
     "smtpd.scheduler:build",
     "smtpd.mda:build",
     "smtpd.mta:build",

@@ -22,7 +22,7 @@ from smtpd import log, trace
 from smtpd.bounce import DELAYED, DELIVERED, FAILED, RELAYED, Bouncer, duration_text
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.queue.envelope import Envelope, EnvelopeType
-from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row
+from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row, line_parts
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ class Entry:
     state: str
     nexttry: float
     remove_after: bool = False  # removed by smtpctl while in flight
+    # The unchanging parts of this envelope's `show queue` line, made once: (fields before runstate, errorline).
+    # Cleared whenever the envelope changes (see _schedule, suspend, resume, _attempt).
+    line_parts: tuple[str, str] | None = None
 
 
 def agent_of(envelope: Envelope) -> str:
@@ -160,6 +163,7 @@ class Scheduler:
                 STATS.decrement("scheduler.ramqueue.message")
 
     def _schedule(self, entry: Entry, when: float) -> None:
+        entry.line_parts = None
         entry.state = PENDING
         entry.nexttry = when
         heapq.heappush(self.heap, (when, entry.envelope.evpid))
@@ -216,6 +220,7 @@ class Scheduler:
                 await self._expire(entry)
                 return
             envelope.last_try = int(now)
+            entry.line_parts = None
             trace.emit("scheduler", f"scheduler: {agent} delivery of {envelope.evpid:016x} to <{envelope.dest}>",
                        evpid=f"{envelope.evpid:016x}", agent=agent)
             result = await self._deliver(envelope, agent)
@@ -370,6 +375,24 @@ class Scheduler:
             rows.append(row)
         return rows
 
+    def lines(self, entries: Iterable[Entry]) -> str:
+        """The piped `show queue` text of these entries (reference §2.4), built from cached parts: 50,000
+        envelopes in a fraction of a second."""
+        now = time.time()
+        out: list[str] = []
+        for entry in entries:
+            parts = entry.line_parts
+            if parts is None:
+                parts = entry.line_parts = line_parts(entry.envelope)
+            state = self.state_of(entry)
+            if state == INFLIGHT:
+                value = int(now - entry.envelope.last_try)
+            else:
+                value = int(entry.nexttry - now)
+                state = PENDING
+            out.append(f"{parts[0]}|{state}|{value}|{parts[1]}\n")
+        return "".join(out)
+
     def schedule_now(self, entries: list[Entry]) -> int:
         now = time.time()
         count = 0
@@ -387,6 +410,7 @@ class Scheduler:
             if entry.state in (PENDING, "ready"):
                 entry.state = SUSPENDED
                 entry.envelope.flags.add("suspend")
+                entry.line_parts = None
                 count += 1
         return count
 
@@ -396,6 +420,7 @@ class Scheduler:
         for entry in entries:
             if entry.state == SUSPENDED:
                 entry.envelope.flags.discard("suspend")
+                entry.line_parts = None
                 self._schedule(entry, max(now, entry.nexttry) if entry.nexttry > now else now)
                 count += 1
         return count

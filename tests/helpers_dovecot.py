@@ -76,11 +76,11 @@ mail_location = {self.mail_location}
 lmtp_save_to_detail_mailbox = no
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {users_file}
+  args = scheme=PLAIN username_format=%n {users_file}
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%u {users_file}
+  args = username_format=%n {users_file}
 }}
 service imap-login {{
   inet_listener imap {{
@@ -106,7 +106,10 @@ service lmtp {{
 
     def start(self) -> None:
         self.write_config()
-        subprocess.run(["dovecot", "-c", self.config_path], check=True, capture_output=True, text=True)
+        # dovecot forks into the background and keeps its output descriptors: do not wait on pipes.
+        with open(os.path.join(self.base, "start.log"), "w") as output:
+            subprocess.run(["dovecot", "-c", self.config_path], check=True, stdin=subprocess.DEVNULL,
+                           stdout=output, stderr=output)
         pid_file = os.path.join(self.base, "run", "master.pid")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

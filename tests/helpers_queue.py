@@ -116,6 +116,8 @@ class Harness:
                                 hostname="localhost", **envelope_fields)
             evpids.append(message.add_envelope(envelope))
         await message.commit()
+        assert message.placed is not None
+        await message.placed  # the scheduler has it now
         return message.msgid, evpids
 
 

@@ -1,6 +1,6 @@
 """The SMTP tests' fixture: the real daemon as a subprocess, on a free loopback port, with its own paths.
 
-``SmtpDaemon(tmp_path, config_text)`` writes the config (``{port}``, ``{port2}``, ``{dir}`` are filled in), a
+``SmtpDaemon(tmp_path, config_text)`` writes the config (``{port}``, ``{port2}``..``{port9}``, ``{dir}`` are filled in), a
 mailname file, and starts ``python tests/helpers_smtp.py run`` — a thin runner around smtpd.daemon (the real
 config parser, tables, queue, scheduler, SMTP server) — with SMTPD_* variables pointing into tmp_path. Local
 delivery is paused (``-P mda`` equivalent) unless asked otherwise, so accepted messages stay in the spool where
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,11 +34,15 @@ class SmtpDaemon:
     def __init__(self, tmp_path: Path, config_text: str, *, paused: tuple[str, ...] = ("mda",),
                  env: dict[str, str] | None = None, traces: tuple[str, ...] = ()) -> None:
         self.dir = tmp_path
-        self.port = free_port()
-        self.port2 = free_port()
+        # {port}, {port2} ... {port9}: each a free loopback port (self.ports["port2"], ...)
+        self.ports = {name: free_port() for name in sorted(set(re.findall(r"\{(port\d?)\}", config_text)))}
+        self.ports.setdefault("port", free_port())
+        self.port = self.ports["port"]
+        self.port2 = self.ports.get("port2", 0)
+        for name, number in self.ports.items():
+            config_text = config_text.replace("{" + name + "}", str(number))
         self.config_path = tmp_path / "smtpd.conf"
-        self.config_path.write_text(config_text.replace("{port}", str(self.port))
-                                    .replace("{port2}", str(self.port2)).replace("{dir}", str(tmp_path)))
+        self.config_path.write_text(config_text.replace("{dir}", str(tmp_path)))
         self.spool = tmp_path / "spool"
         self.socket_path = tmp_path / "smtpd.sock"
         self.log_path = tmp_path / "daemon.log"
@@ -188,13 +193,10 @@ def _run() -> int:
         trace.console_to_stderr()
     daemon = daemon_module.Daemon(paths, result.config, options)
     if not any(target.startswith("smtpd.lookup.tables") for target in daemon_module.BUILDERS):
+        # Until the tables subsystem registers its builder, the runner opens the tables itself.
         from smtpd.lookup.tables import Tables
 
-        import dataclasses
-
-        # The parser declares the built-ins too; Tables makes its own, so hand it only the declared tables.
-        declared = {name: decl for name, decl in result.config.tables.items() if not decl.builtin}
-        daemon.tables = Tables(dataclasses.replace(result.config, tables=declared), mailname=daemon.mailname)
+        daemon.tables = Tables(result.config, mailname=daemon.mailname)
     asyncio.run(daemon_module.serve(daemon))
     return 0
 

@@ -19,7 +19,7 @@ from helpers_control import DaemonProcess, make_workdir, read_line, smtpctl_as
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
     workdir = make_workdir()
-    running = DaemonProcess(workdir, env={"SMTPD_CONTROL_GROUP": "mail"}).start()
+    running = DaemonProcess(workdir, env={"SMTPD_CONTROL_GROUP": "mail", "SMTPD_CONTROL_TIMEOUT": "2"}).start()
     yield running
     running.stop()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -65,6 +65,7 @@ def test_reply_carries_version_and_id(daemon: DaemonProcess) -> None:
     (b'{"v": 1, "id": 1, "cmd": "rm -rf /"}\n', "unknown-command"),
     (b'{"v": 1, "id": 1, "cmd": "show.status", "args": [1]}\n', "bad-request"),
     (b"\xff\xfe\x00garbage\n", "bad-request"),
+    (b"[" * 30000 + b"]" * 30000 + b"\n", "bad-request"),  # nested deeper than the parser recurses
 ])
 def test_malformed_request_gets_error_and_close(daemon: DaemonProcess, line: bytes, code: str) -> None:
     with connect(daemon) as connection:
@@ -167,3 +168,17 @@ def test_state_changes_are_logged_with_who(daemon: DaemonProcess) -> None:
     assert daemon.smtpctl("log", "brief").stdout == "command succeeded\n"
     log = daemon.log()
     assert "control: uid=0 (root)" in log and "ran log.verbose" in log and "ran log.brief" in log
+
+
+def test_client_that_never_reads_replies_is_dropped(daemon: DaemonProcess) -> None:
+    with connect(daemon) as greedy:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        request = b'{"v": 1, "id": 1, "cmd": "show.stats"}\n'
+        sent = 0
+        try:
+            while sent < 200_000:  # far more answers than any buffer holds; we read none of them
+                greedy.sendall(request * 100)
+                sent += 100
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        assert_still_serving(daemon)

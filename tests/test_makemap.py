@@ -7,6 +7,8 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,10 @@ def test_dump_equals_real_makemap(tmp_path: Path, name: str) -> None:
     ((), "a : \n"),
     (("-t", "aliases"), "ok: bob\nbad: b, !!nope\n"),
     (("-t", "aliases"), 'q: "x,y"\n'),
+    (("-t", "aliases"), "q: bob, , alice\n"),  # makemap refuses empty items
+    (("-t", "aliases"), "q: bob,\n"),
+    (("-t", "aliases"), 'q: "|/bin/echo a,b"\n'),  # makemap cuts at every comma, quotes or not
+    (("-t", "aliases"), "q: |/bin/echo a\\,b\n"),
     (("-t", "aliases"), "ok: |/bin/true, /var/mail/x, :include:/etc/x, error:550 gone, u@d.test, bob\n"),
     (("-t", "set"), "Abc def\n  x  \ny:\n"),
     (("-d", "foo"), "a b\n"),
@@ -170,16 +176,24 @@ def test_newaliases_reports_file_line_errors_and_usage(tmp_path: Path) -> None:
     assert (extra.returncode, extra.stderr) == (1, "usage: newaliases [-f file]\n")
 
 
-def test_newaliases_without_root_when_the_folder_is_writable(tmp_path: Path) -> None:
+@pytest.fixture
+def request_cleanup() -> Iterator[list[Path]]:
+    folders: list[Path] = []
+    yield folders
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_newaliases_without_root_when_the_folder_is_writable(request_cleanup: list[Path]) -> None:
     nobody = pwd.getpwnam("nobody")
-    folder = tmp_path / "mine"
-    folder.mkdir()
+    # pytest's tmp_path sits under a root-only folder; nobody needs a path it can reach.
+    folder = Path(tempfile.mkdtemp(prefix="newaliases-"))
+    request_cleanup.append(folder)
     aliases = folder / "aliases"
     aliases.write_text("root: bob\n")
     config = write_config(folder, f"table aliases file:{aliases}")
     for path in (folder, aliases, config):
         os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    tmp_path.chmod(0o755)
     # The interpreter lives under /root here, so the process imports everything first and then drops to
     # nobody before newaliases does any work.
     code = ("import os, sys, smtpd.config, smtpd.config.parser, smtpctl.commands.maps, shared.paths; "

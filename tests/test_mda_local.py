@@ -18,8 +18,8 @@ from helpers_delivery import (
     local_action,
     make_config,
     make_mail_root,
-    open_temp_dir,
     mda_envelope,
+    open_temp_dir,
     system_user,
     write_message,
 )
@@ -414,3 +414,50 @@ def test_format_specifiers() -> None:
     for bad in ("%{nope}", "%{rcpt:shout}", "%{rcpt[x]}", "%{mda}", "%{rcpt"):
         with pytest.raises(VariableError):
             expand(bad, context)
+
+
+def test_mbox_written_by_another_program_gets_its_separator(spool, bob) -> None:
+    tmp_path, root, _ = spool
+    mbox = os.path.join(root, bob.pw_name)
+    with open(mbox, "w") as handle:
+        handle.write("From someone@else Mon Jan  1 00:00:00 2024\nSubject: old\n\nold body")
+    os.chown(mbox, bob.pw_uid, bob.pw_gid)
+    os.chmod(mbox, 0o600)
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    assert deliver(agent_for(mbox_config()), envelope, write_message(str(tmp_path / "m"), MESSAGE)).outcome \
+        is Outcome.OK
+    content = open(mbox).read()
+    assert "\nold body\n\nFrom alice@sender.test " in content
+
+
+def test_unprivileged_daemon_delivers_as_itself(spool, bob) -> None:
+    """A daemon that is not root (the trial run) delivers as its own user into the configured folders."""
+    tmp_path, _, _ = spool
+    own_root = os.path.join(bob.pw_dir, "spool")
+    os.mkdir(own_root, 0o700)
+    os.chown(own_root, bob.pw_uid, bob.pw_gid)
+    path = write_message(str(tmp_path / "m"), MESSAGE)
+    os.chmod(path, 0o644)
+    maildir_agent = agent_for(mbox_config(method=Method.MAILDIR, maildir_path=f"{bob.pw_dir}/box"))
+    asyncio.run(asyncio.to_thread(lambda: None))  # load what the child needs while /root is readable
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(bob.pw_gid)
+            os.setuid(bob.pw_uid)
+            os.environ["SMTPD_MAILDIR_ROOT"] = own_root
+            mbox_agent = agent_for(mbox_config())
+            results = [asyncio.run(mbox_agent.deliver(mda_envelope("local", "root@example.org", "root"), path)),
+                       asyncio.run(maildir_agent.deliver(mda_envelope("local", "x@example.org", "root"), path))]
+            status = 0 if all(result.outcome is Outcome.OK for result in results) else 3
+        finally:
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    mbox = os.path.join(own_root, "root")
+    assert os.stat(mbox).st_uid == bob.pw_uid
+    assert "first line" in open(mbox).read()
+    [name] = os.listdir(os.path.join(bob.pw_dir, "box", "new"))
+    assert os.stat(os.path.join(bob.pw_dir, "box", "new", name)).st_uid == bob.pw_uid

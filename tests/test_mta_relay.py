@@ -7,6 +7,7 @@ import os
 
 import pytest
 from helpers_mta import (
+    CLOSE,
     MemoryTables,
     RawRemote,
     Remote,
@@ -196,12 +197,16 @@ def test_malformed_or_oversized_reply_fails_that_envelope_only(tmp_path: os.Path
 
 
 def test_connection_closed_in_the_middle_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
-    with RawRemote(standard_script({"RCPT": b"250 ok\r\n", "DATA": b"451"})) as remote:
-        # "451" without a line end, then the server waits for the next command: the client times out or sees EOF
-        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote))), timeout=2.0),
-                            [envelope("a@remote.test")], write_message(tmp_path))
-    assert results[0].outcome is Outcome.TEMPFAIL
-    assert results[0].text in ("Connection timeout", "Connection closed unexpectedly (inside a reply line)")
+    with RawRemote(standard_script({"DATA": b"451" + CLOSE})) as cut, \
+            RawRemote(standard_script({"MAIL": CLOSE})) as gone:
+        # "451" without a line end and the server hangs up; the other hangs up instead of answering MAIL
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(cut)))), [envelope("a@remote.test")],
+                            write_message(tmp_path))
+        results += relay_all(agent_for(relay_config(Relay(host=smarthost(gone)))), [envelope("a@remote.test")],
+                             write_message(tmp_path))
+    assert [result.outcome for result in results] == [Outcome.TEMPFAIL, Outcome.TEMPFAIL]
+    assert results[0].text == "Connection closed unexpectedly (inside a reply line)"
+    assert results[1].text == "Connection closed unexpectedly"
 
 
 # -- several messages per connection ------------------------------------------------------------------------------
@@ -418,3 +423,65 @@ def test_every_step_is_traced(tmp_path: os.PathLike[str], certificate, dns) -> N
     assert seen(">>> MAIL FROM:<bob@local.test>") and seen(">>> RCPT TO:<a@remote.test>")
     assert seen("<<< 250 2.0.0 Ok: queued")
     assert seen("<a@remote.test>: Ok: 250 2.0.0 Ok: queued")
+
+
+# -- relay domain map, host table, source address, paused routes --------------------------------------------------------
+def test_relay_domain_map_picks_the_smarthost_per_domain(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as first, Remote() as second:
+        tables = MemoryTables(maps={"routes": {"one.test": smarthost(first), "two.test": smarthost(second)}})
+        results = relay_all(agent_for(relay_config(Relay(domain_table="routes")), tables),
+                            [envelope("a@one.test", n=1), envelope("b@two.test", n=2)], write_message(tmp_path))
+    assert [result.outcome for result in results] == [Outcome.OK, Outcome.OK]
+    assert [item.rcpt_tos for item in first.received] == [["a@one.test"]]
+    assert [item.rcpt_tos for item in second.received] == [["b@two.test"]]
+
+
+def test_host_table_and_source_address(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        tables = MemoryTables(lists={"hosts": [smarthost(remote)], "sources": ["127.0.0.2"]})
+        agent = agent_for(relay_config(Relay(host_table="hosts", src_table="sources")), tables)
+
+        async def run() -> tuple[list[DeliveryResult], list[dict[str, object]]]:
+            results = [await agent.deliver(envelope("a@remote.test"), write_message(tmp_path))]
+            routes = agent.control_view("routes")
+            await agent.stop()
+            return results, routes
+        results, routes = asyncio.run(run())
+    assert results[0].outcome is Outcome.OK
+    assert remote.received[0].peer[0] == "127.0.0.2"
+    assert routes[0]["route"] == "127.0.0.2 <-> 127.0.0.1"
+
+
+def test_paused_route_holds_its_mail(tmp_path: os.PathLike[str]) -> None:
+    with Remote() as remote:
+        agent = agent_for(relay_config(Relay(host=smarthost(remote), src="127.0.0.2")))
+
+        async def run() -> tuple[DeliveryResult, list[dict[str, object]], DeliveryResult]:
+            assert agent.pause_route("127.0.0.2", "127.0.0.1")
+            assert not agent.pause_route("127.0.0.2", "127.0.0.1")
+            held = await agent.deliver(envelope("a@remote.test", n=1), write_message(tmp_path))
+            paused = agent.control_view("mta.paused")
+            assert agent.resume_route("127.0.0.2", "127.0.0.1")
+            sent = await agent.deliver(envelope("a@remote.test", n=2), write_message(tmp_path))
+            await agent.stop()
+            return held, paused, sent
+        held, paused, sent = asyncio.run(run())
+    assert held.outcome is Outcome.TEMPFAIL and "paused" in held.text
+    assert [row["line"] for row in paused] == ["127.0.0.2 -> 127.0.0.1"]
+    assert sent.outcome is Outcome.OK and len(remote.received) == 1
+
+
+def test_dsn_parameters_are_passed_on_when_offered(tmp_path: os.PathLike[str]) -> None:
+    from smtpd.queue.envelope import DsnNotify
+    script = standard_script({"EHLO": b"250-raw.test\r\n250-DSN\r\n250 SIZE 1000000\r\n"})
+    with RawRemote(script) as with_dsn, RawRemote(standard_script()) as without:
+        for remote in (with_dsn, without):
+            item = envelope("a@remote.test")
+            item.dsn_notify = DsnNotify.SUCCESS | DsnNotify.FAILURE
+            item.dsn_orcpt = "rfc822;a@remote.test"
+            item.dsn_ret, item.dsn_envid = "HDRS", "xyz123"
+            relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [item], write_message(tmp_path))
+    mail = next(command for command in with_dsn.commands if command.startswith("MAIL"))
+    assert mail.startswith("MAIL FROM:<bob@local.test> SIZE=") and mail.endswith(" RET=HDRS ENVID=xyz123")
+    assert "RCPT TO:<a@remote.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@remote.test" in with_dsn.commands
+    assert "MAIL FROM:<bob@local.test>" in without.commands and "RCPT TO:<a@remote.test>" in without.commands

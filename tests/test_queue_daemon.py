@@ -124,7 +124,7 @@ def test_corrupt_file_is_moved_aside_by_the_daemon_and_reported(tmp_path: Path) 
             time.sleep(0.05)
         result = process.smtpctl("show", "queue")
         assert len(result.stdout.splitlines()) == 2
-        assert f"corrupt/{evpid >> 32:08x}.{evpid:016x}: line 2: not `key: value`" in result.stderr
+        assert f"corrupt/{evpid >> 32:08x}.{evpid:016x}: not a pysmtpd-envelope file" in result.stderr
         assert process.alive()
         assert "corrupt queue file moved aside" in process.log()
     finally:

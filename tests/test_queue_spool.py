@@ -187,3 +187,66 @@ def test_big_queue_is_loaded_in_the_background_and_delivered(tmp_path: Path) -> 
             return harness.queue.loaded_envelopes, len(harness.scheduler.entries)
 
     assert run(second_life()) == (1200, 1200)
+
+
+def test_a_commit_whose_waiter_is_cancelled_is_still_scheduled(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        async with Harness(tmp_path) as harness:
+            message = harness.queue.new_message()
+            await message.write(b"Subject: orphan\n\nx\n")
+            message.add_envelope(Envelope(dispatcher="local", sender="a@x.test", rcpt="b@x.test", dest="b@x.test"))
+            waiter = asyncio.ensure_future(message.commit())
+            await asyncio.sleep(0)
+            waiter.cancel()  # the client disconnected during the commit
+            await wait_for(lambda: len(harness.mda.delivered) == 1, what="the committed message's delivery")
+            return len(harness.mda.delivered)
+
+    assert run(scenario()) == 1
+
+
+def _committed_folder_back_in_incoming(tmp_path: Path, recipients: tuple[str, ...]) -> Path:
+    """Commit a message, then put its folder back into incoming/: the state a crash leaves between the flush
+    that acknowledges a commit and the move under queue/."""
+
+    async def first_life() -> int:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            msgid, _ = await harness.submit(b"Subject: between\n\nrounds\n", recipients=recipients)
+            return msgid
+
+    msgid = run(first_life())
+    folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+    moved = tmp_path / "spool" / "incoming" / f"{msgid:08x}"
+    folder.rename(moved)
+    return moved
+
+
+def _second_life_deliveries(tmp_path: Path) -> list[str]:
+    async def second_life() -> list[str]:
+        async with Harness(tmp_path) as harness:
+            await harness.queue.loading_done.wait()
+            await asyncio.sleep(0.3)
+            return sorted(item.envelope.rcpt for item in harness.mda.delivered)
+
+    return run(second_life())
+
+
+def test_a_complete_commit_left_in_incoming_is_placed_and_delivered(tmp_path: Path) -> None:
+    moved = _committed_folder_back_in_incoming(tmp_path, ("a@x.test", "b@x.test"))
+    assert _second_life_deliveries(tmp_path) == ["a@x.test", "b@x.test"]
+    assert not moved.exists()
+
+
+def test_an_incomplete_commit_in_incoming_is_dropped(tmp_path: Path) -> None:
+    moved = _committed_folder_back_in_incoming(tmp_path, ("a@x.test", "b@x.test"))
+    envelope_file = next(path for path in moved.iterdir() if path.name != "message")
+    envelope_file.unlink()  # one envelope never reached the disk
+    assert _second_life_deliveries(tmp_path) == []
+    assert not moved.exists()
+
+
+def test_a_commit_with_a_short_message_in_incoming_is_dropped(tmp_path: Path) -> None:
+    moved = _committed_folder_back_in_incoming(tmp_path, ("a@x.test",))
+    (moved / "message").write_bytes(b"Subject: between\n\nro")  # the data did not all reach the disk
+    assert _second_life_deliveries(tmp_path) == []
+    assert not moved.exists()

@@ -46,19 +46,15 @@ match auth from any for any action "relay"
 
 @pytest.fixture(scope="module")
 def dialog_daemon(tmp_path_factory: pytest.TempPathFactory):
-    from helpers_smtp import free_port
 
     from shared.passwords import hash_password
 
     folder = tmp_path_factory.mktemp("dialogs")
     make_certificate(folder)
-    port3 = free_port()
-    text = CONFIG.replace("HASH", hash_password(ALICE_PASSWORD, "sha512")).replace("{port3}", str(port3))
-    daemon = SmtpDaemon(folder, text)
-    daemon.port3 = port3  # type: ignore[attr-defined]
+    daemon = SmtpDaemon(folder, CONFIG.replace("HASH", hash_password(ALICE_PASSWORD, "sha512")))
     daemon.start()
-    daemon.wait_listening(daemon.port2)
-    daemon.wait_listening(port3)
+    for port in daemon.ports.values():
+        daemon.wait_listening(port)
     yield daemon
     daemon.stop()
 
@@ -81,7 +77,7 @@ def _expect(client: LineClient, expected: list[str], where: str) -> None:
 
 def play(path: Path, daemon: SmtpDaemon) -> None:
     lines = path.read_text().replace("{mailname}", MAILNAME).splitlines()
-    ports = {"mx": daemon.port, "submission": daemon.port2, "other": daemon.port3}  # type: ignore[attr-defined]
+    ports = {"mx": daemon.port, "submission": daemon.port2, "other": daemon.ports["port3"]}
     port_name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("port:")), "mx")
     client = LineClient(ports[port_name])
     expected: list[str] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -47,6 +48,18 @@ def make_stat_events(daemon: DaemonProcess, connections: int) -> None:
         daemon.request("hello")
 
 
+def read_while_provoking(daemon: DaemonProcess, process: subprocess.Popen[str]) -> str:
+    """Make events until the follower (which subscribes at some point after it starts) prints a line."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        make_stat_events(daemon, 1)
+        ready, _, _ = select.select([process.stdout], [], [], 0.1)
+        if ready:
+            return process.stdout.readline()
+    raise AssertionError("the follower printed nothing")
+
+
 def test_trace_on_returns_at_once_and_stays_on(daemon: DaemonProcess) -> None:
     assert daemon.smtpctl("trace", "expand").stdout == "command succeeded\n"
     assert daemon.smtpctl("trace", "lookup").stdout == "command succeeded\n"
@@ -81,8 +94,7 @@ def test_follow_keeps_traces_that_were_already_on(daemon: DaemonProcess) -> None
     daemon.smtpctl("trace", "stat")
     follower = spawn_smtpctl(daemon, "trace", "stat", "--follow")
     assert follower.stdout is not None
-    make_stat_events(daemon, 2)
-    line = follower.stdout.readline()
+    line = read_while_provoking(daemon, follower)
     follower.send_signal(signal.SIGINT)
     follower.wait(15)
     assert line.startswith("stat: ")

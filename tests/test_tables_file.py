@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers_tables import (
+    config_with,
     file_decl,
     inline_list,
     inline_map,
@@ -14,9 +15,13 @@ from helpers_tables import (
     tables_with,
     write,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables import Service, TableError, TableLoadError, Tables
+from smtpd.lookup.tables.matching import hostname_match
+from smtpd.lookup.tables.static import StaticContent
 
 
 # -- format ------------------------------------------------------------------------------------------------
@@ -96,9 +101,8 @@ def test_unreadable_file_reports_fopen_error(tmp_path: Path) -> None:
 
 def test_non_strict_registry_keeps_going_and_records_errors(tmp_path: Path) -> None:
     good = write(tmp_path / "good", "a b\n")
-    config_tables = Tables(
-        __import__("helpers_tables").config_with(file_decl("good", good), file_decl("bad", tmp_path / "nope")),
-        mailname="mx", addresses=[], strict=False)
+    config_tables = Tables(config_with(file_decl("good", good), file_decl("bad", tmp_path / "nope")),
+                           mailname="mx", addresses=[], strict=False)
     assert config_tables.lookup("good", Service.ALIAS, "a") == "b"
     assert "bad" in config_tables.load_errors and "bad" not in config_tables
 
@@ -323,3 +327,31 @@ def test_reload_failure_is_traced(tmp_path: Path) -> None:
     with recorded_lookups() as lines, pytest.raises(TableLoadError):
         tables.reload("t")
     assert lines == ['table: Failed to update table "t"']
+
+
+# -- the glob is OpenSMTPD's loop, transcribed -------------------------------------------------------------
+def c_hostname_match(hostname: str, pattern: str) -> bool:
+    """A line-by-line transcription of OpenSMTPD's util.c hostname_match, as the oracle."""
+    hostname, pattern = hostname.lower(), pattern.lower()
+    h = p = 0
+    while p < len(pattern) and h < len(hostname):
+        if pattern[p] == "*":
+            while p < len(pattern) and pattern[p] == "*":
+                p += 1
+            following = pattern[p] if p < len(pattern) else ""
+            while h < len(hostname) and hostname[h] != following:
+                h += 1
+            continue
+        if pattern[p] != hostname[h]:
+            return False
+        p += 1
+        h += 1
+    return h == len(hostname) and p == len(pattern)
+
+
+@given(st.text(alphabet="ab.*A-", max_size=8), st.text(alphabet="ab.A-\n", max_size=8))
+@settings(max_examples=3000, deadline=None)
+def test_glob_equals_opensmtpd_loop(pattern: str, hostname: str) -> None:
+    assert hostname_match(hostname, pattern) is c_hostname_match(hostname, pattern)
+    content = StaticContent(TableShape.LIST, {pattern.lower(): ""})
+    assert content.match(Service.DOMAIN, hostname.lower()) is c_hostname_match(hostname, pattern)

@@ -160,7 +160,9 @@ def log_verbose() -> None:
 def _profile_command(name: str, command: str, verb: str) -> click.Command:
     @click.command(name, cls=Leaf, placeholders=["<str>"],
                    help=f"{verb} profiling ({', '.join(PROFILE_KEYWORDS)}).\n\n\b\nExample:\n  smtpctl {name} imsg")
-    @click.argument("keyword", metavar="KEYWORD")
+    @click.argument("keyword", metavar="KEYWORD",
+                    shell_complete=lambda ctx, param, incomplete: [word for word in PROFILE_KEYWORDS
+                                                                   if word.startswith(incomplete)])
     def change(keyword: str) -> None:
         if keyword not in PROFILE_KEYWORDS:
             fail(f"invalid profile keyword: {keyword}")

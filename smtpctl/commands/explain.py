@@ -74,9 +74,8 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
         lines.append("the rule rejects: the recipient is refused")
         return lines
     action = result.get("action") or {}
-    details = ", ".join(f"{key} {value}" for key, value in action.items()
-                        if key not in ("name", "method", "location"))
-    lines.append(f"action: {action.get('name')} ({action.get('method')}{', ' + details if details else ''})")
+    where = f" ({action['location']})" if action.get("location") else ""
+    lines.append(f"action{where}: {action.get('text') or action.get('name')}")
     expansion = result.get("expansion") or {}
     lines.append("expansion:")
     lines.extend(f"  {line}" for line in expansion.get("lines") or [])

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from smtpd.lookup.items import classify_item, split_items
+from smtpd.lookup.items import classify_item
 from smtpd.lookup.tables.base import TableLoadError
 from smtpd.lookup.tables.db import SET_VALUE, dump_db, write_db
 
@@ -104,8 +104,10 @@ def _map_entry(line: str) -> tuple[str, str] | None | bool:
 
 
 def _valid_aliases(value: str) -> bool:
-    pieces = split_items(value)
-    return bool(pieces) and all(classify_item(piece) is not None for piece in pieces)
+    """makemap's own check (stricter than the daemon's reading of a value): the value is cut at every comma,
+    quotes or not, and every piece, trimmed, must be a non-empty expansion item (`bob,` is refused)."""
+    pieces = [piece.strip(_WHITESPACE) for piece in value.split(",")]
+    return all(piece and classify_item(piece) is not None for piece in pieces)
 
 
 def parse_source(text: str, source: str, map_type: str) -> list[tuple[str, str]]:

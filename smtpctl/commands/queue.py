@@ -56,9 +56,14 @@ def _paths() -> Paths:
     return paths if isinstance(paths, Paths) else Paths.from_environment()
 
 
-def call_daemon(command: str, **args: Any) -> Any:
-    """One control request. Raises DaemonDown when there is no daemon, CommandFailed on an error reply."""
+def call_daemon(command: str, large_reply: bool = False, **args: Any) -> Any:
+    """One control request. Raises DaemonDown when there is no daemon, CommandFailed on an error reply.
+
+    A large reply (show queue: megabytes on one line) is read here in linear time rather than by the shared
+    client."""
     socket_path = _paths().socket
+    if large_reply:
+        return _call_directly(socket_path, command, args)
     try:
         from smtpctl.client import Client, ControlError, DaemonNotRunning
     except ImportError:  # the control client is another family's; speak the protocol directly without it
@@ -78,21 +83,28 @@ def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(socket_path)
+        connection.sendall(protocol.encode(protocol.request(1, command, **args)))
     except OSError:
         connection.close()
         raise DaemonDown(NOT_RUNNING) from None
-    with connection, connection.makefile("rb") as replies:
-        connection.sendall(protocol.encode(protocol.request(1, command, **args)))
+    with connection:
+        received = bytearray()
         while True:
-            line = replies.readline()
-            if not line:
+            searched = len(received)
+            chunk = connection.recv(1 << 20)
+            if not chunk:
                 raise CommandFailed("connection closed by smtpd")
-            reply = protocol.decode_reply(line)
-            if "event" in reply:
-                continue
-            if reply.get("ok"):
-                return reply.get("result")
-            raise CommandFailed(reply.get("error", {}).get("message", "command failed"))
+            received += chunk
+            end = received.find(b"\n", searched)
+            while end >= 0:
+                line = bytes(received[:end])
+                del received[:end + 1]
+                reply = protocol.decode_reply(line)
+                if "event" not in reply:
+                    if reply.get("ok"):
+                        return reply.get("result")
+                    raise CommandFailed(reply.get("error", {}).get("message", "command failed"))
+                end = received.find(b"\n")
 
 
 def _fail(message: str, code: int = EXIT_FAILURE) -> None:
@@ -230,7 +242,7 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     if piped_lines:
         args["format"] = "lines"
     try:
-        result = call_daemon("show.queue", **args)
+        result = call_daemon("show.queue", large_reply=True, **args)
     except DaemonDown:
         try:
             rows, problems = offline_rows(_paths().spool, msgid, selector)

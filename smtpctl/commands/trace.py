@@ -26,6 +26,10 @@ SUBSYSTEM_COLOURS = {
 }
 
 
+def complete_keywords(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    return [keyword for keyword in TRACE_KEYWORDS if keyword.startswith(incomplete)]
+
+
 def _check_keywords(keywords: tuple[str, ...]) -> list[str]:
     for keyword in keywords:
         if keyword not in TRACE_KEYWORDS:
@@ -34,7 +38,7 @@ def _check_keywords(keywords: tuple[str, ...]) -> list[str]:
 
 
 @click.command(cls=Leaf, placeholders=["<str>"])
-@click.argument("keywords", nargs=-1, required=True, metavar="SUBSYSTEM...")
+@click.argument("keywords", nargs=-1, required=True, metavar="SUBSYSTEM...", shell_complete=complete_keywords)
 @click.option("-f", "--follow", is_flag=True, help="Stream the events here until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="With --follow: one JSON object per event and line.")
 @click.option("--session", metavar="ID", help="With --follow: only events that mention this session id.")
@@ -62,7 +66,7 @@ def trace(keywords: tuple[str, ...], follow: bool, as_json: bool, session: str |
 
 
 @click.command(cls=Leaf, placeholders=["<str>"])
-@click.argument("keywords", nargs=-1, required=True, metavar="SUBSYSTEM...")
+@click.argument("keywords", nargs=-1, required=True, metavar="SUBSYSTEM...", shell_complete=complete_keywords)
 def untrace(keywords: tuple[str, ...]) -> None:
     """Turn off tracing of SUBSYSTEM.
 

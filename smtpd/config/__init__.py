@@ -65,8 +65,8 @@ def _run(lexer: Lexer, path: str, check_files: bool, mailname: str | None) -> Pa
     if any(d.is_error for d in diagnostics):
         return ParseResult(None, diagnostics, unused)
     config = parser.build()
-    diagnostics.extend(checks.validate_tables(config))
     if check_files:
+        diagnostics.extend(checks.validate_tables(config))
         try:
             checks.check_pki_and_queue(config)
         except FatalConfigError as fatal:
@@ -85,14 +85,24 @@ def load(path: str, macros: dict[str, str] | None = None, check_files: bool = Tr
          mailname: str | None = None) -> ParseResult:
     """Parse a config file (and its includes). ``macros`` are -D definitions, which the file cannot override.
 
-    With ``check_files`` (the default, as `smtpd -n` and a start do) the pki certificates and keys and the
-    queue key are checked too.
+    With ``check_files`` (the default, as `smtpd -n` and a start do) the tables are loaded and checked
+    against their uses, and the pki certificates and keys and the queue key are checked too.
     """
     lexer = Lexer(_report_ignored, macros)
     failure = lexer.push_file(path)
     if failure is not None:
         return ParseResult(None, [Diagnostic(failure)])
-    return _run(lexer, path, check_files, mailname)
+    return _run(lexer, path, check_files, mailname if mailname is not None else _system_mailname())
+
+
+def _system_mailname() -> str | None:
+    """The server name, for checks that depend on it (a tls listener finds its pki by that name)."""
+    from shared.paths import MailnameError, Paths, read_mailname
+
+    try:
+        return read_mailname(Paths.from_environment().mailname)
+    except (MailnameError, OSError):
+        return None
 
 
 def parse_text(text: str, path: str = "smtpd.conf", macros: dict[str, str] | None = None,

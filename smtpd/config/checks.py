@@ -103,12 +103,14 @@ def _map_value(line: str) -> str:
 
 
 def validate_tables(config: Config) -> list[Diagnostic]:
-    """Hook for the tables subsystem: deeper checks of every declared table once the config is complete.
+    """Deeper checks of every declared table once the config is complete (`smtpd -n`, start, reload).
 
-    The tables helper fills this in (e.g. loading db files, checking credential formats); the parser calls it
-    after a successful parse and reports what it returns.
+    The tables subsystem does them (smtpd.lookup.tables.validate_tables: db files that cannot be opened are
+    errors, entries that would fail at lookup time are warnings with the table file's FILE:LINE).
     """
-    return []
+    from smtpd.lookup.tables import validate_tables as tables_validate
+
+    return list(tables_validate(config))
 
 
 # -- pki, ca and queue key (smtpd -n) ---------------------------------------------------------------------

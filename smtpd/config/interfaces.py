@@ -3,14 +3,24 @@
 Interface name, then IPv4 literal, IPv6 literal, then a host name (`localhost` gives 127.0.0.1 and ::1).
 Interface addresses come from getifaddrs(3) through ctypes, the only source with every address of every
 interface (the socket module offers names only).
+
+Host names go to the system resolver (getaddrinfo), like OpenSMTPD's, unless SMTPD_RESOLVER names a DNS
+server ("host:port"): then /etc/hosts is read first and the rest is asked of that server only, so tests
+never send DNS questions anywhere else.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import ipaddress
+import os
 import socket
+
+HOSTS_FILE = "/etc/hosts"
+ENV_RESOLVER = "SMTPD_RESOLVER"
+DNS_TIMEOUT = 3.0
 
 INET4 = "inet4"
 INET6 = "inet6"
@@ -37,12 +47,20 @@ _IfAddrs._fields_ = [
 ]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (find_library is slow: it runs ldconfig)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def interface_addresses() -> dict[str, list[str]]:
     """Every interface's IPv4 and IPv6 addresses, by interface name (empty if getifaddrs is unavailable)."""
     result: dict[str, list[str]] = {}
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
+    libc = _libc()
+    if libc is None:
         return result
     head = ctypes.POINTER(_IfAddrs)()
     if libc.getifaddrs(ctypes.byref(head)) != 0:
@@ -93,26 +111,41 @@ def _literal(target: str, family_wanted: str) -> str | None:
 
 def resolve_listen_target(target: str, family: str | None) -> list[str]:
     """The addresses `listen on TARGET [inet4|inet6]` binds, or [] when TARGET is nothing known."""
+    return resolve_listen_target_checked(target, family)[0]
+
+
+def resolve_listen_target_checked(target: str, family: str | None) -> tuple[list[str], str | None]:
+    """Addresses, and OpenSMTPD's `warn: host_dns: could not parse ...` line when the resolver refuses the
+    question outright (e.g. `listen on ::1 inet4`): then OpenSMTPD makes no listener and goes on."""
     interfaces = interface_addresses()
     if target in interfaces:
         addresses = [a for a in interfaces[target] if family is None or _family_of(a) == family]
         if addresses:
-            return addresses
+            return addresses, None
     for wanted in (INET4, INET6):
-        if family not in (None, wanted):
-            continue
         literal = _literal(target, wanted)
-        if literal is not None:
-            return [literal]
+        if literal is None:
+            continue
+        if family in (None, wanted):
+            return [literal], None
+        return [], f'warn: host_dns: could not parse "{target}": Address family for hostname not supported'
     return _resolve_host(target, family)
 
 
-def _resolve_host(target: str, family: str | None) -> list[str]:
+def _resolve_host(target: str, family: str | None) -> tuple[list[str], str | None]:
+    setting = os.environ.get(ENV_RESOLVER)
+    if setting:
+        return _hosts_file(target, family) or _ask_resolver(target, family, setting), None
     socket_family = {None: socket.AF_UNSPEC, INET4: socket.AF_INET, INET6: socket.AF_INET6}[family]
     try:
         infos = socket.getaddrinfo(target, None, socket_family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+    except socket.gaierror as error:
+        quiet = {getattr(socket, name, None) for name in ("EAI_AGAIN", "EAI_NODATA", "EAI_NONAME")}
+        if error.errno in quiet:
+            return [], None
+        return [], f'warn: host_dns: could not parse "{target}": {error.strerror}'
     except (OSError, UnicodeError, ValueError):
-        return []
+        return [], None
     addresses: list[str] = []
     for info in infos:
         if info[0] not in (socket.AF_INET, socket.AF_INET6):
@@ -120,7 +153,7 @@ def _resolve_host(target: str, family: str | None) -> list[str]:
         address = str(info[4][0]).split("%")[0]
         if address not in addresses:
             addresses.append(address)
-    return addresses
+    return addresses, None
 
 
 def is_loopback(address: str) -> bool:
@@ -128,3 +161,60 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def _hosts_file(target: str, family: str | None) -> list[str]:
+    addresses: list[str] = []
+    try:
+        with open(HOSTS_FILE, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return addresses
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) < 2 or target.lower() not in (word.lower() for word in words[1:]):
+            continue
+        address = words[0].split("%")[0]
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if family is not None and _family_of(str(parsed)) != family:
+            continue
+        if str(parsed) not in addresses:
+            addresses.append(str(parsed))
+    return addresses
+
+
+def _resolver_address(setting: str) -> tuple[str, int]:
+    value = setting.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest.lstrip(":") or 53)
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, int(port)
+    return value, 53
+
+
+def _ask_resolver(target: str, family: str | None, setting: str) -> list[str]:
+    import dns.exception
+    import dns.resolver
+
+    try:
+        host, port = _resolver_address(setting)
+    except ValueError:
+        return []
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [host]
+    resolver.port = port
+    resolver.lifetime = DNS_TIMEOUT
+    addresses: list[str] = []
+    kinds = [kind for kind, wanted in (("A", INET4), ("AAAA", INET6)) if family in (None, wanted)]
+    for kind in kinds:
+        try:
+            answer = resolver.resolve(target, kind, raise_on_no_answer=False, search=False)
+        except (dns.exception.DNSException, ValueError):
+            continue
+        addresses += [record.to_text() for record in (answer.rrset or [])]
+    return addresses

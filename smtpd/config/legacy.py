@@ -84,36 +84,55 @@ def finish(parser: Parser) -> None:
     Next to modern rules they are an error that says so; in a file without any rule they are what OpenSMTPD
     calls them, a syntax error (`pki NAME certificate` alone is not a legacy config).
     """
+    failed = {d.location for d in parser.diagnostics if d.is_error}
+    # A legacy line that failed keeps its error only.
+    parser.diagnostics[:] = [d for d in parser.diagnostics
+                             if not (d.location in failed and d.is_warning and d.text.startswith(WARNING_PREFIX))]
     if parser.legacy_rule_at is not None or not parser.legacy_statement_lines:
         return
     where = set(parser.legacy_statement_lines)
-    for index, diagnostic in enumerate(parser.diagnostics):
-        if diagnostic.location in where and diagnostic.severity is Severity.WARNING \
-                and diagnostic.text.startswith(WARNING_PREFIX):
-            if parser.modern_rule_at is not None:
-                text = (f"legacy and modern grammar cannot be mixed: this line is legacy (pre-6.4) syntax but "
-                        f"{parser.modern_rule_at} has a 6.4+ action/match statement; write instead: "
-                        + diagnostic.text.removeprefix(WARNING_PREFIX))
-            else:
-                text = "syntax error"
-            parser.diagnostics[index] = Diagnostic(text, diagnostic.location)
+    kept: list[Diagnostic] = []
+    seen_errors: set[Location | None] = set()
+    for diagnostic in parser.diagnostics:
+        if diagnostic.location not in where or diagnostic.severity is Severity.NOTE:
+            kept.append(diagnostic)
+            continue
+        if diagnostic.is_warning and not diagnostic.text.startswith(WARNING_PREFIX):
+            kept.append(diagnostic)
+            continue
+        if diagnostic.is_warning and parser.modern_rule_at is not None:
+            text = (f"legacy and modern grammar cannot be mixed: this line is legacy (pre-6.4) syntax but "
+                    f"{parser.modern_rule_at} has a 6.4+ action/match statement; write instead: "
+                    + diagnostic.text.removeprefix(WARNING_PREFIX))
+        else:
+            text = "syntax error"
+        if diagnostic.location in seen_errors:
+            continue
+        seen_errors.add(diagnostic.location)
+        kept.append(Diagnostic(text, diagnostic.location))
+    parser.diagnostics[:] = kept
 
 
 def check_mixing(parser: Parser, token: Token, modern: bool) -> None:
+    """Refuse a rule of the other grammar than the rules seen so far (recorded by ``record_rule``)."""
+    if modern and parser.legacy_rule_at is not None:
+        raise SemanticProblem(
+            f"legacy and modern grammar cannot be mixed: `{token.text}` is a 6.4+ statement but "
+            f"{parser.legacy_rule_at} has a legacy accept/reject rule; use one grammar per configuration",
+            token)
+    if not modern and parser.modern_rule_at is not None:
+        raise SemanticProblem(
+            f"legacy and modern grammar cannot be mixed: `{token.text}` is a legacy (pre-6.4) rule but "
+            f"{parser.modern_rule_at} has a 6.4+ action/match statement; use one grammar per configuration",
+            token)
+
+
+def record_rule(parser: Parser, token: Token, modern: bool) -> None:
+    """A rule statement of one grammar was parsed without error."""
     here = parser.location(token)
     if modern:
-        if parser.legacy_rule_at is not None:
-            raise SemanticProblem(
-                f"legacy and modern grammar cannot be mixed: `{token.text}` is a 6.4+ statement but "
-                f"{parser.legacy_rule_at} has a legacy accept/reject rule; use one grammar per configuration",
-                token)
         parser.modern_rule_at = parser.modern_rule_at or here
     else:
-        if parser.modern_rule_at is not None:
-            raise SemanticProblem(
-                f"legacy and modern grammar cannot be mixed: `{token.text}` is a legacy (pre-6.4) rule but "
-                f"{parser.modern_rule_at} has a 6.4+ action/match statement; use one grammar per configuration",
-                token)
         parser.legacy_rule_at = parser.legacy_rule_at or here
 
 
@@ -123,7 +142,16 @@ def word_statement(parser: Parser, first: Token) -> None:
     word = first.text if not first.quoted else ""
     if word == "accept":
         rule_statement(parser, first, reject=False)
-    elif word == "expire":
+        return
+    if word not in ("expire", "bounce-warn", "subaddressing-delimiter", "max-mta-deferred"):
+        raise parser.fail()
+    # Until the file shows it is a legacy config, a problem in a legacy statement is only a syntax error.
+    parser.legacy_statement_lines.append(parser.location(first))
+    _global_word_statement(parser, first, word)
+
+
+def _global_word_statement(parser: Parser, first: Token, word: str) -> None:
+    if word == "expire":
         token = parser.expect_string()
         seconds, shown = delay_to_seconds(token.text)
         if seconds is None:
@@ -165,7 +193,11 @@ def keyword_statement(parser: Parser) -> None:
     if first.text == "reject":
         parser.advance()
         rule_statement(parser, first, reject=True)
-    elif first.text == "max-message-size":
+        return
+    if first.text not in ("max-message-size", "ciphers", "limit"):
+        raise parser.fail()
+    parser.legacy_statement_lines.append(parser.location(first))
+    if first.text == "max-message-size":
         parser.advance()
         size = parser.size()
         parser.smtp = replace(parser.smtp, max_message_size=size)
@@ -319,6 +351,7 @@ def rule_statement(parser: Parser, first: Token, reject: bool) -> None:  # noqa:
         action = replace(action, method=Method.RELAY, relay=relay)
     action = replace(action, ttl=ttl)
     _finish_rule(parser, first, flags, None if reject else action)
+    record_rule(parser, first, modern=False)
 
 
 def _legacy_from(parser: Parser, flags: _RuleFlags, negated: bool, start: Token) -> Condition:

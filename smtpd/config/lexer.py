@@ -30,6 +30,9 @@ socket src srs sub-addr-delim table tag tagged tls tls-require ttl user userbase
 """.split())
 
 MAX_TOKEN = 8095
+# The text of the end-of-file token that ends an unterminated string: unlike a normal end of file it does
+# not complete the statement (OpenSMTPD gives no fake newline there), so the statement is a syntax error.
+UNTERMINATED = "unterminated string"
 _NOT_IN_WORD = set("(){}<>!=#,")
 _NUMBER_ENDS = set(" \t\n\r\f\v),/}=")
 _PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -103,8 +106,7 @@ def normalize_text(text: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-# report(text, file, line, kind): kind is "error", or "eof-in-string" (a message the parser prints only when it
-# is not already recovering from a syntax error, as OpenSMTPD's yacc does).
+# report(text, file, line, kind): kind is "error" (the only kind so far).
 Reporter = Callable[[str, str, int, str], None]
 
 
@@ -127,6 +129,9 @@ class Lexer:
 
     def push_file(self, path: str) -> str | None:
         """Open an include (or the main) file; on failure return OpenSMTPD's `pushfile: PATH: error` text."""
+        if any(source.name == path for source in self.files):
+            # OpenSMTPD would include the file again until it runs out of file descriptors.
+            return f"pushfile: {path}: include loop (the file is already being read)"
         try:
             text = read_config_text(path)
         except OSError as error:
@@ -183,12 +188,10 @@ class Lexer:
             else:
                 return char
 
-    def _getc_quoted(self, quote: str) -> str | None:
+    def _getc_quoted(self, quote: str, line: int) -> str | None:
         char = self._igetc()
         if char is EOF:
-            source = self.current
-            self.report("reached end of file while parsing quoted string", source.name, source.line,
-                        "eof-in-string")
+            self.report("reached end of file while parsing quoted string", self.current.name, line, "error")
             if not self._pop_file():
                 return EOF
             return quote
@@ -220,10 +223,12 @@ class Lexer:
             self.unget.append(char)
 
     def _skip_to_eol(self) -> None:
+        """OpenSMTPD's findeol: the rest of the line goes, its newline too (so the parser's recovery then
+        also skips the next line, as OpenSMTPD's does)."""
         while True:
             char = self._getc()
             if char == "\n":
-                self.unget.append("\n")
+                self.current.line += 1
                 return
             if char is EOF:
                 return
@@ -300,16 +305,16 @@ class Lexer:
     def _quoted(self, quote: str, line: int) -> Token:
         chars: list[str] = []
         while True:
-            char = self._getc_quoted(quote)
+            char = self._getc_quoted(quote, line)
             if char is EOF:
-                return self._token(Kind.EOF, "", self.current.line)
+                return self._token(Kind.EOF, UNTERMINATED, line)
             if char == "\n":
                 self.current.line += 1
                 continue
             if char == "\\":
-                following = self._getc_quoted(quote)
+                following = self._getc_quoted(quote, line)
                 if following is EOF:
-                    return self._token(Kind.EOF, "", self.current.line)
+                    return self._token(Kind.EOF, UNTERMINATED, line)
                 if following in (quote, " ", "\t"):
                     char = following
                 elif following == "\n":

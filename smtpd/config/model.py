@@ -11,6 +11,7 @@ built-ins included. Durations are seconds, sizes bytes.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -125,8 +126,6 @@ class Listener:
     @property
     def is_local(self) -> bool:
         """Socket and loopback listeners add missing Date/Message-ID headers (reference §7.6)."""
-        import ipaddress
-
         if self.is_socket:
             return True
         try:
@@ -200,6 +199,8 @@ class Condition:
     for: "any" | "local" | "domain" | "rcpt-to"; the others: "" (the family is the test).
     ``table`` is the table it consults (None for any/local/socket, bare rdns, bare auth, tls).
     ``negated`` negates the test (for `from auth X` / `from mail-from X` / `for rcpt-to X` only the test).
+    A rule always has a `from` and a `for` condition (the parser adds `from local` / `for local` when the text
+    has none); a rule's conditions are kept in the order from, for, tag, helo, auth, tls, mail-from, rcpt-to.
     """
 
     family: str

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from smtpd.config import checks, interfaces
 from smtpd.config.errors import Diagnostic, FatalConfigError, Severity
-from smtpd.config.lexer import Kind, Lexer, Token
+from smtpd.config.lexer import UNTERMINATED, Kind, Lexer, Token
 from smtpd.config.model import (
     BUILTIN_TABLES,
     DEFAULT_WARN_INTERVALS,
@@ -241,8 +241,6 @@ class Parser:
 
     # -- diagnostics ------------------------------------------------------------------------------------
     def _lexer_report(self, text: str, file: str, line: int, kind: str) -> None:
-        if kind == "eof-in-string" and self.errflag > 0:
-            return
         self.diagnostics.append(Diagnostic(text, Location(file, line)))
 
     def error(self, text: str, token: Token | None = None) -> None:
@@ -326,7 +324,7 @@ class Parser:
         token = self.peek()
         if token.kind is Kind.NL:
             self.advance()
-        elif token.kind is not Kind.EOF:
+        elif token.kind is not Kind.EOF or token.text == UNTERMINATED:
             raise self.fail()
 
     # -- driver -------------------------------------------------------------------------------------------
@@ -343,7 +341,7 @@ class Parser:
                 self.statement()
                 self.expect_end()
             except SyntaxProblem as problem:
-                if problem.token.kind is not Kind.ERROR and self.errflag == 0:
+                if self.errflag == 0:
                     self.error("syntax error", problem.token)
                 self.recover()
             except SemanticProblem as problem:
@@ -389,8 +387,7 @@ class Parser:
     def stmt_include(self) -> None:
         self.advance()
         path_token = self.expect_string()
-        if not self.at_statement_end():
-            raise self.fail()
+        # OpenSMTPD opens the file before it looks at what follows (junk there is reported after the file).
         failure = self.lexer.push_file(path_token.text)
         if failure is not None:
             self.note(failure)
@@ -407,15 +404,15 @@ class Parser:
     def stmt_table(self) -> None:
         self.advance()
         name = self.expect_string()
-        if self.at_punct("{"):
-            self._create_table(name.text, "file", None, name)
-            self.advance()
-            kind, items = self.table_values()
-            self.expect_punct("}")
-            self._fill_inline(name.text, kind, items)
+        if self.peek().kind is Kind.STRING:
+            self.declare_table(name, self.advance())
             return
-        value = self.expect_string()
-        self.declare_table(name, value)
+        # OpenSMTPD creates the (still empty, so unusable) table before it looks for the `{`.
+        self._create_table(name.text, "file", None, name)
+        self.broken_tables.add(name.text)
+        self.expect_punct("{")
+        self.table_values(name.text)
+        self.expect_punct("}")
 
     def declare_table(self, name: Token, value: Token, legacy_bare_path: bool = False) -> TableDecl:
         text = value.text
@@ -434,7 +431,9 @@ class Parser:
         for line in probe.notes:
             self.note(line)
         if not probe.ok:
-            self.broken_tables.add(name.text)
+            if backend in checks.FILE_BACKENDS:
+                # A static table that did not load has no type; other backends keep theirs.
+                self.broken_tables.add(name.text)
             raise SemanticProblem(f"invalid configuration file {source} for table {name.text}", value)
         decl = replace(decl, shape=probe.shape)
         self.tables[name.text] = decl
@@ -449,8 +448,10 @@ class Parser:
         self.tables[name] = decl
         return decl
 
-    def table_values(self) -> tuple[TableShape, list[tuple[str, str | None]]]:
-        """`{ a, b }` or `{ k = v, k2 => v2 }` after the `{`: entries separated by `,`, newlines or nothing."""
+    def table_values(self, name: str) -> None:
+        """`{ a, b }` or `{ k = v, k2 => v2 }` after the `{`: entries separated by `,`, newlines or nothing.
+
+        Entries are added as they are read (a table cut short by an error keeps what came before it)."""
         items: list[tuple[str, str | None]] = []
         shape: TableShape | None = None
         while True:
@@ -464,8 +465,9 @@ class Parser:
                 items.append((key.text, self.expect_string().text))
             else:
                 items.append((key.text, None))
+            self._fill_inline(name, shape, items)
             if self.at_punct("}"):
-                return shape, items
+                return
             if self.at_punct(","):
                 self.advance()
             elif self.peek().kind is Kind.NL:
@@ -473,6 +475,7 @@ class Parser:
                     self.advance()
 
     def _fill_inline(self, name: str, shape: TableShape, items: list[tuple[str, str | None]]) -> TableDecl:
+        self.broken_tables.discard(name)
         decl = self.tables[name]
         if shape is TableShape.LIST:
             decl = replace(decl, shape=shape, items=tuple(key for key, _ in items), inline=True)
@@ -508,9 +511,8 @@ class Parser:
         if token.is_punct("{"):
             self.advance()
             name = self._new_dynamic(token)
-            shape, items = self.table_values()
+            self.table_values(name)
             self.expect_punct("}")
-            self._fill_inline(name, shape, items)
             return name
         raise self.fail()
 
@@ -564,6 +566,8 @@ class Parser:
         self.advance()
         name = self._pki_or_ca_name()
         key = name.text.lower()
+        # Declared as soon as it is named (OpenSMTPD does the same), its file comes next.
+        self.cas.setdefault(key, Ca(name=key, cert="", location=self.location(name)))
         if self.at_word("certificate"):
             from smtpd.config import legacy
 
@@ -858,7 +862,9 @@ class Parser:
             chain = self.filter_list()
             self.filters[name] = Filter(name=name, kind="chain", chain=tuple(chain), location=self.location(token))
             return name
-        name = self.expect_string()
+        return self.filter_name(self.expect_string())
+
+    def filter_name(self, name: Token) -> str:
         if name.text not in self.filters:
             raise SemanticProblem(f"no filter exist with that name: {name.text}", name)
         return name.text
@@ -872,23 +878,34 @@ class Parser:
             return
         target = self.expect_string()
         options = _ListenOptions()
-        while not self.at_statement_end():
+        # Like OpenSMTPD's parser, the listener is made as soon as no option follows; junk after the options
+        # is a syntax error only then (so `listen on X junk` still reports a bad X first).
+        while self.at_listen_option():
             self.listen_option(options)
         self.create_listener(target, options)
 
+    def at_listen_option(self) -> bool:
+        token = self.peek()
+        if token.kind is Kind.STRING and not token.quoted and token.text in ("mask-source", "secure"):
+            return True
+        return token.kind is Kind.KEYWORD and token.text in LISTEN_OPTIONS
+
     def socket_listener(self, start: Token) -> None:
         options = _ListenOptions()
-        while not self.at_statement_end():
+        while self.at_kw("filter", "mask-src", "tag"):
             if self.accept_kw("filter"):
-                self._once(options, "filter", "filter already specified")
-                options.filter = self.filter_option()
+                if self.at_punct("{"):
+                    self._once(options, "filter", "filter already specified")
+                    options.filter = self.filter_option()
+                else:
+                    name = self.expect_string()
+                    self._once(options, "filter", "filter already specified")
+                    options.filter = self.filter_name(name)
             elif self.accept_kw("mask-src"):
                 self._once(options, "mask-src", "mask-source already specified")
                 options.mask_src = True
             elif self.accept_kw("tag"):
                 options.tag = self._tag(options)
-            else:
-                raise self.fail()
         if self.socket_listener_seen:
             raise SemanticProblem("socket listener already configured", self.last or start)
         self.socket_listener_seen = True
@@ -903,9 +920,9 @@ class Parser:
         options.seen.add(key)
 
     def _tag(self, options: _ListenOptions) -> str:
-        self._once(options, "tag", "tag already specified")
         value = self.expect_string()
-        if len(value.text) >= TAG_SIZE + 1 or len(value.text.encode()) > TAG_SIZE:
+        self._once(options, "tag", "tag already specified")
+        if len(value.text.encode()) > TAG_SIZE:
             raise SemanticProblem("tag name too long", value)
         return value.text
 
@@ -919,39 +936,49 @@ class Parser:
         if token.kind is not Kind.KEYWORD or token.text not in LISTEN_OPTIONS:
             raise self.fail()
         word = self.advance().text
+        # As in OpenSMTPD, an option's argument is read before the "already specified" check.
         if word in ("inet4", "inet6"):
             self._once(options, "family", "address family already specified")
             options.family = word
         elif word == "port":
+            token = self.port_token()
             self._once(options, "port", "port already specified")
-            options.port = self.port()
+            options.port = self.port_value(token)
         elif word == "filter":
-            self._once(options, "filter", "filter already specified")
-            options.filter = self.filter_option()
+            if self.at_punct("{"):
+                self._once(options, "filter", "filter already specified")
+                options.filter = self.filter_option()
+            else:
+                name = self.expect_string()
+                self._once(options, "filter", "filter already specified")
+                options.filter = self.filter_name(name)
         elif word in ("smtps", "tls", "tls-require"):
+            verify = word != "tls" and self.accept_kw("verify") is not None
             self._once(options, "tls", "TLS mode already specified")
-            options.tls = TlsMode(word)
-            if word != "tls" and self.accept_kw("verify"):
-                options.verify = True
+            options.tls, options.verify = TlsMode(word), verify
         elif word == "pki":
+            value = self.expect_string()
             self._once(options, "pki", "pki already specified")
-            options.pki.append(self.expect_string().text)
+            options.pki.append(value.text)
         elif word == "ca":
+            value = self.expect_string()
             self._once(options, "ca", "ca already specified")
-            options.ca = self.expect_string().text
+            options.ca = value.text
         elif word in ("auth", "auth-optional"):
-            self._once(options, "auth", "auth already specified")
-            options.auth = AuthMode(word)
+            table = None
             if self.at_table_use() and not self.at_word("mask-source", "secure"):
-                options.auth_table = self.table_use()
+                table = self.table_use()
+            self._once(options, "auth", "auth already specified")
+            options.auth, options.auth_table = AuthMode(word), table
         elif word == "tag":
             options.tag = self._tag(options)
         elif word == "hostname":
+            value = self.expect_string()
             self._once(options, "hostname", "hostname already specified")
-            options.hostname = self.expect_string().text
+            options.hostname = value.text
         elif word == "hostnames":
-            self._once(options, "hostnames", "hostnames already specified")
             table = self.table_use()
+            self._once(options, "hostnames", "hostnames already specified")
             self.check_table(table, TableShape.MAPPING, 'invalid use of table "{name}" as HOSTNAMES parameter')
             options.hostnames_table = table
         elif word == "mask-src":
@@ -967,23 +994,22 @@ class Parser:
             self._once(options, "proxy-v2", "proxy-v2 already specified")
             options.proxy_v2 = True
         elif word == "senders":
-            self._once(options, "senders", "senders already specified")
             table = self.table_use()
             masquerade = self.accept_kw("masquerade") is not None
+            self._once(options, "senders", "senders already specified")
             self.check_table(table, TableShape.MAPPING, 'invalid use of table "{name}" as SENDERS parameter')
             options.senders_table, options.masquerade = table, masquerade
 
-    def port(self) -> int:
-        token = self.peek()
+    def port_token(self) -> Token:
+        if self.peek().kind is Kind.NUMBER or self.at_kw("smtp", "smtps"):
+            return self.advance()
+        return self.expect_string()
+
+    def port_value(self, token: Token) -> int:
         if token.kind is Kind.NUMBER:
-            self.advance()
             if not 0 < token.number <= 65535:
                 raise SemanticProblem(f"invalid port: {token.number}", token)
             return token.number
-        if token.kind is Kind.KEYWORD and token.text in ("smtp", "smtps"):
-            self.advance()
-        else:
-            token = self.expect_string()
         try:
             return socket.getservbyname(token.text, "tcp")
         except OSError:
@@ -999,11 +1025,14 @@ class Parser:
             raise FatalConfigError("smtpd: invalid listen option: pki requires tls/smtps")
         if secure_both and options.port is not None:
             raise FatalConfigError("smtpd: invalid listen option: tls/smtps on same port")
-        addresses = interfaces.resolve_listen_target(target.text, options.family)
+        addresses, refused = interfaces.resolve_listen_target_checked(target.text, options.family)
+        if refused is not None:
+            self.note(refused)  # OpenSMTPD makes no listener then, and goes on
+            return
         if not addresses:
             raise FatalConfigError(f"smtpd: invalid virtual ip or interface: {target.text}")
         for name in options.pki:
-            if name not in self.pkis:
+            if name.lower() not in self.pkis:
                 raise FatalConfigError(f"pki name not found: {name}", "smtpd")
         if options.ca is not None and options.ca.lower() not in self.cas:
             raise FatalConfigError(f"ca name not found: {options.ca}", "smtpd")
@@ -1014,7 +1043,8 @@ class Parser:
             listener = Listener(
                 interface=target.text, location=location, addresses=tuple(addresses), family=options.family,
                 port=options.port or default_port, port_explicit=options.port is not None, tls=mode,
-                verify=options.verify, pki=tuple(options.pki), ca=options.ca.lower() if options.ca else None,
+                verify=options.verify, pki=tuple(name.lower() for name in options.pki),
+                ca=options.ca.lower() if options.ca else None,
                 auth=options.auth, auth_table=options.auth_table, tag=options.tag, hostname=options.hostname,
                 hostnames_table=options.hostnames_table, mask_src=options.mask_src, no_dsn=options.no_dsn,
                 received_auth=options.received_auth, senders_table=options.senders_table,
@@ -1052,6 +1082,7 @@ class Parser:
             raise SemanticProblem(f"dispatcher already declared with that name: {name.text}", name)
         action = self.dispatcher(name.text, self.location(start))
         self.actions[name.text] = action
+        self.record_modern_rule(start)
 
     def dispatcher(self, name: str, location: Location) -> Action:
         token = self.peek()
@@ -1197,9 +1228,10 @@ class Parser:
                 relay = replace(relay, auth_table=table)
             elif word == "filter":
                 self.advance()
+                name = None if self.at_punct("{") else self.expect_string()
                 if relay.filter is not None:
                     raise SemanticProblem("filter already specified for this dispatcher", self.last)
-                relay = replace(relay, filter=self.filter_option())
+                relay = replace(relay, filter=self.filter_option() if name is None else self.filter_name(name))
             elif word == "srs":
                 self.advance()
                 if self.srs.key is None:
@@ -1263,6 +1295,11 @@ class Parser:
 
         legacy.check_mixing(self, token, modern=True)
 
+    def record_modern_rule(self, token: Token) -> None:
+        from smtpd.config import legacy
+
+        legacy.record_rule(self, token, modern=True)
+
     def stmt_match(self) -> None:
         start = self.advance()
         self.note_modern_rule(start)
@@ -1278,6 +1315,7 @@ class Parser:
                 raise SemanticProblem(f"no such dispatcher: {name.text}", name)
             rule = MatchRule(conditions=(), action=name.text, location=self.location(start))
         self.add_rule(rule, flags)
+        self.record_modern_rule(start)
 
     def add_rule(self, rule: MatchRule, flags: _RuleFlags) -> MatchRule:
         conditions = list(flags.conditions)

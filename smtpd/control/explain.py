@@ -8,7 +8,7 @@ Runs in a worker thread (expansion reads files and tables).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from smtpd.config.model import Action, Config, Listener, MatchRule
@@ -25,33 +25,59 @@ def explain_delivery(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     rcpt = str(args.get("rcpt") or "")
     if not rcpt:
         raise ControlFailure("a recipient is needed (--to)")
+    if "@" not in rcpt:
+        rcpt = f"{rcpt}@{daemon.mailname}"  # as the session and sendmail complete a bare name
     listener = _find_listener(config, args.get("listener"))
     facts = _facts(daemon, args, listener)
     from smtpd.lookup.rules import match_rules
 
-    decision = match_rules(config, daemon.tables, facts, sender, rcpt)
+    tables = daemon.tables if daemon.tables is not None else _snapshot_tables(daemon)
+    decision = match_rules(config, tables, facts, sender, rcpt)
     result: dict[str, Any] = {
         "sender": sender, "rcpt": rcpt, "facts": asdict(facts),
         "listener": _listener_text(listener) if listener else None,
         "rules": _rule_lines(config, decision),
-        "matched": _rule_dict(decision.rule) if decision.rule is not None else None,
+        "matched": _rule_dict(decision.rule, config) if decision.rule is not None else None,
         "rejected": bool(decision.rejected), "tempfail": bool(decision.tempfail),
-        "action": _action_dict(decision.action) if decision.action is not None else None,
+        "action": _action_dict(decision.action, config) if decision.action is not None else None,
         "expansion": None,
     }
     if decision.action is None or decision.rejected or decision.tempfail:
         return result
     from smtpd.lookup.expand import expand_recipient
 
-    expansion = expand_recipient(config, daemon.tables, facts, sender, rcpt, daemon.mailname)
+    expansion = expand_recipient(config, tables, facts, sender, rcpt, daemon.mailname)
     result["expansion"] = {
         "accepted": expansion.refusal is None,
         "refusal": list(expansion.refusal) if expansion.refusal else None,
         "tree": [node.to_dict() for node in expansion.tree],
-        "lines": expansion.render_tree(),
+        "lines": tree_lines(expansion.tree),
         "deliveries": [_delivery_dict(envelope) for envelope in expansion.deliveries],
     }
     return result
+
+
+def tree_lines(nodes: list[Any]) -> list[str]:
+    """The expansion nodes as an indented tree, each under its parent (the list is in processing order)."""
+    children: dict[int | None, list[Any]] = {}
+    for node in nodes:
+        children.setdefault(node.parent.number if node.parent is not None else None, []).append(node)
+    lines: list[str] = []
+
+    def walk(parent: int | None, indent: int) -> None:
+        for node in children.get(parent, []):
+            lines.append("  " * indent + node.describe())
+            walk(node.number, indent + 1)
+
+    walk(None, 0)
+    return lines
+
+
+def _snapshot_tables(daemon: Daemon) -> Any:
+    """The configuration's tables opened for this question, when the daemon runs without a tables component."""
+    from smtpd.lookup.tables import Tables
+
+    return Tables(daemon.config, mailname=daemon.mailname, strict=False)
 
 
 def _find_listener(config: Config, wanted: Any) -> Listener | None:
@@ -97,40 +123,23 @@ def _rule_lines(config: Config, decision: Any) -> list[str]:
     return [str(reason) for reason in reasons]
 
 
-def rule_text(rule: MatchRule) -> str:
-    """The rule as smtpd.conf text (the config's own dumper when there is one)."""
-    try:
-        from smtpd.config.dump import rule_to_text  # type: ignore[attr-defined]
+def rule_text(rule: MatchRule, config: Config) -> str:
+    """The rule as smtpd.conf text."""
+    from smtpd.config.dump import format_rule
 
-        return str(rule_to_text(rule))
-    except (ImportError, AttributeError):
-        pass
-    words = ["match"]
-    for condition in rule.conditions:
-        words.append(("!" if condition.negated else "") + condition.family)
-        if condition.variant and condition.variant != condition.family:
-            words.append(condition.variant)
-        if condition.table:
-            words.append(("regex " if condition.regex else "") + f"<{condition.table}>")
-    words.append("reject" if rule.reject else f'action "{rule.action}"')
-    return " ".join(words)
+    return format_rule(rule, config)
 
 
-def _rule_dict(rule: MatchRule) -> dict[str, Any]:
-    return {"number": rule.number, "text": rule_text(rule),
+def _rule_dict(rule: MatchRule, config: Config) -> dict[str, Any]:
+    return {"number": rule.number, "text": rule_text(rule, config),
             "location": str(rule.location) if rule.location else None}
 
 
-def _action_dict(action: Action) -> dict[str, Any]:
-    values = {key: (str(value) if not isinstance(value, (bool, int, type(None))) else value)
-              for key, value in _plain(action).items() if value not in (None, False, "")}
-    values["name"] = action.name
-    values["method"] = str(action.method)
-    return values
+def _action_dict(action: Action, config: Config) -> dict[str, Any]:
+    from smtpd.config.dump import format_action
 
-
-def _plain(value: Any) -> dict[str, Any]:
-    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else {}
+    return {"name": action.name, "method": str(action.method), "text": format_action(action, config),
+            "location": str(action.location) if action.location else None}
 
 
 def _delivery_dict(envelope: Any) -> dict[str, Any]:

@@ -206,12 +206,13 @@ async def update_table(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     name = str(args.get("table", ""))
     if name not in daemon.config.tables:
         LOG.warning('Lookup table not found: "%s"', name)
-        raise ControlFailure(f'Lookup table not found: "{name}"', )
+        raise ControlFailure(f'Lookup table not found: "{name}"')
     tables = daemon.tables
     if tables is None:
         raise ControlFailure("the tables are not loaded")
     try:
-        outcome = tables.reload(name)
+        # Reading a table's file or database may take a while: off the event loop.
+        outcome = await asyncio.to_thread(tables.reload, name)
         if asyncio.iscoroutine(outcome):
             outcome = await outcome
     except Exception as error:  # noqa: BLE001 — TableError or a backend's own: the reload failed, say why

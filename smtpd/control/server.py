@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 LOG = log.get("control")
 
 ENV_CONTROL_GROUP = "SMTPD_CONTROL_GROUP"
+ENV_CONTROL_TIMEOUT = "SMTPD_CONTROL_TIMEOUT"
 # A client has this long to send one complete request line; a slower one is cut off (slowloris).
 REQUEST_TIMEOUT = 10.0
 # Connections one uid may hold open at once (root included: a runaway script must not exhaust the daemon).
@@ -133,7 +134,8 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
         self.connections_by_uid: Counter[int] = Counter()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.next_session = 0
+        # SMTPD_CONTROL_TIMEOUT overrides the request timeout (tests shorten it; see docs/control-api.md).
+        self.request_timeout = _timeout_from_environment()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,13 +218,18 @@ class ControlServer:
             if spec.streams:
                 await self._stream(peer, spec, request_id, args, reader, writer)
                 return False
-            await self._send(writer, await self._call(peer, spec, request_id, args))
+            reply = await self._call(peer, spec, request_id, args)
+            try:
+                # A client that sends requests but never reads the answers must not hold its task forever.
+                await asyncio.wait_for(self._send(writer, reply), self.request_timeout)
+            except TimeoutError:
+                return False
             if spec.name == "stop":
                 return False
 
     async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
         try:
-            return await asyncio.wait_for(reader.readuntil(b"\n"), REQUEST_TIMEOUT)
+            return await asyncio.wait_for(reader.readuntil(b"\n"), self.request_timeout)
         except asyncio.IncompleteReadError as error:
             if error.partial.strip():
                 await self._send_quietly(writer, error_reply(None, ErrorCode.BAD_REQUEST,
@@ -234,7 +241,7 @@ class ControlServer:
             return None
         except TimeoutError:
             await self._send_quietly(writer, error_reply(
-                None, ErrorCode.TIMEOUT, f"no complete request within {REQUEST_TIMEOUT:g} seconds"))
+                None, ErrorCode.TIMEOUT, f"no complete request within {self.request_timeout:g} seconds"))
             return None
 
     async def _call(self, peer: Peer, spec: CommandSpec, request_id: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +330,15 @@ class ControlServer:
 
     async def _send_quietly(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         with contextlib.suppress(ConnectionError, OSError):
-            await asyncio.wait_for(self._send(writer, message), REQUEST_TIMEOUT)
+            await asyncio.wait_for(self._send(writer, message), self.request_timeout)
+
+
+def _timeout_from_environment() -> float:
+    try:
+        value = float(os.environ.get(ENV_CONTROL_TIMEOUT, REQUEST_TIMEOUT))
+    except ValueError:
+        return REQUEST_TIMEOUT
+    return value if value > 0 else REQUEST_TIMEOUT
 
 
 def _limit_buffering(writer: asyncio.StreamWriter) -> None:
@@ -352,15 +367,20 @@ def _guess_id(line: bytes) -> Any:
 
     try:
         message = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return message.get("id") if isinstance(message, dict) else None
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
-    with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+    try:
         await asyncio.wait_for(writer.wait_closed(), 1.0)
+    except TimeoutError:
+        # close() waits for unsent data; a client that does not read would keep the socket open forever.
+        writer.transport.abort()
+    except (ConnectionError, OSError, asyncio.CancelledError):
+        pass
 
 
 def _socket_is_live(path: str) -> bool:

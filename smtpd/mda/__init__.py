@@ -31,7 +31,7 @@ from smtpd.config.model import Action, Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfoError, parse_userinfo, unprivileged_user
-from smtpd.mda import command, lmtp, local
+from smtpd.mda import command, lmtp, local, offline
 from smtpd.mda.privilege import ChildResult, Identity, privileged, run_as
 from smtpd.mda.variables import VariableContext, VariableError, expand
 from smtpd.queue.envelope import Envelope
@@ -97,6 +97,22 @@ class MdaAgent:
 
     async def start(self) -> None:
         self._sessions = asyncio.Semaphore(MAX_SESSIONS)
+        paths = getattr(self._config_source, "paths", None)
+        if paths is not None:
+            offline.ensure_offline_directory(paths.spool)
+            self.replay_task = asyncio.create_task(self._replay_offline(paths))
+
+    async def _replay_offline(self, paths: Any) -> None:
+        """Once the control socket answers (the control server starts after us), submit offline messages."""
+        try:
+            if await offline.wait_for_socket(paths.socket):
+                await offline.replay_offline(paths.spool, paths.socket, paths.mailname)
+            else:
+                _log.warning("offline: the control socket never answered; offline messages not replayed")
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 — replaying is best effort; the files stay for the next start
+            _log.exception("offline: replay failed")
 
     async def stop(self) -> None:
         if self.replay_task is not None:

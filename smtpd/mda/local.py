@@ -54,12 +54,8 @@ def message_lines(prefix: bytes, message: BinaryIO) -> Iterator[bytes]:
     """The prefix lines then the message's lines, each ending in LF (a missing final LF is added)."""
     if prefix:
         yield from prefix.splitlines(keepends=True)
-    last = b"\n"
     for line in message:
-        last = line
-        yield line
-    if not last.endswith(b"\n"):
-        yield b"\n"
+        yield line if line.endswith(b"\n") else line + b"\n"
 
 
 def mbox_chunks(from_line: bytes, prefix: bytes, message: BinaryIO) -> Iterator[bytes]:
@@ -146,7 +142,9 @@ def open_mbox(path: str, create_mode: int = 0o600, owner: tuple[int, int] | None
     ``owner``: when given (the caller is root), a new file is given to that uid:gid, and an existing file must
     already belong to that uid.
     """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+    # Read-write (not write-only): the writer checks the file's last bytes through this descriptor, which it may
+    # hold after dropping privileges (root's mailbox).
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
         created = False
@@ -187,7 +185,7 @@ def append_mbox(fd: int, path: str, sender: str, prefix: bytes, message: BinaryI
         take_fcntl_lock(fd, path, deadline)
         size = os.fstat(fd).st_size
         try:
-            separator = _missing_separator(path, size)
+            separator = _missing_separator(fd, size)
             first = True
             for chunk in mbox_chunks(from_line(sender), prefix, message):
                 _write_all(fd, separator + chunk if first else chunk)
@@ -211,14 +209,12 @@ def append_mbox(fd: int, path: str, sender: str, prefix: bytes, message: BinaryI
         release_dotlock(lock_path)
 
 
-def _missing_separator(path: str, size: int) -> bytes:
+def _missing_separator(fd: int, size: int) -> bytes:
     """The newlines to add so that the new From_ line follows an empty line (a foreign writer may omit it)."""
     if size == 0:
         return b""
     try:
-        with open(path, "rb") as reader:
-            reader.seek(max(0, size - 2))
-            tail = reader.read(2)
+        tail = os.pread(fd, 2, max(0, size - 2))
     except OSError:
         return b""
     if tail.endswith(b"\n\n") or (size == 1 and tail == b"\n"):

@@ -129,7 +129,13 @@ async def run_as(identity: Identity, work: Callable[[object], None],
         _child_main(identity, before_drop, work, write_fd)
     os.close(write_fd)
     try:
-        timed_out = not await _wait_exit(pid, timeout)
+        try:
+            timed_out = not await _wait_exit(pid, timeout)
+        except asyncio.CancelledError:
+            # The daemon is stopping: end the child rather than leave it behind unreaped.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         if timed_out:
             try:
                 os.kill(pid, signal.SIGKILL)

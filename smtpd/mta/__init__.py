@@ -26,7 +26,7 @@ from smtpd.config.model import Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
-from smtpd.mta.routes import MtaState, RelayState, Route
+from smtpd.mta.routes import DEFAULT_LIMITS, MtaState, RelayState, Route
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
 from smtpd.queue.envelope import Envelope
@@ -39,6 +39,7 @@ ENV_MX_PORT = "SMTPD_MX_PORT"
 BATCH_WINDOW = 0.05  # seconds to wait for the other envelopes of a message before connecting
 MAX_RCPT_PER_TRANSACTION = 100
 DEFAULT_TIMEOUT = 300.0
+PRUNE_INTERVAL = 60.0
 
 LOG = log.get("mta")
 
@@ -77,6 +78,7 @@ class MtaAgent:
         self._batches: dict[tuple[Any, ...], _Batch] = {}
         self._pool: dict[tuple[str, str], list[_Pooled]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_prune = time.time()
 
     @property
     def config(self) -> Config:
@@ -102,6 +104,8 @@ class MtaAgent:
         return []
 
     def _apply_limits(self, config: Config) -> None:
+        self.state.limits = dict(DEFAULT_LIMITS)
+        self.state.domain_limits = {}
         for limit in config.mta_limits:
             values = dict(limit.values)
             if limit.domain is None:
@@ -162,6 +166,10 @@ class MtaAgent:
     # -- one message, one relay -----------------------------------------------------------------------------
     async def _run_batch(self, batch: _Batch) -> None:
         plan = batch.plan
+        now = time.time()
+        if now - self._last_prune > PRUNE_INTERVAL:
+            self._last_prune = now
+            self.state.prune(now)
         relay = self.state.relay(plan.relay_key, plan.domain)
         relay.ntask += 1
         relay.refcount += 1
@@ -203,7 +211,7 @@ class MtaAgent:
             pending = [job for job in batch.jobs if not job.future.done()]
             if not pending:
                 return
-            route = self.state.route(plan.source, self.state.host(address, name))
+            route = self.state.route(plan.source, self.state.host(address, "" if name == address else name))
             if route.disabled(now):
                 last_error = f"Route {route.text()} is disabled after repeated errors"
                 trace.emit("mta", f"mta: skipping disabled route {route.id}. {route.text()}", route=route.id)
@@ -235,6 +243,7 @@ class MtaAgent:
                 return error.message
         for job in jobs:
             job.relay_text = f"{address} ({name})" if name != address else address
+            job.session_id = session.id
         usable = await transfer(session, plan, jobs, batch.message_path, has_8bit, size)
         last = next((job.future.result() for job in reversed(jobs) if job.future.done()), None)
         if last is not None:
@@ -405,10 +414,11 @@ class MtaAgent:
     def _log_delivery(self, envelope: Envelope, job: Job | None, result: DeliveryResult, started: float) -> None:
         word = {Outcome.OK: "Ok", Outcome.TEMPFAIL: "TempFail", Outcome.PERMFAIL: "PermFail"}.get(
             result.outcome, "Loop")
-        relay = getattr(job, "relay_text", "") if job is not None else ""
+        relay = job.relay_text if job is not None else ""
+        session = job.session_id if job is not None and job.session_id else f"{envelope.evpid:016x}"
         stat = result.text.split("\n")[-1] if result.text else ""
-        LOG.info('%016x mta delivery evpid=%016x from=<%s> to=<%s> relay="%s" delay=%ds result="%s" stat="%s"',
-                 envelope.evpid >> 32, envelope.evpid, envelope.sender, envelope.dest, relay,
+        LOG.info('%s mta delivery evpid=%016x from=<%s> to=<%s> relay="%s" delay=%ds result="%s" stat="%s"',
+                 session, envelope.evpid, envelope.sender, envelope.dest, relay,
                  int(time.time() - started), word, stat)
         trace.emit("mta", f"mta: {envelope.evpid:016x} <{envelope.dest}>: {word}: {stat}",
                    evpid=f"{envelope.evpid:016x}", result=str(result.outcome), text=result.text)

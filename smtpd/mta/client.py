@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import socket
 import ssl
@@ -134,7 +135,8 @@ class SmtpClient:
         except ssl.SSLError as error:
             raise ClientError(f"TLS handshake failed: {error.reason or error}") from None
         except OSError as error:
-            raise ClientError(f"Connection failed: {error.strerror or error}") from None
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise ClientError(f"Connection failed: {reason}") from None
         client = cls(reader, writer, timeout=timeout, peer=f"{address}:{port}", lmtp=lmtp, session_id=session_id)
         if tls_context is not None:
             client._note_tls(tls_context)

@@ -23,6 +23,7 @@ MAX_ERRORS_PER_ROUTE = 4
 ROUTE_DELAY_BASE = 200
 ROUTE_DELAY_MAX = 4 * 3600
 HOSTSTAT_EXPIRE = 4 * 3600
+FORGET_AFTER = 3600  # an unused relay, route or host is forgotten after an hour
 
 # Limits of reference §10 that the agent enforces (others are accepted by the parser and ignored).
 DEFAULT_LIMITS: dict[str, int] = {
@@ -291,13 +292,39 @@ class MtaState:
         if name:
             self.hoststats[name.lower()] = HostStat(time.time(), text.split("\n")[-1])
 
+    # -- forgetting ---------------------------------------------------------------------------------------
+    def prune(self, now: float, idle_for: float = FORGET_AFTER) -> None:
+        """Forget relays, routes and hosts unused for idle_for seconds (a busy daemon meets many domains).
+
+        Routes with a penalty are kept until the penalty has expired, so that a failing host stays avoided."""
+        for key, relay in list(self.relays.items()):
+            if relay.refcount == 0 and relay.nconn == 0 and now - relay.lastconn > idle_for:
+                del self.relays[key]
+                STATS.decrement("mta.relay")
+                STATS.decrement("mta.domain")
+        for key, route in list(self.routes.items()):
+            if route.nconn or route.idle or route.disabled(now) or now - route.lastconn <= idle_for:
+                continue
+            del self.routes[key]
+            STATS.decrement("mta.route")
+            if route.source is not None:
+                STATS.decrement("mta.source")
+        used = {route.host.address for route in self.routes.values()}
+        for address, host in list(self.hosts.items()):
+            if address not in used and host.nconn == 0:
+                del self.hosts[address]
+                STATS.decrement("mta.host")
+        for name, stat in list(self.hoststats.items()):
+            if now - stat.time > HOSTSTAT_EXPIRE:
+                del self.hoststats[name]
+
     # -- show ------------------------------------------------------------------------------------------------
     def show_hosts(self, now: float) -> list[dict[str, object]]:
         rows = []
         for host in sorted(self.hosts.values(), key=lambda item: _address_key(item.address)):
             lastconn = _duration(now - host.lastconn) if host.lastconn else "-"
             line = f"{host.address} {host.name or '-'} refcount={host.refcount} nconn={host.nconn} lastconn={lastconn}"
-            rows.append({"address": host.address, "ptr": host.name, "refcount": host.refcount,
+            rows.append({"address": host.address, "ptr": host.name or "-", "refcount": host.refcount,
                          "nconn": host.nconn, "lastconn": lastconn, "line": line})
         return rows
 

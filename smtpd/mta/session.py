@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ class Job:
     future: asyncio.Future[DeliveryResult]
     queued: float = 0.0
     relay_text: str = ""  # where it went, for the log line
+    session_id: str = ""
 
     def resolve(self, result: DeliveryResult) -> None:
         if not self.future.done():
@@ -250,10 +250,13 @@ async def _reset(client: SmtpClient) -> None:
 
 
 def message_facts(path: str) -> tuple[bool, int]:
-    """(the message has 8-bit bytes, its size) — read once per message, in a worker thread."""
+    """(the message has 8-bit bytes, its size on the wire with CRLF line ends) — read once per message, in a
+    worker thread."""
     has_8bit = False
+    size = 0
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
+            size += len(block) + block.count(b"\n")
             if not has_8bit and not block.isascii():
                 has_8bit = True
-    return has_8bit, os.path.getsize(path)
+    return has_8bit, size

@@ -9,6 +9,8 @@ same pieces but flush each directory only once per batch: ``DirectorySyncs`` col
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 FILE_MODE = 0o600
 
@@ -66,3 +68,33 @@ class DirectorySyncs:
         directories, self.pending = list(self.pending), {}
         for directory in directories:
             fsync_directory(directory)
+
+
+class ParallelFlusher:
+    """Runs one batch's flushes at the same time.
+
+    Concurrent fsync calls on one filesystem are served by the same journal commit and merged cache flushes, so
+    a batch costs about one round trip to the disk instead of one per file. Every file and folder still gets its
+    own fsync/fdatasync: nothing relies on a particular filesystem's ordering.
+    """
+
+    def __init__(self, workers: int = 32) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="queue-flush")
+
+    def run(self, calls: list[Callable[[], None]]) -> list[BaseException | None]:
+        """Run the calls; return, in order, None or the exception each one raised."""
+        if len(calls) <= 1:  # a thread hop costs more than it saves
+            return [_call(function) for function in calls]
+        futures = [self.pool.submit(function) for function in calls]
+        return [future.exception() for future in futures]
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _call(function: Callable[[], None]) -> BaseException | None:
+    try:
+        function()
+    except Exception as error:  # noqa: BLE001 — returned to the caller, which fails that commit only
+        return error
+    return None

@@ -59,6 +59,11 @@ class Envelope:
     bounce_ttl: int = 0
     bounce_delay: int = 0
     bounce_type: str = ""  # failed | delayed | delivered | relayed
+    # Written at commit so that a folder found in incoming/ after a crash can be checked for completeness:
+    # the message's size and CRC-32, and how many envelopes the commit had.
+    commit_size: int = 0
+    commit_crc32: int = 0
+    commit_envelopes: int = 0
 
     @property
     def msgid(self) -> int:

@@ -81,6 +81,12 @@ def vis(text: str) -> str:
     return "".join(out)
 
 
+def line_parts(envelope: Envelope) -> tuple[str, str]:
+    """The parts of an envelope's line around `runstate|runvalue`: (the 11 fields before, the errorline)."""
+    row = envelope_row(envelope, "", None)
+    return "|".join(str(value) for value in row[:11]), vis(row[13])
+
+
 def format_line(row: Row) -> str:
     """The 14 `|`-separated fields of reference §2.4."""
     values = list(row)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,23 +107,34 @@ class Spool:
         if created:
             fsync_directory(self.root)
 
-    def recover(self) -> tuple[int, int]:
-        """Delete what a crash left behind: unacknowledged messages and half-purged folders.
+    def recover(self) -> tuple[int, int, int]:
+        """Deal with what a crash left behind. Returns (unacknowledged messages dropped, acknowledged messages
+        placed under queue/, half-purged folders removed).
 
-        Returns (number of unacknowledged messages dropped, number of purge leftovers removed).
+        temporary/ holds messages whose DATA never ended: dropped. A folder in incoming/ is either a commit
+        that did not finish its flushes (never acknowledged: dropped) or one that did, crashed before it was
+        moved under queue/ (acknowledged: placed). They are told apart by what each envelope recorded at
+        commit: the message's size and CRC-32 and the number of envelopes.
         """
-        dropped = 0
+        dropped = placed = 0
         for name in _listdir(self.temporary):
             remove_path(os.path.join(self.temporary, name))
             dropped += 1
         for name in _listdir(self.incoming):
-            remove_path(os.path.join(self.incoming, name))
-            dropped += 1
+            path = os.path.join(self.incoming, name)
+            msgid = int(name, 16) if is_hex_name(name, 8) else 0
+            if msgid and complete_commit(path, msgid) and not os.path.exists(self.message_dir(msgid)):
+                os.rename(path, self.message_dir(msgid))
+                fsync_directory(self.bucket(msgid))
+                placed += 1
+            else:
+                remove_path(path)
+                dropped += 1
         purged = 0
         for name in _listdir(self.purge):
             remove_path(os.path.join(self.purge, name))
             purged += 1
-        return dropped, purged
+        return dropped, placed, purged
 
     # -- reading --------------------------------------------------------------------------------------
     def message_ids(self) -> Iterator[int]:
@@ -221,6 +233,31 @@ class Spool:
         except OSError:
             target = directory  # e.g. a leftover of the same name in purge/: delete in place
         shutil.rmtree(target, ignore_errors=True)
+
+
+def complete_commit(directory: str, msgid: int) -> bool:
+    """Whether a message folder holds everything its commit wrote (see Spool.recover)."""
+    names = _listdir(directory)
+    if MESSAGE_FILE not in names or len(names) < 2:
+        return False
+    envelopes = []
+    for name in names:
+        if name == MESSAGE_FILE:
+            continue
+        envelope, _ = read_envelope_file(os.path.join(directory, name), msgid, name)
+        if envelope is None:
+            return False
+        envelopes.append(envelope)
+    first = envelopes[0]
+    if any((envelope.commit_envelopes, envelope.commit_size, envelope.commit_crc32) !=
+           (len(envelopes), first.commit_size, first.commit_crc32) for envelope in envelopes):
+        return False
+    try:
+        with open(os.path.join(directory, MESSAGE_FILE), "rb") as handle:
+            data = handle.read(first.commit_size + 1)
+    except OSError:
+        return False
+    return len(data) == first.commit_size and zlib.crc32(data) == first.commit_crc32
 
 
 def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | None, str]:

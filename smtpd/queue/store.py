@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import os
 import queue as thread_queue
 import threading
 import time
+import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.ids import format_msgid, new_evpid, new_msgid
 from smtpd import log, trace
-from smtpd.queue.durable import DirectorySyncs, fsync_directory, replace_file
+from smtpd.queue.durable import ParallelFlusher, fsync_directory, replace_file
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.spool import CorruptEntry, Spool, remove_path
@@ -31,7 +34,9 @@ if TYPE_CHECKING:
 
 LOG = log.get("queue")
 LOAD_CHUNK = 500  # messages handed to the scheduler at once while loading in the background
+LOAD_THREADS = 8
 MAX_BATCH = 256  # commits flushed together at most
+IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "3"))
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -56,7 +61,8 @@ class QueueError(Exception):
 @dataclass
 class _Commit:
     message: IncomingMessage
-    future: asyncio.Future[None]
+    future: asyncio.Future[None]  # durable: the 250 may be sent
+    placed: asyncio.Future[None]  # moved under queue/: the scheduler may take it
     files: list[int] = field(default_factory=list)  # open fds to flush
 
 
@@ -73,21 +79,31 @@ class IOThread:
         self.spool = spool
         self.loop = loop
         self.jobs: thread_queue.SimpleQueue[_Commit | _Operation | None] = thread_queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="queue-io", daemon=True)
+        # Several writer threads take batches from one line of jobs: while one waits for the disk to flush its
+        # batch, another prepares and flushes the next, and the disk merges their flushes.
+        self.threads = [threading.Thread(target=self._run, name=f"queue-io-{number}", daemon=True)
+                        for number in range(IO_THREADS)]
         self.batches = 0
         self.committed = 0
+        self.flusher = ParallelFlusher()
 
     def start(self) -> None:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
 
     def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=30)
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join(timeout=30)
+        self.flusher.shutdown()
 
-    def submit_commit(self, message: IncomingMessage) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = self.loop.create_future()
-        self.jobs.put(_Commit(message, future))
-        return future
+    def submit_commit(self, message: IncomingMessage) -> tuple[asyncio.Future[None], asyncio.Future[None]]:
+        """(durable, placed) futures of one commit."""
+        durable: asyncio.Future[None] = self.loop.create_future()
+        placed: asyncio.Future[None] = self.loop.create_future()
+        self.jobs.put(_Commit(message, durable, placed))
+        return durable, placed
 
     def submit(self, function: Callable[[], Any], wait: bool = True) -> asyncio.Future[Any] | None:
         future = self.loop.create_future() if wait else None
@@ -149,6 +165,10 @@ class IOThread:
             self._resolve(operation.future, result)
 
     def _commit_batch(self, batch: list[_Commit]) -> None:
+        """Round 1 (the 250 waits for it): every file, message folder and incoming/ flushed, all at once.
+        Round 2 (after the 250): the folders renamed under queue/ and their buckets flushed; only then does the
+        scheduler take the envelopes. A crash between the two rounds leaves complete folders in incoming/,
+        which the next start verifies (size, checksum, envelope count) and moves under queue/."""
         prepared: list[_Commit] = []
         for commit in batch:
             try:
@@ -156,37 +176,57 @@ class IOThread:
                 prepared.append(commit)
             except OSError as error:
                 self._fail(commit, error)
-        ready: list[_Commit] = []
-        for commit in prepared:  # flush data; the first flush commits the journal for the whole batch
-            try:
-                for fd in commit.files:
-                    os.fdatasync(fd)
-                fsync_directory(self.spool.incoming_dir(commit.message.msgid))
-                ready.append(commit)
-            except OSError as error:
-                self._fail(commit, error)
-            finally:
-                _close_all(commit)
-        syncs = DirectorySyncs()
-        done: list[_Commit] = []
-        for commit in ready:
+        calls: list[Callable[[], None]] = []
+        owners: list[_Commit | None] = []
+        for commit in prepared:
+            for fd in commit.files:
+                calls.append(functools.partial(os.fdatasync, fd))
+                owners.append(commit)
+            calls.append(functools.partial(fsync_directory, self.spool.incoming_dir(commit.message.msgid)))
+            owners.append(commit)
+        calls.append(functools.partial(fsync_directory, self.spool.incoming))
+        owners.append(None)  # every commit of the batch depends on this one
+        failed: dict[int, BaseException] = {}
+        shared_error: BaseException | None = None
+        for owner, error in zip(owners, self.flusher.run(calls), strict=True):
+            if error is None:
+                continue
+            if owner is None:
+                shared_error = error
+            else:
+                failed.setdefault(id(owner), error)
+        durable: list[_Commit] = []
+        for commit in prepared:
+            _close_all(commit)
+            error = failed.get(id(commit)) or shared_error
+            if error is not None:
+                self._fail(commit, error if isinstance(error, OSError) else OSError(str(error)))
+            else:
+                durable.append(commit)
+        self.batches += 1
+        self.committed += len(durable)
+        for commit in durable:
+            self._resolve(commit.future)
+        self._place(durable)
+
+    def _place(self, durable: list[_Commit]) -> None:
+        placed: list[_Commit] = []
+        buckets: dict[str, None] = {}
+        for commit in durable:
             msgid = commit.message.msgid
             try:
                 os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
-                syncs.add(self.spool.bucket(msgid))
-                done.append(commit)
-            except OSError as error:
-                self._fail(commit, error)
-        try:
-            syncs.flush()
-        except OSError as error:
-            for commit in done:
-                self._fail(commit, error, committed_dir=True)
-            return
-        self.batches += 1
-        self.committed += len(done)
-        for commit in done:
-            self._resolve(commit.future)
+                buckets[self.spool.bucket(msgid)] = None
+                placed.append(commit)
+            except OSError as error:  # it stays in incoming/, complete: the next start places it
+                LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(msgid),
+                            error)
+        errors = self.flusher.run([functools.partial(fsync_directory, bucket) for bucket in buckets])
+        error = next((error for error in errors if error is not None), None)
+        if error is not None:
+            LOG.warning("queue: flushing the queue folders failed: %s", error)
+        for commit in placed:
+            self._resolve(commit.placed)
 
     def _write_files(self, commit: _Commit) -> None:
         message = commit.message
@@ -196,6 +236,10 @@ class IOThread:
         commit.files.append(message.take_fd())
         _START_WRITEBACK(commit.files[0])
         for envelope in message.envelopes:
+            # What the next start checks if it finds this folder still in incoming/ (see _commit_batch).
+            envelope.commit_size = message.size
+            envelope.commit_crc32 = message.crc32
+            envelope.commit_envelopes = len(message.envelopes)
             path = os.path.join(directory, f"{envelope.evpid:016x}")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             commit.files.append(fd)
@@ -204,15 +248,15 @@ class IOThread:
                 raise OSError(28, "short write")
             _START_WRITEBACK(fd)
 
-    def _fail(self, commit: _Commit, error: OSError, committed_dir: bool = False) -> None:
+    def _fail(self, commit: _Commit, error: OSError) -> None:
         _close_all(commit)
         msgid = commit.message.msgid
         LOG.warning("queue: commit of message %s failed: %s", format_msgid(msgid), error)
         remove_path(self.spool.incoming_dir(msgid))
         remove_path(commit.message.temporary_path)
-        if committed_dir:
-            remove_path(self.spool.message_dir(msgid))
-        self._resolve(commit.future, error=QueueError(f"queue write failed: {error.strerror or error}"))
+        failure = QueueError(f"queue write failed: {error.strerror or error}")
+        self._resolve(commit.future, error=failure)
+        self._resolve(commit.placed, error=failure)
 
 
 def _close_all(commit: _Commit) -> None:
@@ -233,6 +277,9 @@ class IncomingMessage:
         self.temporary_path = store.spool.temporary_path(msgid)
         self.envelopes: list[Envelope] = []
         self.size = 0
+        self.crc32 = 0
+        # Resolved once the message is under queue/ and handed to the scheduler (a moment after commit()).
+        self.placed: asyncio.Future[None] | None = None
         self._fd: int | None = fd
         self._state = "open"
 
@@ -247,6 +294,7 @@ class IncomingMessage:
         except OSError as error:
             raise QueueError(f"queue write failed: {error.strerror}") from None
         self.size += len(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
 
     def add_envelope(self, envelope: Envelope) -> int:
         taken = {existing.evpid for existing in self.envelopes}
@@ -270,12 +318,23 @@ class IncomingMessage:
         if not self.envelopes:
             raise QueueError("message has no envelope")
         self._state = "committing"
+        durable, placed = self.store.io.submit_commit(self)
+        self.placed = placed
+        # The scheduler learns of the message once it is under queue/, whether or not anyone still waits
+        # for the 250 (a client that went away during the commit: at least once, never lost).
+        placed.add_done_callback(self._placed)
         try:
-            await self.store.io.submit_commit(self)
+            await asyncio.shield(durable)
+        except asyncio.CancelledError:
+            raise
         except BaseException:
             self._state = "failed"
             raise
         self._state = "committed"
+
+    def _placed(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
         self.store.committed(self)
 
     async def abort(self) -> None:
@@ -310,9 +369,11 @@ class Queue:
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.spool.create_layout()
-        dropped, _ = self.spool.recover()
+        dropped, placed, _ = await asyncio.to_thread(self.spool.recover)
         if dropped:
             LOG.info("queue: dropped %d unacknowledged message(s) left by a crash", dropped)
+        if placed:
+            LOG.info("queue: placed %d acknowledged message(s) left in incoming/ by a crash", placed)
         # The messages to load are the ones present now: listing later would also find messages committed
         # (and maybe already delivered) since, and deliver them twice.
         msgids = await asyncio.to_thread(lambda: list(self.spool.message_ids()))
@@ -433,9 +494,22 @@ class Queue:
     async def _load_in_background(self, msgids: list[int]) -> None:
         """Hand the stored envelopes to the scheduler in chunks, reading files off the event loop."""
         started = time.monotonic()
+        # Several readers: with a cold cache each file costs a disk round trip, and threads keep many in flight.
+        readers = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="queue-load")
+        try:
+            await self._load_chunks(msgids, readers)
+        finally:
+            readers.shutdown(wait=False, cancel_futures=True)
+        self.load_seconds = time.monotonic() - started
+        LOG.info("queue: %d envelope(s) of %d message(s) loaded in %.2fs", self.loaded_envelopes, len(msgids),
+                 self.load_seconds)
+        trace.emit("queue", f"queue: loaded {self.loaded_envelopes} envelope(s)", envelopes=self.loaded_envelopes)
+        self.loading_done.set()
+
+    async def _load_chunks(self, msgids: list[int], readers: ThreadPoolExecutor) -> None:
         for start in range(0, len(msgids), LOAD_CHUNK):
             chunk = msgids[start:start + LOAD_CHUNK]
-            loaded = await asyncio.to_thread(lambda ids=chunk: [self.spool.load_message(m) for m in ids])
+            loaded = await asyncio.to_thread(lambda ids=chunk: list(readers.map(self.spool.load_message, ids)))
             envelopes: list[Envelope] = []
             for message in loaded:
                 envelopes.extend(message.envelopes)
@@ -443,11 +517,6 @@ class Queue:
             self.loaded_envelopes += len(envelopes)
             if self.on_envelopes is not None and envelopes:
                 self.on_envelopes(envelopes, True)
-        self.load_seconds = time.monotonic() - started
-        LOG.info("queue: %d envelope(s) of %d message(s) loaded in %.2fs", self.loaded_envelopes, len(msgids),
-                 self.load_seconds)
-        trace.emit("queue", f"queue: loaded {self.loaded_envelopes} envelope(s)", envelopes=self.loaded_envelopes)
-        self.loading_done.set()
 
 
 def build(daemon: Daemon) -> Queue:

@@ -1,8 +1,9 @@
 """RFC 5321 paths and the MAIL/RCPT parameters, with OpenSMTPD's rules (reference §7.5).
 
-A path is `<local@domain>`. Quoted local parts, source routes (`<@a,@b:user@dom>`) and a second `@` are
-refused as syntax errors, as OpenSMTPD does: they are the classic relay tricks, and a server that never parses
-them cannot be fooled by them. The local part is dot-atoms of letters, digits and ``!#$%&'*/?^`{|}~+-=_``
+A path is `<local@domain>`. Quoted local parts and a second `@` are refused as syntax errors, as OpenSMTPD
+does: they are classic relay tricks, and a server that never parses them cannot be fooled by them. A source
+route (`<@a,@b:user@dom>`) is dropped, as RFC 5321 asks and OpenSMTPD does: what is left is an ordinary
+address, matched against the rules like any other. The local part is dot-atoms of letters, digits and ``!#$%&'*/?^`{|}~+-=_``
 (so backticks, `$` and `|` are legal: envelope data never reaches a shell anywhere in this program). With
 SMTPUTF8 the local part and the domain may also hold UTF-8 characters (RFC 6531).
 """
@@ -103,8 +104,10 @@ def parse_path_address(inner: str, *, allow_null: bool, default_domain: str, utf
 def parse_mailaddr(text: str, *, default_domain: str, utf8: bool = False) -> Mailaddr:
     if len(text) > MAX_PART:
         raise AddressError("address too long")
-    if text.startswith("@") or '"' in text or "\\" in text:
-        raise AddressError("source routes and quoted local parts are not supported")
+    if text.startswith("@"):
+        text = _strip_source_route(text)
+    if '"' in text or "\\" in text:
+        raise AddressError("quoted local parts are not supported")
     local, at, domain = text.partition("@")
     if not at:
         domain = default_domain
@@ -113,6 +116,14 @@ def parse_mailaddr(text: str, *, default_domain: str, utf8: bool = False) -> Mai
     if not valid_domain(domain, utf8):
         raise AddressError(f"invalid domain: {domain!r}")
     return Mailaddr(local, domain)
+
+
+def _strip_source_route(text: str) -> str:
+    """`@a,@b:user@dom` -> `user@dom`: RFC 5321 §C says a server ignores the route, as OpenSMTPD does."""
+    route, colon, rest = text.partition(":")
+    if not colon or not all(hop.startswith("@") and valid_domain(hop[1:]) for hop in route.split(",")):
+        raise AddressError("invalid source route")
+    return rest
 
 
 def valid_helo(name: str) -> bool:

@@ -180,10 +180,15 @@ class SmtpServer:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
 
+        smtps = endpoint.listener.tls is TlsMode.SMTPS
+
         def connected(stream_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if smtps and not endpoint.listener.proxy_v2:
+                # Called before the transport starts reading: the client's handshake stays in the socket for
+                # the TLS layer (bytes read into the stream buffer would be lost to it).
+                writer.transport.pause_reading()
             session = Session(self, endpoint, stream_reader, writer)
-            self._track(session.run(proxy=endpoint.listener.proxy_v2,
-                                    smtps=endpoint.listener.tls is TlsMode.SMTPS))
+            self._track(session.run(proxy=endpoint.listener.proxy_v2, smtps=smtps))
 
         # A client_connected callback makes the protocol server-side, which StreamWriter.start_tls needs.
         protocol = asyncio.StreamReaderProtocol(reader, connected)

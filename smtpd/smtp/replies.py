@@ -188,10 +188,6 @@ def too_many_auth_failures(smtpname: str) -> Reply:
     return Reply(421, f"4.7.0 {smtpname} Too many authentication failures, closing connection")
 
 
-def timeout(smtpname: str) -> Reply:
-    return Reply(421, f"4.4.2 {smtpname} Timeout, closing connection")
-
-
 def shutting_down(smtpname: str) -> Reply:
     return Reply(421, f"4.3.2 {smtpname} Service shutting down, closing connection")
 

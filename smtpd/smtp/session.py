@@ -45,6 +45,7 @@ LINE_MAX_BYTES = 65535
 COMMAND_MAX = 2048
 READ_SIZE = 65536
 DATA_READ_SIZE = 256 * 1024
+DATA_PROGRESS_BYTES = 64 * 1024
 MAX_BAD_COMMANDS = 20
 MAX_AUTH_FAILURES = 3
 
@@ -131,6 +132,12 @@ class Session:
         self.auth_failures = 0
         self.transaction: _Transaction | None = None
         self.disconnect_reason = "disconnect"
+        # Bytes the client sent before our banner (a client must wait for it): HELO/EHLO among them get 503.
+        self.early_bytes = 0
+        self.line_was_early = False
+        # message data progress (see _fill_message_data); reset for every DATA and BDAT
+        self._data_deadline: float | None = None
+        self._data_progress = 0
 
     # -- facts -------------------------------------------------------------------------------------------------
     @property
@@ -179,6 +186,11 @@ class Session:
             await self._cleanup()
 
     async def _connect(self, proxy: bool, smtps: bool) -> None:
+        if self.server.active > self.limits.max_sessions:
+            # Checked first, so that a flood costs no DNS lookups; an SMTPS client cannot read plaintext.
+            if not smtps:
+                await self.reply(replies.too_many_sessions(self.smtpname))
+            raise _Close("too many sessions")
         if not self.local:
             peer = self.writer.get_extra_info("peername") or ("", 0)
             self.client_ip, self.client_port = str(peer[0]).split("%")[0], int(peer[1])
@@ -195,13 +207,14 @@ class Session:
                    session=self.token, address=self.client_ip)
         _log.info("%s smtp connected address=%s host=%s", self.token, self.sockaddr if not self.local else "local",
                   self.rdns or "<unknown>")
-        if self.server.active > self.limits.max_sessions:
-            await self.reply(replies.too_many_sessions(self.smtpname))
-            raise _Close("too many sessions")
         if smtps:
+            if proxy:
+                # Known limit (docs/smtp.md): handshake bytes that came with the PROXY header are lost.
+                self.writer.transport.pause_reading()
             await self._start_tls()
             STATS.increment("smtp.smtps")
         self._set_state("STATE_CONNECTED")
+        self.early_bytes = len(self.buffer) + _stream_buffered_size(self.reader)
         await self.reply(replies.banner(self.smtpname))
 
     async def _read_proxy_header(self) -> None:
@@ -245,8 +258,39 @@ class Session:
             raise _Close("disconnect")
         self.buffer += data
 
+    async def _fill_message_data(self, size: int) -> None:
+        """Read message data. Each 64 KiB must arrive within the timeout (not each read, which may bring one
+        byte), so a client trickling its message cannot hold the session."""
+        loop = asyncio.get_running_loop()
+        if self._data_deadline is None:
+            self._data_deadline = loop.time() + self.limits.timeout
+        before = len(self.buffer)
+        async with asyncio.timeout_at(self._data_deadline):
+            await self._fill(size)
+        self._data_progress += len(self.buffer) - before
+        if self._data_progress >= DATA_PROGRESS_BYTES:
+            self._data_progress = 0
+            self._data_deadline = loop.time() + self.limits.timeout
+
     async def read_line(self) -> str:
         """The next command line (without CRLF), within the idle timeout."""
+        while True:
+            raw = await self._next_raw_line()
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            elif not self.local:
+                # A bare LF never ends a command line: answer it as an error and do not act on its text.
+                text = raw.decode("utf-8", "surrogateescape")
+                self._trace_input(text)
+                await self._error(replies.BARE_LF_COMMAND, text[:64])
+                continue
+            if len(raw) >= COMMAND_MAX:
+                await self.reply(replies.COMMAND_TOO_LONG)
+                raise _Close("command too long")
+            return raw.decode("utf-8", "surrogateescape")
+
+    async def _next_raw_line(self) -> bytes:
+        """Bytes up to the next LF (excluded); the whole line must arrive within the timeout."""
         async with asyncio.timeout(self.limits.timeout):
             while True:
                 end = self.buffer.find(b"\n")
@@ -260,18 +304,10 @@ class Session:
             await self.reply(replies.LINE_TOO_LONG)
             raise _Close("line too long")
         raw = bytes(self.buffer[:end])
+        self.line_was_early = self.early_bytes > 0
+        self.early_bytes = max(0, self.early_bytes - end - 1)
         del self.buffer[:end + 1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        elif not self.local:
-            # A bare LF never ends a command line: answer it as an error and do not act on its text.
-            self._trace_input(raw.decode("utf-8", "surrogateescape"))
-            await self.reply(replies.BARE_LF_COMMAND, command=raw.decode("utf-8", "replace")[:40])
-            return await self.read_line()
-        if len(raw) >= COMMAND_MAX:
-            await self.reply(replies.COMMAND_TOO_LONG)
-            raise _Close("command too long")
-        return raw.decode("utf-8", "surrogateescape")
+        return raw
 
     def _trace_input(self, line: str, secret: bool = False) -> None:
         if trace.wants("smtp"):
@@ -292,8 +328,9 @@ class Session:
         if reply.failed and command is not None:
             _log.info('%s smtp failed-command command="%s" result="%s"', self.token, command,
                       str(reply).split("\n")[0])
-        # Flush when no further pipelined command waits (RFC 2920: replies may be grouped).
-        if b"\n" not in self.buffer:
+        # Flush when no further pipelined command waits (RFC 2920: replies may be grouped), or when a client
+        # that pipelines without reading has let replies pile up.
+        if b"\n" not in self.buffer or self.writer.transport.get_write_buffer_size() > 65536:
             async with asyncio.timeout(self.limits.timeout):
                 await self.writer.drain()
 
@@ -364,6 +401,9 @@ class Session:
         await self._identify(argument, line, extended=True)
 
     async def _identify(self, argument: str, line: str, *, extended: bool) -> None:
+        if self.line_was_early:
+            await self._error(replies.BAD_SEQUENCE, line)
+            return
         if self.helo is not None:
             await self._error(replies.ALREADY_IDENTIFIED, line)
             return
@@ -415,6 +455,13 @@ class Session:
         if not self.starttls_offered:
             await self._error(replies.NOT_SUPPORTED, line)
             return
+        # Stop reading before answering: whatever is already buffered was sent before our 220 (a command
+        # injection), and the client's TLS handshake stays in the socket for the TLS layer to read.
+        self.writer.transport.pause_reading()
+        if self.buffer or _stream_has_buffered_data(self.reader):
+            trace.emit("smtp", f"{self.token}: data pipelined after STARTTLS, dropping the session",
+                       session=self.token)
+            raise _Close("data after starttls")
         await self.reply(replies.STARTTLS_OK)
         await self._start_tls()
         STATS.increment("smtp.tls")
@@ -424,11 +471,7 @@ class Session:
         self._set_state("STATE_CONNECTED")
 
     async def _start_tls(self) -> None:
-        if self.buffer or _stream_has_buffered_data(self.reader):
-            # Plaintext sent after STARTTLS would be taken as if it came over TLS: an injection attempt.
-            trace.emit("smtp", f"{self.token}: data pipelined after STARTTLS, dropping the session",
-                       session=self.token)
-            raise _Close("data after starttls")
+        """Upgrade the connection; reading must be paused since the last byte that was plaintext."""
         self._set_state("STATE_TLS")
         if self.endpoint.ssl_context is None:
             raise _Close("no tls context")
@@ -485,9 +528,12 @@ class Session:
         decoded = _b64decode(initial)
         if decoded is None or decoded.count(b"\0") != 2:
             return None
-        _authzid, user, password = decoded.split(b"\0")
+        authzid, user, password = decoded.split(b"\0")
         if not user:
             return None
+        if authzid and authzid != user:
+            # Acting as another user is not supported: make sure such a request can never succeed.
+            password = b"\0"
         return user.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")
 
     async def _auth_login(self, initial: str) -> tuple[str, str] | None:
@@ -608,6 +654,9 @@ class Session:
                                              str(sender), str(rcpt), self.smtpname)
         except TableError:
             return replies.rcpt_refused(*replies.TEMPORARY_FAILURE, str(rcpt)), []
+        except Exception:  # noqa: BLE001 — a bug or a missing subsystem must not lose the session: tempfail
+            _log.exception("%s smtp: expansion of %s failed", self.token, rcpt)
+            return replies.rcpt_refused(*replies.TEMPORARY_FAILURE, str(rcpt)), []
         if result.refusal is not None:
             return replies.rcpt_refused(result.refusal[0], result.refusal[1], str(rcpt)), []
         return None, list(result.deliveries)
@@ -668,6 +717,7 @@ class Session:
         """Read DATA up to CRLF.CRLF, dot-unstuff, and feed the builder in large blocks."""
         builder = transaction.builder
         assert builder is not None
+        self._data_deadline, self._data_progress = None, 0
         while True:
             end = _data_terminator(self.buffer)
             if end is not None:
@@ -688,8 +738,7 @@ class Session:
             if len(self.buffer) > LINE_MAX_BYTES + 2:
                 await self.reply(replies.LINE_TOO_LONG)
                 raise _Close("line too long")
-            async with asyncio.timeout(self.limits.timeout):
-                await self._fill(DATA_READ_SIZE)
+            await self._fill_message_data(DATA_READ_SIZE)
 
     async def cmd_bdat(self, argument: str, line: str) -> None:
         words = argument.split(" ")
@@ -720,10 +769,10 @@ class Session:
 
     async def _read_chunk(self, size: int, builder: MessageBuilder | None) -> None:
         remaining = size
+        self._data_deadline, self._data_progress = None, 0
         while remaining:
             if not self.buffer:
-                async with asyncio.timeout(self.limits.timeout):
-                    await self._fill(min(DATA_READ_SIZE, remaining))
+                await self._fill_message_data(min(DATA_READ_SIZE, remaining))
             block = bytes(self.buffer[:remaining])
             del self.buffer[:len(block)]
             remaining -= len(block)
@@ -828,9 +877,13 @@ def _b64decode(text: str) -> bytes | None:
         return None
 
 
+def _stream_buffered_size(reader: asyncio.StreamReader) -> int:
+    # StreamReader offers no public way to peek at what it holds: data read from the socket, not yet taken.
+    return len(getattr(reader, "_buffer", b""))
+
+
 def _stream_has_buffered_data(reader: asyncio.StreamReader) -> bool:
-    # StreamReader offers no public way to peek; its buffer is what a STARTTLS injection would leave there.
-    return bool(getattr(reader, "_buffer", b""))
+    return _stream_buffered_size(reader) > 0
 
 
 def local_user_name(uid: int) -> str:

@@ -1,8 +1,9 @@
 """TLS for listeners: one server context per listener, certificates chosen by SNI among its pkis.
 
 `pki` names a certificate/key pair declared with `pki NAME cert/key`. A listener without `pki` uses the pki
-named after its hostname (or the mailname), else the `*` one, else the only one there is. With several pkis
-the client's SNI name picks one (exact name, then `*`); without SNI the first is used. `ca` names the CA file
+named after its hostname (or the mailname), else the `*` one, else the only one there is. As in OpenSMTPD, the
+client's SNI name picks among every declared pki (exact name, then `*`); without SNI, or for an unknown name,
+the listener's own pki is used. `ca` names the CA file
 that client certificates are checked against; `verify` makes a valid client certificate mandatory (the
 handshake fails and the session is dropped otherwise).
 """
@@ -68,11 +69,14 @@ def server_context(config: Config, listener: Listener, default_name: str) -> ssl
     if not names:
         raise TlsSetupError(f"listener on {listener.interface}: no pki for TLS")
     contexts = {name: _context_for(config, listener, name) for name in names}
+    for name, pki in config.pkis.items():
+        if name not in contexts and pki.cert and pki.key:
+            contexts[name] = _context_for(config, listener, name)
     first = contexts[names[0]]
     if len(contexts) > 1:
         def choose_by_sni(sock: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
             if server_name:
-                chosen = contexts.get(server_name.lower()) or contexts.get("*")
+                chosen = contexts.get(server_name.lower()) or contexts.get("*")  # else keep the listener's
                 if chosen is not None:
                     sock.context = chosen
         first.sni_callback = choose_by_sni

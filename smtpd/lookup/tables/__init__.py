@@ -14,8 +14,10 @@ masked. A backend failure raises TableError (a temporary failure for the caller)
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from smtpd import trace
 from smtpd.config.model import Config, TableDecl, TableShape
@@ -30,6 +32,9 @@ from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addr
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.passwd import GetpwnamTable
 from smtpd.lookup.tables.static import FileTable, InlineTable
+
+if TYPE_CHECKING:
+    from smtpd.daemon import Daemon
 
 __all__ = [
     "MATCH_SERVICES", "Service", "TableBackend", "TableError", "TableLoadError", "Tables", "open_table",
@@ -58,6 +63,8 @@ def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
 
 def _display_name(name: str, builtin: bool) -> str:
     # OpenSMTPD names built-in and anonymous tables `<localhost>`, `<dynamic:3>`; traces show them so.
+    if name.startswith("<"):
+        return name
     if builtin or name.startswith("dynamic:"):
         return f"<{name}>"
     return name
@@ -81,12 +88,16 @@ class Tables:
         self.load_errors: dict[str, list[str]] = {}
         declared = dict(config.tables) if config is not None else {}
         for name in BUILTIN_NAMES:
-            decl = declared.get(name)
-            if decl is None or decl.builtin:
-                self._tables[name] = builtin_table(name, self.mailname, self.addresses, self.delimiter)
-                self._builtin.add(name)
+            # Built-ins answer to `localhost` and to `<localhost>` (the parser's name for them), unless the
+            # configuration declares a table of its own under the bare name.
+            backend = builtin_table(name, self.mailname, self.addresses, self.delimiter)
+            for alias in (name, f"<{name}>"):
+                decl = declared.get(alias)
+                if decl is None or decl.builtin:
+                    self._tables[alias] = backend
+                    self._builtin.add(alias)
         for name, decl in declared.items():
-            if decl.builtin and name in self._tables:
+            if decl.builtin or decl.backend == "builtin":
                 continue
             try:
                 self._tables[name] = open_table(decl, self.delimiter)
@@ -213,3 +224,33 @@ def validate_tables(config: Config):  # -> list[Diagnostic]
     from smtpd.lookup.tables.validate import validate_config
 
     return validate_config(config)
+
+
+class TablesComponent:
+    """The daemon's tables: opened before every other subsystem, replaced whole on reload."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def start(self) -> None:
+        pass  # opened in build(), so that every later builder finds daemon.tables ready
+
+    async def stop(self) -> None:
+        if self.daemon.tables is not None:
+            self.daemon.tables.close()
+
+    async def reconfigure(self, old: Config, new: Config) -> list[str]:
+        """Open the new configuration's tables; raises TableLoadError (keeping the old ones) if one fails."""
+        replacement = await asyncio.to_thread(Tables, new, mailname=self.daemon.mailname)
+        previous, self.daemon.tables = self.daemon.tables, replacement
+        changes = [f"table {name} added" for name in sorted(set(new.tables) - set(old.tables))]
+        changes += [f"table {name} removed" for name in sorted(set(old.tables) - set(new.tables))]
+        if previous is not None:
+            previous.close()
+        return changes
+
+
+def build(daemon: Daemon) -> TablesComponent:
+    """Open the tables (raises TableLoadError with FILE:LINE messages when one cannot be loaded)."""
+    daemon.tables = Tables(daemon.config, mailname=daemon.mailname)
+    return TablesComponent(daemon)

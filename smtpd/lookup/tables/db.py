@@ -6,11 +6,13 @@ The format is an SQLite 3 database (the stdlib's sqlite3), documented in docs/ta
 * ``meta(name TEXT PRIMARY KEY, value TEXT)`` holds ``format`` = ``pysmtpd-table``, ``type`` (``map``,
   ``aliases`` or ``set``), ``source`` (the file it was made from) and ``entries`` (the count);
 * ``entries(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID`` holds one row per entry, keys
-  lowercased; a set's entries have the value ``<set>``, as OpenSMTPD's makemap writes.
+  lowercased; a set's entries have the value ``<set>``, as OpenSMTPD's makemap writes;
+* ``scan(kind, key)`` lists the keys a match question has to try one by one: ``wild`` (contains `*`),
+  ``net4`` and ``net6`` (CIDR blocks and other spellings an IPv4 / IPv6 address can match).
 
-A key question is one B-tree look-up. A match question (domain, netaddr, mailaddr, regex) looks up the keys
-that can match literally, then scans only the rows that could match otherwise (wildcards, CIDR blocks; every
-row for a regex), streaming them from the file in key order.
+A key question is one B-tree look-up. A match question (domain, netaddr, mailaddr) looks up the keys that can
+match literally, then tries only the keys its ``scan`` kind lists; a regex question streams every row in key
+order (a regex can match anything).
 
 The file is opened read-only. `makemap` replaces it by renaming a new file over it, so before each question we
 check whether the path now names another file and reopen if so: the table follows `newaliases` at once, and a
@@ -38,7 +40,22 @@ DB_TYPES = ("map", "aliases", "set")
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE entries (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE scan (kind TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (kind, key)) WITHOUT ROWID;
 """
+# Which keys a match question must try one by one, found by makemap once (see ``scan_kinds``).
+SCAN_KINDS = ("wild", "net4", "net6")
+
+
+def scan_kinds(key: str) -> list[str]:
+    """wild: a glob (domain, mailaddr); net4/net6: entries an IPv4/IPv6 address can match other than literally."""
+    kinds = []
+    if "*" in key:
+        kinds.append("wild")
+    if matching.is_netaddr_pattern(key, ipv6=False):
+        kinds.append("net4")
+    if matching.is_netaddr_pattern(key, ipv6=True):
+        kinds.append("net6")
+    return kinds
 
 
 def write_db(path: str, entries: Iterable[tuple[str, str]], db_type: str, source: str) -> int:
@@ -56,6 +73,8 @@ def write_db(path: str, entries: Iterable[tuple[str, str]], db_type: str, source
         connection.execute("BEGIN")
         rows = sorted(entries)  # in key order the B-tree is built by appending
         connection.executemany("INSERT INTO entries (key, value) VALUES (?, ?)", rows)
+        connection.executemany("INSERT INTO scan (kind, key) VALUES (?, ?)",
+                               sorted((kind, key) for key, _ in rows for kind in scan_kinds(key)))
         meta = {"format": FORMAT_NAME, "type": db_type, "source": source, "entries": str(len(rows))}
         connection.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", meta.items())
         connection.execute("COMMIT")
@@ -121,6 +140,13 @@ class DbReader:
                 return
             last = rows[-1][0]
 
+    def scan_kind(self, kind: str) -> list[tuple[str, str]]:
+        """The entries makemap listed under a scan kind, in key order."""
+        with self.lock:
+            return self.connection.execute(
+                "SELECT entries.key, entries.value FROM scan JOIN entries ON entries.key = scan.key "
+                "WHERE scan.kind = ? ORDER BY scan.key", (kind,)).fetchall()
+
     def key_after(self, key: str | None) -> str | None:
         """The first key greater than key (the first key when key is None)."""
         with self.lock:
@@ -143,14 +169,15 @@ def _identity(status: os.stat_result) -> tuple[int, int, int]:
     return (status.st_dev, status.st_ino, status.st_mtime_ns)
 
 
-def _scan_filter(service: Service, candidate: str) -> str:
-    """SQL that narrows a match scan to the rows that could match other than literally."""
+def _scan_kind(service: Service, candidate: str) -> str | None:
+    """The ``scan`` kind a match question tries one by one ("" for every row, None for none)."""
     if service in (Service.DOMAIN, Service.MAILADDR):
-        return "instr(key, '*') > 0"
+        return "wild"
     if service is Service.NETADDR:
-        clause = "instr(key, '/') > 0 OR instr(key, '[') > 0 OR substr(key, 1, 5) = 'ipv6:'"
-        return f"({clause} OR instr(key, ':') > 0)" if ":" in candidate else f"({clause})"
-    return ""
+        return "net6" if ":" in candidate else "net4"
+    if service is Service.REGEX:
+        return ""
+    return None
 
 
 class DbTable:
@@ -185,8 +212,9 @@ class DbTable:
             found = reader.get_many(matching.exact_keys(service, candidate, self.delimiter))
             if found and first_only:
                 return found[:1]
-            where = _scan_filter(service, candidate)
-            for key, value in reader.scan(where):
+            kind = _scan_kind(service, candidate)
+            rows = reader.scan() if kind == "" else reader.scan_kind(kind) if kind else iter(())
+            for key, value in rows:
                 if matching.entry_matches(service, candidate, key, self.delimiter):
                     found.append((key, value))
                     if first_only:

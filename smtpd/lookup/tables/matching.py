@@ -27,24 +27,35 @@ def hostname_match(hostname: str, pattern: str) -> bool:
     It does not backtrack: `*.example.org` matches `www.example.org` but not `a.b.example.org` (the `*` stops
     at the first dot), exactly as OpenSMTPD 6.8 matches. A lone `*` matches everything.
     """
-    hostname = hostname.lower()
-    pattern = pattern.lower()
-    h = p = 0
-    while p < len(pattern) and h < len(hostname):
-        if pattern[p] == "*":
-            while p < len(pattern) and pattern[p] == "*":
-                p += 1
-            target = pattern[p] if p < len(pattern) else ""
-            while h < len(hostname) and hostname[h] != target:
-                h += 1
+    if "*" not in pattern:
+        return hostname.lower() == pattern.lower()
+    return glob_regex(pattern).fullmatch(hostname) is not None
+
+
+@functools.lru_cache(maxsize=65536)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regex equivalent of ``hostname_match`` for one pattern.
+
+    The C loop turns `*c` into "skip everything up to the first c", which is `[^c]*c`; a trailing `*` eats the
+    rest but at least one character; consecutive stars count as one.
+    """
+    parts: list[str] = []
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char != "*":
+            parts.append(re.escape(char))
+            index += 1
             continue
-        if pattern[p] != hostname[h]:
-            return False
-        p += 1
-        h += 1
-    # A pattern may end in stars that had nothing left to eat (`example.org*` against `example.org`):
-    # the C loop stops with them unconsumed, so they do not match.
-    return h == len(hostname) and p == len(pattern)
+        while index < len(pattern) and pattern[index] == "*":
+            index += 1
+        if index == len(pattern):
+            # The C loop only reaches a trailing star while characters remain, so it needs at least one.
+            parts.append(".+")
+        else:
+            following = pattern[index]
+            parts.append(f"[^{re.escape(following.lower())}{re.escape(following.upper())}]*")
+    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
 
 
 # -- NETADDR -----------------------------------------------------------------------------------------------
@@ -75,6 +86,31 @@ def netaddr_match(candidate: str, entry: str) -> bool:
         return False
     # The candidate is normally one address; OpenSMTPD compares its first address under the entry's mask.
     return address.network_address in network
+
+
+class NetworkIndex:
+    """Networks grouped by prefix length: a containment question costs one set look-up per length."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.by_length: dict[tuple[int, int], set[int]] = {}
+        for entry in entries:
+            network = parse_netaddr(entry)
+            if network is not None:
+                self.by_length.setdefault((network.version, network.prefixlen), set()).add(
+                    int(network.network_address))
+
+    def contains(self, candidate: str) -> bool:
+        address = parse_netaddr(candidate)
+        if address is None:
+            return False
+        value = int(address.network_address)
+        width = address.max_prefixlen
+        for (version, length), networks in self.by_length.items():
+            if version == address.version:
+                mask = ((1 << length) - 1) << (width - length) if length else 0
+                if value & mask in networks:
+                    return True
+        return False
 
 
 # -- MAILADDR ----------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ class StaticContent:
         self.source = source
         self._sorted: list[str] | None = None
         self._scan_lists: dict[tuple[Service, bool], list[str]] = {}
+        self._globs: re.Pattern[str] | None = None
+        self._networks: dict[bool, matching.NetworkIndex] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -90,7 +92,26 @@ class StaticContent:
     def match(self, service: Service, candidate: str, delimiter: str = "+") -> bool:
         if service not in MATCH_SERVICES:
             return candidate in self.entries
+        if service is Service.DOMAIN:
+            return candidate in self.entries or self._domain_globs().fullmatch(candidate) is not None
+        if service is Service.NETADDR:
+            return candidate in self.entries or self._netaddr_index(candidate).contains(candidate)
         return bool(self.matching_keys(service, candidate, delimiter, first_only=True))
+
+    def _domain_globs(self) -> re.Pattern[str]:
+        """Every wildcard entry as one alternation, so a miss costs one regex run, not one per entry."""
+        if self._globs is None:
+            patterns = [matching.glob_regex(key).pattern for key in self._scan_list(Service.DOMAIN, "")]
+            self._globs = re.compile("|".join(f"(?:{p})" for p in patterns) or r"(?!)", re.IGNORECASE | re.DOTALL)
+        return self._globs
+
+    def _netaddr_index(self, candidate: str) -> matching.NetworkIndex:
+        family = ":" in candidate
+        index = self._networks.get(family)
+        if index is None:
+            index = matching.NetworkIndex(self._scan_list(Service.NETADDR, candidate))
+            self._networks[family] = index
+        return index
 
 
 def _strerror(error: OSError) -> str:

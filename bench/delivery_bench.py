@@ -1,0 +1,171 @@
+"""End-to-end delivery benchmark: N messages over SMTP into a local user's Maildir, ours against OpenSMTPD 6.8.
+
+    sudo .venv/bin/python bench/delivery_bench.py [--only ours|opensmtpd] [--messages 2000] [--size 2048]
+
+For each daemon (one after the other, same load, same config): a fresh spool, a test user created for the run
+(removed afterwards), `action "local" maildir "<home>/Maildir-<daemon>"`, `match from any for any action
+"local"`. The load generator sends the messages over 8 sessions; the clock runs from the first connection until
+the last message file is in `new/`. Prints accept throughput, end-to-end throughput, and the ratio
+ours/OpenSMTPD (> 1: we are faster). Needs root (OpenSMTPD's spool is fixed; deliveries switch users).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import queue_bench  # noqa: E402
+from loadgen import run_load  # noqa: E402
+
+WORK = Path("/tmp/delivery-bench")
+USER = "pysmtpdbench"
+CONFIG = """listen on 127.0.0.1 port {port}
+action "local" maildir "{maildir}"
+match from any for any action "local"
+"""
+
+
+def create_user(home: Path) -> tuple[int, int]:
+    subprocess.run(["userdel", USER], capture_output=True)
+    subprocess.run(["groupdel", USER], capture_output=True)
+    subprocess.run(["useradd", "-M", "-d", str(home), "-s", "/usr/sbin/nologin", "-U", USER], check=True)
+    import pwd
+
+    entry = pwd.getpwnam(USER)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    return entry.pw_uid, entry.pw_gid
+
+
+def remove_user() -> None:
+    subprocess.run(["userdel", USER], capture_output=True)
+    subprocess.run(["groupdel", USER], capture_output=True)
+
+
+def count_new(maildir: Path) -> int:
+    try:
+        return sum(1 for _ in os.scandir(maildir / "new"))
+    except FileNotFoundError:
+        return 0
+
+
+def run_one(target: queue_bench.Target, maildir: Path, messages: int, size: int, timeout: float) -> dict[str, float]:
+    """End to end: the clock runs from the first connection until the last file is in new/."""
+    target.workdir.mkdir(parents=True, exist_ok=True)
+    target.prepare_spool(0)
+    (target.workdir / "smtpd.conf").write_text(CONFIG.format(port=target.port, maildir=maildir))
+    target.paused = False
+    target.start()
+    try:
+        started = time.perf_counter()
+        result = asyncio.run(run_load("127.0.0.1", target.port, 8, messages, size, rcpt=f"{USER}@bench.test"))
+        accepted = time.perf_counter() - started
+        if result["failures"]:
+            raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
+        delivered = wait_delivered(maildir, messages, started, timeout)
+        total = time.perf_counter() - started
+    finally:
+        target.stop()
+    figures = {"accepted (msg/s)": messages / accepted, "delivered": float(delivered),
+               "end to end (s)": total, "end to end (msg/s)": delivered / total}
+    print(f"  {target.name}: {figures}", flush=True)
+    return figures
+
+
+def run_drain(target: queue_bench.Target, maildir: Path, messages: int, size: int, timeout: float) -> dict[str, float]:
+    """Deliveries alone: queue everything with the MDA paused, then `resume mda` and time the drain."""
+    target.workdir.mkdir(parents=True, exist_ok=True)
+    target.prepare_spool(1)
+    (target.workdir / "smtpd.conf").write_text(CONFIG.format(port=target.port, maildir=maildir))
+    target.paused = True
+    target.start()
+    try:
+        result = asyncio.run(run_load("127.0.0.1", target.port, 8, messages, size, rcpt=f"{USER}@bench.test"))
+        if result["failures"]:
+            raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
+        started = time.perf_counter()
+        subprocess.run(target.ctl() + ["resume", "mda"], env=target.env(), check=True, capture_output=True)
+        delivered = wait_delivered(maildir, messages, started, timeout)
+        total = time.perf_counter() - started
+    finally:
+        target.stop()
+    figures = {"drain (s)": total, "drain (msg/s)": delivered / total}
+    print(f"  {target.name}: {figures}", flush=True)
+    return figures
+
+
+def wait_delivered(maildir: Path, messages: int, started: float, timeout: float) -> int:
+    while count_new(maildir) < messages and time.perf_counter() - started < timeout:
+        time.sleep(0.02)
+    return count_new(maildir)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("ours", "opensmtpd"))
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root: OpenSMTPD's spool is fixed, and deliveries switch to the test user", file=sys.stderr)
+        return 1
+    if args.only != "ours" and subprocess.run(["pgrep", "-x", "smtpd"], capture_output=True).returncode == 0:
+        print("an OpenSMTPD is already running; not touching it", file=sys.stderr)
+        return 1
+    queue_bench.WORK = WORK
+    WORK.mkdir(parents=True, exist_ok=True)
+    os.chmod(WORK, 0o755)
+    home = WORK / "home"
+    create_user(home)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        targets: list[queue_bench.Target] = []
+        if args.only != "opensmtpd":
+            targets.append(_Ours("ours", queue_bench.free_port(), WORK / "ours"))
+        if args.only != "ours":
+            targets.append(_OpenSMTPD("opensmtpd", queue_bench.free_port(), WORK / "opensmtpd"))
+        for target in targets:
+            results[target.name] = run_one(target, home / f"Maildir-{target.name}", args.messages, args.size,
+                                           args.timeout)
+            results[target.name].update(run_drain(target, home / f"Maildir-{target.name}-drain", args.messages,
+                                                  args.size, args.timeout))
+    finally:
+        remove_user()
+        if queue_bench.OPENSMTPD_SPOOL.exists() and args.only != "ours":
+            queue_bench.OPENSMTPD_SPOOL.rename(WORK / f"trash-opensmtpd-spool-end-{time.time_ns()}")
+        shutil.rmtree(WORK, ignore_errors=True)
+    if len(results) == 2:
+        ours, theirs = results["ours"], results["opensmtpd"]
+        print(f"\n{args.messages} x {args.size} B into a Maildir, 8 sessions:")
+        for key in ("accepted (msg/s)", "end to end (msg/s)", "drain (msg/s)"):
+            print(f"  {key}: ours {ours[key]:.1f}, OpenSMTPD {theirs[key]:.1f}, ratio {ours[key] / theirs[key]:.2f}")
+    return 0
+
+
+class _Ours(queue_bench.Ours):
+    paused = False
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "smtpd", "-d", "-f", str(self.workdir / "smtpd.conf"),
+                *(["-P", "mda"] if self.paused else [])]
+
+
+class _OpenSMTPD(queue_bench.OpenSMTPD):
+    paused = False
+
+    def command(self) -> list[str]:
+        return [queue_bench.OPENSMTPD, "-d", "-f", str(self.workdir / "smtpd.conf"),
+                *(["-P", "mda"] if self.paused else [])]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

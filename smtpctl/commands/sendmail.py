@@ -1,0 +1,440 @@
+"""The sendmail personality (reference §2.6): what cron, mail(1) and scripts call to submit local mail.
+
+    sendmail [-tv] [-f from] [-F name] [-N notify] [-R ret] [-V envid] [-S] to ...
+
+Online, it asks the daemon for an enqueue session on the control socket (`enqueue` request), then speaks SMTP on
+the same connection: EHLO, MAIL FROM, one RCPT TO per recipient, DATA. Offline (no daemon), the message is kept
+in `<spool>/offline/` and exit status 75 says so; the daemon replays these files at start (smtpd/mda/offline.py).
+
+Bare names get `@<mailname>`; an argument may hold several comma-separated addresses; `-t` adds the To, Cc
+and Bcc recipients of the header. The message gets `From:` and `Date:` if it has none; leading `From ` and
+`Return-Path:` lines and every `Bcc:` header are removed.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import pwd
+import quopri
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from shared import paths
+
+USAGE = "usage: sendmail [-tv] [-f from] [-F name] to ..."
+EX_USAGE_ERROR = 1
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+LINE_SPLIT = 990
+# Options with an argument, and those whose argument is optional (attached only), as enqueue.c takes them.
+WITH_ARGUMENT = set("ABbeFfLNopRrV")
+OPTIONAL_ARGUMENT = set("EJ")
+FLAGS = set("imqStvx")
+OFFLINE_DIRECTORY = "offline"
+SMTP_TIMEOUT = 300.0
+
+
+class UsageError(Exception):
+    pass
+
+
+class SubmissionError(Exception):
+    """The daemon refused the message (exit 70, dead.letter written)."""
+
+
+class NotRunning(Exception):
+    pass
+
+
+@dataclass
+class Options:
+    sender: str | None = None
+    full_name: str | None = None
+    notify: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    server_mode: bool = False  # -S: replaying an offline file; never write it offline again
+    from_headers: bool = False  # -t
+    verbose: bool = False
+    queue_run: bool = False  # -q
+    recipients: list[str] = field(default_factory=list)
+
+
+def parse_arguments(argv: list[str]) -> Options:
+    options = Options()
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        if argument == "--":
+            index += 1
+            break
+        if not argument.startswith("-") or argument == "-":
+            break
+        position = 1
+        while position < len(argument):
+            letter = argument[position]
+            rest = argument[position + 1:]
+            if letter in WITH_ARGUMENT:
+                if rest:
+                    value = rest
+                else:
+                    index += 1
+                    if index >= len(argv):
+                        raise UsageError(f"option requires an argument -- '{letter}'")
+                    value = argv[index]
+                _apply(options, letter, value)
+                break
+            if letter in OPTIONAL_ARGUMENT:
+                break  # ignored, with or without an attached argument
+            if letter not in FLAGS:
+                raise UsageError(f"invalid option -- '{letter}'")
+            _apply(options, letter, None)
+            position += 1
+        index += 1
+    for argument in argv[index:]:
+        options.recipients.extend(part.strip() for part in argument.split(",") if part.strip())
+    return options
+
+
+def _apply(options: Options, letter: str, value: str | None) -> None:
+    if letter in "fr":
+        options.sender = value
+    elif letter == "F":
+        options.full_name = value
+    elif letter == "N":
+        options.notify = value
+    elif letter == "R":
+        options.ret = value
+    elif letter == "V":
+        options.envid = value
+    elif letter == "S":
+        options.server_mode = True
+    elif letter == "t":
+        options.from_headers = True
+    elif letter == "v":
+        options.verbose = True
+    elif letter == "q":
+        options.queue_run = True
+    # A, B, b, e, L, o, p, i, m, x: accepted and ignored.
+
+
+# -- addresses ----------------------------------------------------------------------------------------------
+
+def qualify(address: str, mailname: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    if address and "@" not in address:
+        address = f"{address}@{mailname}"
+    return address
+
+
+def current_user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+# -- the message --------------------------------------------------------------------------------------------
+
+@dataclass
+class Message:
+    headers: list[str]  # header lines (continuations included), without line ends
+    body: list[str]
+
+    def header_values(self, *names: str) -> list[str]:
+        wanted = {name.lower() for name in names}
+        values: list[str] = []
+        current: str | None = None
+        for line in self.headers + [""]:
+            if line[:1] in (" ", "\t") and current is not None:
+                current += " " + line.strip()
+                continue
+            if current is not None:
+                values.append(current)
+                current = None
+            name, colon, value = line.partition(":")
+            if colon and name.strip().lower() in wanted:
+                current = value.strip()
+        return values
+
+    def has_header(self, name: str) -> bool:
+        prefix = name.lower() + ":"
+        return any(line.lower().startswith(prefix) for line in self.headers)
+
+
+def parse_message(data: bytes) -> Message:
+    text = data.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    headers: list[str] = []
+    index = 0
+    # Leading "From " and Return-Path lines are the envelope of an earlier hop.
+    while index < len(lines) and (lines[index].startswith("From ") or lines[index].lower().startswith("return-path:")):
+        index += 1
+    while index < len(lines):
+        line = lines[index]
+        if line == "":
+            index += 1
+            break
+        if ":" not in line and line[:1] not in (" ", "\t"):
+            break  # not a header: the body starts here (no blank line was given)
+        headers.append(line)
+        index += 1
+    return Message(_drop_header(headers, "bcc"), lines[index:])
+
+
+def _drop_header(headers: list[str], name: str) -> list[str]:
+    kept: list[str] = []
+    dropping = False
+    for line in headers:
+        if line[:1] in (" ", "\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.partition(":")[0].strip().lower() == name
+        if not dropping:
+            kept.append(line)
+    return kept
+
+
+def recipients_from_headers(message: Message) -> list[str]:
+    values = message.header_values("to", "cc", "bcc")
+    return [address for _, address in email.utils.getaddresses(values) if address]
+
+
+def complete_message(message: Message, sender: str, full_name: str | None) -> list[str]:
+    """The lines to send: headers completed with From and Date, the body quoted-printable if a line is too long."""
+    headers = list(message.headers)
+    if not message.has_header("from"):
+        headers.append(f"From: {full_name} <{sender}>" if full_name else f"From: <{sender}>")
+    if not message.has_header("date"):
+        headers.append(f"Date: {email.utils.formatdate(localtime=True)}")
+    body = message.body
+    if any(len(line.encode("utf-8", "surrogateescape")) >= LINE_SPLIT for line in body) \
+            and not message.has_header("mime-version") and not message.has_header("content-transfer-encoding"):
+        headers += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
+                    "Content-Transfer-Encoding: quoted-printable"]
+        raw = "\n".join(body).encode("utf-8", "surrogateescape") + b"\n"
+        body = quopri.encodestring(raw).decode("ascii").split("\n")
+        if body and body[-1] == "":
+            body.pop()
+    return headers + [""] + body
+
+
+# -- talking to the daemon -----------------------------------------------------------------------------------
+
+class _Connection:
+    def __init__(self, connection: socket.socket, verbose: bool) -> None:
+        self.connection = connection
+        self.verbose = verbose
+        self.buffer = b""
+
+    def line(self) -> str:
+        while b"\n" not in self.buffer:
+            chunk = self.connection.recv(65536)
+            if not chunk:
+                raise SubmissionError("connection closed by the server")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode("utf-8", "replace").rstrip("\r")
+
+    def reply(self) -> str:
+        lines = [self.line()]
+        while len(lines[-1]) > 3 and lines[-1][3] == "-":
+            lines.append(self.line())
+        if self.verbose:
+            for line in lines:
+                print(f"<<< {line}", file=sys.stderr)
+        return lines[-1]
+
+    def send(self, line: str) -> None:
+        if self.verbose:
+            print(f">>> {line}", file=sys.stderr)
+        self.connection.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def command(self, line: str) -> str:
+        self.send(line)
+        return self.expect(self.reply())
+
+    @staticmethod
+    def expect(reply: str) -> str:
+        if reply[:1] not in ("2", "3"):
+            raise SubmissionError(reply)
+        return reply
+
+
+def open_enqueue(socket_path: str) -> socket.socket:
+    import json
+
+    from shared.protocol import encode, request
+
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.settimeout(SMTP_TIMEOUT)
+    try:
+        connection.connect(socket_path)
+    except OSError:
+        connection.close()
+        raise NotRunning() from None
+    connection.sendall(encode(request(1, "enqueue")))
+    # Read the JSON reply byte by byte up to its newline: what follows belongs to the SMTP session.
+    answer = bytearray()
+    while not answer.endswith(b"\n"):
+        chunk = connection.recv(1)
+        if not chunk:
+            connection.close()
+            raise NotRunning()
+        answer += chunk
+    reply = json.loads(answer)
+    if not reply.get("ok"):
+        connection.close()
+        message = reply.get("error", {}).get("message", "enqueue refused")
+        if "disallowed" in message:
+            raise SubmissionError("server disallowed submission request")
+        raise SubmissionError(message)
+    return connection
+
+
+def submit(socket_path: str, options: Options, sender: str, recipients: list[str], lines: list[str]) -> None:
+    connection = open_enqueue(socket_path)
+    try:
+        session = _Connection(connection, options.verbose)
+        session.expect(session.reply())
+        session.command("EHLO localhost")
+        mail = f"MAIL FROM:<{sender}>"
+        if options.ret:
+            mail += f" RET={options.ret}"
+        if options.envid:
+            mail += f" ENVID={options.envid}"
+        session.command(mail)
+        for recipient in recipients:
+            session.command(f"RCPT TO:<{recipient}>" + (f" NOTIFY={options.notify}" if options.notify else ""))
+        session.command("DATA")
+        payload = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines) + ".\r\n"
+        if options.verbose:
+            print(">>> [message]", file=sys.stderr)
+        connection.sendall(payload.encode("utf-8", "surrogateescape"))
+        session.expect(session.reply())
+        session.send("QUIT")
+        try:
+            session.reply()
+        except SubmissionError:
+            pass
+    finally:
+        connection.close()
+
+
+# -- offline ------------------------------------------------------------------------------------------------
+
+def write_offline(spool: str, argv: list[str], data: bytes) -> str:
+    """Keep the message in <spool>/offline/ for the daemon to replay at start. Returns the file's path."""
+    directory = os.path.join(spool, OFFLINE_DIRECTORY)
+    for argument in argv:
+        if "|" in argument:
+            raise UsageError(f"{argument} contains illegal character")
+    old_umask = os.umask(0o077)
+    try:
+        for _ in range(100):
+            path = os.path.join(directory, f"{int(time.time())}.{os.urandom(5).hex()}")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise OSError("could not create a unique offline file")
+    finally:
+        os.umask(old_umask)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write("|".join(argv).encode("utf-8", "surrogateescape") + b"\n")
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def write_dead_letter(data: bytes) -> None:
+    home = os.environ.get("HOME") or _home()
+    if not home:
+        return
+    try:
+        with open(os.path.join(home, "dead.letter"), "ab") as handle:
+            handle.write(data if data.endswith(b"\n") else data + b"\n")
+    except OSError:
+        pass
+
+
+def _home() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return ""
+
+
+# -- main ---------------------------------------------------------------------------------------------------
+
+def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
+    try:
+        options = parse_arguments(argv)
+    except UsageError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return EX_USAGE_ERROR
+    if options.queue_run:
+        print(f"{prog}: queue runs are not supported: the daemon schedules deliveries itself", file=sys.stderr)
+        return EX_SOFTWARE
+    locations = paths.Paths.from_environment()
+    try:
+        mailname = paths.read_mailname(locations.mailname)
+    except paths.MailnameError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return EX_SOFTWARE
+    data = sys.stdin.buffer.read()
+    message = parse_message(data)
+    sender = qualify(options.sender if options.sender is not None else current_user(), mailname)
+    recipients = [qualify(address, mailname) for address in options.recipients]
+    if options.from_headers:
+        recipients += [qualify(address, mailname) for address in recipients_from_headers(message)]
+    recipients = list(dict.fromkeys(recipient for recipient in recipients if recipient))
+    if not recipients:
+        print(f"{prog}: no recipients", file=sys.stderr)
+        return EX_SOFTWARE
+    lines = complete_message(message, sender, options.full_name)
+    try:
+        submit(locations.socket, options, sender, recipients, lines)
+    except NotRunning:
+        if options.server_mode:
+            print(f"{prog}: smtpd doesn't seem to be running", file=sys.stderr)
+            return EX_TEMPFAIL
+        return _go_offline(prog, locations.spool, argv, data)
+    except SubmissionError as error:
+        text = str(error)
+        if text == "server disallowed submission request":
+            print(f"{prog}: {text}", file=sys.stderr)
+        else:
+            print(f"{prog}: command failed: {text}", file=sys.stderr)
+        write_dead_letter(data)
+        return EX_SOFTWARE
+    except OSError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        write_dead_letter(data)
+        return EX_SOFTWARE
+    return 0
+
+
+def _go_offline(prog: str, spool: str, argv: list[str], data: bytes) -> int:
+    try:
+        write_offline(spool, argv, data)
+    except UsageError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return EX_USAGE_ERROR
+    except OSError as error:
+        print(f"{prog}: cannot write the offline queue: {error.strerror or error}", file=sys.stderr)
+        write_dead_letter(data)
+        return EX_SOFTWARE
+    return EX_TEMPFAIL

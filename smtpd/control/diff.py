@@ -1,0 +1,62 @@
+"""What a reload changes, in words (`smtpctl reload` prints these, the daemon logs them).
+
+Statements are compared as the configuration dumper writes them, so a change of location alone (a comment
+added above) is not a change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from smtpd.config import dump
+from smtpd.config.model import Config
+
+
+def _texts(items: Iterable[Any], config: Config, render: Callable[[Any, Config], str]) -> list[str]:
+    return [render(item, config) for item in items]
+
+
+def _added_removed(kind: str, old: list[str], new: list[str]) -> list[str]:
+    changes = [f"{kind} removed: {text}" for text in old if text not in new]
+    changes += [f"{kind} added: {text}" for text in new if text not in old]
+    return changes
+
+
+def _named(kind: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
+    changes = [f"{kind} removed: {old[name]}" for name in old if name not in new]
+    changes += [f"{kind} added: {new[name]}" for name in new if name not in old]
+    changes += [f"{kind} changed: {new[name]}" for name in new if name in old and old[name] != new[name]]
+    return changes
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    changes = _added_removed("listener", _texts(old.listeners, old, dump.format_listener),
+                             _texts(new.listeners, new, dump.format_listener))
+    changes += _named("table", _user_tables(old), _user_tables(new))
+    changes += _named("action", {name: dump.format_action(action, old) for name, action in old.actions.items()},
+                      {name: dump.format_action(action, new) for name, action in new.actions.items()})
+    old_rules = _texts(old.rules, old, dump.format_rule)
+    new_rules = _texts(new.rules, new, dump.format_rule)
+    if old_rules != new_rules:
+        changes += _added_removed("rule", old_rules, new_rules) or ["rules reordered"]
+    for label, before, after in (("smtp options", old.smtp, new.smtp), ("queue options", old.queue, new.queue),
+                                 ("srs options", old.srs, new.srs),
+                                 ("bounce warn-interval", old.bounce_warn_intervals, new.bounce_warn_intervals),
+                                 ("mta limits", old.mta_limits, new.mta_limits),
+                                 ("mda limits", old.mda_limits, new.mda_limits),
+                                 ("pki", _without_locations(old.pkis), _without_locations(new.pkis))):
+        if before != after:
+            changes.append(f"{label} changed")
+    return changes
+
+
+def _user_tables(config: Config) -> dict[str, str]:
+    return {name: dump.format_table(decl) for name, decl in config.tables.items()
+            if not decl.builtin and not decl.inline and not dump.is_anonymous(name)}
+
+
+def _without_locations(items: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import replace
+
+    return {name: replace(item, location=None) for name, item in items.items()}

@@ -1,0 +1,181 @@
+"""Replaying the messages sendmail kept in `<spool>/offline/` while the daemon was down (reference §2.6).
+
+Each file holds, on its first line, sendmail's arguments joined with `|`, then the message as sendmail read it.
+At start, once the control socket answers, every file is submitted again by running sendmail's code with `-S`
+(never offline again) as the file's owner — so the daemon sees the same local user submitting as the one who
+ran sendmail. A file that went through is deleted; an empty one too; one that failed stays for the next start
+(and is logged).
+
+As root the submission runs in a forked child that drops to the owner's uid before doing anything (the
+interpreter itself may not be readable by that user, so nothing is exec'd). An unprivileged daemon can only
+replay its own files; other users' files are left alone, with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import pwd
+import stat
+import sys
+
+from smtpd import log
+from smtpd.mda.local import LocalDeliveryError
+from smtpd.mda.privilege import Identity, privileged, run_as
+
+OFFLINE_DIRECTORY = "offline"
+CONCURRENCY = 5
+READY_TIMEOUT = 60.0
+
+_log = log.get("offline")
+
+
+def offline_directory(spool: str) -> str:
+    return os.path.join(spool, OFFLINE_DIRECTORY)
+
+
+def ensure_offline_directory(spool: str) -> str:
+    """Create <spool>/offline. Mode 1733: any local user may drop a file there but not list or remove others'
+    (smtpctl is not setgid, unlike OpenSMTPD's, so the directory cannot rely on a shared group)."""
+    directory = offline_directory(spool)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if privileged():
+            os.chmod(directory, 0o1733)
+    except OSError as error:
+        _log.warning("offline: %s: %s", directory, error.strerror)
+    return directory
+
+
+async def wait_for_socket(socket_path: str, timeout: float = READY_TIMEOUT) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_unix_connection(socket_path)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        return True
+    return False
+
+
+async def replay_offline(spool: str, socket_path: str, mailname_path: str | None = None) -> int:
+    """Submit every offline file again. Returns how many went through."""
+    directory = offline_directory(spool)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return 0
+    # Imported here, before any fork: a forked child must not need the import machinery.
+    importlib.import_module("smtpctl.commands.sendmail")
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(name: str) -> bool:
+        async with gate:
+            return await _replay_file(os.path.join(directory, name), socket_path, mailname_path)
+
+    results = await asyncio.gather(*(one(name) for name in names if not name.startswith(".")))
+    replayed = sum(results)
+    if names:
+        _log.info("offline: %d of %d offline messages submitted", replayed, len(names))
+    return replayed
+
+
+async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        _log.warning("offline: %s: not a regular file, skipped", path)
+        return False
+    if info.st_size == 0:
+        _unlink(path)
+        return False
+    if not privileged() and info.st_uid != os.geteuid():
+        _log.warning("offline: %s belongs to uid %d; an unprivileged daemon cannot submit it", path, info.st_uid)
+        return False
+    if privileged():
+        identity = _owner_identity(info.st_uid, info.st_gid)
+        result = await run_as(identity, _submit_work(path, socket_path, mailname_path), before_drop=_opener(path))
+        status, text = result.status, result.text
+    else:
+        status, text = await _submit_in_subprocess(path, socket_path, mailname_path)
+    if status == 0:
+        _unlink(path)
+        return True
+    _log.warning("offline: %s could not be submitted (%s); kept for the next start", path,
+                 text or f"status {status}")
+    return False
+
+
+async def _submit_in_subprocess(path: str, socket_path: str, mailname_path: str | None) -> tuple[int, str]:
+    """Unprivileged: run sendmail -S as ourselves in a separate interpreter (no shared stdin or environment)."""
+    with open(path, "rb") as handle:
+        arguments = handle.readline().rstrip(b"\n").decode("utf-8", "surrogateescape")
+        data = handle.read()
+    environment = dict(os.environ, SMTPD_SOCKET=socket_path)
+    if mailname_path:
+        environment["SMTPD_MAILNAME"] = mailname_path
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environment["PYTHONPATH"] = root + (os.pathsep + environment["PYTHONPATH"] if "PYTHONPATH" in environment else "")
+    program = "import sys; from smtpctl.commands.sendmail import sendmail_main; sys.exit(sendmail_main(sys.argv[1:]))"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", program, "-S", *(arguments.split("|") if arguments else []),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env=environment)
+    _, errors = await process.communicate(data)
+    lines = errors.decode("utf-8", "replace").strip().splitlines()
+    return process.returncode or 0, lines[-1] if lines else ""
+
+
+def _owner_identity(uid: int, gid: int) -> Identity:
+    try:
+        return Identity.from_passwd(pwd.getpwuid(uid))
+    except KeyError:
+        return Identity(str(uid), uid, gid, "/", (gid,))
+
+
+def _opener(path: str):  # noqa: ANN202 — a closure for run_as
+    def open_file() -> int:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+    return open_file
+
+
+def _submit_work(path: str, socket_path: str, mailname_path: str | None):  # noqa: ANN202
+    def work(fd: object) -> None:
+        assert isinstance(fd, int)
+        import io
+
+        from smtpctl.commands import sendmail
+
+        with os.fdopen(fd, "rb") as handle:
+            arguments = handle.readline().rstrip(b"\n").decode("utf-8", "surrogateescape")
+            data = handle.read()
+        argv = ["-S", *(arguments.split("|") if arguments else [])]
+        os.environ["SMTPD_SOCKET"] = socket_path
+        if mailname_path:
+            os.environ["SMTPD_MAILNAME"] = mailname_path
+        stdin, stderr = sys.stdin, sys.stderr
+        sys.stdin = io.TextIOWrapper(io.BytesIO(data))
+        sys.stderr = io.StringIO()
+        try:
+            status = sendmail.sendmail_main(argv, "sendmail")
+        finally:
+            messages = sys.stderr.getvalue() if isinstance(sys.stderr, io.StringIO) else ""
+            sys.stdin, sys.stderr = stdin, stderr
+        if status != 0:
+            raise LocalDeliveryError(messages.strip().splitlines()[-1] if messages.strip() else f"exit {status}")
+
+    return work
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

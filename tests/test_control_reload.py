@@ -1,0 +1,113 @@
+"""`smtpctl reload` and SIGHUP against the real daemon: a broken config leaves the old one serving; a changed
+listener is swapped while a session on the old one goes on."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import smtplib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers_control import DaemonProcess, free_port, make_workdir
+
+
+def config(port: int, extra: str = "") -> str:
+    return (f"listen on 127.0.0.1 port {port}\n"
+            'action "local" mbox\n'
+            f"{extra}"
+            'match from local for local action "local"\n'
+            'match from any for domain "example.org" action "local"\n')
+
+
+@pytest.fixture
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    port = free_port()
+    running = DaemonProcess(workdir, config(port), real=True).start()
+    running.port = port  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def banner(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        return connection.recv(1024)
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_reload_without_changes(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("reload")
+    assert (result.returncode, result.stdout) == (0, "no changes\nconfiguration reloaded\n")
+
+
+def test_broken_config_keeps_old_one_serving(daemon: DaemonProcess) -> None:
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text(config(port) + "match from any for nowhere action\n")
+    result = daemon.smtpctl("reload")
+    assert result.returncode == 78
+    assert result.stdout == ""
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"{daemon.config_path}:5: "), result.stderr
+    assert "configuration invalid, smtpd keeps running with the previous one" in result.stderr
+    assert banner(port).startswith(b"220 mx.control.test ESMTP PySMTPD")
+    assert daemon.smtpctl("show", "status").returncode == 0
+    assert "reload failed, keeping the running configuration" in daemon.log()
+
+
+def test_sighup_reloads_and_reports_in_the_log(daemon: DaemonProcess) -> None:
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text(config(port, 'action "other" maildir\n'))
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while "configuration reloaded" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 'reload: action added: action "other" maildir' in daemon.log()
+    assert daemon.alive()
+    daemon.config_path.write_text("this is not a config\n")
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while "reload failed" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.alive() and banner(port).startswith(b"220 ")
+
+
+def test_listener_swapped_while_a_session_is_open(daemon: DaemonProcess) -> None:
+    old_port = daemon.port  # type: ignore[attr-defined]
+    new_port = free_port()
+    session = smtplib.SMTP("127.0.0.1", old_port, timeout=10)
+    try:
+        assert session.ehlo()[0] == 250
+        daemon.config_path.write_text(config(new_port))
+        result = daemon.smtpctl("reload")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert f'listener removed: listen on "127.0.0.1" port {old_port}' in lines
+        assert f'listener added: listen on "127.0.0.1" port {new_port}' in lines
+        assert lines[-1] == "configuration reloaded"
+        # The session that began on the old listener goes on.
+        assert session.mail("alice@example.org")[0] == 250
+        assert session.noop()[0] == 250
+        assert session.rset()[0] == 250
+    finally:
+        session.quit()
+    assert refused(old_port)
+    assert banner(new_port).startswith(b"220 mx.control.test ESMTP PySMTPD")
+
+
+def test_reload_json(daemon: DaemonProcess) -> None:
+    import json
+
+    result = daemon.smtpctl("reload", "--json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"ok": True, "errors": [], "warnings": [], "changes": []}

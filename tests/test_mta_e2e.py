@@ -1,0 +1,176 @@
+"""End to end: mail submitted to our daemon is delivered locally or relayed to a second instance of our daemon
+(the smarthost), with the "@foo.bar" sender rewrite, in the modern and in the legacy spelling (the seed guide's
+hybrid setup). Real processes, real sockets, real smtplib and smtpctl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+from helpers_control import DaemonProcess, make_workdir
+from helpers_mta import DnsServer, free_port, maildir_messages, make_certificate, wait_until
+
+MESSAGE = "From: bob@local.test\r\nTo: alice@remote.test\r\nSubject: hybrid setup\r\n\r\nrelay me\r\n"
+
+
+@pytest.fixture()
+def workdir() -> Iterator[Path]:
+    path = make_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def maildir(parent: Path, name: str) -> Path:
+    path = parent / name
+    path.mkdir()
+    shutil.chown(path, "nobody")
+    return path
+
+
+def smarthost_config(workdir: Path, plain_port: int, tls_port: int) -> str:
+    cert = make_certificate(str(workdir), "smarthost.test")
+    hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt()).decode()
+    (workdir / "creds").write_text(f"relayuser {hashed}\n")
+    box = maildir(workdir, "Maildir")
+    return (f'pki smarthost.test cert "{cert.cert}"\n'
+            f'pki smarthost.test key "{cert.key}"\n'
+            f'table creds file:{workdir}/creds\n'
+            'table users { "@" = "nobody" }\n'
+            f"listen on 127.0.0.1 port {plain_port}\n"
+            f"listen on 127.0.0.1 port {tls_port} tls pki smarthost.test auth <creds>\n"
+            f'action "deliver" maildir "{box}" virtual <users>\n'
+            'match from any for domain "remote.test" action "deliver"\n'
+            'match from any auth for domain "remote.test" action "deliver"\n')
+
+
+def start(workdir: Path, name: str, config_text: str, mailname: str, env: dict[str, str] | None = None,
+          ) -> DaemonProcess:
+    home = workdir / name
+    home.mkdir()
+    home.chmod(0o755)
+    daemon = DaemonProcess(home, config_text, env=env, real=True)
+    daemon.mailname.write_text(f"{mailname}\n")
+    return daemon.start()
+
+
+def submit(port: int, recipients: list[str], sender: str = "bob@local.test") -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail(sender, recipients, MESSAGE)
+
+
+MODERN = """\
+ca smarthost.test cert "{ca}"
+table users {{ "@" = "nobody" }}
+table secrets {{ lbl = "relayuser:s3cret-pass" }}
+listen on 127.0.0.1 port {port}
+action "local" maildir "{box}" virtual <users>
+action "relay" relay host "smtp+tls://lbl@smarthost.test:{tls_port}" auth <secrets> mail-from "@foo.bar" \\
+    ca smarthost.test
+match from any for domain "local.test" action "local"
+match from local for any action "relay"
+"""
+
+LEGACY = """\
+table users {{ "@" = "nobody" }}
+listen on 127.0.0.1 port {port}
+accept from any for domain "local.test" virtual <users> deliver to maildir "{box}"
+accept for any relay via "smtp://smarthost.test:{plain_port}" as "@foo.bar"
+"""
+
+
+@pytest.mark.parametrize("spelling", ["modern", "legacy"])
+def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelling: str) -> None:
+    plain_port, tls_port, port = free_port(), free_port(), free_port()
+    with DnsServer({"smarthost.test": [("A", "127.0.0.1")]}) as dns:
+        smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test")
+        try:
+            box = maildir(workdir, "LocalMaildir")
+            template = MODERN if spelling == "modern" else LEGACY
+            text = template.format(ca=workdir / "smarthost.test.crt", port=port, box=box, tls_port=tls_port,
+                                   plain_port=plain_port)
+            ours = start(workdir, "ours", text, "mail.local.test", env={"SMTPD_RESOLVER": dns.setting})
+            try:
+                submit(port, ["carol@local.test", "alice@remote.test"])
+                remote_box = str(workdir / "Maildir")
+                assert wait_until(lambda: len(maildir_messages(remote_box)) == 1, 30), ours.log()
+                assert wait_until(lambda: len(maildir_messages(str(box))) == 1, 30), ours.log()
+                assert wait_until(lambda: ours.smtpctl("show", "queue").stdout == "", 30)
+                routes = ours.smtpctl("show", "routes").stdout
+                hoststats = ours.smtpctl("show", "hoststats").stdout
+                hosts = ours.smtpctl("show", "hosts").stdout
+                relays = ours.smtpctl("show", "relays").stdout
+            finally:
+                ours.stop()
+        finally:
+            smarthost.stop()
+    relayed = maildir_messages(str(workdir / "Maildir"))[0]
+    assert relayed["Return-Path"] == "<bob@foo.bar>"
+    assert relayed["Subject"] == "hybrid setup"
+    local = maildir_messages(str(box))[0]
+    assert local["Return-Path"] == "<bob@local.test>"
+    assert "127.0.0.1 (smarthost.test) " in routes
+    assert hoststats.startswith("smarthost.test|")
+    assert hosts.startswith("127.0.0.1 smarthost.test refcount=")
+    port_text = f"port={tls_port if spelling == 'modern' else plain_port}"
+    assert relays.startswith(f"[relay:smarthost.test,{port_text}")
+    if spelling == "modern":
+        assert ",starttls,auth=secrets:lbl," in relays
+    if spelling == "modern":
+        assert "smtp authentication user=relayuser result=ok" in smarthost.log()
+
+
+def test_remote_refusal_bounces_with_the_remote_reply(workdir: Path) -> None:
+    plain_port, tls_port, port = free_port(), free_port(), free_port()
+    with DnsServer({"smarthost.test": [("A", "127.0.0.1")]}) as dns:
+        smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test")
+        try:
+            box = maildir(workdir, "LocalMaildir")
+            text = LEGACY.format(port=port, box=box, plain_port=plain_port)
+            ours = start(workdir, "ours", text, "mail.local.test", env={"SMTPD_RESOLVER": dns.setting})
+            try:
+                submit(port, ["nobody@unrouted.test"])
+                assert wait_until(lambda: len(maildir_messages(str(box))) == 1, 30), ours.log()
+                assert wait_until(lambda: ours.smtpctl("show", "queue").stdout == "", 30)
+            finally:
+                ours.stop()
+        finally:
+            smarthost.stop()
+    bounce = maildir_messages(str(box))[0]
+    assert bounce["Subject"] == "Delivery status notification: failed"
+    text = bounce.as_string()
+    assert "550 Invalid recipient: <nobody@unrouted.test>" in text, text  # the smarthost's own reply
+    assert "Status: 5." in text
+    assert os.path.exists(box)
+
+
+def test_smtpctl_shows_a_disabled_route_and_resumes_it(workdir: Path) -> None:
+    dead_port, port = free_port(), free_port()
+    box = maildir(workdir, "LocalMaildir")
+    text = LEGACY.format(port=port, box=box, plain_port=dead_port).replace("smarthost.test", "127.0.0.1")
+    ours = start(workdir, "ours", text, "mail.local.test", env={"SMTPD_RESOLVER": "127.0.0.1:9"})
+    try:
+        submit(port, ["alice@remote.test"])
+
+        def errors() -> int:
+            line = ours.smtpctl("show", "routes").stdout
+            return 4 if "-DQ-" in line else int(line.split("nerror=")[1].split()[0]) if "nerror=" in line else 0
+
+        for attempt in range(4):  # the scheduler waits 400 s between tries: `schedule all` hurries it
+            assert wait_until(lambda attempt=attempt: errors() > attempt, 30), ours.log()
+            if attempt < 3:
+                ours.smtpctl("schedule", "all")
+        routes = ours.smtpctl("show", "routes").stdout
+        queue = ours.smtpctl("show", "queue").stdout
+        resumed = ours.smtpctl("resume", "route", "1")
+        after = ours.smtpctl("show", "routes").stdout
+    finally:
+        ours.stop()
+    assert routes.startswith("1. [] <-> 127.0.0.1 -DQ- nconn=0 nerror=0 penalty=1 timeout=")
+    assert "|alice@remote.test|" in queue and queue.rstrip().endswith("|Connection failed: Connection refused")
+    assert resumed.stdout.strip() == "command succeeded"
+    assert " ---- " in after and "penalty=0 timeout=-" in after

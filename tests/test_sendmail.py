@@ -1,0 +1,156 @@
+"""The sendmail personality against the real daemon: `echo hi | sendmail root` ends in root's mailbox."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers_control import DaemonProcess, make_workdir
+from helpers_delivery import make_mail_root, system_user
+
+from smtpctl.commands.sendmail import complete_message, parse_arguments, parse_message, qualify
+
+ROOT = Path(__file__).resolve().parent.parent
+SENDMAIL = str(ROOT / ".venv" / "bin" / "sendmail")
+CONFIG = (
+    'table aliases { postmaster = "root", staff = "root, {user}" }\n'
+    'action "local" mbox alias <aliases>\n'
+    'match from local for local action "local"\n'
+)
+
+
+def run_sendmail(daemon_env: dict[str, str], args: list[str], text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SENDMAIL, *args], input=text, capture_output=True, text=True, timeout=60,
+                          env=daemon_env, cwd="/")
+
+
+def wait_for_mail(path: str, count: int = 1, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            content = open(path).read()
+        except FileNotFoundError:
+            content = ""
+        if content.count("\nDelivered-To: ") + content.startswith("Delivered-To: ") >= count:
+            return content
+        time.sleep(0.1)
+    raise AssertionError(f"no mail in {path} after {timeout}s: {content!r}")
+
+
+@pytest.fixture()
+def world():
+    workdir = make_workdir()
+    homes = workdir / "homes"
+    homes.mkdir(mode=0o755)
+    mail_root = make_mail_root(str(workdir))
+    try:
+        with system_user(str(homes), "psm") as user:
+            yield workdir, mail_root, user
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_daemon(workdir: Path, mail_root: str, user) -> DaemonProcess:
+    return DaemonProcess(workdir, CONFIG.replace("{user}", user.pw_name),
+                         env={"SMTPD_MAILDIR_ROOT": mail_root}, real=True).start()
+
+
+def test_echo_hi_sendmail_root_reaches_roots_mailbox(world) -> None:
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        result = run_sendmail(daemon.env, ["root"], "hi\n")
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith("From root@mx.control.test ")
+        assert "\nDelivered-To: root@mx.control.test\n" in content
+        assert "\nFrom: <root@mx.control.test>\n" in content and "\nDate: " in content
+        assert content.endswith("\nhi\n\n")
+    finally:
+        daemon.stop()
+
+
+def test_sendmail_t_aliases_and_headers(world) -> None:
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        message = ("From somewhere Mon Jan  1 00:00:00 2024\nReturn-Path: <old@x>\nTo: staff\n"
+                   "Bcc: secret@mx.control.test,\n  other@mx.control.test\nSubject: cron output\n\n"
+                   ".leading dot\nbody\n")
+        result = run_sendmail(daemon.env, ["-t", "-F", "Cron Daemon", "-f", "cron"], message)
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        for mailbox in ("root", user.pw_name):
+            content = wait_for_mail(os.path.join(mail_root, mailbox))
+            assert "Subject: cron output" in content
+            assert "From: Cron Daemon <cron@mx.control.test>" in content
+            assert "Bcc" not in content and "secret@" not in content and "old@x" not in content
+            assert "\n.leading dot\nbody\n" in content
+        assert os.stat(os.path.join(mail_root, user.pw_name)).st_uid == user.pw_uid
+    finally:
+        daemon.stop()
+
+
+def test_refused_recipient_fails_with_dead_letter(world) -> None:
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    home = workdir / "deadhome"
+    home.mkdir()
+    try:
+        result = run_sendmail({**daemon.env, "HOME": str(home)}, ["nosuchuser-zz"], "lost\n")
+        assert result.returncode == 70
+        assert result.stderr.startswith("sendmail: command failed: 550 ")
+        assert "lost" in (home / "dead.letter").read_text()
+    finally:
+        daemon.stop()
+
+
+def test_offline_queue_is_replayed_at_start(world) -> None:
+    workdir, mail_root, user = world
+    daemon = DaemonProcess(workdir, CONFIG.replace("{user}", user.pw_name), env={"SMTPD_MAILDIR_ROOT": mail_root},
+                           real=True)
+    offline = workdir / "spool" / "offline"
+    offline.mkdir(parents=True)
+    result = run_sendmail(daemon.env, ["-f", "batch", user.pw_name], "Subject: while down\n\nqueued offline\n")
+    assert result.returncode == 75, result.stderr
+    [kept] = list(offline.iterdir())
+    assert kept.read_text().startswith(f"-f|batch|{user.pw_name}\nSubject: while down\n")
+    assert os.stat(kept).st_mode & 0o777 == 0o600
+    bad = run_sendmail(daemon.env, ["a|b"], "x\n")
+    assert (bad.returncode, bad.stderr.strip()) == (1, "sendmail: a|b contains illegal character")
+    daemon.start()
+    try:
+        content = wait_for_mail(os.path.join(mail_root, user.pw_name))
+        assert "queued offline" in content and "From: <batch@mx.control.test>" in content
+        deadline = time.monotonic() + 10
+        while list(offline.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(offline.iterdir()) == []
+    finally:
+        daemon.stop()
+
+
+# -- pieces ------------------------------------------------------------------------------------------------
+
+def test_options_and_usage() -> None:
+    options = parse_arguments(["-oi", "-fbob", "-F", "Bob B", "-N", "SUCCESS", "-t", "-v", "a,b", "c@d.e"])
+    assert (options.sender, options.full_name, options.notify) == ("bob", "Bob B", "SUCCESS")
+    assert options.from_headers and options.verbose
+    assert options.recipients == ["a", "b", "c@d.e"]
+    assert qualify("root", "mx.test") == "root@mx.test" and qualify("<a@b>", "mx") == "a@b"
+    result = subprocess.run([SENDMAIL, "-Z", "root"], input="", capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
+        "usage: sendmail [-tv] [-f from] [-F name] to ...")
+    result = subprocess.run([SENDMAIL], input="x\n", capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (70, "sendmail: no recipients\n")
+
+
+def test_long_lines_become_quoted_printable() -> None:
+    message = parse_message(b"Subject: long\n\n" + b"x" * 2000 + b"\nshort\n")
+    lines = complete_message(message, "a@b.c", None)
+    assert "Content-Transfer-Encoding: quoted-printable" in lines
+    assert all(len(line) < 990 for line in lines)
+    assert "short" in lines

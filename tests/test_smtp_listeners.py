@@ -1,0 +1,141 @@
+"""Listener life: starting paused, reload, address families, hostnames, counters, and delivery of hostile senders."""
+
+from __future__ import annotations
+
+import grp
+import os
+import select
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers_smtp import ROOT, LineClient, SmtpDaemon
+
+LOCAL_RULES = 'action "local" mbox\nmatch from any for domain "example.org" action "local"\n'
+
+
+def smtpctl(daemon: SmtpDaemon, *words: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smtpctl", *words], env=daemon.env, capture_output=True,
+                          text=True, cwd=str(ROOT), timeout=60)
+
+
+def banner_within(sock: socket.socket, seconds: float) -> bytes:
+    readable, _, _ = select.select([sock], [], [], seconds)
+    return sock.recv(1024) if readable else b""
+
+
+def test_started_paused_keeps_the_socket_listening(tmp_path: Path) -> None:
+    """`smtpd -P smtp`: the port accepts connections (backlog) but no session starts until resume."""
+    with SmtpDaemon(tmp_path, "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES, paused=("mda", "smtp")) as daemon:
+        waiting = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+        try:
+            assert banner_within(waiting, 1.0) == b""
+            assert "SMTP paused" in smtpctl(daemon, "show", "status").stdout
+            assert smtpctl(daemon, "resume", "smtp").returncode == 0
+            waiting.settimeout(30)
+            assert waiting.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
+        finally:
+            waiting.close()
+
+
+def test_reload_adds_and_removes_listeners(tmp_path: Path) -> None:
+    config = "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES
+    with SmtpDaemon(tmp_path, config + "# {port2}\n") as daemon:
+        second = daemon.port2
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", second), timeout=5).close()
+        daemon.config_path.write_text(f"listen on 127.0.0.1 port {second} hostname second.example\n" + LOCAL_RULES)
+        result = smtpctl(daemon, "reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+        client = LineClient(second)
+        try:
+            assert client.reply() == ["220 second.example ESMTP PySMTPD"]
+        finally:
+            client.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=5).close()
+
+
+def test_inet6_family_and_hostnames_table(tmp_path: Path) -> None:
+    config = ('table names { 127.0.0.1 = "four.example" }\n'
+              "listen on lo inet6 port {port}\n"
+              "listen on 127.0.0.1 port {port2} hostnames <names>\n" + LOCAL_RULES)
+    daemon = SmtpDaemon(tmp_path, config)
+    daemon.start(wait_port=daemon.port2)  # the first listener is on ::1 only
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=5).close()
+        with smtplib.SMTP("::1", daemon.port) as client:
+            assert client.ehlo("six.test")[1].split(b"\n")[0] == \
+                b"mx.test.example Hello six.test [::1], pleased to meet you"
+        client = LineClient(daemon.port2)
+        try:
+            assert client.reply() == ["220 four.example ESMTP PySMTPD"]
+        finally:
+            client.close()
+    finally:
+        daemon.stop()
+
+
+def test_session_counters(tmp_path: Path) -> None:
+    with SmtpDaemon(tmp_path, "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+            client.noop()
+            live = smtpctl(daemon, "show", "stats").stdout
+        deadline = time.monotonic() + 10
+        while "smtp.session=0" not in (after := smtpctl(daemon, "show", "stats").stdout):
+            assert time.monotonic() < deadline, after
+    assert "smtp.session=1" in live
+    assert "smtp.session.inet4=" in after
+
+
+def test_shell_characters_in_the_sender_never_reach_a_shell(tmp_path: Path) -> None:
+    """CVE-2020-7247's point: a legal but hostile local part is delivered as data, nothing is executed."""
+    marker = tmp_path / "pwned"
+    mail_root = tmp_path / "mail"
+    mail_root.mkdir()
+    os.chown(mail_root, 0, grp.getgrnam("mail").gr_gid)
+    mail_root.chmod(0o2775)
+    config = "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES
+    sender = f"`touch${{IFS}}{marker}`|$(touch${{IFS}}{marker})x@sender.test".replace("(", "{").replace(")", "}")
+    with SmtpDaemon(tmp_path, config, paused=(), env={"SMTPD_MAILDIR_ROOT": str(mail_root)}) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+            client.ehlo("evil.test")
+            code, _ = client.mail(sender)
+            assert code == 250
+            assert client.rcpt("root@example.org")[0] == 250
+            assert client.data(b"Subject: hostile sender\r\n\r\nhello\r\n")[0] == 250
+        mbox = mail_root / "root"
+        deadline = time.monotonic() + 30
+        while not (mbox.exists() and b"hostile sender" in mbox.read_bytes()):
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            time.sleep(0.1)
+    assert sender.encode() in mbox.read_bytes()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("ptr", ["mail.client.test", None])
+def test_reverse_name_from_the_resolver_feeds_received_and_from_rdns(tmp_path: Path, ptr: str | None) -> None:
+    from helpers_mta import DnsServer
+
+    records = {"1.0.0.127.in-addr.arpa": [("PTR", f"{ptr}.")]} if ptr else {}
+    config = ("listen on 127.0.0.1 port {port}\n" + LOCAL_RULES + 'action "relay" relay\n'
+              'match from rdns "*.client.test" for any action "relay"\n')
+    with DnsServer(records) as dns, SmtpDaemon(tmp_path, config, env={"SMTPD_RESOLVER": dns.setting}) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+            client.ehlo("helo.test")
+            client.mail("a@b.test")
+            relayed = client.rcpt("x@foreign.test")[0]
+            assert client.rcpt("root@example.org")[0] == 250
+            code, text = client.data(b"Subject: rdns\r\n\r\nx\r\n")
+        assert ("1.0.0.127.in-addr.arpa", "PTR") in dns.queries
+    msgid = text.split()[1].decode()
+    first_line = daemon.message(msgid).decode().split("\n")[0]
+    if ptr:
+        assert relayed == 250 and first_line == "Received: from helo.test (mail.client.test [127.0.0.1])"
+    else:
+        assert relayed == 550 and first_line == "Received: from helo.test (<unknown> [127.0.0.1])"

@@ -1,0 +1,452 @@
+"""The SMTP server end to end: real daemon, real clients (smtplib, swaks, openssl s_client), real spool files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import select
+import smtplib
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_smtp import MAILNAME, ROOT, LineClient, SmtpDaemon, make_certificate
+
+PASSWORD = "s3cret pass"
+
+CONFIG = """
+pki mx.test.example cert "{dir}/mx.test.example.crt"
+pki mx.test.example key "{dir}/mx.test.example.key"
+pki other.test cert "{dir}/other.test.crt"
+pki other.test key "{dir}/other.test.key"
+ca clientca cert "{dir}/client.test.crt"
+table creds { alice = "HASH" }
+table sendermap { alice = "alice@example.org" }
+listen on 127.0.0.1 port {port} tls pki mx.test.example
+listen on ::1 port {port}
+listen on 127.0.0.1 port {port2} tls-require pki mx.test.example auth <creds> received-auth senders <sendermap> masquerade tag SUBMIT
+listen on 127.0.0.1 port {port3} smtps pki mx.test.example
+listen on 127.0.0.1 port {port4} tls-require verify pki mx.test.example ca clientca
+listen on 127.0.0.1 port {port5} proxy-v2
+listen on 127.0.0.1 port {port6} mask-src
+listen on 127.0.0.1 port {port7} tls pki mx.test.example auth-optional
+action "local" mbox
+action "relay" relay
+match from any for domain "example.org" action "local"
+match from any for local action "local"
+match auth from any for any action "relay"
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    from shared.passwords import hash_password
+
+    folder = tmp_path_factory.mktemp("session")
+    for name in ("mx.test.example", "other.test", "client.test"):
+        make_certificate(folder, name)
+    server = SmtpDaemon(folder, CONFIG.replace("HASH", hash_password(PASSWORD, "sha512")), traces=("smtp", "rules"))
+    server.start()
+    for port in server.ports.values():
+        server.wait_listening(port)
+    yield server
+    server.stop()
+
+
+def accepted_msgid(reply: tuple[int, bytes]) -> str:
+    code, text = reply
+    assert code == 250, reply
+    match = re.match(rb"2\.0\.0 ([0-9a-f]{8}) Message accepted for delivery", text)
+    assert match, reply
+    return match.group(1).decode()
+
+
+def send_data(client: smtplib.SMTP, body: bytes) -> str:
+    """DATA through smtplib, returning the msgid of the 250 reply."""
+    return accepted_msgid(client.data(body))
+
+
+def insecure_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# -- the stored message ------------------------------------------------------------------------------------------
+def test_stored_message_has_received_header_and_lf_endings(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+        client.ehlo("client.test")
+        client.mail("alice@sender.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"Subject: hello\r\nTo: root, Bob <bob>\r\nBcc: secret@example.org\r\n\r\n"
+                                  b"line one\r\n.starts with a dot\r\n")  # smtplib stuffs it
+    stored = daemon.message(msgid).decode()
+    received, rest = stored.split("\n\t", 1)[0], stored
+    assert received == "Received: from client.test (localhost [127.0.0.1])"
+    assert rest.startswith("Received: from client.test (localhost [127.0.0.1])\n\tby mx.test.example (PySMTPD) "
+                           f"with ESMTP id {msgid}\n\tfor <root@example.org>;\n\t")
+    assert "\r" not in stored
+    assert "Bcc:" not in stored and "secret@example.org" not in stored
+    assert "To: root@mx.test.example, Bob <bob@mx.test.example>\n" in stored
+    assert re.search(r"^Date: \w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4} \(.+\)$", stored, re.M)
+    assert re.search(rf"^Message-ID: <[0-9a-f]{{16}}@{MAILNAME}>$", stored, re.M)
+    assert stored.endswith("\nline one\n.starts with a dot\n")
+
+
+def test_dsn_parameters_kept_per_recipient(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+        client.ehlo("client.test")
+        client.mail("alice@sender.test", ["RET=HDRS", "ENVID=env42"])
+        client.rcpt("root@example.org", ["NOTIFY=SUCCESS,DELAY", "ORCPT=rfc822;boss@example.org"])
+        assert client.rcpt("daemon@example.org", ["NOTIFY=NEVER"])[0] == 250
+        msgid = send_data(client, b"Subject: dsn\r\n\r\nbody\r\n")
+    envelopes = "\n----\n".join(daemon.envelopes(msgid))
+    assert "dsn-ret: HDRS" in envelopes and "dsn-envid: env42" in envelopes
+    assert "dsn-orcpt: boss@example.org" in envelopes
+    assert "dsn-notify: 5" in envelopes  # SUCCESS | DELAY
+    assert "dsn-notify: 8" in envelopes  # NEVER
+    assert "sockaddr: 127.0.0.1" in envelopes and "helo: client.test" in envelopes
+
+
+def test_ipv6_client_is_printed_in_one_pair_of_brackets(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP("::1", daemon.port) as client:
+        code, text = client.ehlo("six.test")
+        assert text.split(b"\n")[0] == b"mx.test.example Hello six.test [::1], pleased to meet you"
+        client.mail("alice@sender.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"Subject: v6\r\n\r\nbody\r\n")
+    assert daemon.message(msgid).decode().startswith("Received: from six.test (localhost [::1])\n") or \
+        re.match(r"Received: from six\.test \(\S+ \[::1\]\)\n", daemon.message(msgid).decode())
+
+
+def test_swaks_sends_a_message(daemon: SmtpDaemon) -> None:
+    result = subprocess.run(["swaks", "--server", f"127.0.0.1:{daemon.port}", "--from", "alice@sender.test",
+                             "--to", "root@example.org", "--helo", "swaks.test", "--body", "from swaks"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    msgid = re.search(r"<.\s+250 2\.0\.0 ([0-9a-f]{8}) Message accepted for delivery", result.stdout).group(1)
+    assert "from swaks" in daemon.message(msgid).decode()
+
+
+def test_large_message_is_stored_whole(daemon: SmtpDaemon) -> None:
+    line = b"0123456789" * 7 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * 60_000  # about 4.3 MB
+    with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+        client.ehlo("client.test")
+        client.mail("alice@sender.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, body)
+    stored = daemon.message(msgid)
+    assert stored.endswith(b"\n\n" + line.replace(b"\r\n", b"\n") * 60_000)
+
+
+def test_bdat_chunks_split_inside_crlf(daemon: SmtpDaemon) -> None:
+    client = LineClient(daemon.port)
+    try:
+        assert client.reply()[0].startswith("220 ")
+        client.send(b"EHLO c.test\r\n")
+        assert "250-CHUNKING" in client.reply()
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<root@example.org>\r\n")
+        assert client.reply() == ["250 2.0.0 Ok"]
+        assert client.reply()[0].startswith("250 2.1.5")
+        client.send(b"BDAT 15\r\nSubject: split\r")
+        assert client.reply() == ["250 2.0.0 15 octets received"]
+        client.send(b"BDAT 14 LAST\r\n\n\r\nno end CRLF")
+        msgid = re.match(r"250 2\.0\.0 ([0-9a-f]{8}) ", client.reply()[0]).group(1)
+    finally:
+        client.close()
+    stored = daemon.message(msgid).decode()
+    assert "\nSubject: split\n" in stored and stored.endswith("\n\nno end CRLF\n")
+
+
+# -- TLS ------------------------------------------------------------------------------------------------------------
+def test_openssl_starttls_submission_auth_plain(daemon: SmtpDaemon) -> None:
+    """The seed guide's manual check: s_client -starttls smtp to the submission port, EHLO, AUTH PLAIN."""
+    token = base64.b64encode(b"alice\0alice\0" + PASSWORD.encode()).decode()
+    result = subprocess.run(
+        ["openssl", "s_client", "-starttls", "smtp", "-crlf", "-quiet", "-connect", f"127.0.0.1:{daemon.port2}"],
+        input=f"EHLO client.test\nAUTH PLAIN {token}\nQUIT\n", capture_output=True, text=True, timeout=60)
+    assert "250-AUTH PLAIN LOGIN" in result.stdout, result.stdout + result.stderr
+    assert "235 2.0.0 Authentication succeeded" in result.stdout, result.stdout + result.stderr
+    # the dialog is traced, the secret is not
+    log = daemon.log()
+    assert token not in log and "<<< AUTH PLAIN ********" in log
+    assert "smtp authentication user=alice result=ok" in log
+
+
+def test_submission_with_smtplib_received_auth_and_masquerade(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port2) as client:
+        client.ehlo("laptop.test")
+        assert not client.has_extn("auth")  # AUTH is offered only under TLS
+        client.starttls(context=insecure_context())
+        client.ehlo("laptop.test")
+        assert client.has_extn("auth")
+        client.login("alice", PASSWORD)
+        client.mail("alice@example.org")
+        client.rcpt("friend@foreign.test")
+        msgid = send_data(client, b"From: Alice <someone-else@elsewhere.test>\r\nSubject: s\r\n\r\nhi\r\n")
+    stored = daemon.message(msgid).decode()
+    assert "rules: rule #3 matched: match from any for any auth action relay" in daemon.log()
+    head = stored.split("\n\t")
+    assert head[0] == "Received: from laptop.test (localhost [127.0.0.1])"
+    assert re.match(rf"by mx\.test\.example \(PySMTPD\) with ESMTPSA id {msgid} "
+                    r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:NO auth=yes user=alice\)$", head[1]), head[1]
+    assert "From: Alice <alice@example.org>\n" in stored
+    envelope = daemon.envelopes(msgid)[0]
+    assert "tag: SUBMIT" in envelope and "username: alice" in envelope
+
+
+def test_smtps_banner_after_handshake(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", daemon.ports["port3"], context=insecure_context()) as client:
+        code, text = client.ehlo("tls.test")
+        assert code == 250 and b"STARTTLS" not in text
+        client.mail("a@b.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"Subject: smtps\r\n\r\nx\r\n")
+    assert f"with ESMTPS id {msgid} (TLSv1." in daemon.message(msgid).decode()
+
+
+def test_sni_picks_the_pki(daemon: SmtpDaemon) -> None:
+    for name in ("other.test", "mx.test.example"):
+        context = ssl.create_default_context(cafile=str(daemon.dir / f"{name}.crt"))
+        with socket.create_connection(("127.0.0.1", daemon.ports["port3"]), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname=name) as secure:
+            assert secure.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
+
+
+def test_verify_requires_a_client_certificate(daemon: SmtpDaemon) -> None:
+    port = daemon.ports["port4"]
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("c.test")
+        with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
+            client.starttls(context=insecure_context())
+            client.ehlo("c.test")
+            client.noop()
+    context = insecure_context()
+    context.load_cert_chain(str(daemon.dir / "client.test.crt"), str(daemon.dir / "client.test.key"))
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("c.test")
+        client.starttls(context=context)
+        client.ehlo("c.test")
+        client.mail("a@b.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"Subject: verified\r\n\r\nx\r\n")
+    assert re.search(r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:YES\)", daemon.message(msgid).decode())
+
+
+# -- listener options ---------------------------------------------------------------------------------------------------
+def proxy_v2_header(source: str, destination: str, source_port: int, destination_port: int) -> bytes:
+    addresses = socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!HH", source_port,
+                                                                                      destination_port)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
+
+
+def test_proxy_v2_gives_the_real_client_address(daemon: SmtpDaemon) -> None:
+    client = LineClient(daemon.ports["port5"])
+    try:
+        client.send(proxy_v2_header("203.0.113.7", "127.0.0.1", 40000, 25))
+        assert client.reply()[0] == "220 mx.test.example ESMTP PySMTPD"
+        client.send(b"HELO proxied.test\r\n")
+        assert client.reply() == ["250 mx.test.example Hello proxied.test [203.0.113.7], pleased to meet you"]
+        # 203.0.113.7 is not local: it may not relay (`match from local` is absent anyway) but may deliver here
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@foreign.test>\r\n")
+        assert client.reply() == ["250 2.0.0 Ok"]
+        assert client.reply() == ["550 Invalid recipient: <x@foreign.test>"]
+    finally:
+        client.close()
+
+
+def test_proxy_v2_listener_drops_a_client_without_header(daemon: SmtpDaemon) -> None:
+    client = LineClient(daemon.ports["port5"])
+    try:
+        client.send(b"EHLO not-a-proxy.test\r\n")
+        assert client.closed()
+    finally:
+        client.close()
+
+
+def test_mask_src_hides_the_client(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.ports["port6"]) as client:
+        client.ehlo("hidden.test")
+        client.mail("a@b.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"Subject: masked\r\n\r\nx\r\n")
+    stored = daemon.message(msgid).decode()
+    assert stored.startswith(f"Received: by mx.test.example (PySMTPD) with ESMTP id {msgid}\n\tfor <root@example.org>;")
+    assert "hidden.test" not in stored.split("\n\n")[0]
+
+
+def test_pause_keeps_the_socket_bound_and_resume_serves_the_waiting_client(daemon: SmtpDaemon) -> None:
+    smtpctl = [sys.executable, "-m", "smtpctl"]
+    env = dict(daemon.env)
+    paused = subprocess.run([*smtpctl, "pause", "smtp"], env=env, capture_output=True, text=True, cwd=str(ROOT))
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    try:
+        waiting = socket.create_connection(("127.0.0.1", daemon.port6 if hasattr(daemon, "port6")
+                                            else daemon.ports["port6"]), timeout=30)
+        readable, _, _ = select.select([waiting], [], [], 1.0)
+        assert not readable  # connected in the backlog, no banner while paused
+    finally:
+        resumed = subprocess.run([*smtpctl, "resume", "smtp"], env=env, capture_output=True, text=True,
+                                 cwd=str(ROOT))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    waiting.settimeout(30)
+    assert waiting.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
+    waiting.close()
+
+
+def test_local_enqueue_through_the_control_socket(daemon: SmtpDaemon) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(daemon.socket_path))
+    stream = sock.makefile("rwb", buffering=0)
+    try:
+        stream.write(json.dumps({"v": 1, "id": 1, "cmd": "enqueue", "args": {}}).encode() + b"\n")
+        received = b""
+        while b"\n" not in received:
+            received += sock.recv(4096)
+        answer, rest = received.split(b"\n", 1)
+        assert json.loads(answer)["ok"] is True
+        client = LineClient.__new__(LineClient)
+        client.sock, client.pending = sock, rest
+        assert client.reply() == ["220 mx.test.example ESMTP PySMTPD"]
+        client.send(b"EHLO localhost\r\nMAIL FROM:<root@mx.test.example>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+        assert client.reply()[0] == "250-mx.test.example Hello localhost [local], pleased to meet you"
+        assert client.reply() == ["250 2.0.0 Ok"]
+        assert client.reply()[0].startswith("250 2.1.5")
+        assert client.reply()[0].startswith("354 ")
+        client.send(b"Subject: local\nX-Note: bare LF lines are fine here\n\nbody\r\n.\r\n")
+        final = client.reply()
+        msgid = re.match(r"250 2\.0\.0 ([0-9a-f]{8}) ", final[0]).group(1)
+    finally:
+        sock.close()
+    stored = daemon.message(msgid).decode()
+    assert stored.startswith(f"Received: from localhost (mx.test.example [local])\n\tby mx.test.example (PySMTPD) "
+                             f"with ESMTPA id {msgid}\n")
+    assert "flags: authenticated" in daemon.envelopes(msgid)[0]
+
+
+# -- limits needing their own daemon ----------------------------------------------------------------------------------------
+def test_idle_and_slow_clients_and_session_limit(tmp_path: Path) -> None:
+    config = ('listen on 127.0.0.1 port {port}\naction "local" mbox\n'
+              'match from any for domain "example.org" action "local"\n')
+    env = {"SMTPD_SMTP_TIMEOUT": "1", "SMTPD_SMTP_MAX_SESSIONS": "2"}
+    with SmtpDaemon(tmp_path, config, env=env) as server:
+        while "smtp disconnected" not in server.log():  # the start-up probe's session is over
+            select.select([], [], [], 0.05)
+        first, second = LineClient(server.port), LineClient(server.port)
+        try:
+            assert first.reply()[0].startswith("220 ") and second.reply()[0].startswith("220 ")
+            third = LineClient(server.port)
+            assert third.reply() == ["421 4.7.0 mx.test.example Too many connections, try again later"]
+            assert third.closed()
+            # an idle client is closed silently, as OpenSMTPD does
+            assert first.closed() and first.pending == b""
+        finally:
+            first.close()
+            second.close()
+        slow = LineClient(server.port)
+        try:
+            assert slow.reply()[0].startswith("220 ")
+            # one byte at a time, never a whole line within the timeout: the slot is not held
+            for byte in b"NOOP":
+                slow.send(bytes([byte]))
+                select.select([], [], [], 0.4)
+            assert slow.closed()
+        finally:
+            slow.close()
+        trickle = LineClient(server.port)
+        try:
+            assert trickle.reply()[0].startswith("220 ")
+            trickle.send(b"HELO t.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+            assert [trickle.reply()[0][:3] for _ in range(4)] == ["250", "250", "250", "354"]
+            # message data arriving a byte at a time: every read is quick, but 64 KiB never come in time
+            try:
+                for byte in b"Subject: slow\r\n":
+                    trickle.send(bytes([byte]))
+                    select.select([], [], [], 0.2)
+                trickle.send(b"\r\nbody\r\n.\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed while we were still trickling: what we want
+            try:
+                answer = trickle.reply()
+            except ConnectionResetError:
+                answer = []
+            assert answer == []  # closed, the trickled message was never accepted
+        finally:
+            trickle.close()
+        assert "smtp disconnected reason=timeout" in server.log()
+
+
+@pytest.fixture()
+def system_user():
+    """A system account with a password in /etc/shadow (removed afterwards)."""
+    name = "pysmtpdauth"
+    subprocess.run(["userdel", name], capture_output=True)
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{PASSWORD}\n", text=True, check=True, capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True)
+
+
+def test_auth_without_table_checks_system_passwords(daemon: SmtpDaemon, system_user: str) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.ports["port7"]) as client:
+        client.ehlo("c.test")
+        client.starttls(context=insecure_context())
+        client.ehlo("c.test")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login(system_user, "wrong password")
+        assert refused.value.smtp_code == 535
+        client.login(system_user, PASSWORD)  # 235
+        # auth-optional: a locked account (no password) can never log in, whatever is sent
+    with smtplib.SMTP("127.0.0.1", daemon.ports["port7"]) as client:
+        client.ehlo("c.test")
+        client.starttls(context=insecure_context())
+        client.ehlo("c.test")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("daemon", "")
+    assert f"smtp authentication user={system_user} result=ok" in daemon.log()
+
+
+def test_garbage_input_never_kills_the_daemon(daemon: SmtpDaemon) -> None:
+    import random
+
+    generator = random.Random(4242)
+    verbs = [b"HELO", b"EHLO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"BDAT", b"AUTH", b"STARTTLS", b"RSET", b"\x00"]
+    for _ in range(40):
+        client = LineClient(daemon.port, timeout=10)
+        try:
+            client.reply()
+            for _ in range(generator.randint(1, 8)):
+                noise = bytes(generator.randrange(256) for _ in range(generator.randint(0, 300)))
+                client.send(generator.choice(verbs) + b" " + noise + generator.choice([b"\r\n", b"\n", b"\r", b""]))
+        except OSError:
+            pass  # the server may close on us: that is allowed, dying is not
+        finally:
+            client.close()
+    with smtplib.SMTP("127.0.0.1", daemon.port) as still_there:
+        assert still_there.noop()[0] == 250
+    assert "Traceback" not in daemon.log()
+
+
+def test_helo_before_the_banner_is_refused(daemon: SmtpDaemon) -> None:
+    """A client that talks first (here: in the same packet as its PROXY header) gets 503 for HELO/EHLO."""
+    client = LineClient(daemon.ports["port5"])
+    try:
+        client.send(proxy_v2_header("198.51.100.9", "127.0.0.1", 40001, 25) + b"EHLO early.test\r\nNOOP\r\n")
+        assert client.reply() == ["220 mx.test.example ESMTP PySMTPD"]
+        assert client.reply() == ["503 5.5.1 Invalid command: Command not allowed at this point."]
+        assert client.reply() == ["250 2.0.0 Ok"]
+        client.send(b"EHLO late.test\r\n")
+        assert client.reply()[0] == "250-mx.test.example Hello late.test [198.51.100.9], pleased to meet you"
+    finally:
+        client.close()

@@ -1,0 +1,126 @@
+"""`smtpctl explain`: why was my mail rejected, where did it go — answered by the running daemon."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_control import DaemonProcess, free_port, make_workdir
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    aliases = workdir / "aliases"
+    aliases.write_text("root: bob, |/bin/cat\nbob: bob@example.org\nlost: error:550 gone away\n")
+    text = (f"table aliases file:{aliases}\n"
+            f"listen on 127.0.0.1 port {free_port()} tag inbound\n"
+            'action "local" mbox alias <aliases>\n'
+            'action "out" relay\n'
+            "match from src 10.0.0.0/8 for any reject\n"
+            'match from local for local action "local"\n'
+            'match for domain "example.org" action "out"\n'
+            'match tag inbound from any for domain "example.com" action "out"\n')
+    running = DaemonProcess(workdir, text, real=True).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def section(lines: list[str], title: str) -> list[str]:
+    start = lines.index(title) + 1
+    end = start
+    while end < len(lines) and lines[end].startswith("  "):
+        end += 1
+    return lines[start:end]
+
+
+def test_alias_expansion_tree(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("explain", "--to", "root")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "mail from <> to <root@mx.control.test>"
+    assert section(lines, "rules:") == ["  rule #1: `from src <dynamic:0>` does not hold", "  rule #2: matched"]
+    assert f"matched rule #2 ({Path(daemon.config_path)}:6): match from local for local action \"local\"" in lines
+    assert "action (" in result.stdout and 'action "local" mbox alias <aliases>' in result.stdout
+    tree = section(lines, "expansion:")
+    assert tree[0].startswith("  address: root@mx.control.test [depth=0")
+    assert tree[1].startswith("    username: root [depth=1")
+    # bob's own expansion sits under bob, the command beside him.
+    assert tree[2].startswith("      username: bob [depth=2")
+    assert tree[3].startswith("        address: bob@example.org [depth=3")
+    assert tree[4].startswith("      filter: /bin/cat [depth=2")
+    deliveries = section(lines, "deliveries:")
+    assert "  mta via action out: bob@example.org" in deliveries
+    assert any(line.startswith("  mda via action local: |/bin/cat as ") for line in deliveries)
+
+
+def test_why_rejected(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("explain", "--from", "spammer@example.net", "--to", "bob@example.org",
+                            "--src", "10.9.8.7")
+    assert result.returncode == 1
+    assert "matched rule #1" in result.stdout and "match from src" in result.stdout
+    assert "the rule rejects: the recipient is refused" in result.stdout
+
+
+def test_no_rule_matched(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("explain", "--to", "someone@elsewhere.example", "--src", "192.0.2.9")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "  rule #4: matched" not in lines
+    assert lines[-1] == "no rule matched: the recipient is refused (550 Invalid recipient)"
+
+
+def test_listener_tag_decides(daemon: DaemonProcess) -> None:
+    untagged = daemon.smtpctl("explain", "--to", "x@example.com", "--src", "192.0.2.9")
+    assert untagged.returncode == 1
+    tagged = daemon.smtpctl("explain", "--to", "x@example.com", "--src", "192.0.2.9", "--listener", "inbound")
+    assert tagged.returncode == 0, tagged.stdout
+    assert "session: from 192.0.2.9 (tag inbound)" in tagged.stdout
+    assert "  mta via action out: x@example.com" in tagged.stdout
+
+
+def test_alias_error_refusal(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("explain", "--to", "lost")
+    assert result.returncode == 1
+    assert "refused: 550" in result.stdout and "lost@mx.control.test" in result.stdout
+
+
+def test_unknown_listener_is_a_clear_error(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("explain", "--to", "x@example.org", "--listener", "nope")
+    assert result.returncode == 1
+    assert result.stderr.startswith("smtpctl: no listener 'nope' (listeners: 127.0.0.1:")
+
+
+def test_explain_json(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("explain", "--to", "root", "--json")
+    answer = json.loads(result.stdout)
+    assert answer["matched"]["number"] == 2
+    assert answer["action"]["name"] == "local"
+    assert answer["expansion"]["accepted"] is True
+    kinds = [node["type"] for node in answer["expansion"]["tree"]]
+    assert kinds[:2] == ["address", "username"] and "filter" in kinds
+    assert {delivery["type"] for delivery in answer["expansion"]["deliveries"]} == {"mda", "mta"}
+    assert "rdns" in answer["facts"]
+
+
+def test_explain_sends_nothing(daemon: DaemonProcess) -> None:
+    daemon.smtpctl("explain", "--to", "root")
+    stats = json.loads(daemon.smtpctl("show", "stats", "--json").stdout)
+    assert stats.get("scheduler.envelope.incoming", 0) == 0
+    assert stats.get("smtp.session.local", 0) == 0
+
+
+def test_update_table_rereads_the_file(daemon: DaemonProcess) -> None:
+    aliases = daemon.workdir / "aliases"
+    before = daemon.smtpctl("explain", "--to", "newcomer")
+    assert before.returncode == 1  # not an alias, not a system user
+    aliases.write_text(aliases.read_text() + "newcomer: bob\n")
+    result = daemon.smtpctl("update", "table", "aliases")
+    assert (result.returncode, result.stdout) == (0, "command succeeded\n"), result.stderr
+    after = daemon.smtpctl("explain", "--to", "newcomer")
+    assert after.returncode == 0
+    assert "username: bob [depth=2, from alias <aliases> key newcomer" in after.stdout

@@ -1,0 +1,79 @@
+"""What a person at a terminal sees: `trace --follow` and `monitor` update live (pexpect drives a real pty)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+
+import pexpect
+import pytest
+from helpers_control import ROOT, DaemonProcess, make_workdir
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    running = DaemonProcess(workdir).start()
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def spawn(daemon: DaemonProcess, *args: str) -> pexpect.spawn:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "120"}
+    environment.pop("NO_COLOR", None)
+    return pexpect.spawn(sys.executable, ["-m", "smtpctl", "--socket", daemon.socket, *args], env=environment,
+                         cwd=str(ROOT), encoding="utf-8", timeout=30, dimensions=(40, 120))
+
+
+def test_trace_follow_updates_live(daemon: DaemonProcess) -> None:
+    terminal = spawn(daemon, "trace", "stat", "--follow")
+    try:
+        terminal.expect("following stat; Ctrl-C to stop")
+        for round_number in range(3):
+            daemon.request("hello")  # each control connection is a stat event
+            terminal.expect(r"stat .*stat: control\.session \+= 1 ")
+            assert "\x1b[" in terminal.before + terminal.after  # coloured by rich
+            del round_number
+        terminal.sendintr()
+        terminal.expect(pexpect.EOF)
+    finally:
+        terminal.close(force=True)
+    assert terminal.exitstatus == 0
+    assert "stat" not in daemon.request("hello")["result"]["traces"]
+
+
+def test_monitor_updates_live(daemon: DaemonProcess) -> None:
+    terminal = spawn(daemon, "monitor", "--interval", "0.3")
+    try:
+        terminal.expect("curr conn disc  curr  enq  deq   ok tmpfail prmfail loop expire remove bounce")
+        rows = 0
+        while rows < 3:
+            terminal.expect(r"\r\n +\d+ +\d+ +\d+  +\d+")
+            rows += 1
+        terminal.sendintr()
+        terminal.expect(pexpect.EOF)
+    finally:
+        terminal.close(force=True)
+    assert terminal.exitstatus == 0
+
+
+def test_show_status_is_a_coloured_table_on_a_terminal(daemon: DaemonProcess) -> None:
+    daemon.smtpctl("pause", "mda")
+    try:
+        terminal = spawn(daemon, "show", "status")
+        terminal.expect(pexpect.EOF)
+        terminal.close()
+    finally:
+        daemon.smtpctl("resume", "mda")
+    screen = terminal.before
+    assert terminal.exitstatus == 0
+    assert "subsystem" in screen and "state" in screen  # the table's header
+    assert "\x1b[" in screen  # styled
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", screen)
+    assert re.search(r"MDA\s+\S*\s*paused", plain) and re.search(r"SMTP\s+\S*\s*running", plain)
+    # The same command in a pipe prints OpenSMTPD's stable text.
+    assert daemon.smtpctl("show", "status").stdout == "MDA running\nMTA running\nSMTP running\n"

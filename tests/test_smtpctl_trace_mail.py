@@ -1,0 +1,158 @@
+"""Following traces while mail flows through the real daemon: SMTP sessions, rule matching, expansion."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers_control import ROOT, DaemonProcess, free_port, make_workdir
+
+MESSAGE = b"Subject: traced\r\n\r\nhello\r\n"
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    workdir = make_workdir()
+    port = free_port()
+    # Relaying to a port where nobody listens: the mail is accepted and queued, delivery is retried later.
+    text = (f"listen on 127.0.0.1 port {port}\n"
+            f'action "out" relay host smtp://127.0.0.1:{free_port()}\n'
+            'match from any for any action "out"\n')
+    running = DaemonProcess(workdir, text, real=True).start()
+    running.port = port  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def follow(daemon: DaemonProcess, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "smtpctl", "--socket", daemon.socket, "trace", *args,
+                             "--follow", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def wait_until_following(daemon: DaemonProcess, count: int) -> None:
+    """The follower is subscribed once the daemon counts its control connection (besides ours)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = daemon.request("show.stats")["result"]["stats"]
+        if stats.get("control.session", 0) >= count + 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the follower did not connect")
+
+
+class EventReader:
+    """JSON lines from a process's stdout, read with os.read so that select() sees every unread byte."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        self.fd = process.stdout.fileno()
+        self.buffer = b""
+
+    def collect(self, until: re.Pattern[str], timeout: float = 20) -> list[dict]:
+        events: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while b"\n" in self.buffer:
+                line, _, self.buffer = self.buffer.partition(b"\n")
+                event = json.loads(line)
+                events.append(event)
+                if until.search(event.get("message", "")):
+                    return events
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                self.buffer += chunk
+        raise AssertionError(f"no event matching {until.pattern}; got {[e.get('message') for e in events]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    process.wait(15)
+
+
+def send(port: int, sender: str, rcpt: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.sendmail(sender, [rcpt], MESSAGE)
+
+
+def test_follower_sees_sessions_rules_and_expansion(daemon: DaemonProcess) -> None:
+    follower = follow(daemon, "smtp", "rules", "expand")
+    try:
+        wait_until_following(daemon, 1)
+        for number in range(3):
+            send(daemon.port, f"sender{number}@example.org", f"rcpt{number}@example.net")  # type: ignore[attr-defined]
+        reader = EventReader(follower)
+        events = reader.collect(re.compile(r"rcpt2@example\.net"))
+        events += reader.collect(re.compile(r">>> 221 "))
+    finally:
+        stop(follower)
+    assert follower.returncode == 0
+    messages = [event["message"] for event in events]
+    subsystems = {event["subsystem"] for event in events}
+    assert {"smtp", "rules", "expand"} <= subsystems
+    assert any(re.search(r"^[0-9a-f]{16}: <<< MAIL FROM:<sender0@example.org>", text, re.I) for text in messages)
+    assert any(text.startswith("rule #1 matched: match from any for any action") for text in messages)
+    assert any("rcpt1@example.net" in text for text in messages if text.startswith("lka_expand"))
+    assert any(re.search(r">>> 250 2\.0\.0 [0-9a-f]{8} Message accepted for delivery", text) for text in messages)
+    assert all(event["type"] == "trace" for event in events)
+
+
+def test_follow_one_session_while_another_runs(daemon: DaemonProcess) -> None:
+    port = daemon.port  # type: ignore[attr-defined]
+    watched = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    try:
+        watched.ehlo()
+        deadline = time.monotonic() + 10
+        tokens: list[str] = []
+        while not tokens and time.monotonic() < deadline:
+            tokens = re.findall(r"([0-9a-f]{16}) smtp connected", daemon.log())
+            time.sleep(0.05)
+        token = tokens[-1]
+        follower = follow(daemon, "smtp", "--session", token)
+        try:
+            wait_until_following(daemon, 1)
+            send(port, "other@example.org", "other@example.net")  # a session we do not follow
+            watched.sendmail("watched@example.org", ["watched@example.net"], MESSAGE)
+            events = EventReader(follower).collect(re.compile(r">>> 250 2\.0\.0 .*Message accepted"))
+        finally:
+            stop(follower)
+    finally:
+        watched.quit()
+    assert events and all(event.get("session") == token for event in events)
+    assert not any("other@example" in event["message"] for event in events)
+    assert any("watched@example.org" in event["message"] for event in events)
+
+
+def test_monitor_counts_sessions_and_envelopes(daemon: DaemonProcess) -> None:
+    monitor = subprocess.Popen([sys.executable, "-m", "smtpctl", "--socket", daemon.socket, "monitor", "--json",
+                                "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert monitor.stdout is not None
+    try:
+        first = json.loads(monitor.stdout.readline())  # totals so far
+        for number in range(2):
+            send(daemon.port, f"m{number}@example.org", f"n{number}@example.net")  # type: ignore[attr-defined]
+        connected = enqueued = 0
+        deadline = time.monotonic() + 20
+        while (connected < 2 or enqueued < 2) and time.monotonic() < deadline:
+            row = json.loads(monitor.stdout.readline())
+            connected += row["client_conn"]
+            enqueued += row["envelope_enq"]
+    finally:
+        stop(monitor)
+    assert first["client_conn"] >= 0
+    assert (connected, enqueued) == (2, 2)
