@@ -62,12 +62,13 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def detach(self) -> socket.socket:
-        """Give up the socket (after `enqueue`, the connection speaks SMTP). Buffered bytes are lost: none are
-        expected, since the daemon sends nothing after its reply until the client speaks."""
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """Give up the socket (after `enqueue`, the connection speaks SMTP) with the bytes already read past
+        the last reply (the start of the SMTP greeting, typically)."""
         connection = self.connect()
+        pending, self._buffer = self._buffer, b""
         self._socket = None
-        return connection
+        return connection, pending
 
     # -- requests -------------------------------------------------------------------------------------
     def send(self, command: str, **args: object) -> int:

@@ -1,8 +1,5 @@
-"""Helpers for the control-plane tests: a real daemon in its own process, smtpctl run as a user runs it.
-
-The daemon runs as `python -m smtpd -d -f CONF` once that command line exists; until then (the config parser
-and the smtpd CLI are written concurrently) as this file run as a script, which builds the same Daemon from a
-hand-written Config. Either way it is a separate process with the real control socket, signals and subsystems.
+"""Helpers for the control-plane tests: the real daemon (`python -m smtpd -d -f CONF`) in its own process on a
+private spool and socket, and smtpctl run as a user runs it.
 
 smtpctl runs as `python -m smtpctl --socket SOCK ...`. To run it as another user (nobody) the test forks, drops
 its uid and calls smtpctl's main in the child: the interpreter lives under /root, which nobody cannot exec.
@@ -12,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import io
 import json
 import os
@@ -35,15 +31,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def real_smtpd_available() -> bool:
-    """True once `python -m smtpd` and the config parser exist."""
-    try:
-        config = importlib.import_module("smtpd.config")
-    except ImportError:
-        return False
-    return (importlib.util.find_spec("smtpd.__main__") is not None and hasattr(config, "load"))
 
 
 def minimal_config(port: int | None = None, extra: str = "") -> str:
@@ -70,8 +57,7 @@ class Result:
 class DaemonProcess:
     """A running daemon on a private spool and socket."""
 
-    def __init__(self, workdir: Path, config_text: str | None = None, env: dict[str, str] | None = None,
-                 real: bool | None = None) -> None:
+    def __init__(self, workdir: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.socket = str(workdir / "smtpd.sock")
         self.spool = workdir / "spool"
@@ -80,17 +66,13 @@ class DaemonProcess:
         self.mailname = workdir / "mailname"
         self.mailname.write_text("mx.control.test\n")
         self.config_path.write_text(config_text if config_text is not None else minimal_config())
-        self.real = real_smtpd_available() if real is None else real
         self.env = {**os.environ, "SMTPD_SOCKET": self.socket, "SMTPD_SPOOL": str(self.spool),
                     "SMTPD_MAILNAME": str(self.mailname), "SMTPD_PIDFILE": str(workdir / "smtpd.pid"),
                     "SMTPD_CONFIG": str(self.config_path), "PYTHONPATH": str(ROOT), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
-        if self.real:
-            command = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path)]
-        else:
-            command = [sys.executable, str(Path(__file__)), str(self.workdir)]
+        command = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path)]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
         self.process = subprocess.Popen(command, env=self.env, cwd=str(self.workdir), stdout=self._log,
                                         stderr=subprocess.STDOUT)
@@ -204,23 +186,3 @@ def smtpctl_as(user: str, socket_path: str, *args: str, extra_groups: tuple[int,
         stderr = err_file.read().decode()
     _, wait_status = os.waitpid(pid, 0)
     return Result(os.waitstatus_to_exitcode(wait_status), stdout, stderr)
-
-
-# -- the stand-in daemon runner (used until `python -m smtpd` exists) ----------------------------------------
-def _run_stand_in(workdir: str) -> None:
-    import asyncio
-
-    sys.path.insert(0, str(ROOT))
-    from shared.paths import Paths
-    from smtpd import log
-    from smtpd.config.model import Action, Config, Method
-    from smtpd.daemon import Daemon, DaemonOptions, serve
-
-    log.setup()
-    paths = Paths.from_environment()
-    config = Config(path=paths.config, actions={"local": Action("local", Method.MBOX)})
-    asyncio.run(serve(Daemon(paths, config, DaemonOptions())))
-
-
-if __name__ == "__main__":
-    _run_stand_in(sys.argv[1])

@@ -1,8 +1,8 @@
 """The SMTP tests' fixture: the real daemon as a subprocess, on a free loopback port, with its own paths.
 
 ``SmtpDaemon(tmp_path, config_text)`` writes the config (``{port}``, ``{port2}``..``{port9}``, ``{dir}`` are filled in), a
-mailname file, and starts ``python tests/helpers_smtp.py run`` — a thin runner around smtpd.daemon (the real
-config parser, tables, queue, scheduler, SMTP server) — with SMTPD_* variables pointing into tmp_path. Local
+mailname file, and starts the real daemon (``python -m smtpd -d -f CONF -P .. -T ..``) with SMTPD_* variables
+pointing into tmp_path. Local
 delivery is paused (``-P mda`` equivalent) unless asked otherwise, so accepted messages stay in the spool where
 the tests read them byte for byte. ``stop()`` ends the daemon by its pid.
 """
@@ -52,14 +52,16 @@ class SmtpDaemon:
             "SMTPD_CONFIG": str(self.config_path), "SMTPD_SPOOL": str(self.spool),
             "SMTPD_SOCKET": str(self.socket_path), "SMTPD_MAILNAME": str(tmp_path / "mailname"),
             "SMTPD_PIDFILE": str(tmp_path / "smtpd.pid"), "PYTHONPATH": str(ROOT),
-            "SMTPD_TEST_PAUSED": ",".join(paused), "SMTPD_TEST_TRACES": ",".join(traces),
         })
+        self.flags = [word for name in paused for word in ("-P", name)]
+        self.flags += [word for name in traces for word in ("-T", name)]
         self.env.update(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_port: int | None = None) -> SmtpDaemon:
         log = open(self.log_path, "wb")  # noqa: SIM115 — the child keeps writing to it
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__)), "run"], env=self.env,
+        self.process = subprocess.Popen([sys.executable, "-m", "smtpd", "-d", "-v", "-f", str(self.config_path),
+                                         *self.flags], env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         log.close()
         self.wait_listening(wait_port or self.port)
@@ -165,44 +167,3 @@ def make_certificate(folder: Path, name: str = "mx.test.example") -> tuple[Path,
                    check=True, capture_output=True)
     key.chmod(0o600)
     return cert, key
-
-
-# -- the runner: `python tests/helpers_smtp.py run` ----------------------------------------------------------------
-def _run() -> int:
-    import asyncio
-
-    sys.path.insert(0, str(ROOT))
-    from shared.paths import Paths
-    from smtpd import config as config_package
-    from smtpd import daemon as daemon_module
-    from smtpd import log, trace
-
-    paths = Paths.from_environment()
-    result = config_package.load(paths.config)
-    for line in result.lines() if hasattr(result, "lines") else []:
-        print(line, file=sys.stderr)
-    if result.config is None or result.errors:
-        return 1
-    paused = frozenset(word for word in os.environ.get("SMTPD_TEST_PAUSED", "").split(",") if word)
-    traces = [word for word in os.environ.get("SMTPD_TEST_TRACES", "").split(",") if word]
-    options = daemon_module.DaemonOptions(paused=paused, traces=frozenset(traces))
-    log.setup(verbose=True)
-    for keyword in traces:
-        trace.BUS.enable(keyword)
-    if traces:
-        trace.console_to_stderr()
-    daemon = daemon_module.Daemon(paths, result.config, options)
-    if not any(target.startswith("smtpd.lookup.tables") for target in daemon_module.BUILDERS):
-        # Until the tables subsystem registers its builder, the runner opens the tables itself.
-        from smtpd.lookup.tables import Tables
-
-        daemon.tables = Tables(result.config, mailname=daemon.mailname)
-    asyncio.run(daemon_module.serve(daemon))
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["run"]:
-        sys.exit(_run())
-    print("usage: helpers_smtp.py run", file=sys.stderr)
-    sys.exit(2)

@@ -400,7 +400,10 @@ def test_pki_names_are_case_insensitive() -> None:
 
 
 def test_a_db_table_that_fails_to_load_keeps_its_type(tmp_path: Path) -> None:
+    """A db table is a mapping to OpenSMTPD 6.8 (verified), loaded or not."""
     missing = tmp_path / "nope.db"
+    assert lines(f'table t db:{missing}\naction "a" mbox\nmatch tag <t> for local action "a"\n')[1] == \
+        'F:3: table "t" may not be used for tag lookups'
     assert lines(f'table t db:{missing}\naction "a" mbox alias <t> wrapper w\nmatch for local action "a"\n') == [
         f"F:1: invalid configuration file {missing} for table t", "F:2: no mda wrapper with that name: w",
         "F:3: no such dispatcher: a", "warn: no rules, nothing to do"]

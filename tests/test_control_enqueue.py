@@ -16,7 +16,7 @@ from helpers_control import DaemonProcess, make_workdir
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
     workdir = make_workdir()
-    running = DaemonProcess(workdir, real=True).start()
+    running = DaemonProcess(workdir).start()
     yield running
     running.stop()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -103,3 +103,17 @@ def test_enqueue_refused_while_smtp_is_paused(daemon: DaemonProcess) -> None:
     assert answer["ok"] is False
     assert answer["error"]["message"] == "server disallowed submission request"
     assert replies == []
+
+
+def test_client_detach_keeps_the_greeting(daemon: DaemonProcess) -> None:
+    from smtpctl.client import Client
+
+    client = Client(daemon.socket)
+    assert client.call("enqueue")["uid"] == 0
+    connection, pending = client.detach()
+    with connection:
+        lines = Lines(connection)
+        lines.buffer = pending
+        assert lines.reply() == [b"220 mx.control.test ESMTP PySMTPD\r\n"]
+        connection.sendall(b"QUIT\r\n")
+        assert lines.reply()[0].startswith(b"221 ")

@@ -26,7 +26,7 @@ def config(port: int, extra: str = "") -> str:
 def daemon() -> Iterator[DaemonProcess]:
     workdir = make_workdir()
     port = free_port()
-    running = DaemonProcess(workdir, config(port), real=True).start()
+    running = DaemonProcess(workdir, config(port)).start()
     running.port = port  # type: ignore[attr-defined]
     yield running
     running.stop()

@@ -24,7 +24,7 @@ def daemon() -> Iterator[DaemonProcess]:
             'match from local for local action "local"\n'
             'match for domain "example.org" action "out"\n'
             'match tag inbound from any for domain "example.com" action "out"\n')
-    running = DaemonProcess(workdir, text, real=True).start()
+    running = DaemonProcess(workdir, text).start()
     yield running
     running.stop()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -28,7 +28,7 @@ def daemon() -> Iterator[DaemonProcess]:
     text = (f"listen on 127.0.0.1 port {port}\n"
             f'action "out" relay host smtp://127.0.0.1:{free_port()}\n'
             'match from any for any action "out"\n')
-    running = DaemonProcess(workdir, text, real=True).start()
+    running = DaemonProcess(workdir, text).start()
     running.port = port  # type: ignore[attr-defined]
     yield running
     running.stop()

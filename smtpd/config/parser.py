@@ -430,6 +430,7 @@ class Parser:
         probe = checks.probe_table_source(backend, source)
         for line in probe.notes:
             self.note(line)
+        self.tables[name.text] = replace(decl, shape=probe.shape)
         if not probe.ok:
             if backend in checks.FILE_BACKENDS:
                 # A static table that did not load has no type; other backends keep theirs.

@@ -32,7 +32,7 @@ from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfoError, parse_userinfo, unprivileged_user
 from smtpd.mda import command, lmtp, local, offline
-from smtpd.mda.privilege import ChildResult, Identity, privileged, run_as
+from smtpd.mda.privilege import ChildResult, ForkServer, Identity, privileged, run_as
 from smtpd.mda.variables import VariableContext, VariableError, expand
 from smtpd.queue.envelope import Envelope
 
@@ -84,6 +84,7 @@ class MdaAgent:
         self._per_user: dict[str, asyncio.Semaphore] = {}
         self._per_user_waiting: dict[str, int] = {}
         self.replay_task: asyncio.Task[Any] | None = None
+        self.forkserver = ForkServer()
 
     @property
     def tables(self) -> Any:
@@ -117,6 +118,7 @@ class MdaAgent:
     async def stop(self) -> None:
         if self.replay_task is not None:
             self.replay_task.cancel()
+        await self.forkserver.stop()
 
     # -- the contract ---------------------------------------------------------------------------------
     async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
@@ -248,25 +250,27 @@ class MdaAgent:
         path = self._mbox_path(job)
         sender, prefix = job.envelope.sender, job.prefix
         writer = job.identity
-        owner = (job.identity.uid, job.identity.gid)
         if privileged() and job.identity.uid == 0:
             writer = _unprivileged_identity()
         writer = writer.with_group(_spool_group(self.mail_root))
+        if privileged():
+            # The helper's child opens the mailbox as root (creating it for its owner), then drops to writer.
+            return _child_result(await self.forkserver.run(
+                {"method": "mbox", "path": path, "owner": [job.identity.uid, job.identity.gid],
+                 "identity": _identity_fields(writer), "sender": sender, "prefix": prefix.decode("latin-1")},
+                message.fileno()))
 
-        def open_as_root() -> int:
-            return local.open_mbox(path, owner=owner if privileged() else None)
+        def write(_: object) -> None:
+            local.deliver_mbox(path, sender, prefix, message)
 
-        def write(fd: object) -> None:
-            assert isinstance(fd, int)
-            try:
-                local.append_mbox(fd, path, sender, prefix, message)
-            finally:
-                os.close(fd)
-
-        return _child_result(await run_as(writer, write, before_drop=open_as_root))
+        return _child_result(await run_as(writer, write))
 
     async def _run_mboxfile(self, job: _Job, path: str, message: BinaryIO) -> DeliveryResult:
         sender, prefix = job.envelope.sender, job.prefix
+        if privileged():
+            return _child_result(await self.forkserver.run(
+                {"method": "mboxfile", "path": path, "identity": _identity_fields(job.identity), "sender": sender,
+                 "prefix": prefix.decode("latin-1")}, message.fileno()))
 
         def write(_: object) -> None:
             local.deliver_mbox(path, sender, prefix, message)
@@ -278,6 +282,10 @@ class MdaAgent:
         if not directory.startswith("/"):
             return DeliveryResult.permfail(f"maildir path is not absolute: {directory}")
         extension, junk, prefix = job.envelope.mda_subaddress, job.action.junk, job.prefix
+        if privileged():
+            return _child_result(await self.forkserver.run(
+                {"method": "maildir", "directory": directory, "identity": _identity_fields(job.identity),
+                 "extension": extension, "junk": junk, "prefix": prefix.decode("latin-1")}, message.fileno()))
 
         def write(_: object) -> None:
             local.deliver_maildir(directory, prefix, message, extension, junk)
@@ -392,6 +400,10 @@ def _has_loop(message: BinaryIO, dest: str) -> bool:
         return False
     finally:
         message.seek(0)
+
+
+def _identity_fields(identity: Identity) -> dict[str, object]:
+    return {"uid": identity.uid, "gid": identity.gid, "groups": list(identity.groups), "home": identity.home}
 
 
 def _spool_group(directory: str) -> int | None:

@@ -15,9 +15,13 @@ the daemon might have held at fork time (logging, imports).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import signal
+import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,3 +192,103 @@ def _read_all(fd: int) -> str:
             break
         chunks.append(chunk)
     return b"".join(chunks).decode("utf-8", "replace")
+
+
+class ForkServer:
+    """The daemon's side of smtpd/mda/forkserver.py: one helper process, requests matched to replies by id."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: socket.socket | None = None
+        self.pending: dict[int, asyncio.Future[ChildResult]] = {}
+        self._next_id = 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _start(self) -> None:
+        from smtpd.mda import forkserver
+
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = subprocess.Popen([sys.executable, forkserver.__file__, str(child.fileno())],
+                                        pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        child.close()
+        parent.setblocking(False)
+        self.channel = parent
+
+    def _ensure_reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.channel is None or (self.process is not None and self.process.poll() is not None):
+            self._fail_pending("delivery helper exited")
+            self._close_channel()
+            self._start()
+            self._loop = None
+        if self._loop is not loop:
+            # A new event loop (tests run one per delivery): listen for replies on this one.
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self.channel)
+            loop.add_reader(self.channel, self._on_readable)
+            self._loop = loop
+
+    def _on_readable(self) -> None:
+        assert self.channel is not None
+        while True:
+            try:
+                data = self.channel.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._fail_pending("delivery helper exited")
+                if self._loop is not None:
+                    self._loop.remove_reader(self.channel)
+                self._close_channel()
+                self._loop = None
+                return
+            reply = json.loads(data)
+            future = self.pending.pop(reply.get("id"), None)
+            if future is not None and not future.done():
+                future.set_result(ChildResult(int(reply["status"]), reply.get("text", ""),
+                                              bool(reply.get("timed_out"))))
+
+    def _fail_pending(self, text: str) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_result(ChildResult(EX_TEMPFAIL, text))
+        self.pending.clear()
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    async def run(self, request: dict[str, object], message_fd: int) -> ChildResult:
+        self._ensure_reader()
+        assert self.channel is not None
+        request_id = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[ChildResult] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        payload = json.dumps({**request, "id": request_id}).encode()
+        while True:
+            try:
+                socket.send_fds(self.channel, [payload], [message_fd])
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+            except OSError as error:
+                self.pending.pop(request_id, None)
+                return ChildResult(EX_TEMPFAIL, f"delivery helper: {error.strerror or error}")
+        return await future
+
+    async def stop(self) -> None:
+        if self._loop is not None and self.channel is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.channel)
+        self._close_channel()
+        self._fail_pending("daemon stopping")
+        if self.process is not None:
+            try:
+                await asyncio.to_thread(self.process.wait, 30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+            self.process = None
