@@ -46,6 +46,18 @@ match from any for any action "relay"
 """
 
 
+def opensmtpd_running() -> bool:
+    """A live (not zombie) process named smtpd: another OpenSMTPD, whose spool and socket we would share."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("Name") == "smtpd" and not fields.get("State", "").startswith("Z"):
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -238,7 +250,7 @@ def main() -> int:
     if os.geteuid() != 0 and args.only != "ours":
         print("OpenSMTPD needs root", file=sys.stderr)
         return 1
-    if args.only != "ours" and subprocess.run(["pgrep", "-x", "smtpd"], capture_output=True).returncode == 0:
+    if args.only != "ours" and opensmtpd_running():
         print("an OpenSMTPD is already running; not touching it", file=sys.stderr)
         return 1
     WORK.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,9 @@ def run(argv: list[str]) -> int | None:
     if as_json:
         import json
 
-        sys.stdout.write(json.dumps(result if which == "status" else result["stats"]) + "\n")
+        value = result if which == "status" else result["stats"]
+        # The same bytes as smtpctl.render.print_json writes.
+        sys.stdout.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
     else:
         lines = showtext.status_lines(result) if which == "status" else showtext.stats_lines(result["stats"])
         sys.stdout.write("".join(line + "\n" for line in lines))

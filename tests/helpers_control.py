@@ -57,7 +57,8 @@ class Result:
 class DaemonProcess:
     """A running daemon on a private spool and socket."""
 
-    def __init__(self, workdir: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, config_text: str | None = None, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.socket = str(workdir / "smtpd.sock")
         self.spool = workdir / "spool"
@@ -70,9 +71,11 @@ class DaemonProcess:
                     "SMTPD_MAILNAME": str(self.mailname), "SMTPD_PIDFILE": str(workdir / "smtpd.pid"),
                     "SMTPD_CONFIG": str(self.config_path), "PYTHONPATH": str(ROOT), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
+        self.args = args  # extra smtpd flags, e.g. ("-P", "mda")
+        self.real = True  # always the real `python -m smtpd` now (helpers_queue reads this)
 
     def start(self) -> DaemonProcess:
-        command = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path)]
+        command = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path), *self.args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
         self.process = subprocess.Popen(command, env=self.env, cwd=str(self.workdir), stdout=self._log,
                                         stderr=subprocess.STDOUT)
@@ -128,13 +131,14 @@ class DaemonProcess:
 
 
 def read_line(connection: socket.socket) -> bytes:
-    data = b""
+    """One line, read a byte at a time so that nothing after it is consumed (streams send more lines)."""
+    data = bytearray()
     while not data.endswith(b"\n"):
-        chunk = connection.recv(65536)
+        chunk = connection.recv(1)
         if not chunk:
             break
         data += chunk
-    return data
+    return bytes(data)
 
 
 def smtpctl(socket_path: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> Result:

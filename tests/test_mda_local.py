@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -440,7 +441,9 @@ def test_unprivileged_daemon_delivers_as_itself(spool, bob) -> None:
     os.chmod(path, 0o644)
     maildir_agent = agent_for(mbox_config(method=Method.MAILDIR, maildir_path=f"{bob.pw_dir}/box"))
     asyncio.run(asyncio.to_thread(lambda: None))  # load what the child needs while /root is readable
-    pid = os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the child only runs the delivery, then exits
+        pid = os.fork()
     if pid == 0:
         status = 1
         try:
@@ -461,3 +464,18 @@ def test_unprivileged_daemon_delivers_as_itself(spool, bob) -> None:
     assert "first line" in open(mbox).read()
     [name] = os.listdir(os.path.join(bob.pw_dir, "box", "new"))
     assert os.stat(os.path.join(bob.pw_dir, "box", "new", name)).st_uid == bob.pw_uid
+
+
+def test_a_dead_delivery_helper_is_restarted(spool, bob) -> None:
+    tmp_path, _, _ = spool
+    agent = agent_for(mbox_config(method=Method.MAILDIR))
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    path = write_message(str(tmp_path / "m"), MESSAGE)
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    helper = agent.forkserver.process
+    helper.kill()
+    helper.wait()
+    assert deliver(agent, envelope, path).outcome is Outcome.OK
+    assert agent.forkserver.process is not helper
+    assert len(os.listdir(os.path.join(bob.pw_dir, "Maildir", "new"))) == 2
+    asyncio.run(agent.forkserver.stop())

@@ -7,20 +7,22 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
 import pytest
-from helpers_control import DaemonProcess, make_workdir
-from helpers_mta import DnsServer, free_port, maildir_messages, make_certificate, wait_until
+from helpers_mta import Daemon, DnsServer, free_port, maildir_messages, make_certificate, wait_until
 
 MESSAGE = "From: bob@local.test\r\nTo: alice@remote.test\r\nSubject: hybrid setup\r\n\r\nrelay me\r\n"
 
 
 @pytest.fixture()
 def workdir() -> Iterator[Path]:
-    path = make_workdir()
+    # Outside pytest's private (0700) tmp tree: deliveries run as nobody and must reach their Maildir.
+    path = Path(tempfile.mkdtemp(prefix="pysmtpd-relay-", dir="/tmp"))
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -48,14 +50,9 @@ def smarthost_config(workdir: Path, plain_port: int, tls_port: int) -> str:
             'match from any auth for domain "remote.test" action "deliver"\n')
 
 
-def start(workdir: Path, name: str, config_text: str, mailname: str, env: dict[str, str] | None = None,
-          ) -> DaemonProcess:
-    home = workdir / name
-    home.mkdir()
-    home.chmod(0o755)
-    daemon = DaemonProcess(home, config_text, env=env, real=True)
-    daemon.mailname.write_text(f"{mailname}\n")
-    return daemon.start()
+def start(workdir: Path, name: str, config_text: str, mailname: str, port: int,
+          env: dict[str, str] | None = None) -> Daemon:
+    return Daemon(str(workdir / name), config_text, mailname, port, env).__enter__()
 
 
 def submit(port: int, recipients: list[str], sender: str = "bob@local.test") -> None:
@@ -87,13 +84,14 @@ accept for any relay via "smtp://smarthost.test:{plain_port}" as "@foo.bar"
 def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelling: str) -> None:
     plain_port, tls_port, port = free_port(), free_port(), free_port()
     with DnsServer({"smarthost.test": [("A", "127.0.0.1")]}) as dns:
-        smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test")
+        smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test",
+                          plain_port)
         try:
             box = maildir(workdir, "LocalMaildir")
             template = MODERN if spelling == "modern" else LEGACY
             text = template.format(ca=workdir / "smarthost.test.crt", port=port, box=box, tls_port=tls_port,
                                    plain_port=plain_port)
-            ours = start(workdir, "ours", text, "mail.local.test", env={"SMTPD_RESOLVER": dns.setting})
+            ours = start(workdir, "ours", text, "mail.local.test", port, env={"SMTPD_RESOLVER": dns.setting})
             try:
                 submit(port, ["carol@local.test", "alice@remote.test"])
                 remote_box = str(workdir / "Maildir")
@@ -127,11 +125,12 @@ def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelli
 def test_remote_refusal_bounces_with_the_remote_reply(workdir: Path) -> None:
     plain_port, tls_port, port = free_port(), free_port(), free_port()
     with DnsServer({"smarthost.test": [("A", "127.0.0.1")]}) as dns:
-        smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test")
+        smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test",
+                          plain_port)
         try:
             box = maildir(workdir, "LocalMaildir")
             text = LEGACY.format(port=port, box=box, plain_port=plain_port)
-            ours = start(workdir, "ours", text, "mail.local.test", env={"SMTPD_RESOLVER": dns.setting})
+            ours = start(workdir, "ours", text, "mail.local.test", port, env={"SMTPD_RESOLVER": dns.setting})
             try:
                 submit(port, ["nobody@unrouted.test"])
                 assert wait_until(lambda: len(maildir_messages(str(box))) == 1, 30), ours.log()
@@ -152,7 +151,7 @@ def test_smtpctl_shows_a_disabled_route_and_resumes_it(workdir: Path) -> None:
     dead_port, port = free_port(), free_port()
     box = maildir(workdir, "LocalMaildir")
     text = LEGACY.format(port=port, box=box, plain_port=dead_port).replace("smarthost.test", "127.0.0.1")
-    ours = start(workdir, "ours", text, "mail.local.test", env={"SMTPD_RESOLVER": "127.0.0.1:9"})
+    ours = start(workdir, "ours", text, "mail.local.test", port, env={"SMTPD_RESOLVER": "127.0.0.1:9"})
     try:
         submit(port, ["alice@remote.test"])
 
@@ -174,3 +173,29 @@ def test_smtpctl_shows_a_disabled_route_and_resumes_it(workdir: Path) -> None:
     assert "|alice@remote.test|" in queue and queue.rstrip().endswith("|Connection failed: Connection refused")
     assert resumed.stdout.strip() == "command succeeded"
     assert " ---- " in after and "penalty=0 timeout=-" in after
+
+
+def test_direct_mx_delivery_through_the_daemon(workdir: Path) -> None:
+    plain_port, tls_port, port = free_port(), free_port(), free_port()
+    zone = {"remote.test": [("MX", "10 mx.remote.test.")], "mx.remote.test": [("A", "127.0.0.1")]}
+    text = (f"listen on 127.0.0.1 port {port}\n"
+            'action "relay" relay\n'
+            "match from local for any action \"relay\"\n")
+    with DnsServer(zone) as dns:
+        receiver = start(workdir, "receiver", smarthost_config(workdir, plain_port, tls_port), "mx.remote.test",
+                         plain_port)
+        try:
+            ours = start(workdir, "ours", text, "mail.local.test", port,
+                         env={"SMTPD_RESOLVER": dns.setting, "SMTPD_MX_PORT": str(plain_port)})
+            try:
+                submit(port, ["alice@remote.test"])
+                assert wait_until(lambda: len(maildir_messages(str(workdir / "Maildir"))) == 1, 30), ours.log()
+                routes = ours.smtpctl("show", "routes").stdout
+            finally:
+                ours.stop()
+        finally:
+            receiver.stop()
+    delivered = maildir_messages(str(workdir / "Maildir"))[0]
+    assert delivered["Return-Path"] == "<bob@local.test>"
+    assert routes.startswith("1. [] <-> 127.0.0.1 (mx.remote.test) ")
+    assert ("remote.test", "MX") in dns.queries

@@ -285,3 +285,37 @@ def test_a_failing_delivery_agent_does_not_stop_the_scheduler(tmp_path: Path) ->
             return harness.scheduler.entries[evpid].envelope.retry
 
     assert run(scenario()) == 1
+
+
+def test_cached_show_queue_lines_match_the_row_format(tmp_path: Path) -> None:
+    from smtpd.queue.listing import format_line
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        harness = Harness(tmp_path)
+        harness.mda.policy = lambda envelope: DeliveryResult.tempfail("451 a|b\x02c")
+        async with harness:
+            harness.daemon.set_paused("mda", True)
+            await harness.submit(recipients=("a@x.test", "b@x.test"))
+            entries = harness.scheduler.select("all")
+            before = harness.scheduler.lines(entries).splitlines()
+            expected_before = [format_line(row) for row in harness.scheduler.rows(entries)]
+            harness.daemon.set_paused("mda", False)  # one attempt each: retry, error line and last try change
+            await wait_for(lambda: all(entry.envelope.retry == 1 and entry.state == "pending"
+                                       for entry in harness.scheduler.entries.values()), what="tempfails")
+            entries = harness.scheduler.select("all")
+            after = harness.scheduler.lines(entries).splitlines()
+            expected_after = [format_line(row) for row in harness.scheduler.rows(entries)]
+            same = [_without_runvalue(line) for line in before] == [_without_runvalue(line) for line in
+                                                                    expected_before]
+            return same, after, expected_after
+
+    same_before, after, expected_after = run(scenario())
+    assert same_before
+    assert [_without_runvalue(line) for line in after] == [_without_runvalue(line) for line in expected_after]
+    assert all(line.endswith("|451 a|b\\^Bc") and "|pending|" in line for line in after)
+
+
+def _without_runvalue(line: str) -> str:
+    """The line without its runvalue (seconds from now: two calls a moment apart may differ by one)."""
+    fields = line.split("|")
+    return "|".join(fields[:12] + fields[13:])

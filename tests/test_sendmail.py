@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from helpers_control import DaemonProcess, make_workdir
-from helpers_delivery import make_mail_root, system_user
+from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
 
 from smtpctl.commands.sendmail import complete_message, parse_arguments, parse_message, qualify
 
@@ -43,20 +41,21 @@ def wait_for_mail(path: str, count: int = 1, timeout: float = 30) -> str:
 
 @pytest.fixture()
 def world():
-    workdir = make_workdir()
-    homes = workdir / "homes"
-    homes.mkdir(mode=0o755)
-    mail_root = make_mail_root(str(workdir))
-    try:
+    with open_temp_dir("pysmtpd-sendmail-") as top:
+        workdir = Path(top)
+        homes = workdir / "homes"
+        homes.mkdir(mode=0o755)
+        mail_root = make_mail_root(top)
         with system_user(str(homes), "psm") as user:
             yield workdir, mail_root, user
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start_daemon(workdir: Path, mail_root: str, user) -> DaemonProcess:
-    return DaemonProcess(workdir, CONFIG.replace("{user}", user.pw_name),
-                         env={"SMTPD_MAILDIR_ROOT": mail_root}, real=True).start()
+def make_daemon(workdir: Path, mail_root: str, user) -> Daemon:
+    return Daemon(str(workdir), CONFIG.replace("{user}", user.pw_name), mail_root, mailname="mx.control.test")
+
+
+def start_daemon(workdir: Path, mail_root: str, user) -> Daemon:
+    return make_daemon(workdir, mail_root, user).start()
 
 
 def test_echo_hi_sendmail_root_reaches_roots_mailbox(world) -> None:
@@ -110,8 +109,7 @@ def test_refused_recipient_fails_with_dead_letter(world) -> None:
 
 def test_offline_queue_is_replayed_at_start(world) -> None:
     workdir, mail_root, user = world
-    daemon = DaemonProcess(workdir, CONFIG.replace("{user}", user.pw_name), env={"SMTPD_MAILDIR_ROOT": mail_root},
-                           real=True)
+    daemon = make_daemon(workdir, mail_root, user)
     offline = workdir / "spool" / "offline"
     offline.mkdir(parents=True)
     result = run_sendmail(daemon.env, ["-f", "batch", user.pw_name], "Subject: while down\n\nqueued offline\n")

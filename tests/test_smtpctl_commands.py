@@ -25,11 +25,14 @@ SHOW_LISTING = ("possibilities are:\nshow mta\nshow envelope\nshow hoststats\nsh
                 "show hosts\nshow relays\nshow routes\nshow stats\nshow status\n")
 
 
-def test_not_running(tmp_path) -> None:
-    result = smtpctl(str(tmp_path / "absent.sock"), "show", "status")
+@pytest.mark.parametrize("words", [
+    ["show", "status"], ["show", "stats", "--json"], ["show", "hosts"], ["pause", "mda"], ["log", "brief"],
+    ["update", "table", "x"], ["monitor"], ["trace", "smtp", "--follow"], ["trace", "smtp"], ["reload"], ["stop"],
+    ["explain", "--to", "x"],
+])
+def test_not_running(tmp_path, words: list[str]) -> None:
+    result = smtpctl(str(tmp_path / "absent.sock"), *words)
     assert (result.returncode, result.stdout, result.stderr) == (1, "", "smtpctl: smtpd doesn't seem to be running\n")
-    result = smtpctl(str(tmp_path / "absent.sock"), "pause", "mda")
-    assert (result.returncode, result.stderr) == (1, "smtpctl: smtpd doesn't seem to be running\n")
 
 
 def test_show_status(daemon: DaemonProcess) -> None:
@@ -181,11 +184,26 @@ def test_every_command_has_help_with_example(daemon: DaemonProcess) -> None:
                 ["pause"], ["pause", "mda"], ["pause", "mta"], ["pause", "smtp"], ["resume"], ["resume", "mda"],
                 ["resume", "route"], ["log"], ["log", "brief"], ["log", "verbose"], ["monitor"], ["trace"],
                 ["untrace"], ["profile"], ["unprofile"], ["update"], ["update", "table"], ["reload"], ["stop"],
-                ["explain"]]
+                ["explain"], ["spf"], ["spf", "walk"]]
     for words in commands:
         result = daemon.smtpctl(*words, "--help")
         assert result.returncode == 0, (words, result.stderr)
         assert "Example" in result.stdout and "smtpctl" in result.stdout, words
+
+
+def test_fast_path_and_click_path_print_the_same(daemon: DaemonProcess) -> None:
+    from click.testing import CliRunner
+
+    from smtpctl.words import cli
+
+    runner = CliRunner()
+    for words in (["show", "status"], ["show", "status", "--json"], ["sh", "statu"]):
+        fast = daemon.smtpctl(*words)  # a pipe: the fast path
+        slow = runner.invoke(cli, ["--socket", daemon.socket, *words])
+        assert (slow.exit_code, slow.output) == (fast.returncode, fast.stdout)
+    fast_stats = daemon.smtpctl("show", "stats").stdout.splitlines()
+    slow_stats = runner.invoke(cli, ["--socket", daemon.socket, "show", "stats"]).output.splitlines()
+    assert [line.split("=")[0] for line in fast_stats] == [line.split("=")[0] for line in slow_stats]
 
 
 def test_stop_last(daemon: DaemonProcess) -> None:
@@ -194,3 +212,4 @@ def test_stop_last(daemon: DaemonProcess) -> None:
     assert daemon.process is not None
     assert daemon.process.wait(15) == 0
     assert daemon.smtpctl("show", "status").stderr == "smtpctl: smtpd doesn't seem to be running\n"
+

@@ -37,9 +37,12 @@ class DnsServer:
         self.running = True
 
     def serve(self) -> None:
+        self.sock.settimeout(0.1)  # so that the loop sees `running` turn off
         while self.running:
             try:
                 data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
             except OSError:
                 return
             query = dns.message.from_wire(data)
@@ -54,6 +57,7 @@ class DnsServer:
 
     def close(self) -> None:
         self.running = False
+        self.thread.join(5)
         self.sock.close()
 
 

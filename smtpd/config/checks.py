@@ -47,13 +47,12 @@ def probe_table_source(backend: str, source: str | None) -> TableProbe:
         if source is None:
             return TableProbe(True, TableShape.MAPPING)
         return probe_static_file(source)
-    # As OpenSMTPD 6.8 types them (verified): a db table is a mapping, even one made with `makemap -t set`
-    # and even when it fails to open; getpwnam is a mapping that answers userbase lookups only; an external
-    # (proc) backend answers both kinds.
+    # db, getpwnam and external (proc) backends answer both kinds of question; which lookups they serve is
+    # the parser's table_fits (getpwnam: userbase only; db: no string, regex or relay-host lookups).
     if backend == "db":
-        return TableProbe(source is not None and _is_readable_file(source), TableShape.MAPPING)
+        return TableProbe(source is not None and _is_readable_file(source), TableShape.ANY)
     if backend == "getpwnam":
-        return TableProbe(source is None, TableShape.MAPPING)
+        return TableProbe(source is None, TableShape.ANY)
     return TableProbe(True, TableShape.ANY)
 
 

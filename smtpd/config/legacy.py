@@ -281,7 +281,8 @@ def rule_statement(parser: Parser, first: Token, reject: bool) -> None:  # noqa:
             negated = parser.negation() or negated
             table = parser.table_use()
             parser._mark(flags, "tag", token)
-            parser.check_table(table, TableShape.LIST, 'table "{name}" may not be used for tag lookups')
+            parser.check_table(table, TableShape.LIST, 'table "{name}" may not be used for tag lookups',
+                               service="string")
             flags.conditions.append(Condition(family="tag", table=table, negated=negated))
         elif token.is_word("authenticated"):
             parser.advance()
@@ -313,7 +314,7 @@ def rule_statement(parser: Parser, first: Token, reject: bool) -> None:  # noqa:
             if kind == "userbase" and action.userbase_table:
                 raise SemanticProblem("userbase mapping already specified for this dispatcher", token)
             parser.check_table(table, TableShape.MAPPING, 'table "{name}" may not be used for ' + kind + " lookups",
-                               userbase=kind == "userbase")
+                               service="userinfo" if kind == "userbase" else kind)
             action = replace(action, **{f"{kind}_table": table})
         elif token.is_word("deliver"):
             parser.advance()

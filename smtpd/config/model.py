@@ -42,8 +42,8 @@ class Location:
 class TableShape(StrEnum):
     LIST = "list"
     MAPPING = "mapping"
-    # Answers both kinds of question: external (proc) backends. File tables get LIST or MAPPING from their
-    # content; db and getpwnam tables are MAPPING (as OpenSMTPD 6.8 types them at config time).
+    # The shape is known only once the backend has loaded (file tables detect it from their content;
+    # db, getpwnam and external backends answer both kinds of question).
     ANY = "any"
 
 

@@ -66,6 +66,7 @@ FILTER_CHECKS: dict[str, tuple[str, ...]] = {
     "data": (*_GLOBAL_FILTER_CHECKS, "helo", "auth", "mail-from"),
     "commit": (*_GLOBAL_FILTER_CHECKS, "helo", "auth", "mail-from"),
 }
+DB_REFUSES = ("string", "regex", "relayhost")
 CONDITION_ORDER = ("from", "for", "tag", "helo", "auth", "tls", "mail-from", "rcpt-to")
 LISTEN_OPTIONS = frozenset((
     "inet4", "inet6", "port", "filter", "smtps", "tls", "tls-require", "pki", "ca", "auth", "auth-optional", "tag",
@@ -414,7 +415,7 @@ class Parser:
         self.table_values(name.text)
         self.expect_punct("}")
 
-    def declare_table(self, name: Token, value: Token, legacy_bare_path: bool = False) -> TableDecl:
+    def declare_table(self, name: Token, value: Token) -> TableDecl:
         text = value.text
         source: str | None
         if text.startswith("/"):
@@ -521,17 +522,24 @@ class Parser:
         token = self.peek()
         return token.kind is Kind.STRING or token.is_punct("<") or token.is_punct("{")
 
-    def table_fits(self, name: str, shape: TableShape, userbase: bool = False) -> bool:
+    def table_fits(self, name: str, shape: TableShape, service: str = "") -> bool:
+        """OpenSMTPD's table_check_use: the table's type (list/mapping) and the lookup service must fit.
+
+        Services matter for two backends (verified with 6.8): getpwnam answers userbase lookups only, and db
+        does not answer string (tag), regex or relay-host lookups.
+        """
         if name in self.broken_tables:
             return False
         decl = self.tables[name]
-        if decl.backend == "getpwnam" and not userbase:
-            return False
+        if decl.backend == "getpwnam":
+            return service == "userinfo"
+        if decl.backend == "db":
+            return service not in DB_REFUSES
         return decl.shape in (shape, TableShape.ANY)
 
     def check_table(self, name: str, shape: TableShape, message: str, token: Token | None = None,
-                    userbase: bool = False) -> None:
-        if not self.table_fits(name, shape, userbase):
+                    service: str = "") -> None:
+        if not self.table_fits(name, shape, service):
             raise SemanticProblem(message.format(name=name), token or self.last or self.peek())
 
     # -- global statements -------------------------------------------------------------------------------
@@ -1146,7 +1154,7 @@ class Parser:
                 if action.userbase_table is not None:
                     raise SemanticProblem("userbase mapping already specified for this dispatcher", self.last)
                 self.check_table(table, TableShape.MAPPING, 'table "{name}" may not be used for userbase lookups',
-                                 userbase=True)
+                                 service="userinfo")
                 action = replace(action, userbase_table=table)
             elif self.accept_kw("wrapper"):
                 value = self.expect_string()
@@ -1206,7 +1214,7 @@ class Parser:
                 if relay.backup:
                     raise SemanticProblem(f"backup and {word} are mutually exclusive", self.last)
                 shape = TableShape.LIST if word == "host" else TableShape.MAPPING
-                self.check_table(table, shape, 'table "{name}" may not be used for host lookups')
+                self.check_table(table, shape, 'table "{name}" may not be used for host lookups', service="relayhost")
                 if word == "host":
                     relay = replace(relay, host_table=table, host=self._single_item(table))
                     self._url_warnings(table)
@@ -1351,7 +1359,9 @@ class Parser:
             regex, table = self._regex_table()
             self._mark(flags, word, self.last or token)
             kinds = {"tag": "tag", "helo": "helo", "mail-from": "mail-from", "rcpt-to": "rcpt-to"}
-            self.check_table(table, TableShape.LIST, 'table "{name}" may not be used for ' + kinds[word] + " lookups")
+            service = "regex" if regex else ("string" if word == "tag" else word)
+            self.check_table(table, TableShape.LIST, 'table "{name}" may not be used for ' + kinds[word] + " lookups",
+                             service=service)
             flags.conditions.append(Condition(family=word, table=table, regex=regex, negated=negated))
         elif word == "tls":
             self.advance()
@@ -1363,7 +1373,8 @@ class Parser:
             if self.at_kw("regex") or self.at_table_use():
                 regex, table = self._regex_table()
                 self._mark(flags, "auth", self.last or token)
-                self.check_table(table, TableShape.LIST, 'table "{name}" may not be used for auth lookups')
+                self.check_table(table, TableShape.LIST, 'table "{name}" may not be used for auth lookups',
+                                 service="regex" if regex else "credentials")
                 condition = replace(condition, table=table, regex=regex)
             else:
                 self._mark(flags, "auth", token)
@@ -1396,8 +1407,9 @@ class Parser:
         if variant == "mail-from":
             flags.seen.add("mail-from")
         if condition.table is not None:
+            service = "regex" if condition.regex and variant != "rdns" else variant
             self.check_table(condition.table, TableShape.LIST, 'table "{name}" may not be used for '
-                             + ("rdns" if variant == "rdns" else "from") + " lookups")
+                             + ("rdns" if variant == "rdns" else "from") + " lookups", service=service)
         return condition
 
     def match_for(self, flags: _RuleFlags, negated: bool, start: Token) -> Condition:
@@ -1414,7 +1426,8 @@ class Parser:
             flags.seen.add("rcpt-to")
         if condition.table is not None:
             what = "'for'" if variant == "domain" else "for"
-            self.check_table(condition.table, TableShape.LIST, 'table "{name}" may not be used for ' + what + " lookups")
+            self.check_table(condition.table, TableShape.LIST, 'table "{name}" may not be used for ' + what + " lookups",
+                             service="regex" if condition.regex else variant)
         return condition
 
     # -- result -------------------------------------------------------------------------------------------

@@ -285,10 +285,20 @@ async def trace_follow(daemon: Daemon, args: dict[str, Any], send: Send) -> None
     capacity = int(_bounded(args.get("capacity"), FOLLOW_CAPACITY, 1, 100_000))
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
+    wake_pending = False
+
+    def set_ready() -> None:
+        nonlocal wake_pending
+        wake_pending = False
+        ready.set()
 
     def wake() -> None:
-        # emit() may run in a worker thread (expansion runs in to_thread): hand the wake-up to the loop.
-        loop.call_soon_threadsafe(ready.set)
+        # emit() may run in a worker thread (expansion runs in to_thread): hand the wake-up to the loop, once
+        # per batch rather than once per event (each call_soon_threadsafe writes to the loop's wake-up pipe).
+        nonlocal wake_pending
+        if not wake_pending:
+            wake_pending = True
+            loop.call_soon_threadsafe(set_ready)
 
     subscription = trace.BUS.subscribe(subsystems, capacity=capacity, accept=event_filter(args), notify=wake)
     for subsystem in turned_on:

@@ -132,6 +132,7 @@ class ControlServer:
         self.socket_path = socket_path
         self.authoriser = Authoriser(group)
         self.server: asyncio.AbstractServer | None = None
+        self.socket_inode: int | None = None  # of the socket file we created, once listening
         self.connections_by_uid: Counter[int] = Counter()
         self.tasks: set[asyncio.Task[Any]] = set()
         # SMTPD_CONTROL_TIMEOUT overrides the request timeout (tests shorten it; see docs/control-api.md).
@@ -146,6 +147,7 @@ class ControlServer:
         self.server = await asyncio.start_unix_server(
             self._accept, path=self.socket_path, limit=MAX_REQUEST_BYTES + 1)
         os.chmod(self.socket_path, SOCKET_MODE)
+        self.socket_inode = os.stat(self.socket_path).st_ino
         LOG.debug("control socket listening on %s", self.socket_path)
 
     async def stop(self) -> None:
@@ -156,8 +158,12 @@ class ControlServer:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        # Remove the socket only if it is still ours: a daemon that failed to start (e.g. another one is
+        # running) must not delete the running daemon's socket.
+        with contextlib.suppress(OSError):
+            if self.socket_inode is not None and os.stat(self.socket_path).st_ino == self.socket_inode:
+                os.unlink(self.socket_path)
+        self.socket_inode = None
 
     # -- connections ----------------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -325,7 +331,12 @@ class ControlServer:
     # -- writing --------------------------------------------------------------------------------------
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-        writer.write(encode(message))
+        try:
+            data = encode(message)
+        except (TypeError, ValueError) as error:  # a handler returned something JSON cannot carry
+            LOG.error("control: cannot encode a reply: %s", error)
+            data = encode(error_reply(message.get("id"), ErrorCode.FAILED, f"internal error: {error}"))
+        writer.write(data)
         await writer.drain()
 
     async def _send_quietly(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

@@ -74,7 +74,7 @@ def read_forward(home: str, uid: int) -> ForwardFile:
     except FileNotFoundError:
         return ForwardFile(ForwardStatus.MISSING, path, reason="no home directory")
     except OSError as error:
-        return ForwardFile(ForwardStatus.PERMFAIL, path, reason=f"{home}: {error.strerror}")
+        return _open_failure(home, error)
     if home_info.st_mode & stat.S_ISVTX:
         return ForwardFile(ForwardStatus.TEMPFAIL, path, reason=f"{home} is sticky")
     try:
@@ -101,6 +101,9 @@ def read_forward(home: str, uid: int) -> ForwardFile:
 def _open_failure(path: str, error: OSError) -> ForwardFile:
     if error.errno == errno.ENOENT:
         return ForwardFile(ForwardStatus.MISSING, path, reason="no .forward")
+    if error.errno == errno.EACCES and os.geteuid() != 0:
+        # An unprivileged daemon (the trial run) cannot read other users' files and delivers as itself anyway.
+        return ForwardFile(ForwardStatus.MISSING, path, reason="not readable by the unprivileged daemon")
     if error.errno in (errno.EMFILE, errno.ENFILE, errno.EIO, errno.EAGAIN):
         return ForwardFile(ForwardStatus.TEMPFAIL, path, reason=f"{path}: {error.strerror}")
     if error.errno == errno.ELOOP:

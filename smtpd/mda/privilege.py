@@ -1,6 +1,8 @@
 """Running a delivery as the recipient: a forked child that drops to the user's uid, gid and groups.
 
-When the daemon runs as root, every local write happens in a child process forked for it, which resets signal
+Mailbox writes go through ForkServer (the helper process of smtpd/mda/forkserver.py, which forks small
+children). ``run_as`` forks the daemon itself and is kept for rare work that needs the daemon's code in the
+child (replaying offline sendmail files at start). Either way the child resets signal
 handling, starts a new session, sets its groups, gid and uid (in that order, so it cannot get root back),
 changes to the user's home and only then touches the mailbox. The parent waits for the child without blocking the
 event loop (a pidfd), with the reference's 300 s limit. Commands (mda, |pipes, wrappers) are started with

@@ -221,10 +221,12 @@ class MtaState:
 
     # -- connection limits ---------------------------------------------------------------------------------
     def _has_room(self, route: Route, relay: RelayState, domain: str) -> bool:
-        return (route.nconn < self.limit("max-conn-per-route", domain)
-                and route.host.nconn < self.limit("max-conn-per-host", domain)
-                and relay.nconn < self.limit("max-conn-per-relay", domain)
-                and self.domain_conns.get(domain, 0) < self.limit("max-conn-per-domain", domain))
+        # A limit below 1 would stop relaying for good: at least one connection is always allowed.
+        def room(name: str) -> int:
+            return max(1, self.limit(name, domain))
+        return (route.nconn < room("max-conn-per-route") and route.host.nconn < room("max-conn-per-host")
+                and relay.nconn < room("max-conn-per-relay")
+                and self.domain_conns.get(domain, 0) < room("max-conn-per-domain"))
 
     def reserve(self, route: Route, relay: RelayState, domain: str) -> bool:
         """Take one connection's place on the route, host, relay and domain; False when one of them is full."""

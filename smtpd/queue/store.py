@@ -1,9 +1,10 @@
 """The queue component: receiving messages, the group commit, envelope updates and removal, background loading.
 
-Every write to the spool runs on one I/O thread, in order. A commit is durable before its future resolves:
-the message file and each envelope file are flushed, their folder is flushed, the folder is renamed into
-queue/XX/ and that bucket is flushed. Commits that arrive while a batch is being flushed wait for the next
-batch and share its syncs (group commit), so many sessions pay for one round of journal commits.
+Every write to the spool runs on a few writer threads ("I/O threads") fed by one line of jobs. A commit is
+durable before its future resolves: message file, envelope files, their folder and incoming/ flushed (round 1);
+then the folder is renamed under queue/XX/ and the bucket flushed (round 2), after which the scheduler takes the
+envelopes. Commits that arrive while a batch is being flushed go into the next batch and share its syncs
+(group commit), so many sessions pay for one round of flushes. docs/queue.md has the whole story.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 LOG = log.get("queue")
 LOAD_CHUNK = 500  # messages handed to the scheduler at once while loading in the background
-LOAD_THREADS = 8
+LOAD_THREADS = 16
 MAX_BATCH = 256  # commits flushed together at most
 IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "3"))
 

@@ -1,0 +1,89 @@
+"""SMTP in, local delivery out: the real daemon over a real socket, aliases, .forward, mbox and Maildir."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for delivery")
+
+
+@pytest.fixture()
+def world():
+    with open_temp_dir("pysmtpd-e2e-") as top:
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        mail_root = make_mail_root(top)
+        with system_user(homes, "pea") as alice, system_user(homes, "peb") as bob:
+            yield Path(top), mail_root, alice, bob
+
+
+def test_smtp_to_mbox_maildir_aliases_and_forward(world) -> None:
+    top, mail_root, alice, bob = world
+    archive = top / "archive"
+    archive.mkdir()
+    os.chmod(archive, 0o777)
+    forward = Path(bob.pw_dir) / ".forward"
+    forward.write_text(f"{bob.pw_name}, {alice.pw_name}\n")
+    os.chown(forward, bob.pw_uid, bob.pw_gid)
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              f'table aliases {{ staff = "{alice.pw_name}, {archive}/log", gone = "error:550 5.1.6 moved away" }}\n'
+              'action "local" mbox alias <aliases>\n'
+              'action "md" maildir "~/Maildir"\n'
+              'match from any for domain "mbox.test" action "local"\n'
+              'match from any for domain "maildir.test" action "md"\n')
+    daemon = Daemon(str(top), config, mail_root, extra_args=("-T", "expand")).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            refused = client.sendmail("sender@client.test", ["staff@mbox.test", f"{bob.pw_name}@maildir.test",
+                                                             f"{bob.pw_name}@mbox.test"],
+                                      b"Subject: hello\r\n\r\nFrom me\r\nbody\r\n")
+            assert refused == {}
+            code, text = client.rcpt("gone@mbox.test") if client.mail("s@client.test")[0] == 250 else (0, b"")
+            assert (code, text) == (550, b"5.1.6 moved away: <gone@mbox.test>")
+            code, _ = client.rcpt("nosuchuser@mbox.test")
+            assert code == 550
+            client.rset()
+        alice_box = os.path.join(mail_root, alice.pw_name)
+        # staff -> alice (mbox) and the archive file; bob's .forward -> bob and alice: alice gets two copies.
+        content = wait_for(lambda: open(alice_box).read().count("Subject: hello") == 2 and open(alice_box).read()
+                           if os.path.exists(alice_box) else None)
+        assert "\n>From me\n" in content
+        assert os.stat(alice_box).st_uid == alice.pw_uid
+        bob_box = os.path.join(mail_root, bob.pw_name)
+        wait_for(lambda: os.path.exists(bob_box) and "Subject: hello" in open(bob_box).read())
+        new = Path(bob.pw_dir) / "Maildir" / "new"
+        [name] = wait_for(lambda: os.listdir(new) if new.exists() and os.listdir(new) else None)
+        assert "\nFrom me\n" in (new / name).read_text()
+        assert os.stat(new / name).st_uid == bob.pw_uid
+        log_file = archive / "log"
+        wait_for(lambda: log_file.exists() and "Subject: hello" in log_file.read_text())
+        assert log_file.stat().st_uid == __import__("pwd").getpwnam("opensmtpd").pw_uid
+        log = daemon.log()
+        assert "expand: lka_expand: address: staff@mbox.test [depth=0]" in log
+        assert f"expand: no .forward for user {alice.pw_name}, just deliver" in log
+        assert "mda delivery evpid=" in log and "result=Ok stat=Delivered" in log
+    finally:
+        daemon.stop()
