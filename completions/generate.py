@@ -33,8 +33,9 @@ class Node:
 def walk(command: click.Command, path: str = "", parent: click.Context | None = None,
          tree: dict[str, Node] | None = None) -> dict[str, Node]:
     tree = {} if tree is None else tree
+    # The command's own context settings (its -h/--help names), as when smtpctl runs it.
     ctx = click.Context(command, info_name=path.rsplit(" ", 1)[-1] or "smtpctl", parent=parent,
-                        resilient_parsing=True)
+                        resilient_parsing=True, **command.context_settings)
     node = Node()
     for param in command.get_params(ctx):
         if isinstance(param, click.Option):

@@ -72,6 +72,7 @@ class WordGroup(click.Group):
             return None
         module_name, _, attribute = target.partition(":")
         command = getattr(importlib.import_module(module_name), attribute)
+        _ensure_example(command, " ".join([*words_so_far(ctx), name]))
         self.commands[name] = command
         return command
 
@@ -122,6 +123,28 @@ class WordGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+# Examples for commands written elsewhere whose help has none (shown as the help's epilog). A command that
+# carries its own "Example" in its help keeps it.
+FALLBACK_EXAMPLES = {
+    "show queue": "smtpctl show queue --sender alice@example.org",
+    "show envelope": "smtpctl show envelope 0123456789abcdef",
+    "show message": "smtpctl show message 01234567",
+    "schedule": "smtpctl schedule all",
+    "remove": "smtpctl remove 01234567",
+    "discover": "smtpctl discover 01234567",
+    "pause envelope": "smtpctl pause envelope all",
+    "resume envelope": "smtpctl resume envelope all",
+    "encrypt": "echo 'secret' | smtpctl encrypt",
+}
+
+
+def _ensure_example(command: click.Command, path: str) -> None:
+    text = f"{command.help or ''}\n{command.epilog or ''}"
+    if "Example" in text or path not in FALLBACK_EXAMPLES:
+        return
+    command.epilog = f"\b\nExample:\n  {FALLBACK_EXAMPLES[path]}"
 
 
 class Leaf(click.Command):

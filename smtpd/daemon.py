@@ -213,9 +213,27 @@ def _remove_pidfile(path: str) -> None:
         pass
 
 
+def _detach() -> None:
+    """Become a background daemon as smtpd(8) does without -d/-F: fork twice, new session, stdio on /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for descriptor in (0, 1, 2):
+        os.dup2(null, descriptor)
+    os.close(null)
+
+
 def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT or `smtpctl stop`. Returns the exit code."""
-    log.setup(to_syslog=options.log_to_syslog, verbose=options.verbose)
+    """Run the daemon until SIGTERM/SIGINT or `smtpctl stop`. Returns the exit code.
+
+    Without -d/-F it detaches and logs to syslog, as smtpd(8) does.
+    """
+    if not options.foreground:
+        _detach()
+    log.setup(to_syslog=options.log_to_syslog or not options.foreground, verbose=options.verbose)
     if options.traces:
         for keyword in options.traces:
             trace.BUS.enable(keyword)

@@ -182,3 +182,17 @@ def test_client_that_never_reads_replies_is_dropped(daemon: DaemonProcess) -> No
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         assert_still_serving(daemon)
+
+
+def test_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone(daemon: DaemonProcess) -> None:
+    workdir = make_workdir()
+    try:
+        second = DaemonProcess(workdir, env={"SMTPD_SOCKET": daemon.socket})
+        with pytest.raises(RuntimeError, match="smtpd exited at start"):
+            second.start()
+        second.stop()
+        assert "control socket already listening" in second.log()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert os.path.exists(daemon.socket)
+    assert_still_serving(daemon)

@@ -164,3 +164,38 @@ def test_lmtp_connection_refused_is_temporary(world) -> None:
     path = write_message(os.path.join(top, "m"), "Subject: x\n\nx\n")
     result = asyncio.run(agent.deliver(mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name), path))
     assert result.outcome is Outcome.TEMPFAIL and result.text.startswith("Connection failed")
+
+
+def test_deliveries_while_dovecot_rewrites_the_mbox(world) -> None:
+    """Dovecot rewrites the mbox on EXPUNGE under its dotlock+fcntl locks; our appends must wait, never mix."""
+    import threading
+
+    top, root, bob = world
+    agent = MdaAgent(make_config([local_action("local", Method.MBOX)], []), DictTables(), "mx.example.org")
+    first = [f"Subject: old {n}\n\n" + f"old body {n}\n" * 200 for n in range(6)]
+    deliver_all(agent, bob.pw_name, top, first)
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    later = [f"Subject: new {n}\n\nFrom line {n}\n" + f"new body {n}\n" * 300 for n in range(20)]
+    with Dovecot(os.path.join(top, "dovecot"), [user], f"mbox:~/mail:INBOX={root}/%u") as dovecot:
+        imap = imaplib.IMAP4("127.0.0.1", dovecot.imap_port)
+        imap.login(bob.pw_name, user.password)
+        imap.select("INBOX")
+        delivering = threading.Thread(target=deliver_all, args=(agent, bob.pw_name, top + "/later", later))
+        os.mkdir(top + "/later")
+        delivering.start()
+        try:
+            for _ in range(3):  # expunge the oldest message three times while deliveries run
+                assert imap.store("1", "+FLAGS", "\\Deleted")[0] == "OK"
+                assert imap.expunge()[0] == "OK"
+                imap.noop()
+        finally:
+            delivering.join(120)
+            imap.logout()
+        texts = [normalise(text) for text in dovecot.fetch(bob.pw_name)]
+    subjects = sorted(text.split("Subject: ")[1].split("\n")[0] for text in texts)
+    assert subjects == sorted([f"old {n}" for n in range(3, 6)] + [f"new {n}" for n in range(20)])
+    for text in texts:
+        subject = text.split("Subject: ")[1].split("\n")[0]
+        kind, number = subject.split()
+        lines = 200 if kind == "old" else 300
+        assert text.count(f"{kind} body {number}\n") == lines, subject

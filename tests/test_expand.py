@@ -446,3 +446,25 @@ def test_trace_events_say_what_went_where(bob) -> None:
     rendered = result.render_tree()
     assert rendered[0].startswith(f"address: staff@{LOCAL_DOMAIN}")
     assert any("alias aliases[staff]" in line for line in rendered)
+
+
+def test_bounces_to_srs_addresses_go_back_to_the_original_sender() -> None:
+    from dataclasses import replace
+
+    from smtpd.config.model import SrsOptions
+    from smtpd.mta.srs import encode
+
+    tables = DictTables()
+    config = replace(setup(tables), srs=SrsOptions(key="secret-key"))
+    rewritten = encode(f"carol@{REMOTE_DOMAIN}", "secret-key", LOCAL_DOMAIN)
+    assert rewritten.startswith("SRS0=") and rewritten.endswith(f"@{LOCAL_DOMAIN}")
+    result = expand_recipient(config, tables, SessionFacts(), "", rewritten, "mx.example.org",
+                              matcher=domain_matcher)
+    [envelope] = result.deliveries
+    assert (envelope.type, envelope.dest) == (EnvelopeType.MTA, f"carol@{REMOTE_DOMAIN}")
+    # Only bounces are decoded; a forged hash is not.
+    assert expand_recipient(config, tables, SessionFacts(), "x@y.test", rewritten, "mx.example.org",
+                            matcher=domain_matcher).refusal == (550, "Invalid recipient")
+    forged = "SRS0=XXXX" + rewritten[9:]
+    assert expand_recipient(config, tables, SessionFacts(), "", forged, "mx.example.org",
+                            matcher=domain_matcher).refusal == (550, "Invalid recipient")

@@ -479,3 +479,69 @@ def test_a_dead_delivery_helper_is_restarted(spool, bob) -> None:
     assert agent.forkserver.process is not helper
     assert len(os.listdir(os.path.join(bob.pw_dir, "Maildir", "new"))) == 2
     asyncio.run(agent.forkserver.stop())
+
+
+def test_command_time_limit_kills_the_process_group(spool, bob) -> None:
+    from smtpd.mda.command import run_command
+    from smtpd.mda.privilege import Identity
+
+    tmp_path, _, _ = spool
+    identity = Identity.from_passwd(bob)
+    with open(write_message(str(tmp_path / "m"), MESSAGE), "rb") as message:
+        outcome = asyncio.run(run_command(["/bin/sh", "-c", "sleep 30 & sleep 30"], identity,
+                                          {"PATH": "/usr/bin:/bin"}, b"", message, timeout=0.5))
+    assert outcome.timed_out and outcome.temporary
+    assert outcome.error_text() == "terminated; timeout"
+
+
+def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
+    """A scripted LMTP peer: 2xx, 4xx and 5xx after DATA, one per accepted recipient, and a 4xx at RCPT."""
+    from smtpd.mda.lmtp import deliver_lmtp
+
+    tmp_path, _, _ = spool
+    received: list[bytes] = []
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp ready\r\n")
+        rcpts: list[bytes] = []
+        while line := await reader.readline():
+            received.append(line)
+            verb = line[:4].upper()
+            if verb == b"LHLO":
+                writer.write(b"250-lmtp\r\n250 PIPELINING\r\n")
+            elif verb == b"RCPT":
+                if b"busy" in line:
+                    writer.write(b"452 4.2.2 mailbox busy\r\n")
+                else:
+                    rcpts.append(line)
+                    writer.write(b"250 ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                while (body := await reader.readline()) != b".\r\n":
+                    received.append(body)
+                for rcpt in rcpts:
+                    writer.write(b"250 2.0.0 saved\r\n" if b"good" in rcpt else
+                                 b"452 4.2.2 over quota\r\n" if b"full" in rcpt else b"550 5.1.1 no such user\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_unix_server(peer, str(tmp_path / "lmtp.sock"))
+        try:
+            with open(write_message(str(tmp_path / "m"), "Subject: x\n\n.dot\nbody\n"), "rb") as message:
+                return await deliver_lmtp(str(tmp_path / "lmtp.sock"), "mx.test", "s@x.test",
+                                          ["good", "busy", "full", "gone"], b"Delivered-To: x\n", message)
+        finally:
+            server.close()
+
+    replies = asyncio.run(run())
+    assert [(reply.code, reply.ok, reply.temporary) for reply in replies] == [
+        (250, True, False), (452, False, True), (452, False, True), (550, False, False)]
+    assert b"..dot\r\n" in received and b"Delivered-To: x\r\n" in received

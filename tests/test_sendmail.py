@@ -111,9 +111,10 @@ def test_offline_queue_is_replayed_at_start(world) -> None:
     workdir, mail_root, user = world
     daemon = make_daemon(workdir, mail_root, user)
     offline = workdir / "spool" / "offline"
-    offline.mkdir(parents=True)
+    (workdir / "spool").mkdir()
     result = run_sendmail(daemon.env, ["-f", "batch", user.pw_name], "Subject: while down\n\nqueued offline\n")
     assert result.returncode == 75, result.stderr
+    assert offline.stat().st_mode & 0o7777 == 0o1733  # created by sendmail: anyone may drop, nobody may list
     [kept] = list(offline.iterdir())
     assert kept.read_text().startswith(f"-f|batch|{user.pw_name}\nSubject: while down\n")
     assert os.stat(kept).st_mode & 0o777 == 0o600
@@ -152,3 +153,41 @@ def test_long_lines_become_quoted_printable() -> None:
     assert "Content-Transfer-Encoding: quoted-printable" in lines
     assert all(len(line) < 990 for line in lines)
     assert "short" in lines
+
+
+def test_a_user_without_privileges_submits_as_themself(world) -> None:
+    """What a user's cron job does: sendmail runs with the user's uid; the daemon learns who it is."""
+    import io
+    import sys
+    import warnings
+
+    from smtpctl.commands.sendmail import sendmail_main
+
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"Subject: from cron\n\nnightly job done\n")
+        os.close(write_end)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.environ.update({k: v for k, v in daemon.env.items() if k.startswith("SMTPD_")})
+                os.setgroups([])
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+                sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(read_end)))
+                status = sendmail_main(["root"])
+            finally:
+                os._exit(status)
+        os.close(read_end)
+        _, wait_status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(wait_status) == 0, daemon.log()
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith(f"From {user.pw_name}@mx.control.test ")
+        assert "nightly job done" in content
+    finally:
+        daemon.stop()

@@ -80,4 +80,4 @@ def test_zsh() -> None:
               "words=(smtpctl show queue --state ''); CURRENT=5; _smtpctl; "
               "words=(smtpctl show status -); CURRENT=4; _smtpctl")
     result = subprocess.run(["zsh", "-f", "-c", script], capture_output=True, text=True, check=True)
-    assert result.stdout.splitlines() == ["paused", "pending inflight suspended offline", "--json --help"]
+    assert result.stdout.splitlines() == ["paused", "pending inflight suspended offline", "--json -h --help"]

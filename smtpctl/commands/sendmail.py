@@ -337,6 +337,10 @@ def write_offline(spool: str, argv: list[str], data: bytes) -> str:
     for argument in argv:
         if "|" in argument:
             raise UsageError(f"{argument} contains illegal character")
+    if not os.path.isdir(directory) and os.geteuid() == 0:
+        # The daemon never ran here yet: make the folder it will replay (same mode as the queue gives it).
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o1733)
     old_umask = os.umask(0o077)
     try:
         for _ in range(100):

@@ -222,6 +222,7 @@ class _Expansion:
 
     # -- ADDRESS --------------------------------------------------------------------------------------
     def _expand_address(self, node: ExpansionNode) -> None:
+        self._decode_srs(node)
         user, _, domain = node.value.rpartition("@")
         _emit(f"lka_expand: address: {user}@{domain} [depth={node.depth}]")
         decision = self.matcher(self.config, self.tables, self.facts, self.sender, node.value,
@@ -241,6 +242,22 @@ class _Expansion:
         else:
             node.outcome = f"user {user.lower()}"
             self._insert(NodeKind.USERNAME, user.lower(), node, source=f"local part, action {action.name}")
+
+    def _decode_srs(self, node: ExpansionNode) -> None:
+        """A bounce (null sender) to one of our SRS addresses goes to the address it stands for."""
+        srs = self.config.srs
+        if not srs.key or self.sender or node.value[:5].upper() not in ("SRS0=", "SRS1="):
+            return
+        from smtpd.mta.srs import decode  # the scheme lives with the relay code that encodes it
+
+        keys = [key for key in (srs.key, srs.backup_key) if key]
+        decoded = decode(node.value, keys, srs.ttl)
+        if decoded is None:
+            _emit(f"srs: {node.value} is not a valid SRS address of ours, kept as it is")
+            return
+        _emit(f"srs: {node.value} decoded to {decoded}")
+        node.source = f"{node.source}, SRS {node.value}"
+        node.value = decoded
 
     def _expand_virtual_address(self, node: ExpansionNode, user: str, domain: str, table: str) -> None:
         base, tag = self._split_tag(user.lower())

@@ -1,6 +1,6 @@
 """The SMTP/LMTP client of the relay: one connection to one remote host, over asyncio streams.
 
-Why not aiosmtplib (the maintained library we use elsewhere in tests): the relay needs four things it does
+Why not aiosmtplib (the maintained asyncio SMTP client): the relay needs four things it does
 not offer —
   * LMTP: after DATA an LMTP server answers once per accepted recipient; aiosmtplib reads one reply;
   * the remote's reply exactly as sent (every line of a multi-line reply, for the bounce and `show queue`),
