@@ -15,24 +15,30 @@ def stats_lines(stats: dict[str, object]) -> list[str]:
     return [f"{key}={stats[key]}" for key in sorted(stats, key=lambda key: key.encode())]
 
 
+def _line(row: dict[str, object], made: str) -> str:
+    """The relay's own rendering of a row when it gives one (field "line"), else ours from the fields."""
+    line = row.get("line")
+    return str(line) if isinstance(line, str) else made
+
+
 def hosts_lines(rows: list[dict[str, object]]) -> list[str]:
-    return [f"{row.get('address', '?')} {row.get('ptr', '')} refcount={row.get('refcount', 0)} "
-            f"nconn={row.get('nconn', 0)} lastconn={row.get('lastconn') or '-'}" for row in rows]
+    return [_line(row, f"{row.get('address', '?')} {row.get('ptr', '')} refcount={row.get('refcount', 0)} "
+            f"nconn={row.get('nconn', 0)} lastconn={row.get('lastconn') or '-'}") for row in rows]
 
 
 def routes_lines(rows: list[dict[str, object]]) -> list[str]:
-    return [f"{row.get('id', 0)}. {row.get('route', '')} {row.get('flags', '')} nconn={row.get('nconn', 0)} "
+    return [_line(row, f"{row.get('id', 0)}. {row.get('route', '')} {row.get('flags', '')} nconn={row.get('nconn', 0)} "
             f"nerror={row.get('nerror', 0)} penalty={row.get('penalty', 0)} "
-            f"timeout={row.get('timeout') or '-'}" for row in rows]
+            f"timeout={row.get('timeout') or '-'}") for row in rows]
 
 
 def hoststats_lines(rows: list[dict[str, object]]) -> list[str]:
-    return [f"{row.get('domain', '')}|{row.get('time', 0)}|{row.get('text', '')}" for row in rows]
+    return [_line(row, f"{row.get('domain', '')}|{row.get('time', 0)}|{row.get('text', '')}") for row in rows]
 
 
 def relays_lines(rows: list[dict[str, object]]) -> list[str]:
-    return [str(row.get("text", "")) for row in rows]
+    return [_line(row, str(row.get("text", ""))) for row in rows]
 
 
 def mta_paused_lines(rows: list[dict[str, object]]) -> list[str]:
-    return [f"{row.get('source', '')} -> {row.get('domain') or '*'}" for row in rows]
+    return [_line(row, f"{row.get('source', '')} -> {row.get('domain') or '*'}") for row in rows]
