@@ -12,12 +12,13 @@ import asyncio
 import importlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.paths import Paths, read_mailname
+from shared.paths import MailnameError, Paths, read_mailname
 from smtpd import log, trace
 from smtpd.config.model import Config
 from smtpd.stats import STATS, Stats
@@ -184,12 +185,22 @@ def _install_signal_handlers(daemon: Daemon) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
 
 
+class StartupFailed(Exception):
+    """A subsystem could not start (a port taken, a table unreadable, another daemon on the socket)."""
+
+
 async def serve(daemon: Daemon) -> None:
-    daemon.build()
+    try:
+        daemon.build()
+    except Exception as error:  # noqa: BLE001 — reported as one `smtpd: ...` line, not a traceback
+        raise StartupFailed(str(error)) from error
     _install_signal_handlers(daemon)
     daemon.log.info("%s starting", VERSION)
     try:
-        await daemon.start()
+        try:
+            await daemon.start()
+        except Exception as error:  # noqa: BLE001 — as above; what did start is stopped below
+            raise StartupFailed(str(error)) from error
         _write_pidfile(daemon.paths.pidfile)
         await daemon.wait_stopped()
         daemon.log.info("Exiting")
@@ -238,6 +249,12 @@ def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
         for keyword in options.traces:
             trace.BUS.enable(keyword)
         trace.console_to_stderr()
-    daemon = Daemon(paths, config, options)
-    asyncio.run(serve(daemon))
+    try:
+        daemon = Daemon(paths, config, options)
+        asyncio.run(serve(daemon))
+    except (StartupFailed, MailnameError) as error:
+        if not options.foreground or options.log_to_syslog:
+            log.get().critical("%s", error)  # stderr is gone or not the log: say it where the log goes too
+        print(f"smtpd: {error}", file=sys.stderr)
+        return 1
     return 0

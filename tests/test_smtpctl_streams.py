@@ -175,3 +175,33 @@ def test_monitor_counts_connections(daemon: DaemonProcess) -> None:
         monitor.wait(15)
     assert monitor.returncode == 0
     assert all(row["client_conn"] == 0 for row in rows)  # control connections are not SMTP clients
+
+
+def test_slow_terminal_is_told_how_many_events_it_lost(daemon: DaemonProcess) -> None:
+    """A real `smtpctl trace --follow` whose output nobody reads for a while (a stuck terminal)."""
+    import threading
+
+    follower = spawn_smtpctl(daemon, "trace", "stat", "--follow", "--buffer", "5")
+    assert follower.stdout is not None and follower.stderr is not None
+    try:
+        deadline = time.monotonic() + 20
+        while "stat" not in enabled_traces(daemon) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        make_stat_events(daemon, 2000)  # its stdout pipe fills, it stops reading, the daemon drops
+        assert daemon.request("show.status")["ok"]
+        # The terminal wakes up: read everything it prints from now on.
+        printed: list[str] = []
+        reader = threading.Thread(target=lambda: printed.extend(follower.stdout), daemon=True)
+        reader.start()
+        complaint = ""
+        deadline = time.monotonic() + 30
+        while "dropped" not in complaint and time.monotonic() < deadline:
+            make_stat_events(daemon, 1)
+            ready, _, _ = select.select([follower.stderr], [], [], 0.1)
+            if ready:
+                complaint += os.read(follower.stderr.fileno(), 4096).decode()
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(15)
+    assert re.search(r"smtpctl: \d+ trace events dropped \(reading too slowly\)", complaint), complaint
+    assert follower.returncode == 0

@@ -14,7 +14,7 @@ import click
 
 from smtpctl import render
 from smtpctl.exitcodes import Exit
-from smtpctl.words import Leaf, WordGroup, call, fail, json_option, possibilities, simple
+from smtpctl.words import Leaf, WordGroup, call, fail, invalid_command, json_option, possibilities, simple
 
 PROFILE_KEYWORDS = ("imsg", "queue")
 
@@ -44,8 +44,6 @@ def _route_words(ctx: click.Context, words: tuple[str, ...]) -> tuple[str, str] 
     if len(words) < 4 or not "for".startswith(words[2]):
         possibilities(ctx, ["from <addr> for"])
     if len(words) > 4:
-        from smtpctl.words import invalid_command
-
         invalid_command()
     return words[1], words[3]
 
