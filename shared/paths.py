@@ -70,7 +70,9 @@ def read_mailname(path: str) -> str:
     if "." not in name:
         try:
             infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
-        except OSError:
+        except (OSError, UnicodeError, LookupError):
+            # LookupError: the idna codec cannot be imported (an unprivileged user who cannot read the whole
+            # stdlib); the short name is still a usable server name.
             infos = []
         for info in infos:
             if info[3]:
