@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := swaks opensmtpd dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish
 
-.PHONY: run test install test-deps lint
+.PHONY: run test install test-deps lint completions
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ test: install test-deps
 
 lint: install
 	$(VENV)/bin/ruff check smtpd smtpctl shared tests bench scripts
+
+completions: install
+	$(PY) completions/generate.py
