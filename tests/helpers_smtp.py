@@ -101,13 +101,23 @@ class SmtpDaemon:
     def message(self, msgid: str) -> bytes:
         from smtpd.queue.spool import Spool
 
-        return Path(Spool(str(self.spool)).message_path(int(msgid, 16))).read_bytes()
+        return _placed(Path(Spool(str(self.spool)).message_path(int(msgid, 16)))).read_bytes()
 
     def envelopes(self, msgid: str) -> list[str]:
         from smtpd.queue.spool import Spool
 
-        folder = Path(Spool(str(self.spool)).message_dir(int(msgid, 16)))
+        folder = _placed(Path(Spool(str(self.spool)).message_dir(int(msgid, 16))))
+        _placed(folder / "message")
         return [path.read_text() for path in sorted(folder.iterdir()) if path.name != "message"]
+
+
+def _placed(path: Path) -> Path:
+    """The path once the queue has put it in place. The 250 comes when the message is durable; the queue may
+    move it under queue/ a moment later (its group commit), so a test reading queue/ right after a 250 waits."""
+    deadline = time.monotonic() + 30
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path
 
 
 @contextlib.contextmanager

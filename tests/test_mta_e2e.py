@@ -199,3 +199,38 @@ def test_direct_mx_delivery_through_the_daemon(workdir: Path) -> None:
     assert delivered["Return-Path"] == "<bob@local.test>"
     assert routes.startswith("1. [] <-> 127.0.0.1 (mx.remote.test) ")
     assert ("remote.test", "MX") in dns.queries
+
+
+def test_relayed_notice_only_when_the_remote_does_not_offer_dsn(workdir: Path) -> None:
+    from helpers_mta import RawRemote, standard_script
+    port = free_port()
+    dsn_script = standard_script({"EHLO": b"250-dsn.test\r\n250-DSN\r\n250 8BITMIME\r\n"})
+    with RawRemote(dsn_script) as with_dsn, RawRemote(standard_script()) as without_dsn:
+        box = maildir(workdir, "LocalMaildir")
+        text = ('table users { "@" = "nobody" }\n'
+                f"listen on 127.0.0.1 port {port}\n"
+                f'action "local" maildir "{box}" virtual <users>\n'
+                f'action "to_dsn" relay host "smtp://127.0.0.1:{with_dsn.port}"\n'
+                f'action "to_plain" relay host "smtp://127.0.0.1:{without_dsn.port}"\n'
+                'match from any for domain "local.test" action "local"\n'
+                'match from local for domain "dsn.test" action "to_dsn"\n'
+                'match from local for domain "plain.test" action "to_plain"\n')
+        ours = start(workdir, "ours", text, "mail.local.test", port, env={"SMTPD_RESOLVER": "127.0.0.1:9"})
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("bob@local.test", ["carol@dsn.test", "dave@plain.test"], MESSAGE,
+                                rcpt_options=["NOTIFY=SUCCESS"])
+            # the notice is queued before the envelope is deleted: an empty queue means it was delivered too
+            assert wait_until(lambda: with_dsn.commands.count("<EOM>") == 1
+                              and without_dsn.commands.count("<EOM>") == 1
+                              and ours.smtpctl("show", "queue").stdout == "", 30), ours.log()
+        finally:
+            ours.stop()
+    # the DSN-capable remote got NOTIFY and reports success itself; the other one cannot: we say "relayed"
+    assert any(line.startswith("RCPT TO:<carol@dsn.test> NOTIFY=SUCCESS") for line in with_dsn.commands)
+    assert "RCPT TO:<dave@plain.test>" in without_dsn.commands
+    notices = maildir_messages(str(box))
+    assert len(notices) == 1
+    assert notices[0]["Subject"] == "Delivery status notification: relayed"
+    text = notices[0].as_string()
+    assert "dave@plain.test" in text and "carol@dsn.test" not in text

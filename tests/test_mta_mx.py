@@ -8,6 +8,7 @@ import os
 import pytest
 from helpers_mta import DnsServer, MemoryTables, RawRemote, Remote, free_port, relay_config, standard_script
 
+from smtpd import trace
 from smtpd.config.model import Action, Config, Method, MtaLimit, Relay
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mta import MtaAgent
@@ -54,6 +55,7 @@ ZONE = {
     "mx1.example.test": [("A", "127.0.0.2")],
     "mx2.example.test": [("A", "127.0.0.3")],
     "implicit.test": [("A", "127.0.0.3")],
+    "3.0.0.127.in-addr.arpa": [("PTR", "mx.reverse.test.")],
     "nullmx.test": [("MX", "0 .")],
     "broken.test": [("SERVFAIL", "")],
     "equal.test": [("MX", "10 a.equal.test."), ("MX", "10 b.equal.test."), ("MX", "30 c.equal.test.")],
@@ -183,14 +185,49 @@ def test_show_hosts_relays_and_hoststats(tmp_path: os.PathLike[str]) -> None:
         async def run() -> dict[str, list[dict[str, object]]]:
             await agent.start()
             await agent.deliver(envelope("bob@implicit.test"), message(tmp_path))
+            for _ in range(100):  # the PTR lookup runs beside the delivery; wait for its answer
+                if agent.control_view("hosts")[0]["ptr"] != "-":
+                    break
+                await asyncio.sleep(0.05)
             views = {kind: agent.control_view(kind) for kind in ("hosts", "relays", "hoststats", "routes")}
             await agent.stop()
             return views
         views = asyncio.run(run())
     host_line = str(views["hosts"][0]["line"])
-    assert host_line.startswith("127.0.0.3 implicit.test refcount=1 nconn=1 lastconn=")
+    # the PTR column is the reverse DNS name of the address, not the name (implicit.test) we connected by
+    assert host_line.startswith("127.0.0.3 mx.reverse.test refcount=1 nconn=1 lastconn=")
     assert str(views["relays"][0]["text"]).startswith("[relay:implicit.test,mx] refcount=0 ntask=0 nconn=1")
     stat = views["hoststats"][0]
     assert stat["domain"] == "implicit.test" and stat["text"] == "250 2.0.0 Ok: queued"
     assert str(stat["line"]).startswith("implicit.test|") and str(stat["line"]).endswith("|250 2.0.0 Ok: queued")
     assert views["routes"][0]["flags"] == "---K"  # the session is kept open for the next message
+
+
+def test_show_hosts_without_a_ptr_record_prints_a_dash(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.4")
+    zone = {"noptr.test": [("A", "127.0.0.4")]}
+    subscription = trace.BUS.subscribe({"mta"})
+    seen: list[str] = []
+    with DnsServer(zone) as dns, Remote(host="127.0.0.4", port=port):
+        agent = mx_agent(dns, port)
+
+        async def run() -> list[dict[str, object]]:
+            await agent.start()
+            result = await agent.deliver(envelope("bob@noptr.test"), message(tmp_path))
+            assert result.outcome is Outcome.OK
+            for _ in range(100):  # until the lookup has got its answer (NXDOMAIN)
+                seen.extend(event.message for event in subscription.drain()[0])
+                if "mta: PTR of 127.0.0.4: none" in seen:
+                    break
+                await asyncio.sleep(0.05)
+            hosts = agent.control_view("hosts")
+            await agent.stop()
+            return hosts
+        try:
+            hosts = asyncio.run(run())
+        finally:
+            subscription.close()
+    assert "mta: PTR of 127.0.0.4: none" in seen
+    assert ("4.0.0.127.in-addr.arpa", "PTR") in dns.queries
+    assert str(hosts[0]["line"]).startswith("127.0.0.4 - refcount=1 nconn=1 lastconn=")
+    assert hosts[0]["name"] == "noptr.test"

@@ -20,6 +20,7 @@ class SessionFacts:
     tag: str | None = None
     listener_hostname: str = ""
     local_socket: bool = False
+    fcrdns: bool = False  # forward-confirmed reverse DNS: rdns resolves back to address (filters' `fcrdns`)
 
     @property
     def is_local(self) -> bool:

@@ -26,7 +26,7 @@ from smtpd.config.model import Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
-from smtpd.mta.routes import DEFAULT_LIMITS, MtaState, RelayState, Route
+from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
 from smtpd.queue.envelope import Envelope
@@ -79,6 +79,8 @@ class MtaAgent:
         self._pool: dict[tuple[str, str], list[_Pooled]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_prune = time.time()
+        self._deferred: dict[str, int] = {}  # relay key -> envelopes handed over and not yet resolved
+        self.held = 0  # envelopes waiting for their relay to drain below `mta max-deferred`
 
     @property
     def config(self) -> Config:
@@ -119,8 +121,16 @@ class MtaAgent:
         STATS.increment("mta.envelope")
         job: Job | None = None
         try:
-            job = self._enqueue(envelope, message_path)
-            result = await asyncio.shield(job.future)
+            plan = self._plan(envelope)
+            await self._wait_below_max_deferred(plan.relay_key, envelope)
+            try:
+                job = self._enqueue(envelope, plan, message_path)
+                result = await asyncio.shield(job.future)
+            finally:
+                self._deferred[plan.relay_key] -= 1
+                if not self._deferred[plan.relay_key]:
+                    del self._deferred[plan.relay_key]
+                self.state.changed()
         except PlanError as error:
             result = (DeliveryResult.permfail if error.permanent else DeliveryResult.tempfail)(error.message, 0)
         except asyncio.CancelledError:
@@ -133,7 +143,7 @@ class MtaAgent:
         self._log_delivery(envelope, job, result, started)
         return result
 
-    def _enqueue(self, envelope: Envelope, message_path: str) -> Job:
+    def _plan(self, envelope: Envelope) -> Plan:
         config = self.config
         action = config.actions.get(envelope.dispatcher)
         if action is None:
@@ -144,6 +154,26 @@ class MtaAgent:
         if plan.source and ((plan.source, plan.domain) in self.state.paused
                             or (plan.source, "*") in self.state.paused):
             raise PlanError(f"relaying from {plan.source} for {plan.domain} is paused")
+        return plan
+
+    async def _wait_below_max_deferred(self, relay_key: str, envelope: Envelope) -> None:
+        """`mta max-deferred N`: at most N envelopes per relay are in the agent's hands (waiting for a session,
+        or being sent); further ones are held back here, without costing an attempt, until one is done."""
+        def full() -> bool:
+            return self._deferred.get(relay_key, 0) >= max(1, self.config.mta_max_deferred)
+        if full():
+            trace.emit("mta", f"mta: {envelope.evpid:016x} held: {relay_key} has "
+                       f"{self._deferred[relay_key]} envelopes in progress (max-deferred)",
+                       evpid=f"{envelope.evpid:016x}", relay=relay_key)
+            self.held += 1
+            try:
+                while full():
+                    await self.state.wait_for_change(1.0)
+            finally:
+                self.held -= 1
+        self._deferred[relay_key] = self._deferred.get(relay_key, 0) + 1
+
+    def _enqueue(self, envelope: Envelope, plan: Plan, message_path: str) -> Job:
         loop = asyncio.get_running_loop()
         job = Job(envelope, loop.create_future(), time.time())
         key = (envelope.msgid, plan.relay_key, plan.sender, message_path)
@@ -212,6 +242,7 @@ class MtaAgent:
             if not pending:
                 return
             route = self.state.route(plan.source, self.state.host(address, "" if name == address else name))
+            self._look_up_ptr(route.host)
             if route.disabled(now):
                 last_error = f"Route {route.text()} is disabled after repeated errors"
                 trace.emit("mta", f"mta: skipping disabled route {route.id}. {route.text()}", route=route.id)
@@ -263,6 +294,13 @@ class MtaAgent:
             pooled = await self._take_pooled(plan.relay_key, address)
             if pooled is not None:
                 return pooled.session
+            delay = self.state.connect_delay(route, relay, plan.domain, time.time())
+            if delay > 0:
+                # conn-delay-* / reconn-delay-route: wait, but take a session that becomes idle meanwhile.
+                trace.emit("mta", f"mta: route {route.id}. {route.text()}: next connection in {delay:.1f}s",
+                           route=route.id, delay=round(delay, 1))
+                await self.state.wait_for_change(delay)
+                continue
             if self.state.reserve(route, relay, plan.domain):
                 return None
             # Full: sessions kept idle for other relays to this host give their place up first.
@@ -363,6 +401,8 @@ class MtaAgent:
 
     # -- where to go --------------------------------------------------------------------------------------------
     async def _candidates(self, plan: Plan) -> list[tuple[str, str]]:
+        if plan.smarthost is not None and plan.smarthost.unix_socket:
+            return [(plan.smarthost.host, plan.smarthost.host)]
         if plan.smarthost is not None:
             addresses = await self.resolver.addresses(plan.smarthost.host)
             if not addresses:
@@ -382,6 +422,19 @@ class MtaAgent:
         if not better:
             raise MxError(f"No MX host with a better preference than {ours} (backup)", permanent=False)
         return better
+
+    def _look_up_ptr(self, host: Host) -> None:
+        """Find the host's reverse DNS name for `show hosts`, once, in the background (never delays mail)."""
+        if host.ptr_asked or host.address.startswith("/"):
+            return
+        host.ptr_asked = True
+
+        async def look_up() -> None:
+            host.ptr = await self.resolver.ptr(host.address)
+            trace.emit("mta", f"mta: PTR of {host.address}: {host.ptr or 'none'}", address=host.address)
+        task = asyncio.get_running_loop().create_task(look_up())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- smtpctl -------------------------------------------------------------------------------------------------
     def control_view(self, kind: str) -> list[dict[str, object]]:

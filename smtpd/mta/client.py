@@ -121,15 +121,19 @@ class SmtpClient:
     async def connect(cls, address: str, port: int, *, timeout: float, source: str | None = None,
                       tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                       lmtp: bool = False, session_id: str = "") -> SmtpClient:
-        """Open the TCP connection (TLS at once when tls_context is given: smtps)."""
+        """Open the TCP connection (TLS at once when tls_context is given: smtps); an address starting with
+        "/" is the path of a Unix socket (lmtp:///path)."""
         local_addr = (source, 0) if source else None
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(address, port, family=family, local_addr=local_addr, ssl=tls_context,
-                                        server_hostname=server_hostname if tls_context else None,
-                                        limit=MAX_REPLY_LINE * 2),
-                timeout)
+            if address.startswith("/"):
+                opening = asyncio.open_unix_connection(address, limit=MAX_REPLY_LINE * 2)
+            else:
+                opening = asyncio.open_connection(address, port, family=family, local_addr=local_addr,
+                                                  ssl=tls_context,
+                                                  server_hostname=server_hostname if tls_context else None,
+                                                  limit=MAX_REPLY_LINE * 2)
+            reader, writer = await asyncio.wait_for(opening, timeout)
         except TimeoutError:
             raise ClientError("Connection timeout") from None
         except ssl.SSLError as error:
@@ -137,7 +141,8 @@ class SmtpClient:
         except OSError as error:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise ClientError(f"Connection failed: {reason}") from None
-        client = cls(reader, writer, timeout=timeout, peer=f"{address}:{port}", lmtp=lmtp, session_id=session_id)
+        peer = address if address.startswith("/") else f"{address}:{port}"
+        client = cls(reader, writer, timeout=timeout, peer=peer, lmtp=lmtp, session_id=session_id)
         if tls_context is not None:
             client._note_tls(tls_context)
         return client

@@ -18,11 +18,13 @@ import dns.exception
 import dns.name
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 
 from shared.paths import ENV_RESOLVER
 from smtpd import trace
 
 DNS_TIMEOUT = 10.0
+PTR_TIMEOUT = 5.0  # a missing PTR only leaves `show hosts` with "-": do not wait long
 
 
 class MxError(Exception):
@@ -141,6 +143,17 @@ class Resolver:
                 continue
             found.extend(record.address for record in (answer.rrset or []))
         return tuple(found)
+
+    async def ptr(self, address: str) -> str | None:
+        """The host name a reverse (PTR) lookup gives for address, or None (no record, or no answer)."""
+        try:
+            name = dns.reversename.from_address(address)
+            answer = await self._resolver.resolve(name, "PTR", raise_on_no_answer=False, lifetime=PTR_TIMEOUT)
+        except (ValueError, dns.exception.DNSException):
+            return None
+        for record in answer.rrset or []:
+            return record.target.to_text(omit_final_dot=True).lower()
+        return None
 
     async def preference_of(self, domain: str, exchanger: str) -> int | None:
         """The preference of exchanger among domain's MX records (for `backup`), or None if absent."""

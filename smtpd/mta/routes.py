@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,14 @@ HOSTSTAT_EXPIRE = 4 * 3600
 FORGET_AFTER = 3600  # an unused relay, route or host is forgotten after an hour
 
 # Limits of reference §10 that the agent enforces (others are accepted by the parser and ignored).
+# Decision: the connection delays (conn-delay-*, reconn-delay-route) default to 0, not to OpenSMTPD's
+# route 5 s / relay 2 s / reconnect 3 s: the connection limits already protect the remote, and the delays are
+# what makes OpenSMTPD relay a queue 20 times slower (docs/relay.md). Configured values are honoured.
+CONN_DELAY_KEYS = ("conn-delay-host", "conn-delay-route", "conn-delay-source", "conn-delay-connector",
+                   "conn-delay-relay", "conn-delay-domain")
 DEFAULT_LIMITS: dict[str, int] = {
+    **{key: 0 for key in CONN_DELAY_KEYS},
+    "reconn-delay-route": 0,
     "max-conn-per-host": 10,
     "max-conn-per-route": 5,
     "max-conn-per-source": 100,
@@ -66,10 +74,17 @@ class RelayHost:
         return self.scheme == "lmtp"
 
     @property
+    def unix_socket(self) -> bool:
+        """`lmtp:///path`: the host is the path of a Unix socket (port 0)."""
+        return self.host.startswith("/")
+
+    @property
     def tls_mode(self) -> str:
         return SCHEMES[self.scheme][0]
 
     def __str__(self) -> str:
+        if self.unix_socket:
+            return f"{self.scheme}://{self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         label = f"{self.label}@" if self.label else ""
         return f"{self.scheme}://{label}{host}:{self.port}"
@@ -83,6 +98,8 @@ def parse_relay_url(url: str) -> RelayHost:
         scheme = scheme.lower()
     if scheme not in SCHEMES:
         raise RelayUrlError(f"invalid relay URL {url!r}: unknown scheme {scheme!r}")
+    if text.startswith("/"):
+        return _unix_socket_url(url, scheme, text)
     label = None
     if "@" in text:
         label, _, text = text.rpartition("@")
@@ -116,11 +133,23 @@ def parse_relay_url(url: str) -> RelayHost:
     return RelayHost(scheme, host.lower(), port, label)
 
 
+def _unix_socket_url(url: str, scheme: str, path: str) -> RelayHost:
+    # Our extension (OpenSMTPD relays over TCP only): `lmtp:///run/dovecot/lmtp`, an LMTP server's Unix socket,
+    # as the local LMTP servers (Dovecot, Cyrus) usually listen. TLS and AUTH make no sense there.
+    if scheme != "lmtp":
+        raise RelayUrlError(f"invalid relay URL {url!r}: only lmtp:// may name a Unix socket")
+    if path.endswith("/") or "\0" in path or len(path.encode()) > 107:
+        raise RelayUrlError(f"invalid relay URL {url!r}: bad socket path")
+    return RelayHost(scheme, os.path.normpath(path), 0)
+
+
 # -- state ------------------------------------------------------------------------------------------------
 @dataclass
 class Host:
     address: str
-    name: str  # the name we reached it by (MX exchanger or relay host); shown where OpenSMTPD shows the PTR
+    name: str  # the name we reached it by (MX exchanger or relay host)
+    ptr: str | None = None  # its reverse DNS name (show hosts), once looked up
+    ptr_asked: bool = False
     refcount: int = 0
     nconn: int = 0
     lastconn: float = 0.0
@@ -138,6 +167,7 @@ class Route:
     lastconn: float = 0.0
     new: bool = True
     idle: int = 0  # sessions kept open for the next message (K flag)
+    lastdisc: float = 0.0  # when its last session ended (reconn-delay-route)
 
     @property
     def source_text(self) -> str:
@@ -179,6 +209,10 @@ class MtaState:
     relays: dict[str, RelayState] = field(default_factory=dict)
     hoststats: dict[str, HostStat] = field(default_factory=dict)
     domain_conns: dict[str, int] = field(default_factory=dict)
+    source_conns: dict[str, int] = field(default_factory=dict)  # source text ("[]": any) -> connections
+    connector_conns: dict[tuple[str, str], int] = field(default_factory=dict)  # (relay key, source text)
+    # when a connection was last opened per source / connector / domain (conn-delay-*)
+    last_opened: dict[tuple[str, object], float] = field(default_factory=dict)
     paused: set[tuple[str, str]] = field(default_factory=set)  # (source, domain or "*")
     _next_route_id: int = 1
     _change: asyncio.Event | None = None
@@ -224,30 +258,61 @@ class MtaState:
         # A limit below 1 would stop relaying for good: at least one connection is always allowed.
         def room(name: str) -> int:
             return max(1, self.limit(name, domain))
+        source = route.source_text
         return (route.nconn < room("max-conn-per-route") and route.host.nconn < room("max-conn-per-host")
                 and relay.nconn < room("max-conn-per-relay")
-                and self.domain_conns.get(domain, 0) < room("max-conn-per-domain"))
+                and self.domain_conns.get(domain, 0) < room("max-conn-per-domain")
+                and self.source_conns.get(source, 0) < room("max-conn-per-source")
+                and self.connector_conns.get((relay.key, source), 0) < room("max-conn-per-connector"))
+
+    def connect_delay(self, route: Route, relay: RelayState, domain: str, now: float) -> float:
+        """Seconds to wait before a new connection on this route (conn-delay-*, reconn-delay-route); 0: now."""
+        source = route.source_text
+        last_times = {
+            "conn-delay-host": route.host.lastconn,
+            "conn-delay-route": route.lastconn,
+            "conn-delay-relay": relay.lastconn,
+            "conn-delay-source": self.last_opened.get(("source", source), 0.0),
+            "conn-delay-connector": self.last_opened.get(("connector", (relay.key, source)), 0.0),
+            "conn-delay-domain": self.last_opened.get(("domain", domain), 0.0),
+            "reconn-delay-route": route.lastdisc,
+        }
+        earliest = 0.0
+        for name, last in last_times.items():
+            delay = self.limit(name, domain)
+            if last and delay > 0:
+                earliest = max(earliest, last + delay)
+        return max(0.0, earliest - now)
 
     def reserve(self, route: Route, relay: RelayState, domain: str) -> bool:
         """Take one connection's place on the route, host, relay and domain; False when one of them is full."""
         if not self._has_room(route, relay, domain):
             return False
         now = time.time()
+        source = route.source_text
         route.nconn += 1
         route.host.nconn += 1
         route.host.refcount += 1
         relay.nconn += 1
         self.domain_conns[domain] = self.domain_conns.get(domain, 0) + 1
+        self.source_conns[source] = self.source_conns.get(source, 0) + 1
+        self.connector_conns[(relay.key, source)] = self.connector_conns.get((relay.key, source), 0) + 1
         route.lastconn = route.host.lastconn = relay.lastconn = now
+        self.last_opened[("source", source)] = self.last_opened[("domain", domain)] = now
+        self.last_opened[("connector", (relay.key, source))] = now
         route.new = False
         return True
 
     def release(self, route: Route, relay: RelayState, domain: str) -> None:
+        source = route.source_text
         route.nconn -= 1
         route.host.nconn -= 1
         route.host.refcount -= 1
         relay.nconn -= 1
+        route.lastdisc = time.time()
         self.domain_conns[domain] -= 1
+        self.source_conns[source] -= 1
+        self.connector_conns[(relay.key, source)] -= 1
         self.changed()
 
     def changed(self) -> None:
@@ -325,8 +390,9 @@ class MtaState:
         rows = []
         for host in sorted(self.hosts.values(), key=lambda item: _address_key(item.address)):
             lastconn = _duration(now - host.lastconn) if host.lastconn else "-"
-            line = f"{host.address} {host.name or '-'} refcount={host.refcount} nconn={host.nconn} lastconn={lastconn}"
-            rows.append({"address": host.address, "ptr": host.name or "-", "refcount": host.refcount,
+            ptr = host.ptr or "-"
+            line = f"{host.address} {ptr} refcount={host.refcount} nconn={host.nconn} lastconn={lastconn}"
+            rows.append({"address": host.address, "ptr": ptr, "name": host.name, "refcount": host.refcount,
                          "nconn": host.nconn, "lastconn": lastconn, "line": line})
         return rows
 

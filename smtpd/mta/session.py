@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpd import log, trace
-from smtpd.delivery import DeliveryResult
+from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mta.client import BadReply, ClientError, Reply, SmtpClient, stuffed_lines
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
@@ -87,8 +87,9 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
         raise SessionError(str(error), route_failure=False) from None
     server_hostname = host_name if host_name and not _is_address(host_name) else None
     scheme = "lmtp" if plan.lmtp else "smtps" if use_smtps else "smtp"
-    LOG.info("%s mta connecting address=%s://%s:%d host=%s", session_id, scheme, address, plan.port, host_name)
-    trace.emit("mta", f"{session_id}: connecting to {address}:{plan.port} ({host_name}) {policy.describe()}",
+    where = address if address.startswith("/") else f"{address}:{plan.port}"  # a Unix socket, or TCP
+    LOG.info("%s mta connecting address=%s://%s host=%s", session_id, scheme, where, host_name)
+    trace.emit("mta", f"{session_id}: connecting to {where} ({host_name}) {policy.describe()}",
                session=session_id, host=host_name, address=address)
     try:
         client = await SmtpClient.connect(address, plan.port, timeout=timeout, source=plan.source,
@@ -205,7 +206,10 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
         if len(replies) == 1:  # SMTP, or DATA itself refused: one answer for every accepted recipient
             replies = replies * len(accepted)
         for job, reply in zip(accepted, replies, strict=True):
-            job.resolve(result_for_reply(reply))
+            result = result_for_reply(reply)
+            if dsn and result.outcome is Outcome.OK:
+                _leave_success_notice_to_remote(session, job.envelope)
+            job.resolve(result)
         session.messages += 1
         return True
     except BadReply as error:
@@ -235,6 +239,17 @@ def _rcpt_line(envelope: Envelope, dsn: bool) -> str:
         if envelope.dsn_orcpt:
             line += f" ORCPT={envelope.dsn_orcpt}"
     return line
+
+
+def _leave_success_notice_to_remote(session: Session, envelope: Envelope) -> None:
+    """The remote offers DSN and got our NOTIFY/ORCPT: reporting success is its job from now on (RFC 3461
+    §5.2.2), so no "relayed" notice from us. The scheduler decides on the notice from the envelope it handed
+    over (the same object, deleted right after a success): clearing SUCCESS there is how the agent says so."""
+    notify = DsnNotify(envelope.dsn_notify)
+    if notify & DsnNotify.SUCCESS:
+        envelope.dsn_notify = notify & ~DsnNotify.SUCCESS
+        trace.emit("mta", f"{session.id}: {envelope.evpid:016x}: the remote offers DSN; it reports success",
+                   session=session.id, evpid=f"{envelope.evpid:016x}")
 
 
 def _resolve_all(jobs: list[Job], result: DeliveryResult) -> None:

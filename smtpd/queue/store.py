@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 LOG = log.get("queue")
 LOAD_CHUNK = 500  # messages handed to the scheduler at once while loading in the background
-LOAD_THREADS = 16
+LOAD_THREADS = int(os.environ.get("SMTPD_QUEUE_LOAD_THREADS", "16"))
 MAX_BATCH = 256  # commits flushed together at most
 IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "3"))
 
@@ -86,7 +86,7 @@ class IOThread:
                         for number in range(IO_THREADS)]
         self.batches = 0
         self.committed = 0
-        self.flusher = ParallelFlusher()
+        self.flusher = ParallelFlusher(int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "32")))
 
     def start(self) -> None:
         for thread in self.threads:

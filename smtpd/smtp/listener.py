@@ -9,6 +9,7 @@ until resume, as OpenSMTPD does. Sessions in progress are not touched by pause, 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import ssl
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from smtpd import log, trace
 from smtpd.config.model import Config, Listener, TlsMode
 from smtpd.lookup.tables.base import Service, TableError
-from smtpd.smtp import replies, tls
+from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.session import Session, SessionLimits, local_user_name
 
 if TYPE_CHECKING:
@@ -171,28 +172,56 @@ class SmtpServer:
                 _log.warning("smtp: accept failed: %s", error)
                 await asyncio.sleep(1)
                 continue
+            if bound.endpoint.listener.proxy_v2:
+                # The header is read in the connection's own task (a slow client must not stop accepting);
+                # it counts as a session from now on, so that header-less floods meet the session limit.
+                self._track(self._serve_proxied(connection, bound.endpoint))
+                continue
             try:
                 await self._serve_connection(connection, bound.endpoint)
             except OSError:
                 connection.close()
 
-    async def _serve_connection(self, connection: socket.socket, endpoint: Endpoint) -> None:
+    async def _serve_connection(self, connection: socket.socket, endpoint: Endpoint,
+                                proxy: Any = None) -> Session:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
-
         smtps = endpoint.listener.tls is TlsMode.SMTPS
+        sessions: list[Session] = []
 
         def connected(stream_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if smtps and not endpoint.listener.proxy_v2:
+            if smtps:
                 # Called before the transport starts reading: the client's handshake stays in the socket for
                 # the TLS layer (bytes read into the stream buffer would be lost to it).
                 writer.transport.pause_reading()
             session = Session(self, endpoint, stream_reader, writer)
-            self._track(session.run(proxy=endpoint.listener.proxy_v2, smtps=smtps))
+            sessions.append(session)
+            if proxy is None:
+                self._track(session.run(smtps=smtps))
 
         # A client_connected callback makes the protocol server-side, which StreamWriter.start_tls needs.
         protocol = asyncio.StreamReaderProtocol(reader, connected)
         await loop.connect_accepted_socket(lambda: protocol, connection)
+        return sessions[0]
+
+    async def _serve_proxied(self, connection: socket.socket, endpoint: Endpoint) -> None:
+        """A proxy-v2 listener's connection: the PROXY header is read from the socket to its last byte and no
+        further, so what follows it (an SMTPS client's TLS handshake, often in the same packet) is left for
+        the session."""
+        try:
+            async with asyncio.timeout(self.limits.timeout):
+                proxy = await proxy_header.read(connection)
+        except (OSError, TimeoutError, proxy_header.ProxyHeaderError) as error:
+            trace.emit("smtp", f"connection dropped: bad PROXY header: {error or 'timeout'}")
+            _log.info("smtp: connection dropped: bad PROXY header: %s", error or "timeout")
+            connection.close()
+            return
+        try:
+            session = await self._serve_connection(connection, endpoint, proxy)
+        except OSError:
+            connection.close()
+            return
+        await session.run(proxy=proxy, smtps=endpoint.listener.tls is TlsMode.SMTPS)
 
     def _track(self, coroutine: Any) -> None:
         self.active += 1
@@ -224,19 +253,48 @@ class SmtpServer:
 
     # -- reverse DNS -------------------------------------------------------------------------------------------
     async def reverse_name(self, ip: str) -> str | None:
+        name, _ = await self._reverse(ip)
+        return name
+
+    async def client_names(self, ip: str) -> tuple[str | None, str]:
+        """The client's reverse name and its FCrDNS status: "pass" when the name resolves back to ``ip``,
+        "fail" when there is no name or it does not, "error" when a lookup failed temporarily (OpenSMTPD's
+        report values)."""
+        name, reverse_status = await self._reverse(ip)
+        if name is None:
+            status = reverse_status
+        else:
+            status = await self._forward_confirm(name, ip)
+        return name, status
+
+    async def _reverse(self, ip: str) -> tuple[str | None, str]:
         resolver_address = os.environ.get("SMTPD_RESOLVER")
         try:
             if resolver_address:
-                return await asyncio.wait_for(_reverse_with_dnspython(ip, resolver_address), 10)
-            loop = asyncio.get_running_loop()
-            host, _ = await asyncio.wait_for(loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 10)
-            return str(host)
-        except (OSError, TimeoutError, ValueError, UnicodeError) as error:
+                name = await asyncio.wait_for(_reverse_with_dnspython(ip, resolver_address), 10)
+            else:
+                loop = asyncio.get_running_loop()
+                host, _ = await asyncio.wait_for(loop.getnameinfo((ip, 0), socket.NI_NAMEREQD), 10)
+                name = str(host)
+        except Exception as error:  # noqa: BLE001 — OSError, timeouts, dnspython's NXDOMAIN/NoAnswer/...
             trace.emit("smtp", f"no reverse name for {ip}: {error}", address=ip)
-            return None
-        except Exception as error:  # noqa: BLE001 — dnspython's NXDOMAIN/NoAnswer/...: simply no name
-            trace.emit("smtp", f"no reverse name for {ip}: {error}", address=ip)
-            return None
+            return None, "error" if _temporary_dns_error(error) else "fail"
+        return name, "fail"
+
+    async def _forward_confirm(self, name: str, ip: str) -> str:
+        """Whether ``name`` resolves (A/AAAA) to ``ip``."""
+        resolver_address = os.environ.get("SMTPD_RESOLVER")
+        try:
+            if resolver_address:
+                addresses = await asyncio.wait_for(_addresses_with_dnspython(name, resolver_address), 10)
+            else:
+                loop = asyncio.get_running_loop()
+                infos = await asyncio.wait_for(loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), 10)
+                addresses = [str(info[4][0]) for info in infos]
+        except Exception as error:  # noqa: BLE001 — as in _reverse
+            trace.emit("smtp", f"no address for {name}: {error}", address=ip)
+            return "error" if _temporary_dns_error(error) else "fail"
+        return "pass" if any(_same_address(found, ip) for found in addresses) else "fail"
 
 
 def _resolve(listener: Listener) -> list[str]:
@@ -265,16 +323,60 @@ def _listening_socket(address: str, port: int) -> socket.socket:
     return sock
 
 
-async def _reverse_with_dnspython(ip: str, resolver_address: str) -> str | None:
+def _resolver(resolver_address: str) -> Any:
     import dns.asyncresolver
-    import dns.reversename
 
     host, _, port = resolver_address.rpartition(":")
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [host.strip("[]") or resolver_address]
     if port.isdigit():
         resolver.port = int(port)
-    answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR", lifetime=5)
+    return resolver
+
+
+async def _reverse_with_dnspython(ip: str, resolver_address: str) -> str | None:
+    import dns.reversename
+
+    answer = await _resolver(resolver_address).resolve(dns.reversename.from_address(ip), "PTR", lifetime=5)
     for record in answer:
         return str(record.target).rstrip(".")
     return None
+
+
+async def _addresses_with_dnspython(name: str, resolver_address: str) -> list[str]:
+    import dns.resolver
+
+    resolver = _resolver(resolver_address)
+    addresses: list[str] = []
+    missing = 0
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype, lifetime=5)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as error:
+            missing += 1
+            last_error: Exception = error
+            continue
+        addresses += [record.to_text() for record in answer]
+    if missing == 2:
+        raise last_error
+    return addresses
+
+
+def _same_address(found: str, ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(found.split("%")[0]) == ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+
+
+def _temporary_dns_error(error: BaseException) -> bool:
+    """A lookup that may succeed later (timeout, SERVFAIL, EAI_AGAIN), as opposed to "there is no such name"."""
+    if isinstance(error, TimeoutError):
+        return True
+    if isinstance(error, socket.gaierror):
+        return error.errno == socket.EAI_AGAIN
+    try:
+        import dns.resolver
+    except ImportError:  # pragma: no cover — dnspython is a dependency
+        return False
+    return isinstance(error, (dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout))

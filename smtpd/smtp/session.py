@@ -119,6 +119,8 @@ class Session:
         self.client_ip = "local" if self.local else ""
         self.client_port = 0
         self.rdns: str | None = None
+        # forward-confirmed reverse DNS: "pass", "fail" or "error" (a lookup failed temporarily)
+        self.fcrdns = "fail"
         self.smtpname = endpoint.smtpname
         self.helo: str | None = None
         self.esmtp = False
@@ -159,10 +161,11 @@ class Session:
         return SessionFacts(address=self.client_ip if not self.local else "local", rdns=self.rdns,
                             helo=self.helo or "", auth_user=self.auth_user if self.authenticated else None,
                             tls=self.secure, tag=self.listener.tag, listener_hostname=self.smtpname,
-                            local_socket=self.local)
+                            local_socket=self.local, fcrdns=self.fcrdns == "pass")
 
     # -- running -----------------------------------------------------------------------------------------------
-    async def run(self, *, proxy: bool = False, smtps: bool = False) -> None:
+    async def run(self, *, proxy: Any = None, smtps: bool = False) -> None:
+        """Serve the session; ``proxy``: the ProxyData of a proxy-v2 listener's connection (read already)."""
         STATS.increment("smtp.session")
         try:
             async with asyncio.timeout(self.limits.lifetime):
@@ -185,7 +188,7 @@ class Session:
         finally:
             await self._cleanup()
 
-    async def _connect(self, proxy: bool, smtps: bool) -> None:
+    async def _connect(self, proxy: Any, smtps: bool) -> None:
         if self.server.active > self.limits.max_sessions:
             # Checked first, so that a flood costs no DNS lookups; an SMTPS client cannot read plaintext.
             if not smtps:
@@ -194,39 +197,29 @@ class Session:
         if not self.local:
             peer = self.writer.get_extra_info("peername") or ("", 0)
             self.client_ip, self.client_port = str(peer[0]).split("%")[0], int(peer[1])
-            if proxy:
-                await self._read_proxy_header()
+            if proxy is not None:
+                self.client_ip, self.client_port = str(proxy.src_addr), int(proxy.src_port or 0)
             family = "inet6" if ":" in self.client_ip else "inet4"
             STATS.increment(f"smtp.session.{family}")
-            self.rdns = await self.server.reverse_name(self.client_ip)
+            self.rdns, self.fcrdns = await self.server.client_names(self.client_ip)
+            trace.emit("smtp", f"{self.token}: fcrdns={self.fcrdns} address={self.client_ip} "
+                       f"host={self.rdns or '<unknown>'}", session=self.token, address=self.client_ip,
+                       rdns=self.rdns or "", fcrdns=self.fcrdns)
         else:
             STATS.increment("smtp.session.local")
-            self.rdns = self.daemon.mailname
+            # A local submission names itself after this host: nothing to confirm, it is trusted.
+            self.rdns, self.fcrdns = self.daemon.mailname, "pass"
         trace.emit("smtp", f"{self.token}: connected to listener {self.endpoint.token} "
                    f"[hostname={self.smtpname}, port={self.endpoint.port}, tag={self.listener.tag or ''}]",
                    session=self.token, address=self.client_ip)
         _log.info("%s smtp connected address=%s host=%s", self.token, self.sockaddr if not self.local else "local",
                   self.rdns or "<unknown>")
         if smtps:
-            if proxy:
-                # Known limit (docs/smtp.md): handshake bytes that came with the PROXY header are lost.
-                self.writer.transport.pause_reading()
             await self._start_tls()
             STATS.increment("smtp.smtps")
         self._set_state("STATE_CONNECTED")
         self.early_bytes = len(self.buffer) + _stream_buffered_size(self.reader)
         await self.reply(replies.banner(self.smtpname))
-
-    async def _read_proxy_header(self) -> None:
-        from aiosmtpd.proxy_protocol import get_proxy
-
-        async with asyncio.timeout(self.limits.timeout):
-            data = await get_proxy(self.reader)
-        if not data.valid or data.src_addr is None:
-            trace.emit("smtp", f"{self.token}: bad PROXY header: {data.error}", session=self.token)
-            raise _Close("bad proxy header")
-        self.client_ip = str(data.src_addr)
-        self.client_port = int(data.src_port or 0)
 
     async def _cleanup(self) -> None:
         STATS.decrement("smtp.session")

@@ -1,0 +1,79 @@
+"""End to end: mail accepted over SMTP by the real daemon, a local delivery that fails for good, and the
+failure report (DSN) delivered by the real MDA into the sender's mailbox; the queue is empty afterwards."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from email import message_from_string
+from pathlib import Path
+
+import pytest
+from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture()
+def world():
+    with open_temp_dir("pysmtpd-bounce-") as top:
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        mail_root = make_mail_root(top)
+        with system_user(homes, "pba") as alice, system_user(homes, "pbb") as bob:
+            yield Path(top), mail_root, alice, bob
+
+
+def test_a_permanent_delivery_failure_comes_back_to_the_sender_as_a_dsn(world) -> None:
+    top, mail_root, alice, bob = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "local" mbox\n'
+              'action "fail" mda "/bin/false"\n'
+              'match from any for domain "mbox.test" action "local"\n'
+              'match from any for domain "fail.test" action "fail"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail(f"{alice.pw_name}@mbox.test", ["RET=HDRS", "ENVID=track-7"])
+            assert client.rcpt(f"{bob.pw_name}@fail.test", ["NOTIFY=FAILURE"])[0] == 250
+            assert client.data(b"Subject: doomed\r\n\r\nthe secret body\r\n")[0] == 250
+        mailbox = Path(mail_root) / alice.pw_name
+        deadline = time.monotonic() + 60
+        while not (mailbox.exists() and "Delivery status notification" in mailbox.read_text()):
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.1)
+        text = mailbox.read_text()
+        report = message_from_string(text[text.index("\n") + 1:])  # after the mbox "From " line
+        assert report["Subject"] == "Delivery status notification: failed"
+        assert report.get_content_type() == "multipart/report"
+        status = next(part for part in report.walk() if part.get_content_type() == "message/delivery-status")
+        per_message, per_recipient = status.get_payload()[:2]
+        assert per_message["Original-Envelope-Id"] == "track-7"
+        assert per_recipient["Final-Recipient"] == f"rfc822; {bob.pw_name}@fail.test"
+        assert per_recipient["Action"] == "failed"
+        assert per_recipient["Status"].startswith("5.")
+        assert "Subject: doomed" in text
+        assert "the secret body" not in text  # RET=HDRS
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        deadline = time.monotonic() + 30
+        while True:
+            listing = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", daemon.socket, "show", "queue"],
+                                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+            if listing.stdout == "" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert listing.returncode == 0 and listing.stdout == ""  # the original and the report are both gone
+    finally:
+        daemon.stop()

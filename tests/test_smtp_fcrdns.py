@@ -1,0 +1,80 @@
+"""Forward-confirmed reverse DNS (reference §7.2: "FCrDNS is recorded"), through the resolver setting and a real
+DNS server on loopback. Clients connect from several loopback source addresses, each with its own DNS story.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+
+import pytest
+from helpers_mta import DnsServer
+from helpers_smtp import SmtpDaemon
+
+RECORDS = {
+    # 127.0.0.1: the reverse name resolves back to the client: pass
+    "1.0.0.127.in-addr.arpa": [("PTR", "good.client.test.")],
+    "good.client.test": [("A", "127.0.0.9"), ("A", "127.0.0.1")],
+    # 127.0.0.2: the reverse name claims a name that points elsewhere: fail
+    "2.0.0.127.in-addr.arpa": [("PTR", "liar.client.test.")],
+    "liar.client.test": [("A", "127.0.0.9")],
+    # 127.0.0.3: the reverse name has no address at all (only AAAA of another host): fail
+    "3.0.0.127.in-addr.arpa": [("PTR", "six.client.test.")],
+    "six.client.test": [("AAAA", "2001:db8::3")],
+    # 127.0.0.4: the forward lookup fails temporarily: error
+    "4.0.0.127.in-addr.arpa": [("PTR", "broken.client.test.")],
+    "broken.client.test": [("SERVFAIL", "")],
+    # 127.0.0.5: no reverse name: fail
+}
+
+CONFIG = """
+listen on 127.0.0.1 port {port}
+action "local" mbox
+match from any for domain "example.org" action "local"
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("fcrdns")
+    with DnsServer(RECORDS) as dns:
+        daemon = SmtpDaemon(folder, CONFIG, env={"SMTPD_RESOLVER": dns.setting}, traces=("smtp",))
+        daemon.start()
+        try:
+            yield daemon, dns
+        finally:
+            daemon.stop()
+
+
+def send_from(daemon: SmtpDaemon, source: str) -> str:
+    """One message from the source address; returns the first line of the stored message."""
+    with smtplib.SMTP("127.0.0.1", daemon.port, source_address=(source, 0), timeout=30) as client:
+        client.ehlo("helo.test")
+        assert client.mail("a@sender.test")[0] == 250
+        assert client.rcpt("root@example.org")[0] == 250
+        code, text = client.data(b"Subject: fcrdns\r\n\r\nx\r\n")
+        assert code == 250, text
+    return daemon.message(text.split()[1].decode()).decode().split("\n")[0]
+
+
+def fcrdns_trace(daemon: SmtpDaemon, source: str) -> list[str]:
+    return re.findall(rf"fcrdns=(\w+) address={re.escape(source)} host=(\S+)", daemon.log())
+
+
+@pytest.mark.parametrize(("source", "status", "host"), [
+    ("127.0.0.1", "pass", "good.client.test"),
+    ("127.0.0.2", "fail", "liar.client.test"),
+    ("127.0.0.3", "fail", "six.client.test"),
+    ("127.0.0.4", "error", "broken.client.test"),
+    ("127.0.0.5", "fail", "<unknown>"),
+])
+def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer], source: str, status: str,
+                                            host: str) -> None:
+    daemon, dns = served
+    first_line = send_from(daemon, source)
+    # The reverse name is kept whether or not it is confirmed (as OpenSMTPD does): Received and `from rdns`
+    # see it; FCrDNS is a separate fact.
+    assert first_line == f"Received: from helo.test ({host} [{source}])"
+    assert set(fcrdns_trace(daemon, source)) == {(status, host)}  # 127.0.0.1 also had the readiness probe
+    if host != "<unknown>":
+        assert (host, "A") in dns.queries
