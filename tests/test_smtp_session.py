@@ -35,6 +35,7 @@ listen on 127.0.0.1 port {port4} tls-require verify pki mx.test.example ca clien
 listen on 127.0.0.1 port {port5} proxy-v2
 listen on 127.0.0.1 port {port6} mask-src
 listen on 127.0.0.1 port {port7} tls pki mx.test.example auth-optional
+listen on 127.0.0.1 port {port8} smtps proxy-v2 pki mx.test.example
 action "local" mbox
 action "relay" relay
 match from any for domain "example.org" action "local"
@@ -269,6 +270,96 @@ def test_proxy_v2_listener_drops_a_client_without_header(daemon: SmtpDaemon) -> 
         assert client.closed()
     finally:
         client.close()
+
+
+class MemoryTlsClient:
+    """A TLS client over a plain socket through memory BIOs, so that a test decides what goes in which packet."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = insecure_context().wrap_bio(self.incoming, self.outgoing, server_hostname="mx.test.example")
+
+    def client_hello(self) -> bytes:
+        with pytest.raises(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    def _pump(self) -> None:
+        pending = self.outgoing.read()
+        if pending:
+            self.sock.sendall(pending)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.incoming.write(chunk)
+
+    def finish_handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump()
+        self.sock.sendall(self.outgoing.read())
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+    def reply(self) -> str:
+        text = b""
+        while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", text):
+            try:
+                text += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._pump()
+        return text.decode()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_smtps_behind_proxy_with_the_handshake_in_the_header_packet(daemon: SmtpDaemon, version: str) -> None:
+    """The PROXY header and the TLS ClientHello arrive in one packet, as a proxy forwarding at once sends them."""
+    header = (proxy_v2_header("198.51.100.4", "127.0.0.1", 40001, 465) if version == "v2"
+              else b"PROXY TCP4 198.51.100.4 127.0.0.1 40001 465\r\n")
+    with socket.create_connection(("127.0.0.1", daemon.ports["port8"]), timeout=30) as sock:
+        client = MemoryTlsClient(sock)
+        sock.sendall(header + client.client_hello())
+        client.finish_handshake()
+        assert client.reply() == "220 mx.test.example ESMTP PySMTPD\r\n"
+        client.send(b"EHLO proxied.test\r\n")
+        ehlo = client.reply()
+        assert ehlo.startswith("250-mx.test.example Hello proxied.test [198.51.100.4], pleased to meet you\r\n")
+        assert "STARTTLS" not in ehlo
+        client.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+        assert [client.reply() for _ in range(3)] == [
+            "250 2.0.0 Ok\r\n", "250 2.1.5 Destination address valid: Recipient ok\r\n",
+            '354 Enter mail, end with "." on a line by itself\r\n']
+        client.send(b"Subject: proxied smtps\r\n\r\nx\r\n.\r\n")
+        msgid = accepted_msgid((250, client.reply()[4:].strip().encode()))
+        client.send(b"QUIT\r\n")
+        assert client.reply() == "221 2.0.0 Bye\r\n"
+    received = daemon.message(msgid).decode().split("\n\t")
+    assert received[0] == "Received: from proxied.test (<unknown> [198.51.100.4])"
+    assert f"with ESMTPS id {msgid}" in received[1]
+
+
+def test_smtps_proxy_listener_drops_a_bad_header_and_keeps_serving(daemon: SmtpDaemon) -> None:
+    for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"PROXY TCP4 not-an-address\r\n",
+                    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x02ab"):
+        with socket.create_connection(("127.0.0.1", daemon.ports["port8"]), timeout=30) as sock:
+            sock.sendall(garbage)
+            try:
+                answer = sock.recv(1024)
+            except ConnectionResetError:  # closed with our unread bytes still in its buffer: a reset
+                answer = b""
+            assert answer == b""
+    with socket.create_connection(("127.0.0.1", daemon.ports["port8"]), timeout=30) as sock:
+        client = MemoryTlsClient(sock)
+        sock.sendall(proxy_v2_header("198.51.100.5", "127.0.0.1", 40002, 465))
+        sock.sendall(client.client_hello())  # a separate packet works as well
+        client.finish_handshake()
+        assert client.reply() == "220 mx.test.example ESMTP PySMTPD\r\n"
 
 
 def test_mask_src_hides_the_client(daemon: SmtpDaemon) -> None:

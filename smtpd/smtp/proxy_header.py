@@ -1,0 +1,71 @@
+"""Reading a PROXY protocol header (v1 or v2) from a raw socket, exactly.
+
+A stream reader would read the socket in large blocks and keep whatever followed the header; for an `smtps`
+listener that is the client's TLS ClientHello, which must reach the TLS layer. So the header is read here from
+the socket itself, to its last byte and no further: v2 announces its length in its first 16 bytes, v1 is a
+line of at most 107 bytes read a byte at a time. Parsing is aiosmtpd's (`aiosmtpd.proxy_protocol.get_proxy`),
+fed with exactly those bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_PREFIX = b"PROXY "
+V1_MAX = 107  # the protocol's longest v1 line, CRLF included
+V2_FIXED = 16
+
+
+class ProxyHeaderError(Exception):
+    pass
+
+
+async def _exactly(connection: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while len(data) < size:
+        chunk = await loop.sock_recv(connection, size - len(data))
+        if not chunk:
+            raise ProxyHeaderError("connection closed inside the PROXY header")
+        data += chunk
+    return data
+
+
+async def read_bytes(connection: socket.socket) -> bytes:
+    """The header's bytes, nothing after them (the socket must be non-blocking)."""
+    start = await _exactly(connection, len(V1_PREFIX))
+    if start == V1_PREFIX:
+        line = start
+        while not line.endswith(b"\r\n"):
+            if len(line) >= V1_MAX:
+                raise ProxyHeaderError("PROXY v1 line too long")
+            line += await _exactly(connection, 1)
+        return line
+    if not V2_SIGNATURE.startswith(start):
+        raise ProxyHeaderError("no PROXY header")
+    fixed = start + await _exactly(connection, V2_FIXED - len(start))
+    if not fixed.startswith(V2_SIGNATURE):
+        raise ProxyHeaderError("no PROXY header")
+    (length,) = struct.unpack("!H", fixed[14:16])
+    return fixed + await _exactly(connection, length)
+
+
+async def read(connection: socket.socket) -> Any:
+    """Read and parse the header; returns aiosmtpd's ProxyData with a source address."""
+    from aiosmtpd.proxy_protocol import get_proxy
+
+    header = await read_bytes(connection)
+    reader = asyncio.StreamReader()
+    reader.feed_data(header)
+    reader.feed_eof()
+    try:
+        data = await get_proxy(reader)
+    except (asyncio.IncompleteReadError, ValueError) as error:
+        raise ProxyHeaderError(f"malformed PROXY header: {error}") from None
+    if not data.valid or data.src_addr is None:
+        raise ProxyHeaderError(f"malformed PROXY header: {data.error or 'no source address'}")
+    return data
