@@ -83,7 +83,8 @@ accept for any relay via "smtp://smarthost.test:{plain_port}" as "@foo.bar"
 @pytest.mark.parametrize("spelling", ["modern", "legacy"])
 def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelling: str) -> None:
     plain_port, tls_port, port = free_port(), free_port(), free_port()
-    with DnsServer({"smarthost.test": [("A", "127.0.0.1")]}) as dns:
+    zone = {"smarthost.test": [("A", "127.0.0.1")], "1.0.0.127.in-addr.arpa": [("PTR", "loopback.ptr.test.")]}
+    with DnsServer(zone) as dns:
         smarthost = start(workdir, "smarthost", smarthost_config(workdir, plain_port, tls_port), "smarthost.test",
                           plain_port)
         try:
@@ -100,6 +101,8 @@ def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelli
                 assert wait_until(lambda: ours.smtpctl("show", "queue").stdout == "", 30)
                 routes = ours.smtpctl("show", "routes").stdout
                 hoststats = ours.smtpctl("show", "hoststats").stdout
+                # show hosts prints the reverse DNS name (looked up beside the delivery)
+                assert wait_until(lambda: "loopback.ptr.test" in ours.smtpctl("show", "hosts").stdout, 30)
                 hosts = ours.smtpctl("show", "hosts").stdout
                 relays = ours.smtpctl("show", "relays").stdout
             finally:
@@ -113,7 +116,7 @@ def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelli
     assert local["Return-Path"] == "<bob@local.test>"
     assert "127.0.0.1 (smarthost.test) " in routes
     assert hoststats.startswith("smarthost.test|")
-    assert hosts.startswith("127.0.0.1 smarthost.test refcount=")
+    assert hosts.startswith("127.0.0.1 loopback.ptr.test refcount=")
     port_text = f"port={tls_port if spelling == 'modern' else plain_port}"
     assert relays.startswith(f"[relay:smarthost.test,{port_text}")
     if spelling == "modern":

@@ -7,7 +7,7 @@ import asyncio
 import os
 
 import pytest
-from helpers_mta import MemoryTables, RawRemote, standard_script
+from helpers_mta import DnsServer, MemoryTables, RawRemote, Remote, free_port, standard_script
 
 from smtpd import trace
 from smtpd.config import parse_text
@@ -140,3 +140,35 @@ def test_session_mail_max_closes_the_session_after_n_messages(tmp_path: os.PathL
     assert remote.commands.count("<EOM>") == 5
     assert remote.connections == 3  # 2 + 2 + 1
     assert remote.commands.count("QUIT") == 3
+
+
+# -- mta limit inet4 | inet6 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("statement", "outcome", "routes"), [
+    ("", Outcome.OK, ["127.0.0.6", "::1"]),  # IPv4 first (refused), then IPv6
+    ("mta limit inet6", Outcome.OK, ["::1"]),
+    ("mta limit for domain dual.test inet4", Outcome.TEMPFAIL, ["127.0.0.6"]),
+    ("mta limit for domain other.test inet4", Outcome.OK, ["127.0.0.6", "::1"]),
+])
+def test_address_family_limit(tmp_path: os.PathLike[str], statement: str, outcome: Outcome,
+                              routes: list[str]) -> None:
+    port = free_port("::1")
+    zone = {"dual.test": [("A", "127.0.0.6"), ("AAAA", "::1")]}
+    text = f"{statement}\naction out relay\nmatch from any for any action out\n"
+    result = parse_text(text, "<test>")
+    assert result.errors == [] and result.config is not None
+    with DnsServer(zone) as dns, Remote(host="::1", port=port) as remote:
+        agent = MtaAgent(result.config, MemoryTables(), "sender.test", resolver=Resolver(dns.setting),
+                         mx_port=port, timeout=10.0)
+        item = Envelope(evpid=(7 << 32) | 1, dispatcher="out", sender="bob@local.test", rcpt="x@dual.test",
+                        dest="x@dual.test")
+
+        async def run() -> tuple[DeliveryResult, list[dict[str, object]]]:
+            await agent.start()
+            try:
+                return await agent.deliver(item, message(tmp_path)), agent.control_view("routes")
+            finally:
+                await agent.stop()
+        delivered, shown = asyncio.run(run())
+    assert delivered.outcome is outcome, delivered.text
+    assert [str(row["route"]).split(" <-> ")[1].split(" ")[0] for row in shown] == routes
+    assert len(remote.received) == (1 if outcome is Outcome.OK else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 
 import pytest
 from helpers_mta import DnsServer, MemoryTables, Remote, free_port, relay_config
@@ -140,3 +141,16 @@ def test_reload_closes_kept_sessions_and_applies_new_limits(tmp_path: os.PathLik
         assert before == "---K" and after == "----" and limit == 3
         from helpers_mta import wait_until
         assert wait_until(lambda: remote.commands[-1:] == ["QUIT"], 5)
+
+
+def test_connection_counters_of_sources_and_connectors_are_given_back_and_forgotten() -> None:
+    from smtpd.mta.routes import MtaState
+    state = MtaState()
+    route = state.route(None, state.host("192.0.2.9", "mx.nine.test"))
+    relay = state.relay("[relay:nine.test,mx]", "nine.test")
+    assert state.reserve(route, relay, "nine.test")
+    assert state.source_conns == {"[]": 1} and state.connector_conns == {("[relay:nine.test,mx]", "[]"): 1}
+    state.release(route, relay, "nine.test")
+    assert route.lastdisc > 0  # reconn-delay-route counts from here
+    state.prune(time.time() + 7200)
+    assert state.source_conns == {} and state.connector_conns == {} and state.last_opened == {}

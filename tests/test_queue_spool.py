@@ -13,6 +13,7 @@ from helpers_queue import Harness, run, spool_files, wait_for
 from smtpd.delivery import DeliveryResult
 from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
 from smtpd.queue.format import EnvelopeFormatError, dump_envelope, load_envelope
+from smtpd.queue.store import MEMORY_LIMIT
 
 
 def sample_envelope() -> Envelope:
@@ -96,6 +97,8 @@ def test_abort_removes_the_partial_message(tmp_path: Path) -> None:
         async with Harness(tmp_path) as harness:
             message = harness.queue.new_message()
             await message.write(b"Subject: never finished\n")
+            assert spool_files(harness.spool, "temporary") == []  # a small message is held in memory
+            await message.write(b"x" * MEMORY_LIMIT)  # a big one goes on to a file
             assert spool_files(harness.spool, "temporary") == [f"{message.msgid:08x}"]
             await message.abort()
 
@@ -110,7 +113,8 @@ def test_leftovers_of_a_crash_are_dropped_and_committed_mail_is_delivered(tmp_pa
             harness.daemon.set_paused("mda", True)
             msgid, _ = await harness.submit(b"Subject: acknowledged\n\nsafe\n")
             partial = harness.queue.new_message()  # the "crash" comes while this one is being received
-            await partial.write(b"Subject: half")
+            await partial.write(b"Subject: half" + b"x" * MEMORY_LIMIT)  # big enough to be on disk
+            assert spool_files(harness.spool, "temporary") == [f"{partial.msgid:08x}"]
             (harness.spool / "incoming" / "0badc0de").mkdir()
             (harness.spool / "incoming" / "0badc0de" / "message").write_bytes(b"half committed")
             partial._fd = None  # noqa: SLF001 — keep the file, as a killed process would

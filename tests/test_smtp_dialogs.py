@@ -2,7 +2,7 @@
 
 File format, one directive per line:
   `# text`           a comment (the first comment line says what the dialog shows)
-  `port: NAME`       which listener to connect to: mx (default), submission, other
+  `port: NAME`       which listener to connect to: mx (default), submission, other, submission-optional
   `C: text`          the client sends text + CRLF (`C:` alone: an empty line)
   `C! python-bytes`  the client sends exact bytes, e.g. `C! b"DATA\\n"` (no CRLF added)
   `REPEAT n text`    the client sends text + CRLF n times
@@ -36,6 +36,7 @@ table sendermap { alice = "alice@example.org, @alice.test" }
 listen on 127.0.0.1 port {port} tls pki mx.test.example
 listen on 127.0.0.1 port {port2} tls-require pki mx.test.example auth <creds> senders <sendermap>
 listen on 127.0.0.1 port {port3} hostname other.example no-dsn mask-src
+listen on 127.0.0.1 port {port4} tls pki mx.test.example auth-optional <creds>
 action "local" mbox
 action "relay" relay
 match from any for domain "example.org" action "local"
@@ -77,7 +78,8 @@ def _expect(client: LineClient, expected: list[str], where: str) -> None:
 
 def play(path: Path, daemon: SmtpDaemon) -> None:
     lines = path.read_text().replace("{mailname}", MAILNAME).splitlines()
-    ports = {"mx": daemon.port, "submission": daemon.port2, "other": daemon.ports["port3"]}
+    ports = {"mx": daemon.port, "submission": daemon.port2, "other": daemon.ports["port3"],
+             "submission-optional": daemon.ports["port4"]}
     port_name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("port:")), "mx")
     client = LineClient(ports[port_name])
     expected: list[str] = []

@@ -6,6 +6,7 @@ lines (PIPELINING, CHUNKING, SMTPUTF8) are set aside, and the message ids blanke
 purpose (pipelining, BDAT, bare LF, SMTPUTF8, STARTTLS/AUTH listeners, our limits) are not in the list, nor
 reply_notify_never: after a refused `NOTIFY=NEVER,SUCCESS`, OpenSMTPD keeps the NEVER flag for the next RCPT of
 the transaction and refuses a valid `NOTIFY=SUCCESS,FAILURE` too (a bug we do not copy).
+Nor relay_empty_sender_at_only: OpenSMTPD takes `MAIL FROM:<@>` as a null sender, we refuse it (553).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ COMPARED = [
     "relay_trailing_dot_ours", "relay_case_variant_foreign", "relay_unicode_homoglyph", "relay_subdomain_of_ours",
     "relay_ours_as_suffix", "relay_backslash_escape", "relay_empty_local_part", "relay_null_sender",
     "relay_our_sender", "relay_case_variant_ours",
+    "relay_percent_hack_case", "relay_percent_hack_localhost", "relay_percent_hack_ip_literal",
+    "relay_source_route_percent", "relay_bang_path_percent", "relay_quoted_local_part_foreign",
+    "relay_double_at_ours_first", "relay_trailing_dots_double", "relay_ip_literal_ours",
+    "relay_empty_sender_no_path", "relay_empty_sender_blank_path",
 ]
 OUR_EXTENSIONS = {"250-PIPELINING", "250-CHUNKING", "250-SMTPUTF8"}
 

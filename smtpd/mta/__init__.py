@@ -108,12 +108,15 @@ class MtaAgent:
     def _apply_limits(self, config: Config) -> None:
         self.state.limits = dict(DEFAULT_LIMITS)
         self.state.domain_limits = {}
+        self.state.families = {}
         for limit in config.mta_limits:
             values = dict(limit.values)
             if limit.domain is None:
                 self.state.limits.update(values)
             else:
                 self.state.domain_limits.setdefault(limit.domain.lower(), {}).update(values)
+            if limit.family is not None:
+                self.state.families[limit.domain.lower() if limit.domain else None] = limit.family
 
     # -- the contract ---------------------------------------------------------------------------------------
     async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
@@ -235,6 +238,13 @@ class MtaAgent:
             trace.emit("mta", f"mta: {plan.domain}: {error.message}", domain=plan.domain)
             _resolve_pending(batch.jobs, result)
             return
+        family = self.state.family(plan.domain)
+        if family is not None:
+            candidates = [(name, address) for name, address in candidates if _family_of(address) in (family, None)]
+            if not candidates:
+                _resolve_pending(batch.jobs, DeliveryResult.tempfail(
+                    f"No {family} address for {plan.domain} (mta limit {family})", 42))
+                return
         last_error = "No MX host could be reached"
         now = time.time()
         for name, address in candidates:
@@ -475,6 +485,13 @@ class MtaAgent:
                  int(time.time() - started), word, stat)
         trace.emit("mta", f"mta: {envelope.evpid:016x} <{envelope.dest}>: {word}: {stat}",
                    evpid=f"{envelope.evpid:016x}", result=str(result.outcome), text=result.text)
+
+
+def _family_of(address: str) -> str | None:
+    """inet4 / inet6 for an IP address; None for a Unix socket path (no family to choose)."""
+    if address.startswith("/"):
+        return None
+    return "inet6" if ":" in address else "inet4"
 
 
 def _resolve_pending(jobs: list[Job], result: DeliveryResult) -> None:

@@ -204,6 +204,7 @@ class MtaState:
 
     limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     domain_limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    families: dict[str | None, str] = field(default_factory=dict)  # `mta limit [for domain D] inet4|inet6`
     hosts: dict[str, Host] = field(default_factory=dict)
     routes: dict[tuple[str | None, str], Route] = field(default_factory=dict)
     relays: dict[str, RelayState] = field(default_factory=dict)
@@ -223,6 +224,10 @@ class MtaState:
                 if pattern == domain.lower() and name in values:
                     return values[name]
         return self.limits.get(name, DEFAULT_LIMITS.get(name, 0))
+
+    def family(self, domain: str) -> str | None:
+        """The only address family to connect over for domain (inet4 or inet6), or None for both."""
+        return self.families.get(domain.lower(), self.families.get(None))
 
     # -- registry --------------------------------------------------------------------------------------
     def host(self, address: str, name: str) -> Host:
@@ -384,6 +389,11 @@ class MtaState:
         for name, stat in list(self.hoststats.items()):
             if now - stat.time > HOSTSTAT_EXPIRE:
                 del self.hoststats[name]
+        for counts in (self.source_conns, self.connector_conns, self.domain_conns):
+            for key in [key for key, count in counts.items() if count == 0]:
+                del counts[key]
+        for key in [key for key, when in self.last_opened.items() if now - when > idle_for]:
+            del self.last_opened[key]
 
     # -- show ------------------------------------------------------------------------------------------------
     def show_hosts(self, now: float) -> list[dict[str, object]]:

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 from shared.ids import format_msgid, new_evpid, new_msgid
 from smtpd import log, trace
-from smtpd.queue.durable import ParallelFlusher, fsync_directory, replace_file
+from smtpd.queue.durable import (
+    SYNCFS,
+    FilesystemSync,
+    ParallelFlusher,
+    fsync_directory,
+    replace_file,
+    same_filesystem,
+    write_all,
+)
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.spool import CorruptEntry, Spool, remove_path
@@ -37,7 +45,14 @@ LOG = log.get("queue")
 LOAD_CHUNK = 500  # messages handed to the scheduler at once while loading in the background
 LOAD_THREADS = int(os.environ.get("SMTPD_QUEUE_LOAD_THREADS", "16"))
 MAX_BATCH = 256  # commits flushed together at most
-IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "3"))
+IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "2"))
+# A message is held in memory while it arrives up to this size, and written by the I/O thread at commit (no
+# file, no system call on the event loop); a bigger one goes on to a file in temporary/.
+MEMORY_LIMIT = int(os.environ.get("SMTPD_QUEUE_MEMORY_LIMIT", str(1 << 20)))
+FLUSH_THREADS = int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "8"))
+# How a batch is made durable: "syncfs" (one syncfs(2) of the spool's filesystem per round) or "fsync" (every
+# file and folder flushed on its own, in parallel). Default: syncfs where it exists and the spool is one fs.
+SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "syncfs")
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -53,6 +68,10 @@ def _sync_file_range() -> Callable[[int], None]:
 
 
 _START_WRITEBACK = _sync_file_range()
+
+
+def _no_writeback(fd: int) -> None:
+    return None
 
 
 class QueueError(Exception):
@@ -86,7 +105,11 @@ class IOThread:
                         for number in range(IO_THREADS)]
         self.batches = 0
         self.committed = 0
-        self.flusher = ParallelFlusher(int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "32")))
+        self.flusher = ParallelFlusher(FLUSH_THREADS)
+        self.filesystem: FilesystemSync | None = None
+        if SYNC_MODE == "syncfs" and SYNCFS is not None and same_filesystem(
+                [spool.root, spool.temporary, spool.incoming, spool.queue]):
+            self.filesystem = FilesystemSync(spool.root)
 
     def start(self) -> None:
         for thread in self.threads:
@@ -98,6 +121,8 @@ class IOThread:
         for thread in self.threads:
             thread.join(timeout=30)
         self.flusher.shutdown()
+        if self.filesystem is not None:
+            self.filesystem.close()
 
     def submit_commit(self, message: IncomingMessage) -> tuple[asyncio.Future[None], asyncio.Future[None]]:
         """(durable, placed) futures of one commit."""
@@ -155,6 +180,21 @@ class IOThread:
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
 
+    def _resolve_all(self, futures: list[asyncio.Future[None]]) -> None:
+        """Settle many futures with one wake-up of the event loop (one call per batch, not per commit)."""
+        if not futures:
+            return
+
+        def settle() -> None:
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
     def _run_operation(self, operation: _Operation) -> None:
         try:
             result = operation.function()
@@ -177,6 +217,30 @@ class IOThread:
                 prepared.append(commit)
             except OSError as error:
                 self._fail(commit, error)
+        failed, shared_error = self._flush_prepared(prepared)
+        durable: list[_Commit] = []
+        for commit in prepared:
+            _close_all(commit)
+            error = failed.get(id(commit)) or shared_error
+            if error is not None:
+                self._fail(commit, error if isinstance(error, OSError) else OSError(str(error)))
+            else:
+                durable.append(commit)
+        self.batches += 1
+        self.committed += len(durable)
+        self._resolve_all([commit.future for commit in durable])
+        self._place(durable)
+
+    def _flush_prepared(self, prepared: list[_Commit]) -> tuple[dict[int, BaseException], BaseException | None]:
+        """Make the written files and folders durable: (errors by commit id, error shared by all)."""
+        if not prepared:
+            return {}, None
+        if self.filesystem is not None:
+            try:
+                self.filesystem.sync()
+            except OSError as error:
+                return {}, error
+            return {}, None
         calls: list[Callable[[], None]] = []
         owners: list[_Commit | None] = []
         for commit in prepared:
@@ -196,19 +260,7 @@ class IOThread:
                 shared_error = error
             else:
                 failed.setdefault(id(owner), error)
-        durable: list[_Commit] = []
-        for commit in prepared:
-            _close_all(commit)
-            error = failed.get(id(commit)) or shared_error
-            if error is not None:
-                self._fail(commit, error if isinstance(error, OSError) else OSError(str(error)))
-            else:
-                durable.append(commit)
-        self.batches += 1
-        self.committed += len(durable)
-        for commit in durable:
-            self._resolve(commit.future)
-        self._place(durable)
+        return failed, shared_error
 
     def _place(self, durable: list[_Commit]) -> None:
         placed: list[_Commit] = []
@@ -222,20 +274,34 @@ class IOThread:
             except OSError as error:  # it stays in incoming/, complete: the next start places it
                 LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(msgid),
                             error)
-        errors = self.flusher.run([functools.partial(fsync_directory, bucket) for bucket in buckets])
-        error = next((error for error in errors if error is not None), None)
+        error: BaseException | None = None
+        if self.filesystem is not None and buckets:
+            try:
+                self.filesystem.sync()
+            except OSError as sync_error:
+                error = sync_error
+        else:
+            errors = self.flusher.run([functools.partial(fsync_directory, bucket) for bucket in buckets])
+            error = next((error for error in errors if error is not None), None)
         if error is not None:
             LOG.warning("queue: flushing the queue folders failed: %s", error)
-        for commit in placed:
-            self._resolve(commit.placed)
+        self._resolve_all([commit.placed for commit in placed])
 
     def _write_files(self, commit: _Commit) -> None:
         message = commit.message
         directory = self.spool.incoming_dir(message.msgid)
         os.mkdir(directory, 0o700)
-        os.rename(message.temporary_path, os.path.join(directory, "message"))
-        commit.files.append(message.take_fd())
-        _START_WRITEBACK(commit.files[0])
+        message_path = os.path.join(directory, "message")
+        if message.spilled:
+            os.rename(message.temporary_path, message_path)
+            commit.files.append(message.take_fd())
+        else:
+            fd = os.open(message_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            commit.files.append(fd)
+            write_all(fd, message.take_buffer())
+        # Per-file flushes: start each file's write-back at once, so the batch's data goes out together.
+        start_writeback = _START_WRITEBACK if self.filesystem is None else _no_writeback
+        start_writeback(commit.files[0])
         for envelope in message.envelopes:
             # What the next start checks if it finds this folder still in incoming/ (see _commit_batch).
             envelope.commit_size = message.size
@@ -247,7 +313,7 @@ class IOThread:
             data = dump_envelope(envelope)
             if os.write(fd, data) != len(data):
                 raise OSError(28, "short write")
-            _START_WRITEBACK(fd)
+            start_writeback(fd)
 
     def _fail(self, commit: _Commit, error: OSError) -> None:
         _close_all(commit)
@@ -272,7 +338,7 @@ def _close_all(commit: _Commit) -> None:
 class IncomingMessage:
     """One message being received (contract: write, add_envelope, commit, abort)."""
 
-    def __init__(self, store: Queue, msgid: int, fd: int) -> None:
+    def __init__(self, store: Queue, msgid: int) -> None:
         self.store = store
         self.msgid = msgid
         self.temporary_path = store.spool.temporary_path(msgid)
@@ -281,21 +347,40 @@ class IncomingMessage:
         self.crc32 = 0
         # Resolved once the message is under queue/ and handed to the scheduler (a moment after commit()).
         self.placed: asyncio.Future[None] | None = None
-        self._fd: int | None = fd
+        self._chunks: list[bytes] = []  # the message while it is small (see MEMORY_LIMIT)
+        self._fd: int | None = None  # the temporary file once it is not
+        self.spilled = False
         self._state = "open"
 
     async def write(self, data: bytes) -> None:
-        if self._fd is None:
+        if self._state != "open":
             raise QueueError("message is not open")
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as error:
-            raise QueueError(f"queue write failed: {error.strerror}") from None
+        if not self.spilled and self.size + len(data) > MEMORY_LIMIT:
+            self._spill()
+        if self.spilled:
+            assert self._fd is not None
+            try:
+                write_all(self._fd, data)
+            except OSError as error:
+                raise QueueError(f"queue write failed: {error.strerror}") from None
+        else:
+            self._chunks.append(bytes(data))
         self.size += len(data)
         self.crc32 = zlib.crc32(data, self.crc32)
+
+    def _spill(self) -> None:
+        """Move the message from memory to its file in temporary/ (it grew past MEMORY_LIMIT)."""
+        try:
+            self._fd = os.open(self.temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.spilled = True
+            write_all(self._fd, self.take_buffer())
+        except OSError as error:
+            raise QueueError(f"cannot write message file: {error.strerror}") from None
+
+    def take_buffer(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks = []
+        return data
 
     def add_envelope(self, envelope: Envelope) -> int:
         taken = {existing.evpid for existing in self.envelopes}
@@ -334,6 +419,7 @@ class IncomingMessage:
         self._state = "committed"
 
     def _placed(self, future: asyncio.Future[None]) -> None:
+        self.store.receiving.discard(self.msgid)
         if future.cancelled() or future.exception() is not None:
             return
         self.store.committed(self)
@@ -342,13 +428,16 @@ class IncomingMessage:
         if self._state in ("committed", "committing", "aborted"):
             return
         self._state = "aborted"
+        self.store.receiving.discard(self.msgid)
+        self._chunks = []
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
-            os.unlink(self.temporary_path)
-        except FileNotFoundError:
-            pass
+        if self.spilled:
+            try:
+                os.unlink(self.temporary_path)
+            except FileNotFoundError:
+                pass
 
 
 class Queue:
@@ -363,6 +452,7 @@ class Queue:
         self.loaded_envelopes = 0
         self.load_seconds = 0.0
         self.corrupt_found: list[CorruptEntry] = []
+        self.receiving: set[int] = set()  # msgids of messages being received or committed
         self._loader: asyncio.Task[None] | None = None
         # Envelope consumer: the scheduler, or (in tests without one) None.
         self.on_envelopes: Callable[[list[Envelope], bool], None] | None = None
@@ -394,18 +484,14 @@ class Queue:
 
     # -- receiving ------------------------------------------------------------------------------------
     def new_message(self) -> IncomingMessage:
+        # No file yet (see MEMORY_LIMIT): the id must be free in memory and on disk; the commit's exclusive
+        # mkdir in incoming/ catches the rest.
         for _ in range(100):
             msgid = new_msgid()
-            if os.path.exists(self.spool.message_dir(msgid)):
+            if msgid in self.receiving or os.path.exists(self.spool.message_dir(msgid)):
                 continue
-            try:
-                fd = os.open(self.spool.temporary_path(msgid),
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as error:
-                raise QueueError(f"cannot create message file: {error.strerror}") from None
-            return IncomingMessage(self, msgid, fd)
+            self.receiving.add(msgid)
+            return IncomingMessage(self, msgid)
         raise QueueError("no free message id")
 
     def fill_defaults(self, envelope: Envelope) -> None:
