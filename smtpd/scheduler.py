@@ -22,6 +22,7 @@ from smtpd import log, trace
 from smtpd.bounce import DELAYED, DELIVERED, FAILED, RELAYED, Bouncer, duration_text
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.queue.envelope import Envelope, EnvelopeType
+from smtpd.queue.format import dump_envelope
 from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row, line_parts
 from smtpd.stats import STATS
 
@@ -91,6 +92,7 @@ class Scheduler:
         # Delivery components by agent; None: daemon.mda / daemon.mta at the time of the delivery.
         self.deliverers: dict[str, Any] = {}
         self._wake = asyncio.Event()
+        self._flags_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -129,13 +131,15 @@ class Scheduler:
                 base = retry_base(envelope)
                 planned = envelope.ctime + base * envelope.retry * envelope.retry
                 nexttry = max(now, min(planned, expire_time(envelope)))
-            entry = Entry(envelope, PENDING, nexttry)
+            suspended = "suspend" in envelope.flags  # paused by smtpctl before a restart
+            entry = Entry(envelope, SUSPENDED if suspended else PENDING, nexttry)
             self.entries[envelope.evpid] = entry
             evpids = self.messages.setdefault(envelope.msgid, [])
             if not evpids:
                 STATS.increment("scheduler.ramqueue.message")
             evpids.append(envelope.evpid)
-            heapq.heappush(self.heap, (nexttry, envelope.evpid))
+            if not suspended:
+                heapq.heappush(self.heap, (nexttry, envelope.evpid))
             added += 1
             if not loaded:
                 STATS.increment("scheduler.envelope.incoming")
@@ -404,26 +408,43 @@ class Scheduler:
                 count += 1
         return count
 
-    def suspend(self, entries: list[Entry]) -> int:
-        count = 0
+    async def suspend(self, entries: list[Entry]) -> int:
+        """Pause envelopes. The state changes in memory at once (no delivery starts from here on), then the
+        `suspend` flag is written to each envelope file, so that the pause survives a restart."""
+        changed: list[Entry] = []
         for entry in entries:
             if entry.state in (PENDING, "ready"):
                 entry.state = SUSPENDED
                 entry.envelope.flags.add("suspend")
                 entry.line_parts = None
-                count += 1
-        return count
+                changed.append(entry)
+        await self._save_flags(changed)
+        return len(changed)
 
-    def resume(self, entries: list[Entry]) -> int:
-        count = 0
+    async def resume(self, entries: list[Entry]) -> int:
+        """Resume paused envelopes: the flag is cleared on disk first, then they are scheduled (so that no
+        delivery, which may rewrite the same file, runs while the file is being rewritten here)."""
+        changed = [entry for entry in entries if entry.state == SUSPENDED]
+        for entry in changed:
+            entry.envelope.flags.discard("suspend")
+            entry.line_parts = None
+        await self._save_flags(changed)
         now = time.time()
-        for entry in entries:
-            if entry.state == SUSPENDED:
-                entry.envelope.flags.discard("suspend")
-                entry.line_parts = None
-                self._schedule(entry, max(now, entry.nexttry) if entry.nexttry > now else now)
-                count += 1
-        return count
+        for entry in changed:
+            if entry.state == SUSPENDED and entry.envelope.evpid in self.entries and \
+                    "suspend" not in entry.envelope.flags:
+                self._schedule(entry, max(now, entry.nexttry))
+        return len(changed)
+
+    async def _save_flags(self, entries: list[Entry]) -> None:
+        spool = getattr(self.queue, "spool", None)
+        if not entries or spool is None:
+            return
+        files = [(entry.envelope.evpid, dump_envelope(entry.envelope)) for entry in entries]
+        async with self._flags_lock:  # one rewrite of a file at a time (they share its temporary name)
+            failures = await asyncio.to_thread(spool.rewrite_envelopes, files)
+        for evpid, error in failures:
+            LOG.warning("scheduler: %016x: suspend flag not saved: %s", evpid, error.strerror or error)
 
     async def remove(self, entries: list[Entry]) -> int:
         count = 0

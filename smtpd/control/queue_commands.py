@@ -93,7 +93,7 @@ async def pause_envelope(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]
     scheduler, entries = _selection(daemon, args)
     if args.get("dry_run"):
         return _dry_run(scheduler, [entry for entry in entries if entry.state in ("pending", "ready")])
-    return {"count": scheduler.suspend(entries)}
+    return {"count": await scheduler.suspend(entries)}
 
 
 @command("resume.envelope")
@@ -101,7 +101,7 @@ async def resume_envelope(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any
     scheduler, entries = _selection(daemon, args)
     if args.get("dry_run"):
         return _dry_run(scheduler, [entry for entry in entries if entry.state == "suspended"])
-    return {"count": scheduler.resume(entries)}
+    return {"count": await scheduler.resume(entries)}
 
 
 @command("discover")

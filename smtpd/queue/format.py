@@ -106,8 +106,9 @@ _ALWAYS_WRITTEN = {"dsn-notify", "sender", "ctime", "last-try", "last-bounce", "
 # Values that repeat across envelopes: kept once in memory.
 _SHARED_VALUES = {"dispatcher", "tag", "smtpname", "helo", "hostname", "username", "errorline", "sockaddr",
                   "sender", "dsn-ret", "mda-user", "bounce-type"}
-# Flags that live only in the scheduler's memory (pause envelope) are not written.
-_VOLATILE_FLAGS = {"suspend", "hold"}
+# Flags that live only in the scheduler's memory are not written. `suspend` (smtpctl pause envelope) is
+# written: a paused envelope stays paused across a restart, and `show queue` shows it offline too.
+_VOLATILE_FLAGS = {"hold"}
 
 
 def dump_envelope(envelope: Envelope) -> bytes:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from shared.ids import format_evpid, format_msgid
-from smtpd.queue.durable import fsync_directory, write_new_file
+from smtpd.queue.durable import fsync_directory, replace_file, write_new_file
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import EnvelopeFormatError, load_envelope
 
@@ -211,6 +211,30 @@ class Spool:
             pass
         fsync_directory(self.corrupt)
         return CorruptEntry(os.path.basename(target), reason, int(time.time()))
+
+    def rewrite_envelopes(self, files: list[tuple[int, bytes]]) -> list[tuple[int, OSError]]:
+        """Durably replace envelope files (e.g. the suspend flag of `smtpctl pause envelope`), each through
+        durable.replace_file; each message folder is flushed once at the end. An envelope whose file is gone
+        (delivered or removed meanwhile) is skipped, not resurrected. Returns the (evpid, error) that failed."""
+        failures: list[tuple[int, OSError]] = []
+        folders: dict[str, None] = {}
+        for evpid, data in files:
+            path = self.envelope_path(evpid)
+            if not os.path.exists(path):
+                continue
+            try:
+                replace_file(path, data, sync_directory=False)
+            except OSError as error:
+                failures.append((evpid, error))
+                continue
+            folders[os.path.dirname(path)] = None
+        for folder in folders:
+            try:
+                fsync_directory(folder)
+            except OSError as error:
+                failures.extend((evpid, error) for evpid, _ in files if os.path.dirname(self.envelope_path(evpid))
+                                == folder)
+        return failures
 
     def remove_envelope_file(self, evpid: int) -> bool:
         """Delete one envelope; delete the message too when it was the last one. False if it was not there."""

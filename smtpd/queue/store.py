@@ -138,9 +138,17 @@ class IOThread:
 
     # -- the thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
+        # Folders renamed under queue/ whose rename is not flushed yet (syncfs mode): the next batch's syncfs
+        # covers them, or, when no job waits, one of their own.
+        unflushed: list[_Commit] = []
         while True:
-            job = self.jobs.get()
+            try:
+                job = self.jobs.get_nowait()
+            except thread_queue.Empty:
+                unflushed = self._flush_placed(unflushed)
+                job = self.jobs.get()
             if job is None:
+                self._flush_placed(unflushed)
                 return
             batch: list[_Commit] = []
             operations: list[_Operation] = []
@@ -156,10 +164,11 @@ class IOThread:
                 if job is None:
                     stopping = True
             if batch:
-                self._commit_batch(batch)
+                unflushed = self._commit_batch(batch, unflushed)
             for operation in operations:
                 self._run_operation(operation)
             if stopping:
+                self._flush_placed(unflushed)
                 return
 
     def _resolve(self, future: asyncio.Future[Any] | None, result: Any = None,
@@ -205,11 +214,14 @@ class IOThread:
         else:
             self._resolve(operation.future, result)
 
-    def _commit_batch(self, batch: list[_Commit]) -> None:
+    def _commit_batch(self, batch: list[_Commit], unflushed: list[_Commit]) -> list[_Commit]:
         """Round 1 (the 250 waits for it): every file, message folder and incoming/ flushed, all at once.
-        Round 2 (after the 250): the folders renamed under queue/ and their buckets flushed; only then does the
+        Round 2 (after the 250): the folders renamed under queue/ and the renames flushed; only then does the
         scheduler take the envelopes. A crash between the two rounds leaves complete folders in incoming/,
-        which the next start verifies (size, checksum, envelope count) and moves under queue/."""
+        which the next start verifies (size, checksum, envelope count) and moves under queue/.
+
+        With syncfs, round 2 of one batch rides on round 1 of the next (one syncfs flushes the new files and
+        the earlier renames): ``unflushed`` are the earlier batch's renamed commits, the result this batch's."""
         prepared: list[_Commit] = []
         for commit in batch:
             try:
@@ -218,6 +230,10 @@ class IOThread:
             except OSError as error:
                 self._fail(commit, error)
         failed, shared_error = self._flush_prepared(prepared)
+        if unflushed and prepared and shared_error is None:
+            self._resolve_placed(unflushed)  # this batch's syncfs flushed their renames too
+        else:
+            self._flush_placed(unflushed)  # a syncfs of their own (none ran, or it failed)
         durable: list[_Commit] = []
         for commit in prepared:
             _close_all(commit)
@@ -229,7 +245,10 @@ class IOThread:
         self.batches += 1
         self.committed += len(durable)
         self._resolve_all([commit.future for commit in durable])
-        self._place(durable)
+        renamed = self._rename(durable)
+        if self.filesystem is None:
+            return self._flush_placed(renamed)
+        return renamed
 
     def _flush_prepared(self, prepared: list[_Commit]) -> tuple[dict[int, BaseException], BaseException | None]:
         """Make the written files and folders durable: (errors by commit id, error shared by all)."""
@@ -262,20 +281,26 @@ class IOThread:
                 failed.setdefault(id(owner), error)
         return failed, shared_error
 
-    def _place(self, durable: list[_Commit]) -> None:
+    def _rename(self, durable: list[_Commit]) -> list[_Commit]:
+        """Move durable folders from incoming/ under queue/ (not flushed yet)."""
         placed: list[_Commit] = []
-        buckets: dict[str, None] = {}
         for commit in durable:
             msgid = commit.message.msgid
             try:
                 os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
-                buckets[self.spool.bucket(msgid)] = None
                 placed.append(commit)
             except OSError as error:  # it stays in incoming/, complete: the next start places it
                 LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(msgid),
                             error)
+        return placed
+
+    def _flush_placed(self, placed: list[_Commit]) -> list[_Commit]:
+        """Flush the renames of placed folders, then hand them to the scheduler. Returns [] (none left)."""
+        if not placed:
+            return []
+        buckets = {self.spool.bucket(commit.message.msgid): None for commit in placed}
         error: BaseException | None = None
-        if self.filesystem is not None and buckets:
+        if self.filesystem is not None:
             try:
                 self.filesystem.sync()
             except OSError as sync_error:
@@ -285,7 +310,11 @@ class IOThread:
             error = next((error for error in errors if error is not None), None)
         if error is not None:
             LOG.warning("queue: flushing the queue folders failed: %s", error)
+        return self._resolve_placed(placed)
+
+    def _resolve_placed(self, placed: list[_Commit]) -> list[_Commit]:
         self._resolve_all([commit.placed for commit in placed])
+        return []
 
     def _write_files(self, commit: _Commit) -> None:
         message = commit.message
@@ -363,10 +392,10 @@ class IncomingMessage:
                 write_all(self._fd, data)
             except OSError as error:
                 raise QueueError(f"queue write failed: {error.strerror}") from None
+            self.crc32 = zlib.crc32(data, self.crc32)
         else:
-            self._chunks.append(bytes(data))
+            self._chunks.append(bytes(data))  # its CRC-32 is taken by the I/O thread (take_buffer)
         self.size += len(data)
-        self.crc32 = zlib.crc32(data, self.crc32)
 
     def _spill(self) -> None:
         """Move the message from memory to its file in temporary/ (it grew past MEMORY_LIMIT)."""
@@ -378,8 +407,10 @@ class IncomingMessage:
             raise QueueError(f"cannot write message file: {error.strerror}") from None
 
     def take_buffer(self) -> bytes:
+        """The message held in memory (now empty); its CRC-32 is added to ``crc32``."""
         data = b"".join(self._chunks)
         self._chunks = []
+        self.crc32 = zlib.crc32(data, self.crc32)
         return data
 
     def add_envelope(self, envelope: Envelope) -> int:

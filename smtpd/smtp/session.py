@@ -714,7 +714,8 @@ class Session:
         while True:
             end = _data_terminator(self.buffer)
             if end is not None:
-                body = bytes(self.buffer[:end])
+                with memoryview(self.buffer) as view:
+                    body = bytes(view[:end])
                 del self.buffer[:end + 3]
                 if body:
                     await builder.feed(_unstuff(body))
@@ -723,7 +724,8 @@ class Session:
             # Everything up to the last CRLF is complete lines; the end marker may still be split.
             cut = self.buffer.rfind(b"\r\n")
             if cut > 0:
-                block = bytes(self.buffer[:cut])
+                with memoryview(self.buffer) as view:
+                    block = bytes(view[:cut])  # one copy (a bytearray slice would make two)
                 del self.buffer[:cut]  # keep the CRLF: it may begin "\r\n.\r\n"
                 await builder.feed(_unstuff(block))
                 if trace.wants("smtp"):
