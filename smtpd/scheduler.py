@@ -121,6 +121,7 @@ class Scheduler:
     # -- learning of envelopes ----------------------------------------------------------------------------
     def add_envelopes(self, envelopes: Iterable[Envelope], loaded: bool = False) -> int:
         """New (just committed) or loaded (at start, discover) envelopes. Returns how many were new to us."""
+        envelopes = list(envelopes)  # walked twice when traced
         now = time.time()
         added = 0
         for envelope in envelopes:
@@ -146,6 +147,8 @@ class Scheduler:
             if trace.wants("scheduler"):
                 trace.emit("scheduler", f"scheduler: {'loaded' if loaded else 'new'} envelope {envelope.evpid:016x}",
                            evpid=f"{envelope.evpid:016x}")
+        if added and trace.wants("imsg"):
+            self._trace_added(envelopes, loaded)
         if added:
             STATS.increment("scheduler.envelope", added)
             STATS.increment("scheduler.ramqueue.envelope", added)
@@ -249,12 +252,32 @@ class Scheduler:
             deliverer = getattr(self.daemon, agent, None)
         if deliverer is None:
             return DeliveryResult.tempfail("no relay yet" if agent == "mta" else "no local delivery agent")
+        evpid, msgid = f"{envelope.evpid:016x}", f"{envelope.msgid:08x}"
+        trace.emit("imsg", f"scheduler -> {agent}: envelope {evpid} handed over", evpid=evpid, msgid=msgid,
+                   agent=agent, address=envelope.dest)
+        bound = trace.bind(evpid=evpid, msgid=msgid)
         try:
-            return await deliverer.deliver(envelope, self.queue.message_path(envelope.msgid))
+            result = await deliverer.deliver(envelope, self.queue.message_path(envelope.msgid))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 — the contract says deliver never raises; be safe anyway
-            return DeliveryResult.tempfail(f"delivery agent error: {error}")
+            result = DeliveryResult.tempfail(f"delivery agent error: {error}")
+        finally:
+            trace.unbind(bound)
+        trace.emit("imsg", f"{agent} -> scheduler: envelope {evpid} {result.outcome.name.lower()}", evpid=evpid,
+                   msgid=msgid, agent=agent, outcome=result.outcome.name.lower(), text=result.text)
+        return result
+
+    def _trace_added(self, envelopes: list[Envelope], loaded: bool) -> None:
+        by_message: dict[int, list[str]] = {}
+        for envelope in envelopes:
+            entry = self.entries.get(envelope.evpid)
+            if entry is None or entry.envelope is not envelope:
+                continue  # known before, or already gone again
+            by_message.setdefault(envelope.msgid, []).append(f"{envelope.evpid:016x}")
+        for msgid, evpids in by_message.items():
+            trace.emit("imsg", f"queue -> scheduler: {len(evpids)} {'loaded ' if loaded else ''}envelope(s) of "
+                       f"message {msgid:08x}", msgid=f"{msgid:08x}", evpids=evpids, loaded=loaded)
 
     async def _handle_result(self, entry: Entry, agent: str, result: DeliveryResult) -> None:
         envelope = entry.envelope

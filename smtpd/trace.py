@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -183,3 +184,22 @@ def wants(subsystem: str) -> bool:
 
 def console_to_stderr() -> None:
     BUS.set_console(sys.stderr)
+
+
+# -- fields bound to the running task ----------------------------------------------------------------------------
+# Code deep in a delivery (the fork helper's client, the MDA command runner) does not know which envelope it
+# works for; the scheduler binds the evpid/msgid to the delivery task, and such code adds bound() to its events.
+_BOUND: ContextVar[dict[str, Any] | None] = ContextVar("trace_bound_fields", default=None)
+
+
+def bind(**fields: Any) -> Token[dict[str, Any] | None]:
+    """Attach fields to every bound() call in this task (and the tasks and threads it starts) until unbind()."""
+    return _BOUND.set({**(_BOUND.get() or {}), **fields})
+
+
+def unbind(token: Token[dict[str, Any] | None]) -> None:
+    _BOUND.reset(token)
+
+
+def bound() -> dict[str, Any]:
+    return dict(_BOUND.get() or {})

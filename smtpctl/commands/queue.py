@@ -171,6 +171,57 @@ def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter) -
     return rows, problems
 
 
+def _label_path(label: str) -> str:
+    """Where a file named by its corrupt/ label (`<msgid>` or `<msgid>.<file>`) lives under queue/."""
+    msgid, _, name = label.partition(".")
+    folder = f"queue/{msgid[:2]}/{msgid}"
+    return f"{folder}/{name}" if name else folder
+
+
+def offline_corrupt(spool_root: str) -> list[dict[str, Any]]:
+    """The corrupt files, read by smtpctl itself: those moved aside, then those still in queue/ (the daemon
+    moves them aside when it loads them)."""
+    spool = Spool(spool_root)
+    if not os.path.isdir(spool.queue):
+        raise CommandFailed(f"{spool.queue}: no such spool directory")
+    found = [{"path": f"corrupt/{entry.name}", "moved": entry.moved, "reason": entry.reason}
+             for entry in spool.corrupt_entries()]
+    for msgid in spool.message_ids():
+        for entry in spool.load_message(msgid, move_corrupt=False).corrupt:
+            found.append({"path": _label_path(entry.name), "moved": 0, "reason": entry.reason})
+    return found
+
+
+def print_corrupt(entries: list[dict[str, Any]], as_json: bool) -> None:
+    """`show queue --corrupt`: one line per file, `path|moved|reason` (moved: unix time it was moved aside
+    under corrupt/, 0 if it is still in queue/; reason vis-encoded), or JSON Lines with those three keys."""
+    out = sys.stdout
+    for entry in entries:
+        if as_json:
+            out.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
+        else:
+            out.write(f"{entry['path']}|{entry['moved']}|{vis(str(entry['reason']))}\n")
+    out.flush()
+
+
+def run_show_corrupt(as_json: bool) -> int:
+    try:
+        result = call_daemon("show.queue", corrupt_only=True)
+        entries = [{"path": f"corrupt/{entry['name']}", "moved": entry["moved"], "reason": entry["reason"]}
+                   for entry in result.get("corrupt", [])]
+    except DaemonDown:
+        try:
+            entries = offline_corrupt(_paths().spool)
+        except (CommandFailed, PermissionError) as error:
+            _fail(str(error))
+            return EXIT_FAILURE
+    except CommandFailed as error:
+        _fail(str(error))
+        return EXIT_FAILURE
+    print_corrupt(entries, as_json)
+    return EXIT_OK
+
+
 def _relative(seconds: float) -> str:
     seconds = int(seconds)
     sign = "-" if seconds < 0 else ""
@@ -272,9 +323,15 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
 @click.argument("msgid", required=False)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per envelope (docs/queue.md).")
+@click.option("--corrupt", "corrupt_only", is_flag=True,
+              help="List the corrupt queue files instead: `path|moved|reason` (docs/queue.md).")
 def show_queue(msgid: str | None, sender: str | None, rcpt: str | None, domain: str | None, older: str | None,
-               newer: str | None, state: str | None, as_json: bool) -> None:
+               newer: str | None, state: str | None, as_json: bool, corrupt_only: bool) -> None:
     """List the queued envelopes (all, or those of MSGID)."""
+    if corrupt_only:
+        if msgid is not None or any((sender, rcpt, domain, older, newer, state)):
+            raise click.UsageError("--corrupt takes no msgid and no filter")
+        sys.exit(run_show_corrupt(as_json))
     filters = _filter_args(sender, rcpt, domain, older, newer, state)
     sys.exit(run_show_queue(msgid, filters, as_json))
 

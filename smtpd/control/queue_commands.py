@@ -3,7 +3,7 @@
 Arguments (JSON): ``target`` = "all" | 8 hex digits (a msgid) | 16 hex digits (an evpid); the filter fields of
 ``smtpd.queue.listing.EnvelopeFilter`` (sender, rcpt, domain, older, newer, state); ``dry_run`` (bool).
 Results: show.queue -> {"fields": [...], "rows": [[...], ...], "corrupt": [...], "loading": bool} (with
-``format: "lines"``: "lines", the piped text, instead of "rows");
+``format: "lines"``: "lines", the piped text, instead of "rows"; with ``corrupt_only``: only "corrupt");
 the others -> {"count": N, "rows": [...] (with dry_run: the envelopes that would be affected)}.
 """
 
@@ -51,6 +51,8 @@ def _selection(daemon: Daemon, args: dict[str, Any]) -> tuple[Scheduler, list[En
 
 @command("show.queue")
 async def show_queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    if args.get("corrupt_only"):  # smtpctl show queue --corrupt: the files moved aside, nothing else
+        return {"corrupt": [entry.__dict__ for entry in daemon.queue.corrupt_entries()]}
     scheduler = _scheduler(daemon)
     target: str | int = "all"
     if args.get("msgid"):

@@ -184,6 +184,7 @@ class ControlServer:
             return
         self.connections_by_uid[peer.uid] += 1
         STATS.increment("control.session")
+        _trace_io(writer, f"control connection opened by {peer.describe()}", uid=peer.uid, pid=peer.pid)
         handed_off = False
         try:
             handed_off = await self._serve(peer, reader, writer)
@@ -200,6 +201,7 @@ class ControlServer:
                 del self.connections_by_uid[peer.uid]
             if not handed_off:
                 await _close(writer)
+            _trace_io(writer, "control connection " + ("handed to SMTP" if handed_off else "closed"), uid=peer.uid)
             if task is not None:
                 self.tasks.discard(task)
 
@@ -208,12 +210,16 @@ class ControlServer:
         while True:
             line = await self._read_request(reader, writer)
             if line is None:
+                _trace_io(writer, "EOF or bad request", uid=peer.uid)
                 return False
+            _trace_io(writer, f"read {len(line)} bytes", uid=peer.uid, size=len(line))
             try:
                 request_id, spec, args = decode_request(line)
             except ProtocolError as error:
                 await self._send(writer, error_reply(_guess_id(line), error.code, error.message))
                 return False
+            trace.emit("imsg", f"control -> daemon: {spec.name} from uid {peer.uid}", command=spec.name,
+                       uid=peer.uid, pid=peer.pid, connection=_connection_token(writer))
             refusal = self.authoriser.refusal(peer, spec)
             if refusal is not None:
                 LOG.warning("control: %s refused %s: %s", peer.describe(), spec.name, refusal)
@@ -225,6 +231,10 @@ class ControlServer:
                 await self._stream(peer, spec, request_id, args, reader, writer)
                 return False
             reply = await self._call(peer, spec, request_id, args)
+            if trace.wants("io"):
+                with contextlib.suppress(TypeError, ValueError):  # _send reports what cannot be encoded
+                    size = len(encode(reply))
+                    _trace_io(writer, f"write {size} bytes", uid=peer.uid, size=size)
             try:
                 # A client that sends requests but never reads the answers must not hold its task forever.
                 await asyncio.wait_for(self._send(writer, reply), self.request_timeout)
@@ -342,6 +352,17 @@ class ControlServer:
     async def _send_quietly(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             await asyncio.wait_for(self._send(writer, message), self.request_timeout)
+
+
+def _connection_token(writer: asyncio.StreamWriter) -> str:
+    return f"control-{id(writer):x}"
+
+
+def _trace_io(writer: asyncio.StreamWriter, text: str, **fields: Any) -> None:
+    # Only request/reply traffic: the events a follower's own stream carries are never traced (no feedback loop).
+    if trace.wants("io"):
+        token = _connection_token(writer)
+        trace.emit("io", f"{token}: {text}", connection=token, **fields)
 
 
 def _timeout_from_environment() -> float:

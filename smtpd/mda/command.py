@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from smtpd import trace
 from smtpd.mda.privilege import CHILD_TIMEOUT, Identity, privileged
 from smtpd.mda.variables import VariableContext, VariableError, expand
 
@@ -136,6 +137,9 @@ async def run_command(argv: list[str], identity: Identity, environment: dict[str
                 start_new_session=True, close_fds=True, **switch)  # type: ignore[arg-type]
         except OSError as error:
             return CommandOutcome(127, None, False, f"{argv[0]}: {error.strerror}")
+        uid = identity.uid if privileged() else os.getuid()
+        trace.emit("mproc", f"mda command {argv[0]} started, pid {process.pid}, uid {uid}", pid=process.pid, uid=uid,
+                   command=argv[0], **trace.bound())
         timed_out = False
         try:
             await asyncio.wait_for(_feed_and_wait(process, prefix, message), timeout)
@@ -146,6 +150,8 @@ async def run_command(argv: list[str], identity: Identity, environment: dict[str
         output.seek(0)
         last_line = _last_line(output)
     code = process.returncode
+    trace.emit("mproc", f"mda command pid {process.pid} exited with status {code}{' (timed out)' if timed_out else ''}",
+               pid=process.pid, status=code, timed_out=timed_out, **trace.bound())
     if code is not None and code < 0:
         return CommandOutcome(None, -code, timed_out, last_line)
     return CommandOutcome(None if timed_out else code, None, timed_out, last_line)

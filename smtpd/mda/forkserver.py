@@ -139,6 +139,7 @@ def _accept_request(channel: socket.socket, selector: selectors.BaseSelector,
         _child(request, message_fd, write_fd)
     os.close(write_fd)
     os.close(message_fd)
+    _reply(channel, {"id": request.get("id"), "forked": pid})  # for the daemon's mproc trace
     child = _Running(request.get("id"), pid, read_fd, time.monotonic() + float(request.get("timeout", 300)))
     running[read_fd] = child
     selector.register(read_fd, selectors.EVENT_READ, child)
@@ -155,7 +156,7 @@ def _collect(child: _Running, channel: socket.socket, selector: selectors.BaseSe
     os.close(child.result_fd)
     del running[child.result_fd]
     _, wait_status = os.waitpid(child.pid, 0)
-    _reply(channel, {"id": child.request_id, "status": os.waitstatus_to_exitcode(wait_status),
+    _reply(channel, {"id": child.request_id, "pid": child.pid, "status": os.waitstatus_to_exitcode(wait_status),
                      "text": child.text.decode("utf-8", "replace"), "timed_out": child.timed_out})
 
 

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from smtpd import trace
 from smtpd.mda.local import EX_CANTCREAT, EX_TEMPFAIL, LocalDeliveryError
 
 CHILD_TIMEOUT = 300.0
@@ -125,6 +126,8 @@ async def run_as(identity: Identity, work: Callable[[object], None],
     is passed to ``work``. Errors are LocalDeliveryError (temporary or permanent) or anything else (temporary).
     """
     if not privileged():
+        trace.emit("mproc", f"delivery as {identity.username} offloaded to a thread (daemon unprivileged)",
+                   uid=os.getuid(), **trace.bound())
         return await asyncio.to_thread(_run_here, work, before_drop)
     read_fd, write_fd = os.pipe()
     with warnings.catch_warnings():
@@ -134,6 +137,7 @@ async def run_as(identity: Identity, work: Callable[[object], None],
         os.close(read_fd)
         _child_main(identity, before_drop, work, write_fd)
     os.close(write_fd)
+    trace.emit("mproc", f"forked child {pid} to run as uid {identity.uid}", pid=pid, uid=identity.uid, **trace.bound())
     try:
         try:
             timed_out = not await _wait_exit(pid, timeout)
@@ -152,6 +156,8 @@ async def run_as(identity: Identity, work: Callable[[object], None],
     finally:
         os.close(read_fd)
     status = os.waitstatus_to_exitcode(wait_status)
+    trace.emit("mproc", f"child {pid} exited with status {status}{' (timed out)' if timed_out else ''}", pid=pid,
+               status=status, timed_out=timed_out, **trace.bound())
     return ChildResult(status, text, timed_out)
 
 
@@ -205,6 +211,8 @@ class ForkServer:
         self.pending: dict[int, asyncio.Future[ChildResult]] = {}
         self._next_id = 1
         self._loop: asyncio.AbstractEventLoop | None = None
+        # request id -> the fields of its mproc trace events (evpid, uid, method), until its reply
+        self.trace_fields: dict[int, dict[str, object]] = {}
 
     def _start(self) -> None:
         from smtpd.mda import forkserver
@@ -215,6 +223,7 @@ class ForkServer:
         child.close()
         parent.setblocking(False)
         self.channel = parent
+        trace.emit("mproc", f"delivery fork helper started, pid {self.process.pid}", pid=self.process.pid)
 
     def _ensure_reader(self) -> None:
         loop = asyncio.get_running_loop()
@@ -247,12 +256,25 @@ class ForkServer:
                 self._loop = None
                 return
             reply = json.loads(data)
+            if "forked" in reply:
+                fields = self.trace_fields.get(reply.get("id"), {})
+                trace.emit("mproc", f"fork helper: child {reply['forked']} forked to run as uid {fields.get('uid')}",
+                           pid=reply["forked"], **fields)
+                continue
+            self._trace_exit(reply)
             future = self.pending.pop(reply.get("id"), None)
             if future is not None and not future.done():
                 future.set_result(ChildResult(int(reply["status"]), reply.get("text", ""),
                                               bool(reply.get("timed_out"))))
 
+    def _trace_exit(self, reply: dict[str, object]) -> None:
+        fields = self.trace_fields.pop(reply.get("id"), {})  # type: ignore[arg-type]
+        timed_out = " (timed out)" if reply.get("timed_out") else ""
+        trace.emit("mproc", f"fork helper: child {reply.get('pid')} exited with status {reply.get('status')}{timed_out}",
+                   pid=reply.get("pid"), status=reply.get("status"), **fields)
+
     def _fail_pending(self, text: str) -> None:
+        self.trace_fields.clear()
         for future in self.pending.values():
             if not future.done():
                 future.set_result(ChildResult(EX_TEMPFAIL, text))
@@ -270,6 +292,9 @@ class ForkServer:
         self._next_id += 1
         future: asyncio.Future[ChildResult] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
+        identity = request.get("identity")
+        self.trace_fields[request_id] = {**trace.bound(), "method": request.get("method"),
+                                         "uid": identity.get("uid") if isinstance(identity, dict) else None}
         payload = json.dumps({**request, "id": request_id}).encode()
         while True:
             try:

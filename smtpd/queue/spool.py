@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 import zlib
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from shared.ids import format_evpid, format_msgid
 from smtpd.queue.durable import fsync_directory, replace_file, write_new_file
 from smtpd.queue.envelope import Envelope
-from smtpd.queue.format import EnvelopeFormatError, load_envelope
+from smtpd.queue.format import MAX_ENVELOPE_BYTES, EnvelopeFormatError, load_envelope
 
 MESSAGE_FILE = "message"
 SUBDIRS = ("temporary", "incoming", "queue", "corrupt", "offline", "purge")
@@ -156,12 +157,17 @@ class Spool:
                 loaded.corrupt.append(self._aside(directory, format_msgid(msgid), "message file missing",
                                                   move_corrupt))
             return loaded
+        problem = message_file_problem(os.path.join(directory, MESSAGE_FILE))
+        if problem:  # nothing of it can be delivered: the whole folder goes aside, envelopes included
+            loaded.corrupt.append(self._aside(directory, format_msgid(msgid), problem, move_corrupt))
+            return loaded
         for name in names:
             if name == MESSAGE_FILE:
                 continue
             path = os.path.join(directory, name)
             if name.startswith(".") and name.endswith(".tmp"):
-                remove_path(path)  # an envelope rewrite interrupted by a crash; the old file is intact
+                if move_corrupt:  # (smtpctl reading offline changes nothing)
+                    remove_path(path)  # an envelope rewrite interrupted by a crash; the old file is intact
                 continue
             envelope, reason = read_envelope_file(path, msgid, name)
             if envelope is not None:
@@ -204,7 +210,10 @@ class Spool:
         while os.path.lexists(target):
             suffix += 1
             target = os.path.join(self.corrupt, f"{label}.{suffix}")
-        os.rename(path, target)
+        try:
+            os.rename(path, target)
+        except OSError as error:  # reported where it is; loading goes on with the rest
+            return CorruptEntry(label, f"{reason} (not moved aside: {error.strerror})", int(time.time()))
         try:
             write_new_file(target + ".why", reason.encode() + b"\n")
         except OSError:
@@ -289,10 +298,11 @@ def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | Non
     if not is_hex_name(name, 16) or int(name[:8], 16) != msgid or not int(name[8:], 16):
         return None, "file name is not an envelope id of this message"
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = _read_regular_file(path, MAX_ENVELOPE_BYTES + 1)
     except OSError as error:
         return None, f"unreadable: {error.strerror}"
+    if data is None:
+        return None, "not a regular file"
     try:
         envelope = load_envelope(data)
     except EnvelopeFormatError as error:
@@ -302,6 +312,40 @@ def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | Non
         return None, "evpid inside the file differs from its name"
     envelope.evpid = evpid
     return envelope, ""
+
+
+def _read_regular_file(path: str, limit: int) -> bytes | None:
+    """Up to ``limit`` bytes of a regular file; None if it is something else. Opened without blocking, so
+    that a FIFO or a device dropped into the spool cannot stall the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def message_file_problem(path: str) -> str:
+    """"" when the message file is a regular file that can be opened for reading, else what is wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        return f"message file unreadable: {error.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "message file is not a regular file"
+    finally:
+        os.close(fd)
+    return ""
 
 
 def _listdir(path: str) -> list[str]:

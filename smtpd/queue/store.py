@@ -53,6 +53,9 @@ FLUSH_THREADS = int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "8"))
 # How a batch is made durable: "syncfs" (one syncfs(2) of the spool's filesystem per round) or "fsync" (every
 # file and folder flushed on its own, in parallel). Default: syncfs where it exists and the spool is one fs.
 SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "syncfs")
+# Smaller batches are flushed file by file even in syncfs mode: a lone commit then waits only for its own files,
+# not for whatever else is dirty on the filesystem.
+SYNCFS_MIN_BATCH = int(os.environ.get("SMTPD_QUEUE_SYNCFS_MIN_BATCH", "2"))
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -223,14 +226,15 @@ class IOThread:
         With syncfs, round 2 of one batch rides on round 1 of the next (one syncfs flushes the new files and
         the earlier renames): ``unflushed`` are the earlier batch's renamed commits, the result this batch's."""
         prepared: list[_Commit] = []
+        whole_filesystem = self.filesystem is not None and len(batch) >= SYNCFS_MIN_BATCH
         for commit in batch:
             try:
-                self._write_files(commit)
+                self._write_files(commit, whole_filesystem)
                 prepared.append(commit)
             except OSError as error:
                 self._fail(commit, error)
-        failed, shared_error = self._flush_prepared(prepared)
-        if unflushed and prepared and shared_error is None:
+        failed, shared_error = self._flush_prepared(prepared, whole_filesystem)
+        if unflushed and whole_filesystem and shared_error is None:
             self._resolve_placed(unflushed)  # this batch's syncfs flushed their renames too
         else:
             self._flush_placed(unflushed)  # a syncfs of their own (none ran, or it failed)
@@ -246,15 +250,16 @@ class IOThread:
         self.committed += len(durable)
         self._resolve_all([commit.future for commit in durable])
         renamed = self._rename(durable)
-        if self.filesystem is None:
+        if not whole_filesystem:
             return self._flush_placed(renamed)
         return renamed
 
-    def _flush_prepared(self, prepared: list[_Commit]) -> tuple[dict[int, BaseException], BaseException | None]:
+    def _flush_prepared(self, prepared: list[_Commit], whole_filesystem: bool
+                        ) -> tuple[dict[int, BaseException], BaseException | None]:
         """Make the written files and folders durable: (errors by commit id, error shared by all)."""
         if not prepared:
             return {}, None
-        if self.filesystem is not None:
+        if whole_filesystem and self.filesystem is not None:
             try:
                 self.filesystem.sync()
             except OSError as error:
@@ -300,7 +305,7 @@ class IOThread:
             return []
         buckets = {self.spool.bucket(commit.message.msgid): None for commit in placed}
         error: BaseException | None = None
-        if self.filesystem is not None:
+        if self.filesystem is not None and len(buckets) >= SYNCFS_MIN_BATCH:
             try:
                 self.filesystem.sync()
             except OSError as sync_error:
@@ -316,7 +321,7 @@ class IOThread:
         self._resolve_all([commit.placed for commit in placed])
         return []
 
-    def _write_files(self, commit: _Commit) -> None:
+    def _write_files(self, commit: _Commit, whole_filesystem: bool) -> None:
         message = commit.message
         directory = self.spool.incoming_dir(message.msgid)
         os.mkdir(directory, 0o700)
@@ -329,7 +334,7 @@ class IOThread:
             commit.files.append(fd)
             write_all(fd, message.take_buffer())
         # Per-file flushes: start each file's write-back at once, so the batch's data goes out together.
-        start_writeback = _START_WRITEBACK if self.filesystem is None else _no_writeback
+        start_writeback = _no_writeback if whole_filesystem else _START_WRITEBACK
         start_writeback(commit.files[0])
         for envelope in message.envelopes:
             # What the next start checks if it finds this folder still in incoming/ (see _commit_batch).

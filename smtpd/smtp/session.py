@@ -48,6 +48,9 @@ DATA_READ_SIZE = 256 * 1024
 DATA_PROGRESS_BYTES = 64 * 1024
 MAX_BAD_COMMANDS = 20
 MAX_AUTH_FAILURES = 3
+# The commands that open a filter phase (OpenSMTPD's builtin filter phase names); connect and commit are not commands.
+FILTER_PHASES = {"HELO": "helo", "EHLO": "ehlo", "STARTTLS": "starttls", "AUTH": "auth", "MAIL FROM": "mail-from",
+                 "RCPT TO": "rcpt-to", "DATA": "data", "BDAT": "data"}
 
 _log = log.get("smtp")
 
@@ -175,6 +178,8 @@ class Session:
             self.disconnect_reason = close.reason
         except TimeoutError:
             self.disconnect_reason = "timeout"
+            if trace.wants("io"):
+                self._trace_io("timeout", timeout=self.limits.timeout)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, EOFError):
             self.disconnect_reason = "disconnect"
         except asyncio.CancelledError:
@@ -214,6 +219,10 @@ class Session:
                    session=self.token, address=self.client_ip)
         _log.info("%s smtp connected address=%s host=%s", self.token, self.sockaddr if not self.local else "local",
                   self.rdns or "<unknown>")
+        if trace.wants("io"):
+            self._trace_io(f"connection opened from {self.sockaddr} port {self.client_port}",
+                           address=self.client_ip, port=self.client_port)
+        self._filter_phase("connect")
         if smtps:
             await self._start_tls()
             STATS.increment("smtp.smtps")
@@ -223,6 +232,8 @@ class Session:
 
     async def _cleanup(self) -> None:
         STATS.decrement("smtp.session")
+        if trace.wants("io"):
+            self._trace_io(f"connection closed ({self.disconnect_reason})", reason=self.disconnect_reason)
         await self._abort_transaction()
         self._set_state("STATE_QUIT")
         _log.info("%s smtp disconnected reason=%s", self.token, self.disconnect_reason)
@@ -247,6 +258,8 @@ class Session:
     # -- reading -------------------------------------------------------------------------------------------------
     async def _fill(self, size: int = READ_SIZE) -> None:
         data = await self.reader.read(size)
+        if trace.wants("io"):
+            self._trace_io(f"read {len(data)} bytes" if data else "EOF", size=len(data))
         if not data:
             raise _Close("disconnect")
         self.buffer += data
@@ -312,9 +325,29 @@ class Session:
                 shown = " ".join(words[:2] + (["********"] if len(words) > 2 else []))
             trace.emit("smtp", f"{self.token}: <<< {shown}", session=self.token)
 
+    def _trace_io(self, text: str, **fields: Any) -> None:
+        trace.emit("io", f"{self.token}: {text}", session=self.token, address=self.client_ip, **fields)
+
+    def _filter_phase(self, phase: str | None) -> None:
+        # Filters are parsed but not run yet: say so at each phase, so whoever traces filters sees why.
+        if phase is not None and self.listener.filter and trace.wants("filters"):
+            trace.emit("filters", f"{self.token}: phase {phase} reached, filter {self.listener.filter} not run "
+                       "(filters are not supported yet)", session=self.token, address=self.client_ip,
+                       phase=phase, filter=self.listener.filter)
+
+    def _trace_committed(self, msgid: str, envelopes: list[Envelope]) -> None:
+        self._filter_phase("commit")
+        if trace.wants("imsg"):
+            evpids = [format_evpid(envelope.evpid) for envelope in envelopes]
+            trace.emit("imsg", f"{self.token}: smtp -> queue: message {msgid} committed, {len(evpids)} envelope(s)",
+                       session=self.token, msgid=msgid, evpids=evpids)
+
     # -- writing ---------------------------------------------------------------------------------------------------
     async def reply(self, reply: Reply, *, command: str | None = None) -> None:
-        self.writer.write(reply.wire())
+        wire = reply.wire()
+        self.writer.write(wire)
+        if trace.wants("io"):
+            self._trace_io(f"write {len(wire)} bytes", size=len(wire))
         if trace.wants("smtp"):
             for line in str(reply).split("\n"):
                 trace.emit("smtp", f"{self.token}: >>> {line}", session=self.token, code=reply.code)
@@ -351,6 +384,7 @@ class Session:
             if handler is None:
                 await self._error(replies.UNKNOWN_COMMAND, line)
                 continue
+            self._filter_phase(FILTER_PHASES.get(verb))
             await handler(argument, line)
 
     # -- commands ----------------------------------------------------------------------------------------------------
@@ -475,6 +509,10 @@ class Session:
             raise _Close("tls handshake failed") from None
         self.secure = True
         self.tls_text = tls.describe(self.writer.get_extra_info("ssl_object"))
+        if trace.wants("io"):
+            ssl_object = self.writer.get_extra_info("ssl_object")
+            version, cipher = ssl_object.version(), ssl_object.cipher()[0]
+            self._trace_io(f"TLS handshake done: {version} {cipher}", tls_version=version, cipher=cipher)
 
     # -- AUTH ------------------------------------------------------------------------------------------------------------
     async def cmd_auth(self, argument: str, line: str) -> None:
@@ -797,6 +835,7 @@ class Session:
             raise _Close("queue failure") from None
         self.mails += 1
         msgid = format_msgid(message.msgid)
+        self._trace_committed(msgid, envelopes)
         _log.info("%s smtp message msgid=%s size=%d nrcpt=%d proto=%s", self.token, msgid, builder.size,
                   len(transaction.recipients), "ESMTP" if self.esmtp else "SMTP")
         for envelope in envelopes:
