@@ -35,7 +35,7 @@ class Client:
         self.socket_path = socket_path
         self.timeout = timeout
         self._socket: socket.socket | None = None
-        self._buffer = b""
+        self._buffer = bytearray()  # bytes read past the last reply line
         self._next_id = 1
 
     # -- connection -----------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class Client:
         """Give up the socket (after `enqueue`, the connection speaks SMTP) with the bytes already read past
         the last reply (the start of the SMTP greeting, typically)."""
         connection = self.connect()
-        pending, self._buffer = self._buffer, b""
+        pending, self._buffer = bytes(self._buffer), bytearray()
         self._socket = None
         return connection, pending
 
@@ -114,7 +114,10 @@ class Client:
 
     def _receive(self) -> dict[str, object]:
         connection = self.connect()
-        while b"\n" not in self._buffer:
+        # Linear in the reply's size: only the new bytes are searched, the bytearray grows in place (a reply
+        # with 50,000 envelopes is many megabytes, read 64 KiB at a time).
+        end = self._buffer.find(b"\n")
+        while end < 0:
             try:
                 chunk = connection.recv(65536)
             except TimeoutError:
@@ -124,8 +127,11 @@ class Client:
             if not chunk:
                 self.close()
                 raise DaemonNotRunning()
+            searched = len(self._buffer)
             self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
+            end = self._buffer.find(b"\n", searched)
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 1]
         try:
             message = json.loads(line)
         except ValueError:

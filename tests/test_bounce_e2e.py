@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,10 +51,8 @@ def test_a_permanent_delivery_failure_comes_back_to_the_sender_as_a_dsn(world) -
             assert client.rcpt(f"{bob.pw_name}@fail.test", ["NOTIFY=FAILURE"])[0] == 250
             assert client.data(b"Subject: doomed\r\n\r\nthe secret body\r\n")[0] == 250
         mailbox = Path(mail_root) / alice.pw_name
-        deadline = time.monotonic() + 60
-        while not (mailbox.exists() and "Delivery status notification" in mailbox.read_text()):
-            assert time.monotonic() < deadline, daemon.log()
-            time.sleep(0.1)
+        wait_until(lambda: mailbox.exists() and "Delivery status notification" in mailbox.read_text(), 60, 0.1,
+                   explain=daemon.log)
         text = mailbox.read_text()
         report = message_from_string(text[text.index("\n") + 1:])  # after the mbox "From " line
         assert report["Subject"] == "Delivery status notification: failed"

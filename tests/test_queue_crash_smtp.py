@@ -14,11 +14,11 @@ import os
 import random
 import re
 import signal
-import time
 from pathlib import Path
 
 from helpers_control import free_port
 from helpers_queue import paused_daemon
+from waiting import wait_until
 
 from smtpd.queue.spool import Spool
 
@@ -102,10 +102,7 @@ def test_kill_9_of_the_real_daemon_under_smtp_load(tmp_path: Path) -> None:
 
     daemon = paused_daemon(tmp_path, config)
     daemon.start()  # recovery runs at start
-    deadline = time.monotonic() + 30
-    while "loaded" not in daemon.log():
-        assert time.monotonic() < deadline, daemon.log()
-        time.sleep(0.1)
+    wait_until(lambda: "loaded" in daemon.log(), 30, 0.1, explain=daemon.log)
     daemon.stop()
 
     spool = Spool(str(tmp_path / "spool"))

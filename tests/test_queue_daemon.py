@@ -5,11 +5,11 @@ discover, show envelope/message, and a corrupt file moved aside by the daemon an
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 from helpers_queue import Harness, paused_daemon, run
+from waiting import wait_until
 
 from smtpd.queue.format import dump_envelope, load_envelope
 
@@ -32,10 +32,7 @@ def daemon(tmp_path: Path):
     process = paused_daemon(tmp_path)
     process.ids = ids  # type: ignore[attr-defined]
     process.start()
-    deadline = time.monotonic() + 20
-    while len(process.smtpctl("show", "queue").stdout.splitlines()) < 3:
-        assert time.monotonic() < deadline, process.log()
-        time.sleep(0.05)
+    wait_until(lambda: len(process.smtpctl("show", "queue").stdout.splitlines()) >= 3, 20, explain=process.log)
     yield process
     process.stop()
 
@@ -82,10 +79,7 @@ def test_pause_resume_remove_schedule_with_reference_counts(daemon) -> None:
     assert daemon.smtpctl("remove", f"{second[0]:016x}").stdout == "0 envelope removed\n"
     assert sorted(row[5] for row in lines(daemon.smtpctl("show", "queue"))) == ["a@one.test", "b@two.test"]
     message_dir = daemon.spool / "queue" / f"{second[0] >> 56:02x}" / f"{second[0] >> 32:08x}"
-    deadline = time.monotonic() + 10
-    while message_dir.exists():  # the last envelope gone: the message goes too
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not message_dir.exists(), 10)  # the last envelope gone: the message goes too
 
 
 def test_discover_show_envelope_and_message(daemon) -> None:
@@ -118,10 +112,7 @@ def test_corrupt_file_is_moved_aside_by_the_daemon_and_reported(tmp_path: Path) 
     process = paused_daemon(tmp_path)
     process.start()
     try:
-        deadline = time.monotonic() + 20
-        while path.exists():
-            assert time.monotonic() < deadline, process.log()
-            time.sleep(0.05)
+        wait_until(lambda: not path.exists(), 20, explain=process.log)
         result = process.smtpctl("show", "queue")
         assert len(result.stdout.splitlines()) == 2
         assert f"corrupt/{evpid >> 32:08x}.{evpid:016x}: not a pysmtpd-envelope file" in result.stderr

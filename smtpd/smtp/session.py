@@ -220,8 +220,7 @@ class Session:
         _log.info("%s smtp connected address=%s host=%s", self.token, self.sockaddr if not self.local else "local",
                   self.rdns or "<unknown>")
         if trace.wants("io"):
-            self._trace_io(f"connection opened from {self.sockaddr} port {self.client_port}",
-                           address=self.client_ip, port=self.client_port)
+            self._trace_io(f"connection opened from {self.sockaddr} port {self.client_port}", port=self.client_port)
         self._filter_phase("connect")
         if smtps:
             await self._start_tls()

@@ -1,0 +1,140 @@
+"""Corrupt and unreadable queue files with the real daemon: a garbage envelope, a message file that cannot be
+read as one, and a FIFO named like an envelope, placed in the spool before the start and while it runs (then
+`smtpctl discover`). Each is moved aside under corrupt/ with a `.why`, logged, listed by `show queue` on stderr
+and by `show queue --corrupt` (online and offline), and the daemon goes on serving the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from helpers_queue import Harness, paused_daemon, run
+
+from smtpd.queue.format import dump_envelope, load_envelope
+
+
+def message_dir(spool: Path, msgid: int) -> Path:
+    return spool / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+
+
+def fill(tmp_path: Path) -> list[list[int]]:
+    async def scenario() -> list[list[int]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            messages = []
+            for number in range(4):
+                _, evpids = await harness.submit(f"Subject: m{number}\n\nbody {number}\n".encode(),
+                                                 recipients=(f"a{number}@one.test", f"b{number}@two.test"))
+                messages.append(evpids)
+            return messages
+
+    return run(scenario())
+
+
+def wait_until(condition, what: str, process, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{process.log()}"
+        time.sleep(0.05)
+
+
+def queued_evpids(process) -> set[int]:
+    result = process.smtpctl("show", "queue")
+    assert result.returncode == 0, result.stderr
+    return {int(line.split("|")[0], 16) for line in result.stdout.splitlines()}
+
+
+def corrupt_listing(process, *extra: str) -> list[list[str]]:
+    result = process.smtpctl("show", "queue", "--corrupt", *extra)
+    assert result.returncode == 0, result.stderr
+    return [line.split("|", 2) for line in result.stdout.splitlines()]
+
+
+def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed(tmp_path: Path) -> None:
+    messages = fill(tmp_path)
+    spool = tmp_path / "spool"
+    garbage_evpid = messages[0][1]
+    garbage = message_dir(spool, garbage_evpid >> 32) / f"{garbage_evpid:016x}"
+    garbage.write_bytes(b"\x00\x01\x02 garbage \xff\n")
+    unreadable_msgid = messages[1][0] >> 32
+    (message_dir(spool, unreadable_msgid) / "message").unlink()
+    (message_dir(spool, unreadable_msgid) / "message").mkdir()  # there, but no message can be read from it
+    fifo_evpid = (messages[2][0] >> 32 << 32) | 0x00ABCDEF
+    os.mkfifo(message_dir(spool, fifo_evpid >> 32) / f"{fifo_evpid:016x}")  # opening it must not block
+
+    process = paused_daemon(tmp_path)
+    process.start()
+    try:
+        healthy = {messages[0][0], *messages[2], *messages[3]}
+        wait_until(lambda: queued_evpids(process) == healthy, "the healthy envelopes", process)
+        corrupt = spool / "corrupt"
+        assert sorted(name for name in os.listdir(corrupt) if not name.endswith(".why")) == sorted(
+            [f"{garbage_evpid >> 32:08x}.{garbage_evpid:016x}", f"{unreadable_msgid:08x}",
+             f"{fifo_evpid >> 32:08x}.{fifo_evpid:016x}"])
+        assert not garbage.exists() and not message_dir(spool, unreadable_msgid).exists()
+        assert (corrupt / f"{unreadable_msgid:08x}.why").read_text() == "message file is not a regular file\n"
+        assert (corrupt / f"{fifo_evpid >> 32:08x}.{fifo_evpid:016x}.why").read_text() == "not a regular file\n"
+        # The unreadable message's envelopes are kept with it, for whoever repairs it.
+        assert sorted(os.listdir(corrupt / f"{unreadable_msgid:08x}")) == sorted(
+            ["message", *(f"{evpid:016x}" for evpid in messages[1])])
+
+        log = process.log()
+        assert log.count("corrupt queue file moved aside to corrupt/") == 3
+        assert f"corrupt/{garbage_evpid >> 32:08x}.{garbage_evpid:016x}: not a pysmtpd-envelope file" in log
+
+        shown = process.smtpctl("show", "queue")
+        assert f"corrupt/{unreadable_msgid:08x}: message file is not a regular file" in shown.stderr
+        listing = corrupt_listing(process)
+        assert [path for path, _, _ in listing] == sorted(
+            [f"corrupt/{garbage_evpid >> 32:08x}.{garbage_evpid:016x}", f"corrupt/{unreadable_msgid:08x}",
+             f"corrupt/{fifo_evpid >> 32:08x}.{fifo_evpid:016x}"])
+        assert all(int(moved) > 0 for _, moved, _ in listing)
+        records = [json.loads(line) for line in process.smtpctl("show", "queue", "--corrupt", "--json")
+                   .stdout.splitlines()]
+        assert {record["path"]: record["reason"] for record in records}[f"corrupt/{unreadable_msgid:08x}"] == \
+            "message file is not a regular file"
+
+        # While running: garbage next to a good envelope, in a folder the daemon knows and in a new one.
+        known = message_dir(spool, messages[3][0] >> 32)
+        late_evpid = (messages[3][0] >> 32 << 32) | 0x00000BAD
+        (known / f"{late_evpid:016x}").write_text("format: pysmtpd-envelope\nversion: 9\n")
+        new_msgid = 0x7E00C0DE if (messages[3][0] >> 56) != 0x7E else 0x7D00C0DE
+        target = message_dir(spool, new_msgid)
+        target.mkdir()
+        shutil.copyfile(known / "message", target / "message")
+        good = load_envelope((known / f"{messages[3][0]:016x}").read_bytes())
+        good.evpid = (new_msgid << 32) | 1
+        (target / f"{good.evpid:016x}").write_bytes(dump_envelope(good))
+        (target / f"{(new_msgid << 32) | 2:016x}").write_bytes(b"evpid: nonsense\n")
+
+        assert process.smtpctl("discover", f"{messages[3][0] >> 32:08x}").stdout == "0 envelopes discovered\n"
+        assert process.smtpctl("discover", f"{new_msgid:08x}").stdout == "1 envelope discovered\n"
+        assert queued_evpids(process) == healthy | {good.evpid}
+        assert not (known / f"{late_evpid:016x}").exists()
+        assert "unsupported envelope version '9' (expected 1)" in (
+            corrupt / f"{late_evpid >> 32:08x}.{late_evpid:016x}.why").read_text()
+        assert len(corrupt_listing(process)) == 5
+        assert process.alive()
+    finally:
+        process.stop()
+
+    # Offline (daemon down): smtpctl reads corrupt/ and finds what is still unreadable under queue/, moving nothing.
+    still_bad = message_dir(spool, messages[3][0] >> 32) / f"{messages[3][1]:016x}"
+    still_bad.write_bytes(b"truncated")
+    offline = corrupt_listing(process)
+    assert len(offline) == 6
+    assert offline[-1] == [f"queue/{messages[3][0] >> 56:02x}/{messages[3][0] >> 32:08x}/{messages[3][1]:016x}",
+                           "0", "truncated envelope (no final newline)"]
+    assert still_bad.exists()
+
+    # A restart moves that one aside too, and goes on.
+    process.start()
+    try:
+        wait_until(lambda: not still_bad.exists(), "the restart to move the bad envelope aside", process)
+        assert len(corrupt_listing(process)) == 6
+        assert queued_evpids(process) == (healthy | {good.evpid}) - {messages[3][1]}
+    finally:
+        process.stop()
