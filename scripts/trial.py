@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
-LOCAL = PROJECT / "local"
+# The folder and port can be moved (the test of this script does), but the defaults are what the README promises.
+LOCAL = Path(os.environ.get("SMTPD_TRIAL_DIR", PROJECT / "local"))
+PORT = int(os.environ.get("SMTPD_TRIAL_PORT", "2525"))
 
 
 def delivery_user() -> pwd.struct_passwd:
@@ -30,14 +32,14 @@ def write_config(user: pwd.struct_passwd) -> Path:
     config = LOCAL / "smtpd.conf"
     config.write_text(
         "# Written by `make run` (scripts/trial.py); edit freely, it is rewritten on each run.\n"
-        "listen on 127.0.0.1 port 2525\n"
+        f"listen on 127.0.0.1 port {PORT}\n"
         "\n"
-        "table users { \"@\" = \"%s\" }\n"
-        "action \"local\" maildir \"%s\" virtual <users> user \"%s\"\n"
-        "action \"relay\" relay\n"
+        f'table users {{ "@" = "{user.pw_name}" }}\n'
+        f'action "local" maildir "{maildir}" virtual <users> user "{user.pw_name}"\n'
+        'action "relay" relay\n'
         "\n"
-        "match from any for domain { localhost, \"%s\" } action \"local\"\n"
-        "match from local for any action \"relay\"\n" % (user.pw_name, maildir, user.pw_name, hostname())
+        f'match from any for domain {{ localhost, "{hostname()}" }} action "local"\n'
+        'match from local for any action "relay"\n'
     )
     return config
 
@@ -61,7 +63,7 @@ def main() -> int:
         "SMTPD_SOCKET": str(LOCAL / "smtpd.sock"),
         "SMTPD_PIDFILE": str(LOCAL / "smtpd.pid"),
     })
-    print(f"PySMTPD trial run: SMTP on 127.0.0.1:2525, mail into {maildir}, control socket {LOCAL / 'smtpd.sock'}",
+    print(f"PySMTPD trial run: SMTP on 127.0.0.1:{PORT}, mail into {maildir}, control socket {LOCAL / 'smtpd.sock'}",
           file=sys.stderr)
     smtpd = str(Path(sys.executable).parent / "smtpd")
     os.execve(smtpd, [smtpd, "-d", "-f", str(config)], environment)

@@ -24,6 +24,7 @@ import click
 
 from shared.ids import format_msgid, parse_evpid, parse_msgid
 from shared.paths import Paths
+from smtpctl.words import Leaf, possibilities
 from smtpd.queue.listing import (
     EnvelopeFilter,
     Row,
@@ -346,39 +347,59 @@ def mailq_main(argv: list[str], prog: str) -> int:
 
 
 # -- show envelope / show message ----------------------------------------------------------------------------
+# As OpenSMTPD (reference §2.4): the file is printed as it is, no daemon needed; a gzip file is printed
+# uncompressed (as its `zcat`); a word that is not an id lists what was expected (exit 255); a file that cannot
+# be opened is `smtpctl: fopen: <strerror>`, exit 1.
+ENVELOPE_PLACEHOLDERS = ["<evpid>"]
+MESSAGE_PLACEHOLDERS = ["<msgid>", "<evpid>"]
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _print_file(path: str) -> None:
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-    except FileNotFoundError:
-        _fail("fopen: No such file or directory")
+    except OSError as error:
+        _fail(f"fopen: {error.strerror or error}")
         return
-    except PermissionError:
-        _fail("fopen: Permission denied")
-        return
+    if data.startswith(GZIP_MAGIC):
+        import gzip
+        import zlib
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as error:
+            _fail(f"{path}: {error}")
+            return
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
 
 
-@click.command("envelope")
+def _expected(placeholders: list[str]) -> None:
+    possibilities(click.get_current_context(), placeholders)
+
+
+@click.command("envelope", cls=Leaf, placeholders=ENVELOPE_PLACEHOLDERS)
 @click.argument("evpid")
 def show_envelope(evpid: str) -> None:
-    """Print an envelope file."""
-    value = parse_evpid(evpid)
+    """Print an envelope file (no daemon needed)."""
+    value = parse_evpid(evpid) if len(evpid) == 16 else None
     if value is None:
-        raise click.BadParameter(f"{evpid!r} is not an <evpid> (16 hex digits)", param_hint="evpid")
+        _expected(ENVELOPE_PLACEHOLDERS)
+        return
     _print_file(Spool(_paths().spool).envelope_path(value))
 
 
-@click.command("message")
+@click.command("message", cls=Leaf, placeholders=MESSAGE_PLACEHOLDERS)
 @click.argument("msgid")
 def show_message(msgid: str) -> None:
-    """Print a queued message (MSGID, or the message of EVPID)."""
-    value = parse_evpid(msgid) if len(msgid) == 16 else parse_msgid(msgid)
+    """Print a queued message (MSGID, or the message of EVPID; no daemon needed)."""
+    value = parse_evpid(msgid) if len(msgid) == 16 else parse_msgid(msgid) if len(msgid) == 8 else None
     if value is None:
-        raise click.BadParameter(f"{msgid!r} is not a <msgid> or <evpid>", param_hint="msgid")
+        _expected(MESSAGE_PLACEHOLDERS)
+        return
     spool = Spool(_paths().spool)
-    path = os.path.join(spool.message_dir(value >> 32 if value > 0xFFFFFFFF else value), MESSAGE_FILE)
+    path = os.path.join(spool.message_dir(value >> 32 if len(msgid) == 16 else value), MESSAGE_FILE)
     _print_file(path)
 
 

@@ -319,7 +319,8 @@ def _read_regular_file(path: str, limit: int) -> bytes | None:
     that a FIFO or a device dropped into the spool cannot stall the reader."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return None
         chunks: list[bytes] = []
         size = 0
@@ -329,6 +330,8 @@ def _read_regular_file(path: str, limit: int) -> bytes | None:
                 break
             chunks.append(chunk)
             size += len(chunk)
+            if size >= info.st_size:  # all of it (one read, usually): spare the call that would find the end
+                break
         return b"".join(chunks)
     finally:
         os.close(fd)

@@ -2,9 +2,10 @@
 
 Every write to the spool runs on a few writer threads ("I/O threads") fed by one line of jobs. A commit is
 durable before its future resolves: message file, envelope files, their folder and incoming/ flushed (round 1);
-then the folder is renamed under queue/XX/ and the bucket flushed (round 2), after which the scheduler takes the
+then the folder is renamed under queue/XX/ and the rename flushed (round 2), after which the scheduler takes the
 envelopes. Commits that arrive while a batch is being flushed go into the next batch and share its syncs
-(group commit), so many sessions pay for one round of flushes. docs/queue.md has the whole story.
+(group commit): one syncfs(2) per batch (or per-file flushes for a lone commit, or everywhere with
+SMTPD_QUEUE_SYNC=fsync). docs/queue.md has the whole story.
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""The README's first command: `make run` (scripts/trial.py) gives a daemon that accepts and delivers mail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from waiting import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_trial_run_delivers_to_the_local_maildir() -> None:
+    # As root the trial delivers as nobody, who must reach the Maildir: pytest's tmp_path is private to root.
+    tmp_path = Path(tempfile.mkdtemp(prefix="pysmtpd-trial-"))
+    tmp_path.chmod(0o755)
+    port = free_port()
+    environment = dict(os.environ, SMTPD_TRIAL_DIR=str(tmp_path / "local"), SMTPD_TRIAL_PORT=str(port))
+    log = open(tmp_path / "trial.log", "wb")  # noqa: SIM115 — the daemon keeps writing to it
+    daemon = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "trial.py")], env=environment,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(listening, 30, 0.1, explain=lambda: (tmp_path / "trial.log").read_text())
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.sendmail("me@example.org", ["you@localhost"], b"Subject: trial\r\n\r\nhello from the README\r\n")
+        new = tmp_path / "local" / "Maildir" / "new"
+        delivered = wait_until(lambda: list(new.glob("*")) if new.exists() else [], 30, 0.1,
+                               explain=lambda: (tmp_path / "trial.log").read_text())
+        assert b"hello from the README" in delivered[0].read_bytes()
+        status = subprocess.run([sys.executable, "-m", "smtpctl", "show", "status"], capture_output=True, text=True,
+                                env=dict(environment, SMTPD_SOCKET=str(tmp_path / "local" / "smtpd.sock")))
+        assert status.stdout == "MDA running\nMTA running\nSMTP running\n"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        log.close()
+        shutil.rmtree(tmp_path, ignore_errors=True)
