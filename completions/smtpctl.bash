@@ -32,7 +32,7 @@ _smtpctl() {
         ["_show envelope"]="-h --help"
         ["_show hoststats"]="--json -h --help"
         ["_show message"]="-h --help"
-        ["_show queue"]="--sender --rcpt --domain --older --newer --state --json -h --help"
+        ["_show queue"]="--sender --rcpt --domain --older --newer --state --json --corrupt -h --help"
         ["_show hosts"]="--json -h --help"
         ["_show relays"]="--json -h --help"
         ["_show routes"]="--json -h --help"

@@ -138,6 +138,7 @@ complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -l older -r
 complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -l newer -r
 complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -l state -x -a 'pending inflight suspended offline'
 complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -l json
+complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -l corrupt
 complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -s h
 complete -c smtpctl -n "test (__smtpctl_path) = 'show queue'" -l help
 complete -c smtpctl -n "test (__smtpctl_path) = 'show hosts'" -l json

@@ -20,7 +20,11 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-# The reference's trace keywords, in its order.
+# The reference's trace keywords, in its order. Those named after OpenSMTPD's plumbing mean, in our one process:
+# io: bytes of SMTP sessions and control connections (open/close, TLS handshake, read/write sizes, EOF, timeout);
+# imsg: hand-offs between subsystems (smtp -> queue -> scheduler -> mda/mta and back, control -> daemon);
+# mproc: processes (the fork helper, each delivery child and MDA command with pid/uid/exit status);
+# filters: each filter phase of a session whose listener names a filter (filters are not run yet).
 SUBSYSTEMS: tuple[str, ...] = (
     "imsg", "io", "smtp", "filters", "mta", "bounce", "scheduler", "lookup", "stat", "rules", "mproc",
     "expand", "table", "queue",

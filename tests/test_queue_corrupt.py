@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from helpers_queue import Harness, paused_daemon, run
+from waiting import wait_until
 
 from smtpd.queue.format import dump_envelope, load_envelope
 
@@ -32,13 +32,6 @@ def fill(tmp_path: Path) -> list[list[int]]:
             return messages
 
     return run(scenario())
-
-
-def wait_until(condition, what: str, process, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{process.log()}"
-        time.sleep(0.05)
 
 
 def queued_evpids(process) -> set[int]:
@@ -69,7 +62,7 @@ def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed
     process.start()
     try:
         healthy = {messages[0][0], *messages[2], *messages[3]}
-        wait_until(lambda: queued_evpids(process) == healthy, "the healthy envelopes", process)
+        wait_until(lambda: queued_evpids(process) == healthy, explain=process.log)
         corrupt = spool / "corrupt"
         assert sorted(name for name in os.listdir(corrupt) if not name.endswith(".why")) == sorted(
             [f"{garbage_evpid >> 32:08x}.{garbage_evpid:016x}", f"{unreadable_msgid:08x}",
@@ -133,7 +126,7 @@ def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed
     # A restart moves that one aside too, and goes on.
     process.start()
     try:
-        wait_until(lambda: not still_bad.exists(), "the restart to move the bad envelope aside", process)
+        wait_until(lambda: not still_bad.exists(), explain=process.log)
         assert len(corrupt_listing(process)) == 6
         assert queued_evpids(process) == (healthy | {good.evpid}) - {messages[3][1]}
     finally:

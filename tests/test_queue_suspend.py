@@ -1,30 +1,22 @@
 """`smtpctl pause envelope` survives a restart: the real daemon, mail received over SMTP, a paused envelope
 shown with the `suspend` flag before the restart, while the daemon is down (offline) and after; it is not
-delivered until `resume envelope`, while the other message is."""
+delivered until `resume envelope`, while the other message is. Also many envelopes paused at once (every file
+written) and loaded paused by a new queue."""
 
 from __future__ import annotations
 
 import os
 import signal
 import smtplib
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers_control import free_port, smtpctl
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+from helpers_queue import Harness, run, wait_for
+from waiting import wait_until
 
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from smtpd.queue.format import load_envelope
 
 
 def queue_lines(daemon: Daemon) -> dict[str, list[str]]:
@@ -66,7 +58,7 @@ def test_a_paused_envelope_stays_paused_across_a_restart_until_resumed(world) ->
             for subject in ("kept back", "goes now"):
                 client.sendmail("sender@client.test", [f"{user.pw_name}@maildir.test"],
                                 f"Subject: {subject}\r\n\r\nbody\r\n".encode())
-        lines = wait_for(lambda: len(queue_lines(first)) == 2 and queue_lines(first), "two queued envelopes")
+        lines = wait_until(lambda: len(queue_lines(first)) == 2 and queue_lines(first))
         [held] = [evpid for evpid in lines
                   if "Subject: kept back" in smtpctl(first.socket, "show", "message", evpid, env=first.env).stdout]
         paused = smtpctl(first.socket, "pause", "envelope", held[:8], env=first.env)
@@ -91,18 +83,22 @@ def test_a_paused_envelope_stays_paused_across_a_restart_until_resumed(world) ->
 
     second = Daemon(top, config, mail_root).start()  # deliveries running now
     try:
-        wait_for(lambda: maildir_subjects(user.pw_dir) == ["goes now"], "the other message to be delivered")
-        wait_for(lambda: list(queue_lines(second)) == [held], "the queue to hold only the paused envelope")
+        wait_until(lambda: maildir_subjects(user.pw_dir) == ["goes now"])
+        wait_until(lambda: list(queue_lines(second)) == [held])
         fields = queue_lines(second)[held]
         assert fields[3] == "suspend" and fields[11] == "pending"
         assert smtpctl(second.socket, "schedule", held, env=second.env).stdout == "0 envelope scheduled\n"
-        time.sleep(1)  # a paused envelope must not go; give a wrong scheduler the time to send it
-        assert maildir_subjects(user.pw_dir) == ["goes now"]
+        # A message sent now is delivered while the paused one, due since the start, still is not.
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("sender@client.test", [f"{user.pw_name}@maildir.test"], b"Subject: probe\r\n\r\nx\r\n")
+        wait_until(lambda: maildir_subjects(user.pw_dir) == ["goes now", "probe"], explain=second.log)
+        wait_until(lambda: list(queue_lines(second)) == [held], explain=second.log)
+        assert maildir_subjects(user.pw_dir) == ["goes now", "probe"]
 
         resumed = smtpctl(second.socket, "resume", "envelope", held, env=second.env)
         assert resumed.stdout == "1 envelope resumed\n"
-        wait_for(lambda: maildir_subjects(user.pw_dir) == ["goes now", "kept back"], "the resumed delivery")
-        wait_for(lambda: queue_lines(second) == {}, "an empty queue")
+        wait_until(lambda: maildir_subjects(user.pw_dir) == ["goes now", "kept back", "probe"])
+        wait_until(lambda: queue_lines(second) == {})
         assert second.process is not None and second.process.poll() is None
     finally:
         second.stop()
@@ -118,7 +114,7 @@ def test_resume_clears_the_flag_on_disk_and_it_stays_cleared_after_a_restart(wor
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.sendmail("sender@client.test", [f"{user.pw_name}@maildir.test"], b"Subject: one\r\n\r\nx\r\n")
-        [evpid] = wait_for(lambda: list(queue_lines(daemon)), "the queued envelope")
+        [evpid] = wait_until(lambda: list(queue_lines(daemon)))
         assert smtpctl(daemon.socket, "pause", "envelope", "all", env=daemon.env).stdout == "1 envelope paused\n"
         assert smtpctl(daemon.socket, "pause", "envelope", "all", env=daemon.env).stdout == "0 envelope paused\n"
         assert smtpctl(daemon.socket, "resume", "envelope", evpid, env=daemon.env).stdout == "1 envelope resumed\n"
@@ -126,6 +122,38 @@ def test_resume_clears_the_flag_on_disk_and_it_stays_cleared_after_a_restart(wor
         daemon.stop()
         assert queue_lines(daemon)[evpid][3] == ""  # offline
         daemon = Daemon(top, config, mail_root, extra_args=("-P", "mda")).start()
-        assert wait_for(lambda: queue_lines(daemon).get(evpid), "the envelope to be loaded")[3] == ""
+        assert wait_until(lambda: queue_lines(daemon).get(evpid))[3] == ""
     finally:
         daemon.stop()
+
+
+def test_pausing_many_envelopes_writes_every_file_and_a_new_queue_loads_them_paused(tmp_path: Path) -> None:
+    async def pause_all() -> list[int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            evpids: list[int] = []
+            for number in range(6):
+                _, ids = await harness.submit(recipients=tuple(f"r{number}.{index}@example.org" for index in range(5)))
+                evpids.extend(ids)
+            assert await harness.scheduler.suspend(harness.scheduler.select("all")) == 30
+            return evpids
+
+    evpids = run(pause_all())
+    spool = tmp_path / "spool" / "queue"
+    files = {int(path.name, 16): path for path in spool.rglob("*") if path.is_file() and path.name != "message"}
+    assert sorted(files) == sorted(evpids)
+    assert all(load_envelope(path.read_bytes()).flags == {"suspend"} for path in files.values())
+    assert not [path for path in spool.rglob(".*.tmp")]
+
+    async def restart_then_resume() -> None:
+        async with Harness(tmp_path) as harness:  # deliveries running
+            await harness.queue.loading_done.wait()
+            assert {harness.scheduler.state_of(entry) for entry in harness.scheduler.entries.values()} == {"suspended"}
+            assert len(harness.scheduler.entries) == 30
+            half = [entry for entry in harness.scheduler.select("all") if entry.envelope.evpid % 2]
+            assert await harness.scheduler.resume(half) == len(half)
+            await wait_for(lambda: len(harness.mda.delivered) == len(half), what="the resumed deliveries")
+            assert {item.envelope.evpid for item in harness.mda.delivered} == {entry.envelope.evpid for entry in half}
+            assert len(harness.scheduler.entries) == 30 - len(half)
+
+    run(restart_then_resume())

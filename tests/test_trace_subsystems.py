@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import smtplib
 import socket
@@ -18,7 +17,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import pytest
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
 from helpers_smtp import free_port, make_certificate
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 Event = dict[str, Any]
@@ -48,14 +47,12 @@ class Follower:
         for line in self.process.stdout:
             self.events.append(json.loads(line))
 
-    def wait_for(self, predicate: Callable[[Event], bool], what: str, timeout: float = 30) -> Event:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in list(self.events):
-                if predicate(event):
-                    return event
-            time.sleep(0.05)
-        raise AssertionError(f"no {what} event; got:\n" + "\n".join(json.dumps(event) for event in self.events))
+    def wait_for(self, predicate: Callable[[Event], bool], what: str) -> Event:
+        def found() -> Event | None:
+            return next((event for event in list(self.events) if predicate(event)), None)
+
+        return wait_until(found, explain=lambda: f"no {what} event; got:\n"
+                          + "\n".join(json.dumps(event) for event in self.events))
 
     def stop(self) -> str:
         if self.process.poll() is None:
@@ -76,11 +73,11 @@ def hello(socket_path: str) -> None:
 
 def wait_subscribed(socket_path: str, follower: Follower) -> None:
     """Make control traffic until the follower (subscribed at some point after it starts) shows an event."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not follower.events:
+    def shown() -> bool:
         hello(socket_path)
-        select.select([], [], [], 0.1)
-    assert follower.events, "the follower printed nothing"
+        return bool(follower.events)
+
+    wait_until(shown, interval=0.1, explain=lambda: "the follower printed nothing")
 
 
 @pytest.fixture()
@@ -208,10 +205,8 @@ def test_no_filter_events_without_a_filter_and_session_follower(traced_world: di
         session = session_of(follower, tracked.sock.getsockname()[1])
         narrow = Follower(daemon.socket, "io", "--session", session)
         try:
-            deadline = time.monotonic() + 30
-            while not narrow.events and time.monotonic() < deadline:
-                tracked.noop()
-                select.select([], [], [], 0.1)
+            wait_until(lambda: tracked.noop() and narrow.events, interval=0.1,
+                       explain=lambda: "the --session follower printed nothing")
             other.noop()
             other.ehlo("other.test")
             tracked.ehlo("tracked.test")

@@ -1,0 +1,130 @@
+"""mutt and our mbox delivery share the mailbox: the same locks (mutt_dotlock's PATH.lock, fcntl), the same format.
+
+mutt runs for real, as the mailbox's owner, in a detached tmux session (it needs a terminal): a muttrc `push`
+pipes every message of the mailbox into a file, one separator after each, and quits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+from helpers_delivery import local_action, make_config, make_mail_root, mda_envelope, open_temp_dir, system_user, \
+    write_message
+
+from smtpd.config.model import Method
+from smtpd.delivery import Outcome
+from smtpd.mda import MdaAgent
+
+SEPARATOR = "=====PYSMTPD-MUTT-SPLIT====="
+BODIES = [
+    "Subject: first\n\nhello\n",
+    "Subject: from lines\n\nFrom the start\nFrom someone@example.org Wed Nov 25 10:00:00 2026\n\n"
+    "From after a blank line\n>From quoted already\nend\n",
+    "Subject: dots\n\n.\n..\n.leading dot\nno final newline",
+]
+
+
+@pytest.fixture()
+def world(monkeypatch):
+    with open_temp_dir("pysmtpd-mutt-") as top:
+        root = make_mail_root(top)
+        monkeypatch.setenv("SMTPD_MAILDIR_ROOT", root)
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        with system_user(homes, "pmu") as bob:
+            yield top, root, bob
+
+
+def expected_text(body: str, user: str) -> str:
+    """What mutt pipes out: our two header lines, the message, `From ` lines quoted as mbox stores them."""
+    text = f"Return-Path: <alice@sender.test>\nDelivered-To: {user}@example.org\n" + body
+    if not text.endswith("\n"):
+        text += "\n"
+    return "\n".join(">" + line if line.startswith("From ") else line for line in text.split("\n"))
+
+
+def deliver(agent: MdaAgent, top: str, user: str, body: str, name: str):
+    path = write_message(os.path.join(top, name), body)
+    return agent.deliver(mda_envelope("local", f"{user}@example.org", user), path)
+
+
+def mutt_read_all(top: str, user: str, mbox: str) -> list[str]:
+    """Every message of mbox as mutt sees it (raw, undecoded), read by mutt running as user."""
+    work = os.path.join(top, f"mutt-{uuid.uuid4().hex[:8]}")
+    os.mkdir(work)
+    os.chmod(work, 0o777)  # mutt runs as the user and writes its output here
+    out = os.path.join(work, "out")
+    muttrc = os.path.join(work, "muttrc")
+    with open(muttrc, "w") as handle:
+        handle.write(
+            "set mbox_type=mbox\nset sort=mailbox-order\nset pipe_split=yes\nset pipe_decode=no\n"
+            f'set pipe_sep="{SEPARATOR}\\n"\nset wait_key=no\nset quit=yes\nset move=no\nset mark_old=no\n'
+            f'push "<tag-pattern>~A<enter><tag-prefix><pipe-message>cat >> {out}<enter><quit>"\n')
+    os.chmod(muttrc, 0o644)
+    socket_name = f"pysmtpd-mutt-{uuid.uuid4().hex[:8]}"
+    tmux = ["tmux", "-L", socket_name, "-f", "/dev/null"]
+    subprocess.run([*tmux, "new-session", "-d", "-x", "160", "-y", "40",
+                    f"runuser -u {user} -- env HOME={work} mutt -n -R -F {muttrc} -f {mbox}"], check=True)
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([*tmux, "has-session"], capture_output=True).returncode == 0:
+            if time.monotonic() > deadline:
+                screen = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+                raise AssertionError(f"mutt did not finish; its screen:\n{screen}")
+            time.sleep(0.1)
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    with open(out, encoding="utf-8") as handle:
+        pieces = handle.read().split(SEPARATOR + "\n")
+    # Undecoded, mutt pipes each message with its From_ line: check it, then keep the message itself.
+    messages = []
+    for piece in pieces:
+        from_line, _, message = piece.partition("\n")
+        assert from_line.startswith("From alice@sender.test "), piece
+        messages.append(message)
+    return messages
+
+
+def test_mutt_reads_every_message_we_deliver_intact(world) -> None:
+    top, root, bob = world
+    agent = MdaAgent(make_config([local_action("local", Method.MBOX)], []), None, "mx.example.org")
+
+    async def run() -> list:
+        return [await deliver(agent, top, bob.pw_name, body, f"m{number}") for number, body in enumerate(BODIES)]
+
+    assert [result.outcome for result in asyncio.run(run())] == [Outcome.OK] * len(BODIES)
+    seen = mutt_read_all(top, bob.pw_name, os.path.join(root, bob.pw_name))
+    assert seen == [expected_text(body, bob.pw_name) for body in BODIES]
+
+
+def test_delivery_waits_for_mutts_dotlock_then_succeeds(world) -> None:
+    top, root, bob = world
+    mbox = os.path.join(root, bob.pw_name)
+    agent = MdaAgent(make_config([local_action("local", Method.MBOX)], []), None, "mx.example.org")
+    assert asyncio.run(deliver(agent, top, bob.pw_name, BODIES[0], "m0")).outcome is Outcome.OK
+    size = os.path.getsize(mbox)
+    # mutt's own setgid helper takes the lock as mutt does before it rewrites the mailbox.
+    subprocess.run(["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", mbox], check=True)
+    assert os.path.exists(mbox + ".lock")
+    try:
+        async def deliver_while_locked():
+            task = asyncio.ensure_future(deliver(agent, top, bob.pw_name, BODIES[1], "m1"))
+            await asyncio.sleep(0.5)
+            waited = not task.done() and os.path.getsize(mbox) == size
+            await asyncio.to_thread(subprocess.run, ["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-u", mbox],
+                                    check=True)
+            return waited, await task
+
+        waited, result = asyncio.run(deliver_while_locked())
+    finally:
+        if os.path.exists(mbox + ".lock"):
+            subprocess.run(["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-u", mbox], check=False)
+    assert waited
+    assert result.outcome is Outcome.OK, result
+    seen = mutt_read_all(top, bob.pw_name, mbox)
+    assert seen == [expected_text(body, bob.pw_name) for body in BODIES[:2]]
