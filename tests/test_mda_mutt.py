@@ -53,23 +53,29 @@ def deliver(agent: MdaAgent, top: str, user: str, body: str, name: str):
     return agent.deliver(mda_envelope("local", f"{user}@example.org", user), path)
 
 
-def mutt_read_all(top: str, user: str, mbox: str) -> list[str]:
-    """Every message of mbox as mutt sees it (raw, undecoded), read by mutt running as user."""
+def run_mutt(top: str, user: str, mbox: str, keys: str, read_only: bool = True) -> str:
+    """Run mutt as user on mbox in a detached tmux session, typing keys (which must end with <quit>)."""
     work = os.path.join(top, f"mutt-{uuid.uuid4().hex[:8]}")
     os.mkdir(work)
     os.chmod(work, 0o777)  # mutt runs as the user and writes its output here
-    out = os.path.join(work, "out")
     muttrc = os.path.join(work, "muttrc")
     with open(muttrc, "w") as handle:
         handle.write(
-            "set mbox_type=mbox\nset sort=mailbox-order\nset pipe_split=yes\nset pipe_decode=no\n"
+            # folder: without it mutt first asks whether to create ~/Mail, and that prompt eats the pushed keys.
+            f"set folder={work}\nset mbox_type=mbox\nset sort=mailbox-order\nset pipe_split=yes\nset pipe_decode=no\n"
             f'set pipe_sep="{SEPARATOR}\\n"\nset wait_key=no\nset quit=yes\nset move=no\nset mark_old=no\n'
-            f'push "<tag-pattern>~A<enter><tag-prefix><pipe-message>cat >> {out}<enter><quit>"\n')
+            f'set delete=yes\nset keep_flagged=no\npush "{keys}"\n')
     os.chmod(muttrc, 0o644)
     socket_name = f"pysmtpd-mutt-{uuid.uuid4().hex[:8]}"
     tmux = ["tmux", "-L", socket_name, "-f", "/dev/null"]
+    flags = "-R " if read_only else ""
     subprocess.run([*tmux, "new-session", "-d", "-x", "160", "-y", "40",
-                    f"runuser -u {user} -- env HOME={work} mutt -n -R -F {muttrc} -f {mbox}"], check=True)
+                    f"runuser -u {user} -- env HOME={work} mutt -n {flags}-F {muttrc} -f {mbox}"], check=True)
+    wait_for_mutt(tmux)
+    return work
+
+
+def wait_for_mutt(tmux: list[str]) -> None:
     try:
         deadline = time.monotonic() + 30
         while subprocess.run([*tmux, "has-session"], capture_output=True).returncode == 0:
@@ -79,11 +85,21 @@ def mutt_read_all(top: str, user: str, mbox: str) -> list[str]:
             time.sleep(0.1)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def mutt_read_all(top: str, user: str, mbox: str) -> list[str]:
+    """Every message of mbox as mutt sees it (raw, undecoded), read by mutt running as user."""
+    outdir = os.path.join(top, f"mutt-out-{uuid.uuid4().hex[:8]}")
+    os.mkdir(outdir)
+    os.chmod(outdir, 0o777)
+    out = os.path.join(outdir, "out")
+    run_mutt(top, user, mbox, f"<tag-pattern>~A<enter><tag-prefix><pipe-message>cat >> {out}<enter><quit>")
     with open(out, encoding="utf-8") as handle:
         pieces = handle.read().split(SEPARATOR + "\n")
     # Undecoded, mutt pipes each message with its From_ line: check it, then keep the message itself.
+    assert pieces[-1] == "", "mutt writes the separator after every message"
     messages = []
-    for piece in pieces:
+    for piece in pieces[:-1]:
         from_line, _, message = piece.partition("\n")
         assert from_line.startswith("From alice@sender.test "), piece
         messages.append(message)
@@ -108,23 +124,56 @@ def test_delivery_waits_for_mutts_dotlock_then_succeeds(world) -> None:
     agent = MdaAgent(make_config([local_action("local", Method.MBOX)], []), None, "mx.example.org")
     assert asyncio.run(deliver(agent, top, bob.pw_name, BODIES[0], "m0")).outcome is Outcome.OK
     size = os.path.getsize(mbox)
-    # mutt's own setgid helper takes the lock as mutt does before it rewrites the mailbox.
-    subprocess.run(["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", mbox], check=True)
+    # mutt's own setgid helper takes the lock as mutt does before it rewrites the mailbox (-p: with its mail group,
+    # as mutt asks when the spool directory is not writable by the user).
+    subprocess.run(["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-p", mbox], check=True)
     assert os.path.exists(mbox + ".lock")
     try:
         async def deliver_while_locked():
             task = asyncio.ensure_future(deliver(agent, top, bob.pw_name, BODIES[1], "m1"))
             await asyncio.sleep(0.5)
             waited = not task.done() and os.path.getsize(mbox) == size
-            await asyncio.to_thread(subprocess.run, ["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-u", mbox],
+            await asyncio.to_thread(subprocess.run, ["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-p", "-u", mbox],
                                     check=True)
             return waited, await task
 
         waited, result = asyncio.run(deliver_while_locked())
     finally:
         if os.path.exists(mbox + ".lock"):
-            subprocess.run(["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-u", mbox], check=False)
+            subprocess.run(["runuser", "-u", bob.pw_name, "--", "mutt_dotlock", "-p", "-u", mbox], check=False)
     assert waited
     assert result.outcome is Outcome.OK, result
     seen = mutt_read_all(top, bob.pw_name, mbox)
     assert seen == [expected_text(body, bob.pw_name) for body in BODIES[:2]]
+
+
+def test_mutt_rewriting_the_mailbox_while_we_deliver_loses_nothing(world) -> None:
+    """mutt deletes a message (rewriting the file under its locks) while ten deliveries append to it."""
+    top, root, bob = world
+    mbox = os.path.join(root, bob.pw_name)
+    agent = MdaAgent(make_config([local_action("local", Method.MBOX)], []), None, "mx.example.org")
+    victim = "Subject: victim\n\nto be deleted by mutt\n"
+    assert asyncio.run(deliver(agent, top, bob.pw_name, victim, "victim")).outcome is Outcome.OK
+    for number in range(20):  # a larger mailbox: mutt's rewrite takes a while
+        assert asyncio.run(deliver(agent, top, bob.pw_name, f"Subject: old {number}\n\nFrom old\n" + "x" * 20000
+                                   + "\n", f"old{number}")).outcome is Outcome.OK
+    new_bodies = [f"Subject: new {number}\n\nFrom new {number}\nbody\n" for number in range(10)]
+
+    async def mutt_and_deliveries() -> list:
+        mutt = asyncio.to_thread(run_mutt, top, bob.pw_name, mbox,
+                                 "<delete-pattern>~s victim<enter>" + "<sync-mailbox>" * 4 + "<quit>", False)
+        deliveries = [deliver(agent, top, bob.pw_name, body, f"new{number}") for number, body in enumerate(new_bodies)]
+        *results, _ = await asyncio.gather(*deliveries, mutt)
+        return results
+
+    results = asyncio.run(mutt_and_deliveries())
+    assert [result.outcome for result in results] == [Outcome.OK] * len(new_bodies)
+    seen = mutt_read_all(top, bob.pw_name, mbox)
+    subjects = [line for text in seen for line in text.split("\n") if line.startswith("Subject: ")]
+    assert "Subject: victim" not in subjects
+    assert sorted(subjects) == sorted([f"Subject: old {number}" for number in range(20)]
+                                      + [f"Subject: new {number}" for number in range(10)])
+    for text in seen:
+        if "Subject: new " in text:
+            number = text.split("Subject: new ", 1)[1].split("\n", 1)[0]
+            assert text.endswith(f"\n\n>From new {number}\nbody\n"), text
