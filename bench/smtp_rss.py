@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from helpers_smtp import SmtpDaemon  # noqa: E402
+from helpers_smtp import SmtpDaemon, free_port  # noqa: E402
 
 CONFIG = """listen on 127.0.0.1 port {port}
 action "local" mbox
@@ -98,12 +97,6 @@ print("ready", flush=True)
 signal.sigwait({signal.SIGTERM, signal.SIGINT})
 controller.stop()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_baseline(clients: int, size: int) -> tuple[list[str], int, int, float]:

@@ -10,27 +10,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import json
 import os
 import pwd
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_WAIT = 20.0
+from daemon import ROOT, Result, SmtpdProcess, free_port, read_line, smtpctl
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+__all__ = ["ROOT", "DaemonProcess", "Result", "free_port", "make_workdir", "minimal_config", "read_line", "smtpctl",
+           "smtpctl_as"]
 
 
 def minimal_config(port: int | None = None, extra: str = "") -> str:
@@ -47,105 +36,15 @@ def make_workdir() -> Path:
     return workdir
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
+class DaemonProcess(SmtpdProcess):
+    """A running daemon on a private spool and socket, ready when its control socket answers."""
 
-
-class DaemonProcess:
-    """A running daemon on a private spool and socket."""
+    real = True  # always the real `python -m smtpd` (tests/test_queue_crash_smtp.py checks it)
 
     def __init__(self, workdir: Path, config_text: str | None = None, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
-        self.workdir = workdir
-        self.socket = str(workdir / "smtpd.sock")
-        self.spool = workdir / "spool"
-        self.config_path = workdir / "smtpd.conf"
-        self.log_path = workdir / "smtpd.log"
-        self.mailname = workdir / "mailname"
-        self.mailname.write_text("mx.control.test\n")
-        self.config_path.write_text(config_text if config_text is not None else minimal_config())
-        self.env = {**os.environ, "SMTPD_SOCKET": self.socket, "SMTPD_SPOOL": str(self.spool),
-                    "SMTPD_MAILNAME": str(self.mailname), "SMTPD_PIDFILE": str(workdir / "smtpd.pid"),
-                    "SMTPD_CONFIG": str(self.config_path), "PYTHONPATH": str(ROOT), **(env or {})}
-        self.process: subprocess.Popen[bytes] | None = None
-        self.args = args  # extra smtpd flags, e.g. ("-P", "mda")
-        self.real = True  # always the real `python -m smtpd` now (helpers_queue reads this)
-
-    def start(self) -> DaemonProcess:
-        command = [sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path), *self.args]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
-        self.process = subprocess.Popen(command, env=self.env, cwd=str(self.workdir), stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_WAIT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"smtpd exited at start:\n{self.log()}")
-            if self.answers():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"smtpd did not open its control socket:\n{self.log()}")
-
-    def answers(self) -> bool:
-        try:
-            return self.request("hello").get("ok") is True
-        except OSError:
-            return False
-
-    def request(self, command: str, **args: Any) -> dict[str, Any]:
-        """One raw request on a fresh connection; returns the reply object."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.settimeout(10)
-            connection.connect(self.socket)
-            connection.sendall(json.dumps({"v": 1, "id": 1, "cmd": command, "args": args}).encode() + b"\n")
-            return json.loads(read_line(connection))
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signum)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        with contextlib.suppress(AttributeError):
-            self._log.close()
-
-    def smtpctl(self, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> Result:
-        return smtpctl(self.socket, *args, timeout=timeout, env={**self.env, **(env or {})})
-
-
-def read_line(connection: socket.socket) -> bytes:
-    """One line, read a byte at a time so that nothing after it is consumed (streams send more lines)."""
-    data = bytearray()
-    while not data.endswith(b"\n"):
-        chunk = connection.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def smtpctl(socket_path: str, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> Result:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    completed = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", socket_path, *args],
-                               capture_output=True, text=True, timeout=timeout, env=environment, cwd=str(ROOT))
-    return Result(completed.returncode, completed.stdout, completed.stderr)
+                 args: tuple[str, ...] = (), paused: tuple[str, ...] = ()) -> None:
+        super().__init__(workdir, config_text if config_text is not None else minimal_config(),
+                         mailname="mx.control.test", env=env, paused=paused, args=args, listens=False)
 
 
 def smtpctl_as(user: str, socket_path: str, *args: str, extra_groups: tuple[int, ...] = ()) -> Result:

@@ -26,6 +26,7 @@ import dns.rdatatype
 import dns.rrset
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
+from daemon import SmtpdProcess, free_port
 
 from smtpd.config.model import Action, Ca, Config, Method, Pki, Relay
 from smtpd.lookup.tables.base import Service, TableError
@@ -224,12 +225,6 @@ def _authenticator(credentials: dict[str, str]) -> Callable[..., AuthResult]:
         user, password = auth_data.login.decode(), auth_data.password.decode()
         return AuthResult(success=credentials.get(user) == password, handled=False, auth_data=auth_data)
     return check
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 # -- a raw line-level remote ----------------------------------------------------------------------------------
@@ -436,68 +431,11 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 
 
 # -- our daemon as a process ------------------------------------------------------------------------------------
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Daemon:
-    """`python -m smtpd -d` on a private spool, socket and mailname under workdir; stopped by pid."""
+class Daemon(SmtpdProcess):
+    """`python -m smtpd -d` on a private spool, socket and mailname under workdir, ready when its control socket
+    answers and smtp_port accepts; stopped by pid (tests/daemon.py's SmtpdProcess, called as the relay tests do)."""
 
     def __init__(self, workdir: str, config_text: str, mailname: str, smtp_port: int,
                  env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
-        os.makedirs(workdir, mode=0o755, exist_ok=True)
-        self.args = args
-        self.workdir = workdir
+        super().__init__(workdir, config_text, mailname=mailname, env=env, args=args, port=smtp_port)
         self.smtp_port = smtp_port
-        self.socket = os.path.join(workdir, "smtpd.sock")
-        self.config_path = os.path.join(workdir, "smtpd.conf")
-        self.log_path = os.path.join(workdir, "smtpd.log")
-        with open(self.config_path, "w", encoding="utf-8") as handle:
-            handle.write(config_text)
-        mailname_path = os.path.join(workdir, "mailname")
-        with open(mailname_path, "w", encoding="utf-8") as handle:
-            handle.write(mailname + "\n")
-        self.env = {**os.environ, "SMTPD_SOCKET": self.socket, "SMTPD_SPOOL": os.path.join(workdir, "spool"),
-                    "SMTPD_MAILNAME": mailname_path, "SMTPD_PIDFILE": os.path.join(workdir, "smtpd.pid"),
-                    "SMTPD_CONFIG": self.config_path, "PYTHONPATH": ROOT, **(env or {})}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Daemon:
-        import sys
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "smtpd", "-d", *self.args, "-f", self.config_path],
-                                            env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        ready = wait_until(lambda: self.process.poll() is not None or (os.path.exists(self.socket) and
-                                                                          _accepts(self.smtp_port)), 30)
-        if not ready or self.process.poll() is not None:
-            self.stop()
-            raise RuntimeError(f"smtpd did not start:\n{self.log()}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, 15)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, 9)
-                self.process.wait(5)
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-
-    def smtpctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        import sys
-        return subprocess.run([sys.executable, "-m", "smtpctl", *args], env=self.env, capture_output=True,
-                              text=True, timeout=60)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False

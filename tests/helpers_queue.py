@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers_control import DaemonProcess
+
 from shared.paths import Paths
 from smtpd import queue as queue_package
 from smtpd import scheduler as scheduler_package
@@ -199,53 +201,7 @@ def drain_worker(tmp: str) -> None:
 
 
 # -- a real daemon process with deliveries paused ------------------------------------------------------------
-def paused_daemon(workdir: Path, config_text: str | None = None):  # -> helpers_control.DaemonProcess
-    """A daemon process (`python -m smtpd -d -P mda -P mta` once it exists, else the same Daemon built by
-    this file run as a script) on workdir's spool and socket, with both delivery agents paused."""
-    import sys as _sys
-
-    from helpers_control import DaemonProcess
-
-    class PausedDaemon(DaemonProcess):
-        def start(self) -> DaemonProcess:
-            import subprocess
-
-            if self.real:
-                command = [_sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path), "-P", "mda",
-                           "-P", "mta"]
-            else:
-                command = [_sys.executable, str(Path(__file__)), "paused-daemon"]
-            self._log = open(self.log_path, "wb")  # noqa: SIM115 — closed in stop()
-            self.process = subprocess.Popen(command, env=self.env, cwd=str(self.workdir), stdout=self._log,
-                                            stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"smtpd exited at start:\n{self.log()}")
-                if self.answers():
-                    return self
-                time.sleep(0.05)
-            raise RuntimeError(f"smtpd did not open its control socket:\n{self.log()}")
-
-    return PausedDaemon(workdir, config_text)
-
-
-def _run_paused_stand_in() -> None:
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from smtpd import log
-    from smtpd.daemon import serve
-
-    log.setup()
-    paths = Paths.from_environment()
-    config = queue_config()
-    daemon = Daemon(paths, config, DaemonOptions(paused=frozenset({"mda", "mta"})))
-    asyncio.run(serve(daemon))
-
-
-if __name__ == "__main__":
-    import sys as _sys
-
-    if _sys.argv[1:] == ["paused-daemon"]:
-        _run_paused_stand_in()
+def paused_daemon(workdir: Path, config_text: str | None = None) -> DaemonProcess:
+    """A daemon process (`python -m smtpd -d -P mda -P mta`) on workdir's spool and socket, with both delivery
+    agents paused."""
+    return DaemonProcess(workdir, config_text, paused=("mda", "mta"))

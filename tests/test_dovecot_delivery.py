@@ -199,3 +199,73 @@ def test_deliveries_while_dovecot_rewrites_the_mbox(world) -> None:
         kind, number = subject.split()
         lines = 200 if kind == "old" else 300
         assert text.count(f"{kind} body {number}\n") == lines, subject
+
+
+def test_lmtp_envelopes_of_one_message_share_one_transaction(world) -> None:
+    """Two envelopes of one message handed at once: one LMTP session, two RCPT TO, one DATA, a reply for each."""
+    top, _, bob = world
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    with Dovecot(os.path.join(top, "dovecot"), [user], "maildir:~/Maildir") as dovecot:
+        config = make_config([local_action("byaddress", Method.LMTP, lmtp_destination=dovecot.lmtp_socket,
+                                           lmtp_rcpt_to=True)], [])
+        agent = MdaAgent(config, DictTables(), "mx.example.org")
+        path = write_message(os.path.join(top, "shared"), "Subject: for two\n\nFrom a body line\nsent once\n")
+        known = mda_envelope("byaddress", f"{bob.pw_name}@example.org", bob.pw_name, evpid=0x1111222200000001)
+        unknown = mda_envelope("byaddress", "nosuchuser@example.org", bob.pw_name, evpid=0x1111222200000002)
+
+        async def both():
+            return await asyncio.gather(agent.deliver(known, path), agent.deliver(unknown, path))
+
+        delivered, refused = asyncio.run(both())
+        assert delivered.outcome is Outcome.OK, delivered
+        assert refused.outcome is Outcome.PERMFAIL and refused.text.startswith("550 "), refused
+        # One session on the Unix socket (Dovecot logs each connection) and one copy saved.
+        assert dovecot.log().count("Connect from local") == 1, dovecot.log()
+        [text] = [normalise(text) for text in dovecot.fetch(bob.pw_name)]
+        assert text.endswith("Return-Path: <alice@sender.test>\nSubject: for two\n\nFrom a body line\nsent once\n")
+        # The shared copy carries no Delivered-To of ours (it would name the other recipient); Dovecot adds its
+        # own because only one recipient was accepted in the transaction.
+        assert [line for line in text.split("\n") if line.startswith("Delivered-To:")] == [
+            f"Delivered-To: {bob.pw_name}@example.org"]
+        assert "nosuchuser" not in text
+
+
+def test_daemon_batches_one_smtp_message_for_two_users_into_one_lmtp_session(world) -> None:
+    """SMTP in with two recipients, through the real daemon's queue and scheduler, one LMTP session out."""
+    import smtplib
+    import time
+
+    from helpers_delivery import Daemon
+    from helpers_dovecot import free_port
+
+    top, root, bob = world
+    homes = os.path.dirname(bob.pw_dir)
+    with system_user(homes, "pdc") as carol:
+        users = [DovecotUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir) for entry in (bob, carol)]
+        with Dovecot(os.path.join(top, "dovecot"), users, "maildir:~/Maildir") as dovecot:
+            port = free_port()
+            config = (f"listen on 127.0.0.1 port {port}\n"
+                      f'action "lm" lmtp "{dovecot.lmtp_socket}" rcpt-to\n'
+                      'match from any for domain "lmtp.test" action "lm"\n')
+            workdir = os.path.join(top, "daemon")
+            os.mkdir(workdir)
+            daemon = Daemon(workdir, config, root).start()
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    refused = client.sendmail("sender@client.test",
+                                              [f"{bob.pw_name}@lmtp.test", f"{carol.pw_name}@lmtp.test"],
+                                              b"Subject: for both\r\n\r\nFrom a line\r\nbody\r\n")
+                assert refused == {}
+                deadline = time.monotonic() + 30
+                while dovecot.log().count("saved mail to INBOX") < 2:
+                    assert time.monotonic() < deadline, dovecot.log() + daemon.log()
+                    time.sleep(0.1)
+            finally:
+                daemon.stop()
+            for entry in (bob, carol):
+                [text] = [normalise(text) for text in dovecot.fetch(entry.pw_name)]
+                assert "\nSubject: for both\n" in text and text.endswith("\n\nFrom a line\nbody\n")
+                # One copy for both: no header may name a recipient (Dovecot too leaves out Delivered-To then).
+                assert "Delivered-To:" not in text
+                assert bob.pw_name not in text and carol.pw_name not in text
+            assert dovecot.log().count("Connect from local") == 1, dovecot.log()

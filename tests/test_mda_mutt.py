@@ -13,8 +13,15 @@ import time
 import uuid
 
 import pytest
-from helpers_delivery import local_action, make_config, make_mail_root, mda_envelope, open_temp_dir, system_user, \
-    write_message
+from helpers_delivery import (
+    local_action,
+    make_config,
+    make_mail_root,
+    mda_envelope,
+    open_temp_dir,
+    system_user,
+    write_message,
+)
 
 from smtpd.config.model import Method
 from smtpd.delivery import Outcome

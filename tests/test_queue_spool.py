@@ -11,6 +11,7 @@ import pytest
 from helpers_queue import Harness, run, spool_files, wait_for
 
 from smtpd.delivery import DeliveryResult
+from smtpd.queue import store
 from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
 from smtpd.queue.format import EnvelopeFormatError, dump_envelope, load_envelope
 from smtpd.queue.store import MEMORY_LIMIT
@@ -90,6 +91,37 @@ def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
     assert committed == 200
     assert batches < 200  # several sessions' messages were made durable by one round of syncs
     assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 200
+
+
+@pytest.mark.parametrize("sync_mode", ["syncfs", "fsync"])
+def test_both_flush_modes_commit_lone_and_grouped_messages_whole(tmp_path: Path, sync_mode: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """syncfs (a whole batch flushed by one call, renames riding on the next batch) and per-file flushes both
+    leave every message complete under queue/, big (spilled to temporary/) and small (held in memory) alike."""
+    monkeypatch.setattr(store, "SYNC_MODE", sync_mode)
+    big = b"Subject: big\n\n" + b"y" * (MEMORY_LIMIT + 10) + b"\n"
+
+    async def scenario() -> tuple[list[int], int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            assert (harness.queue.io.filesystem is not None) == (sync_mode == "syncfs")
+            lone, _ = await harness.submit(big)
+            grouped = await asyncio.gather(*(harness.submit(b"Subject: small\n\nx\n",
+                                                            recipients=(f"u{i}@x.test", f"v{i}@x.test"))
+                                             for i in range(40)))
+            await wait_for(lambda: len(harness.scheduler.entries) == 81, what="all envelopes scheduled")
+            return [lone, *(msgid for msgid, _ in grouped)], len(harness.scheduler.entries)
+
+    msgids, scheduled = run(scenario())
+    assert scheduled == 81
+    queue_root = tmp_path / "spool" / "queue"
+    assert (queue_root / f"{msgids[0] >> 24:02x}" / f"{msgids[0]:08x}" / "message").read_bytes() == big
+    for msgid in msgids[1:]:
+        folder = queue_root / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+        assert (folder / "message").read_bytes() == b"Subject: small\n\nx\n"
+        assert len(list(folder.iterdir())) == 3
+    for sub in ("temporary", "incoming"):
+        assert spool_files(tmp_path / "spool", sub) == []
 
 
 def test_abort_removes_the_partial_message(tmp_path: Path) -> None:

@@ -12,15 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from daemon import free_port
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_trial_run_delivers_to_the_local_maildir() -> None:

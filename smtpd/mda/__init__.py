@@ -18,12 +18,13 @@ The mbox spool directory is /var/mail unless the environment variable SMTPD_MAIL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pwd
 import secrets
-import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from smtpd import log, trace
@@ -45,6 +46,9 @@ MAX_SESSIONS = 50
 MAX_SESSIONS_PER_USER = 7
 OPENSMTPD_MBOXFILE = "/usr/libexec/opensmtpd/mail.mboxfile"
 MAX_HEADER_BYTES = 1 << 20
+LMTP_BATCH_WINDOW = 0.05  # seconds an LMTP delivery waits for the other envelopes of its message
+LMTP_MAX_RECIPIENTS = 100  # recipients in one LMTP transaction
+WRAPPED_FILTER = "/bin/cat"  # what %{mda} runs for mbox and maildir actions under a wrapper
 
 _log = log.get("mda")
 
@@ -63,6 +67,21 @@ class _Job:
     directory: str  # the recipient's home
     prefix: bytes
     context: VariableContext
+
+
+@dataclass(frozen=True)
+class _LmtpMember:
+    recipient: str  # what goes in RCPT TO
+    prefix: bytes  # this envelope's Return-Path/Delivered-To lines (used when it is alone in its batch)
+    future: asyncio.Future[DeliveryResult]
+
+
+@dataclass
+class _LmtpBatch:
+    destination: str
+    sender: str
+    message: BinaryIO
+    members: list[_LmtpMember] = field(default_factory=list)
 
 
 class _Failure(Exception):
@@ -85,6 +104,9 @@ class MdaAgent:
         self._per_user_waiting: dict[str, int] = {}
         self.replay_task: asyncio.Task[Any] | None = None
         self.forkserver = ForkServer()
+        self.lmtp_batch_window = LMTP_BATCH_WINDOW
+        self._lmtp_batches: dict[tuple[Any, ...], _LmtpBatch] = {}
+        self._lmtp_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def tables(self) -> Any:
@@ -293,18 +315,62 @@ class MdaAgent:
         return _child_result(await run_as(job.identity, write))
 
     async def _run_lmtp(self, job: _Job, message: BinaryIO) -> DeliveryResult:
+        """Join (or open) the LMTP batch of this message and destination, and wait for this envelope's reply.
+
+        The scheduler hands the envelopes of one message at about the same time: those that go to the same LMTP
+        destination within LMTP_BATCH_WINDOW share one transaction (several RCPT TO, one DATA), and each gets the
+        reply to its own recipient.
+        """
         destination = job.action.lmtp_destination or ""
         recipient = job.envelope.dest if job.action.lmtp_rcpt_to else job.username
+        key = (job.envelope.msgid, os.fstat(message.fileno()).st_ino, job.action.name, destination,
+               job.envelope.sender)
+        loop = asyncio.get_running_loop()
+        batch = self._lmtp_batches.get(key)
+        if batch is None or len(batch.members) >= LMTP_MAX_RECIPIENTS:
+            # The batch reads its own descriptor: this envelope's file is closed when its delivery returns.
+            shared = open(os.dup(message.fileno()), "rb")  # noqa: SIM115 — closed when the batch is done
+            shared.seek(0)  # a real lseek: the envelope's buffered reader may have rewound only its buffer
+            batch = _LmtpBatch(destination, job.envelope.sender, shared)
+            self._lmtp_batches[key] = batch
+            loop.call_later(self.lmtp_batch_window, self._flush_lmtp, key, batch)
+        future: asyncio.Future[DeliveryResult] = loop.create_future()
+        batch.members.append(_LmtpMember(recipient, job.prefix, future))
+        return await future
+
+    def _flush_lmtp(self, key: tuple[Any, ...], batch: _LmtpBatch) -> None:
+        if self._lmtp_batches.get(key) is batch:
+            del self._lmtp_batches[key]
+        task = asyncio.get_running_loop().create_task(self._run_lmtp_batch(batch))
+        self._lmtp_tasks.add(task)
+        task.add_done_callback(self._lmtp_tasks.discard)
+
+    async def _run_lmtp_batch(self, batch: _LmtpBatch) -> None:
+        members = batch.members
+        if len(members) == 1:
+            prefix = members[0].prefix
+        else:
+            # One DATA for several recipients: a Delivered-To line would show every recipient to each of them
+            # (Bcc included), so the shared copy carries only Return-Path (Dovecot too omits it in that case).
+            prefix = f"Return-Path: <{batch.sender}>\n".encode("utf-8", "surrogateescape") if batch.sender else b""
+        trace.emit("mda", f"lmtp: one transaction to {batch.destination} for {len(members)} recipient(s): "
+                          + ", ".join(member.recipient for member in members), destination=batch.destination)
         try:
-            [reply] = await lmtp.deliver_lmtp(destination, self.mailname, job.envelope.sender, [recipient],
-                                              job.prefix, message)
+            replies = await lmtp.deliver_lmtp(batch.destination, self.mailname, batch.sender,
+                                              [member.recipient for member in members], prefix, batch.message)
+            results = [_lmtp_result(reply) for reply in replies]
         except lmtp.LmtpError as error:
-            return DeliveryResult.tempfail(str(error))
-        if reply.ok:
-            return DeliveryResult.ok()
-        if reply.temporary:
-            return DeliveryResult.tempfail(reply.text)
-        return DeliveryResult.permfail(reply.text)
+            results = [DeliveryResult.tempfail(str(error))] * len(members)
+        except Exception as error:  # noqa: BLE001 — every waiting envelope must get an answer
+            _log.exception("mda: LMTP transaction to %s failed", batch.destination)
+            results = [DeliveryResult.tempfail(f"internal error: {type(error).__name__}: {error}")] * len(members)
+        finally:
+            batch.message.close()
+        if len(results) != len(members):
+            results = [DeliveryResult.tempfail("LMTP server error: reply count mismatch")] * len(members)
+        for member, result in zip(members, results, strict=True):
+            if not member.future.done():
+                member.future.set_result(result)
 
     async def _run_shell_item(self, job: _Job, shell_command: str, message: BinaryIO) -> DeliveryResult:
         # The text of a |command item is the alias or .forward owner's shell command, never envelope data.
@@ -317,13 +383,8 @@ class MdaAgent:
         method = job.action.method
         if method is Method.MDA:
             wrapped = self._expand_argv(job.action.mda_command or "", job)
-        elif method is Method.MAILDIR:
-            directory = self._expand(job.action.maildir_path or "~/Maildir", job)
-            wrapped = [sys.executable, local.__file__, "maildir", *(["-j"] if job.action.junk else []),
-                       *(["-e", job.envelope.mda_subaddress] if job.envelope.mda_subaddress else []), directory]
-        elif method is Method.MBOX:
-            wrapped = [sys.executable, local.__file__, "mbox", "-f", job.envelope.sender or "MAILER-DAEMON",
-                       self._mbox_path(job)]
+        elif method in (Method.MBOX, Method.MAILDIR):
+            return await self._run_wrapped_mailbox(job, wrapper, message)
         else:
             return DeliveryResult.permfail(f"wrapper not supported for {method}")
         try:
@@ -332,14 +393,44 @@ class MdaAgent:
             return DeliveryResult.permfail(f"mda command line could not be expanded: {error}")
         return await self._run_command(job, argv, message)
 
-    async def _run_command(self, job: _Job, argv: list[str], message: BinaryIO) -> DeliveryResult:
+    async def _run_wrapped_mailbox(self, job: _Job, wrapper: str, message: BinaryIO) -> DeliveryResult:
+        """mbox and maildir under a wrapper: the wrapper runs as the recipient around a filter, then we write.
+
+        The wrapped command (%{mda}) is `/bin/cat`: the wrapper (limits, environment, a filter of its own) runs
+        as the recipient with the message on stdin, and its standard output is what gets delivered, by the same
+        writer as without a wrapper (locks, From_ line, truncate on failure, the fork helper as root). So the
+        recipient never has to run the daemon's own Python, which it usually cannot even read.
+        """
+        try:
+            argv = command.wrap_argv(wrapper, [WRAPPED_FILTER], job.context)
+        except VariableError as error:
+            return DeliveryResult.permfail(f"mda command line could not be expanded: {error}")
+        filter_job = job
+        if privileged() and job.identity.uid == 0:
+            # root's mbox: the wrapper, like the write, runs as the unprivileged user, never as root.
+            filter_job = dataclasses.replace(job, identity=_unprivileged_identity())
+        with tempfile.TemporaryFile(prefix="smtpd-wrapped-") as filtered:
+            result = await self._run_command(filter_job, argv, message, stdout=filtered)
+            if result.outcome is not Outcome.OK:
+                return result
+            if filtered.seek(0, os.SEEK_END) == 0:
+                # Delivering nothing would lose the message: the wrapper did not pass it on.
+                return DeliveryResult.tempfail("mda wrapper wrote no message on its standard output")
+            filtered.seek(0)
+            unprefixed = dataclasses.replace(job, prefix=b"")  # the wrapper's output already holds the prefix
+            if job.action.method is Method.MBOX:
+                return await self._run_mbox(unprefixed, filtered)
+            return await self._run_maildir(unprefixed, filtered)
+
+    async def _run_command(self, job: _Job, argv: list[str], message: BinaryIO,
+                           stdout: BinaryIO | None = None) -> DeliveryResult:
         environment = command.delivery_environment(job.identity, job.envelope.sender,
                                                    job.envelope.rcpt or job.envelope.dest, job.envelope.dest,
                                                    job.envelope.mda_subaddress)
         # The command learns about the recipient, even when an unprivileged daemon runs it as itself.
         environment["USER"] = environment["LOGNAME"] = job.username
         environment["HOME"] = job.directory or "/"
-        outcome = await command.run_command(argv, job.identity, environment, job.prefix, message)
+        outcome = await command.run_command(argv, job.identity, environment, job.prefix, message, stdout=stdout)
         if outcome.ok:
             return DeliveryResult.ok()
         if outcome.temporary:
@@ -369,6 +460,14 @@ class MdaAgent:
         _log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s result=%s stat=%s",
                   secrets.randbits(64), envelope.evpid, envelope.sender, envelope.dest,
                   envelope.rcpt or envelope.dest, envelope.mda_user, delay, words[result.outcome], stat)
+
+
+def _lmtp_result(reply: lmtp.LmtpReply) -> DeliveryResult:
+    if reply.ok:
+        return DeliveryResult.ok()
+    if reply.temporary:
+        return DeliveryResult.tempfail(reply.text)
+    return DeliveryResult.permfail(reply.text)
 
 
 def _child_result(result: ChildResult) -> DeliveryResult:

@@ -124,8 +124,13 @@ def wrap_argv(wrapper: str, wrapped: list[str], context: VariableContext) -> lis
 
 
 async def run_command(argv: list[str], identity: Identity, environment: dict[str, str], prefix: bytes,
-                      message: BinaryIO, timeout: float = CHILD_TIMEOUT) -> CommandOutcome:
-    """Run argv as identity (when we are root) with the message on stdin."""
+                      message: BinaryIO, timeout: float = CHILD_TIMEOUT,
+                      stdout: BinaryIO | None = None) -> CommandOutcome:
+    """Run argv as identity (when we are root) with the message on stdin.
+
+    stdout: a file (opened by the daemon) that receives the command's standard output, for filters such as the
+    wrappers of mbox and maildir actions; by default stdout and stderr both go to the captured error output.
+    """
     switch: dict[str, object] = {}
     if privileged():
         switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
@@ -133,7 +138,7 @@ async def run_command(argv: list[str], identity: Identity, environment: dict[str
     with tempfile.TemporaryFile() as output:
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=output, stderr=output, env=environment, cwd=cwd,
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=output if stdout is None else stdout, stderr=output, env=environment, cwd=cwd,
                 start_new_session=True, close_fds=True, **switch)  # type: ignore[arg-type]
         except OSError as error:
             return CommandOutcome(127, None, False, f"{argv[0]}: {error.strerror}")

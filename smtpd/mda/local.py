@@ -1,8 +1,9 @@
 """Writing one message into an mbox file or a Maildir, as the process's current user.
 
 These functions run in the delivery child after the privilege drop (or in a thread when the daemon runs
-unprivileged). They use the standard library only, so that this file also runs as a program — the command that a
-`wrapper` wraps for mbox and maildir actions:
+unprivileged). They use the standard library only (the fork helper imports this file alone), and the file also
+runs as a program, for manual use and tests (a `wrapper` around mbox and maildir actions wraps `/bin/cat` instead,
+and the daemon writes the wrapper's output: recipients usually cannot run the daemon's Python):
 
     python local.py mbox [-f SENDER] PATH        < message
     python local.py mboxfile [-f SENDER] PATH    < message

@@ -49,7 +49,7 @@ MAX_BATCH = 256  # commits flushed together at most
 IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "2"))
 # A message is held in memory while it arrives up to this size, and written by the I/O thread at commit (no
 # file, no system call on the event loop); a bigger one goes on to a file in temporary/.
-MEMORY_LIMIT = int(os.environ.get("SMTPD_QUEUE_MEMORY_LIMIT", str(1 << 20)))
+MEMORY_LIMIT = int(os.environ.get("SMTPD_QUEUE_MEMORY_LIMIT", str(256 * 1024)))
 FLUSH_THREADS = int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "8"))
 # How a batch is made durable: "syncfs" (one syncfs(2) of the spool's filesystem per round) or "fsync" (every
 # file and folder flushed on its own, in parallel). Default: syncfs where it exists and the spool is one fs.
