@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from waiting import wait_until
 
@@ -97,6 +97,8 @@ class SmtpdProcess:
         self.ports: dict[str, int] = {} if port is None else {"port": port}
         config_text = fill_ports(config_text, self.ports)
         self.ports.setdefault("port", free_port())
+        self.port = self.ports["port"]  # the SMTP port start() waits for (a test may set another)
+        self.port2 = self.ports.get("port2", 0)
         self.config_path = self.workdir / "smtpd.conf"
         self.config_path.write_text(config_text.replace("{dir}", str(self.workdir)))
         self.spool = self.workdir / "spool"
@@ -120,16 +122,8 @@ class SmtpdProcess:
     def dir(self) -> Path:
         return self.workdir
 
-    @property
-    def port(self) -> int:
-        return self.ports["port"]
-
-    @property
-    def port2(self) -> int:
-        return self.ports.get("port2", 0)
-
     # -- life ---------------------------------------------------------------------------------------------------
-    def start(self, wait_port: int | None = None) -> SmtpdProcess:
+    def start(self, wait_port: int | None = None) -> Self:
         """Run the daemon (its log file starts afresh) and wait until it is ready; a failed start is stopped."""
         with open(self.log_path, "wb") as log:  # the child has its own copy of the descriptor
             self.process = subprocess.Popen([sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path),
@@ -170,7 +164,7 @@ class SmtpdProcess:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
 
-    def restart(self, wait_port: int | None = None) -> SmtpdProcess:
+    def restart(self, wait_port: int | None = None) -> Self:
         self.stop()
         return self.start(wait_port)
 
@@ -187,7 +181,7 @@ class SmtpdProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> SmtpdProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -12,14 +12,16 @@ import importlib
 import io
 import os
 import pwd
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from daemon import ROOT, Result, SmtpdProcess, free_port, read_line, smtpctl
 
-__all__ = ["ROOT", "DaemonProcess", "Result", "free_port", "make_workdir", "minimal_config", "read_line", "smtpctl",
-           "smtpctl_as"]
+__all__ = ["ROOT", "DaemonProcess", "Result", "free_port", "make_workdir", "minimal_config", "read_line",
+           "running_daemon", "smtpctl", "smtpctl_as"]
 
 
 def minimal_config(port: int | None = None, extra: str = "") -> str:
@@ -45,6 +47,17 @@ class DaemonProcess(SmtpdProcess):
                  args: tuple[str, ...] = (), paused: tuple[str, ...] = ()) -> None:
         super().__init__(workdir, config_text if config_text is not None else minimal_config(),
                          mailname="mx.control.test", env=env, paused=paused, args=args, listens=False)
+
+
+@contextlib.contextmanager
+def running_daemon(config_text: str | None = None) -> Iterator[DaemonProcess]:
+    """A started DaemonProcess in a fresh make_workdir() folder; stopped, and the folder removed, afterwards."""
+    workdir = make_workdir()
+    try:
+        with DaemonProcess(workdir, config_text) as running:
+            yield running
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def smtpctl_as(user: str, socket_path: str, *args: str, extra_groups: tuple[int, ...] = ()) -> Result:

@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import socket
 from collections.abc import Iterator
 
 import pytest
-from helpers_control import DaemonProcess, make_workdir
+from helpers_control import DaemonProcess, running_daemon
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    workdir = make_workdir()
-    running = DaemonProcess(workdir).start()
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_daemon() as running:
+        yield running
 
 
 class Lines:

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from helpers_control import DaemonProcess, make_workdir, smtpctl
+from helpers_control import DaemonProcess, running_daemon, smtpctl
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    workdir = make_workdir()
-    running = DaemonProcess(workdir).start()
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_daemon() as running:
+        yield running
 
 
 SHOW_LISTING = ("possibilities are:\nshow mta\nshow envelope\nshow hoststats\nshow message\nshow queue\n"

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers_control import ROOT, DaemonProcess, make_workdir, read_line
+from helpers_control import ROOT, DaemonProcess, read_line, running_daemon
 
 ROW = re.compile(r"^ {0,3}\d+ {1,4}\d+ {1,4}\d+  {1,4}\d+ {1,4}\d+ {1,4}\d+ {1,4}\d+ {4,7}\d+ {4,7}\d+ {1,4}\d+"
                  r" {3,6}\d+ {3,6}\d+ {3,6}\d+$")
@@ -25,11 +24,8 @@ HEADER = ["--- client ---  -- envelope --   ---- relay/delivery --- ------- misc
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    workdir = make_workdir()
-    running = DaemonProcess(workdir).start()
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_daemon() as running:
+        yield running
 
 
 def spawn_smtpctl(daemon: DaemonProcess, *args: str) -> subprocess.Popen[str]:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 
 import pexpect
 import pytest
-from helpers_control import ROOT, DaemonProcess, make_workdir
+from helpers_control import ROOT, DaemonProcess, running_daemon
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    workdir = make_workdir()
-    running = DaemonProcess(workdir).start()
-    yield running
-    running.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with running_daemon() as running:
+        yield running
 
 
 def spawn(daemon: DaemonProcess, *args: str) -> pexpect.spawn:
