@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from daemon import SmtpdProcess
+
 from smtpd.config.model import Action, Condition, Config, MatchRule, Method, SmtpOptions
 from smtpd.lookup.tables.base import Service, TableError
 
@@ -125,71 +127,27 @@ def open_temp_dir(prefix: str = "pysmtpd-test-") -> Iterator[str]:
         shutil.rmtree(top, ignore_errors=True)
 
 
-class Daemon:
-    """The real daemon (`python -m smtpd -d`) on a private spool, socket and mail spool; stopped by its pid."""
+class Daemon(SmtpdProcess):
+    """The real daemon on a private spool, socket and mail spool (tests/daemon.py), ready once its control socket
+    answers; the delivery tests' call signature."""
 
     def __init__(self, workdir: str, config_text: str, mail_root: str, mailname: str = "mx.delivery.test",
                  extra_args: tuple[str, ...] = ()) -> None:
-        import sys
-        from pathlib import Path
+        super().__init__(workdir, config_text, mailname=mailname, env={"SMTPD_MAILDIR_ROOT": mail_root},
+                         args=extra_args, listens=False)
+        self.socket = str(self.socket_path)
+        self.spool = str(self.workdir / "spool")
+        self.config_path = str(self.config_path)  # type: ignore[assignment]
 
-        root = Path(__file__).resolve().parent.parent
-        self.workdir = workdir
-        self.socket = os.path.join(workdir, "smtpd.sock")
-        self.spool = os.path.join(workdir, "spool")
-        self.config_path = os.path.join(workdir, "smtpd.conf")
-        self.log_path = os.path.join(workdir, "smtpd.log")
-        with open(self.config_path, "w") as handle:
-            handle.write(config_text)
-        with open(os.path.join(workdir, "mailname"), "w") as handle:
-            handle.write(mailname + "\n")
-        self.env = {**os.environ, "SMTPD_SOCKET": self.socket, "SMTPD_SPOOL": self.spool,
-                    "SMTPD_MAILNAME": os.path.join(workdir, "mailname"),
-                    "SMTPD_PIDFILE": os.path.join(workdir, "smtpd.pid"), "SMTPD_CONFIG": self.config_path,
-                    "SMTPD_MAILDIR_ROOT": mail_root, "PYTHONPATH": str(root)}
-        self.command = [sys.executable, "-m", "smtpd", "-d", "-f", self.config_path, *extra_args]
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> Daemon:
-        import json
-        import socket
-        import time
+@contextmanager
+def mail_world(monkeypatch, prefix: str, user_prefix: str) -> Iterator[tuple[str, str, pwd.struct_passwd]]:  # noqa: ANN001
+    """A traversable temp folder with a mail root (SMTPD_MAILDIR_ROOT) and one real system user homed in it."""
+    with open_temp_dir(prefix) as top:
+        root = make_mail_root(top)
+        monkeypatch.setenv("SMTPD_MAILDIR_ROOT", root)
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        with system_user(homes, user_prefix) as user:
+            yield top, root, user
 
-        log = open(self.log_path, "ab")  # noqa: SIM115 — the daemon's output, closed with the process
-        self.process = subprocess.Popen(self.command, env=self.env, cwd=self.workdir, stdout=log,
-                                        stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"smtpd exited at start:\n{self.log()}")
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                    connection.settimeout(5)
-                    connection.connect(self.socket)
-                    connection.sendall(b'{"v": 1, "id": 1, "cmd": "hello", "args": {}}\n')
-                    if json.loads(connection.makefile("rb").readline()).get("ok"):
-                        return self
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"smtpd did not open its control socket:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as handle:
-                return handle.read()
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        import signal
-
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        self.process = None

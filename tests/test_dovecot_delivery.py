@@ -10,14 +10,14 @@ import pytest
 from helpers_delivery import (
     DictTables,
     local_action,
+    mail_world,
     make_config,
-    make_mail_root,
     mda_envelope,
-    open_temp_dir,
     system_user,
     write_message,
 )
 from helpers_dovecot import Dovecot, DovecotUser
+from waiting import wait_until
 
 from smtpd.config.model import Method
 from smtpd.delivery import Outcome
@@ -43,13 +43,8 @@ def expected_text(body: str, user: str, mbox: bool) -> str:
 
 @pytest.fixture()
 def world(monkeypatch):
-    with open_temp_dir("pysmtpd-dovecot-") as top:
-        root = make_mail_root(top)
-        monkeypatch.setenv("SMTPD_MAILDIR_ROOT", root)
-        homes = os.path.join(top, "homes")
-        os.mkdir(homes, 0o755)
-        with system_user(homes, "pdv") as bob:
-            yield top, root, bob
+    with mail_world(monkeypatch, "pysmtpd-dovecot-", "pdv") as made:
+        yield made
 
 
 def deliver_all(agent: MdaAgent, user: str, top: str, bodies: list[str]) -> None:
@@ -233,7 +228,6 @@ def test_lmtp_envelopes_of_one_message_share_one_transaction(world) -> None:
 def test_daemon_batches_one_smtp_message_for_two_users_into_one_lmtp_session(world) -> None:
     """SMTP in with two recipients, through the real daemon's queue and scheduler, one LMTP session out."""
     import smtplib
-    import time
 
     from helpers_delivery import Daemon
     from helpers_dovecot import free_port
@@ -256,10 +250,8 @@ def test_daemon_batches_one_smtp_message_for_two_users_into_one_lmtp_session(wor
                                               [f"{bob.pw_name}@lmtp.test", f"{carol.pw_name}@lmtp.test"],
                                               b"Subject: for both\r\n\r\nFrom a line\r\nbody\r\n")
                 assert refused == {}
-                deadline = time.monotonic() + 30
-                while dovecot.log().count("saved mail to INBOX") < 2:
-                    assert time.monotonic() < deadline, dovecot.log() + daemon.log()
-                    time.sleep(0.1)
+                wait_until(lambda: dovecot.log().count("saved mail to INBOX") >= 2, 30, 0.1,
+                           explain=lambda: dovecot.log() + daemon.log())
             finally:
                 daemon.stop()
             for entry in (bob, carol):
