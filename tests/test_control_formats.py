@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from shared.durations import duration_to_text
 from smtpctl.commands.monitor import format_row, monitor_rows
-from smtpd.control.handlers import duration_to_text
 
 
 @pytest.mark.parametrize(("seconds", "text"), [

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.control.registry import ControlFailure, command, stream
 from smtpd.stats import STATS
@@ -27,20 +28,6 @@ PAUSABLE = ("mda", "mta", "smtp")
 PROFILE_KEYWORDS = {"imsg": "profile-imsg", "queue": "profile-queue"}
 FOLLOW_CAPACITY = 1000  # events buffered per trace follower before it starts losing them
 MONITOR_INTERVAL = 1.0
-
-
-def duration_to_text(seconds: int) -> str:
-    """`1d2h3s`: the non-zero parts of days, hours, minutes and seconds; `0s` for zero (reference §2.4)."""
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(int(seconds))
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    if seconds or not parts:
-        parts.append(f"{seconds}s")
-    return sign + "".join(parts)
 
 
 # -- show -----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.config.model import Action, Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
@@ -456,7 +457,7 @@ class MdaAgent:
         words = {Outcome.OK: "Ok", Outcome.TEMPFAIL: "TempFail", Outcome.PERMFAIL: "PermFail",
                  Outcome.LOOP: "PermFail"}
         stat = "Delivered" if result.outcome is Outcome.OK else f"Error ({result.text})"
-        delay = _duration(max(0, int(started - envelope.ctime))) if envelope.ctime else "0s"
+        delay = duration_to_text(max(0, int(started - envelope.ctime))) if envelope.ctime else "0s"
         _log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s result=%s stat=%s",
                   secrets.randbits(64), envelope.evpid, envelope.sender, envelope.dest,
                   envelope.rcpt or envelope.dest, envelope.mda_user, delay, words[result.outcome], stat)
@@ -517,16 +518,6 @@ def _spool_group(directory: str) -> int | None:
 def _unprivileged_identity() -> Identity:
     entry = pwd.getpwnam(unprivileged_user())
     return Identity.for_user(entry.pw_name, entry.pw_uid, entry.pw_gid, "/")
-
-
-def _duration(seconds: int) -> str:
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    parts.append(f"{seconds}s")
-    return "".join(parts)
 
 
 def build(daemon: Daemon) -> MdaAgent:

@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from shared.durations import duration_to_text
 from smtpd.stats import STATS
 
 MAX_ERRORS_PER_ROUTE = 4
@@ -399,7 +400,7 @@ class MtaState:
     def show_hosts(self, now: float) -> list[dict[str, object]]:
         rows = []
         for host in sorted(self.hosts.values(), key=lambda item: _address_key(item.address)):
-            lastconn = _duration(now - host.lastconn) if host.lastconn else "-"
+            lastconn = duration_to_text(now - host.lastconn) if host.lastconn else "-"
             ptr = host.ptr or "-"
             line = f"{host.address} {ptr} refcount={host.refcount} nconn={host.nconn} lastconn={lastconn}"
             rows.append({"address": host.address, "ptr": ptr, "name": host.name, "refcount": host.refcount,
@@ -412,7 +413,7 @@ class MtaState:
             disabled = route.disabled(now)
             flags = ("N" if route.new else "-") + ("D" if disabled else "-") + ("Q" if disabled else "-") + \
                 ("K" if route.idle else "-")
-            timeout = _duration(route.disabled_until - now) if disabled else "-"
+            timeout = duration_to_text(route.disabled_until - now) if disabled else "-"
             line = (f"{route.id}. {route.text()} {flags} nconn={route.nconn} nerror={route.nerror} "
                     f"penalty={route.penalty} timeout={timeout}")
             rows.append({"id": route.id, "route": route.text(), "flags": flags, "nconn": route.nconn,
@@ -422,7 +423,7 @@ class MtaState:
     def show_relays(self, now: float) -> list[dict[str, object]]:
         rows = []
         for relay in sorted(self.relays.values(), key=lambda item: item.key):
-            lastconn = _duration(now - relay.lastconn) if relay.lastconn else "-"
+            lastconn = duration_to_text(now - relay.lastconn) if relay.lastconn else "-"
             line = (f"{relay.key} refcount={relay.refcount} ntask={relay.ntask} nconn={relay.nconn} "
                     f"lastconn={lastconn} timeout=- wait=")
             rows.append({"text": line, "relay": relay.key, "refcount": relay.refcount, "ntask": relay.ntask,
@@ -451,16 +452,3 @@ def _address_key(address: str) -> tuple[int, int]:
     return (parsed.version, int(parsed))
 
 
-def _duration(seconds: float) -> str:
-    """`1d2h3s` as smtpctl prints durations (reference §2.4)."""
-    seconds = int(seconds)
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    if seconds or not parts:
-        parts.append(f"{seconds}s")
-    return sign + "".join(parts)
