@@ -6,6 +6,7 @@ msgid: a random nonzero 32-bit number, printed %08x. evpid: msgid in the upper 3
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 
@@ -13,9 +14,35 @@ MSGID_RE = re.compile(r"^[0-9a-fA-F]{8}$")
 EVPID_RE = re.compile(r"^[0-9a-fA-F]{16}$")
 
 
+class _RandomPool:
+    """Random bits from the kernel, fetched 4 KiB at a time: one getrandom(2) per ~1000 ids, not one per id (a
+    system call per id also hands the GIL to other threads and waits to get it back)."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.offset = 0
+
+    def take(self, count: int) -> bytes:
+        if self.offset + count > len(self.data):
+            self.data, self.offset = secrets.token_bytes(self.SIZE), 0
+        chunk = self.data[self.offset:self.offset + count]
+        self.offset += count
+        return chunk
+
+    def forget(self) -> None:
+        self.data, self.offset = b"", 0
+
+
+_POOL = _RandomPool()
+# A forked child must not hand out the ids its parent will.
+os.register_at_fork(after_in_child=_POOL.forget)
+
+
 def _nonzero_bits(bits: int) -> int:
     while True:
-        value = secrets.randbits(bits)
+        value = int.from_bytes(_POOL.take(bits // 8))
         if value:
             return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
 import sys
@@ -16,7 +17,45 @@ class _ReferenceFormatter(logging.Formatter):
         return f"{_LEVEL_WORDS.get(record.levelno, 'info')}: {record.getMessage()}"
 
 
+class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines logged on the event loop are written together at the end of the loop's turn: a message's
+    accepted/envelope lines cost one write(2), not one each. Lines from other threads go out at once."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.pending: list[str] = []
+        self.scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            super().emit(record)
+            return
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 — as logging does: report, never raise into the caller
+            self.handleError(record)
+            return
+        with self.lock:  # type: ignore[union-attr]  # (another thread's line may be flushing them)
+            self.pending.append(line)
+        if not self.scheduled:
+            self.scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        with self.lock:  # type: ignore[union-attr]
+            if self.pending:
+                lines, self.pending = "".join(self.pending), []
+                self.stream.write(lines)
+        super().flush()
+
+
 def setup(to_syslog: bool = False, verbose: bool = False) -> None:
+    # Our lines say neither process, thread nor source line: do not collect them for every record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None  # noqa: SLF001 — the logging HOWTO's own advice against a stack walk per record
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     if to_syslog:
@@ -26,7 +65,7 @@ def setup(to_syslog: bool = False, verbose: bool = False) -> None:
         except OSError:
             handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BatchedStreamHandler()
     handler.setFormatter(_ReferenceFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -149,6 +149,22 @@ class Spool:
                 if is_hex_name(name, 8) and int(name, 16):
                     yield int(name, 16)
 
+    def message_entries(self) -> list[tuple[int, int]]:
+        """(inode, msgid) of every committed message: the inode comes with the listing (no stat) and, sorted
+        by it, a cold cache reads neighbouring disk blocks one after the other."""
+        found = []
+        for bucket in sorted(_listdir(self.queue)):
+            if not is_hex_name(bucket, 2):
+                continue
+            try:
+                with os.scandir(os.path.join(self.queue, bucket)) as entries:
+                    for entry in entries:
+                        if is_hex_name(entry.name, 8) and int(entry.name, 16):
+                            found.append((entry.inode(), int(entry.name, 16)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return found
+
     def load_message(self, msgid: int, move_corrupt: bool = True) -> LoadedMessage:
         """The envelopes of one committed message. Unreadable files are moved aside (unless told not to)."""
         directory = self.message_dir(msgid)
@@ -180,6 +196,20 @@ class Spool:
         if not loaded.envelopes and not loaded.corrupt and move_corrupt:
             self.purge_message(msgid)  # every envelope was done; the crash came before the folder went
         return loaded
+
+    def envelopes_from_files(self, msgid: int, files: list[tuple[str, bytes]]) -> list[Envelope] | None:
+        """The envelopes of a message from the content of its envelope files (read by the spool reader, which
+        sends only the plain case: the message file is there, nothing else odd in the folder); None if any
+        file is not a valid envelope of this message: load_message then decides, and moves it aside."""
+        envelopes = []
+        for name, data in files:
+            if not is_hex_name(name, 16) or int(name[:8], 16) != msgid or not int(name[8:], 16):
+                return None
+            envelope, _ = envelope_from_data(data, name)
+            if envelope is None:
+                return None
+            envelopes.append(envelope)
+        return envelopes
 
     def read_envelope(self, evpid: int) -> Envelope | None:
         envelope, _ = read_envelope_file(self.envelope_path(evpid), evpid >> 32, format_evpid(evpid))
@@ -317,6 +347,11 @@ def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | Non
         return None, f"unreadable: {error.strerror}"
     if data is None:
         return None, "not a regular file"
+    return envelope_from_data(data, name)
+
+
+def envelope_from_data(data: bytes, name: str) -> tuple[Envelope | None, str]:
+    """(envelope, "") or (None, reason) for the content of the envelope file ``name`` (a checked evpid)."""
     try:
         envelope = load_envelope(data)
     except EnvelopeFormatError as error:

@@ -1,11 +1,11 @@
 """The queue component: receiving messages, the group commit, envelope updates and removal, background loading.
 
-Every write to the spool runs on a few writer threads ("I/O threads") fed by one line of jobs. A commit is
-durable before its future resolves: message file, envelope files, their folder and incoming/ flushed (round 1);
-then the folder is renamed under queue/XX/ and the rename flushed (round 2), after which the scheduler takes the
-envelopes. Commits that arrive while a batch is being flushed go into the next batch and share its syncs
-(group commit): one syncfs(2) per batch (or per-file flushes for a lone commit, or everywhere with
-SMTPD_QUEUE_SYNC=fsync). docs/queue.md has the whole story.
+A commit's files (message, one envelope per recipient, in a folder of incoming/) are written on the event loop
+when it is asked, into the page cache; one flusher thread makes them durable in rounds, one syncfs(2) per round
+(or per-file flushes with SMTPD_QUEUE_SYNC=fsync). Commits asked while a round runs share the next one (group
+commit). After its round a commit is acknowledged (the 250), its folder renamed under queue/, the rename flushed
+by the following round, and then the scheduler takes the envelopes. Other spool writes (envelope updates,
+removals) run in order on one writer thread. docs/queue.md has the whole story.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from smtpd.queue.durable import (
 )
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import dump_envelope
+from smtpd.queue.loading import load_queue
 from smtpd.queue.spool import CorruptEntry, Spool, remove_path
 from smtpd.stats import STATS
 
@@ -43,10 +43,11 @@ if TYPE_CHECKING:
     from smtpd.daemon import Daemon
 
 LOG = log.get("queue")
-LOAD_CHUNK = 500  # messages handed to the scheduler at once while loading in the background
-LOAD_THREADS = int(os.environ.get("SMTPD_QUEUE_LOAD_THREADS", "16"))
+# Reader processes at start (smtpd/queue/loading.py): with a cold cache, each keeps its own disk reads in flight.
+LOAD_THREADS = int(os.environ.get("SMTPD_QUEUE_LOAD_THREADS", "8"))
 MAX_BATCH = 256  # commits flushed together at most
-IO_THREADS = int(os.environ.get("SMTPD_QUEUE_IO_THREADS", "2"))
+# A rename under queue/ is flushed by the next commit round; without one within this delay, by a round of its own.
+RENAME_FLUSH_DELAY = 0.01
 # A message is held in memory while it arrives up to this size, and written by the I/O thread at commit (no
 # file, no system call on the event loop); a bigger one goes on to a file in temporary/.
 MEMORY_LIMIT = int(os.environ.get("SMTPD_QUEUE_MEMORY_LIMIT", str(256 * 1024)))
@@ -54,9 +55,6 @@ FLUSH_THREADS = int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "8"))
 # How a batch is made durable: "syncfs" (one syncfs(2) of the spool's filesystem per round) or "fsync" (every
 # file and folder flushed on its own, in parallel). Default: syncfs where it exists and the spool is one fs.
 SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "syncfs")
-# Smaller batches are flushed file by file even in syncfs mode: a lone commit then waits only for its own files,
-# not for whatever else is dirty on the filesystem.
-SYNCFS_MIN_BATCH = int(os.environ.get("SMTPD_QUEUE_SYNCFS_MIN_BATCH", "2"))
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -91,238 +89,247 @@ class _Commit:
 
 
 @dataclass
-class _Operation:
-    function: Callable[[], Any]
-    future: asyncio.Future[Any] | None
+class _FlushOutcome:
+    failed: dict[int, BaseException] = field(default_factory=dict)  # by id() of the commit
+    shared_error: BaseException | None = None  # every commit of the round failed with it
+    rename_error: BaseException | None = None  # the earlier round's renames could not be flushed
+
+
+class _Worker:
+    """One thread running jobs in order; each result is handed back on the event loop.
+
+    The thread runs almost no Python between its system calls, so it seldom competes with the event loop for
+    the GIL (several Python threads doing file work cost more in GIL hand-offs than the work itself)."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.jobs: thread_queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]]
+                                            | None] = thread_queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def run(self, function: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        self.jobs.put((function, done))
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            function, done = job
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = function()
+            except Exception as failure:  # noqa: BLE001 — handed to the caller, never kills the thread
+                error = failure
+            try:
+                self.loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
 
 
 class IOThread:
-    """The single thread that writes the spool; commits are batched, other operations run in order."""
+    """queue.io: the group commit, and the other spool writes (envelope updates, removals) in order.
 
-    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop) -> None:
+    A commit's files are written on the event loop as soon as it is asked (into the page cache: no waiting), and
+    made durable by flush rounds run by one flusher thread: one syncfs(2) per round (or per-file flushes with
+    SMTPD_QUEUE_SYNC=fsync). Commits asked while a round runs wait for the next one and share it (group commit).
+    After its round, a commit is acknowledged, its folder renamed under queue/, and that rename is flushed by
+    the following round (or one of its own after RENAME_FLUSH_DELAY); then the scheduler takes the envelopes.
+    """
+
+    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
+                 alone: Callable[[], bool] = lambda: False) -> None:
         self.spool = spool
         self.loop = loop
-        self.jobs: thread_queue.SimpleQueue[_Commit | _Operation | None] = thread_queue.SimpleQueue()
-        # Several writer threads take batches from one line of jobs: while one waits for the disk to flush its
-        # batch, another prepares and flushes the next, and the disk merges their flushes.
-        self.threads = [threading.Thread(target=self._run, name=f"queue-io-{number}", daemon=True)
-                        for number in range(IO_THREADS)]
+        self.alone = alone  # whether no other message is being received (see _start_round)
+        self.syncer = _Worker("queue-flush", loop)
+        self.writer = _Worker("queue-io", loop)
         self.batches = 0
         self.committed = 0
-        self.flusher = ParallelFlusher(FLUSH_THREADS)
+        self.written: list[_Commit] = []  # files written, waiting for a round
+        self.renamed: list[_Commit] = []  # under queue/, the rename not flushed yet
+        self.flushing = False
+        self._round_soon = False
+        self._rename_timer: asyncio.TimerHandle | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self.filesystem: FilesystemSync | None = None
         if SYNC_MODE == "syncfs" and SYNCFS is not None and same_filesystem(
                 [spool.root, spool.temporary, spool.incoming, spool.queue]):
             self.filesystem = FilesystemSync(spool.root)
+        # Per-file flushes run side by side, so that the disk merges them.
+        self.flusher = ParallelFlusher(FLUSH_THREADS) if self.filesystem is None else None
 
     def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
+        self.syncer.start()
+        self.writer.start()
+
+    async def drain(self) -> None:
+        """Finish every round: all commits asked so far durable, acknowledged and placed."""
+        while self.flushing or self.written or self.renamed:
+            if not self.flushing:
+                self._start_round()
+                continue
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
 
     def stop(self) -> None:
-        for _ in self.threads:
-            self.jobs.put(None)
-        for thread in self.threads:
-            thread.join(timeout=30)
-        self.flusher.shutdown()
+        """Stop the threads (after drain(), from any thread)."""
+        self.syncer.stop()
+        self.writer.stop()
+        if self.flusher is not None:
+            self.flusher.shutdown()
         if self.filesystem is not None:
             self.filesystem.close()
 
-    def submit_commit(self, message: IncomingMessage) -> tuple[asyncio.Future[None], asyncio.Future[None]]:
-        """(durable, placed) futures of one commit."""
-        durable: asyncio.Future[None] = self.loop.create_future()
-        placed: asyncio.Future[None] = self.loop.create_future()
-        self.jobs.put(_Commit(message, durable, placed))
-        return durable, placed
-
+    # -- other writes ------------------------------------------------------------------------------------
     def submit(self, function: Callable[[], Any], wait: bool = True) -> asyncio.Future[Any] | None:
+        """Run a spool write on the writer thread, after those asked before it."""
         future = self.loop.create_future() if wait else None
-        self.jobs.put(_Operation(function, future))
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if future is None:
+                if error is not None:
+                    LOG.warning("queue: %s", error)
+            elif not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+        self.writer.run(function, done)
         return future
 
-    # -- the thread -------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        # Folders renamed under queue/ whose rename is not flushed yet (syncfs mode): the next batch's syncfs
-        # covers them, or, when no job waits, one of their own.
-        unflushed: list[_Commit] = []
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except thread_queue.Empty:
-                unflushed = self._flush_placed(unflushed)
-                job = self.jobs.get()
-            if job is None:
-                self._flush_placed(unflushed)
-                return
-            batch: list[_Commit] = []
-            operations: list[_Operation] = []
-            stopping = False
-            while job is not None:
-                (batch if isinstance(job, _Commit) else operations).append(job)  # type: ignore[arg-type]
-                if len(batch) >= MAX_BATCH:
-                    break
-                try:
-                    job = self.jobs.get_nowait()
-                except thread_queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-            if batch:
-                unflushed = self._commit_batch(batch, unflushed)
-            for operation in operations:
-                self._run_operation(operation)
-            if stopping:
-                self._flush_placed(unflushed)
-                return
+    # -- the group commit --------------------------------------------------------------------------------
+    def submit_commit(self, message: IncomingMessage) -> tuple[asyncio.Future[None], asyncio.Future[None]]:
+        """(durable, placed) futures of one commit; its files are written now, flushed by the next round."""
+        commit = _Commit(message, self.loop.create_future(), self.loop.create_future())
+        try:
+            self._write_files(commit)
+        except OSError as error:
+            self._fail(commit, error)
+            return commit.future, commit.placed
+        self.written.append(commit)
+        if not self.flushing and not self._round_soon:
+            # After this turn of the loop: commits finishing in the same turn share the round.
+            self._round_soon = True
+            self.loop.call_soon(self._start_round)
+        return commit.future, commit.placed
 
-    def _resolve(self, future: asyncio.Future[Any] | None, result: Any = None,
-                 error: BaseException | None = None) -> None:
-        if future is None:
+    def _start_round(self) -> None:
+        self._round_soon = False
+        if self.flushing or not (self.written or self.renamed):
             return
-
-        def settle() -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:
-            pass  # the loop is closed: nobody waits any more
-
-    def _resolve_all(self, futures: list[asyncio.Future[None]]) -> None:
-        """Settle many futures with one wake-up of the event loop (one call per batch, not per commit)."""
-        if not futures:
-            return
-
-        def settle() -> None:
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
-
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:
-            pass  # the loop is closed: nobody waits any more
-
-    def _run_operation(self, operation: _Operation) -> None:
-        try:
-            result = operation.function()
-        except Exception as error:  # noqa: BLE001 — reported to the waiter or logged, never kills the thread
-            if operation.future is None:
-                LOG.warning("queue: %s", error)
-            self._resolve(operation.future, error=error)
-        else:
-            self._resolve(operation.future, result)
-
-    def _commit_batch(self, batch: list[_Commit], unflushed: list[_Commit]) -> list[_Commit]:
-        """Round 1 (the 250 waits for it): every file, message folder and incoming/ flushed, all at once.
-        Round 2 (after the 250): the folders renamed under queue/ and the renames flushed; only then does the
-        scheduler take the envelopes. A crash between the two rounds leaves complete folders in incoming/,
-        which the next start verifies (size, checksum, envelope count) and moves under queue/.
-
-        With syncfs, round 2 of one batch rides on round 1 of the next (one syncfs flushes the new files and
-        the earlier renames): ``unflushed`` are the earlier batch's renamed commits, the result this batch's."""
-        prepared: list[_Commit] = []
-        whole_filesystem = self.filesystem is not None and len(batch) >= SYNCFS_MIN_BATCH
-        for commit in batch:
+        if self._rename_timer is not None:
+            self._rename_timer.cancel()
+            self._rename_timer = None
+        batch, self.written = self.written[:MAX_BATCH], self.written[MAX_BATCH:]
+        renamed, self.renamed = self.renamed, []
+        if len(batch) == 1 and self.alone():
+            # One message, and none other on its way: nothing would run on the loop while the flusher thread
+            # works, and the hand-off there and back costs more latency than the flush itself.
             try:
-                self._write_files(commit, whole_filesystem)
-                prepared.append(commit)
-            except OSError as error:
-                self._fail(commit, error)
-        failed, shared_error = self._flush_prepared(prepared, whole_filesystem)
-        if unflushed and whole_filesystem and shared_error is None:
-            self._resolve_placed(unflushed)  # this batch's syncfs flushed their renames too
-        else:
-            self._flush_placed(unflushed)  # a syncfs of their own (none ran, or it failed)
-        durable: list[_Commit] = []
-        for commit in prepared:
-            _close_all(commit)
-            error = failed.get(id(commit)) or shared_error
-            if error is not None:
-                self._fail(commit, error if isinstance(error, OSError) else OSError(str(error)))
-            else:
-                durable.append(commit)
-        self.batches += 1
-        self.committed += len(durable)
-        self._resolve_all([commit.future for commit in durable])
-        renamed = self._rename(durable)
-        if not whole_filesystem:
-            return self._flush_placed(renamed)
-        return renamed
+                outcome, error = self._flush(batch, renamed), None
+            except Exception as failure:  # noqa: BLE001 — as in the thread: that round fails, nothing more
+                outcome, error = None, failure
+            self._round_done(batch, renamed, outcome, error)
+            return
+        self.flushing = True
+        self.syncer.run(functools.partial(self._flush, batch, renamed),
+                        functools.partial(self._round_done, batch, renamed))
 
-    def _flush_prepared(self, prepared: list[_Commit], whole_filesystem: bool
-                        ) -> tuple[dict[int, BaseException], BaseException | None]:
-        """Make the written files and folders durable: (errors by commit id, error shared by all)."""
-        if not prepared:
-            return {}, None
-        if whole_filesystem and self.filesystem is not None:
+    def _flush(self, batch: list[_Commit], renamed: list[_Commit]) -> _FlushOutcome:
+        """In the flusher thread: make the batch's files and folders, and the earlier renames, durable."""
+        if self.filesystem is not None:
             try:
                 self.filesystem.sync()
             except OSError as error:
-                return {}, error
-            return {}, None
+                return _FlushOutcome(shared_error=error, rename_error=error)
+            return _FlushOutcome()
+        assert self.flusher is not None
         calls: list[Callable[[], None]] = []
         owners: list[_Commit | None] = []
-        for commit in prepared:
+        for commit in batch:
             for fd in commit.files:
                 calls.append(functools.partial(os.fdatasync, fd))
                 owners.append(commit)
             calls.append(functools.partial(fsync_directory, self.spool.incoming_dir(commit.message.msgid)))
             owners.append(commit)
-        calls.append(functools.partial(fsync_directory, self.spool.incoming))
-        owners.append(None)  # every commit of the batch depends on this one
-        failed: dict[int, BaseException] = {}
-        shared_error: BaseException | None = None
-        for owner, error in zip(owners, self.flusher.run(calls), strict=True):
+        if batch:
+            calls.append(functools.partial(fsync_directory, self.spool.incoming))
+            owners.append(None)  # every commit of the batch depends on this one
+        buckets = {self.spool.bucket(commit.message.msgid): None for commit in renamed}
+        outcome = _FlushOutcome()
+        results = self.flusher.run(calls + [functools.partial(fsync_directory, bucket) for bucket in buckets])
+        for owner, error in zip(owners, results[:len(calls)], strict=True):
             if error is None:
                 continue
             if owner is None:
-                shared_error = error
+                outcome.shared_error = error
             else:
-                failed.setdefault(id(owner), error)
-        return failed, shared_error
+                outcome.failed.setdefault(id(owner), error)
+        outcome.rename_error = next((error for error in results[len(calls):] if error is not None), None)
+        return outcome
 
-    def _rename(self, durable: list[_Commit]) -> list[_Commit]:
-        """Move durable folders from incoming/ under queue/ (not flushed yet)."""
-        placed: list[_Commit] = []
-        for commit in durable:
+    def _round_done(self, batch: list[_Commit], renamed: list[_Commit], outcome: _FlushOutcome | None,
+                    error: BaseException | None) -> None:
+        """On the event loop, after a round: acknowledge, rename, place; start the next round."""
+        self.flushing = False
+        if outcome is None:
+            outcome = _FlushOutcome(shared_error=error, rename_error=error)
+        if outcome.rename_error is not None and renamed:
+            LOG.warning("queue: flushing the queue folders failed: %s", outcome.rename_error)
+        for commit in renamed:
+            _settle(commit.placed)
+        acknowledged: list[_Commit] = []
+        for commit in batch:
+            _close_all(commit)
+            failure = outcome.failed.get(id(commit)) or outcome.shared_error
+            if failure is not None:
+                self._fail(commit, failure if isinstance(failure, OSError) else OSError(str(failure)))
+            else:
+                acknowledged.append(commit)
+        if batch:
+            self.batches += 1
+            self.committed += len(acknowledged)
+        for commit in acknowledged:
+            _settle(commit.future)
+        self._rename(acknowledged)
+        self._next_round()
+
+    def _next_round(self) -> None:
+        if self.written:
+            self._start_round()
+        elif self.renamed and self._rename_timer is None:
+            # Wait a little for a commit round to carry the renames (one flush instead of two).
+            self._rename_timer = self.loop.call_later(RENAME_FLUSH_DELAY, self._flush_renames)
+        else:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                _settle(waiter)
+
+    def _flush_renames(self) -> None:
+        self._rename_timer = None
+        self._start_round()
+
+    def _rename(self, acknowledged: list[_Commit]) -> None:
+        """Move durable folders from incoming/ under queue/ (flushed by the next round)."""
+        for commit in acknowledged:
             msgid = commit.message.msgid
             try:
                 os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
-                placed.append(commit)
             except OSError as error:  # it stays in incoming/, complete: the next start places it
                 LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(msgid),
                             error)
-        return placed
+                continue
+            self.renamed.append(commit)
 
-    def _flush_placed(self, placed: list[_Commit]) -> list[_Commit]:
-        """Flush the renames of placed folders, then hand them to the scheduler. Returns [] (none left)."""
-        if not placed:
-            return []
-        buckets = {self.spool.bucket(commit.message.msgid): None for commit in placed}
-        error: BaseException | None = None
-        if self.filesystem is not None and len(buckets) >= SYNCFS_MIN_BATCH:
-            try:
-                self.filesystem.sync()
-            except OSError as sync_error:
-                error = sync_error
-        else:
-            errors = self.flusher.run([functools.partial(fsync_directory, bucket) for bucket in buckets])
-            error = next((error for error in errors if error is not None), None)
-        if error is not None:
-            LOG.warning("queue: flushing the queue folders failed: %s", error)
-        return self._resolve_placed(placed)
-
-    def _resolve_placed(self, placed: list[_Commit]) -> list[_Commit]:
-        self._resolve_all([commit.placed for commit in placed])
-        return []
-
-    def _write_files(self, commit: _Commit, whole_filesystem: bool) -> None:
+    def _write_files(self, commit: _Commit) -> None:
         message = commit.message
         directory = self.spool.incoming_dir(message.msgid)
         os.mkdir(directory, 0o700)
@@ -334,11 +341,11 @@ class IOThread:
             fd = os.open(message_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             commit.files.append(fd)
             write_all(fd, message.take_buffer())
-        # Per-file flushes: start each file's write-back at once, so the batch's data goes out together.
-        start_writeback = _no_writeback if whole_filesystem else _START_WRITEBACK
+        # Per-file flushes: start each file's write-back at once, so the round's data goes out together.
+        start_writeback = _no_writeback if self.filesystem is not None else _START_WRITEBACK
         start_writeback(commit.files[0])
         for envelope in message.envelopes:
-            # What the next start checks if it finds this folder still in incoming/ (see _commit_batch).
+            # What the next start checks if it finds this folder still in incoming/ (see docs/queue.md).
             envelope.commit_size = message.size
             envelope.commit_crc32 = message.crc32
             envelope.commit_envelopes = len(message.envelopes)
@@ -349,6 +356,8 @@ class IOThread:
             if os.write(fd, data) != len(data):
                 raise OSError(28, "short write")
             start_writeback(fd)
+        if self.filesystem is not None:
+            _close_all(commit)  # syncfs needs no descriptor: fewer open files while a round runs
 
     def _fail(self, commit: _Commit, error: OSError) -> None:
         _close_all(commit)
@@ -357,8 +366,14 @@ class IOThread:
         remove_path(self.spool.incoming_dir(msgid))
         remove_path(commit.message.temporary_path)
         failure = QueueError(f"queue write failed: {error.strerror or error}")
-        self._resolve(commit.future, error=failure)
-        self._resolve(commit.placed, error=failure)
+        for future in (commit.future, commit.placed):
+            if not future.done():
+                future.set_exception(failure)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _close_all(commit: _Commit) -> None:
@@ -504,8 +519,9 @@ class Queue:
             LOG.info("queue: placed %d acknowledged message(s) left in incoming/ by a crash", placed)
         # The messages to load are the ones present now: listing later would also find messages committed
         # (and maybe already delivered) since, and deliver them twice.
-        msgids = await asyncio.to_thread(lambda: list(self.spool.message_ids()))
-        self.io = IOThread(self.spool, asyncio.get_running_loop())
+        # Sorted by the folders' inodes: with a cold cache, neighbouring inodes and blocks are read together.
+        msgids = [msgid for _, msgid in sorted(await asyncio.to_thread(self.spool.message_entries))]
+        self.io = IOThread(self.spool, asyncio.get_running_loop(), alone=lambda: len(self.receiving) <= 1)
         self.io.start()
         self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")
 
@@ -517,6 +533,7 @@ class Queue:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         if self.io is not None:
+            await self.io.drain()
             await asyncio.to_thread(self.io.stop)
 
     # -- receiving ------------------------------------------------------------------------------------
@@ -618,29 +635,23 @@ class Queue:
     async def _load_in_background(self, msgids: list[int]) -> None:
         """Hand the stored envelopes to the scheduler in chunks, reading files off the event loop."""
         started = time.monotonic()
-        # Several readers: with a cold cache each file costs a disk round trip, and threads keep many in flight.
-        readers = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="queue-load")
-        try:
-            await self._load_chunks(msgids, readers)
-        finally:
-            readers.shutdown(wait=False, cancel_futures=True)
+        await self._load_chunks(msgids)
         self.load_seconds = time.monotonic() - started
         LOG.info("queue: %d envelope(s) of %d message(s) loaded in %.2fs", self.loaded_envelopes, len(msgids),
                  self.load_seconds)
         trace.emit("queue", f"queue: loaded {self.loaded_envelopes} envelope(s)", envelopes=self.loaded_envelopes)
         self.loading_done.set()
 
-    async def _load_chunks(self, msgids: list[int], readers: ThreadPoolExecutor) -> None:
-        for start in range(0, len(msgids), LOAD_CHUNK):
-            chunk = msgids[start:start + LOAD_CHUNK]
-            loaded = await asyncio.to_thread(lambda ids=chunk: list(readers.map(self.spool.load_message, ids)))
-            envelopes: list[Envelope] = []
-            for message in loaded:
-                envelopes.extend(message.envelopes)
-                self._note_corrupt(message.corrupt)
+    async def _load_chunks(self, msgids: list[int]) -> None:
+        """Read by the spool reader process, parsed here batch by batch (smtpd/queue/loading.py)."""
+
+        def take(envelopes: list[Envelope], corrupt: list[CorruptEntry]) -> None:
+            self._note_corrupt(corrupt)
             self.loaded_envelopes += len(envelopes)
             if self.on_envelopes is not None and envelopes:
                 self.on_envelopes(envelopes, True)
+
+        await load_queue(self.spool, msgids, LOAD_THREADS, take)
 
 
 def build(daemon: Daemon) -> Queue:

@@ -94,14 +94,15 @@ class MessageBuilder:
         return self.error
 
     async def _take(self, block: bytes) -> None:
-        text = block.replace(b"\r\n", b"\n")
         if self.strict:
-            # Checked on the converted text (two passes instead of three over the block): a CR left after
-            # the conversion was a bare CR; an LF that was not a CRLF makes more LFs than CRLFs replaced.
-            if b"\r" in text or text.count(b"\n") != len(block) - len(text):
+            # Every CR must begin a CRLF and every LF end one: as many CRs as LFs as CRLFs. Then dropping the
+            # CRs is the CRLF-to-LF conversion (translate is a plain copy loop, much cheaper than replace).
+            text = block.translate(None, b"\r")
+            line_ends = block.count(b"\r\n")
+            if len(block) - len(text) != line_ends or text.count(b"\n") != line_ends:
                 self._fail(replies.BARE_LINE_ENDING)
-        elif b"\r" in text:
-            text = text.replace(b"\r", b"")  # local submissions: a lone CR carries nothing
+        else:
+            text = block.translate(None, b"\r")  # local submissions: a lone CR carries nothing
         if self._in_headers:
             text = await self._take_header_lines(text)
             if not text:

@@ -143,6 +143,13 @@ class Session:
         # message data progress (see _fill_message_data); reset for every DATA and BDAT
         self._data_deadline: float | None = None
         self._data_progress = 0
+        # The idle timeout of command lines: one timer per session, moved on, instead of one set up and torn
+        # down per line (see _wait_for_line).
+        self._task: asyncio.Task[None] | None = None
+        self._line_deadline = 0.0
+        self._awaiting_line = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_expired = False
 
     # -- facts -------------------------------------------------------------------------------------------------
     @property
@@ -170,6 +177,7 @@ class Session:
     async def run(self, *, proxy: Any = None, smtps: bool = False) -> None:
         """Serve the session; ``proxy``: the ProxyData of a proxy-v2 listener's connection (read already)."""
         STATS.increment("smtp.session")
+        self._task = asyncio.current_task()
         try:
             async with asyncio.timeout(self.limits.lifetime):
                 await self._connect(proxy, smtps)
@@ -177,12 +185,13 @@ class Session:
         except _Close as close:
             self.disconnect_reason = close.reason
         except TimeoutError:
-            self.disconnect_reason = "timeout"
-            if trace.wants("io"):
-                self._trace_io("timeout", timeout=self.limits.timeout)
+            self._timed_out()
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, EOFError):
             self.disconnect_reason = "disconnect"
         except asyncio.CancelledError:
+            if self._idle_expired and self._task is not None and self._task.uncancel() == 0:
+                self._timed_out()  # our own idle timer, not a shutdown
+                return
             self.disconnect_reason = "shutdown"
             await self._send_quietly(replies.shutting_down(self.smtpname))
             raise
@@ -192,6 +201,11 @@ class Session:
             self.disconnect_reason = "error"
         finally:
             await self._cleanup()
+
+    def _timed_out(self) -> None:
+        self.disconnect_reason = "timeout"
+        if trace.wants("io"):
+            self._trace_io("timeout", timeout=self.limits.timeout)
 
     async def _connect(self, proxy: Any, smtps: bool) -> None:
         if self.server.active > self.limits.max_sessions:
@@ -231,6 +245,9 @@ class Session:
 
     async def _cleanup(self) -> None:
         STATS.decrement("smtp.session")
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if trace.wants("io"):
             self._trace_io(f"connection closed ({self.disconnect_reason})", reason=self.disconnect_reason)
         await self._abort_transaction()
@@ -296,15 +313,15 @@ class Session:
 
     async def _next_raw_line(self) -> bytes:
         """Bytes up to the next LF (excluded); the whole line must arrive within the timeout."""
-        async with asyncio.timeout(self.limits.timeout):
-            while True:
-                end = self.buffer.find(b"\n")
-                if end >= 0:
-                    break
+        end = self.buffer.find(b"\n")
+        if end < 0:
+            self._line_deadline = asyncio.get_running_loop().time() + self.limits.timeout
+            while end < 0:
                 if len(self.buffer) >= LINE_MAX_BYTES:
                     await self.reply(replies.LINE_TOO_LONG)
                     raise _Close("line too long")
-                await self._fill()
+                await self._wait_for_line()
+                end = self.buffer.find(b"\n")
         if end >= LINE_MAX_BYTES:
             await self.reply(replies.LINE_TOO_LONG)
             raise _Close("line too long")
@@ -313,6 +330,28 @@ class Session:
         self.early_bytes = max(0, self.early_bytes - end - 1)
         del self.buffer[:end + 1]
         return raw
+
+    async def _wait_for_line(self) -> None:
+        """Read more of a command line; the whole line must arrive by _line_deadline."""
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_at(self._line_deadline, self._check_idle)
+        self._awaiting_line = True
+        try:
+            await self._fill()
+        finally:
+            self._awaiting_line = False
+
+    def _check_idle(self) -> None:
+        """The idle timer: cancel the session if a line is overdue, else come back at the next deadline."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._awaiting_line and now >= self._line_deadline and self._task is not None:
+            self._idle_timer = None
+            self._idle_expired = True
+            self._task.cancel()
+            return
+        when = self._line_deadline if self._awaiting_line else now + self.limits.timeout
+        self._idle_timer = loop.call_at(when, self._check_idle)
 
     def _trace_input(self, line: str, secret: bool = False) -> None:
         if trace.wants("smtp"):
@@ -355,7 +394,9 @@ class Session:
                       str(reply).split("\n")[0])
         # Flush when no further pipelined command waits (RFC 2920: replies may be grouped), or when a client
         # that pipelines without reading has let replies pile up.
-        if b"\n" not in self.buffer or self.writer.transport.get_write_buffer_size() > 65536:
+        # An empty write buffer means the kernel took it all: nothing to wait for.
+        pending = self.writer.transport.get_write_buffer_size()
+        if pending and (b"\n" not in self.buffer or pending > 65536):
             async with asyncio.timeout(self.limits.timeout):
                 await self.writer.drain()
 
@@ -679,9 +720,13 @@ class Session:
     async def _expand(self, sender: addr.Mailaddr, rcpt: addr.Mailaddr) -> tuple[Reply | None, list[Envelope]]:
         from smtpd.lookup.expand import expand_recipient
 
+        tables = self.daemon.tables
         try:
-            result = await asyncio.to_thread(expand_recipient, self.config, self.daemon.tables, self.facts(),
-                                             str(sender), str(rcpt), self.smtpname)
+            if tables.config is self.config and tables.expansion_is_immediate():
+                result = expand_recipient(self.config, tables, self.facts(), str(sender), str(rcpt), self.smtpname)
+            else:  # it may read files or the user database: off the event loop
+                result = await asyncio.to_thread(expand_recipient, self.config, tables, self.facts(), str(sender),
+                                                 str(rcpt), self.smtpname)
         except TableError:
             return replies.rcpt_refused(*replies.TEMPORARY_FAILURE, str(rcpt)), []
         except Exception:  # noqa: BLE001 — a bug or a missing subsystem must not lose the session: tempfail
@@ -749,13 +794,13 @@ class Session:
         assert builder is not None
         self._data_deadline, self._data_progress = None, 0
         while True:
-            end = _data_terminator(self.buffer)
+            end, stuffed = _scan_data(self.buffer)
             if end is not None:
                 with memoryview(self.buffer) as view:
                     body = bytes(view[:end])
                 del self.buffer[:end + 3]
                 if body:
-                    await builder.feed(_unstuff(body))
+                    await builder.feed(_unstuff(body) if stuffed else body)
                 trace.emit("smtp", f"{self.token}: <<< [EOM]", session=self.token)
                 return
             # Everything up to the last CRLF is complete lines; the end marker may still be split.
@@ -764,7 +809,7 @@ class Session:
                 with memoryview(self.buffer) as view:
                     block = bytes(view[:cut])  # one copy (a bytearray slice would make two)
                 del self.buffer[:cut]  # keep the CRLF: it may begin "\r\n.\r\n"
-                await builder.feed(_unstuff(block))
+                await builder.feed(_unstuff(block) if stuffed else block)
                 if trace.wants("smtp"):
                     trace.emit("smtp", f"{self.token}: <<< [MSG] {len(block)} bytes", session=self.token)
             if len(self.buffer) > LINE_MAX_BYTES + 2:
@@ -886,6 +931,20 @@ def split_command(line: str) -> tuple[str, str]:
             return verb, line[len(verb) + 1:].lstrip(" ")
     verb, _, argument = line.partition(" ")
     return verb.upper(), argument.lstrip(" ")
+
+
+def _scan_data(buffer: bytearray) -> tuple[int | None, bool]:
+    """(where the line "." begins if the buffer holds CRLF.CRLF, whether a line before it may start with a
+    dot). The buffer starts at a line start. One search in the usual case: the first line starting with a dot
+    is either the end marker (nothing to unstuff before it) or a stuffed line (then the full search)."""
+    if buffer.startswith(b"."):
+        return _data_terminator(buffer), True
+    first_dot = buffer.find(b"\r\n.")
+    if first_dot < 0:
+        return None, False
+    if buffer.startswith(b"\r\n", first_dot + 3):
+        return first_dot + 2, False
+    return _data_terminator(buffer), True
 
 
 def _data_terminator(buffer: bytearray) -> int | None:

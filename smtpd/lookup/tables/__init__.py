@@ -84,6 +84,7 @@ class Tables:
         self._tables: dict[str, TableBackend] = {}
         self._builtin: set[str] = set()
         self._reload_lock = threading.Lock()
+        self._immediate: bool | None = None  # expansion_is_immediate(), once known
         problems: list[str] = []
         self.load_errors: dict[str, list[str]] = {}
         declared = dict(config.tables) if config is not None else {}
@@ -128,8 +129,26 @@ class Tables:
     def add(self, name: str, backend: TableBackend, builtin: bool = False) -> None:
         """Register a table made elsewhere (an external backend, a test's own)."""
         self._tables[name] = backend
+        self._immediate = None
         if builtin:
             self._builtin.add(name)
+
+    def lookups_may_block(self) -> bool:
+        """Whether some declared table reads a file, a database or the system on lookup (db, getpwnam, external
+        ones). Static tables answer from memory; of the built-ins only <getpwnam> reads the system, and only
+        local actions use it (as their default user base)."""
+        return any(backend.backend_name != "static" for name, backend in self._tables.items()
+                   if name not in self._builtin)
+
+    def expansion_is_immediate(self) -> bool:
+        """Whether expanding any recipient is pure computation: every action relays (no user database, no
+        ~/.forward, no alias file to read) and every table answers from memory. Then the SMTP session expands
+        on the event loop instead of paying a thread hand-off per RCPT."""
+        if self._immediate is None:
+            config = self.config
+            self._immediate = (config is not None and not self.lookups_may_block()
+                               and all(not action.is_local for action in config.actions.values()))
+        return self._immediate
 
     def _label(self, name: str, backend: TableBackend) -> str:
         return f"{backend.backend_name}:{_display_name(name, name in self._builtin)}"
