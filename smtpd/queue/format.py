@@ -112,16 +112,23 @@ _SHARED_VALUES = {"dispatcher", "tag", "smtpname", "helo", "hostname", "username
 _VOLATILE_FLAGS = {"hold"}
 
 
+# (key, attribute, to_text, always written, a commit-* key) in file order: what dump_envelope walks, once
+# per envelope of every message received.
+_DUMP_PLAN = [(key, attribute, to_text, key in _ALWAYS_WRITTEN, key.startswith("commit-"))
+              for key, (attribute, to_text, _) in _FIELDS.items()]
+
+
 def dump_envelope(envelope: Envelope) -> bytes:
     lines = [f"format: {FORMAT_MARKER}", f"version: {FORMAT_VERSION}"]
-    for key, (attribute, to_text, _) in _FIELDS.items():
+    committed = bool(envelope.commit_envelopes)
+    for key, attribute, to_text, always, commit_key in _DUMP_PLAN:
+        if commit_key and not committed:
+            continue  # an envelope that was never committed by a queue (a test's, a tool's)
         value = getattr(envelope, attribute)
         if key == "flags":
             value = set(value) - _VOLATILE_FLAGS
-        if key.startswith("commit-") and not envelope.commit_envelopes:
-            continue  # an envelope that was never committed by a queue (a test's, a tool's)
         text = to_text(value)
-        if text or key in _ALWAYS_WRITTEN:
+        if text or always:
             lines.append(f"{key}: {_escape(text)}")
     lines.append("")
     return "\n".join(lines).encode("utf-8", errors="surrogateescape")

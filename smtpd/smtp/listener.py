@@ -20,6 +20,7 @@ from smtpd import log, trace
 from smtpd.config.model import Config, Listener, TlsMode
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.smtp import proxy_header, replies, tls
+from smtpd.smtp.connection import SocketConnection, StreamConnection
 from smtpd.smtp.session import Session, SessionLimits, local_user_name
 
 if TYPE_CHECKING:
@@ -185,23 +186,20 @@ class SmtpServer:
     async def _serve_connection(self, connection: socket.socket, endpoint: Endpoint,
                                 proxy: Any = None) -> Session:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1 << 20)
         smtps = endpoint.listener.tls is TlsMode.SMTPS
         sessions: list[Session] = []
 
-        def connected(stream_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def connected(pipe: SocketConnection) -> None:
             if smtps:
                 # Called before the transport starts reading: the client's handshake stays in the socket for
-                # the TLS layer (bytes read into the stream buffer would be lost to it).
-                writer.transport.pause_reading()
-            session = Session(self, endpoint, stream_reader, writer)
+                # the TLS layer (bytes read into our buffer would be lost to it).
+                pipe.pause_reading()
+            session = Session(self, endpoint, pipe)
             sessions.append(session)
             if proxy is None:
                 self._track(session.run(smtps=smtps))
 
-        # A client_connected callback makes the protocol server-side, which StreamWriter.start_tls needs.
-        protocol = asyncio.StreamReaderProtocol(reader, connected)
-        await loop.connect_accepted_socket(lambda: protocol, connection)
+        await loop.connect_accepted_socket(lambda: SocketConnection(connected), connection)
         return sessions[0]
 
     async def _serve_proxied(self, connection: socket.socket, endpoint: Endpoint) -> None:
@@ -244,7 +242,7 @@ class SmtpServer:
             await writer.drain()
             return
         endpoint = Endpoint(listener, "local", 0, None, name)
-        session = Session(self, endpoint, reader, writer, local_user=local_user_name(uid))
+        session = Session(self, endpoint, StreamConnection(reader, writer), local_user=local_user_name(uid))
         self.active += 1
         try:
             await session.run()

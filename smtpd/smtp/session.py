@@ -34,6 +34,7 @@ from smtpd.queue.envelope import DsnNotify, Envelope
 from smtpd.smtp import address as addr
 from smtpd.smtp import replies, tls
 from smtpd.smtp.auth import AuthResult, authenticate
+from smtpd.smtp.connection import Connection
 from smtpd.smtp.headers import MessageBuilder, received_header
 from smtpd.smtp.replies import Reply
 from smtpd.stats import STATS
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 LINE_MAX_BYTES = 65535
 COMMAND_MAX = 2048
-READ_SIZE = 65536
-DATA_READ_SIZE = 256 * 1024
 DATA_PROGRESS_BYTES = 64 * 1024
 MAX_BAD_COMMANDS = 20
 MAX_AUTH_FAILURES = 3
@@ -102,19 +101,18 @@ class _Transaction:
 
 
 class Session:
-    def __init__(self, server: SmtpServer, endpoint: Endpoint, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, *, local_user: str | None = None) -> None:
+    def __init__(self, server: SmtpServer, endpoint: Endpoint, connection: Connection, *,
+                 local_user: str | None = None) -> None:
         self.server = server
         self.daemon = server.daemon
         self.config = server.daemon.config
         self.endpoint = endpoint
         self.listener: Listener = endpoint.listener
         self.limits = server.limits
-        self.reader = reader
-        self.writer = writer
+        self.connection = connection
         self.id = new_session_id()
         self.token = f"{self.id:016x}"
-        self.buffer = bytearray()
+        self.buffer = connection.buffer  # filled by the connection, consumed from the front here
         self.state = "STATE_NEW"
         self.local = local_user is not None
         self.started = time.monotonic()
@@ -214,7 +212,7 @@ class Session:
                 await self.reply(replies.too_many_sessions(self.smtpname))
             raise _Close("too many sessions")
         if not self.local:
-            peer = self.writer.get_extra_info("peername") or ("", 0)
+            peer = self.connection.get_extra_info("peername") or ("", 0)
             self.client_ip, self.client_port = str(peer[0]).split("%")[0], int(peer[1])
             if proxy is not None:
                 self.client_ip, self.client_port = str(proxy.src_addr), int(proxy.src_port or 0)
@@ -240,7 +238,7 @@ class Session:
             await self._start_tls()
             STATS.increment("smtp.smtps")
         self._set_state("STATE_CONNECTED")
-        self.early_bytes = len(self.buffer) + _stream_buffered_size(self.reader)
+        self.early_bytes = len(self.buffer) + self.connection.unread()
         await self.reply(replies.banner(self.smtpname))
 
     async def _cleanup(self) -> None:
@@ -254,15 +252,15 @@ class Session:
         self._set_state("STATE_QUIT")
         _log.info("%s smtp disconnected reason=%s", self.token, self.disconnect_reason)
         try:
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+            self.connection.close()
+            await asyncio.wait_for(self.connection.wait_closed(), 5)
         except (Exception, asyncio.CancelledError):  # noqa: BLE001 — the peer may be long gone
             pass
 
     async def _send_quietly(self, reply: Reply) -> None:
         try:
-            self.writer.write(reply.wire())
-            await asyncio.wait_for(self.writer.drain(), 2)
+            self.connection.write(reply.wire())
+            await asyncio.wait_for(self.connection.drain(), 2)
         except (Exception, asyncio.CancelledError):  # noqa: BLE001
             pass
 
@@ -272,15 +270,15 @@ class Session:
             self.state = state
 
     # -- reading -------------------------------------------------------------------------------------------------
-    async def _fill(self, size: int = READ_SIZE) -> None:
-        data = await self.reader.read(size)
+    async def _fill(self) -> None:
+        """Wait for more input in self.buffer (the connection appends to it)."""
+        received = await self.connection.receive()
         if trace.wants("io"):
-            self._trace_io(f"read {len(data)} bytes" if data else "EOF", size=len(data))
-        if not data:
+            self._trace_io(f"read {received} bytes" if received else "EOF", size=received)
+        if not received:
             raise _Close("disconnect")
-        self.buffer += data
 
-    async def _fill_message_data(self, size: int) -> None:
+    async def _fill_message_data(self) -> None:
         """Read message data. Each 64 KiB must arrive within the timeout (not each read, which may bring one
         byte), so a client trickling its message cannot hold the session."""
         loop = asyncio.get_running_loop()
@@ -288,7 +286,7 @@ class Session:
             self._data_deadline = loop.time() + self.limits.timeout
         before = len(self.buffer)
         async with asyncio.timeout_at(self._data_deadline):
-            await self._fill(size)
+            await self._fill()
         self._data_progress += len(self.buffer) - before
         if self._data_progress >= DATA_PROGRESS_BYTES:
             self._data_progress = 0
@@ -383,7 +381,7 @@ class Session:
     # -- writing ---------------------------------------------------------------------------------------------------
     async def reply(self, reply: Reply, *, command: str | None = None) -> None:
         wire = reply.wire()
-        self.writer.write(wire)
+        self.connection.write(wire)
         if trace.wants("io"):
             self._trace_io(f"write {len(wire)} bytes", size=len(wire))
         if trace.wants("smtp"):
@@ -395,10 +393,10 @@ class Session:
         # Flush when no further pipelined command waits (RFC 2920: replies may be grouped), or when a client
         # that pipelines without reading has let replies pile up.
         # An empty write buffer means the kernel took it all: nothing to wait for.
-        pending = self.writer.transport.get_write_buffer_size()
+        pending = self.connection.pending_output()
         if pending and (b"\n" not in self.buffer or pending > 65536):
             async with asyncio.timeout(self.limits.timeout):
-                await self.writer.drain()
+                await self.connection.drain()
 
     async def _error(self, reply: Reply, command: str) -> None:
         """A client error: reply, and close after too many of them."""
@@ -524,8 +522,8 @@ class Session:
             return
         # Stop reading before answering: whatever is already buffered was sent before our 220 (a command
         # injection), and the client's TLS handshake stays in the socket for the TLS layer to read.
-        self.writer.transport.pause_reading()
-        if self.buffer or _stream_has_buffered_data(self.reader):
+        self.connection.pause_reading()
+        if self.buffer or self.connection.unread():
             trace.emit("smtp", f"{self.token}: data pipelined after STARTTLS, dropping the session",
                        session=self.token)
             raise _Close("data after starttls")
@@ -543,14 +541,14 @@ class Session:
         if self.endpoint.ssl_context is None:
             raise _Close("no tls context")
         try:
-            await self.writer.start_tls(self.endpoint.ssl_context, ssl_handshake_timeout=self.limits.timeout)
+            await self.connection.start_tls(self.endpoint.ssl_context, self.limits.timeout)
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as error:
             trace.emit("smtp", f"{self.token}: TLS handshake failed: {error}", session=self.token)
             raise _Close("tls handshake failed") from None
         self.secure = True
-        self.tls_text = tls.describe(self.writer.get_extra_info("ssl_object"))
+        self.tls_text = tls.describe(self.connection.get_extra_info("ssl_object"))
         if trace.wants("io"):
-            ssl_object = self.writer.get_extra_info("ssl_object")
+            ssl_object = self.connection.get_extra_info("ssl_object")
             version, cipher = ssl_object.version(), ssl_object.cipher()[0]
             self._trace_io(f"TLS handshake done: {version} {cipher}", tls_version=version, cipher=cipher)
 
@@ -815,7 +813,7 @@ class Session:
             if len(self.buffer) > LINE_MAX_BYTES + 2:
                 await self.reply(replies.LINE_TOO_LONG)
                 raise _Close("line too long")
-            await self._fill_message_data(DATA_READ_SIZE)
+            await self._fill_message_data()
 
     async def cmd_bdat(self, argument: str, line: str) -> None:
         words = argument.split(" ")
@@ -849,7 +847,7 @@ class Session:
         self._data_deadline, self._data_progress = None, 0
         while remaining:
             if not self.buffer:
-                await self._fill_message_data(min(DATA_READ_SIZE, remaining))
+                await self._fill_message_data()
             block = bytes(self.buffer[:remaining])
             del self.buffer[:len(block)]
             remaining -= len(block)
@@ -967,15 +965,6 @@ def _b64decode(text: str) -> bytes | None:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeError):
         return None
-
-
-def _stream_buffered_size(reader: asyncio.StreamReader) -> int:
-    # StreamReader offers no public way to peek at what it holds: data read from the socket, not yet taken.
-    return len(getattr(reader, "_buffer", b""))
-
-
-def _stream_has_buffered_data(reader: asyncio.StreamReader) -> bool:
-    return _stream_buffered_size(reader) > 0
 
 
 def local_user_name(uid: int) -> str:

@@ -1,0 +1,211 @@
+"""The byte pipe under an SMTP session: what it reads lands in the session's own buffer, what it writes goes out.
+
+Two kinds behind one small Protocol: ``SocketConnection``, an asyncio protocol on an accepted socket whose
+received bytes are appended straight to the session's buffer (no stream buffer in between, no copy out of it,
+no future per read unless the session has to wait), and ``StreamConnection``, the same face over an existing
+reader/writer pair (sendmail's session through the control socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol
+
+# Unconsumed input beyond this stops reading from the socket (a client pipelining without end); below half of it
+# reading resumes.
+HIGH_WATER = 1 << 20
+STREAM_READ_SIZE = 256 * 1024
+
+
+class Connection(Protocol):
+    buffer: bytearray  # received, not yet consumed by the session (the session consumes from the front)
+
+    async def receive(self) -> int:
+        """Wait until more bytes are in ``buffer``; how many came (0: the client closed its side)."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def pending_output(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        ...
+
+    def unread(self) -> int:
+        """Bytes read from the socket that are not in ``buffer`` yet."""
+        ...
+
+    async def drain(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None: ...
+
+
+class SocketConnection(asyncio.Protocol):
+    """An accepted TCP connection, read straight into ``buffer``."""
+
+    def __init__(self, on_made: Callable[[SocketConnection], None] | None = None) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.on_made = on_made
+        self._loop = asyncio.get_running_loop()
+        self._reader: asyncio.Future[None] | None = None  # the session waiting for input
+        self._received = 0  # bytes that came since the session last asked
+        self._eof = False
+        self._lost_error: BaseException | None = None
+        self._lost = False
+        self._reading_paused = False  # by us, for HIGH_WATER
+        self._writing_paused = False  # by the transport: its buffer is full
+        self._drainers: list[asyncio.Future[None]] = []
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- the transport's side -----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._received += len(data)
+        if len(self.buffer) > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return False  # close the transport: SMTP has no use for a half-closed connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost, self._eof, self._lost_error = True, True, exc
+        self._wake_reader()
+        drainers, self._drainers = self._drainers, []
+        for drainer in drainers:
+            if not drainer.done():
+                drainer.set_exception(ConnectionResetError("Connection lost"))
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        drainers, self._drainers = self._drainers, []
+        for drainer in drainers:
+            if not drainer.done():
+                drainer.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    # -- the session's side -------------------------------------------------------------------------------
+    async def receive(self) -> int:
+        if self._reading_paused and len(self.buffer) <= HIGH_WATER // 2 and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if not self._received and not self._eof:
+            self._reader = self._loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        received, self._received = self._received, 0
+        if not received and self._lost_error is not None:
+            raise self._lost_error
+        return received
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pending_output(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def unread(self) -> int:
+        return 0  # everything received is in buffer at once
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("Connection lost")
+        if not self._writing_paused:
+            return
+        drainer: asyncio.Future[None] = self._loop.create_future()
+        self._drainers.append(drainer)
+        await drainer
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.pause_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport is not None else default
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Switch to TLS as the server. The caller has paused reading and checked that nothing is buffered."""
+        assert self.transport is not None
+        transport = await self._loop.start_tls(self.transport, self, context, server_side=True,
+                                               ssl_handshake_timeout=timeout)
+        if transport is None:  # the connection went away during the handshake
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = transport  # type: ignore[assignment]
+
+
+class StreamConnection:
+    """The Connection face over an asyncio reader/writer pair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.buffer = bytearray()
+        self.reader = reader
+        self.writer = writer
+
+    async def receive(self) -> int:
+        data = await self.reader.read(STREAM_READ_SIZE)
+        self.buffer += data
+        return len(data)
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def pending_output(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def pause_reading(self) -> None:
+        self.writer.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def wait_closed(self) -> None:
+        await self.writer.wait_closed()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.writer.get_extra_info(name, default)
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        await self.writer.start_tls(context, ssl_handshake_timeout=timeout)
+
+    def unread(self) -> int:
+        # StreamReader offers no public way to peek at what it holds: data read from the socket, not yet taken.
+        return len(getattr(self.reader, "_buffer", b""))
