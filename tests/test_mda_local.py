@@ -207,6 +207,51 @@ def test_mbox_waits_for_a_dotlock_and_an_fcntl_lock(spool, bob) -> None:
     assert open(mbox).read().count("\n\nFrom alice@sender.test ") == 1
 
 
+@pytest.mark.parametrize("reader_order", ["fcntl-then-dotlock", "dotlock-then-fcntl"])
+def test_mbox_delivery_never_deadlocks_with_a_reader_taking_the_locks_in_either_order(
+        tmp_path, reader_order: str) -> None:
+    """mutt takes the fcntl lock and then the dotlock, Dovecot by default the other way round. A reader holds its
+    first lock while we try, then takes its second within a few seconds: it must get it (we hold nothing while
+    we wait), write, and let us deliver after it."""
+    mbox = str(tmp_path / "box")
+    local.deliver_mbox(mbox, "a@b.c", b"", io.BytesIO(MESSAGE.encode()))
+    lock = mbox + ".lock"
+    take_dotlock = (
+        "deadline = time.monotonic() + 10\n"
+        "while True:\n"
+        "    try:\n"
+        f"        os.close(os.open({lock!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY)); break\n"
+        "    except FileExistsError:\n"
+        "        if time.monotonic() > deadline: sys.exit(3)\n"
+        "        time.sleep(0.05)\n")
+    take_fcntl = "fcntl.lockf(f, fcntl.LOCK_EX)\n"  # blocking: it waits for us if we hold it
+    first, second = (take_fcntl, take_dotlock) if reader_order == "fcntl-then-dotlock" else (take_dotlock, take_fcntl)
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({mbox!r}, 'a')\n" + first + "print('first', flush=True); sys.stdin.readline()\n" + second +
+        "f.write('From reader@x Thu Jan  1 00:00:00 1970\\nSubject: reader\\n\\n\\n'); f.flush()\n"
+        f"os.unlink({lock!r}); fcntl.lockf(f, fcntl.LOCK_UN)\n"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "first\n"
+
+        async def both() -> None:
+            delivery = asyncio.to_thread(local.deliver_mbox, mbox, "a@b.c", b"",
+                                         io.BytesIO(b"Subject: ours\n\nbody\n"))
+            task = asyncio.ensure_future(delivery)
+            await asyncio.sleep(0.5)  # we are trying for our locks now
+            reader.stdin.write("\n")
+            reader.stdin.flush()
+            await task
+
+        asyncio.run(both())
+    finally:
+        assert reader.wait(timeout=60) == 0, "the reader could not get its second lock: a deadlock"
+    content = open(mbox).read()
+    assert content.index("Subject: reader") < content.index("Subject: ours")
+    assert not os.path.exists(lock)
+
+
 # -- maildir ------------------------------------------------------------------------------------------------
 
 def test_maildir_default_path_owner_and_unique_names(spool, bob) -> None:

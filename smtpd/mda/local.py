@@ -86,10 +86,46 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- locks ---------------------------------------------------------------------------------------------------
 
-def take_dotlock(path: str, deadline: float) -> str | None:
-    """Create PATH.lock; None when the directory does not let us (the fcntl lock still protects the file)."""
-    lock_path = path + ".lock"
+class _Busy(Exception):
+    """The lock is held by someone else."""
+
+
+def take_locks(fd: int, path: str, deadline: float, dotlock: bool = True) -> str | None:
+    """The fcntl write lock on fd and (when ``dotlock``) PATH.lock; returns the dotlock's path, None when none
+    was taken (not asked, or the directory does not let us create it: the fcntl lock still protects the file).
+
+    Never waits while holding one of the two: mail readers take them in different orders (mutt: fcntl, then
+    the dotlock; Dovecot by default: the dotlock, then fcntl), and waiting on the second while holding the first
+    would deadlock with one of them (mutt then asks its user whether to break the lock, holding its own)."""
+    held = "fcntl"
     while True:
+        try:
+            _try_fcntl_lock(fd, path)
+            try:
+                return _try_dotlock(path) if dotlock else None
+            except _Busy:
+                held = "dotlock"
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        except _Busy:
+            held = "fcntl"
+        if time.monotonic() > deadline:
+            raise LocalDeliveryError(f"{path}: mailbox is locked ({held})")
+        time.sleep(0.05)
+
+
+def _try_fcntl_lock(fd: int, path: str) -> None:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise _Busy from None
+        raise LocalDeliveryError(f"{path}: lock: {error.strerror}") from None
+
+
+def _try_dotlock(path: str) -> str | None:
+    """Create PATH.lock (removing one left by a dead writer); None when the directory does not let us."""
+    lock_path = path + ".lock"
+    for _ in range(3):  # a stale lock removed, or one that vanished between our calls: try again at once
         try:
             fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
@@ -101,10 +137,7 @@ def take_dotlock(path: str, deadline: float) -> str | None:
                 continue
             except OSError:
                 pass
-            if time.monotonic() > deadline:
-                raise LocalDeliveryError(f"{path}: mailbox is locked (dotlock)") from None
-            time.sleep(0.05)
-            continue
+            raise _Busy from None
         except OSError as error:
             if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 return None
@@ -112,19 +145,7 @@ def take_dotlock(path: str, deadline: float) -> str | None:
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
         return lock_path
-
-
-def take_fcntl_lock(fd: int, path: str, deadline: float) -> None:
-    while True:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                raise LocalDeliveryError(f"{path}: lock: {error.strerror}") from None
-        if time.monotonic() > deadline:
-            raise LocalDeliveryError(f"{path}: mailbox is locked (fcntl)")
-        time.sleep(0.05)
+    raise _Busy
 
 
 def release_dotlock(lock_path: str | None) -> None:
@@ -181,9 +202,8 @@ def append_mbox(fd: int, path: str, sender: str, prefix: bytes, message: BinaryI
                 dotlock: bool = True, lock_timeout: float = LOCK_TIMEOUT) -> None:
     """Append one message to the open mbox fd under both locks; truncate back on any failure."""
     deadline = time.monotonic() + lock_timeout
-    lock_path = take_dotlock(path, deadline) if dotlock else None
+    lock_path = take_locks(fd, path, deadline, dotlock)
     try:
-        take_fcntl_lock(fd, path, deadline)
         size = os.fstat(fd).st_size
         try:
             separator = _missing_separator(fd, size)
