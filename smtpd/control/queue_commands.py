@@ -9,7 +9,6 @@ the others -> {"count": N, "rows": [...] (with dry_run: the envelopes that would
 
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from shared.ids import parse_evpid, parse_msgid
@@ -21,8 +20,11 @@ if TYPE_CHECKING:
     from smtpd.scheduler import Entry, Scheduler
 
 
-# The order of `show queue`: oldest first (ctime, then evpid). attrgetter makes the key in C: 50,000 of them.
-_BY_AGE = attrgetter("envelope.ctime", "envelope.evpid")
+def _by_age(entry: Entry) -> int:
+    """The order of `show queue`: oldest first (ctime, then evpid), as one integer (an evpid has 64 bits):
+    50,000 integers sort in a third of the time the (ctime, evpid) tuples take."""
+    envelope = entry.envelope
+    return (envelope.ctime << 64) | envelope.evpid
 
 
 def parse_target(value: Any, allow_all: bool = True) -> str | int:
@@ -63,7 +65,7 @@ async def show_queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if args.get("msgid"):
         target = parse_target(args["msgid"])
     entries = scheduler.select(target, _filter(args))
-    entries.sort(key=_BY_AGE)
+    entries.sort(key=_by_age)
     corrupt = [entry.__dict__ for entry in daemon.queue.corrupt_entries()]
     result: dict[str, Any] = {"fields": list(ROW_FIELDS), "corrupt": corrupt,
                               "loading": not daemon.queue.loading_done.is_set()}

@@ -203,16 +203,19 @@ class _Expansion:
             if kind is NodeKind.USERNAME and parent.kind is NodeKind.USERNAME:
                 parent_name = parent.user.username if parent.user else parent.value
                 node.sameuser = value in (parent.value, parent_name)
-        _emit(f"{_token(node)}: expand_insert() called for {kind}:{value}"
-              f"[parent={_token(parent)}, rule={_rule_token(node.rule)}, "
-              f"dispatcher={node.action.name if node.action else None}]")
+        tracing = trace.wants("expand")  # (the messages are built only when someone reads them)
+        if tracing:
+            _emit(f"{_token(node)}: expand_insert() called for {kind}:{value}"
+                  f"[parent={_token(parent)}, rule={_rule_token(node.rule)}, "
+                  f"dispatcher={node.action.name if node.action else None}]")
         self.tree.append(node)
         if node.key() in self.seen:
             _emit(f"{_token(node)}: node found, discarding")
             node.outcome = "duplicate, discarded"
             return False
         self.seen.add(node.key())
-        _emit(f"{_token(parent)}: inserted node {_token(node)}")
+        if tracing:
+            _emit(f"{_token(parent)}: inserted node {_token(node)}")
         self.pending.append(node)
         return True
 
@@ -224,7 +227,8 @@ class _Expansion:
     def _expand_address(self, node: ExpansionNode) -> None:
         self._decode_srs(node)
         user, _, domain = node.value.rpartition("@")
-        _emit(f"lka_expand: address: {user}@{domain} [depth={node.depth}]")
+        if trace.wants("expand"):
+            _emit(f"lka_expand: address: {user}@{domain} [depth={node.depth}]")
         decision = self.matcher(self.config, self.tables, self.facts, self.sender, node.value,
                                 internal=node.parent is not None)
         if decision.tempfail:
@@ -404,9 +408,10 @@ class _Expansion:
                 if node.kind is NodeKind.FILTER and node.owner is None:
                     _log.warning("commands executed from aliases run with %s privileges", envelope.mda_user)
         node.outcome = f"delivery via action {action.name} ({envelope_type})"
-        _emit(f"delivery: {node.kind} {node.value} -> action {action.name}, {envelope_type} to {envelope.dest}"
-              + (f", user {envelope.mda_user}" if envelope.mda_user else ""),
-              dispatcher=action.name, dest=envelope.dest)
+        if trace.wants("expand"):
+            _emit(f"delivery: {node.kind} {node.value} -> action {action.name}, {envelope_type} to {envelope.dest}"
+                  + (f", user {envelope.mda_user}" if envelope.mda_user else ""),
+                  dispatcher=action.name, dest=envelope.dest)
         self.deliveries.append(envelope)
 
     @staticmethod

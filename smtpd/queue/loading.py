@@ -122,8 +122,13 @@ async def _drain(stream: asyncio.StreamReader, spool: Spool, take: Take, careful
             payload = await stream.readexactly(int.from_bytes(header, "little"))
         except asyncio.IncompleteReadError:
             return  # the end (or a reader that died mid-frame: its folders were not received)
+        try:
+            batch = marshal.loads(payload)
+        except (ValueError, EOFError, TypeError):
+            LOG.warning("queue: the spool reader sent a damaged batch; loading the rest in the daemon")
+            return  # what was not received is loaded the careful way
         envelopes: list[Envelope] = []
-        for msgid, files in marshal.loads(payload):
+        for msgid, files in batch:
             received.add(msgid)
             found = spool.envelopes_from_files(msgid, files) if files is not None else None
             if found is None:

@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from smtpd.smtp import replies
 from smtpd.smtp.replies import Reply
@@ -31,9 +32,21 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+_LAST_NOW: list[Any] = [-1, ""]  # (second, its text): every message's Received and Date header ask for "now"
+
+
 def time_to_text(when: float | None = None) -> str:
     """`Tue, 5 Nov 2024 08:09:10 +0100 (CET)`, independent of the locale (to.c time_to_text)."""
-    moment = time.localtime(when if when is not None else time.time())
+    if when is None:
+        second = int(time.time())
+        if _LAST_NOW[0] != second:
+            _LAST_NOW[:] = [second, _format_time(second)]
+        return _LAST_NOW[1]
+    return _format_time(when)
+
+
+def _format_time(when: float) -> str:
+    moment = time.localtime(when)
     offset = moment.tm_gmtoff or 0
     sign = "-" if offset < 0 else "+"
     hours, minutes = divmod(abs(offset) // 60, 60)

@@ -266,7 +266,8 @@ class Session:
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
-            trace.emit("smtp", f"{self.token}: {self.state} -> {state}", session=self.token, state=state)
+            if trace.wants("smtp"):
+                trace.emit("smtp", f"{self.token}: {self.state} -> {state}", session=self.token, state=state)
             self.state = state
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -799,7 +800,8 @@ class Session:
                 del self.buffer[:end + 3]
                 if body:
                     await builder.feed(_unstuff(body) if stuffed else body)
-                trace.emit("smtp", f"{self.token}: <<< [EOM]", session=self.token)
+                if trace.wants("smtp"):
+                    trace.emit("smtp", f"{self.token}: <<< [EOM]", session=self.token)
                 return
             # Everything up to the last CRLF is complete lines; the end marker may still be split.
             cut = self.buffer.rfind(b"\r\n")
