@@ -7,6 +7,11 @@ For each daemon (one after the other, same load, same config): a fresh spool, a 
 "local"`. The load generator sends the messages over 8 sessions; the clock runs from the first connection until
 the last message file is in `new/`. Prints accept throughput, end-to-end throughput, and the ratio
 ours/OpenSMTPD (> 1: we are faster). Needs root (OpenSMTPD's spool is fixed; deliveries switch users).
+
+Each phase also prints the CPU time per message of the daemon's processes (all of its session, reaped children
+included; and its main process alone): on a shared machine whose speed changes from minute to minute, that
+figure moves far less than the wall-clock rates. `--profile DIR` records the drain of each daemon with py-spy
+(raw stacks, all its processes) into DIR.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +56,34 @@ def remove_user() -> None:
     subprocess.run(["groupdel", USER], capture_output=True)
 
 
+def tree_cpu(session: int) -> dict[str, float]:
+    """CPU seconds (user + system, with reaped children) of the processes in the daemon's session: the daemon
+    itself ("main", its threads included) and the others ("helpers": OpenSMTPD's processes, our fork helper)."""
+    total = {"main": 0.0, "helpers": 0.0}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # field 6 of stat (sid), counted after the command name
+            ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+            total["main" if int(entry.name) == session else "helpers"] += ticks / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def cpu_figures(target: queue_bench.Target, before: dict[str, float], messages: int,
+                label: str) -> dict[str, float]:
+    """CPU milliseconds per message since ``before``: all the daemon's processes, and the main one alone."""
+    assert target.process is not None
+    after = tree_cpu(target.process.pid)
+    used = {key: 1000 * (after[key] - before[key]) / messages for key in after}
+    return {f"{label} CPU (ms/msg)": round(used["main"] + used["helpers"], 2),
+            f"{label} CPU main process (ms/msg)": round(used["main"], 2)}
+
+
 def count_new(maildir: Path) -> int:
     try:
         return sum(1 for _ in os.scandir(maildir / "new"))
@@ -65,6 +99,8 @@ def run_one(target: queue_bench.Target, maildir: Path, messages: int, size: int,
     target.paused = False
     target.start()
     try:
+        assert target.process is not None
+        cpu_before = tree_cpu(target.process.pid)
         started = time.perf_counter()
         result = asyncio.run(run_load("127.0.0.1", target.port, 8, messages, size, rcpt=f"{USER}@bench.test"))
         accepted = time.perf_counter() - started
@@ -72,10 +108,12 @@ def run_one(target: queue_bench.Target, maildir: Path, messages: int, size: int,
             raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
         delivered = wait_delivered(maildir, messages, started, timeout)
         total = time.perf_counter() - started
+        time.sleep(0.2)  # the last children reaped, their time counted in their parent's
+        cpu = cpu_figures(target, cpu_before, messages, "end to end")
     finally:
         target.stop()
     figures = {"accepted (msg/s)": messages / accepted, "delivered": float(delivered),
-               "end to end (s)": total, "end to end (msg/s)": delivered / total}
+               "end to end (s)": total, "end to end (msg/s)": delivered / total, **cpu}
     print(f"  {target.name}: {figures}", flush=True)
     return figures
 
@@ -91,15 +129,41 @@ def run_drain(target: queue_bench.Target, maildir: Path, messages: int, size: in
         result = asyncio.run(run_load("127.0.0.1", target.port, 8, messages, size, rcpt=f"{USER}@bench.test"))
         if result["failures"]:
             raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
+        assert target.process is not None
+        time.sleep(0.5)  # the last commits placed
+        cpu_before = tree_cpu(target.process.pid)
         started = time.perf_counter()
+        profiler = start_profiler(target.process.pid, target.name)
         subprocess.run(target.ctl() + ["resume", "mda"], env=target.env(), check=True, capture_output=True)
         delivered = wait_delivered(maildir, messages, started, timeout)
         total = time.perf_counter() - started
+        time.sleep(0.2)
+        stop_profiler(profiler)
+        cpu = cpu_figures(target, cpu_before, messages, "drain")
     finally:
         target.stop()
-    figures = {"drain (s)": total, "drain (msg/s)": delivered / total}
+    figures = {"drain (s)": total, "drain (msg/s)": delivered / total, **cpu}
     print(f"  {target.name}: {figures}", flush=True)
     return figures
+
+
+PROFILE_DIR: Path | None = None  # --profile: py-spy records the drain of each daemon here
+
+
+def start_profiler(pid: int, name: str) -> subprocess.Popen[bytes] | None:
+    if PROFILE_DIR is None:
+        return None
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
+                             "--format", "raw", "--output", str(PROFILE_DIR / f"drain-{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
 
 
 def wait_delivered(maildir: Path, messages: int, started: float, timeout: float) -> int:
@@ -114,7 +178,10 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--profile", type=Path, help="record the drain with py-spy (raw stacks) into this folder")
     args = parser.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     if os.geteuid() != 0:
         print("needs root: OpenSMTPD's spool is fixed, and deliveries switch to the test user", file=sys.stderr)
         return 1

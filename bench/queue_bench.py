@@ -3,7 +3,9 @@
     sudo .venv/bin/python bench/queue_bench.py [--only ours|opensmtpd] [--scale 1.0]
 
 Measures, for each daemon (started with deliveries paused, so that mail stays queued):
-  * accept+queue throughput (250 after DATA) with 1, 8 and 32 sessions at 2 KB, and 8 sessions at 100 KB;
+  * accept+queue throughput (250 after DATA) with 1, 8 and 32 sessions at 2 KB, and 8 sessions at 100 KB, in
+    --rounds rounds (3) where the two daemons take turns row by row: the host's CPU speed drifts, and each
+    ratio then compares runs a few seconds apart (the median of the per-round ratios is reported);
   * `smtpctl show queue` with 10,000 and with 50,000 envelopes queued;
   * the daemon's RSS (all its processes) with 50,000 queued;
   * after a restart with 50,000 queued, the time until all of them are loaded (`show stats`:
@@ -208,23 +210,42 @@ def wait_loaded(target: Target, count: int, timeout: float) -> float:
     return float("inf")
 
 
-def bench(target: Target, scale: float, load_timeout: float) -> dict[str, float]:
-    results: dict[str, float] = {}
+ACCEPT_ROWS = ((1, 1000, 2048, "accept 1 session 2 KB"),
+               (8, 3000, 2048, "accept 8 sessions 2 KB"),
+               (32, 3000, 2048, "accept 32 sessions 2 KB"),
+               (8, 600, 100 * 1024, "accept 8 sessions 100 KB"))
+
+
+def start_fresh(target: Target) -> None:
     target.workdir.mkdir(parents=True, exist_ok=True)
     target.prepare_spool(0)
     target.start()
+
+
+def accept_interleaved(targets: list[Target], rounds: int, scale: float) -> tuple[dict[str, dict[str, list[float]]],
+                                                                                   dict[str, int]]:
+    """Every accept row, `rounds` times, the daemons taking turns row by row (the first one alternating), so
+    that each ratio compares runs made a few seconds apart: on a shared host the CPU's speed drifts by tens of
+    percent from one minute to the next. Returns {daemon: {row: [msg/s per round]}} and messages queued."""
+    figures: dict[str, dict[str, list[float]]] = {target.name: {} for target in targets}
+    queued = {target.name: 0 for target in targets}
+    for round_number in range(rounds):
+        for sessions, messages, size, key in ACCEPT_ROWS:
+            order = targets if round_number % 2 == 0 else list(reversed(targets))
+            for target in order:
+                result = load(target, sessions, max(1, int(messages * scale)), size)
+                print(f"  round {round_number + 1}: {target.name}: {key}: {result['msg_per_s']} msg/s", flush=True)
+                if result["failures"]:
+                    raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
+                figures[target.name].setdefault(key + " (msg/s)", []).append(float(result["msg_per_s"]))  # type: ignore[arg-type]
+                queued[target.name] += int(result["messages"])  # type: ignore[arg-type]
+    return figures, queued
+
+
+def queue_measures(target: Target, queued: int, scale: float, load_timeout: float) -> dict[str, float]:
+    """show queue at 10,000 and 50,000 envelopes, RSS at 50,000, then the load time after a restart."""
+    results: dict[str, float] = {}
     try:
-        queued = 0
-        for sessions, messages, size, key in ((1, 1000, 2048, "accept 1 session 2 KB"),
-                                              (8, 3000, 2048, "accept 8 sessions 2 KB"),
-                                              (32, 3000, 2048, "accept 32 sessions 2 KB"),
-                                              (8, 600, 100 * 1024, "accept 8 sessions 100 KB")):
-            result = load(target, sessions, max(1, int(messages * scale)), size)
-            print(f"  {target.name}: {key}: {result}", flush=True)
-            if result["failures"]:
-                raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
-            results[key + " (msg/s)"] = float(result["msg_per_s"])  # type: ignore[arg-type]
-            queued += int(result["messages"])  # type: ignore[arg-type]
         for count in (10_000, 50_000):
             count = int(count * scale)
             queued = fill_to(target, count, queued)
@@ -243,14 +264,28 @@ def bench(target: Target, scale: float, load_timeout: float) -> dict[str, float]
     return results
 
 
-def report(ours: dict[str, float], theirs: dict[str, float]) -> str:
-    lines = [f"{'measure':40} {'PySMTPD':>10} {'OpenSMTPD':>10} {'ratio':>7}"]
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def report(ours: dict[str, float], theirs: dict[str, float],
+           rounds: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """One line per measure; accept rows give the medians and the median of the per-round ratios."""
+    lines = [f"{'measure':40} {'PySMTPD':>10} {'OpenSMTPD':>10} {'ratio':>7}  per round"]
     for key in ours:
         mine, other = ours[key], theirs.get(key, float("nan"))
         higher_is_better = "msg/s" in key
         ratio = (mine / other if higher_is_better else other / mine) if mine and other else float("nan")
-        lines.append(f"{key:40} {mine:10.2f} {other:10.2f} {ratio:6.2f}x")
-    lines.append("ratio > 1: PySMTPD is better (throughput ours/theirs; times and memory theirs/ours)")
+        per_round = ""
+        if rounds is not None and key in rounds.get("PySMTPD", {}) and key in rounds.get("OpenSMTPD", {}):
+            ratios = [a / b for a, b in zip(rounds["PySMTPD"][key], rounds["OpenSMTPD"][key], strict=True) if b]
+            ratio = median(ratios)
+            per_round = " ".join(f"{value:.2f}x" for value in ratios)
+        lines.append(f"{key:40} {mine:10.2f} {other:10.2f} {ratio:6.2f}x  {per_round}")
+    lines.append("ratio > 1: PySMTPD is better (throughput ours/theirs; times and memory theirs/ours); accept rows:")
+    lines.append("medians over the rounds, ratio = median of the per-round ratios")
     return "\n".join(lines)
 
 
@@ -259,6 +294,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["ours", "opensmtpd"])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts (e.g. 0.2 for a try)")
     parser.add_argument("--load-timeout", type=float, default=300.0)
+    parser.add_argument("--rounds", type=int, default=3, help="accept rounds, the daemons taking turns [3]")
     args = parser.parse_args()
     # SIGTERM ends the script through its finally blocks, which stop the daemons it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
@@ -269,23 +305,33 @@ def main() -> int:
         print("an OpenSMTPD is already running; not touching it", file=sys.stderr)
         return 1
     WORK.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, float]] = {}
+    targets: list[Target] = []
+    if args.only != "opensmtpd":
+        targets.append(Ours("PySMTPD", free_port(), WORK / "ours"))
+    if args.only != "ours":
+        targets.append(OpenSMTPD("OpenSMTPD", free_port(), WORK / "opensmtpd"))
+    results: dict[str, dict[str, float]] = {target.name: {} for target in targets}
+    rounds: dict[str, dict[str, list[float]]] = {}
     try:
-        if args.only != "opensmtpd":
-            print("PySMTPD:", flush=True)
-            results["ours"] = bench(Ours("PySMTPD", free_port(), WORK / "ours"), args.scale, args.load_timeout)
-        if args.only != "ours":
-            print("OpenSMTPD:", flush=True)
-            results["opensmtpd"] = bench(OpenSMTPD("OpenSMTPD", free_port(), WORK / "opensmtpd"), args.scale,
-                                         args.load_timeout)
+        for target in targets:
+            start_fresh(target)
+        print(f"accept+queue, {args.rounds} round(s), the daemons taking turns:", flush=True)
+        rounds, queued = accept_interleaved(targets, args.rounds, args.scale)
+        for target in targets:
+            results[target.name].update({key: median(values) for key, values in rounds[target.name].items()})
+        for target in targets:
+            print(f"{target.name}:", flush=True)
+            results[target.name].update(queue_measures(target, queued[target.name], args.scale, args.load_timeout))
     finally:
+        for target in targets:
+            target.stop()
         if OPENSMTPD_SPOOL.exists() and args.only != "ours":
             OPENSMTPD_SPOOL.rename(WORK / f"trash-opensmtpd-spool-end-{time.time_ns()}")
         for trash in WORK.glob("trash-*"):
             shutil.rmtree(trash, ignore_errors=True)
-    print(json.dumps(results, indent=1))
-    if "ours" in results and "opensmtpd" in results:
-        print(report(results["ours"], results["opensmtpd"]))
+    print(json.dumps({"results": results, "rounds": rounds}, indent=1))
+    if len(targets) == 2:
+        print(report(results["PySMTPD"], results["OpenSMTPD"], rounds))
     return 0
 
 

@@ -11,6 +11,7 @@ agent (mda, mta) that is drained while the agent is not paused and under its con
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import time
 from collections import deque
@@ -34,6 +35,10 @@ RETRY_BASE = {"mta": 400, "mda": 10, "bounce": 10}
 MAX_WARN_INTERVALS = 4
 DEFAULT_LIMITS = {"mda": 50, "mta": 100}
 MAX_INFLIGHT = 5000
+# Removals after a delivery run behind it: the delivery's slot is free once the envelope is forgotten here, and
+# its file is deleted by the queue's writer thread meanwhile. Past this many removals not yet done, deliveries
+# wait for theirs (the writer thread sets the pace).
+MAX_REMOVALS_BEHIND = 1000
 IDLE_WAKE = 60.0  # the loop wakes up at least this often even with nothing due
 
 PENDING, INFLIGHT, SUSPENDED = "pending", "inflight", "suspended"
@@ -89,6 +94,7 @@ class Scheduler:
         self.ready: dict[str, deque[int]] = {"mda": deque(), "mta": deque()}
         self.inflight: dict[str, int] = {"mda": 0, "mta": 0}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.removals: set[asyncio.Future[Any]] = set()  # removals running behind their deliveries
         # Delivery components by agent; None: daemon.mda / daemon.mta at the time of the delivery.
         self.deliverers: dict[str, Any] = {}
         self._wake = asyncio.Event()
@@ -107,6 +113,8 @@ class Scheduler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The queue stops after us: let the removals already asked finish on its writer thread.
+        await asyncio.gather(*self.removals, return_exceptions=True)
 
     def _on_pause(self, daemon: Any, subsystem: str, paused: bool) -> None:
         if subsystem in self.ready and not paused:
@@ -284,7 +292,7 @@ class Scheduler:
         if result.outcome is Outcome.OK:
             STATS.increment("scheduler.delivery.ok")
             kind = DELIVERED if agent == "mda" else RELAYED
-            await self._report_then_delete(entry, kind, "delivered")
+            await self._report_then_delete(entry, kind, "delivered", wait=False)
         elif result.outcome is Outcome.TEMPFAIL:
             STATS.increment("scheduler.delivery.tempfail")
             await self._tempfail(entry, result)
@@ -294,7 +302,7 @@ class Scheduler:
             envelope.errorline = "Loop detected" if loop else result.text
             envelope.esc_class = 5
             envelope.esc_code = 46 if loop else result.esc_code
-            await self._report_then_delete(entry, FAILED, "failed")
+            await self._report_then_delete(entry, FAILED, "failed", wait=False)
 
     async def _tempfail(self, entry: Entry, result: DeliveryResult) -> None:
         envelope = entry.envelope
@@ -346,7 +354,7 @@ class Scheduler:
                  envelope.dest, envelope.rcpt, duration_text(int(time.time() - envelope.ctime)))
         await self._report_then_delete(entry, FAILED, "expired")
 
-    async def _report_then_delete(self, entry: Entry, kind: str, why: str) -> None:
+    async def _report_then_delete(self, entry: Entry, kind: str, why: str, wait: bool = True) -> None:
         """Queue the report first (durable), then delete the envelope: a crash in between duplicates, never
         loses, the report."""
         envelope = entry.envelope
@@ -358,12 +366,34 @@ class Scheduler:
                 envelope.retry += 1
                 self._schedule(entry, time.time() + retry_base(envelope))
                 return
-        await self._delete(entry, why)
+        await self._delete(entry, why, wait)
 
-    async def _delete(self, entry: Entry, why: str) -> None:
+    async def _delete(self, entry: Entry, why: str, wait: bool = True) -> None:
+        """Forget the envelope and delete its file; with ``wait`` False, return before the file is gone (see
+        MAX_REMOVALS_BEHIND): a crash before then delivers it again, as a crash just before the delivery's end
+        would."""
         evpid = entry.envelope.evpid
         self._forget(evpid)
-        await self.queue.remove_envelope(evpid)
+        removal = asyncio.ensure_future(self.queue.remove_envelope(evpid))
+        if wait or len(self.removals) >= MAX_REMOVALS_BEHIND:
+            await removal
+            self._trace_removed(evpid, why)
+            return
+        self.removals.add(removal)
+        removal.add_done_callback(functools.partial(self._removed, evpid, why))
+
+    def _removed(self, evpid: int, why: str, removal: asyncio.Future[Any]) -> None:
+        self.removals.discard(removal)
+        if removal.cancelled():
+            return
+        error = removal.exception()
+        if error is not None:
+            LOG.warning("scheduler: %016x: %s but its file was not removed: %s", evpid, why, error)
+            return
+        self._trace_removed(evpid, why)
+
+    @staticmethod
+    def _trace_removed(evpid: int, why: str) -> None:
         trace.emit("scheduler", f"scheduler: {evpid:016x} {why}, removed from the queue", evpid=f"{evpid:016x}")
 
     # -- commands -------------------------------------------------------------------------------------

@@ -18,12 +18,15 @@ The mbox spool directory is /var/mail unless the environment variable SMTPD_MAIL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import os
 import pwd
 import secrets
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -50,6 +53,16 @@ MAX_HEADER_BYTES = 1 << 20
 LMTP_BATCH_WINDOW = 0.05  # seconds an LMTP delivery waits for the other envelopes of its message
 LMTP_MAX_RECIPIENTS = 100  # recipients in one LMTP transaction
 WRAPPED_FILTER = "/bin/cat"  # what %{mda} runs for mbox and maildir actions under a wrapper
+# Mailbox writes as root go through the fork helper in batches: one child writes up to MAILBOX_BATCH messages
+# into one mailbox, and at most MAILBOX_CHILDREN children write to the same mailbox at once (each child counts
+# as one session for MAX_SESSIONS and MAX_SESSIONS_PER_USER). While one child writes to a mailbox, another one
+# starts only when MAILBOX_MORE messages wait: fewer wait for the running child to end (a fork costs far more
+# CPU than a write), and go together with the next child. A child starts at most once per MAILBOX_WINDOW per
+# mailbox (unless MAILBOX_MORE wait): a mailbox receiving a steady flow gets batches, a lone message goes at once.
+MAILBOX_BATCH = 32
+MAILBOX_CHILDREN = 4
+MAILBOX_MORE = 8
+MAILBOX_WINDOW = 0.02
 
 _log = log.get("mda")
 
@@ -75,6 +88,25 @@ class _LmtpMember:
     recipient: str  # what goes in RCPT TO
     prefix: bytes  # this envelope's Return-Path/Delivered-To lines (used when it is alone in its batch)
     future: asyncio.Future[DeliveryResult]
+
+
+@dataclass(frozen=True)
+class _MailboxItem:
+    fields: dict[str, object]  # this message's part of the request (sender, prefix, extension, junk)
+    fd: int  # our own duplicate of the message's descriptor, closed once the batch is sent
+    trace_fields: dict[str, object]
+    future: asyncio.Future[ChildResult]
+
+
+@dataclass
+class _MailboxLine:
+    """The deliveries waiting for one mailbox (same method, writer and path), and its children at work."""
+
+    request: dict[str, object]
+    user: str  # the per-user session limit's key
+    waiting: list[_MailboxItem] = field(default_factory=list)
+    running: int = 0
+    last_start: float = float("-inf")  # when its last child took its batch (event loop time)
 
 
 @dataclass
@@ -108,6 +140,9 @@ class MdaAgent:
         self.lmtp_batch_window = LMTP_BATCH_WINDOW
         self._lmtp_batches: dict[tuple[Any, ...], _LmtpBatch] = {}
         self._lmtp_tasks: set[asyncio.Task[None]] = set()
+        self._mailboxes: dict[str, _MailboxLine] = {}
+        self._mailbox_tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     @property
     def tables(self) -> Any:
@@ -141,6 +176,16 @@ class MdaAgent:
     async def stop(self) -> None:
         if self.replay_task is not None:
             self.replay_task.cancel()
+        self._stopping = True
+        for task in list(self._mailbox_tasks):
+            task.cancel()
+        await asyncio.gather(*self._mailbox_tasks, return_exceptions=True)
+        for line in self._mailboxes.values():
+            for item in line.waiting:
+                os.close(item.fd)
+                if not item.future.done():
+                    item.future.set_result(ChildResult(local.EX_TEMPFAIL, "daemon stopping"))
+            line.waiting.clear()
         await self.forkserver.stop()
 
     # -- the contract ---------------------------------------------------------------------------------
@@ -157,19 +202,38 @@ class MdaAgent:
         return result
 
     async def _deliver_limited(self, envelope: Envelope, message_path: str) -> DeliveryResult:
+        if self._batched(envelope):
+            # The batch's child takes the session limits (_run_mailbox_batch): a session is a child, not a message.
+            return await self._deliver(envelope, message_path)
+        async with self._limited(envelope.mda_user or envelope.dest):
+            return await self._deliver(envelope, message_path)
+
+    @contextlib.asynccontextmanager
+    async def _limited(self, user_key: str) -> AsyncIterator[None]:
+        """One of the MAX_SESSIONS sessions, and one of this user's MAX_SESSIONS_PER_USER."""
         if self._sessions is None:
             self._sessions = asyncio.Semaphore(MAX_SESSIONS)
-        user_key = envelope.mda_user or envelope.dest
         per_user = self._per_user.setdefault(user_key, asyncio.Semaphore(MAX_SESSIONS_PER_USER))
         self._per_user_waiting[user_key] = self._per_user_waiting.get(user_key, 0) + 1
         try:
             async with self._sessions, per_user:
-                return await self._deliver(envelope, message_path)
+                yield
         finally:
             self._per_user_waiting[user_key] -= 1
             if not self._per_user_waiting[user_key]:
                 del self._per_user_waiting[user_key]
                 self._per_user.pop(user_key, None)
+
+    def _batched(self, envelope: Envelope) -> bool:
+        """Whether this delivery is a mailbox write through the fork helper (see _run_in_child)."""
+        if not privileged():
+            return False
+        action = self.config.actions.get(envelope.dispatcher)
+        if action is None or action.wrapper:
+            return False
+        if envelope.mda_exec:
+            return envelope.mda_exec.startswith("/")  # a /file from an alias or .forward: mboxfile
+        return action.method in (Method.MBOX, Method.MAILDIR)
 
     async def _deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
         action = self.config.actions.get(envelope.dispatcher)
@@ -278,10 +342,10 @@ class MdaAgent:
         writer = writer.with_group(_spool_group(self.mail_root))
         if privileged():
             # The helper's child opens the mailbox as root (creating it for its owner), then drops to writer.
-            return _child_result(await self.forkserver.run(
+            return _child_result(await self._run_in_child(
                 {"method": "mbox", "path": path, "owner": [job.identity.uid, job.identity.gid],
-                 "identity": _identity_fields(writer), "sender": sender, "prefix": prefix.decode("latin-1")},
-                message.fileno()))
+                 "identity": _identity_fields(writer)}, {"sender": sender, "prefix": prefix.decode("latin-1")},
+                message, writer.username))
 
         def write(_: object) -> None:
             local.deliver_mbox(path, sender, prefix, message)
@@ -291,9 +355,9 @@ class MdaAgent:
     async def _run_mboxfile(self, job: _Job, path: str, message: BinaryIO) -> DeliveryResult:
         sender, prefix = job.envelope.sender, job.prefix
         if privileged():
-            return _child_result(await self.forkserver.run(
-                {"method": "mboxfile", "path": path, "identity": _identity_fields(job.identity), "sender": sender,
-                 "prefix": prefix.decode("latin-1")}, message.fileno()))
+            return _child_result(await self._run_in_child(
+                {"method": "mboxfile", "path": path, "identity": _identity_fields(job.identity)},
+                {"sender": sender, "prefix": prefix.decode("latin-1")}, message, job.identity.username))
 
         def write(_: object) -> None:
             local.deliver_mbox(path, sender, prefix, message)
@@ -306,14 +370,94 @@ class MdaAgent:
             return DeliveryResult.permfail(f"maildir path is not absolute: {directory}")
         extension, junk, prefix = job.envelope.mda_subaddress, job.action.junk, job.prefix
         if privileged():
-            return _child_result(await self.forkserver.run(
-                {"method": "maildir", "directory": directory, "identity": _identity_fields(job.identity),
-                 "extension": extension, "junk": junk, "prefix": prefix.decode("latin-1")}, message.fileno()))
+            return _child_result(await self._run_in_child(
+                {"method": "maildir", "directory": directory, "identity": _identity_fields(job.identity)},
+                {"extension": extension, "junk": junk, "prefix": prefix.decode("latin-1")}, message,
+                job.identity.username))
 
         def write(_: object) -> None:
             local.deliver_maildir(directory, prefix, message, extension, junk)
 
         return _child_result(await run_as(job.identity, write))
+
+    async def _run_in_child(self, request: dict[str, object], item: dict[str, object], message: BinaryIO,
+                            user: str) -> ChildResult:
+        """Write one message through the fork helper, in a batch with the others waiting for the same mailbox.
+
+        A fork costs far more CPU than writing a small message, so messages for one mailbox share a child. No
+        message waits for a batch to fill: a child starts at once when fewer than MAILBOX_CHILDREN write to the
+        mailbox, and takes everything waiting when it starts; messages that arrive meanwhile go with the next
+        child. Each message still gets its own result (a failed write fails that message alone)."""
+        key = json.dumps(request, sort_keys=True)
+        line = self._mailboxes.get(key)
+        if line is None:
+            self._forget_idle_mailboxes()
+            line = self._mailboxes[key] = _MailboxLine(request, user)
+        future: asyncio.Future[ChildResult] = asyncio.get_running_loop().create_future()
+        # Our own descriptor: the envelope's file is closed if its delivery is cancelled before the batch goes.
+        line.waiting.append(_MailboxItem(item, os.dup(message.fileno()), trace.bound(), future))
+        self._start_mailbox_child(key, line)
+        return await future
+
+    def _start_mailbox_child(self, key: str, line: _MailboxLine) -> None:
+        if self._stopping or not line.waiting or line.running >= MAILBOX_CHILDREN:
+            return
+        if line.running and len(line.waiting) < MAILBOX_MORE:
+            return  # they go with the next child, when a running one ends
+        line.running += 1
+        task = asyncio.get_running_loop().create_task(self._run_mailbox_batch(key, line))
+        self._mailbox_tasks.add(task)
+        task.add_done_callback(self._mailbox_tasks.discard)
+
+    def _forget_idle_mailboxes(self) -> None:
+        """Drop the lines of mailboxes idle for a while (kept meanwhile for their last_start)."""
+        if len(self._mailboxes) < 64:
+            return
+        horizon = asyncio.get_running_loop().time() - 10 * MAILBOX_WINDOW
+        for key, line in list(self._mailboxes.items()):
+            if not line.waiting and not line.running and line.last_start < horizon:
+                del self._mailboxes[key]
+
+    async def _run_mailbox_batch(self, key: str, line: _MailboxLine) -> None:
+        batch: list[_MailboxItem] = []
+        loop = asyncio.get_running_loop()
+        try:
+            delay = line.last_start + MAILBOX_WINDOW - loop.time()
+            if delay > 0 and len(line.waiting) < MAILBOX_MORE:
+                await asyncio.sleep(delay)  # a flow to this mailbox: let more messages join this child
+            async with self._limited(f"uid {line.request['identity']['uid']}"):  # type: ignore[index]
+                # Taken now, not when the task was made: what arrived in between goes in this batch.
+                line.last_start = loop.time()
+                while line.waiting and len(batch) < MAILBOX_BATCH:
+                    item = line.waiting.pop(0)
+                    if item.future.done():  # its delivery was cancelled
+                        os.close(item.fd)
+                    else:
+                        batch.append(item)
+                if not batch:
+                    return
+                results = await self._send_batch(line.request, batch)
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+        finally:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(ChildResult(local.EX_TEMPFAIL, "delivery batch interrupted"))
+            line.running -= 1
+            self._start_mailbox_child(key, line)
+
+    async def _send_batch(self, request: dict[str, object], batch: list[_MailboxItem]) -> list[ChildResult]:
+        try:
+            return await self.forkserver.run_batch({**request, "items": [item.fields for item in batch]},
+                                                   [item.fd for item in batch],
+                                                   [item.trace_fields for item in batch])
+        except Exception as error:  # noqa: BLE001 — every message of the batch gets an answer
+            _log.exception("mda: delivery batch failed")
+            return [ChildResult(local.EX_TEMPFAIL, f"internal error: {type(error).__name__}: {error}")] * len(batch)
+        finally:
+            for item in batch:
+                os.close(item.fd)
 
     async def _run_lmtp(self, job: _Job, message: BinaryIO) -> DeliveryResult:
         """Join (or open) the LMTP batch of this message and destination, and wait for this envelope's reply.

@@ -77,7 +77,7 @@ def from_line(sender: str, when: float | None = None) -> bytes:
     return f"From {sender or 'MAILER-DAEMON'} {stamp}\n".encode("utf-8", "surrogateescape")
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -209,7 +209,7 @@ def append_mbox(fd: int, path: str, sender: str, prefix: bytes, message: BinaryI
             separator = _missing_separator(fd, size)
             first = True
             for chunk in mbox_chunks(from_line(sender), prefix, message):
-                _write_all(fd, separator + chunk if first else chunk)
+                write_all(fd, separator + chunk if first else chunk)
                 first = False
             os.fsync(fd)
         except BaseException as error:
@@ -302,6 +302,20 @@ def choose_folder(directory: str, extension: str, junk: bool, message: BinaryIO)
 def deliver_maildir(directory: str, prefix: bytes, message: BinaryIO, extension: str = "",
                     junk: bool = False) -> str:
     """Deliver into the Maildir (or its extension/Junk folder); returns the new file's path."""
+    final = write_maildir_file(directory, prefix, message, extension, junk)
+    try:
+        fsync_directory(os.path.dirname(final))
+    except OSError as error:
+        raise LocalDeliveryError(f"{os.path.dirname(final)}: {error.strerror}") from None
+    return final
+
+
+def write_maildir_file(directory: str, prefix: bytes, message: BinaryIO, extension: str = "",
+                       junk: bool = False) -> str:
+    """Write the message to tmp/, fsync it, link it into new/; returns its path in new/.
+
+    The new/ folder is not flushed here: the caller fsyncs it (once for all the files it linked there) before
+    it counts any of them as delivered."""
     ensure_maildir(directory)
     target = choose_folder(directory, extension, junk, message)
     if target != directory:
@@ -318,28 +332,26 @@ def deliver_maildir(directory: str, prefix: bytes, message: BinaryIO, extension:
         for line in message_lines(prefix, message):
             buffer += line
             if len(buffer) >= CHUNK:
-                _write_all(fd, bytes(buffer))
+                write_all(fd, bytes(buffer))
                 buffer.clear()
-        _write_all(fd, bytes(buffer))
+        write_all(fd, bytes(buffer))
         os.fsync(fd)
         os.close(fd)
         fd = -1
         os.link(temporary, final)
         os.unlink(temporary)
-        _fsync_directory(os.path.join(target, "new"))
     except OSError as error:
         if fd >= 0:
             os.close(fd)
-        for path in (temporary,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
         raise LocalDeliveryError(f"{target}: {error.strerror}") from None
     return final
 
 
-def _fsync_directory(path: str) -> None:
+def fsync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

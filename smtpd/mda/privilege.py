@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,11 +47,7 @@ class Identity:
 
     @classmethod
     def for_user(cls, username: str, uid: int, gid: int, home: str) -> Identity:
-        try:
-            groups = tuple(os.getgrouplist(username, gid))
-        except (KeyError, OSError):
-            groups = (gid,)
-        return cls(username, uid, gid, home, groups)
+        return cls(username, uid, gid, home, _groups_of(username, gid))
 
     @classmethod
     def from_passwd(cls, entry: pwd.struct_passwd) -> Identity:
@@ -65,6 +62,26 @@ class Identity:
         if gid is None or gid in self.groups:
             return self
         return Identity(self.username, self.uid, self.gid, self.home, (*self.groups, gid))
+
+
+GROUPS_TTL = 5.0  # seconds a user's group list is reused (reading /etc/group for every message costs)
+_groups_cache: dict[tuple[str, int], tuple[float, tuple[int, ...]]] = {}
+
+
+def _groups_of(username: str, gid: int) -> tuple[int, ...]:
+    """The user's supplementary groups; a change to /etc/group applies to deliveries within GROUPS_TTL."""
+    now = time.monotonic()
+    cached = _groups_cache.get((username, gid))
+    if cached is not None and now - cached[0] < GROUPS_TTL:
+        return cached[1]
+    try:
+        groups = tuple(os.getgrouplist(username, gid))
+    except (KeyError, OSError):
+        groups = (gid,)
+    if len(_groups_cache) > 10_000:
+        _groups_cache.clear()
+    _groups_cache[(username, gid)] = (now, groups)
+    return groups
 
 
 def privileged() -> bool:
@@ -208,11 +225,11 @@ class ForkServer:
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
         self.channel: socket.socket | None = None
-        self.pending: dict[int, asyncio.Future[ChildResult]] = {}
+        self.pending: dict[int, asyncio.Future[list[ChildResult]]] = {}
         self._next_id = 1
         self._loop: asyncio.AbstractEventLoop | None = None
-        # request id -> the fields of its mproc trace events (evpid, uid, method), until its reply
-        self.trace_fields: dict[int, dict[str, object]] = {}
+        # request id -> the fields of its mproc trace events (evpid, uid, method), one per item, until its reply
+        self.trace_fields: dict[int, list[dict[str, object]]] = {}
 
     def _start(self) -> None:
         from smtpd.mda import forkserver
@@ -243,7 +260,7 @@ class ForkServer:
         assert self.channel is not None
         while True:
             try:
-                data = self.channel.recv(1 << 16)
+                data = self.channel.recv(1 << 18)
             except BlockingIOError:
                 return
             except OSError:
@@ -257,27 +274,35 @@ class ForkServer:
                 return
             reply = json.loads(data)
             if "forked" in reply:
-                fields = self.trace_fields.get(reply.get("id"), {})
-                trace.emit("mproc", f"fork helper: child {reply['forked']} forked to run as uid {fields.get('uid')}",
-                           pid=reply["forked"], **fields)
+                if trace.wants("mproc"):
+                    for fields in self.trace_fields.get(reply.get("id"), []):
+                        trace.emit("mproc", f"fork helper: child {reply['forked']} forked to run as uid "
+                                   f"{fields.get('uid')}", pid=reply["forked"], **fields)
                 continue
-            self._trace_exit(reply)
+            timed_out = bool(reply.get("timed_out"))
+            results = [ChildResult(int(status), str(text), timed_out and status != 0)
+                       for status, text in reply.get("results") or []]
+            self._trace_exit(reply, results)
             future = self.pending.pop(reply.get("id"), None)
             if future is not None and not future.done():
-                future.set_result(ChildResult(int(reply["status"]), reply.get("text", ""),
-                                              bool(reply.get("timed_out"))))
+                future.set_result(results)
 
-    def _trace_exit(self, reply: dict[str, object]) -> None:
-        fields = self.trace_fields.pop(reply.get("id"), {})  # type: ignore[arg-type]
+    def _trace_exit(self, reply: dict[str, object], results: list[ChildResult]) -> None:
+        all_fields = self.trace_fields.pop(reply.get("id"), [])  # type: ignore[arg-type]
+        if not trace.wants("mproc"):
+            return
         timed_out = " (timed out)" if reply.get("timed_out") else ""
-        trace.emit("mproc", f"fork helper: child {reply.get('pid')} exited with status {reply.get('status')}{timed_out}",
-                   pid=reply.get("pid"), status=reply.get("status"), **fields)
+        for fields, result in zip(all_fields, results, strict=False):
+            # Each item's own outcome: a batch child exits 0 even when one of its items failed.
+            trace.emit("mproc", f"fork helper: child {reply.get('pid')} exited with status {result.status}"
+                       f"{timed_out}", pid=reply.get("pid"), status=result.status, **fields)
 
     def _fail_pending(self, text: str) -> None:
-        self.trace_fields.clear()
-        for future in self.pending.values():
+        for request_id, future in self.pending.items():
             if not future.done():
-                future.set_result(ChildResult(EX_TEMPFAIL, text))
+                items = len(self.trace_fields.get(request_id, [])) or 1
+                future.set_result([ChildResult(EX_TEMPFAIL, text)] * items)
+        self.trace_fields.clear()
         self.pending.clear()
 
     def _close_channel(self) -> None:
@@ -286,26 +311,37 @@ class ForkServer:
             self.channel = None
 
     async def run(self, request: dict[str, object], message_fd: int) -> ChildResult:
+        """One delivery: a batch of one item (the request's own fields)."""
+        [result] = await self.run_batch(request, [message_fd], [trace.bound()])
+        return result
+
+    async def run_batch(self, request: dict[str, object], message_fds: list[int],
+                        trace_fields: list[dict[str, object]]) -> list[ChildResult]:
+        """Deliver request["items"] (or the request itself, as one item) in one child: one result per item."""
         self._ensure_reader()
         assert self.channel is not None
         request_id = self._next_id
         self._next_id += 1
-        future: asyncio.Future[ChildResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[ChildResult]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         identity = request.get("identity")
-        self.trace_fields[request_id] = {**trace.bound(), "method": request.get("method"),
-                                         "uid": identity.get("uid") if isinstance(identity, dict) else None}
+        common = {"method": request.get("method"), "uid": identity.get("uid") if isinstance(identity, dict) else None}
+        self.trace_fields[request_id] = [{**fields, **common} for fields in trace_fields]
         payload = json.dumps({**request, "id": request_id}).encode()
         while True:
             try:
-                socket.send_fds(self.channel, [payload], [message_fd])
+                socket.send_fds(self.channel, [payload], message_fds)
                 break
             except BlockingIOError:
                 await asyncio.sleep(0.005)
             except OSError as error:
                 self.pending.pop(request_id, None)
-                return ChildResult(EX_TEMPFAIL, f"delivery helper: {error.strerror or error}")
-        return await future
+                self.trace_fields.pop(request_id, None)
+                return [ChildResult(EX_TEMPFAIL, f"delivery helper: {error.strerror or error}")] * len(message_fds)
+        results = await future
+        if len(results) != len(message_fds):
+            return [ChildResult(EX_TEMPFAIL, "delivery helper: result count mismatch")] * len(message_fds)
+        return results
 
     async def stop(self) -> None:
         if self._loop is not None and self.channel is not None and not self._loop.is_closed():

@@ -229,8 +229,9 @@ class IOThread:
             self._rename_timer.cancel()
             self._rename_timer = None
         batch, self.written = self.written[:MAX_BATCH], self.written[MAX_BATCH:]
+        inline = len(batch) == 1 and self.alone()
         renamed, self.renamed = self.renamed, []
-        if len(batch) == 1 and self.alone():
+        if inline:
             # One message, and none other on its way: nothing would run on the loop while the flusher thread
             # works, and the hand-off there and back costs more latency than the flush itself.
             try:
@@ -492,6 +493,55 @@ class IncomingMessage:
                 pass
 
 
+class _RemovalBatch:
+    """Envelope removals that run as one job on the queue's writer thread.
+
+    The job is queued with the first removal; the ones asked until the thread starts it join it. The thread
+    removes them in order and hands every result back to the event loop in one call."""
+
+    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop) -> None:
+        self.spool = spool
+        self.loop = loop
+        self.evpids: list[int] = []
+        self.futures: list[asyncio.Future[bool]] = []
+        self.started = False  # set by the thread: from then on, new removals go to a new batch
+        self.lock = threading.Lock()
+
+    def add(self, evpid: int) -> asyncio.Future[bool] | None:
+        """This removal's future; None when the thread has already taken the batch."""
+        with self.lock:
+            if self.started:
+                return None
+            future: asyncio.Future[bool] = self.loop.create_future()
+            self.evpids.append(evpid)
+            self.futures.append(future)
+            return future
+
+    def run(self) -> None:
+        """In the writer thread."""
+        with self.lock:
+            self.started = True
+        results: list[bool | BaseException] = []
+        for evpid in self.evpids:
+            try:
+                results.append(self.spool.remove_envelope_file(evpid))
+            except Exception as error:  # noqa: BLE001 — handed to that removal's caller
+                results.append(error)
+        try:
+            self.loop.call_soon_threadsafe(self._settle, results)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    def _settle(self, results: list[bool | BaseException]) -> None:
+        for future, result in zip(self.futures, results, strict=False):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 class Queue:
     """daemon.queue: the spool, its I/O thread, and the background loading of a big queue at start."""
 
@@ -508,6 +558,7 @@ class Queue:
         self._loader: asyncio.Task[None] | None = None
         # Envelope consumer: the scheduler, or (in tests without one) None.
         self.on_envelopes: Callable[[list[Envelope], bool], None] | None = None
+        self._removals: _RemovalBatch | None = None  # the removal batch still open for more envelopes
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -521,7 +572,10 @@ class Queue:
         # (and maybe already delivered) since, and deliver them twice.
         # Sorted by the folders' inodes: with a cold cache, neighbouring inodes and blocks are read together.
         msgids = [msgid for _, msgid in sorted(await asyncio.to_thread(self.spool.message_entries))]
-        self.io = IOThread(self.spool, asyncio.get_running_loop(), alone=lambda: len(self.receiving) <= 1)
+        # Alone: no message is being received or committed besides the one asking (those acknowledged and only
+        # waiting for their rename to be flushed do not count).
+        self.io = IOThread(self.spool, asyncio.get_running_loop(),
+                           alone=lambda: len(self.receiving) - len(self.io.renamed) <= 1)
         self.io.start()
         self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")
 
@@ -611,9 +665,17 @@ class Queue:
         await future
 
     async def remove_envelope(self, evpid: int) -> bool:
-        future = self.io.submit(lambda: self.spool.remove_envelope_file(evpid))
-        assert future is not None
-        return bool(await future)
+        """Delete one envelope file (and its message after the last one). False if it was not there.
+
+        Removals asked close together share one job on the writer thread (see _RemovalBatch): one hand-off to the
+        thread and back per batch rather than per envelope, in order with the other spool writes."""
+        future = self._removals.add(evpid) if self._removals is not None else None
+        if future is None:  # none open, or the thread has started it
+            self._removals = _RemovalBatch(self.spool, self.io.loop)
+            future = self._removals.add(evpid)
+            assert future is not None
+            self.io.submit(self._removals.run, wait=False)
+        return await future
 
     async def discover(self, msgid: int) -> list[Envelope]:
         """Read a message's envelopes from disk (smtpctl discover)."""
