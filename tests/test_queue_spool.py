@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,32 @@ def test_both_flush_modes_commit_lone_and_grouped_messages_whole(tmp_path: Path,
         assert len(list(folder.iterdir())) == 3
     for sub in ("temporary", "incoming"):
         assert spool_files(tmp_path / "spool", sub) == []
+
+
+def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_path: Path) -> None:
+    """Commits rename empty folders the writer thread made ahead in temporary/; a stop removes the spares, and a
+    start after a crash removes leftovers without counting them as dropped messages."""
+    async def scenario() -> tuple[list[str], int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            await harness.submit()
+            await wait_for(lambda: len(harness.queue.io.folders) >= store.SPARE_FOLDERS // 2, what="spare folders")
+            spares = sorted(os.listdir(harness.spool / "temporary"))
+            msgids = [msgid for msgid, _ in await asyncio.gather(*(harness.submit() for _ in range(5)))]
+            left = set(os.listdir(harness.spool / "temporary"))
+            assert all(f"{msgid:08x}" not in left for msgid in msgids)
+            return spares, len(list((tmp_path / "spool" / "queue").glob("*/*/message")))
+
+    spares, messages = run(scenario())
+    assert spares and all(name.startswith(store.FOLDER_PREFIX) for name in spares)
+    assert messages == 6
+    assert os.listdir(tmp_path / "spool" / "temporary") == []  # the spares went with the stop
+    leftover = tmp_path / "spool" / "temporary" / f"{store.FOLDER_PREFIX}1-1"
+    leftover.mkdir()
+    from smtpd.queue.spool import Spool
+
+    assert Spool(str(tmp_path / "spool")).recover() == (0, 0, 0)
+    assert not leftover.exists()
 
 
 def test_abort_removes_the_partial_message(tmp_path: Path) -> None:

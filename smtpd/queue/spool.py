@@ -122,7 +122,8 @@ class Spool:
         dropped = placed = 0
         for name in _listdir(self.temporary):
             remove_path(os.path.join(self.temporary, name))
-            dropped += 1
+            if not name.startswith("folder-"):  # (empty folders the queue made ahead are no message)
+                dropped += 1
         for name in _listdir(self.incoming):
             path = os.path.join(self.incoming, name)
             msgid = int(name, 16) if is_hex_name(name, 8) else 0
