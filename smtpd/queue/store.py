@@ -137,7 +137,7 @@ class _Worker:
                 pass  # the loop is closed: nobody waits any more
 
 
-class IOThread:
+class SpoolWriter:
     """queue.io: the group commit, and the other spool writes (envelope updates, removals) in order.
 
     A commit's files are written on the event loop as soon as it is asked (into the page cache: no waiting), and
@@ -612,7 +612,7 @@ class Queue:
         self.daemon = daemon
         self.spool = Spool(spool_root)
         self.mailname = mailname
-        self.io: IOThread = None  # type: ignore[assignment]  # created in start() with the running loop
+        self.io: SpoolWriter = None  # type: ignore[assignment]  # created in start() with the running loop
         self.loading_done = asyncio.Event()
         self.loaded_envelopes = 0
         self.load_seconds = 0.0
@@ -637,7 +637,7 @@ class Queue:
         msgids = [msgid for _, msgid in sorted(await asyncio.to_thread(self.spool.message_entries))]
         # Alone: no message is being received or committed besides the one asking (those acknowledged and only
         # waiting for their rename to be flushed do not count).
-        self.io = IOThread(self.spool, asyncio.get_running_loop(),
+        self.io = SpoolWriter(self.spool, asyncio.get_running_loop(),
                            alone=lambda: len(self.receiving) - len(self.io.renamed) <= 1)
         self.io.start()
         self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")

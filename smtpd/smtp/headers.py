@@ -55,12 +55,6 @@ def _format_time(when: float) -> str:
             f"({moment.tm_zone})")
 
 
-def bare_line_endings(data: bytes) -> bool:
-    """Whether data holds a CR not followed by LF or an LF not preceded by CR (C-speed counting)."""
-    pairs = data.count(b"\r\n")
-    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
-
-
 class MessageBuilder:
     """Receives one message; ``error`` is the refusal to give at the end, if any (the rest is still read)."""
 
