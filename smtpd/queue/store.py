@@ -338,6 +338,8 @@ class SpoolWriter:
             except OSError as error:  # it stays in incoming/, complete: the next start places it
                 LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(msgid),
                             error)
+                if not commit.placed.done():
+                    commit.placed.set_exception(QueueError(f"not moved into the queue: {error.strerror}"))
                 continue
             self.renamed.append(commit)
 
@@ -694,7 +696,9 @@ class Queue:
             self.on_envelopes(list(message.envelopes), False)
 
     async def inject(self, data: bytes, envelopes: list[Envelope]) -> int:
-        """Queue a message made by the daemon itself (a bounce). Returns its msgid once durable."""
+        """Queue a message made by the daemon itself (a bounce). Returns its msgid once durable and in the
+        scheduler's hands: the caller deletes the envelope the bounce reports on next, and `show queue` must
+        never be empty in between (a script waiting for an empty queue would stop before the bounce is out)."""
         message = self.new_message()
         try:
             await message.write(data)
@@ -704,6 +708,11 @@ class Queue:
         except BaseException:
             await message.abort()
             raise
+        if message.placed is not None:
+            try:
+                await asyncio.shield(message.placed)
+            except QueueError:
+                pass  # durable but not moved under queue/ (logged): the next start places it
         return message.msgid
 
     # -- paths and reading ------------------------------------------------------------------------------
