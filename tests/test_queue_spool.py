@@ -15,6 +15,7 @@ from smtpd.delivery import DeliveryResult
 from smtpd.queue import store
 from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
 from smtpd.queue.format import EnvelopeFormatError, dump_envelope, load_envelope
+from smtpd.queue.spool import Spool
 from smtpd.queue.store import MEMORY_LIMIT
 
 
@@ -145,8 +146,6 @@ def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_pa
     assert os.listdir(tmp_path / "spool" / "temporary") == []  # the spares went with the stop
     leftover = tmp_path / "spool" / "temporary" / f"{store.FOLDER_PREFIX}1-1"
     leftover.mkdir()
-    from smtpd.queue.spool import Spool
-
     assert Spool(str(tmp_path / "spool")).recover() == (0, 0, 0)
     assert not leftover.exists()
 

@@ -148,10 +148,10 @@ class SpoolWriter:
     """
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
-                 alone: Callable[[], bool] = lambda: False) -> None:
+                 receiving: Callable[[], int] = lambda: 2) -> None:  # (default: never alone)
         self.spool = spool
         self.loop = loop
-        self.alone = alone  # whether no other message is being received (see _start_round)
+        self.receiving = receiving  # how many messages are being received or committed (see _alone)
         self.syncer = _Worker("queue-flush", loop)
         self.writer = _Worker("queue-io", loop)
         self.batches = 0
@@ -240,7 +240,7 @@ class SpoolWriter:
             self._rename_timer.cancel()
             self._rename_timer = None
         batch, self.written = self.written[:MAX_BATCH], self.written[MAX_BATCH:]
-        inline = len(batch) == 1 and self.alone()
+        inline = len(batch) == 1 and self._alone()
         renamed, self.renamed = self.renamed, []
         if inline:
             # One message, and none other on its way: nothing would run on the loop while the flusher thread
@@ -254,6 +254,11 @@ class SpoolWriter:
         self.flushing = True
         self.syncer.run(functools.partial(self._flush, batch, renamed),
                         functools.partial(self._round_done, batch, renamed))
+
+    def _alone(self) -> bool:
+        """No message on its way besides the one asking (those acknowledged, only waiting for their rename to be
+        flushed, do not count)."""
+        return self.receiving() - len(self.renamed) <= 1
 
     def _flush(self, batch: list[_Commit], renamed: list[_Commit]) -> _FlushOutcome:
         """In the flusher thread: make the batch's files and folders, and the earlier renames, durable."""
@@ -637,10 +642,7 @@ class Queue:
         # (and maybe already delivered) since, and deliver them twice.
         # Sorted by the folders' inodes: with a cold cache, neighbouring inodes and blocks are read together.
         msgids = [msgid for _, msgid in sorted(await asyncio.to_thread(self.spool.message_entries))]
-        # Alone: no message is being received or committed besides the one asking (those acknowledged and only
-        # waiting for their rename to be flushed do not count).
-        self.io = SpoolWriter(self.spool, asyncio.get_running_loop(),
-                           alone=lambda: len(self.receiving) - len(self.io.renamed) <= 1)
+        self.io = SpoolWriter(self.spool, asyncio.get_running_loop(), receiving=lambda: len(self.receiving))
         self.io.start()
         self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")
 

@@ -12,11 +12,11 @@ end a message nor start a command. Local submissions (sendmail) may use bare LF 
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from smtpd.smtp import replies
 from smtpd.smtp.replies import Reply
@@ -32,17 +32,10 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-_LAST_NOW: list[Any] = [-1, ""]  # (second, its text): every message's Received and Date header ask for "now"
-
-
 def time_to_text(when: float | None = None) -> str:
     """`Tue, 5 Nov 2024 08:09:10 +0100 (CET)`, independent of the locale (to.c time_to_text)."""
-    if when is None:
-        second = int(time.time())
-        if _LAST_NOW[0] != second:
-            _LAST_NOW[:] = [second, _format_time(second)]
-        return _LAST_NOW[1]
-    return _format_time(when)
+    # Every message's Received and Date headers ask for "now": its text is made once per second.
+    return _format_second(int(time.time())) if when is None else _format_time(when)
 
 
 def _format_time(when: float) -> str:
@@ -53,6 +46,9 @@ def _format_time(when: float) -> str:
     return (f"{_DAYS[moment.tm_wday]}, {moment.tm_mday} {_MONTHS[moment.tm_mon - 1]} {moment.tm_year} "
             f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d} {sign}{hours:02d}{minutes:02d} "
             f"({moment.tm_zone})")
+
+
+_format_second = functools.lru_cache(maxsize=1)(_format_time)
 
 
 class MessageBuilder:
