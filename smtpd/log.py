@@ -6,6 +6,8 @@ import asyncio
 import logging
 import logging.handlers
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 LOGGER_NAME = "smtpd"
 _LEVEL_WORDS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
@@ -25,6 +27,7 @@ class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(sys.stderr)
         self.pending: list[str] = []
         self.scheduled = False
+        self.holding = 0  # inside batch(): its end writes the lines, no loop turn is asked for them
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -39,12 +42,15 @@ class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         with self.lock:  # type: ignore[union-attr]  # (another thread's line may be flushing them)
             self.pending.append(line)
-        if not self.scheduled:
+        if not self.scheduled and not self.holding:
             self.scheduled = True
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
+        self.write_pending()
+
+    def write_pending(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             if self.pending:
                 lines, self.pending = "".join(self.pending), []
@@ -52,10 +58,34 @@ class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
+_batching: _BatchedStreamHandler | None = None  # the foreground handler, when setup() installed one
+
+
+@contextmanager
+def batch() -> Iterator[None]:
+    """Lines logged on the event loop inside this block are written together when it ends.
+
+    For lines logged together just before a task waits (a message's accepted/envelope lines): the flush the
+    handler would otherwise schedule costs the event loop a turn of its own when nothing else is ready."""
+    handler = _batching
+    if handler is None:
+        yield
+        return
+    handler.holding += 1
+    try:
+        yield
+    finally:
+        handler.holding -= 1
+        if not handler.holding:
+            handler.write_pending()  # (a flush already scheduled still runs: it finds nothing, or later lines)
+
+
 def setup(to_syslog: bool = False, verbose: bool = False) -> None:
     # Our lines say neither process, thread nor source line: do not collect them for every record.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging._srcfile = None  # noqa: SLF001 — the logging HOWTO's own advice against a stack walk per record
+    global _batching
+    _batching = None
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     if to_syslog:
@@ -65,7 +95,7 @@ def setup(to_syslog: bool = False, verbose: bool = False) -> None:
         except OSError:
             handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = _BatchedStreamHandler()
+        handler = _batching = _BatchedStreamHandler()
     handler.setFormatter(_ReferenceFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)

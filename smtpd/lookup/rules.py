@@ -85,8 +85,9 @@ def match_rules(config: Config, tables: Any, facts: SessionFacts, sender: str, r
             if decision.action is None:  # the parser drops such rules; be safe anyway
                 decision.rejected = True
         decision.reasons.append(f"rule #{number}: matched")
-        trace.emit("rules", f"rule #{number} matched: {rule_text(rule)}", rule=number, rcpt=rcpt,
-                   sender=sender, action=rule.action or "reject")
+        if trace.wants("rules"):  # (the rule's text is made only when someone reads it)
+            trace.emit("rules", f"rule #{number} matched: {rule_text(rule)}", rule=number, rcpt=rcpt,
+                       sender=sender, action=rule.action or "reject")
         return decision
     decision.reasons.append("no rule matched")
     trace.emit("rules", "no rule matched", rcpt=rcpt, sender=sender)

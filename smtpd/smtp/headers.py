@@ -97,15 +97,11 @@ class MessageBuilder:
         return self.error
 
     async def _take(self, block: bytes) -> None:
-        if self.strict:
-            # Every CR must begin a CRLF and every LF end one: as many CRs as LFs as CRLFs. Then dropping the
-            # CRs is the CRLF-to-LF conversion (translate is a plain copy loop, much cheaper than replace).
-            text = block.translate(None, b"\r")
-            line_ends = block.count(b"\r\n")
-            if len(block) - len(text) != line_ends or text.count(b"\n") != line_ends:
-                self._fail(replies.BARE_LINE_ENDING)
-        else:
-            text = block.translate(None, b"\r")  # local submissions: a lone CR carries nothing
+        # With every CR beginning a CRLF, dropping the CRs is the CRLF-to-LF conversion (translate is a plain
+        # copy loop, much cheaper than replace); local submissions: a lone CR carries nothing.
+        text = block.translate(None, b"\r")
+        if self.strict and not _crlf_only(block, text):
+            self._fail(replies.BARE_LINE_ENDING)
         if self._in_headers:
             text = await self._take_header_lines(text)
             if not text:
@@ -199,6 +195,14 @@ class MessageBuilder:
         return output
 
 
+def _crlf_only(block: bytes, text: bytes) -> bool:
+    """Whether every CR of the block begins a CRLF and every LF ends one; ``text`` is the block without its CRs.
+
+    Exactly then, putting a CR back before each LF of the text gives the block again. One-byte search and
+    memcpy between matches, then memcmp: a quarter of the cost of counting CRLFs (a two-byte search) and LFs."""
+    return text.replace(b"\n", b"\r\n") == block
+
+
 def _is_header_line(line: bytes) -> bool:
     name, colon, _ = line.partition(b":")
     return bool(colon) and bool(_HEADER_NAME_RE.fullmatch(name.rstrip(b" \t")))
@@ -250,13 +254,15 @@ def _qualify_one(item: str, hostname: str) -> str:
         if inside and "@" not in inside:
             return item.replace(f"<{inside}>", f"<{inside}@{hostname}>", 1)
         return item
-    bare = re.sub(r"\([^)]*\)", "", stripped).strip()
+    bare = re.sub(r"\([^)]*\)", "", stripped).strip() if "(" in stripped else stripped  # drop comments
     if bare and "@" not in bare and " " not in bare and '"' not in bare:
         return item.replace(bare, f"{bare}@{hostname}", 1)
     return item
 
 
 def qualify_addresses(value: str, hostname: str) -> str:
+    if "," not in value:  # one address (the usual From:/To:): no character-by-character split
+        return _qualify_one(value, hostname)
     return ",".join(_qualify_one(item, hostname) for item in split_address_list(value))
 
 

@@ -24,6 +24,14 @@ class Reply:
 
     def wire(self) -> bytes:
         """The reply on the wire: `CODE-line` for all but the last line, `CODE line` for the last, CRLF each."""
+        # Most replies are module constants sent for every message: render each once.
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self._render()
+            object.__setattr__(self, "_wire", wire)  # a cache, not a field: equality and hash ignore it
+        return wire
+
+    def _render(self) -> bytes:
         parts = self.lines
         out = [f"{self.code}-{line}" for line in parts[:-1]]
         out.append(f"{self.code} {parts[-1]}" if parts[-1] or len(parts) == 1 else f"{self.code} ")

@@ -148,6 +148,7 @@ class Session:
         self._awaiting_line = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_expired = False
+        self._local_listener: bool | None = None  # see _is_local_listener
 
     # -- facts -------------------------------------------------------------------------------------------------
     @property
@@ -281,13 +282,14 @@ class Session:
 
     async def _fill_message_data(self) -> None:
         """Read message data. Each 64 KiB must arrive within the timeout (not each read, which may bring one
-        byte), so a client trickling its message cannot hold the session."""
+        byte), so a client trickling its message cannot hold the session. The deadline is kept by the idle
+        timer of command lines (no timer set up and torn down per read)."""
         loop = asyncio.get_running_loop()
         if self._data_deadline is None:
             self._data_deadline = loop.time() + self.limits.timeout
         before = len(self.buffer)
-        async with asyncio.timeout_at(self._data_deadline):
-            await self._fill()
+        self._line_deadline = self._data_deadline
+        await self._wait_for_line()
         self._data_progress += len(self.buffer) - before
         if self._data_progress >= DATA_PROGRESS_BYTES:
             self._data_progress = 0
@@ -326,13 +328,18 @@ class Session:
             raise _Close("line too long")
         raw = bytes(self.buffer[:end])
         self.line_was_early = self.early_bytes > 0
-        self.early_bytes = max(0, self.early_bytes - end - 1)
+        if self.line_was_early:  # (zero after the first lines of a session)
+            self.early_bytes = max(0, self.early_bytes - end - 1)
         del self.buffer[:end + 1]
         return raw
 
     async def _wait_for_line(self) -> None:
-        """Read more of a command line; the whole line must arrive by _line_deadline."""
-        if self._idle_timer is None:
+        """Read more input (a command line, or message data); it must arrive by _line_deadline."""
+        timer = self._idle_timer
+        # A timer moved on while no read was waiting may come later than a message-data deadline: bring it back.
+        if timer is None or timer.when() > self._line_deadline:
+            if timer is not None:
+                timer.cancel()
             self._idle_timer = asyncio.get_running_loop().call_at(self._line_deadline, self._check_idle)
         self._awaiting_line = True
         try:
@@ -771,9 +778,12 @@ class Session:
             strict=not self.local)
 
     def _is_local_listener(self) -> bool:
-        from smtpd.config.interfaces import is_loopback
+        # Asked for every message; the answer depends on the endpoint only: parse its address once.
+        if self._local_listener is None:
+            from smtpd.config.interfaces import is_loopback
 
-        return self.local or is_loopback(self.endpoint.address)
+            self._local_listener = self.local or is_loopback(self.endpoint.address)
+        return self._local_listener
 
     def _received(self, transaction: _Transaction, msgid: str) -> str:
         protocol = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.secure else "") + (
@@ -880,11 +890,12 @@ class Session:
         self.mails += 1
         msgid = format_msgid(message.msgid)
         self._trace_committed(msgid, envelopes)
-        _log.info("%s smtp message msgid=%s size=%d nrcpt=%d proto=%s", self.token, msgid, builder.size,
-                  len(transaction.recipients), "ESMTP" if self.esmtp else "SMTP")
-        for envelope in envelopes:
-            _log.info("%s smtp envelope evpid=%s from=<%s> to=<%s>", self.token, format_evpid(envelope.evpid),
-                      envelope.sender, envelope.dest or envelope.rcpt)
+        with log.batch():  # one write for these lines, without a loop turn of its own
+            _log.info("%s smtp message msgid=%s size=%d nrcpt=%d proto=%s", self.token, msgid, builder.size,
+                      len(transaction.recipients), "ESMTP" if self.esmtp else "SMTP")
+            for envelope in envelopes:
+                _log.info("%s smtp envelope evpid=%s from=<%s> to=<%s>", self.token,
+                          format_evpid(envelope.evpid), envelope.sender, envelope.dest or envelope.rcpt)
         await self.reply(replies.message_accepted(msgid))
 
     def _envelopes(self, transaction: _Transaction) -> list[Envelope]:
