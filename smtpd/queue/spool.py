@@ -10,9 +10,10 @@ Layout (under the spool root; reference §8.2, docs/queue.md):
     offline/                   sendmail submissions written while the daemon is down
     purge/                     message directories moved here before they are deleted
 
-A directory appears under queue/ only by a rename done after everything inside it is durable, so whatever is
-found under queue/ after a crash is complete, and whatever is found in temporary/ or incoming/ was never
-acknowledged and is deleted.
+A directory appears under queue/ only by a rename done after everything inside it is durable, either in its
+own files or in the commit journal (``journal``, smtpd/queue/journal.py), which a start replays before it reads
+anything else: so whatever is under queue/ then is complete. A folder left in incoming/ is placed when its
+commit had completed, and dropped otherwise; temporary/ holds nothing acknowledged (Spool.recover).
 """
 
 from __future__ import annotations
@@ -139,6 +140,22 @@ class Spool:
             remove_path(os.path.join(self.purge, name))
             purged += 1
         return dropped, placed, purged
+
+    def restore_message(self, msgid: int, message: bytes, envelopes: list[tuple[int, bytes]]) -> None:
+        """Write a message back from the commit journal after a crash: its folder under queue/ as the commit
+        wrote it, durable before this returns. Whatever is there or in incoming/ under its id is replaced (the
+        commit had written those files, but they may not have reached the disk whole)."""
+        staging = self.incoming_dir(msgid)
+        remove_path(staging)
+        os.mkdir(staging, 0o700)
+        write_new_file(os.path.join(staging, MESSAGE_FILE), message)
+        for evpid, data in envelopes:
+            write_new_file(os.path.join(staging, format_evpid(evpid)), data)
+        fsync_directory(staging)
+        fsync_directory(self.incoming)
+        self.purge_message(msgid)
+        os.rename(staging, self.message_dir(msgid))
+        fsync_directory(self.bucket(msgid))
 
     # -- reading --------------------------------------------------------------------------------------
     def message_ids(self) -> Iterator[int]:

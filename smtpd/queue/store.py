@@ -1,11 +1,13 @@
 """The queue component: receiving messages, the group commit, envelope updates and removal, background loading.
 
 A commit's files (message, one envelope per recipient, in a folder of incoming/) are written on the event loop
-when it is asked, into the page cache; one flusher thread makes them durable in rounds, one syncfs(2) per round
-(or per-file flushes with SMTPD_QUEUE_SYNC=fsync). Commits asked while a round runs share the next one (group
-commit). After its round a commit is acknowledged (the 250), its folder renamed under queue/, the rename flushed
-by the following round, and then the scheduler takes the envelopes. Other spool writes (envelope updates,
-removals) run in order on one writer thread. docs/queue.md has the whole story.
+when it is asked, into the page cache; one flusher thread makes them durable in rounds: one append to the commit
+journal and one fdatasync per round (smtpd/queue/journal.py), or one syncfs(2) per round (SMTPD_QUEUE_SYNC=syncfs,
+and for messages too big for the journal), or per-file flushes (SMTPD_QUEUE_SYNC=fsync). Commits asked while a
+round runs share the next one (group commit). After its round a commit is acknowledged (the 250) and its folder
+renamed under queue/; a checkpoint (a syncfs round) flushes the renames and files, and then the scheduler takes
+the envelopes. Other spool writes (envelope updates, removals) run in order on one writer thread. docs/queue.md
+has the whole story.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from smtpd.queue.durable import (
 )
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import dump_envelope
+from smtpd.queue.journal import Journal, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
 from smtpd.queue.spool import CorruptEntry, Spool, remove_path
 from smtpd.stats import STATS
@@ -57,9 +60,17 @@ RENAME_FLUSH_DELAY = 0.01
 # file, no system call on the event loop); a bigger one goes on to a file in temporary/.
 MEMORY_LIMIT = int(os.environ.get("SMTPD_QUEUE_MEMORY_LIMIT", str(256 * 1024)))
 FLUSH_THREADS = int(os.environ.get("SMTPD_QUEUE_FLUSH_THREADS", "8"))
-# How a batch is made durable: "syncfs" (one syncfs(2) of the spool's filesystem per round) or "fsync" (every
-# file and folder flushed on its own, in parallel). Default: syncfs where it exists and the spool is one fs.
-SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "syncfs")
+# How a batch is made durable: "journal" (one append to the commit journal and one fdatasync per round, and a
+# syncfs(2) of the spool's filesystem per checkpoint), "syncfs" (one syncfs per round) or "fsync" (every file
+# and folder flushed on its own, in parallel). Default: journal where syncfs exists and the spool is one fs.
+SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "journal")
+# Journal mode: a message goes through the journal up to this size (bigger ones: a syncfs round), the journal
+# file grows up to JOURNAL_BYTES (then a checkpoint empties it), and durable commits wait at most
+# CHECKPOINT_DELAY for the checkpoint after which the scheduler takes them.
+JOURNAL_MESSAGE_LIMIT = int(os.environ.get("SMTPD_QUEUE_JOURNAL_LIMIT", str(256 * 1024)))
+JOURNAL_FILE = "journal"
+JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_JOURNAL_BYTES", str(16 << 20)))
+CHECKPOINT_DELAY = float(os.environ.get("SMTPD_QUEUE_CHECKPOINT_DELAY", "0.02"))
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -81,6 +92,30 @@ def _no_writeback(fd: int) -> None:
     return None
 
 
+def syncfs_usable(spool: Spool) -> bool:
+    """Whether rounds flush with syncfs(2): asked for (journal or syncfs mode), there, and one filesystem."""
+    return SYNC_MODE in ("journal", "syncfs") and SYNCFS is not None and same_filesystem(
+        [spool.root, spool.temporary, spool.incoming, spool.queue])
+
+
+def open_journal(spool: Spool) -> tuple[Journal | None, int]:
+    """The commit journal, with what the last run left in it written back into the spool (journal mode only).
+    Returns it and the number of messages written back."""
+    if SYNC_MODE != "journal" or not syncfs_usable(spool):
+        return None, 0
+    journal = Journal(os.path.join(spool.root, JOURNAL_FILE), JOURNAL_BYTES)
+    journal.open()
+
+    def restore(record: JournalRecord) -> None:
+        spool.restore_message(record.msgid, record.message, record.envelopes)
+
+    try:
+        return journal, journal.recover(restore)
+    except BaseException:
+        journal.close()
+        raise
+
+
 class QueueError(Exception):
     pass
 
@@ -91,6 +126,7 @@ class _Commit:
     future: asyncio.Future[None]  # durable: the 250 may be sent
     placed: asyncio.Future[None]  # moved under queue/: the scheduler may take it
     files: list[int] = field(default_factory=list)  # open fds to flush
+    record: list[bytes] | None = None  # its journal record (journal mode, small messages)
 
 
 @dataclass
@@ -98,6 +134,7 @@ class _FlushOutcome:
     failed: dict[int, BaseException] = field(default_factory=dict)  # by id() of the commit
     shared_error: BaseException | None = None  # every commit of the round failed with it
     rename_error: BaseException | None = None  # the earlier round's renames could not be flushed
+    checkpoint_error: BaseException | None = None  # the journal could not be told of a checkpoint
 
 
 class _Worker:
@@ -141,14 +178,18 @@ class SpoolWriter:
     """queue.io: the group commit, and the other spool writes (envelope updates, removals) in order.
 
     A commit's files are written on the event loop as soon as it is asked (into the page cache: no waiting), and
-    made durable by flush rounds run by one flusher thread: one syncfs(2) per round (or per-file flushes with
-    SMTPD_QUEUE_SYNC=fsync). Commits asked while a round runs wait for the next one and share it (group commit).
-    After its round, a commit is acknowledged, its folder renamed under queue/, and that rename is flushed by
-    the following round (or one of its own after RENAME_FLUSH_DELAY); then the scheduler takes the envelopes.
+    made durable by flush rounds run by one flusher thread. Commits asked while a round runs wait for the next
+    one and share it (group commit). A round is either a *journal round* (the commits' records appended to the
+    journal, one fdatasync) or a *sync round* (one syncfs(2) of the spool; or per-file flushes with
+    SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder renamed under queue/; the
+    next sync round (a *checkpoint*: it flushes those renames and files, then empties the journal) comes with
+    the next commit without a journal record, or CHECKPOINT_DELAY (RENAME_FLUSH_DELAY without a journal) later;
+    then the scheduler takes the envelopes.
     """
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
-                 receiving: Callable[[], int] = lambda: 2) -> None:  # (default: never alone)
+                 receiving: Callable[[], int] = lambda: 2,  # (default: never alone)
+                 journal: Journal | None = None) -> None:
         self.spool = spool
         self.loop = loop
         self.receiving = receiving  # how many messages are being received or committed (see _alone)
@@ -161,6 +202,10 @@ class SpoolWriter:
         self.flushing = False
         self._round_soon = False
         self._rename_timer: asyncio.TimerHandle | None = None
+        self.journal = journal  # opened and replayed by the queue (None: every round is a sync round)
+        self.rename_delay = CHECKPOINT_DELAY if journal is not None else RENAME_FLUSH_DELAY
+        self.last_seq = 0  # sequence number of the last commit written (journal records carry theirs)
+        self._sync_due = False  # the next round is a sync round (a checkpoint)
         self._idle_waiters: list[asyncio.Future[None]] = []
         # Empty folders made ahead in temporary/ (see _make_folder); a start removes leftovers with the rest.
         self.folders: list[str] = []
@@ -168,8 +213,7 @@ class SpoolWriter:
         self._folders_coming = False
         self._folder_counter = 0
         self.filesystem: FilesystemSync | None = None
-        if SYNC_MODE == "syncfs" and SYNCFS is not None and same_filesystem(
-                [spool.root, spool.temporary, spool.incoming, spool.queue]):
+        if syncfs_usable(spool):
             self.filesystem = FilesystemSync(spool.root)
         # Per-file flushes run side by side, so that the disk merges them.
         self.flusher = ParallelFlusher(FLUSH_THREADS) if self.filesystem is None else None
@@ -182,6 +226,7 @@ class SpoolWriter:
         """Finish every round: all commits asked so far durable, acknowledged and placed."""
         while self.flushing or self.written or self.renamed:
             if not self.flushing:
+                self._sync_due = True
                 self._start_round()
                 continue
             waiter: asyncio.Future[None] = self.loop.create_future()
@@ -197,6 +242,8 @@ class SpoolWriter:
             self.flusher.shutdown()
         if self.filesystem is not None:
             self.filesystem.close()
+        if self.journal is not None:
+            self.journal.close()
 
     # -- other writes ------------------------------------------------------------------------------------
     def submit(self, function: Callable[[], Any], wait: bool = True) -> asyncio.Future[Any] | None:
@@ -234,40 +281,73 @@ class SpoolWriter:
 
     def _start_round(self) -> None:
         self._round_soon = False
-        if self.flushing or not (self.written or self.renamed):
+        if self.flushing:
             return
-        if self._rename_timer is not None:
-            self._rename_timer.cancel()
-            self._rename_timer = None
+        if not (self.written or self.renamed):
+            self._sync_due = False
+            return
         batch, self.written = self.written[:MAX_BATCH], self.written[MAX_BATCH:]
-        inline = len(batch) == 1 and self._alone()
-        renamed, self.renamed = self.renamed, []
-        if inline:
+        if self._journal_round(batch):
+            renamed: list[_Commit] = []  # (they wait for the next sync round)
+            checkpoint = None
+        else:
+            # A sync round: it flushes everything written so far, the renames included, so every journal
+            # record up to the last commit written is needed no more.
+            if self._rename_timer is not None:
+                self._rename_timer.cancel()
+                self._rename_timer = None
+            self._sync_due = False
+            renamed, self.renamed = self.renamed, []
+            checkpoint = self.last_seq
+        flush = functools.partial(self._flush, batch, renamed, checkpoint)
+        if len(batch) == 1 and self._alone():
             # One message, and none other on its way: nothing would run on the loop while the flusher thread
             # works, and the hand-off there and back costs more latency than the flush itself.
             try:
-                outcome, error = self._flush(batch, renamed), None
+                outcome, error = flush(), None
             except Exception as failure:  # noqa: BLE001 — as in the thread: that round fails, nothing more
                 outcome, error = None, failure
             self._round_done(batch, renamed, outcome, error)
             return
         self.flushing = True
-        self.syncer.run(functools.partial(self._flush, batch, renamed),
-                        functools.partial(self._round_done, batch, renamed))
+        self.syncer.run(flush, functools.partial(self._round_done, batch, renamed))
+
+    def _journal_round(self, batch: list[_Commit]) -> bool:
+        """Whether this batch goes through the journal: every commit has a record and there is room for them,
+        and no checkpoint is due."""
+        if self.journal is None or self._sync_due or not batch:
+            return False
+        if any(commit.record is None for commit in batch):
+            return False
+        return self.journal.has_room(sum(record_size(commit.record) for commit in batch if commit.record))
 
     def _alone(self) -> bool:
         """No message on its way besides the one asking (those acknowledged, only waiting for their rename to be
         flushed, do not count)."""
         return self.receiving() - len(self.renamed) <= 1
 
-    def _flush(self, batch: list[_Commit], renamed: list[_Commit]) -> _FlushOutcome:
-        """In the flusher thread: make the batch's files and folders, and the earlier renames, durable."""
+    def _flush(self, batch: list[_Commit], renamed: list[_Commit], checkpoint: int | None) -> _FlushOutcome:
+        """In the flusher thread: make the batch durable: through the journal (checkpoint None), or its files
+        and folders and the earlier renames, and then tell the journal of the checkpoint."""
+        if checkpoint is None:
+            assert self.journal is not None
+            try:
+                self.journal.append([commit.record for commit in batch if commit.record is not None])
+            except OSError as error:
+                return _FlushOutcome(shared_error=error)
+            return _FlushOutcome()
         if self.filesystem is not None:
             try:
                 self.filesystem.sync()
             except OSError as error:
                 return _FlushOutcome(shared_error=error, rename_error=error)
-            return _FlushOutcome()
+            outcome = _FlushOutcome()
+            if self.journal is not None:
+                try:
+                    self.journal.mark(checkpoint)
+                except OSError as error:
+                    outcome.checkpoint_error = error
+            return outcome
         assert self.flusher is not None
         calls: list[Callable[[], None]] = []
         owners: list[_Commit | None] = []
@@ -301,6 +381,12 @@ class SpoolWriter:
             outcome = _FlushOutcome(shared_error=error, rename_error=error)
         if outcome.rename_error is not None and renamed:
             LOG.warning("queue: flushing the queue folders failed: %s", outcome.rename_error)
+        if outcome.checkpoint_error is not None:
+            # The records stay valid: after a crash they would be written back once more (a duplicate at
+            # worst, never a loss).
+            LOG.warning("queue: the commit journal could not record a checkpoint: %s", outcome.checkpoint_error)
+        if outcome.shared_error is not None and self.journal is not None:
+            self._sync_due = True  # records of failed commits may be in the journal: start it afresh
         for commit in renamed:
             _settle(commit.placed)
         acknowledged: list[_Commit] = []
@@ -320,18 +406,19 @@ class SpoolWriter:
         self._next_round()
 
     def _next_round(self) -> None:
-        if self.written:
+        if self.written or self._sync_due:
             self._start_round()
-        elif self.renamed and self._rename_timer is None:
-            # Wait a little for a commit round to carry the renames (one flush instead of two).
-            self._rename_timer = self.loop.call_later(RENAME_FLUSH_DELAY, self._flush_renames)
-        else:
+        if self.renamed and self._rename_timer is None and not self._sync_due:
+            # Wait a little for a sync round to carry the renames (one flush for many commits).
+            self._rename_timer = self.loop.call_later(self.rename_delay, self._flush_renames)
+        if not (self.flushing or self.written or self.renamed):
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 _settle(waiter)
 
     def _flush_renames(self) -> None:
         self._rename_timer = None
+        self._sync_due = True
         self._start_round()
 
     def _rename(self, acknowledged: list[_Commit]) -> None:
@@ -393,16 +480,19 @@ class SpoolWriter:
         directory = self.spool.incoming_dir(message.msgid)
         self._make_folder(directory)
         message_path = os.path.join(directory, "message")
+        data: bytes | None = None
         if message.spilled:
             os.rename(message.temporary_path, message_path)
             commit.files.append(message.take_fd())
         else:
             fd = os.open(message_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             commit.files.append(fd)
-            write_all(fd, message.take_buffer())
+            data = message.take_buffer()
+            write_all(fd, data)
         # Per-file flushes: start each file's write-back at once, so the round's data goes out together.
         start_writeback = _no_writeback if self.filesystem is not None else _START_WRITEBACK
         start_writeback(commit.files[0])
+        dumped: list[tuple[int, bytes]] = []
         for envelope in message.envelopes:
             # What the next start checks if it finds this folder still in incoming/ (see docs/queue.md).
             envelope.commit_size = message.size
@@ -411,12 +501,16 @@ class SpoolWriter:
             path = os.path.join(directory, f"{envelope.evpid:016x}")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             commit.files.append(fd)
-            data = dump_envelope(envelope)
-            if os.write(fd, data) != len(data):
+            envelope_data = dump_envelope(envelope)
+            if os.write(fd, envelope_data) != len(envelope_data):
                 raise OSError(28, "short write")
             start_writeback(fd)
+            dumped.append((envelope.evpid, envelope_data))
         if self.filesystem is not None:
             _close_all(commit)  # syncfs needs no descriptor: fewer open files while a round runs
+        self.last_seq += 1
+        if self.journal is not None and data is not None and len(data) <= JOURNAL_MESSAGE_LIMIT:
+            commit.record = record_parts(self.last_seq, message.msgid, data, message.crc32, dumped)
 
     def _fail(self, commit: _Commit, error: OSError) -> None:
         _close_all(commit)
@@ -533,7 +627,10 @@ class IncomingMessage:
         # for the 250 (a client that went away during the commit: at least once, never lost).
         placed.add_done_callback(self._placed)
         try:
-            await asyncio.shield(durable)
+            # Awaited directly (a shield would cost a turn of the loop): if this task is cancelled, so is this
+            # future, and the round that makes the commit durable goes on all the same (it settles only
+            # futures not done; the placement has its own future).
+            await durable
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -633,6 +730,10 @@ class Queue:
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.spool.create_layout()
+        # First the journal: it may write back messages whose folders a crash left incomplete.
+        journal, restored = await asyncio.to_thread(open_journal, self.spool)
+        if restored:
+            LOG.info("queue: wrote back %d acknowledged message(s) from the commit journal", restored)
         dropped, placed, _ = await asyncio.to_thread(self.spool.recover)
         if dropped:
             LOG.info("queue: dropped %d unacknowledged message(s) left by a crash", dropped)
@@ -642,7 +743,8 @@ class Queue:
         # (and maybe already delivered) since, and deliver them twice.
         # Sorted by the folders' inodes: with a cold cache, neighbouring inodes and blocks are read together.
         msgids = [msgid for _, msgid in sorted(await asyncio.to_thread(self.spool.message_entries))]
-        self.io = SpoolWriter(self.spool, asyncio.get_running_loop(), receiving=lambda: len(self.receiving))
+        self.io = SpoolWriter(self.spool, asyncio.get_running_loop(), receiving=lambda: len(self.receiving),
+                              journal=journal)
         self.io.start()
         self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")
 
