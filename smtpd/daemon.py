@@ -9,6 +9,7 @@ new sessions use it while sessions in progress finish on the snapshot they began
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import os
 import signal
@@ -202,11 +203,21 @@ async def serve(daemon: Daemon) -> None:
         except Exception as error:  # noqa: BLE001 — as above; what did start is stopped below
             raise StartupFailed(str(error)) from error
         _write_pidfile(daemon.paths.pidfile)
+        _tune_garbage_collector()
         await daemon.wait_stopped()
         daemon.log.info("Exiting")
     finally:
         await daemon.stop()
         _remove_pidfile(daemon.paths.pidfile)
+
+
+def _tune_garbage_collector() -> None:
+    """Once started. What the start built (modules, configuration, tables) lives as long as the daemon: frozen,
+    no collection walks it again, and forked delivery children do not touch its pages. And the first
+    generation is collected less often: per message the daemon makes a few hundred container objects that
+    reference counting frees at once, and a collection every 700 of them cost 2-3% of the receive path."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def _write_pidfile(path: str) -> None:

@@ -95,18 +95,20 @@ def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
     assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 200
 
 
-@pytest.mark.parametrize("sync_mode", ["syncfs", "fsync"])
+@pytest.mark.parametrize("sync_mode", ["journal", "syncfs", "fsync"])
 def test_both_flush_modes_commit_lone_and_grouped_messages_whole(tmp_path: Path, sync_mode: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """syncfs (a whole batch flushed by one call, renames riding on the next batch) and per-file flushes both
-    leave every message complete under queue/, big (spilled to temporary/) and small (held in memory) alike."""
+    """The journal (small messages through it, the big one through a syncfs round), syncfs (a whole batch
+    flushed by one call, renames riding on the next batch) and per-file flushes all leave every message
+    complete under queue/, big (spilled to temporary/) and small (held in memory) alike."""
     monkeypatch.setattr(store, "SYNC_MODE", sync_mode)
     big = b"Subject: big\n\n" + b"y" * (MEMORY_LIMIT + 10) + b"\n"
 
     async def scenario() -> tuple[list[int], int]:
         async with Harness(tmp_path) as harness:
             harness.daemon.set_paused("mda", True)
-            assert (harness.queue.io.filesystem is not None) == (sync_mode == "syncfs")
+            assert (harness.queue.io.filesystem is not None) == (sync_mode != "fsync")
+            assert (harness.queue.io.journal is not None) == (sync_mode == "journal")
             lone, _ = await harness.submit(big)
             grouped = await asyncio.gather(*(harness.submit(b"Subject: small\n\nx\n",
                                                             recipients=(f"u{i}@x.test", f"v{i}@x.test"))

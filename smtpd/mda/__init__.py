@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import pwd
-import secrets
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from shared.durations import duration_to_text
+from shared.ids import new_session_id
 from smtpd import log, trace
 from smtpd.config.model import Action, Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
@@ -603,7 +603,7 @@ class MdaAgent:
         stat = "Delivered" if result.outcome is Outcome.OK else f"Error ({result.text})"
         delay = duration_to_text(max(0, int(started - envelope.ctime))) if envelope.ctime else "0s"
         _log.info("%016x mda delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> user=%s delay=%s result=%s stat=%s",
-                  secrets.randbits(64), envelope.evpid, envelope.sender, envelope.dest,
+                  new_session_id(), envelope.evpid, envelope.sender, envelope.dest,
                   envelope.rcpt or envelope.dest, envelope.mda_user, delay, words[result.outcome], stat)
 
 
