@@ -99,21 +99,28 @@ def syncfs_usable(spool: Spool) -> bool:
 
 
 def open_journal(spool: Spool) -> tuple[Journal | None, int]:
-    """The commit journal, with what the last run left in it written back into the spool (journal mode only).
-    Returns it and the number of messages written back."""
-    if SYNC_MODE != "journal" or not syncfs_usable(spool):
+    """The commit journal (journal mode), with what the last run left in it written back into the spool.
+    Returns it and the number of messages written back. In the other modes a journal left by an earlier run is
+    written back all the same (it may hold acknowledged mail), and then not used."""
+    path = os.path.join(spool.root, JOURNAL_FILE)
+    wanted = SYNC_MODE == "journal" and syncfs_usable(spool)
+    if not wanted and not os.path.exists(path):
         return None, 0
-    journal = Journal(os.path.join(spool.root, JOURNAL_FILE), JOURNAL_BYTES)
+    journal = Journal(path, JOURNAL_BYTES)
     journal.open()
 
     def restore(record: JournalRecord) -> None:
         spool.restore_message(record.msgid, record.message, record.envelopes)
 
     try:
-        return journal, journal.recover(restore)
+        restored = journal.recover(restore)
     except BaseException:
         journal.close()
         raise
+    if not wanted:
+        journal.close()
+        return None, restored
+    return journal, restored
 
 
 class QueueError(Exception):
