@@ -15,6 +15,7 @@ from smtpd.config.errors import Severity
 from smtpd.lookup.items import ItemKind
 from smtpd.lookup.tables import Service, Tables, validate_tables, values
 from smtpd.lookup.tables.credentials import AuthResult, authenticate, check_credentials
+from smtpd.lookup.tables.passwd import system_users_are_local
 
 CORPUS = Path(__file__).parent / "data" / "hashes" / "corpus.tsv"
 
@@ -191,3 +192,29 @@ def test_authenticate_against_the_system_shadow_file(tmp_path: Path) -> None:
     # Root reads /etc/shadow; a locked account (`*` or `!`) never authenticates.
     assert check_credentials(None, None, "daemon", "") is AuthResult.PERMFAIL
     assert check_credentials(None, None, "no-such-account-x", "pw") is AuthResult.PERMFAIL
+
+
+@pytest.mark.parametrize(("passwd_line", "local"), [
+    ("passwd:         files systemd", True),
+    ("passwd: compat", True),
+    ("passwd: files [NOTFOUND=return] systemd  # comment", True),
+    ("passwd: files ldap", False),
+    ("passwd: sss files", False),
+    ("passwd: nis", False),
+])
+def test_local_recipients_are_expanded_on_the_loop_only_with_a_local_user_database(
+        tmp_path: Path, passwd_line: str, local: bool) -> None:
+    """With LDAP, NIS or sss in nsswitch.conf a getpwnam may wait on the network: expansion then stays in a
+    worker thread (the event loop must not wait)."""
+    nsswitch = tmp_path / "nsswitch.conf"
+    nsswitch.write_text(f"# test\ngroup: files\n{passwd_line}\nhosts: files dns\n")
+    assert system_users_are_local(str(nsswitch)) is local
+    assert system_users_are_local(str(tmp_path / "missing")) is True  # the C library's default: files
+
+
+def test_expansion_in_a_thread_can_be_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nsswitch = tmp_path / "nsswitch.conf"
+    nsswitch.write_text("passwd: files\n")
+    assert system_users_are_local(str(nsswitch))
+    monkeypatch.setenv("SMTPD_EXPAND_IN_THREAD", "1")
+    assert not system_users_are_local(str(nsswitch))

@@ -7,6 +7,8 @@ as in OpenSMTPD.
 
 from __future__ import annotations
 
+import functools
+import os
 import pwd
 
 from smtpd.config.model import TableShape
@@ -40,3 +42,36 @@ class GetpwnamTable:
 
     def close(self) -> None:
         """Nothing held open."""
+
+
+NSSWITCH = "/etc/nsswitch.conf"
+# Sources of the user database that answer from this machine (a file, or systemd's local lookup service).
+_LOCAL_SOURCES = frozenset({"files", "compat", "systemd"})
+
+
+def system_users_are_local(nsswitch: str = NSSWITCH) -> bool:
+    """Whether getpwnam() answers from this machine only (nsswitch.conf's passwd sources are files, compat or
+    systemd), so that a lookup takes microseconds and cannot wait on a network server (LDAP, NIS, sss). The
+    SMTP session then expands local recipients on the event loop (smtpd/lookup/tables/__init__.py).
+    SMTPD_EXPAND_IN_THREAD=1 asks for the worker thread all the same (home directories on a slow network
+    filesystem: ~/.forward is read during the expansion)."""
+    if os.environ.get("SMTPD_EXPAND_IN_THREAD") == "1":
+        return False
+    return _passwd_sources_are_local(nsswitch)
+
+
+@functools.cache
+def _passwd_sources_are_local(nsswitch: str) -> bool:
+    try:
+        with open(nsswitch, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return True  # the C library's default: files
+    except OSError:
+        return False
+    for line in lines:
+        database, colon, sources = line.partition("#")[0].partition(":")
+        if colon and database.strip() == "passwd":
+            names = {word for word in sources.split() if not word.startswith("[") and not word.endswith("]")}
+            return bool(names) and names <= _LOCAL_SOURCES
+    return True
