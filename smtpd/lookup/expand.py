@@ -145,7 +145,8 @@ def _default_matcher() -> RuleMatcher:
 
 def expand_recipient(config: Config, tables: Any, facts: SessionFacts, sender: str, rcpt: str,
                      smtpname: str, *, matcher: RuleMatcher | None = None) -> ExpansionResult:
-    """Expand one recipient. Synchronous (it reads files and tables): call it with asyncio.to_thread.
+    """Expand one recipient. Synchronous (it reads files and tables): from the event loop only when
+    Tables.expansion_is_immediate() says nothing it asks can wait, else with asyncio.to_thread.
 
     ``rcpt`` is `user@domain` (a missing domain gets ``smtpname``). ``matcher`` replaces rules.match_rules (for
     callers that already hold one, and tests of expansion alone).
