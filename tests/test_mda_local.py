@@ -321,6 +321,19 @@ def test_loop_detected_by_delivered_to(spool, bob) -> None:
     assert (result.outcome, result.text) == (Outcome.LOOP, "Loop detected")
 
 
+@pytest.mark.parametrize("text", [
+    "Subject: x\n\nDelivered-To: {dest}\n",  # in the body: no loop
+    "X-Note: delivered-to {dest} once\nSubject: x\n\nbody\n",  # in another header's value: no loop
+    "Delivered-To: someone.else@example.org\n\nbody\n",  # another address: no loop
+])
+def test_no_loop_without_a_delivered_to_header_for_this_address(spool, bob, text: str) -> None:
+    tmp_path, _, _ = spool
+    dest = f"{bob.pw_name}@example.org"
+    path = write_message(str(tmp_path / "m"), text.format(dest=dest))
+    result = deliver(agent_for(mbox_config()), mda_envelope("local", dest, bob.pw_name), path)
+    assert result.outcome is Outcome.OK, result.text
+
+
 def test_missing_delivery_user_and_dispatcher(spool) -> None:
     tmp_path, _, _ = spool
     path = write_message(str(tmp_path / "m"), MESSAGE)

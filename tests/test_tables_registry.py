@@ -218,3 +218,30 @@ def test_expansion_in_a_thread_can_be_asked_for(tmp_path: Path, monkeypatch: pyt
     assert system_users_are_local(str(nsswitch))
     monkeypatch.setenv("SMTPD_EXPAND_IN_THREAD", "1")
     assert not system_users_are_local(str(nsswitch))
+
+
+def test_system_accounts_found_are_remembered_for_a_second_and_missing_ones_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message is looked up at RCPT and again at delivery: the second answer comes from memory. An account
+    not found is asked for again every time, so a user added a moment ago receives mail at once."""
+    import pwd
+    import types
+
+    from smtpd.lookup.tables.passwd import GetpwnamTable
+
+    accounts: dict[str, types.SimpleNamespace] = {}
+
+    def getpwnam(name: str) -> types.SimpleNamespace:
+        if name not in accounts:
+            raise KeyError(name)
+        return accounts[name]
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+    table = GetpwnamTable()
+    assert table.lookup(Service.USERINFO, "carol") is None
+    accounts["carol"] = types.SimpleNamespace(pw_uid=1234, pw_gid=1234, pw_dir="/home/carol")
+    assert table.lookup(Service.USERINFO, "carol") == "1234:1234:/home/carol"
+    del accounts["carol"]
+    assert table.lookup(Service.USERINFO, "carol") == "1234:1234:/home/carol"  # within the second
+    table.reload()
+    assert table.lookup(Service.USERINFO, "carol") is None

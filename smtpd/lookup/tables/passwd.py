@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import time
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service
@@ -21,15 +22,30 @@ class GetpwnamTable:
 
     def __init__(self, name: str = "getpwnam") -> None:
         self.name = name
+        # Accounts found, for ANSWER_SECONDS: a message is looked up at RCPT and again at delivery, a burst of
+        # mail for one user many times (getpwnam reads and parses /etc/passwd each time: about 20 µs). A user
+        # not found is asked again every time, so a new account receives mail at once.
+        self._found: dict[str, tuple[float, str]] = {}
+
+    ANSWER_SECONDS = 1.0
 
     def lookup(self, service: Service, key: str) -> str | None:
         if service is not Service.USERINFO or not key or "\0" in key:
             return None
+        now = time.monotonic()
+        known = self._found.get(key)
+        if known is not None and now - known[0] < self.ANSWER_SECONDS:
+            return known[1]
         try:
             entry = pwd.getpwnam(key)
         except KeyError:
+            self._found.pop(key, None)
             return None
-        return f"{entry.pw_uid}:{entry.pw_gid}:{entry.pw_dir}"
+        answer = f"{entry.pw_uid}:{entry.pw_gid}:{entry.pw_dir}"
+        if len(self._found) > 10_000:
+            self._found.clear()
+        self._found[key] = (now, answer)
+        return answer
 
     def match(self, service: Service, candidate: str) -> bool:
         return self.lookup(service, candidate) is not None
@@ -38,7 +54,8 @@ class GetpwnamTable:
         return None
 
     def reload(self) -> None:
-        """The system database is asked afresh every time: nothing to reload."""
+        """Forget the accounts found (the system database itself is asked afresh after a second anyway)."""
+        self._found.clear()
 
     def close(self) -> None:
         """Nothing held open."""
