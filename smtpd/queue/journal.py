@@ -32,16 +32,16 @@ exist and its fdatasync has no metadata to write.
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from smtpd import log
 from smtpd.queue.durable import fsync_directory
 
-LOG = logging.getLogger("smtpd.queue")
+LOG = log.get("queue")
 
 HEADER_BYTES = 4096
 GROW_BYTES = 1 << 20
@@ -80,7 +80,8 @@ def _meta_crc(salt: int, head: bytes, extra: bytes) -> bytes:
 
 
 class Journal:
-    """``<spool>/journal``. Appends and checkpoints are made by one thread at a time (the queue's flusher)."""
+    """``<spool>/journal``. Appends and checkpoints come one at a time (from the event loop or the queue's
+    flusher thread: the queue's rounds never overlap)."""
 
     def __init__(self, path: str, max_bytes: int) -> None:
         self.path = path
@@ -88,7 +89,6 @@ class Journal:
         self.fd = -1
         self.size = 0  # bytes the file has (zeros where nothing was appended yet)
         self.position = HEADER_BYTES  # where the next record goes
-        self.checkpoint = 0
         self.salt: int | None = 0  # None: unknown (an unreadable header; see read_checkpoint)
 
     # -- start ------------------------------------------------------------------------------------------
@@ -193,7 +193,6 @@ class Journal:
         copy = (head + zlib.crc32(head).to_bytes(4, "little")).ljust(_HEADER_COPY, b"\0")
         os.pwrite(self.fd, copy + copy, 0)
         os.fdatasync(self.fd)
-        self.checkpoint = checkpoint
         self.salt = salt
         self.position = HEADER_BYTES
 
