@@ -30,6 +30,7 @@ import pytest
 from helpers_queue import crash_payload
 
 from smtpd.queue.journal import Journal
+from smtpd.queue.store import JOURNAL_FILES
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -84,15 +85,17 @@ def _requested_size(name: str, body_size: int) -> int:
 def lose_unflushed_folders(spool: Path) -> int:
     """What a power cut could do after a kill: the folders of the commits the journal holds beyond its last
     checkpoint were never flushed; delete them. Returns how many were deleted."""
-    if not (spool / "journal").exists():
-        return 0
-    journal = Journal(str(spool / "journal"), 16 << 20)
-    journal.open()
-    try:
-        checkpoint = journal.read_checkpoint()
-        records = [record for record in journal.records() if record.seq > checkpoint]
-    finally:
-        journal.close()
+    records = []
+    for name in JOURNAL_FILES:
+        if not (spool / name).exists():
+            continue
+        journal = Journal(str(spool / name), 16 << 20)
+        journal.open()
+        try:
+            checkpoint = journal.read_checkpoint()
+            records += [record for record in journal.records() if record.seq > checkpoint]
+        finally:
+            journal.close()
     lost = 0
     for record in records:
         name = f"{record.msgid:08x}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from daemon import SmtpdProcess
 from waiting import wait_until
 
-from smtpd.queue.journal import HEADER_BYTES, Journal, JournalRecord, record_parts
+from smtpd.queue.journal import HEADER_BYTES, Journal, JournalPair, JournalRecord, record_parts
 
 RELAY_CONFIG = """listen on 127.0.0.1 port {port}
 action "relay" relay
@@ -66,6 +66,26 @@ def test_a_checkpoint_covers_the_records_before_it(tmp_path: Path) -> None:
     journal.append([record(3, 0x33333333, b"three\n")])
     journal.close()
     assert [item.seq for item in replayed(tmp_path / "journal")] == [3]
+
+
+def test_a_checkpoint_switches_journals_and_empties_the_one_left(tmp_path: Path) -> None:
+    """Appends go on in the other journal while the checkpoint flushes the spool and empties the one left;
+    a start writes back both."""
+    pair = JournalPair((str(tmp_path / "a"), str(tmp_path / "b")), 4 << 20)
+    pair.open()
+    assert pair.recover(lambda found: None) == 0
+    pair.active.append([record(1, 0x11111111, b"one\n")])
+    left = pair.switch()
+    pair.active.append([record(2, 0x22222222, b"two\n")])  # while the checkpoint runs
+    left.mark(1)
+    pair.active.append([record(3, 0x33333333, b"three\n")])
+    pair.close()
+    again = JournalPair((str(tmp_path / "a"), str(tmp_path / "b")), 4 << 20)
+    again.open()
+    found: list[JournalRecord] = []
+    assert again.recover(found.append) == 2
+    assert sorted(item.seq for item in found) == [2, 3]
+    again.close()
 
 
 def test_a_torn_last_record_is_not_written_back(tmp_path: Path) -> None:

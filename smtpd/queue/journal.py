@@ -237,3 +237,32 @@ def _skip(buffers: list[bytes], count: int) -> list[bytes]:
     if buffers and count:
         buffers = [buffers[0][count:], *buffers[1:]]
     return buffers
+
+
+class JournalPair:
+    """Two journals taking turns, so that a checkpoint never holds up a commit.
+
+    Appends go to the active one. A checkpoint switches: appends go on in the other one (emptied by the
+    checkpoint before), while the flusher thread flushes the spool and then empties the one left. A checkpoint
+    starts only once the one before it has ended, so the journal switched to is always empty."""
+
+    def __init__(self, paths: tuple[str, str], max_bytes: int) -> None:
+        self.active = Journal(paths[0], max_bytes)
+        self.standby = Journal(paths[1], max_bytes)
+
+    def open(self) -> None:
+        self.active.open()
+        self.standby.open()
+
+    def recover(self, restore: Callable[[JournalRecord], None]) -> int:
+        """Both written back (a record is in one of them only), both emptied."""
+        return self.active.recover(restore) + self.standby.recover(restore)
+
+    def switch(self) -> Journal:
+        """Appends go to the other journal from now on; returns the one left, for the checkpoint to empty."""
+        left, self.active, self.standby = self.active, self.standby, self.active
+        return left
+
+    def close(self) -> None:
+        self.active.close()
+        self.standby.close()

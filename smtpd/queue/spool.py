@@ -11,7 +11,7 @@ Layout (under the spool root; reference §8.2, docs/queue.md):
     purge/                     message directories moved here before they are deleted
 
 A directory appears under queue/ only by a rename done after everything inside it is durable, either in its
-own files or in the commit journal (``journal``, smtpd/queue/journal.py), which a start replays before it reads
+own files or in the commit journal (``journal.a``/``journal.b``, smtpd/queue/journal.py), which a start replays before it reads
 anything else: so whatever is under queue/ then is complete. A folder left in incoming/ is placed when its
 commit had completed, and dropped otherwise; temporary/ holds nothing acknowledged (Spool.recover).
 """

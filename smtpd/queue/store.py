@@ -38,7 +38,7 @@ from smtpd.queue.durable import (
 )
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import dump_envelope
-from smtpd.queue.journal import Journal, JournalRecord, record_parts, record_size
+from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
 from smtpd.queue.spool import CorruptEntry, Spool, remove_path
 from smtpd.stats import STATS
@@ -68,7 +68,7 @@ SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "journal")
 # file grows up to JOURNAL_BYTES (then a checkpoint empties it), and durable commits wait at most
 # CHECKPOINT_DELAY for the checkpoint after which the scheduler takes them.
 JOURNAL_MESSAGE_LIMIT = int(os.environ.get("SMTPD_QUEUE_JOURNAL_LIMIT", str(256 * 1024)))
-JOURNAL_FILE = "journal"
+JOURNAL_FILES = ("journal.a", "journal.b")
 JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_JOURNAL_BYTES", str(16 << 20)))
 # A journal round of up to this many bytes is written and flushed on the event loop itself (see _start_round).
 INLINE_JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_INLINE_JOURNAL_BYTES", str(64 * 1024)))
@@ -100,15 +100,15 @@ def syncfs_usable(spool: Spool) -> bool:
         [spool.root, spool.temporary, spool.incoming, spool.queue])
 
 
-def open_journal(spool: Spool) -> tuple[Journal | None, int]:
+def open_journal(spool: Spool) -> tuple[JournalPair | None, int]:
     """The commit journal (journal mode), with what the last run left in it written back into the spool.
     Returns it and the number of messages written back. In the other modes a journal left by an earlier run is
     written back all the same (it may hold acknowledged mail), and then not used."""
-    path = os.path.join(spool.root, JOURNAL_FILE)
+    paths = (os.path.join(spool.root, JOURNAL_FILES[0]), os.path.join(spool.root, JOURNAL_FILES[1]))
     wanted = SYNC_MODE == "journal" and syncfs_usable(spool)
-    if not wanted and not os.path.exists(path):
+    if not wanted and not any(os.path.exists(path) for path in paths):
         return None, 0
-    journal = Journal(path, JOURNAL_BYTES)
+    journal = JournalPair(paths, JOURNAL_BYTES)
     journal.open()
 
     def restore(record: JournalRecord) -> None:
@@ -198,7 +198,7 @@ class SpoolWriter:
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
                  receiving: Callable[[], int] = lambda: 2,  # (default: never alone)
-                 journal: Journal | None = None) -> None:
+                 journal: JournalPair | None = None) -> None:
         self.spool = spool
         self.loop = loop
         self.receiving = receiving  # how many messages are being received or committed (see _alone)
@@ -212,9 +212,13 @@ class SpoolWriter:
         self._round_soon = False
         self._rename_timer: asyncio.TimerHandle | None = None
         self.journal = journal  # opened and replayed by the queue (None: every round is a sync round)
+        self._journal_files = journal  # (closed at stop, even after _give_up_journal)
         self.rename_delay = CHECKPOINT_DELAY if journal is not None else RENAME_FLUSH_DELAY
         self.last_seq = 0  # sequence number of the last commit written (journal records carry theirs)
-        self._sync_due = False  # the next round is a sync round (a checkpoint)
+        self._sync_due = False  # without a journal: the renames get a round of their own now
+        self._checkpoint_due = False  # with a journal: a checkpoint starts as soon as none runs and no round waits
+        self.checkpointing = False  # a checkpoint runs on the flusher thread (journal rounds go on meanwhile)
+        self._draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         # Empty folders made ahead in temporary/ (see _make_folder); a start removes leftovers with the rest.
         self.folders: list[str] = []
@@ -233,14 +237,19 @@ class SpoolWriter:
 
     async def drain(self) -> None:
         """Finish every round: all commits asked so far durable, acknowledged and placed."""
-        while self.flushing or self.written or self.renamed:
-            if not self.flushing:
-                self._sync_due = True
-                self._start_round()
-                continue
-            waiter: asyncio.Future[None] = self.loop.create_future()
-            self._idle_waiters.append(waiter)
-            await waiter
+        self._draining = True  # (renames are flushed at once, not after a delay)
+        try:
+            while self.flushing or self.checkpointing or self.written or self.renamed:
+                if not (self.flushing or self.checkpointing):
+                    self._sync_due = self.journal is None
+                    self._next_round()
+                    if not (self.flushing or self.checkpointing):
+                        continue  # (done on the loop itself)
+                waiter: asyncio.Future[None] = self.loop.create_future()
+                self._idle_waiters.append(waiter)
+                await waiter
+        finally:
+            self._draining = False
 
     def stop(self) -> None:
         """Stop the threads (after drain(), from any thread)."""
@@ -251,8 +260,8 @@ class SpoolWriter:
             self.flusher.shutdown()
         if self.filesystem is not None:
             self.filesystem.close()
-        if self.journal is not None:
-            self.journal.close()
+        if self._journal_files is not None:
+            self._journal_files.close()
 
     # -- other writes ------------------------------------------------------------------------------------
     def submit(self, function: Callable[[], Any], wait: bool = True) -> asyncio.Future[Any] | None:
@@ -292,8 +301,8 @@ class SpoolWriter:
         self._round_soon = False
         if self.flushing:
             return
-        if not (self.written or self.renamed):
-            self._sync_due = False
+        if not self.written and (self.journal is not None or not self.renamed):
+            self._sync_due = False  # (with a journal, renames alone wait for a checkpoint)
             return
         batch, self.written = self.written[:MAX_BATCH], self.written[MAX_BATCH:]
         inline = len(batch) == 1 and self._alone()
@@ -328,13 +337,12 @@ class SpoolWriter:
         self.syncer.run(flush, functools.partial(self._round_done, batch, renamed))
 
     def _journal_round(self, batch: list[_Commit]) -> bool:
-        """Whether this batch goes through the journal: every commit has a record and there is room for them,
-        and no checkpoint is due."""
-        if self.journal is None or self._sync_due or not batch:
+        """Whether this batch goes through the journal: every commit has a record and there is room for them."""
+        if self.journal is None or not batch:
             return False
         if any(commit.record is None for commit in batch):
             return False
-        return self.journal.has_room(self._journal_bytes(batch))
+        return self.journal.active.has_room(self._journal_bytes(batch))
 
     @staticmethod
     def _journal_bytes(batch: list[_Commit]) -> int:
@@ -351,7 +359,7 @@ class SpoolWriter:
         if checkpoint is None:
             assert self.journal is not None
             try:
-                self.journal.append([commit.record for commit in batch if commit.record is not None])
+                self.journal.active.append([commit.record for commit in batch if commit.record is not None])
             except OSError as error:
                 return _FlushOutcome(shared_error=error)
             return _FlushOutcome()
@@ -362,8 +370,8 @@ class SpoolWriter:
                 return _FlushOutcome(shared_error=error, rename_error=error)
             outcome = _FlushOutcome()
             if self.journal is not None:
-                try:
-                    self.journal.mark(checkpoint)
+                try:  # (no append runs during a sync round: every record of the active journal is covered)
+                    self.journal.active.mark(checkpoint)
                 except OSError as error:
                     outcome.checkpoint_error = error
             return outcome
@@ -401,11 +409,9 @@ class SpoolWriter:
         if outcome.rename_error is not None and renamed:
             LOG.warning("queue: flushing the queue folders failed: %s", outcome.rename_error)
         if outcome.checkpoint_error is not None:
-            # The records stay valid: after a crash they would be written back once more (a duplicate at
-            # worst, never a loss).
-            LOG.warning("queue: the commit journal could not record a checkpoint: %s", outcome.checkpoint_error)
+            self._give_up_journal(outcome.checkpoint_error)
         if outcome.shared_error is not None and self.journal is not None:
-            self._sync_due = True  # records of failed commits may be in the journal: start it afresh
+            self._checkpoint_due = True  # records of failed commits may be in the journal: make them void
         for commit in renamed:
             _settle(commit.placed)
         acknowledged: list[_Commit] = []
@@ -425,20 +431,71 @@ class SpoolWriter:
         self._next_round()
 
     def _next_round(self) -> None:
-        if self.written or self._sync_due:
+        """After a round or a checkpoint, or when asked: start what is due."""
+        if self.written or (self._sync_due and self.journal is None):
             self._start_round()
-        if self.renamed and self._rename_timer is None and not self._sync_due:
-            # Wait a little for a sync round to carry the renames (one flush for many commits).
+        if self.journal is not None and not (self.flushing or self.checkpointing) and (
+                self._checkpoint_due or (self._draining and self.renamed)):
+            self._start_checkpoint()
+        waiting = (self._checkpoint_due or self.checkpointing) if self.journal is not None else self._sync_due
+        if self.renamed and self._rename_timer is None and not waiting:
+            # Wait a little for a sync round or checkpoint to carry the renames (one flush for many commits).
             self._rename_timer = self.loop.call_later(self.rename_delay, self._flush_renames)
-        if not (self.flushing or self.written or self.renamed):
+        if not (self.flushing or self.checkpointing or self.written or self.renamed):
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 _settle(waiter)
 
     def _flush_renames(self) -> None:
         self._rename_timer = None
-        self._sync_due = True
-        self._start_round()
+        if self.journal is not None:
+            self._checkpoint_due = True
+            self._next_round()
+        else:
+            self._sync_due = True
+            self._start_round()
+
+    # -- checkpoints (journal mode) ----------------------------------------------------------------------
+    def _start_checkpoint(self) -> None:
+        """Flush the folders and files of the commits renamed so far (one syncfs), then empty the journal that
+        held their records; then those commits are placed. Appends switch to the other journal first, so that
+        journal rounds go on while the syncfs runs (1.5 ms in the median and up to 16 ms while deliveries
+        write, measured: 7% of the time, during which no commit could be acknowledged before)."""
+        assert self.journal is not None
+        self._checkpoint_due = False
+        if self._rename_timer is not None:
+            self._rename_timer.cancel()
+            self._rename_timer = None
+        renamed, self.renamed = self.renamed, []
+        left = self.journal.switch()
+        self.checkpointing = True
+        # Every record in the journal left is of a commit written by now: the syncfs covers its files.
+        self.syncer.run(functools.partial(self._checkpoint, left, self.last_seq),
+                        functools.partial(self._checkpoint_done, renamed))
+
+    def _checkpoint(self, left: Journal, checkpoint: int) -> None:
+        """In the flusher thread."""
+        assert self.filesystem is not None
+        self.filesystem.sync()
+        left.mark(checkpoint)
+
+    def _checkpoint_done(self, renamed: list[_Commit], result: None, error: BaseException | None) -> None:
+        self.checkpointing = False
+        if error is not None:
+            self._give_up_journal(error)
+        for commit in renamed:
+            _settle(commit.placed)  # (as after a failed flush of renames: placed, the failure logged)
+        self._next_round()
+
+    def _give_up_journal(self, error: BaseException) -> None:
+        """A journal that could not record a checkpoint may have a header and records that disagree: it takes no
+        more records. Its records stay: a crash would write them back (a duplicate at worst, never a loss);
+        from now on every round is a sync round."""
+        if self.journal is not None:
+            LOG.warning("queue: the commit journal could not record a checkpoint (%s); every commit is flushed "
+                        "with syncfs from now on", error)
+            self.journal = None
+            self.rename_delay = RENAME_FLUSH_DELAY
 
     def _rename(self, acknowledged: list[_Commit]) -> None:
         """Move durable folders from incoming/ under queue/ (flushed by the next round)."""
