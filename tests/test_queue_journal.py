@@ -14,6 +14,7 @@ import smtplib
 import zlib
 from pathlib import Path
 
+import pytest
 from daemon import SmtpdProcess
 from waiting import wait_until
 
@@ -182,3 +183,37 @@ def test_acknowledged_mail_survives_losing_its_files_before_the_checkpoint(tmp_p
         daemon.start()
         wait_until(lambda: len(daemon.smtpctl("show", "queue").stdout.splitlines()) == 10, 10)
         assert "from the commit journal" not in daemon.log()
+
+
+def test_a_failed_checkpoint_stops_the_journal_and_loses_nothing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint that cannot write the journal's header leaves header and records in doubt: the queue stops
+    using the journal (every later commit is flushed with syncfs) and every message is still placed whole."""
+    import asyncio
+
+    from helpers_queue import Harness, run
+
+    from smtpd.queue import journal as journal_module
+
+    def failing_mark(self: Journal, checkpoint: int) -> None:
+        if checkpoint:  # (the start's own mark(0) succeeds)
+            raise OSError(5, "Input/output error")
+        original_mark(self, checkpoint)
+
+    original_mark = journal_module.Journal.mark
+    monkeypatch.setattr(journal_module.Journal, "mark", failing_mark)
+
+    async def scenario() -> tuple[bool, bool, list[int]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            had_journal = harness.queue.io.journal is not None
+            first = [await harness.submit(b"Subject: one\n\nbody\n")]
+            later = await asyncio.gather(*(harness.submit(b"Subject: more\n\nbody\n") for _ in range(5)))
+            return had_journal, harness.queue.io.journal is None, [msgid for msgid, _ in first + later]
+
+    had_journal, given_up, msgids = run(scenario())
+    assert had_journal and given_up
+    for msgid in msgids:
+        folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+        assert (folder / "message").read_bytes().endswith(b"\n\nbody\n")
+        assert len(list(folder.iterdir())) == 2
