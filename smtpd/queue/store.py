@@ -431,12 +431,14 @@ class SpoolWriter:
         self._next_round()
 
     def _next_round(self) -> None:
-        """After a round or a checkpoint, or when asked: start what is due."""
-        if self.written or (self._sync_due and self.journal is None):
-            self._start_round()
+        """After a round or a checkpoint, or when asked: start what is due. A checkpoint that is due starts
+        before the next round: under a steady flow of rounds on the flusher thread it would otherwise wait until
+        the journal is full."""
         if self.journal is not None and not (self.flushing or self.checkpointing) and (
                 self._checkpoint_due or (self._draining and self.renamed)):
             self._start_checkpoint()
+        if self.written or (self._sync_due and self.journal is None):
+            self._start_round()
         waiting = (self._checkpoint_due or self.checkpointing) if self.journal is not None else self._sync_due
         if self.renamed and self._rename_timer is None and not waiting:
             # Wait a little for a sync round or checkpoint to carry the renames (one flush for many commits).
