@@ -3,10 +3,11 @@
 Flushing a commit's own files takes a syncfs(2) of the spool's filesystem: every dirty file, inode and folder
 block, then a cache flush of the device (0.3-0.5 ms here). Appending the same bytes to one file whose blocks
 already exist, and flushing its data, is one write and one flush (0.13 ms). So a round of commits is made
-durable by appending one record per commit to ``<spool>/journal``; the commits' files are written as before,
+durable by appending one record per commit to a journal file; the commits' files are written as before,
 into the page cache, and made durable later by a *checkpoint* (one syncfs for many rounds), which also tells
 the journal that its records up to there are no longer needed. The scheduler takes a message only after the
 checkpoint that covers it, so a record that a restart replays is never one of a message that was delivered.
+The queue keeps two such files taking turns (JournalPair), so that commits go on while a checkpoint runs.
 
 File layout (all integers little-endian):
 
@@ -80,8 +81,9 @@ def _meta_crc(salt: int, head: bytes, extra: bytes) -> bytes:
 
 
 class Journal:
-    """``<spool>/journal``. Appends and checkpoints come one at a time (from the event loop or the queue's
-    flusher thread: the queue's rounds never overlap)."""
+    """One journal file (``<spool>/journal.a`` or ``.b``). Its appends and its checkpoint never overlap: appends
+    come from one round at a time (on the event loop or the queue's flusher thread), and its checkpoint runs
+    only while appends go to the other file, or during a sync round, when none runs."""
 
     def __init__(self, path: str, max_bytes: int) -> None:
         self.path = path
@@ -134,7 +136,8 @@ class Journal:
         return checkpoint
 
     def records(self) -> list[JournalRecord]:
-        """The records from the start of the journal whose sequence numbers follow one another."""
+        """The records from the start of the journal, as long as each is whole, carries the salt and has a
+        higher sequence number than the one before."""
         found: list[JournalRecord] = []
         position = HEADER_BYTES
         while position + _RECORD.size <= self.size:
@@ -162,13 +165,13 @@ class Journal:
             return None, 0
         return JournalRecord(seq, msgid, message, envelopes), length
 
-    # -- the flusher thread ------------------------------------------------------------------------------
+    # -- appends and checkpoints ---------------------------------------------------------------------------
     def has_room(self, length: int) -> bool:
         return self.position + length <= self.max_bytes
 
     def append(self, records: list[list[bytes]]) -> None:
-        """Write the records after the last one and flush them. Raises OSError (then nothing is acknowledged
-        and the caller checkpoints before appending again: see discard())."""
+        """Write the records after the last one and flush them. Raises OSError: then none of them is
+        acknowledged, and the queue asks for a checkpoint, which makes them void."""
         assert self.salt is not None  # (set by mark(), which recover() ends with)
         buffers = []
         for head, message, extra in records:

@@ -9,10 +9,11 @@ Layout (under the spool root; reference §8.2, docs/queue.md):
     corrupt/                   unreadable files moved aside (with a ``.why`` file saying why)
     offline/                   sendmail submissions written while the daemon is down
     purge/                     message directories moved here before they are deleted
+    journal.a, journal.b       the commit journal (smtpd/queue/journal.py)
 
 A directory appears under queue/ only by a rename done after everything inside it is durable, either in its
-own files or in the commit journal (``journal.a``/``journal.b``, smtpd/queue/journal.py), which a start replays before it reads
-anything else: so whatever is under queue/ then is complete. A folder left in incoming/ is placed when its
+own files or in the commit journal, which a start replays before it reads anything else: so whatever is under
+queue/ then is complete. A folder left in incoming/ is placed when its
 commit had completed, and dropped otherwise; temporary/ holds nothing acknowledged (Spool.recover).
 """
 

@@ -5,8 +5,8 @@ when it is asked, into the page cache; one flusher thread makes them durable in 
 journal and one fdatasync per round (smtpd/queue/journal.py), or one syncfs(2) per round (SMTPD_QUEUE_SYNC=syncfs,
 and for messages too big for the journal), or per-file flushes (SMTPD_QUEUE_SYNC=fsync). Commits asked while a
 round runs share the next one (group commit). After its round a commit is acknowledged (the 250) and its folder
-renamed under queue/; a checkpoint (a syncfs round) flushes the renames and files, and then the scheduler takes
-the envelopes. Other spool writes (envelope updates, removals) run in order on one writer thread. docs/queue.md
+renamed under queue/; a checkpoint (one syncfs, while appends go to the journal's other file) or a sync round
+flushes the renames and files, and then the scheduler takes the envelopes. Other spool writes (envelope updates, removals) run in order on one writer thread. docs/queue.md
 has the whole story.
 """
 
@@ -190,10 +190,9 @@ class SpoolWriter:
     made durable by flush rounds run by one flusher thread. Commits asked while a round runs wait for the next
     one and share it (group commit). A round is either a *journal round* (the commits' records appended to the
     journal, one fdatasync) or a *sync round* (one syncfs(2) of the spool; or per-file flushes with
-    SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder renamed under queue/; the
-    next sync round (a *checkpoint*: it flushes those renames and files, then empties the journal) comes with
-    the next commit without a journal record, or CHECKPOINT_DELAY (RENAME_FLUSH_DELAY without a journal) later;
-    then the scheduler takes the envelopes.
+    SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder renamed under queue/. The
+    renames are flushed by the next sync round or, with a journal, by a *checkpoint* (_start_checkpoint), at
+    most CHECKPOINT_DELAY (RENAME_FLUSH_DELAY without a journal) later; then the scheduler takes the envelopes.
     """
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
@@ -216,7 +215,7 @@ class SpoolWriter:
         self.rename_delay = CHECKPOINT_DELAY if journal is not None else RENAME_FLUSH_DELAY
         self.last_seq = 0  # sequence number of the last commit written (journal records carry theirs)
         self._sync_due = False  # without a journal: the renames get a round of their own now
-        self._checkpoint_due = False  # with a journal: a checkpoint starts as soon as none runs and no round waits
+        self._checkpoint_due = False  # with a journal: a checkpoint starts once none runs and no thread round does
         self.checkpointing = False  # a checkpoint runs on the flusher thread (journal rounds go on meanwhile)
         self._draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -306,10 +305,11 @@ class SpoolWriter:
             return
         batch, self.written = self.written[:MAX_BATCH], self.written[MAX_BATCH:]
         inline = len(batch) == 1 and self._alone()
-        if self._journal_round(batch):
-            renamed: list[_Commit] = []  # (they wait for the next sync round)
+        journal_bytes = self._journal_bytes(batch)
+        if journal_bytes is not None:
+            renamed: list[_Commit] = []  # (they wait for the next checkpoint)
             checkpoint = None
-            inline = inline or self._journal_bytes(batch) <= INLINE_JOURNAL_BYTES
+            inline = inline or journal_bytes <= INLINE_JOURNAL_BYTES
         else:
             # A sync round: it flushes everything written so far, the renames included, so every journal
             # record up to the last commit written is needed no more.
@@ -336,17 +336,15 @@ class SpoolWriter:
         self.flushing = True
         self.syncer.run(flush, functools.partial(self._round_done, batch, renamed))
 
-    def _journal_round(self, batch: list[_Commit]) -> bool:
-        """Whether this batch goes through the journal: every commit has a record and there is room for them."""
+    def _journal_bytes(self, batch: list[_Commit]) -> int | None:
+        """The size of the batch's records when it goes through the journal (every commit has a record and there
+        is room for them); None when it needs a sync round."""
         if self.journal is None or not batch:
-            return False
-        if any(commit.record is None for commit in batch):
-            return False
-        return self.journal.active.has_room(self._journal_bytes(batch))
-
-    @staticmethod
-    def _journal_bytes(batch: list[_Commit]) -> int:
-        return sum(record_size(commit.record) for commit in batch if commit.record is not None)
+            return None
+        sizes = [record_size(commit.record) for commit in batch if commit.record is not None]
+        if len(sizes) < len(batch) or not self.journal.active.has_room(sum(sizes)):
+            return None
+        return sum(sizes)
 
     def _alone(self) -> bool:
         """No message on its way besides the one asking (those acknowledged, only waiting for their rename to be

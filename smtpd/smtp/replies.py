@@ -8,6 +8,7 @@ BDAT, limits, bare line endings).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 IDENTITY = "PySMTPD"
@@ -24,14 +25,12 @@ class Reply:
 
     def wire(self) -> bytes:
         """The reply on the wire: `CODE-line` for all but the last line, `CODE line` for the last, CRLF each."""
-        # Most replies are module constants sent for every message: render each once.
-        wire = self.__dict__.get("_wire")
-        if wire is None:
-            wire = self._render()
-            object.__setattr__(self, "_wire", wire)  # a cache, not a field: equality and hash ignore it
-        return wire
+        return self._wire
 
-    def _render(self) -> bytes:
+    @functools.cached_property
+    def _wire(self) -> bytes:
+        # Most replies are module constants sent for every message: rendered once (a cache in the instance's
+        # dict, not a field: equality and hash ignore it).
         parts = self.lines
         out = [f"{self.code}-{line}" for line in parts[:-1]]
         out.append(f"{self.code} {parts[-1]}" if parts[-1] or len(parts) == 1 else f"{self.code} ")

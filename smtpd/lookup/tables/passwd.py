@@ -20,14 +20,14 @@ class GetpwnamTable:
     backend_name = "getpwnam"
     shape = TableShape.ANY
 
+    ANSWER_SECONDS = 1.0
+
     def __init__(self, name: str = "getpwnam") -> None:
         self.name = name
         # Accounts found, for ANSWER_SECONDS: a message is looked up at RCPT and again at delivery, a burst of
         # mail for one user many times (getpwnam reads and parses /etc/passwd each time: about 20 µs). A user
         # not found is asked again every time, so a new account receives mail at once.
         self._found: dict[str, tuple[float, str]] = {}
-
-    ANSWER_SECONDS = 1.0
 
     def lookup(self, service: Service, key: str) -> str | None:
         if service is not Service.USERINFO or not key or "\0" in key:
