@@ -217,3 +217,66 @@ def test_a_failed_checkpoint_stops_the_journal_and_loses_nothing(tmp_path: Path,
         folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
         assert (folder / "message").read_bytes().endswith(b"\n\nbody\n")
         assert len(list(folder.iterdir())) == 2
+
+
+def test_acknowledged_mail_whose_files_cannot_be_written_stays_in_the_journal_until_they_are(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A journal commit is acknowledged before its files are written. When they cannot be (a full disk), the
+    journal's record is its only copy: no checkpoint may empty the journal until the files are written, which
+    is tried again; then the message is placed like any other."""
+    import asyncio
+    import errno
+    import logging
+    import shutil
+
+    from helpers_queue import Harness, run, wait_for
+
+    from smtpd.queue import store
+
+    failing = {"on": True}
+    original_write_all = store.write_all
+
+    def write_all(fd: int, data: bytes) -> None:
+        if failing["on"] and b"stranded body" in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original_write_all(fd, data)
+
+    monkeypatch.setattr(store, "write_all", write_all)
+    monkeypatch.setattr(store, "STRANDED_RETRY_DELAY", 0.05)
+    caplog.set_level(logging.INFO, logger="smtpd.queue")
+
+    async def scenario() -> tuple[list[JournalRecord], int, bytes]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            io = harness.queue.io
+            message = harness.queue.new_message()
+            await message.write(b"Subject: stranded\n\nstranded body\n")
+            message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="alice@example.com",
+                                          rcpt="bob@example.org", dest="bob@example.org"))
+            await message.commit()  # acknowledged: the record is durable
+            await wait_for(lambda: bool(io.stranded), what="the commit to be stranded")
+            # Other mail goes on, and is placed: by sync rounds, which leave the journal as it is.
+            others = await asyncio.gather(*(harness.submit(b"Subject: other\n\nother body\n") for _ in range(3)))
+            await asyncio.sleep(0.3)  # several retries, several due checkpoints
+            assert io.stranded and message.placed is not None and not message.placed.done()
+            # What a power cut now would leave to the next start: the stranded message is written back.
+            copy = tmp_path / "copy"
+            copy.mkdir()
+            for name in store.JOURNAL_FILES:
+                shutil.copy(harness.spool / name, copy / name)
+            found = [record for name in store.JOURNAL_FILES for record in replayed(copy / name)]
+            failing["on"] = False
+            await message.placed
+            assert not io.stranded
+            folder = harness.spool / "queue" / f"{message.msgid >> 24:02x}" / f"{message.msgid:08x}"
+            return found, len(others), (folder / "message").read_bytes()
+
+    from smtpd.queue.envelope import Envelope, EnvelopeType
+
+    found, others, stored = run(scenario())
+    assert others == 3
+    assert [record.message for record in found if b"stranded body" in record.message] == \
+        [b"Subject: stranded\n\nstranded body\n"]
+    assert stored.endswith(b"\n\nstranded body\n")
+    assert caplog.text.count("is acknowledged but its files could not be written") == 1  # (not at every retry)
+    assert "written from memory after an earlier failure" in caplog.text
