@@ -106,8 +106,10 @@ def lose_unflushed_folders(spool: Path) -> int:
     return lost
 
 
-@pytest.mark.parametrize("power_cut", [False, True], ids=["kill", "kill-and-power-cut"])
-def test_kill_9_at_random_moments_loses_no_acknowledged_mail(tmp_path: Path, power_cut: bool) -> None:
+@pytest.mark.parametrize(("power_cut", "clients"), [(False, 8), (True, 8), (True, 1)],
+                         ids=["kill", "kill-and-power-cut", "kill-and-power-cut-one-client"])
+def test_kill_9_at_random_moments_loses_no_acknowledged_mail(tmp_path: Path, power_cut: bool, clients: int) -> None:
+    """(With one client, a commit is alone: its files are written after its acknowledgement.)"""
     randomizer = random.Random(int(os.environ.get("CRASH_SEED", "0")) or None)
     written: set[str] = set()
     committing: set[str] = set()
@@ -117,7 +119,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_mail(tmp_path: Path, pow
     env = {"SMTPD_QUEUE_CHECKPOINT_DELAY": "0.3"} if power_cut else {}
     for round_number in range(ROUNDS if not power_cut else ROUNDS // 2):
         process = worker(tmp_path, f"import helpers_queue; helpers_queue.crash_worker({str(tmp_path)!r}, "
-                                   f"{round_number})", env)
+                                   f"{round_number}, {clients})", env)
         for line in read_until_killed(process, randomizer.uniform(0.05, 0.6)):
             kind, _, token = line.partition(" ")
             {"WRITE": written, "COMMIT": committing, "ACK": acknowledged}.get(kind, set()).add(token)

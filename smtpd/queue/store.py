@@ -528,7 +528,11 @@ class SpoolWriter:
             self.loop.call_soon(self._write_on_loop, unwritten)
 
     def _write_on_loop(self, commits: list[_Commit]) -> None:
-        self._acknowledged_written(commits, self._write_acknowledged(commits, False), None)
+        try:
+            failures, error = self._write_acknowledged(commits, False), None
+        except Exception as failure:  # noqa: BLE001 — as on the thread: those commits wait, the queue goes on
+            failures, error = None, failure
+        self._acknowledged_written(commits, failures, error)
 
     def _write_acknowledged(self, commits: list[_Commit], on_thread: bool) -> dict[int, OSError]:
         """The files of acknowledged journal commits; the failures by id() of the commit."""
