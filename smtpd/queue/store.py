@@ -198,8 +198,8 @@ class SpoolWriter:
     """queue.io: the group commit, and the other spool writes (envelope updates, removals) in order.
 
     A commit's files are written on the event loop as soon as it is asked (into the page cache: no waiting), or
-    by its round (_files_with_round), and made durable by flush rounds run by one flusher thread. Commits asked while a round runs wait for the next
-    one and share it (group commit). A round is either a *journal round* (the commits' records appended to the
+    by its round (_files_with_round), and made durable by flush rounds run by one flusher thread. Commits asked
+    while a round runs wait for the next one and share it (group commit). A round is either a *journal round* (the commits' records appended to the
     journal, one fdatasync) or a *sync round* (one syncfs(2) of the spool; or per-file flushes with
     SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder renamed under queue/. The
     renames are flushed by the next sync round or, with a journal, by a *checkpoint* (_start_checkpoint), at
@@ -423,17 +423,14 @@ class SpoolWriter:
         or its files and folders (written first) and the earlier renames (a sync round), and then tell the
         journal of the checkpoint (None: no checkpoint)."""
         outcome = _FlushOutcome()
-        if not journal_round:
-            self._write_unwritten(batch, outcome, on_thread)
         if journal_round:
             assert self.journal is not None
-            records = [commit.record for commit in batch
-                       if commit.record is not None and id(commit) not in outcome.failed]
             try:
-                self.journal.active.append(records)
+                self.journal.active.append([commit.record for commit in batch if commit.record is not None])
             except OSError as error:
                 outcome.shared_error = error
             return outcome
+        self._write_unwritten(batch, outcome, on_thread)
         if self.filesystem is not None:
             try:
                 self.filesystem.sync()
