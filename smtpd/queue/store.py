@@ -141,8 +141,8 @@ class _Commit:
     placed: asyncio.Future[None]  # moved under queue/: the scheduler may take it
     files: list[int] = field(default_factory=list)  # open fds to flush
     record: list[bytes] | None = None  # its journal record (journal mode, small messages), made at its round
-    # A journal commit's files are written by its round, not when it is asked: until then it holds the message
-    # and its dumped envelopes (evpid, text). See SpoolWriter._start_round.
+    # The message (None: spilled to a file) and its dumped envelopes (evpid, text): what its journal record and
+    # its files are made of, the files now or by its round (SpoolWriter._files_with_round).
     data: bytes | None = None
     dumped: list[tuple[int, bytes]] = field(default_factory=list)
     written: bool = False  # its folder and files are in incoming/
@@ -388,17 +388,13 @@ class SpoolWriter:
             return False
         return len(commit.data) > ROUND_FILES_BYTES or self._alone()
 
-    def _journal_commit(self, commit: _Commit) -> bool:
-        """Whether the commit goes through the journal: its files are then written by its round."""
-        return self.journal is not None and commit.data is not None and len(commit.data) <= JOURNAL_MESSAGE_LIMIT
-
     def _number(self, batch: list[_Commit]) -> None:
         """Give the round's commits their sequence numbers, and their records to those going through the journal.
         Numbered at the round, not when asked: every commit numbered has its files written once no round runs,
         so a checkpoint at the last number covers them all."""
         for commit in batch:
             self.last_seq += 1
-            if commit.data is not None and self._journal_commit(commit):
+            if self.journal is not None and commit.data is not None and len(commit.data) <= JOURNAL_MESSAGE_LIMIT:
                 commit.record = record_parts(self.last_seq, commit.message.msgid, commit.data,
                                              commit.message.crc32, commit.dumped)
 
@@ -430,7 +426,7 @@ class SpoolWriter:
             except OSError as error:
                 outcome.shared_error = error
             return outcome
-        self._write_unwritten(batch, outcome, on_thread)
+        outcome.failed.update(self._write_commits(batch, on_thread))
         if self.filesystem is not None:
             try:
                 self.filesystem.sync()
@@ -468,17 +464,6 @@ class SpoolWriter:
                 outcome.failed.setdefault(id(owner), error)
         outcome.rename_error = next((error for error in results[len(calls):] if error is not None), None)
         return outcome
-
-    def _write_unwritten(self, batch: list[_Commit], outcome: _FlushOutcome, on_thread: bool) -> None:
-        """Write the files of the batch's commits that have none yet; a failure fails that commit alone."""
-        for commit in batch:
-            if commit.written:
-                continue
-            make_folder = functools.partial(_folder_from_spare, commit) if on_thread else self._make_folder
-            try:
-                self._write_files(commit, make_folder)
-            except OSError as error:
-                outcome.failed[id(commit)] = error
 
     def _round_done(self, batch: list[_Commit], renamed: list[_Commit], on_thread: bool,
                     outcome: _FlushOutcome | None, error: BaseException | None) -> None:
@@ -519,22 +504,25 @@ class SpoolWriter:
         if on_thread:
             for commit in unwritten:
                 commit.spare = self._take_spare_folder()
-            self.syncer.run(functools.partial(self._write_acknowledged, unwritten, True),
+            self.syncer.run(functools.partial(self._write_commits, unwritten, True),
                             functools.partial(self._acknowledged_written, unwritten))
         else:
             self.loop.call_soon(self._write_on_loop, unwritten)
 
     def _write_on_loop(self, commits: list[_Commit]) -> None:
         try:
-            failures, error = self._write_acknowledged(commits, False), None
+            failures, error = self._write_commits(commits, False), None
         except Exception as failure:  # noqa: BLE001 — as on the thread: those commits wait, the queue goes on
             failures, error = None, failure
         self._acknowledged_written(commits, failures, error)
 
-    def _write_acknowledged(self, commits: list[_Commit], on_thread: bool) -> dict[int, OSError]:
-        """The files of acknowledged journal commits; the failures by id() of the commit."""
+    def _write_commits(self, commits: list[_Commit], on_thread: bool) -> dict[int, OSError]:
+        """Write the files of the commits that have none yet (on the flusher thread: into the folders made ahead
+        for them); the failures, each of one commit alone, by id() of the commit."""
         failures: dict[int, OSError] = {}
         for commit in commits:
+            if commit.written:
+                continue
             make_folder = functools.partial(_folder_from_spare, commit) if on_thread else self._make_folder
             try:
                 self._write_files(commit, make_folder)
