@@ -280,3 +280,43 @@ def test_acknowledged_mail_whose_files_cannot_be_written_stays_in_the_journal_un
     assert stored.endswith(b"\n\nstranded body\n")
     assert caplog.text.count("is acknowledged but its files could not be written") == 1  # (not at every retry)
     assert "written from memory after an earlier failure" in caplog.text
+
+
+def test_big_commits_have_their_files_written_by_the_flusher_thread_after_their_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits over ROUND_FILES_BYTES go through journal rounds on the flusher thread, which writes their files
+    after the records, into folders made ahead: every message is still placed whole."""
+    import asyncio
+    import threading
+
+    from helpers_queue import Harness, run
+
+    from smtpd.queue import store
+
+    written_by: list[str] = []
+    original_write_commits = store.SpoolWriter._write_commits
+
+    def write_commits(self: store.SpoolWriter, commits: list, on_thread: bool) -> dict:  # type: ignore[type-arg]
+        written_by.extend(threading.current_thread().name for commit in commits if not commit.written)
+        return original_write_commits(self, commits, on_thread)
+
+    monkeypatch.setattr(store.SpoolWriter, "_write_commits", write_commits)
+
+    bodies = [f"Subject: big {index}\n\n".encode() + bytes([65 + index]) * (100 * 1024) + b"\n" for index in range(6)]
+    assert all(len(body) > store.ROUND_FILES_BYTES for body in bodies)
+
+    async def scenario() -> tuple[list[int], int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            io = harness.queue.io
+            assert io.journal is not None
+            submitted = await asyncio.gather(*(harness.submit(body) for body in bodies))
+            return [msgid for msgid, _ in submitted], io.committed
+
+    msgids, committed = run(scenario())
+    assert committed == len(bodies)
+    assert len(written_by) == len(bodies) and "queue-flush" in written_by, written_by
+    for msgid, body in zip(msgids, bodies, strict=True):
+        folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+        assert (folder / "message").read_bytes() == body
+        assert len(list(folder.iterdir())) == 2
