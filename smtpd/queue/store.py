@@ -558,6 +558,7 @@ class SpoolWriter:
             self._stranded_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_stranded)
 
     def _clear_partial(self, commit: _Commit) -> None:
+        """Undo what a commit's file writing left: open files, its folder made ahead, its folder in incoming/."""
         _close_all(commit)
         if commit.spare is not None:
             remove_path(commit.spare)
@@ -566,17 +567,15 @@ class SpoolWriter:
 
     def _retry_stranded(self) -> None:
         self._stranded_timer = None
-        written: list[_Commit] = []
-        for commit in list(self.stranded):
-            try:
-                self._write_files(commit, self._make_folder)
-            except OSError:
-                self._clear_partial(commit)
-                continue
-            LOG.info("queue: message %s written from memory after an earlier failure",
-                     format_msgid(commit.message.msgid))
-            self.stranded.remove(commit)
-            written.append(commit)
+        failures = self._write_commits(self.stranded, False)
+        written = [commit for commit in self.stranded if id(commit) not in failures]
+        for commit in self.stranded:
+            if id(commit) in failures:
+                self._clear_partial(commit)  # (logged once, when it was stranded)
+            else:
+                LOG.info("queue: message %s written from memory after an earlier failure",
+                         format_msgid(commit.message.msgid))
+        self.stranded = [commit for commit in self.stranded if id(commit) in failures]
         if self.stranded:
             self._stranded_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_stranded)
         self._rename(written)
@@ -743,20 +742,15 @@ class SpoolWriter:
             fd = os.open(os.path.join(directory, f"{evpid:016x}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          0o600)
             commit.files.append(fd)
-            if os.write(fd, envelope_data) != len(envelope_data):
-                raise OSError(28, "short write")
+            write_all(fd, envelope_data)
             start_writeback(fd)
         if self.filesystem is not None:
             _close_all(commit)  # syncfs needs no descriptor: fewer open files while a round runs
         commit.written = True
 
     def _fail(self, commit: _Commit, error: OSError) -> None:
-        _close_all(commit)
-        if commit.spare is not None:
-            remove_path(commit.spare)
-        msgid = commit.message.msgid
-        LOG.warning("queue: commit of message %s failed: %s", format_msgid(msgid), error)
-        remove_path(self.spool.incoming_dir(msgid))
+        self._clear_partial(commit)
+        LOG.warning("queue: commit of message %s failed: %s", format_msgid(commit.message.msgid), error)
         remove_path(commit.message.temporary_path)
         failure = QueueError(f"queue write failed: {error.strerror or error}")
         for future in (commit.future, commit.placed):
