@@ -38,6 +38,7 @@ class FolderDelivery:
     policy: Policy = field(default=lambda envelope: DeliveryResult.ok())
     delivered: list[Delivered] = field(default_factory=list)
     attempts: list[Envelope] = field(default_factory=list)
+    name_with_rcpt: bool = False  # files named "<evpid>-<rcpt>": which envelope carried which message
 
     async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
         self.attempts.append(envelope)
@@ -46,7 +47,8 @@ class FolderDelivery:
             with open(message_path, "rb") as handle:
                 data = handle.read()
             self.folder.mkdir(parents=True, exist_ok=True)
-            target = self.folder / f"{envelope.evpid:016x}"
+            target = self.folder / (f"{envelope.evpid:016x}-{envelope.rcpt}" if self.name_with_rcpt
+                                    else f"{envelope.evpid:016x}")
             temporary = self.folder / f".{envelope.evpid:016x}.tmp"
             temporary.write_bytes(data)
             temporary.rename(target)  # a delivered file is whole even if the process is killed
@@ -177,6 +179,7 @@ def crash_worker(tmp: str, round_number: int, concurrency: int = 8) -> None:
 
     async def main() -> None:
         harness = Harness(Path(tmp))
+        harness.mda.name_with_rcpt = True
         async with harness:
             print("READY", flush=True)
             await asyncio.gather(*(producer(harness, worker) for worker in range(concurrency)))
@@ -192,6 +195,7 @@ def drain_worker(tmp: str) -> None:
 
     async def main() -> None:
         harness = Harness(Path(tmp))
+        harness.mda.name_with_rcpt = True
         async with harness:
             await harness.queue.loading_done.wait()
             await wait_for(lambda: not harness.scheduler.entries, timeout=120, what="the queue to drain")

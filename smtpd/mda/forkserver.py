@@ -129,10 +129,11 @@ def _maildir_batch(directory: str, items: list[dict[str, Any]], messages: list[A
     """Each file written and fsynced in tmp/ and linked into new/; each new/ folder fsynced once, after its
     last link; an item is reported done only after the fsync of its folder."""
     linked: dict[str, list[int]] = {}  # new/ folder -> items linked there, not yet flushed
+    ensured: set[str] = set()
     for index, (item, message) in enumerate(zip(items, messages, strict=True)):
         try:
             final = local.write_maildir_file(directory, _prefix(item), message, item.get("extension", ""),
-                                             bool(item.get("junk")))
+                                             bool(item.get("junk")), ensured)
         except Exception as error:  # noqa: BLE001 — that item fails, the others go on
             report(index, *_failure(error))
             continue

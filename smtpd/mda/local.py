@@ -265,6 +265,13 @@ def ensure_maildir(directory: str) -> None:
             raise LocalDeliveryError(f"{target}: not a directory")
 
 
+def _ensure_once(directory: str, ensured: set[str] | None) -> None:
+    if ensured is None or directory not in ensured:
+        ensure_maildir(directory)
+        if ensured is not None:
+            ensured.add(directory)
+
+
 def unique_name() -> str:
     global _counter
     _counter += 1
@@ -311,15 +318,16 @@ def deliver_maildir(directory: str, prefix: bytes, message: BinaryIO, extension:
 
 
 def write_maildir_file(directory: str, prefix: bytes, message: BinaryIO, extension: str = "",
-                       junk: bool = False) -> str:
+                       junk: bool = False, ensured: set[str] | None = None) -> str:
     """Write the message to tmp/, fsync it, link it into new/; returns its path in new/.
 
     The new/ folder is not flushed here: the caller fsyncs it (once for all the files it linked there) before
-    it counts any of them as delivered."""
-    ensure_maildir(directory)
+    it counts any of them as delivered. ``ensured``: Maildirs this caller has made sure of already (a batch
+    checks each once: eight system calls a message otherwise)."""
+    _ensure_once(directory, ensured)
     target = choose_folder(directory, extension, junk, message)
     if target != directory:
-        ensure_maildir(target)
+        _ensure_once(target, ensured)
     name = unique_name()
     temporary = os.path.join(target, "tmp", name)
     final = os.path.join(target, "new", name)

@@ -93,10 +93,17 @@ class FilesystemSync:
         if SYNCFS is None:
             raise OSError(38, "syncfs is not available")
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Syncs started, and the number of the last one that succeeded: a change made (by any thread) while
+        # ``started`` read N is on disk once ``covered`` > N (the sync numbered N + 1 began after that read).
+        self.started = 0
+        self.covered = 0
 
     def sync(self) -> None:
         assert SYNCFS is not None
+        self.started += 1
+        number = self.started
         SYNCFS(self.fd)
+        self.covered = max(self.covered, number)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -308,8 +308,14 @@ class Spool:
                                 if os.path.dirname(self.envelope_path(evpid)) == folder)
         return failures
 
-    def remove_envelope_file(self, evpid: int) -> bool:
-        """Delete one envelope; delete the message too when it was the last one. False if it was not there."""
+    def remove_envelope_file(self, evpid: int, retired: list[tuple[str, str]] | None = None) -> bool:
+        """Delete one envelope; delete the message too when it was the last one. False if it was not there.
+
+        With ``retired`` given, the folder of a message whose last envelope this is leaves the queue whole, by one
+        rename into purge/, its files kept, and (folder, envelope file name) is added to ``retired``: the queue
+        makes it a new message's folder (SpoolWriter.retire)."""
+        if retired is not None and self._retire(evpid, retired):
+            return True
         try:
             os.unlink(self.envelope_path(evpid))
         except FileNotFoundError:
@@ -317,6 +323,21 @@ class Spool:
         msgid = evpid >> 32
         if not any(name != MESSAGE_FILE and not name.startswith(".") for name in _listdir(self.message_dir(msgid))):
             self.purge_message(msgid)
+        return True
+
+    def _retire(self, evpid: int, retired: list[tuple[str, str]]) -> bool:
+        msgid = evpid >> 32
+        directory = self.message_dir(msgid)
+        name = format_evpid(evpid)
+        names = _listdir(directory)
+        if len(names) != 2 or set(names) != {MESSAGE_FILE, name}:
+            return False
+        target = os.path.join(self.purge, format_msgid(msgid))
+        try:
+            os.rename(directory, target)
+        except OSError:
+            return False  # (e.g. a leftover of the same name in purge/: removed the usual way)
+        retired.append((target, name))
         return True
 
     def purge_message(self, msgid: int) -> None:

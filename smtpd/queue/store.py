@@ -14,6 +14,7 @@ has the whole story.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import errno
 import functools
@@ -41,7 +42,7 @@ from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
-from smtpd.queue.spool import CorruptEntry, Spool, remove_path
+from smtpd.queue.spool import MESSAGE_FILE, CorruptEntry, Spool, remove_path
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ MAX_BATCH = 256  # commits flushed together at most
 # making a directory on the event loop.
 SPARE_FOLDERS = int(os.environ.get("SMTPD_QUEUE_SPARE_FOLDERS", "64"))
 FOLDER_PREFIX = "folder-"
+# Folders of delivered messages kept in purge/ for reuse at most (see SpoolWriter.retire); beyond, deleted.
+RETIRED_FOLDERS = int(os.environ.get("SMTPD_QUEUE_RETIRED_FOLDERS", "256"))
 # A rename under queue/ is flushed by the next commit round; without one within this delay, by a round of its own.
 RENAME_FLUSH_DELAY = 0.01
 # A message is held in memory while it arrives up to this size, and written by the I/O thread at commit (no
@@ -146,7 +149,18 @@ class _Commit:
     data: bytes | None = None
     dumped: list[tuple[int, bytes]] = field(default_factory=list)
     written: bool = False  # its folder and files are in incoming/
-    spare: str | None = None  # a folder made ahead, for a round whose files the flusher thread writes
+    spare: Spare | None = None  # a folder made ahead, for a round whose files the flusher thread writes
+
+
+@dataclass(frozen=True)
+class Spare:
+    """A message folder made ahead in temporary/: new and empty, or a delivered message's folder taken back
+    (see SpoolWriter.retire) that still holds its message file and its one envelope file, named ``envelope``.
+    A commit into a taken-back folder renames that envelope file and truncates both files as it writes them:
+    no inode is freed and none allocated."""
+
+    path: str
+    envelope: str | None = None
 
 
 @dataclass
@@ -232,8 +246,10 @@ class SpoolWriter:
         self._stranded_timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
-        # Empty folders made ahead in temporary/ (see _make_folder); a start removes leftovers with the rest.
-        self.folders: list[str] = []
+        # Folders made ahead in temporary/ (see _make_folder); a start removes leftovers with the rest.
+        self.folders: list[Spare] = []
+        # Delivered messages' folders in purge/ (see retire): (path, envelope file name, filesystem.started then).
+        self.retired: collections.deque[tuple[str, str, int]] = collections.deque()
         self.folders_wanted = SPARE_FOLDERS
         self._folders_coming = False
         self._folder_counter = 0
@@ -561,7 +577,7 @@ class SpoolWriter:
         """Undo what a commit's file writing left: open files, its folder made ahead, its folder in incoming/."""
         _close_all(commit)
         if commit.spare is not None:
-            remove_path(commit.spare)
+            remove_path(commit.spare.path)
             commit.spare = None
         remove_path(self.spool.incoming_dir(commit.message.msgid))
 
@@ -665,27 +681,28 @@ class SpoolWriter:
             self.renamed.append(commit)
 
     # -- message folders made ahead ------------------------------------------------------------------------
-    def _make_folder(self, directory: str) -> None:
+    def _make_folder(self, directory: str) -> str | None:
         """Create a message's folder in incoming/: by renaming one made ahead when there is one. A mkdir is the
         costliest call of a commit (on ext4 a new directory inode is searched for across the block groups, and
         right after many deletions that search is slow: 0.3 ms measured); made ahead by the writer thread, it
-        costs the event loop only a rename."""
+        costs the event loop only a rename. Returns the name of the envelope file a taken-back folder holds."""
         while self.folders:
             made = self.folders.pop()
             try:
-                os.rename(made, directory)
+                os.rename(made.path, directory)
             except OSError as error:
-                remove_path(made)
+                remove_path(made.path)
                 if error.errno == errno.EXDEV:  # temporary/ and incoming/ on different filesystems
                     self.folders_wanted = 0
                     self.folders.clear()
                 continue
             self._refill_folders()
-            return
+            return made.envelope
         os.mkdir(directory, 0o700)
         self._refill_folders()
+        return None
 
-    def _take_spare_folder(self) -> str | None:
+    def _take_spare_folder(self) -> Spare | None:
         """A folder made ahead, for a commit whose files the flusher thread writes (see _folder_from_spare)."""
         made = self.folders.pop() if self.folders else None
         self._refill_folders()
@@ -699,16 +716,49 @@ class SpoolWriter:
         for _ in range(self.folders_wanted - len(self.folders)):
             self._folder_counter += 1
             names.append(os.path.join(self.spool.temporary, f"{FOLDER_PREFIX}{os.getpid()}-{self._folder_counter}"))
-        self.writer.run(functools.partial(_make_folders, names), self._folders_made)
+        self.writer.run(functools.partial(_make_folders, names, self.take_reusable(len(names))), self._folders_made)
 
-    def _folders_made(self, made: list[str] | None, error: BaseException | None) -> None:
+    def _folders_made(self, made: list[Spare] | None, error: BaseException | None) -> None:
         self._folders_coming = False
         self.folders.extend(made or [])
 
+    # -- delivered messages' folders taken back ----------------------------------------------------------
+    def retire_room(self) -> int:
+        """How many more delivered messages' folders purge/ may keep for reuse (0: delete them as before)."""
+        if self.filesystem is None or self.folders_wanted == 0:
+            return 0  # (reuse waits for a syncfs, see retire)
+        return max(0, RETIRED_FOLDERS - len(self.retired))
+
+    def retire(self, folders: list[tuple[str, str]], started: int) -> None:
+        """Keep folders that delivered messages left by one rename each into purge/, with their message file and
+        envelope file, to be made into new messages' folders: on ext4 without a journal, every inode freed makes
+        each inode allocation of the next minutes in its block group search past it (`recently_deleted`), and
+        a message's removal freed three (a third of the machine's CPU time once, delivering while accepting).
+
+        Not before a syncfs that began after the renames (``started`` was filesystem.started after them) has
+        completed: until the removal is on disk, a power cut could bring the old folder back under queue/ with
+        a new message's data in its files."""
+        self.retired.extend((path, envelope, started) for path, envelope in folders)
+
+    def take_reusable(self, wanted: int) -> list[tuple[str, str]]:
+        """Up to ``wanted`` retired folders whose removal is on disk (see retire)."""
+        assert self.filesystem is not None or not self.retired
+        reusable: list[tuple[str, str]] = []
+        while self.retired and len(reusable) < wanted:
+            path, envelope, started = self.retired[0]
+            if self.filesystem is None or self.filesystem.covered <= started:
+                break
+            self.retired.popleft()
+            reusable.append((path, envelope))
+        return reusable
+
     def remove_spare_folders(self) -> None:
         for made in self.folders:
-            remove_path(made)
+            remove_path(made.path)
         self.folders.clear()
+        for path, _, _ in self.retired:
+            remove_path(path)
+        self.retired.clear()
 
     def _prepare(self, commit: _Commit) -> None:
         """Take the message from memory and dump its envelopes, with what the next start checks if it finds the
@@ -722,25 +772,33 @@ class SpoolWriter:
             envelope.commit_envelopes = len(message.envelopes)
             commit.dumped.append((envelope.evpid, dump_envelope(envelope)))
 
-    def _write_files(self, commit: _Commit, make_folder: Callable[[str], None]) -> None:
+    def _write_files(self, commit: _Commit, make_folder: Callable[[str], str | None]) -> None:
         """The commit's folder in incoming/, its message and envelope files (into the page cache)."""
         message = commit.message
         directory = self.spool.incoming_dir(message.msgid)
-        make_folder(directory)
+        # A taken-back folder (Spare) holds an old message's files, emptied (_make_folders): written again as they
+        # are, without O_TRUNC (which would make ext4 flush them on close, see _empty_files).
+        old_envelope = make_folder(directory)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if old_envelope else os.O_EXCL)
         message_path = os.path.join(directory, "message")
         if commit.data is None:
             os.rename(message.temporary_path, message_path)
             commit.files.append(message.take_fd())
         else:
-            fd = os.open(message_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(message_path, flags, 0o600)
             commit.files.append(fd)
             write_all(fd, commit.data)
         # Per-file flushes: start each file's write-back at once, so the round's data goes out together.
         start_writeback = _no_writeback if self.filesystem is not None else _START_WRITEBACK
         start_writeback(commit.files[0])
         for evpid, envelope_data in commit.dumped:
-            fd = os.open(os.path.join(directory, f"{evpid:016x}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o600)
+            envelope_path = os.path.join(directory, f"{evpid:016x}")
+            if old_envelope:
+                os.rename(os.path.join(directory, old_envelope), envelope_path)
+                old_envelope = None
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(envelope_path, flags, 0o600)
             commit.files.append(fd)
             write_all(fd, envelope_data)
             start_writeback(fd)
@@ -758,28 +816,50 @@ class SpoolWriter:
                 future.set_exception(failure)
 
 
-def _folder_from_spare(commit: _Commit, directory: str) -> None:
-    """In the flusher thread: the commit's folder, from the one made ahead for it when there is one."""
+def _folder_from_spare(commit: _Commit, directory: str) -> str | None:
+    """In the flusher thread: the commit's folder, from the one made ahead for it when there is one (returns the
+    name of the envelope file a taken-back folder holds)."""
     spare, commit.spare = commit.spare, None
     if spare is not None:
         try:
-            os.rename(spare, directory)
-            return
+            os.rename(spare.path, directory)
+            return spare.envelope
         except OSError:
-            remove_path(spare)
+            remove_path(spare.path)
     os.mkdir(directory, 0o700)
+    return None
 
 
-def _make_folders(names: list[str]) -> list[str]:
-    """In the writer thread: make empty message folders ahead of need; returns those made."""
+def _make_folders(names: list[str], reusable: list[tuple[str, str]]) -> list[Spare]:
+    """In the writer thread: message folders ahead of need, taken back from purge/ (``reusable``: path,
+    envelope file name) or made empty; returns those ready."""
     made = []
     for name in names:
+        if reusable:
+            path, envelope = reusable.pop()
+            try:
+                os.rename(path, name)
+                _empty_files(name, (MESSAGE_FILE, envelope))
+                made.append(Spare(name, envelope))
+                continue
+            except OSError:
+                remove_path(name)
+                remove_path(path)
         try:
             os.mkdir(name, 0o700)
         except OSError:
             break
-        made.append(name)
+        made.append(Spare(name))
+    for path, _ in reusable:  # (only if a mkdir failed)
+        remove_path(path)
     return made
+
+
+def _empty_files(directory: str, names: tuple[str, ...]) -> None:
+    """Truncate files through a descriptor, closed here: ext4 flushes a file truncated to zero when it is next
+    closed (auto_da_alloc), and that close would otherwise be the commit's, on the event loop."""
+    for name in names:
+        os.close(os.open(os.path.join(directory, name), os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC))
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -912,9 +992,11 @@ class _RemovalBatch:
     The job is queued with the first removal; the ones asked until the thread starts it join it. The thread
     removes them in order and hands every result back to the event loop in one call."""
 
-    def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, spool: Spool, writer: SpoolWriter) -> None:
         self.spool = spool
-        self.loop = loop
+        self.writer = writer
+        self.loop = writer.loop
+        self.retire_room = writer.retire_room()  # folders it may keep for reuse (see SpoolWriter.retire)
         self.evpids: list[int] = []
         self.futures: list[asyncio.Future[bool]] = []
         self.started = False  # set by the thread: from then on, new removals go to a new batch
@@ -935,17 +1017,23 @@ class _RemovalBatch:
         with self.lock:
             self.started = True
         results: list[bool | BaseException] = []
+        retired: list[tuple[str, str]] = []
         for evpid in self.evpids:
             try:
-                results.append(self.spool.remove_envelope_file(evpid))
+                results.append(self.spool.remove_envelope_file(
+                    evpid, retired if len(retired) < self.retire_room else None))
             except Exception as error:  # noqa: BLE001 — handed to that removal's caller
                 results.append(error)
+        filesystem = self.writer.filesystem
+        started = filesystem.started if filesystem is not None else 0  # (read after the renames)
         try:
-            self.loop.call_soon_threadsafe(self._settle, results)
+            self.loop.call_soon_threadsafe(self._settle, results, retired, started)
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
 
-    def _settle(self, results: list[bool | BaseException]) -> None:
+    def _settle(self, results: list[bool | BaseException], retired: list[tuple[str, str]], started: int) -> None:
+        if retired:
+            self.writer.retire(retired, started)
         for future, result in zip(self.futures, results, strict=False):
             if future.done():
                 continue
@@ -1093,7 +1181,7 @@ class Queue:
         thread and back per batch rather than per envelope, in order with the other spool writes."""
         future = self._removals.add(evpid) if self._removals is not None else None
         if future is None:  # none open, or the thread has started it
-            self._removals = _RemovalBatch(self.spool, self.io.loop)
+            self._removals = _RemovalBatch(self.spool, self.io)
             future = self._removals.add(evpid)
             assert future is not None
             self.io.submit(self._removals.run, wait=False)
