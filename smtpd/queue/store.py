@@ -741,14 +741,11 @@ class SpoolWriter:
         self.retired.extend((path, envelope, started) for path, envelope in folders)
 
     def take_reusable(self, wanted: int) -> list[tuple[str, str]]:
-        """Up to ``wanted`` retired folders whose removal is on disk (see retire)."""
-        assert self.filesystem is not None or not self.retired
+        """Up to ``wanted`` retired folders whose removal is on disk (see retire; none without syncfs)."""
         reusable: list[tuple[str, str]] = []
-        while self.retired and len(reusable) < wanted:
-            path, envelope, started = self.retired[0]
-            if self.filesystem is None or self.filesystem.covered <= started:
-                break
-            self.retired.popleft()
+        covered = self.filesystem.covered if self.filesystem is not None else 0
+        while self.retired and len(reusable) < wanted and covered > self.retired[0][2]:
+            path, envelope, _ = self.retired.popleft()
             reusable.append((path, envelope))
         return reusable
 
@@ -776,16 +773,17 @@ class SpoolWriter:
         """The commit's folder in incoming/, its message and envelope files (into the page cache)."""
         message = commit.message
         directory = self.spool.incoming_dir(message.msgid)
-        # A taken-back folder (Spare) holds an old message's files, emptied (_make_folders): written again as they
+        # A taken-back folder (Spare) holds an old message's two files, emptied (_make_folders): opened as they
         # are, without O_TRUNC (which would make ext4 flush them on close, see _empty_files).
         old_envelope = make_folder(directory)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if old_envelope else os.O_EXCL)
+        create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        reuse = os.O_WRONLY | os.O_CLOEXEC
         message_path = os.path.join(directory, "message")
         if commit.data is None:
             os.rename(message.temporary_path, message_path)
             commit.files.append(message.take_fd())
         else:
-            fd = os.open(message_path, flags, 0o600)
+            fd = os.open(message_path, reuse if old_envelope else create, 0o600)
             commit.files.append(fd)
             write_all(fd, commit.data)
         # Per-file flushes: start each file's write-back at once, so the round's data goes out together.
@@ -793,11 +791,10 @@ class SpoolWriter:
         start_writeback(commit.files[0])
         for evpid, envelope_data in commit.dumped:
             envelope_path = os.path.join(directory, f"{evpid:016x}")
+            flags = create
             if old_envelope:
                 os.rename(os.path.join(directory, old_envelope), envelope_path)
-                old_envelope = None
-            else:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                old_envelope, flags = None, reuse
             fd = os.open(envelope_path, flags, 0o600)
             commit.files.append(fd)
             write_all(fd, envelope_data)
