@@ -3,11 +3,14 @@
 On ext4 without a journal every inode freed slows each inode allocation of the next minutes in its block group,
 so a delivered message's folder, message file and envelope file are kept and rewritten for a new message. What
 must hold: a new message's files hold its own data only (the old message's longer data is gone), the envelope is
-its own, and a folder is reused only after a syncfs that began after its removal.
+its own, and a folder is reused only after a syncfs that began after its removal. And what a power cut in the
+middle of a reuse may leave in incoming/ (an old envelope under a new name, new data under an old envelope) is
+never taken for a commit at the next start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -85,3 +88,47 @@ def test_a_kept_folder_waits_for_a_syncfs_begun_after_its_removal(tmp_path: Path
             assert writer.take_reusable(8) == []
 
     run(scenario())
+
+
+def _old_folder_under_a_new_name(tmp_path: Path) -> tuple[Path, bytes]:
+    """A power cut in the middle of a taken-back folder's reuse, as the disk may show it: the old message's folder
+    in incoming/ under a new message id, its envelope file renamed to a new envelope id but still the old one's."""
+
+    async def first_life() -> tuple[int, bytes]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            body = b"Subject: old\n\nfor the old recipient\n"
+            msgid, _ = await harness.submit(body, recipients=("old@example.org",))
+            return msgid, body
+
+    msgid, body = run(first_life())
+    new_msgid = msgid ^ 0x00FFFFFF
+    folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+    moved = tmp_path / "spool" / "incoming" / f"{new_msgid:08x}"
+    folder.rename(moved)
+    envelope_file = next(path for path in moved.iterdir() if path.name != "message")
+    envelope_file.rename(moved / f"{new_msgid:08x}{envelope_file.name[8:]}")
+    return moved, body
+
+
+def _deliveries_after_restart(tmp_path: Path) -> list[str]:
+    async def second_life() -> list[str]:
+        async with Harness(tmp_path) as harness:
+            await harness.queue.loading_done.wait()
+            await asyncio.sleep(0.3)
+            return [item.envelope.rcpt for item in harness.mda.delivered]
+
+    return run(second_life())
+
+
+def test_an_old_envelope_under_a_new_name_is_never_taken_for_a_commit(tmp_path: Path) -> None:
+    moved, _ = _old_folder_under_a_new_name(tmp_path)
+    assert _deliveries_after_restart(tmp_path) == []
+    assert not moved.exists()
+
+
+def test_new_data_under_an_old_envelope_is_never_delivered(tmp_path: Path) -> None:
+    moved, _ = _old_folder_under_a_new_name(tmp_path)
+    (moved / "message").write_bytes(b"Subject: new\n\nfor the new recipient only\n")
+    assert _deliveries_after_restart(tmp_path) == []
+    assert not moved.exists()
