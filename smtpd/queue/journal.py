@@ -4,9 +4,10 @@ Flushing a commit's own files takes a syncfs(2) of the spool's filesystem: every
 block, then a cache flush of the device (0.3-0.5 ms here). Appending the same bytes to one file whose blocks
 already exist, and flushing its data, is one write and one flush (0.13 ms). So a round of commits is made
 durable by appending one record per commit to a journal file; the commits' files are written into the page
-cache (before the record or after it: the record holds all they do), and made durable later by a *checkpoint* (one syncfs for many rounds), which also tells
-the journal that its records up to there are no longer needed. The scheduler takes a message only after the
-checkpoint that covers it, so a record that a restart replays is never one of a message that was delivered.
+cache (before the record or after it: the record holds all they do), and made durable later by a *checkpoint*
+(one syncfs for many rounds), which also tells the journal that its records up to there are no longer needed.
+The scheduler takes a message only after the checkpoint that covers it, so a record that a restart replays is
+never one of a message that was delivered.
 The queue keeps two such files taking turns (JournalPair), so that commits go on while a checkpoint runs.
 
 File layout (all integers little-endian):

@@ -332,7 +332,7 @@ class Spool:
         names = _listdir(directory)
         if len(names) != 2 or set(names) != {MESSAGE_FILE, name}:
             return False
-        target = os.path.join(self.purge, format_msgid(msgid))
+        target = self.purge_dir(msgid)
         try:
             os.rename(directory, target)
         except OSError:
@@ -340,9 +340,13 @@ class Spool:
         retired.append((target, name))
         return True
 
+    def purge_dir(self, msgid: int) -> str:
+        """Where a message's folder goes when it leaves the queue."""
+        return os.path.join(self.purge, format_msgid(msgid))
+
     def purge_message(self, msgid: int) -> None:
         directory = self.message_dir(msgid)
-        target = os.path.join(self.purge, format_msgid(msgid))
+        target = self.purge_dir(msgid)
         try:
             os.rename(directory, target)
         except FileNotFoundError:

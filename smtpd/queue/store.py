@@ -6,9 +6,9 @@ makes commits durable in rounds: one append to the commit journal and one fdatas
 (smtpd/queue/journal.py), or one syncfs(2) per round (SMTPD_QUEUE_SYNC=syncfs, and for messages too big for the
 journal), or per-file flushes (SMTPD_QUEUE_SYNC=fsync). Commits asked while a round runs share the next one
 (group commit). After its round a commit is acknowledged (the 250), its files written if they were not, and its
-folder renamed under queue/; a checkpoint (one syncfs, while appends go to the journal's other file) or a sync round
-flushes the renames and files, and then the scheduler takes the envelopes. Other spool writes (envelope updates, removals) run in order on one writer thread. docs/queue.md
-has the whole story.
+folder renamed under queue/; a checkpoint (one syncfs, while appends go to the journal's other file) or a sync
+round flushes the renames and files, and then the scheduler takes the envelopes. Other spool writes (envelope
+updates, removals) run in order on one writer thread. docs/queue.md has the whole story.
 """
 
 from __future__ import annotations
@@ -155,9 +155,9 @@ class _Commit:
 @dataclass(frozen=True)
 class Spare:
     """A message folder made ahead in temporary/: new and empty, or a delivered message's folder taken back
-    (see SpoolWriter.retire) that still holds its message file and its one envelope file, named ``envelope``.
-    A commit into a taken-back folder renames that envelope file and truncates both files as it writes them:
-    no inode is freed and none allocated."""
+    (see SpoolWriter.retire) that still holds its message file and its one envelope file, named ``envelope``,
+    both emptied by the writer thread. A commit into a taken-back folder renames that envelope file and writes
+    both files: no inode is freed and none allocated."""
 
     path: str
     envelope: str | None = None
@@ -213,10 +213,10 @@ class SpoolWriter:
 
     A commit's files are written on the event loop as soon as it is asked (into the page cache: no waiting), or
     by its round (_files_with_round), and made durable by flush rounds run by one flusher thread. Commits asked
-    while a round runs wait for the next one and share it (group commit). A round is either a *journal round* (the commits' records appended to the
-    journal, one fdatasync) or a *sync round* (one syncfs(2) of the spool; or per-file flushes with
-    SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder renamed under queue/. The
-    renames are flushed by the next sync round or, with a journal, by a *checkpoint* (_start_checkpoint), at
+    while a round runs wait for the next one and share it (group commit). A round is either a *journal round*
+    (the commits' records appended to the journal, one fdatasync) or a *sync round* (one syncfs(2) of the spool;
+    or per-file flushes with SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder
+    renamed under queue/. The renames are flushed by the next sync round or, with a journal, by a *checkpoint* (_start_checkpoint), at
     most CHECKPOINT_DELAY (RENAME_FLUSH_DELAY without a journal) later; then the scheduler takes the envelopes.
     """
 
@@ -374,9 +374,7 @@ class SpoolWriter:
         # the flusher thread into folders made ahead (taken here).
         journal_round = journal_bytes is not None
         if not inline and not journal_round:
-            for commit in batch:
-                if not commit.written:
-                    commit.spare = self._take_spare_folder()
+            self._give_spare_folders(batch)
         flush = functools.partial(self._flush, batch, renamed, journal_round, checkpoint, not inline)
         if inline:
             # One message, and none other on its way: nothing would run on the loop while the flusher thread
@@ -420,9 +418,10 @@ class SpoolWriter:
         if not self._checkpoints() or not batch:
             return None
         sizes = [record_size(commit.record) for commit in batch if commit.record is not None]
-        if len(sizes) < len(batch) or not self.journal.active.has_room(sum(sizes)):
+        total = sum(sizes)
+        if len(sizes) < len(batch) or not self.journal.active.has_room(total):
             return None
-        return sum(sizes)
+        return total
 
     def _alone(self) -> bool:
         """No message on its way besides the one asking (those acknowledged, only waiting for their rename to be
@@ -518,8 +517,7 @@ class SpoolWriter:
         # they are written: a checkpoint must not cover a commit numbered and not written.
         self.flushing = True
         if on_thread:
-            for commit in unwritten:
-                commit.spare = self._take_spare_folder()
+            self._give_spare_folders(unwritten)
             self.syncer.run(functools.partial(self._write_commits, unwritten, True),
                             functools.partial(self._acknowledged_written, unwritten))
         else:
@@ -584,14 +582,17 @@ class SpoolWriter:
     def _retry_stranded(self) -> None:
         self._stranded_timer = None
         failures = self._write_commits(self.stranded, False)
-        written = [commit for commit in self.stranded if id(commit) not in failures]
+        written: list[_Commit] = []
+        still: list[_Commit] = []
         for commit in self.stranded:
             if id(commit) in failures:
                 self._clear_partial(commit)  # (logged once, when it was stranded)
+                still.append(commit)
             else:
                 LOG.info("queue: message %s written from memory after an earlier failure",
                          format_msgid(commit.message.msgid))
-        self.stranded = [commit for commit in self.stranded if id(commit) in failures]
+                written.append(commit)
+        self.stranded = still
         if self.stranded:
             self._stranded_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_stranded)
         self._rename(written)
@@ -702,11 +703,12 @@ class SpoolWriter:
         self._refill_folders()
         return None
 
-    def _take_spare_folder(self) -> Spare | None:
-        """A folder made ahead, for a commit whose files the flusher thread writes (see _folder_from_spare)."""
-        made = self.folders.pop() if self.folders else None
+    def _give_spare_folders(self, commits: list[_Commit]) -> None:
+        """A folder made ahead for each commit whose files the flusher thread writes (see _folder_from_spare)."""
+        for commit in commits:
+            if not commit.written and self.folders:
+                commit.spare = self.folders.pop()
         self._refill_folders()
-        return made
 
     def _refill_folders(self) -> None:
         if self._folders_coming or len(self.folders) >= self.folders_wanted // 2:
@@ -778,7 +780,7 @@ class SpoolWriter:
         old_envelope = make_folder(directory)
         create = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         reuse = os.O_WRONLY | os.O_CLOEXEC
-        message_path = os.path.join(directory, "message")
+        message_path = os.path.join(directory, MESSAGE_FILE)
         if commit.data is None:
             os.rename(message.temporary_path, message_path)
             commit.files.append(message.take_fd())
