@@ -216,8 +216,9 @@ class SpoolWriter:
     while a round runs wait for the next one and share it (group commit). A round is either a *journal round*
     (the commits' records appended to the journal, one fdatasync) or a *sync round* (one syncfs(2) of the spool;
     or per-file flushes with SMTPD_QUEUE_SYNC=fsync). After its round, a commit is acknowledged and its folder
-    renamed under queue/. The renames are flushed by the next sync round or, with a journal, by a *checkpoint* (_start_checkpoint), at
-    most CHECKPOINT_DELAY (RENAME_FLUSH_DELAY without a journal) later; then the scheduler takes the envelopes.
+    renamed under queue/. The renames are flushed by the next sync round or, with a journal, by a *checkpoint*
+    (_start_checkpoint), at most CHECKPOINT_DELAY (RENAME_FLUSH_DELAY without a journal) later; then the
+    scheduler takes the envelopes.
     """
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
