@@ -95,6 +95,37 @@ def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
     assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 200
 
 
+@pytest.mark.parametrize(("turns", "rounds"), [(store.GATHER_TURNS, 1), (0, 2)])
+def test_a_round_waits_a_few_loop_turns_for_a_message_still_arriving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     turns: int, rounds: int) -> None:
+    """A message is committed while another is still arriving, and that one is committed two turns of the loop
+    later: the first round waits (up to GATHER_TURNS turns) and both share it, one fdatasync for the two. Without
+    the wait, each has its own round."""
+    monkeypatch.setattr(store, "GATHER_TURNS", turns)
+
+    async def scenario() -> tuple[int, int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            assert harness.queue.io.journal is not None  # (inline journal rounds are the ones that wait)
+            first, second = harness.queue.new_message(), harness.queue.new_message()
+            for number, message in enumerate((first, second)):
+                await message.write(b"Subject: x\n\nbody\n")
+                message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="a@x.test",
+                                              rcpt=f"u{number}@x.test", dest=f"u{number}@x.test"))
+            batches_before = harness.queue.io.batches
+
+            async def commit_later() -> None:
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                await second.commit()
+
+            await asyncio.gather(first.commit(), commit_later())
+            await harness.queue.io.drain()
+            return harness.queue.io.batches - batches_before, harness.queue.arriving
+
+    assert run(scenario()) == (rounds, 0)
+
+
 @pytest.mark.parametrize("sync_mode", ["journal", "syncfs", "fsync"])
 def test_both_flush_modes_commit_lone_and_grouped_messages_whole(tmp_path: Path, sync_mode: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,6 +77,8 @@ JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_JOURNAL_BYTES", str(16 << 20)))
 # A journal round of up to this many bytes is written and flushed on the event loop itself (see _start_round).
 INLINE_JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_INLINE_JOURNAL_BYTES", str(64 * 1024)))
 CHECKPOINT_DELAY = float(os.environ.get("SMTPD_QUEUE_CHECKPOINT_DELAY", "0.02"))
+# A round that would run on the loop waits up to this many turns of the loop for more commits (see _gather).
+GATHER_TURNS = int(os.environ.get("SMTPD_QUEUE_GATHER_TURNS", "6"))
 # An acknowledged commit whose files could not be written is tried again after this many seconds (see _strand).
 STRANDED_RETRY_DELAY = float(os.environ.get("SMTPD_QUEUE_STRANDED_RETRY", "1"))
 # A commit bigger than this has its files written by its round, not when it is asked (see _files_with_round).
@@ -223,10 +225,11 @@ class SpoolWriter:
 
     def __init__(self, spool: Spool, loop: asyncio.AbstractEventLoop,
                  receiving: Callable[[], int] = lambda: 2,  # (default: never alone)
-                 journal: JournalPair | None = None) -> None:
+                 journal: JournalPair | None = None, arriving: Callable[[], int] = lambda: 0) -> None:
         self.spool = spool
         self.loop = loop
         self.receiving = receiving  # how many messages are being received or committed (see _alone)
+        self.arriving = arriving  # how many messages are being received, not committed yet (see _gather)
         self.syncer = _Worker("queue-flush", loop)
         self.writer = _Worker("queue-io", loop)
         self.batches = 0
@@ -339,10 +342,42 @@ class SpoolWriter:
             return commit.future, commit.placed
         self.written.append(commit)
         if not self.flushing and not self._round_soon:
-            # After this turn of the loop: commits finishing in the same turn share the round.
-            self._round_soon = True
-            self.loop.call_soon(self._start_round)
+            if self._alone():
+                # No other message on its way, so none could share the round: run it now. An inline round then
+                # settles the future before it is awaited, and the 250 goes out in this same turn of the loop
+                # (two turns and two polls fewer per message; with one client 0-7% more messages a second in
+                # five side-by-side pairs, about the host's noise).
+                self._start_round()
+            else:
+                # After this turn of the loop: commits finishing in the same turn share the round.
+                self._round_soon = True
+                self.loop.call_soon(self._gather, GATHER_TURNS)
         return commit.future, commit.placed
+
+    def _gather(self, turns: int) -> None:
+        """Start the round asked for, or first let the loop turn once more (``turns`` times at most) while it
+        would run on the loop and other messages are still arriving: each turn reads the sessions whose data
+        came meanwhile, and their commits share the round. An inline round stops the loop for its fdatasync;
+        fewer and bigger ones leave it more time for the sessions (measured with 8 sessions: 2.4 commits a
+        round without the wait, and 20-25% more messages a second with it, at 6 turns). When nothing else is
+        ready, the turns take microseconds."""
+        if not self._round_soon:
+            return  # (a round started meanwhile took these commits)
+        if turns > 0 and self.arriving() > 0 and self._inline_sized():
+            self.loop.call_soon(self._gather, turns - 1)
+            return
+        self._start_round()
+
+    def _inline_sized(self) -> bool:
+        """Whether the commits waiting would make a journal round run on the loop (see _start_round)."""
+        if not self._checkpoints():
+            return False
+        size = 0
+        for commit in self.written:
+            size += len(commit.data) if commit.data is not None else INLINE_JOURNAL_BYTES + 1
+            if size > INLINE_JOURNAL_BYTES:
+                return False
+        return True
 
     def _start_round(self) -> None:
         self._round_soon = False
@@ -947,6 +982,7 @@ class IncomingMessage:
         if not self.envelopes:
             raise QueueError("message has no envelope")
         self._state = "committing"
+        self.store.arriving -= 1
         durable, placed = self.store.io.submit_commit(self)
         self.placed = placed
         # The scheduler learns of the message once it is under queue/, whether or not anyone still waits
@@ -973,6 +1009,8 @@ class IncomingMessage:
     async def abort(self) -> None:
         if self._state in ("committed", "committing", "aborted"):
             return
+        if self._state == "open":
+            self.store.arriving -= 1
         self._state = "aborted"
         self.store.receiving.discard(self.msgid)
         self._chunks = []
@@ -1056,6 +1094,7 @@ class Queue:
         self.load_seconds = 0.0
         self.corrupt_found: list[CorruptEntry] = []
         self.receiving: set[int] = set()  # msgids of messages being received or committed
+        self.arriving = 0  # messages being received, not yet asked to commit
         self._loader: asyncio.Task[None] | None = None
         # Envelope consumer: the scheduler, or (in tests without one) None.
         self.on_envelopes: Callable[[list[Envelope], bool], None] | None = None
@@ -1078,7 +1117,7 @@ class Queue:
         # Sorted by the folders' inodes: with a cold cache, neighbouring inodes and blocks are read together.
         msgids = [msgid for _, msgid in sorted(await asyncio.to_thread(self.spool.message_entries))]
         self.io = SpoolWriter(self.spool, asyncio.get_running_loop(), receiving=lambda: len(self.receiving),
-                              journal=journal)
+                              journal=journal, arriving=lambda: self.arriving)
         self.io.start()
         self._loader = asyncio.create_task(self._load_in_background(msgids), name="queue-loader")
 
@@ -1102,6 +1141,7 @@ class Queue:
             if msgid in self.receiving or os.path.exists(self.spool.message_dir(msgid)):
                 continue
             self.receiving.add(msgid)
+            self.arriving += 1
             return IncomingMessage(self, msgid)
         raise QueueError("no free message id")
 
