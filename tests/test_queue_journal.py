@@ -243,6 +243,7 @@ def test_acknowledged_mail_whose_files_cannot_be_written_stays_in_the_journal_un
 
     monkeypatch.setattr(store, "write_all", write_all)
     monkeypatch.setattr(store, "STRANDED_RETRY_DELAY", 0.05)
+    monkeypatch.setattr(store, "FILE_WRITER", False)  # (the failure is injected into the daemon's own writes)
     caplog.set_level(logging.INFO, logger="smtpd.queue")
 
     async def scenario() -> tuple[list[JournalRecord], int, bytes]:
@@ -284,8 +285,9 @@ def test_acknowledged_mail_whose_files_cannot_be_written_stays_in_the_journal_un
 
 def test_big_commits_have_their_files_written_by_the_flusher_thread_after_their_records(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Commits over ROUND_FILES_BYTES go through journal rounds on the flusher thread, which writes their files
-    after the records, into folders made ahead: every message is still placed whole."""
+    """Commits over ROUND_FILES_BYTES go through journal rounds on the flusher thread, which (without the file
+    writer process) writes their files after the records, into folders made ahead: every message is still placed
+    whole."""
     import asyncio
     import threading
 
@@ -301,17 +303,28 @@ def test_big_commits_have_their_files_written_by_the_flusher_thread_after_their_
         return original_write_commits(self, commits, on_thread)
 
     monkeypatch.setattr(store.SpoolWriter, "_write_commits", write_commits)
+    monkeypatch.setattr(store, "FILE_WRITER", False)
 
     bodies = [f"Subject: big {index}\n\n".encode() + bytes([65 + index]) * (100 * 1024) + b"\n" for index in range(6)]
     assert all(len(body) > store.ROUND_FILES_BYTES for body in bodies)
 
     async def scenario() -> tuple[list[int], int]:
+        from smtpd.queue.envelope import Envelope, EnvelopeType
+
         async with Harness(tmp_path) as harness:
             harness.daemon.set_paused("mda", True)
             io = harness.queue.io
             assert io.journal is not None
-            submitted = await asyncio.gather(*(harness.submit(body) for body in bodies))
-            return [msgid for msgid, _ in submitted], io.committed
+            messages = []  # all opened before any ends, as sessions in DATA at the same time
+            for body in bodies:
+                message = harness.queue.new_message()
+                await message.write(body)
+                message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="a@x.test",
+                                              rcpt="b@x.test", dest="b@x.test"))
+                messages.append(message)
+            await asyncio.gather(*(message.commit() for message in messages))
+            await asyncio.gather(*(message.placed for message in messages if message.placed is not None))
+            return [message.msgid for message in messages], io.committed
 
     msgids, committed = run(scenario())
     assert committed == len(bodies)

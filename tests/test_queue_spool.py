@@ -83,10 +83,19 @@ def test_commit_leaves_message_and_envelopes_under_queue_and_nothing_elsewhere(t
 
 
 def test_concurrent_commits_share_sync_rounds(tmp_path: Path) -> None:
+    """200 sessions whose messages all end at once (each opened at its DATA, as a session does)."""
     async def scenario() -> tuple[int, int]:
         async with Harness(tmp_path) as harness:
             harness.daemon.set_paused("mda", True)
-            await asyncio.gather(*(harness.submit(recipients=(f"u{i}@x.test",)) for i in range(200)))
+            messages = []
+            for index in range(200):
+                message = harness.queue.new_message()
+                await message.write(b"Subject: test\n\nhello\n")
+                message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="a@x.test",
+                                              rcpt=f"u{index}@x.test", dest=f"u{index}@x.test"))
+                messages.append(message)
+            await asyncio.gather(*(message.commit() for message in messages))
+            await asyncio.gather(*(message.placed for message in messages if message.placed is not None))
             return harness.queue.io.batches, harness.queue.io.committed
 
     batches, committed = run(scenario())

@@ -43,6 +43,7 @@ from smtpd.queue.format import dump_envelope
 from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
 from smtpd.queue.spool import MESSAGE_FILE, CorruptEntry, Spool, remove_path
+from smtpd.queue.writer_client import FileWriterProcess
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ CHECKPOINT_DELAY = float(os.environ.get("SMTPD_QUEUE_CHECKPOINT_DELAY", "0.02"))
 GATHER_TURNS = int(os.environ.get("SMTPD_QUEUE_GATHER_TURNS", "6"))
 # An acknowledged commit whose files could not be written is tried again after this many seconds (see _strand).
 STRANDED_RETRY_DELAY = float(os.environ.get("SMTPD_QUEUE_STRANDED_RETRY", "1"))
+# Journal mode: acknowledged commits' files are written by a helper process (smtpd/queue/file_writer.py), not on
+# the event loop ("0": on the loop).
+FILE_WRITER = os.environ.get("SMTPD_QUEUE_FILE_WRITER", "1") != "0"
 # A commit bigger than this has its files written by its round, not when it is asked (see _files_with_round).
 ROUND_FILES_BYTES = int(os.environ.get("SMTPD_QUEUE_ROUND_FILES_BYTES", str(32 * 1024)))
 
@@ -262,10 +266,21 @@ class SpoolWriter:
             self.filesystem = FilesystemSync(spool.root)
         # Per-file flushes run side by side, so that the disk merges them.
         self.flusher = ParallelFlusher(FLUSH_THREADS) if self.filesystem is None else None
+        self.file_writer: FileWriterProcess | None = None
+        self.files_writing = 0  # acknowledged commits whose files the file writer process is writing
 
     def start(self) -> None:
         self.syncer.start()
         self.writer.start()
+        if FILE_WRITER and self.journal is not None:
+            file_writer = FileWriterProcess(self.loop, self.spool.root)
+            if file_writer.start():
+                self.file_writer = file_writer
+
+    def close_file_writer(self) -> None:
+        """On the loop, after drain()."""
+        if self.file_writer is not None:
+            self.file_writer.close()
 
     async def drain(self) -> None:
         """Finish every round: all commits asked so far durable, acknowledged and placed."""
@@ -275,7 +290,7 @@ class SpoolWriter:
                 if not (self.flushing or self.checkpointing):
                     self._sync_due = not self._checkpoints()
                     self._next_round()
-                    if not (self.flushing or self.checkpointing):
+                    if not (self.flushing or self.checkpointing or self.files_writing):
                         continue  # (done on the loop itself)
                 waiter: asyncio.Future[None] = self.loop.create_future()
                 self._idle_waiters.append(waiter)
@@ -285,7 +300,7 @@ class SpoolWriter:
 
     def _busy(self) -> bool:
         """Whether a round or checkpoint has work left."""
-        return self.flushing or self.checkpointing or bool(self.written or self.renamed)
+        return self.flushing or self.checkpointing or bool(self.written or self.renamed or self.files_writing)
 
     def _checkpoints(self) -> bool:
         """Whether renames are flushed by checkpoints (a journal, and no stranded commit whose record a checkpoint
@@ -302,6 +317,9 @@ class SpoolWriter:
             self._stranded_timer = None
         self.syncer.stop()
         self.writer.stop()
+        if self.file_writer is not None:
+            self.file_writer.close()  # (closed already by the queue's stop, on the loop: nothing more to do)
+            self.file_writer.wait()
         self.remove_spare_folders()
         if self.flusher is not None:
             self.flusher.shutdown()
@@ -383,6 +401,10 @@ class SpoolWriter:
         self._round_soon = False
         if self.flushing:
             return
+        if self._checkpoint_due and self.files_writing and self._checkpoints():
+            # The checkpoint waits for the file writer to finish; more rounds would keep it busy for ever. Its
+            # answer starts the checkpoint, then this round (_next_round).
+            return
         if not self.written and (self._checkpoints() or not self.renamed):
             self._sync_due = False  # (with a journal, renames alone wait for a checkpoint)
             return
@@ -403,7 +425,7 @@ class SpoolWriter:
                 self._rename_timer = None
             self._sync_due = False
             renamed, self.renamed = self.renamed, []
-            if not self.stranded:
+            if not self.stranded and not self.files_writing:
                 checkpoint = self.last_seq
         # The commits' files: a journal round writes them once its commits are acknowledged (their records hold
         # them, see _round_done); a sync round before it flushes. Both where the round runs: on the loop, or on
@@ -432,11 +454,13 @@ class SpoolWriter:
         """Whether the commit's files are left to its round (see _start_round) rather than written now: when it
         is alone (a journal round then acknowledges it before its files are written: with one client, 10% more
         messages a second) or big (a round on the flusher thread writes them there, off the event loop: at
-        100 KB, 0.15 ms of the loop's 0.7 ms per message). Small commits of busy rounds are written now: leaving
-        them to the round measured 5% slower at 8 sessions. A message spilled to a file is always moved now."""
+        100 KB, 0.15 ms of the loop's 0.7 ms per message), or when the file writer process writes the files of
+        journal rounds. Without it, small commits of busy rounds are written now: leaving them to the round
+        measured 5% slower at 8 sessions. A message spilled to a file is always moved now."""
         if commit.data is None:
             return False
-        return len(commit.data) > ROUND_FILES_BYTES or self._alone()
+        return (len(commit.data) > ROUND_FILES_BYTES or self._alone()
+                or (self.file_writer is not None and self.file_writer.usable))
 
     def _number(self, batch: list[_Commit]) -> None:
         """Give the round's commits their sequence numbers, and their records to those going through the journal.
@@ -462,7 +486,7 @@ class SpoolWriter:
     def _alone(self) -> bool:
         """No message on its way besides the one asking (those acknowledged, only waiting for their rename to be
         flushed, do not count)."""
-        return self.receiving() - len(self.renamed) <= 1
+        return self.receiving() - len(self.renamed) - self.files_writing <= 1
 
     def _flush(self, batch: list[_Commit], renamed: list[_Commit], journal_round: bool, checkpoint: int | None,
                on_thread: bool) -> _FlushOutcome:
@@ -550,7 +574,16 @@ class SpoolWriter:
             return
         # A journal round: its records hold these commits; their files come now, after the 250s (the sessions
         # woken above run before the callback; a thread round's next job). No round or checkpoint starts until
-        # they are written: a checkpoint must not cover a commit numbered and not written.
+        # they are written: a checkpoint must not cover a commit numbered and not written. With the file writer
+        # process, rounds go on meanwhile and only checkpoints wait (see files_writing).
+        if self.file_writer is not None and self.file_writer.usable and (
+                on_thread or len(unwritten) > 1 or not self._alone()):
+            self._give_spare_folders(unwritten)
+            batch = [self._for_file_writer(commit) for commit in unwritten]
+            self.files_writing += len(unwritten)
+            self.file_writer.write(batch, functools.partial(self._written_by_process, unwritten))
+            self._next_round()
+            return
         self.flushing = True
         if on_thread:
             self._give_spare_folders(unwritten)
@@ -558,6 +591,40 @@ class SpoolWriter:
                             functools.partial(self._acknowledged_written, unwritten))
         else:
             self.loop.call_soon(self._write_on_loop, unwritten)
+
+    @staticmethod
+    def _for_file_writer(commit: _Commit) -> tuple[Any, ...]:
+        """A commit as the file writer process takes it; the folder made ahead for it is its now."""
+        spare, commit.spare = commit.spare, None
+        return (commit.message.msgid, spare.path if spare is not None else None,
+                spare.envelope if spare is not None else None, commit.data, commit.dumped)
+
+    def _written_by_process(self, commits: list[_Commit], results: list[tuple[int, int]] | None) -> None:
+        """The file writer's answer (None: it was lost before answering): as _acknowledged_written, with the
+        renames under queue/ done by the process."""
+        self.files_writing -= len(commits)
+        if results is None or len(results) != len(commits):
+            results = [self._placed_already(commit) for commit in commits]
+        for commit, (stage, number) in zip(commits, results, strict=True):
+            if stage == 1:
+                self._strand(commit, OSError(number, os.strerror(number)))
+                continue
+            commit.written = True
+            if stage == 0:
+                self.renamed.append(commit)
+                continue
+            LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(commit.message.msgid),
+                        os.strerror(number))
+            if not commit.placed.done():
+                commit.placed.set_exception(QueueError(f"not moved into the queue: {os.strerror(number)}"))
+        self._next_round()
+
+    def _placed_already(self, commit: _Commit) -> tuple[int, int]:
+        """After the file writer was lost: whether it moved the commit's folder under queue/ before it went (it
+        moves a folder only once its files are all written); otherwise the commit counts as not written."""
+        if os.path.isdir(self.spool.message_dir(commit.message.msgid)):
+            return 0, 0
+        return 1, errno.EIO
 
     def _write_on_loop(self, commits: list[_Commit]) -> None:
         try:
@@ -638,7 +705,7 @@ class SpoolWriter:
         """After a round or a checkpoint, or when asked: start what is due. A checkpoint that is due starts
         before the next round: under a steady flow of rounds on the flusher thread it would otherwise wait until
         the journal is full."""
-        if self._checkpoints() and not (self.flushing or self.checkpointing) and (
+        if self._checkpoints() and not (self.flushing or self.checkpointing or self.files_writing) and (
                 self._checkpoint_due or (self._draining and self.renamed)):
             self._start_checkpoint()
         if self.written or (self._sync_due and not self._checkpoints()):
@@ -1130,6 +1197,7 @@ class Queue:
                 pass
         if self.io is not None:
             await self.io.drain()
+            self.io.close_file_writer()
             await asyncio.to_thread(self.io.stop)
 
     # -- receiving ------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""The file writer process (smtpd/queue/file_writer.py): it writes the files of acknowledged journal commits;
+when it fails or goes away, the daemon writes them itself and no acknowledged message is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from helpers_queue import Harness, run
+
+from smtpd.queue import store
+from smtpd.queue.envelope import Envelope, EnvelopeType
+from smtpd.queue.store import IncomingMessage
+
+
+async def open_messages(harness: Harness, bodies: list[bytes]) -> list[IncomingMessage]:
+    """Messages opened together, as sessions that all reached DATA (their commits then share rounds)."""
+    messages = []
+    for number, body in enumerate(bodies):
+        message = harness.queue.new_message()
+        await message.write(body)
+        message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="a@x.test",
+                                      rcpt=f"u{number}@x.test", dest=f"u{number}@x.test"))
+        messages.append(message)
+    return messages
+
+
+async def commit_all(messages: list[IncomingMessage]) -> None:
+    await asyncio.gather(*(message.commit() for message in messages))
+
+
+def stored_body(spool: Path, msgid: int) -> bytes:
+    return (spool / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}" / "message").read_bytes()
+
+
+@pytest.mark.parametrize("size", [10, 100 * 1024])
+def test_files_of_busy_rounds_are_written_by_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         size: int) -> None:
+    """Small messages (a round on the loop) and big ones (a round on the flusher thread) alike; the written_by
+    check: neither the loop nor the flusher thread wrote them."""
+    bodies = [f"Subject: {n}\n\n".encode() + bytes([65 + n]) * size + b"\n" for n in range(6)]
+
+    written_here: list[int] = []
+    original_write_files = store.SpoolWriter._write_files
+
+    def write_files(self: store.SpoolWriter, commit: object, make_folder: object) -> None:
+        written_here.append(1)
+        original_write_files(self, commit, make_folder)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.SpoolWriter, "_write_files", write_files)
+
+    async def scenario() -> tuple[list[int], int | None, int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            io = harness.queue.io
+            assert io.file_writer is not None and io.file_writer.usable
+            pid = io.file_writer.pid
+            messages = await open_messages(harness, bodies)
+            await commit_all(messages)
+            await asyncio.gather(*(message.placed for message in messages if message.placed is not None))
+            return [message.msgid for message in messages], pid, io.files_writing
+
+    msgids, pid, writing = run(scenario())
+    assert writing == 0
+    assert written_here == []
+    for msgid, body in zip(msgids, bodies, strict=True):
+        assert stored_body(tmp_path / "spool", msgid) == body
+    assert pid is not None
+    with pytest.raises(ProcessLookupError):  # the queue's stop ended it
+        os.kill(pid, 0)
+
+
+def test_a_killed_file_writer_loses_no_acknowledged_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The process is killed right after rounds were acknowledged, with their files in its hands: every message
+    is placed whole all the same (written by the process before it died, or by the daemon), and later mail is
+    written by the daemon itself."""
+    caplog.set_level(logging.WARNING, logger="smtpd.queue")
+    first = [f"Subject: first {n}\n\n".encode() + b"x" * (n * 500) + b"\n" for n in range(8)]
+    later = [f"Subject: later {n}\n\nlater body\n".encode() for n in range(4)]
+
+    async def scenario() -> tuple[list[int], list[int], bool]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            io = harness.queue.io
+            assert io.file_writer is not None and io.file_writer.pid is not None
+            messages = await open_messages(harness, first)
+            await commit_all(messages)  # acknowledged: their files go to the process now
+            os.kill(io.file_writer.pid, signal.SIGKILL)
+            await asyncio.gather(*(message.placed for message in messages if message.placed is not None))
+            after = await open_messages(harness, later)
+            await commit_all(after)
+            await asyncio.gather(*(message.placed for message in after if message.placed is not None))
+            return [m.msgid for m in messages], [m.msgid for m in after], io.file_writer.usable
+
+    msgids, later_msgids, usable = run(scenario())
+    assert not usable
+    assert "file writer process is lost" in caplog.text
+    for msgid, body in zip(msgids + later_msgids, first + later, strict=True):
+        assert stored_body(tmp_path / "spool", msgid) == body
+
+
+def test_a_failed_write_in_the_process_leaves_the_message_to_the_journal_until_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The process cannot make one message's folder (something is in its way in incoming/): that message is
+    acknowledged all the same (its record is in the journal), stranded, and written by the daemon from memory."""
+    monkeypatch.setattr(store, "STRANDED_RETRY_DELAY", 0.05)
+    caplog.set_level(logging.INFO, logger="smtpd.queue")
+    bodies = [b"Subject: blocked\n\nblocked body\n", b"Subject: free\n\nfree body\n"]
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            messages = await open_messages(harness, bodies)
+            (harness.spool / "incoming" / f"{messages[0].msgid:08x}").write_bytes(b"in the way")
+            await commit_all(messages)
+            await asyncio.gather(*(message.placed for message in messages if message.placed is not None))
+            return [message.msgid for message in messages], sorted(os.listdir(harness.spool / "incoming"))
+
+    msgids, incoming = run(scenario())
+    assert incoming == []
+    for msgid, body in zip(msgids, bodies, strict=True):
+        assert stored_body(tmp_path / "spool", msgid) == body
+    assert caplog.text.count("is acknowledged but its files could not be written") == 1
+    assert "written from memory after an earlier failure" in caplog.text
