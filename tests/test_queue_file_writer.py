@@ -126,3 +126,14 @@ def test_a_failed_write_in_the_process_leaves_the_message_to_the_journal_until_w
         assert stored_body(tmp_path / "spool", msgid) == body
     assert caplog.text.count("is acknowledged but its files could not be written") == 1
     assert "written from memory after an earlier failure" in caplog.text
+
+
+def test_the_file_writer_and_the_spool_agree_on_the_message_file_name() -> None:
+    """file_writer.py runs as a script without the daemon's modules: its copy of the name must match."""
+    import re
+
+    from smtpd.queue import spool, writer_client
+
+    source = Path(writer_client.SCRIPT).read_text()
+    found = re.search(r'^MESSAGE_FILE = "([^"]+)"', source, re.MULTILINE)
+    assert found is not None and found.group(1) == spool.MESSAGE_FILE

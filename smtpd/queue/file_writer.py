@@ -2,8 +2,8 @@
 
     python -I -S file_writer.py SPOOL_ROOT FD
 
-Run as a script with the standard library only (nothing of the daemon is imported: it starts in a few
-milliseconds). Why a process: a message committed through the journal is acknowledged before its files exist;
+Run as a script with the standard library only (nothing of the daemon is imported but its stdlib-only
+durability helper, durable.py: it starts in a few milliseconds). Why a process: a message committed through the journal is acknowledged before its files exist;
 writing them (a folder rename, two files opened, written and closed, the rename under queue/) took a fifth of
 the event loop's CPU with 8 clients, and a thread of the daemon could not take that off the loop, since it
 needs the GIL between its system calls (measured: the loop's CPU per message did not drop). Here those calls
@@ -31,6 +31,11 @@ import signal
 import socket
 import struct
 import sys
+
+# The daemon's one durability helper (stdlib only), imported from beside this script: every queue write goes
+# through it. (-I leaves the script's folder out of the path.)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from durable import write_all  # noqa: E402
 
 MESSAGE_FILE = "message"  # smtpd.queue.spool.MESSAGE_FILE
 _FRAME = struct.Struct("<I")
@@ -84,9 +89,7 @@ def _write_file(path: str, content: bytes, reuse: bool) -> None:
     # O_TRUNC (see smtpd/queue/store.py, _empty_files), and never created anew if one is missing.
     fd = os.open(path, _REUSE if reuse else _CREATE, 0o600)
     try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, content)
     finally:
         os.close(fd)
 
