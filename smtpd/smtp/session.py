@@ -389,6 +389,10 @@ class Session:
 
     # -- writing ---------------------------------------------------------------------------------------------------
     async def reply(self, reply: Reply, *, command: str | None = None) -> None:
+        self._write_reply(reply, command)
+        await self._drain_replies()
+
+    def _write_reply(self, reply: Reply, command: str | None = None) -> None:
         wire = reply.wire()
         self.connection.write(wire)
         if trace.wants("io"):
@@ -399,6 +403,8 @@ class Session:
         if reply.failed and command is not None:
             _log.info('%s smtp failed-command command="%s" result="%s"', self.token, command,
                       str(reply).split("\n")[0])
+
+    async def _drain_replies(self) -> None:
         # Flush when no further pipelined command waits (RFC 2920: replies may be grouped), or when a client
         # that pipelines without reading has let replies pile up.
         # An empty write buffer means the kernel took it all: nothing to wait for.
@@ -891,13 +897,16 @@ class Session:
         self.mails += 1
         msgid = format_msgid(message.msgid)
         self._trace_committed(msgid, envelopes)
-        with log.batch():  # one write for these lines, without a loop turn of its own
+        # One write for these lines, without a loop turn of its own, and after the 250 has gone out: the client
+        # does not wait for the log.
+        with log.batch():
             _log.info("%s smtp message msgid=%s size=%d nrcpt=%d proto=%s", self.token, msgid, builder.size,
                       len(transaction.recipients), "ESMTP" if self.esmtp else "SMTP")
             for envelope in envelopes:
                 _log.info("%s smtp envelope evpid=%s from=<%s> to=<%s>", self.token,
                           format_evpid(envelope.evpid), envelope.sender, envelope.dest or envelope.rcpt)
-        await self.reply(replies.message_accepted(msgid))
+            self._write_reply(replies.message_accepted(msgid))
+        await self._drain_replies()
 
     def _envelopes(self, transaction: _Transaction) -> list[Envelope]:
         now = int(time.time())
