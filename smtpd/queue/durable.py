@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 FILE_MODE = 0o600
 
@@ -133,6 +132,9 @@ class ParallelFlusher:
     """
 
     def __init__(self, workers: int = 32) -> None:
+        # (imported here: the file writer process imports this module too, and has no use for a pool)
+        from concurrent.futures import ThreadPoolExecutor
+
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="queue-flush")
 
     def run(self, calls: list[Callable[[], None]]) -> list[BaseException | None]:

@@ -577,7 +577,7 @@ class SpoolWriter:
         # they are written: a checkpoint must not cover a commit numbered and not written. With the file writer
         # process, rounds go on meanwhile and only checkpoints wait (see files_writing).
         if self.file_writer is not None and self.file_writer.usable and (
-                on_thread or len(unwritten) > 1 or not self._alone()):
+                on_thread or len(unwritten) > 1 or not self._alone()) and not self._has_big(unwritten):
             self._give_spare_folders(unwritten)
             batch = [self._for_file_writer(commit) for commit in unwritten]
             self.files_writing += len(unwritten)
@@ -591,6 +591,13 @@ class SpoolWriter:
                             functools.partial(self._acknowledged_written, unwritten))
         else:
             self.loop.call_soon(self._write_on_loop, unwritten)
+
+    @staticmethod
+    def _has_big(commits: list[_Commit]) -> bool:
+        """Whether a commit is over ROUND_FILES_BYTES: the flusher thread writes such a round's files itself (a
+        copy of each big message through the socket bought nothing at 100 KB, and its buffers grew the daemon's
+        memory)."""
+        return any(commit.data is not None and len(commit.data) > ROUND_FILES_BYTES for commit in commits)
 
     @staticmethod
     def _for_file_writer(commit: _Commit) -> tuple[Any, ...]:
