@@ -70,9 +70,6 @@ class FileWriterProcess:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def busy(self) -> bool:
-        return bool(self._pending)
-
     def write(self, commits: list[tuple[Any, ...]], answer: Answer) -> None:
         """Send one batch (see file_writer.py for a commit's shape); ``answer`` gets the results on the loop."""
         if not self.usable or self.socket is None:
