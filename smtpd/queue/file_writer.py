@@ -2,12 +2,12 @@
 
     python -I -S file_writer.py SPOOL_ROOT FD
 
-Run as a script with the standard library only (nothing of the daemon is imported but its stdlib-only
-durability helper, durable.py: it starts in a few milliseconds). Why a process: a message committed through the journal is acknowledged before its files exist;
-writing them (a folder rename, two files opened, written and closed, the rename under queue/) took a fifth of
-the event loop's CPU with 8 clients, and a thread of the daemon could not take that off the loop, since it
-needs the GIL between its system calls (measured: the loop's CPU per message did not drop). Here those calls
-run beside the loop, on the other CPU.
+Run as a script with the standard library only: nothing of the daemon is imported but its stdlib-only
+durability helper, durable.py, so it starts in a few milliseconds. Why a process: a message committed through
+the journal is acknowledged before its files exist; writing them (a folder rename, two files opened, written
+and closed, the rename under queue/) took a fifth of the event loop's CPU with 8 clients, and a thread of the
+daemon could not take that off the loop, since it needs the GIL between its system calls (measured: the loop's
+CPU per message did not drop). Here those calls run beside the loop, on the other CPU.
 
 FD is a stream socket to the daemon. Each request and each answer is a frame: a 4-byte little-endian length,
 then a marshal'd tuple. A request is ``(batch, commits)``, each commit ``(msgid, spare, old_envelope, data,
@@ -95,6 +95,8 @@ def _write_file(path: str, content: bytes, reuse: bool) -> None:
 
 
 def _remove(path: str) -> None:
+    """A file, or a message folder and its files (smtpd.queue.spool.remove_path, which this script cannot import:
+    that module needs the daemon's packages)."""
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             for entry in os.listdir(path):
