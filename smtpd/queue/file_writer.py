@@ -31,10 +31,14 @@ import os
 import struct
 import sys
 
-# The daemon's one durability helper (stdlib only), imported from beside this script: every queue write goes
-# through it. (-I leaves the script's folder out of the path.)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from durable import write_all  # noqa: E402
+# The daemon's one durability helper (stdlib only): every queue write goes through it. The daemon imports this
+# module too (store.py shares make_folder); run as a script with -I, the package is not on the path, and the
+# helper is imported from beside this file.
+try:
+    from smtpd.queue.durable import write_all
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from durable import write_all
 
 MESSAGE_FILE = "message"  # smtpd.queue.spool.MESSAGE_FILE
 _FRAME = struct.Struct("<I")
@@ -52,7 +56,7 @@ def write_commit(root: str, commit: Commit) -> tuple[int, int]:
     name = f"{msgid:08x}"
     directory = os.path.join(root, "incoming", name)
     try:
-        old_envelope = _make_folder(spare, old_envelope, directory)
+        old_envelope = make_folder(spare, old_envelope, directory)
         _write_file(os.path.join(directory, MESSAGE_FILE), data, reuse=old_envelope is not None)
         for evpid, content in envelopes:
             path = os.path.join(directory, f"{evpid:016x}")
@@ -71,7 +75,7 @@ def write_commit(root: str, commit: Commit) -> tuple[int, int]:
     return 0, 0
 
 
-def _make_folder(spare: str | None, old_envelope: str | None, directory: str) -> str | None:
+def make_folder(spare: str | None, old_envelope: str | None, directory: str) -> str | None:
     """The commit's folder in incoming/, from the one made ahead when there is one; the name of the emptied
     envelope file it holds (None: a new, empty folder)."""
     if spare is not None:
@@ -95,8 +99,8 @@ def _write_file(path: str, content: bytes, reuse: bool) -> None:
 
 
 def _remove(path: str) -> None:
-    """A file, or a message folder and its files (smtpd.queue.spool.remove_path, which this script cannot import:
-    that module needs the daemon's packages)."""
+    """A file, or a message folder and its files (smtpd.queue.spool.remove_path, which the script, run with -I,
+    cannot import: that module needs the daemon's packages)."""
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             for entry in os.listdir(path):

@@ -39,6 +39,7 @@ from smtpd.queue.durable import (
     write_all,
 )
 from smtpd.queue.envelope import Envelope
+from smtpd.queue.file_writer import make_folder
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
@@ -618,11 +619,8 @@ class SpoolWriter:
             commit.written = True
             if stage == 0:
                 self.renamed.append(commit)
-                continue
-            LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(commit.message.msgid),
-                        os.strerror(number))
-            if not commit.placed.done():
-                commit.placed.set_exception(QueueError(f"not moved into the queue: {os.strerror(number)}"))
+            else:
+                _not_moved(commit, os.strerror(number))
         self._next_round()
 
     def _placed_already(self, commit: _Commit) -> tuple[int, int]:
@@ -782,11 +780,8 @@ class SpoolWriter:
             msgid = commit.message.msgid
             try:
                 os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
-            except OSError as error:  # it stays in incoming/, complete: the next start places it
-                LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(msgid),
-                            error)
-                if not commit.placed.done():
-                    commit.placed.set_exception(QueueError(f"not moved into the queue: {error.strerror}"))
+            except OSError as error:
+                _not_moved(commit, error.strerror or str(error))
                 continue
             self.renamed.append(commit)
 
@@ -924,18 +919,21 @@ class SpoolWriter:
                 future.set_exception(failure)
 
 
+def _not_moved(commit: _Commit, reason: str) -> None:
+    """A written commit whose folder could not go under queue/: it stays in incoming/, complete, and the next
+    start places it."""
+    LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(commit.message.msgid),
+                reason)
+    if not commit.placed.done():
+        commit.placed.set_exception(QueueError(f"not moved into the queue: {reason}"))
+
+
 def _folder_from_spare(commit: _Commit, directory: str) -> str | None:
     """In the flusher thread: the commit's folder, from the one made ahead for it when there is one (returns the
-    name of the envelope file a taken-back folder holds)."""
+    name of the envelope file a taken-back folder holds), as the file writer process makes it."""
     spare, commit.spare = commit.spare, None
-    if spare is not None:
-        try:
-            os.rename(spare.path, directory)
-            return spare.envelope
-        except OSError:
-            remove_path(spare.path)
-    os.mkdir(directory, 0o700)
-    return None
+    return make_folder(spare.path if spare is not None else None, spare.envelope if spare is not None else None,
+                       directory)
 
 
 def _make_folders(names: list[str], reusable: list[tuple[str, str]]) -> list[Spare]:
