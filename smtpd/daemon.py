@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shared.paths import MailnameError, Paths, read_mailname
-from smtpd import log, trace
+from smtpd import eventloop, log, trace
 from smtpd.config.model import Config
 from smtpd.stats import STATS, Stats
 
@@ -262,7 +262,7 @@ def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
         trace.console_to_stderr()
     try:
         daemon = Daemon(paths, config, options)
-        asyncio.run(serve(daemon))
+        asyncio.run(serve(daemon), loop_factory=eventloop.new_event_loop)
     except (StartupFailed, MailnameError) as error:
         if not options.foreground or options.log_to_syslog:
             log.get().critical("%s", error)  # stderr is gone or not the log: say it where the log goes too

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers_queue import Harness, run
 
+from smtpd.eventloop import PollingEventLoop
 from smtpd.queue import store
 from smtpd.queue.envelope import Envelope, EnvelopeType
 from smtpd.queue.store import IncomingMessage
@@ -73,6 +74,41 @@ def test_files_of_busy_rounds_are_written_by_the_process(tmp_path: Path, monkeyp
     assert pid is not None
     with pytest.raises(ProcessLookupError):  # the queue's stop ended it
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("polling", [True, False])
+def test_a_lone_commit_goes_to_the_process_when_the_loop_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               polling: bool) -> None:
+    """One message at a time (a lone commit): on the daemon's polling loop the process writes its files (the
+    loop catches the answer while polling); on a loop that sleeps at once, the loop writes them itself."""
+    bodies = [f"Subject: alone {n}\n\nbody {n}\n".encode() for n in range(3)]
+    written_here: list[int] = []
+    original_write_files = store.SpoolWriter._write_files
+
+    def write_files(self: store.SpoolWriter, commit: object, make_folder: object) -> None:
+        written_here.append(1)
+        original_write_files(self, commit, make_folder)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.SpoolWriter, "_write_files", write_files)
+
+    async def scenario() -> list[int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            assert harness.queue.io.loop_polls is polling
+            msgids = []
+            for body in bodies:
+                [message] = await open_messages(harness, [body])
+                await message.commit()
+                assert message.placed is not None
+                await message.placed
+                msgids.append(message.msgid)
+            return msgids
+
+    loop_factory = PollingEventLoop if polling else asyncio.SelectorEventLoop
+    msgids = asyncio.run(scenario(), loop_factory=loop_factory)
+    assert written_here == ([] if polling else [1, 1, 1])
+    for msgid, body in zip(msgids, bodies, strict=True):
+        assert stored_body(tmp_path / "spool", msgid) == body
 
 
 def test_a_killed_file_writer_loses_no_acknowledged_message(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -268,6 +268,7 @@ class SpoolWriter:
         # Per-file flushes run side by side, so that the disk merges them.
         self.flusher = ParallelFlusher(FLUSH_THREADS) if self.filesystem is None else None
         self.file_writer: FileWriterProcess | None = None
+        self.loop_polls = bool(getattr(loop, "polls", False))  # (see _to_file_writer)
         self.files_writing = 0  # acknowledged commits whose files the file writer process is writing
 
     def start(self) -> None:
@@ -577,8 +578,7 @@ class SpoolWriter:
         # woken above run before the callback; a thread round's next job). No round or checkpoint starts until
         # they are written: a checkpoint must not cover a commit numbered and not written. With the file writer
         # process, rounds go on meanwhile and only checkpoints wait (see files_writing).
-        if self.file_writer is not None and self.file_writer.usable and (
-                on_thread or len(unwritten) > 1 or not self._alone()) and not self._has_big(unwritten):
+        if self._to_file_writer(unwritten, on_thread):
             self._give_spare_folders(unwritten)
             batch = [self._for_file_writer(commit) for commit in unwritten]
             self.files_writing += len(unwritten)
@@ -592,6 +592,16 @@ class SpoolWriter:
                             functools.partial(self._acknowledged_written, unwritten))
         else:
             self.loop.call_soon(self._write_on_loop, unwritten)
+
+    def _to_file_writer(self, unwritten: list[_Commit], on_thread: bool) -> bool:
+        """Whether the file writer process writes these acknowledged commits' files. A lone commit's stay on the
+        loop unless the loop polls before it sleeps (smtpd/eventloop.py): otherwise the process's answer is one
+        more wake-up of an idle CPU per message (with one client, 13% fewer messages a second), while a polling
+        loop catches it awake (3-10% more than writing them on the loop). A big commit's stay on the flusher
+        thread (_has_big)."""
+        if self.file_writer is None or not self.file_writer.usable or self._has_big(unwritten):
+            return False
+        return on_thread or len(unwritten) > 1 or not self._alone() or self.loop_polls
 
     @staticmethod
     def _has_big(commits: list[_Commit]) -> bool:
