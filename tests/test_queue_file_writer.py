@@ -39,21 +39,26 @@ def stored_body(spool: Path, msgid: int) -> bytes:
     return (spool / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}" / "message").read_bytes()
 
 
+@pytest.fixture
+def written_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per commit whose files the daemon (its loop or a thread) writes itself."""
+    written: list[int] = []
+    original_write_files = store.SpoolWriter._write_files
+
+    def write_files(self: store.SpoolWriter, commit: object, make_folder: object) -> None:
+        written.append(1)
+        original_write_files(self, commit, make_folder)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.SpoolWriter, "_write_files", write_files)
+    return written
+
+
 @pytest.mark.parametrize(("count", "size"), [(6, 10), (48, 2000)])
-def test_files_of_busy_rounds_are_written_by_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_files_of_busy_rounds_are_written_by_the_process(tmp_path: Path, written_here: list[int],
                                                          count: int, size: int) -> None:
     """A round on the loop (6 small messages) and one on the flusher thread (48 of 2 KB: over 64 KiB of
     records) alike: neither the loop nor the flusher thread writes their files."""
     bodies = [f"Subject: {n}\n\n".encode() + bytes([65 + n % 26]) * size + b"\n" for n in range(count)]
-
-    written_here: list[int] = []
-    original_write_files = store.SpoolWriter._write_files
-
-    def write_files(self: store.SpoolWriter, commit: object, make_folder: object) -> None:
-        written_here.append(1)
-        original_write_files(self, commit, make_folder)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store.SpoolWriter, "_write_files", write_files)
 
     async def scenario() -> tuple[list[int], int | None, int]:
         async with Harness(tmp_path) as harness:
@@ -77,19 +82,11 @@ def test_files_of_busy_rounds_are_written_by_the_process(tmp_path: Path, monkeyp
 
 
 @pytest.mark.parametrize("polling", [True, False])
-def test_a_lone_commit_goes_to_the_process_when_the_loop_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_lone_commit_goes_to_the_process_when_the_loop_polls(tmp_path: Path, written_here: list[int],
                                                                polling: bool) -> None:
     """One message at a time (a lone commit): on the daemon's polling loop the process writes its files (the
     loop catches the answer while polling); on a loop that sleeps at once, the loop writes them itself."""
     bodies = [f"Subject: alone {n}\n\nbody {n}\n".encode() for n in range(3)]
-    written_here: list[int] = []
-    original_write_files = store.SpoolWriter._write_files
-
-    def write_files(self: store.SpoolWriter, commit: object, make_folder: object) -> None:
-        written_here.append(1)
-        original_write_files(self, commit, make_folder)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store.SpoolWriter, "_write_files", write_files)
 
     async def scenario() -> list[int]:
         async with Harness(tmp_path) as harness:
