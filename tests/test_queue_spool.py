@@ -168,9 +168,13 @@ def test_both_flush_modes_commit_lone_and_grouped_messages_whole(tmp_path: Path,
         assert spool_files(tmp_path / "spool", sub) == []
 
 
-def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_path: Path) -> None:
-    """Commits rename empty folders the writer thread made ahead in temporary/; a stop removes the spares, and a
-    start after a crash removes leftovers without counting them as dropped messages."""
+def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the file writer process, commits rename empty folders the writer thread made ahead in temporary/;
+    a stop removes the spares, and a start after a crash removes leftovers without counting them as dropped
+    messages."""
+    monkeypatch.setattr(store, "FILE_WRITER", False)
+
     async def scenario() -> tuple[list[str], int]:
         async with Harness(tmp_path) as harness:
             harness.daemon.set_paused("mda", True)
@@ -190,6 +194,24 @@ def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_pa
     leftover.mkdir()
     assert Spool(str(tmp_path / "spool")).recover() == (0, 0, 0)
     assert not leftover.exists()
+
+
+def test_with_the_file_writer_no_empty_folder_is_made_ahead(tmp_path: Path) -> None:
+    """The file writer process makes the folders of the commits it writes: the writer thread makes no empty ones
+    (only delivered messages' folders taken back are made ready, see test_queue_recycle.py)."""
+    async def scenario() -> tuple[list[str], int, bool]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            usable = harness.queue.io.file_writer is not None and harness.queue.io.file_writer.usable
+            for _ in range(3):
+                await asyncio.gather(*(harness.submit() for _ in range(4)))
+            await harness.queue.io.drain()
+            return os.listdir(harness.spool / "temporary"), len(harness.queue.io.folders), usable
+
+    left, ready, usable = run(scenario())
+    assert usable
+    assert left == [] and ready == 0
+    assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 12
 
 
 def test_abort_removes_the_partial_message(tmp_path: Path) -> None:
