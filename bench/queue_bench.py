@@ -229,35 +229,53 @@ def start_fresh(target: Target) -> None:
     target.start()
 
 
-def accept_interleaved(targets: list[Target], rounds: int, scale: float) -> tuple[dict[str, dict[str, list[float]]],
-                                                                                   dict[str, int]]:
+# Rows with more sessions than this are not run again when not calm: 32 clients connecting at once always overflow
+# OpenSMTPD's listen backlog of 5 (see the README), so a second try would stall as well.
+CALM_SESSIONS = 8
+
+
+def accept_interleaved(targets: list[Target], rounds: int, scale: float,
+                       retries: int = 0) -> tuple[dict[str, dict[str, list[float]]], dict[str, int]]:
     """Every accept row, `rounds` times, the daemons taking turns row by row (the first one alternating), so
     that each ratio compares runs made a few seconds apart: on a shared host the CPU's speed drifts by tens of
-    percent from one minute to the next. Returns {daemon: {row: [msg/s per round]}} and messages queued."""
+    percent from one minute to the next. A row in which a connection of either daemon stalled or got its banner
+    late is run again by both, up to `retries` times (the last try counts; rows of up to CALM_SESSIONS
+    sessions). Returns {daemon: {row: [msg/s per round]}} and messages queued."""
     figures: dict[str, dict[str, list[float]]] = {target.name: {} for target in targets}
     queued = {target.name: 0 for target in targets}
     for round_number in range(rounds):
         for sessions, messages, size, key in ACCEPT_ROWS:
             order = targets if round_number % 2 == 0 else list(reversed(targets))
-            for target in order:
-                # Each row starts with nothing left unwritten by the row before (the other daemon's, often):
-                # OpenSMTPD never flushes its files, and our next checkpoint's syncfs would write them out
-                # inside our timed row (3-13% slower, measured). Not timed.
-                os.sync()
-                result = load(target, sessions, max(1, int(messages * scale)), size)
-                stalls = int(result.get("stalled_connects", 0))  # type: ignore[call-overload]
-                slow = int(result.get("slow_connects", 0))  # type: ignore[call-overload]
-                notes = [f"{stalls} connection(s) got no banner within 5 s"] if stalls else []
-                notes += [f"{slow} got it over 0.5 s after connecting"] if slow else []
-                note = f" ({', '.join(notes)})" if notes else ""
-                print(f"  round {round_number + 1}: {target.name}: {key}: {result['msg_per_s']} msg/s{note}",
-                      flush=True)
-                if result["failures"]:
-                    raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
-                figures[target.name].setdefault(key + " (msg/s)", []).append(float(result["msg_per_s"]))  # type: ignore[arg-type]
-                figures[target.name].setdefault(key + STALLS, []).append(float(stalls + slow))
-                queued[target.name] += int(result["messages"])  # type: ignore[arg-type]
+            for attempt in range(retries + 1):
+                tries = [_accept_row(target, sessions, max(1, int(messages * scale)), size,
+                                     f"round {round_number + 1}: {target.name}: {key}") for target in order]
+                for target, (_, _, count) in zip(order, tries, strict=True):
+                    queued[target.name] += count
+                if not any(stalls for _, stalls, _ in tries) or attempt == retries or sessions > CALM_SESSIONS:
+                    break
+                print(f"  round {round_number + 1}: {key}: not calm, both again", flush=True)
+            for target, (rate, stalls, _) in zip(order, tries, strict=True):
+                figures[target.name].setdefault(key + " (msg/s)", []).append(rate)
+                figures[target.name].setdefault(key + STALLS, []).append(float(stalls))
     return figures, queued
+
+
+def _accept_row(target: Target, sessions: int, messages: int, size: int, label: str) -> tuple[float, int, int]:
+    """One accept row on one daemon: (msg/s, connections that stalled or got their banner late, messages)."""
+    # Each row starts with nothing left unwritten by the row before (the other daemon's, often): OpenSMTPD never
+    # flushes its files, and our next checkpoint's syncfs would write them out inside our timed row (3-13%
+    # slower, measured). Not timed.
+    os.sync()
+    result = load(target, sessions, messages, size)
+    stalls = int(result.get("stalled_connects", 0))  # type: ignore[call-overload]
+    slow = int(result.get("slow_connects", 0))  # type: ignore[call-overload]
+    notes = [f"{stalls} connection(s) got no banner within 5 s"] if stalls else []
+    notes += [f"{slow} got it over 0.5 s after connecting"] if slow else []
+    note = f" ({', '.join(notes)})" if notes else ""
+    print(f"  {label}: {result['msg_per_s']} msg/s{note}", flush=True)
+    if result["failures"]:
+        raise RuntimeError(f"{target.name}: failures: {result['first_error']}")
+    return float(result["msg_per_s"]), stalls + slow, int(result["messages"])  # type: ignore[arg-type]
 
 
 STALLS = " (stalled or slow connects)"  # kept beside each accept row's figures, not reported as a measure
@@ -338,6 +356,8 @@ def main() -> int:
     parser.add_argument("--load-timeout", type=float, default=300.0)
     parser.add_argument("--rounds", type=int, default=3, help="accept rounds, the daemons taking turns [3]")
     parser.add_argument("--accept-only", action="store_true", help="only the accept rows (a few minutes)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="run an accept row again (both daemons) when a connection stalled in it [2]")
     args = parser.parse_args()
     # SIGTERM ends the script through its finally blocks, which stop the daemons it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
@@ -359,7 +379,7 @@ def main() -> int:
         for target in targets:
             start_fresh(target)
         print(f"accept+queue, {args.rounds} round(s), the daemons taking turns:", flush=True)
-        rounds, queued = accept_interleaved(targets, args.rounds, args.scale)
+        rounds, queued = accept_interleaved(targets, args.rounds, args.scale, args.retries)
         for target in targets:
             results[target.name].update({key: median(values) for key, values in rounds[target.name].items()
                                          if not key.endswith(STALLS)})
