@@ -818,7 +818,8 @@ class SpoolWriter:
         return None
 
     def _give_spare_folders(self, commits: list[_Commit]) -> None:
-        """A folder made ahead for each commit whose files the flusher thread writes (see _folder_from_spare)."""
+        """A folder made ahead for each commit whose files the flusher thread or the file writer writes, while there
+        are any (see _folder_from_spare, _refill_folders)."""
         for commit in commits:
             if not commit.written and self.folders:
                 commit.spare = self.folders.pop()
