@@ -46,10 +46,11 @@ class PollingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-typ
                 ready = super().select(0)  # (releases the GIL: threads of the daemon run meanwhile)
                 if ready:
                     return ready
-                if _clock() - began >= limit:
+                polled = _clock() - began
+                if polled >= limit:
                     break
             if timeout is not None:
-                timeout = max(0.0, timeout - (_clock() - began))
+                timeout = max(0.0, timeout - polled)
         ready = super().select(timeout)
         self._learn(_clock() - began)
         return ready
