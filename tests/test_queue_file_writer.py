@@ -53,11 +53,16 @@ def written_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return written
 
 
-@pytest.mark.parametrize(("count", "size"), [(6, 10), (48, 2000)])
+@pytest.mark.parametrize(("count", "size", "inline_bytes"), [(6, 10, None), (48, 2000, None), (48, 2000, 64 * 1024),
+                                                         (6, 100 * 1024, None)])
 def test_files_of_busy_rounds_are_written_by_the_process(tmp_path: Path, written_here: list[int],
-                                                         count: int, size: int) -> None:
-    """A round on the loop (6 small messages) and one on the flusher thread (48 of 2 KB: over 64 KiB of
-    records) alike: neither the loop nor the flusher thread writes their files."""
+                                                         monkeypatch: pytest.MonkeyPatch, count: int, size: int,
+                                                         inline_bytes: int | None) -> None:
+    """Rounds on the loop (6 small messages, 48 of 2 KB, 6 of 100 KB) and one on the flusher thread (48 of 2 KB
+    with SMTPD_QUEUE_INLINE_JOURNAL_BYTES at 64 KiB) alike: neither the loop nor the flusher thread writes their
+    files."""
+    if inline_bytes is not None:
+        monkeypatch.setattr(store, "INLINE_JOURNAL_BYTES", inline_bytes)
     bodies = [f"Subject: {n}\n\n".encode() + bytes([65 + n % 26]) * size + b"\n" for n in range(count)]
 
     async def scenario() -> tuple[list[int], int | None, int]:

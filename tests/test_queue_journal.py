@@ -285,9 +285,9 @@ def test_acknowledged_mail_whose_files_cannot_be_written_stays_in_the_journal_un
 
 def test_big_commits_have_their_files_written_by_the_flusher_thread_after_their_records(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Commits over ROUND_FILES_BYTES go through journal rounds on the flusher thread, which writes their files
-    after the records, into folders made ahead (not the file writer process): every message is still placed
-    whole."""
+    """With the settings of a smaller SMTPD_QUEUE_ROUND_FILES_BYTES and SMTPD_QUEUE_INLINE_JOURNAL_BYTES, commits
+    over the first go through journal rounds on the flusher thread, which writes their files after the records,
+    into folders made ahead (not the file writer process): every message is still placed whole."""
     import asyncio
     import threading
 
@@ -303,6 +303,8 @@ def test_big_commits_have_their_files_written_by_the_flusher_thread_after_their_
         return original_write_commits(self, commits, on_thread)
 
     monkeypatch.setattr(store.SpoolWriter, "_write_commits", write_commits)
+    monkeypatch.setattr(store, "ROUND_FILES_BYTES", 32 * 1024)
+    monkeypatch.setattr(store, "INLINE_JOURNAL_BYTES", 64 * 1024)
 
     bodies = [f"Subject: big {index}\n\n".encode() + bytes([65 + index]) * (100 * 1024) + b"\n" for index in range(6)]
     assert all(len(body) > store.ROUND_FILES_BYTES for body in bodies)

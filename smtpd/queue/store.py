@@ -76,8 +76,9 @@ SYNC_MODE = os.environ.get("SMTPD_QUEUE_SYNC", "journal")
 JOURNAL_MESSAGE_LIMIT = int(os.environ.get("SMTPD_QUEUE_JOURNAL_LIMIT", str(256 * 1024)))
 JOURNAL_FILES = ("journal.a", "journal.b")
 JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_JOURNAL_BYTES", str(16 << 20)))
-# A journal round of up to this many bytes is written and flushed on the event loop itself (see _start_round).
-INLINE_JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_INLINE_JOURNAL_BYTES", str(64 * 1024)))
+# A journal round of up to this many bytes is written and flushed on the event loop itself (see _start_round):
+# by default every one.
+INLINE_JOURNAL_BYTES = int(os.environ.get("SMTPD_QUEUE_INLINE_JOURNAL_BYTES", str(JOURNAL_BYTES)))
 CHECKPOINT_DELAY = float(os.environ.get("SMTPD_QUEUE_CHECKPOINT_DELAY", "0.02"))
 # A round that would run on the loop waits up to this many turns of the loop for more commits (see _gather).
 GATHER_TURNS = int(os.environ.get("SMTPD_QUEUE_GATHER_TURNS", "6"))
@@ -86,8 +87,9 @@ STRANDED_RETRY_DELAY = float(os.environ.get("SMTPD_QUEUE_STRANDED_RETRY", "1"))
 # Journal mode: acknowledged commits' files are written by a helper process (smtpd/queue/file_writer.py), not on
 # the event loop ("0": on the loop).
 FILE_WRITER = os.environ.get("SMTPD_QUEUE_FILE_WRITER", "1") != "0"
-# A commit bigger than this has its files written by its round, not when it is asked (see _files_with_round).
-ROUND_FILES_BYTES = int(os.environ.get("SMTPD_QUEUE_ROUND_FILES_BYTES", str(32 * 1024)))
+# A commit bigger than this has its files written by its round, not when it is asked, and not by the file writer
+# process (see _files_with_round, _has_big): by default none that goes through the journal.
+ROUND_FILES_BYTES = int(os.environ.get("SMTPD_QUEUE_ROUND_FILES_BYTES", str(JOURNAL_MESSAGE_LIMIT)))
 
 
 def _sync_file_range() -> Callable[[int], None]:
@@ -439,9 +441,10 @@ class SpoolWriter:
         if inline:
             # One message, and none other on its way: nothing would run on the loop while the flusher thread
             # works, and the hand-off there and back costs more latency than the flush itself. Or a journal
-            # round of modest size: its write and fdatasync (0.13 ms) cost the loop less than waking the
-            # flusher thread, handing the result back and sharing the GIL with it (measured at 8 and 32
-            # sessions: a quarter less CPU per message, 10-20% more messages per second); sessions whose data
+            # round (by default every one, INLINE_JOURNAL_BYTES): its write and fdatasync (0.13 ms for small
+            # rounds) cost the loop less than waking the flusher thread, handing the result back and sharing the
+            # GIL with it (measured at 8 and 32 sessions: a quarter less CPU per message, 10-20% more messages per
+            # second; at 100 KB, with the polling loop, 13-18% more in four pairs of five); sessions whose data
             # arrives meanwhile wait in their sockets and join the next round.
             try:
                 outcome, error = flush(), None
@@ -455,9 +458,8 @@ class SpoolWriter:
     def _files_with_round(self, commit: _Commit) -> bool:
         """Whether the commit's files are left to its round (see _start_round) rather than written now: when it
         is alone (a journal round then acknowledges it before its files are written: with one client, 10% more
-        messages a second) or big (a round on the flusher thread writes them there, off the event loop: at
-        100 KB, 0.15 ms of the loop's 0.7 ms per message), or when the file writer process writes the files of
-        journal rounds. Without it, small commits of busy rounds are written now: leaving them to the round
+        messages a second) or over ROUND_FILES_BYTES (its round writes them; on the flusher thread, off the event
+        loop), or when the file writer process writes the files of journal rounds. Without it, small commits of busy rounds are written now: leaving them to the round
         measured 5% slower at 8 sessions. A message spilled to a file is always moved now."""
         if commit.data is None:
             return False
@@ -605,8 +607,8 @@ class SpoolWriter:
 
     @staticmethod
     def _has_big(commits: list[_Commit]) -> bool:
-        """Whether a commit is over ROUND_FILES_BYTES: the flusher thread writes such a round's files itself (a
-        copy of each big message through the file writer's socket bought nothing at 100 KB)."""
+        """Whether a commit is over ROUND_FILES_BYTES (by default none that the journal holds): then its round
+        writes the files itself, on the flusher thread or the loop."""
         return any(commit.data is not None and len(commit.data) > ROUND_FILES_BYTES for commit in commits)
 
     @staticmethod
