@@ -115,6 +115,7 @@ class SmtpdProcess:
         self.listens = listens
         self.control = control
         self.cwd = cwd or self.workdir
+        self.own_group = False  # start() puts the daemon in a process group of its own (see signal_group)
         self.process: subprocess.Popen[bytes] | None = None
 
     # -- where things are -------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class SmtpdProcess:
         with open(self.log_path, "wb") as log:  # the child has its own copy of the descriptor
             self.process = subprocess.Popen([sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path),
                                              *self.flags], env=self.env, cwd=str(self.cwd), stdout=log,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, start_new_session=self.own_group)
         try:
             if self.control:
                 self.wait_ready(self.answers, "open its control socket")
@@ -174,6 +175,11 @@ class SmtpdProcess:
     def signal(self, signum: int) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signum)
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the daemon and every process it started, as systemd's stop or timeout(1) do (own_group only)."""
+        assert self.process is not None and self.own_group
+        os.killpg(self.process.pid, signum)
 
     def log(self) -> str:
         try:

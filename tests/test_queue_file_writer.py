@@ -260,3 +260,36 @@ def test_the_real_daemon_keeps_every_accepted_message_when_its_file_writer_is_ki
     assert stored.keys() == acked
     for token, data in stored.items():
         assert data.endswith(f"\n\nbody of {token}\n".encode())
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_daemon_cleanly(tmp_path: Path) -> None:
+    """systemd's stop (KillMode=control-group) and timeout(1) send SIGTERM to every process of the daemon at once:
+    the file writer waits for the daemon to close it after the drain, so the stop logs no lost file writer,
+    the daemon exits with 0, the writer is gone, and every accepted message is in the queue."""
+    import smtplib
+
+    from helpers_control import free_port
+    from helpers_queue import paused_daemon
+
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "relay" relay\n'
+              'match from any for any action "relay"\n')
+    daemon = paused_daemon(tmp_path, config)
+    daemon.own_group = True
+    daemon.start()
+    try:
+        assert daemon.process is not None
+        helper = file_writer_of(daemon.process.pid)
+        assert helper is not None, "no file writer process"
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for number in range(8):
+                client.sendmail("a@example.org", ["b@example.net"], f"Subject: n{number}\r\n\r\nbody\r\n")
+        daemon.signal_group(signal.SIGTERM)
+        assert daemon.process.wait(30) == 0, daemon.log()
+    finally:
+        daemon.stop()
+    assert "file writer process is lost" not in daemon.log()
+    with pytest.raises(ProcessLookupError):
+        os.kill(helper, 0)
+    assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 8

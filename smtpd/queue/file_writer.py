@@ -158,7 +158,10 @@ def main(argv: list[str]) -> int:
         print("usage: file_writer.py SPOOL_ROOT FD", file=sys.stderr)
         return 2
     _die_with_parent()
-    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # (a ^C at the daemon's terminal: the daemon stops us)
+    # A ^C at the daemon's terminal, or a SIGTERM to all its processes at once (systemd's stop, timeout(1)): the
+    # daemon stops us itself, by closing our socket once it has drained; our end comes with its end anyway.
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
     try:
         serve(argv[1], int(argv[2]))
     except (ConnectionError, BrokenPipeError):
