@@ -464,8 +464,7 @@ class SpoolWriter:
         spilled to a file is always moved now."""
         if commit.data is None:
             return False
-        return (len(commit.data) > ROUND_FILES_BYTES or self._alone()
-                or (self.file_writer is not None and self.file_writer.usable))
+        return len(commit.data) > ROUND_FILES_BYTES or self._alone() or self._file_writer_usable()
 
     def _number(self, batch: list[_Commit]) -> None:
         """Give the round's commits their sequence numbers, and their records to those going through the journal.
@@ -600,11 +599,14 @@ class SpoolWriter:
         """Whether the file writer process writes these acknowledged commits' files. A lone commit's stay on the
         loop unless the loop polls before it sleeps (smtpd/eventloop.py): otherwise the process's answer is one
         more wake-up of an idle CPU per message (with one client, 13% fewer messages a second), while a polling
-        loop catches it awake (3-10% more than writing them on the loop). A big commit's stay on the flusher
-        thread (_has_big)."""
-        if self.file_writer is None or not self.file_writer.usable or self._has_big(unwritten):
+        loop catches it awake (3-10% more than writing them on the loop). A commit over ROUND_FILES_BYTES (none
+        by default) stays with its round (_has_big)."""
+        if not self._file_writer_usable() or self._has_big(unwritten):
             return False
         return on_thread or len(unwritten) > 1 or not self._alone() or self.loop_polls
+
+    def _file_writer_usable(self) -> bool:
+        return self.file_writer is not None and self.file_writer.usable
 
     @staticmethod
     def _has_big(commits: list[_Commit]) -> bool:
@@ -616,8 +618,7 @@ class SpoolWriter:
     def _for_file_writer(commit: _Commit) -> tuple[Any, ...]:
         """A commit as the file writer process takes it; the folder made ahead for it is its now."""
         spare, commit.spare = commit.spare, None
-        return (commit.message.msgid, spare.path if spare is not None else None,
-                spare.envelope if spare is not None else None, commit.data, commit.dumped)
+        return (commit.message.msgid, *_spare_parts(spare), commit.data, commit.dumped)
 
     def _written_by_process(self, commits: list[_Commit], results: list[tuple[int, int]] | None) -> None:
         """The file writer's answer (None: it was lost before answering): as _acknowledged_written, with the
@@ -837,7 +838,7 @@ class SpoolWriter:
             return
         wanted = self.folders_wanted - len(self.folders)
         reusable = self.take_reusable(wanted)
-        if self.file_writer is not None and self.file_writer.usable:
+        if self._file_writer_usable():
             wanted = len(reusable)
             if not wanted:
                 return
@@ -952,12 +953,16 @@ def _not_moved(commit: _Commit, reason: str) -> None:
         commit.placed.set_exception(QueueError(f"not moved into the queue: {reason}"))
 
 
+def _spare_parts(spare: Spare | None) -> tuple[str | None, str | None]:
+    """(path, envelope file name) of a folder made ahead, as make_folder and the file writer take them."""
+    return (spare.path, spare.envelope) if spare is not None else (None, None)
+
+
 def _folder_from_spare(commit: _Commit, directory: str) -> str | None:
     """In the flusher thread: the commit's folder, from the one made ahead for it when there is one (returns the
     name of the envelope file a taken-back folder holds), as the file writer process makes it."""
     spare, commit.spare = commit.spare, None
-    return make_folder(spare.path if spare is not None else None, spare.envelope if spare is not None else None,
-                       directory)
+    return make_folder(*_spare_parts(spare), directory)
 
 
 def _make_folders(names: list[str], reusable: list[tuple[str, str]]) -> list[Spare]:
