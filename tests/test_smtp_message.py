@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from smtpd.smtp import address as addr
 from smtpd.smtp import replies
 from smtpd.smtp.headers import MessageBuilder, qualify_addresses, received_header, time_to_text
+from smtpd.smtp.session import _first_dot_line
 
 
 def build(blocks: list[bytes], *, strict: bool = True, max_size: int = 1 << 20, local: bool = False,
@@ -52,6 +53,14 @@ def test_block_boundaries_do_not_matter(cuts: list[int]) -> None:
         position += cut
     blocks.append(message[position:])
     assert build(blocks) == build([message])
+
+
+@given(st.integers(min_value=0, max_value=20),
+       st.lists(st.sampled_from([b"x", b".", b"..", b"\r\n", b"\r", b"\n", b"\r\n."]), max_size=40))
+def test_first_dot_line_is_the_first_crlf_dot(dots_inside_lines: int, pieces: list[bytes]) -> None:
+    # Many dots inside lines take the scan past its dot-to-dot stage into the fallback search.
+    buffer = bytearray(b"x." * dots_inside_lines + b"".join(pieces))
+    assert _first_dot_line(buffer) == buffer.find(b"\r\n.")
 
 
 @pytest.mark.parametrize("body", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\n.\nb\r\n", b"a\r"])

@@ -100,6 +100,29 @@ def test_stored_message_has_received_header_and_lf_endings(daemon: SmtpDaemon) -
     assert stored.endswith("\nline one\n.starts with a dot\n")
 
 
+def test_dot_lines_found_after_many_dots_inside_lines(daemon: SmtpDaemon) -> None:
+    # More dots inside lines than the dot-to-dot scan looks at, so the stuffed lines and the end marker are
+    # found by the fallback search too; the body is sent in pieces that cut lines and the "\r\n." apart.
+    prose = b"Mr. Smith wrote: e.g. this, i.e. that. See www.example.org. Done.\r\n" * 40
+    body = b"Subject: dots\r\n\r\n" + prose + b"..stuffed\r\n" + prose + b"...\r\n.\r\n"
+    client = LineClient(daemon.port)
+    try:
+        assert client.reply()[0].startswith("220")
+        for command, code in ((b"EHLO client.test", "250"), (b"MAIL FROM:<a@sender.test>", "250"),
+                              (b"RCPT TO:<root@example.org>", "250"), (b"DATA", "354")):
+            client.send(command + b"\r\n")
+            assert client.reply()[-1].startswith(code)
+        for start in range(0, len(body), 997):
+            client.send(body[start:start + 997])
+        reply = client.reply()[-1]
+    finally:
+        client.close()
+    msgid = accepted_msgid((int(reply[:3]), reply[4:].encode()))
+    expected = (prose + b".stuffed\r\n" + prose + b"..\r\n").replace(b"\r\n", b"\n")
+    headers, _, stored_body = daemon.message(msgid).partition(b"\n\n")
+    assert b"\nSubject: dots\n" in headers + b"\n" and stored_body == expected
+
+
 def test_dsn_parameters_kept_per_recipient(daemon: SmtpDaemon) -> None:
     with smtplib.SMTP("127.0.0.1", daemon.port) as client:
         client.ehlo("client.test")

@@ -97,9 +97,10 @@ class MessageBuilder:
         return self.error
 
     async def _take(self, block: bytes) -> None:
-        # With every CR beginning a CRLF, dropping the CRs is the CRLF-to-LF conversion (translate is a plain
-        # copy loop, much cheaper than replace); local submissions: a lone CR carries nothing.
-        text = block.translate(None, b"\r")
+        # With every CR beginning a CRLF, dropping the CRs is the CRLF-to-LF conversion; local submissions: a lone
+        # CR carries nothing. replace() of one byte jumps from CR to CR with memchr: 17 us for 100 KB, against
+        # 59 us for translate(None, b"\r") (a byte-by-byte loop) and 161 us for replace(b"\r\n", b"\n").
+        text = block.replace(b"\r", b"")
         if self.strict and not _crlf_only(block, text):
             self._fail(replies.BARE_LINE_ENDING)
         if self._in_headers:

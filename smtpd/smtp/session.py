@@ -954,9 +954,27 @@ def split_command(line: str) -> tuple[str, str]:
     return verb.upper(), argument.lstrip(" ")
 
 
-# A line that starts with a dot. The regular expression engine finds it in a 100 KB message in 38 us, bytes.find
-# in 61 us (CPython's search for a short needle skips little when its last byte is rare in the text).
+# A line that starts with a dot is found by jumping from dot to dot with memchr (bytes.find of one byte): 2 us
+# for 100 KB without a dot (base64 attachments have none), where a regular expression takes 38 us and a
+# bytes.find of b"\r\n." 61 us (CPython's search for a short needle steps two bytes at a time). Prose has dots
+# in most lines; after this many dots inside lines the regular expression searches the rest.
+_DOTS_INSIDE_LINES = 8
 _DOT_LINE = re.compile(rb"\r\n\.")
+
+
+def _first_dot_line(buffer: bytearray) -> int:
+    """Where the first CRLF followed by a dot begins, or -1."""
+    position = buffer.find(b".", 2)
+    for _ in range(_DOTS_INSIDE_LINES):
+        if position < 0:
+            return -1
+        if buffer[position - 1] == 0x0A and buffer[position - 2] == 0x0D:
+            return position - 2
+        position = buffer.find(b".", position + 1)
+    if position < 0:
+        return -1
+    found = _DOT_LINE.search(buffer, position - 2)
+    return -1 if found is None else found.start()
 
 
 def _scan_data(buffer: bytearray) -> tuple[int | None, bool]:
@@ -965,10 +983,9 @@ def _scan_data(buffer: bytearray) -> tuple[int | None, bool]:
     is either the end marker (nothing to unstuff before it) or a stuffed line (then the full search)."""
     if buffer.startswith(b"."):
         return _data_terminator(buffer), True
-    found = _DOT_LINE.search(buffer)
-    if found is None:
+    first_dot = _first_dot_line(buffer)
+    if first_dot < 0:
         return None, False
-    first_dot = found.start()
     if buffer.startswith(b"\r\n", first_dot + 3):
         return first_dot + 2, False
     return _data_terminator(buffer), True
