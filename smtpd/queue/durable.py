@@ -26,7 +26,7 @@ def write_new_file(path: str, data: bytes, *, sync: bool = True) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

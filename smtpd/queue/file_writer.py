@@ -9,12 +9,13 @@ and closed, the rename under queue/) took a fifth of the event loop's CPU with 8
 daemon could not take that off the loop, since it needs the GIL between its system calls (measured: the loop's
 CPU per message did not drop). Here those calls run beside the loop, on the other CPU.
 
-FD is a stream socket to the daemon. Each request and each answer is a frame: a 4-byte little-endian length,
-then a marshal'd tuple. A request is ``(batch, commits)``, each commit ``(msgid, spare, old_envelope, data,
-envelopes)``: ``spare`` the folder made ahead for it in temporary/ (or None: the folder is made here),
-``old_envelope`` the name of the emptied envelope file a taken-back folder holds (or None), ``data`` the message,
-``envelopes`` a list of ``(evpid, content)``. The answer ``(batch, results)`` has one ``(stage, errno)`` per
-commit, in order: stage 0, its folder is complete under queue/; 1, writing failed (what it left is removed: the
+FD is a stream socket to the daemon. A request is two 4-byte little-endian lengths (of its description and of
+its messages), a marshal'd description ``(batch, commits)``, then the messages one after the other. Each commit
+is described as ``(msgid, spare, old_envelope, size, envelopes)``: ``spare`` the folder made ahead for it in
+temporary/ (or None: the folder is made here), ``old_envelope`` the name of the emptied envelope file a
+taken-back folder holds (or None), ``size`` its message's length among the messages, ``envelopes`` a list of
+``(evpid, content)``. An answer is a 4-byte little-endian length and a marshal'd ``(batch, results)``, with one
+``(stage, errno)`` per commit, in order: stage 0, its folder is complete under queue/; 1, writing failed (what it left is removed: the
 daemon's journal keeps the message and it tries again); 2, written but not moved under queue/ (it stays
 complete in incoming/, where the next start places it). Requests are answered in order. The process ends at
 the end of its input, or at once when the daemon dies (the next start writes back from the journal whatever was
@@ -41,13 +42,14 @@ except ImportError:
     from durable import write_all
 
 MESSAGE_FILE = "message"  # smtpd.queue.spool.MESSAGE_FILE
-_FRAME = struct.Struct("<I")
+_FRAME = struct.Struct("<I")  # an answer's header
+_REQUEST = struct.Struct("<II")  # a request's header
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSE = os.O_WRONLY | os.O_CLOEXEC
 _PR_SET_PDEATHSIG = 1
 _SIGKILL = 9  # (Linux, where prctl exists)
 
-Commit = tuple[int, "str | None", "str | None", bytes, list[tuple[int, bytes]]]
+Commit = tuple[int, "str | None", "str | None", "bytes | memoryview", list[tuple[int, bytes]]]
 
 
 def write_commit(root: str, commit: Commit) -> tuple[int, int]:
@@ -88,7 +90,7 @@ def make_folder(spare: str | None, old_envelope: str | None, directory: str) -> 
     return None
 
 
-def _write_file(path: str, content: bytes, reuse: bool) -> None:
+def _write_file(path: str, content: bytes | memoryview, reuse: bool) -> None:
     # A taken-back folder's files were emptied by the daemon's writer thread: opened as they are, without
     # O_TRUNC (see smtpd/queue/store.py, _empty_files), and never created anew if one is missing.
     fd = os.open(path, _REUSE if reuse else _CREATE, 0o600)
@@ -131,14 +133,21 @@ def _send_all(connection: int, data: bytes) -> None:
 
 def serve(root: str, connection: int) -> None:
     while True:
-        head = _read_exactly(connection, _FRAME.size)
+        head = _read_exactly(connection, _REQUEST.size)
         if head is None:
             return
-        payload = _read_exactly(connection, _FRAME.unpack(head)[0])
+        described_size, messages_size = _REQUEST.unpack(head)
+        payload = _read_exactly(connection, described_size + messages_size)
         if payload is None:
             return
-        batch, commits = marshal.loads(payload)
-        answer = marshal.dumps((batch, [write_commit(root, commit) for commit in commits]))
+        view = memoryview(payload)
+        batch, described = marshal.loads(view[:described_size])
+        results, offset = [], described_size
+        for msgid, spare, old_envelope, size, envelopes in described:
+            data = view[offset:offset + size]
+            offset += size
+            results.append(write_commit(root, (msgid, spare, old_envelope, data, envelopes)))
+        answer = marshal.dumps((batch, results))
         _send_all(connection, _FRAME.pack(len(answer)) + answer)
 
 

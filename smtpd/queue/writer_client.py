@@ -23,7 +23,8 @@ from smtpd import log
 
 LOG = log.get("queue")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "file_writer.py")
-_FRAME = struct.Struct("<I")
+_FRAME = struct.Struct("<I")  # an answer's header (see file_writer.py)
+_REQUEST = struct.Struct("<II")  # a request's header
 _SOCKET_BUFFER = 4 << 20  # a batch is at most one inline journal round (64 KiB of records) plus its envelopes
 STOP_TIMEOUT = 5.0
 
@@ -76,24 +77,34 @@ class FileWriterProcess:
             self.loop.call_soon(answer, None)
             return
         self._batches += 1
-        payload = marshal.dumps((self._batches, commits))
+        # The messages go after the marshal'd rest, each as it is: marshal copies a 100 KB message in 39 us
+        # (its output grows by doubling), sendmsg gathers them with no copy at all.
+        messages = [commit[3] for commit in commits]
+        described = marshal.dumps((self._batches, [(msgid, spare, old_envelope, len(data), envelopes)
+                                                   for msgid, spare, old_envelope, data, envelopes in commits]))
         self._pending.append(answer)
-        self._send(_FRAME.pack(len(payload)) + payload)
+        self._send([_REQUEST.pack(len(described), sum(map(len, messages))), described, *messages])
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, parts: list[bytes]) -> None:
         assert self.socket is not None
         if self._unsent:
-            self._unsent += frame
+            for part in parts:
+                self._unsent += part
             return
         try:
-            sent = self.socket.send(frame)
+            sent = self.socket.sendmsg(parts)
         except BlockingIOError:
             sent = 0
         except OSError as error:
             self._lost(f"sending to it failed: {error}")
             return
-        if sent < len(frame):
-            self._unsent += frame[sent:]
+        for part in parts:  # keep what the socket did not take
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self._unsent += memoryview(part)[sent:]
+            sent = 0
+        if self._unsent:
             self.loop.add_writer(self.socket.fileno(), self._writable)
 
     def _writable(self) -> None:
