@@ -229,8 +229,8 @@ def start_fresh(target: Target) -> None:
     target.start()
 
 
-# Rows with more sessions than this are not run again when not calm: 32 clients connecting at once always overflow
-# OpenSMTPD's listen backlog of 5 (see the README), so a second try would stall as well.
+# Rows with more sessions than this are not run again when not calm: OpenSMTPD stalls in every try of the
+# 32-session row (see the README), so a second try would stall as well.
 CALM_SESSIONS = 8
 
 
