@@ -245,8 +245,8 @@ class _OpenSMTPD(queue_bench.OpenSMTPD):
     paused = False
 
     def command(self) -> list[str]:
-        return [queue_bench.OPENSMTPD, "-d", "-f", str(self.workdir / "smtpd.conf"),
-                *(["-P", "mda"] if self.paused else [])]
+        return queue_bench.opensmtpd_command(["-d", "-f", str(self.workdir / "smtpd.conf"),
+                                              *(["-P", "mda"] if self.paused else [])], str(self.workdir))
 
 
 if __name__ == "__main__":

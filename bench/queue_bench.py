@@ -36,9 +36,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers_mta import opensmtpd_command  # noqa: E402
 from loadgen import run_load  # noqa: E402
 
-OPENSMTPD = "/usr/sbin/smtpd"
 OPENSMTPCTL = "/usr/sbin/smtpctl"
 OPENSMTPD_SPOOL = Path("/var/spool/smtpd")
 WORK = Path("/tmp/queue-bench")
@@ -151,7 +152,8 @@ class Target:
 
 class OpenSMTPD(Target):
     def command(self) -> list[str]:
-        return [OPENSMTPD, "-d", "-f", str(self.workdir / "smtpd.conf"), "-P", "mta", "-P", "mda"]
+        return opensmtpd_command(["-d", "-f", str(self.workdir / "smtpd.conf"), "-P", "mta", "-P", "mda"],
+                                 str(self.workdir))
 
     def ctl(self) -> list[str]:
         return [OPENSMTPCTL]

@@ -363,6 +363,23 @@ def environment(**values: str) -> Iterator[None]:
 OPENSMTPD = "/usr/sbin/smtpd"
 
 
+# OpenSMTPD looks up every client's reverse name before its banner, through the servers of /etc/resolv.conf (it
+# has no resolver setting of its own). It runs in a mount namespace of its own, where /etc/resolv.conf reads
+# /etc/hosts first and names only loopback: no query leaves the machine. On the CI VM the machine's resolver
+# dropped some queries, and each drop held a client's banner for 5 s.
+LOCAL_RESOLV_CONF = "lookup file bind\nnameserver 127.0.0.1\n"
+
+
+def opensmtpd_command(arguments: list[str], workdir: str) -> list[str]:
+    """The command line running OpenSMTPD with ``arguments`` and the loopback-only resolv.conf (written into
+    ``workdir``). unshare and sh each exec the next program: the process started is OpenSMTPD itself."""
+    resolv_conf = os.path.join(workdir, "resolv.conf")
+    with open(resolv_conf, "w", encoding="utf-8") as handle:
+        handle.write(LOCAL_RESOLV_CONF)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv_conf, OPENSMTPD, *arguments]
+
+
 class OpenSmtpd:
     """The installed OpenSMTPD on a loopback port with the given config text (it uses the system spool and control
     socket, so only one can run at a time: start() waits while another one holds them)."""
@@ -382,8 +399,8 @@ class OpenSmtpd:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             log = open(self.log_path, "wb")  # noqa: SIM115 — handed to the child
-            self.process = subprocess.Popen([OPENSMTPD, "-d", *self.args, "-f", self.config_path], stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(opensmtpd_command(["-d", *self.args, "-f", self.config_path],
+                                                              self.workdir), stdout=log, stderr=subprocess.STDOUT)
             log.close()
             while self.process.poll() is None:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers_mta import (
+    LOCAL_RESOLV_CONF,
     DnsServer,
     MemoryTables,
     OpenSmtpd,
@@ -19,6 +20,7 @@ from helpers_mta import (
     relay_config,
     wait_until,
 )
+from helpers_smtp import LineClient
 
 from smtpd.config.model import Relay
 from smtpd.delivery import DeliveryResult, Outcome
@@ -105,3 +107,24 @@ def test_opensmtpd_refusal_becomes_a_permanent_failure(tmp_path: Path, opensmtpd
     assert results[0].text == "550 Invalid recipient: <x@elsewhere.test>"
     assert results[1].outcome is Outcome.OK
     assert maildir_messages(str(opensmtpd_dir / "Maildir"))[0]["Return-Path"] == "<bob@local.test>"
+
+
+def test_the_opensmtpd_we_run_asks_no_resolver_beyond_loopback(opensmtpd_dir: Path) -> None:
+    """Its view of /etc/resolv.conf is ours (its own mount namespace): /etc/hosts first, then loopback only.
+    A client from 127.0.0.1 is named from /etc/hosts; the machine's own resolv.conf is untouched."""
+    port = free_port()
+    with open("/etc/resolv.conf", "rb") as handle:
+        machine_resolv_conf = handle.read()
+    with OpenSmtpd(str(opensmtpd_dir), opensmtpd_config(opensmtpd_dir, port, tls=False), port) as daemon:
+        assert daemon.process is not None
+        seen = Path(f"/proc/{daemon.process.pid}/root/etc/resolv.conf").read_text()
+        assert seen == LOCAL_RESOLV_CONF
+        assert "nameserver 127.0.0.1" in seen and seen.startswith("lookup file bind")
+        client = LineClient(port)
+        try:
+            assert client.reply()[0].startswith("220")
+        finally:
+            client.close()
+        assert wait_until(lambda: "address=127.0.0.1 host=localhost" in daemon.log(), 10)
+    with open("/etc/resolv.conf", "rb") as handle:
+        assert handle.read() == machine_resolv_conf
