@@ -78,3 +78,20 @@ def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer]
     assert set(fcrdns_trace(daemon, source)) == {(status, host)}  # 127.0.0.1 also had the readiness probe
     if host != "<unknown>":
         assert (host, "A") in dns.queries
+
+
+def test_without_the_resolver_setting_the_system_resolver_names_the_client(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """No SMTPD_RESOLVER: the system's resolver, which names 127.0.0.1 from /etc/hosts (no DNS question). The
+    tests' own server (set for every test, see conftest.py) would name it otherwise here, and is not asked."""
+    with DnsServer({"1.0.0.127.in-addr.arpa": [("PTR", "not.the.system.test.")]}) as other:
+        monkeypatch.setenv("SMTPD_RESOLVER", other.setting)
+        daemon = SmtpDaemon(tmp_path, CONFIG, env={"SMTPD_RESOLVER": ""}, traces=("smtp",))
+        daemon.start()
+        try:
+            first_line = send_from(daemon, "127.0.0.1")
+        finally:
+            daemon.stop()
+        assert other.queries == []
+    assert first_line == "Received: from helo.test (localhost [127.0.0.1])"
+    assert set(fcrdns_trace(daemon, "127.0.0.1")) == {("pass", "localhost")}
