@@ -4,6 +4,7 @@ the tests cause on loopback."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,27 +17,27 @@ for path in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 
-# The names a machine's /etc/hosts gives loopback, and nothing else.
-LOOPBACK_NAMES = {
-    "1.0.0.127.in-addr.arpa": [("PTR", "localhost.")],
-    "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa": [("PTR", "localhost.")],
-    "localhost": [("A", "127.0.0.1"), ("AAAA", "::1")],
-}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def loopback_resolver() -> Iterator[None]:
     """Every daemon, config check and tool the tests start asks a DNS server of ours on loopback (SMTPD_RESOLVER,
     which they inherit), never the machine's resolver: client names for PROXY-protocol and IPv6 clients, MX
-    lookups, host names in `listen on`. Tests that need other answers set their own server."""
+    lookups, host names in `listen on`. Tests that need other answers set their own server. It runs as a
+    process (tests/loopback_dns.py): a thread here would make the tests' forks unsafe."""
     if os.environ.get("SMTPD_RESOLVER"):
         yield
         return
-    from helpers_mta import DnsServer
-
-    with DnsServer(LOOPBACK_NAMES) as server:
-        os.environ["SMTPD_RESOLVER"] = server.setting
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "loopback_dns.py")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdin is not None
+    port = server.stdout.readline().strip()
+    os.environ["SMTPD_RESOLVER"] = f"127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        os.environ.pop("SMTPD_RESOLVER", None)
+        server.stdin.close()
         try:
-            yield
-        finally:
-            os.environ.pop("SMTPD_RESOLVER", None)
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
