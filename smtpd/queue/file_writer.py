@@ -15,11 +15,11 @@ is described as ``(msgid, spare, old_envelope, size, envelopes)``: ``spare`` the
 temporary/ (or None: the folder is made here), ``old_envelope`` the name of the emptied envelope file a
 taken-back folder holds (or None), ``size`` its message's length among the messages, ``envelopes`` a list of
 ``(evpid, content)``. An answer is a 4-byte little-endian length and a marshal'd ``(batch, results)``, with one
-``(stage, errno)`` per commit, in order: stage 0, its folder is complete under queue/; 1, writing failed (what it left is removed: the
-daemon's journal keeps the message and it tries again); 2, written but not moved under queue/ (it stays
-complete in incoming/, where the next start places it). Requests are answered in order. The process ends at
-the end of its input, or at once when the daemon dies (the next start writes back from the journal whatever was
-not written).
+``(stage, errno)`` per commit, in order: stage 0, its folder is complete under queue/; 1, writing failed (what
+it left is removed: the daemon's journal keeps the message and it tries again); 2, written but not moved under
+queue/ (it stays complete in incoming/, where the next start places it). Requests are answered in order. The
+process ends at the end of its input, or at once when the daemon dies (the next start writes back from the
+journal whatever was not written).
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ LOG = log.get("queue")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "file_writer.py")
 _FRAME = struct.Struct("<I")  # an answer's header (see file_writer.py)
 _REQUEST = struct.Struct("<II")  # a request's header
-_SOCKET_BUFFER = 4 << 20  # a batch is at most one inline journal round (64 KiB of records) plus its envelopes
+# Asked for, capped by net.core.wmem_max/rmem_max. A batch is one journal round's commits (up to the journal's
+# size); what the socket does not take at once is sent when it is writable.
+_SOCKET_BUFFER = 4 << 20
 STOP_TIMEOUT = 5.0
 
 Results = list[tuple[int, int]]  # (stage, errno) per commit, see file_writer.py
