@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers_mta import Daemon, DnsServer, OpenSmtpd, Remote, free_port, wait_until  # noqa: E402
+from loopback_dns import LOOPBACK_NAMES  # noqa: E402
 
 BODY = "Subject: relay bench\r\n\r\n" + ("x" * 70 + "\r\n") * 28
 
@@ -78,11 +79,11 @@ def main() -> int:
     os.chmod(folder, 0o755)
     rates: dict[str, tuple[float, float]] = {}
     if options.only in (None, "ours"):
-        # Our reverse lookups go to a DNS server of our own on loopback that names 127.0.0.1 as /etc/hosts does
+        # Our reverse lookups go to the tests' DNS server on loopback, which names 127.0.0.1 as /etc/hosts does
         # for OpenSMTPD (tests/helpers_mta.py, opensmtpd_command). Until 2026-12-07 they went to 127.0.0.1:9,
         # where nothing answers: each connection waited 5 s for its client's name, and the accept figure said
         # 36 msg/s.
-        with DnsServer({"1.0.0.127.in-addr.arpa": [("PTR", "localhost.")]}) as names:
+        with DnsServer(LOOPBACK_NAMES) as names:
             rates["ours"] = measure(
                 "PySMTPD", lambda port, sink: Daemon(os.path.join(folder, "ours"), config_text(port, sink),
                                                      "bench.local", port, {"SMTPD_RESOLVER": names.setting},

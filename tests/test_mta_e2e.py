@@ -150,19 +150,11 @@ def test_remote_refusal_bounces_with_the_remote_reply(workdir: Path) -> None:
     assert os.path.exists(box)
 
 
-@pytest.fixture()
-def loopback_names() -> Iterator[DnsServer]:
-    """A DNS server of the test's own that names 127.0.0.1 (the client's reverse lookup; one that nobody answers
-    would hold each banner for its 5 s timeout)."""
-    with DnsServer({"1.0.0.127.in-addr.arpa": [("PTR", "localhost.")]}) as server:
-        yield server
-
-
-def test_smtpctl_shows_a_disabled_route_and_resumes_it(workdir: Path, loopback_names: DnsServer) -> None:
+def test_smtpctl_shows_a_disabled_route_and_resumes_it(workdir: Path) -> None:
     dead_port, port = free_port(), free_port()
     box = maildir(workdir, "LocalMaildir")
     text = LEGACY.format(port=port, box=box, plain_port=dead_port).replace("smarthost.test", "127.0.0.1")
-    ours = start(workdir, "ours", text, "mail.local.test", port, env={"SMTPD_RESOLVER": loopback_names.setting})
+    ours = start(workdir, "ours", text, "mail.local.test", port)  # (names from the tests' DNS server, conftest.py)
     try:
         submit(port, ["alice@remote.test"])
 
@@ -212,7 +204,7 @@ def test_direct_mx_delivery_through_the_daemon(workdir: Path) -> None:
     assert ("remote.test", "MX") in dns.queries
 
 
-def test_relayed_notice_only_when_the_remote_does_not_offer_dsn(workdir: Path, loopback_names: DnsServer) -> None:
+def test_relayed_notice_only_when_the_remote_does_not_offer_dsn(workdir: Path) -> None:
     from helpers_mta import RawRemote, standard_script
     port = free_port()
     dsn_script = standard_script({"EHLO": b"250-dsn.test\r\n250-DSN\r\n250 8BITMIME\r\n"})
@@ -226,7 +218,7 @@ def test_relayed_notice_only_when_the_remote_does_not_offer_dsn(workdir: Path, l
                 'match from any for domain "local.test" action "local"\n'
                 'match from local for domain "dsn.test" action "to_dsn"\n'
                 'match from local for domain "plain.test" action "to_plain"\n')
-        ours = start(workdir, "ours", text, "mail.local.test", port, env={"SMTPD_RESOLVER": loopback_names.setting})
+        ours = start(workdir, "ours", text, "mail.local.test", port)
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
                 client.sendmail("bob@local.test", ["carol@dsn.test", "dave@plain.test"], MESSAGE,
