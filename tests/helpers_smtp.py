@@ -9,6 +9,8 @@ spool where the tests read them byte for byte (``message()``, ``envelopes()``). 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from daemon import MAILNAME, ROOT, SmtpdProcess, free_port
 
-__all__ = ["MAILNAME", "ROOT", "LineClient", "SmtpDaemon", "free_port", "make_certificate", "smtp_connection"]
+__all__ = ["MAILNAME", "ROOT", "LineClient", "SmtpDaemon", "free_port", "make_certificate", "server_end",
+           "smtp_connection"]
 
 
 class SmtpDaemon(SmtpdProcess):
@@ -38,9 +41,17 @@ def smtp_connection(port: int, host: str = "127.0.0.1", timeout: float = 30) -> 
 class LineClient:
     """A raw SMTP client for dialog tests: send exact bytes, read complete replies."""
 
+    one_read = False  # replies must come from what read_once() read, without reading more
+
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 30) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.pending = b""
+
+    def read_once(self) -> None:
+        """Read what the server sent next, in one recv; replies() then takes from it and reads no more."""
+        assert not self.pending, f"unread replies before a group: {self.pending!r}"
+        self.pending = self.sock.recv(65536)
+        self.one_read = True
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -50,6 +61,7 @@ class LineClient:
         lines: list[str] = []
         while True:
             while b"\r\n" not in self.pending:
+                assert not self.one_read, f"reply not in the same read as the ones before it: {lines!r}"
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     return lines
@@ -83,3 +95,32 @@ def make_certificate(folder: Path, name: str = "mx.test.example") -> tuple[Path,
                    check=True, capture_output=True)
     key.chmod(0o600)
     return cert, key
+
+
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
+
+
+def server_end(pid: int, client: socket.socket) -> socket.socket:
+    """A duplicate of the daemon's own socket for this client's connection (pidfd_getfd(2)), to read its options.
+
+    The daemon's end is the socket in /proc/PID/net/tcp{,6} whose remote port is the client's local port; its
+    inode names one of /proc/PID/fd. Closing the duplicate leaves the daemon's socket open."""
+    client_port = client.getsockname()[1]
+    inode = ""
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == client_port and fields[9] != "0":
+                inode = fields[9]
+    assert inode, f"no socket of pid {pid} is connected to local port {client_port}"
+    fds = [entry for entry in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(entry) == f"socket:[{inode}]"]
+    assert fds, f"socket inode {inode} is not among pid {pid}'s descriptors"
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        duplicate = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fds[0].name), 0)
+        if duplicate < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=duplicate)

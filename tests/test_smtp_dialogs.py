@@ -8,6 +8,8 @@ File format, one directive per line:
   `REPEAT n text`    the client sends text + CRLF n times
   `S: reply line`    the next reply line; a reply is the run of `S:` lines up to its `CODE ` line.
                      `*` in the expected text matches anything
+  `TOGETHER`         the replies up to the next client line come in one read (one segment: a pipelined group's
+                     replies are sent together)
   `STARTTLS`         the client starts TLS on the connection
   `CLOSED`           the server has closed the connection
 Placeholders: {mailname}.
@@ -93,6 +95,8 @@ def play(path: Path, daemon: SmtpDaemon) -> None:
                     expected = []
                 continue
             assert not expected, f"{where}: reply lines must end with a `CODE text` line"
+            if line.startswith(("C: ", "C! ", "REPEAT ")) or line == "C:":
+                client.one_read = False
             if line.startswith("C: ") or line == "C:":
                 client.send(line[3:].encode("utf-8") + b"\r\n")
             elif line.startswith("C! "):
@@ -105,6 +109,8 @@ def play(path: Path, daemon: SmtpDaemon) -> None:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
                 client.sock = context.wrap_socket(client.sock, server_hostname=MAILNAME)
+            elif line == "TOGETHER":
+                client.read_once()
             elif line == "CLOSED":
                 assert client.closed(), f"{where}: the server did not close the connection"
             elif line.startswith(("#", "port:")) or not line.strip():

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_smtp import MAILNAME, ROOT, LineClient, SmtpDaemon, make_certificate
+from helpers_smtp import MAILNAME, ROOT, LineClient, SmtpDaemon, make_certificate, server_end
 
 PASSWORD = "s3cret pass"
 
@@ -77,6 +77,19 @@ def insecure_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+# -- the connection ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("host", "port_name"), [("127.0.0.1", "port"), ("::1", "port"), ("127.0.0.1", "port3")],
+                         ids=["ipv4", "ipv6", "smtps"])
+def test_client_sockets_send_replies_without_nagle_delay(daemon: SmtpDaemon, host: str, port_name: str) -> None:
+    # With Nagle's algorithm a reply written while the one before it is unacknowledged waits for the client's
+    # delayed ACK: 40 ms for every pipelined transaction. The daemon's end of the connection must have it off.
+    with socket.create_connection((host, daemon.ports[port_name]), timeout=30) as client:
+        reader = insecure_context().wrap_socket(client, server_hostname=MAILNAME) if port_name == "port3" else client
+        assert reader.recv(512).startswith(b"220 ")  # the daemon has accepted the connection
+        with server_end(daemon.process.pid, reader) as ours:
+            assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 # -- the stored message ------------------------------------------------------------------------------------------
@@ -302,6 +315,7 @@ class MemoryTlsClient:
         self.sock = sock
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = insecure_context().wrap_bio(self.incoming, self.outgoing, server_hostname="mx.test.example")
+        self.pending = b""
 
     def client_hello(self) -> bytes:
         with pytest.raises(ssl.SSLWantReadError):
@@ -331,12 +345,13 @@ class MemoryTlsClient:
         self.sock.sendall(self.outgoing.read())
 
     def reply(self) -> str:
-        text = b""
-        while not re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n$", text):
+        """The next reply (a pipelined group's replies may come in one record: the rest waits for the next call)."""
+        while not (end := re.search(rb"(^|\r\n)\d{3} [^\r\n]*\r\n", self.pending)):
             try:
-                text += self.tls.read(65536)
+                self.pending += self.tls.read(65536)
             except ssl.SSLWantReadError:
                 self._pump()
+        text, self.pending = self.pending[:end.end()], self.pending[end.end():]
         return text.decode()
 
 

@@ -17,6 +17,9 @@ from typing import Any, Protocol
 # reading resumes.
 HIGH_WATER = 1 << 20
 STREAM_READ_SIZE = 256 * 1024
+# Replies held for a pipelined group (see SocketConnection.write) beyond this go out at once: a client that
+# pipelines thousands of commands gets its replies as they come, and the transport's flow control applies.
+HELD_MAX = 16 * 1024
 
 
 class Connection(Protocol):
@@ -26,10 +29,14 @@ class Connection(Protocol):
         """Wait until more bytes are in ``buffer``; how many came (0: the client closed its side)."""
         ...
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes, hold: bool = False) -> None:
+        """Send data. ``hold``: more replies follow at once (pipelined commands wait in ``buffer``), so the data
+        may be kept back and sent with them, at the latest by the next write without ``hold``, ``receive()``,
+        ``drain()``, ``start_tls()`` or ``close()``."""
+        ...
 
     def pending_output(self) -> int:
-        """Bytes written but not yet taken by the kernel."""
+        """Bytes written but not yet taken by the kernel (held ones included)."""
         ...
 
     def unread(self) -> int:
@@ -66,6 +73,10 @@ class SocketConnection(asyncio.Protocol):
         self._writing_paused = False  # by the transport: its buffer is full
         self._drainers: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = self._loop.create_future()
+        # Replies to pipelined commands, sent together with the last of their group (see write): one segment and
+        # one send for the group, as RFC 2920 allows, where each reply on its own would cost a send.
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     # -- the transport's side -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,6 +123,8 @@ class SocketConnection(asyncio.Protocol):
 
     # -- the session's side -------------------------------------------------------------------------------
     async def receive(self) -> int:
+        if self._held:
+            self._send_held()
         if self._reading_paused and len(self.buffer) <= HIGH_WATER // 2 and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
@@ -126,12 +139,26 @@ class SocketConnection(asyncio.Protocol):
             raise self._lost_error
         return received
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, hold: bool = False) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        if hold and self._held_bytes + len(data) <= HELD_MAX:
+            self._held.append(data)
+            self._held_bytes += len(data)
+        elif self._held:
+            self._held.append(data)
+            self._send_held()
+        else:
+            self.transport.write(data)
+
+    def _send_held(self) -> None:
+        data = b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        if self.transport is not None:
+            self.transport.write(data)
 
     def pending_output(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self._held_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
 
     def unread(self) -> int:
         return 0  # everything received is in buffer at once
@@ -139,6 +166,8 @@ class SocketConnection(asyncio.Protocol):
     async def drain(self) -> None:
         if self._lost:
             raise ConnectionResetError("Connection lost")
+        if self._held:
+            self._send_held()
         if not self._writing_paused:
             return
         drainer: asyncio.Future[None] = self._loop.create_future()
@@ -150,6 +179,8 @@ class SocketConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def close(self) -> None:
+        if self._held and not self._lost:
+            self._send_held()  # (the transport sends what it holds before it closes)
         if self.transport is not None:
             self.transport.close()
 
@@ -162,6 +193,8 @@ class SocketConnection(asyncio.Protocol):
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
         """Switch to TLS as the server. The caller has paused reading and checked that nothing is buffered."""
         assert self.transport is not None
+        if self._held:
+            self._send_held()  # plaintext replies go out before the handshake
         transport = await self._loop.start_tls(self.transport, self, context, server_side=True,
                                                ssl_handshake_timeout=timeout)
         if transport is None:  # the connection went away during the handshake
@@ -182,7 +215,9 @@ class StreamConnection:
         self.buffer += data
         return len(data)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, hold: bool = False) -> None:
+        # Never held: local submissions come through a Unix socket (no segments, no Nagle delay) and seldom
+        # pipeline.
         self.writer.write(data)
 
     def pending_output(self) -> int:

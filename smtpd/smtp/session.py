@@ -394,7 +394,8 @@ class Session:
 
     def _write_reply(self, reply: Reply, command: str | None = None) -> None:
         wire = reply.wire()
-        self.connection.write(wire)
+        # Held while another pipelined command line waits: the group's replies then leave in one segment.
+        self.connection.write(wire, hold=b"\n" in self.buffer)
         if trace.wants("io"):
             self._trace_io(f"write {len(wire)} bytes", size=len(wire))
         if trace.wants("smtp"):
