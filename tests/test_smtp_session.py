@@ -171,6 +171,21 @@ def test_swaks_sends_a_message(daemon: SmtpDaemon) -> None:
     assert "from swaks" in daemon.message(msgid).decode()
 
 
+def test_swaks_pipelining_gets_every_reply_in_order(daemon: SmtpDaemon) -> None:
+    # swaks sends MAIL, both RCPTs and DATA as one group (RFC 2920) and reads the four replies after it.
+    result = subprocess.run(["swaks", "--server", f"127.0.0.1:{daemon.port}", "--pipeline", "--from",
+                             "alice@sender.test", "--to", "root@example.org,nosuchuser@example.org", "--helo",
+                             "swaks.test", "--body", "pipelined by swaks"], capture_output=True, text=True, timeout=60)
+    replies = [line[4:] for line in result.stdout.splitlines() if line.startswith(("<-  ", "<** "))]
+    assert replies[-6:-2] == ["250 2.0.0 Ok", "250 2.1.5 Destination address valid: Recipient ok",
+                              "550 Invalid recipient: <nosuchuser@example.org>",
+                              '354 Enter mail, end with "." on a line by itself'], result.stdout
+    msgid = re.search(r"<.\s+250 2\.0\.0 ([0-9a-f]{8}) Message accepted for delivery", result.stdout).group(1)
+    assert "pipelined by swaks" in daemon.message(msgid).decode()
+    envelopes = daemon.envelopes(msgid)
+    assert len(envelopes) == 1 and "\nrcpt: root@example.org\n" in envelopes[0]
+
+
 def test_large_message_is_stored_whole(daemon: SmtpDaemon) -> None:
     line = b"0123456789" * 7 + b"\r\n"
     body = b"Subject: big\r\n\r\n" + line * 60_000  # about 4.3 MB
