@@ -10,6 +10,8 @@ Measures, for each daemon (started with deliveries paused, so that mail stays qu
   * the daemon's RSS (all its processes) with 50,000 queued;
   * after a restart with 50,000 queued, the time until all of them are loaded (`show stats`:
     scheduler.envelope reaches the count).
+With --ceiling, only the accept rows, with a third daemon taking its turns: ours with a queue that stores
+nothing (bench/store_nothing.py), how fast the SMTP side alone takes messages.
 Prints both figures and the ratio ours/OpenSMTPD (for times: OpenSMTPD/ours, so > 1 is always "we are better").
 
 OpenSMTPD needs root and its spool is fixed at /var/spool/smtpd and its socket at /var/run/smtpd.sock: the
@@ -165,12 +167,14 @@ class OpenSMTPD(Target):
 
 
 class Ours(Target):
+    PROGRAM = ["-m", "smtpd"]
+
     def env(self) -> dict[str, str]:
         return dict(os.environ, SMTPD_SPOOL=str(self.workdir / "spool"), SMTPD_SOCKET=str(self.workdir / "sock"),
                     SMTPD_PIDFILE=str(self.workdir / "smtpd.pid"), PYTHONPATH=str(ROOT))
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "smtpd", "-d", "-f", str(self.workdir / "smtpd.conf"), "-P", "mta", "-P",
+        return [sys.executable, *self.PROGRAM, "-d", "-f", str(self.workdir / "smtpd.conf"), "-P", "mta", "-P",
                 "mda"]
 
     def ctl(self) -> list[str]:
@@ -196,6 +200,13 @@ class Ours(Target):
         if spool.exists():
             spool.rename(WORK / f"trash-ours-spool-{run}-{time.time_ns()}")
         (self.workdir / "smtpd.conf").write_text(CONFIG.format(port=self.port))
+
+
+class OursStoringNothing(Ours):
+    """Ours with a queue that drops every message at its commit (bench/store_nothing.py): the SMTP side's
+    ceiling."""
+
+    PROGRAM = [str(HERE / "store_nothing.py")]
 
 
 def load(target: Target, sessions: int, messages: int, size: int) -> dict[str, object]:
@@ -339,6 +350,21 @@ def report(ours: dict[str, float], theirs: dict[str, float],
     return "\n".join(lines)
 
 
+STORING_NOTHING = "PySMTPD storing nothing"
+
+
+def ceiling_report(rounds: dict[str, dict[str, list[float]]]) -> str:
+    """Per accept row: ours storing nothing against OpenSMTPD (median of the per-round ratios)."""
+    lines = [f"{'ours storing nothing':40} {'msg/s':>10} {'OpenSMTPD':>10} {'ratio':>7}  per round"]
+    for key, values in rounds[STORING_NOTHING].items():
+        if key.endswith(STALLS):
+            continue
+        ratios = [a / b for a, b in zip(values, rounds["OpenSMTPD"][key], strict=True) if b]
+        lines.append(f"{key:40} {median(values):10.2f} {median(rounds['OpenSMTPD'][key]):10.2f} "
+                     f"{median(ratios):6.2f}x  {' '.join(f'{ratio:.2f}x' for ratio in ratios)}")
+    return "\n".join(lines)
+
+
 def _calm_ratios(rounds: dict[str, dict[str, list[float]]], key: str) -> list[float]:
     """Per-round ratios of one accept row, leaving out rounds in which a connection stalled or got its banner
     late (OpenSMTPD's listen backlog of 5: see the README), so that a 5 s stall or a 1 s SYN retransmission does
@@ -358,6 +384,8 @@ def main() -> int:
     parser.add_argument("--load-timeout", type=float, default=300.0)
     parser.add_argument("--rounds", type=int, default=3, help="accept rounds, the daemons taking turns [3]")
     parser.add_argument("--accept-only", action="store_true", help="only the accept rows (a few minutes)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="accept rows only, with a third daemon: ours storing nothing (bench/store_nothing.py)")
     parser.add_argument("--retries", type=int, default=2,
                         help="run an accept row again (both daemons) when a connection stalled in it [2]")
     args = parser.parse_args()
@@ -375,6 +403,9 @@ def main() -> int:
         targets.append(Ours("PySMTPD", free_port(), WORK / "ours"))
     if args.only != "ours":
         targets.append(OpenSMTPD("OpenSMTPD", free_port(), WORK / "opensmtpd"))
+    if args.ceiling:
+        args.accept_only = True
+        targets.append(OursStoringNothing(STORING_NOTHING, free_port(), WORK / "nothing"))
     results: dict[str, dict[str, float]] = {target.name: {} for target in targets}
     rounds: dict[str, dict[str, list[float]]] = {}
     try:
@@ -399,8 +430,10 @@ def main() -> int:
         for trash in WORK.glob("trash-*"):
             shutil.rmtree(trash, ignore_errors=True)
     print(json.dumps({"results": results, "rounds": rounds}, indent=1))
-    if len(targets) == 2:
+    if "PySMTPD" in results and "OpenSMTPD" in results:
         print(report(results["PySMTPD"], results["OpenSMTPD"], rounds))
+    if STORING_NOTHING in results and "OpenSMTPD" in results:
+        print(ceiling_report(rounds))
     return 0
 
 
