@@ -4,6 +4,7 @@ the tests cause on loopback."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+# Tests stop `smtpctl trace --follow` and `monitor` with SIGINT, as a user's Ctrl-C. A suite started as a
+# background job of a script (`make test &`, nohup) inherits SIGINT ignored, and so would every program it starts
+# (an ignored signal stays ignored across exec): those would never stop. A handler of our own is reset to the
+# default at exec instead.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
