@@ -57,7 +57,12 @@ class Follower:
     def stop(self) -> str:
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGINT)
-            self.process.wait(15)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # (ours, by pid) then fail: a follower must end on Ctrl-C
+                self.process.wait(15)
+                raise AssertionError("smtpctl trace --follow did not end within 15 s of SIGINT") from None
         self.reader.join(5)
         assert self.process.stderr is not None
         return self.process.stderr.read()
@@ -105,8 +110,10 @@ def traced_world() -> Iterator[dict[str, Any]]:
                 yield {"daemon": daemon, "follower": follower, "alice": alice, "bob": bob, "mail_root": mail_root,
                        "filtered": filtered, "plain": plain}
             finally:
-                follower.stop()
-                daemon.stop()
+                try:
+                    follower.stop()
+                finally:
+                    daemon.stop()
 
 
 def of(subsystem: str, text: str, **fields: Any) -> Callable[[Event], bool]:
