@@ -48,7 +48,7 @@ class LineClient:
         self.pending = b""
 
     def read_once(self) -> None:
-        """Read what the server sent next, in one recv; replies() then takes from it and reads no more."""
+        """Read what the server sent next, in one recv; reply() then takes from it and reads no more."""
         assert not self.pending, f"unread replies before a group: {self.pending!r}"
         self.pending = self.sock.recv(65536)
         self.one_read = True
