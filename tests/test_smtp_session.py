@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers_smtp import MAILNAME, ROOT, LineClient, SmtpDaemon, make_certificate, server_end
+from waiting import wait_until
 
 PASSWORD = "s3cret pass"
 
@@ -169,6 +170,22 @@ def test_swaks_sends_a_message(daemon: SmtpDaemon) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     msgid = re.search(r"<.\s+250 2\.0\.0 ([0-9a-f]{8}) Message accepted for delivery", result.stdout).group(1)
     assert "from swaks" in daemon.message(msgid).decode()
+
+
+def test_accepted_message_is_logged_as_the_reference_says(daemon: SmtpDaemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+        client.ehlo("logged.test")
+        client.mail("alice@sender.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"Subject: logged\r\n\r\nbody\r\n")
+    message_line = wait_until(lambda: re.search(
+        rf"^info: ([0-9a-f]{{16}}) smtp message msgid={msgid} size=(\d+) nrcpt=1 proto=ESMTP$", daemon.log(), re.M),
+        explain=daemon.log)
+    token = message_line.group(1)
+    assert f"info: {token} smtp connected address=127.0.0.1 host=localhost\n" in daemon.log()
+    assert int(message_line.group(2)) == len(b"Subject: logged\n\nbody\n")  # the client's text, LF line ends
+    assert re.search(rf"^info: {token} smtp envelope evpid={msgid}[0-9a-f]{{8}} from=<alice@sender.test> "
+                     rf"to=<root@example.org>$", daemon.log(), re.M), daemon.log()
 
 
 def test_swaks_pipelining_gets_every_reply_in_order(daemon: SmtpDaemon) -> None:

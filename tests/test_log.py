@@ -1,0 +1,122 @@
+"""The daemon's log lines (smtpd/log.py): on the event loop, an INFO line whose only way out is the foreground
+handler joins its batch without a LogRecord; with any other handler or a filter, lines take the usual way."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from smtpd import log
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.levelname} {record.getMessage()}")
+
+
+@pytest.fixture
+def foreground() -> Iterator[tuple[logging.Logger, io.StringIO, list[str]]]:
+    """The daemon's foreground setup (-d) writing into a buffer, the (unformatted) messages of the LogRecords made
+    meanwhile, and the logging state as it was afterwards."""
+    top = logging.getLogger(log.LOGGER_NAME)
+    saved = (list(top.handlers), top.level, top.propagate)
+    factory = logging.getLogRecordFactory()
+    records: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        records.append(str(record.msg))
+        return record
+
+    log.setup()
+    written = io.StringIO()
+    assert log._batching is not None  # noqa: SLF001
+    log._batching.setStream(written)  # noqa: SLF001  (stderr in the daemon)
+    logging.setLogRecordFactory(counting)
+    try:
+        yield log.get("smtp"), written, records
+    finally:
+        logging.setLogRecordFactory(factory)
+        top.handlers[:] = saved[0]
+        top.setLevel(saved[1])
+        top.propagate = saved[2]
+        log._batching = None  # noqa: SLF001
+
+
+def on_loop(action: Callable[[], None]) -> None:
+    async def scenario() -> None:
+        action()
+
+    asyncio.run(scenario())
+
+
+def daemon_handlers_only() -> None:
+    """The foreground handler alone, as in the daemon: pytest adds its capture handlers for each test's call."""
+    logging.getLogger(log.LOGGER_NAME).handlers[:] = [log._batching]  # noqa: SLF001
+
+
+def test_lines_join_the_foreground_batch_as_the_handler_writes_them(foreground: Any) -> None:
+    logger, written, records = foreground
+    daemon_handlers_only()
+
+    def lines() -> None:
+        with log.batch():
+            logger.info("%s smtp message msgid=%s size=%d", "a1", "0badcafe", 22)
+            logger.info("a1 smtp envelope evpid=0badcafe00000001 from=<%s>", "x@y.test")
+            logger.warning("%s smtp: queue commit failed", "a1")
+
+    on_loop(lines)
+    assert written.getvalue() == ("info: a1 smtp message msgid=0badcafe size=22\n"
+                                  "info: a1 smtp envelope evpid=0badcafe00000001 from=<x@y.test>\n"
+                                  "warn: a1 smtp: queue commit failed\n")
+    assert records == ["%s smtp: queue commit failed"]  # the INFO lines made no LogRecord
+
+
+def test_another_handler_gets_them_as_records(foreground: Any) -> None:
+    logger, written, records = foreground
+    daemon_handlers_only()
+    collect = Collect()
+    logging.getLogger(log.LOGGER_NAME).addHandler(collect)
+    on_loop(lambda: logger.info("%s smtp message msgid=%s", "b2", "12345678"))
+    assert collect.messages == ["INFO b2 smtp message msgid=12345678"]
+    assert written.getvalue() == "info: b2 smtp message msgid=12345678\n"
+
+
+def test_a_filter_or_a_higher_level_still_decides(foreground: Any) -> None:
+    logger, written, records = foreground
+    daemon_handlers_only()
+    seen: list[str] = []
+
+    def keep_none(record: logging.LogRecord) -> bool:
+        seen.append(record.getMessage())
+        return False
+
+    logger.addFilter(keep_none)
+    try:
+        on_loop(lambda: logger.info("c3 smtp message msgid=%s", "87654321"))
+    finally:
+        logger.removeFilter(keep_none)
+    assert seen == ["c3 smtp message msgid=87654321"]
+    logging.getLogger(log.LOGGER_NAME).setLevel(logging.WARNING)
+    on_loop(lambda: logger.info("d4 smtp message msgid=%s", "11111111"))
+    assert written.getvalue() == ""
+
+
+def test_off_the_loop_and_odd_calls_take_the_usual_way(foreground: Any) -> None:
+    logger, written, records = foreground
+    daemon_handlers_only()
+    logger.info("e5 from a thread, no loop")
+    on_loop(lambda: logger.info("f6 %(name)s by name", {"name": "mapping"}))
+    on_loop(lambda: logger.info("g7 %d", "not a number"))  # logging reports the bad format; it never raises
+    assert "info: e5 from a thread, no loop\n" in written.getvalue()
+    assert "info: f6 mapping by name\n" in written.getvalue()
+    assert records == ["e5 from a thread, no loop", "f6 %(name)s by name", "g7 %d"]
