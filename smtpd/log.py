@@ -41,12 +41,12 @@ class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # noqa: BLE001 — as logging does: report, never raise into the caller
             self.handleError(record)
             return
-        self.add([line], loop)
+        self.add(line, loop)
 
-    def add(self, lines: list[str], loop: asyncio.AbstractEventLoop) -> None:
-        """Lines ready to write (terminated), logged on the running ``loop``."""
+    def add(self, line: str, loop: asyncio.AbstractEventLoop) -> None:
+        """A line ready to write (formatted, terminated), logged on the running ``loop``."""
         with self.lock:  # type: ignore[union-attr]  # (another thread's line may be flushing them)
-            self.pending.extend(lines)
+            self.pending.append(line)
         if not self.scheduled and not self.holding:
             self.scheduled = True
             loop.call_soon(self.flush)
@@ -86,8 +86,10 @@ def batch() -> Iterator[None]:
 
 
 def _only_to(logger: logging.Logger, handler: logging.Handler) -> bool:
-    """Whether an INFO record of ``logger`` would reach ``handler`` and nothing else, with nothing filtering it."""
-    if not logger.isEnabledFor(logging.INFO) or handler.filters or handler.level > logging.INFO:
+    """Whether an INFO record of ``logger`` would reach ``handler`` and nothing else, with nothing filtering it,
+    and be written by our formatter."""
+    if not logger.isEnabledFor(logging.INFO) or handler.filters or handler.level > logging.INFO or not isinstance(
+            handler.formatter, _ReferenceFormatter):
         return False
     current: logging.Logger | None = logger
     while current is not None:
@@ -117,7 +119,7 @@ class _DaemonLogger(logging.Logger):
             except (RuntimeError, TypeError, ValueError):  # no loop here, or a bad format: the usual way reports it
                 pass
             else:
-                handler.add([f"{_LEVEL_WORDS[logging.INFO]}: {text}{handler.terminator}"], loop)
+                handler.add(f"info: {text}{handler.terminator}", loop)  # (as _ReferenceFormatter writes it)
                 return
         super().info(msg, *args, **kwargs)
 
