@@ -42,8 +42,9 @@ except ImportError:
     from durable import write_all
 
 MESSAGE_FILE = "message"  # smtpd.queue.spool.MESSAGE_FILE
-_FRAME = struct.Struct("<I")  # an answer's header
-_REQUEST = struct.Struct("<II")  # a request's header
+# The wire format, shared with the daemon's side (writer_client.py imports these).
+ANSWER_HEADER = struct.Struct("<I")  # an answer's length
+REQUEST_HEADER = struct.Struct("<II")  # a request's lengths: its description, its messages
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _REUSE = os.O_WRONLY | os.O_CLOEXEC
 _PR_SET_PDEATHSIG = 1
@@ -133,10 +134,10 @@ def _send_all(connection: int, data: bytes) -> None:
 
 def serve(root: str, connection: int) -> None:
     while True:
-        head = _read_exactly(connection, _REQUEST.size)
+        head = _read_exactly(connection, REQUEST_HEADER.size)
         if head is None:
             return
-        described_size, messages_size = _REQUEST.unpack(head)
+        described_size, messages_size = REQUEST_HEADER.unpack(head)
         payload = _read_exactly(connection, described_size + messages_size)
         if payload is None:
             return
@@ -148,7 +149,7 @@ def serve(root: str, connection: int) -> None:
             offset += size
             results.append(write_commit(root, (msgid, spare, old_envelope, data, envelopes)))
         answer = marshal.dumps((batch, results))
-        _send_all(connection, _FRAME.pack(len(answer)) + answer)
+        _send_all(connection, ANSWER_HEADER.pack(len(answer)) + answer)
 
 
 def _die_with_parent() -> None:

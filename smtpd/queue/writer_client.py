@@ -13,18 +13,16 @@ import collections
 import marshal
 import os
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from smtpd import log
+from smtpd.queue.file_writer import ANSWER_HEADER, REQUEST_HEADER
 
 LOG = log.get("queue")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "file_writer.py")
-_FRAME = struct.Struct("<I")  # an answer's header (see file_writer.py)
-_REQUEST = struct.Struct("<II")  # a request's header
 # Asked for, capped by net.core.wmem_max/rmem_max. A batch is one journal round's commits (up to the journal's
 # size); what the socket does not take at once is sent when it is writable.
 _SOCKET_BUFFER = 4 << 20
@@ -85,7 +83,7 @@ class FileWriterProcess:
         described = marshal.dumps((self._batches, [(msgid, spare, old_envelope, len(data), envelopes)
                                                    for msgid, spare, old_envelope, data, envelopes in commits]))
         self._pending.append(answer)
-        self._send([_REQUEST.pack(len(described), sum(map(len, messages))), described, *messages])
+        self._send([REQUEST_HEADER.pack(len(described), sum(map(len, messages))), described, *messages])
 
     def _send(self, parts: list[bytes]) -> None:
         assert self.socket is not None
@@ -135,12 +133,12 @@ class FileWriterProcess:
             self._lost("it ended")
             return
         self._received += data
-        while len(self._received) >= _FRAME.size:
-            length = _FRAME.unpack_from(self._received)[0]
-            if len(self._received) < _FRAME.size + length:
+        while len(self._received) >= ANSWER_HEADER.size:
+            length = ANSWER_HEADER.unpack_from(self._received)[0]
+            if len(self._received) < ANSWER_HEADER.size + length:
                 break
-            payload = bytes(self._received[_FRAME.size:_FRAME.size + length])
-            del self._received[:_FRAME.size + length]
+            payload = bytes(self._received[ANSWER_HEADER.size:ANSWER_HEADER.size + length])
+            del self._received[:ANSWER_HEADER.size + length]
             _, results = marshal.loads(payload)
             if self._pending:
                 self._pending.popleft()(results)
