@@ -192,7 +192,7 @@ def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_pa
     assert os.listdir(tmp_path / "spool" / "temporary") == []  # the spares went with the stop
     leftover = tmp_path / "spool" / "temporary" / f"{store.FOLDER_PREFIX}1-1"
     leftover.mkdir()
-    assert Spool(str(tmp_path / "spool")).recover() == (0, 0, 0)
+    assert Spool(str(tmp_path / "spool")).recover() == (0, 0, 0, [])
     assert not leftover.exists()
 
 
@@ -212,6 +212,54 @@ def test_with_the_file_writer_no_empty_folder_is_made_ahead(tmp_path: Path) -> N
     assert usable
     assert left == [] and ready == 0
     assert len(list((tmp_path / "spool" / "queue").glob("*/*/message"))) == 12
+
+
+def test_a_new_message_never_takes_the_id_of_a_folder_on_disk_or_of_another_message(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids are random; the draws are scripted here so that they hit a folder already in the queue (placed by hand,
+    as for `smtpctl discover`) and ids already taken. The disk check of a later message's id is made ahead, in a
+    turn of the loop after new_message(), not when that message begins."""
+    on_disk, a, b, c, d = 0x7E000001, 0x11000001, 0x22000002, 0x33000003, 0x44000004
+    draws = iter([on_disk, a,  # first message: no id checked ahead yet; the one on disk is passed over
+                  b,  # the check ahead after it: kept for the second message
+                  on_disk,  # the check ahead after the second: refused, nothing kept
+                  c,  # third message: none kept, so drawn at once
+                  c, d])  # fourth message, in the same turn: c is the third's
+    drawn: list[int] = []
+
+    def scripted() -> int:
+        drawn.append(next(draws))
+        return drawn[-1]
+
+    monkeypatch.setattr(store, "new_msgid", scripted)
+
+    async def scenario() -> list[int]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            folder = harness.spool / "queue" / f"{on_disk >> 24:02x}" / f"{on_disk:08x}"
+            folder.mkdir(parents=True)
+            first = harness.queue.new_message()
+            assert drawn == [on_disk, a]
+            await asyncio.sleep(0)
+            assert drawn == [on_disk, a, b]  # checked in a turn of the loop, before the second message began
+            second = harness.queue.new_message()
+            await asyncio.sleep(0)
+            third = harness.queue.new_message()
+            fourth = harness.queue.new_message()
+            assert drawn == [on_disk, a, b, on_disk, c, c, d]
+            messages = [first, second, third, fourth]
+            for index, message in enumerate(messages):
+                await message.write(b"Subject: test\n\nhello\n")
+                message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="a@x.test",
+                                              rcpt=f"u{index}@x.test", dest=f"u{index}@x.test"))
+            await asyncio.gather(*(message.commit() for message in messages))
+            await asyncio.gather(*(message.placed for message in messages if message.placed is not None))
+            return [message.msgid for message in messages]
+
+    assert run(scenario()) == [a, b, c, d]
+    queued = sorted(path.parent.name for path in (tmp_path / "spool" / "queue").glob("*/*/message"))
+    assert queued == [f"{msgid:08x}" for msgid in (a, b, c, d)]
+    assert not list((tmp_path / "spool" / "queue").glob(f"*/{on_disk:08x}/*"))  # the hand-made folder untouched
 
 
 def test_abort_removes_the_partial_message(tmp_path: Path) -> None:
@@ -361,6 +409,21 @@ def test_a_complete_commit_left_in_incoming_is_placed_and_delivered(tmp_path: Pa
     moved = _committed_folder_back_in_incoming(tmp_path, ("a@x.test", "b@x.test"))
     assert _second_life_deliveries(tmp_path) == ["a@x.test", "b@x.test"]
     assert not moved.exists()
+
+
+def test_a_complete_commit_whose_id_a_queue_folder_has_is_moved_aside_not_dropped(tmp_path: Path,
+                                                                                   caplog) -> None:
+    moved = _committed_folder_back_in_incoming(tmp_path, ("a@x.test",))
+    msgid = int(moved.name, 16)
+    by_hand = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / moved.name
+    by_hand.mkdir()  # a folder put there by hand, under the same id, before the crashed daemon could move its own
+    with caplog.at_level(logging.WARNING, logger="smtpd"):
+        assert _second_life_deliveries(tmp_path) == []
+    aside = tmp_path / "spool" / "corrupt" / moved.name
+    assert (aside / "message").read_bytes() == b"Subject: between\n\nrounds\n"  # the mail is kept
+    assert "acknowledged message" in (tmp_path / "spool" / "corrupt" / f"{moved.name}.why").read_text()
+    assert not moved.exists()
+    assert f"moved aside to corrupt/{moved.name}: an acknowledged message" in caplog.text
 
 
 def test_an_incomplete_commit_in_incoming_is_dropped(tmp_path: Path) -> None:

@@ -112,16 +112,19 @@ class Spool:
         if created:
             fsync_directory(self.root)
 
-    def recover(self) -> tuple[int, int, int]:
+    def recover(self) -> tuple[int, int, int, list[CorruptEntry]]:
         """Deal with what a crash left behind. Returns (unacknowledged messages dropped, acknowledged messages
-        placed under queue/, half-purged folders removed).
+        placed under queue/, half-purged folders removed, acknowledged messages moved aside).
 
         temporary/ holds messages whose DATA never ended: dropped. A folder in incoming/ is either a commit
         that did not finish its flushes (never acknowledged: dropped) or one that did, crashed before it was
         moved under queue/ (acknowledged: placed). They are told apart by what each envelope recorded at
-        commit: the message's size and CRC-32 and the number of envelopes.
+        commit: the message's size and CRC-32 and the number of envelopes. An acknowledged one whose id a
+        folder under queue/ has already (one put there by hand, in the moment between the id's check and the
+        commit) is moved aside to corrupt/, never dropped: the mail is kept for the administrator.
         """
         dropped = placed = 0
+        aside: list[CorruptEntry] = []
         for name in _listdir(self.temporary):
             remove_path(os.path.join(self.temporary, name))
             if not name.startswith("folder-"):  # (empty folders the queue made ahead are no message)
@@ -129,7 +132,11 @@ class Spool:
         for name in _listdir(self.incoming):
             path = os.path.join(self.incoming, name)
             msgid = int(name, 16) if is_hex_name(name, 8) else 0
-            if msgid and complete_commit(path, msgid) and not os.path.exists(self.message_dir(msgid)):
+            if msgid and complete_commit(path, msgid):
+                if os.path.exists(self.message_dir(msgid)):
+                    aside.append(self._aside(path, format_msgid(msgid), "an acknowledged message whose id a folder "
+                                             "under queue/ has already", True))
+                    continue
                 os.rename(path, self.message_dir(msgid))
                 fsync_directory(self.bucket(msgid))
                 placed += 1
@@ -140,7 +147,7 @@ class Spool:
         for name in _listdir(self.purge):
             remove_path(os.path.join(self.purge, name))
             purged += 1
-        return dropped, placed, purged
+        return dropped, placed, purged, aside
 
     def restore_message(self, msgid: int, message: bytes, envelopes: list[tuple[int, bytes]]) -> None:
         """Write a message back from the commit journal after a crash: its folder under queue/ as the commit
