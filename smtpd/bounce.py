@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from smtpd import log, trace
-from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
+from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType, shared_flags
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ class Bouncer:
             envelope.hostname = envelope.hostname or "localhost"
             envelope.smtpname = self.smtpname
             envelope.ctime = now
-            envelope.flags = set(envelope.flags) | {"bounce", "authenticated"}
+            envelope.flags = shared_flags((*envelope.flags, "bounce", "authenticated"))
             envelope.dsn_notify = DsnNotify.NONE
         return await self.queue.inject(data, envelopes)  # type: ignore[attr-defined]
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from smtpd import log, trace
 from smtpd.bounce import DELAYED, DELIVERED, FAILED, RELAYED, Bouncer, duration_text
 from smtpd.delivery import DeliveryResult, Outcome
-from smtpd.queue.envelope import Envelope, EnvelopeType
+from smtpd.queue.envelope import Envelope, EnvelopeType, shared_flags
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row, line_parts
 from smtpd.stats import STATS
@@ -468,7 +468,7 @@ class Scheduler:
         for entry in entries:
             if entry.state in (PENDING, "ready"):
                 entry.state = SUSPENDED
-                entry.envelope.flags.add("suspend")
+                entry.envelope.flags = shared_flags((*entry.envelope.flags, "suspend"))
                 entry.line_parts = None
                 changed.append(entry)
         await self._save_flags(changed)
@@ -479,7 +479,7 @@ class Scheduler:
         delivery, which may rewrite the same file, runs while the file is being rewritten here)."""
         changed = [entry for entry in entries if entry.state == SUSPENDED]
         for entry in changed:
-            entry.envelope.flags.discard("suspend")
+            entry.envelope.flags = shared_flags(entry.envelope.flags - {"suspend"})
             entry.line_parts = None
         await self._save_flags(changed)
         now = time.time()

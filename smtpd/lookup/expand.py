@@ -34,7 +34,7 @@ from smtpd.lookup.forward import ForwardStatus, read_forward
 from smtpd.lookup.items import Item, ItemError, ItemKind, parse_items, parse_lines
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfo, UserInfoError, parse_userinfo, unprivileged_user
-from smtpd.queue.envelope import Envelope, EnvelopeType
+from smtpd.queue.envelope import Envelope, EnvelopeType, shared_flags
 
 EXPAND_DEPTH = 10
 MAX_INCLUDE_SIZE = 1 << 20
@@ -397,7 +397,7 @@ class _Expansion:
         address = _nearest_address(node)
         envelope = Envelope(dispatcher=action.name, type=envelope_type, dest=address.value)
         if address.parent is not None:
-            envelope.flags.add("internal")
+            envelope.flags = shared_flags(("internal",))
         if envelope_type is EnvelopeType.MDA:
             if node.kind is NodeKind.USERNAME:
                 self._check_mailbox_delivery(node, action)

@@ -6,7 +6,8 @@ SMTP session, expansion, scheduler, MDA and MTA pass between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import IntFlag, StrEnum
 
 
@@ -22,6 +23,18 @@ class DsnNotify(IntFlag):
     FAILURE = 2
     DELAY = 4
     NEVER = 8
+
+
+_FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
+_FLAG_SETS_KEPT = 64  # (there are five flags; an envelope file could hold any words)
+
+
+def shared_flags(names: Iterable[str]) -> frozenset[str]:
+    """The flags as one frozenset shared by every envelope that has the same ones."""
+    flags = frozenset(names)
+    if len(_FLAG_SETS) >= _FLAG_SETS_KEPT:
+        return _FLAG_SETS.get(flags, flags)
+    return _FLAG_SETS.setdefault(flags, flags)
 
 
 # slots: a queue of 50,000 envelopes lives in the scheduler's memory; without them each instance carries a
@@ -46,7 +59,9 @@ class Envelope:
     last_bounce: int = 0
     ttl: int = 0
     retry: int = 0
-    flags: set[str] = field(default_factory=set)  # authenticated, bounce, internal, suspend, hold
+    # authenticated, bounce, internal, suspend, hold. Frozen, so that envelopes share their sets: an empty set()
+    # each cost 216 bytes (11 MB of a queue of 50,000), and a copy of an envelope could not change its original's.
+    flags: frozenset[str] = frozenset()
     dsn_notify: DsnNotify = DsnNotify.NONE
     dsn_ret: str = ""  # "", FULL, HDRS
     dsn_envid: str = ""

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
+from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType, shared_flags
 
 FORMAT_MARKER = "pysmtpd-envelope"
 FORMAT_VERSION = 1
@@ -86,7 +86,7 @@ _FIELDS: dict[str, _Field] = {
     "last-bounce": ("last_bounce", str, _int),
     "ttl": ("ttl", str, _int),
     "retry": ("retry", str, _int),
-    "flags": ("flags", lambda v: " ".join(sorted(v)), lambda t: set(t.split())),
+    "flags": ("flags", lambda v: " ".join(sorted(v)), lambda t: shared_flags(t.split())),
     "dsn-notify": ("dsn_notify", lambda v: str(int(v)), lambda t: DsnNotify(_int(t))),
     "dsn-ret": ("dsn_ret", str, str),
     "dsn-envid": ("dsn_envid", str, str),

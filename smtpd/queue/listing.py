@@ -8,6 +8,7 @@ for `--json` (schema in docs/queue.md).
 from __future__ import annotations
 
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from smtpd.queue.envelope import Envelope
@@ -31,7 +32,7 @@ def source_of(sockaddr: str) -> str:
     return "?"
 
 
-def flags_text(flags: set[str]) -> str:
+def flags_text(flags: AbstractSet[str]) -> str:
     return ",".join(shown for name, shown in FLAG_ORDER if name in flags)
 
 

@@ -31,7 +31,7 @@ from smtpd import log, trace
 from smtpd.config.model import AuthMode, Listener, TlsMode
 from smtpd.lookup.facts import SessionFacts
 from smtpd.lookup.tables.base import Service, TableError
-from smtpd.queue.envelope import DsnNotify, Envelope
+from smtpd.queue.envelope import DsnNotify, Envelope, shared_flags
 from smtpd.smtp import address as addr
 from smtpd.smtp import replies, tls
 from smtpd.smtp.auth import AuthResult, authenticate
@@ -927,7 +927,7 @@ class Session:
                 delivery.ctime = now
                 if self.authenticated:
                     delivery.username = self.auth_user or ""
-                    delivery.flags.add("authenticated")
+                    delivery.flags = shared_flags((*delivery.flags, "authenticated"))
                 delivery.dsn_notify = notify
                 delivery.dsn_ret = transaction.parameters.ret
                 delivery.dsn_envid = transaction.parameters.envid
