@@ -334,3 +334,84 @@ def test_big_commits_have_their_files_written_by_the_flusher_thread_after_their_
         folder = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
         assert (folder / "message").read_bytes() == body
         assert len(list(folder.iterdir())) == 2
+
+
+def test_a_folder_that_cannot_move_into_the_queue_is_moved_again_until_it_can(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An acknowledged message is written, but its move under queue/ fails (a full disk): it waits complete in
+    incoming/, the move is tried again, and once it works the message is placed and delivered; no restart."""
+    import asyncio
+    import errno
+    import logging
+    import os
+
+    from helpers_queue import Harness, run, wait_for
+
+    from smtpd.queue import store
+
+    failing = {"on": True}
+    original_rename = os.rename
+
+    def rename(source: str, target: str) -> None:
+        if failing["on"] and "/incoming/" in str(source) and "/queue/" in str(target):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original_rename(source, target)
+
+    monkeypatch.setattr(store.os, "rename", rename)
+    monkeypatch.setattr(store, "STRANDED_RETRY_DELAY", 0.05)
+    monkeypatch.setattr(store, "FILE_WRITER", False)  # (the failure is injected into the daemon's own renames)
+    caplog.set_level(logging.INFO, logger="smtpd.queue")
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with Harness(tmp_path) as harness:
+            submitted = asyncio.ensure_future(harness.submit(b"Subject: waiting\n\nwaiting body\n"))
+            await wait_for(lambda: bool(harness.queue.io.unmoved), what="the move to fail")
+            await wait_for(lambda: "could not be moved" in caplog.text, what="the warning")
+            in_incoming = sorted(os.listdir(harness.spool / "incoming"))
+            assert not submitted.done()  # (acknowledged, not placed: the scheduler does not have it yet)
+            failing["on"] = False
+            msgid, _ = await asyncio.wait_for(submitted, 10)  # (a liveness bound only)
+            await wait_for(lambda: bool(harness.mda.delivered), what="the delivery")
+            return in_incoming, [f"{msgid:08x}"]
+
+    in_incoming, expected = run(scenario())
+    assert in_incoming == expected  # complete, and waiting where the next start would place it
+    assert caplog.text.count("could not be moved into the queue (No space left on device)") == 1
+    assert "moved into the queue after an earlier failure" in caplog.text
+
+
+@pytest.mark.parametrize("file_writer", [True, False])
+def test_a_commit_whose_id_a_folder_put_by_hand_has_is_moved_aside_not_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_writer: bool) -> None:
+    """Between the check of a new message's id and its move under queue/, a folder of that id is put there by
+    hand: the message cannot go there, so it goes to corrupt/ (kept, shown) and the hand-made folder stays."""
+    from helpers_queue import Harness, run, wait_for
+
+    from smtpd.queue import store
+    from smtpd.queue.envelope import Envelope, EnvelopeType
+
+    monkeypatch.setattr(store, "FILE_WRITER", file_writer)
+
+    async def scenario() -> tuple[int, BaseException | None]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            message = harness.queue.new_message()
+            by_hand = harness.spool / "queue" / f"{message.msgid >> 24:02x}" / f"{message.msgid:08x}"
+            by_hand.mkdir(parents=True)
+            (by_hand / "message").write_bytes(b"Subject: put here by hand\n\n")
+            await message.write(b"Subject: ours\n\nour body\n")
+            message.add_envelope(Envelope(dispatcher="local", type=EnvelopeType.MDA, sender="a@x.test",
+                                          rcpt="b@x.test", dest="b@x.test"))
+            await message.commit()  # acknowledged
+            assert message.placed is not None
+            await wait_for(message.placed.done, what="the placement to end")
+            return message.msgid, message.placed.exception()
+
+    msgid, error = run(scenario())
+    assert error is not None
+    name = f"{msgid:08x}"
+    assert (tmp_path / "spool" / "corrupt" / name / "message").read_bytes().endswith(b"\n\nour body\n")
+    assert "acknowledged message" in (tmp_path / "spool" / "corrupt" / f"{name}.why").read_text()
+    by_hand = tmp_path / "spool" / "queue" / f"{msgid >> 24:02x}" / name
+    assert sorted(path.name for path in by_hand.iterdir()) == ["message"]
+    assert not list((tmp_path / "spool" / "incoming").iterdir())

@@ -134,8 +134,8 @@ class Spool:
             msgid = int(name, 16) if is_hex_name(name, 8) else 0
             if msgid and complete_commit(path, msgid):
                 if os.path.exists(self.message_dir(msgid)):
-                    aside.append(self._aside(path, format_msgid(msgid), "an acknowledged message whose id a folder "
-                                             "under queue/ has already", True))
+                    aside.append(self.set_aside(path, format_msgid(msgid), "an acknowledged message whose id a "
+                                                "folder under queue/ has already"))
                     continue
                 os.rename(path, self.message_dir(msgid))
                 fsync_directory(self.bucket(msgid))
@@ -260,6 +260,10 @@ class Spool:
         return entries
 
     # -- changing ---------------------------------------------------------------------------------------
+    def set_aside(self, path: str, label: str, reason: str) -> CorruptEntry:
+        """Move a file or folder to corrupt/<label> (or <label>.N), with a .why file giving the reason."""
+        return self._aside(path, label, reason, True)
+
     def _aside(self, path: str, label: str, reason: str, move: bool) -> CorruptEntry:
         if not move:
             return CorruptEntry(label, reason, int(time.time()))

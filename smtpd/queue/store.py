@@ -257,6 +257,8 @@ class SpoolWriter:
         self.checkpointing = False  # a checkpoint runs on the flusher thread (journal rounds go on meanwhile)
         self.stranded: list[_Commit] = []  # acknowledged, files not written: only in the journal (see _strand)
         self._stranded_timer: asyncio.TimerHandle | None = None
+        self.unmoved: list[_Commit] = []  # written, complete in incoming/, not yet moved under queue/ (_not_moved)
+        self._unmoved_timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         # Folders made ahead in temporary/ (see _make_folder); a start removes leftovers with the rest.
@@ -321,6 +323,9 @@ class SpoolWriter:
         if self._stranded_timer is not None:
             self._stranded_timer.cancel()
             self._stranded_timer = None
+        if self._unmoved_timer is not None:
+            self._unmoved_timer.cancel()  # (they stay complete in incoming/: the next start places them)
+            self._unmoved_timer = None
         self.syncer.stop()
         self.writer.stop()
         if self.file_writer is not None:
@@ -636,7 +641,7 @@ class SpoolWriter:
             if stage == 0:
                 self.renamed.append(commit)
             else:
-                _not_moved(commit, os.strerror(number))
+                self._not_moved(commit, number)
         self._next_round()
 
     def _placed_already(self, commit: _Commit) -> tuple[int, int]:
@@ -797,9 +802,48 @@ class SpoolWriter:
             try:
                 os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
             except OSError as error:
-                _not_moved(commit, error.strerror or str(error))
+                self._not_moved(commit, error.errno or errno.EIO)
                 continue
             self.renamed.append(commit)
+
+    def _not_moved(self, commit: _Commit, number: int) -> None:
+        """A written commit whose folder could not go under queue/ (a full disk, say): it is complete in
+        incoming/, and the move is tried again every STRANDED_RETRY_DELAY; a stop leaves it to the next start,
+        which places it. If a folder of its id is there already (one put there by hand), it can never go: it
+        is moved aside to corrupt/, as the next start would, and the mail is kept there for the administrator."""
+        msgid = format_msgid(commit.message.msgid)
+        if number in (errno.EEXIST, errno.ENOTEMPTY):
+            entry = self.spool.set_aside(self.spool.incoming_dir(commit.message.msgid), msgid,
+                                         "an acknowledged message whose id a folder under queue/ has already")
+            LOG.warning("queue: message %s could not be moved into the queue: a folder of its id is there; moved "
+                        "aside to corrupt/%s", msgid, entry.name)
+            if not commit.placed.done():
+                commit.placed.set_exception(QueueError("its id is taken under queue/"))
+            return
+        LOG.warning("queue: message %s could not be moved into the queue (%s); trying again every %gs", msgid,
+                    os.strerror(number), STRANDED_RETRY_DELAY)
+        self.unmoved.append(commit)
+        if self._unmoved_timer is None:
+            self._unmoved_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_unmoved)
+
+    def _retry_unmoved(self) -> None:
+        self._unmoved_timer = None
+        waiting, self.unmoved = self.unmoved, []
+        for commit in waiting:
+            msgid = commit.message.msgid
+            try:
+                os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
+            except OSError as error:
+                if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    self._not_moved(commit, error.errno)
+                else:
+                    self.unmoved.append(commit)  # (logged once, the first time)
+                continue
+            LOG.info("queue: message %s moved into the queue after an earlier failure", format_msgid(msgid))
+            self.renamed.append(commit)
+        if self.unmoved:
+            self._unmoved_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_unmoved)
+        self._next_round()
 
     # -- message folders made ahead ------------------------------------------------------------------------
     def _make_folder(self, directory: str) -> str | None:
@@ -944,15 +988,6 @@ class SpoolWriter:
         for future in (commit.future, commit.placed):
             if not future.done():
                 future.set_exception(failure)
-
-
-def _not_moved(commit: _Commit, reason: str) -> None:
-    """A written commit whose folder could not go under queue/: it stays in incoming/, complete, and the next
-    start places it."""
-    LOG.warning("queue: message %s could not be moved into the queue: %s", format_msgid(commit.message.msgid),
-                reason)
-    if not commit.placed.done():
-        commit.placed.set_exception(QueueError(f"not moved into the queue: {reason}"))
 
 
 def _spare_parts(spare: Spare | None) -> tuple[str | None, str | None]:
