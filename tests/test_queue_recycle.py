@@ -161,3 +161,25 @@ def test_new_data_under_an_old_envelope_is_never_delivered(tmp_path: Path) -> No
     (moved / "message").write_bytes(b"Subject: new\n\nfor the new recipient only\n")
     assert _deliveries_after_restart(tmp_path) == []
     assert not moved.exists()
+
+
+def test_a_big_delivered_message_gives_its_space_back_at_once(tmp_path: Path) -> None:
+    """A kept folder holds its old files until a new message takes it: only small messages' folders are kept
+    (RETIRE_MAX_BYTES), so that a delivered big message's space is not held in purge/."""
+    from smtpd.queue.spool import RETIRE_MAX_BYTES
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        async with Harness(tmp_path) as harness:
+            small, _ = await harness.submit(b"Subject: small\n\nsmall\n", recipients=("small@example.org",))
+            big, _ = await harness.submit(b"Subject: big\n\n" + b"b" * RETIRE_MAX_BYTES + b"\n",
+                                          recipients=("big@example.org",))
+            await wait_for(lambda: len(harness.mda.delivered) == 2 and not list(harness.spool.glob("queue/*/*")),
+                           what="both delivered and removed")
+            purge = harness.spool / "purge"
+            held = [path.stat().st_size for sub in ("purge", "temporary") for path in (harness.spool / sub).rglob("*")
+                    if path.is_file()]
+            return sorted(os.listdir(purge)), held
+
+    kept, held = run(scenario())
+    assert kept  # the small one's folder is kept for reuse, as before
+    assert all(size < RETIRE_MAX_BYTES for size in held)

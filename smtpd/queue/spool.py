@@ -45,6 +45,11 @@ def is_hex_name(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
 
+# A delivered message's folder is kept in purge/ for reuse (SpoolWriter.retire) only when its message file is at
+# most this big: a kept folder holds its old files until it is reused, and the space of big ones is given back
+# at once (256 kept folders hold 32 MiB at most).
+RETIRE_MAX_BYTES = 128 * 1024
+
 @dataclass
 class CorruptEntry:
     name: str  # the name under corrupt/
@@ -342,6 +347,11 @@ class Spool:
         name = format_evpid(evpid)
         names = _listdir(directory)
         if len(names) != 2 or set(names) != {MESSAGE_FILE, name}:
+            return False
+        try:
+            if os.stat(os.path.join(directory, MESSAGE_FILE)).st_size > RETIRE_MAX_BYTES:
+                return False  # (its space is given back at once; the kept folders hold little)
+        except OSError:
             return False
         target = self.purge_dir(msgid)
         try:

@@ -696,6 +696,7 @@ class SpoolWriter:
                   "keeps it, trying again every %gs", format_msgid(commit.message.msgid), error,
                   STRANDED_RETRY_DELAY)
         self.stranded.append(commit)
+        self._free_retired()
         if self._stranded_timer is None:
             self._stranded_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_stranded)
 
@@ -823,6 +824,7 @@ class SpoolWriter:
         LOG.warning("queue: message %s could not be moved into the queue (%s); trying again every %gs", msgid,
                     os.strerror(number), STRANDED_RETRY_DELAY)
         self.unmoved.append(commit)
+        self._free_retired()
         if self._unmoved_timer is None:
             self._unmoved_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_unmoved)
 
@@ -902,9 +904,24 @@ class SpoolWriter:
     # -- delivered messages' folders taken back ----------------------------------------------------------
     def retire_room(self) -> int:
         """How many more delivered messages' folders purge/ may keep for reuse (0: delete them as before)."""
-        if self.filesystem is None or self.folders_wanted == 0:
+        if self.filesystem is None or self.folders_wanted == 0 or self._short_of_space():
             return 0  # (reuse waits for a syncfs, see retire)
         return max(0, RETIRED_FOLDERS - len(self.retired))
+
+    def _short_of_space(self) -> bool:
+        """Whether acknowledged commits wait for the disk (files not written, or folders not moved): then the
+        space of delivered or removed messages is given back at once, not kept for reuse."""
+        return bool(self.stranded or self.unmoved)
+
+    def _free_retired(self) -> None:
+        """Delete the folders kept for reuse (see retire), on the writer thread: while commits wait for room, the
+        old files they still hold may be what is missing. (No syncfs may have recorded their removal yet: a power
+        cut could bring one back, delivered again at worst, never lost.)"""
+        if not self.retired:
+            return
+        paths = [path for path, _, _ in self.retired]
+        self.retired.clear()
+        self.writer.run(functools.partial(_remove_paths, paths), lambda result, error: None)
 
     def retire(self, folders: list[tuple[str, str]], started: int) -> None:
         """Keep folders that delivered messages left by one rename each into purge/, with their message file and
@@ -916,6 +933,8 @@ class SpoolWriter:
         completed: until the removal is on disk, a power cut could bring the old folder back under queue/ with
         a new message's data in its files."""
         self.retired.extend((path, envelope, started) for path, envelope in folders)
+        if self._short_of_space():
+            self._free_retired()
 
     def take_reusable(self, wanted: int) -> list[tuple[str, str]]:
         """Up to ``wanted`` retired folders whose removal is on disk (see retire; none without syncfs)."""
@@ -1025,6 +1044,11 @@ def _make_folders(names: list[str], reusable: list[tuple[str, str]]) -> list[Spa
     for path, _ in reusable:  # (only if a mkdir failed)
         remove_path(path)
     return made
+
+
+def _remove_paths(paths: list[str]) -> None:
+    for path in paths:
+        remove_path(path)
 
 
 def _empty_files(directory: str, names: tuple[str, ...]) -> None:

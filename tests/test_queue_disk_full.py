@@ -1,0 +1,84 @@
+"""A full disk, with the real daemon over SMTP: its spool on a 3 MiB tmpfs that the test mounts (as root, like the
+rest of the suite). Mail is refused with the reference's reply once nothing fits; acknowledged mail is never lost;
+removing mail gives the room back, and mail that waited for it is written and listed without a restart."""
+
+from __future__ import annotations
+
+import smtplib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon import SmtpdProcess
+
+CONFIG = 'listen on 127.0.0.1 port {port}\naction "relay" relay\nmatch from any for any action "relay"\n'
+BODY = b"Subject: filling\r\n\r\n" + (b"x" * 76 + b"\r\n") * 1300  # about 100 KB
+
+
+@pytest.fixture
+def small_spool(tmp_path: Path) -> Iterator[Path]:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(spool)], check=True)
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def send(port: int, index: int) -> tuple[int, str]:
+    """The reply to the final dot: (code, msgid or text)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("filler.test")
+        client.mail("filler@example.org")
+        client.rcpt(f"r{index}@relay.test")
+        try:
+            code, text = client.data(BODY)
+        except smtplib.SMTPResponseException as refused:
+            return refused.smtp_code, refused.smtp_error.decode()
+        return (code, text.decode().split()[1]) if code == 250 else (code, text.decode())
+
+
+def queued_msgids(daemon: SmtpdProcess) -> set[str]:
+    return {line[:8] for line in daemon.smtpctl("show", "queue").stdout.splitlines()}
+
+
+def wait_for_queue(daemon: SmtpdProcess, expected: set[str]) -> set[str]:
+    deadline = time.monotonic() + 15  # (a liveness bound only)
+    while (found := queued_msgids(daemon)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def test_a_full_spool_refuses_mail_loses_none_and_takes_mail_again_once_mail_is_removed(
+        tmp_path: Path, small_spool: Path) -> None:
+    with SmtpdProcess(tmp_path, CONFIG, paused=("mta", "mda")) as daemon:
+        accepted: list[str] = []
+        refusal = None
+        for index in range(40):
+            code, text = send(daemon.port, index)
+            if code != 250:
+                refusal = (code, text)
+                break
+            accepted.append(text)
+        assert refusal == (421, "4.3.0 Temporary failure")
+        assert len(accepted) >= 5
+        # Every acknowledged message is kept: listed now or, if its files did not fit, in the journal (and
+        # listed as soon as they are written, below).
+        assert queued_msgids(daemon) <= set(accepted)
+
+        removed = accepted[:3]
+        for msgid in removed:
+            assert daemon.smtpctl("remove", msgid).stdout == "1 envelope removed\n"
+        kept = set(accepted) - set(removed)
+        assert wait_for_queue(daemon, kept) == kept
+        code, msgid = send(daemon.port, 99)
+        assert code == 250
+        kept.add(msgid)
+        assert wait_for_queue(daemon, kept) == kept
+
+        daemon.restart()
+        assert wait_for_queue(daemon, kept) == kept
+        assert not list((small_spool / "corrupt").iterdir())
