@@ -4,6 +4,7 @@ removing mail gives the room back, and mail that waited for it is written and li
 
 from __future__ import annotations
 
+import re
 import smtplib
 import subprocess
 import time
@@ -28,14 +29,14 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
-def send(port: int, index: int) -> tuple[int, str]:
+def send(port: int, index: int, body: bytes = BODY) -> tuple[int, str]:
     """The reply to the final dot: (code, msgid or text)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("filler.test")
         client.mail("filler@example.org")
         client.rcpt(f"r{index}@relay.test")
         try:
-            code, text = client.data(BODY)
+            code, text = client.data(body)
         except smtplib.SMTPResponseException as refused:
             return refused.smtp_code, refused.smtp_error.decode()
         return (code, text.decode().split()[1]) if code == 250 else (code, text.decode())
@@ -82,3 +83,19 @@ def test_a_full_spool_refuses_mail_loses_none_and_takes_mail_again_once_mail_is_
         daemon.restart()
         assert wait_for_queue(daemon, kept) == kept
         assert not list((small_spool / "corrupt").iterdir())
+
+
+def test_a_big_message_that_does_not_fit_while_it_arrives_gets_the_same_temporary_failure(
+        tmp_path: Path, small_spool: Path) -> None:
+    """Over 256 KiB a message goes to a file in temporary/ as it arrives; when that file cannot grow, the client
+    gets the queue's temporary failure (not an internal error), and nothing of the message is left."""
+    big = b"Subject: too big for the room left\r\n\r\n" + (b"y" * 76 + b"\r\n") * 20000  # 1.5 MB
+    with SmtpdProcess(tmp_path, CONFIG, paused=("mta", "mda")) as daemon:
+        assert send(daemon.port, 0, big) == (421, "4.3.0 Temporary failure")
+        assert list((small_spool / "temporary").iterdir()) == []
+        code, msgid = send(daemon.port, 1)  # a message that fits is taken as ever
+        assert code == 250
+        assert queued_msgids(daemon) == {msgid}
+        log = daemon.log()
+    assert re.search(r"warn: \w+ smtp: (queue write failed|cannot write message file): No space left on device", log)
+    assert "session failed" not in log

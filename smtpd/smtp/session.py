@@ -24,7 +24,7 @@ import re
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from shared.ids import format_evpid, format_msgid, new_session_id
 from smtpd import log, trace
@@ -32,6 +32,7 @@ from smtpd.config.model import AuthMode, Listener, TlsMode
 from smtpd.lookup.facts import SessionFacts
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.queue.envelope import DsnNotify, Envelope, shared_flags
+from smtpd.queue.store import QueueError
 from smtpd.smtp import address as addr
 from smtpd.smtp import replies, tls
 from smtpd.smtp.auth import AuthResult, authenticate
@@ -767,8 +768,21 @@ class Session:
         await self._open_message(transaction)
         self._set_state("STATE_BODY")
         await self.reply(replies.DATA_OK)
-        await self._receive_data(transaction)
+        try:
+            await self._receive_data(transaction)
+        except QueueError as error:
+            await self._queue_write_failed(transaction, error)
         await self._complete(transaction)
+
+    async def _queue_write_failed(self, transaction: _Transaction, error: QueueError) -> NoReturn:
+        """The message could not be written while it arrived (a full spool, once it is too big to be held in
+        memory): nothing was accepted; the client keeps it and tries again later, as after a failed commit."""
+        _log.warning("%s smtp: %s", self.token, error)  # ("queue write failed: ...", "cannot write message file: ...")
+        if transaction.message is not None:
+            await transaction.message.abort()
+        self.transaction = None
+        await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
+        raise _Close("queue failure")
 
     async def _open_message(self, transaction: _Transaction) -> None:
         try:
@@ -856,7 +870,10 @@ class Session:
             transaction.bdat_used = True
             await self._open_message(transaction)
             self._set_state("STATE_BODY")
-        await self._read_chunk(size, transaction.builder)
+        try:
+            await self._read_chunk(size, transaction.builder)
+        except QueueError as error:
+            await self._queue_write_failed(transaction, error)
         if last:
             await self._complete(transaction)
         else:
@@ -878,7 +895,10 @@ class Session:
         """The message is all in: refuse it, or make it durable and say 250."""
         builder, message = transaction.builder, transaction.message
         assert builder is not None and message is not None
-        refusal = await builder.finish()
+        try:
+            refusal = await builder.finish()
+        except QueueError as error:
+            await self._queue_write_failed(transaction, error)
         self.transaction = None
         self._set_state("STATE_HELO")
         if refusal is not None:
