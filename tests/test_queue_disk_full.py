@@ -4,6 +4,7 @@ removing mail gives the room back, and mail that waited for it is written and li
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 import subprocess
@@ -99,3 +100,29 @@ def test_a_big_message_that_does_not_fit_while_it_arrives_gets_the_same_temporar
         log = daemon.log()
     assert re.search(r"warn: \w+ smtp: (queue write failed|cannot write message file): No space left on device", log)
     assert "session failed" not in log
+
+
+def test_sendmail_with_the_daemon_down_leaves_no_partial_file_when_the_spool_is_full(
+        tmp_path: Path, small_spool: Path) -> None:
+    """With the daemon down, sendmail keeps a message in offline/ for the next start to replay. If the file
+    cannot be written whole, none is left (a replay would deliver a cut message): the message goes to
+    ~/dead.letter and the exit status says it failed."""
+    sendmail = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "sendmail")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "SMTPD_SPOOL": str(small_spool), "SMTPD_SOCKET": str(tmp_path / "no-daemon.sock"),
+           "HOME": str(home)}
+    offline = small_spool / "offline"
+    too_big = "Subject: too big\n\n" + ("z" * 76 + "\n") * 50000  # 3.9 MB
+    failed = subprocess.run([sendmail, "-f", "cron", "root"], input=too_big, capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert (failed.returncode, failed.stderr) == (70, "sendmail: cannot write the offline queue: No space left "
+                                                      "on device\n")
+    assert list(offline.iterdir()) == []
+    assert (home / "dead.letter").read_text() == too_big
+    kept = subprocess.run([sendmail, "-f", "cron", "root"], input="Subject: fits\n\nfits\n", capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert kept.returncode == 75, kept.stderr
+    [written] = list(offline.iterdir())
+    assert not written.name.startswith(".")
+    assert written.read_text() == "-f|cron|root\nSubject: fits\n\nfits\n"

@@ -341,12 +341,15 @@ def write_offline(spool: str, argv: list[str], data: bytes) -> str:
         # The daemon never ran here yet: make the folder it will replay (same mode as the queue gives it).
         os.makedirs(directory, exist_ok=True)
         os.chmod(directory, 0o1733)
+    # Written under a hidden name (the daemon's replay passes over names starting with a dot), then linked to
+    # its real name once whole and flushed: a replay never takes a file half written, whether the write failed
+    # (a full disk: the file is removed) or was cut short (a crash, or the daemon starting meanwhile).
     old_umask = os.umask(0o077)
     try:
         for _ in range(100):
-            path = os.path.join(directory, f"{int(time.time())}.{os.urandom(5).hex()}")
+            hidden = os.path.join(directory, f".{_offline_name()}")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             except FileExistsError:
                 continue
             break
@@ -354,11 +357,41 @@ def write_offline(spool: str, argv: list[str], data: bytes) -> str:
             raise OSError("could not create a unique offline file")
     finally:
         os.umask(old_umask)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write("|".join(argv).encode("utf-8", "surrogateescape") + b"\n")
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write("|".join(argv).encode("utf-8", "surrogateescape") + b"\n")
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        path = _link_offline(directory, hidden)
+    finally:
+        os.unlink(hidden)
+    return path
+
+
+def _offline_name() -> str:
+    return f"{int(time.time())}.{os.urandom(5).hex()}"  # (as OpenSMTPD names them: <unixtime>.<random>)
+
+
+def _link_offline(directory: str, hidden: str) -> str:
+    """Give the whole file its real name (a link: never over another file); flush the folder where we may."""
+    for _ in range(100):
+        path = os.path.join(directory, _offline_name())
+        try:
+            os.link(hidden, path)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise OSError("could not create a unique offline file")
+    try:
+        folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return path  # (a user may not read offline/: the file itself is flushed)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return path
 
 
