@@ -120,14 +120,19 @@ def test_offline_queue_is_replayed_at_start(world) -> None:
     assert os.stat(kept).st_mode & 0o777 == 0o600
     bad = run_sendmail(daemon.env, ["a|b"], "x\n")
     assert (bad.returncode, bad.stderr.strip()) == (1, "sendmail: a|b contains illegal character")
+    # Hidden files: one being written by a sendmail right now, and one a crash cut short two days ago.
+    for name, age in ((".1796600000.0000000001", 0), (".1796400000.0000000002", 2 * 86400)):
+        (offline / name).write_text(f"-f|batch|{user.pw_name}\nSubject: hidden\n\nnever sent\n")
+        os.utime(offline / name, (time.time() - age, time.time() - age))
     daemon.start()
     try:
         content = wait_for_mail(os.path.join(mail_root, user.pw_name))
         assert "queued offline" in content and "From: <batch@mx.control.test>" in content
         deadline = time.monotonic() + 10
-        while list(offline.iterdir()) and time.monotonic() < deadline:
+        while len(list(offline.iterdir())) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert list(offline.iterdir()) == []
+        assert [path.name for path in offline.iterdir()] == [".1796600000.0000000001"]  # the one still written
+        assert "never sent" not in open(os.path.join(mail_root, user.pw_name)).read()
     finally:
         daemon.stop()
 

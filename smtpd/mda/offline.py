@@ -19,6 +19,7 @@ import os
 import pwd
 import stat
 import sys
+import time
 
 from smtpd import log
 from smtpd.mda.local import LocalDeliveryError
@@ -27,6 +28,7 @@ from smtpd.mda.privilege import Identity, privileged, run_as
 OFFLINE_DIRECTORY = "offline"
 CONCURRENCY = 5
 READY_TIMEOUT = 60.0
+ABANDONED_AFTER = 86400.0  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
 
 _log = log.get("offline")
 
@@ -77,11 +79,29 @@ async def replay_offline(spool: str, socket_path: str, mailname_path: str | None
         async with gate:
             return await _replay_file(os.path.join(directory, name), socket_path, mailname_path)
 
-    results = await asyncio.gather(*(one(name) for name in names if not name.startswith(".")))
+    hidden = [name for name in names if name.startswith(".")]
+    names = [name for name in names if not name.startswith(".")]
+    _remove_abandoned(directory, hidden)
+    results = await asyncio.gather(*(one(name) for name in names))
     replayed = sum(results)
     if names:
         _log.info("offline: %d of %d offline messages submitted", replayed, len(names))
     return replayed
+
+
+def _remove_abandoned(directory: str, hidden: list[str]) -> None:
+    """A hidden file is one that sendmail is still writing, or one a crash cut short (sendmail links a file to
+    its real name only once it is whole): those a day old are the latter."""
+    now = time.time()
+    for name in hidden:
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and now - info.st_mtime > ABANDONED_AFTER:
+            _log.info("offline: %s: removed, a submission cut short", path)
+            _unlink(path)
 
 
 async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -> bool:
