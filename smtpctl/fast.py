@@ -20,6 +20,17 @@ _SHOW_CHILDREN = ("mta", "envelope", "hoststats", "message", "queue", "hosts", "
                   "status")
 
 
+def queue_notes(result: dict) -> list[str]:
+    """What `show queue` says on stderr beside its list (here and in smtpctl.commands.queue)."""
+    notes = [f"corrupt queue file moved aside: corrupt/{entry['name']}: {entry['reason']}"
+             for entry in result.get("corrupt", [])]
+    notes += [f"message {msgid} is acknowledged and waits for room on the disk (the commit journal keeps it); "
+              "it is listed once its files are written" for msgid in result.get("waiting_for_disk", [])]
+    if result.get("loading"):
+        notes.append("the queue is still being loaded; the list may be incomplete")
+    return notes
+
+
 def _resolve(word: str, names: tuple[str, ...]) -> str | None:
     if word in names:
         return word
@@ -113,10 +124,8 @@ def _show_queue(socket_path: str) -> int | None:
     result = reply.get("result")
     if not isinstance(result, dict) or not isinstance(result.get("lines"), str):
         return None
-    for entry in result.get("corrupt", []):
-        sys.stderr.write(f"smtpctl: corrupt queue file moved aside: corrupt/{entry['name']}: {entry['reason']}\n")
-    if result.get("loading"):
-        sys.stderr.write("smtpctl: the queue is still being loaded; the list may be incomplete\n")
+    for note in queue_notes(result):
+        sys.stderr.write(f"smtpctl: {note}\n")
     sys.stderr.flush()
     sys.stdout.write(result["lines"])
     sys.stdout.flush()

@@ -47,6 +47,12 @@ def queued_msgids(daemon: SmtpdProcess) -> set[str]:
     return {line[:8] for line in daemon.smtpctl("show", "queue").stdout.splitlines()}
 
 
+def waiting_msgids(daemon: SmtpdProcess) -> set[str]:
+    """The messages `show queue` says (on stderr) are acknowledged and wait for room on the disk."""
+    return set(re.findall(r"^smtpctl: message ([0-9a-f]{8}) is acknowledged and waits for room on the disk",
+                          daemon.smtpctl("show", "queue").stderr, re.MULTILINE))
+
+
 def wait_for_queue(daemon: SmtpdProcess, expected: set[str]) -> set[str]:
     deadline = time.monotonic() + 15  # (a liveness bound only)
     while (found := queued_msgids(daemon)) != expected and time.monotonic() < deadline:
@@ -67,15 +73,21 @@ def test_a_full_spool_refuses_mail_loses_none_and_takes_mail_again_once_mail_is_
             accepted.append(text)
         assert refusal == (421, "4.3.0 Temporary failure")
         assert len(accepted) >= 5
-        # Every acknowledged message is kept: listed now or, if its files did not fit, in the journal (and
-        # listed as soon as they are written, below).
-        assert queued_msgids(daemon) <= set(accepted)
+        # Every acknowledged message is kept and shown: listed, or (its files did not fit) kept by the journal
+        # and named as waiting for room; listed as soon as its files are written, below.
+        listed, waiting = queued_msgids(daemon), waiting_msgids(daemon)
+        assert listed | waiting == set(accepted)
+        assert not listed & waiting
+        # The first message whose files did not fit had its journal record already (the journal's room is
+        # written ahead): acknowledged, and waiting. Removing mail must make room for it (a lock before).
+        assert len(waiting) == 1
 
         removed = accepted[:3]
         for msgid in removed:
             assert daemon.smtpctl("remove", msgid).stdout == "1 envelope removed\n"
         kept = set(accepted) - set(removed)
         assert wait_for_queue(daemon, kept) == kept
+        assert waiting_msgids(daemon) == set()
         code, msgid = send(daemon.port, 99)
         assert code == 250
         kept.add(msgid)

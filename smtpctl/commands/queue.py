@@ -24,6 +24,7 @@ import click
 
 from shared.ids import format_msgid, parse_evpid, parse_msgid
 from shared.paths import Paths
+from smtpctl.fast import queue_notes
 from smtpctl.words import Leaf, possibilities
 from smtpd.queue.listing import (
     EnvelopeFilter,
@@ -308,10 +309,8 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     except CommandFailed as error:
         _fail(str(error))
         return EXIT_FAILURE
-    for entry in result.get("corrupt", []):
-        click.echo(f"smtpctl: corrupt queue file moved aside: corrupt/{entry['name']}: {entry['reason']}", err=True)
-    if result.get("loading"):
-        click.echo("smtpctl: the queue is still being loaded; the list may be incomplete", err=True)
+    for note in queue_notes(result):
+        click.echo(f"smtpctl: {note}", err=True)
     if "lines" in result:
         sys.stdout.write(result["lines"])
         sys.stdout.flush()

@@ -2,7 +2,8 @@
 
 Arguments (JSON): ``target`` = "all" | 8 hex digits (a msgid) | 16 hex digits (an evpid); the filter fields of
 ``smtpd.queue.listing.EnvelopeFilter`` (sender, rcpt, domain, older, newer, state); ``dry_run`` (bool).
-Results: show.queue -> {"fields": [...], "rows": [[...], ...], "corrupt": [...], "loading": bool} (with
+Results: show.queue -> {"fields": [...], "rows": [[...], ...], "corrupt": [...], "loading": bool,
+"waiting_for_disk": [msgid, ...]} (with
 ``format: "lines"``: "lines", the piped text, instead of "rows"; with ``corrupt_only``: only "corrupt");
 the others -> {"count": N, "rows": [...] (with dry_run: the envelopes that would be affected)}.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shared.ids import parse_evpid, parse_msgid
+from shared.ids import format_msgid, parse_evpid, parse_msgid
 from smtpd.control.registry import ControlFailure, command
 from smtpd.queue.listing import ROW_FIELDS, EnvelopeFilter
 
@@ -68,7 +69,8 @@ async def show_queue(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     entries.sort(key=_by_age)
     corrupt = [entry.__dict__ for entry in daemon.queue.corrupt_entries()]
     result: dict[str, Any] = {"fields": list(ROW_FIELDS), "corrupt": corrupt,
-                              "loading": not daemon.queue.loading_done.is_set()}
+                              "loading": not daemon.queue.loading_done.is_set(),
+                              "waiting_for_disk": [format_msgid(msgid) for msgid in daemon.queue.waiting_for_disk()]}
     if args.get("format") == "lines":
         # The piped output, made here as one string: much cheaper to encode and decode than 50,000 lists.
         result["lines"] = scheduler.lines(entries)

@@ -1442,6 +1442,13 @@ class Queue:
     def corrupt_entries(self) -> list[CorruptEntry]:
         return self.spool.corrupt_entries()
 
+    def waiting_for_disk(self) -> list[int]:
+        """Acknowledged messages not in the scheduler yet because the disk had no room for their files or their
+        move under queue/ (see SpoolWriter._strand, _not_moved); the journal or incoming/ keeps them."""
+        if self.io is None:
+            return []
+        return sorted({commit.message.msgid for commit in (*self.io.stranded, *self.io.unmoved)})
+
     def _note_corrupt(self, entries: list[CorruptEntry]) -> None:
         for entry in entries:
             LOG.warning("queue: corrupt queue file moved aside to corrupt/%s: %s", entry.name, entry.reason)
