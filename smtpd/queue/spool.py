@@ -49,6 +49,8 @@ def is_hex_name(name: str, length: int) -> bool:
 # most this big: a kept folder holds its old files until it is reused, and the space of big ones is given back
 # at once (256 kept folders hold 32 MiB at most).
 RETIRE_MAX_BYTES = 128 * 1024
+# Why an acknowledged commit went to corrupt/: it could not go under queue/ (at start, or when it was placed).
+ID_TAKEN = "an acknowledged message whose id a folder under queue/ has already"
 
 @dataclass
 class CorruptEntry:
@@ -139,8 +141,7 @@ class Spool:
             msgid = int(name, 16) if is_hex_name(name, 8) else 0
             if msgid and complete_commit(path, msgid):
                 if os.path.exists(self.message_dir(msgid)):
-                    aside.append(self.set_aside(path, format_msgid(msgid), "an acknowledged message whose id a "
-                                                "folder under queue/ has already"))
+                    aside.append(self.set_aside(path, format_msgid(msgid), ID_TAKEN))
                     continue
                 os.rename(path, self.message_dir(msgid))
                 fsync_directory(self.bucket(msgid))

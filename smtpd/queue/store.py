@@ -43,7 +43,7 @@ from smtpd.queue.file_writer import make_folder
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
-from smtpd.queue.spool import MESSAGE_FILE, CorruptEntry, Spool, remove_path
+from smtpd.queue.spool import ID_TAKEN, MESSAGE_FILE, CorruptEntry, Spool, remove_path
 from smtpd.queue.writer_client import FileWriterProcess
 from smtpd.stats import STATS
 
@@ -814,8 +814,7 @@ class SpoolWriter:
         is moved aside to corrupt/, as the next start would, and the mail is kept there for the administrator."""
         msgid = format_msgid(commit.message.msgid)
         if number in (errno.EEXIST, errno.ENOTEMPTY):
-            entry = self.spool.set_aside(self.spool.incoming_dir(commit.message.msgid), msgid,
-                                         "an acknowledged message whose id a folder under queue/ has already")
+            entry = self.spool.set_aside(self.spool.incoming_dir(commit.message.msgid), msgid, ID_TAKEN)
             LOG.warning("queue: message %s could not be moved into the queue: a folder of its id is there; moved "
                         "aside to corrupt/%s", msgid, entry.name)
             if not commit.placed.done():
