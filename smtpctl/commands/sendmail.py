@@ -20,6 +20,7 @@ import quopri
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shared import paths
@@ -346,15 +347,8 @@ def write_offline(spool: str, argv: list[str], data: bytes) -> str:
     # (a full disk: the file is removed) or was cut short (a crash, or the daemon starting meanwhile).
     old_umask = os.umask(0o077)
     try:
-        for _ in range(100):
-            hidden = os.path.join(directory, f".{_offline_name()}")
-            try:
-                fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            except FileExistsError:
-                continue
-            break
-        else:
-            raise OSError("could not create a unique offline file")
+        hidden, fd = _unique_name(directory, ".", lambda path: os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     finally:
         os.umask(old_umask)
     try:
@@ -369,21 +363,20 @@ def write_offline(spool: str, argv: list[str], data: bytes) -> str:
     return path
 
 
-def _offline_name() -> str:
-    return f"{int(time.time())}.{os.urandom(5).hex()}"  # (as OpenSMTPD names them: <unixtime>.<random>)
+def _unique_name[T](directory: str, prefix: str, create: Callable[[str], T]) -> tuple[str, T]:
+    """Make a new file under a name of its own, ``<prefix><unixtime>.<random>`` (OpenSMTPD's offline names)."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{int(time.time())}.{os.urandom(5).hex()}")
+        try:
+            return path, create(path)
+        except FileExistsError:
+            continue
+    raise OSError("could not create a unique offline file")
 
 
 def _link_offline(directory: str, hidden: str) -> str:
     """Give the whole file its real name (a link: never over another file); flush the folder where we may."""
-    for _ in range(100):
-        path = os.path.join(directory, _offline_name())
-        try:
-            os.link(hidden, path)
-        except FileExistsError:
-            continue
-        break
-    else:
-        raise OSError("could not create a unique offline file")
+    path, _ = _unique_name(directory, "", lambda path: os.link(hidden, path))
     try:
         folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
