@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from helpers_queue import Harness, run
@@ -117,6 +118,11 @@ def test_on_a_terminal_mailq_prints_a_table_with_relative_ages(tmp_path: Path) -
     fill_spool(tmp_path)
     env = dict(os.environ, SMTPD_SPOOL=str(tmp_path / "spool"), SMTPD_SOCKET=str(tmp_path / "smtpd.sock"),
                PYTHONPATH=str(ROOT), COLUMNS="200", LINES="50")
+    # The queue's threads are joined by now, but a joined thread can still exist for a moment in the kernel,
+    # and a forkpty() then warns that the process is multi-threaded: wait until it is gone.
+    deadline = time.monotonic() + 10
+    while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
     child = pexpect.spawn(sys.executable, ["-c", "from smtpctl.cli import main; main(prog='mailq')"], env=env,
                           cwd=str(ROOT), dimensions=(50, 200), encoding="utf-8", timeout=60)
     output = child.read()
