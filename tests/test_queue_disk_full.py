@@ -5,6 +5,7 @@ removing mail gives the room back, and mail that waited for it is written and li
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import smtplib
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from daemon import SmtpdProcess
+from helpers_delivery import open_temp_dir
 
 CONFIG = 'listen on 127.0.0.1 port {port}\naction "relay" relay\nmatch from any for any action "relay"\n'
 BODY = b"Subject: filling\r\n\r\n" + (b"x" * 76 + b"\r\n") * 1300  # about 100 KB
@@ -138,3 +140,58 @@ def test_sendmail_with_the_daemon_down_leaves_no_partial_file_when_the_spool_is_
     [written] = list(offline.iterdir())
     assert not written.name.startswith(".")
     assert written.read_text() == "-f|cron|root\nSubject: fits\n\nfits\n"
+
+
+@pytest.fixture
+def small_mail_fs() -> Iterator[Path]:
+    """A 300 KiB filesystem for the mailbox, owned by `nobody`, who the mail is delivered as (under a folder
+    others may traverse, unlike pytest's tmp_path)."""
+    with open_temp_dir("pysmtpd-full-mailbox-") as top:
+        mount = Path(top) / "mail"
+        mount.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k,mode=0755", "tmpfs", str(mount)], check=True)
+        try:
+            os.chown(mount, pwd.getpwnam("nobody").pw_uid, -1)
+            yield mount
+        finally:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_mailbox_filesystem_defers_delivery_and_delivers_once_there_is_room(
+        tmp_path: Path, small_mail_fs: Path) -> None:
+    """Delivery into a Maildir whose filesystem is full fails for now (the envelope waits, with the reason) and
+    leaves nothing half written; once the owner makes room, the rest is delivered whole."""
+    maildir = small_mail_fs / "Maildir"
+    config = ('listen on 127.0.0.1 port {port}\ntable users { "@" = "nobody" }\n'
+              f'action "local" maildir "{maildir}" virtual <users> user "nobody"\n'
+              'match from any for domain "localhost" action "local"\n')
+    with SmtpdProcess(tmp_path / "daemon", config) as daemon:
+        for index in range(5):
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("sender@example.org", ["user@localhost"], BODY.replace(b"filling", b"mail %d" % index))
+        def settled() -> list[str] | None:
+            """The deferred envelopes' lines, once each of the 5 is delivered or deferred with its reason."""
+            lines = daemon.smtpctl("show", "queue").stdout.splitlines()
+            delivered = list((maildir / "new").glob("*")) if (maildir / "new").is_dir() else []
+            if len(lines) + len(delivered) == 5 and all("No space left on device" in line for line in lines):
+                return lines
+            return None
+
+        deadline = time.monotonic() + 15  # (a liveness bound only)
+        while (deferred := settled()) is None:
+            assert time.monotonic() < deadline, daemon.smtpctl("show", "queue").stdout
+            time.sleep(0.1)
+        delivered_first = sorted((maildir / "new").iterdir())
+        assert deferred and delivered_first  # some fit, some did not
+        assert all(line.endswith(f"|{maildir}: No space left on device") for line in deferred)
+        assert list((maildir / "tmp").iterdir()) == []  # nothing half written
+        for path in delivered_first:  # the owner reads and deletes their mail
+            path.unlink()
+        assert daemon.smtpctl("schedule", "all").returncode == 0
+        deadline = time.monotonic() + 15
+        while daemon.smtpctl("show", "queue").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        later = list((maildir / "new").iterdir())
+        assert len(later) == len(deferred)
+        assert all(path.read_bytes().endswith(b"x" * 76 + b"\n") for path in later)  # each one whole
