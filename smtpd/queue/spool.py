@@ -52,6 +52,7 @@ RETIRE_MAX_BYTES = 128 * 1024
 # Why an acknowledged commit went to corrupt/: it could not go under queue/ (at start, or when it was placed).
 ID_TAKEN = "an acknowledged message whose id a folder under queue/ has already"
 
+
 @dataclass
 class CorruptEntry:
     name: str  # the name under corrupt/

@@ -796,18 +796,21 @@ class SpoolWriter:
             self.journal = None
             self.rename_delay = RENAME_FLUSH_DELAY
 
-    def _rename(self, acknowledged: list[_Commit]) -> None:
-        """Move durable folders from incoming/ under queue/ (flushed by the next round)."""
+    def _rename(self, acknowledged: list[_Commit], again: bool = False) -> None:
+        """Move durable folders from incoming/ under queue/ (flushed by the next round); ``again``: folders whose
+        move failed before (see _not_moved)."""
         for commit in acknowledged:
             msgid = commit.message.msgid
             try:
                 os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
             except OSError as error:
-                self._not_moved(commit, error.errno or errno.EIO)
+                self._not_moved(commit, error.errno or errno.EIO, again)
                 continue
+            if again:
+                LOG.info("queue: message %s moved into the queue after an earlier failure", format_msgid(msgid))
             self.renamed.append(commit)
 
-    def _not_moved(self, commit: _Commit, number: int) -> None:
+    def _not_moved(self, commit: _Commit, number: int, again: bool = False) -> None:
         """A written commit whose folder could not go under queue/ (a full disk, say): it is complete in
         incoming/, and the move is tried again every STRANDED_RETRY_DELAY; a stop leaves it to the next start,
         which places it. If a folder of its id is there already (one put there by hand), it can never go: it
@@ -820,8 +823,9 @@ class SpoolWriter:
             if not commit.placed.done():
                 commit.placed.set_exception(QueueError("its id is taken under queue/"))
             return
-        LOG.warning("queue: message %s could not be moved into the queue (%s); trying again every %gs", msgid,
-                    os.strerror(number), STRANDED_RETRY_DELAY)
+        if not again:  # (logged once, the first time)
+            LOG.warning("queue: message %s could not be moved into the queue (%s); trying again every %gs", msgid,
+                        os.strerror(number), STRANDED_RETRY_DELAY)
         self.unmoved.append(commit)
         self._free_retired()
         if self._unmoved_timer is None:
@@ -830,20 +834,7 @@ class SpoolWriter:
     def _retry_unmoved(self) -> None:
         self._unmoved_timer = None
         waiting, self.unmoved = self.unmoved, []
-        for commit in waiting:
-            msgid = commit.message.msgid
-            try:
-                os.rename(self.spool.incoming_dir(msgid), self.spool.message_dir(msgid))
-            except OSError as error:
-                if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    self._not_moved(commit, error.errno)
-                else:
-                    self.unmoved.append(commit)  # (logged once, the first time)
-                continue
-            LOG.info("queue: message %s moved into the queue after an earlier failure", format_msgid(msgid))
-            self.renamed.append(commit)
-        if self.unmoved:
-            self._unmoved_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_unmoved)
+        self._rename(waiting, again=True)  # (those that fail again are kept, and the timer set, by _not_moved)
         self._next_round()
 
     # -- message folders made ahead ------------------------------------------------------------------------
