@@ -49,10 +49,13 @@ def queued_msgids(daemon: SmtpdProcess) -> set[str]:
     return {line[:8] for line in daemon.smtpctl("show", "queue").stdout.splitlines()}
 
 
-def waiting_msgids(daemon: SmtpdProcess) -> set[str]:
-    """The messages `show queue` says (on stderr) are acknowledged and wait for room on the disk."""
-    return set(re.findall(r"^smtpctl: message ([0-9a-f]{8}) is acknowledged and waits for room on the disk",
-                          daemon.smtpctl("show", "queue").stderr, re.MULTILINE))
+def shown_msgids(daemon: SmtpdProcess) -> tuple[set[str], set[str]]:
+    """What one `show queue` shows: the messages listed, and those it says (on stderr) are acknowledged and wait
+    for room on the disk."""
+    result = daemon.smtpctl("show", "queue")
+    return ({line[:8] for line in result.stdout.splitlines()},
+            set(re.findall(r"^smtpctl: message ([0-9a-f]{8}) is acknowledged and waits for room on the disk",
+                           result.stderr, re.MULTILINE)))
 
 
 def wait_for_queue(daemon: SmtpdProcess, expected: set[str]) -> set[str]:
@@ -77,7 +80,10 @@ def test_a_full_spool_refuses_mail_loses_none_and_takes_mail_again_once_mail_is_
         assert len(accepted) >= 5
         # Every acknowledged message is kept and shown: listed, or (its files did not fit) kept by the journal
         # and named as waiting for room; listed as soon as its files are written, below.
-        listed, waiting = queued_msgids(daemon), waiting_msgids(daemon)
+        deadline = time.monotonic() + 15  # (the last one is listed once placed, a checkpoint after its 250)
+        while (shown := shown_msgids(daemon))[0] | shown[1] != set(accepted) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        listed, waiting = shown
         assert listed | waiting == set(accepted)
         assert not listed & waiting
         # The first message whose files did not fit had its journal record already (the journal's room is
@@ -89,7 +95,7 @@ def test_a_full_spool_refuses_mail_loses_none_and_takes_mail_again_once_mail_is_
             assert daemon.smtpctl("remove", msgid).stdout == "1 envelope removed\n"
         kept = set(accepted) - set(removed)
         assert wait_for_queue(daemon, kept) == kept
-        assert waiting_msgids(daemon) == set()
+        assert shown_msgids(daemon)[1] == set()
         code, msgid = send(daemon.port, 99)
         assert code == 250
         kept.add(msgid)
@@ -110,7 +116,7 @@ def test_a_big_message_that_does_not_fit_while_it_arrives_gets_the_same_temporar
         assert list((small_spool / "temporary").iterdir()) == []
         code, msgid = send(daemon.port, 1)  # a message that fits is taken as ever
         assert code == 250
-        assert queued_msgids(daemon) == {msgid}
+        assert wait_for_queue(daemon, {msgid}) == {msgid}  # (listed once placed, a checkpoint after the 250)
         log = daemon.log()
     assert re.search(r"warn: \w+ smtp: (queue write failed|cannot write message file): No space left on device", log)
     assert "session failed" not in log
