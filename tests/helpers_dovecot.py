@@ -115,8 +115,10 @@ service lmtp {{
         while time.monotonic() < deadline:
             if os.path.exists(pid_file) and self._accepting(self.lmtp_port) and self._accepting(self.imap_port):
                 with open(pid_file) as handle:
-                    self.pid = int(handle.read().strip())
-                return
+                    text = handle.read().strip()
+                if text.isdigit():  # (dovecot creates the file before it writes its pid into it)
+                    self.pid = int(text)
+                    return
             time.sleep(0.05)
         raise RuntimeError(f"dovecot did not start; log:\n{self.log()}")
 
