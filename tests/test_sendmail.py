@@ -93,6 +93,24 @@ def test_sendmail_t_aliases_and_headers(world) -> None:
         daemon.stop()
 
 
+def test_text_without_a_header_is_all_body(world) -> None:
+    """`echo "Warning: ..." | sendmail root`, `uptime | sendmail root`: the text is the body, not a header."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    texts = ["Warning: disk 90% full\n", " 10:00:01 up 3 days,  2 users,  load average: 0.00\nsecond line\n",
+             "From the logs: all fine\n", "Error: one\n\nError: two\n"]
+    try:
+        for text in texts:
+            result = run_sendmail(daemon.env, ["root"], text)
+            assert result.returncode == 0, (text, result.stderr, daemon.log())
+        content = wait_for_mail(os.path.join(mail_root, "root"), count=len(texts))
+        for text in texts:
+            stored = ">" + text if text.startswith("From ") else text  # (mboxrd quoting)
+            assert "\n\n" + stored + "\n" in content, (text, content)
+    finally:
+        daemon.stop()
+
+
 def test_refused_recipient_fails_with_dead_letter(world) -> None:
     workdir, mail_root, user = world
     daemon = start_daemon(workdir, mail_root, user)

@@ -8,7 +8,8 @@ in `<spool>/offline/` and exit status 75 says so; the daemon replays these files
 
 Bare names get `@<mailname>`; an argument may hold several comma-separated addresses; `-t` adds the To, Cc
 and Bcc recipients of the header. The message gets `From:` and `Date:` if it has none; leading `From ` and
-`Return-Path:` lines and every `Bcc:` header are removed.
+`Return-Path:` lines and every `Bcc:` header are removed. Input whose leading lines name no usual message field
+(MESSAGE_FIELDS) is text without a header, all of it body (`echo "Warning: disk full" | sendmail root`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ WITH_ARGUMENT = set("ABbeFfLNopRrV")
 OPTIONAL_ARGUMENT = set("EJ")
 FLAGS = set("imqStvx")
 OFFLINE_DIRECTORY = "offline"
+# A message's leading lines are its header only if one of them is one of these fields (OpenSMTPD's enqueue list,
+# plus RFC 5322's other originator and identification fields); otherwise the input is text, all body.
+MESSAGE_FIELDS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "content-type",
+    "content-disposition", "content-transfer-encoding", "user-agent",
+    "reply-to", "sender", "in-reply-to", "references",
+})
 SMTP_TIMEOUT = 300.0
 
 
@@ -183,11 +191,23 @@ def parse_message(data: bytes) -> Message:
         if line == "":
             index += 1
             break
+        if line[:1] in (" ", "\t") and not headers:
+            break  # an indented first line continues nothing: text, not a header
         if ":" not in line and line[:1] not in (" ", "\t"):
             break  # not a header: the body starts here (no blank line was given)
         headers.append(line)
         index += 1
+    if not any(_field_name(line) in MESSAGE_FIELDS for line in headers):
+        # Plain text such as `Warning: disk full` or uptime's ` 10:00:01 up 3 days`: it is all body, the
+        # lines skipped above included (as OpenSMTPD's enqueue tells a message from text).
+        return Message([], lines)
     return Message(_drop_header(headers, "bcc"), lines[index:])
+
+
+def _field_name(line: str) -> str:
+    if line[:1] in (" ", "\t"):
+        return ""
+    return line.partition(":")[0].strip().lower()
 
 
 def _drop_header(headers: list[str], name: str) -> list[str]:
