@@ -170,6 +170,31 @@ def test_options_and_usage() -> None:
     assert (result.returncode, result.stderr) == (70, "sendmail: no recipients\n")
 
 
+def test_options_may_follow_recipients(monkeypatch) -> None:
+    """glibc getopt(3) permutes: OpenSMTPD's sendmail on Linux takes `sendmail root -f cron -t` as options."""
+    monkeypatch.delenv("POSIXLY_CORRECT", raising=False)
+    options = parse_arguments(["root", "-f", "cron", "a,b", "-oi", "-t", "--", "-x"])
+    assert (options.sender, options.from_headers) == ("cron", True)
+    assert options.recipients == ["root", "a", "b", "-x"]
+    assert parse_arguments(["-q1h"]).queue_run and parse_arguments(["root", "-q"]).queue_run
+    monkeypatch.setenv("POSIXLY_CORRECT", "1")
+    assert parse_arguments(["root", "-f", "cron"]).recipients == ["root", "-f", "cron"]
+    result = subprocess.run([SENDMAIL, "-q1h"], input="", capture_output=True, text=True)
+    assert result.returncode == 70
+
+
+def test_a_sender_option_after_the_recipient_is_an_option(world) -> None:
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        result = run_sendmail(daemon.env, ["root", "-f", "cron", "-F", "Cron Daemon"], "Subject: late\n\nlate -f\n")
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith("From cron@mx.control.test ") and "From: Cron Daemon <cron@mx.control.test>" in content
+    finally:
+        daemon.stop()
+
+
 def test_long_lines_become_quoted_printable() -> None:
     message = parse_message(b"Subject: long\n\n" + b"x" * 2000 + b"\nshort\n")
     lines = complete_message(message, "a@b.c", None)

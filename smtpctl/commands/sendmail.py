@@ -73,7 +73,11 @@ class Options:
 
 
 def parse_arguments(argv: list[str]) -> Options:
+    """Options may follow recipients (`sendmail root -f cron`), as with the glibc getopt(3) that OpenSMTPD's
+    smtpctl uses on Linux; `--` ends the options, and so does the first recipient when POSIXLY_CORRECT is set."""
     options = Options()
+    operands: list[str] = []
+    in_order = "POSIXLY_CORRECT" in os.environ
     index = 0
     while index < len(argv):
         argument = argv[index]
@@ -81,7 +85,11 @@ def parse_arguments(argv: list[str]) -> Options:
             index += 1
             break
         if not argument.startswith("-") or argument == "-":
-            break
+            if in_order:
+                break
+            operands.append(argument)
+            index += 1
+            continue
         position = 1
         while position < len(argument):
             letter = argument[position]
@@ -101,9 +109,11 @@ def parse_arguments(argv: list[str]) -> Options:
             if letter not in FLAGS:
                 raise UsageError(f"invalid option -- '{letter}'")
             _apply(options, letter, None)
+            if options.queue_run:
+                return options  # -q ends it all there (exit 70), whatever follows (`-q1h`)
             position += 1
         index += 1
-    for argument in argv[index:]:
+    for argument in operands + argv[index:]:
         options.recipients.extend(part.strip() for part in argument.split(",") if part.strip())
     return options
 
