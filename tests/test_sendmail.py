@@ -155,6 +155,33 @@ def test_offline_queue_is_replayed_at_start(world) -> None:
         daemon.stop()
 
 
+def test_a_burst_of_sendmails_waits_for_a_control_connection(world) -> None:
+    """More concurrent sendmails of one uid than the control socket serves at once: the next one waits for a
+    connection to end instead of failing (exit 70, `[Errno 32] Broken pipe`)."""
+    from smtpctl.commands.sendmail import open_enqueue
+    from smtpd.control.server import MAX_CONNECTIONS_PER_UID
+
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    held = [open_enqueue(daemon.socket) for _ in range(MAX_CONNECTIONS_PER_UID)]
+    try:
+        waiting = subprocess.Popen([SENDMAIL, "root"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=daemon.env, cwd="/")
+        waiting.stdin.write(b"Subject: burst\n\nthe 33rd\n")
+        waiting.stdin.close()
+        time.sleep(1.5)
+        assert waiting.poll() is None, waiting.stderr.read()  # still waiting, not failed
+        for connection in held:
+            connection.close()
+        held = []
+        assert waiting.wait(timeout=60) == 0, waiting.stderr.read()
+        assert "the 33rd" in wait_for_mail(os.path.join(mail_root, "root"))
+    finally:
+        for connection in held:
+            connection.close()
+        daemon.stop()
+
+
 # -- pieces ------------------------------------------------------------------------------------------------
 
 def test_options_and_usage() -> None:

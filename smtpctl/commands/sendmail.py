@@ -44,6 +44,7 @@ MESSAGE_FIELDS = frozenset({
     "reply-to", "sender", "in-reply-to", "references",
 })
 SMTP_TIMEOUT = 300.0
+BUSY_WAIT = 120.0  # seconds a sendmail waits for one of its uid's control connections to end (a burst of them)
 
 
 class UsageError(Exception):
@@ -56,6 +57,10 @@ class SubmissionError(Exception):
 
 class NotRunning(Exception):
     pass
+
+
+class Busy(SubmissionError):
+    """The daemon serves as many control connections for our uid as it allows: try again shortly."""
 
 
 @dataclass
@@ -312,27 +317,55 @@ def open_enqueue(socket_path: str) -> socket.socket:
     except OSError:
         connection.close()
         raise NotRunning() from None
-    connection.sendall(encode(request(1, "enqueue")))
+    send_error: OSError | None = None
+    try:
+        connection.sendall(encode(request(1, "enqueue")))
+    except OSError as error:
+        send_error = error  # a daemon that refuses the connection (busy) answers and closes before reading
     # Read the JSON reply byte by byte up to its newline: what follows belongs to the SMTP session.
     answer = bytearray()
     while not answer.endswith(b"\n"):
-        chunk = connection.recv(1)
+        try:
+            chunk = connection.recv(1)
+        except OSError:
+            chunk = b""
         if not chunk:
             connection.close()
+            if send_error is not None:
+                raise send_error
             raise NotRunning()
         answer += chunk
     reply = json.loads(answer)
     if not reply.get("ok"):
         connection.close()
-        message = reply.get("error", {}).get("message", "enqueue refused")
+        error = reply.get("error", {})
+        message = error.get("message", "enqueue refused")
+        if error.get("code") == "busy":
+            raise Busy(message)
         if "disallowed" in message:
             raise SubmissionError("server disallowed submission request")
         raise SubmissionError(message)
     return connection
 
 
+def open_enqueue_waiting(socket_path: str, wait: float = BUSY_WAIT) -> socket.socket:
+    """open_enqueue, waiting (up to ``wait`` seconds) while the daemon already serves as many connections of
+    our uid as it allows: a burst of sendmails from one user (parallel cron jobs, a web application) queues up
+    rather than fails."""
+    deadline = time.monotonic() + wait
+    delay = 0.05
+    while True:
+        try:
+            return open_enqueue(socket_path)
+        except Busy:
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
 def submit(socket_path: str, options: Options, sender: str, recipients: list[str], lines: list[str]) -> None:
-    connection = open_enqueue(socket_path)
+    connection = open_enqueue_waiting(socket_path)
     try:
         session = _Connection(connection, options.verbose)
         session.expect(session.reply())
