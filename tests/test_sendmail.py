@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def test_echo_hi_sendmail_root_reaches_roots_mailbox(world) -> None:
         content = wait_for_mail(os.path.join(mail_root, "root"))
         assert content.startswith("From root@mx.control.test ")
         assert "\nDelivered-To: root@mx.control.test\n" in content
-        assert "\nFrom: <root@mx.control.test>\n" in content and "\nDate: " in content
+        name = pwd.getpwuid(0).pw_gecos.split(",")[0]  # root's full name goes with the From: header added
+        assert f"\nFrom: {name + ' ' if name else ''}<root@mx.control.test>\n" in content and "\nDate: " in content
         assert content.endswith("\nhi\n\n")
     finally:
         daemon.stop()
@@ -109,6 +111,34 @@ def test_text_without_a_header_is_all_body(world) -> None:
             assert "\n\n" + stored + "\n" in content, (text, content)
     finally:
         daemon.stop()
+
+
+def test_sender_from_the_from_header_or_the_user_with_full_name(world) -> None:
+    """OpenSMTPD's enqueue: without -f the envelope sender is the From: header's address; a From: header it
+    adds carries the user's full name (GECOS)."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        text = "From: Alerts <alerts@example.org>\nSubject: web\n\nfrom a web application\n"
+        result = run_sendmail(daemon.env, ["root"], text)
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith("From alerts@example.org ") and "Return-Path: <alerts@example.org>" in content
+        result = run_sendmail(daemon.env, ["root"], "Subject: plain\n\nno From header\n")
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        content = wait_for_mail(os.path.join(mail_root, "root"), count=2)
+        name = pwd.getpwuid(os.getuid()).pw_gecos.split(",")[0]
+        expected = f"From: {name} <root@mx.control.test>" if name else "From: <root@mx.control.test>"
+        assert "\n" + expected + "\n" in content, content
+    finally:
+        daemon.stop()
+
+
+def test_gecos_name() -> None:
+    from smtpctl.commands.sendmail import gecos_name
+
+    assert gecos_name("& Smith,Room 1,555", "john") == "John Smith"
+    assert gecos_name("Jane Doe", "jane") == "Jane Doe" and gecos_name("", "x") == ""
 
 
 def test_refused_recipient_fails_with_dead_letter(world) -> None:

@@ -7,9 +7,11 @@ the same connection: EHLO, MAIL FROM, one RCPT TO per recipient, DATA. Offline (
 in `<spool>/offline/` and exit status 75 says so; the daemon replays these files at start (smtpd/mda/offline.py).
 
 Bare names get `@<mailname>`; an argument may hold several comma-separated addresses; `-t` adds the To, Cc
-and Bcc recipients of the header. The message gets `From:` and `Date:` if it has none; leading `From ` and
-`Return-Path:` lines and every `Bcc:` header are removed. Input whose leading lines name no usual message field
-(MESSAGE_FIELDS) is text without a header, all of it body (`echo "Warning: disk full" | sendmail root`).
+and Bcc recipients of the header. Without -f/-r the envelope sender is the header's From: address, else the
+user (with their GECOS full name in the From: header added). The message gets `From:` and `Date:` if it has
+none; leading `From ` and `Return-Path:` lines and every `Bcc:` header are removed. Input whose leading lines
+name no usual message field (MESSAGE_FIELDS) is text without a header, all of it body
+(`echo "Warning: disk full" | sendmail root`).
 """
 
 from __future__ import annotations
@@ -161,6 +163,34 @@ def current_user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
+
+
+def gecos_name(gecos: str, username: str) -> str:
+    """The full name of a passwd entry: its GECOS field up to the first comma, `&` standing for the login name
+    capitalised (`& Smith,Room 1` of `john` is `John Smith`)."""
+    name = gecos.split(",", 1)[0]
+    return name.replace("&", username[:1].upper() + username[1:], 1)
+
+
+def current_full_name() -> str | None:
+    try:
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return None
+    return gecos_name(entry.pw_gecos, entry.pw_name) or None
+
+
+def envelope_sender(options: Options, message: Message, mailname: str) -> tuple[str, str | None]:
+    """The envelope sender and the full name for an added From: header. Without -f/-r, the sender is the
+    address of the message's From: header if it has one (as OpenSMTPD's enqueue does), else the user running
+    sendmail, whose full name (GECOS) then goes with it unless -F gives one."""
+    if options.sender is not None:
+        return qualify(options.sender, mailname), options.full_name
+    header_from = [address for _, address in email.utils.getaddresses(message.header_values("from")) if address]
+    if header_from:
+        return qualify(header_from[0], mailname), options.full_name
+    full_name = options.full_name if options.full_name is not None else current_full_name()
+    return qualify(current_user(), mailname), full_name
 
 
 # -- the message --------------------------------------------------------------------------------------------
@@ -489,7 +519,7 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         return EX_SOFTWARE
     data = sys.stdin.buffer.read()
     message = parse_message(data)
-    sender = qualify(options.sender if options.sender is not None else current_user(), mailname)
+    sender, full_name = envelope_sender(options, message, mailname)
     recipients = [qualify(address, mailname) for address in options.recipients]
     if options.from_headers:
         recipients += [qualify(address, mailname) for address in recipients_from_headers(message)]
@@ -497,7 +527,7 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
     if not recipients:
         print(f"{prog}: no recipients", file=sys.stderr)
         return EX_SOFTWARE
-    lines = complete_message(message, sender, options.full_name)
+    lines = complete_message(message, sender, full_name)
     try:
         submit(locations.socket, options, sender, recipients, lines)
     except NotRunning:
