@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from helpers_control import DaemonProcess
 from helpers_queue import Harness, paused_daemon, run
 from waiting import wait_until
 
@@ -129,5 +130,41 @@ def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed
         wait_until(lambda: not still_bad.exists(), explain=process.log)
         assert len(corrupt_listing(process)) == 6
         assert queued_evpids(process) == (healthy | {good.evpid}) - {messages[3][1]}
+    finally:
+        process.stop()
+
+
+def test_a_message_folder_that_cannot_be_listed_is_moved_aside_and_the_rest_still_loads(tmp_path: Path) -> None:
+    """A name under queue/XX/ that is no readable folder (a symbolic link to itself, one to nothing, a plain
+    file) goes aside; before, the loop's error ended the loading (the queue stayed "still being loaded" and the
+    messages after it were never delivered) and made `mailq` with the daemon down die with a traceback."""
+    messages = fill(tmp_path)
+    spool = tmp_path / "spool"
+    looping, dangling, plain = (message_dir(spool, messages[index][0] >> 32) for index in range(3))
+    for folder in (looping, dangling, plain):
+        shutil.rmtree(folder)
+    looping.symlink_to(looping.name)
+    dangling.symlink_to("/nonexistent/folder")
+    plain.write_text("not a folder\n")
+    odd = message_dir(spool, messages[3][0] >> 32)
+    (odd / ".left-by-a-crash.tmp").write_text("")  # a good message that is loaded the careful way
+
+    offline = DaemonProcess(tmp_path).smtpctl("show", "queue")  # (no daemon yet: smtpctl reads the spool)
+    assert offline.returncode == 0, offline.stderr
+    assert {int(line.split("|")[0], 16) for line in offline.stdout.splitlines()} == set(messages[3])
+    assert f"queue/{looping.parent.name}/{looping.name}: message folder unreadable: Too many levels of symbolic " \
+           "links" in offline.stderr
+
+    process = paused_daemon(tmp_path)
+    process.start()
+    try:
+        wait_until(lambda: "envelope(s) of 4 message(s) loaded" in process.log(), explain=process.log)
+        assert queued_evpids(process) == set(messages[3])
+        reasons = {path: reason for path, _, reason in corrupt_listing(process)}
+        assert reasons == {f"corrupt/{looping.name}": "message folder unreadable: Too many levels of symbolic links",
+                           f"corrupt/{dangling.name}": "message folder is a symbolic link to nothing",
+                           f"corrupt/{plain.name}": "message folder is not a folder"}
+        assert not any(os.path.lexists(path) for path in (looping, dangling, plain))
+        assert process.alive()
     finally:
         process.stop()

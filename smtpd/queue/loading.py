@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from smtpd import log
 from smtpd.queue.envelope import Envelope
-from smtpd.queue.spool import CorruptEntry, Spool
+from smtpd.queue.spool import CorruptEntry, LoadedMessage, Spool
 
 LOG = log.get("queue")
 READER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spool_reader.py")
@@ -51,13 +51,23 @@ async def load_queue(spool: Spool, msgids: list[int], readers: int, take: Take) 
         careful.extend(msgid for msgid in msgids if msgid not in received)
     for start in range(0, len(careful), CAREFUL_CHUNK):
         chunk = careful[start:start + CAREFUL_CHUNK]
-        loaded = await asyncio.to_thread(lambda ids=chunk: [spool.load_message(msgid) for msgid in ids])
+        loaded = await asyncio.to_thread(lambda ids=chunk: [_load_one(spool, msgid) for msgid in ids])
         envelopes: list[Envelope] = []
         corrupt: list[CorruptEntry] = []
         for message in loaded:
             envelopes.extend(message.envelopes)
             corrupt.extend(message.corrupt)
         take(envelopes, corrupt)
+
+
+def _load_one(spool: Spool, msgid: int) -> LoadedMessage:
+    """One folder the careful way; an error of its own is logged and the loading goes on with the others (one
+    unreadable folder must not keep the rest of the queue from being loaded)."""
+    try:
+        return spool.load_message(msgid)
+    except OSError as error:
+        LOG.warning("queue: message %08x could not be loaded: %s", msgid, error)
+        return LoadedMessage(msgid, [], [])
 
 
 async def _read_with_helper(spool: Spool, msgids: list[int], readers: int, take: Take,

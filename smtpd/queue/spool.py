@@ -178,7 +178,11 @@ class Spool:
         for bucket in sorted(_listdir(self.queue)):
             if not is_hex_name(bucket, 2):
                 continue
-            for name in _listdir(os.path.join(self.queue, bucket)):
+            try:
+                names = os.listdir(os.path.join(self.queue, bucket))
+            except OSError:
+                continue  # (not a folder, or unreadable: nothing of it can be loaded)
+            for name in names:
                 if is_hex_name(name, 8) and int(name, 16):
                     yield int(name, 16)
 
@@ -194,15 +198,24 @@ class Spool:
                     for entry in entries:
                         if is_hex_name(entry.name, 8) and int(entry.name, 16):
                             found.append((entry.inode(), int(entry.name, 16)))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
+            except OSError:
+                continue  # (not a folder, or unreadable: nothing of it can be loaded)
         return found
 
     def load_message(self, msgid: int, move_corrupt: bool = True) -> LoadedMessage:
         """The envelopes of one committed message. Unreadable files are moved aside (unless told not to)."""
         directory = self.message_dir(msgid)
         loaded = LoadedMessage(msgid, [], [])
-        names = _listdir(directory)
+        try:
+            names = os.listdir(directory)
+        except OSError as error:
+            # Gone (delivered or removed meanwhile): nothing to load. Anything else under its name (a file, a
+            # symbolic link that loops or leads nowhere, a folder that cannot be read) is moved aside: an
+            # error here must not stop the loading of the other messages.
+            problem = _folder_problem(directory, error)
+            if problem:
+                loaded.corrupt.append(self._aside(directory, format_msgid(msgid), problem, move_corrupt))
+            return loaded
         if MESSAGE_FILE not in names:
             if os.path.isdir(directory):
                 loaded.corrupt.append(self._aside(directory, format_msgid(msgid), "message file missing",
@@ -469,6 +482,15 @@ def message_file_problem(path: str) -> str:
     finally:
         os.close(fd)
     return ""
+
+
+def _folder_problem(directory: str, error: OSError) -> str:
+    """Why a message folder whose listing failed with ``error`` is corrupt; "" if it is simply not there."""
+    if isinstance(error, FileNotFoundError):
+        return "message folder is a symbolic link to nothing" if os.path.islink(directory) else ""
+    if isinstance(error, NotADirectoryError):
+        return "message folder is not a folder"
+    return f"message folder unreadable: {error.strerror}"
 
 
 def _listdir(path: str) -> list[str]:
