@@ -134,6 +134,45 @@ def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed
         process.stop()
 
 
+def test_a_message_none_of_whose_envelopes_loads_goes_aside_whole_and_can_be_repaired(tmp_path: Path) -> None:
+    """Envelopes of a newer format (a downgrade): the message goes to corrupt/ with them. Before, only the
+    envelopes went, the folder was left with its message alone, and the next start deleted it as delivered."""
+    messages = fill(tmp_path)
+    spool = tmp_path / "spool"
+    msgid = messages[0][0] >> 32
+    folder = message_dir(spool, msgid)
+    original = (folder / "message").read_bytes()
+    for evpid in messages[0]:
+        path = folder / f"{evpid:016x}"
+        path.write_text(path.read_text().replace("version: 1\n", "version: 2\n"))
+
+    offline = corrupt_listing(DaemonProcess(tmp_path))
+    assert [(path, reason.startswith("no envelope of the message can be loaded")) for path, _, reason in offline] \
+        == [(f"queue/{msgid >> 24:02x}/{msgid:08x}", True)]
+
+    process = paused_daemon(tmp_path)
+    process.start()
+    try:
+        healthy = {evpid for evpids in messages[1:] for evpid in evpids}
+        wait_until(lambda: queued_evpids(process) == healthy, explain=process.log)
+        ((path, _, reason),) = corrupt_listing(process)
+        assert path == f"corrupt/{msgid:08x}"
+        assert f"{messages[0][0]:016x}: unsupported envelope version '2' (expected 1)" in reason
+        process.restart()  # the message is not deleted by a later start
+        wait_until(lambda: queued_evpids(process) == healthy, explain=process.log)
+        aside = spool / "corrupt" / f"{msgid:08x}"
+        assert (aside / "message").read_bytes() == original
+        # Repaired by hand and put back, `smtpctl discover` queues it again.
+        for evpid in messages[0]:
+            path = aside / f"{evpid:016x}"
+            path.write_text(path.read_text().replace("version: 2\n", "version: 1\n"))
+        aside.rename(folder)
+        assert process.smtpctl("discover", f"{msgid:08x}").stdout == "2 envelopes discovered\n"
+        assert queued_evpids(process) == healthy | set(messages[0])
+    finally:
+        process.stop()
+
+
 def test_a_message_folder_that_cannot_be_listed_is_moved_aside_and_the_rest_still_loads(tmp_path: Path) -> None:
     """A name under queue/XX/ that is no readable folder (a symbolic link to itself, one to nothing, a plain
     file) goes aside; before, the loop's error ended the loading (the queue stayed "still being loaded" and the

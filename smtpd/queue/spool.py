@@ -225,6 +225,7 @@ class Spool:
         if problem:  # nothing of it can be delivered: the whole folder goes aside, envelopes included
             loaded.corrupt.append(self._aside(directory, format_msgid(msgid), problem, move_corrupt))
             return loaded
+        bad: list[tuple[str, str]] = []  # (file name, reason)
         for name in names:
             if name == MESSAGE_FILE:
                 continue
@@ -237,8 +238,18 @@ class Spool:
             if envelope is not None:
                 loaded.envelopes.append(envelope)
             else:
-                label = f"{format_msgid(msgid)}.{name}"
-                loaded.corrupt.append(self._aside(path, label, reason, move_corrupt))
+                bad.append((name, reason))
+        if bad and not loaded.envelopes:
+            # Not one envelope can be loaded (e.g. all of a newer format): the message goes aside with them,
+            # whole. Moving the envelopes alone left a folder with no envelope, which the next start deletes as
+            # a delivered message's: the message was lost, and the envelopes kept in corrupt/ were of no use.
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in sorted(bad))
+            loaded.corrupt.append(self._aside(directory, format_msgid(msgid),
+                                              f"no envelope of the message can be loaded ({reasons})", move_corrupt))
+            return loaded
+        for name, reason in bad:
+            label = f"{format_msgid(msgid)}.{name}"
+            loaded.corrupt.append(self._aside(os.path.join(directory, name), label, reason, move_corrupt))
         if not loaded.envelopes and not loaded.corrupt and move_corrupt:
             self.purge_message(msgid)  # every envelope was done; the crash came before the folder went
         return loaded
