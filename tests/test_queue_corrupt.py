@@ -134,6 +134,31 @@ def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed
         process.stop()
 
 
+def test_odd_names_in_incoming_do_not_stop_the_start(tmp_path: Path) -> None:
+    """incoming/ holds commits in progress; a symbolic link there named like one (looping, or leading to a
+    folder elsewhere) is no commit of ours: dropped, not followed. Before, a looping one made the daemon exit at
+    start (`Too many levels of symbolic links`). A real commit left there beside it is still placed."""
+    messages = fill(tmp_path)
+    spool = tmp_path / "spool"
+    left = message_dir(spool, messages[0][0] >> 32)
+    left.rename(spool / "incoming" / left.name)  # a complete commit a crash left before its move under queue/
+    (spool / "incoming" / "0badf00d").symlink_to("0badf00d")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(message_dir(spool, messages[1][0] >> 32), elsewhere)
+    (spool / "incoming" / "0badf00e").symlink_to(elsewhere)
+
+    process = paused_daemon(tmp_path)
+    process.start()
+    try:
+        everything = {evpid for evpids in messages for evpid in evpids}
+        wait_until(lambda: queued_evpids(process) == everything, explain=process.log)
+        assert os.listdir(spool / "incoming") == []
+        assert sorted(os.listdir(elsewhere)) == sorted(["message", *(f"{evpid:016x}" for evpid in messages[1])])
+        assert "placed 1 acknowledged message(s)" in process.log()
+    finally:
+        process.stop()
+
+
 def test_a_message_none_of_whose_envelopes_loads_goes_aside_whole_and_can_be_repaired(tmp_path: Path) -> None:
     """Envelopes of a newer format (a downgrade): the message goes to corrupt/ with them. Before, only the
     envelopes went, the folder was left with its message alone, and the next start deleted it as delivered."""

@@ -140,12 +140,19 @@ class Spool:
         for name in _listdir(self.incoming):
             path = os.path.join(self.incoming, name)
             msgid = int(name, 16) if is_hex_name(name, 8) else 0
-            if msgid and complete_commit(path, msgid):
-                if os.path.exists(self.message_dir(msgid)):
+            # Only a real folder can be a commit: anything else under that name (a symbolic link, a file) is
+            # not one of ours, and is dropped like an incomplete commit without being followed.
+            if msgid and not os.path.islink(path) and complete_commit(path, msgid):
+                if os.path.lexists(self.message_dir(msgid)):
                     aside.append(self.set_aside(path, format_msgid(msgid), ID_TAKEN))
                     continue
-                os.rename(path, self.message_dir(msgid))
-                fsync_directory(self.bucket(msgid))
+                try:
+                    os.rename(path, self.message_dir(msgid))
+                    fsync_directory(self.bucket(msgid))
+                except OSError as error:  # acknowledged mail: kept aside, never dropped, and the start goes on
+                    aside.append(self.set_aside(path, format_msgid(msgid),
+                                                f"an acknowledged message that could not be placed: {error.strerror}"))
+                    continue
                 placed += 1
             else:
                 remove_path(path)
@@ -409,7 +416,10 @@ class Spool:
 
 def complete_commit(directory: str, msgid: int) -> bool:
     """Whether a message folder holds everything its commit wrote (see Spool.recover)."""
-    names = _listdir(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False  # (not a folder, or unreadable: no commit can be read from it)
     if MESSAGE_FILE not in names or len(names) < 2:
         return False
     envelopes = []
