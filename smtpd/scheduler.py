@@ -319,7 +319,10 @@ class Scheduler:
         when = min(nexttry, expire)
         trace.emit("scheduler", f"scheduler: {envelope.evpid:016x} tempfail ({result.text}), retry {envelope.retry} "
                    f"in {duration_text(int(when - now))}", evpid=f"{envelope.evpid:016x}", retry=envelope.retry)
-        if entry.remove_after or envelope.evpid not in self.entries:
+        if envelope.evpid not in self.entries:
+            return
+        if entry.remove_after:  # `smtpctl remove` while the failure was being recorded (a warning queued...)
+            await self._delete(entry, "removed")
             return
         self._schedule(entry, when)
 

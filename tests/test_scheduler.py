@@ -319,3 +319,26 @@ def _without_runvalue(line: str) -> str:
     """The line without its runvalue (seconds from now: two calls a moment apart may differ by one)."""
     fields = line.split("|")
     return "|".join(fields[:12] + fields[13:])
+
+
+def test_an_envelope_removed_while_its_temporary_failure_is_recorded_is_removed(tmp_path: Path) -> None:
+    """`smtpctl remove` while a delay warning for the envelope is being queued (the envelope is still in
+    flight): before, the removal was noted and then forgotten, and the envelope stayed "inflight" for good,
+    never tried again and impossible to remove, until a restart."""
+
+    async def scenario() -> tuple[object, bool, list]:
+        harness = Harness(tmp_path, queue_config(queue_ttl=3600, warn=(1,)), group_delay=0.3)
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("451 try later") if envelope.sender
+                                               else DeliveryResult.ok())
+        async with harness:
+            _, (evpid,) = await harness.submit()
+            await wait_for(lambda: harness.scheduler.bouncer.groups, what="the delay warning being gathered")
+            assert harness.scheduler.entries[evpid].state == "inflight"
+            await HANDLERS["remove"](harness.daemon, {"target": f"{evpid:016x}"})
+            await wait_for(lambda: evpid not in harness.scheduler.entries, what="the envelope removed")
+            await wait_for(lambda: not Path(harness.queue.envelope_path(evpid)).exists(), what="its file deleted")
+            rows = (await HANDLERS["show.queue"](harness.daemon, {}))["rows"]
+            return evpid, evpid in harness.scheduler.entries, [row for row in rows if row[0] == f"{evpid:016x}"]
+
+    _, known, rows = run(scenario())
+    assert not known and rows == []
