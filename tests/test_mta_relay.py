@@ -485,3 +485,17 @@ def test_dsn_parameters_are_passed_on_when_offered(tmp_path: os.PathLike[str]) -
     assert mail.startswith("MAIL FROM:<bob@local.test> SIZE=") and mail.endswith(" RET=HDRS ENVID=xyz123")
     assert "RCPT TO:<a@remote.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@remote.test" in with_dsn.commands
     assert "MAIL FROM:<bob@local.test>" in without.commands and "RCPT TO:<a@remote.test>" in without.commands
+
+
+def test_orcpt_as_the_smtp_server_stored_it_is_passed_on_with_its_address_type(tmp_path: os.PathLike[str]) -> None:
+    """The SMTP server stores ORCPT=rfc822;a+2Bb@remote.test as `a+2Bb@remote.test` (the envelope's
+    dsn-orcpt); the next hop must get `ORCPT=rfc822;a+2Bb@remote.test`, not a bare address (RFC 3461 4.2:
+    an ORCPT without its address type is a syntax error, e.g. Postfix answers 501 and the recipient bounces)."""
+    from smtpd.queue.envelope import DsnNotify
+    script = standard_script({"EHLO": b"250-raw.test\r\n250-DSN\r\n250 SIZE 1000000\r\n"})
+    with RawRemote(script) as remote:
+        item = envelope("a@remote.test")
+        item.dsn_notify = DsnNotify.FAILURE
+        item.dsn_orcpt = "a+2Bb@remote.test"
+        relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [item], write_message(tmp_path))
+    assert "RCPT TO:<a@remote.test> NOTIFY=FAILURE ORCPT=rfc822;a+2Bb@remote.test" in remote.commands

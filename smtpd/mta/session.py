@@ -237,7 +237,10 @@ def _rcpt_line(envelope: Envelope, dsn: bool) -> str:
                                              (DsnNotify.DELAY, "DELAY")) if notify & flag]
         line += f" NOTIFY={','.join(words)}"
         if envelope.dsn_orcpt:
-            line += f" ORCPT={envelope.dsn_orcpt}"
+            # The queue keeps the address as the client gave it after `rfc822;` (smtpd/smtp/address.py);
+            # RFC 3461 4.2 wants the address type in front of it.
+            orcpt = envelope.dsn_orcpt
+            line += f" ORCPT={orcpt if ';' in orcpt else 'rfc822;' + orcpt}"
     return line
 
 
