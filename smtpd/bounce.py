@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from smtpd import log, trace
 from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType, shared_flags
+from smtpd.smtp.address import xtext_decode
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
@@ -117,17 +118,25 @@ def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) ->
     return lines
 
 
+def readable_xtext(text: str) -> str:
+    """ENVID and ORCPT as the report shows them: decoded from the xtext the client sent them in (RFC 3461:
+    `bob+2Btag@x` is `bob+tag@x`), unless decoding gives something that is no printable ASCII text (a line
+    break would start a field of its own in the report): then as sent."""
+    decoded = xtext_decode(text)
+    return decoded if all(" " <= char <= "~" for char in decoded) else text
+
+
 def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -> list[str]:
     first = envelopes[0]
     lines = [f"Reporting-MTA: dns; {context.smtpname}"]
     if first.dsn_envid:
-        lines.append(f"Original-Envelope-Id: {first.dsn_envid}")
+        lines.append(f"Original-Envelope-Id: {readable_xtext(first.dsn_envid)}")
     lines.append(f"Arrival-Date: {email.utils.formatdate(first.ctime, localtime=True)}")
     lines.append("")
     for envelope in envelopes:
         if envelope.dsn_orcpt:
             orcpt = envelope.dsn_orcpt
-            lines.append(f"Original-Recipient: {orcpt if ';' in orcpt else 'rfc822; ' + orcpt}")
+            lines.append(f"Original-Recipient: {orcpt if ';' in orcpt else 'rfc822; ' + readable_xtext(orcpt)}")
         lines.append(f"Final-Recipient: rfc822; {envelope.dest or envelope.rcpt}")
         lines.append(f"Action: {kind}")
         lines.append(f"Status: {status_code(envelope, kind)}")

@@ -6,7 +6,16 @@ import email
 
 import pytest
 
-from smtpd.bounce import DELAYED, DELIVERED, FAILED, ReportContext, duration_text, render_report, wants_report
+from smtpd.bounce import (
+    DELAYED,
+    DELIVERED,
+    FAILED,
+    ReportContext,
+    duration_text,
+    readable_xtext,
+    render_report,
+    wants_report,
+)
 from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType
 
 ORIGINAL = b"From: alice@example.com\nSubject: the original\n\nthe body line\n"
@@ -66,6 +75,8 @@ def test_failure_report_structure() -> None:
     per_message, *per_recipient = status.get_payload()
     assert per_message["Reporting-MTA"] == "dns; mx.example.net"
     assert per_message["Original-Envelope-Id"] == "E1"
+    # xtext decoded for the reader, unless decoding would break the report's fields
+    assert readable_xtext("a+2Bb+3Dc") == "a+b=c" and readable_xtext("x+0D+0AFake: 1") == "x+0D+0AFake: 1"
     assert [block["Final-Recipient"] for block in per_recipient] == ["rfc822; bob@example.org",
                                                                      "rfc822; carol@example.org"]
     assert per_recipient[0]["Status"] == "5.1.1"

@@ -47,8 +47,9 @@ def test_a_permanent_delivery_failure_comes_back_to_the_sender_as_a_dsn(world) -
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
-            client.mail(f"{alice.pw_name}@mbox.test", ["RET=HDRS", "ENVID=track-7"])
-            assert client.rcpt(f"{bob.pw_name}@fail.test", ["NOTIFY=FAILURE"])[0] == 250
+            client.mail(f"{alice.pw_name}@mbox.test", ["RET=HDRS", "ENVID=track+2B7"])
+            assert client.rcpt(f"{bob.pw_name}@fail.test",
+                               ["NOTIFY=FAILURE", f"ORCPT=rfc822;{bob.pw_name}+2Btag@fail.test"])[0] == 250
             assert client.data(b"Subject: doomed\r\n\r\nthe secret body\r\n")[0] == 250
         mailbox = Path(mail_root) / alice.pw_name
         wait_until(lambda: mailbox.exists() and "Delivery status notification" in mailbox.read_text(), 60, 0.1,
@@ -59,7 +60,8 @@ def test_a_permanent_delivery_failure_comes_back_to_the_sender_as_a_dsn(world) -
         assert report.get_content_type() == "multipart/report"
         status = next(part for part in report.walk() if part.get_content_type() == "message/delivery-status")
         per_message, per_recipient = status.get_payload()[:2]
-        assert per_message["Original-Envelope-Id"] == "track-7"
+        assert per_message["Original-Envelope-Id"] == "track+7"  # (decoded from xtext)
+        assert per_recipient["Original-Recipient"] == f"rfc822; {bob.pw_name}+tag@fail.test"
         assert per_recipient["Final-Recipient"] == f"rfc822; {bob.pw_name}@fail.test"
         assert per_recipient["Action"] == "failed"
         assert per_recipient["Status"].startswith("5.")
