@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from helpers_control import DaemonProcess
-from helpers_queue import Harness, paused_daemon, run
+from helpers_queue import Harness, paused_daemon, run, wait_for
 from waiting import wait_until
 
 from smtpd.queue.format import dump_envelope, load_envelope
@@ -67,10 +67,13 @@ def test_corrupt_files_before_start_and_while_running_are_moved_aside_and_listed
         corrupt = spool / "corrupt"
         assert sorted(name for name in os.listdir(corrupt) if not name.endswith(".why")) == sorted(
             [f"{garbage_evpid >> 32:08x}.{garbage_evpid:016x}", f"{unreadable_msgid:08x}",
-             f"{fifo_evpid >> 32:08x}.{fifo_evpid:016x}"])
+             f"{fifo_evpid >> 32:08x}.{fifo_evpid:016x}",
+             # copies of the messages whose other envelopes stay queued (for repairing these)
+             f"{garbage_evpid >> 32:08x}.message", f"{fifo_evpid >> 32:08x}.message"])
         assert not garbage.exists() and not message_dir(spool, unreadable_msgid).exists()
         assert (corrupt / f"{unreadable_msgid:08x}.why").read_text() == "message file is not a regular file\n"
-        assert (corrupt / f"{fifo_evpid >> 32:08x}.{fifo_evpid:016x}.why").read_text() == "not a regular file\n"
+        assert (corrupt / f"{fifo_evpid >> 32:08x}.{fifo_evpid:016x}.why").read_text() == \
+            f"not a regular file; the message is kept as corrupt/{fifo_evpid >> 32:08x}.message\n"
         # The unreadable message's envelopes are kept with it, for whoever repairs it.
         assert sorted(os.listdir(corrupt / f"{unreadable_msgid:08x}")) == sorted(
             ["message", *(f"{evpid:016x}" for evpid in messages[1])])
@@ -232,3 +235,33 @@ def test_a_message_folder_that_cannot_be_listed_is_moved_aside_and_the_rest_stil
         assert process.alive()
     finally:
         process.stop()
+
+
+def test_a_message_with_some_envelopes_corrupt_is_kept_beside_them_once_the_others_are_delivered(
+        tmp_path: Path) -> None:
+    """One envelope of two does not load: the other is delivered and the message folder purged, but a copy of
+    the message stays in corrupt/ beside the envelope moved aside, so that the recipient can still be repaired.
+    Before, the envelope was kept with no message left to deliver it with."""
+    messages = fill(tmp_path)
+    spool = tmp_path / "spool"
+    good, bad = messages[0]
+    msgid = good >> 32
+    folder = message_dir(spool, msgid)
+    original = (folder / "message").read_bytes()
+    bad_file = folder / f"{bad:016x}"
+    bad_file.write_text(bad_file.read_text().replace("version: 1\n", "version: 2\n"))
+
+    async def scenario() -> None:
+        async with Harness(tmp_path) as harness:
+            await harness.queue.loading_done.wait()
+            await wait_for(lambda: good in {item.envelope.evpid for item in harness.mda.delivered}
+                           and not folder.exists())
+
+    run(scenario())
+    corrupt = spool / "corrupt"
+    assert (corrupt / f"{msgid:08x}.message").read_bytes() == original
+    assert (corrupt / f"{msgid:08x}.{bad:016x}").exists()
+    why = (corrupt / f"{msgid:08x}.{bad:016x}.why").read_text()
+    assert f"the message is kept as corrupt/{msgid:08x}.message" in why
+    listed = [path for path, _, _ in corrupt_listing(DaemonProcess(tmp_path))]
+    assert listed == [f"corrupt/{msgid:08x}.{bad:016x}"]  # (the copy is no corrupt file of its own)

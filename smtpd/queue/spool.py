@@ -50,6 +50,7 @@ def is_hex_name(name: str, length: int) -> bool:
 # at once (256 kept folders hold 32 MiB at most).
 RETIRE_MAX_BYTES = 128 * 1024
 # Why an acknowledged commit went to corrupt/: it could not go under queue/ (at start, or when it was placed).
+MESSAGE_COPY_SUFFIX = ".message"  # corrupt/<msgid>.message: a message kept beside envelopes of it moved aside
 ID_TAKEN = "an acknowledged message whose id a folder under queue/ has already"
 
 
@@ -254,6 +255,11 @@ class Spool:
             loaded.corrupt.append(self._aside(directory, format_msgid(msgid),
                                               f"no envelope of the message can be loaded ({reasons})", move_corrupt))
             return loaded
+        if bad and move_corrupt:
+            # The good envelopes will be delivered and the folder purged with its message: a copy of the message
+            # stays beside the envelopes moved aside, or they could never be repaired and delivered.
+            kept = self._keep_message_copy(msgid, directory)
+            bad = [(name, f"{reason}; {kept}") for name, reason in bad]
         for name, reason in bad:
             label = f"{format_msgid(msgid)}.{name}"
             loaded.corrupt.append(self._aside(os.path.join(directory, name), label, reason, move_corrupt))
@@ -282,8 +288,8 @@ class Spool:
     def corrupt_entries(self) -> list[CorruptEntry]:
         entries = []
         for name in sorted(_listdir(self.corrupt)):
-            if name.endswith(".why"):
-                continue
+            if name.endswith(".why") or _is_message_copy(name):
+                continue  # (a reason, or the copy of a message kept beside its envelopes: not corrupt itself)
             path = os.path.join(self.corrupt, name)
             try:
                 with open(path + ".why", encoding="utf-8", errors="replace") as handle:
@@ -298,6 +304,19 @@ class Spool:
         return entries
 
     # -- changing ---------------------------------------------------------------------------------------
+    def _keep_message_copy(self, msgid: int, directory: str) -> str:
+        """Copy a message file to corrupt/<msgid>.message (a copy, not a link: the file of a delivered message
+        may be reused for the next one), flushed. Returns what became of it, for the envelopes' reasons."""
+        name = f"{format_msgid(msgid)}{MESSAGE_COPY_SUFFIX}"
+        target = os.path.join(self.corrupt, name)
+        if not os.path.lexists(target):  # (else kept when another envelope of it went aside before)
+            try:
+                with open(os.path.join(directory, MESSAGE_FILE), "rb") as source:
+                    write_new_file(target, source.read())
+            except OSError as error:
+                return f"no copy of the message could be kept: {error.strerror}"
+        return f"the message is kept as corrupt/{name}"
+
     def set_aside(self, path: str, label: str, reason: str) -> CorruptEntry:
         """Move a file or folder to corrupt/<label> (or <label>.N), with a .why file giving the reason."""
         return self._aside(path, label, reason, True)
@@ -503,6 +522,10 @@ def message_file_problem(path: str) -> str:
     finally:
         os.close(fd)
     return ""
+
+
+def _is_message_copy(name: str) -> bool:
+    return name.endswith(MESSAGE_COPY_SUFFIX) and is_hex_name(name[:-len(MESSAGE_COPY_SUFFIX)], 8)
 
 
 def _folder_problem(directory: str, error: OSError) -> str:
