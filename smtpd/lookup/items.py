@@ -1,7 +1,9 @@
 """Expansion items: what an alias value, a virtual value, a `.forward` line or an `:include:` file holds.
 
-A value is a comma-separated list (reference §6.1). Commas inside double or single quotes do not split, and a
-backslash protects the character after it (it is kept: the item text is passed on as written). Each item is
+A value is a comma-separated list (reference §6.1). Commas inside double or single quotes do not split (the
+quotes are kept), and a backslash protects the character after it and is removed, as OpenSMTPD's splitting does:
+`\\bob` in a `.forward` is the user bob (the sendmail idiom for "keep a copy here"), and in `"|cmd \\"a b\\""`
+the command sees `cmd "a b"`. A trailing backslash or an unclosed quote makes the value invalid. Each item is
 classified by the first of these shapes it fits:
 
 1. ``error:CODE TEXT`` / ``:error:CODE TEXT`` (CODE: 3 digits starting with 4 or 5, then a space, then an
@@ -53,24 +55,31 @@ MAX_ITEM_LENGTH = 4096
 
 
 def split_items(text: str) -> list[str]:
-    """The comma-separated items of a value, trimmed, empty ones dropped."""
+    """The comma-separated items of a value, trimmed, empty ones dropped, escaping backslashes removed.
+
+    Raises ItemError when the value ends inside a quote or with a lone backslash."""
     items: list[str] = []
     current: list[str] = []
     escaped = in_double = in_single = False
     for char in text:
         if escaped:
+            current.append(char)  # the escaped character, literally; it neither splits nor quotes
             escaped = False
-        elif char == "\\":
+            continue
+        if char == "\\":
             escaped = True
-        elif char == "," and not (in_double or in_single):
+            continue
+        if char == "," and not (in_double or in_single):
             items.append("".join(current))
             current = []
             continue
-        elif char == '"' and not in_single:
+        if char == '"' and not in_single:
             in_double = not in_double
         elif char == "'" and not in_double:
             in_single = not in_single
         current.append(char)
+    if escaped or in_double or in_single:
+        raise ItemError(f"unbalanced quote or trailing backslash in {text.strip()!r}")
     items.append("".join(current))
     return [item.strip() for item in items if item.strip()]
 

@@ -1,0 +1,65 @@
+"""Backslashes in expansion values, through the real daemon: `\\user` in a .forward keeps a copy in the user's own
+mailbox (the sendmail idiom), and an escaped quote inside a quoted `|command` reaches the shell as a quote."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import time
+from pathlib import Path
+
+from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for delivery")
+
+
+def maildir_count(home: str) -> int:
+    new = Path(home) / "Maildir" / "new"
+    return len(os.listdir(new)) if new.is_dir() else 0
+
+
+def test_backslash_user_and_escaped_quotes_in_forward() -> None:
+    with open_temp_dir("pysmtpd-fwdesc-") as top:
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        mail_root = make_mail_root(top)
+        with system_user(homes, "pfa") as alice, system_user(homes, "pfb") as bob:
+            marker = Path(alice.pw_dir) / "piped"
+            forward = Path(alice.pw_dir) / ".forward"
+            # A copy for alice herself (\alice), one for bob, and a command whose argument is quoted with \".
+            forward.write_text(f"\\{alice.pw_name}, {bob.pw_name}\n"
+                               f'"|/bin/sh -c \\"cat > {marker}\\""\n')
+            os.chown(forward, alice.pw_uid, alice.pw_gid)
+            port = free_port()
+            config = (f"listen on 127.0.0.1 port {port}\n"
+                      'action "md" maildir\n'
+                      'match from any for domain "fwd.test" action "md"\n')
+            daemon = Daemon(top, config, mail_root, extra_args=("-T", "expand")).start()
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.ehlo("client.test")
+                    refused = client.sendmail("s@client.test", [f"{alice.pw_name}@fwd.test"],
+                                              b"Subject: escapes\r\n\r\nbody\r\n")
+                    assert refused == {}
+                wait_for(lambda: maildir_count(alice.pw_dir) == 1)
+                wait_for(lambda: maildir_count(bob.pw_dir) == 1)
+                wait_for(lambda: marker.exists() and "Subject: escapes" in marker.read_text())
+                assert marker.stat().st_uid == alice.pw_uid
+                assert "lka_expand: same user, submitting" in daemon.log()
+            finally:
+                daemon.stop()
