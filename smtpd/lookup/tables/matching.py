@@ -115,7 +115,7 @@ class NetworkIndex:
 
 # -- MAILADDR ----------------------------------------------------------------------------------------------
 def split_mailaddr(text: str) -> tuple[str, str]:
-    """`user@domain` -> (user, domain); `@domain` -> ("", domain); `user` -> (user, "")."""
+    """`user@domain` -> (user, domain); `@domain` -> ("", domain); `user` and `user@` -> (user, "")."""
     user, at, domain = text.rpartition("@")
     if not at:
         return text, ""
@@ -209,7 +209,8 @@ def exact_keys(service: Service, candidate: str, delimiter: str = "+") -> list[s
         return [candidate]
     user, domain = split_mailaddr(candidate)
     stripped = strip_subaddress(user, delimiter)
-    keys = ["", "@", user, stripped]
+    # `user@` (a user at any domain) is an entry of its own shape: a user with an empty domain.
+    keys = ["", "@", user, stripped, f"{user}@", f"{stripped}@"]
     if domain:
         keys += [f"@{domain}", f"{user}@{domain}", f"{stripped}@{domain}"]
     return list(dict.fromkeys(keys))
