@@ -11,8 +11,8 @@ The RCPT address is the root of a tree. Nodes are processed first-in first-out:
   it, or as the daemon's unprivileged user when it came from an alias;
 * an ERROR refuses the recipient with its text.
 
-Every inserted node is compared with those already present (kind, value, and for files and commands the user
-they run as), so loops end. A node at depth 10 or an empty delivery list refuses the recipient with 524 5.2.4.
+Every inserted node is compared with those already present (kind, value, for files and commands the user they
+run as, and for everything but addresses the action it descends from), so loops end. A node at depth 10 or an empty delivery list refuses the recipient with 524 5.2.4.
 The first failure ends the expansion; its reply is the RCPT answer (the session appends `: <rcpt>`).
 
 Every step emits an `expand` trace event in the reference's wording, plus our own lines saying which table and
@@ -87,9 +87,15 @@ class ExpansionNode:
         return None
 
     def key(self) -> tuple[Any, ...]:
-        value = self.value.lower() if self.kind is NodeKind.ADDRESS else self.value
+        """What makes two nodes the same. Addresses are the same wherever they appear (so loops through addresses
+        end). Any other node is the same only under the same action: `bob` reached through an address of an
+        action "local" and through one of an action "archive" is two deliveries, one per action, as OpenSMTPD
+        makes them (it keeps nodes apart per destination address, which picks the action); under one action the
+        duplicates still make one delivery."""
+        if self.kind is NodeKind.ADDRESS:
+            return (self.kind, self.value.lower(), self.sameuser, None, None)
         owner = self.owner if self.kind in (NodeKind.FILENAME, NodeKind.FILTER) else None
-        return (self.kind, value, self.sameuser, owner)
+        return (self.kind, self.value, self.sameuser, owner, self.action.name if self.action else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
