@@ -12,7 +12,8 @@ The RCPT address is the root of a tree. Nodes are processed first-in first-out:
 * an ERROR refuses the recipient with its text.
 
 Every inserted node is compared with those already present (kind, value, for files and commands the user they
-run as, and for everything but addresses the action it descends from), so loops end. A node at depth 10 or an empty delivery list refuses the recipient with 524 5.2.4.
+run as, and for everything but addresses the action it descends from), so loops end. A node at depth 10 or an
+empty delivery list refuses the recipient with 524 5.2.4.
 The first failure ends the expansion; its reply is the RCPT answer (the session appends `: <rcpt>`).
 
 Every step emits an `expand` trace event in the reference's wording, plus our own lines saying which table and
