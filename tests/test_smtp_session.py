@@ -215,6 +215,33 @@ def test_large_message_is_stored_whole(daemon: SmtpDaemon) -> None:
     assert stored.endswith(b"\n\n" + line.replace(b"\r\n", b"\n") * 60_000)
 
 
+def test_header_block_over_one_mib_is_refused_and_not_held(daemon: SmtpDaemon) -> None:
+    """Many short header lines: past 1 MiB the message is refused as malformed (docs/smtp.md), and the daemon stops
+    holding the block (it used to keep every line in memory however many came, whatever the size limit)."""
+
+    def peak_rss_kib() -> int:
+        status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+    before = peak_rss_kib()
+    client = LineClient(daemon.port)
+    try:
+        assert client.reply()[0].startswith("220 ")
+        client.send(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+        for _ in range(4):
+            client.reply()
+        line = b"X-Filler: " + b"y" * 60 + b"\r\n"
+        for _ in range(34):  # 34 MiB of header lines, under max-message-size (35 MiB)
+            client.send(line * ((1 << 20) // len(line)))
+        client.send(b"\r\nbody\r\n.\r\nNOOP\r\n")
+        assert client.reply() == ["550 5.7.1 Delivery not authorized, message refused: Message is not RFC 2822 "
+                                  "compliant"]
+        assert client.reply() == ["250 2.0.0 Ok"]
+    finally:
+        client.close()
+    assert peak_rss_kib() - before < 24 * 1024, "the daemon held the header block in memory"
+
+
 def test_bdat_chunks_split_inside_crlf(daemon: SmtpDaemon) -> None:
     client = LineClient(daemon.port)
     try:

@@ -137,6 +137,13 @@ class MessageBuilder:
                 return text[position:]
             self._header_bytes += len(line) + 1
             self.size += len(line) + 1
+            if self.size > self.max_size or self._header_bytes > MAX_HEADER_BLOCK:
+                # Refused already: keep no more of the block in memory (the rest of the message is read and
+                # dropped), however many header lines the client sends.
+                self._fail(replies.TOO_BIG if self.size > self.max_size else replies.MALFORMED)
+                self._in_headers = False
+                self._header_lines = []
+                return b""
         return b""
 
     async def _end_headers(self, separator: bytes) -> None:
