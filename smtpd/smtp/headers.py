@@ -67,7 +67,7 @@ class MessageBuilder:
         self.size = 0
         self.error: Reply | None = None
         self._in_headers = True
-        self._header_lines: list[bytes] = []
+        self._header_lines: list[bytes | bytearray] = []
         self._header_bytes = 0
         self._partial = b""
 
@@ -126,7 +126,13 @@ class MessageBuilder:
             line = text[position:end]
             position = end + 1
             if line[:1] in (b" ", b"\t") and self._header_lines:
-                self._header_lines[-1] += b"\n" + line
+                # Extended in place: a header folded over many lines costs linear time, not quadratic (a new
+                # bytes object per continuation line copied the whole header each time, blocking the event loop).
+                last = self._header_lines[-1]
+                if not isinstance(last, bytearray):
+                    last = self._header_lines[-1] = bytearray(last)
+                last += b"\n"
+                last += line
             elif _is_header_line(line):
                 self._header_lines.append(line)
             else:
