@@ -167,7 +167,7 @@ def parse_mail_parameters(text: str, *, dsn: bool, smtputf8_offered: bool) -> Ma
         if upper == "AUTH" and equals:
             parameters.auth = value
         elif upper == "SIZE" and equals:
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise ParameterError("unsupported", word)
             parameters.size = int(value)
         elif upper == "BODY" and value.upper() in ("7BIT", "8BITMIME"):

@@ -852,7 +852,8 @@ class Session:
     async def cmd_bdat(self, argument: str, line: str) -> None:
         words = argument.split(" ")
         last = len(words) == 2 and words[1].upper() == "LAST"
-        if not words[0].isdigit() or len(words) > 2 or (len(words) == 2 and not last):
+        # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٥" (which int() reads as 5).
+        if not (words[0].isascii() and words[0].isdigit()) or len(words) > 2 or (len(words) == 2 and not last):
             await self.reply(replies.BDAT_SYNTAX, command=line)
             raise _Close("bad bdat")  # the chunk's length is unknown: the dialog cannot stay in step
         size = int(words[0])
