@@ -358,6 +358,36 @@ def test_proxy_v2_gives_the_real_client_address(daemon: SmtpDaemon) -> None:
         client.close()
 
 
+@pytest.mark.parametrize(("command", "family", "addresses"), [
+    (0x20, 0x00, b""),  # LOCAL: the proxy's own connection (HAProxy's health checks send it)
+    (0x20, 0x11, socket.inet_aton("203.0.113.8") * 2 + b"\0\1\0\2"),  # LOCAL: its addresses are ignored
+    (0x21, 0x31, b"/run/client.sock".ljust(108, b"\0") + b"/run/proxy.sock".ljust(108, b"\0")),  # a Unix client
+], ids=["local", "local-with-addresses", "unix-socket-client"])
+def test_proxy_v2_headers_without_a_client_address_use_the_connection(daemon: SmtpDaemon, command: int,
+                                                                     family: int, addresses: bytes) -> None:
+    """As the PROXY spec says and OpenSMTPD 6.8 does, the session goes on with the connection's own address;
+    LOCAL used to be dropped, and a Unix-socket client's address became the text "b'/run/client.sock\\x00...'"."""
+    client = LineClient(daemon.ports["port5"])
+    try:
+        client.send(b"\r\n\r\n\x00\r\nQUIT\n" + bytes([command, family]) + struct.pack("!H", len(addresses))
+                    + addresses)
+        assert client.reply() == ["220 mx.test.example ESMTP PySMTPD"]
+        client.send(b"HELO checker.test\r\n")
+        assert client.reply() == ["250 mx.test.example Hello checker.test [127.0.0.1], pleased to meet you"]
+    finally:
+        client.close()
+
+
+def test_proxy_v2_proxy_command_without_an_address_is_dropped(daemon: SmtpDaemon) -> None:
+    """The PROXY command with an unspecified family names no client: dropped, as OpenSMTPD 6.8 does."""
+    client = LineClient(daemon.ports["port5"])
+    try:
+        client.send(b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00EHLO x.test\r\n")
+        assert client.closed()
+    finally:
+        client.close()
+
+
 def test_proxy_v2_listener_drops_a_client_without_header(daemon: SmtpDaemon) -> None:
     client = LineClient(daemon.ports["port5"])
     try:

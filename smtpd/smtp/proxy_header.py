@@ -10,6 +10,7 @@ fed with exactly those bytes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import struct
 from typing import Any
@@ -18,6 +19,8 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the protocol's longest v1 line, CRLF included
 V2_FIXED = 16
+V2_LOCAL = 0  # the v2 command byte's low nibble: LOCAL (the proxy's own connection), PROXY is 1
+AF_UNSPEC, AF_UNIX = 0, 3  # the v2 address family nibble; v1's UNKNOWN is AF_UNSPEC too
 
 
 class ProxyHeaderError(Exception):
@@ -55,7 +58,8 @@ async def read_bytes(connection: socket.socket) -> bytes:
 
 
 async def read(connection: socket.socket) -> Any:
-    """Read and parse the header; returns aiosmtpd's ProxyData with a source address."""
+    """Read and parse the header; returns aiosmtpd's ProxyData, which either gives the client's address
+    (``source``) or says the connection's own endpoints are the ones to use."""
     from aiosmtpd.proxy_protocol import get_proxy
 
     header = await read_bytes(connection)
@@ -66,6 +70,24 @@ async def read(connection: socket.socket) -> Any:
         data = await get_proxy(reader)
     except (asyncio.IncompleteReadError, ValueError) as error:
         raise ProxyHeaderError(f"malformed PROXY header: {error}") from None
-    if not data.valid or data.src_addr is None:
-        raise ProxyHeaderError(f"malformed PROXY header: {data.error or 'no source address'}")
+    if not data.valid:
+        raise ProxyHeaderError(f"malformed PROXY header: {data.error or 'invalid'}")
+    if source(data) is None and not _real_endpoints(data):
+        raise ProxyHeaderError("malformed PROXY header: no source address")
     return data
+
+
+def source(data: Any) -> tuple[str, int] | None:
+    """The client's address and port as the proxy names them; None: the connection's own endpoints apply."""
+    if _real_endpoints(data) or not isinstance(data.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return None
+    return str(data.src_addr), int(data.src_port or 0)
+
+
+def _real_endpoints(data: Any) -> bool:
+    """Headers that carry no client address to use (the spec: take the connection's own endpoints): a v2 LOCAL
+    command (the proxy's own connection, e.g. HAProxy's health checks; OpenSMTPD 6.8 serves it with the real
+    address), a v2 client of a Unix socket, a v1 `PROXY UNKNOWN`."""
+    if data.version == 2:
+        return data.command == V2_LOCAL or data.family == AF_UNIX
+    return data.family == AF_UNSPEC

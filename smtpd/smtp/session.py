@@ -34,7 +34,7 @@ from smtpd.lookup.tables.base import Service, TableError
 from smtpd.queue.envelope import DsnNotify, Envelope, shared_flags
 from smtpd.queue.store import QueueError
 from smtpd.smtp import address as addr
-from smtpd.smtp import replies, tls
+from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.auth import AuthResult, authenticate
 from smtpd.smtp.connection import Connection
 from smtpd.smtp.headers import MessageBuilder, received_header
@@ -217,8 +217,9 @@ class Session:
         if not self.local:
             peer = self.connection.get_extra_info("peername") or ("", 0)
             self.client_ip, self.client_port = str(peer[0]).split("%")[0], int(peer[1])
-            if proxy is not None:
-                self.client_ip, self.client_port = str(proxy.src_addr), int(proxy.src_port or 0)
+            source = proxy_header.source(proxy) if proxy is not None else None
+            if source is not None:
+                self.client_ip, self.client_port = source
             family = "inet6" if ":" in self.client_ip else "inet4"
             STATS.increment(f"smtp.session.{family}")
             self.rdns, self.fcrdns = await self.server.client_names(self.client_ip)
