@@ -529,14 +529,15 @@ class Session:
         if self.helo is None or self.transaction is not None:
             await self._error(replies.BAD_SEQUENCE, line)
             return
-        if argument:
-            await self._error(replies.NO_PARAMETERS_ALLOWED, line)
+        # OpenSMTPD's order: a listener without STARTTLS (smtps included) says so whatever the argument.
+        if self.local or self.listener.tls not in (TlsMode.STARTTLS, TlsMode.REQUIRE):
+            await self._error(replies.NOT_SUPPORTED, line)
             return
         if self.secure:
             await self._error(replies.ALREADY_SECURE, line)
             return
-        if not self.starttls_offered:
-            await self._error(replies.NOT_SUPPORTED, line)
+        if argument:
+            await self._error(replies.NO_PARAMETERS_ALLOWED, line)
             return
         # Stop reading before answering: whatever is already buffered was sent before our 220 (a command
         # injection), and the client's TLS handshake stays in the socket for the TLS layer to read.
