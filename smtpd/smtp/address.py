@@ -19,9 +19,12 @@ MAX_ENVID = 100
 
 _ATOM_CHARS = "!#$%&'*/?^`{|}~+-=_"
 _ATOM_RE = re.compile(r"[A-Za-z0-9" + re.escape(_ATOM_CHARS) + r"]+")
-_ATOM_UTF8_RE = re.compile(r"[A-Za-z0-9" + re.escape(_ATOM_CHARS) + r"\u0080-\U0010ffff]+")
+# Non-ASCII: any character but the surrogates, which stand for bytes that are not UTF-8 (the session decodes with
+# surrogateescape): RFC 6531 allows UTF-8 only, and such an address in the queue broke `smtpctl show queue`.
+_NON_ASCII = r"\u0080-\ud7ff\ue000-\U0010ffff"
+_ATOM_UTF8_RE = re.compile(r"[A-Za-z0-9" + re.escape(_ATOM_CHARS) + _NON_ASCII + r"]+")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
-_LABEL_UTF8_RE = re.compile(r"[A-Za-z0-9_\-\u0080-\U0010ffff]{1,63}")
+_LABEL_UTF8_RE = re.compile(r"[A-Za-z0-9_\-" + _NON_ASCII + r"]{1,63}")
 
 
 class AddressError(ValueError):
