@@ -436,7 +436,13 @@ class Parser:
             if backend in checks.FILE_BACKENDS:
                 # A static table that did not load has no type; other backends keep theirs.
                 self.broken_tables.add(name.text)
-            raise SemanticProblem(f"invalid configuration file {source} for table {name.text}", value)
+            # C's printf shows a missing path as (null) (e.g. `table t db`); so do we, never Python's None.
+            shown = "(null)" if source is None else source
+            raise SemanticProblem(f"invalid configuration file {shown} for table {name.text}", value)
+        if backend in checks.FILE_BACKENDS and source is None:
+            # `table t file` (the path forgotten): OpenSMTPD makes an empty table without a type, which every
+            # typed use then refuses (`may not be used for alias lookups`, ...); never a silently empty table.
+            self.broken_tables.add(name.text)
         decl = replace(decl, shape=probe.shape)
         self.tables[name.text] = decl
         return decl
