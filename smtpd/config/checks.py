@@ -120,17 +120,20 @@ def check_pki_and_queue(config: Config) -> list[str]:
     key = config.queue.encryption_key
     if config.queue.encryption and key is not None and key != "stdin" and len(key) != 32:
         raise FatalConfigError("smtpd: crypto_setup:invalid key for queue encryption")
-    for pki in config.pkis.values():
+    # OpenSMTPD keeps pkis and cas in dictionaries sorted by name and checks each pki's cert and key are
+    # given before it loads the certificate: the same order here, so the first fatal line is the same one.
+    pkis = sorted(config.pkis.values(), key=lambda pki: pki.name.encode())
+    for pki in pkis:
         if pki.cert is None:
             raise FatalConfigError("smtpd: load_pki_tree: missing certificate file")
-        if not _is_readable_file(pki.cert):
-            raise FatalConfigError("smtpd: load_pki_tree: failed to load certificate file")
         if pki.key is None:
             raise FatalConfigError("smtpd: load_pki_tree: missing key file")
-    for ca in config.cas.values():
+        if not _is_readable_file(pki.cert):
+            raise FatalConfigError("smtpd: load_pki_tree: failed to load certificate file")
+    for ca in sorted(config.cas.values(), key=lambda ca: ca.name.encode()):
         if not _is_readable_file(ca.cert):
             raise FatalConfigError("smtpd: load_pki_tree: failed to load CA file")
-    for pki in config.pkis.values():
+    for pki in pkis:
         assert pki.key is not None and pki.cert is not None
         problem = _key_problem(pki.key)
         if problem is not None:
