@@ -7,12 +7,13 @@ import os
 import select
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers_smtp import ROOT, LineClient, SmtpDaemon
+from helpers_smtp import ROOT, LineClient, SmtpDaemon, make_certificate
 from waiting import wait_until
 
 LOCAL_RULES = 'action "local" mbox\nmatch from any for domain "example.org" action "local"\n'
@@ -140,3 +141,43 @@ def test_reverse_name_from_the_resolver_feeds_received_and_from_rdns(tmp_path: P
         assert relayed == 250 and first_line == "Received: from helo.test (mail.client.test [127.0.0.1])"
     else:
         assert relayed == 550 and first_line == "Received: from helo.test (<unknown> [127.0.0.1])"
+
+
+def _presented_certificate_name(port: int) -> str:
+    """The CN of the certificate the listener presents after STARTTLS."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=context)
+        der = client.sock.getpeercert(binary_form=True)
+    subject = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-subject"], input=der,
+                             capture_output=True, check=True).stdout.decode()
+    return subject.rpartition("=")[2].strip()
+
+
+def test_reload_presents_a_certificate_renewed_in_place(tmp_path: Path) -> None:
+    """certbot and friends overwrite the certificate and key files, then reload: new sessions must get the new
+    certificate although the configuration text did not change; a renewal that left a mismatched pair fails the
+    reload and the running certificate stays."""
+    renewals = {name: make_certificate(tmp_path, name) for name in ("first.example", "second.example")}
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+
+    def install(name: str, *, key_of: str | None = None) -> None:
+        cert.write_bytes(renewals[name][0].read_bytes())
+        key.write_bytes(renewals[key_of or name][1].read_bytes())
+        key.chmod(0o600)
+
+    install("first.example")
+    config = (f'pki mx.test.example cert "{cert}"\npki mx.test.example key "{key}"\n'
+              "listen on 127.0.0.1 port {port} tls pki mx.test.example\n" + LOCAL_RULES)
+    with SmtpDaemon(tmp_path, config) as daemon:
+        assert _presented_certificate_name(daemon.port) == "first.example"
+        install("second.example")
+        result = smtpctl(daemon, "reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert _presented_certificate_name(daemon.port) == "second.example"
+        install("first.example", key_of="second.example")
+        result = smtpctl(daemon, "reload")
+        assert result.returncode == 78, result.stdout + result.stderr
+        assert _presented_certificate_name(daemon.port) == "second.example"

@@ -86,10 +86,20 @@ class SmtpServer:
             await asyncio.wait(list(self.sessions), timeout=10)
 
     async def reconfigure(self, old: Config, new: Config) -> list[str]:
-        """New sessions use the new config; listeners are rebound only when they changed."""
-        if old.listeners == new.listeners and old.pkis == new.pkis and old.cas == new.cas:
-            return []
+        """New sessions use the new config; listeners are rebound only when they changed.
+
+        The TLS contexts are built again at every reload, even when the config text is the same: a renewed
+        certificate is usually written over the old file (certbot, acme.sh), and the reload that follows must
+        make new sessions present it. A certificate or key that does not load fails the reload (the old
+        contexts stay in use).
+        """
         fresh = self._bind_all(new, reuse=self.bound)
+        unchanged = old.listeners == new.listeners and old.pkis == new.pkis and old.cas == new.cas
+        if unchanged and [bound.sock for bound in fresh] == [bound.sock for bound in self.bound]:
+            # The same sockets: the accept loops stay, their endpoints (contexts, host names) are replaced.
+            for bound, refreshed in zip(self.bound, fresh, strict=True):
+                bound.endpoint = refreshed.endpoint
+            return []
         kept = {id(bound.sock) for bound in fresh}
         paused = self.daemon.is_paused("smtp")
         self._stop_accepting()
