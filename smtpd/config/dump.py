@@ -38,8 +38,25 @@ _PLAIN_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
 def quote(text: str) -> str:
-    """A double-quoted config string (the lexer's escapes: only the quote itself needs one)."""
-    return '"' + text.replace('"', '\\"') + '"'
+    """A double-quoted config string that lexes back to ``text``.
+
+    The lexer's escapes: ``\\"``, ``\\ `` and ``\\TAB`` stand for the second character, any other backslash is
+    itself. So a backslash of the text is doubled where it comes before a space, a tab or the end (the first
+    of the two is then a plain backslash, the second escapes what follows); at the end the second one is
+    followed by a line continuation, which the lexer drops.
+    """
+    out: list[str] = []
+    for index, char in enumerate(text):
+        following = text[index + 1] if index + 1 < len(text) else None
+        if char == '"':
+            out.append('\\"')
+        elif char == "\\" and following in (" ", "\t"):
+            out.append("\\\\")
+        elif char == "\\" and following is None:
+            out.append("\\\\\n")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 def name_word(text: str) -> str:
