@@ -113,6 +113,22 @@ def test_text_without_a_header_is_all_body(world) -> None:
         daemon.stop()
 
 
+def test_lone_carriage_returns_of_a_local_submission_are_kept(world) -> None:
+    """A command's progress output (`10%\r20%`) arrives as written; only the CR of a CRLF goes (as OpenSMTPD).
+    Before, every CR of a local submission was dropped."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        result = run_sendmail(daemon.env, ["root"], "Subject: progress\r\n\r\n10%\r20%\r100%\r\ndone\r\n")
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        wait_for_mail(os.path.join(mail_root, "root"))
+        with open(os.path.join(mail_root, "root"), "rb") as mailbox:  # (bytes: text mode would turn CR into LF)
+            content = mailbox.read()
+        assert b"\nSubject: progress\n" in content and b"\n\n10%\r20%\r100%\ndone\n" in content, content
+    finally:
+        daemon.stop()
+
+
 def test_sender_from_the_from_header_or_the_user_with_full_name(world) -> None:
     """OpenSMTPD's enqueue: without -f the envelope sender is the From: header's address; a From: header it
     adds carries the user's full name (GECOS)."""
