@@ -104,7 +104,7 @@ resume_mta = _mta_command("resume")
 
 
 def _route_id(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         possibilities(ctx, ["<routeid>"])
     return int(value)
 

@@ -156,7 +156,7 @@ def relay_url_problem(url: str) -> str | None:
         host, _, port = hostport.rpartition(":")
     if not host:
         return f'relay URL "{url}": no host'
-    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         return f'relay URL "{url}": invalid port "{port}"'
     if scheme == "lmtp" and not port:
         return f'relay URL "{url}": lmtp:// needs a port'

@@ -95,7 +95,7 @@ def control_group_id(name: str | None) -> int | None:
     """The gid of the configured read-only group (a name or a number), None when unset or unknown."""
     if not name:
         return None
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid

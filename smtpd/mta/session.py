@@ -155,7 +155,8 @@ async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
 
 
 def _is_address(name: str) -> bool:
-    return name.replace(".", "").isdigit() or ":" in name
+    digits = name.replace(".", "")
+    return (digits.isascii() and digits.isdigit()) or ":" in name
 
 
 # -- one message ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def source_of(sockaddr: str) -> str:
         return "local"
     if sockaddr.startswith("[") or ":" in sockaddr:
         return "inet6"
-    if sockaddr and sockaddr[0].isdigit():
+    if sockaddr and sockaddr[0] in "0123456789":
         return "inet4"
     return "?"
 

@@ -343,7 +343,7 @@ def _resolver(resolver_address: str) -> Any:
     host, _, port = resolver_address.rpartition(":")
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [host.strip("[]") or resolver_address]
-    if port.isdigit():
+    if port.isascii() and port.isdigit():
         resolver.port = int(port)
     return resolver
 
