@@ -226,7 +226,8 @@ class Bouncer:
         raises when queueing failed (the caller keeps the envelope and tries again later)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if not wants_report(envelope, kind):
-            if "bounce" in envelope.flags or envelope.type is EnvelopeType.BOUNCE:
+            if kind == FAILED and ("bounce" in envelope.flags or envelope.type is EnvelopeType.BOUNCE):
+                # (only a report that failed is a double bounce; one delivered or delayed is not news)
                 LOG.info("bounce: double bounce for %016x (%s): dropped", envelope.evpid, envelope.errorline)
             trace.emit("bounce", f"bounce: no {kind} report for {envelope.evpid:016x}", evpid=f"{envelope.evpid:016x}")
             future.set_result(False)

@@ -145,3 +145,23 @@ def test_reports_are_routed_by_the_ruleset_and_expansion(tmp_path) -> None:
     assert report.dispatcher == "out" and str(report.type) == "mta"
     assert "bounce" in report.flags
 
+
+
+def test_only_a_failed_report_of_a_report_is_logged_as_a_double_bounce(caplog) -> None:
+    """A report is never reported on; the log says "double bounce" only when it failed (a delivered report with
+    NOTIFY=SUCCESS, or a delayed one, was logged as a dropped double bounce too)."""
+    import asyncio
+    import logging
+
+    from smtpd.bounce import Bouncer
+
+    async def ask(kind: str) -> bool:
+        bouncer = Bouncer(None, object(), "mx.example.net")
+        return await bouncer.report(envelope(sender="", flags=frozenset({"bounce"}),
+                                             dsn_notify=DsnNotify.SUCCESS | DsnNotify.FAILURE), kind)
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(ask(DELIVERED)) is False and asyncio.run(ask(DELAYED)) is False
+        assert "double bounce" not in caplog.text
+        assert asyncio.run(ask(FAILED)) is False
+    assert "double bounce for 1234567800000001 (550 no such user): dropped" in caplog.text
