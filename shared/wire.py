@@ -6,12 +6,24 @@ shared/protocol.py re-exports these; everything else about the protocol (command
 from __future__ import annotations
 
 import json
+import re
 
 PROTOCOL_VERSION = 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(value: object) -> str:
+    """One JSON value as text that is valid UTF-8. Text made from bytes that are not UTF-8 (a hand-edited queue
+    file, an argument) holds lone surrogates, which UTF-8 cannot encode: they are written as JSON escapes
+    (`\\udcff`), which a reader decodes back to the same text, instead of failing the whole answer."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if _SURROGATE.search(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def encode(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return json_text(message).encode() + b"\n"
 
 
 def request(request_id: int | str, command: str, **args: object) -> dict:

@@ -83,11 +83,11 @@ def run(argv: list[str]) -> int | None:
         sys.stderr.write(f"smtpctl: {error.message}\n")
         return 1
     if as_json:
-        import json
+        from shared.wire import json_text
 
         value = result if which == "status" else result["stats"]
         # The same bytes as smtpctl.render.print_json writes.
-        sys.stdout.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
+        sys.stdout.write(json_text(value) + "\n")
     else:
         lines = showtext.status_lines(result) if which == "status" else showtext.stats_lines(result["stats"])
         sys.stdout.write("".join(line + "\n" for line in lines))

@@ -6,11 +6,12 @@ pipe) start fast. NO_COLOR or TERM=dumb turn the rich output off as well.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from shared.wire import json_text
 
 _console: Any = None
 
@@ -36,7 +37,7 @@ def console() -> Any:
 
 def print_json(value: Any) -> None:
     """One JSON document on one line (JSON Lines when called once per item)."""
-    sys.stdout.write(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n")
+    sys.stdout.write(json_text(value) + "\n")
     sys.stdout.flush()
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from daemon import ROOT
 from helpers_control import DaemonProcess
 from helpers_queue import Harness, paused_daemon, run, wait_for
 from waiting import wait_until
@@ -265,3 +266,35 @@ def test_a_message_with_some_envelopes_corrupt_is_kept_beside_them_once_the_othe
     assert f"the message is kept as corrupt/{msgid:08x}.message" in why
     listed = [path for path, _, _ in corrupt_listing(DaemonProcess(tmp_path))]
     assert listed == [f"corrupt/{msgid:08x}.{bad:016x}"]  # (the copy is no corrupt file of its own)
+
+
+def test_bytes_that_are_not_utf8_in_a_queue_file_are_shown_as_they_are_online_and_offline(tmp_path: Path) -> None:
+    """An envelope edited by hand with a byte that is not UTF-8 loads (the format keeps bytes); `show queue`
+    prints it as the byte it is, with the daemon down and up. Up, the control answer could not be encoded, and
+    every `show queue` failed with an internal error."""
+    import subprocess
+    import sys
+
+    messages = fill(tmp_path)
+    evpid = messages[0][0]
+    path = message_dir(tmp_path / "spool", evpid >> 32) / f"{evpid:016x}"
+    path.write_bytes(path.read_bytes().replace(b"\nrcpt: a0@", b"\nrcpt: a0\xff@"))
+
+    def show(process: DaemonProcess, *extra: str) -> bytes:
+        completed = subprocess.run([sys.executable, "-m", "smtpctl", "--socket", process.socket, "show", "queue",
+                                    *extra], capture_output=True, timeout=60, cwd=str(ROOT),
+                                   env={**os.environ, **process.env, "PYTHONPATH": str(ROOT)})
+        assert completed.returncode == 0, completed.stderr
+        return completed.stdout
+
+    assert b"|a0\xff@one.test|" in show(DaemonProcess(tmp_path))
+    process = paused_daemon(tmp_path)
+    process.start()
+    try:
+        wait_until(lambda: "envelope(s) of 4 message(s) loaded" in process.log(), explain=process.log)
+        listing = show(process)
+        assert b"|a0\xff@one.test|" in listing and len(listing.splitlines()) == 8
+        records = [json.loads(line) for line in show(process, "--json").splitlines()]
+        assert {record["rcpt"] for record in records} >= {"a0\udcff@one.test", "b0@two.test"}
+    finally:
+        process.stop()

@@ -12,7 +12,6 @@ groups; ``schedule``, ``remove``, ``discover`` are top-level commands; ``mailq_m
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -24,6 +23,7 @@ import click
 
 from shared.ids import format_msgid, parse_evpid, parse_msgid
 from shared.paths import Paths
+from shared.wire import json_text
 from smtpctl.fast import queue_notes
 from smtpctl.words import Leaf, possibilities
 from smtpd.queue.listing import (
@@ -200,7 +200,7 @@ def print_corrupt(entries: list[dict[str, Any]], as_json: bool) -> None:
     out = sys.stdout
     for entry in entries:
         if as_json:
-            out.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
+            out.write(json_text(entry) + "\n")
         else:
             out.write(f"{entry['path']}|{entry['moved']}|{vis(str(entry['reason']))}\n")
     out.flush()
@@ -273,7 +273,7 @@ def print_rows(rows: list[Row], as_json: bool) -> None:
     if as_json:
         out = sys.stdout
         for row in rows:
-            out.write(json.dumps(row_to_json(row), separators=(",", ":"), ensure_ascii=False) + "\n")
+            out.write(json_text(row_to_json(row)) + "\n")
     elif sys.stdout.isatty():
         render_table(rows)
     else:
