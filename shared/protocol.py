@@ -19,6 +19,7 @@ Consumers ignore fields they do not know. docs/control-api.md is the full schema
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -124,12 +125,29 @@ def event_message(request_id: Any, event: dict[str, Any]) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": request_id, "event": event}
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> float:
+    raise _NotFinite(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(f"{text} is out of range")
+    return value
+
+
 def decode_request(line: bytes) -> tuple[Any, CommandSpec, dict[str, Any]]:
     """Validate one request line: (id, command spec, args). Raises ProtocolError."""
     if len(line) > MAX_REQUEST_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"request longer than {MAX_REQUEST_BYTES} bytes")
     try:
-        message = json.loads(line)
+        # Strict JSON: Python's parser also takes NaN, Infinity and 1e999 (inf), which no handler expects (a NaN
+        # interval or timeout would reach the event loop's timer heap and disorder every timer of the daemon).
+        message = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as error:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"not JSON: {error}") from None
     except RecursionError:

@@ -66,6 +66,12 @@ def test_reply_carries_version_and_id(daemon: DaemonProcess) -> None:
     (b'{"v": 1, "id": 1, "cmd": "show.status", "args": [1]}\n', "bad-request"),
     (b"\xff\xfe\x00garbage\n", "bad-request"),
     (b"[" * 30000 + b"]" * 30000 + b"\n", "bad-request"),  # nested deeper than the parser recurses
+    # Not JSON, although Python's parser takes them: a NaN interval reached asyncio's timer heap and stalled the
+    # daemon's other timers (request timeouts, retries) for as long as the stream lasted.
+    (b'{"v": 1, "id": 1, "cmd": "monitor", "args": {"interval": NaN}}\n', "bad-request"),
+    (b'{"v": 1, "id": 1, "cmd": "monitor", "args": {"interval": -Infinity}}\n', "bad-request"),
+    (b'{"v": 1, "id": 1, "cmd": "trace.follow", "args": {"keywords": ["all"], "capacity": 1e999}}\n',
+     "bad-request"),
 ])
 def test_malformed_request_gets_error_and_close(daemon: DaemonProcess, line: bytes, code: str) -> None:
     with connect(daemon) as connection:

@@ -158,6 +158,14 @@ def test_monitor_rows(daemon: DaemonProcess) -> None:
     assert all(ROW.match(line) for line in lines[2:]), lines
 
 
+@pytest.mark.parametrize("interval", ["nan", "inf", "0.01"])
+def test_monitor_refuses_intervals_that_are_not_seconds(daemon: DaemonProcess, interval: str) -> None:
+    result = daemon.smtpctl("monitor", "--count", "1", "--interval", interval)
+    assert result.returncode == 255
+    assert "Invalid value for '-i' / '--interval'" in result.stderr
+    assert result.stdout == ""
+
+
 def test_monitor_counts_connections(daemon: DaemonProcess) -> None:
     monitor = spawn_smtpctl(daemon, "monitor", "--json", "--interval", "0.5")
     assert monitor.stdout is not None

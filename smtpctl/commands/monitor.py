@@ -72,6 +72,13 @@ def monitor_rows(snapshots: Iterator[dict[str, int]]) -> Iterator[dict[str, int]
         yield {column: max(0, row[column]) for column in COLUMNS}
 
 
+def _finite(value: float) -> float:
+    # FloatRange lets "nan" through (no comparison with NaN fails).
+    if value != value:
+        raise click.BadParameter("nan is not a number of seconds")
+    return value
+
+
 def format_row(row: dict[str, int]) -> str:
     return ROW_FORMAT.format(*(row[column] for column in COLUMNS))
 
@@ -80,7 +87,7 @@ def format_row(row: dict[str, int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row.")
 @click.option("-c", "--count", type=click.IntRange(1), help="Stop after this many rows (default: never).")
 @click.option("-i", "--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
-              help="Seconds between rows.")
+              callback=lambda ctx, param, value: _finite(value), help="Seconds between rows.")
 def monitor(as_json: bool, count: int | None, interval: float) -> None:
     """Show the daemon's activity every second until Ctrl-C: clients, envelopes, deliveries.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -243,7 +244,7 @@ async def monitor(daemon: Daemon, args: dict[str, Any], send: Send) -> None:
 
 
 def _bounded(value: Any, default: float, lowest: float, highest: float) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         return default
     return min(max(float(value), lowest), highest)
 
