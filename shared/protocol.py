@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from shared.wire import PROTOCOL_VERSION, encode, request  # noqa: F401 — re-exported, defined there for speed
+from shared.wire import PROTOCOL_VERSION, SURROGATE, encode, request  # noqa: F401 — re-exported, defined there for speed
 
 MAX_REQUEST_BYTES = 65536  # a longer line is an error for that connection only
 
@@ -154,6 +154,10 @@ def decode_request(line: bytes) -> tuple[Any, CommandSpec, dict[str, Any]]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "not JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a request is a JSON object")
+    if b"\\u" in line and SURROGATE.search(json.dumps(message, ensure_ascii=False)):
+        # A \uD800-style escape gives a lone surrogate: no UTF-8 text holds one, so neither a log line nor a
+        # file naming such an argument could be written.
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "not JSON: a string holds a lone surrogate")
     if message.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.VERSION, f"protocol version {PROTOCOL_VERSION} expected")
     command = message.get("cmd")

@@ -9,7 +9,7 @@ import json
 import re
 
 PROTOCOL_VERSION = 1
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_text(value: object) -> str:
@@ -17,7 +17,7 @@ def json_text(value: object) -> str:
     file, an argument) holds lone surrogates, which UTF-8 cannot encode: they are written as JSON escapes
     (`\\udcff`), which a reader decodes back to the same text, instead of failing the whole answer."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    if _SURROGATE.search(text):
+    if SURROGATE.search(text):
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 

@@ -72,6 +72,9 @@ def test_reply_carries_version_and_id(daemon: DaemonProcess) -> None:
     (b'{"v": 1, "id": 1, "cmd": "monitor", "args": {"interval": -Infinity}}\n', "bad-request"),
     (b'{"v": 1, "id": 1, "cmd": "trace.follow", "args": {"keywords": ["all"], "capacity": 1e999}}\n',
      "bad-request"),
+    # Lone surrogates are valid JSON escapes but no UTF-8 text: the reply echoing them could not be written.
+    (b'{"v": 1, "id": "\\ud800", "cmd": "show.status"}\n', "bad-request"),
+    (b'{"v": 1, "id": 1, "cmd": "explain", "args": {"rcpt": "\\udc80@example.org"}}\n', "bad-request"),
 ])
 def test_malformed_request_gets_error_and_close(daemon: DaemonProcess, line: bytes, code: str) -> None:
     with connect(daemon) as connection:

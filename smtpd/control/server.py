@@ -401,7 +401,12 @@ def _guess_id(line: bytes) -> Any:
         message = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    return message.get("id") if isinstance(message, dict) else None
+    request_id = message.get("id") if isinstance(message, dict) else None
+    try:
+        encode({"id": request_id})
+    except (TypeError, ValueError):  # e.g. a lone surrogate: the reply could not carry it
+        return None
+    return request_id
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
