@@ -2,7 +2,9 @@
 
 Checking accepts every hash a credentials table may hold: bcrypt (`$2a$`, `$2b$`, `$2y$` — htpasswd's) through the
 bcrypt package, and everything the system's crypt(3) knows (libxcrypt: `$6$` as OpenSMTPD's encrypt makes on
-Linux, `$5$`, `$1$`, `$y$` yescrypt as Debian's /etc/shadow holds, traditional DES) through the crypt_r binding.
+Linux, `$5$`, `$1$`, `$y$` yescrypt as Debian's /etc/shadow holds, traditional DES) through libxcrypt's crypt_rn,
+called with the password's bytes as OpenSMTPD does (a Latin-1 password is not UTF-8; the crypt_r binding, which
+takes only UTF-8 text, is the fallback without crypt_rn and makes the salts).
 No hashing code of our own. A check computes the hash of the candidate with the stored salt and compares the two
 strings in constant time.
 
@@ -13,7 +15,10 @@ check in a worker thread and keeps the event loop free.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hmac
+from typing import Any
 
 import bcrypt
 import crypt_r
@@ -27,6 +32,38 @@ BCRYPT_MAX_PASSWORD_BYTES = 72
 _BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$")
 # A fixed hash to spend the same time on when a user does not exist (see ``dummy_verify``).
 _DUMMY_BCRYPT = b"$2b$12$Y.Lsq2OEi5.VOEFIzVohpun.yEcpnozXqEN9rrLP611sYteqFIIpm"
+
+
+def _load_crypt_rn() -> Any:
+    """libxcrypt's reentrant crypt_rn(phrase, setting, data, size), which takes the password as bytes."""
+    name = ctypes.util.find_library("crypt")
+    try:
+        function = ctypes.CDLL(name or "libcrypt.so.1").crypt_rn
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_char_p
+    function.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+    return function
+
+
+_CRYPT_RN = _load_crypt_rn()
+_CRYPT_DATA_SIZE = 32768  # sizeof(struct crypt_data) in libxcrypt
+
+
+def system_crypt(secret: bytes, setting: str) -> str | None:
+    """crypt(3) of a password given as bytes, as OpenSMTPD's C code hashes it: any bytes, up to the first NUL.
+
+    crypt_r's binding only takes str and encodes it as strict UTF-8, so a Latin-1 password could be neither
+    hashed nor checked through it. None when the system refuses the setting.
+    """
+    if _CRYPT_RN is not None:
+        data = ctypes.create_string_buffer(_CRYPT_DATA_SIZE)
+        result = _CRYPT_RN(secret, setting.encode("utf-8", "surrogateescape"), data, _CRYPT_DATA_SIZE)
+        return result.decode("utf-8", "surrogateescape") if result else None
+    try:  # without libxcrypt's crypt_rn: the binding, for passwords that are UTF-8
+        return crypt_r.crypt(secret.split(b"\0", 1)[0].decode("utf-8"), setting)
+    except (OSError, ValueError):
+        return None
 
 
 class PasswordSchemeError(ValueError):
@@ -54,7 +91,7 @@ def hash_password(password: str | bytes, scheme: str = DEFAULT_SCHEME, rounds: i
         if rounds is not None and not 1000 <= rounds <= 999_999_999:
             raise PasswordSchemeError(f"sha512 rounds must be between 1000 and 999999999, not {rounds}")
         salt = crypt_r.mksalt(crypt_r.METHOD_SHA512, rounds=rounds)
-        result = crypt_r.crypt(secret.decode("utf-8", "surrogateescape"), salt)
+        result = system_crypt(secret, salt)
         if not result or result.startswith("*"):
             raise PasswordSchemeError("the system crypt(3) cannot make SHA-512 hashes")
         return result
@@ -72,10 +109,7 @@ def _bcrypt_matches(secret: bytes, stored: bytes) -> bool:
 
 
 def _crypt_matches(secret: bytes, stored: str) -> bool:
-    try:
-        computed = crypt_r.crypt(secret.decode("utf-8", "surrogateescape"), stored)
-    except (OSError, ValueError, UnicodeError):
-        return False
+    computed = system_crypt(secret, stored)
     # libxcrypt returns a failure token starting with "*" (never a valid hash) for a salt it does not know.
     if not computed or computed.startswith("*"):
         return False

@@ -189,3 +189,39 @@ def test_hashes_from_our_encrypt_pass_opensmtpd_check(args: tuple[str, ...]) -> 
     stored = run_encrypt(*args, stdin=b"open sesame\n").stdout.decode().strip()
     assert check("open sesame", stored)
     assert not check("open sesamE", stored)
+
+
+# -- passwords that are not UTF-8 (a Latin-1 terminal, an old credentials file) ------------------------------
+LATIN1_PASSWORD = "été".encode("latin-1")
+
+
+def test_opensmtpd_encrypt_hash_of_a_latin1_password_verifies() -> None:
+    """OpenSMTPD hashes the password's bytes as they are; so must our check (the AUTH path gives it bytes)."""
+    made = subprocess.run(["/usr/sbin/smtpctl", "encrypt"], input=LATIN1_PASSWORD + b"\n", capture_output=True,
+                          check=True).stdout.decode().strip()
+    assert made.startswith("$6$")
+    assert verify_password(LATIN1_PASSWORD, made)
+    assert verify_password(LATIN1_PASSWORD.decode("utf-8", "surrogateescape"), made)  # as the session passes it
+    assert not verify_password("été", made)  # the UTF-8 spelling is another password
+
+
+def test_encrypt_sha512_of_a_latin1_line_passes_opensmtpd_check() -> None:
+    result = run_encrypt("--scheme", "sha512", stdin=LATIN1_PASSWORD + b"\n")
+    assert result.returncode == 0, result.stderr
+    stored = result.stdout.decode().strip()
+    assert verify_password(LATIN1_PASSWORD, stored)
+    import ctypes
+
+    listing = subprocess.run(["ldd", "/usr/sbin/smtpd"], capture_output=True, text=True, check=True).stdout
+    path = next(line.split("=>")[1].split()[0] for line in listing.splitlines() if "libcrypt.so" in line)
+    library = ctypes.CDLL(path)
+    library.crypt.restype = ctypes.c_char_p
+    library.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    assert library.crypt(LATIN1_PASSWORD, stored.encode()) == stored.encode()
+
+
+def test_encrypt_sha512_stops_at_a_nul_byte_like_opensmtpd() -> None:
+    result = run_encrypt("--scheme", "sha512", stdin=b"pass\0word\n")
+    assert result.returncode == 0, result.stderr
+    stored = result.stdout.decode().strip()
+    assert verify_password("pass", stored)
