@@ -3,9 +3,12 @@ credentials decide who may do what, and the daemon stays up throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
+import pwd
+import select
 import shutil
 import socket
 import stat
@@ -191,6 +194,36 @@ def test_client_that_never_reads_replies_is_dropped(daemon: DaemonProcess) -> No
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         assert_still_serving(daemon)
+
+
+def test_unprivileged_client_that_never_reads_refusals_is_dropped(daemon: DaemonProcess) -> None:
+    """Refusals are replies too: the request timeout bounds how long one may wait for a client that does not
+    read (docs/control-api.md), or a user could hold the daemon's connection tasks open forever."""
+    account = pwd.getpwnam("nobody")
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, flood refused requests, report whether the daemon hung up
+        status = 3
+        try:
+            os.setgroups([])
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            greedy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            greedy.connect(daemon.socket)
+            greedy.settimeout(1)
+            with contextlib.suppress(OSError):
+                for _ in range(20_000):  # far more refusals than any buffer holds; the daemon stops reading
+                    greedy.sendall(b'{"v": 1, "id": 1, "cmd": "show.stats"}\n')
+            # Without reading a byte (reading would let the daemon go on): has it hung up? (the module's daemon
+            # times out after 2 s)
+            poller = select.poll()
+            poller.register(greedy, select.POLLHUP | select.POLLRDHUP)
+            status = 0 if poller.poll(20_000) else 1
+        finally:
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    assert_still_serving(daemon)
 
 
 def test_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone(daemon: DaemonProcess) -> None:

@@ -216,14 +216,19 @@ class ControlServer:
             try:
                 request_id, spec, args = decode_request(line)
             except ProtocolError as error:
-                await self._send(writer, error_reply(_guess_id(line), error.code, error.message))
+                await self._send_quietly(writer, error_reply(_guess_id(line), error.code, error.message))
                 return False
             trace.emit("imsg", f"control -> daemon: {spec.name} from uid {peer.uid}", command=spec.name,
                        uid=peer.uid, pid=peer.pid, connection=_connection_token(writer))
             refusal = self.authoriser.refusal(peer, spec)
             if refusal is not None:
                 LOG.warning("control: %s refused %s: %s", peer.describe(), spec.name, refusal)
-                await self._send(writer, error_reply(request_id, ErrorCode.FORBIDDEN, refusal))
+                try:
+                    # As for any reply: a client that sends refused requests and never reads is not kept forever.
+                    await asyncio.wait_for(self._send(writer, error_reply(request_id, ErrorCode.FORBIDDEN, refusal)),
+                                           self.request_timeout)
+                except TimeoutError:
+                    return False
                 continue
             if spec.name == "enqueue":
                 return await self._enqueue(peer, request_id, reader, writer)
