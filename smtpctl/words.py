@@ -159,9 +159,9 @@ class Leaf(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
-        except click.MissingParameter:
-            if ctx.resilient_parsing:
-                raise
+        except click.MissingParameter as missing:
+            if ctx.resilient_parsing or isinstance(missing.param, click.Option):
+                raise  # a required option (`explain --to`): Click names it; there is no word to list
             possibilities(ctx, self.placeholders or [f"<{param.name}>" for param in self.params
                                                       if isinstance(param, click.Argument)])
         except click.UsageError as error:

@@ -63,6 +63,15 @@ def test_unknown_word_lists_possibilities(daemon: DaemonProcess) -> None:
     assert result.returncode == 255 and result.stderr.startswith("possibilities are:\ndiscover\npause\n")
 
 
+@pytest.mark.parametrize("words", [["explain"], ["explain", "root"], ["explain", "--from", "a@example.org"]])
+def test_missing_required_option_is_named(daemon: DaemonProcess, words: list[str]) -> None:
+    # Not an empty `possibilities are:` listing: explain has no words to list, only its --to option.
+    result = daemon.smtpctl(*words)
+    assert (result.returncode, result.stdout) == (255, "")
+    assert "Missing option '--to'" in result.stderr
+    assert "possibilities are:" not in result.stderr
+
+
 def test_extra_word_is_invalid(daemon: DaemonProcess) -> None:
     result = daemon.smtpctl("show", "status", "extra")
     assert (result.returncode, result.stdout, result.stderr) == (255, "", "invalid command\n")
