@@ -312,3 +312,64 @@ def test_a_user_without_privileges_submits_as_themself(world) -> None:
         assert "nightly job done" in content
     finally:
         daemon.stop()
+
+
+def test_an_offline_file_written_while_the_daemon_runs_is_submitted_without_a_restart(world) -> None:
+    """A sendmail that found no daemon to talk to (here: pointed at a socket that is not there, as during a
+    start) leaves its file in offline/; the running daemon looks there again and submits it. Before, it waited
+    for the next start. A file that fails is not tried again until then."""
+    workdir, mail_root, user = world
+    daemon = make_daemon(workdir, mail_root, user)
+    daemon.env["SMTPD_OFFLINE_RESCAN_SECONDS"] = "0.5"
+    daemon.start()
+    try:
+        unreachable = {**daemon.env, "SMTPD_SOCKET": str(workdir / "no-such.sock")}
+        result = run_sendmail(unreachable, ["-f", "late", user.pw_name], "Subject: late\n\nwritten while up\n")
+        assert result.returncode == 75, result.stderr
+        refused = run_sendmail(unreachable, ["nosuchuser-zz"], "Subject: refused\n\nnobody\n")
+        assert refused.returncode == 75, refused.stderr
+        content = wait_for_mail(os.path.join(mail_root, user.pw_name))
+        assert "written while up" in content
+        offline = workdir / "spool" / "offline"
+        deadline = time.monotonic() + 10
+        while "kept for the next start" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [kept] = list(offline.iterdir())  # the refused one
+        assert "nobody" in kept.read_text()
+        time.sleep(1.5)  # three more looks at the folder
+        assert daemon.log().count("kept for the next start") == 1
+    finally:
+        daemon.stop()
+
+
+def test_a_full_control_backlog_is_waited_for_not_taken_for_a_daemon_that_is_down(tmp_path: Path) -> None:
+    """Connecting to a Unix socket whose backlog of connections not yet accepted is full fails at once (EAGAIN)
+    when the socket has a timeout: sendmail took that for no daemon and went offline (the message then waited
+    for a restart). It is a busy daemon: sendmail waits, as for the `busy` answer."""
+    import socket
+
+    from smtpctl.commands.sendmail import Busy, open_enqueue
+
+    path = str(tmp_path / "control.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)  # never accepts
+    waiting: list[socket.socket] = []
+    try:
+        for _ in range(64):  # fill the backlog (its size is the kernel's business): bounded
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                client.close()
+                break
+            waiting.append(client)
+        else:
+            raise AssertionError("the backlog never filled")
+        with pytest.raises(Busy):
+            open_enqueue(path)
+    finally:
+        for client in waiting:
+            client.close()
+        server.close()

@@ -344,6 +344,11 @@ def open_enqueue(socket_path: str) -> socket.socket:
     connection.settimeout(SMTP_TIMEOUT)
     try:
         connection.connect(socket_path)
+    except BlockingIOError:
+        # EAGAIN: the daemon is there, but its queue of connections not yet accepted is full (a burst of
+        # sendmails): wait like for a busy answer, rather than take it for a daemon that is down (offline).
+        connection.close()
+        raise Busy("the control socket's backlog is full") from None
     except OSError:
         connection.close()
         raise NotRunning() from None

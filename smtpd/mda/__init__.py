@@ -163,16 +163,21 @@ class MdaAgent:
             self.replay_task = asyncio.create_task(self._replay_offline(paths))
 
     async def _replay_offline(self, paths: Any) -> None:
-        """Once the control socket answers (the control server starts after us), submit offline messages."""
+        """Once the control socket answers (the control server starts after us), submit offline messages; then
+        look again now and then for files that came while we run (a file that failed waits for the next start)."""
+        failed: set[str] = set()
         try:
-            if await offline.wait_for_socket(paths.socket):
-                await offline.replay_offline(paths.spool, paths.socket, paths.mailname)
-            else:
+            if not await offline.wait_for_socket(paths.socket):
                 _log.warning("offline: the control socket never answered; offline messages not replayed")
+                return
+            while True:
+                try:
+                    await offline.replay_offline(paths.spool, paths.socket, paths.mailname, failed)
+                except Exception:  # noqa: BLE001 — replaying is best effort; the files stay for the next start
+                    _log.exception("offline: replay failed")
+                await asyncio.sleep(offline.RESCAN_SECONDS)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 — replaying is best effort; the files stay for the next start
-            _log.exception("offline: replay failed")
 
     async def stop(self) -> None:
         if self.replay_task is not None:

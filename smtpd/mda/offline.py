@@ -4,7 +4,8 @@ Each file holds, on its first line, sendmail's arguments joined with `|`, then t
 At start, once the control socket answers, every file is submitted again by running sendmail's code with `-S`
 (never offline again) as the file's owner — so the daemon sees the same local user submitting as the one who
 ran sendmail. A file that went through is deleted; an empty one too; one that failed stays for the next start
-(and is logged).
+(and is logged). While the daemon runs, the folder is looked at again every RESCAN_SECONDS for files that came
+since (a sendmail that could not reach the daemon: its socket not there yet during a start, say).
 
 As root the submission runs in a forked child that drops to the owner's uid before doing anything (the
 interpreter itself may not be readable by that user, so nothing is exec'd). An unprivileged daemon can only
@@ -28,6 +29,10 @@ from smtpd.mda.privilege import Identity, privileged, run_as
 OFFLINE_DIRECTORY = "offline"
 CONCURRENCY = 5
 READY_TIMEOUT = 60.0
+# Seconds between looks at offline/ while the daemon runs: a sendmail that found no daemon to talk to (its
+# socket not yet there during a start, a burst that found it unreachable) left a file that would otherwise wait
+# for the next start. OpenSMTPD looks only at start.
+RESCAN_SECONDS = float(os.environ.get("SMTPD_OFFLINE_RESCAN_SECONDS", "60"))
 ABANDONED_AFTER = 86400.0  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
 
 _log = log.get("offline")
@@ -64,24 +69,30 @@ async def wait_for_socket(socket_path: str, timeout: float = READY_TIMEOUT) -> b
     return False
 
 
-async def replay_offline(spool: str, socket_path: str, mailname_path: str | None = None) -> int:
-    """Submit every offline file again. Returns how many went through."""
+async def replay_offline(spool: str, socket_path: str, mailname_path: str | None = None,
+                         failed: set[str] | None = None) -> int:
+    """Submit every offline file again. Returns how many went through. Files named in ``failed`` are left alone
+    (they failed before: kept for the next start); the names of those that fail now are added to it."""
     directory = offline_directory(spool)
     try:
         names = sorted(os.listdir(directory))
     except OSError:
         return 0
+    _remove_abandoned(directory, [name for name in names if name.startswith(".")])
+    names = [name for name in names if not name.startswith(".") and name not in (failed or ())]
+    if not names:
+        return 0  # (the usual rescan)
     # Imported here, before any fork: a forked child must not need the import machinery.
     importlib.import_module("smtpctl.commands.sendmail")
     gate = asyncio.Semaphore(CONCURRENCY)
 
     async def one(name: str) -> bool:
         async with gate:
-            return await _replay_file(os.path.join(directory, name), socket_path, mailname_path)
+            done = await _replay_file(os.path.join(directory, name), socket_path, mailname_path)
+        if not done and failed is not None and os.path.lexists(os.path.join(directory, name)):
+            failed.add(name)
+        return done
 
-    hidden = [name for name in names if name.startswith(".")]
-    names = [name for name in names if not name.startswith(".")]
-    _remove_abandoned(directory, hidden)
     results = await asyncio.gather(*(one(name) for name in names))
     replayed = sum(results)
     if names:
