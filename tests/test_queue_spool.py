@@ -66,6 +66,13 @@ def test_null_sender_is_written_as_at_sign() -> None:
     (lambda text: text.rstrip("\n"), "truncated"),
     (lambda text: text.replace("format: pysmtpd-envelope\n", ""), "not a pysmtpd-envelope"),
     (lambda text: text + "retry: 3\n", "duplicate"),
+    # numbers are plain ASCII digits (int() takes all of these); NOTIFY and RET only what a client can give
+    (lambda text: text.replace("ctime: 1795594471", "ctime: -1795594471"), "ctime: not a number"),
+    (lambda text: text.replace("ttl: ", "ttl:  "), "ttl: not a number"),
+    (lambda text: text.replace("retry: 2", "retry: 1_0"), "retry: not a number"),
+    (lambda text: text.replace("ctime: 1795594471", "ctime: \u0665"), "ctime: not a number"),
+    (lambda text: text.replace("dsn-notify: ", "dsn-notify: 99"), "not a NOTIFY value"),
+    (lambda text: text.replace("dsn-ret: HDRS", "dsn-ret: BOGUS"), "dsn-ret: not one of"),
 ])
 def test_malformed_envelope_files_are_refused_with_the_reason(mutation, reason: str) -> None:
     text = dump_envelope(sample_envelope()).decode()

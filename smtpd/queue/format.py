@@ -51,10 +51,33 @@ def _unescape(value: str) -> str:
 
 
 def _int(text: str) -> int:
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise EnvelopeFormatError(f"not a number: {text!r}") from None
+    """A count, a time or a code: ASCII digits only (int() would also take "-5", " 5", "1_0" and "٥")."""
+    if not (text.isascii() and text.isdigit()):
+        raise EnvelopeFormatError(f"not a number: {text!r}")
+    return int(text, 10)
+
+
+def _fast_int(text: str) -> int:
+    if text.isascii() and text.isdigit():
+        return int(text)
+    raise ValueError(text)  # (the strict path then says why)
+
+
+_DSN_NOTIFY_VALUES = range(16)  # every combination of SUCCESS, FAILURE, DELAY, NEVER
+_DSN_RET_VALUES = ("", "FULL", "HDRS")
+
+
+def _dsn_notify(text: str) -> DsnNotify:
+    value = _int(text)
+    if value not in _DSN_NOTIFY_VALUES:  # (a bad number: a value no NOTIFY gives)
+        raise EnvelopeFormatError(f"not a NOTIFY value: {text!r}")
+    return DsnNotify(value)
+
+
+def _one_of(text: str, allowed: tuple[str, ...]) -> str:
+    if text not in allowed:
+        raise EnvelopeFormatError(f"not one of {', '.join(repr(word) for word in allowed)}: {text!r}")
+    return text
 
 
 def _address_out(address: str) -> str:
@@ -87,8 +110,8 @@ _FIELDS: dict[str, _Field] = {
     "ttl": ("ttl", str, _int),
     "retry": ("retry", str, _int),
     "flags": ("flags", lambda v: " ".join(sorted(v)), lambda t: shared_flags(t.split())),
-    "dsn-notify": ("dsn_notify", lambda v: str(int(v)), lambda t: DsnNotify(_int(t))),
-    "dsn-ret": ("dsn_ret", str, str),
+    "dsn-notify": ("dsn_notify", lambda v: str(int(v)), lambda t: _dsn_notify(t)),
+    "dsn-ret": ("dsn_ret", str, lambda t: _one_of(t, _DSN_RET_VALUES)),
     "dsn-envid": ("dsn_envid", str, str),
     "dsn-orcpt": ("dsn_orcpt", str, str),
     "esc-class": ("esc_class", lambda v: str(v) if v else "", _int),
@@ -148,7 +171,8 @@ _LOADERS = _loaders()
 _HEADER = f"format: {FORMAT_MARKER}\nversion: {FORMAT_VERSION}\n"
 _KNOWN_KEYS = frozenset(_FIELDS)
 _TYPES = {member.value: member for member in EnvelopeType}
-_DSN_NOTIFY = {str(value): DsnNotify(value) for value in range(16)}
+_DSN_NOTIFY = {str(value): DsnNotify(value) for value in _DSN_NOTIFY_VALUES}
+_DSN_RET = {value: value for value in _DSN_RET_VALUES}
 _HEX = functools.partial(int, base=16)
 
 
@@ -162,8 +186,10 @@ def _fast_converter(key: str) -> Callable[[str], Any]:
         return _TYPES.__getitem__
     if key == "dsn-notify":
         return _DSN_NOTIFY.__getitem__
+    if key == "dsn-ret":
+        return _DSN_RET.__getitem__
     if convert is _int:
-        return int
+        return _fast_int
     if key == "sender":
         return _sender_in
     if shared:
