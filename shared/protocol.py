@@ -158,7 +158,7 @@ def decode_request(line: bytes) -> tuple[Any, CommandSpec, dict[str, Any]]:
         # A \uD800-style escape gives a lone surrogate: no UTF-8 text holds one, so neither a log line nor a
         # file naming such an argument could be written.
         raise ProtocolError(ErrorCode.BAD_REQUEST, "not JSON: a string holds a lone surrogate")
-    if message.get("v") != PROTOCOL_VERSION:
+    if type(message.get("v")) is not int or message["v"] != PROTOCOL_VERSION:  # (true and 1.0 equal 1)
         raise ProtocolError(ErrorCode.VERSION, f"protocol version {PROTOCOL_VERSION} expected")
     command = message.get("cmd")
     if not isinstance(command, str) or command not in COMMANDS:

@@ -65,6 +65,8 @@ def test_reply_carries_version_and_id(daemon: DaemonProcess) -> None:
     (b"this is not json\n", "bad-request"),
     (b"[1, 2, 3]\n", "bad-request"),
     (b'{"v": 99, "id": 1, "cmd": "show.status"}\n', "version-mismatch"),
+    (b'{"v": true, "id": 1, "cmd": "show.status"}\n', "version-mismatch"),  # (true == 1 in Python)
+    (b'{"v": 1.0, "id": 1, "cmd": "show.status"}\n', "version-mismatch"),
     (b'{"v": 1, "id": 1, "cmd": "rm -rf /"}\n', "unknown-command"),
     (b'{"v": 1, "id": 1, "cmd": "show.status", "args": [1]}\n', "bad-request"),
     (b"\xff\xfe\x00garbage\n", "bad-request"),
