@@ -63,6 +63,24 @@ def test_unknown_word_lists_possibilities(daemon: DaemonProcess) -> None:
     assert result.returncode == 255 and result.stderr.startswith("possibilities are:\ndiscover\npause\n")
 
 
+@pytest.mark.parametrize(("words", "choices"), [
+    (["schedule", "123"], ["<msgid>", "<evpid>", "all"]),
+    (["remove", "foo"], ["<evpid>", "<msgid>", "all"]),
+    (["pause", "envelope", "foo"], ["<evpid>", "<msgid>", "all"]),
+    (["resume", "envelope", "foo"], ["<evpid>", "<msgid>", "all"]),
+    (["discover", "all"], ["<evpid>", "<msgid>"]),
+    (["show", "queue", "foo"], ["<msgid>"]),
+    (["show", "queue", "--json", "foo"], ["<msgid>"]),
+])
+def test_bad_target_lists_possibilities_as_opensmtpd(daemon: DaemonProcess, words: list[str],
+                                                     choices: list[str]) -> None:
+    """Each in the order OpenSMTPD 6.8's smtpctl lists them (checked by hand); before, Click's 'Invalid value'."""
+    result = daemon.smtpctl(*words)
+    prefix = " ".join(word for word in words[:-1] if not word.startswith("-"))
+    assert (result.returncode, result.stdout) == (255, "")
+    assert result.stderr == "possibilities are:\n" + "".join(f"{prefix} {choice}\n" for choice in choices)
+
+
 @pytest.mark.parametrize("words", [["explain"], ["explain", "root"], ["explain", "--from", "a@example.org"]])
 def test_missing_required_option_is_named(daemon: DaemonProcess, words: list[str]) -> None:
     # Not an empty `possibilities are:` listing: explain has no words to list, only its --to option.

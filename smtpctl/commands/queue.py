@@ -142,13 +142,18 @@ def _filter_args(sender: str | None, rcpt: str | None, domain: str | None, older
     return {key: value for key, value in args.items() if value is not None}
 
 
-def _check_target(value: str, allow_all: bool = True) -> str:
-    if allow_all and value == "all":
+# What each command takes, in the order OpenSMTPD's smtpctl lists the possibilities of a bad target.
+TARGETS = {"schedule": ("<msgid>", "<evpid>", "all"), "discover": ("<evpid>", "<msgid>")}
+DEFAULT_TARGETS = ("<evpid>", "<msgid>", "all")
+
+
+def _check_target(value: str, choices: tuple[str, ...] = DEFAULT_TARGETS) -> str:
+    """The target in lower case; anything else prints `possibilities are:` and exits 255, as OpenSMTPD."""
+    if "all" in choices and value == "all":
         return value
     if (len(value) == 16 and parse_evpid(value)) or (len(value) == 8 and parse_msgid(value)):
         return value.lower()
-    expected = "<evpid>|<msgid>|all" if allow_all else "<evpid>|<msgid>"
-    raise click.BadParameter(f"{value!r} is not {expected}", param_hint="target")
+    possibilities(click.get_current_context(), choices)
 
 
 # -- show queue -------------------------------------------------------------------------------------------
@@ -286,7 +291,7 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     if msgid_text is not None:
         msgid = parse_msgid(msgid_text)
         if msgid is None:
-            raise click.BadParameter(f"{msgid_text!r} is not a <msgid> (8 hex digits)", param_hint="msgid")
+            possibilities(click.get_current_context(), ["<msgid>"])
     selector = EnvelopeFilter.from_args(filters)
     args = dict(filters)
     if msgid is not None:
@@ -409,7 +414,7 @@ def _change(command: str, verb: str, target: str | None, filters: dict[str, Any]
         if not filters:
             raise click.UsageError("missing <evpid>|<msgid>|all (or a filter)")
         target = "all"
-    target = _check_target(target)
+    target = _check_target(target, TARGETS.get(command, DEFAULT_TARGETS))
     try:
         result = call_daemon(command, target=target, dry_run=dry_run, **filters)
     except DaemonDown:
@@ -450,7 +455,7 @@ resume_envelope = _change_command("envelope", "resume.envelope", "resumed", "Res
 @click.argument("target", metavar="EVPID|MSGID")
 def discover(target: str) -> None:
     """Make the daemon read a message's envelopes from the spool again."""
-    target = _check_target(target, allow_all=False)
+    target = _check_target(target, TARGETS["discover"])
     try:
         result = call_daemon("discover", target=target)
     except DaemonDown:
