@@ -25,7 +25,7 @@ from shared.ids import format_msgid, parse_evpid, parse_msgid
 from shared.paths import Paths
 from shared.wire import json_text
 from smtpctl.fast import queue_notes
-from smtpctl.words import Leaf, possibilities
+from smtpctl.words import Leaf, possibilities, words_so_far
 from smtpd.queue.listing import (
     EnvelopeFilter,
     Row,
@@ -291,7 +291,9 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     if msgid_text is not None:
         msgid = parse_msgid(msgid_text)
         if msgid is None:
-            possibilities(click.get_current_context(), ["<msgid>"])
+            if words_so_far(click.get_current_context()):  # (`smtpctl show queue X`, not mailq's argument)
+                possibilities(click.get_current_context(), ["<msgid>"])
+            raise click.BadParameter(f"{msgid_text!r} is not a <msgid> (8 hex digits)", param_hint="msgid")
     selector = EnvelopeFilter.from_args(filters)
     args = dict(filters)
     if msgid is not None:
