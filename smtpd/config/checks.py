@@ -23,7 +23,10 @@ from smtpd.config.model import Config, TableShape
 
 LIBEXEC_TABLES = "/usr/libexec/opensmtpd"
 FILE_BACKENDS = ("file", "static")
-BUILTIN_BACKENDS = (*FILE_BACKENDS, "db", "getpwnam", "proc")
+# Backends we read ourselves. "passwd" is an external program in OpenSMTPD (libexec table-passwd); we read its
+# file natively (smtpd/lookup/tables/passwd_file.py), so it exists whether or not that program is installed.
+NATIVE_BACKENDS = (*FILE_BACKENDS, "db", "getpwnam", "passwd")
+BUILTIN_BACKENDS = (*NATIVE_BACKENDS, "proc")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class TableProbe:
 
 
 def backend_exists(backend: str) -> bool:
-    """OpenSMTPD knows static/file, db, getpwnam and proc, and runs any other as libexec table-BACKEND."""
+    """OpenSMTPD knows static/file, db, getpwnam and proc, and runs any other as libexec table-BACKEND (we read
+    `passwd` ourselves)."""
     if backend in BUILTIN_BACKENDS:
         return True
     if not backend or "/" in backend:
@@ -53,6 +57,26 @@ def probe_table_source(backend: str, source: str | None) -> TableProbe:
         return TableProbe(source is not None and _is_readable_file(source), TableShape.ANY)
     if backend == "getpwnam":
         return TableProbe(source is None, TableShape.ANY)
+    if backend == "passwd":
+        return probe_passwd_file(source)
+    return TableProbe(True, TableShape.ANY)
+
+
+def probe_passwd_file(source: str | None) -> TableProbe:
+    """A passwd table is parsed at its `table` statement, so that a broken file is reported there (FILE:LINE).
+
+    OpenSMTPD 6.8 -n does not run table-passwd and so says `configuration OK` for a missing or malformed file,
+    which only the daemon's start then reads; we say it at -n. The shape stays ANY either way (every use passes the parser, as in
+    6.8; validate.py warns about uses the backend cannot answer)."""
+    from smtpd.lookup.tables.base import TableLoadError
+    from smtpd.lookup.tables.passwd_file import load_passwd_file
+
+    if source is None:
+        return TableProbe(False, TableShape.ANY, ("passwd: a file is needed (table NAME passwd:/path/to/file)",))
+    try:
+        load_passwd_file(source)
+    except TableLoadError as error:
+        return TableProbe(False, TableShape.ANY, tuple(error.lines))
     return TableProbe(True, TableShape.ANY)
 
 

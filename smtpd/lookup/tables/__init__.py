@@ -1,6 +1,6 @@
 """The table registry: every table of one configuration, asked by name.
 
-``Tables(config)`` opens every declared table (file, inline, db, getpwnam) and the built-ins. Callers ask::
+``Tables(config)`` opens every declared table (file, inline, db, getpwnam, passwd) and the built-ins. Callers ask::
 
     tables.lookup("aliases", Service.ALIAS, "root")      -> "bob, alice" | None
     tables.match("localnames", Service.DOMAIN, "example.org") -> True | False
@@ -31,6 +31,7 @@ from smtpd.lookup.tables.base import (
 from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addresses
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.passwd import GetpwnamTable, system_users_are_local
+from smtpd.lookup.tables.passwd_file import PasswdFileTable
 from smtpd.lookup.tables.static import FileTable, InlineTable
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
         return DbTable(decl.name, decl.source, delimiter)
     if decl.backend == "getpwnam":
         return GetpwnamTable(decl.name)
+    if decl.backend == "passwd":
+        if not decl.source:
+            raise TableLoadError(f"table {decl.name}: the passwd backend needs a file path")
+        return PasswdFileTable(decl.name, decl.source)
     raise TableLoadError(f'table_create: backend "{decl.backend}" is not supported')
 
 
@@ -135,10 +140,10 @@ class Tables:
 
     def lookups_may_block(self) -> bool:
         """Whether some declared table reads a file, a database or the system on lookup (db, getpwnam, external
-        ones). Static tables answer from memory; of the built-ins only <getpwnam> reads the system, and only
-        local actions use it (as their default user base)."""
-        return any(backend.backend_name != "static" for name, backend in self._tables.items()
-                   if name not in self._builtin)
+        ones). Static and passwd tables answer from memory; of the built-ins only <getpwnam> reads the system,
+        and only local actions use it (as their default user base)."""
+        return any(backend.backend_name != "static" and not getattr(backend, "in_memory", False)
+                   for name, backend in self._tables.items() if name not in self._builtin)
 
     def expansion_is_immediate(self) -> bool:
         """Whether expanding any recipient takes no waiting: every table answers from memory, and either every

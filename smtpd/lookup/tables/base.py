@@ -47,7 +47,8 @@ class TableLoadError(TableError):
 
 class TableBackend(Protocol):
     name: str
-    # How traces name the backend (OpenSMTPD's names): "static" (file and inline tables), "db", "getpwnam".
+    # How traces name the backend: "static" (file and inline tables), "db", "getpwnam" (OpenSMTPD's names), and
+    # "passwd" (OpenSMTPD runs it as an external program and says "proc").
     backend_name: str
     # list, mapping, or any (db, getpwnam: they answer both kinds of question).
     shape: TableShape

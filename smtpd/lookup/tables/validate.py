@@ -19,6 +19,7 @@ from smtpd.lookup.tables import Tables, values
 from smtpd.lookup.tables.base import TableError
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.matching import regex_error
+from smtpd.lookup.tables.passwd_file import PasswdFileTable
 from smtpd.lookup.tables.static import FileTable, _StaticTable
 
 # A value that looks like a hash one of the schemes we verify: bcrypt, crypt(3) `$id$`, or traditional DES.
@@ -109,6 +110,64 @@ def _uses(config: Config) -> Iterator[tuple[str, str, Checker]]:
                 yield condition.table, "regex", _check_regex
 
 
+def _all_uses(config: Config) -> Iterator[tuple[str, str]]:
+    """(table name, use) for every table use of the configuration (the use named as in error messages)."""
+    for listener in config.listeners:
+        for table, use in ((listener.auth_table, "auth"), (listener.hostnames_table, "hostnames"),
+                           (listener.senders_table, "senders")):
+            if table:
+                yield table, use
+    for action in config.actions.values():
+        for table, use in ((action.alias_table, "alias"), (action.virtual_table, "virtual"),
+                           (action.userbase_table, "userbase")):
+            if table:
+                yield table, use
+        relay = action.relay
+        if relay is not None:
+            for table, use in ((relay.host_table, "relay host"), (relay.domain_table, "relay domain"),
+                               (relay.auth_table, "relay auth"), (relay.helo_src_table, "helo-src"),
+                               (relay.src_table, "src")):
+                if table:
+                    yield table, use
+    for rule in config.rules:
+        for condition in rule.conditions:
+            if condition.table:
+                what = f"{condition.family} {condition.variant}".strip()
+                yield condition.table, f"match {what}{' regex' if condition.regex else ''}"
+
+
+# Locked accounts, by passwd(5) convention: no warning for them, they are meant not to log in.
+_LOCKED = ("*", "!")
+
+
+def _check_passwd_table(decl: TableDecl | None, backend: PasswdFileTable, uses: list[str]) -> list[Diagnostic]:
+    """A passwd table answers `auth` (credentials) and `userbase` (userinfo) only; check its entries for those
+    uses, and warn once per other use (every lookup there is a temporary failure, as with table-passwd)."""
+    diagnostics: list[Diagnostic] = []
+    location = decl.location if decl is not None else None
+    for use in uses:
+        if use not in ("auth", "userbase"):
+            text = (f'table "{backend.name}" (passwd) answers only auth and userbase lookups; every lookup of its '
+                    f"use as {use} fails (a temporary failure)")
+            diagnostics.append(Diagnostic(text, location, Severity.WARNING if location else Severity.NOTE))
+    for entry in backend.entries():
+        problems: list[str] = []
+        if "auth" in uses and entry.password and not entry.password.startswith(_LOCKED):
+            if entry.password.startswith("{"):
+                problems.append(f"credentials for {entry.name}: the scheme {entry.password.partition('}')[0]}}} "
+                                "is not supported (use a crypt hash, as `smtpctl encrypt` makes)")
+            elif not _HASH_SHAPE.match(entry.password):
+                problems.append(f"credentials for {entry.name}: the password field is not a password hash "
+                                "(make one with `smtpctl encrypt`)")
+        if "userbase" in uses:
+            problem = entry.userinfo_problem()
+            if problem is not None:
+                problems.append(f"userinfo for {entry.name}: {problem} (needed by userbase)")
+        diagnostics.extend(Diagnostic(text, Location(backend.path, entry.line), Severity.WARNING)
+                           for text in problems)
+    return diagnostics
+
+
 def _entries(backend: object) -> Iterator[tuple[str, str]]:
     if isinstance(backend, _StaticTable):
         for key, value in backend.entries():
@@ -159,9 +218,18 @@ def check_table_uses(tables: Tables) -> list[Diagnostic]:
     if config is None:
         return []
     diagnostics: list[Diagnostic] = []
+    passwd_uses: dict[str, list[str]] = {}
+    for name, use in _all_uses(config):
+        if name in tables and name not in tables.load_errors and isinstance(tables.backend(name), PasswdFileTable):
+            if use not in passwd_uses.setdefault(name, []):
+                passwd_uses[name].append(use)
+    for name, uses in passwd_uses.items():
+        backend = tables.backend(name)
+        assert isinstance(backend, PasswdFileTable)
+        diagnostics.extend(_check_passwd_table(config.tables.get(name), backend, uses))
     seen: set[tuple[str, str]] = set()
     for name, use, checker in _uses(config):
-        if (name, use) in seen or name not in tables or name in tables.load_errors:
+        if (name, use) in seen or name not in tables or name in tables.load_errors or name in passwd_uses:
             continue
         seen.add((name, use))
         backend = tables.backend(name)
@@ -183,11 +251,12 @@ def validate_config(config: Config) -> list[Diagnostic]:
         diagnostics: list[Diagnostic] = []
         for name, lines in tables.load_errors.items():
             decl = config.tables.get(name)
-            if decl is not None and decl.backend in ("file", "static"):
+            if decl is not None and decl.backend in ("file", "static", "passwd"):
                 continue  # the parser reported it at the table statement
             diagnostics.extend(Diagnostic(line, None, Severity.NOTE) for line in lines)
             source = decl.source if decl is not None else None
-            diagnostics.append(Diagnostic(f"invalid configuration file {source} for table {name}",
+            shown = "(null)" if source is None else source  # C's printf of a missing path, never Python's None
+            diagnostics.append(Diagnostic(f"invalid configuration file {shown} for table {name}",
                                           decl.location if decl is not None else None))
         diagnostics.extend(tables.validate())
         return diagnostics
