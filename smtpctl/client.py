@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 
 from shared import wire as protocol
@@ -41,13 +42,23 @@ class Client:
     # -- connection -----------------------------------------------------------------------------------
     def connect(self) -> socket.socket:
         if self._socket is None:
-            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            connection.settimeout(self.timeout)
-            try:
-                connection.connect(self.socket_path)
-            except OSError:
-                connection.close()
-                raise DaemonNotRunning() from None
+            deadline = time.monotonic() + (self.timeout or 0)
+            while True:
+                connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                connection.settimeout(self.timeout)
+                try:
+                    connection.connect(self.socket_path)
+                    break
+                except BlockingIOError:
+                    # EAGAIN: the daemon's backlog of connections not yet accepted is full. It is busy, not
+                    # down: try again until the timeout (or a busy daemon reads as "not running").
+                    connection.close()
+                    if time.monotonic() >= deadline:
+                        raise DaemonNotRunning() from None
+                    time.sleep(0.02)
+                except OSError:
+                    connection.close()
+                    raise DaemonNotRunning() from None
             self._socket = connection
         return self._socket
 
