@@ -124,3 +124,34 @@ def test_update_table_rereads_the_file(daemon: DaemonProcess) -> None:
     after = daemon.smtpctl("explain", "--to", "newcomer")
     assert after.returncode == 0
     assert "username: bob [depth=2, from alias <aliases> key newcomer" in after.stdout
+
+
+def test_table_failure_is_explained_as_a_451(tmp_path: Path) -> None:
+    """A table that fails while the rules are tried makes the daemon answer `451 Temporary failure`: explain
+    must say so, not "no rule matched ... 550" (no rule was chosen, but nothing was refused either)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers_control import running_daemon
+
+    source = tmp_path / "domains"
+    source.write_text("example.org\n")
+    code = "import sys; from smtpctl.cli import main; main(sys.argv[1:], prog='makemap')"
+    subprocess.run([sys.executable, "-c", code, "-t", "set", str(source)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    database = tmp_path / "domains.db"
+    text = (f"table domains db:{database}\n"
+            'action "out" relay\n'
+            'match from any for domain <domains> action "out"\n')
+    with running_daemon(text) as daemon:
+        assert daemon.smtpctl("explain", "--src", "192.0.2.9", "--to", "x@example.org").returncode == 0
+        garbage = tmp_path / "garbage"
+        garbage.write_bytes(b"this is not a table database\n" * 64)
+        os.replace(garbage, database)
+        result = daemon.smtpctl("explain", "--src", "192.0.2.9", "--to", "x@example.org")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[-2].startswith("  rule #1: table error: ")
+    assert lines[-1] == "a table lookup failed: the recipient is deferred (451 Temporary failure)"
+    assert "550" not in result.stdout

@@ -62,14 +62,15 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
     lines.append("rules:")
     lines.extend(f"  {reason}" for reason in result.get("rules") or [])
     matched = result.get("matched")
+    if result.get("tempfail"):
+        # A table failed while the rules were tried: no rule was chosen, and the daemon answers 451, not 550.
+        lines.append("a table lookup failed: the recipient is deferred (451 Temporary failure)")
+        return lines
     if matched is None:
         lines.append("no rule matched: the recipient is refused (550 Invalid recipient)")
         return lines
     where = f" ({matched['location']})" if matched.get("location") else ""
     lines.append(f"matched rule #{matched['number']}{where}: {matched['text']}")
-    if result.get("tempfail"):
-        lines.append("a table lookup failed: the recipient is deferred (451)")
-        return lines
     if result.get("rejected"):
         lines.append("the rule rejects: the recipient is refused")
         return lines
