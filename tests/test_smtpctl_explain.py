@@ -126,6 +126,43 @@ def test_update_table_rereads_the_file(daemon: DaemonProcess) -> None:
     assert "username: bob [depth=2, from alias <aliases> key newcomer" in after.stdout
 
 
+def test_local_submission_is_explained_as_sendmail_makes_it() -> None:
+    """Without --src, explain answers for a local submission: the one sendmail makes, on the socket listener
+    (its tag), named after this host (`from rdns` holds) and authenticated as the submitting user. Each rule
+    below holds for such a submission only through one of these; sendmail's own submission is the referee."""
+    import getpass
+    import os
+    import subprocess
+    import sys
+
+    from helpers_control import ROOT
+
+    me = getpass.getuser()
+    text = ("listen on socket tag submitted\n"
+            'action "out" relay\n'
+            'match tag submitted for domain "tag.example" action "out"\n'
+            'match from rdns for domain "rdns.example" action "out"\n'
+            f'match from any auth {{ {me} }} for domain "auth.example" action "out"\n'
+            'match from local ! auth for domain "anonymous.example" action "out"\n')
+    workdir = make_workdir()
+    try:
+        with DaemonProcess(workdir, text, paused=("mta",)) as daemon:
+            for domain, accepted in (("tag.example", True), ("rdns.example", True), ("auth.example", True),
+                                     ("anonymous.example", False)):
+                code = "import sys; from smtpctl.cli import main; main(sys.argv[1:], prog='sendmail')"
+                sendmail = subprocess.run([sys.executable, "-c", code, f"x@{domain}"], input="Subject: t\n\nhi\n",
+                                          capture_output=True, text=True, timeout=60, cwd="/",
+                                          env={**os.environ, **daemon.env, "PYTHONPATH": str(ROOT)})
+                explained = daemon.smtpctl("explain", "--to", f"x@{domain}")
+                assert (sendmail.returncode == 0) is accepted, (domain, sendmail.stderr)
+                assert (explained.returncode == 0) is accepted, (domain, explained.stdout)
+            session = explained.stdout.splitlines()[1]
+            assert session == (f"session: local submission (rdns mx.control.test, helo localhost, auth {me}, "
+                               "tag submitted)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_table_failure_is_explained_as_a_451(tmp_path: Path) -> None:
     """A table that fails while the rules are tried makes the daemon answer `451 Temporary failure`: explain
     must say so, not "no rule matched ... 550" (no rule was chosen, but nothing was refused either)."""

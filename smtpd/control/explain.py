@@ -106,9 +106,18 @@ def _facts(daemon: Daemon, args: dict[str, Any], listener: Listener | None) -> S
             raise ControlFailure(f"invalid source address {source!r}") from None
     local = source == "local" or bool(listener and listener.is_socket)
     auth_user = args.get("auth_user") or None
+    rdns = args.get("rdns") or None
+    if local:
+        # A local submission is what sendmail makes: it arrives on the socket listener (its tag), names itself
+        # after this host (rdns = the mailname) and is authenticated as the submitting user, here the caller.
+        if listener is None:
+            listener = next((item for item in daemon.config.listeners if item.is_socket), None)
+        rdns = rdns or daemon.mailname
+        peer = args.get("_peer")
+        auth_user = auth_user or (peer.user if peer is not None else None)
     return SessionFacts(
         address="local" if local and source == "local" else source,
-        rdns=args.get("rdns") or None,
+        rdns=rdns,
         helo=str(args.get("helo") or ("localhost" if local else "")),
         auth_user=str(auth_user) if auth_user else None,
         tls=bool(args.get("tls")),
