@@ -37,6 +37,7 @@ listen on 127.0.0.1 port {port5} proxy-v2
 listen on 127.0.0.1 port {port6} mask-src
 listen on 127.0.0.1 port {port7} tls pki mx.test.example auth-optional
 listen on 127.0.0.1 port {port8} smtps proxy-v2 pki mx.test.example
+listen on 127.0.0.1 port {port9} tls pki mx.test.example ca clientca
 action "local" mbox
 action "relay" relay
 match from any for domain "example.org" action "local"
@@ -350,6 +351,25 @@ def test_verify_requires_a_client_certificate(daemon: SmtpDaemon) -> None:
         client.rcpt("root@example.org")
         msgid = send_data(client, b"Subject: verified\r\n\r\nx\r\n")
     assert re.search(r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:YES\)", daemon.message(msgid).decode())
+
+
+def test_ca_without_verify_turns_no_client_certificate_away(daemon: SmtpDaemon) -> None:
+    """`ca` without `verify`: a client presenting a certificate that is not from that CA (here a self-signed one,
+    as Exim or Postfix with a certificate file present) still delivers; OpenSMTPD accepts any certificate
+    unless `verify` is set. Before, the handshake was aborted and the session dropped."""
+    port = daemon.ports["port9"]
+    for certificate in ("other.test", None):
+        context = insecure_context()
+        if certificate:
+            context.load_cert_chain(str(daemon.dir / f"{certificate}.crt"), str(daemon.dir / f"{certificate}.key"))
+        with smtplib.SMTP("127.0.0.1", port) as client:
+            client.ehlo("c.test")
+            client.starttls(context=context)
+            client.ehlo("c.test")
+            client.mail("a@b.test")
+            client.rcpt("root@example.org")
+            msgid = send_data(client, b"Subject: unverified\r\n\r\nx\r\n")
+        assert re.search(r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:NO\)", daemon.message(msgid).decode())
 
 
 # -- listener options ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ named after its hostname (or the mailname), else the `*` one, else the only one 
 client's SNI name picks among every declared pki (exact name, then `*`); without SNI, or for an unknown name,
 the listener's own pki is used. `ca` names the CA file
 that client certificates are checked against; `verify` makes a valid client certificate mandatory (the
-handshake fails and the session is dropped otherwise).
+handshake fails and the session is dropped otherwise). Without `verify` no client certificate is asked for.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def _context_for(config: Config, listener: Listener, pki_name: str) -> ssl.SSLCo
             raise TlsSetupError(f"ca {listener.ca}: cannot load {ca.cert}: {error}") from None
     elif listener.verify:
         context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
-    if listener.verify:
-        context.verify_mode = ssl.CERT_REQUIRED
-    elif listener.ca is not None:
-        context.verify_mode = ssl.CERT_OPTIONAL
+    # Only `verify` asks for a client certificate. OpenSMTPD asks on every TLS listener and accepts any
+    # certificate unless `verify` is set; OpenSSL under Python cannot accept one that fails verification (the
+    # handshake is aborted), so asking without `verify` would refuse the mail of every client whose
+    # certificate is not from the `ca` (self-signed ones: Exim, Postfix with a cert file) for nothing.
+    context.verify_mode = ssl.CERT_REQUIRED if listener.verify else ssl.CERT_NONE
     return context
 
 
