@@ -72,17 +72,29 @@ class _Session:
 
 async def deliver_lmtp(destination: str, helo: str, sender: str, recipients: list[str], prefix: bytes,
                        message: BinaryIO, timeout: float = LMTP_TIMEOUT) -> list[LmtpReply]:
-    """Deliver one message to recipients; one reply per recipient, in order. Raises LmtpError."""
+    """Deliver one message to recipients; one reply per recipient, in order. Raises LmtpError.
+
+    Once the message has been sent, each recipient's reply is final as it arrives: when the session fails after
+    some of them (the server closes, a timeout), those keep their replies (a recipient the server said 250 for
+    has its copy: retrying it would deliver it twice) and only the recipients still waiting get the failure,
+    as temporary replies."""
+    after_data: list[LmtpReply | None] = []  # filled by _transaction once DATA's replies are being read
     try:
-        return await asyncio.wait_for(_deliver(destination, helo, sender, recipients, prefix, message), timeout)
+        return await asyncio.wait_for(_deliver(destination, helo, sender, recipients, prefix, message, after_data),
+                                      timeout)
     except TimeoutError:
-        raise LmtpError("Connection timeout") from None
+        failure = LmtpError("Connection timeout")
     except OSError as error:
-        raise LmtpError(f"Connection failed: {error.strerror or error}") from None
+        failure = LmtpError(f"Connection failed: {error.strerror or error}")
+    except LmtpError as error:
+        failure = error
+    if not after_data or all(reply is None for reply in after_data):
+        raise failure
+    return [reply if reply is not None else LmtpReply(421, str(failure)) for reply in after_data]
 
 
 async def _deliver(destination: str, helo: str, sender: str, recipients: list[str], prefix: bytes,
-                   message: BinaryIO) -> list[LmtpReply]:
+                   message: BinaryIO, after_data: list[LmtpReply | None]) -> list[LmtpReply]:
     target = parse_destination(destination)
     if isinstance(target, str):
         reader, writer = await asyncio.open_unix_connection(target)
@@ -90,7 +102,7 @@ async def _deliver(destination: str, helo: str, sender: str, recipients: list[st
         reader, writer = await asyncio.open_connection(target[0], target[1])
     session = _Session(reader, writer)
     try:
-        return await _transaction(session, helo, sender, recipients, prefix, message)
+        return await _transaction(session, helo, sender, recipients, prefix, message, after_data)
     finally:
         writer.close()
         try:
@@ -100,7 +112,7 @@ async def _deliver(destination: str, helo: str, sender: str, recipients: list[st
 
 
 async def _transaction(session: _Session, helo: str, sender: str, recipients: list[str], prefix: bytes,
-                       message: BinaryIO) -> list[LmtpReply]:
+                       message: BinaryIO, after_data: list[LmtpReply | None]) -> list[LmtpReply]:
     greeting = await session.reply()
     if greeting.code != 220:
         raise LmtpError(f"LMTP server error: {greeting.text}")
@@ -125,11 +137,14 @@ async def _transaction(session: _Session, helo: str, sender: str, recipients: li
             return [reply or data_reply for reply in replies]
         raise LmtpError(f"LMTP server error: {data_reply.text}")
     await _send_body(session, prefix, message)
-    final: list[LmtpReply] = []
-    for reply in replies:
-        final.append(reply if reply is not None else await session.reply())
+    # From here each reply is final for its recipient: kept in after_data as it comes (refusals at RCPT too),
+    # so that a session cut short keeps the replies already received (see deliver_lmtp).
+    after_data[:] = [reply for reply in replies]
+    for index, reply in enumerate(replies):
+        if reply is None:
+            after_data[index] = await session.reply()
     await _quit(session)
-    return final
+    return [reply for reply in after_data if reply is not None]
 
 
 async def _send_body(session: _Session, prefix: bytes, message: BinaryIO) -> None:
