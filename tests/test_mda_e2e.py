@@ -87,3 +87,25 @@ def test_smtp_to_mbox_maildir_aliases_and_forward(world) -> None:
         assert "mda delivery evpid=" in log and "result=Ok stat=Delivered" in log
     finally:
         daemon.stop()
+
+
+def test_relative_maildir_path_is_under_the_home(world) -> None:
+    """`maildir "Mail/%{rcpt.user}"`: OpenSMTPD's mail.maildir runs in the home, so the folder is ~/Mail/<user>;
+    such a config is valid for both, and its mail must not bounce."""
+    top, mail_root, alice, _ = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "md" maildir "Mail/%{rcpt.user}"\n'
+              'match from any for domain "maildir.test" action "md"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.sendmail("sender@client.test", [f"{alice.pw_name}@maildir.test"],
+                                   b"Subject: relative\r\n\r\nbody\r\n") == {}
+        new = Path(alice.pw_dir) / "Mail" / alice.pw_name / "new"
+        [name] = wait_for(lambda: os.listdir(new) if new.exists() and os.listdir(new) else None)
+        assert "Subject: relative" in (new / name).read_text()
+        assert os.stat(new / name).st_uid == alice.pw_uid
+    finally:
+        daemon.stop()

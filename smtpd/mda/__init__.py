@@ -373,7 +373,10 @@ class MdaAgent:
     async def _run_maildir(self, job: _Job, message: BinaryIO) -> DeliveryResult:
         directory = self._expand(job.action.maildir_path or "~/Maildir", job)
         if not directory.startswith("/"):
-            return DeliveryResult.permfail(f"maildir path is not absolute: {directory}")
+            # OpenSMTPD's mail.maildir runs in the user's home: a relative path is a folder under the home
+            # (`maildir "Mail"` is ~/Mail), or under / for a user whose home is not an absolute path.
+            home = job.directory if job.directory.startswith("/") else "/"
+            directory = os.path.join(home, directory)
         extension, junk, prefix = job.envelope.mda_subaddress, job.action.junk, job.prefix
         if privileged():
             return _child_result(await self._run_in_child(
