@@ -89,6 +89,32 @@ def test_smtp_to_mbox_maildir_aliases_and_forward(world) -> None:
         daemon.stop()
 
 
+def test_percent_brace_in_a_raw_value_or_after_double_percent_is_literal(world) -> None:
+    """`%%{` is a literal `%{`, and a sender whose local part holds `%{` (both are atext) is passed as it is by
+    `%{sender:raw}`: neither is an unterminated specifier, and the message is delivered, not bounced."""
+    top, mail_root, alice, _ = world
+    out = top / "argv"
+    script = top / "argv.sh"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {out}\ncat > /dev/null\n')
+    script.chmod(0o755)
+    os.chmod(top, 0o777)  # the script writes its file as alice
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              f'action "cmd" mda "{script} %{{sender:raw}} 100%%{{literal}}"\n'
+              'match from any for domain "cmd.test" action "cmd"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.docmd("MAIL FROM:<a%{x@client.test>")[0] == 250
+            assert client.docmd(f"RCPT TO:<{alice.pw_name}@cmd.test>")[0] == 250
+            assert client.data(b"Subject: percent\r\n\r\nbody\r\n")[0] == 250
+        argv = wait_for(lambda: out.exists() and out.read_text())
+        assert argv.splitlines() == ["a%{x@client.test", "100%{literal}"]
+    finally:
+        daemon.stop()
+
+
 def test_relative_maildir_path_is_under_the_home(world) -> None:
     """`maildir "Mail/%{rcpt.user}"`: OpenSMTPD's mail.maildir runs in the home, so the folder is ~/Mail/<user>;
     such a config is valid for both, and its mail must not bounce."""

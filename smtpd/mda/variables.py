@@ -66,10 +66,11 @@ def expand(template: str, context: VariableContext) -> str:
             return "%"
         return _expand_specifier(match.group(1), context)
 
-    result = _SPECIFIER_RE.sub(replace, template)
-    if "%{" in result.replace("%%", ""):
+    # Only the template can hold an unterminated specifier: `%%{` is a literal `%{`, and a value (a sender's
+    # `a%{b@example.org` under `raw`) may hold one too; neither is a specifier.
+    if "%{" in _SPECIFIER_RE.sub("", template):
         raise VariableError(f"unterminated format specifier in {template!r}")
-    return result
+    return _SPECIFIER_RE.sub(replace, template)
 
 
 def _expand_specifier(inner: str, context: VariableContext) -> str:
