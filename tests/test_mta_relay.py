@@ -196,6 +196,24 @@ def test_malformed_or_oversized_reply_fails_that_envelope_only(tmp_path: os.Path
     assert good.received[0].rcpt_tos == ["b@remote.test"]
 
 
+@pytest.mark.parametrize(("overrides", "text"), [
+    # a banner of two "220 " lines: read one step late, the RCPT's 250 answered DATA and the message counted as
+    # delivered although it was never sent
+    ({"GREETING": b"220 raw.test first banner line\r\n220 raw.test second banner line\r\n"}, "out of step"),
+    ({"DATA": b"354 go ahead\r\n250 2.0.0 queued before the end\r\n"}, "out of step"),  # an answer too early
+    ({"DATA": b"250 2.0.0 no message wanted\r\n"}, "DATA answered with '250 2.0.0 no message wanted'"),
+    ({"EOM": b"354 more please\r\n"}, "354 more please"),  # no final answer: not delivered
+    ({"MAIL": b"354 what\r\n"}, "354 what"),
+])
+def test_a_server_out_of_step_gets_no_message_counted_as_delivered(tmp_path: os.PathLike[str],
+                                                                   overrides: dict[str, bytes], text: str) -> None:
+    with RawRemote(standard_script(overrides)) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")],
+                            write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL, results[0].text
+    assert text in results[0].text
+
+
 def test_connection_closed_in_the_middle_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
     with RawRemote(standard_script({"DATA": b"451" + CLOSE})) as cut, \
             RawRemote(standard_script({"MAIL": CLOSE})) as gone:

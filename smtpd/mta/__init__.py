@@ -355,7 +355,7 @@ class MtaAgent:
                 pooled.timer.cancel()
             pooled.route.idle -= 1
             client = pooled.session.client
-            if not client.closed:
+            if not client.closed and not client.has_unread():  # unread: the server spoke out of turn, or closes
                 try:
                     reply = await client.rset()  # is it still there?
                     if reply.is_ok:

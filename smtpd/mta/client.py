@@ -61,7 +61,9 @@ class Reply:
 
     @property
     def is_ok(self) -> bool:
-        return 200 <= self.code < 400
+        """A positive completion (2xx). 3xx are intermediate replies that only DATA (354) and AUTH (334) expect,
+        and those are checked by their code."""
+        return 200 <= self.code < 300
 
     @property
     def is_temporary(self) -> bool:
@@ -198,12 +200,29 @@ class SmtpClient:
         return raw.rstrip(b"\r\n")
 
     # -- commands -----------------------------------------------------------------------------------------
-    async def command(self, line: str, *, secret: bool = False) -> Reply:
+    async def command(self, line: str, *, secret: bool = False, in_step: bool = True) -> Reply:
         if "\r" in line or "\n" in line:
             raise ClientError("refusing to send a command containing a line break")
         self._trace(">>> " + (_hidden(line) if secret else line))
         await self._write(line.encode("utf-8") + b"\r\n")
-        return await self.read_reply()
+        return await self._only_reply() if in_step else await self.read_reply()
+
+    async def _only_reply(self) -> Reply:
+        """One reply, and nothing after it: we never pipeline, so a line the server sent beyond its reply (a
+        banner of several "220 " lines, an answer before the end of the message) would be read as the answer to
+        our next command, and every answer after it would be one step late (a DATA answered by the RCPT's 250:
+        the message "delivered" without being sent)."""
+        reply = await self.read_reply()
+        self.check_in_step()
+        return reply
+
+    def has_unread(self) -> bool:
+        """Whether the server sent something we have not read (a session out of step, or closing)."""
+        return bool(self.reader._buffer)  # type: ignore[attr-defined]
+
+    def check_in_step(self) -> None:
+        if self.has_unread():
+            raise BadReply("Bad response from remote host: it sent more than one reply (session out of step)")
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -215,7 +234,7 @@ class SmtpClient:
             raise ClientError(f"Connection error: {error}") from None
 
     async def greeting(self) -> Reply:
-        return await self.read_reply()
+        return await self._only_reply()
 
     async def hello(self, name: str) -> Reply:
         """EHLO (LHLO for LMTP), falling back to HELO when EHLO is refused with 5xx (SMTP only)."""
@@ -231,7 +250,7 @@ class SmtpClient:
         return reply
 
     async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> Reply:
-        reply = await self.command("STARTTLS")
+        reply = await self.command("STARTTLS", in_step=False)
         if reply.code != 220:
             return reply
         # Anything the server sent after its 220 and before the handshake is discarded (STARTTLS injection).
@@ -273,8 +292,12 @@ class SmtpClient:
 
         Returns [the refusal] when the server does not answer 354."""
         reply = await self.command("DATA")
-        if reply.code != 354:
+        if reply.code >= 400:
             return [reply]
+        if reply.code != 354:
+            # Only 354 lets the message go: a 2xx here is no delivery (nothing was sent), and a session where
+            # DATA gets some other answer is out of step.
+            raise BadReply(f"Bad response from remote host: DATA answered with {_clean(reply.lines[-1][:80])!r}")
         buffer = bytearray()
         async for chunk in message_lines:
             buffer += chunk
@@ -285,7 +308,9 @@ class SmtpClient:
         await self._write(bytes(buffer))
         self._trace(">>> [message] .")
         count = recipients if self.lmtp else 1
-        return [await self.read_reply() for _ in range(count)]
+        replies = [await self.read_reply() for _ in range(count)]
+        self.check_in_step()
+        return replies
 
     async def rset(self) -> Reply:
         return await self.command("RSET")

@@ -66,12 +66,13 @@ def esc_code(reply_text: str) -> int:
 
 
 def result_for_reply(reply: Reply) -> DeliveryResult:
+    """2xx: delivered; 5xx: refused for good; anything else (4xx, or a 3xx where a final reply was due): retry."""
     code = esc_code(reply.text)
     if reply.code >= 500:
         return DeliveryResult.permfail(reply.text, code)
-    if reply.code >= 400:
-        return DeliveryResult.tempfail(reply.text, code)
-    return DeliveryResult.ok(reply.text)
+    if reply.is_ok:
+        return DeliveryResult.ok(reply.text)
+    return DeliveryResult.tempfail(reply.text, code)
 
 
 # -- opening ------------------------------------------------------------------------------------------------
