@@ -321,6 +321,31 @@ def test_certificate_for_another_name_is_refused(tmp_path: os.PathLike[str], cer
     assert "certificate verification failed" in results[0].text
 
 
+@pytest.mark.parametrize("scheme", ["smtp+tls", "smtps"])
+def test_smarthost_given_as_an_address_is_checked_against_that_address(tmp_path: os.PathLike[str], scheme: str,
+                                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The certificate names 127.0.0.1 only: a smarthost reached as 127.0.0.2 must not pass the check (the AUTH
+    # credentials would go to whoever holds any certificate the CA signed).
+    certificate = make_certificate(str(tmp_path_factory.mktemp("pki-ip")), "smarthost.test", ip="127.0.0.1")
+    cas = {"ca": Ca("ca", certificate.cert)}
+    tables = MemoryTables(maps={"secrets": {"lbl": "relayuser:s3cret-pass"}})
+    outcomes = {}
+    for number, host in enumerate(("127.0.0.2", "127.0.0.1")):
+        with Remote(tls=certificate, require_starttls=scheme == "smtp+tls", smtps=scheme == "smtps", host=host,
+                    credentials={"relayuser": "s3cret-pass"}) as remote:
+            config = relay_config(Relay(host=f"{scheme}://lbl@{host}:{remote.port}", auth_table="secrets", ca="ca"),
+                                  cas=cas)
+            results = relay_all(agent_for(config, tables), [envelope("a@remote.test", msgid=number + 1)],
+                                write_message(tmp_path, name=f"m{number}"))
+            outcomes[host] = (results[0], [item.auth_user for item in remote.received])
+    refused, received = outcomes["127.0.0.2"]
+    assert refused.outcome is Outcome.TEMPFAIL and received == []
+    assert "127.0.0.2" in refused.text or "CERTIFICATE_VERIFY_FAILED" in refused.text, refused.text
+    accepted, received = outcomes["127.0.0.1"]
+    assert accepted.outcome is Outcome.OK, accepted.text
+    assert received == ["relayuser"]
+
+
 def test_tls_required_but_not_offered(tmp_path: os.PathLike[str]) -> None:
     with Remote() as remote:
         config = relay_config(Relay(host=smarthost(remote, "smtp+tls"), tls="no-verify"))

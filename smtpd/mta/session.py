@@ -86,7 +86,10 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
         context = client_context(policy) if policy.mode is not TlsMode.NONE and allow_tls else None
     except TlsSetupError as error:
         raise SessionError(str(error), route_failure=False) from None
-    server_hostname = host_name if host_name and not _is_address(host_name) else None
+    # The name the certificate must carry. A smarthost or exchanger given as an address is checked against that
+    # address (an IP entry of the certificate): with None the handshake would check no name at all.
+    server_hostname = host_name if host_name and not _is_address(host_name) and not host_name.startswith("[") \
+        else address
     scheme = "lmtp" if plan.lmtp else "smtps" if use_smtps else "smtp"
     where = address if address.startswith("/") else f"{address}:{plan.port}"  # a Unix socket, or TCP
     LOG.info("%s mta connecting address=%s://%s host=%s", session_id, scheme, where, host_name)
