@@ -101,6 +101,20 @@ def test_implicit_mx_on_an_address_record(tmp_path: os.PathLike[str]) -> None:
     assert remote.received[0].rcpt_tos == ["bob@implicit.test"]
 
 
+@pytest.mark.parametrize(("domain", "host"), [("[127.0.0.3]", "127.0.0.3"), ("[IPv6:::1]", "::1"),
+                                            ("[ipv6:0:0:0:0:0:0:0:1]", "::1")])
+def test_address_literal_domains_are_delivered_to_that_address(tmp_path: os.PathLike[str], domain: str,
+                                                               host: str) -> None:
+    # RFC 5321 4.1.3: an IPv6 address literal carries the "IPv6:" tag; it is an address, not a name to look up.
+    port = free_port(host)
+    with DnsServer(ZONE) as dns, Remote(host=host, port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope(f"bob@{domain}")], message(tmp_path))
+        asked = list(dns.queries)
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].rcpt_tos == [f"bob@{domain}"]
+    assert not [name for name, rdtype in asked if rdtype in ("MX", "A", "AAAA")]
+
+
 @pytest.mark.parametrize(("domain", "outcome", "text"), [
     ("nullmx.test", Outcome.PERMFAIL, "Domain does not accept mail (null MX)"),
     ("nowhere.test", Outcome.PERMFAIL, "Domain does not exist"),

@@ -76,8 +76,9 @@ class Resolver:
     async def mx_hosts(self, domain: str) -> list[MxHost]:
         """The exchangers of domain, in the order to try: by preference, random among equals."""
         domain = domain.rstrip(".").lower()
-        if _is_literal(domain):
-            return [MxHost(domain, 0, (domain.strip("[]"),))]
+        literal = _literal_address(domain)
+        if literal is not None:
+            return [MxHost(domain, 0, (literal,))]
         try:
             answer = await self._resolver.resolve(domain, "MX", raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
@@ -126,8 +127,9 @@ class Resolver:
 
     async def addresses(self, name: str) -> tuple[str, ...]:
         """A and AAAA addresses of a host name (IPv4 first). Empty when it has none; MxError on failure."""
-        if _is_literal(name):
-            return (name.strip("[]"),)
+        literal = _literal_address(name)
+        if literal is not None:
+            return (literal,)
         if not self.setting:
             return await _system_addresses(name)
         found: list[str] = []
@@ -184,9 +186,15 @@ async def _system_addresses(name: str) -> tuple[str, ...]:
     return tuple(sorted(seen, key=lambda address: ":" in address))
 
 
-def _is_literal(name: str) -> bool:
+def _literal_address(name: str) -> str | None:
+    """The IP address of an address literal (`[192.0.2.1]`, RFC 5321 `[IPv6:2001:db8::1]`, or a bare address),
+    None for a host name."""
+    text = name.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        if text[:5].lower() == "ipv6:":
+            text = text[5:]
     try:
-        ipaddress.ip_address(name.strip("[]"))
+        return str(ipaddress.ip_address(text))
     except ValueError:
-        return False
-    return True
+        return None
