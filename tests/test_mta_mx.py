@@ -57,6 +57,7 @@ ZONE = {
     "implicit.test": [("A", "127.0.0.3")],
     "3.0.0.127.in-addr.arpa": [("PTR", "mx.reverse.test.")],
     "nullmx.test": [("MX", "0 .")],
+    "halfnull.test": [("MX", "0 ."), ("MX", "10 mx1.example.test.")],
     "broken.test": [("SERVFAIL", "")],
     "equal.test": [("MX", "10 a.equal.test."), ("MX", "10 b.equal.test."), ("MX", "30 c.equal.test.")],
     "a.equal.test": [("A", "127.0.0.4")],
@@ -124,6 +125,14 @@ def test_domains_that_take_no_mail_bounce(tmp_path: os.PathLike[str], domain: st
     with DnsServer(ZONE) as dns:
         results = deliver(mx_agent(dns, 2525), [envelope(f"x@{domain}")], message(tmp_path))
     assert (results[0].outcome, results[0].text) == (outcome, text)
+
+
+def test_null_mx_beside_a_real_exchanger_is_ignored(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.2")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.2", port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope("bob@halfnull.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].rcpt_tos == ["bob@halfnull.test"]
 
 
 def test_dns_failure_is_temporary(tmp_path: os.PathLike[str]) -> None:

@@ -90,9 +90,12 @@ class Resolver:
         records = [(record.preference, record.exchange) for record in (answer.rrset or [])]
         if not records:
             return await self._implicit_mx(domain)
-        if any(exchange == dns.name.root for _, exchange in records):
+        if all(exchange == dns.name.root for _, exchange in records):
             # RFC 7505: a single "MX 0 ." says the domain accepts no mail at all.
             raise MxError("Domain does not accept mail (null MX)", permanent=True)
+        # A "." published beside real exchangers (a zone in the middle of a change) is no exchanger: the others
+        # are used, as OpenSMTPD does, rather than bouncing the mail.
+        records = [(preference, exchange) for preference, exchange in records if exchange != dns.name.root]
         hosts = await self._resolve_exchangers(records)
         trace.emit("mta", f"mta: MX for {domain}: " +
                    ", ".join(f"{host.name} pref {host.preference} {list(host.addresses)}" for host in hosts),
