@@ -141,7 +141,10 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
         lines.append(f"Action: {kind}")
         lines.append(f"Status: {status_code(envelope, kind)}")
         if envelope.errorline and kind in (FAILED, DELAYED):
-            lines.append(f"Diagnostic-Code: smtp; {envelope.errorline}")
+            # A reply of several lines is folded: each line after the first starts with a blank, or it would
+            # begin a field of its own (RFC 3464 fields follow the header rules).
+            folded = "\n ".join(line.strip() for line in envelope.errorline.splitlines() if line.strip())
+            lines.append(f"Diagnostic-Code: smtp; {folded}")
         if envelope.last_try:
             lines.append(f"Last-Attempt-Date: {email.utils.formatdate(envelope.last_try, localtime=True)}")
         if kind == DELAYED:

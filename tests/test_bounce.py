@@ -165,3 +165,15 @@ def test_only_a_failed_report_of_a_report_is_logged_as_a_double_bounce(caplog) -
         assert "double bounce" not in caplog.text
         assert asyncio.run(ask(FAILED)) is False
     assert "double bounce for 1234567800000001 (550 no such user): dropped" in caplog.text
+
+
+def test_a_reply_of_several_lines_is_folded_in_the_status_part() -> None:
+    """A peer's refusal over two lines: the second line started a line of its own in the per-recipient block,
+    where it read as a malformed field (a parser gave up on the block)."""
+    refusal = "550-5.1.1 The email account that you tried to reach does not exist.\n550 5.1.1 Please check it"
+    data = render_report(FAILED, [envelope(errorline=refusal)], ORIGINAL, ReportContext("mx.example.net", 1))
+    _, status, _ = parse(data).get_payload()
+    _, per_recipient = status.get_payload()
+    assert per_recipient["Final-Recipient"] == "rfc822; bob@example.org"
+    assert per_recipient["Diagnostic-Code"].split() == ("smtp; " + refusal).split()
+    assert per_recipient.defects == [] and len(per_recipient.keys()) == len(set(per_recipient.keys()))
