@@ -107,3 +107,27 @@ def test_recipients_accepted_before_the_session_broke_are_not_delivered_again(wo
         assert all("Connection closed unexpectedly" in line for line in waiting), waiting
     finally:
         daemon.stop()
+
+
+def test_the_same_through_a_relay_to_an_lmtp_host(world) -> None:
+    """`relay host lmtp://...` (the relay's client, not the local LMTP delivery): the same cut, the same rule."""
+    top, mail_root, _, server = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              f'action "lm" relay host "lmtp://127.0.0.1:{server.port}"\n'
+              'match from any for domain "lmtp.test" action "lm"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        daemon.wait_listening(port)
+        recipients = ["one@lmtp.test", "two@lmtp.test", "three@lmtp.test"]
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            assert client.sendmail("sender@client.test", recipients, b"Subject: cut\r\n\r\nbody\r\n") == {}
+        wait_until(lambda: daemon.log().count(" mta delivery ") >= 3, explain=daemon.log)
+        first = server.recipients[0]
+        lines = [line for line in daemon.log().splitlines() if " mta delivery " in line]
+        ok = [line for line in lines if 'result="Ok"' in line]
+        assert len(ok) == 1 and f"to=<{first}>" in ok[0], lines
+        waiting = daemon.smtpctl("show", "queue").stdout.splitlines()
+        assert len(waiting) == 2 and not any(f"|{first}|" in line for line in waiting), waiting
+    finally:
+        daemon.stop()

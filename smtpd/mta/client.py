@@ -44,6 +44,15 @@ class BadReply(ClientError):
     """The remote's reply broke the protocol (malformed or oversized)."""
 
 
+class RepliesCut(ClientError):
+    """An LMTP session ended after some of its per-recipient replies to DATA: those are final (the server
+    delivered or refused for those recipients), the rest are not known."""
+
+    def __init__(self, replies: list[Reply], reason: str) -> None:
+        super().__init__(reason)
+        self.replies = replies
+
+
 @dataclass(frozen=True)
 class Reply:
     code: int
@@ -308,7 +317,14 @@ class SmtpClient:
         await self._write(bytes(buffer))
         self._trace(">>> [message] .")
         count = recipients if self.lmtp else 1
-        replies = [await self.read_reply() for _ in range(count)]
+        replies: list[Reply] = []
+        try:
+            for _ in range(count):
+                replies.append(await self.read_reply())
+        except ClientError as error:
+            if replies:  # (LMTP) the recipients already answered for must not be delivered again on retry
+                raise RepliesCut(replies, error.args[0]) from error
+            raise
         self.check_in_step()
         return replies
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from smtpd import log, trace
 from smtpd.delivery import DeliveryResult, Outcome
-from smtpd.mta.client import BadReply, ClientError, Reply, SmtpClient, stuffed_lines
+from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
 from smtpd.queue.envelope import DsnNotify, Envelope
@@ -217,6 +217,12 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
             job.resolve(result)
         session.messages += 1
         return True
+    except RepliesCut as error:  # (LMTP) the recipients answered for keep their answer; the others wait
+        for job, reply in zip(accepted, error.replies, strict=False):
+            job.resolve(result_for_reply(reply))
+        _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
+        await client.close()
+        return False
     except BadReply as error:
         _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
         await client.close()
