@@ -135,3 +135,30 @@ def test_relative_maildir_path_is_under_the_home(world) -> None:
         assert os.stat(new / name).st_uid == alice.pw_uid
     finally:
         daemon.stop()
+
+
+def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envelope_as_shell_text(world) -> None:
+    """`mda "... | ... > file"` (a pipeline and a redirection, as migrated OpenSMTPD configs have: it runs every
+    mda command through /bin/sh -c) works; the sender, given raw and full of shell syntax that is valid in an
+    address, reaches the commands as an argument only: nothing of it is run. Before, `|` and `>` were passed to
+    the first program as arguments and the mail bounced."""
+    top, mail_root, alice, _ = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "cmd" mda "echo %{sender:raw} > sender.txt; tr a-z A-Z | cat > message.txt"\n'
+              'match from any for domain "cmd.test" action "cmd"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.docmd("MAIL FROM:<x`touch${IFS}pwned`@client.test>")[0] == 250
+            assert client.docmd(f"RCPT TO:<{alice.pw_name}@cmd.test>")[0] == 250
+            assert client.data(b"Subject: piped\r\n\r\nbody\r\n")[0] == 250
+        home = Path(alice.pw_dir)
+        text = wait_for(lambda: (home / "message.txt").exists() and (home / "message.txt").read_text())
+        assert "SUBJECT: PIPED" in text and "BODY" in text
+        assert (home / "sender.txt").read_text() == "x`touch${IFS}pwned`@client.test\n"
+        assert not (home / "pwned").exists() and not any(home.glob("*pwned*"))
+        assert os.stat(home / "message.txt").st_uid == alice.pw_uid
+    finally:
+        daemon.stop()

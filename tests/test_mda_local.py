@@ -603,3 +603,20 @@ def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
     assert [(reply.code, reply.ok, reply.temporary) for reply in replies] == [
         (250, True, False), (452, False, True), (452, False, True), (550, False, False)]
     assert b"..dot\r\n" in received and b"Delivered-To: x\r\n" in received
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    # no shell syntax: split into words, run directly
+    ("/usr/bin/procmail -a %{rcpt.user}", ["/usr/bin/procmail", "-a", "bob+tag"]),
+    ("deliver 'a | b' \"c > d\" e\\;f", ["deliver", "a | b", "c > d", "e;f"]),
+    # shell syntax: the admin's line runs in sh; each value is a positional parameter, whatever its quoting
+    ("spamc | procmail -a %{rcpt.user}", ["/bin/sh", "-c", 'spamc | procmail -a "${1}"', "sh", "bob+tag"]),
+    ("echo \"to %{rcpt}\" '%{sender}' 100%% > out",
+     ["/bin/sh", "-c", "echo \"to ${1}\" ''\"${2}\"'' 100% > out", "sh", "bob+tag@example.org", "a`b`$c@x.test"]),
+    ("cat >> \"$HOME/log\"", ["/bin/sh", "-c", "cat >> \"$HOME/log\"", "sh"]),
+])
+def test_mda_command_lines_with_and_without_shell_syntax(template: str, expected: list[str]) -> None:
+    from smtpd.mda.command import command_argv
+
+    context = VariableContext("a`b`$c@x.test", "bob+tag@example.org", "bob@example.org", "bob", "/home/bob")
+    assert command_argv(template.replace("%{sender}", "%{sender:raw}"), context) == expected

@@ -2,9 +2,10 @@
 
 How an `mda "CMD"` string is honoured without envelope data ever reaching a shell: the configured string is split
 into words first (shell quoting rules, `shlex.split`), and only then are the `%{...}` specifiers expanded inside
-each word. The result is an argv that is executed directly. A command that needs a shell must say so itself
-(`mda "/bin/sh -c 'exec procmail'"`); even then the envelope data reaches the program only as whole arguments
-and as environment variables, never as shell text.
+each word. The result is an argv that is executed directly. A command line that uses the shell's syntax
+(`spamc | procmail`, `cat > file`: OpenSMTPD runs every mda command through `/bin/sh -c`) runs in a shell, with
+each specifier turned into a positional parameter whose value is an argument of sh (shell_argv): the envelope
+data reaches the program only as whole arguments and as environment variables, never as shell text.
 
 `|command` items come from the alias table (written by the administrator) or from a user's own `.forward`:
 their text is a shell command by definition, so it runs as `/bin/sh -c TEXT` — TEXT holds no envelope data, which
@@ -93,8 +94,78 @@ def delivery_environment(identity: Identity, sender: str, rcpt: str, dest: str, 
     return environment
 
 
+# Outside quotes these make a command line a shell program (a pipeline, a redirection, a list, a substitution);
+# inside double quotes, ` and $ still do.
+_SHELL_OPERATORS = frozenset("|&;<>()`$")
+_DOUBLE_QUOTED_OPERATORS = frozenset("`$")
+
+
+def needs_shell(template: str) -> bool:
+    """Whether the configured command uses the shell's syntax (`spamc | procmail`, `cat > file`), outside of
+    what shlex.split alone honours (words, quotes, backslashes)."""
+    quote = ""
+    escaped = False
+    for char in template:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            if char == quote:
+                quote = ""
+            elif quote == '"' and char in _DOUBLE_QUOTED_OPERATORS:
+                return True
+        elif char in "'\"":
+            quote = char
+        elif char in _SHELL_OPERATORS:
+            return True
+    return False
+
+
+def shell_argv(template: str, context: VariableContext) -> list[str]:
+    """`/bin/sh -c SCRIPT sh VALUE...`: the command line as the administrator wrote it runs in a shell (as
+    OpenSMTPD runs every mda command), but each %{...} in it becomes a reference to a positional parameter
+    ("${1}", ...) whose value is passed as an argument of sh: the envelope data is never read as shell text."""
+    values: list[str] = []
+    script: list[str] = []
+    quote = ""
+    escaped = False
+    position = 0
+    while position < len(template):
+        char = template[position]
+        if escaped:
+            escaped = False
+        elif char == "%" and template.startswith("%%", position):
+            script.append("%")
+            position += 2
+            continue
+        elif char == "%" and template.startswith("%{", position):
+            end = template.find("}", position)
+            if end < 0:
+                raise VariableError(f"unterminated format specifier in {template!r}")
+            values.append(expand(template[position:end + 1], context))
+            reference = f"${{{len(values)}}}"
+            script.append({"": f'"{reference}"', '"': reference, "'": f"'\"{reference}\"'"}[quote])
+            position = end + 1
+            continue
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote and char == quote:
+            quote = ""
+        elif not quote and char in "'\"":
+            quote = char
+        script.append(char)
+        position += 1
+    if quote:
+        raise VariableError(f"mda command line could not be split: no closing quotation in {template!r}")
+    return ["/bin/sh", "-c", "".join(script), "sh", *values]
+
+
 def command_argv(template: str, context: VariableContext) -> list[str]:
-    """Split the configured command into words, then expand %{...} inside each word. Raises VariableError."""
+    """Split the configured command into words, then expand %{...} inside each word; a command line that uses
+    the shell's syntax runs in a shell instead (shell_argv). Raises VariableError."""
+    if needs_shell(template):
+        return shell_argv(template, context)
     try:
         words = shlex.split(template)
     except ValueError as error:
