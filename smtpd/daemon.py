@@ -9,6 +9,8 @@ new sessions use it while sessions in progress finish on the snapshot they began
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import gc
 import importlib
 import os
@@ -197,18 +199,28 @@ async def serve(daemon: Daemon) -> None:
         raise StartupFailed(str(error)) from error
     _install_signal_handlers(daemon)
     daemon.log.info("%s starting", VERSION)
+    spool_lock: int | None = None
+    pid_written = False
     try:
+        # Before any component starts: a second daemon must not touch the spool of a running one (the queue's
+        # start clears temporary/ and incoming/ and replays the journal), nor open its listeners.
+        if _control_socket_is_live(daemon.paths.socket):
+            raise StartupFailed("control socket already listening")
+        spool_lock = _lock_spool(daemon.paths.spool)
         try:
             await daemon.start()
         except Exception as error:  # noqa: BLE001 — as above; what did start is stopped below
             raise StartupFailed(str(error)) from error
-        _write_pidfile(daemon.paths.pidfile)
+        pid_written = _write_pidfile(daemon.paths.pidfile)
         _tune_garbage_collector()
         await daemon.wait_stopped()
         daemon.log.info("Exiting")
     finally:
         await daemon.stop()
-        _remove_pidfile(daemon.paths.pidfile)
+        if pid_written:
+            _remove_pidfile(daemon.paths.pidfile)
+        if spool_lock is not None:
+            os.close(spool_lock)
 
 
 def _tune_garbage_collector() -> None:
@@ -220,18 +232,48 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
-def _write_pidfile(path: str) -> None:
+def _control_socket_is_live(path: str) -> bool:
+    from smtpd.control.server import _socket_is_live
+
+    return _socket_is_live(path)
+
+
+def _lock_spool(path: str) -> int:
+    """Hold an exclusive lock on the spool folder for the daemon's life: two daemons on one spool would take
+    each other's messages in progress for a crash's leftovers. The lock goes with the process (even kill -9)."""
+    try:
+        os.makedirs(path, mode=0o711, exist_ok=True)
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise StartupFailed(f"spool {path}: {error.strerror}") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupFailed(f"spool {path} is in use by another smtpd") from error
+        raise StartupFailed(f"spool {path}: {error.strerror}") from error
+    return descriptor
+
+
+def _write_pidfile(path: str) -> bool:
+    """Whether the pid file was written (and so is ours to remove)."""
     try:
         with open(path, "w", encoding="ascii") as handle:
             handle.write(f"{os.getpid()}\n")
     except OSError:
-        pass  # the pid file is a convenience; an unwritable /var/run must not stop an unprivileged daemon
+        return False  # the pid file is a convenience; an unwritable /var/run must not stop an unprivileged daemon
+    return True
 
 
 def _remove_pidfile(path: str) -> None:
+    """Remove the pid file if it still names this process."""
     try:
+        with open(path, encoding="ascii") as handle:
+            if handle.read().strip() != str(os.getpid()):
+                return
         os.unlink(path)
-    except OSError:
+    except (OSError, ValueError):
         pass
 
 

@@ -1,0 +1,89 @@
+"""A second daemon on the paths of a running one: it refuses before touching anything (spool, pid file,
+listeners), and a daemon killed with SIGKILL leaves nothing that stops the next start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon import SmtpdProcess, free_port
+from helpers_control import make_workdir
+
+CONFIG = ("listen on 127.0.0.1 port {port}\n"
+          'table users { "@" = "nobody" }\n'
+          'action "local" maildir "{dir}/Maildir" virtual <users> user "nobody"\n'
+          'match from any for any action "local"\n')
+
+
+@pytest.fixture()
+def workdir() -> Iterator[Path]:
+    folder = make_workdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_reply(stream) -> bytes:  # noqa: ANN001 — a socket's binary file
+    while True:
+        line = stream.readline()
+        if line[3:4] != b"-":
+            return line
+
+
+def second_daemon(first: SmtpdProcess, folder: Path, **paths: str) -> SmtpdProcess:
+    """A daemon on its own config and port, sharing the first one's paths named in ``paths``."""
+    env = {"SMTPD_SPOOL": str(first.spool), "SMTPD_PIDFILE": str(first.workdir / "smtpd.pid"), **paths}
+    return SmtpdProcess(folder, CONFIG, env=env, control=False)
+
+
+@pytest.mark.parametrize("share_socket", [True, False], ids=["same-socket", "same-spool-only"])
+def test_second_daemon_refuses_before_touching_the_running_ones_spool(workdir: Path, share_socket: bool) -> None:
+    first = SmtpdProcess(workdir / "first", CONFIG, args=("-P", "mda")).start()
+    try:
+        # A message in the middle of its DATA: its file is in the spool's temporary/.
+        with socket.create_connection(("127.0.0.1", first.port), timeout=30) as client:
+            stream = client.makefile("rb")
+            read_reply(stream)
+            for command in (b"EHLO client.test", b"MAIL FROM:<a@client.test>", b"RCPT TO:<u@localhost>", b"DATA"):
+                client.sendall(command + b"\r\n")
+                assert read_reply(stream)[:1] in (b"2", b"3")
+            client.sendall(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1000)
+
+            paths = {"SMTPD_SOCKET": first.socket} if share_socket else {}
+            second = second_daemon(first, workdir / "second", **paths)
+            try:
+                with pytest.raises(RuntimeError, match="smtpd exited at start"):
+                    second.start(wait_port=free_port())
+            finally:
+                second.stop()
+            expected = "control socket already listening" if share_socket else "is in use by another smtpd"
+            assert expected in second.log()
+            assert "queue:" not in second.log()  # it did not load (nor clean) the spool
+            assert (first.workdir / "smtpd.pid").read_text().strip() == str(first.process.pid)
+
+            client.sendall(b".\r\n")
+            assert read_reply(stream).startswith(b"250 ")
+            client.sendall(b"QUIT\r\n")
+            read_reply(stream)
+        assert first.alive() and first.answers()
+        assert first.request("show.queue")["result"], "the accepted message is in the queue"
+    finally:
+        first.stop()
+    assert not (first.workdir / "smtpd.pid").exists()
+
+
+def test_start_after_sigkill(workdir: Path) -> None:
+    daemon = SmtpdProcess(workdir, CONFIG).start()
+    daemon.signal(signal.SIGKILL)
+    daemon.process.wait(10)
+    assert os.path.exists(daemon.socket) and (workdir / "smtpd.pid").exists()  # what the kill left behind
+    daemon.start()
+    try:
+        assert daemon.answers()
+        assert (workdir / "smtpd.pid").read_text().strip() == str(daemon.process.pid)
+    finally:
+        daemon.stop()
