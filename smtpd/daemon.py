@@ -199,14 +199,8 @@ async def serve(daemon: Daemon) -> None:
         raise StartupFailed(str(error)) from error
     _install_signal_handlers(daemon)
     daemon.log.info("%s starting", VERSION)
-    spool_lock: int | None = None
     pid_written = False
     try:
-        # Before any component starts: a second daemon must not touch the spool of a running one (the queue's
-        # start clears temporary/ and incoming/ and replays the journal), nor open its listeners.
-        if _control_socket_is_live(daemon.paths.socket):
-            raise StartupFailed("control socket already listening")
-        spool_lock = _lock_spool(daemon.paths.spool)
         try:
             await daemon.start()
         except Exception as error:  # noqa: BLE001 — as above; what did start is stopped below
@@ -219,8 +213,6 @@ async def serve(daemon: Daemon) -> None:
         await daemon.stop()
         if pid_written:
             _remove_pidfile(daemon.paths.pidfile)
-        if spool_lock is not None:
-            os.close(spool_lock)
 
 
 def _tune_garbage_collector() -> None:
@@ -295,6 +287,23 @@ def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
 
     Without -d/-F it detaches and logs to syslog, as smtpd(8) does.
     """
+    # Before anything starts, and before detaching so that the shell that ran us hears it (as smtpd(8), whose
+    # control socket check comes first): a second daemon must not touch the spool of a running one (the queue's
+    # start clears temporary/ and incoming/ and replays the journal), nor open its listeners.
+    try:
+        if _control_socket_is_live(paths.socket):
+            raise StartupFailed("control socket already listening")
+        spool_lock = _lock_spool(paths.spool)  # (a detached daemon keeps it: the lock goes with the descriptor)
+    except StartupFailed as error:
+        print(f"smtpd: {error}", file=sys.stderr)
+        return 1
+    try:
+        return _run_locked(paths, config, options)
+    finally:
+        os.close(spool_lock)
+
+
+def _run_locked(paths: Paths, config: Config, options: DaemonOptions) -> int:
     if not options.foreground:
         _detach()
     log.setup(to_syslog=options.log_to_syslog or not options.foreground, verbose=options.verbose)

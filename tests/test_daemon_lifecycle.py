@@ -7,6 +7,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,3 +89,17 @@ def test_start_after_sigkill(workdir: Path) -> None:
         assert (workdir / "smtpd.pid").read_text().strip() == str(daemon.process.pid)
     finally:
         daemon.stop()
+
+
+def test_second_start_without_d_says_so_before_detaching(workdir: Path) -> None:
+    """`smtpd` (detaching) while a daemon runs: the error reaches the caller's terminal and the exit code is 1,
+    as smtpd(8)'s control socket check comes before it detaches."""
+    first = SmtpdProcess(workdir / "first", CONFIG).start()
+    try:
+        second = SmtpdProcess(workdir / "second", CONFIG, env={"SMTPD_SOCKET": first.socket})
+        result = subprocess.run([sys.executable, "-m", "smtpd", "-f", str(second.config_path)], env=second.env,
+                                cwd=str(second.workdir), capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stderr) == (1, "smtpd: control socket already listening\n")
+        assert first.answers()
+    finally:
+        first.stop()
