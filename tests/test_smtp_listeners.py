@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import grp
 import os
 import select
@@ -10,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,33 @@ def test_started_paused_keeps_the_socket_listening(tmp_path: Path) -> None:
             assert waiting.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
         finally:
             waiting.close()
+
+
+def test_pause_and_resume_while_clients_connect_drop_none_of_them(tmp_path: Path) -> None:
+    """A pause (or a reload that changes listeners) stops the accept loop at any moment: a client the kernel
+    queued meanwhile waits for the resume and gets its banner; none is taken and closed without a word."""
+    with SmtpDaemon(tmp_path, "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES) as daemon:
+        outcomes: list[bytes] = []
+        done = threading.Event()
+
+        def client() -> None:
+            while not done.is_set():
+                with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as connection:
+                    outcomes.append(connection.makefile("rb").readline()[:4])
+                    connection.sendall(b"QUIT\r\n")
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        try:
+            for _ in range(60):
+                assert daemon.request("pause", subsystem="smtp")["ok"]
+                assert daemon.request("resume", subsystem="smtp")["ok"]
+        finally:
+            done.set()
+            for thread in clients:
+                thread.join(60)
+        assert outcomes and set(outcomes) == {b"220 "}, collections.Counter(outcomes)
 
 
 def test_reload_adds_and_removes_listeners(tmp_path: Path) -> None:

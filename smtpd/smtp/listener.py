@@ -54,6 +54,36 @@ class _Bound:
     sock: socket.socket
     endpoint: Endpoint
     task: asyncio.Task[None] | None = None
+    waiting: asyncio.Future[None] | None = None  # the accept loop's wait for readability (its reader's owner)
+
+
+async def _accept(loop: asyncio.AbstractEventLoop, bound: _Bound) -> socket.socket:
+    """The next connection of bound's socket. Unlike loop.sock_accept, whose reader callback accepts even when
+    the waiting task was cancelled meanwhile (the connection is then closed unseen), a cancellation here
+    leaves the connection in the backlog for the next accept loop."""
+    while True:
+        try:
+            connection, _ = bound.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            pass
+        else:
+            connection.setblocking(False)
+            return connection
+        ready: asyncio.Future[None] = loop.create_future()
+        descriptor = bound.sock.fileno()
+        bound.waiting = ready
+        loop.add_reader(descriptor, _wake, ready)
+        try:
+            await ready
+        finally:
+            if bound.waiting is ready:  # (a newer loop on the same socket may own the reader by now)
+                bound.waiting = None
+                loop.remove_reader(descriptor)
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 class SmtpServer:
@@ -165,6 +195,9 @@ class SmtpServer:
             if bound.task is not None:
                 bound.task.cancel()
                 bound.task = None
+            if bound.waiting is not None:  # no reader left behind on a socket that may be closed right after
+                asyncio.get_running_loop().remove_reader(bound.sock.fileno())
+                bound.waiting = None
 
     def _on_pause(self, daemon: Any, subsystem: str, paused: bool) -> None:
         if subsystem != "smtp":
@@ -175,10 +208,14 @@ class SmtpServer:
             self._start_accepting()
 
     async def _accept_loop(self, bound: _Bound) -> None:
+        """Accept until cancelled (pause, reload, stop). A cancellation may come at any moment: it must never
+        fall between the accept and the session's start, or the client is taken from the backlog and dropped
+        without a word. So the accept is made only once the task runs again after the socket is readable, and
+        the hand-off of an accepted connection is shielded."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                connection, _ = await loop.sock_accept(bound.sock)
+                connection = await _accept(loop, bound)
             except OSError as error:  # EMFILE and friends: wait a little rather than spin
                 _log.warning("smtp: accept failed: %s", error)
                 await asyncio.sleep(1)
@@ -188,10 +225,13 @@ class SmtpServer:
                 # it counts as a session from now on, so that header-less floods meet the session limit.
                 self._track(self._serve_proxied(connection, bound.endpoint))
                 continue
-            try:
-                await self._serve_connection(connection, bound.endpoint)
-            except OSError:
-                connection.close()
+            await asyncio.shield(self._hand_off(connection, bound.endpoint))
+
+    async def _hand_off(self, connection: socket.socket, endpoint: Endpoint) -> None:
+        try:
+            await self._serve_connection(connection, endpoint)
+        except OSError:
+            connection.close()
 
     async def _serve_connection(self, connection: socket.socket, endpoint: Endpoint,
                                 proxy: Any = None) -> Session:
