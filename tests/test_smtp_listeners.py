@@ -126,6 +126,35 @@ def test_session_counters(tmp_path: Path) -> None:
     assert "smtp.session.inet4=" in after
 
 
+def test_tls_counters_count_the_secured_sessions_open_now(tmp_path: Path) -> None:
+    """As OpenSMTPD: smtp.tls (STARTTLS) and smtp.smtps go up when a session is secured and down when it ends,
+    whichever way it ends, like smtp.session."""
+    cert, key = make_certificate(tmp_path)
+    config = (f'pki mx.test.example cert "{cert}"\npki mx.test.example key "{key}"\n'
+              "listen on 127.0.0.1 port {port} tls pki mx.test.example\n"
+              "listen on 127.0.0.1 port {port2} smtps pki mx.test.example\n" + LOCAL_RULES)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    def stats() -> dict[str, str]:
+        return dict(line.split("=", 1) for line in smtpctl(daemon, "show", "stats").stdout.splitlines())
+
+    with SmtpDaemon(tmp_path, config) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port) as starttls, smtplib.SMTP_SSL(
+                "127.0.0.1", daemon.port2, context=context) as smtps:
+            starttls.starttls(context=context)
+            starttls.noop()
+            smtps.noop()
+            live = stats()
+            abrupt = smtplib.SMTP_SSL("127.0.0.1", daemon.port2, context=context)
+            abrupt.close()  # without QUIT
+        after = wait_until(lambda: (lambda now: now if now.get("smtp.session") == "0" else None)(stats()), 10,
+                           explain=lambda: str(stats()))
+    assert (live["smtp.session"], live["smtp.tls"], live["smtp.smtps"]) == ("2", "1", "1")
+    assert (after["smtp.tls"], after["smtp.smtps"]) == ("0", "0")
+
+
 def test_shell_characters_in_the_sender_never_reach_a_shell(tmp_path: Path) -> None:
     """CVE-2020-7247's point: a legal but hostile local part is delivered as data, nothing is executed."""
     marker = tmp_path / "pwned"

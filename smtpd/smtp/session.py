@@ -128,6 +128,7 @@ class Session:
         self.helo: str | None = None
         self.esmtp = False
         self.secure = False
+        self.tls_counter: str | None = None  # "smtp.smtps" or "smtp.tls" once counted; counted down at the end
         self.tls_text: str | None = None
         self.auth_user: str | None = local_user
         self.authenticated = self.local
@@ -240,13 +241,21 @@ class Session:
         self._filter_phase("connect")
         if smtps:
             await self._start_tls()
-            STATS.increment("smtp.smtps")
+            self._count_tls("smtp.smtps")
         self._set_state("STATE_CONNECTED")
         self.early_bytes = len(self.buffer) + self.connection.unread()
         await self.reply(replies.banner(self.smtpname))
 
+    def _count_tls(self, key: str) -> None:
+        """smtp.smtps and smtp.tls count the sessions secured now, as smtp.session counts those open."""
+        STATS.increment(key)
+        self.tls_counter = key
+
     async def _cleanup(self) -> None:
         STATS.decrement("smtp.session")
+        if self.tls_counter is not None:
+            STATS.decrement(self.tls_counter)
+            self.tls_counter = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -548,7 +557,7 @@ class Session:
             raise _Close("data after starttls")
         await self.reply(replies.STARTTLS_OK)
         await self._start_tls()
-        STATS.increment("smtp.tls")
+        self._count_tls("smtp.tls")
         # STARTTLS resets the identification (RFC 3207): the client must say EHLO again.
         self.helo = None
         self.esmtp = False
