@@ -223,6 +223,11 @@ async def run_command(argv: list[str], identity: Identity, environment: dict[str
             timed_out = True
             _kill_group(process.pid)
             await process.wait()
+        except asyncio.CancelledError:
+            # The daemon is stopping: the delivery is tried again at the next start, so nothing of this one may
+            # go on (asyncio kills only the command itself; what it started would live on and might deliver).
+            _kill_group(process.pid)
+            raise
         output.seek(0)
         last_line = _last_line(output)
     code = process.returncode
