@@ -137,3 +137,15 @@ def test_runs_the_daemon_unprivileged_with_overridden_paths(tmp_path: Path) -> N
         _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "PySMTPD 0.1.0 starting" in stderr
+
+
+def test_control_socket_that_cannot_be_made_is_named_in_the_error(tmp_path: Path) -> None:
+    """A start that fails on the control socket says which path, in one `smtpd: ...` line (not a bare errno)."""
+    config = write(tmp_path, "smtpd.conf", 'action "a" mbox\nmatch for local action "a"\n')
+    (tmp_path / "mailname").write_text("mx.test.example\n")
+    missing = tmp_path / "no-such-folder" / "smtpd.sock"
+    result = run_smtpd("-d", "-f", str(config), env={
+        "SMTPD_SPOOL": str(tmp_path / "spool"), "SMTPD_SOCKET": str(missing),
+        "SMTPD_MAILNAME": str(tmp_path / "mailname"), "SMTPD_PIDFILE": str(tmp_path / "smtpd.pid")})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"smtpd: control socket {missing}: No such file or directory"

@@ -142,11 +142,14 @@ class ControlServer:
     async def start(self) -> None:
         if _socket_is_live(self.socket_path):
             raise RuntimeError("control socket already listening")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        self.server = await asyncio.start_unix_server(
-            self._accept, path=self.socket_path, limit=MAX_REQUEST_BYTES + 1)
-        os.chmod(self.socket_path, SOCKET_MODE)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            self.server = await asyncio.start_unix_server(
+                self._accept, path=self.socket_path, limit=MAX_REQUEST_BYTES + 1)
+            os.chmod(self.socket_path, SOCKET_MODE)
+        except OSError as error:  # the start fails with one line that names the path (not a bare errno)
+            raise RuntimeError(f"control socket {self.socket_path}: {error.strerror or error}") from error
         self.socket_inode = os.stat(self.socket_path).st_ino
         LOG.debug("control socket listening on %s", self.socket_path)
 
