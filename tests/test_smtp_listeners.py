@@ -239,3 +239,18 @@ def test_reload_presents_a_certificate_renewed_in_place(tmp_path: Path) -> None:
         result = smtpctl(daemon, "reload")
         assert result.returncode == 78, result.stdout + result.stderr
         assert _presented_certificate_name(daemon.port) == "second.example"
+
+
+def test_disconnect_reason_of_several_words_is_quoted(tmp_path: Path) -> None:
+    """`smtp disconnected reason=...` stays one key=value pair for log parsers: a reason of several words is
+    quoted, as OpenSMTPD quotes its `"io-error: ..."` one."""
+    with SmtpDaemon(tmp_path, "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES) as daemon:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as client:
+            stream = client.makefile("rb")
+            stream.readline()
+            client.sendall(b"NOOP " + b"x" * 5000 + b"\r\n")
+            assert stream.readline().startswith(b"500 ")
+        # (the first session is start()'s probe of the port)
+        wait_until(lambda: daemon.log().count("smtp disconnected reason=") >= 2, 10)
+        line = [line for line in daemon.log().splitlines() if "smtp disconnected reason=" in line][-1]
+    assert line.endswith('reason="command too long"'), line

@@ -263,7 +263,10 @@ class Session:
             self._trace_io(f"connection closed ({self.disconnect_reason})", reason=self.disconnect_reason)
         await self._abort_transaction()
         self._set_state("STATE_QUIT")
-        _log.info("%s smtp disconnected reason=%s", self.token, self.disconnect_reason)
+        reason = self.disconnect_reason
+        if not reason.replace("-", "").isalnum():  # a value of several words is quoted, as OpenSMTPD's io-error one
+            reason = '"' + reason.replace('"', "'") + '"'
+        _log.info("%s smtp disconnected reason=%s", self.token, reason)
         try:
             self.connection.close()
             await asyncio.wait_for(self.connection.wait_closed(), 5)
