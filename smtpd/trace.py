@@ -165,6 +165,9 @@ class TraceBus:
     def emit(self, subsystem: str, message: str, **fields: Any) -> None:
         if subsystem not in self._wanted:
             return
+        if message.startswith(subsystem) and message.startswith(": ", len(subsystem)):
+            # (many messages name their subsystem, as OpenSMTPD's trace lines do; the event names it once)
+            message = message[len(subsystem) + 2:]
         event = TraceEvent(time.time(), subsystem, message, fields)
         if self.console is not None and subsystem in self.enabled:
             try:

@@ -240,7 +240,7 @@ def test_show_hosts_without_a_ptr_record_prints_a_dash(tmp_path: os.PathLike[str
             assert result.outcome is Outcome.OK
             for _ in range(100):  # until the lookup has got its answer (NXDOMAIN)
                 seen.extend(event.message for event in subscription.drain()[0])
-                if "mta: PTR of 127.0.0.4: none" in seen:
+                if "PTR of 127.0.0.4: none" in seen:
                     break
                 await asyncio.sleep(0.05)
             hosts = agent.control_view("hosts")
@@ -250,7 +250,7 @@ def test_show_hosts_without_a_ptr_record_prints_a_dash(tmp_path: os.PathLike[str
             hosts = asyncio.run(run())
         finally:
             subscription.close()
-    assert "mta: PTR of 127.0.0.4: none" in seen
+    assert "PTR of 127.0.0.4: none" in seen
     assert ("4.0.0.127.in-addr.arpa", "PTR") in dns.queries
     assert str(hosts[0]["line"]).startswith("127.0.0.4 - refcount=1 nconn=1 lastconn=")
     assert hosts[0]["name"] == "noptr.test"

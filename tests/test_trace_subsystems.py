@@ -221,3 +221,23 @@ def test_no_filter_events_without_a_filter_and_session_follower(traced_world: di
         finally:
             narrow.stop()
     assert narrow.events and {event["session"] for event in narrow.events} == {session}
+
+
+def test_console_trace_lines_name_their_subsystem_once(tmp_path: Path) -> None:
+    """`smtpd -T stat -T scheduler` printed `stat: stat: smtp.session += 1 -> 1` and `scheduler: scheduler: new
+    envelope ...`: messages that name their subsystem got it again in front."""
+    from helpers_smtp import SmtpDaemon
+
+    daemon = SmtpDaemon(tmp_path, "listen on 127.0.0.1 port {port}\n"
+                        'action "relay" relay\nmatch from any for any action "relay"\n',
+                        paused=("mda", "mta"), traces=("stat", "scheduler"))
+    daemon.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.sendmail("a@client.test", ["b@remote.test"], b"Subject: t\r\n\r\nx\r\n")
+        wait_until(lambda: "scheduler: new envelope" in daemon.log(), explain=daemon.log)
+        log = daemon.log()
+        assert "stat: smtp.session += 1 -> 1" in log
+        assert "stat: stat:" not in log and "scheduler: scheduler:" not in log
+    finally:
+        daemon.stop()
