@@ -5,6 +5,9 @@ discover, show envelope/message, and a corrupt file moved aside by the daemon an
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,44 @@ def test_corrupt_file_is_moved_aside_by_the_daemon_and_reported(tmp_path: Path) 
         assert "corrupt queue file moved aside" in process.log()
     finally:
         process.stop()
+
+
+def test_sender_at_selects_only_the_null_sender(tmp_path: Path) -> None:
+    """docs/queue.md: `--sender @` is the null sender. As a plain substring it matched every address, so
+    `smtpctl remove --sender @` (meant for the reports) removed the whole queue."""
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            _, ordinary = await harness.submit(recipients=("a@one.test", "b@two.test"))
+            _, report = await harness.submit(sender="", recipients=("c@one.test",))
+            return ordinary, report
+
+    ordinary, report = run(scenario())
+    offline = lines(run_smtpctl_offline(tmp_path, "show", "queue", "--sender", "@"))
+    assert [row[0] for row in offline] == [f"{report[0]:016x}"]
+    process = paused_daemon(tmp_path)
+    process.start()
+    try:
+        wait_until(lambda: len(process.smtpctl("show", "queue").stdout.splitlines()) == 3, 20,
+                   explain=process.log)
+        shown = lines(process.smtpctl("show", "queue", "--sender", "@"))
+        assert [(row[0], row[4]) for row in shown] == [(f"{report[0]:016x}", "@")]
+        dry = process.smtpctl("remove", "--sender", "@", "--dry-run")
+        assert dry.stdout.splitlines()[-1] == "1 envelope would be removed (dry run)"
+        assert process.smtpctl("remove", "--sender", "@").stdout == "1 envelope removed\n"
+        left = lines(process.smtpctl("show", "queue"))
+        assert sorted(row[0] for row in left) == sorted(f"{evpid:016x}" for evpid in ordinary)
+        # a substring with an @ in it still matches addresses as before
+        assert len(lines(process.smtpctl("show", "queue", "--sender", "ALICE@"))) == 2
+    finally:
+        process.stop()
+
+
+def run_smtpctl_offline(tmp_path: Path, *args: str):
+    """smtpctl with the daemon down, on tmp_path's spool (as tests/test_queue_commands.py runs it)."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SMTPD_SPOOL=str(tmp_path / "spool"), SMTPD_SOCKET=str(tmp_path / "smtpd.sock"),
+               PYTHONPATH=str(root))
+    return subprocess.run([sys.executable, "-m", "smtpctl", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=60)

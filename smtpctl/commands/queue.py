@@ -117,7 +117,8 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> None:
 # -- filters shared by the commands ----------------------------------------------------------------------------
 def filter_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--sender", help="Sender address contains this text (case-insensitive)."),
+        click.option("--sender",
+                     help="Sender address contains this text (case-insensitive); `@`: the null sender."),
         click.option("--rcpt", help="Recipient (original or final) contains this text."),
         click.option("--domain", help="Recipient domain is exactly this."),
         click.option("--older", metavar="AGE", help="Created at least AGE ago (90s, 15m, 4h, 2d, 1w)."),

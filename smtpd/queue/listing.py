@@ -131,7 +131,8 @@ def parse_age(text: str) -> int:
 class EnvelopeFilter:
     """Selects envelopes for show queue / remove / schedule / pause / resume. Empty fields select everything.
 
-    sender, rcpt: case-insensitive substring of the address (rcpt matches the original or the final one);
+    sender, rcpt: case-insensitive substring of the address (rcpt matches the original or the final one); the
+    sender `@` selects the null sender only;
     domain: the recipient's domain, exactly (case-insensitive); older/newer: age in seconds since creation;
     state: pending | inflight | suspended | offline.
     """
@@ -171,8 +172,14 @@ class EnvelopeFilter:
     def matches(self, envelope: Envelope, state: str, now: float) -> bool:
         if self.state is not None and state != self.state:
             return False
-        if self.sender is not None and self.sender.lower() not in (envelope.sender or "@").lower():
-            return False
+        if self.sender is not None:
+            if self.sender == "@":
+                # `@` is how the null sender is written (docs/queue.md): only mail from <> (reports), not
+                # every address with an @ in it (`smtpctl remove --sender @` must not empty the queue).
+                if envelope.sender:
+                    return False
+            elif self.sender.lower() not in (envelope.sender or "@").lower():
+                return False
         if self.rcpt is not None:
             needle = self.rcpt.lower()
             if needle not in envelope.rcpt.lower() and needle not in envelope.dest.lower():
