@@ -81,6 +81,29 @@ def test_bad_target_lists_possibilities_as_opensmtpd(daemon: DaemonProcess, word
     assert result.stderr == "possibilities are:\n" + "".join(f"{prefix} {choice}\n" for choice in choices)
 
 
+@pytest.mark.parametrize(("words", "choices"), [
+    (["schedule"], ["<msgid>", "<evpid>", "all"]),
+    (["remove"], ["<evpid>", "<msgid>", "all"]),
+    (["remove", "--dry-run"], ["<evpid>", "<msgid>", "all"]),
+    (["pause", "envelope"], ["<evpid>", "<msgid>", "all"]),
+    (["resume", "envelope"], ["<evpid>", "<msgid>", "all"]),
+    (["discover"], ["<evpid>", "<msgid>"]),
+])
+def test_missing_target_lists_possibilities_as_opensmtpd(daemon: DaemonProcess, words: list[str],
+                                                         choices: list[str]) -> None:
+    """docs/control-api.md: a missing word prints `possibilities are:`, as OpenSMTPD 6.8's smtpctl does (checked
+    against it); before, Click's usage text and `Error: missing ...`. With a filter, the target is `all`."""
+    result = daemon.smtpctl(*words)
+    prefix = " ".join(word for word in words if not word.startswith("-"))
+    assert (result.returncode, result.stdout) == (255, "")
+    assert result.stderr == "possibilities are:\n" + "".join(f"{prefix} {choice}\n" for choice in choices)
+
+
+def test_a_filter_without_target_means_all(daemon: DaemonProcess) -> None:
+    result = daemon.smtpctl("schedule", "--domain", "nowhere.test")
+    assert (result.returncode, result.stdout) == (0, "0 envelope scheduled\n")
+
+
 @pytest.mark.parametrize("words", [["explain"], ["explain", "root"], ["explain", "--from", "a@example.org"]])
 def test_missing_required_option_is_named(daemon: DaemonProcess, words: list[str]) -> None:
     # Not an empty `possibilities are:` listing: explain has no words to list, only its --to option.

@@ -413,11 +413,12 @@ def show_message(msgid: str) -> None:
 # -- commands that change the queue ------------------------------------------------------------------------------
 def _change(command: str, verb: str, target: str | None, filters: dict[str, Any], dry_run: bool,
             as_json: bool = False) -> None:
+    choices = TARGETS.get(command, DEFAULT_TARGETS)
     if target is None:
         if not filters:
-            raise click.UsageError("missing <evpid>|<msgid>|all (or a filter)")
+            possibilities(click.get_current_context(), choices)  # OpenSMTPD's answer to a missing target
         target = "all"
-    target = _check_target(target, TARGETS.get(command, DEFAULT_TARGETS))
+    target = _check_target(target, choices)
     try:
         result = call_daemon(command, target=target, dry_run=dry_run, **filters)
     except DaemonDown:
@@ -455,9 +456,11 @@ resume_envelope = _change_command("envelope", "resume.envelope", "resumed", "Res
 
 
 @click.command("discover")
-@click.argument("target", metavar="EVPID|MSGID")
-def discover(target: str) -> None:
+@click.argument("target", metavar="EVPID|MSGID", required=False)
+def discover(target: str | None) -> None:
     """Make the daemon read a message's envelopes from the spool again."""
+    if target is None:
+        possibilities(click.get_current_context(), TARGETS["discover"])
     target = _check_target(target, TARGETS["discover"])
     try:
         result = call_daemon("discover", target=target)
