@@ -51,6 +51,37 @@ class UsageError(Exception):
     """Print the message (if any) and the usage line; exit 1."""
 
 
+class HelpRequested(Exception):
+    """`smtpd --help`: the usage line and what it leaves out (our long options, the environment); exit 0."""
+
+
+# `-h` stays OpenSMTPD's (version and usage on stderr, exit 1); `--help` also names what smtpd(8)'s usage cannot.
+LONG_HELP = f"""{USAGE}
+
+  -d              run in the foreground, log to stderr
+  -F              run in the foreground, log to syslog
+  -D macro=value  define a macro (overrides the configuration's)
+  -f file         the configuration (default /etc/smtpd.conf)
+  -n              check the configuration, print `configuration OK`, exit
+  -P system       start with mda, mta or smtp paused
+  -T trace        trace a subsystem (imsg io smtp filters mta bounce scheduler lookup stat rules mproc expand
+                  table queue all)
+  -v              verbose (debug) logging; with -n, name unused macros
+  -h              version and usage
+
+PySMTPD's long options (each overrides its environment variable, which overrides the default):
+  --config FILE   same as -f                                  $SMTPD_CONFIG    /etc/smtpd.conf
+  --spool DIR     the queue directory                         $SMTPD_SPOOL     /var/spool/smtpd
+  --socket PATH   the control socket                          $SMTPD_SOCKET    /var/run/smtpd.sock
+  --mailname FILE the server name file                        $SMTPD_MAILNAME  /etc/mailname
+  --dump          with -n: print the effective configuration in modern syntax on stdout
+  --help          this text
+Also from the environment: $SMTPD_PIDFILE (default /var/run/smtpd.pid), $SMTPD_RESOLVER (host:port of the DNS
+server to ask; default the system's), $SMTPD_CONTROL_GROUP (a group whose members may run smtpctl's read-only
+commands). docs/configuration.md has the details.
+"""
+
+
 def _getopt_message(error: getopt.GetoptError, argv: list[str]) -> str:
     """glibc's wording, which OpenSMTPD prints (e.g. `smtpd: option requires an argument -- 'f'`)."""
     option = error.opt
@@ -85,9 +116,11 @@ def parse_arguments(argv: list[str], stderr: TextIO) -> Options:
             options.check_only = True
         elif flag == "-v":
             options.verbose = True
-        elif flag in ("-h", "--help"):
+        elif flag == "-h":
             print(f"version: {VERSION}", file=stderr)
             raise UsageError("")
+        elif flag == "--help":
+            raise HelpRequested
         elif flag == "-D":
             name, equals, macro_value = value.rpartition("=")
             if not equals:
@@ -128,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     stderr = sys.stderr
     try:
         options = parse_arguments(arguments, stderr)
+    except HelpRequested:
+        sys.stdout.write(LONG_HELP)
+        return 0
     except UsageError as error:
         if str(error):
             print(error, file=stderr)

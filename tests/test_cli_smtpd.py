@@ -47,6 +47,18 @@ def test_help_prints_version_and_usage() -> None:
     assert result.stderr == f"version: PySMTPD 0.1.0\n{USAGE}\n"
 
 
+def test_long_help_names_the_long_options_and_environment() -> None:
+    """`-h` is OpenSMTPD's; `--help` also lists what docs/configuration.md documents beyond it (before, it was
+    the same two lines, so --spool, --socket, --dump and the environment variables went unmentioned)."""
+    result = run_smtpd("--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith(f"{USAGE}\n")
+    for word in ("--config FILE", "--spool DIR", "--socket PATH", "--mailname FILE", "--dump", "$SMTPD_CONFIG",
+                 "$SMTPD_SPOOL", "$SMTPD_SOCKET", "$SMTPD_MAILNAME", "$SMTPD_PIDFILE", "$SMTPD_RESOLVER",
+                 "$SMTPD_CONTROL_GROUP", "/var/spool/smtpd", "/var/run/smtpd.sock"):
+        assert word in result.stdout, word
+
+
 def test_usage_errors() -> None:
     missing = run_smtpd("-f")
     assert (missing.returncode, missing.stderr) == (1, f"smtpd: option requires an argument -- 'f'\n{USAGE}\n")
