@@ -126,6 +126,34 @@ def test_update_table_rereads_the_file(daemon: DaemonProcess) -> None:
     assert "username: bob [depth=2, from alias <aliases> key newcomer" in after.stdout
 
 
+def test_delivery_user_is_the_actions_user() -> None:
+    """An action with `user NAME` delivers as NAME whoever the recipient is (smtpd/mda); explain said
+    `as root` for an alias to root there, which is not who writes the mail."""
+    workdir = make_workdir()
+    try:
+        (workdir / "aliases").write_text("postmaster: root\n")
+        text = (f"table aliases file:{workdir / 'aliases'}\n"
+                f'action "fixed" maildir "{workdir}/Maildir" alias <aliases> user "nobody"\n'
+                'action "plain" mbox alias <aliases>\n'
+                'match from local for domain "fixed.test" action "fixed"\n'
+                'match from local for local action "plain"\n')
+        running = DaemonProcess(workdir, text).start()
+        try:
+            fixed = running.smtpctl("explain", "--to", "postmaster@fixed.test")
+            assert fixed.returncode == 0, fixed.stderr
+            assert section(fixed.stdout.splitlines(), "deliveries:") == [
+                "  mda via action fixed: postmaster@fixed.test as nobody (the action's user)"]
+            answer = json.loads(running.smtpctl("explain", "--to", "postmaster@fixed.test", "--json").stdout)
+            [delivery] = answer["expansion"]["deliveries"]
+            assert (delivery["mda_user"], delivery["user"]) == ("root", "nobody")
+            plain = json.loads(running.smtpctl("explain", "--to", "postmaster", "--json").stdout)
+            assert [(item["mda_user"], item["user"]) for item in plain["expansion"]["deliveries"]] == [("root", None)]
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_local_submission_is_explained_as_sendmail_makes_it() -> None:
     """Without --src, explain answers for a local submission: the one sendmail makes, on the socket listener
     (its tag), named after this host (`from rdns` holds) and authenticated as the submitting user. Each rule

@@ -88,5 +88,7 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
     for delivery in expansion.get("deliveries") or []:
         target = delivery.get("mda_exec") or delivery.get("dest")
         who = f" as {delivery['mda_user']}" if delivery.get("mda_user") else ""
+        if delivery.get("user"):  # the action's `user`: the delivery runs as that account, whoever the recipient
+            who = f" as {delivery['user']} (the action's user)"
         lines.append(f"  {delivery.get('type')} via action {delivery.get('dispatcher')}: {target}{who}")
     return lines

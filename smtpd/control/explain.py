@@ -52,7 +52,7 @@ def explain_delivery(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "refusal": list(expansion.refusal) if expansion.refusal else None,
         "tree": [node.to_dict() for node in expansion.tree],
         "lines": tree_lines(expansion.tree),
-        "deliveries": [_delivery_dict(envelope) for envelope in expansion.deliveries],
+        "deliveries": [_delivery_dict(envelope, config) for envelope in expansion.deliveries],
     }
     return result
 
@@ -151,7 +151,11 @@ def _action_dict(action: Action, config: Config) -> dict[str, Any]:
             "location": str(action.location) if action.location else None}
 
 
-def _delivery_dict(envelope: Any) -> dict[str, Any]:
+def _delivery_dict(envelope: Any, config: Config) -> dict[str, Any]:
+    # `user`: the account a local delivery runs as when its action fixes one (`user NAME`), whoever mda_user
+    # (the recipient's name from the expansion) is; the MDA does the same (smtpd/mda: _resolve_user).
+    action = config.actions.get(envelope.dispatcher)
+    user = action.user if action is not None and action.is_local and action.user else None
     return {"dispatcher": envelope.dispatcher, "type": str(envelope.type), "dest": envelope.dest,
-            "mda_exec": envelope.mda_exec or None, "mda_user": envelope.mda_user or None,
+            "mda_exec": envelope.mda_exec or None, "mda_user": envelope.mda_user or None, "user": user,
             "flags": sorted(envelope.flags)}
