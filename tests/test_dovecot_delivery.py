@@ -214,7 +214,9 @@ def test_lmtp_envelopes_of_one_message_share_one_transaction(world) -> None:
         delivered, refused = asyncio.run(both())
         assert delivered.outcome is Outcome.OK, delivered
         assert refused.outcome is Outcome.PERMFAIL and refused.text.startswith("550 "), refused
-        # One session on the Unix socket (Dovecot logs each connection) and one copy saved.
+        # One session on the Unix socket (Dovecot logs each connection, through its log process: the line may
+        # come a moment after the reply) and one copy saved.
+        wait_until(lambda: "Disconnect from local" in dovecot.log(), explain=dovecot.log)
         assert dovecot.log().count("Connect from local") == 1, dovecot.log()
         [text] = [normalise(text) for text in dovecot.fetch(bob.pw_name)]
         assert text.endswith("Return-Path: <alice@sender.test>\nSubject: for two\n\nFrom a body line\nsent once\n")

@@ -67,7 +67,14 @@ class CuttingLmtpServer:
                 return
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept(): the thread would outlive the test, and a
+        # later test's forkpty() (pexpect) warns that the process is multi-threaded. shutdown() wakes it.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
+        self.thread.join(10)
 
 
 @pytest.fixture()
