@@ -22,6 +22,9 @@ rule answered and into what.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -471,8 +474,7 @@ class _LookupFailure(Exception):
 def _read_include_file(path: str) -> list[Item]:
     """The items of an :include: file; nested includes are skipped, an unreadable file gives nothing."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_INCLUDE_SIZE)
+        data = _read_include_bytes(path)
     except OSError as error:
         _log.warning("include file %s: %s", path, error.strerror)
         _emit(f"include {path} unreadable: {error.strerror}")
@@ -487,6 +489,33 @@ def _read_include_file(path: str) -> list[Item]:
         items.extend(item for item in line_items if item.kind is not ItemKind.INCLUDE)
     _emit(f"include {path} -> {', '.join(str(item) for item in items) or 'nothing'}")
     return items
+
+
+def _read_include_bytes(path: str) -> bytes:
+    """The first MAX_INCLUDE_SIZE bytes of a regular file. Anything else is refused (EINVAL) without being read,
+    and a FIFO or a device is not even opened for reading: the daemon reads includes as root, often on its event
+    loop, and a user who can write on the file's path (a list kept in a home) could otherwise make it a FIFO,
+    whose open() blocks until a writer comes, hanging every session of the daemon."""
+    probe = os.open(path, os.O_PATH) if hasattr(os, "O_PATH") else -1
+    try:
+        if probe >= 0 and not stat.S_ISREG(os.fstat(probe).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    finally:
+        if probe >= 0:
+            os.close(probe)
+    # O_NONBLOCK: the path may have changed since the look above; the open must not wait whatever it now names.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size < MAX_INCLUDE_SIZE and (chunk := os.read(fd, MAX_INCLUDE_SIZE - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _nearest_address(node: ExpansionNode) -> ExpansionNode:
