@@ -122,10 +122,14 @@ def needs_shell(template: str) -> bool:
     return False
 
 
-def shell_argv(template: str, context: VariableContext) -> list[str]:
+def shell_argv(template: str, context: VariableContext, wrapped: list[str] | None = None) -> list[str]:
     """`/bin/sh -c SCRIPT sh VALUE...`: the command line as the administrator wrote it runs in a shell (as
     OpenSMTPD runs every mda command), but each %{...} in it becomes a reference to a positional parameter
-    ("${1}", ...) whose value is passed as an argument of sh: the envelope data is never read as shell text."""
+    ("${1}", ...) whose value is passed as an argument of sh: the envelope data is never read as shell text.
+
+    wrapped: for a wrapper, the wrapped command's argv; `%{mda}` is then that command, written into the script
+    as shell words (each quoted by shlex, and quoted again for the quotes it stands in), so that `exec %{mda}`
+    or `sed ... | %{mda}` run it with its own arguments."""
     values: list[str] = []
     script: list[str] = []
     quote = ""
@@ -143,7 +147,12 @@ def shell_argv(template: str, context: VariableContext) -> list[str]:
             end = template.find("}", position)
             if end < 0:
                 raise VariableError(f"unterminated format specifier in {template!r}")
-            values.append(expand(template[position:end + 1], context))
+            specifier = template[position:end + 1]
+            if wrapped is not None and specifier.lower() in ("%{mda}", "%{mda:raw}"):
+                script.append(_quoted_for(quote, shlex.join(wrapped)))
+                position = end + 1
+                continue
+            values.append(expand(specifier, context))
             reference = f"${{{len(values)}}}"
             script.append({"": f'"{reference}"', '"': reference, "'": f"'\"{reference}\"'"}[quote])
             position = end + 1
@@ -159,6 +168,15 @@ def shell_argv(template: str, context: VariableContext) -> list[str]:
     if quote:
         raise VariableError(f"mda command line could not be split: no closing quotation in {template!r}")
     return ["/bin/sh", "-c", "".join(script), "sh", *values]
+
+
+def _quoted_for(quote: str, text: str) -> str:
+    """Shell text that reads as ``text`` where it stands: unquoted, inside '...' or inside "..."."""
+    if quote == "'":
+        return text.replace("'", "'\\''")
+    if quote == '"':
+        return "".join("\\" + char if char in '\\"$`' else char for char in text)
+    return text
 
 
 def command_argv(template: str, context: VariableContext) -> list[str]:
@@ -177,14 +195,18 @@ def command_argv(template: str, context: VariableContext) -> list[str]:
 
 def wrap_argv(wrapper: str, wrapped: list[str], context: VariableContext) -> list[str]:
     """The wrapper's words with %{mda}: a word that is exactly %{mda} is replaced by the wrapped argv,
-    elsewhere %{mda} stands for the wrapped command quoted as one shell string."""
+    elsewhere %{mda} stands for the wrapped command quoted as one shell string. A wrapper written with the
+    shell's syntax (`ulimit -t 60; exec %{mda}`, `sed ... | %{mda}`) runs in a shell, as OpenSMTPD runs every
+    wrapper, with the envelope data passed as positional parameters (shell_argv)."""
+    joined = shlex.join(wrapped)
+    with_mda = VariableContext(context.sender, context.rcpt, context.dest, context.username, context.directory,
+                               joined, context.delimiter)
+    if needs_shell(wrapper):
+        return shell_argv(wrapper, with_mda, wrapped)
     try:
         words = shlex.split(wrapper)
     except ValueError as error:
         raise VariableError(f"mda wrapper could not be split: {error}") from None
-    joined = shlex.join(wrapped)
-    with_mda = VariableContext(context.sender, context.rcpt, context.dest, context.username, context.directory,
-                               joined, context.delimiter)
     argv: list[str] = []
     for word in words:
         if word.strip() in ("%{mda}", "%{mda:raw}"):
