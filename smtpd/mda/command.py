@@ -127,9 +127,9 @@ def shell_argv(template: str, context: VariableContext, wrapped: list[str] | Non
     OpenSMTPD runs every mda command), but each %{...} in it becomes a reference to a positional parameter
     ("${1}", ...) whose value is passed as an argument of sh: the envelope data is never read as shell text.
 
-    wrapped: for a wrapper, the wrapped command's argv; `%{mda}` is then that command, written into the script
-    as shell words (each quoted by shlex, and quoted again for the quotes it stands in), so that `exec %{mda}`
-    or `sed ... | %{mda}` run it with its own arguments."""
+    wrapped: for a wrapper, the wrapped command's argv; `%{mda}` is then that command: outside quotes (`exec
+    %{mda}`, `sed ... | %{mda}`) its words are positional parameters as well; inside quotes, where it must be
+    one string for a shell within (`sh -c '%{mda}'`), its words are written quoted by shlex."""
     values: list[str] = []
     script: list[str] = []
     quote = ""
@@ -149,7 +149,12 @@ def shell_argv(template: str, context: VariableContext, wrapped: list[str] | Non
                 raise VariableError(f"unterminated format specifier in {template!r}")
             specifier = template[position:end + 1]
             if wrapped is not None and specifier.lower() in ("%{mda}", "%{mda:raw}"):
-                script.append(_quoted_for(quote, shlex.join(wrapped)))
+                if quote:  # one string for a shell inside (`sh -c '%{mda}'`): shlex-quoted words, as data
+                    script.append(_quoted_for(quote, shlex.join(wrapped)))
+                else:  # (the usual `exec %{mda}`) the wrapped argv as positional parameters too
+                    first = len(values) + 1
+                    values.extend(wrapped)
+                    script.append(" ".join(f'"${{{number}}}"' for number in range(first, len(values) + 1)))
                 position = end + 1
                 continue
             values.append(expand(specifier, context))
