@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+from waiting import wait_until
 
 from smtpctl.commands.sendmail import complete_message, parse_arguments, parse_message, qualify
 
@@ -373,3 +374,27 @@ def test_a_full_control_backlog_is_waited_for_not_taken_for_a_daemon_that_is_dow
         for client in waiting:
             client.close()
         server.close()
+
+
+def test_an_offline_file_with_a_second_name_is_not_replayed(world) -> None:
+    """offline/ is writable by everyone: a hard link there to a file of someone else's (made a while ago; a
+    file of sendmail's has two names only for the moment between its link and the removal of its hidden name)
+    is not submitted as that file's owner; it stays, and a warning says why."""
+    workdir, mail_root, user = world
+    daemon = make_daemon(workdir, mail_root, user)
+    offline = workdir / "spool" / "offline"
+    offline.mkdir(parents=True)
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    original = elsewhere / "letter"
+    original.write_text(f"{user.pw_name}\nSubject: linked\n\nnot to be sent\n")
+    os.chown(original, user.pw_uid, user.pw_gid)
+    os.link(original, offline / "1796600000.0000000003")
+    os.utime(original, (time.time() - 3600, time.time() - 3600))
+    daemon.start()
+    try:
+        wait_until(lambda: "has 2 links, skipped" in daemon.log(), explain=daemon.log)
+        assert (offline / "1796600000.0000000003").exists()
+        assert not os.path.exists(os.path.join(mail_root, user.pw_name))
+    finally:
+        daemon.stop()

@@ -33,7 +33,8 @@ READY_TIMEOUT = 60.0
 # socket not yet there during a start, a burst that found it unreachable) left a file that would otherwise wait
 # for the next start. OpenSMTPD looks only at start.
 RESCAN_SECONDS = float(os.environ.get("SMTPD_OFFLINE_RESCAN_SECONDS", "60"))
-ABANDONED_AFTER = 86400.0  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
+ABANDONED_AFTER = 86400.0
+LINK_GRACE = 60.0  # seconds a file in offline/ may have a second name (sendmail's hidden one, about to go)  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
 
 _log = log.get("offline")
 
@@ -89,9 +90,9 @@ async def replay_offline(spool: str, socket_path: str, mailname_path: str | None
     async def one(name: str) -> bool:
         async with gate:
             done = await _replay_file(os.path.join(directory, name), socket_path, mailname_path)
-        if not done and failed is not None and os.path.lexists(os.path.join(directory, name)):
+        if done is False and failed is not None and os.path.lexists(os.path.join(directory, name)):
             failed.add(name)
-        return done
+        return bool(done)
 
     results = await asyncio.gather(*(one(name) for name in names))
     replayed = sum(results)
@@ -115,7 +116,9 @@ def _remove_abandoned(directory: str, hidden: list[str]) -> None:
             _unlink(path)
 
 
-async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -> bool:
+async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -> bool | None:
+    """Submit one file: True when it went through, False when it failed (kept for the next start), None when it
+    is not ready (looked at again at the next rescan)."""
     try:
         info = os.lstat(path)
     except OSError:
@@ -126,12 +129,19 @@ async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -
     if info.st_size == 0:
         _unlink(path)
         return False
+    if info.st_nlink != 1:
+        # sendmail links its file to the real name, then removes the hidden one: two links for a moment. Later,
+        # a second name is no doing of sendmail's (a hard link to someone else's file): never replayed.
+        if time.time() - info.st_mtime > LINK_GRACE:
+            _log.warning("offline: %s has %d links, skipped", path, info.st_nlink)
+        return None
     if not privileged() and info.st_uid != os.geteuid():
         _log.warning("offline: %s belongs to uid %d; an unprivileged daemon cannot submit it", path, info.st_uid)
         return False
     if privileged():
         identity = _owner_identity(info.st_uid, info.st_gid)
-        result = await run_as(identity, _submit_work(path, socket_path, mailname_path), before_drop=_opener(path))
+        result = await run_as(identity, _submit_work(path, socket_path, mailname_path),
+                              before_drop=_opener(path, info.st_uid))
         status, text = result.status, result.text
     else:
         status, text = await _submit_in_subprocess(path, socket_path, mailname_path)
@@ -170,9 +180,18 @@ def _owner_identity(uid: int, gid: int) -> Identity:
         return Identity(str(uid), uid, gid, "/", (gid,))
 
 
-def _opener(path: str):  # noqa: ANN202 — a closure for run_as
+def _opener(path: str, owner: int):  # noqa: ANN202 — a closure for run_as
+    """Open the file (as root, before the drop) only if it is still what was looked at: a regular file of
+    ``owner`` with one link. offline/ is writable by everyone: between the look and the open, a user could
+    put a FIFO there (the open would block), or a hard link to a file of someone else's."""
+
     def open_file() -> int:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != owner or info.st_nlink != 1:
+            os.close(fd)
+            raise LocalDeliveryError(f"{path}: changed since it was looked at; skipped")
+        return fd
 
     return open_file
 
