@@ -108,6 +108,11 @@ class Session:
         self.server = server
         self.daemon = server.daemon
         self.config = server.daemon.config
+        # The tables of the same snapshot: a reload swaps daemon.tables, and this session keeps the ones its
+        # config's rules, actions and listener name (a table the reload renamed, removed or re-read is not seen).
+        self.tables = server.daemon.tables
+        if self.tables is not None:
+            self.tables.hold()  # released at the end of run()
         self.endpoint = endpoint
         self.listener: Listener = endpoint.listener
         self.limits = server.limits
@@ -202,7 +207,11 @@ class Session:
             await self._send_quietly(replies.INTERNAL_ERROR)
             self.disconnect_reason = "error"
         finally:
-            await self._cleanup()
+            try:
+                await self._cleanup()
+            finally:
+                if self.tables is not None:
+                    self.tables.release()
 
     def _timed_out(self) -> None:
         self.disconnect_reason = "timeout"
@@ -650,7 +659,7 @@ class Session:
 
     async def _check_credentials(self, user: str, password: str) -> None:
         self._set_state("STATE_AUTH_FINALIZE")
-        result = await authenticate(self.daemon.tables, self.listener.auth_table, user, password)
+        result = await authenticate(self.tables, self.listener.auth_table, user, password)
         _log.info("%s smtp authentication user=%s result=%s", self.token, user, result.value)
         if result is AuthResult.OK:
             self.auth_user, self.authenticated = user, True
@@ -702,7 +711,7 @@ class Session:
         if table is None or not self.authenticated or self.local:
             return True
         try:
-            value = await asyncio.to_thread(self.daemon.tables.lookup, table, Service.MAILADDRMAP,
+            value = await asyncio.to_thread(self.tables.lookup, table, Service.MAILADDRMAP,
                                             self.auth_user or "")
         except TableError:
             await self.reply(replies.TEMPORARY_ERROR, command=line)
@@ -749,7 +758,7 @@ class Session:
     async def _expand(self, sender: addr.Mailaddr, rcpt: addr.Mailaddr) -> tuple[Reply | None, list[Envelope]]:
         from smtpd.lookup.expand import expand_recipient
 
-        tables = self.daemon.tables
+        tables = self.tables
         try:
             if tables.config is self.config and tables.expansion_is_immediate():
                 result = expand_recipient(self.config, tables, self.facts(), str(sender), str(rcpt), self.smtpname)

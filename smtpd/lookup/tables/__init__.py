@@ -90,6 +90,10 @@ class Tables:
         self._builtin: set[str] = set()
         self._reload_lock = threading.Lock()
         self._immediate: bool | None = None  # expansion_is_immediate(), once known
+        # Sessions holding this snapshot (hold/release), and whether a reload replaced it (retire): the backends
+        # are closed when both say it is no longer used.
+        self._holders = 0
+        self._retired = False
         problems: list[str] = []
         self.load_errors: dict[str, list[str]] = {}
         declared = dict(config.tables) if config is not None else {}
@@ -225,6 +229,22 @@ class Tables:
         for backend in self._tables.values():
             backend.close()
 
+    # -- the snapshot's users -------------------------------------------------------------------------
+    def hold(self) -> None:
+        """A session began with these tables (its config snapshot's): they stay open until it releases them."""
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._retired and self._holders <= 0:
+            self.close()
+
+    def retire(self) -> None:
+        """A reload replaced these tables: close them now, or when the last session holding them ends."""
+        self._retired = True
+        if self._holders <= 0:
+            self.close()
+
     # -- checks (smtpd -n) ----------------------------------------------------------------------------
     def validate(self):  # -> list[Diagnostic]
         """Deeper checks of the loaded tables against their uses in the configuration (see validate.py)."""
@@ -271,10 +291,12 @@ class TablesComponent:
         """Open the new configuration's tables; raises TableLoadError (keeping the old ones) if one fails."""
         replacement = await asyncio.to_thread(Tables, new, mailname=self.daemon.mailname)
         previous, self.daemon.tables = self.daemon.tables, replacement
+        if previous is not None:
+            # Sessions that began before the reload go on with the previous tables (their snapshot): they are
+            # closed when the last of those sessions ends.
+            previous.retire()
         changes = [f"table {name} added" for name in sorted(set(new.tables) - set(old.tables))]
         changes += [f"table {name} removed" for name in sorted(set(old.tables) - set(new.tables))]
-        if previous is not None:
-            previous.close()
         return changes
 
 

@@ -1,0 +1,81 @@
+"""A reload against the real daemon: a session that began before it keeps its whole snapshot (rules, actions,
+tables, limits, host name) for its life, including the tables; new sessions get the new configuration."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_control import DaemonProcess, free_port, make_workdir
+
+from smtpctl.commands.maps import makemap_main
+
+
+def relay_config(port: int, host: str, table: str, action: str, size: int) -> str:
+    return (f"listen on 127.0.0.1 port {port} hostname {host}\n"
+            f"{table}\n"
+            f"smtp max-message-size {size}\n"
+            f'action "{action}" relay host smtp://127.0.0.1:9\n'
+            f'match from any for rcpt-to <users> action "{action}"\n')
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    folder = make_workdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def rcpt(session: smtplib.SMTP, address: str) -> int:
+    return session.rcpt(address)[0]
+
+
+def test_a_session_keeps_its_tables_rules_and_limits_across_a_reload(workdir: Path) -> None:
+    port = free_port()
+    old = relay_config(port, "old.example", 'table users { "alice@example.org" }', "a", 100000)
+    new = relay_config(port, "new.example", 'table users { "bob@example.org" }', "b", 200000)
+    with DaemonProcess(workdir, old, paused=("mta",)) as daemon:
+        before = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        try:
+            assert before.ehlo()[0] == 250
+            daemon.config_path.write_text(new)
+            assert daemon.smtpctl("reload").returncode == 0
+            assert before.mail("x@example.com")[0] == 250
+            assert rcpt(before, "alice@example.org") == 250  # the old table's content, for the old rule
+            assert rcpt(before, "bob@example.org") == 550
+            assert before.rset()[0] == 250
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as after:
+                code, text = after.ehlo()
+                assert code == 250 and text.startswith(b"new.example") and b"SIZE 200000" in text
+                assert after.mail("x@example.com")[0] == 250
+                assert rcpt(after, "alice@example.org") == 550
+                assert rcpt(after, "bob@example.org") == 250
+        finally:
+            before.quit()
+
+
+def test_a_session_keeps_its_db_table_open_across_a_reload(workdir: Path) -> None:
+    port = free_port()
+    source = workdir / "users"
+    source.write_text("carol@example.org\n")
+    assert makemap_main(["-t", "set", str(source)], "makemap") == 0
+    table = f"table users db:{source}.db"
+    with DaemonProcess(workdir, relay_config(port, "old.example", table, "a", 100000), paused=("mta",)) as daemon:
+        before = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        try:
+            assert before.ehlo()[0] == 250
+            daemon.config_path.write_text(relay_config(port, "new.example", table, "b", 100000))
+            assert daemon.smtpctl("reload").returncode == 0
+            assert before.mail("x@example.com")[0] == 250
+            # The tables of the old snapshot are still open for this session (not closed by the reload).
+            assert rcpt(before, "carol@example.org") == 250
+        finally:
+            before.quit()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as after:
+            assert after.ehlo()[0] == 250
+            assert after.mail("x@example.com")[0] == 250
+            assert rcpt(after, "carol@example.org") == 250
+        assert "Traceback" not in daemon.log()
