@@ -76,6 +76,9 @@ class Daemon:
         self.control: Any = None
         self.components: list[Component] = []
         self._stopping = asyncio.Event()
+        # One reload at a time: two that overlapped (SIGHUP and `smtpctl reload`) would each diff against the
+        # same old config, mix their steps, and the one whose parse ended last would win, whatever the file says.
+        self._reload_lock = asyncio.Lock()
         # Called with (daemon, subsystem, paused) when pause/resume changes a subsystem's state.
         self.pause_listeners: list[Callable[[Daemon, str, bool], None]] = []
 
@@ -125,7 +128,12 @@ class Daemon:
 
     # -- reload ---------------------------------------------------------------------------------------
     async def reload(self) -> ReloadResult:
-        """Parse and validate the config again; swap it in only if valid."""
+        """Parse and validate the config again; swap it in only if valid. Reloads run one after the other, each
+        reading the file when its turn comes, so the last one asked for leaves the newest file in force."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> ReloadResult:
         from smtpd import config as config_package
 
         result = await asyncio.to_thread(config_package.load, self.paths.config, macros=self.options.macros)

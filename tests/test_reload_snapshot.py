@@ -79,3 +79,38 @@ def test_a_session_keeps_its_db_table_open_across_a_reload(workdir: Path) -> Non
             assert after.mail("x@example.com")[0] == 250
             assert rcpt(after, "carol@example.org") == 250
         assert "Traceback" not in daemon.log()
+
+
+def hostname_config(port: int, host: str, big_table: Path | None) -> str:
+    return (f"listen on 127.0.0.1 port {port} hostname {host}\n"
+            + (f"table big file:{big_table}\n" if big_table else "")
+            + 'action "a" relay host smtp://127.0.0.1:9\n'
+            + ('match from any for rcpt-to <big> action "a"\n' if big_table else "")
+            + 'match from any for domain "example.org" action "a"\n')
+
+
+def test_overlapping_reloads_leave_the_newest_file_in_force(workdir: Path) -> None:
+    """A slow reload (a big table) overlapped by a second one, for a file edited meanwhile: the second must not
+    be undone by the first finishing after it."""
+    import socket
+    import threading
+
+    from waiting import wait_until
+
+    port = free_port()
+    big = workdir / "big"
+    big.write_text("".join(f"user{number}@example.org\n" for number in range(500_000)))
+    with DaemonProcess(workdir, hostname_config(port, "start.example", None), paused=("mta",)) as daemon:
+        replies: dict[str, dict] = {}
+        daemon.config_path.write_text(hostname_config(port, "first.example", big))
+        first = threading.Thread(target=lambda: replies.__setitem__("first", daemon.request("reload")))
+        first.start()
+        wait_until(lambda: "ran reload" in daemon.log(), 10)
+        daemon.config_path.write_text(hostname_config(port, "second.example", None))
+        second = threading.Thread(target=lambda: replies.__setitem__("second", daemon.request("reload")))
+        second.start()
+        first.join(60)
+        second.join(60)
+        assert replies["first"]["ok"] and replies["second"]["ok"], replies
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            assert connection.recv(100).startswith(b"220 second.example ")
