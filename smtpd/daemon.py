@@ -159,10 +159,18 @@ class Daemon:
             self.log.warning("reload failed, keeping the running configuration: %s", error)
             for component in reversed(done):  # put back what had already switched
                 try:
-                    await component.reconfigure(new, old)
+                    rollback = getattr(component, "rollback", None)
+                    if rollback is not None:  # it kept what it replaced: put that back as it was
+                        rollback()
+                    else:
+                        await component.reconfigure(new, old)
                 except Exception:  # noqa: BLE001 — best effort; the old config stays in force regardless
                     self.log.exception("could not restore %r", component)
             return ReloadResult(False, [f"{self.paths.config}: {error}"], warnings)
+        for component in done:
+            commit = getattr(component, "commit", None)
+            if commit is not None:
+                commit()
         self.config = new
         for change in changes:
             self.log.info("reload: %s", change)

@@ -114,3 +114,31 @@ def test_overlapping_reloads_leave_the_newest_file_in_force(workdir: Path) -> No
         assert replies["first"]["ok"] and replies["second"]["ok"], replies
         with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
             assert connection.recv(100).startswith(b"220 second.example ")
+
+
+def test_a_reload_that_fails_late_keeps_the_old_tables_as_they_were(workdir: Path) -> None:
+    """The new config parses, its tables load, then a new listener's port is taken: the old configuration stays,
+    with its own tables (not read again: the admin moved the old table's file as part of the change)."""
+    import socket
+
+    port = free_port()
+    old_table, new_table = workdir / "users1", workdir / "users2"
+    old_table.write_text("alice@example.org\n")
+    new_table.write_text("alice@example.org\n")
+    old = (f"listen on 127.0.0.1 port {port}\ntable users file:{old_table}\n"
+           'action "a" relay host smtp://127.0.0.1:9\nmatch from any for rcpt-to <users> action "a"\n')
+    with socket.socket() as busy, DaemonProcess(workdir, old, paused=("mta",)) as daemon:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        old_table.rename(workdir / "users1.old")
+        daemon.config_path.write_text(
+            f"listen on 127.0.0.1 port {port}\nlisten on 127.0.0.1 port {taken}\ntable users2 file:{new_table}\n"
+            'action "a" relay host smtp://127.0.0.1:9\nmatch from any for rcpt-to <users2> action "a"\n')
+        result = daemon.smtpctl("reload")
+        assert result.returncode == 78 and "Address already in use" in result.stderr, result
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as session:
+            assert session.ehlo()[0] == 250
+            assert session.mail("x@example.com")[0] == 250
+            assert rcpt(session, "alice@example.org") == 250
+        assert "could not restore" not in daemon.log()

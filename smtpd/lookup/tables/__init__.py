@@ -279,6 +279,7 @@ class TablesComponent:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        self._previous: Tables | None = None  # the tables a reload in progress replaced
 
     async def start(self) -> None:
         pass  # opened in build(), so that every later builder finds daemon.tables ready
@@ -290,14 +291,26 @@ class TablesComponent:
     async def reconfigure(self, old: Config, new: Config) -> list[str]:
         """Open the new configuration's tables; raises TableLoadError (keeping the old ones) if one fails."""
         replacement = await asyncio.to_thread(Tables, new, mailname=self.daemon.mailname)
-        previous, self.daemon.tables = self.daemon.tables, replacement
-        if previous is not None:
-            # Sessions that began before the reload go on with the previous tables (their snapshot): they are
-            # closed when the last of those sessions ends.
-            previous.retire()
+        self._previous, self.daemon.tables = self.daemon.tables, replacement
         changes = [f"table {name} added" for name in sorted(set(new.tables) - set(old.tables))]
         changes += [f"table {name} removed" for name in sorted(set(old.tables) - set(new.tables))]
         return changes
+
+
+    def commit(self) -> None:
+        """The reload succeeded. Sessions that began before it go on with the previous tables (their snapshot):
+        they are closed when the last of those sessions ends."""
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            previous.retire()
+
+    def rollback(self) -> None:
+        """The reload failed after the tables were swapped: the previous tables, as they were, are back in force
+        (not read again: their files may have changed or gone since)."""
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            replacement, self.daemon.tables = self.daemon.tables, previous
+            replacement.retire()
 
 
 def build(daemon: Daemon) -> TablesComponent:
