@@ -142,3 +142,60 @@ def test_a_reload_that_fails_late_keeps_the_old_tables_as_they_were(workdir: Pat
             assert session.mail("x@example.com")[0] == 250
             assert rcpt(session, "alice@example.org") == 250
         assert "could not restore" not in daemon.log()
+
+
+def test_a_reload_does_not_wait_for_idle_relay_sessions_to_quit(workdir: Path) -> None:
+    """The relay agent keeps sessions idle for reuse; a reload closes them, but a server slow to answer QUIT
+    must not hold the reload (and with it the new config) for seconds per session."""
+    import socket
+    import socketserver
+    import threading
+    import time
+
+    from waiting import wait_until
+
+    quits = threading.Event()
+
+    class Silent(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            self.wfile.write(b"220 slow.test ESMTP\r\n")
+            in_data = False
+            for line in self.rfile:
+                if in_data:
+                    if line.rstrip(b"\r\n") == b".":
+                        in_data = False
+                        self.wfile.write(b"250 queued\r\n")
+                    continue
+                verb = line[:4].upper()
+                if verb == b"QUIT":
+                    quits.wait(30)  # never answers while the test runs
+                    return
+                if verb == b"DATA":
+                    in_data = True
+                self.wfile.write({b"EHLO": b"250 slow.test\r\n", b"DATA": b"354 go\r\n"}.get(verb, b"250 ok\r\n"))
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    port, relay_port = free_port(), free_port()
+    config = (f"listen on 127.0.0.1 port {port} hostname {{host}}\n"
+              f'action "a" relay host smtp://127.0.0.1:{relay_port}\n'
+              'match from any for domain "example.org" action "a"\n')
+    with Server(("127.0.0.1", relay_port), Silent) as relay:
+        threading.Thread(target=relay.serve_forever, daemon=True).start()
+        try:
+            with DaemonProcess(workdir, config.format(host="old.example")) as daemon:
+                for number in range(3):
+                    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                        client.sendmail("x@example.com", [f"u{number}@example.org"], "Subject: t\n\nbody\n")
+                wait_until(lambda: daemon.smtpctl("show", "queue").stdout == "", 20)
+                daemon.config_path.write_text(config.format(host="new.example"))
+                started = time.monotonic()
+                assert daemon.smtpctl("reload").returncode == 0
+                assert time.monotonic() - started < 4
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                    assert connection.recv(100).startswith(b"220 new.example ")
+        finally:
+            quits.set()
+            relay.shutdown()

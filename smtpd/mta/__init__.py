@@ -102,7 +102,13 @@ class MtaAgent:
 
     async def reconfigure(self, old_config: Config, new_config: Config) -> list[str]:
         self._apply_limits(new_config)
-        await self._close_pool()  # sessions were opened with the old relay options
+        # Idle sessions were opened with the old relay options: closed, but in the background. Each QUIT may
+        # wait seconds for a slow server, and the reload must not: until it ends, new SMTP sessions would pair
+        # the old config with the new tables (swapped first), and later reloads would wait.
+        idle = self._detach_pool()  # at once: no delivery may take one of them from now on
+        closing = asyncio.get_running_loop().create_task(self._close_detached(idle))
+        self._tasks.add(closing)
+        closing.add_done_callback(self._tasks.discard)
         return []
 
     def _apply_limits(self, config: Config) -> None:
@@ -401,13 +407,23 @@ class MtaAgent:
         self.state.release(route, relay, domain)
 
     async def _close_pool(self) -> None:
+        await self._close_detached(self._detach_pool())
+
+    def _detach_pool(self) -> list[_Pooled]:
+        """Take every idle session out of the pool (no longer kept, nor counted as idle); the caller closes them."""
         pool, self._pool = self._pool, {}
-        for entries in pool.values():
-            for pooled in entries:
-                if pooled.timer is not None:
-                    pooled.timer.cancel()
-                pooled.route.idle -= 1
-                await self._discard(pooled.session, pooled.route, pooled.relay, pooled.domain, polite=True)
+        detached = [pooled for entries in pool.values() for pooled in entries]
+        for pooled in detached:
+            if pooled.timer is not None:
+                pooled.timer.cancel()
+            pooled.route.idle -= 1
+        if detached:
+            self.state.changed()
+        return detached
+
+    async def _close_detached(self, detached: list[_Pooled]) -> None:
+        for pooled in detached:
+            await self._discard(pooled.session, pooled.route, pooled.relay, pooled.domain, polite=True)
 
     # -- where to go --------------------------------------------------------------------------------------------
     async def _candidates(self, plan: Plan) -> list[tuple[str, str]]:
