@@ -199,3 +199,16 @@ def test_a_reload_does_not_wait_for_idle_relay_sessions_to_quit(workdir: Path) -
         finally:
             quits.set()
             relay.shutdown()
+
+
+def test_update_table_logs_opensmtpd_lines(workdir: Path) -> None:
+    port = free_port()
+    source = workdir / "users"
+    source.write_text("alice@example.org\n")
+    config = relay_config(port, "mx.example", f"table users file:{source}", "a", 100000)
+    with DaemonProcess(workdir, config, paused=("mta",)) as daemon:
+        assert daemon.smtpctl("update", "table", "users").returncode == 0
+        assert 'info: Table "users" successfully updated' in daemon.log()
+        source.unlink()
+        assert daemon.smtpctl("update", "table", "users").returncode == 1
+        assert 'info: Failed to update table "users"' in daemon.log()
