@@ -212,3 +212,26 @@ def test_update_table_logs_opensmtpd_lines(workdir: Path) -> None:
         source.unlink()
         assert daemon.smtpctl("update", "table", "users").returncode == 1
         assert 'info: Failed to update table "users"' in daemon.log()
+
+
+def test_reload_output_names_each_change_once_and_warnings_as_smtpd_n(workdir: Path) -> None:
+    port = free_port()
+    users = workdir / "passwd"
+    users.write_text("alice:$6$x$y:1000:1000::/home/alice:/bin/sh\n")
+    base = (f"listen on 127.0.0.1 port {port}\n"
+            'action "a" relay host smtp://127.0.0.1:9\n'
+            'match from any for domain "example.org" action "a"\n')
+    with DaemonProcess(workdir, base, paused=("mta",)) as daemon:
+        daemon.config_path.write_text(base + f"table users passwd:{users}\n"
+                                      'action "v" maildir alias <users>\n'
+                                      'match from any for domain "x.org" action "v"\n')
+        result = daemon.smtpctl("reload")
+        assert result.returncode == 0, result
+        assert result.stdout.splitlines() == [
+            f'table added: table users "passwd:{users}"',
+            'action added: action "v" maildir alias <users>',
+            'rule added: match from any for domain "x.org" action "v"',
+            "configuration reloaded",
+        ]
+        [warning] = result.stderr.splitlines()
+        assert warning.startswith(f"{daemon.config_path}:4: warning: table \"users\" (passwd)"), warning

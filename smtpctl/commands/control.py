@@ -214,7 +214,8 @@ def reload(as_json: bool) -> None:
         render.print_json(result)
     else:
         for warning in result.get("warnings", []):
-            render.error(f"warning: {warning}")
+            # As `smtpd -n` prints them: `FILE:LINE: warning: ...` already says what it is.
+            sys.stderr.write(f"{warning}\n" if "warning:" in warning else f"smtpctl: warning: {warning}\n")
         if not result.get("ok"):
             for error in result.get("errors", []):
                 sys.stderr.write(f"{error}\n")

@@ -292,9 +292,7 @@ class TablesComponent:
         """Open the new configuration's tables; raises TableLoadError (keeping the old ones) if one fails."""
         replacement = await asyncio.to_thread(Tables, new, mailname=self.daemon.mailname)
         self._previous, self.daemon.tables = self.daemon.tables, replacement
-        changes = [f"table {name} added" for name in sorted(set(new.tables) - set(old.tables))]
-        changes += [f"table {name} removed" for name in sorted(set(old.tables) - set(new.tables))]
-        return changes
+        return []  # the tables added or removed are among the config's changes (smtpd.control.diff)
 
 
     def commit(self) -> None:
