@@ -503,11 +503,17 @@ def _read_include_bytes(path: str) -> bytes:
     finally:
         if probe >= 0:
             os.close(probe)
+    link_owners = _symlink_owners(path)
     # O_NONBLOCK: the path may have changed since the look above; the open must not wait whatever it now names.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+        if any(owner not in (0, info.st_uid) for owner in link_owners):
+            # A user who may change a link on the path (a list kept in a home) pointed it at a file of someone
+            # else's, which root can read and they cannot: its lines must not route mail.
+            raise OSError(errno.EPERM, "a symbolic link on its path belongs to neither root nor the file's owner")
         chunks: list[bytes] = []
         size = 0
         while size < MAX_INCLUDE_SIZE and (chunk := os.read(fd, MAX_INCLUDE_SIZE - size)):
@@ -516,6 +522,35 @@ def _read_include_bytes(path: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _symlink_owners(path: str) -> set[int]:
+    """The owners of the symbolic links met while resolving ``path`` (its folders' and its own)."""
+    owners: set[int] = set()
+    pending = [part for part in os.path.abspath(path).split("/") if part]
+    current = "/"
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        info = os.lstat(candidate)
+        if not stat.S_ISLNK(info.st_mode):
+            current = candidate
+            continue
+        hops += 1
+        if hops > 40:
+            raise OSError(errno.ELOOP, "too many levels of symbolic links")
+        owners.add(info.st_uid)
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = "/"
+        pending[:0] = [piece for piece in target.split("/") if piece]
+    return owners
 
 
 def _nearest_address(node: ExpansionNode) -> ExpansionNode:
