@@ -259,6 +259,28 @@ def test_header_block_over_one_mib_is_refused_and_not_held(daemon: SmtpDaemon) -
     assert peak_rss_kib() - before < 24 * 1024, "the daemon held the header block in memory"
 
 
+def test_a_data_line_too_long_is_refused_however_the_reads_split_it(daemon: SmtpDaemon) -> None:
+    """A line of 65535 bytes or more in DATA: `500 5.0.0 Line too long` and the end of the session, as the
+    reference says, also when the line arrives whole with its CRLF in one read (it was let through then, and
+    refused only when a read ended inside it). One byte shorter is taken."""
+    for length, refused in ((65534, False), (70000, True)):
+        client = LineClient(daemon.port)
+        try:
+            assert client.reply()[0].startswith("220 ")
+            client.send(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+            for _ in range(4):
+                client.reply()
+            client.send(b"Subject: long\r\n\r\n" + b"y" * length + b"\r\nnext line\r\n.\r\n")
+            reply = client.reply()
+            if refused:
+                assert reply == ["500 5.0.0 Line too long"], reply
+                assert client.closed(), "the session goes on after a line too long"
+            else:
+                assert reply[0].startswith("250 2.0.0 "), reply
+        finally:
+            client.close()
+
+
 def test_bdat_chunks_split_inside_crlf(daemon: SmtpDaemon) -> None:
     client = LineClient(daemon.port)
     try:

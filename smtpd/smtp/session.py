@@ -853,6 +853,9 @@ class Session:
                 with memoryview(self.buffer) as view:
                     body = bytes(view[:end])
                 del self.buffer[:end + 3]
+                if _has_long_line(body):
+                    await self.reply(replies.LINE_TOO_LONG)
+                    raise _Close("line too long")
                 if body:
                     await builder.feed(_unstuff(body) if stuffed else body)
                 if trace.wants("smtp"):
@@ -864,6 +867,9 @@ class Session:
                 with memoryview(self.buffer) as view:
                     block = bytes(view[:cut])  # one copy (a bytearray slice would make two)
                 del self.buffer[:cut]  # keep the CRLF: it may begin "\r\n.\r\n"
+                if _has_long_line(block):  # (whole lines only: the outcome must not depend on how reads split)
+                    await self.reply(replies.LINE_TOO_LONG)
+                    raise _Close("line too long")
                 await builder.feed(_unstuff(block) if stuffed else block)
                 if trace.wants("smtp"):
                     trace.emit("smtp", f"{self.token}: <<< [MSG] {len(block)} bytes", session=self.token)
@@ -1020,6 +1026,20 @@ def _first_dot_line(buffer: bytearray) -> int:
         return -1
     found = _DOT_LINE.search(buffer, position - 2)
     return -1 if found is None else found.start()
+
+
+def _has_long_line(block: bytes) -> bool:
+    """Whether a line of the block (whole lines) is LINE_MAX_BYTES long or more, its CRLF not counted. One
+    backward search per window of that size, each from the window's end: a 100 KB block of short lines costs
+    two searches."""
+    window = LINE_MAX_BYTES + 1  # a line of LINE_MAX_BYTES - 1 and its CR fit, with its LF just past them
+    start = 0
+    while len(block) - start >= window:
+        newline = block.rfind(b"\n", start, start + window)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return len(block) - (block.rfind(b"\n") + 1) >= LINE_MAX_BYTES  # (a last line without its CRLF, at the end)
 
 
 def _scan_data(buffer: bytearray) -> tuple[int | None, bool]:
