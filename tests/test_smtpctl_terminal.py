@@ -31,7 +31,7 @@ def test_trace_follow_updates_live(daemon: DaemonProcess) -> None:
         terminal.expect("following stat; Ctrl-C to stop")
         for round_number in range(3):
             daemon.request("hello")  # each control connection is a stat event
-            terminal.expect(r"stat .*stat: control\.session \+= 1 ")
+            terminal.expect(r"stat .*control\.session \+= 1 ")
             assert "\x1b[" in terminal.before + terminal.after  # coloured by rich
             del round_number
         terminal.sendintr()
