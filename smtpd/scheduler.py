@@ -95,6 +95,10 @@ class Scheduler:
         self.inflight: dict[str, int] = {"mda": 0, "mta": 0}
         self.tasks: set[asyncio.Task[None]] = set()
         self.removals: set[asyncio.Future[Any]] = set()  # removals running behind their deliveries
+        # Envelopes forgotten here whose files are not deleted yet, and the sets of those forgotten while each
+        # `discover` reads the spool: what it reads of them must not come back (see discover).
+        self.removing: set[int] = set()
+        self._discovering: list[set[int]] = []
         # Delivery components by agent; None: daemon.mda / daemon.mta at the time of the delivery.
         self.deliverers: dict[str, Any] = {}
         self._wake = asyncio.Event()
@@ -167,6 +171,8 @@ class Scheduler:
         entry = self.entries.pop(evpid, None)
         if entry is None:
             return
+        for forgotten in self._discovering:
+            forgotten.add(evpid)
         STATS.decrement("scheduler.envelope")
         STATS.decrement("scheduler.ramqueue.envelope")
         evpids = self.messages.get(evpid >> 32)
@@ -377,7 +383,9 @@ class Scheduler:
         would."""
         evpid = entry.envelope.evpid
         self._forget(evpid)
+        self.removing.add(evpid)
         removal = asyncio.ensure_future(self.queue.remove_envelope(evpid))
+        removal.add_done_callback(lambda _future: self.removing.discard(evpid))
         if wait or len(self.removals) >= MAX_REMOVALS_BEHIND:
             await removal
             self._trace_removed(evpid, why)
@@ -516,9 +524,18 @@ class Scheduler:
         return count
 
     async def discover(self, msgid: int, evpid: int | None = None) -> int:
-        envelopes = await self.queue.discover(msgid)
-        if evpid is not None:
-            envelopes = [envelope for envelope in envelopes if envelope.evpid == evpid]
+        """Take the message's envelope files that the scheduler does not know. Not those it forgot (delivered,
+        failed, removed) while their files were still there, before or during the read: a delivered envelope
+        would be delivered again, a removed one come back."""
+        forgotten = set(self.removing)
+        self._discovering.append(forgotten)
+        try:
+            envelopes = await self.queue.discover(msgid)
+        finally:
+            self._discovering.remove(forgotten)
+        forgotten |= self.removing
+        envelopes = [envelope for envelope in envelopes if envelope.evpid not in forgotten
+                     and (evpid is None or envelope.evpid == evpid)]
         return self.add_envelopes(envelopes, loaded=True)
 
 

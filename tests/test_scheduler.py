@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import os
 import time
 from pathlib import Path
 
@@ -266,6 +267,35 @@ def test_discover_reads_envelopes_the_scheduler_does_not_know(tmp_path: Path) ->
             return first, again, len(harness.scheduler.entries)
 
     assert run(scenario()) == ({"count": 2}, {"count": 0}, 2)
+
+
+def test_discover_does_not_bring_back_an_envelope_delivered_while_its_file_is_being_deleted(tmp_path: Path) -> None:
+    """A delivered envelope is forgotten first and its file deleted just after, on the queue's writer thread.
+    `smtpctl discover` in between read the file and queued the envelope again: delivered twice."""
+
+    async def scenario() -> tuple[dict, int, list[str]]:
+        async with Harness(tmp_path) as harness:
+            gate = asyncio.Event()
+            remove_envelope = harness.queue.remove_envelope
+
+            async def held(evpid: int) -> bool:
+                await gate.wait()
+                return await remove_envelope(evpid)
+
+            harness.queue.remove_envelope = held
+            msgid, _ = await harness.submit(recipients=("a@x.test", "b@x.test"))
+            await wait_for(lambda: len(harness.mda.delivered) == 2 and not harness.scheduler.entries,
+                           what="both delivered")
+            on_disk = sorted(os.listdir(harness.spool / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"))
+            during = await HANDLERS["discover"](harness.daemon, {"target": f"{msgid:08x}"})
+            gate.set()
+            await asyncio.sleep(0.3)  # (before the fix: the envelopes discovered are delivered again meanwhile)
+            return during, len(harness.mda.delivered), on_disk
+
+    during, delivered, on_disk = run(scenario())
+    assert len(on_disk) == 3  # the message and both envelope files were still there when discover read them
+    assert during == {"count": 0}
+    assert delivered == 2
 
 
 def test_a_failing_delivery_agent_does_not_stop_the_scheduler(tmp_path: Path) -> None:
