@@ -103,6 +103,9 @@ class Scheduler:
         self.deliverers: dict[str, Any] = {}
         self._wake = asyncio.Event()
         self._flags_lock = asyncio.Lock()
+        # Envelope files being rewritten by pause/resume envelope (evpid -> the rewrite): a removal of one waits
+        # for its rewrite, which would otherwise put a file deleted meanwhile back (see _save_flags).
+        self._saving: dict[int, asyncio.Future[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -384,7 +387,9 @@ class Scheduler:
         evpid = entry.envelope.evpid
         self._forget(evpid)
         self.removing.add(evpid)
-        removal = asyncio.ensure_future(self.queue.remove_envelope(evpid))
+        saving = self._saving.get(evpid)
+        removal = asyncio.ensure_future(self.queue.remove_envelope(evpid) if saving is None
+                                        else self._remove_after(saving, evpid))
         removal.add_done_callback(lambda _future: self.removing.discard(evpid))
         if wait or len(self.removals) >= MAX_REMOVALS_BEHIND:
             await removal
@@ -500,13 +505,29 @@ class Scheduler:
                 self._schedule(entry, max(now, entry.nexttry))
         return len(changed)
 
+    async def _remove_after(self, saving: asyncio.Future[None], evpid: int) -> bool:
+        await asyncio.shield(saving)
+        return bool(await self.queue.remove_envelope(evpid))
+
     async def _save_flags(self, entries: list[Entry]) -> None:
         spool = getattr(self.queue, "spool", None)
         if not entries or spool is None:
             return
         files = [(entry.envelope.evpid, dump_envelope(entry.envelope)) for entry in entries]
-        async with self._flags_lock:  # one rewrite of a file at a time (they share its temporary name)
-            failures = await asyncio.to_thread(spool.rewrite_envelopes, files)
+        # The rewrite checks that each file is still there, then replaces it: a removal in between (`smtpctl
+        # remove` while the pause runs) would find its file put back, and the removed mail would return at the next
+        # start. So a removal asked from here on waits until the rewrite is done, then deletes the file.
+        saving: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for evpid, _ in files:
+            self._saving[evpid] = saving
+        try:
+            async with self._flags_lock:  # one rewrite of a file at a time (they share its temporary name)
+                failures = await asyncio.to_thread(spool.rewrite_envelopes, files)
+        finally:
+            saving.set_result(None)
+            for evpid, _ in files:
+                if self._saving.get(evpid) is saving:
+                    del self._saving[evpid]
         for evpid, error in failures:
             LOG.warning("scheduler: %016x: suspend flag not saved: %s", evpid, error.strerror or error)
 

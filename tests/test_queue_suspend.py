@@ -157,3 +157,42 @@ def test_pausing_many_envelopes_writes_every_file_and_a_new_queue_loads_them_pau
             assert len(harness.scheduler.entries) == 30 - len(half)
 
     run(restart_then_resume())
+
+
+def test_an_envelope_removed_while_its_pause_is_written_does_not_come_back(tmp_path: Path, monkeypatch) -> None:
+    """`smtpctl remove` while `pause envelope` rewrites the same file: the rewrite had checked that the file was
+    there, the removal deleted it, and the rewrite then put it back (with `suspend`): the removed mail returned
+    at the next start. The removal now waits for the rewrite and deletes the file after it."""
+    import asyncio
+    import threading
+
+    from smtpd.control.registry import HANDLERS
+    from smtpd.queue import spool as spool_module
+
+    async def scenario() -> tuple[dict, dict, list[str], list[str]]:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            msgid, evpids = await harness.submit(recipients=("a@x.test", "b@x.test"))
+            entered, gate = threading.Event(), threading.Event()
+            replace_file = spool_module.replace_file
+
+            def held(path: str, data: bytes, **options: object) -> None:
+                entered.set()  # past the check that the file is there
+                gate.wait(10)
+                replace_file(path, data, **options)
+
+            monkeypatch.setattr(spool_module, "replace_file", held)
+            target = {"target": f"{evpids[0]:016x}"}
+            pause = asyncio.ensure_future(HANDLERS["pause.envelope"](harness.daemon, target))
+            await wait_for(entered.is_set, what="the rewrite started")
+            remove = asyncio.ensure_future(HANDLERS["remove"](harness.daemon, target))
+            await asyncio.sleep(0.3)  # (before the fix, the removal had deleted the file by now)
+            gate.set()
+            paused, removed = await pause, await remove
+            folder = harness.spool / "queue" / f"{msgid >> 24:02x}" / f"{msgid:08x}"
+            expected = sorted(["message", f"{evpids[1]:016x}"])
+            return paused, removed, sorted(os.listdir(folder)), expected
+
+    paused, removed, files, expected = run(scenario())
+    assert paused == {"count": 1} and removed == {"count": 1}
+    assert files == expected
