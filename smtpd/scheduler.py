@@ -535,7 +535,11 @@ class Scheduler:
         count = 0
         for entry in entries:
             if entry.state == INFLIGHT:
-                entry.remove_after = True
+                # As OpenSMTPD: marked, removed when its attempt ends, and counted (once: not when marked already)
+                if not entry.remove_after:
+                    entry.remove_after = True
+                    STATS.increment("scheduler.envelope.removed")
+                    count += 1
                 continue
             if entry.envelope.evpid not in self.entries:
                 continue

@@ -95,7 +95,8 @@ async def schedule(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 async def remove(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     scheduler, entries = _selection(daemon, args)
     if args.get("dry_run"):
-        return _dry_run(scheduler, [entry for entry in entries if entry.state != "inflight"])
+        # (an envelope in flight is removed when its attempt ends: listed, unless a remove marked it already)
+        return _dry_run(scheduler, [entry for entry in entries if entry.state != "inflight" or not entry.remove_after])
     return {"count": await scheduler.remove(entries)}
 
 
