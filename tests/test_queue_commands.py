@@ -130,3 +130,34 @@ def test_on_a_terminal_mailq_prints_a_table_with_relative_ages(tmp_path: Path) -
     assert "3 envelopes" in output
     assert "|inet4|" not in output  # not the piped format
     assert "\x01" not in output and "try\\^Alater" in output  # no control character reaches the terminal
+
+
+def test_show_queue_when_the_daemon_dies_before_answering_prints_an_error_line(tmp_path: Path) -> None:
+    """A daemon killed (kill -9) while `show queue` waits for its answer: the request it never read makes the kernel
+    reset the connection. smtpctl said so with a ConnectionResetError traceback; now one `smtpctl:` line, exit 1."""
+    import socket
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "smtpd.sock"))
+    server.listen(4)
+
+    def die_unread() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return  # closed at the end of the test
+            time.sleep(0.3)  # the request arrives and is left unread
+            connection.close()
+
+    thread = threading.Thread(target=die_unread, daemon=True)
+    thread.start()
+    try:
+        for args in (("show", "queue"), ("show", "queue", "--json")):
+            result = smtpctl(tmp_path, *args)
+            assert "Traceback" not in result.stderr, result.stderr
+            assert result.returncode == 1
+            assert result.stderr.startswith("smtpctl: ")
+    finally:
+        server.close()

@@ -93,7 +93,10 @@ def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
         received = bytearray()
         while True:
             searched = len(received)
-            chunk = connection.recv(1 << 20)
+            try:
+                chunk = connection.recv(1 << 20)
+            except OSError:  # reset: the daemon died (kill -9) before answering; as an end of file
+                chunk = b""
             if not chunk:
                 raise CommandFailed("connection closed by smtpd")
             received += chunk
