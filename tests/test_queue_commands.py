@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from helpers_queue import Harness, run
@@ -160,4 +161,11 @@ def test_show_queue_when_the_daemon_dies_before_answering_prints_an_error_line(t
             assert result.returncode == 1
             assert result.stderr.startswith("smtpctl: ")
     finally:
+        # close() alone does not wake a thread blocked in accept(); shutdown() does. A thread left behind would
+        # make later tests' fork() warn that the process is multi-threaded.
+        try:
+            server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         server.close()
+        thread.join(10)
