@@ -78,6 +78,12 @@ def test_a_paused_envelope_stays_paused_across_a_restart_until_resumed(world) ->
         offline = queue_lines(first)
         assert offline[held][3] == "suspend" and offline[held][11] == "offline"
         assert [fields[3] for evpid, fields in offline.items() if evpid != held] == [""]
+        # Offline, --state suspended finds the paused one by its flag on disk (it found nothing), and --state
+        # offline finds every envelope.
+        selected = smtpctl(first.socket, "show", "queue", "--state", "suspended", env=first.env).stdout.splitlines()
+        assert [line.split("|")[0] for line in selected] == [held]
+        everything = smtpctl(first.socket, "show", "queue", "--state", "offline", env=first.env).stdout.splitlines()
+        assert len(everything) == 2
     finally:
         first.stop()
 

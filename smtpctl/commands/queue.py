@@ -175,7 +175,10 @@ def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter) -
         for entry in loaded.corrupt:
             problems.append(f"corrupt queue file queue/{current >> 24:02x}/{entry.name}: {entry.reason}")
         for envelope in sorted(loaded.envelopes, key=lambda item: (item.ctime, item.evpid)):
-            if selector.matches(envelope, "offline", now):
+            # Every envelope is `offline` with the daemon down; `--state suspended` still finds the paused ones
+            # (their flag is on disk).
+            paused = selector.state == "suspended" and "suspend" in envelope.flags
+            if selector.matches(envelope, "suspended" if paused else "offline", now):
                 rows.append(envelope_row(envelope, "offline", None))
     for entry in spool.corrupt_entries():
         problems.append(f"corrupt queue file moved aside: corrupt/{entry.name}: {entry.reason}")
