@@ -32,6 +32,7 @@ COMPARED = [
     "reply_rcpt_unknown_parameter", "reply_rcpt_unknown_user", "reply_data_no_recipient", "reply_data_accepted",
     "reply_too_big", "reply_loop_detected", "reply_malformed", "reply_too_many_mails", "reply_auth_not_offered",
     "limit_line_too_long", "limit_command_too_long",
+    "limit_data_line_too_long", "limit_data_line_longest",
     *[f"cve_2020_7247_{number}" for number in range(1, 8)], "cve_2020_7247_legal_shell_chars",
     "relay_plain_foreign", "relay_percent_hack", "relay_quoted_local_part", "relay_source_route",
     "relay_source_route_list",

@@ -853,7 +853,7 @@ class Session:
                 with memoryview(self.buffer) as view:
                     body = bytes(view[:end])
                 del self.buffer[:end + 3]
-                if _has_long_line(body):
+                if _line_too_long(body, 0):
                     await self.reply(replies.LINE_TOO_LONG)
                     raise _Close("line too long")
                 if body:
@@ -867,7 +867,7 @@ class Session:
                 with memoryview(self.buffer) as view:
                     block = bytes(view[:cut])  # one copy (a bytearray slice would make two)
                 del self.buffer[:cut]  # keep the CRLF: it may begin "\r\n.\r\n"
-                if _has_long_line(block):  # (whole lines only: the outcome must not depend on how reads split)
+                if _line_too_long(block, 1):  # (its last line goes on with the CR kept in the buffer)
                     await self.reply(replies.LINE_TOO_LONG)
                     raise _Close("line too long")
                 await builder.feed(_unstuff(block) if stuffed else block)
@@ -1028,18 +1028,19 @@ def _first_dot_line(buffer: bytearray) -> int:
     return -1 if found is None else found.start()
 
 
-def _has_long_line(block: bytes) -> bool:
-    """Whether a line of the block (whole lines) is LINE_MAX_BYTES long or more, its CRLF not counted. One
-    backward search per window of that size, each from the window's end: a 100 KB block of short lines costs
-    two searches."""
-    window = LINE_MAX_BYTES + 1  # a line of LINE_MAX_BYTES - 1 and its CR fit, with its LF just past them
+def _line_too_long(block: bytes, tail: int) -> bool:
+    """Whether a line of a DATA block (its bytes before the LF, CR included) has LINE_MAX_BYTES or more, as
+    OpenSMTPD refuses it; ``tail`` bytes of the block's last line are still to come. Every line is checked,
+    wherever the reads cut the data (a long line that came in one read with the end of the data used to be
+    taken). One backward search per LINE_MAX_BYTES window: the window's last LF is where the next one starts."""
+    size = len(block)
     start = 0
-    while len(block) - start >= window:
-        newline = block.rfind(b"\n", start, start + window)
+    while size - start + tail >= LINE_MAX_BYTES:
+        newline = block.rfind(b"\n", start, start + LINE_MAX_BYTES)
         if newline < 0:
             return True
         start = newline + 1
-    return len(block) - (block.rfind(b"\n") + 1) >= LINE_MAX_BYTES  # (a last line without its CRLF, at the end)
+    return False
 
 
 def _scan_data(buffer: bytearray) -> tuple[int | None, bool]:
