@@ -36,7 +36,12 @@ def build(blocks: list[bytes], *, strict: bool = True, max_size: int = 1 << 20, 
 def test_headers_rewritten_and_body_passed_through() -> None:
     stored, error = build([b"To: bob,\r\n carol <carol>\r\nBcc: x@y\r\nSubject: s\r\n\r\nbody\r\n"])
     assert error is None
-    assert stored == b"Received: test\nTo: bob@mx.test, carol <carol@mx.test>\nSubject: s\n\nbody\n"
+    assert stored == b"Received: test\nTo: bob@mx.test,\n carol <carol@mx.test>\nSubject: s\n\nbody\n"
+
+
+def test_address_found_outside_comments() -> None:
+    assert qualify_addresses("(mail root) root", "h") == "(mail root) root@h"
+    assert qualify_addresses("root (root's box),\n\tbob ", "h") == "root@h (root's box),\n\tbob@h "
 
 
 def test_group_and_quoted_names_are_kept() -> None:

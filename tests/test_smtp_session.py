@@ -216,6 +216,24 @@ def test_large_message_is_stored_whole(daemon: SmtpDaemon) -> None:
     assert stored.endswith(b"\n\n" + line.replace(b"\r\n", b"\n") * 60_000)
 
 
+def test_address_headers_keep_their_layout(daemon: SmtpDaemon) -> None:
+    """To:/Cc:/From: are stored as sent, folds and spacing included, with a domain added to bare addresses, as
+    OpenSMTPD 6.8 does: they used to be unfolded, and a folded To: of 200 addresses became one 1,800-character
+    line (RFC 5322 allows 998)."""
+    many = ",\r\n ".join(f"u{number}" for number in range(200)).encode()
+    with smtplib.SMTP("127.0.0.1", daemon.port) as client:
+        client.ehlo("client.test")
+        client.mail("alice@sender.test")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"To: " + many + b"\r\nCc:  carol ,\r\n\t(root) root\r\nFROM:Bob\r\n  <bob>\r\n"
+                                  b"Subject: folded\r\n\r\nbody\r\n")
+    stored = daemon.message(msgid).decode()
+    expected_to = ",\n ".join(f"u{number}@{MAILNAME}" for number in range(200))
+    assert f"\nTo: {expected_to}\nCc:  carol@{MAILNAME} ,\n\t(root) root@{MAILNAME}\nFROM:Bob\n  <bob@{MAILNAME}>\n" \
+        "Subject: folded\n" in stored
+    assert max(len(line) for line in stored.split("\n")) < 998
+
+
 def test_header_folded_over_many_lines_is_stored_whole(daemon: SmtpDaemon) -> None:
     """One header folded over 100,000 continuation lines (each line used to copy the whole header so far: 500,000
     took 15 s of a blocked event loop, measured; now it is extended in place), followed by more headers whose

@@ -198,12 +198,15 @@ class MessageBuilder:
             if lowered == "bcc":
                 continue
             if lowered in _ADDRESS_HEADERS:
-                unfolded = value.replace(b"\n", b"").decode("utf-8", "surrogateescape").strip()
+                text = value.decode("utf-8", "surrogateescape")
                 if lowered == "from" and self.masquerade_from is not None:
-                    unfolded = _masquerade(unfolded, self.masquerade_from)
+                    unfolded = _masquerade(text.replace("\n", "").strip(), self.masquerade_from)
+                    output.append(f"{name}: {unfolded}".encode("utf-8", "surrogateescape"))
                 else:
-                    unfolded = qualify_addresses(unfolded, self.hostname)
-                output.append(f"{name}: {unfolded}".encode("utf-8", "surrogateescape"))
+                    # As OpenSMTPD: the header keeps its layout (folds, spacing); only addresses get a domain.
+                    # Unfolding made one line of a long folded To: or Cc: (beyond RFC 5322's 998 characters).
+                    output.append(raw_name + b":" + qualify_addresses(text, self.hostname).encode(
+                        "utf-8", "surrogateescape"))
                 continue
             output.append(header)
         if self.local_listener:
@@ -273,9 +276,14 @@ def _qualify_one(item: str, hostname: str) -> str:
         if inside and "@" not in inside:
             return item.replace(f"<{inside}>", f"<{inside}@{hostname}>", 1)
         return item
-    bare = re.sub(r"\([^)]*\)", "", stripped).strip() if "(" in stripped else stripped  # drop comments
-    if bare and "@" not in bare and " " not in bare and '"' not in bare:
-        return item.replace(bare, f"{bare}@{hostname}", 1)
+    # Comments are masked (kept in place), so that the address is found outside them, whatever they hold.
+    masked = re.sub(r"\([^)]*\)", lambda match: "\0" * len(match.group()), item) if "(" in item else item
+    bare = masked.replace("\0", "").strip()
+    if bare and "@" not in bare and '"' not in bare and len(bare.split()) == 1:
+        start = masked.find(bare)
+        if start >= 0:
+            end = start + len(bare)
+            return f"{item[:end]}@{hostname}{item[end:]}"
     return item
 
 
