@@ -25,6 +25,7 @@ from helpers_smtp import MAILNAME, LineClient, SmtpDaemon, free_port
 DIALOGS = Path(__file__).parent / "dialogs"
 COMPARED = [
     "reply_banner_helo", "reply_helo_again", "reply_helo_no_domain", "reply_ehlo_no_domain", "reply_helo_bad_domain",
+    "reply_ehlo_two_words",
     "reply_mail_before_helo", "reply_rset_before_helo", "reply_rcpt_without_mail", "reply_data_without_mail",
     "reply_mail_in_transaction", "reply_unknown_command", "reply_no_arguments", "reply_noop_rset_quit",
     "reply_help", "reply_wiz", "reply_sender_syntax", "reply_mail_ok_null_sender", "reply_mail_unknown_parameter",

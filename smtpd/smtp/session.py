@@ -514,7 +514,9 @@ class Session:
         if not argument:
             await self._error(replies.EHLO_NEEDS_DOMAIN if extended else replies.HELO_NEEDS_DOMAIN, line)
             return
-        name = argument.split(" ")[0] if extended else argument.strip()
+        # The whole argument is the name (trailing spaces aside), for EHLO as for HELO: `EHLO foo bar` was
+        # taken as `foo`; OpenSMTPD refuses it.
+        name = argument.rstrip(" ")
         if not addr.valid_helo(name):
             await self._error(replies.BAD_HELO_DOMAIN, line)
             return
