@@ -28,6 +28,7 @@ COMPARED = [
     "reply_ehlo_two_words",
     "reply_mail_before_helo", "reply_rset_before_helo", "reply_rcpt_without_mail", "reply_data_without_mail",
     "reply_mail_in_transaction", "reply_unknown_command", "reply_no_arguments", "reply_noop_rset_quit",
+    "reply_data_argument_without_mail",
     "reply_help", "reply_wiz", "reply_sender_syntax", "reply_mail_ok_null_sender", "reply_mail_unknown_parameter",
     "reply_envid_too_large", "reply_too_many_rcpts", "reply_rcpt_syntax", "reply_bad_orcpt",
     "reply_rcpt_unknown_parameter", "reply_rcpt_unknown_user", "reply_data_no_recipient", "reply_data_accepted",

@@ -778,11 +778,11 @@ class Session:
 
     # -- DATA and BDAT -----------------------------------------------------------------------------------------------------------
     async def cmd_data(self, argument: str, line: str) -> None:
+        if not await self._no_arguments(argument, line):  # first, as OpenSMTPD (and our NOOP/RSET/QUIT) do
+            return
         transaction = self.transaction
         if transaction is None:
             await self._error(replies.BAD_SEQUENCE, line)
-            return
-        if not await self._no_arguments(argument, line):
             return
         if transaction.bdat_used:
             await self._error(replies.DATA_AFTER_BDAT, line)
