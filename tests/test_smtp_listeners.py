@@ -111,6 +111,25 @@ def test_inet6_family_and_hostnames_table(tmp_path: Path) -> None:
         daemon.stop()
 
 
+def test_hostnames_entry_comes_before_hostname(tmp_path: Path) -> None:
+    """As OpenSMTPD 6.8: the `hostnames` entry for the local address names the server, `hostname` only where the
+    table has none (`hostname` used to win, and the table was never read)."""
+    config = ('table names { 127.0.0.1 = "mapped.example" }\n'
+              "listen on 127.0.0.1 port {port} hostname fallback.example hostnames <names>\n"
+              "listen on 127.0.0.1 port {port2} hostname fallback.example hostnames { 127.0.0.9 = x.example }\n"
+              + LOCAL_RULES)
+    with SmtpDaemon(tmp_path, config) as daemon:
+        daemon.wait_listening(daemon.port2)
+        for port, name in ((daemon.port, "mapped.example"), (daemon.port2, "fallback.example")):
+            client = LineClient(port)
+            try:
+                assert client.reply() == [f"220 {name} ESMTP PySMTPD"]
+                client.send(b"HELO client.test\r\n")
+                assert client.reply() == [f"250 {name} Hello client.test [127.0.0.1], pleased to meet you"]
+            finally:
+                client.close()
+
+
 def test_session_counters(tmp_path: Path) -> None:
     with SmtpDaemon(tmp_path, "listen on 127.0.0.1 port {port}\n" + LOCAL_RULES) as daemon:
         with smtplib.SMTP("127.0.0.1", daemon.port) as client:

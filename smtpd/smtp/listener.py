@@ -173,8 +173,8 @@ class SmtpServer:
             raise ListenError(str(error)) from None
 
     def _smtpname(self, listener: Listener, address: str) -> str:
-        if listener.hostname:
-            return listener.hostname
+        # A `hostnames` entry for the address comes first, then `hostname`, then the mailname: as OpenSMTPD, where
+        # the entry replaces the listener's name (it was the other way round, and `hostname` hid the table).
         if listener.hostnames_table and self.daemon.tables is not None:
             try:
                 name = self.daemon.tables.lookup(listener.hostnames_table, Service.ADDRNAME, address)
@@ -182,7 +182,7 @@ class SmtpServer:
                 name = None
             if name:
                 return name
-        return self.daemon.mailname
+        return listener.hostname or self.daemon.mailname
 
     # -- accepting ------------------------------------------------------------------------------------------
     def _start_accepting(self) -> None:
