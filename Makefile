@@ -2,7 +2,7 @@
 PYTHON ?= python3.12
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := swaks opensmtpd dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt
+APT_PACKAGES := swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt
 
 .PHONY: run test install test-deps lint completions
 
