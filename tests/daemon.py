@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -27,6 +28,33 @@ ROOT = Path(__file__).resolve().parent.parent
 MAILNAME = "mx.test.example"
 READY_BOUND = 30.0  # seconds a starting daemon may take before the test gives up (a liveness bound only)
 STOP_BOUND = 20.0
+
+
+@contextlib.contextmanager
+def full_unix_backlog(path: str) -> Iterator[socket.socket]:
+    """A Unix socket at path that listens but never accepts, its backlog filled (a busy daemon's control socket):
+    a client connecting with a timeout set gets EAGAIN at once. Yields the listening socket."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    waiting: list[socket.socket] = []
+    try:
+        for _ in range(64):  # (the backlog's size is the kernel's business): bounded
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                client.close()
+                break
+            waiting.append(client)
+        else:
+            raise AssertionError("the backlog never filled")
+        yield server
+    finally:
+        for client in waiting:
+            client.close()
+        server.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
 import time
 from pathlib import Path
 
+from daemon import free_port
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def count(folder: Path) -> int:

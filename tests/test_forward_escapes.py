@@ -5,27 +5,11 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
-import time
 from pathlib import Path
 
+from daemon import free_port
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for delivery")
+from waiting import wait_until
 
 
 def maildir_count(home: str) -> int:
@@ -56,9 +40,9 @@ def test_backslash_user_and_escaped_quotes_in_forward() -> None:
                     refused = client.sendmail("s@client.test", [f"{alice.pw_name}@fwd.test"],
                                               b"Subject: escapes\r\n\r\nbody\r\n")
                     assert refused == {}
-                wait_for(lambda: maildir_count(alice.pw_dir) == 1)
-                wait_for(lambda: maildir_count(bob.pw_dir) == 1)
-                wait_for(lambda: marker.exists() and "Subject: escapes" in marker.read_text())
+                wait_until(lambda: maildir_count(alice.pw_dir) == 1)
+                wait_until(lambda: maildir_count(bob.pw_dir) == 1)
+                wait_until(lambda: marker.exists() and "Subject: escapes" in marker.read_text())
                 assert marker.stat().st_uid == alice.pw_uid
                 assert "lka_expand: same user, submitting" in daemon.log()
             finally:

@@ -347,33 +347,13 @@ def test_a_full_control_backlog_is_waited_for_not_taken_for_a_daemon_that_is_dow
     """Connecting to a Unix socket whose backlog of connections not yet accepted is full fails at once (EAGAIN)
     when the socket has a timeout: sendmail took that for no daemon and went offline (the message then waited
     for a restart). It is a busy daemon: sendmail waits, as for the `busy` answer."""
-    import socket
+    from daemon import full_unix_backlog
 
     from smtpctl.commands.sendmail import Busy, open_enqueue
 
     path = str(tmp_path / "control.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(0)  # never accepts
-    waiting: list[socket.socket] = []
-    try:
-        for _ in range(64):  # fill the backlog (its size is the kernel's business): bounded
-            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client.setblocking(False)
-            try:
-                client.connect(path)
-            except BlockingIOError:
-                client.close()
-                break
-            waiting.append(client)
-        else:
-            raise AssertionError("the backlog never filled")
-        with pytest.raises(Busy):
-            open_enqueue(path)
-    finally:
-        for client in waiting:
-            client.close()
-        server.close()
+    with full_unix_backlog(path), pytest.raises(Busy):
+        open_enqueue(path)
 
 
 def test_an_offline_file_with_a_second_name_is_not_replayed(world) -> None:
