@@ -170,9 +170,9 @@ def parse_mail_parameters(text: str, *, dsn: bool, smtputf8_offered: bool) -> Ma
         if upper == "AUTH" and equals:
             parameters.auth = value
         elif upper == "SIZE" and equals:
-            if not (value.isascii() and value.isdigit()):
-                raise ParameterError("unsupported", word)
-            parameters.size = int(value)
+            # Accepted and ignored, whatever its value, as the reference does (the limit is enforced at the end
+            # of the data); a value of ASCII digits is kept (str.isdigit() alone takes "²", which int() refuses).
+            parameters.size = int(value) if value.isascii() and value.isdigit() else None
         elif upper == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
             parameters.body = value.upper()
         elif upper == "RET" and dsn and equals:
