@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from shared.numbers import ascii_digits
 from smtpctl import render
 from smtpctl.exitcodes import Exit
 from smtpctl.words import Leaf, WordGroup, call, fail, invalid_command, json_option, possibilities, simple
@@ -104,7 +105,7 @@ resume_mta = _mta_command("resume")
 
 
 def _route_id(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+    if not ascii_digits(value) or int(value) < 1:
         possibilities(ctx, ["<routeid>"])
     return int(value)
 

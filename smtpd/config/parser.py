@@ -14,6 +14,7 @@ import re
 import socket
 from dataclasses import dataclass, field, replace
 
+from shared.numbers import ascii_digits
 from smtpd.config import checks, interfaces
 from smtpd.config.errors import Diagnostic, FatalConfigError, Severity
 from smtpd.config.lexer import UNTERMINATED, Kind, Lexer, Token
@@ -156,7 +157,7 @@ def relay_url_problem(url: str) -> str | None:
         host, _, port = hostport.rpartition(":")
     if not host:
         return f'relay URL "{url}": no host'
-    if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    if port and not (ascii_digits(port) and 1 <= int(port) <= 65535):
         return f'relay URL "{url}": invalid port "{port}"'
     if scheme == "lmtp" and not port:
         return f'relay URL "{url}": lmtp:// needs a port'

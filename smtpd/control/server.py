@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared.numbers import ascii_digits
 from shared.protocol import (
     COMMANDS,
     MAX_REQUEST_BYTES,
@@ -95,7 +96,7 @@ def control_group_id(name: str | None) -> int | None:
     """The gid of the configured read-only group (a name or a number), None when unset or unknown."""
     if not name:
         return None
-    if name.isascii() and name.isdigit():
+    if ascii_digits(name):
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid

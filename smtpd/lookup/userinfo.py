@@ -10,6 +10,8 @@ import os
 import pwd
 from dataclasses import dataclass
 
+from shared.numbers import ascii_digits
+
 DEFAULT_USERBASE = "getpwnam"
 # Commands and files that come from aliases (not from a user's .forward) run as this user, as OpenSMTPD runs them
 # as its unprivileged user. The environment variable lets an installation pick another account.
@@ -32,14 +34,10 @@ class UserInfoError(ValueError):
     pass
 
 
-def _digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()  # (str.isdigit() alone takes "²", which int() refuses)
-
-
 def parse_userinfo(username: str, value: str) -> UserInfo:
     """`UID:GID:/home/dir` -> UserInfo. Raises UserInfoError on a malformed value."""
     parts = value.strip().split(":", 2)
-    if len(parts) != 3 or not _digits(parts[0]) or not _digits(parts[1]) or not parts[2].startswith("/"):
+    if len(parts) != 3 or not ascii_digits(parts[0]) or not ascii_digits(parts[1]) or not parts[2].startswith("/"):
         raise UserInfoError(f"invalid userinfo for {username}: {value!r}")
     return UserInfo(username, int(parts[0]), int(parts[1]), parts[2])
 

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from shared.numbers import ascii_digits
 from smtpd.mda.local import message_lines
 
 LMTP_TIMEOUT = 300.0
@@ -43,7 +44,7 @@ def parse_destination(destination: str) -> tuple[str, int] | str:
         port_text = rest.lstrip(":")
     else:
         host, _, port_text = destination.rpartition(":")
-    if not host or not (port_text.isascii() and port_text.isdigit()):
+    if not host or not ascii_digits(port_text):
         raise LmtpError(f"invalid LMTP destination: {destination}")
     return host, int(port_text)
 
@@ -59,7 +60,7 @@ class _Session:
             if not line:
                 raise LmtpError("Connection closed unexpectedly")
             text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()):
+            if len(text) < 3 or not ascii_digits(text[:3]):
                 raise LmtpError(f"LMTP server error: {text}")
             if len(text) == 3 or text[3] != "-":
                 return LmtpReply(int(text[:3]), text)

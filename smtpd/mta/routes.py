@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from shared.durations import duration_to_text
+from shared.numbers import ascii_digits
 from smtpd.stats import STATS
 
 MAX_ERRORS_PER_ROUTE = 4
@@ -124,7 +125,7 @@ def parse_relay_url(url: str) -> RelayHost:
         raise RelayUrlError(f"invalid relay URL {url!r}: no host")
     default_port = SCHEMES[scheme][1]
     if port_text:
-        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        if not ascii_digits(port_text) or not 0 < int(port_text) < 65536:
             raise RelayUrlError(f"invalid relay URL {url!r}: bad port {port_text!r}")
         port = int(port_text)
     elif default_port is None:

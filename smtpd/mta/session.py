@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
@@ -159,8 +160,7 @@ async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
 
 
 def _is_address(name: str) -> bool:
-    digits = name.replace(".", "")
-    return (digits.isascii() and digits.isdigit()) or ":" in name
+    return ascii_digits(name.replace(".", "")) or ":" in name
 
 
 # -- one message ----------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from shared.numbers import ascii_digits
+
 MAX_PART = 255  # local part, domain, and the whole address (reference §10)
 MAX_ENVID = 100
 
@@ -171,8 +173,8 @@ def parse_mail_parameters(text: str, *, dsn: bool, smtputf8_offered: bool) -> Ma
             parameters.auth = value
         elif upper == "SIZE" and equals:
             # Accepted and ignored, whatever its value, as the reference does (the limit is enforced at the end
-            # of the data); a value of ASCII digits is kept (str.isdigit() alone takes "²", which int() refuses).
-            parameters.size = int(value) if value.isascii() and value.isdigit() else None
+            # of the data); a value of ASCII digits is kept.
+            parameters.size = int(value) if ascii_digits(value) else None
         elif upper == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
             parameters.body = value.upper()
         elif upper == "RET" and dsn and equals:

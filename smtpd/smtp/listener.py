@@ -16,6 +16,7 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.config.model import Config, Listener, TlsMode
 from smtpd.lookup.tables.base import Service, TableError
@@ -383,7 +384,7 @@ def _resolver(resolver_address: str) -> Any:
     host, _, port = resolver_address.rpartition(":")
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [host.strip("[]") or resolver_address]
-    if port.isascii() and port.isdigit():
+    if ascii_digits(port):
         resolver.port = int(port)
     return resolver
 

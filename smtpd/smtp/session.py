@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from shared.ids import format_evpid, format_msgid, new_session_id
+from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.config.model import AuthMode, Listener, TlsMode
 from smtpd.lookup.facts import SessionFacts
@@ -883,8 +884,7 @@ class Session:
     async def cmd_bdat(self, argument: str, line: str) -> None:
         words = argument.split(" ")
         last = len(words) == 2 and words[1].upper() == "LAST"
-        # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٥" (which int() reads as 5).
-        if not (words[0].isascii() and words[0].isdigit()) or len(words) > 2 or (len(words) == 2 and not last):
+        if not ascii_digits(words[0]) or len(words) > 2 or (len(words) == 2 and not last):
             await self.reply(replies.BDAT_SYNTAX, command=line)
             raise _Close("bad bdat")  # the chunk's length is unknown: the dialog cannot stay in step
         size = int(words[0])

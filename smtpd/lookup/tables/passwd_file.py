@@ -25,6 +25,7 @@ import pwd
 import re
 from dataclasses import dataclass
 
+from shared.numbers import ascii_digits
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
 from smtpd.lookup.tables.static import read_table_file
@@ -78,7 +79,7 @@ class PasswdContent:
 
 
 def _resolve_id(text: str, names: dict[str, int | None], by_name) -> int | None:  # noqa: ANN001
-    if text.isdigit() and text.isascii():
+    if ascii_digits(text):
         number = int(text)
         return number if number <= ID_MAX else None
     if not text:
