@@ -337,6 +337,11 @@ class Session:
                 raise _Close("command too long")
             return raw.decode("utf-8", "surrogateescape")
 
+    async def _line_too_long_close(self) -> NoReturn:
+        """A line of LINE_MAX_BYTES or more, in a command or in the data: the reference's reply, then the end."""
+        await self.reply(replies.LINE_TOO_LONG)
+        raise _Close("line too long")
+
     async def _next_raw_line(self) -> bytes:
         """Bytes up to the next LF (excluded); the whole line must arrive within the timeout."""
         end = self.buffer.find(b"\n")
@@ -344,13 +349,11 @@ class Session:
             self._line_deadline = asyncio.get_running_loop().time() + self.limits.timeout
             while end < 0:
                 if len(self.buffer) >= LINE_MAX_BYTES:
-                    await self.reply(replies.LINE_TOO_LONG)
-                    raise _Close("line too long")
+                    await self._line_too_long_close()
                 await self._wait_for_line()
                 end = self.buffer.find(b"\n")
         if end >= LINE_MAX_BYTES:
-            await self.reply(replies.LINE_TOO_LONG)
-            raise _Close("line too long")
+            await self._line_too_long_close()
         raw = bytes(self.buffer[:end])
         self.line_was_early = self.early_bytes > 0
         if self.line_was_early:  # (zero after the first lines of a session)
@@ -857,8 +860,7 @@ class Session:
                     body = bytes(view[:end])
                 del self.buffer[:end + 3]
                 if _line_too_long(body, 0):
-                    await self.reply(replies.LINE_TOO_LONG)
-                    raise _Close("line too long")
+                    await self._line_too_long_close()
                 if body:
                     await builder.feed(_unstuff(body) if stuffed else body)
                 if trace.wants("smtp"):
@@ -871,14 +873,12 @@ class Session:
                     block = bytes(view[:cut])  # one copy (a bytearray slice would make two)
                 del self.buffer[:cut]  # keep the CRLF: it may begin "\r\n.\r\n"
                 if _line_too_long(block, 1):  # (its last line goes on with the CR kept in the buffer)
-                    await self.reply(replies.LINE_TOO_LONG)
-                    raise _Close("line too long")
+                    await self._line_too_long_close()
                 await builder.feed(_unstuff(block) if stuffed else block)
                 if trace.wants("smtp"):
                     trace.emit("smtp", f"{self.token}: <<< [MSG] {len(block)} bytes", session=self.token)
             if len(self.buffer) > LINE_MAX_BYTES + 2:
-                await self.reply(replies.LINE_TOO_LONG)
-                raise _Close("line too long")
+                await self._line_too_long_close()
             await self._fill_message_data()
 
     async def cmd_bdat(self, argument: str, line: str) -> None:
