@@ -140,7 +140,7 @@ async def _transaction(session: _Session, helo: str, sender: str, recipients: li
     await _send_body(session, prefix, message)
     # From here each reply is final for its recipient: kept in after_data as it comes (refusals at RCPT too),
     # so that a session cut short keeps the replies already received (see deliver_lmtp).
-    after_data[:] = [reply for reply in replies]
+    after_data[:] = replies
     for index, reply in enumerate(replies):
         if reply is None:
             after_data[index] = await session.reply()
