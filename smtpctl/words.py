@@ -11,6 +11,7 @@ completion, so every command keeps its --help text and example.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -234,6 +235,15 @@ class RootGroup(WordGroup):
         from smtpctl.cli import COMMANDS
 
         return COMMANDS
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # `smtpctl monitor | head`, `smtpctl show queue | head -1`: the reader left, which is how such a pipe
+        # ends, not a failure (Click itself would exit 1 here).
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(Exit.OK) from None
 
 
 @click.group(cls=RootGroup, context_settings=CONTEXT_SETTINGS)

@@ -209,3 +209,24 @@ def test_slow_terminal_is_told_how_many_events_it_lost(daemon: DaemonProcess) ->
         follower.wait(15)
     assert re.search(r"smtpctl: \d+ trace events dropped \(reading too slowly\)", complaint), complaint
     assert follower.returncode == 0
+
+
+@pytest.mark.parametrize("words", [("monitor", "--interval", "0.1"), ("trace", "stat", "--follow")])
+def test_a_reader_that_leaves_ends_the_stream_with_success(daemon: DaemonProcess, words: tuple[str, ...]) -> None:
+    """`smtpctl monitor | head -3`: head leaving is how the pipe ends, so smtpctl exits 0, silently."""
+    command = " ".join([sys.executable, "-m", "smtpctl", "--socket", daemon.socket, *words])
+    shell = subprocess.Popen(["/bin/sh", "-c", f"{command} | head -1; echo status=${{PIPESTATUS:-x}}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, executable="/bin/bash")
+    try:
+        deadline = time.monotonic() + 30
+        while shell.poll() is None and time.monotonic() < deadline:
+            make_stat_events(daemon, 5)
+            time.sleep(0.1)
+        out, err = shell.communicate(timeout=15)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+    assert err == ""
+    assert out.splitlines()[-1] == "status=0"
