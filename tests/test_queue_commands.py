@@ -103,13 +103,27 @@ def test_bad_arguments_and_commands_needing_the_daemon(tmp_path: Path) -> None:
     bad = smtpctl(tmp_path, "12345", prog="mailq")
     assert bad.returncode != 0 and "not a <msgid>" in bad.stderr
     bad_age = smtpctl(tmp_path, "--older", "soon", prog="mailq")
-    assert bad_age.returncode != 0 and "invalid age" in bad_age.stderr
+    assert bad_age.returncode == 255 and "invalid age" in bad_age.stderr
+    unknown = smtpctl(tmp_path, "--frobnicate", prog="mailq")
+    assert unknown.returncode == 255 and "--frobnicate" in unknown.stderr
     for command in (["remove", "all"], ["schedule", "all"], ["discover", "0123456789abcdef"]):
         result = smtpctl(tmp_path, *command)
         assert result.returncode == 1
         assert result.stderr.strip() == "smtpctl: smtpd doesn't seem to be running"
     invalid_target = smtpctl(tmp_path, "remove", "xyz")
     assert invalid_target.returncode == 255 and invalid_target.stderr.startswith("possibilities are:\nremove <evpid>")
+
+
+def test_mailq_ignores_the_flags_sendmail_and_postfix_users_type(tmp_path: Path) -> None:
+    """OpenSMTPD's mailq ignores its arguments; `mailq -v` and `mailq -Ac` from other MTAs' habits list the queue."""
+    fill_spool(tmp_path)
+    plain = smtpctl(tmp_path, prog="mailq")
+    for habit in (["-v"], ["-Ac"], ["-bp"], ["-v", "--domain", "example.org"]):
+        result = smtpctl(tmp_path, *habit, prog="mailq")
+        assert result.returncode == 0, (habit, result.stderr)
+        expected = plain.stdout if "--domain" not in habit else smtpctl(tmp_path, "--domain", "example.org",
+                                                                          prog="mailq").stdout
+        assert result.stdout == expected and result.stdout
 
 
 def test_on_a_terminal_mailq_prints_a_table_with_relative_ages(tmp_path: Path) -> None:

@@ -350,10 +350,24 @@ def show_queue(msgid: str | None, sender: str | None, rcpt: str | None, domain: 
     sys.exit(run_show_queue(msgid, filters, as_json))
 
 
+# sendmail's and Postfix's mailq flags that scripts pass out of habit (verbose, the submission queue, the -bp
+# that named the mode): OpenSMTPD's mailq ignores every argument, we ignore these and honour our filters.
+MAILQ_HABITS = frozenset({"-v", "-Ac", "-bp"})
+
+
 def mailq_main(argv: list[str], prog: str) -> int:
-    """The mailq personality: `show queue` with the same options."""
+    """The mailq personality: `show queue` with the same options; usage errors exit 255 as smtpctl's do."""
+    arguments = [argument for argument in argv if argument not in MAILQ_HABITS]
     try:
-        show_queue.main(args=argv, prog_name=prog, standalone_mode=True)
+        show_queue.main(args=arguments, prog_name=prog, standalone_mode=False)
+    except click.UsageError as error:
+        error.show()
+        return EXIT_USAGE
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Exit as exit_request:
+        return exit_request.exit_code
     except SystemExit as exit_request:
         return int(exit_request.code or 0)
     return EXIT_OK
