@@ -261,7 +261,17 @@ def _lock_spool(path: str) -> int:
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise StartupFailed(f"spool {path} is in use by another smtpd") from error
         raise StartupFailed(f"spool {path}: {error.strerror}") from error
+    # A child forked from the daemon (an offline replay run as its file's owner) would otherwise share the lock
+    # for its life: a daemon restarted after a crash meanwhile would be refused as "in use".
+    os.register_at_fork(after_in_child=lambda: _close_quietly(descriptor))
     return descriptor
+
+
+def _close_quietly(descriptor: int) -> None:
+    try:
+        os.close(descriptor)
+    except OSError:
+        pass
 
 
 def _write_pidfile(path: str) -> bool:

@@ -103,3 +103,36 @@ def test_second_start_without_d_says_so_before_detaching(workdir: Path) -> None:
         assert first.answers()
     finally:
         first.stop()
+
+
+def test_a_child_forked_by_the_daemon_does_not_hold_the_spool_lock(workdir: Path) -> None:
+    """A child the daemon forks (an offline replay run as the file's owner) lives on after a crash of the daemon;
+    it must not keep the spool locked, or the restart would be refused as `in use by another smtpd`."""
+    spool = workdir / "spool"
+    program = ("import os, sys, time\n"
+               "from smtpd.daemon import _lock_spool\n"
+               "_lock_spool(sys.argv[1])\n"
+               "pid = os.fork()\n"
+               "if pid == 0:\n"
+               "    null = os.open(os.devnull, os.O_WRONLY)\n"
+               "    os.dup2(null, 1)\n"
+               "    os.dup2(null, 2)\n"
+               "    time.sleep(30)\n"
+               "    os._exit(0)\n"
+               "print(pid, flush=True)\n"
+               "os._exit(0)  # the daemon dies; its child lives on\n")
+    root = Path(__file__).resolve().parent.parent
+    crashed = subprocess.run([sys.executable, "-c", program, str(spool)], capture_output=True, text=True,
+                             timeout=30, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    child = int(crashed.stdout.strip())
+    try:
+        os.kill(child, 0)  # still alive
+        import fcntl
+
+        descriptor = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the next start does
+        finally:
+            os.close(descriptor)
+    finally:
+        os.kill(child, signal.SIGKILL)
