@@ -595,20 +595,26 @@ def test_pause_keeps_the_socket_bound_and_resume_serves_the_waiting_client(daemo
     waiting.close()
 
 
-def test_local_enqueue_through_the_control_socket(daemon: SmtpDaemon) -> None:
+def enqueue_client(daemon: SmtpDaemon) -> LineClient:
+    """A local submission: `enqueue` on the control socket, after which the connection speaks SMTP."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(30)
     sock.connect(str(daemon.socket_path))
-    stream = sock.makefile("rwb", buffering=0)
+    sock.sendall(json.dumps({"v": 1, "id": 1, "cmd": "enqueue", "args": {}}).encode() + b"\n")
+    received = b""
+    while b"\n" not in received:
+        received += sock.recv(4096)
+    answer, rest = received.split(b"\n", 1)
+    assert json.loads(answer)["ok"] is True
+    client = LineClient.__new__(LineClient)
+    client.sock, client.pending = sock, rest
+    return client
+
+
+def test_local_enqueue_through_the_control_socket(daemon: SmtpDaemon) -> None:
+    client = enqueue_client(daemon)
+    sock = client.sock
     try:
-        stream.write(json.dumps({"v": 1, "id": 1, "cmd": "enqueue", "args": {}}).encode() + b"\n")
-        received = b""
-        while b"\n" not in received:
-            received += sock.recv(4096)
-        answer, rest = received.split(b"\n", 1)
-        assert json.loads(answer)["ok"] is True
-        client = LineClient.__new__(LineClient)
-        client.sock, client.pending = sock, rest
         assert client.reply() == ["220 mx.test.example ESMTP PySMTPD"]
         client.send(b"EHLO localhost\r\nMAIL FROM:<root@mx.test.example>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
         assert client.reply()[0] == "250-mx.test.example Hello localhost [local], pleased to meet you"
@@ -624,6 +630,26 @@ def test_local_enqueue_through_the_control_socket(daemon: SmtpDaemon) -> None:
     assert stored.startswith(f"Received: from localhost (mx.test.example [local])\n\tby mx.test.example (PySMTPD) "
                              f"with ESMTPA id {msgid}\n")
     assert "flags: authenticated" in daemon.envelopes(msgid)[0]
+
+
+def test_a_long_local_submission_with_bare_lf_lines_is_taken_whole(daemon: SmtpDaemon) -> None:
+    """Local submissions may end their lines with a bare LF; 300 KB of such lines is 5,000 short lines, not one
+    line too long (it was cut with `500 Line too long` once the buffer passed 64 KiB without a CRLF)."""
+    client = enqueue_client(daemon)
+    lines = [f"line {number:05d} ".ljust(60, "x") for number in range(5000)]
+    try:
+        assert client.reply()[0].startswith("220 ")
+        client.send(b"EHLO localhost\r\nMAIL FROM:<root@mx.test.example>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+        while not client.reply()[0].startswith("354 "):
+            pass
+        client.send(b"Subject: long\n\n" + "\n".join(lines).encode() + b"\r\n.\r\n")
+        final = client.reply()
+        assert final[0].startswith("250 2.0.0 "), final
+        msgid = final[0].split()[2]
+    finally:
+        client.sock.close()
+    stored = daemon.message(msgid).decode()
+    assert stored.count("\nline ") == 5000 and stored.rstrip("\n").endswith(lines[-1])
 
 
 # -- limits needing their own daemon ----------------------------------------------------------------------------------------

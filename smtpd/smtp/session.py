@@ -867,7 +867,7 @@ class Session:
                     trace.emit("smtp", f"{self.token}: <<< [EOM]", session=self.token)
                 return
             # Everything up to the last CRLF is complete lines; the end marker may still be split.
-            cut = self.buffer.rfind(b"\r\n")
+            cut = self._complete_lines_end()
             if cut > 0:
                 with memoryview(self.buffer) as view:
                     block = bytes(view[:cut])  # one copy (a bytearray slice would make two)
@@ -880,6 +880,15 @@ class Session:
             if len(self.buffer) > LINE_MAX_BYTES + 2:
                 await self._line_too_long_close()
             await self._fill_message_data()
+
+    def _complete_lines_end(self) -> int:
+        """Where the buffer's complete lines end: its last CRLF, which stays in the buffer as it may begin the
+        end marker. A local submission may end its lines with a bare LF (a network one is refused for it), so
+        there a last bare LF ends them too: otherwise such a message would be one growing line, too long."""
+        if not self.local:
+            return self.buffer.rfind(b"\r\n")
+        newline = self.buffer.rfind(b"\n")
+        return newline - 1 if newline > 0 and self.buffer[newline - 1] == 13 else newline
 
     async def cmd_bdat(self, argument: str, line: str) -> None:
         words = argument.split(" ")
