@@ -46,6 +46,7 @@ COMPARED = [
     "relay_source_route_percent", "relay_bang_path_percent", "relay_quoted_local_part_foreign",
     "relay_double_at_ours_first", "relay_trailing_dots_double", "relay_ip_literal_ours",
     "relay_empty_sender_no_path", "relay_empty_sender_blank_path",
+    "reply_mail_garbage_after_path", "reply_rcpt_garbage_after_path", "reply_dsn_after_helo",
 ]
 OUR_EXTENSIONS = {"250-PIPELINING", "250-CHUNKING", "250-SMTPUTF8"}
 

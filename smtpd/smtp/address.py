@@ -90,9 +90,9 @@ def split_path(argument: str) -> tuple[str, str]:
     end = argument.find(">")
     if end < 0:
         raise AddressError("unterminated path")
+    # Text glued to the closing bracket (`<a@b>x`) is a parameter like any other, as OpenSMTPD reads it: it is
+    # refused as `Unsupported option x`.
     inner, rest = argument[1:end], argument[end + 1:]
-    if rest and not rest.startswith(" "):
-        raise AddressError("garbage after path")
     return inner, rest.strip(" ")
 
 

@@ -695,7 +695,7 @@ class Session:
             return
         try:
             inner, parameter_text = addr.split_path(argument)
-            parameters = addr.parse_mail_parameters(parameter_text, dsn=self.dsn_offered and self.esmtp,
+            parameters = addr.parse_mail_parameters(parameter_text, dsn=self.dsn_offered,
                                                     smtputf8_offered=self.esmtp)
             sender = addr.parse_path_address(inner, allow_null=True, default_domain=self.smtpname,
                                              utf8=parameters.smtputf8)
@@ -746,7 +746,7 @@ class Session:
             await self._error(replies.RECIPIENT_SYNTAX, line)
             return
         try:
-            parameters = addr.parse_rcpt_parameters(parameter_text, dsn=self.dsn_offered and self.esmtp,
+            parameters = addr.parse_rcpt_parameters(parameter_text, dsn=self.dsn_offered,
                                                     utf8=transaction.parameters.smtputf8,
                                                     default_domain=self.smtpname)
         except addr.ParameterError as error:
