@@ -148,24 +148,33 @@ class SmtpServer:
         result: list[_Bound] = []
         try:
             for listener in config.listeners:
-                if listener.is_socket:
-                    continue
-                context = self._context(config, listener)
-                addresses = _resolve(listener)
-                if not addresses:
-                    raise ListenError(f"invalid virtual ip or interface: {listener.interface}")
-                for address in addresses:
-                    endpoint = Endpoint(listener, address, listener.port, context,
-                                        self._smtpname(listener, address))
-                    old = previous.pop((address, listener.port), None)
-                    sock = old.sock if old is not None else _listening_socket(address, listener.port)
-                    result.append(_Bound(sock, endpoint))
+                if not listener.is_socket:
+                    self._bind_listener(config, listener, previous, result)
         except BaseException:
             for bound in result:
                 if all(bound.sock is not old.sock for old in reuse or []):
                     bound.sock.close()
             raise
         return result
+
+    def _bind_listener(self, config: Config, listener: Listener, previous: dict[tuple[str, int], _Bound],
+                       result: list[_Bound]) -> None:
+        """Add the sockets of one `listen on` line to ``result`` (kept ones taken out of ``previous``). An error
+        names the line: at a reload, the port taken or the pki file unreadable is in the new file."""
+        try:
+            context = self._context(config, listener)
+            addresses = _resolve(listener)
+            if not addresses:
+                raise ListenError(f"invalid virtual ip or interface: {listener.interface}")
+            for address in addresses:
+                endpoint = Endpoint(listener, address, listener.port, context, self._smtpname(listener, address))
+                old = previous.pop((address, listener.port), None)
+                sock = old.sock if old is not None else _listening_socket(address, listener.port)
+                result.append(_Bound(sock, endpoint))
+        except ListenError as error:
+            if listener.location is None:
+                raise
+            raise ListenError(f"{listener.location}: {error}") from None
 
     def _context(self, config: Config, listener: Listener) -> ssl.SSLContext | None:
         try:
