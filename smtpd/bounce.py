@@ -329,7 +329,10 @@ class Bouncer:
                 raise BounceRoutingError("no rule accepts the sender's address")
             result = expand_recipient(config, tables, facts, "", sender, smtpname)
             if result.refusal is not None:
-                raise BounceRoutingError(f"{result.refusal[0]} {result.refusal[1]}")
+                code, text = result.refusal
+                if 400 <= code < 500:  # (a table or ~/.forward failing for now): the report must wait, not go
+                    raise RuntimeError(f"temporary failure while expanding the sender's address: {code} {text}")
+                raise BounceRoutingError(f"{code} {text}")
             return list(result.deliveries)
 
         return await asyncio.to_thread(route)

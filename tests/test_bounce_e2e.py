@@ -78,3 +78,38 @@ def test_a_permanent_delivery_failure_comes_back_to_the_sender_as_a_dsn(world) -
         assert listing.returncode == 0 and listing.stdout == ""  # the original and the report are both gone
     finally:
         daemon.stop()
+
+
+def test_a_report_whose_routing_fails_for_now_is_kept_not_dropped(world) -> None:
+    """The sender's ~/.forward is too big: expanding the sender's address is a temporary failure (424). The
+    failure report must wait (the failed envelope stays queued) and go once the .forward is fixed, not be
+    dropped with the envelope."""
+    top, mail_root, alice, bob = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "local" mbox\n'
+              'action "fail" mda "/bin/false"\n'
+              'match from any for domain "mbox.test" action "local"\n'
+              'match from any for domain "fail.test" action "fail"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    forward = Path(alice.pw_dir) / ".forward"
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail(f"{alice.pw_name}@mbox.test")
+            assert client.rcpt(f"{bob.pw_name}@fail.test")[0] == 250
+            forward.write_text(f"{alice.pw_name}\n" * 1000)  # 4096 bytes or more: a temporary failure
+            os.chown(forward, alice.pw_uid, alice.pw_gid)
+            assert client.data(b"Subject: doomed\r\n\r\nbody\r\n")[0] == 250
+        wait_until(lambda: "report not queued" in daemon.log(), 30, 0.1, explain=daemon.log)
+        assert "dropped" not in daemon.log()
+        listing = daemon.smtpctl("show", "queue")
+        assert f"{bob.pw_name}@fail.test" in listing.stdout  # the failed envelope waits for its report
+        forward.unlink()
+        mailbox = Path(mail_root) / alice.pw_name
+        # (it is tried again 10 s later; `schedule` makes that now)
+        daemon.smtpctl("schedule", "all")
+        wait_until(lambda: mailbox.exists() and "Delivery status notification: failed" in mailbox.read_text(),
+                   60, 0.1, explain=daemon.log)
+    finally:
+        daemon.stop()
