@@ -347,7 +347,9 @@ class Scheduler:
                     await self.bouncer.report(envelope, DELAYED, delay=interval, remaining=remaining)
                 except Exception as error:  # noqa: BLE001 — a lost warning is not worth keeping the mail back
                     LOG.warning("scheduler: delay warning for %016x not queued: %s", envelope.evpid, error)
-                envelope.last_bounce = int(now)
+                # The warning is sent ahead (the try before the threshold): record the threshold it covers, not
+                # the time it was sent, or the next failure (still before the threshold) warns a second time.
+                envelope.last_bounce = int(threshold)
                 return
 
     def _warn_intervals(self) -> list[int]:

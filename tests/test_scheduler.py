@@ -372,3 +372,28 @@ def test_an_envelope_removed_while_its_temporary_failure_is_recorded_is_removed(
 
     _, known, rows = run(scenario())
     assert not known and rows == []
+
+
+def test_one_delay_warning_per_warn_interval_even_when_retried_before_the_threshold(tmp_path: Path) -> None:
+    """The warning goes out at the failure whose next try reaches ctime + interval, before that time: a second
+    failure before the threshold (here a `schedule`) must not send a second warning for the same interval."""
+    async def scenario() -> tuple[Harness, int, int]:
+        harness = Harness(tmp_path, queue_config(queue_ttl=86400, warn=(3600,)))
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("451 greylisted") if envelope.sender
+                                               else DeliveryResult.ok())
+        async with harness:
+            created = int(time.time()) - 3590  # the next try (ctime + 10 n²) is past ctime + 1 h
+            _, (evpid,) = await harness.submit(ctime=created)
+            await wait_for(lambda: len(reports(harness)) == 1, what="warning")
+            await wait_for(lambda: harness.scheduler.entries[evpid].state == "pending", what="rescheduled")
+            result = await HANDLERS["schedule"](harness.daemon, {"target": f"{evpid:016x}"})
+            assert result == {"count": 1}
+            await wait_for(lambda: len([a for a in harness.mda.attempts if a.sender]) == 2, what="second try")
+            await wait_for(lambda: harness.scheduler.entries[evpid].state == "pending", what="rescheduled again")
+            await asyncio.sleep(0.3)  # (longer than the report grouping delay)
+            stored = load_envelope(Path(harness.queue.envelope_path(evpid)).read_bytes())
+            return harness, stored.last_bounce, created
+
+    harness, last_bounce, created = run(scenario())
+    assert len(reports(harness)) == 1
+    assert last_bounce == created + 3600
