@@ -336,11 +336,14 @@ class Scheduler:
         self._schedule(entry, when)
 
     async def _maybe_warn(self, entry: Entry, nexttry: float, now: float) -> None:
-        """One delay warning per warn interval that the next try reaches (at most 4 intervals)."""
+        """One delay warning per warn interval that the next try reaches (at most 4 intervals), none for an interval
+        that ends after the envelope expires ("delayed for more than 4 hours" about mail that expires after 1)."""
         envelope = entry.envelope
         intervals = self._warn_intervals()
         for interval in intervals:
             threshold = envelope.ctime + interval
+            if threshold >= expire_time(envelope):
+                break  # the message expires first: its failure report, not a warning, will tell the sender
             if nexttry >= threshold and envelope.last_bounce < threshold and now < expire_time(envelope):
                 remaining = int(expire_time(envelope) - now)
                 try:

@@ -374,6 +374,24 @@ def test_an_envelope_removed_while_its_temporary_failure_is_recorded_is_removed(
     assert not known and rows == []
 
 
+def test_no_delay_warning_for_an_interval_that_ends_after_the_envelope_expires(tmp_path: Path) -> None:
+    """ttl 2 s, warn-interval 30 s, a relay whose next try (ctime + 400 s) is past the interval: the envelope
+    expires long before 30 s, so the sender gets the failure report only, not a "delayed for more than 30
+    seconds" warning first."""
+    async def scenario() -> Harness:
+        harness = Harness(tmp_path, queue_config(queue_ttl=2, warn=(30,)))
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("451 try later") if envelope.sender
+                                               else DeliveryResult.ok())
+        async with harness:
+            await harness.submit(agent=EnvelopeType.MTA)
+            await wait_for(lambda: any(r["Subject"].endswith("failed") for r in reports(harness)), what="expiry")
+            await asyncio.sleep(0.2)
+            return harness
+
+    subjects = [report["Subject"] for report in reports(run(scenario()))]
+    assert subjects == ["Delivery status notification: failed"]
+
+
 def test_one_delay_warning_per_warn_interval_even_when_retried_before_the_threshold(tmp_path: Path) -> None:
     """The warning goes out at the failure whose next try reaches ctime + interval, before that time: a second
     failure before the threshold (here a `schedule`) must not send a second warning for the same interval."""
