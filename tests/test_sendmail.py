@@ -81,17 +81,37 @@ def test_sendmail_t_aliases_and_headers(world) -> None:
     daemon = start_daemon(workdir, mail_root, user)
     try:
         message = ("From somewhere Mon Jan  1 00:00:00 2024\nReturn-Path: <old@x>\nTo: staff\n"
-                   "Bcc: secret@mx.control.test,\n  other@mx.control.test\nSubject: cron output\n\n"
-                   ".leading dot\nbody\n")
+                   "Bcc: postmaster@mx.control.test,\n  {user}@mx.control.test\nSubject: cron output\n\n"
+                   ".leading dot\nbody\n").replace("{user}", user.pw_name)
         result = run_sendmail(daemon.env, ["-t", "-F", "Cron Daemon", "-f", "cron"], message)
         assert result.returncode == 0, (result.stderr, daemon.log())
         for mailbox in ("root", user.pw_name):
             content = wait_for_mail(os.path.join(mail_root, mailbox))
             assert "Subject: cron output" in content
             assert "From: Cron Daemon <cron@mx.control.test>" in content
-            assert "Bcc" not in content and "secret@" not in content and "old@x" not in content
+            assert "Bcc" not in content and "old@x" not in content
             assert "\n.leading dot\nbody\n" in content
         assert os.stat(os.path.join(mail_root, user.pw_name)).st_uid == user.pw_uid
+    finally:
+        daemon.stop()
+
+
+def test_t_sends_to_the_bcc_recipients_without_showing_them(world) -> None:
+    """`sendmail -t` takes the recipients of To, Cc **and** Bcc (enqueue.c), and the Bcc: lines go. Before, the
+    Bcc: lines were dropped before the recipients were read, so blind copies were never sent."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        message = (f"To: root\nBcc: Hidden One <{user.pw_name}@mx.control.test>,\n  postmaster\n"
+                   "Subject: blind copies\n\nbody\n")
+        result = run_sendmail(daemon.env, ["-t", "-f", "cron"], message)
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        blind = wait_for_mail(os.path.join(mail_root, user.pw_name))
+        assert f"\nDelivered-To: {user.pw_name}@mx.control.test\n" in blind
+        mine = wait_for_mail(os.path.join(mail_root, "root"), count=2)  # root's own, and postmaster's
+        assert "\nDelivered-To: postmaster@mx.control.test\n" in mine
+        for content in (blind, mine):
+            assert "Subject: blind copies" in content and "Bcc" not in content and "Hidden One" not in content
     finally:
         daemon.stop()
 

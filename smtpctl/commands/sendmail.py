@@ -197,14 +197,16 @@ def envelope_sender(options: Options, message: Message, mailname: str) -> tuple[
 
 @dataclass
 class Message:
-    headers: list[str]  # header lines (continuations included), without line ends
+    headers: list[str]  # header lines (continuations included), without line ends; never a Bcc: line
     body: list[str]
+    bcc: list[str] = field(default_factory=list)  # the removed Bcc: lines, still recipients for -t
 
     def header_values(self, *names: str) -> list[str]:
         wanted = {name.lower() for name in names}
         values: list[str] = []
         current: str | None = None
-        for line in self.headers + [""]:
+        lines = self.headers + self.bcc if "bcc" in wanted else self.headers
+        for line in lines + [""]:
             if line[:1] in (" ", "\t") and current is not None:
                 current += " " + line.strip()
                 continue
@@ -246,7 +248,8 @@ def parse_message(data: bytes) -> Message:
         # Plain text such as `Warning: disk full` or uptime's ` 10:00:01 up 3 days`: it is all body, the
         # lines skipped above included (as OpenSMTPD's enqueue tells a message from text).
         return Message([], lines)
-    return Message(_drop_header(headers, "bcc"), lines[index:])
+    kept, bcc = _split_header(headers, "bcc")
+    return Message(kept, lines[index:], bcc)
 
 
 def _field_name(line: str) -> str:
@@ -255,18 +258,16 @@ def _field_name(line: str) -> str:
     return line.partition(":")[0].strip().lower()
 
 
-def _drop_header(headers: list[str], name: str) -> list[str]:
+def _split_header(headers: list[str], name: str) -> tuple[list[str], list[str]]:
+    """The header lines without field `name` (continuations go with their field), and that field's lines."""
     kept: list[str] = []
-    dropping = False
+    taken: list[str] = []
+    taking = False
     for line in headers:
-        if line[:1] in (" ", "\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = line.partition(":")[0].strip().lower() == name
-        if not dropping:
-            kept.append(line)
-    return kept
+        if line[:1] not in (" ", "\t"):
+            taking = line.partition(":")[0].strip().lower() == name
+        (taken if taking else kept).append(line)
+    return kept, taken
 
 
 def recipients_from_headers(message: Message) -> list[str]:
