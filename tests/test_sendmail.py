@@ -297,6 +297,20 @@ def test_long_lines_become_quoted_printable() -> None:
     assert "short" in lines
 
 
+def test_quoted_printable_keeps_the_messages_own_content_type() -> None:
+    """A script's HTML report with a Content-Type but no MIME-Version: the long line makes the body
+    quoted-printable, and the message's Content-Type stays the only one (as OpenSMTPD's enqueue adds it only
+    when missing). Before, a second `Content-Type: text/plain; charset=utf-8` was added after it."""
+    message = parse_message(b"Subject: report\nContent-Type: text/html; charset=iso-8859-1\n\n<p>caf\xe9 "
+                            + b"x" * 1200 + b"</p>\n")
+    lines = complete_message(message, "a@b.c", None)
+    header = lines[: lines.index("")]
+    assert [line for line in header if line.lower().startswith("content-type:")] == [
+        "Content-Type: text/html; charset=iso-8859-1"]
+    assert "MIME-Version: 1.0" in header and "Content-Transfer-Encoding: quoted-printable" in header
+    assert all(len(line) < 990 for line in lines) and lines[len(header) + 1].startswith("<p>caf=E9 ")
+
+
 def test_a_user_without_privileges_submits_as_themself(world) -> None:
     """What a user's cron job does: sendmail runs with the user's uid; the daemon learns who it is."""
     import io

@@ -285,8 +285,10 @@ def complete_message(message: Message, sender: str, full_name: str | None) -> li
     body = message.body
     if any(len(line.encode("utf-8", "surrogateescape")) >= LINE_SPLIT for line in body) \
             and not message.has_header("mime-version") and not message.has_header("content-transfer-encoding"):
-        headers += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
-                    "Content-Transfer-Encoding: quoted-printable"]
+        # A Content-Type the message has is kept (a second one would contradict it): only the missing ones go in.
+        headers += [f"{name}: {value}" for name, value in (
+            ("MIME-Version", "1.0"), ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Transfer-Encoding", "quoted-printable")) if not message.has_header(name)]
         raw = "\n".join(body).encode("utf-8", "surrogateescape") + b"\n"
         body = quopri.encodestring(raw).decode("ascii").split("\n")
         if body and body[-1] == "":
