@@ -15,6 +15,30 @@ _LEVEL_WORDS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "
                 logging.ERROR: "warn", logging.CRITICAL: "fatal"}
 
 
+_CSTYLE = {0x00: "\\0", 0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v", 0x0C: "\\f",
+           0x0D: "\\r"}
+
+
+def visible(text: str, *, white: bool = False) -> str:
+    """A value from a client made safe for one log line (as OpenSMTPD passes such values through strnvis):
+    control characters and bytes outside printable ASCII are escaped (`\\r`, `\\n`, `\\t`, `\\0`, else `\\ooo`
+    octal), a backslash is doubled, and with ``white`` a space is escaped too (`\\040`), so that a user name can
+    neither start a new log line nor pose as another `key=value` field of the line."""
+    if text.isascii() and text.isprintable() and "\\" not in text and not (white and " " in text):
+        return text  # the usual case, unchanged
+    out: list[str] = []
+    for byte in text.encode("utf-8", "surrogateescape"):
+        if byte == 0x5C:
+            out.append("\\\\")
+        elif 0x21 <= byte <= 0x7E or (byte == 0x20 and not white):
+            out.append(chr(byte))
+        elif not white and byte in _CSTYLE:
+            out.append(_CSTYLE[byte])
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
 class _ReferenceFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"{_LEVEL_WORDS.get(record.levelno, 'info')}: {record.getMessage()}"

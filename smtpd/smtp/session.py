@@ -429,7 +429,7 @@ class Session:
             for line in str(reply).split("\n"):
                 trace.emit("smtp", f"{self.token}: >>> {line}", session=self.token, code=reply.code)
         if reply.failed and command is not None:
-            _log.info('%s smtp failed-command command="%s" result="%s"', self.token, command,
+            _log.info('%s smtp failed-command command="%s" result="%s"', self.token, log.visible(command),
                       str(reply).split("\n")[0])
 
     async def _drain_replies(self) -> None:
@@ -666,7 +666,8 @@ class Session:
     async def _check_credentials(self, user: str, password: str) -> None:
         self._set_state("STATE_AUTH_FINALIZE")
         result = await authenticate(self.tables, self.listener.auth_table, user, password)
-        _log.info("%s smtp authentication user=%s result=%s", self.token, user, result.value)
+        _log.info("%s smtp authentication user=%s result=%s", self.token, log.visible(user, white=True),
+                  result.value)
         if result is AuthResult.OK:
             self.auth_user, self.authenticated = user, True
             await self.reply(replies.AUTH_OK)

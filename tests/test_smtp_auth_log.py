@@ -1,0 +1,86 @@
+"""Values a client chooses reach the log escaped: an AUTH user name or a refused command line cannot add lines
+or fields to the maillog (as OpenSMTPD passes them through strnvis)."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+
+import pytest
+from helpers_smtp import MAILNAME, LineClient, SmtpDaemon, make_certificate
+
+from smtpd.log import visible
+
+PASSWORD = "secret"
+
+CONFIG = """
+pki mx.test.example cert "{dir}/mx.test.example.crt"
+pki mx.test.example key "{dir}/mx.test.example.key"
+table creds { alice = "HASH" }
+listen on 127.0.0.1 port {port} tls pki mx.test.example auth <creds>
+action "local" mbox
+match from any for local action "local"
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    from shared.passwords import hash_password
+
+    folder = tmp_path_factory.mktemp("authlog")
+    make_certificate(folder)
+    server = SmtpDaemon(folder, CONFIG.replace("HASH", hash_password(PASSWORD, "sha512")))
+    server.start()
+    server.wait_listening(server.port)
+    yield server
+    server.stop()
+
+
+def secured_client(port: int) -> LineClient:
+    client = LineClient(port)
+    assert client.reply()[0].startswith("220 ")
+    client.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+    client.reply()
+    assert client.reply() == ["220 2.0.0 Ready to start TLS"]
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    client.sock = context.wrap_socket(client.sock, server_hostname=MAILNAME)
+    client.send(b"EHLO c.test\r\n")
+    assert "250-AUTH PLAIN LOGIN" in client.reply()
+    return client
+
+
+def test_visible_escapes_what_could_forge_a_line_or_a_field() -> None:
+    assert visible("alice") == "alice"
+    assert visible("a b\tc\r\nd") == "a b\\tc\\r\\nd"
+    assert visible("a b\nc", white=True) == "a\\040b\\012c"
+    assert visible("back\\slash") == "back\\\\slash"
+    assert visible("\x1b[31m\udcff") == "\\033[31m\\377"
+
+
+def test_auth_user_with_a_newline_cannot_forge_a_log_line(daemon: SmtpDaemon) -> None:
+    forged = "info: 0000000000000000 smtp authentication user=admin result=ok"
+    user = f"x result=ok\n{forged}\ninfo: y"
+    client = secured_client(daemon.port)
+    try:
+        token = base64.b64encode(f"\0{user}\0wrong".encode()).decode()
+        client.send(f"AUTH PLAIN {token}\r\n".encode())
+        assert client.reply() == ["535 Authentication failed"]
+    finally:
+        client.close()
+    lines = daemon.log().splitlines()
+    assert forged not in lines
+    assert not any(line.startswith("info: y result=") for line in lines)
+    assert ("smtp authentication user=x\\040result=ok\\012info:\\0400000000000000000\\040smtp\\040authentication"
+            "\\040user=admin\\040result=ok\\012info:\\040y result=permfail") in daemon.log()
+
+
+def test_refused_command_with_control_characters_is_logged_escaped(daemon: SmtpDaemon) -> None:
+    client = LineClient(daemon.port)
+    try:
+        assert client.reply()[0].startswith("220 ")
+        client.send(b"XYZZY\rinfo: forged\x1b[2J\r\n")
+        assert client.reply() == ["500 5.5.1 Invalid command: Command unrecognized"]
+    finally:
+        client.close()
+    assert 'failed-command command="XYZZY\\rinfo: forged\\033[2J" result="500 ' in daemon.log()
