@@ -320,8 +320,9 @@ class Session:
             self._data_progress = 0
             self._data_deadline = loop.time() + self.limits.timeout
 
-    async def read_line(self) -> str:
-        """The next command line (without CRLF), within the idle timeout."""
+    async def read_line(self, secret: bool = False) -> str:
+        """The next command line (without CRLF), within the idle timeout. ``secret``: an AUTH response, which
+        is never traced nor logged."""
         while True:
             raw = await self._next_raw_line()
             if raw.endswith(b"\r"):
@@ -329,8 +330,8 @@ class Session:
             elif not self.local:
                 # A bare LF never ends a command line: answer it as an error and do not act on its text.
                 text = raw.decode("utf-8", "surrogateescape")
-                self._trace_input(text)
-                await self._error(replies.BARE_LF_COMMAND, text[:64])
+                self._trace_input(text, secret=secret)
+                await self._error(replies.BARE_LF_COMMAND, "AUTH" if secret else _masked(text)[:64])
                 continue
             if len(raw) >= COMMAND_MAX:
                 await self.reply(replies.COMMAND_TOO_LONG)
@@ -389,12 +390,7 @@ class Session:
 
     def _trace_input(self, line: str, secret: bool = False) -> None:
         if trace.wants("smtp"):
-            shown = line
-            if secret:
-                shown = "********"
-            elif line[:5].upper() == "AUTH ":
-                words = line.split(" ")
-                shown = " ".join(words[:2] + (["********"] if len(words) > 2 else []))
+            shown = "********" if secret else _masked(line)
             trace.emit("smtp", f"{self.token}: <<< {shown}", session=self.token)
 
     def _trace_io(self, text: str, **fields: Any) -> None:
@@ -633,7 +629,7 @@ class Session:
     async def _auth_response(self, prompt: Reply, state: str) -> str:
         self._set_state(state)
         await self.reply(prompt)
-        line = await self.read_line()
+        line = await self.read_line(secret=True)
         self._trace_input(line, secret=True)
         return line
 
@@ -1007,6 +1003,14 @@ class Session:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------------
+def _masked(line: str) -> str:
+    """A command line as it may be traced or logged: an AUTH line keeps its mechanism, not its credentials."""
+    if line[:5].upper() != "AUTH ":
+        return line
+    words = line.split(" ")
+    return " ".join(words[:2] + (["********"] if len(words) > 2 else []))
+
+
 def split_command(line: str) -> tuple[str, str]:
     """`MAIL FROM:` / `RCPT TO:` split at the first ':', other commands at the first space (§7.1)."""
     upper = line.upper()
