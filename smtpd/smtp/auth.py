@@ -41,7 +41,7 @@ def _stored_from_table(tables: Any, table: str, user: str) -> str | None:
 def _stored_from_system(user: str) -> str | None:
     try:
         entry = pwd.getpwnam(user)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL in the name (AUTH LOGIN's user name is any bytes)
         return None
     try:
         with open(SHADOW, encoding="utf-8", errors="surrogateescape") as handle:
