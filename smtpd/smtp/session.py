@@ -608,13 +608,12 @@ class Session:
         if not argument:
             await self._error(replies.AUTH_NO_PARAMETERS, "AUTH")
             return
-        mechanism, _, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
+        mechanism, initial = split_auth_argument(argument)
         self._set_state("STATE_AUTH_INIT")
         try:
-            if mechanism == "PLAIN":
+            if mechanism.upper() == "PLAIN":
                 credentials = await self._auth_plain(initial.strip())
-            elif mechanism == "LOGIN":
+            elif mechanism.upper() == "LOGIN":
                 credentials = await self._auth_login(initial.strip())
             else:
                 await self._error(replies.auth_method_unsupported(mechanism), "AUTH")
@@ -1007,8 +1006,16 @@ def _masked(line: str) -> str:
     """A command line as it may be traced or logged: an AUTH line keeps its mechanism, not its credentials."""
     if line[:5].upper() != "AUTH ":
         return line
-    words = line.split(" ")
-    return " ".join(words[:2] + (["********"] if len(words) > 2 else []))
+    mechanism, initial = split_auth_argument(line[5:].lstrip(" "))
+    return f"{line[:5]}{mechanism}" + (" ********" if initial else "")
+
+
+def split_auth_argument(argument: str) -> tuple[str, str]:
+    """AUTH's mechanism (as the client wrote it) and initial response: split at the first space, or when there
+    is none at the first tab, as OpenSMTPD does."""
+    separator = " " if " " in argument else "\t"
+    mechanism, _, initial = argument.partition(separator)
+    return mechanism, initial
 
 
 def split_command(line: str) -> tuple[str, str]:
