@@ -223,9 +223,29 @@ def test_listen_errors() -> None:
 def test_listener_warnings() -> None:
     warned = parse('listen on lo tls\nlisten on lo\n' + RULE)
     assert warned.ok
-    texts = [str(w) for w in warned.warnings]
+    texts = sorted(str(w) for w in warned.warnings)
     assert texts[0].startswith("/etc/smtpd.conf:1: warning: tls listener on lo has no pki")
     assert texts[1].startswith("/etc/smtpd.conf:2: warning: listener on 127.0.0.1 port 25 duplicates")
+
+
+def test_no_pki_warning_only_when_the_listener_has_no_certificate() -> None:
+    pki = 'pki {name} cert "/x/{name}.crt"\npki {name} key "/x/{name}.key"\n'
+
+    def warnings(text: str) -> list[str]:
+        result = parse(text + RULE, mailname="mx.example.org")
+        assert result.ok, result.lines()
+        return [str(w) for w in result.warnings if "has no pki" in str(w)]
+
+    # the only pki declared is used whatever its name (smtpd.smtp.tls.listener_pkis)
+    assert warnings(pki.format(name="other.example") + "listen on lo tls\n") == []
+    # a pki named after the mailname, or `*`, declared after the listener
+    assert warnings("listen on lo smtps\n" + pki.format(name="a.example") + pki.format(name="mx.example.org")) == []
+    assert warnings("listen on lo tls\n" + pki.format(name="a.example") + 'pki "*" cert "/x/any.crt"\n'
+                    'pki "*" key "/x/any.key"\n') == []
+    # two pkis, neither of them the listener's: TLS cannot start
+    assert warnings(pki.format(name="a.example") + pki.format(name="b.example") + "listen on lo tls\n") == [
+        "/etc/smtpd.conf:5: warning: tls listener on lo has no pki: TLS cannot start (add `pki NAME` and declare "
+        "that pki)"]
 
 
 # -- actions -------------------------------------------------------------------------------------------------

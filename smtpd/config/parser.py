@@ -353,7 +353,21 @@ class Parser:
     def finish(self) -> None:
         from smtpd.config import legacy
 
+        self._pki_warnings()
         legacy.finish(self)
+
+    def _pki_warnings(self) -> None:
+        """TLS listeners without `pki` whose certificate cannot be found, once every pki of the file is known
+        (smtpd.smtp.tls.listener_pkis: the pki named after the listener's hostname or the mailname, else `*`,
+        else the only one declared)."""
+        if len(self.pkis) == 1:
+            return
+        for listener in self.listeners:
+            if listener.tls is TlsMode.NONE or listener.pki:
+                continue
+            if not {"*", (listener.hostname or self.mailname or "").lower()} & set(self.pkis):
+                self.warning(f"{listener.tls.value} listener on {listener.interface} has no pki: TLS cannot "
+                             f"start (add `pki NAME` and declare that pki)", listener.location)
 
     def recover(self) -> None:
         """Skip to the end of the statement's line, like yacc's `error '\\n'` rule."""
@@ -1079,11 +1093,6 @@ class Parser:
 
     def _listener_warnings(self, listener) -> None:  # noqa: ANN001 - a model Listener
         location = listener.location
-        if listener.tls is not TlsMode.NONE and not listener.pki:
-            candidates = {"*", (listener.hostname or self.mailname or "").lower()}
-            if not candidates & set(self.pkis):
-                self.warning(f"{listener.tls.value} listener on {listener.interface} has no pki: TLS cannot "
-                             f"start (add `pki NAME` and declare that pki)", location)
         for address in listener.addresses:
             key = (address, listener.port)
             if key in self.bound:
