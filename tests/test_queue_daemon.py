@@ -164,3 +164,16 @@ def run_smtpctl_offline(tmp_path: Path, *args: str):
                PYTHONPATH=str(root))
     return subprocess.run([sys.executable, "-m", "smtpctl", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=60)
+
+
+def test_an_empty_filter_is_refused_not_read_as_all(daemon) -> None:
+    """The daemon reads an empty filter as none, and a changing command with a filter but no target acts on
+    `all`: `smtpctl remove --domain "$D"` with D empty removed every envelope. smtpctl refuses the empty value."""
+    for command in (("remove",), ("schedule",), ("pause", "envelope"), ("resume", "envelope"), ("show", "queue")):
+        for option in ("--domain", "--sender", "--rcpt"):
+            result = daemon.smtpctl(*command, option, "")
+            assert result.returncode == 255, (command, option, result.stdout)
+            assert f"Invalid value for {option}: must not be empty" in result.stderr
+    assert len(lines(daemon.smtpctl("show", "queue"))) == 3  # nothing removed
+    dry = daemon.smtpctl("remove", "--domain", "two.test", "--dry-run")
+    assert dry.stdout.splitlines()[-1] == "2 envelopes would be removed (dry run)"

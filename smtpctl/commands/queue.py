@@ -137,6 +137,11 @@ def filter_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def _filter_args(sender: str | None, rcpt: str | None, domain: str | None, older: str | None,
                  newer: str | None, state: str | None) -> dict[str, Any]:
     args: dict[str, Any] = {"sender": sender, "rcpt": rcpt, "domain": domain, "state": state}
+    for key in ("sender", "rcpt", "domain"):
+        # The daemon reads an empty filter as no filter at all, and a changing command given a filter but no
+        # target acts on `all`: `smtpctl remove --domain "$D"` with D empty would empty the whole queue.
+        if args[key] == "":
+            raise click.BadParameter("must not be empty (`all` names every envelope)", param_hint=f"--{key}")
     for key, value in (("older", older), ("newer", newer)):
         if value is not None:
             try:
