@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from collections.abc import Iterator
 
 import pexpect
 import pytest
-from helpers_control import ROOT, DaemonProcess, running_daemon
+from daemon import accepts
+from helpers_control import ROOT, DaemonProcess, free_port, minimal_config, running_daemon
+from waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +76,25 @@ def test_show_status_is_a_coloured_table_on_a_terminal(daemon: DaemonProcess) ->
     assert re.search(r"MDA\s+\S*\s*paused", plain) and re.search(r"SMTP\s+\S*\s*running", plain)
     # The same command in a pipe prints OpenSMTPD's stable text.
     assert daemon.smtpctl("show", "status").stdout == "MDA running\nMTA running\nSMTP running\n"
+
+
+def test_trace_follow_does_not_pass_a_clients_control_characters_to_the_terminal() -> None:
+    """`smtp: ... <<< LINE` quotes what a client sent; on a terminal its ESC sequences (colours, the window
+    title, worse) were printed raw. They are shown as vis(3) writes them."""
+    port = free_port()
+    with running_daemon(minimal_config(port)) as daemon:
+        wait_until(lambda: accepts(port), 20, explain=daemon.log)
+        terminal = spawn(daemon, "trace", "smtp", "--follow")
+        try:
+            terminal.expect("following smtp; Ctrl-C to stop")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+                client.recv(1000)
+                client.sendall(b"EHLO \x1b[31mred\x1b]0;title\x07 caf\xc3\xa9\r\nQUIT\r\n")
+                terminal.expect(r">>> 221 ")
+            screen = terminal.before
+            terminal.sendintr()
+            terminal.expect(pexpect.EOF)
+        finally:
+            terminal.close(force=True)
+    assert "<<< EHLO \\^[[31mred\\^[]0;title\\^G café" in screen
+    assert "\x1b[31mred" not in screen and "\x1b]0;" not in screen and "\x07" not in screen

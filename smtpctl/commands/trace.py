@@ -94,6 +94,27 @@ def follow_events(keywords: list[str], filters: dict[str, str], capacity: int, a
     return Exit.OK
 
 
+def terminal_safe(text: str) -> str:
+    """Text whose control characters are written as vis(3) does (ESC as \\^[): an event quotes what clients
+    and remote servers sent (`smtp: ... <<< EHLO ...`), which must not drive the terminal it is shown on.
+    Printable characters, UTF-8 included, tabs and newlines are left alone; other invisible ones (bidi
+    overrides) become \\uXXXX."""
+    if text.isprintable():
+        return text
+    from smtpd.queue.listing import vis
+
+    out = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable() or char in "\t\n":
+            out.append(char)
+        elif code < 0x100 or 0xDC80 <= code <= 0xDCFF:
+            out.append(vis(char))
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 class _PlainPrinter:
     """The daemon log's trace lines (`expand: lka_expand: ...`); losses on stderr."""
 
@@ -126,7 +147,7 @@ class _RichPrinter:
             subsystem = str(event.get("subsystem", ""))
             stamp = time.strftime("%H:%M:%S", time.localtime(float(event.get("time", 0))))
             colour = SUBSYSTEM_COLOURS.get(subsystem, "white")
-            console.print(f"[dim]{stamp}[/] [{colour}]{subsystem:<9}[/] {escape(str(event.get('message', '')))}",
-                          soft_wrap=True)
+            message = escape(terminal_safe(str(event.get("message", ""))))
+            console.print(f"[dim]{stamp}[/] [{colour}]{subsystem:<9}[/] {message}", soft_wrap=True)
         elif kind == "dropped":
             console.print(f"[bold red]... {event.get('count')} events dropped: the terminal is too slow[/]")
