@@ -32,6 +32,9 @@ COMMANDS: dict[str, str] = {
     "stop": "smtpctl.commands.control:stop",
     "explain": "smtpctl.commands.explain:explain",
 }
+# The words OpenSMTPD 6.8's smtpctl has at this level: a prefix that chose one of them there still does here.
+OPENSMTPD_COMMANDS = frozenset(list(COMMANDS)[:15])
+WHOLE_WORD_ONLY = frozenset({"stop"})
 
 
 def __getattr__(name: str) -> object:

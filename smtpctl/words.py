@@ -99,7 +99,7 @@ class WordGroup(click.Group):
         word = args[0]
         names = self.list_commands(ctx)
         if word not in names:
-            candidates = [name for name in names if name.startswith(word)] if word else []
+            candidates = self.prefix_candidates(word, names)
             if len(candidates) != 1:
                 if ctx.resilient_parsing:
                     return None, None, args
@@ -111,6 +111,9 @@ class WordGroup(click.Group):
                 return None, None, args
             possibilities(ctx, self.visible_commands(ctx))
         return word, command, args[1:]
+
+    def prefix_candidates(self, word: str, names: list[str]) -> list[str]:
+        return [name for name in names if name.startswith(word)] if word else []
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
@@ -235,6 +238,16 @@ class RootGroup(WordGroup):
         from smtpctl.cli import COMMANDS
 
         return COMMANDS
+
+    def prefix_candidates(self, word: str, names: list[str]) -> list[str]:
+        """A prefix means what it meant to OpenSMTPD's smtpctl (`smtpctl e` is encrypt, although explain is
+        ours too); our own commands answer to the prefixes left over, and `stop` only to its whole word, so
+        that no typo (`smtpctl st` for a `show st...`) stops the daemon."""
+        from smtpctl.cli import OPENSMTPD_COMMANDS, WHOLE_WORD_ONLY
+
+        candidates = [name for name in super().prefix_candidates(word, names) if name not in WHOLE_WORD_ONLY]
+        theirs = [name for name in candidates if name in OPENSMTPD_COMMANDS]
+        return theirs if theirs else candidates
 
     def invoke(self, ctx: click.Context) -> Any:
         # `smtpctl monitor | head`, `smtpctl show queue | head -1`: the reader left, which is how such a pipe

@@ -46,6 +46,21 @@ def test_ambiguous_prefix_lists_possibilities(daemon: DaemonProcess) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (255, "", SHOW_LISTING)
 
 
+@pytest.mark.parametrize("typed", ["st", "sto"])
+def test_stop_is_never_reached_by_a_prefix(daemon: DaemonProcess, typed: str) -> None:
+    """OpenSMTPD 6.8 has no `stop`: there `smtpctl st` is a listing, and a typo must not stop our daemon."""
+    result = daemon.smtpctl(typed)
+    assert result.returncode == 255 and result.stderr.startswith("possibilities are:\n")
+    assert daemon.smtpctl("show", "status").returncode == 0  # still running
+
+
+def test_a_prefix_means_what_it_meant_to_opensmtpd(daemon: DaemonProcess) -> None:
+    """`smtpctl e` is OpenSMTPD's encrypt although our explain starts with e too; `ex` reaches explain."""
+    encrypted = smtpctl(daemon.socket, "e", "secret")
+    assert encrypted.returncode == 0 and encrypted.stdout.startswith("$")
+    assert "--to" in smtpctl(daemon.socket, "ex", "--help").stdout
+
+
 def test_missing_word_lists_possibilities(daemon: DaemonProcess) -> None:
     assert daemon.smtpctl("sh").stderr == SHOW_LISTING
     top = daemon.smtpctl()
