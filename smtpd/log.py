@@ -6,6 +6,7 @@ import asyncio
 import logging
 import logging.handlers
 import sys
+import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -41,7 +42,17 @@ def visible(text: str, *, white: bool = False) -> str:
 
 class _ReferenceFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{_LEVEL_WORDS.get(record.levelno, 'info')}: {record.getMessage()}"
+        line = f"{_LEVEL_WORDS.get(record.levelno, 'info')}: {record.getMessage()}"
+        if not record.exc_info or record.exc_info[1] is None:
+            return line
+        # An unexpected error names itself on its line (its text may hold a client's bytes: made visible); with
+        # -v its traceback follows, one `debug:` line each, for a bug report.
+        error = record.exc_info[1]
+        line += f": {type(error).__name__}: {visible(str(error))}"
+        if logging.getLogger(LOGGER_NAME).isEnabledFor(logging.DEBUG):
+            trace_lines = "".join(traceback.format_exception(error)).rstrip("\n").splitlines()
+            line += "".join(f"\ndebug: {visible(text)}" for text in trace_lines)
+        return line
 
 
 class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]

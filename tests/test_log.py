@@ -120,3 +120,27 @@ def test_off_the_loop_and_odd_calls_take_the_usual_way(foreground: Any) -> None:
     assert "info: e5 from a thread, no loop\n" in written.getvalue()
     assert "info: f6 mapping by name\n" in written.getvalue()
     assert records == ["e5 from a thread, no loop", "f6 %(name)s by name", "g7 %d"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_error_names_itself_and_with_v_shows_its_traceback(foreground: Any, verbose: bool) -> None:
+    """`smtp session failed` alone told an administrator nothing; the error's text comes from a client at times,
+    so it is made visible like any client value (no second line, no terminal escape)."""
+    logger, written, _ = foreground
+    daemon_handlers_only()
+    logging.getLogger(log.LOGGER_NAME).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    def failing() -> None:
+        try:
+            raise ValueError("bad \x1b[31mline\ninfo: forged")
+        except ValueError:
+            logger.exception("%s smtp session failed", "a1")
+
+    on_loop(failing)
+    lines = written.getvalue().splitlines()
+    assert lines[0] == "warn: a1 smtp session failed: ValueError: bad \\033[31mline\\ninfo: forged"
+    if verbose:
+        assert lines[1] == "debug: Traceback (most recent call last):"
+        assert any("in failing" in line for line in lines) and all(line.startswith("debug: ") for line in lines[1:])
+    else:
+        assert len(lines) == 1
