@@ -161,3 +161,19 @@ def test_control_socket_that_cannot_be_made_is_named_in_the_error(tmp_path: Path
         "SMTPD_MAILNAME": str(tmp_path / "mailname"), "SMTPD_PIDFILE": str(tmp_path / "smtpd.pid")})
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == f"smtpd: control socket {missing}: No such file or directory"
+
+
+def test_a_db_table_made_by_opensmtpds_makemap_says_how_to_rebuild_it(tmp_path: Path) -> None:
+    """A migrating administrator's aliases.db from OpenSMTPD's makemap (Berkeley DB): ours are SQLite, and the
+    message says so and names the command, rather than `not a table database made by makemap`."""
+    source = write(tmp_path, "aliases", "root: bob\n")
+    made = subprocess.run(["/usr/sbin/makemap", "-t", "aliases", str(source)], capture_output=True, text=True,
+                          timeout=30)
+    assert made.returncode == 0, made.stderr
+    config = write(tmp_path, "smtpd.conf", f'table aliases db:{source}.db\naction "a" mbox alias <aliases>\n'
+                                           'match for local action "a"\n')
+    result = run_smtpd("-n", "-f", str(config))
+    assert result.returncode == 1
+    assert (f"{source}.db: dbopen: a Berkeley DB file, as OpenSMTPD's makemap writes; ours are SQLite: rebuild it "
+            f"from its source with our makemap (makemap {source}, with -t aliases or -t set as it was made)") \
+        in result.stderr.splitlines()

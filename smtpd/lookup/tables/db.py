@@ -89,6 +89,26 @@ def _strerror(error: OSError) -> str:
     return os.strerror(error.errno) if error.errno else str(error)
 
 
+# The magic numbers of Berkeley DB's hash and btree files (at byte 12, in the writer's byte order): what
+# OpenSMTPD's makemap writes.
+BERKELEY_MAGICS = {0x061561, 0x053162}
+
+
+def _not_ours(path: str) -> str:
+    """Why a db file cannot be read, saying what to do when it is one of OpenSMTPD's makemap."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        head = b""
+    if len(head) == 16 and {int.from_bytes(head[12:16], order) for order in ("little", "big")} & BERKELEY_MAGICS:
+        source = path[:-3] if path.endswith(".db") else path
+        return (f"{path}: dbopen: a Berkeley DB file, as OpenSMTPD's makemap writes; ours are SQLite: "
+                f"rebuild it from its source with our makemap (makemap {source}, with -t aliases or -t set as "
+                "it was made)")
+    return f"{path}: dbopen: not a table database made by makemap"
+
+
 class DbReader:
     """One open database file, checked to be ours."""
 
@@ -105,10 +125,10 @@ class DbReader:
             row = self.connection.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
             type_row = self.connection.execute("SELECT value FROM meta WHERE name = 'type'").fetchone()
         except sqlite3.Error:
-            raise TableLoadError(f"{path}: dbopen: not a table database made by makemap") from None
+            raise TableLoadError(_not_ours(path)) from None
         if application_id != APPLICATION_ID or row is None or row[0] != FORMAT_NAME:
             self.connection.close()
-            raise TableLoadError(f"{path}: dbopen: not a table database made by makemap")
+            raise TableLoadError(_not_ours(path))
         self.db_type = type_row[0] if type_row else "map"
         self.lock = threading.Lock()
 
