@@ -176,6 +176,14 @@ def test_newaliases_reports_file_line_errors_and_usage(tmp_path: Path) -> None:
     assert (extra.returncode, extra.stderr) == (1, "usage: newaliases [-f file]\n")
 
 
+def test_newaliases_with_an_inline_aliases_table_says_there_is_nothing_to_build(tmp_path: Path) -> None:
+    """It rebuilt /etc/aliases.db, which such a configuration never reads, and said it had done so."""
+    config = write_config(tmp_path, 'table aliases { root = bob }')
+    result = run_ours("newaliases", "-f", str(config), cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", "newaliases: table aliases is inline in the configuration: there is no aliases file to build\n")
+
+
 @pytest.fixture
 def request_cleanup() -> Iterator[list[Path]]:
     folders: list[Path] = []

@@ -277,8 +277,13 @@ def aliases_source(config_path: str | None) -> str:
             print(line, file=sys.stderr)
         raise MapError(f"{path}: invalid configuration")
     decl = config.tables.get("aliases")
-    if decl is None or not decl.source or decl.backend not in ("file", "static", "db"):
+    if decl is None:
         return DEFAULT_ALIASES
+    if not decl.source or decl.backend not in ("file", "static", "db"):
+        # Rebuilding /etc/aliases.db then would change nothing the daemon reads (OpenSMTPD fails here too,
+        # with `stat: : No such file or directory`).
+        where = "inline in the configuration" if not decl.source else f"a {decl.backend} table"
+        raise MapError(f"table aliases is {where}: there is no aliases file to build")
     source = decl.source
     return source[:-3] if source.endswith(".db") else source
 
