@@ -236,8 +236,9 @@ class RawRemote:
     asked for with the command None). For replies an SMTP library would never produce."""
 
     def __init__(self, script: Callable[[str | None], bytes], host: str = "127.0.0.1", port: int = 0,
-                 eom_delay: float = 0.0) -> None:
+                 eom_delay: float = 0.0, tls: ssl.SSLContext | None = None) -> None:
         self.script = script
+        self.tls = tls  # a STARTTLS answered 220 starts the handshake after the answer is sent
         self.host = host
         self.port = port or free_port(host)
         self.eom_delay = eom_delay  # hold the end-of-data reply so that sessions overlap
@@ -286,6 +287,8 @@ class RawRemote:
                 hang_up = answer.endswith(CLOSE)
                 writer.write(answer.removesuffix(CLOSE))
                 await writer.drain()
+                if self.tls is not None and text.upper() == "STARTTLS" and answer.startswith(b"220"):
+                    await writer.start_tls(self.tls)
                 if text.upper() == "QUIT" or hang_up:
                     break
         except (ConnectionError, OSError):

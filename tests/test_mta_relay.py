@@ -279,6 +279,26 @@ def test_starttls_and_auth_against_the_smarthost(tmp_path: os.PathLike[str], cer
     assert remote.received[0].auth_user == "relayuser"
 
 
+def test_replies_sent_with_the_starttls_answer_are_dropped_before_the_handshake(tmp_path: os.PathLike[str],
+                                                                               certificate, dns) -> None:
+    """The STARTTLS injection class (CVE-2011-0411, client side): lines a server (or a man in the middle) sends in
+    plaintext after its 220 must not be read as answers inside the TLS session. Read, the 250 would answer our
+    EHLO, every later answer would come one step late, and the message would not go."""
+    import ssl
+
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certificate.cert, certificate.key)
+    script = standard_script({"EHLO": b"250-raw.test\r\n250 STARTTLS\r\n",
+                              "STARTTLS": b"220 2.0.0 go ahead\r\n250 injected\r\n"})
+    with RawRemote(script, tls=server_context) as remote:
+        config = tls_config(remote, "smtp+tls", certificate)
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.commands[:3] == ["EHLO " + remote.commands[0].split(" ", 1)[1], "STARTTLS",
+                                   remote.commands[0]]  # EHLO again, inside TLS
+    assert "<EOM>" in remote.commands
+
+
 def test_smtps_and_auth_against_the_smarthost(tmp_path: os.PathLike[str], certificate, dns) -> None:
     with Remote(tls=certificate, smtps=True, credentials={"relayuser": "s3cret-pass"}) as remote:
         config = tls_config(remote, "smtps", certificate, label="lbl@")

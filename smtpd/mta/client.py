@@ -1,4 +1,4 @@
-"""The SMTP/LMTP client of the relay: one connection to one remote host, over asyncio streams.
+"""The SMTP/LMTP client of the relay: one connection to one remote host, on our own asyncio protocol.
 
 Why not aiosmtplib (the maintained asyncio SMTP client): the relay needs four things it does
 not offer —
@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from smtpd import trace
+from smtpd.smtp.connection import SocketConnection
 
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; some servers send longer text, nobody sends 4 KiB per line
 MAX_REPLY_LINES = 64
@@ -111,16 +112,20 @@ def _clean(text: str) -> str:
 
 
 class SmtpClient:
-    """One client connection. Methods raise ClientError; SMTP-level refusals come back as Reply."""
+    """One client connection. Methods raise ClientError; SMTP-level refusals come back as Reply.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, timeout: float,
-                 peer: str, lmtp: bool = False, session_id: str = "") -> None:
-        self.reader = reader
-        self.writer = writer
+    The bytes received land in the connection's own buffer (smtpd.smtp.connection, as under the server's
+    sessions), so the client can tell whether the server sent more than the reply it read, and can drop what
+    came before a TLS handshake, without reaching into a stream's internals."""
+
+    def __init__(self, connection: SocketConnection, *, timeout: float, peer: str, lmtp: bool = False,
+                 session_id: str = "", subsystem: str = "mta") -> None:
+        self.connection = connection
         self.timeout = timeout
         self.peer = peer
         self.lmtp = lmtp
         self.session_id = session_id
+        self.subsystem = subsystem  # the trace subsystem of its lines: mta, or mda for a local lmtp action
         self.extensions = Extensions()
         self.tls = False
         self.tls_verified = False
@@ -131,20 +136,20 @@ class SmtpClient:
     @classmethod
     async def connect(cls, address: str, port: int, *, timeout: float, source: str | None = None,
                       tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                      lmtp: bool = False, session_id: str = "") -> SmtpClient:
+                      lmtp: bool = False, session_id: str = "", subsystem: str = "mta") -> SmtpClient:
         """Open the TCP connection (TLS at once when tls_context is given: smtps); an address starting with
         "/" is the path of a Unix socket (lmtp:///path)."""
+        loop = asyncio.get_running_loop()
         local_addr = (source, 0) if source else None
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         try:
             if address.startswith("/"):
-                opening = asyncio.open_unix_connection(address, limit=MAX_REPLY_LINE * 2)
+                opening = loop.create_unix_connection(SocketConnection, address)
             else:
-                opening = asyncio.open_connection(address, port, family=family, local_addr=local_addr,
-                                                  ssl=tls_context,
-                                                  server_hostname=server_hostname if tls_context else None,
-                                                  limit=MAX_REPLY_LINE * 2)
-            reader, writer = await asyncio.wait_for(opening, timeout)
+                opening = loop.create_connection(SocketConnection, address, port, family=family,
+                                                 local_addr=local_addr, ssl=tls_context,
+                                                 server_hostname=server_hostname if tls_context else None)
+            _, connection = await asyncio.wait_for(opening, timeout)
         except TimeoutError:
             raise ClientError("Connection timeout") from None
         except ssl.SSLError as error:
@@ -153,7 +158,7 @@ class SmtpClient:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise ClientError(f"Connection failed: {reason}") from None
         peer = address if address.startswith("/") else f"{address}:{port}"
-        client = cls(reader, writer, timeout=timeout, peer=peer, lmtp=lmtp, session_id=session_id)
+        client = cls(connection, timeout=timeout, peer=peer, lmtp=lmtp, session_id=session_id, subsystem=subsystem)
         if tls_context is not None:
             client._note_tls(tls_context)
         return client
@@ -161,7 +166,7 @@ class SmtpClient:
     def _note_tls(self, context: ssl.SSLContext) -> None:
         self.tls = True
         self.tls_verified = context.verify_mode == ssl.CERT_REQUIRED
-        ssl_object = self.writer.get_extra_info("ssl_object")
+        ssl_object = self.connection.get_extra_info("ssl_object")
         self.tls_version = ssl_object.version() if ssl_object is not None else ""
 
     # -- replies ------------------------------------------------------------------------------------------
@@ -189,24 +194,31 @@ class SmtpClient:
                 raise BadReply(f"Bad response from remote host: more than {MAX_REPLY_LINES} lines in one reply")
 
     async def _read_line(self) -> bytes:
+        buffer = self.connection.buffer
+        searched = 0
+        while (end := buffer.find(b"\n", searched)) < 0:
+            if len(buffer) > MAX_REPLY_LINE:
+                raise BadReply(f"Bad response from remote host: reply line longer than {MAX_REPLY_LINE} bytes")
+            searched = len(buffer)
+            if not await self._receive():
+                if buffer:
+                    raise ClientError("Connection closed unexpectedly (inside a reply line)")
+                raise ClientError("Connection closed unexpectedly")
+        if end >= MAX_REPLY_LINE:
+            raise BadReply(f"Bad response from remote host: reply line longer than {MAX_REPLY_LINE} bytes")
+        raw = bytes(buffer[:end])
+        del buffer[:end + 1]
+        return raw.rstrip(b"\r")
+
+    async def _receive(self) -> int:
         try:
-            raw = await asyncio.wait_for(self.reader.readuntil(b"\n"), self.timeout)
+            return await asyncio.wait_for(self.connection.receive(), self.timeout)
         except TimeoutError:
             raise ClientError("Connection timeout") from None
-        except asyncio.IncompleteReadError as error:
-            if error.partial:
-                raise ClientError("Connection closed unexpectedly (inside a reply line)") from None
-            raise ClientError("Connection closed unexpectedly") from None
-        except asyncio.LimitOverrunError:
-            raise BadReply(f"Bad response from remote host: reply line longer than {MAX_REPLY_LINE} bytes") \
-                from None
         except ssl.SSLError as error:
             raise ClientError(f"TLS error: {error.reason or error}") from None
         except OSError as error:
             raise ClientError(f"Connection error: {error.strerror or error}") from None
-        if len(raw) > MAX_REPLY_LINE:
-            raise BadReply(f"Bad response from remote host: reply line longer than {MAX_REPLY_LINE} bytes")
-        return raw.rstrip(b"\r\n")
 
     # -- commands -----------------------------------------------------------------------------------------
     async def command(self, line: str, *, secret: bool = False, in_step: bool = True) -> Reply:
@@ -227,7 +239,7 @@ class SmtpClient:
 
     def has_unread(self) -> bool:
         """Whether the server sent something we have not read (a session out of step, or closing)."""
-        return bool(self.reader._buffer)  # type: ignore[attr-defined]
+        return bool(self.connection.buffer)
 
     def check_in_step(self) -> None:
         if self.has_unread():
@@ -235,8 +247,8 @@ class SmtpClient:
 
     async def _write(self, data: bytes) -> None:
         try:
-            self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            self.connection.write(data)
+            await asyncio.wait_for(self.connection.drain(), self.timeout)
         except TimeoutError:
             raise ClientError("Connection timeout") from None
         except (OSError, ssl.SSLError) as error:
@@ -263,9 +275,10 @@ class SmtpClient:
         if reply.code != 220:
             return reply
         # Anything the server sent after its 220 and before the handshake is discarded (STARTTLS injection).
-        self.reader._buffer.clear()  # type: ignore[attr-defined]
+        self.connection.buffer.clear()
         try:
-            await asyncio.wait_for(self.writer.start_tls(context, server_hostname=server_hostname), self.timeout)
+            await asyncio.wait_for(self.connection.start_tls(context, self.timeout, server_hostname=server_hostname,
+                                                             server_side=False), self.timeout)
         except TimeoutError:
             raise ClientError("TLS handshake timeout") from None
         except ssl.SSLCertVerificationError as error:
@@ -340,18 +353,21 @@ class SmtpClient:
 
     async def close(self) -> None:
         try:
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+            self.connection.close()
+            await asyncio.wait_for(self.connection.wait_closed(), 2)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             pass
 
     @property
     def closed(self) -> bool:
-        return self.writer.is_closing() or self.reader.at_eof()
+        return self.connection.closed
+
+    def get_extra_info(self, name: str) -> object:
+        return self.connection.get_extra_info(name)
 
     def _trace(self, text: str) -> None:
-        if trace.wants("mta"):
-            trace.emit("mta", f"{self.session_id}: {text}", session=self.session_id, peer=self.peer)
+        if trace.wants(self.subsystem):
+            trace.emit(self.subsystem, f"{self.session_id}: {text}", session=self.session_id, peer=self.peer)
 
 
 def _hidden(line: str) -> str:

@@ -122,7 +122,7 @@ async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, c
     greeting = await client.greeting()
     if greeting.code != 220:
         raise SessionError(greeting.text)
-    sockname = client.writer.get_extra_info("sockname")
+    sockname = client.get_extra_info("sockname")
     helo = helo_name(tables, plan, sockname[0] if sockname else None, mailname)
     reply = await client.hello(helo)
     if not reply.is_ok:

@@ -1,9 +1,10 @@
 """The byte pipe under an SMTP session: what it reads lands in the session's own buffer, what it writes goes out.
 
-Two kinds behind one small Protocol: ``SocketConnection``, an asyncio protocol on an accepted socket whose
-received bytes are appended straight to the session's buffer (no stream buffer in between, no copy out of it,
-no future per read unless the session has to wait), and ``StreamConnection``, the same face over an existing
-reader/writer pair (sendmail's session through the control socket).
+Two kinds behind one small Protocol: ``SocketConnection``, an asyncio protocol on a socket (an accepted one; the
+relay's client connects with it too) whose received bytes are appended straight to the session's buffer (no
+stream buffer in between, no copy out of it, no future per read unless the session has to wait), and
+``StreamConnection``, the same face over an existing reader/writer pair (sendmail's session through the control
+socket).
 """
 
 from __future__ import annotations
@@ -190,12 +191,21 @@ class SocketConnection(asyncio.Protocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default) if self.transport is not None else default
 
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Switch to TLS as the server. The caller has paused reading and checked that nothing is buffered."""
+    @property
+    def closed(self) -> bool:
+        """The peer closed or the connection is lost or closing: nothing more can be said on it."""
+        return self._lost or self._eof or self.transport is None or self.transport.is_closing()
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float, server_hostname: str | None = None,
+                        server_side: bool = True) -> None:
+        """Switch to TLS, as the server unless ``server_side`` is False (the relay's client, which checks the
+        certificate against ``server_hostname``). The caller has paused reading or knows that nothing more
+        comes before the handshake, and has checked or emptied ``buffer``: plaintext must not pass as TLS."""
         assert self.transport is not None
         if self._held:
             self._send_held()  # plaintext replies go out before the handshake
-        transport = await self._loop.start_tls(self.transport, self, context, server_side=True,
+        transport = await self._loop.start_tls(self.transport, self, context, server_side=server_side,
+                                               server_hostname=None if server_side else server_hostname,
                                                ssl_handshake_timeout=timeout)
         if transport is None:  # the connection went away during the handshake
             raise ConnectionResetError("connection closed during the TLS handshake")
@@ -242,5 +252,6 @@ class StreamConnection:
         await self.writer.start_tls(context, ssl_handshake_timeout=timeout)
 
     def unread(self) -> int:
-        # StreamReader offers no public way to peek at what it holds: data read from the socket, not yet taken.
-        return len(getattr(self.reader, "_buffer", b""))
+        # A StreamReader shows no public count of what it holds. Only local submissions come this way: they cannot
+        # STARTTLS, and a local client that speaks before the banner is served, not answered 503.
+        return 0
