@@ -160,6 +160,7 @@ class _Commit:
     data: bytes | None = None
     dumped: list[tuple[int, bytes]] = field(default_factory=list)
     written: bool = False  # its folder and files are in incoming/
+    journaled: bool = False  # its record was appended to the journal (a journal round acknowledged it)
     spare: Spare | None = None  # a folder made ahead, for a round whose files the flusher thread writes
 
 
@@ -258,6 +259,9 @@ class SpoolWriter:
         self.stranded: list[_Commit] = []  # acknowledged, files not written: only in the journal (see _strand)
         self._stranded_timer: asyncio.TimerHandle | None = None
         self.unmoved: list[_Commit] = []  # written, complete in incoming/, not yet moved under queue/ (_not_moved)
+        # Journaled commits under queue/ (flushed) that are not placed while a commit is stranded: their records
+        # stay in the journal until the next checkpoint, and a start would write them back (see _placeable).
+        self.held: list[_Commit] = []
         self._unmoved_timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -435,9 +439,9 @@ class SpoolWriter:
                 self._rename_timer.cancel()
                 self._rename_timer = None
             self._sync_due = False
-            renamed, self.renamed = self.renamed, []
             if not self.stranded and not self.files_writing:
                 checkpoint = self.last_seq
+            renamed, self.renamed = self._placeable(self.renamed, checkpoint)
         # The commits' files: a journal round writes them once its commits are acknowledged (their records hold
         # them, see _round_done); a sync round before it flushes. Both where the round runs: on the loop, or on
         # the flusher thread into folders made ahead (taken here).
@@ -511,6 +515,9 @@ class SpoolWriter:
                 self.journal.active.append([commit.record for commit in batch if commit.record is not None])
             except OSError as error:
                 outcome.shared_error = error
+                return outcome
+            for commit in batch:
+                commit.journaled = True
             return outcome
         outcome.failed.update(self._write_commits(batch, on_thread))
         if self.filesystem is not None:
@@ -725,7 +732,33 @@ class SpoolWriter:
         if self.stranded:
             self._stranded_timer = self.loop.call_later(STRANDED_RETRY_DELAY, self._retry_stranded)
         self._rename(written)
+        if not self.stranded:
+            self._release_held()
         self._next_round()
+
+    def _placeable(self, renamed: list[_Commit], checkpoint: int | None) -> tuple[list[_Commit], list[_Commit]]:
+        """(those a sync round places, those left for the next checkpoint) of the renamed commits. A sync round
+        that records no checkpoint (a commit is stranded, or the file writer holds commits not written yet)
+        flushes their files but leaves the journal as it is: a commit that a journal round acknowledged still
+        has its record there, and a start would write it back. Placed now, it could be delivered (or removed),
+        then come back and be delivered a second time. So it waits for the checkpoint that voids its record:
+        the next one, or, while a commit is stranded (no checkpoint runs), the first after the stranded commits
+        are written (they wait in ``held``)."""
+        if checkpoint is not None or self.journal is None:
+            return renamed, []
+        journaled = [commit for commit in renamed if commit.journaled]
+        others = [commit for commit in renamed if not commit.journaled]
+        if self.stranded:
+            self.held += journaled
+            return others, []
+        return others, journaled
+
+    def _release_held(self) -> None:
+        """No commit stranded any more (or no journal): the held commits go to the next checkpoint (or sync
+        round), which places them."""
+        if self.held:
+            self.renamed += self.held
+            self.held = []
 
     def _next_round(self) -> None:
         """After a round or a checkpoint, or when asked: start what is due. A checkpoint that is due starts
@@ -795,6 +828,7 @@ class SpoolWriter:
                         "with syncfs from now on", error)
             self.journal = None
             self.rename_delay = RENAME_FLUSH_DELAY
+            self._release_held()  # (nothing can void the records now: a crash may duplicate, as for the others)
 
     def _rename(self, acknowledged: list[_Commit], again: bool = False) -> None:
         """Move durable folders from incoming/ under queue/ (flushed by the next round); ``again``: folders whose
@@ -1437,7 +1471,7 @@ class Queue:
         move under queue/ (see SpoolWriter._strand, _not_moved); the journal or incoming/ keeps them."""
         if self.io is None:
             return []
-        return sorted({commit.message.msgid for commit in (*self.io.stranded, *self.io.unmoved)})
+        return sorted({commit.message.msgid for commit in (*self.io.stranded, *self.io.unmoved, *self.io.held)})
 
     def _note_corrupt(self, entries: list[CorruptEntry]) -> None:
         for entry in entries:
