@@ -1293,7 +1293,15 @@ class Queue:
     async def start(self) -> None:
         self.spool.create_layout()
         # First the journal: it may write back messages whose folders a crash left incomplete.
-        journal, restored = await asyncio.to_thread(open_journal, self.spool)
+        try:
+            journal, restored = await asyncio.to_thread(open_journal, self.spool)
+        except OSError as error:
+            # Typically a spool still full after a stop while a commit waited for room: say what to do. The journal
+            # stays as it is (what was written back so far is written again at the next start).
+            where = f"{error.filename}: " if error.filename else ""
+            raise QueueError(f"queue: the commit journal holds acknowledged mail that cannot be written back "
+                             f"({where}{error.strerror or error}); nothing is lost, the journal is kept: make room "
+                             f"on the spool's filesystem and start again") from error
         if restored:
             LOG.info("queue: wrote back %d acknowledged message(s) from the commit journal", restored)
         dropped, placed, _, aside = await asyncio.to_thread(self.spool.recover)
