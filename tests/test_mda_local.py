@@ -605,6 +605,45 @@ def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
     assert b"..dot\r\n" in received and b"Delivered-To: x\r\n" in received
 
 
+def test_lmtp_replies_received_are_final_even_if_the_server_says_more(spool) -> None:
+    """A server that adds a line after its per-recipient replies is out of step from there on, but the replies
+    it gave stand: taken as a failure, each recipient's copy (delivered) would be delivered again on retry."""
+    from smtpd.mda.lmtp import deliver_lmtp
+
+    tmp_path, _, _ = spool
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp ready\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                while await reader.readline() != b".\r\n":
+                    pass
+                writer.write(b"250 2.0.0 saved a\r\n250 2.0.0 saved b\r\n250 2.0.0 and one more\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_unix_server(peer, str(tmp_path / "lmtp2.sock"))
+        try:
+            with open(write_message(str(tmp_path / "m2"), "Subject: x\n\nbody\n"), "rb") as message:
+                return await deliver_lmtp(str(tmp_path / "lmtp2.sock"), "mx.test", "s@x.test", ["a", "b"], b"",
+                                          message)
+        finally:
+            server.close()
+
+    assert [(reply.code, reply.text) for reply in asyncio.run(run())] == [(250, "250 2.0.0 saved a"),
+                                                                          (250, "250 2.0.0 saved b")]
+
+
 @pytest.mark.parametrize(("template", "expected"), [
     # no shell syntax: split into words, run directly
     ("/usr/bin/procmail -a %{rcpt.user}", ["/usr/bin/procmail", "-a", "bob+tag"]),

@@ -2,25 +2,32 @@
 
 One session per call: `LHLO`, `MAIL FROM:<sender>`, one `RCPT TO` per recipient, `DATA`, the message
 (dot-stuffed, CRLF), then one reply per accepted recipient. Each recipient gets its own result: 2xx delivered,
-4xx temporary, 5xx permanent. A connection or protocol failure is temporary for every recipient.
+4xx temporary, 5xx permanent. A connection or protocol failure is temporary for every recipient still waiting.
+The session is the relay's strict client (smtpd/mta/client.py, in its LMTP mode): one LMTP client for the local
+`lmtp` action and for `relay host lmtp://`.
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from shared.numbers import ascii_digits
 from smtpd.mda.local import message_lines
+from smtpd.mta.client import CHUNK, ClientError, RepliesCut, Reply, SmtpClient
 
-LMTP_TIMEOUT = 300.0
+LMTP_TIMEOUT = 300.0  # for each step of the session (connecting, each reply, each write)
 
 
 @dataclass(frozen=True)
 class LmtpReply:
     code: int
     text: str  # the whole last reply line, e.g. "250 2.0.0 <bob> Saved"
+
+    @classmethod
+    def of(cls, reply: Reply) -> LmtpReply:
+        return cls(reply.code, reply.lines[-1])
 
     @property
     def ok(self) -> bool:
@@ -49,28 +56,6 @@ def parse_destination(destination: str) -> tuple[str, int] | str:
     return host, int(port_text)
 
 
-class _Session:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def reply(self) -> LmtpReply:
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise LmtpError("Connection closed unexpectedly")
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if len(text) < 3 or not ascii_digits(text[:3]):
-                raise LmtpError(f"LMTP server error: {text}")
-            if len(text) == 3 or text[3] != "-":
-                return LmtpReply(int(text[:3]), text)
-
-    async def command(self, line: str) -> LmtpReply:
-        self.writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        await self.writer.drain()
-        return await self.reply()
-
-
 async def deliver_lmtp(destination: str, helo: str, sender: str, recipients: list[str], prefix: bytes,
                        message: BinaryIO, timeout: float = LMTP_TIMEOUT) -> list[LmtpReply]:
     """Deliver one message to recipients; one reply per recipient, in order. Raises LmtpError.
@@ -79,93 +64,65 @@ async def deliver_lmtp(destination: str, helo: str, sender: str, recipients: lis
     some of them (the server closes, a timeout), those keep their replies (a recipient the server said 250 for
     has its copy: retrying it would deliver it twice) and only the recipients still waiting get the failure,
     as temporary replies."""
-    after_data: list[LmtpReply | None] = []  # filled by _transaction once DATA's replies are being read
-    try:
-        return await asyncio.wait_for(_deliver(destination, helo, sender, recipients, prefix, message, after_data),
-                                      timeout)
-    except TimeoutError:
-        failure = LmtpError("Connection timeout")
-    except OSError as error:
-        failure = LmtpError(f"Connection failed: {error.strerror or error}")
-    except LmtpError as error:
-        failure = error
-    if not after_data or all(reply is None for reply in after_data):
-        raise failure
-    return [reply if reply is not None else LmtpReply(421, str(failure)) for reply in after_data]
-
-
-async def _deliver(destination: str, helo: str, sender: str, recipients: list[str], prefix: bytes,
-                   message: BinaryIO, after_data: list[LmtpReply | None]) -> list[LmtpReply]:
     target = parse_destination(destination)
-    if isinstance(target, str):
-        reader, writer = await asyncio.open_unix_connection(target)
-    else:
-        reader, writer = await asyncio.open_connection(target[0], target[1])
-    session = _Session(reader, writer)
+    address, port = (target, 0) if isinstance(target, str) else target
     try:
-        return await _transaction(session, helo, sender, recipients, prefix, message, after_data)
+        client = await SmtpClient.connect(address, port, timeout=timeout, lmtp=True, subsystem="mda",
+                                          session_id="lmtp")
+    except ClientError as error:
+        raise LmtpError(str(error)) from None
+    try:
+        return await _transaction(client, helo, sender, recipients, prefix, message)
+    except ClientError as error:
+        raise LmtpError(str(error)) from None
     finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+        await client.close()
 
 
-async def _transaction(session: _Session, helo: str, sender: str, recipients: list[str], prefix: bytes,
-                       message: BinaryIO, after_data: list[LmtpReply | None]) -> list[LmtpReply]:
-    greeting = await session.reply()
+async def _transaction(client: SmtpClient, helo: str, sender: str, recipients: list[str], prefix: bytes,
+                       message: BinaryIO) -> list[LmtpReply]:
+    greeting = await client.greeting()
     if greeting.code != 220:
-        raise LmtpError(f"LMTP server error: {greeting.text}")
-    for line in (f"LHLO {helo}", f"MAIL FROM:<{sender}>"):
-        reply = await session.command(line)
-        if not reply.ok:
+        raise LmtpError(f"LMTP server error: {greeting.lines[-1]}")
+    for reply in (await client.hello(helo), await client.mail_from(sender, [])):
+        if not reply.is_ok:
             if reply.code >= 500:
-                return [reply] * len(recipients)
-            raise LmtpError(f"LMTP server error: {reply.text}")
-    replies: list[LmtpReply | None] = []
-    accepted = 0
+                return [LmtpReply.of(reply)] * len(recipients)
+            raise LmtpError(f"LMTP server error: {reply.lines[-1]}")
+    refusals: list[LmtpReply | None] = []
     for recipient in recipients:
-        reply = await session.command(f"RCPT TO:<{recipient}>")
-        replies.append(reply if not reply.ok else None)
-        accepted += reply.ok
+        reply = await client.rcpt_to(recipient)
+        refusals.append(None if reply.is_ok else LmtpReply.of(reply))
+    accepted = refusals.count(None)
     if not accepted:
-        await _quit(session)
-        return [reply for reply in replies if reply is not None]
-    data_reply = await session.command("DATA")
+        await client.quit()
+        return [reply for reply in refusals if reply is not None]
+    data_reply = await client.begin_data()
     if data_reply.code != 354:
         if data_reply.code >= 500:
-            return [reply or data_reply for reply in replies]
-        raise LmtpError(f"LMTP server error: {data_reply.text}")
-    await _send_body(session, prefix, message)
-    # From here each reply is final for its recipient: kept in after_data as it comes (refusals at RCPT too),
-    # so that a session cut short keeps the replies already received (see deliver_lmtp).
-    after_data[:] = replies
-    for index, reply in enumerate(replies):
-        if reply is None:
-            after_data[index] = await session.reply()
-    await _quit(session)
-    return [reply for reply in after_data if reply is not None]
+            return [reply or LmtpReply.of(data_reply) for reply in refusals]
+        raise LmtpError(f"LMTP server error: {data_reply.lines[-1]}")
+    try:
+        finals = await client.send_message(_wire_chunks(prefix, message), accepted)
+    except RepliesCut as cut:
+        # The replies received are final for their recipients; the others wait for a later try.
+        received = iter([LmtpReply.of(reply) for reply in cut.replies])
+        return [reply or next(received, None) or LmtpReply(421, str(cut)) for reply in refusals]
+    await client.quit()
+    received = iter(finals)
+    return [reply or LmtpReply.of(next(received)) for reply in refusals]
 
 
-async def _send_body(session: _Session, prefix: bytes, message: BinaryIO) -> None:
+async def _wire_chunks(prefix: bytes, message: BinaryIO) -> AsyncIterator[bytes]:
+    """The prefix and the message as DATA carries them: CRLF line ends, a leading dot doubled."""
     buffer = bytearray()
     for line in message_lines(prefix, message):
         body = line.rstrip(b"\r\n")
         if body.startswith(b"."):
             buffer += b"."
         buffer += body + b"\r\n"
-        if len(buffer) >= 1 << 16:
-            session.writer.write(bytes(buffer))
+        if len(buffer) >= CHUNK:
+            yield bytes(buffer)
             buffer.clear()
-            await session.writer.drain()
-    buffer += b".\r\n"
-    session.writer.write(bytes(buffer))
-    await session.writer.drain()
-
-
-async def _quit(session: _Session) -> None:
-    try:
-        await session.command("QUIT")
-    except (LmtpError, OSError):
-        pass
+    if buffer:
+        yield bytes(buffer)

@@ -225,7 +225,7 @@ class SmtpClient:
         if "\r" in line or "\n" in line:
             raise ClientError("refusing to send a command containing a line break")
         self._trace(">>> " + (_hidden(line) if secret else line))
-        await self._write(line.encode("utf-8") + b"\r\n")
+        await self._write(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return await self._only_reply() if in_step else await self.read_reply()
 
     async def _only_reply(self) -> Reply:
@@ -313,13 +313,23 @@ class SmtpClient:
         """DATA, the dot-stuffed message, and the final reply (one per accepted recipient with LMTP).
 
         Returns [the refusal] when the server does not answer 354."""
-        reply = await self.command("DATA")
+        reply = await self.begin_data()
         if reply.code >= 400:
             return [reply]
-        if reply.code != 354:
+        return await self.send_message(message_lines, recipients)
+
+    async def begin_data(self) -> Reply:
+        """DATA: 354, or the server's refusal (4xx, 5xx)."""
+        reply = await self.command("DATA")
+        if reply.code != 354 and reply.code < 400:
             # Only 354 lets the message go: a 2xx here is no delivery (nothing was sent), and a session where
             # DATA gets some other answer is out of step.
             raise BadReply(f"Bad response from remote host: DATA answered with {_clean(reply.lines[-1][:80])!r}")
+        return reply
+
+    async def send_message(self, message_lines: AsyncIterator[bytes], recipients: int) -> list[Reply]:
+        """After DATA's 354: the message (already in wire form, dot-stuffed), the end marker, and the final
+        reply, or with LMTP one per accepted recipient (RepliesCut if the session ends among those)."""
         buffer = bytearray()
         async for chunk in message_lines:
             buffer += chunk
@@ -338,7 +348,9 @@ class SmtpClient:
             if replies:  # (LMTP) the recipients already answered for must not be delivered again on retry
                 raise RepliesCut(replies, error.args[0]) from error
             raise
-        self.check_in_step()
+        # These replies are final even if the server sent more after them (out of step from here on): taken back
+        # as a failure, a message the server accepted would be sent again. The pool does not reuse a session with
+        # unread bytes (has_unread).
         return replies
 
     async def rset(self) -> Reply:
