@@ -562,3 +562,15 @@ def test_orcpt_as_the_smtp_server_stored_it_is_passed_on_with_its_address_type(t
         item.dsn_orcpt = "a+2Bb@remote.test"
         relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [item], write_message(tmp_path))
     assert "RCPT TO:<a@remote.test> NOTIFY=FAILURE ORCPT=rfc822;a+2Bb@remote.test" in remote.commands
+
+
+def test_orcpt_is_passed_on_without_notify(tmp_path: os.PathLike[str]) -> None:
+    """RCPT TO:<a@x> ORCPT=rfc822;a@x (no NOTIFY) is valid (RFC 3461 4.2); a relay passes ORCPT on whenever it was
+    given (5.2.2), so that the final server's reports name the address the sender used."""
+    script = standard_script({"EHLO": b"250-raw.test\r\n250-DSN\r\n250 SIZE 1000000\r\n"})
+    with RawRemote(script) as remote:
+        item = envelope("a@remote.test")
+        item.dsn_orcpt = "orig+2Buser@remote.test"
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [item], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK
+    assert "RCPT TO:<a@remote.test> ORCPT=rfc822;orig+2Buser@remote.test" in remote.commands

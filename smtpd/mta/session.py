@@ -247,11 +247,12 @@ def _rcpt_line(envelope: Envelope, dsn: bool) -> str:
             words = [name for flag, name in ((DsnNotify.SUCCESS, "SUCCESS"), (DsnNotify.FAILURE, "FAILURE"),
                                              (DsnNotify.DELAY, "DELAY")) if notify & flag]
         line += f" NOTIFY={','.join(words)}"
-        if envelope.dsn_orcpt:
-            # The queue keeps the address as the client gave it after `rfc822;` (smtpd/smtp/address.py);
-            # RFC 3461 4.2 wants the address type in front of it.
-            orcpt = envelope.dsn_orcpt
-            line += f" ORCPT={orcpt if ';' in orcpt else 'rfc822;' + orcpt}"
+    if dsn and envelope.dsn_orcpt:
+        # With or without NOTIFY: RFC 3461 5.2.2 has a relay pass ORCPT on unchanged whenever it was given.
+        # The queue keeps the address as the client gave it after `rfc822;` (smtpd/smtp/address.py);
+        # RFC 3461 4.2 wants the address type in front of it.
+        orcpt = envelope.dsn_orcpt
+        line += f" ORCPT={orcpt if ';' in orcpt else 'rfc822;' + orcpt}"
     return line
 
 
