@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 from helpers_mta import (
@@ -135,6 +136,48 @@ def test_4xx_rcpt_reply_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> No
                             [envelope("busy@remote.test")], write_message(tmp_path))
     assert results[0].outcome is Outcome.TEMPFAIL
     assert results[0].text == "451 4.7.1 Greylisted, come back later"
+    assert remote.received == []
+
+
+class _RecipientLimit(ScriptedHandler):
+    """A server that takes at most ``limit`` recipients per transaction ("452 4.5.3 Too many recipients")."""
+
+    def __init__(self, limit: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limit = limit
+        self.rcpt_commands: list[str] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        self.rcpt_commands.append(address)
+        if len(envelope.rcpt_tos) >= self.limit:
+            return "452 4.5.3 Too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def test_recipients_beyond_the_servers_limit_go_in_a_new_transaction(tmp_path: os.PathLike[str]) -> None:
+    # RFC 5321 4.5.3.1.10: a 452 once the server has taken some recipients is its per-transaction limit; the
+    # others are sent at once in the next transaction, not deferred for a retry minutes later.
+    handler = _RecipientLimit(3, rcpt_replies={"r5@remote.test": "550 5.1.1 No such user"})
+    envelopes = [envelope(f"r{n}@remote.test", n=n) for n in range(1, 9)]
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), envelopes,
+                            write_message(tmp_path))
+    by_rcpt = {item.dest: result for item, result in zip(envelopes, results, strict=True)}
+    assert by_rcpt.pop("r5@remote.test").text == "550 5.1.1 No such user"
+    assert all(result.outcome is Outcome.OK for result in by_rcpt.values()), by_rcpt
+    delivered = [rcpt for received in remote.received for rcpt in received.rcpt_tos]
+    assert sorted(delivered) == sorted(by_rcpt)  # each once: nothing lost, nothing twice
+    assert [len(received.rcpt_tos) for received in remote.received] == [3, 3, 1]
+    assert len(handler.sessions) == 1  # the same session
+
+
+def test_452_to_the_first_recipient_is_still_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:
+    handler = _RecipientLimit(0)
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))),
+                            [envelope("a@remote.test", n=1), envelope("b@remote.test", n=2)], write_message(tmp_path))
+    assert [result.outcome for result in results] == [Outcome.TEMPFAIL, Outcome.TEMPFAIL]
+    assert results[0].text == "452 4.5.3 Too many recipients"
     assert remote.received == []
 
 

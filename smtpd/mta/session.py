@@ -191,22 +191,48 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
         params.append(f"RET={first.dsn_ret}")
     if dsn and first.dsn_envid:
         params.append(f"ENVID={first.dsn_envid}")
+    while True:
+        usable, overflow, limit_reply = await _transaction(session, plan, jobs, message_path, params, dsn)
+        if not overflow or limit_reply is None:
+            return usable
+        if not usable or client.closed:
+            _resolve_all(overflow, result_for_reply(limit_reply))
+            return usable
+        # RFC 5321 4.5.3.1.10: the server's recipient limit was reached; the others go in the next transaction.
+        trace.emit("mta", f"{session.id}: recipient limit of the remote reached; {len(overflow)} recipients "
+                   "go in a new transaction", session=session.id)
+        jobs = overflow
+
+
+async def _transaction(session: Session, plan: Plan, jobs: list[Job], message_path: str, params: list[str],
+                       dsn: bool) -> tuple[bool, list[Job], Reply | None]:
+    """MAIL, RCPTs, DATA for jobs. Resolves every job but the overflow: those from the first one that met a 452
+    after the remote had accepted others in this transaction (its recipient limit) on, to be sent in a new
+    transaction. Returns (the session is usable, overflow, that 452 reply)."""
+    client = session.client
+    accepted: list[Job] = []
+    overflow: list[Job] = []
+    limit_reply: Reply | None = None
     try:
         reply = await client.mail_from(plan.sender, params)
         if not reply.is_ok:
             _resolve_all(jobs, result_for_reply(reply))
             await _reset(client)
-            return not client.closed
-        accepted: list[Job] = []
-        for job in jobs:
+            return not client.closed, [], None
+        for index, job in enumerate(jobs):
             reply = await client.command(_rcpt_line(job.envelope, dsn))
             if reply.is_ok:
                 accepted.append(job)
+            elif reply.code == 452 and accepted:
+                # "Too many recipients": what the remote takes in one transaction is reached. Sending the other
+                # RCPTs would only get the same answer; they wait for the next transaction, not for a retry.
+                overflow, limit_reply = jobs[index:], reply
+                break
             else:
                 job.resolve(result_for_reply(reply))
         if not accepted:
             await _reset(client)
-            return not client.closed
+            return not client.closed, [], None
         replies = await client.data(stuffed_lines(message_path), len(accepted))
         if len(replies) == 1:  # SMTP, or DATA itself refused: one answer for every accepted recipient
             replies = replies * len(accepted)
@@ -216,25 +242,25 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
                 _leave_success_notice_to_remote(session, job.envelope)
             job.resolve(result)
         session.messages += 1
-        return True
+        return True, overflow, limit_reply
     except RepliesCut as error:  # (LMTP) the recipients answered for keep their answer; the others wait
         for job, reply in zip(accepted, error.replies, strict=False):
             job.resolve(result_for_reply(reply))
         _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
         await client.close()
-        return False
+        return False, [], None
     except BadReply as error:
         _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
         await client.close()
-        return False
+        return False, [], None
     except ClientError as error:
         _resolve_all(jobs, DeliveryResult.tempfail(error.args[0]))
         await client.close()
-        return False
+        return False, [], None
     except OSError as error:
         _resolve_all(jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
         await client.close()
-        return False
+        return False, [], None
 
 
 def _rcpt_line(envelope: Envelope, dsn: bool) -> str:
