@@ -497,6 +497,20 @@ def test_utf8_address_needs_smtputf8(tmp_path: os.PathLike[str]) -> None:
     assert modern.received[0].rcpt_tos == ["jürgen@remote.test"]
 
 
+def test_idn_domain_goes_as_a_labels_to_a_server_without_smtputf8(tmp_path: os.PathLike[str]) -> None:
+    """Only a UTF-8 local part needs SMTPUTF8: an internationalized domain is sent in its ASCII form (A-labels,
+    the name the MX lookup asked for), as RFC 6531 3.2 allows, instead of bouncing the mail."""
+    with Remote(smtputf8=False) as plain:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(plain)))),
+                            [envelope("u@bücher.test", sender="bob@exämple.test", n=1),
+                             envelope("jürgen@bücher.test", sender="bob@exämple.test", n=2)], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK
+    assert results[1].outcome is Outcome.PERMFAIL and "SMTPUTF8" in results[1].text
+    assert plain.received[0].mail_from == "bob@xn--exmple-cua.test"
+    assert plain.received[0].rcpt_tos == ["u@xn--bcher-kva.test"]
+    assert "SMTPUTF8" not in plain.received[0].mail_options
+
+
 def test_null_sender_and_config_errors(tmp_path: os.PathLike[str]) -> None:
     config = relay_config(Relay(host="gopher://x.test"))
     results = relay_all(agent_for(config), [envelope("a@remote.test")], write_message(tmp_path))

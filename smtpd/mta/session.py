@@ -12,6 +12,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.exception
+import dns.name
+
 from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.delivery import DeliveryResult, Outcome
@@ -41,6 +44,7 @@ class Job:
     queued: float = 0.0
     relay_text: str = ""  # where it went, for the log line
     session_id: str = ""
+    address: str = ""  # the RCPT TO address when it differs from the envelope's dest (an IDN domain as A-labels)
 
     def resolve(self, result: DeliveryResult) -> None:
         if not self.future.done():
@@ -159,6 +163,20 @@ async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
     trace.emit("mta", f"{session.id}: authenticated as {username}", session=session.id)
 
 
+def ascii_address(address: str) -> str | None:
+    """address with its domain in A-labels (`u@bücher.example` -> `u@xn--bcher-kva.example`) when the domain is
+    its only non-ASCII part; None when the local part is not ASCII or the domain is no valid IDN."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    if domain.isascii():
+        return address
+    try:
+        return f"{local}@{dns.name.from_unicode(domain).to_text(omit_final_dot=True)}"
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return None
+
+
 def _is_address(name: str) -> bool:
     return ascii_digits(name.replace(".", "")) or ":" in name
 
@@ -169,14 +187,22 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
     """Send one message to the jobs' recipients. Resolves every job. False if the session is unusable."""
     client = session.client
     extensions = client.extensions
-    needs_utf8 = not plan.sender.isascii()
+    sender = plan.sender
     params: list[str] = []
     if has_8bit and extensions.has("8BITMIME"):
         params.append("BODY=8BITMIME")
     if extensions.has("SIZE"):
         params.append(f"SIZE={size}")
-    utf8_jobs = [job for job in jobs if not job.envelope.dest.isascii()]
-    if (needs_utf8 or utf8_jobs) and not extensions.has("SMTPUTF8"):
+    smtputf8 = extensions.has("SMTPUTF8")
+    if not smtputf8:
+        # An address whose only non-ASCII part is its domain needs no SMTPUTF8: the domain goes as A-labels
+        # (IDNA, the name the MX lookup asked for), as RFC 6531 3.2 allows. Only a UTF-8 local part needs it.
+        sender = ascii_address(sender) or sender
+        for job in jobs:
+            job.address = ascii_address(job.envelope.dest) or job.envelope.dest
+    needs_utf8 = not sender.isascii()
+    utf8_jobs = [job for job in jobs if not (job.address or job.envelope.dest).isascii()]
+    if (needs_utf8 or utf8_jobs) and not smtputf8:
         refused = jobs if needs_utf8 else utf8_jobs
         for job in refused:
             job.resolve(DeliveryResult.permfail("SMTPUTF8 not supported by remote host", 67))
@@ -192,7 +218,7 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
     if dsn and first.dsn_envid:
         params.append(f"ENVID={first.dsn_envid}")
     while True:
-        usable, overflow, limit_reply = await _transaction(session, plan, jobs, message_path, params, dsn)
+        usable, overflow, limit_reply = await _transaction(session, sender, jobs, message_path, params, dsn)
         if not overflow or limit_reply is None:
             return usable
         if not usable or client.closed:
@@ -204,9 +230,9 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
         jobs = overflow
 
 
-async def _transaction(session: Session, plan: Plan, jobs: list[Job], message_path: str, params: list[str],
+async def _transaction(session: Session, sender: str, jobs: list[Job], message_path: str, params: list[str],
                        dsn: bool) -> tuple[bool, list[Job], Reply | None]:
-    """MAIL, RCPTs, DATA for jobs. Resolves every job but the overflow: those from the first one that met a 452
+    """MAIL FROM:<sender>, RCPTs, DATA for jobs. Resolves every job but the overflow: those from the first one that met a 452
     after the remote had accepted others in this transaction (its recipient limit) on, to be sent in a new
     transaction. Returns (the session is usable, overflow, that 452 reply)."""
     client = session.client
@@ -214,13 +240,13 @@ async def _transaction(session: Session, plan: Plan, jobs: list[Job], message_pa
     overflow: list[Job] = []
     limit_reply: Reply | None = None
     try:
-        reply = await client.mail_from(plan.sender, params)
+        reply = await client.mail_from(sender, params)
         if not reply.is_ok:
             _resolve_all(jobs, result_for_reply(reply))
             await _reset(client)
             return not client.closed, [], None
         for index, job in enumerate(jobs):
-            reply = await client.command(_rcpt_line(job.envelope, dsn))
+            reply = await client.command(_rcpt_line(job.envelope, dsn, job.address))
             if reply.is_ok:
                 accepted.append(job)
             elif reply.code == 452 and accepted:
@@ -263,8 +289,8 @@ async def _transaction(session: Session, plan: Plan, jobs: list[Job], message_pa
         return False, [], None
 
 
-def _rcpt_line(envelope: Envelope, dsn: bool) -> str:
-    line = f"RCPT TO:<{envelope.dest}>"
+def _rcpt_line(envelope: Envelope, dsn: bool, address: str = "") -> str:
+    line = f"RCPT TO:<{address or envelope.dest}>"
     if dsn and envelope.dsn_notify:
         notify = DsnNotify(envelope.dsn_notify)
         if notify & DsnNotify.NEVER:
