@@ -241,6 +241,10 @@ class Bouncer:
             group = _Group(kind, envelope.msgid, envelope.sender)
             self.groups[key] = group
             asyncio.get_running_loop().call_later(self.group_delay, self._flush_soon, key)
+        if group.envelopes and group.context is not None:
+            # One text for every recipient of the report: the shortest delay and the longest time left are true
+            # of each ("not delivered after more than", "stays in the queue for up to").
+            delay, remaining = min(delay, group.context.delay), max(remaining, group.context.remaining)
         group.envelopes.append(envelope)
         group.futures.append(future)
         group.context = ReportContext(self.smtpname, time.time(), delay, remaining)

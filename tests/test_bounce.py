@@ -108,6 +108,27 @@ def test_delayed_report_mentions_interval_and_remaining_time() -> None:
     assert report.get_payload()[1].get_payload()[1]["Status"] == "4.3.0"
 
 
+def test_a_delay_warning_for_several_recipients_states_what_is_true_of_each() -> None:
+    """Recipients of one message warned together may have different times left (an action's ttl): the text
+    said the last one's. Now the longest time left ("up to") and the shortest delay ("more than")."""
+    import asyncio
+
+    from smtpd.bounce import Bouncer
+
+    async def grouped():
+        bouncer = Bouncer(None, object(), "mx.example.net", group_delay=60)
+        bouncer.report(envelope(dest="a@example.org", rcpt="a@example.org", errorline="421 busy"), DELAYED, delay=4 * 3600,
+                       remaining=2 * 86400)
+        bouncer.report(envelope(evpid=0x1234567800000002, dest="b@example.org", rcpt="b@example.org", errorline="421 busy"), DELAYED,
+                       delay=4 * 3600, remaining=3600)
+        (group,) = bouncer.groups.values()
+        return render_report(DELAYED, group.envelopes, ORIGINAL, group.context)
+
+    text = parse(asyncio.run(grouped())).get_payload()[0].get_payload()
+    assert "<a@example.org>: 421 busy" in text and "<b@example.org>: 421 busy" in text
+    assert "up to 2 days more" in text and "more than 4 hours" in text
+
+
 def test_reports_are_routed_by_the_ruleset_and_expansion(tmp_path) -> None:
     """The DSN to the sender goes where the real rules and expansion send a local submission to that address:
     here a relay action for the sender's domain, and nothing at all for a domain no rule accepts."""
