@@ -136,8 +136,12 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
     for envelope in envelopes:
         if envelope.dsn_orcpt:
             orcpt = envelope.dsn_orcpt
-            lines.append(f"Original-Recipient: {orcpt if ';' in orcpt else 'rfc822; ' + readable_xtext(orcpt)}")
-        lines.append(f"Final-Recipient: rfc822; {envelope.dest or envelope.rcpt}")
+            if ";" not in orcpt:
+                orcpt = readable_xtext(orcpt)
+                orcpt = f"{_address_type(orcpt)}; {orcpt}"
+            lines.append(f"Original-Recipient: {orcpt}")
+        final = envelope.dest or envelope.rcpt
+        lines.append(f"Final-Recipient: {_address_type(final)}; {final}")
         lines.append(f"Action: {kind}")
         lines.append(f"Status: {status_code(envelope, kind)}")
         if envelope.errorline and kind in (FAILED, DELAYED):
@@ -154,8 +158,16 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
     return lines
 
 
+def _address_type(address: str) -> str:
+    """RFC 6533: an address that is not ASCII (SMTPUTF8 mail) is of type utf-8 (in a global report)."""
+    return "rfc822" if address.isascii() else "utf-8"
+
+
 def render_report(kind: str, envelopes: list[Envelope], original: bytes, context: ReportContext) -> bytes:
-    """The DSN message, LF line endings (as every message is stored in the queue)."""
+    """The DSN message, LF line endings (as every message is stored in the queue). Where the report or the
+    returned message holds UTF-8 (SMTPUTF8 mail, a server's reply in UTF-8), its parts are the internationalized
+    ones of RFC 6533 (text in utf-8, message/global-delivery-status, message/global[-headers]) instead of
+    declaring that text ASCII."""
     if kind not in KINDS or not envelopes:
         raise ValueError(f"bad report: {kind!r} with {len(envelopes)} envelope(s)")
     first = envelopes[0]
@@ -164,6 +176,11 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
     return_full = first.dsn_ret.upper() == "FULL" or (not first.dsn_ret and kind in (FAILED, DELAYED))
     if len(original) > MAX_RETURNED_BYTES:
         return_full = False
+    human = _human_part(kind, envelopes, context)
+    status = _status_part(kind, envelopes, context)
+    utf8_text = not all(line.isascii() for line in human)
+    global_status = not all(line.isascii() for line in status)
+    global_original = not _split_headers(original).isascii()
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{context.smtpname}>",
         f"To: <{first.sender}>",
@@ -178,22 +195,26 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
         "",
         f"--{boundary}",
         "Content-Description: Notification",
-        "Content-Type: text/plain; charset=us-ascii",
+        *(["Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit"] if utf8_text else
+          ["Content-Type: text/plain; charset=us-ascii"]),
         "",
-        *_human_part(kind, envelopes, context),
+        *human,
         f"--{boundary}",
         "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
+        "Content-Type: message/global-delivery-status" if global_status else "Content-Type: message/delivery-status",
         "",
-        *_status_part(kind, envelopes, context),
+        *status,
         f"--{boundary}",
     ]
     if return_full:
         lines += ["Content-Description: Undelivered message" if kind != DELIVERED else
-                  "Content-Description: Delivered message", "Content-Type: message/rfc822", ""]
+                  "Content-Description: Delivered message",
+                  "Content-Type: message/global" if global_original else "Content-Type: message/rfc822", ""]
         body = original
     else:
-        lines += ["Content-Description: Message headers", "Content-Type: text/rfc822-headers", ""]
+        lines += ["Content-Description: Message headers",
+                  "Content-Type: message/global-headers" if global_original else "Content-Type: text/rfc822-headers",
+                  ""]
         body = _split_headers(original)
     head = "\n".join(lines).encode("utf-8", errors="surrogateescape") + b"\n"
     body = body.replace(b"\r\n", b"\n")

@@ -129,6 +129,23 @@ def test_a_delay_warning_for_several_recipients_states_what_is_true_of_each() ->
     assert "up to 2 days more" in text and "more than 4 hours" in text
 
 
+def test_a_report_about_smtputf8_mail_uses_the_internationalized_parts() -> None:
+    """RFC 6533: UTF-8 addresses and headers were declared us-ascii and message/delivery-status."""
+    original = "From: jürgen@bücher.test\nSubject: grüße\n\nbody\n".encode()
+    utf8 = envelope(sender="jürgen@bücher.test", rcpt="zoë@example.org", dest="zoë@example.org",
+                    errorline="550 no such user")
+    report = email.message_from_bytes(render_report(FAILED, [utf8], original, ReportContext("h", 0)))
+    notification, status, returned = report.get_payload()
+    assert notification.get_content_type() == "text/plain" and notification.get_content_charset() == "utf-8"
+    assert "<zoë@example.org>: 550 no such user" in notification.get_payload(decode=True).decode()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert "Final-Recipient: utf-8; zoë@example.org" in status.as_bytes().decode()
+    assert returned.get_content_type() == "message/global"
+    ascii_only = email.message_from_bytes(render_report(FAILED, [envelope()], ORIGINAL, ReportContext("h", 0)))
+    assert [part.get_content_type() for part in ascii_only.get_payload()] == [
+        "text/plain", "message/delivery-status", "message/rfc822"]
+
+
 def test_reports_are_routed_by_the_ruleset_and_expansion(tmp_path) -> None:
     """The DSN to the sender goes where the real rules and expansion send a local submission to that address:
     here a relay action for the sender's domain, and nothing at all for a domain no rule accepts."""
