@@ -104,6 +104,8 @@ def test_bad_arguments_and_commands_needing_the_daemon(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "not a <msgid>" in bad.stderr
     bad_age = smtpctl(tmp_path, "--older", "soon", prog="mailq")
     assert bad_age.returncode == 255 and "invalid age" in bad_age.stderr
+    wide_digit = smtpctl(tmp_path, "--older", "\uff19h", prog="mailq")  # a full-width 9 is not an age
+    assert wide_digit.returncode == 255 and "invalid age" in wide_digit.stderr
     unknown = smtpctl(tmp_path, "--frobnicate", prog="mailq")
     assert unknown.returncode == 255 and "--frobnicate" in unknown.stderr
     for command in (["remove", "all"], ["schedule", "all"], ["discover", "0123456789abcdef"]):

@@ -115,7 +115,7 @@ def row_to_json(row: Row) -> dict[str, object]:
     return record
 
 
-_AGE_RE = re.compile(r"^(\d+)([smhdw]?)$")
+_AGE_RE = re.compile(r"^([0-9]+)([smhdw]?)$")  # ASCII digits: `９h` is no age
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
