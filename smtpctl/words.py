@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -151,6 +152,9 @@ def _ensure_example(command: click.Command, path: str) -> None:
     command.epilog = f"\b\nExample:\n  {FALLBACK_EXAMPLES[path]}"
 
 
+_NEGATIVE_NUMBER = re.compile(r"-[0-9]+")
+
+
 class Leaf(click.Command):
     """A command at the end of the grammar: extra words are `invalid command`, a missing argument lists
     the placeholders it expects (as `update table <str>`)."""
@@ -168,6 +172,13 @@ class Leaf(click.Command):
                 raise  # a required option (`explain --to`): Click names it; there is no word to list
             possibilities(ctx, self.placeholders or [f"<{param.name}>" for param in self.params
                                                       if isinstance(param, click.Argument)])
+        except click.NoSuchOption as error:
+            # `resume route -1`: a negative number is a word that is no valid argument, not an option.
+            if ctx.resilient_parsing or not _NEGATIVE_NUMBER.fullmatch(error.option_name):
+                raise
+            if self.placeholders:
+                possibilities(ctx, self.placeholders)
+            invalid_command()
         except click.UsageError as error:
             if ctx.resilient_parsing:
                 raise

@@ -153,11 +153,21 @@ def test_hosts_is_exact_although_hoststats_exists(daemon: DaemonProcess) -> None
     (["resume", "route"], ["resume route <routeid>"]),
     (["pause", "mta", "from"], ["pause mta from <addr>"]),
     (["pause", "mta", "from", "1.2.3.4"], ["pause mta from <addr> for"]),
+    (["pause", "mta", "from", "1.2.3.4", "x"], ["pause mta from <addr> for"]),
+    (["pause", "mta", "from", "1.2.3.4", "for"], ["pause mta from <addr> for <str>"]),
+    (["resume", "route", "-1"], ["resume route <routeid>"]),
 ])
 def test_listings_match_opensmtpd(daemon: DaemonProcess, words: list[str], listing: list[str]) -> None:
     result = daemon.smtpctl(*words)
     assert result.returncode == 255
     assert result.stderr.splitlines() == ["possibilities are:", *listing]
+
+
+@pytest.mark.parametrize("words", [["show", "queue", "01234567", "extra"], ["encrypt", "a", "b"],
+                                   ["remove", "all", "extra"], ["discover", "0123456789abcdef", "x"]])
+def test_extra_words_are_an_invalid_command_as_in_opensmtpd(daemon: DaemonProcess, words: list[str]) -> None:
+    result = daemon.smtpctl(*words)
+    assert (result.returncode, result.stdout, result.stderr) == (255, "", "invalid command\n")
 
 
 def test_show_stats(daemon: DaemonProcess) -> None:

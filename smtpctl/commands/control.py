@@ -42,8 +42,10 @@ def _route_words(ctx: click.Context, words: tuple[str, ...]) -> tuple[str, str] 
         ipaddress.ip_address(words[1])
     except ValueError:
         possibilities(ctx, ["from <addr>"])
-    if len(words) < 4 or not "for".startswith(words[2]):
+    if len(words) < 3 or not "for".startswith(words[2]):
         possibilities(ctx, ["from <addr> for"])
+    if len(words) < 4:
+        possibilities(ctx, ["from <addr> for <str>"])  # (as OpenSMTPD lists the word after `for`)
     if len(words) > 4:
         invalid_command()
     return words[1], words[3]

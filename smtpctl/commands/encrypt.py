@@ -14,12 +14,13 @@ import sys
 import click
 
 from shared.passwords import DEFAULT_SCHEME, SCHEMES, PasswordSchemeError, hash_password
+from smtpctl.words import Leaf
 
 ARGUMENT_WARNING = ("smtpctl: warning: a password given as an argument is visible to other users (ps); "
                     "prefer standard input")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Leaf)
 @click.option("--scheme", type=click.Choice(SCHEMES), default=DEFAULT_SCHEME, show_default=True,
               help="Hash scheme: bcrypt ($2b$) or sha512 ($6$, what OpenSMTPD's encrypt makes).")
 @click.option("--rounds", type=int, default=None,

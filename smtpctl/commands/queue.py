@@ -338,7 +338,7 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     return EXIT_OK
 
 
-@click.command("queue")
+@click.command("queue", cls=Leaf)
 @click.argument("msgid", required=False)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per envelope (docs/queue.md).")
@@ -461,7 +461,7 @@ def _change(command: str, verb: str, target: str | None, filters: dict[str, Any]
 
 
 def _change_command(name: str, command: str, verb: str, summary: str) -> click.Command:
-    @click.command(name, help=summary)
+    @click.command(name, cls=Leaf, help=summary)
     @click.argument("target", required=False, metavar="EVPID|MSGID|all")
     @filter_options
     @click.option("--dry-run", is_flag=True, help="Only list the envelopes that would be affected.")
@@ -480,7 +480,7 @@ pause_envelope = _change_command("envelope", "pause.envelope", "paused",
 resume_envelope = _change_command("envelope", "resume.envelope", "resumed", "Resume suspended envelopes.")
 
 
-@click.command("discover")
+@click.command("discover", cls=Leaf)
 @click.argument("target", metavar="EVPID|MSGID", required=False)
 def discover(target: str | None) -> None:
     """Make the daemon read a message's envelopes from the spool again."""
