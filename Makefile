@@ -4,12 +4,30 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt
 
-.PHONY: run test install test-deps lint completions
+.PHONY: run test venv install test-deps lint completions
 
-$(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
+# 3.11 and older ship a stdlib module named `smtpd` that shadows ours.
+NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 12))
 
-install: $(VENV)/bin/python
+# The venv, made by $(PYTHON). One made by an older Python (say by `make run PYTHON=python3` on Debian 12, whose
+# python3 is 3.11) is made again: reusing it would fail the same way on every run whatever PYTHON says.
+venv:
+	@if [ -x $(PY) ] && ! $(PY) -c '$(NEW_ENOUGH)' 2>/dev/null; then \
+		echo "$(VENV) was made by $$($(PY) --version 2>&1), too old: making it again with $(PYTHON)"; \
+		rm -rf $(VENV); \
+	fi
+	@if [ ! -x $(PY) ]; then \
+		if ! $(PYTHON) -c '$(NEW_ENOUGH)' 2>/dev/null; then \
+			found=$$($(PYTHON) --version 2>&1) || found="not found"; \
+			echo "PySMTPD needs Python 3.12 or newer; $(PYTHON): $$found." >&2; \
+			echo "Install one (Debian 12 ships only 3.11) and name it, e.g. make $(or $(MAKECMDGOALS),run) PYTHON=/usr/local/bin/python3.12" >&2; \
+			exit 1; \
+		fi; \
+		echo "$(PYTHON) -m venv $(VENV)"; \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+install: venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 
