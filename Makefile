@@ -27,9 +27,20 @@ venv:
 		$(PYTHON) -m venv $(VENV); \
 	fi
 
+# The packages, installed once and again only when pyproject.toml changes (the install is editable: code changes
+# need none). Installing on every `make run` needed the package registry each time, for setuptools at least, so
+# `make run` failed offline even on a machine set up before.
+STAMP := $(VENV)/.installed
+
 install: venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	@if [ ! -f $(STAMP) ] || [ pyproject.toml -nt $(STAMP) ]; then \
+		set -e; \
+		echo "$(PY) -m pip install -q --upgrade pip"; \
+		$(PY) -m pip install -q --upgrade pip; \
+		echo "$(PY) -m pip install -q -e '.[test]'"; \
+		$(PY) -m pip install -q -e '.[test]'; \
+		touch $(STAMP); \
+	fi
 
 # Installs the Debian packages the tests use (as root; skipped when they are all present already).
 test-deps:
