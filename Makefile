@@ -42,9 +42,12 @@ install: venv
 		touch $(STAMP); \
 	fi
 
-# Installs the Debian packages the tests use (as root; skipped when they are all present already).
+# Installs the Debian packages the tests use (as root; skipped when they are all installed already). Asks for the
+# status `installed`: `dpkg -s` also succeeds for a package removed with its configuration files left behind.
 test-deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES); do \
+		[ "$$(dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null)" = installed ] || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
