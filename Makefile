@@ -2,7 +2,8 @@
 PYTHON ?= python3.12
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt
+# gcc and libcrypt-dev: crypt-r is published as source only, and pip compiles it (so test-deps runs before install).
+APT_PACKAGES := gcc libcrypt-dev swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt
 
 .PHONY: run test venv install test-deps lint completions
 
@@ -56,7 +57,7 @@ test-deps:
 run: install
 	$(PY) scripts/trial.py
 
-test: install test-deps
+test: test-deps install
 	$(VENV)/bin/pytest -q
 
 lint: install
