@@ -44,6 +44,39 @@ def write_config(user: pwd.struct_passwd) -> Path:
     return config
 
 
+def unreachable(user: pwd.struct_passwd, folder: Path) -> str | None:
+    """What keeps user from writing into folder: the first folder on the way that user may not enter (as root in
+    /root, which is 0700, `nobody` cannot reach ./local), or folder itself when user may not write there. None when
+    nothing does. Asked in a child that has become user, so the kernel's own rules answer (ACLs included)."""
+    way = [*reversed(folder.parents), folder]
+    child = os.fork()
+    if child == 0:
+        status = 255
+        try:
+            os.initgroups(user.pw_name, user.pw_gid)
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            status = 0
+            for index, step in enumerate(way):
+                wanted = os.X_OK | (os.W_OK if step == folder else 0)
+                if not os.access(step, wanted):
+                    status = min(index + 1, 254)
+                    break
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return None
+    if code == 255 or code > len(way):
+        return f"{folder} (could not check as {user.pw_name})"
+    step = way[code - 1]
+    mode = f"mode {step.stat().st_mode & 0o7777:04o}, owner {pwd.getpwuid(step.stat().st_uid).pw_name}"
+    if step == folder:
+        return f"{step} cannot be written by {user.pw_name} ({mode})"
+    return f"{step} cannot be entered by {user.pw_name} ({mode})"
+
+
 def hostname() -> str:
     return os.uname().nodename
 
@@ -56,6 +89,14 @@ def main() -> int:
     maildir.mkdir(exist_ok=True)
     if os.geteuid() == 0:
         os.chown(maildir, user.pw_uid, user.pw_gid)
+        # Every delivery would fail (`Permission denied`, retried for days) with the mail stuck in the queue: say
+        # so now. Typical: a clone in root's home, which no other user may enter.
+        problem = unreachable(user, maildir)
+        if problem is not None:
+            print(f"make run: as root, mail is delivered as {user.pw_name} (deliveries never run as root), and "
+                  f"{problem}.\nRun `make run` as an ordinary user, or use a clone in a folder that others may "
+                  "enter (such as /srv or /opt).", file=sys.stderr)
+            return 1
     config = write_config(user)
     environment = dict(os.environ)
     environment.update({

@@ -50,3 +50,22 @@ def test_trial_run_delivers_to_the_local_maildir() -> None:
         daemon.wait(timeout=30)
         log.close()
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_trial_run_as_root_in_a_folder_nobody_may_enter_says_so_and_stops() -> None:
+    """A clone in /root (0700): as root the trial delivers as nobody, who cannot reach ./local. It said nothing,
+    and every mail then failed with `Permission denied` and waited in the queue for days."""
+    private = Path(tempfile.mkdtemp(prefix="pysmtpd-trial-private-"))  # 0700, owned by root, as /root is
+    try:
+        port = free_port()
+        environment = dict(os.environ, SMTPD_TRIAL_DIR=str(private / "local"), SMTPD_TRIAL_PORT=str(port))
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "trial.py")], env=environment,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result
+        assert result.stderr == (
+            f"make run: as root, mail is delivered as nobody (deliveries never run as root), and {private} cannot "
+            f"be entered by nobody (mode 0700, owner root).\nRun `make run` as an ordinary user, or use a clone in "
+            "a folder that others may enter (such as /srv or /opt).\n")
+        assert not (private / "local" / "smtpd.pid").exists()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
