@@ -5,13 +5,17 @@ needed. Every address at localhost (or at this host's name) is delivered into th
 user running this (as root: as `nobody`, since deliveries never run as root). Try it:
 
     swaks --server 127.0.0.1:2525 --to you@localhost
-    SMTPD_SOCKET=local/smtpd.sock .venv/bin/smtpctl show queue
+    export SMTPD_SOCKET=local/smtpd.sock SMTPD_SPOOL=local/spool
+    .venv/bin/smtpctl show queue
+
+(without SMTPD_SPOOL, smtpctl and sendmail work on /var/spool/smtpd whenever the daemon is down).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import sys
 from pathlib import Path
 
@@ -106,6 +110,8 @@ def main() -> int:
     })
     print(f"PySMTPD trial run: SMTP on 127.0.0.1:{PORT}, mail into {maildir}, control socket {LOCAL / 'smtpd.sock'}",
           file=sys.stderr)
+    print(f"For smtpctl, sendmail and mailq: export SMTPD_SOCKET={shlex.quote(str(LOCAL / 'smtpd.sock'))} "
+          f"SMTPD_SPOOL={shlex.quote(str(LOCAL / 'spool'))}", file=sys.stderr)
     smtpd = str(Path(sys.executable).parent / "smtpd")
     os.execve(smtpd, [smtpd, "-d", "-f", str(config)], environment)
 

@@ -52,6 +52,40 @@ def test_trial_run_delivers_to_the_local_maildir() -> None:
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def test_trial_run_prints_the_environment_for_smtpctl_and_sendmail_and_it_holds_when_the_daemon_is_down() -> None:
+    """The README's hint named only the socket: with the daemon down, smtpctl and sendmail then used the system's
+    spool (/var/spool/smtpd: permission denied as a user, OpenSMTPD's queue as root), not ./local/spool."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="pysmtpd-trial-"))
+    tmp_path.chmod(0o755)
+    local = tmp_path / "local"
+    port = free_port()
+    environment = dict(os.environ, SMTPD_TRIAL_DIR=str(local), SMTPD_TRIAL_PORT=str(port))
+    for name in ("SMTPD_SOCKET", "SMTPD_SPOOL"):
+        environment.pop(name, None)
+    log = open(tmp_path / "trial.log", "wb")  # noqa: SIM115 — the daemon keeps writing to it
+    daemon = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "trial.py")], env=environment,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: (local / "smtpd.sock").exists(), 30, 0.1,
+                   explain=lambda: (tmp_path / "trial.log").read_text())
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        log.close()
+    try:
+        exports = [line for line in (tmp_path / "trial.log").read_text().splitlines() if "export " in line]
+        assert exports == [f"For smtpctl, sendmail and mailq: export SMTPD_SOCKET={local / 'smtpd.sock'} "
+                           f"SMTPD_SPOOL={local / 'spool'}"]
+        script = (f"{exports[0].split(': ', 1)[1]}; echo hi | {sys.executable} -c "
+                  f"'import sys; from smtpctl.cli import main; main(sys.argv[1:], \"sendmail\")' you@localhost")
+        submitted = subprocess.run(["sh", "-c", script], env=environment, capture_output=True, text=True,
+                                   cwd=ROOT, timeout=60)
+        assert (submitted.returncode, submitted.stderr) == (75, "")  # waits offline, for the next start
+        assert len(list((local / "spool" / "offline").iterdir())) == 1
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def test_trial_run_as_root_in_a_folder_nobody_may_enter_says_so_and_stops() -> None:
     """A clone in /root (0700): as root the trial delivers as nobody, who cannot reach ./local. It said nothing,
     and every mail then failed with `Permission denied` and waited in the queue for days."""
