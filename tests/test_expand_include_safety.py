@@ -95,3 +95,37 @@ def test_an_include_file_reached_through_a_users_symlink_to_a_file_of_someone_el
             assert client.rcpt("mlist@mbox.test")[0] == 250
     finally:
         daemon.stop()
+
+
+def _rcpt(port: int, rcpt: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("sender@client.test")
+        return client.rcpt(rcpt)
+
+
+def test_a_large_include_file_is_read_whole_and_one_too_large_is_refused_never_cut(world) -> None:
+    """A list of more than 1 MiB (some 30,000 members) was cut at 1 MiB: its last members got nothing, and the
+    line across the cut became another recipient ("bob-archive@lists.remote.test" read as the local user bob).
+    Now a list is read whole up to MAX_INCLUDE_SIZE, and a larger one fails for now (424), logged, never cut."""
+    from smtpd.lookup.expand import MAX_INCLUDE_SIZE
+
+    top, mail_root, alice, bob = world
+    include = top / "list.txt"
+    # A comment, so that the old 1 MiB cut fell just after "<bob>" in the next line.
+    padding = "#" + "x" * ((1 << 20) - len(bob.pw_name) - 2) + "\n"
+    include.write_text(padding + f"{bob.pw_name}-archive@lists.remote.test\n{alice.pw_name}\n")
+    daemon, port = _start(top, mail_root, include)
+    try:
+        # Read whole: bob-archive@lists.remote.test is a remote address that no rule accepts (550 for the
+        # whole alias); cut at 1 MiB, it was the local user bob, and alice, the last member, was dropped.
+        assert _rcpt(port, "mlist@mbox.test")[0] == 550
+        include.write_text(padding + f"{alice.pw_name}\n{bob.pw_name}\n")
+        assert _rcpt(port, "mlist@mbox.test")[0] == 250
+        with include.open("a") as grown:
+            grown.write("#" + "y" * MAX_INCLUDE_SIZE + "\n")
+        code, text = _rcpt(port, "mlist@mbox.test")
+        assert (code, text) == (424, b"4.2.4 Mailing list expansion problem: <mlist@mbox.test>")
+        assert f"include file {include}: larger than {MAX_INCLUDE_SIZE} bytes, not read" in daemon.log()
+    finally:
+        daemon.stop()

@@ -41,7 +41,10 @@ from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfo, UserInfoError, par
 from smtpd.queue.envelope import Envelope, EnvelopeType, shared_flags
 
 EXPAND_DEPTH = 10
-MAX_INCLUDE_SIZE = 1 << 20
+# An :include: file larger than this is refused as a whole (a temporary failure, logged), never cut: a cut list
+# drops its last members and may turn the line it cuts into another address ("bob-archive@lists.example" read
+# as the local user "bob"). 16 MiB holds some 400,000 addresses.
+MAX_INCLUDE_SIZE = 16 << 20
 
 INVALID_RECIPIENT = (550, "Invalid recipient")
 TEMPORARY_FAILURE = (451, "Temporary failure")
@@ -454,7 +457,11 @@ class _Expansion:
             except ItemError as error:
                 raise _LookupFailure(f"table <{table}> key {key}: {error}") from None
             _emit(f"lookup {key} in <{table}> -> {value}", table=table, key=key)
-            return key, self._read_includes(items) if includes else items
+            try:
+                return key, self._read_includes(items) if includes else items
+            except IncludeTooLarge as error:
+                _log.warning("%s", error)
+                raise _LookupFailure(f"table <{table}> key {key}: {error}") from None
         return None
 
     def _read_includes(self, items: list[Item]) -> list[Item]:
@@ -469,6 +476,10 @@ class _Expansion:
 
 class _LookupFailure(Exception):
     pass
+
+
+class IncludeTooLarge(Exception):
+    """An :include: file over MAX_INCLUDE_SIZE: the alias fails for now rather than lose part of its list."""
 
 
 def _read_include_file(path: str) -> list[Item]:
@@ -492,7 +503,8 @@ def _read_include_file(path: str) -> list[Item]:
 
 
 def _read_include_bytes(path: str) -> bytes:
-    """The first MAX_INCLUDE_SIZE bytes of a regular file. Anything else is refused (EINVAL) without being read,
+    """The bytes of a regular file of at most MAX_INCLUDE_SIZE (IncludeTooLarge beyond, never a part of it: a cut
+    would end in the middle of a line). Anything else is refused (EINVAL) without being read,
     and a FIFO or a device is not even opened for reading: the daemon reads includes as root, often on its event
     loop, and a user who can write on the file's path (a list kept in a home) could otherwise make it a FIFO,
     whose open() blocks until a writer comes, hanging every session of the daemon."""
@@ -516,9 +528,11 @@ def _read_include_bytes(path: str) -> bytes:
             raise OSError(errno.EPERM, "a symbolic link on its path belongs to neither root nor the file's owner")
         chunks: list[bytes] = []
         size = 0
-        while size < MAX_INCLUDE_SIZE and (chunk := os.read(fd, MAX_INCLUDE_SIZE - size)):
+        while size <= MAX_INCLUDE_SIZE and (chunk := os.read(fd, MAX_INCLUDE_SIZE + 1 - size)):
             chunks.append(chunk)
             size += len(chunk)
+        if size > MAX_INCLUDE_SIZE:
+            raise IncludeTooLarge(f"include file {path}: larger than {MAX_INCLUDE_SIZE} bytes, not read")
         return b"".join(chunks)
     finally:
         os.close(fd)
