@@ -82,7 +82,9 @@ def test_items_are_classified_in_reference_order() -> None:
         item = classify_item(text)
         assert item is not None, text
         assert (item.kind, item.value) == (kind, value), text
-    for bad in ("error:600 nope", "error:55 x", "a b", "@example.org", "bob@", "x:y", "|"):
+    # An include names an absolute path, as OpenSMTPD's makemap requires (a relative one is an invalid entry).
+    for bad in ("error:600 nope", "error:55 x", "a b", "@example.org", "bob@", "x:y", "|", ":include:lists/staff",
+                "include:staff.txt"):
         assert classify_item(bad) is None, bad
 
 

@@ -97,6 +97,21 @@ def test_an_include_file_reached_through_a_users_symlink_to_a_file_of_someone_el
         daemon.stop()
 
 
+def test_an_include_with_a_relative_path_is_an_invalid_alias_not_a_file_beside_the_daemon(world) -> None:
+    """`:include:lists.txt` is an invalid item in OpenSMTPD (its makemap: `invalid entry`), so the alias fails
+    for now (424). It was read, as root, relative to the folder the daemon was started from."""
+    top, mail_root, alice, bob = world
+    (top / "lists.txt").write_text(f"{bob.pw_name}\n")  # the daemon under test runs in top
+    daemon, port = _start(top, mail_root, Path("lists.txt"))
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("sender@client.test")
+            assert client.rcpt("mlist@mbox.test") == (424, b"4.2.4 Mailing list expansion problem: <mlist@mbox.test>")
+    finally:
+        daemon.stop()
+
+
 def _rcpt(port: int, rcpt: str) -> tuple[int, bytes]:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")

@@ -8,7 +8,7 @@ classified by the first of these shapes it fits:
 
 1. ``error:CODE TEXT`` / ``:error:CODE TEXT`` (CODE: 3 digits starting with 4 or 5, then a space, then an
    alphanumeric character) — refuse the recipient with that reply;
-2. ``:include:/path`` / ``include:/path`` — the lines of that file are more items;
+2. ``:include:/path`` / ``include:/path`` (an absolute path) — the lines of that file are more items;
 3. ``|command`` / ``"|command"`` — pipe the message to a command;
 4. ``/absolute/path`` — append the message to an mbox file;
 5. ``user@domain`` — another address, matched against the rules again;
@@ -98,10 +98,12 @@ def _as_error(text: str) -> Item | None:
 
 
 def _as_include(text: str) -> Item | None:
+    # The path must be absolute, as OpenSMTPD requires (its makemap calls `:include:lists/staff` an invalid
+    # entry): a relative one would be read, as root, from wherever the daemon happened to be started.
     for prefix in (":include:", "include:"):
         if text[: len(prefix)].lower() == prefix:
             path = text[len(prefix):].strip()
-            return Item(ItemKind.INCLUDE, path) if path else None
+            return Item(ItemKind.INCLUDE, path) if path.startswith("/") else None
     return None
 
 
