@@ -220,3 +220,43 @@ def test_table_failure_is_explained_as_a_451(tmp_path: Path) -> None:
     assert lines[-2].startswith("  rule #1: table error: ")
     assert lines[-1] == "a table lookup failed: the recipient is deferred (451 Temporary failure)"
     assert "550" not in result.stdout
+
+
+def test_a_delivery_that_will_fail_as_root_is_said_so() -> None:
+    """Mail to root (here through `postmaster: root`) on a maildir action is accepted, as OpenSMTPD accepts it,
+    and then bounces: the MDA never writes a maildir as root (`not allowed to deliver to: root`). explain listed
+    the delivery `as root` and stopped there; it now says the delivery will fail, in the MDA's own words. mbox
+    for root is written (by the unprivileged user), and is not flagged."""
+    import smtplib
+
+    from waiting import wait_until
+
+    workdir = make_workdir()
+    try:
+        (workdir / "aliases").write_text("postmaster: root\n")
+        text = (f"table aliases file:{workdir / 'aliases'}\n"
+                "listen on 127.0.0.1 port {port}\n"
+                'action "md" maildir alias <aliases>\n'
+                'action "box" mbox alias <aliases>\n'
+                'match from any for domain "md.test" action "md"\n'
+                'match from any for domain "box.test" action "box"\n')
+        with DaemonProcess(workdir, text) as daemon:
+            explained = daemon.smtpctl("explain", "--to", "postmaster@md.test")
+            assert explained.returncode == 0, explained.stderr  # accepted at RCPT all the same
+            assert section(explained.stdout.splitlines(), "deliveries:") == [
+                "  mda via action md: postmaster@md.test as root",
+                "    this delivery will fail (bounced): not allowed to deliver to: root"]
+            answer = json.loads(daemon.smtpctl("explain", "--to", "postmaster@md.test", "--json").stdout)
+            [delivery] = answer["expansion"]["deliveries"]
+            assert (delivery["fails"], delivery["fails_class"]) == ("not allowed to deliver to: root", 5)
+            mbox = daemon.smtpctl("explain", "--to", "postmaster@box.test")
+            assert section(mbox.stdout.splitlines(), "deliveries:") == [
+                "  mda via action box: postmaster@box.test as root"]
+            # What really happens to such a message: the same words.
+            daemon.wait_listening(daemon.port)
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as client:
+                client.sendmail("", ["postmaster@md.test"], b"Subject: t\r\n\r\nhi\r\n")
+            wait_until(lambda: "result=PermFail stat=Error (not allowed to deliver to: root)" in daemon.log(),
+                       explain=daemon.log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -91,4 +91,8 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
         if delivery.get("user"):  # the action's `user`: the delivery runs as that account, whoever the recipient
             who = f" as {delivery['user']} (the action's user)"
         lines.append(f"  {delivery.get('type')} via action {delivery.get('dispatcher')}: {target}{who}")
+        if delivery.get("fails"):
+            # Accepted at RCPT (as OpenSMTPD accepts it), but the delivery fails as soon as it is tried.
+            outcome = "deferred" if delivery.get("fails_class") == 4 else "bounced"
+            lines.append(f"    this delivery will fail ({outcome}): {delivery['fails']}")
     return lines

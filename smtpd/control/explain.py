@@ -52,7 +52,7 @@ def explain_delivery(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "refusal": list(expansion.refusal) if expansion.refusal else None,
         "tree": [node.to_dict() for node in expansion.tree],
         "lines": tree_lines(expansion.tree),
-        "deliveries": [_delivery_dict(envelope, config) for envelope in expansion.deliveries],
+        "deliveries": [_delivery_dict(envelope, config, getattr(daemon, "mda", None)) for envelope in expansion.deliveries],
     }
     return result
 
@@ -151,11 +151,15 @@ def _action_dict(action: Action, config: Config) -> dict[str, Any]:
             "location": str(action.location) if action.location else None}
 
 
-def _delivery_dict(envelope: Any, config: Config) -> dict[str, Any]:
+def _delivery_dict(envelope: Any, config: Config, mda: Any = None) -> dict[str, Any]:
     # `user`: the account a local delivery runs as when its action fixes one (`user NAME`), whoever mda_user
     # (the recipient's name from the expansion) is; the MDA does the same (smtpd/mda: _resolve_user).
+    # `fails`: what the MDA would answer at once, without running anything (root's maildir: "not allowed to
+    # deliver to: root"), with `fails_class` 4 or 5; the recipient is accepted all the same, as OpenSMTPD does.
     action = config.actions.get(envelope.dispatcher)
     user = action.user if action is not None and action.is_local and action.user else None
+    refusal = mda.refusal(envelope) if mda is not None and action is not None and action.is_local else None
     return {"dispatcher": envelope.dispatcher, "type": str(envelope.type), "dest": envelope.dest,
             "mda_exec": envelope.mda_exec or None, "mda_user": envelope.mda_user or None, "user": user,
-            "flags": sorted(envelope.flags)}
+            "flags": sorted(envelope.flags), "fails": refusal.text if refusal else None,
+            "fails_class": refusal.esc_class if refusal else None}

@@ -260,17 +260,30 @@ class MdaAgent:
             return await self._run(job, message)
 
     # -- preparing ------------------------------------------------------------------------------------
-    def _prepare(self, envelope: Envelope, action: Action) -> _Job:
+    def refusal(self, envelope: Envelope) -> DeliveryResult | None:
+        """How delivering this envelope would fail before anything runs (its user is unknown, or is root for a
+        method that never runs as root), or None: what `smtpctl explain` says of a delivery it lists."""
+        action = self.config.actions.get(envelope.dispatcher)
+        if action is None or action.method is Method.RELAY:
+            return None
+        try:
+            self._identity(envelope, action)
+        except _Failure as failure:
+            return failure.result
+        return None
+
+    def _identity(self, envelope: Envelope, action: Action) -> tuple[str, str, Identity]:
+        """(user name, home, who the work runs as); _Failure when it may not run at all."""
         username, uid, gid, directory = self._resolve_user(envelope, action)
-        recipient = Identity.for_user(username, uid, gid, directory)
         if not privileged():
-            identity = Identity.current()
-        elif uid == 0:
-            if action.method is not Method.MBOX or envelope.mda_exec:
-                raise _Failure(DeliveryResult.permfail(f"not allowed to deliver to: {username}"))
-            identity = recipient  # mbox for root: _run_mbox writes as the unprivileged user
-        else:
-            identity = recipient
+            return username, directory, Identity.current()
+        if uid == 0 and (action.method is not Method.MBOX or envelope.mda_exec):
+            raise _Failure(DeliveryResult.permfail(f"not allowed to deliver to: {username}"))
+        # (mbox for root: _run_mbox writes as the unprivileged user)
+        return username, directory, Identity.for_user(username, uid, gid, directory)
+
+    def _prepare(self, envelope: Envelope, action: Action) -> _Job:
+        username, directory, identity = self._identity(envelope, action)
         prefix = b""
         if envelope.sender:
             prefix += f"Return-Path: <{envelope.sender}>\n".encode("utf-8", "surrogateescape")
