@@ -350,6 +350,34 @@ def test_smtps_and_auth_against_the_smarthost(tmp_path: os.PathLike[str], certif
     assert remote.received[0].auth_user == "relayuser"
 
 
+class CramOnlyHandler(ScriptedHandler):
+    """A smarthost whose only AUTH mechanism is CRAM-MD5 (aiosmtpd finds it by this method's name)."""
+
+    async def auth_CRAM__MD5(self, server: object, args: list[str]) -> object:
+        return None  # refused
+
+
+def test_only_login_offered_authenticates_with_login(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    with Remote(tls=certificate, require_starttls=True, credentials={"relayuser": "s3cret-pass"}) as remote:
+        remote.controller.SMTP_kwargs["auth_exclude_mechanism"] = ["PLAIN"]
+        config = tls_config(remote, "smtp+tls", certificate, label="lbl@")
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].auth_user == "relayuser"
+
+
+def test_no_credentials_for_a_server_offering_neither_plain_nor_login(tmp_path: os.PathLike[str], certificate,
+                                                                       dns) -> None:
+    handler = CramOnlyHandler()
+    with Remote(handler, tls=certificate, require_starttls=True, credentials={"relayuser": "s3cret-pass"}) as remote:
+        remote.controller.SMTP_kwargs["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
+        config = tls_config(remote, "smtp+tls", certificate, label="lbl@")
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text == "no supported AUTH method"  # as OpenSMTPD 6.8; PLAIN was sent anyway (504)
+    assert remote.received == []
+
+
 def test_wrong_password_is_a_temporary_failure(tmp_path: os.PathLike[str], certificate, dns) -> None:
     with Remote(tls=certificate, require_starttls=True, credentials={"relayuser": "other"}) as remote:
         config = tls_config(remote, "smtp+tls", certificate, label="lbl@")

@@ -290,7 +290,7 @@ class SmtpClient:
         return reply
 
     async def auth(self, username: str, password: str) -> Reply:
-        """AUTH PLAIN, or LOGIN when the server offers only that."""
+        """AUTH PLAIN, or LOGIN when the server offers that and not PLAIN (the caller checked it offers one)."""
         mechanisms = self.extensions.auth_mechanisms()
         if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
             token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()

@@ -156,6 +156,9 @@ async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
         raise SessionError("Refuse to AUTH over unsecure channel", route_failure=False)
     if not client.extensions.has("AUTH"):
         raise SessionError("AUTH not advertised", route_failure=False)
+    if not client.extensions.auth_mechanisms() & {"PLAIN", "LOGIN"}:
+        # The only mechanisms we speak; the credentials are not sent to a server that did not offer one of them.
+        raise SessionError("no supported AUTH method", route_failure=False)
     username, password = secret_for(tables, plan)
     reply = await client.auth(username, password)
     if reply.code != 235:
