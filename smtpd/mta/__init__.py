@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.config.model import Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
@@ -126,9 +127,9 @@ class MtaAgent:
 
     # -- the contract ---------------------------------------------------------------------------------------
     async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
-        started = time.time()
         STATS.increment("mta.envelope")
         job: Job | None = None
+        plan: Plan | None = None
         try:
             plan = self._plan(envelope)
             await self._wait_below_max_deferred(plan.relay_key, envelope)
@@ -149,7 +150,7 @@ class MtaAgent:
             result = DeliveryResult.tempfail(f"internal error: {type(error).__name__}: {error}")
         finally:
             STATS.decrement("mta.envelope")
-        self._log_delivery(envelope, job, result, started)
+        self._log_delivery(envelope, plan, job, result)
         return result
 
     def _plan(self, envelope: Envelope) -> Plan:
@@ -288,9 +289,12 @@ class MtaAgent:
                     LOG.info("smtp-out: Disabling route %s for %ds", route.text(),
                              int(route.disabled_until - time.time()))
                 return error.message
+        sockname = session.client.get_extra_info("sockname")
+        source = sockname[0] if isinstance(sockname, tuple) and sockname else ""
         for job in jobs:
             job.relay_text = f"{address} ({name})" if name != address else address
             job.session_id = session.id
+            job.source = source
         usable = await transfer(session, plan, jobs, batch.message_path, has_8bit, size)
         last = next((job.future.result() for job in reversed(jobs) if job.future.done()), None)
         if last is not None:
@@ -490,15 +494,23 @@ class MtaAgent:
         return self.state.resume_route_id(route_id)
 
     # -- logging ------------------------------------------------------------------------------------------------
-    def _log_delivery(self, envelope: Envelope, job: Job | None, result: DeliveryResult, started: float) -> None:
+    def _log_delivery(self, envelope: Envelope, plan: Plan | None, job: Job | None, result: DeliveryResult) -> None:
+        """OpenSMTPD 6.8's line, field for field: from= is the MAIL FROM sent (after mail-from and srs), rcpt= the
+        original recipient when an alias or forward changed it (else -), source= our end of the session (- when
+        none was opened), relay= the remote host (or, when no session was opened, the smarthost or domain), and
+        delay= the envelope's age."""
         word = {Outcome.OK: "Ok", Outcome.TEMPFAIL: "TempFail", Outcome.PERMFAIL: "PermFail"}.get(
-            result.outcome, "Loop")
-        relay = job.relay_text if job is not None else ""
+            result.outcome, "PermFail")
+        relay = job.relay_text if job is not None and job.relay_text else plan.domain if plan is not None else ""
         session = job.session_id if job is not None and job.session_id else f"{envelope.evpid:016x}"
+        sender = plan.sender if plan is not None else envelope.sender
+        rcpt = envelope.rcpt if envelope.rcpt and envelope.rcpt != envelope.dest else "-"
+        source = job.source if job is not None and job.source else "-"
+        delay = duration_to_text(max(0, int(time.time() - envelope.ctime))) if envelope.ctime else "0s"
         stat = result.text.split("\n")[-1] if result.text else ""
-        LOG.info('%s mta delivery evpid=%016x from=<%s> to=<%s> relay="%s" delay=%ds result="%s" stat="%s"',
-                 session, envelope.evpid, envelope.sender, envelope.dest, relay,
-                 int(time.time() - started), word, stat)
+        LOG.info('%s mta delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> source="%s" relay="%s" delay=%s '
+                 'result="%s" stat="%s"', session, envelope.evpid, sender, envelope.dest, rcpt, source, relay,
+                 delay, word, stat)
         trace.emit("mta", f"mta: {envelope.evpid:016x} <{envelope.dest}>: {word}: {stat}",
                    evpid=f"{envelope.evpid:016x}", result=str(result.outcome), text=result.text)
 

@@ -45,6 +45,7 @@ class Job:
     relay_text: str = ""  # where it went, for the log line
     session_id: str = ""
     address: str = ""  # the RCPT TO address when it differs from the envelope's dest (an IDN domain as A-labels)
+    source: str = ""  # our address in the session, for the log line
 
     def resolve(self, result: DeliveryResult) -> None:
         if not self.future.done():
