@@ -202,8 +202,8 @@ def test_sendmail_with_the_daemon_down_leaves_no_partial_file_when_the_spool_is_
     too_big = "Subject: too big\n\n" + ("z" * 76 + "\n") * 50000  # 3.9 MB
     failed = subprocess.run([sendmail, "-f", "cron", "root"], input=too_big, capture_output=True, text=True,
                             env=env, timeout=60)
-    assert (failed.returncode, failed.stderr) == (70, "sendmail: cannot write the offline queue: No space left "
-                                                      "on device\n")
+    assert (failed.returncode, failed.stderr) == (70, f"sendmail: cannot write the offline queue {offline}: No space "
+                                                      "left on device\n")
     assert list(offline.iterdir()) == []
     assert (home / "dead.letter").read_text() == too_big
     kept = subprocess.run([sendmail, "-f", "cron", "root"], input="Subject: fits\n\nfits\n", capture_output=True,

@@ -231,8 +231,11 @@ def run_show_corrupt(as_json: bool) -> int:
     except DaemonDown:
         try:
             entries = offline_corrupt(_paths().spool)
-        except (CommandFailed, PermissionError) as error:
+        except CommandFailed as error:
             _fail(str(error))
+            return EXIT_FAILURE
+        except PermissionError as error:  # (reading the spool offline: a user's smtpctl on root's queue)
+            _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
             return EXIT_FAILURE
     except CommandFailed as error:
         _fail(str(error))
@@ -318,8 +321,11 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     except DaemonDown:
         try:
             rows, problems = offline_rows(_paths().spool, msgid, selector)
-        except (CommandFailed, PermissionError) as error:
+        except CommandFailed as error:
             _fail(str(error))
+            return EXIT_FAILURE
+        except PermissionError as error:  # (reading the spool offline: a user's smtpctl on root's queue)
+            _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
             return EXIT_FAILURE
         for problem in problems:
             click.echo(f"smtpctl: {problem}", err=True)

@@ -565,7 +565,8 @@ def _go_offline(prog: str, spool: str, argv: list[str], data: bytes) -> int:
         print(f"{prog}: {error}", file=sys.stderr)
         return EX_USAGE_ERROR
     except OSError as error:
-        print(f"{prog}: cannot write the offline queue: {error.strerror or error}", file=sys.stderr)
+        directory = os.path.join(spool, "offline")
+        print(f"{prog}: cannot write the offline queue {directory}: {error.strerror or error}", file=sys.stderr)
         write_dead_letter(data)
         return EX_SOFTWARE
     return EX_TEMPFAIL
