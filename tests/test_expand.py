@@ -203,8 +203,13 @@ def test_include_files(bob, alice, tmp_path) -> None:
     config = setup(tables, alias_table="aliases")
     result = expand(config, tables, f"list@{LOCAL_DOMAIN}")
     assert mailbox_users(result) == sorted([bob.pw_name, alice.pw_name])
-    # An unreadable include contributes nothing: the alias counts as absent, and "broken" is no user.
-    assert expand(config, tables, f"broken@{LOCAL_DOMAIN}").refusal == (550, "Invalid recipient")
+    # An unreadable include contributes nothing: the alias is found but expands to no one (reference §6.2: an
+    # empty delivery list is 524), and an alias named like a user is not delivered to that user instead.
+    assert expand(config, tables, f"broken@{LOCAL_DOMAIN}").refusal == (524, "5.2.4 Mailing list expansion problem")
+    tables.maps["aliases"][bob.pw_name] = f":include:{tmp_path}/empty"
+    (tmp_path / "empty").write_text("")
+    assert expand(config, tables, f"{bob.pw_name}@{LOCAL_DOMAIN}").refusal == (
+        524, "5.2.4 Mailing list expansion problem")
 
 
 def test_alias_table_errors_and_bad_values_are_temporary(bob) -> None:

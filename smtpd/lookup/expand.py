@@ -331,8 +331,10 @@ class _Expansion:
             _emit("lka_expand: error in alias lookup")
             node.outcome = f"refused: {failure}"
             raise _Refused(EXPANSION_TEMPFAIL, str(failure)) from None
-        if found is None or not found[1]:
+        if found is None:
             return False
+        # A key present is the alias, even when its :include: files give nothing (empty, unreadable): the node is
+        # done without children, as OpenSMTPD's expansion; it does not fall back to a system user of that name.
         key, items = found
         node.outcome = f"{kind} {table}[{key}]"
         self._insert_items(items, node, source=f"{kind} <{table}> key {key}")
