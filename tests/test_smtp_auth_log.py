@@ -8,6 +8,7 @@ import ssl
 
 import pytest
 from helpers_smtp import MAILNAME, LineClient, SmtpDaemon, make_certificate
+from waiting import wait_until
 
 from smtpd.log import visible
 
@@ -68,6 +69,7 @@ def test_auth_user_with_a_newline_cannot_forge_a_log_line(daemon: SmtpDaemon) ->
         assert client.reply() == ["535 Authentication failed"]
     finally:
         client.close()
+    wait_until(lambda: "y result=permfail" in daemon.log(), explain=daemon.log)
     lines = daemon.log().splitlines()
     assert forged not in lines
     assert not any(line.startswith("info: y result=") for line in lines)
@@ -83,4 +85,6 @@ def test_refused_command_with_control_characters_is_logged_escaped(daemon: SmtpD
         assert client.reply() == ["500 5.5.1 Invalid command: Command unrecognized"]
     finally:
         client.close()
+    # (the log line is written at the end of the daemon's loop turn, maybe after the reply reached us)
+    wait_until(lambda: "XYZZY" in daemon.log(), explain=daemon.log)
     assert 'failed-command command="XYZZY\\rinfo: forged\\033[2J" result="500 ' in daemon.log()
