@@ -172,6 +172,8 @@ def test_acknowledged_mail_survives_losing_its_files_before_the_checkpoint(tmp_p
         daemon.env["SMTPD_QUEUE_SYNC"] = "fsync"
         daemon.start()
         assert "wrote back 5 acknowledged message(s) from the commit journal" in daemon.log()
+        # (all listed once the background loading has read them)
+        wait_until(lambda: len(daemon.smtpctl("show", "queue").stdout.splitlines()) == 10, 10)
         lines = daemon.smtpctl("show", "queue").stdout.splitlines()
         assert len(lines) == 10
         recipients = sorted(line.split("|")[6] for line in lines)
