@@ -24,7 +24,7 @@ from typing import Any, TextIO
 # io: bytes of SMTP sessions and control connections (open/close, TLS handshake, read/write sizes, EOF, timeout);
 # imsg: hand-offs between subsystems (smtp -> queue -> scheduler -> mda/mta and back, control -> daemon);
 # mproc: processes (the fork helper, each delivery child and MDA command with pid/uid/exit status);
-# filters: each filter phase of a session whose listener names a filter (filters are not run yet).
+# filters: each builtin filter a session's phase ran, and its decision.
 SUBSYSTEMS: tuple[str, ...] = (
     "imsg", "io", "smtp", "filters", "mta", "bounce", "scheduler", "lookup", "stat", "rules", "mproc",
     "expand", "table", "queue",

@@ -258,7 +258,8 @@ class MtaLimit:
 
 @dataclass(frozen=True)
 class Filter:
-    """A filter, proc or chain declaration (parsed and validated; running filters is later work)."""
+    """A filter, proc or chain declaration. Builtin (phase) filters run in sessions (smtpd/smtp/filters.py);
+    processes (proc, proc-exec) are not run."""
 
     name: str
     kind: str  # "phase" | "proc" | "proc-exec" | "chain" (an inline listen/relay list is a chain too)

@@ -38,6 +38,7 @@ from smtpd.smtp import address as addr
 from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.auth import AuthResult, authenticate
 from smtpd.smtp.connection import Connection
+from smtpd.smtp.filters import PROCEED, FilterDecision, FilterFacts, run_phase
 from smtpd.smtp.headers import MessageBuilder, received_header
 from smtpd.smtp.replies import Reply
 from smtpd.stats import STATS
@@ -50,9 +51,6 @@ COMMAND_MAX = 2048
 DATA_PROGRESS_BYTES = 64 * 1024
 MAX_BAD_COMMANDS = 20
 MAX_AUTH_FAILURES = 3
-# The commands that open a filter phase (OpenSMTPD's builtin filter phase names); connect and commit are not commands.
-FILTER_PHASES = {"HELO": "helo", "EHLO": "ehlo", "STARTTLS": "starttls", "AUTH": "auth", "MAIL FROM": "mail-from",
-                 "RCPT TO": "rcpt-to", "DATA": "data", "BDAT": "data"}
 
 _log = log.get("smtp")
 
@@ -101,6 +99,8 @@ class _Transaction:
     message: Any = None  # the queue's IncomingMessage once DATA/BDAT began
     builder: MessageBuilder | None = None
     bdat_used: bool = False
+    mail_from: str = ""  # the address of MAIL FROM as the client wrote it (the filters' `mail-from`)
+    junk: bool = False  # a filter said junk in this transaction: X-Spam: Yes
 
 
 class Session:
@@ -144,6 +144,9 @@ class Session:
         self.auth_failures = 0
         self.transaction: _Transaction | None = None
         self.disconnect_reason = "disconnect"
+        self.junk = False  # a connect/helo/ehlo/auth filter said junk: every message gets X-Spam: Yes
+        self.banner_sent = False  # a connect filter's rejection replaces the banner: HELO/EHLO are then refused
+        self.last_mail_from: str | None = None  # kept after the transaction, as the filters see it
         # Bytes the client sent before our banner (a client must wait for it): HELO/EHLO among them get 503.
         self.early_bytes = 0
         self.line_was_early = False
@@ -248,12 +251,14 @@ class Session:
                   self.rdns or "<unknown>")
         if trace.wants("io"):
             self._trace_io(f"connection opened from {self.sockaddr} port {self.client_port}", port=self.client_port)
-        self._filter_phase("connect")
         if smtps:
             await self._start_tls()
             self._count_tls("smtp.smtps")
         self._set_state("STATE_CONNECTED")
         self.early_bytes = len(self.buffer) + self.connection.unread()
+        if await self._filter("connect", None) is None:
+            return  # the rejection was the greeting
+        self.banner_sent = True
         await self.reply(replies.banner(self.smtpname))
 
     def _count_tls(self, key: str) -> None:
@@ -396,15 +401,38 @@ class Session:
     def _trace_io(self, text: str, **fields: Any) -> None:
         trace.emit("io", f"{self.token}: {text}", session=self.token, address=self.client_ip, **fields)
 
-    def _filter_phase(self, phase: str | None) -> None:
-        # Filters are parsed but not run yet: say so at each phase, so whoever traces filters sees why.
-        if phase is not None and self.listener.filter and trace.wants("filters"):
-            trace.emit("filters", f"{self.token}: phase {phase} reached, filter {self.listener.filter} not run "
-                       "(filters are not supported yet)", session=self.token, address=self.client_ip,
-                       phase=phase, filter=self.listener.filter)
+    async def _filter(self, phase: str, line: str | None, *, helo: str | None = None,
+                      rcpt_to: str | None = None) -> FilterDecision | None:
+        """Run the listener's builtin filters of ``phase`` (smtpd/smtp/filters.py). None: they refused, the
+        reply is sent (and the session closed for disconnect); otherwise proceed, junk (marked here) or rewrite."""
+        if not self.listener.filter:
+            return PROCEED
+        facts = FilterFacts(address="local" if self.local else self.client_ip, rdns=self.rdns,
+                            fcrdns=self.fcrdns == "pass", helo=helo if helo is not None else self.helo,
+                            auth_user=self.auth_user if self.authenticated else None,
+                            mail_from=self.transaction.mail_from if self.transaction is not None
+                            else self.last_mail_from, rcpt_to=rcpt_to)
+        arguments = (self.config, self.tables, self.listener.filter, phase, facts, self.token)
+        if self.tables is not None and self.tables.lookups_may_block():
+            decision = await asyncio.to_thread(run_phase, *arguments)
+        else:
+            decision = run_phase(*arguments)
+        if decision.decision == "junk":
+            # Before MAIL FROM it marks the session, after it the transaction (mail-from: cmd_mail does it).
+            if self.transaction is not None:
+                self.transaction.junk = True
+            elif phase != "mail-from":
+                self.junk = True
+        if decision.decision not in ("reject", "disconnect", "tempfail"):
+            return decision
+        _log.info("%s smtp filter-response phase=%s filter=%s response=%s result=\"%d %s\"", self.token, phase,
+                  decision.filter, decision.decision, decision.code, log.visible(decision.text))
+        await self.reply(Reply(decision.code, decision.text), command=line)
+        if decision.code == 421 or decision.decision == "disconnect":
+            raise _Close("filter")
+        return None
 
     def _trace_committed(self, msgid: str, envelopes: list[Envelope]) -> None:
-        self._filter_phase("commit")
         if trace.wants("imsg"):
             evpids = [format_evpid(envelope.evpid) for envelope in envelopes]
             trace.emit("imsg", f"{self.token}: smtp -> queue: message {msgid} committed, {len(evpids)} envelope(s)",
@@ -461,7 +489,6 @@ class Session:
             if handler is None:
                 await self._error(replies.UNKNOWN_COMMAND, line)
                 continue
-            self._filter_phase(FILTER_PHASES.get(verb))
             await handler(argument, line)
 
     # -- commands ----------------------------------------------------------------------------------------------------
@@ -505,7 +532,7 @@ class Session:
         await self._identify(argument, line, extended=True)
 
     async def _identify(self, argument: str, line: str, *, extended: bool) -> None:
-        if self.line_was_early:
+        if self.line_was_early or not self.banner_sent:
             await self._error(replies.BAD_SEQUENCE, line)
             return
         if self.helo is not None:
@@ -520,6 +547,14 @@ class Session:
         if not addr.valid_helo(name):
             await self._error(replies.BAD_HELO_DOMAIN, line)
             return
+        decision = await self._filter("ehlo" if extended else "helo", line, helo=name)
+        if decision is None:
+            return
+        if decision.decision == "rewrite":
+            name = decision.text
+            if not addr.valid_helo(name):
+                await self._error(replies.BAD_HELO_DOMAIN, line)
+                return
         self.helo, self.esmtp = name, extended
         self._set_state("STATE_HELO")
         if extended:
@@ -608,6 +643,8 @@ class Session:
         if not argument:
             await self._error(replies.AUTH_NO_PARAMETERS, "AUTH")
             return
+        if await self._filter("auth", "AUTH") is None:
+            return
         mechanism, initial = split_auth_argument(argument)
         self._set_state("STATE_AUTH_INIT")
         try:
@@ -689,6 +726,29 @@ class Session:
         if self.mails >= self.config.smtp.max_mails:
             await self.reply(replies.TOO_MANY_MAILS, command=line)
             return
+        parsed = await self._parse_mail(argument, line)
+        if parsed is None:
+            return
+        inner = parsed[2]
+        self.last_mail_from = inner
+        decision = await self._filter("mail-from", line)
+        if decision is None:
+            return
+        if decision.decision == "rewrite":
+            parsed = await self._parse_mail(decision.text, line)
+            if parsed is None:
+                return
+            self.last_mail_from = inner = parsed[2]
+        sender, parameters, _ = parsed
+        if not await self._sender_allowed(sender, line):
+            return
+        self.transaction = _Transaction(sender, parameters, mail_from=inner)
+        if decision.decision == "junk":
+            self.transaction.junk = True
+        await self.reply(replies.MAIL_OK)
+
+    async def _parse_mail(self, argument: str, line: str) -> tuple[addr.Mailaddr, addr.MailParameters, str] | None:
+        """MAIL FROM's sender, parameters and address as written (None: refused, the reply is sent)."""
         try:
             inner, parameter_text = addr.split_path(argument)
             parameters = addr.parse_mail_parameters(parameter_text, dsn=self.dsn_offered,
@@ -699,14 +759,11 @@ class Session:
             reply = replies.envid_too_large(error.value) if error.kind == "too-large" \
                 else replies.unsupported_option(error.value)
             await self._error(reply, line)
-            return
+            return None
         except addr.AddressError:
             await self._error(replies.SENDER_SYNTAX, line)
-            return
-        if not await self._sender_allowed(sender, line):
-            return
-        self.transaction = _Transaction(sender, parameters)
-        await self.reply(replies.MAIL_OK)
+            return None
+        return sender, parameters, inner
 
     async def _sender_allowed(self, sender: addr.Mailaddr, line: str) -> bool:
         table = self.listener.senders_table
@@ -734,13 +791,34 @@ class Session:
         if len(transaction.recipients) >= self.config.smtp.max_rcpt:
             await self.reply(replies.TOO_MANY_RCPTS, command=line)
             return
+        parsed = await self._parse_rcpt(transaction, argument, line)
+        if parsed is None:
+            return
+        decision = await self._filter("rcpt-to", line, rcpt_to=parsed[2])
+        if decision is None:
+            return
+        if decision.decision == "rewrite":
+            parsed = await self._parse_rcpt(transaction, decision.text, line)
+            if parsed is None:
+                return
+        rcpt, parameters, _ = parsed
+        refusal, deliveries = await self._expand(transaction.sender, rcpt)
+        if refusal is not None:
+            await self.reply(refusal, command=line)
+            return
+        transaction.recipients.append(_Recipient(rcpt, parameters, deliveries))
+        await self.reply(replies.RCPT_OK)
+
+    async def _parse_rcpt(self, transaction: _Transaction, argument: str,
+                          line: str) -> tuple[addr.Mailaddr, addr.RcptParameters, str] | None:
+        """RCPT TO's recipient, parameters and address as written (None: refused, the reply is sent)."""
         try:
             inner, parameter_text = addr.split_path(argument)
             rcpt = addr.parse_path_address(inner, allow_null=False, default_domain=self.smtpname,
                                            utf8=transaction.parameters.smtputf8)
         except addr.AddressError:
             await self._error(replies.RECIPIENT_SYNTAX, line)
-            return
+            return None
         try:
             parameters = addr.parse_rcpt_parameters(parameter_text, dsn=self.dsn_offered,
                                                     utf8=transaction.parameters.smtputf8,
@@ -749,13 +827,8 @@ class Session:
             reply = {"never-combined": replies.NOTIFY_NEVER_COMBINED, "orcpt": replies.ORCPT_SYNTAX}.get(
                 error.kind, replies.unsupported_rcpt_option(error.value))
             await self._error(reply, line)
-            return
-        refusal, deliveries = await self._expand(transaction.sender, rcpt)
-        if refusal is not None:
-            await self.reply(refusal, command=line)
-            return
-        transaction.recipients.append(_Recipient(rcpt, parameters, deliveries))
-        await self.reply(replies.RCPT_OK)
+            return None
+        return rcpt, parameters, inner
 
     async def _expand(self, sender: addr.Mailaddr, rcpt: addr.Mailaddr) -> tuple[Reply | None, list[Envelope]]:
         from smtpd.lookup.expand import expand_recipient
@@ -790,6 +863,8 @@ class Session:
         if not transaction.recipients:
             await self._error(replies.NO_RECIPIENT, line)
             return
+        if await self._filter("data", line) is None:
+            return
         await self._open_message(transaction)
         self._set_state("STATE_BODY")
         await self.reply(replies.DATA_OK)
@@ -819,7 +894,8 @@ class Session:
         message = transaction.message
         transaction.builder = MessageBuilder(
             message.write, max_size=self.config.smtp.max_message_size,
-            received=self._received(transaction, format_msgid(message.msgid)), hostname=self.smtpname,
+            received=("X-Spam: Yes\n" if self.junk or transaction.junk else "")
+            + self._received(transaction, format_msgid(message.msgid)), hostname=self.smtpname,
             local_listener=self._is_local_listener(),
             masquerade_from=str(transaction.sender) if self.listener.masquerade and self.authenticated else None,
             strict=not self.local)
@@ -904,6 +980,9 @@ class Session:
             await self._error(error or replies.BAD_SEQUENCE, line)
             return
         if transaction.message is None:
+            if await self._filter("data", line) is None:  # (a 421 closed the session; else the chunk is dropped)
+                await self._read_chunk(size, None)
+                return
             transaction.bdat_used = True
             await self._open_message(transaction)
             self._set_state("STATE_BODY")
@@ -941,6 +1020,14 @@ class Session:
         if refusal is not None:
             await message.abort()
             await self.reply(refusal, command="DATA")
+            return
+        try:
+            refused = await self._filter("commit", ".") is None
+        except _Close:
+            await message.abort()
+            raise
+        if refused:
+            await message.abort()
             return
         envelopes = self._envelopes(transaction)
         try:
