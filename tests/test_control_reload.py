@@ -51,6 +51,23 @@ def test_reload_without_changes(daemon: DaemonProcess) -> None:
     assert (result.returncode, result.stdout) == (0, "no changes\nconfiguration reloaded\n")
 
 
+def test_reload_names_changed_filters_and_inline_tables(daemon: DaemonProcess) -> None:
+    # A filter's decision or a named inline table's contents were not compared: "no changes", while new
+    # sessions ran the new filter. An inline table is named only (its values may be credentials).
+    port = daemon.port  # type: ignore[attr-defined]
+    filters = 'table spam {{ "{0}" }}\nfilter "f" phase mail-from match mail-from regex <spam> reject "550 {1}"\n'
+    daemon.config_path.write_text(config(port, filters.format("^spam@", "no")))
+    assert daemon.smtpctl("reload").stdout == (
+        "table added: spam\n"
+        'filter added: filter "f" phase mail-from match mail-from regex <spam> reject "550 no"\n'
+        "configuration reloaded\n")
+    daemon.config_path.write_text(config(port, filters.format("^bulk@", "go away")))
+    assert daemon.smtpctl("reload").stdout == (
+        "table changed: spam\n"
+        'filter changed: filter "f" phase mail-from match mail-from regex <spam> reject "550 go away"\n'
+        "configuration reloaded\n")
+
+
 def test_broken_config_keeps_old_one_serving(daemon: DaemonProcess) -> None:
     port = daemon.port  # type: ignore[attr-defined]
     daemon.config_path.write_text(config(port) + "match from any for nowhere action\n")

@@ -34,6 +34,8 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     changes = _added_removed("listener", _texts(old.listeners, old, dump.format_listener),
                              _texts(new.listeners, new, dump.format_listener))
     changes += _named("table", _user_tables(old), _user_tables(new))
+    changes += _inline_tables(old, new)
+    changes += _named("filter", _filters(old), _filters(new))
     changes += _named("action", {name: dump.format_action(action, old) for name, action in old.actions.items()},
                       {name: dump.format_action(action, new) for name, action in new.actions.items()})
     old_rules = _texts(old.rules, old, dump.format_rule)
@@ -54,6 +56,26 @@ def describe_changes(old: Config, new: Config) -> list[str]:
 def _user_tables(config: Config) -> dict[str, str]:
     return {name: dump.format_table(decl) for name, decl in config.tables.items()
             if not decl.builtin and not decl.inline and not dump.is_anonymous(name)}
+
+
+def _inline_tables(old: Config, new: Config) -> list[str]:
+    """Named inline tables (`table x { ... }`) by name only: their values may be credentials."""
+    before, after = (_inline_contents(config) for config in (old, new))
+    changes = [f"table removed: {name}" for name in before if name not in after]
+    changes += [f"table added: {name}" for name in after if name not in before]
+    changes += [f"table changed: {name}" for name in after if name in before and before[name] != after[name]]
+    return changes
+
+
+def _inline_contents(config: Config) -> dict[str, str]:
+    return {name: dump.format_table(decl) for name, decl in config.tables.items()
+            if not decl.builtin and decl.inline and not dump.is_anonymous(name)}
+
+
+def _filters(config: Config) -> dict[str, str]:
+    """Declared filters, chains and procs (the inline lists of listeners show in their listener's text)."""
+    return {name: dump.format_filter(item, config) for name, item in config.filters.items()
+            if not name.startswith("<dynchain:")}
 
 
 def _without_locations(items: dict[str, Any]) -> dict[str, Any]:
