@@ -322,10 +322,11 @@ class Scheduler:
         envelope.esc_code = result.esc_code
         nexttry = next_try_after_failure(envelope, now)
         expire = expire_time(envelope)
-        await self._maybe_warn(entry, nexttry, now)
+        await self._maybe_warn(entry, now)
         STATS.increment("scheduler.envelope.updated")
         await self.queue.update_envelope(envelope)
-        when = min(nexttry, expire)
+        warning = self._next_warning(envelope, now)
+        when = min(nexttry, expire, warning if warning is not None else expire)
         trace.emit("scheduler", f"scheduler: {envelope.evpid:016x} tempfail ({result.text}), retry {envelope.retry} "
                    f"in {duration_text(int(when - now))}", evpid=f"{envelope.evpid:016x}", retry=envelope.retry)
         if envelope.evpid not in self.entries:
@@ -335,25 +336,36 @@ class Scheduler:
             return
         self._schedule(entry, when)
 
-    async def _maybe_warn(self, entry: Entry, nexttry: float, now: float) -> None:
-        """One delay warning per warn interval that the next try reaches (at most 4 intervals), none for an interval
-        that ends after the envelope expires ("delayed for more than 4 hours" about mail that expires after 1)."""
+    def _warn_thresholds(self, envelope: Envelope) -> list[float]:
+        """The moments (creation + each warn interval, at most 4) at which a delay warning is due, those before
+        the envelope expires only: a message that expires first gets its failure report instead ("delayed for
+        more than 4 hours" about mail that expires after 1)."""
+        expire = expire_time(envelope)
+        return [envelope.ctime + interval for interval in self._warn_intervals() if envelope.ctime + interval < expire]
+
+    def _next_warning(self, envelope: Envelope, now: float) -> float | None:
+        """The next warn moment not reached yet and not covered by a warning sent, if any."""
+        later = [when for when in self._warn_thresholds(envelope) if when > now and envelope.last_bounce < when]
+        return min(later) if later else None
+
+    async def _maybe_warn(self, entry: Entry, now: float) -> None:
+        """A delay warning once a warn moment has passed with the mail still undelivered: one for the latest moment
+        passed that no warning covers yet. It is never sent ahead of its moment, as OpenSMTPD does (at the try
+        before it), which told a sender "not delivered after more than 4 hours" about mail a minute old whose
+        next try was far off; instead the try after a failure is brought forward to the warn moment (_tempfail),
+        so a warning comes when it says and not later."""
         envelope = entry.envelope
-        intervals = self._warn_intervals()
-        for interval in intervals:
-            threshold = envelope.ctime + interval
-            if threshold >= expire_time(envelope):
-                break  # the message expires first: its failure report, not a warning, will tell the sender
-            if nexttry >= threshold and envelope.last_bounce < threshold and now < expire_time(envelope):
-                remaining = int(expire_time(envelope) - now)
-                try:
-                    await self.bouncer.report(envelope, DELAYED, delay=interval, remaining=remaining)
-                except Exception as error:  # noqa: BLE001 — a lost warning is not worth keeping the mail back
-                    LOG.warning("scheduler: delay warning for %016x not queued: %s", envelope.evpid, error)
-                # The warning is sent ahead (the try before the threshold): record the threshold it covers, not
-                # the time it was sent, or the next failure (still before the threshold) warns a second time.
-                envelope.last_bounce = int(threshold)
-                return
+        passed = [when for when in self._warn_thresholds(envelope) if when <= now and envelope.last_bounce < when]
+        if not passed:
+            return
+        threshold = max(passed)
+        remaining = int(expire_time(envelope) - now)
+        try:
+            await self.bouncer.report(envelope, DELAYED, delay=int(threshold - envelope.ctime), remaining=remaining)
+        except Exception as error:  # noqa: BLE001 — a lost warning is not worth keeping the mail back
+            LOG.warning("scheduler: delay warning for %016x not queued: %s", envelope.evpid, error)
+        # Record the moment covered (as OpenSMTPD does), so that no later failure warns for it again.
+        envelope.last_bounce = int(threshold)
 
     def _warn_intervals(self) -> list[int]:
         config = self.daemon.config if self.daemon is not None else None

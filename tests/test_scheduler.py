@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import email.utils
 import os
 import time
 from pathlib import Path
@@ -392,21 +393,22 @@ def test_no_delay_warning_for_an_interval_that_ends_after_the_envelope_expires(t
     assert subjects == ["Delivery status notification: failed"]
 
 
-def test_one_delay_warning_per_warn_interval_even_when_retried_before_the_threshold(tmp_path: Path) -> None:
-    """The warning goes out at the failure whose next try reaches ctime + interval, before that time: a second
-    failure before the threshold (here a `schedule`) must not send a second warning for the same interval."""
+def test_one_delay_warning_per_warn_interval_even_when_retried_after_it(tmp_path: Path) -> None:
+    """The warning goes out at the first failure at or after ctime + interval; a later failure (here one asked for
+    with `schedule`) must not send a second warning for the same interval."""
     async def scenario() -> tuple[Harness, int, int]:
         harness = Harness(tmp_path, queue_config(queue_ttl=86400, warn=(3600,)))
         harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("451 greylisted") if envelope.sender
                                                else DeliveryResult.ok())
         async with harness:
-            created = int(time.time()) - 3590  # the next try (ctime + 10 n²) is past ctime + 1 h
+            created = int(time.time()) - 3599  # the warn moment comes a second after the first try
             _, (evpid,) = await harness.submit(ctime=created)
             await wait_for(lambda: len(reports(harness)) == 1, what="warning")
             await wait_for(lambda: harness.scheduler.entries[evpid].state == "pending", what="rescheduled")
+            tries = len([a for a in harness.mda.attempts if a.sender])
             result = await HANDLERS["schedule"](harness.daemon, {"target": f"{evpid:016x}"})
             assert result == {"count": 1}
-            await wait_for(lambda: len([a for a in harness.mda.attempts if a.sender]) == 2, what="second try")
+            await wait_for(lambda: len([a for a in harness.mda.attempts if a.sender]) == tries + 1, what="another try")
             await wait_for(lambda: harness.scheduler.entries[evpid].state == "pending", what="rescheduled again")
             await asyncio.sleep(0.3)  # (longer than the report grouping delay)
             stored = load_envelope(Path(harness.queue.envelope_path(evpid)).read_bytes())
@@ -415,3 +417,26 @@ def test_one_delay_warning_per_warn_interval_even_when_retried_before_the_thresh
     harness, last_bounce, created = run(scenario())
     assert len(reports(harness)) == 1
     assert last_bounce == created + 3600
+
+
+def test_a_delay_warning_is_never_sent_ahead_of_its_moment(tmp_path: Path) -> None:
+    """OpenSMTPD warns at the failure whose next try lies past ctime + interval: "not delivered after more than
+    4 hours" about mail a minute old. Here the first failure (next try 10 s later) is before the 2 s warn moment:
+    no warning then; the next try is brought forward to the moment, and the warning follows its failure."""
+    async def scenario() -> tuple[Harness, float, list[float]]:
+        harness = Harness(tmp_path, queue_config(queue_ttl=86400, warn=(2,)), group_delay=0.1)
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("451 greylisted") if envelope.sender
+                                               else DeliveryResult.ok())
+        async with harness:
+            _, (evpid,) = await harness.submit()
+            await wait_for(lambda: len(reports(harness)) == 1, what="warning")
+            tries = [time.time() for a in harness.mda.attempts if a.sender]
+            return harness, harness.scheduler.entries[evpid].envelope.ctime, tries
+
+    harness, ctime, tries = run(scenario())
+    (warning,) = reports(harness)
+    assert warning["Subject"] == "Delivery status notification: delayed"
+    assert "more than 2 seconds" in warning.get_payload()[0].get_payload()
+    sent = email.utils.parsedate_to_datetime(warning["Date"]).timestamp()
+    assert sent >= ctime + 2  # not before the moment it speaks of
+    assert len(tries) == 2  # the first try, then the one brought forward to the warn moment
