@@ -26,6 +26,22 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def home_of_our_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests run as root: a sendmail they start that cannot submit appends to $HOME/dead.letter, which was
+    the machine's /root/dead.letter, growing with every run. Every program the tests start gets a home of
+    the session's instead (shells and mail readers find no rc files there either)."""
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(tmp_path_factory.mktemp("home"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def loopback_resolver() -> Iterator[None]:
     """Every daemon, config check and tool the tests start asks a DNS server of ours on loopback (SMTPD_RESOLVER,
     which they inherit), never the machine's resolver: client names for PROXY-protocol and IPv6 clients, MX

@@ -352,7 +352,7 @@ def test_a_user_without_privileges_submits_as_themself(world) -> None:
 def test_an_offline_file_written_while_the_daemon_runs_is_submitted_without_a_restart(world) -> None:
     """A sendmail that found no daemon to talk to (here: pointed at a socket that is not there, as during a
     start) leaves its file in offline/; the running daemon looks there again and submits it. Before, it waited
-    for the next start. A file that fails is not tried again until then."""
+    for the next start. A file that fails for now (SMTP paused) is not tried again until then."""
     workdir, mail_root, user = world
     daemon = make_daemon(workdir, mail_root, user)
     daemon.env["SMTPD_OFFLINE_RESCAN_SECONDS"] = "0.5"
@@ -361,10 +361,11 @@ def test_an_offline_file_written_while_the_daemon_runs_is_submitted_without_a_re
         unreachable = {**daemon.env, "SMTPD_SOCKET": str(workdir / "no-such.sock")}
         result = run_sendmail(unreachable, ["-f", "late", user.pw_name], "Subject: late\n\nwritten while up\n")
         assert result.returncode == 75, result.stderr
-        refused = run_sendmail(unreachable, ["nosuchuser-zz"], "Subject: refused\n\nnobody\n")
-        assert refused.returncode == 75, refused.stderr
         content = wait_for_mail(os.path.join(mail_root, user.pw_name))
         assert "written while up" in content
+        assert daemon.smtpctl("pause", "smtp").returncode == 0
+        refused = run_sendmail(unreachable, [user.pw_name], "Subject: refused\n\nnobody\n")
+        assert refused.returncode == 75, refused.stderr
         offline = workdir / "spool" / "offline"
         deadline = time.monotonic() + 10
         while "kept for the next start" not in daemon.log() and time.monotonic() < deadline:
@@ -410,5 +411,27 @@ def test_an_offline_file_with_a_second_name_is_not_replayed(world) -> None:
         wait_until(lambda: "has 2 links, skipped" in daemon.log(), explain=daemon.log)
         assert (offline / "1796600000.0000000003").exists()
         assert not os.path.exists(os.path.join(mail_root, user.pw_name))
+    finally:
+        daemon.stop()
+
+
+def test_an_offline_file_the_daemon_refuses_for_good_goes_to_its_owners_dead_letter(world) -> None:
+    """A message written offline whose recipient the daemon refuses (550: no rule for that domain) was kept and
+    offered again at every start, for ever, and its dead.letter went to the daemon's home, which the owner's
+    replay cannot write. Now it is saved in its owner's dead.letter, as at the terminal, and removed."""
+    workdir, mail_root, user = world
+    daemon = make_daemon(workdir, mail_root, user)
+    offline = workdir / "spool" / "offline"
+    offline.mkdir(parents=True)
+    letter = offline / "1796600000.0000000004"
+    letter.write_text("nobody@elsewhere.test\nSubject: nowhere\n\nfor no one\n")
+    os.chown(letter, user.pw_uid, user.pw_gid)
+    letter.chmod(0o600)
+    daemon.start()
+    try:
+        wait_until(lambda: "saved in its owner's dead.letter and removed" in daemon.log(), explain=daemon.log)
+        assert not letter.exists()
+        dead = Path(user.pw_dir) / "dead.letter"
+        assert "for no one" in dead.read_text() and dead.stat().st_uid == user.pw_uid
     finally:
         daemon.stop()

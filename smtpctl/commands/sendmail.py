@@ -30,6 +30,7 @@ from shared import paths
 
 USAGE = "usage: sendmail [-tv] [-f from] [-F name] to ..."
 EX_USAGE_ERROR = 1
+EX_NOUSER = 67  # -S (the daemon replaying an offline file): the daemon refused the message for good (5xx)
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 LINE_SPLIT = 990
@@ -549,11 +550,19 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
             print(f"{prog}: {text}", file=sys.stderr)
         else:
             print(f"{prog}: command failed: {text}", file=sys.stderr)
+        if options.server_mode:
+            # Replaying an offline file: refused for good, it is saved and the daemon removes the file (trying at
+            # every start would never succeed); otherwise the file stays for a later try, and so nothing is saved.
+            if text[:1] != "5":
+                return EX_SOFTWARE
+            write_dead_letter(data)
+            return EX_NOUSER
         write_dead_letter(data)
         return EX_SOFTWARE
     except OSError as error:
         print(f"{prog}: {error}", file=sys.stderr)
-        write_dead_letter(data)
+        if not options.server_mode:  # (an offline file being replayed stays for a later try)
+            write_dead_letter(data)
         return EX_SOFTWARE
     return 0
 

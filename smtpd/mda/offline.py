@@ -23,8 +23,10 @@ import sys
 import time
 
 from smtpd import log
-from smtpd.mda.local import LocalDeliveryError
+from smtpd.mda.local import EX_CANTCREAT, LocalDeliveryError
 from smtpd.mda.privilege import Identity, privileged, run_as
+
+EX_NOUSER = 67  # sendmail -S: the daemon refused the message for good (smtpctl.commands.sendmail.EX_NOUSER)
 
 OFFLINE_DIRECTORY = "offline"
 CONCURRENCY = 5
@@ -33,8 +35,8 @@ READY_TIMEOUT = 60.0
 # socket not yet there during a start, a burst that found it unreachable) left a file that would otherwise wait
 # for the next start. OpenSMTPD looks only at start.
 RESCAN_SECONDS = float(os.environ.get("SMTPD_OFFLINE_RESCAN_SECONDS", "60"))
-ABANDONED_AFTER = 86400.0
-LINK_GRACE = 60.0  # seconds a file in offline/ may have a second name (sendmail's hidden one, about to go)  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
+ABANDONED_AFTER = 86400.0  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
+LINK_GRACE = 60.0  # seconds a file in offline/ may have a second name (sendmail's hidden one, about to go)
 
 _log = log.get("offline")
 
@@ -140,14 +142,23 @@ async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -
         return False
     if privileged():
         identity = _owner_identity(info.st_uid, info.st_gid)
-        result = await run_as(identity, _submit_work(path, socket_path, mailname_path),
+        result = await run_as(identity, _submit_work(path, socket_path, mailname_path, identity.home),
                               before_drop=_opener(path, info.st_uid))
         status, text = result.status, result.text
+        refused = status == EX_CANTCREAT  # (the child's code for a permanent LocalDeliveryError)
     else:
         status, text = await _submit_in_subprocess(path, socket_path, mailname_path)
+        refused = status == EX_NOUSER
     if status == 0:
         _unlink(path)
         return True
+    if refused:
+        # The daemon refused it for good (say, every recipient unknown): sendmail saved it in its owner's
+        # dead.letter, as it does for a refusal at the terminal; offering it again at every start would not help.
+        _log.warning("offline: %s refused (%s); saved in its owner's dead.letter and removed", path,
+                     text or f"status {status}")
+        _unlink(path)
+        return False
     _log.warning("offline: %s could not be submitted (%s); kept for the next start", path,
                  text or f"status {status}")
     return False
@@ -196,7 +207,7 @@ def _opener(path: str, owner: int):  # noqa: ANN202 — a closure for run_as
     return open_file
 
 
-def _submit_work(path: str, socket_path: str, mailname_path: str | None):  # noqa: ANN202
+def _submit_work(path: str, socket_path: str, mailname_path: str | None, home: str):  # noqa: ANN202
     def work(fd: object) -> None:
         assert isinstance(fd, int)
         import io
@@ -208,6 +219,7 @@ def _submit_work(path: str, socket_path: str, mailname_path: str | None):  # noq
             data = handle.read()
         argv = ["-S", *(arguments.split("|") if arguments else [])]
         os.environ["SMTPD_SOCKET"] = socket_path
+        os.environ["HOME"] = home or "/"  # (the owner's: dead.letter goes there, not to the daemon's home)
         if mailname_path:
             os.environ["SMTPD_MAILNAME"] = mailname_path
         stdin, stderr = sys.stdin, sys.stderr
@@ -219,7 +231,8 @@ def _submit_work(path: str, socket_path: str, mailname_path: str | None):  # noq
             messages = sys.stderr.getvalue() if isinstance(sys.stderr, io.StringIO) else ""
             sys.stdin, sys.stderr = stdin, stderr
         if status != 0:
-            raise LocalDeliveryError(messages.strip().splitlines()[-1] if messages.strip() else f"exit {status}")
+            raise LocalDeliveryError(messages.strip().splitlines()[-1] if messages.strip() else f"exit {status}",
+                                     temporary=status != EX_NOUSER)
 
     return work
 
