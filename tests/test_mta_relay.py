@@ -378,6 +378,16 @@ def test_no_credentials_for_a_server_offering_neither_plain_nor_login(tmp_path: 
     assert remote.received == []
 
 
+def test_an_unverifiable_smtps_certificate_is_named_as_for_starttls(tmp_path: os.PathLike[str], certificate,
+                                                                     dns) -> None:
+    """smtps said `TLS handshake failed: CERTIFICATE_VERIFY_FAILED` where STARTTLS says what failed."""
+    with Remote(tls=certificate, smtps=True) as remote:
+        config = relay_config(Relay(host=f"smtps://smarthost.test:{remote.port}"))
+        results = relay_all(tls_agent(config, dns), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    assert results[0].text.startswith("TLS certificate verification failed: "), results[0].text
+
+
 def test_wrong_password_is_a_temporary_failure(tmp_path: os.PathLike[str], certificate, dns) -> None:
     with Remote(tls=certificate, require_starttls=True, credentials={"relayuser": "other"}) as remote:
         config = tls_config(remote, "smtp+tls", certificate, label="lbl@")

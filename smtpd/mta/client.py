@@ -152,6 +152,8 @@ class SmtpClient:
             _, connection = await asyncio.wait_for(opening, timeout)
         except TimeoutError:
             raise ClientError("Connection timeout") from None
+        except ssl.SSLCertVerificationError as error:  # (smtps: worded as for STARTTLS)
+            raise ClientError(f"TLS certificate verification failed: {error.verify_message}") from None
         except ssl.SSLError as error:
             raise ClientError(f"TLS handshake failed: {error.reason or error}") from None
         except OSError as error:
