@@ -88,3 +88,21 @@ def test_refused_command_with_control_characters_is_logged_escaped(daemon: SmtpD
     # (the log line is written at the end of the daemon's loop turn, maybe after the reply reached us)
     wait_until(lambda: "XYZZY" in daemon.log(), explain=daemon.log)
     assert 'failed-command command="XYZZY\\rinfo: forged\\033[2J" result="500 ' in daemon.log()
+
+
+@pytest.mark.parametrize("steps", [
+    [b"AUTH LOGIN", b"", base64.b64encode(b"whatever")],  # an empty user name line, then the password
+    [b"AUTH PLAIN " + base64.b64encode(b"\0\0" + PASSWORD.encode())],  # PLAIN with an empty user name
+])
+def test_an_empty_user_name_is_a_failed_login_not_a_syntax_error(daemon: SmtpDaemon, steps: list[bytes]) -> None:
+    """As OpenSMTPD: the empty name is checked like any other, and fails (535 after the delay), where we said 501."""
+    client = secured_client(daemon.port)
+    try:
+        replies = []
+        for step in steps:
+            client.send(step + b"\r\n")
+            replies.append(client.reply()[0])
+        assert replies[-1] == "535 Authentication failed", replies
+        assert all(reply.startswith("334 ") for reply in replies[:-1]), replies
+    finally:
+        client.close()

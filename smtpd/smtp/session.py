@@ -676,8 +676,7 @@ class Session:
         if decoded is None or decoded.count(b"\0") != 2:
             return None
         authzid, user, password = decoded.split(b"\0")
-        if not user:
-            return None
+        # An empty user name is no syntax error (OpenSMTPD checks it, and it fails: 535 after the delay).
         if authzid and authzid != user:
             # Acting as another user is not supported: make sure such a request can never succeed.
             password = b"\0"
@@ -687,8 +686,9 @@ class Session:
         if not initial:
             initial = await self._auth_response(replies.AUTH_USERNAME_PROMPT, "STATE_AUTH_USERNAME")
         user = _b64decode(initial)
-        if not user:
+        if user is None:
             return None
+        # (an empty user name, as an empty line: the password is asked for, then 535, as OpenSMTPD does)
         answer = await self._auth_response(replies.AUTH_PASSWORD_PROMPT, "STATE_AUTH_PASSWORD")
         password = _b64decode(answer)
         if password is None:
