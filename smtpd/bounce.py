@@ -43,6 +43,11 @@ class BounceRoutingError(Exception):
     """The DSN has nowhere to go (no rule accepts its recipient); it is dropped and logged."""
 
 
+class BounceRoutingDeferred(Exception):
+    """Where the DSN goes cannot be known for now (a table or ~/.forward failing): the failed envelope and its
+    report wait for a later try."""
+
+
 def duration_text(seconds: int) -> str:
     """`N second(s)` below a minute, then minutes, hours, days (integer division, singular for 1)."""
     seconds = max(0, int(seconds))
@@ -356,7 +361,8 @@ class Bouncer:
             if result.refusal is not None:
                 code, text = result.refusal
                 if 400 <= code < 500:  # (a table or ~/.forward failing for now): the report must wait, not go
-                    raise RuntimeError(f"temporary failure while expanding the sender's address: {code} {text}")
+                    raise BounceRoutingDeferred(f"temporary failure while expanding the sender's address: {code} "
+                                                f"{text}")
                 raise BounceRoutingError(f"{code} {text}")
             return list(result.deliveries)
 
