@@ -7,6 +7,7 @@ unprivileged anywhere: point SMTPD_SPOOL and SMTPD_SOCKET at a folder you own.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ ENV_PIDFILE = "SMTPD_PIDFILE"
 # Where the daemon's DNS questions (reverse lookups, MX) go: "host:port" of a resolver. Tests point it at a
 # DNS server of their own on loopback; unset means the system resolver.
 ENV_RESOLVER = "SMTPD_RESOLVER"
+
+
+def parse_resolver_setting(value: str) -> tuple[str, int]:
+    """SMTPD_RESOLVER's value as (address, port): '127.0.0.1:5353', '[::1]:5353', '127.0.0.1' or '::1' (port
+    53). One reading for every place that asks DNS (MX, reverse names, listen targets, spf walk); ValueError
+    for anything that is not an IP address with an optional port."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, "53"
+    ipaddress.ip_address(host)
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid resolver port: {port!r}")
+    return host, int(port)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ import time
 import pytest
 from helpers_mta import DnsServer, MemoryTables, Remote, free_port, relay_config
 
+from shared.paths import parse_resolver_setting
 from smtpd.config.model import Relay
 from smtpd.delivery import Outcome
 from smtpd.mta import MtaAgent
-from smtpd.mta.mx import Resolver, parse_resolver_setting
+from smtpd.mta.mx import Resolver
 from smtpd.mta.plan import rewrite_sender
 from smtpd.mta.routes import RelayHost, RelayUrlError, parse_relay_url
 from smtpd.mta.session import esc_code
@@ -70,8 +71,12 @@ def test_resolver_setting_forms() -> None:
     assert parse_resolver_setting("127.0.0.1:5353") == ("127.0.0.1", 5353)
     assert parse_resolver_setting("[::1]:5353") == ("::1", 5353)
     assert parse_resolver_setting("127.0.0.1") == ("127.0.0.1", 53)
-    with pytest.raises(ValueError):
-        parse_resolver_setting("resolver.example:53")
+    # A bare IPv6 address is port 53 (the listener's reverse lookups read `::1` as host `:` port 1 and failed all)
+    assert parse_resolver_setting("::1") == ("::1", 53)
+    assert parse_resolver_setting("[::1]") == ("::1", 53)
+    for bad in ("resolver.example:53", "127.0.0.1:x", "127.0.0.1:0", "[::1]:99999"):
+        with pytest.raises(ValueError):
+            parse_resolver_setting(bad)
 
 
 def test_ipv6_mx_delivery(tmp_path: os.PathLike[str]) -> None:

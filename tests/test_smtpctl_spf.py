@@ -92,3 +92,13 @@ def test_listing(dns_server: DnsServer) -> None:
     result = subprocess.run([sys.executable, "-m", "smtpctl", "spf"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
     assert (result.returncode, result.stderr) == (255, "possibilities are:\nspf walk\n")
+
+
+def test_walk_with_a_resolver_setting_that_is_no_address_says_so() -> None:
+    """`SMTPD_RESOLVER=resolver.example` died with a ValueError traceback (each program read the setting its own
+    way); now one reader says what is wrong, as a usage error."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SMTPD_RESOLVER": "resolver.example"}
+    result = subprocess.run([sys.executable, "-m", "smtpctl", "spf", "walk"], input="example.org\n",
+                            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
+    assert result.returncode == 255
+    assert "SMTPD_RESOLVER=resolver.example" in result.stderr and "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from shared.paths import parse_resolver_setting
 from smtpctl.words import Leaf, WordGroup
 
 MAX_LOOKUPS = 50  # how many records one domain may pull in (loops and huge include trees end here)
@@ -56,9 +57,12 @@ def _resolver() -> Any:
     resolver = dns.resolver.Resolver(configure=not os.environ.get("SMTPD_RESOLVER"))
     address = os.environ.get("SMTPD_RESOLVER")
     if address:
-        host, _, port = address.rpartition(":")
-        resolver.nameservers = [host.strip("[]") or "127.0.0.1"]
-        resolver.port = int(port or 53)
+        try:
+            host, port = parse_resolver_setting(address)
+        except ValueError as error:
+            raise click.UsageError(f"SMTPD_RESOLVER={address}: {error}") from None
+        resolver.nameservers = [host]
+        resolver.port = port
     resolver.lifetime = 10.0
     return resolver
 

@@ -18,8 +18,9 @@ import ipaddress
 import os
 import socket
 
+from shared.paths import ENV_RESOLVER, parse_resolver_setting
+
 HOSTS_FILE = "/etc/hosts"
-ENV_RESOLVER = "SMTPD_RESOLVER"
 DNS_TIMEOUT = 3.0
 
 INET4 = "inet4"
@@ -186,23 +187,12 @@ def _hosts_file(target: str, family: str | None) -> list[str]:
     return addresses
 
 
-def _resolver_address(setting: str) -> tuple[str, int]:
-    value = setting.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        return host, int(rest.lstrip(":") or 53)
-    if value.count(":") == 1:
-        host, _, port = value.partition(":")
-        return host, int(port)
-    return value, 53
-
-
 def _ask_resolver(target: str, family: str | None, setting: str) -> list[str]:
     import dns.exception
     import dns.resolver
 
     try:
-        host, port = _resolver_address(setting)
+        host, port = parse_resolver_setting(setting)
     except ValueError:
         return []
     resolver = dns.resolver.Resolver(configure=False)

@@ -20,7 +20,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from shared.paths import ENV_RESOLVER
+from shared.paths import ENV_RESOLVER, parse_resolver_setting
 from smtpd import trace
 
 DNS_TIMEOUT = 10.0
@@ -41,20 +41,6 @@ class MxHost:
     name: str  # the exchanger's host name (or the domain itself for an implicit MX)
     preference: int
     addresses: tuple[str, ...]  # IPv4 and IPv6 literals, in the order to try
-
-
-def parse_resolver_setting(value: str) -> tuple[str, int]:
-    """'127.0.0.1:5353', '[::1]:5353' or '127.0.0.1' -> (address, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port = rest.lstrip(":") or "53"
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    else:
-        host, port = value, "53"
-    ipaddress.ip_address(host)
-    return host, int(port)
 
 
 class Resolver:

@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shared.numbers import ascii_digits
+from shared.paths import parse_resolver_setting
 from smtpd import log, trace
 from smtpd.config.model import Config, Listener, TlsMode
 from smtpd.lookup.tables.base import Service, TableError
@@ -390,11 +390,10 @@ def _listening_socket(address: str, port: int) -> socket.socket:
 def _resolver(resolver_address: str) -> Any:
     import dns.asyncresolver
 
-    host, _, port = resolver_address.rpartition(":")
+    host, port = parse_resolver_setting(resolver_address)
     resolver = dns.asyncresolver.Resolver(configure=False)
-    resolver.nameservers = [host.strip("[]") or resolver_address]
-    if ascii_digits(port):
-        resolver.port = int(port)
+    resolver.nameservers = [host]
+    resolver.port = port
     return resolver
 
 
