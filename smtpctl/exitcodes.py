@@ -11,5 +11,5 @@ class Exit(IntEnum):
     SOFTWARE = 70  # sendmail: the enqueue failed (EX_SOFTWARE)
     TEMPFAIL = 75  # sendmail: queued offline (EX_TEMPFAIL)
     CONFIG = 78  # reload: the new configuration is invalid; the daemon keeps the old one (EX_CONFIG)
-    INTERRUPTED = 130  # a stream (trace --follow, monitor) ended by Ctrl-C
+    INTERRUPTED = 130  # Ctrl-C at a prompt or a wait (the streams, trace --follow and monitor, end with 0 on it)
     USAGE = 255  # the command line did not parse (`possibilities are:` / `invalid command`)
