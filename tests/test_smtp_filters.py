@@ -32,6 +32,8 @@ table badhelo { "^evil" }
 table spammer { "^spam@" }
 table nobody { "^nobody@" }
 table rewritten { "^old@" }
+table short { "^short@" }
+table odd { "^odd@" }
 table down db:{dir}/down.db
 filter "blocked" phase connect match src <blocked> disconnect "554 5.7.1 go away"
 filter "no-rdns" phase connect match ! rdns reject "550 5.7.1 no reverse name"
@@ -42,11 +44,13 @@ filter "spammer" phase mail-from match mail-from regex <spammer> reject "553 5.7
 filter "rewrite" phase mail-from match mail-from regex <rewritten> rewrite "<new@sender.test>"
 filter "nobody" phase rcpt-to match rcpt-to regex <nobody> reject "550 5.1.1 no such user"
 filter "bad-text" phase rcpt-to match rcpt-to regex <badhelo> reject "oops"
+filter "short-text" phase rcpt-to match rcpt-to regex <short> reject "550"
+filter "odd-code" phase rcpt-to match rcpt-to regex <odd> reject "570 5.7.1 odd but valid"
 filter "junk" phase data match ! fcrdns junk
 filter "commit" phase commit match mail-from regex <nobody> reject "554 5.7.1 content refused"
 filter "down" phase mail-from match src <down> reject "550 never"
 filter "main" chain { "blocked", "no-rdns", "dynamic", "evil-helo", "trusted", "spammer", "rewrite", "nobody", \
-"bad-text", "junk", "commit" }
+"bad-text", "short-text", "odd-code", "junk", "commit" }
 listen on 127.0.0.1 port {port} filter "main"
 listen on 127.0.0.1 port {port2}
 listen on 127.0.0.1 port {port3} filter "down"
@@ -135,6 +139,13 @@ def test_mail_from_and_rcpt_to_rejections_keep_the_session(served: SmtpDaemon) -
 def test_an_invalid_reject_message_is_421_and_disconnects(served: SmtpDaemon) -> None:
     assert dialog(served.port, "127.0.0.2", "EHLO client.test", "MAIL FROM:<a@x.test>",
                   "RCPT TO:<evil@example.org>", "NOOP")[3:] == ["421 Internal server error", "<closed>"]
+
+
+def test_a_code_without_text_is_invalid_and_any_second_digit_is_valid(served: SmtpDaemon) -> None:
+    # As 6.8: a message must be at least "NNN x"; the code's second digit may be anything.
+    assert dialog(served.port, "127.0.0.2", "EHLO client.test", "MAIL FROM:<a@x.test>",
+                  "RCPT TO:<odd@example.org>", "RCPT TO:<short@example.org>", "NOOP")[3:] == [
+        "570 5.7.1 odd but valid", "421 Internal server error", "<closed>"]
 
 
 def test_bypass_skips_the_rest_of_the_chain(served: SmtpDaemon) -> None:

@@ -24,8 +24,9 @@ from smtpd import trace
 from smtpd.config.model import Condition, Config, Filter
 from smtpd.lookup.tables.base import Service, TableError
 
-# What a reject/disconnect message must look like (otherwise it becomes 421 Internal server error).
-_VALID_REPLY = re.compile(r"[45][0-5][0-9](?: .*)?", re.DOTALL)
+# What a reject/disconnect message must look like (otherwise it becomes 421 Internal server error), as 6.8
+# checks it: a 4 or 5, two more digits, a space and at least one character of text.
+_VALID_REPLY = re.compile(r"[45][0-9][0-9] .+", re.DOTALL)
 
 
 @dataclass(frozen=True)
