@@ -134,6 +134,22 @@ def test_text_without_a_header_is_all_body(world) -> None:
         daemon.stop()
 
 
+def test_a_header_named_with_spaces_is_delivered(world) -> None:
+    """A script's report whose header block holds `Started at: 10:00` (a name with a space) is a message with
+    such a header, as OpenSMTPD 6.8 takes any line with a colon there: it used to be refused as not RFC 2822
+    compliant (550, the message left in dead.letter)."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        text = "Subject: backup report\nStarted at: 10:00\nFinished at: 11:00\n"
+        result = run_sendmail(daemon.env, ["root"], text)
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert "\nSubject: backup report\nStarted at: 10:00\nFinished at: 11:00\n" in content, content
+    finally:
+        daemon.stop()
+
+
 def test_lone_carriage_returns_of_a_local_submission_are_kept(world) -> None:
     """A command's progress output (`10%\r20%`) arrives as written; only the CR of a CRLF goes (as OpenSMTPD).
     Before, every CR of a local submission was dropped."""
