@@ -117,7 +117,9 @@ def _route_args(args: dict[str, Any]) -> tuple[str, str]:
         ipaddress.ip_address(source)
     except ValueError:
         raise ControlFailure(f"invalid address {source!r}") from None
-    return source, str(args.get("domain", ""))
+    from smtpd.mta.routes import address_text
+
+    return address_text(source), str(args.get("domain", ""))
 
 
 @command("resume.route")

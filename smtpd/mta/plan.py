@@ -12,7 +12,7 @@ from typing import Any
 from smtpd.config.model import Config, Relay
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta import srs
-from smtpd.mta.routes import RelayHost, RelayUrlError, parse_relay_url
+from smtpd.mta.routes import RelayHost, RelayUrlError, address_text, parse_relay_url
 from smtpd.mta.tls import TlsMode, TlsPolicy
 from smtpd.queue.envelope import Envelope
 
@@ -178,7 +178,7 @@ def _tls_policy(config: Config, relay: Relay, smarthost: RelayHost | None) -> Tl
 
 def _source(tables: Any, relay: Relay) -> str | None:
     if relay.src:
-        return relay.src
+        return address_text(relay.src)
     if relay.src_table:
         try:
             source = tables.fetch(relay.src_table, Service.SOURCE)
@@ -186,7 +186,7 @@ def _source(tables: Any, relay: Relay) -> str | None:
             raise PlanError(f"temporary failure in source address lookup: {error}") from None
         if not source:
             raise PlanError(f"source table {relay.src_table} is empty")
-        return source
+        return address_text(source)
     return None
 
 

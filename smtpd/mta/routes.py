@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -155,6 +156,18 @@ class Host:
     refcount: int = 0
     nconn: int = 0
     lastconn: float = 0.0
+
+
+def address_text(address: str) -> str:
+    """An IP address in its one usual text, as inet_ntop prints it (`::1` for `0:0::1`, lowercase hex), so that
+    the same address given two ways (relay `src`, `smtpctl pause mta from`) is one key; other text as it is."""
+    body, mark, scope = address.partition("%")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_ntop(family, socket.inet_pton(family, body)) + mark + scope
+        except (OSError, ValueError):
+            continue
+    return address
 
 
 @dataclass
