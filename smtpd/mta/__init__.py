@@ -16,6 +16,7 @@ reach their MX through a port-mapping firewall). DNS questions go to the SMTPD_R
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.config.model import Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
 from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from smtpd.daemon import Daemon
 
 ENV_MX_PORT = "SMTPD_MX_PORT"
+SOURCE_TRIES = 32  # entries of a `src` table tried for one that suits the MX's address family
 BATCH_WINDOW = 0.05  # seconds to wait for the other envelopes of a message before connecting
 MAX_RCPT_PER_TRANSACTION = 100
 DEFAULT_TIMEOUT = 300.0
@@ -161,8 +164,7 @@ class MtaAgent:
         if action.method is not Method.RELAY or action.relay is None:
             raise PlanError(f"dispatcher {action.name} does not relay")
         plan = make_plan(config, self.tables, action.relay, envelope, self.mx_port, self.mailname)
-        if plan.source and ((plan.source, plan.domain) in self.state.paused
-                            or (plan.source, "*") in self.state.paused):
+        if plan.source and self._paused(plan.source, plan.domain):
             raise PlanError(f"relaying from {plan.source} for {plan.domain} is paused")
         return plan
 
@@ -252,6 +254,17 @@ class MtaAgent:
                 _resolve_pending(batch.jobs, DeliveryResult.tempfail(
                     f"No {family} address for {plan.domain} (mta limit {family})", 42))
                 return
+        if plan.source:
+            # A source address connects only to addresses of its own family (as OpenSMTPD's routing skips the
+            # others): an IPv4 source cannot reach an IPv6-only MX, and trying failed as "Unknown error -9".
+            plan = self._source_for(plan, candidates)
+            candidates = [(name, address) for name, address in candidates
+                          if _family_of(address) in (_family_of(plan.source or ""), None)]
+            if not candidates:
+                trace.emit("mta", f"mta: {plan.domain}: no MX address of the family of source {plan.source}",
+                           domain=plan.domain)
+                _resolve_pending(batch.jobs, DeliveryResult.tempfail("Address family mismatch on destination MXs", 42))
+                return
         last_error = "No MX host could be reached"
         now = time.time()
         for name, address in candidates:
@@ -269,6 +282,28 @@ class MtaAgent:
                 return
             last_error = outcome
         _resolve_pending(batch.jobs, DeliveryResult.tempfail(last_error, 42))
+
+    def _source_for(self, plan: Plan, candidates: list[tuple[str, str]]) -> Plan:
+        """The plan itself when its source suits some candidate address; else, with a `src <table>`, the plan
+        with another entry of that table that does (an IPv6 one for an IPv6-only MX), if there is one."""
+        def suits(source: str) -> bool:
+            return any(_family_of(address) in (_family_of(source), None) for _, address in candidates)
+
+        if not plan.source or suits(plan.source) or not plan.source_table:
+            return plan
+        for _ in range(SOURCE_TRIES):
+            try:
+                other = self.tables.fetch(plan.source_table, Service.SOURCE)
+            except TableError:
+                return plan
+            if not other or other == plan.source:
+                continue
+            if suits(other) and not self._paused(other, plan.domain):
+                return dataclasses.replace(plan, source=other)
+        return plan
+
+    def _paused(self, source: str, domain: str) -> bool:
+        return (source, domain) in self.state.paused or (source, "*") in self.state.paused
 
     async def _try_route(self, plan: Plan, relay: RelayState, route: Route, name: str, address: str,
                          jobs: list[Job], batch: _Batch, has_8bit: bool, size: int) -> str | None:

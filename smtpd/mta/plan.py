@@ -41,6 +41,7 @@ class Plan:
     backup_name: str | None
     sender: str  # MAIL FROM, after the mail-from rewrite
     port: int
+    source_table: str | None = None  # the `src <table>` the source came from (others of it may suit the MX better)
 
     @property
     def relay_key(self) -> str:
@@ -115,6 +116,7 @@ def make_plan(config: Config, tables: Any, relay: Relay, envelope: Envelope, mx_
         backup_name=relay.backup_mx,
         sender=_sender(config, relay, envelope, mailname),
         port=smarthost.port if smarthost is not None else mx_port,
+        source_table=None if relay.src else relay.src_table,
     )
 
 
