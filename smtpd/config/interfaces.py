@@ -120,7 +120,7 @@ def resolve_listen_target_checked(target: str, family: str | None) -> tuple[list
     question outright (e.g. `listen on ::1 inet4`): then OpenSMTPD makes no listener and goes on."""
     interfaces = interface_addresses()
     if target in interfaces:
-        addresses = [a for a in interfaces[target] if family is None or _family_of(a) == family]
+        addresses = [_scoped(a, target) for a in interfaces[target] if family is None or _family_of(a) == family]
         if addresses:
             return addresses, None
     for wanted in (INET4, INET6):
@@ -136,7 +136,8 @@ def resolve_listen_target_checked(target: str, family: str | None) -> tuple[list
 def _resolve_host(target: str, family: str | None) -> tuple[list[str], str | None]:
     setting = os.environ.get(ENV_RESOLVER)
     if setting:
-        return _hosts_file(target, family) or _ask_resolver(target, family, setting), None
+        return _numeric_scoped(target, family) or _hosts_file(target, family) or \
+            _ask_resolver(target, family, setting), None
     socket_family = {None: socket.AF_UNSPEC, INET4: socket.AF_INET, INET6: socket.AF_INET6}[family]
     try:
         infos = socket.getaddrinfo(target, None, socket_family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
@@ -152,9 +153,41 @@ def _resolve_host(target: str, family: str | None) -> tuple[list[str], str | Non
         if info[0] not in (socket.AF_INET, socket.AF_INET6):
             continue
         address = str(info[4][0]).split("%")[0]
+        if info[0] == socket.AF_INET6 and info[4][3]:  # a link-local address names its interface (`%eth0`)
+            address = _scoped(address, _interface_name(info[4][3]))
         if address not in addresses:
             addresses.append(address)
     return addresses, None
+
+
+def _scoped(address: str, interface: str | None) -> str:
+    """A link-local IPv6 address with its interface (`fe80::1%eth0`): without it the kernel cannot bind it.
+    Other addresses are returned as they are."""
+    if not interface or "%" in address:
+        return address
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return f"{address}%{interface}" if parsed.version == 6 and parsed.is_link_local else address
+
+
+def _interface_name(index: int) -> str | None:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return None
+
+
+def _numeric_scoped(target: str, family: str | None) -> list[str]:
+    """A scoped IPv6 literal (`fe80::1%eth0`): numeric, so no resolver is asked, as getaddrinfo treats it."""
+    if "%" not in target or family == INET4:
+        return []
+    try:
+        infos = socket.getaddrinfo(target, None, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return []
+    return [_scoped(str(infos[0][4][0]).split("%")[0], _interface_name(infos[0][4][3]))] if infos else []
 
 
 def is_loopback(address: str) -> bool:

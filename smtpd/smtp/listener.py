@@ -187,7 +187,7 @@ class SmtpServer:
         # the entry replaces the listener's name (it was the other way round, and `hostname` hid the table).
         if listener.hostnames_table and self.daemon.tables is not None:
             try:
-                name = self.daemon.tables.lookup(listener.hostnames_table, Service.ADDRNAME, address)
+                name = self.daemon.tables.lookup(listener.hostnames_table, Service.ADDRNAME, address.split("%")[0])
             except TableError:
                 name = None
             if name:
@@ -378,7 +378,10 @@ def _listening_socket(address: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
+            # getaddrinfo turns a link-local `fe80::1%eth0` into the scope id the kernel needs to bind it.
+            sock.bind(socket.getaddrinfo(address, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0][4])
+        else:
+            sock.bind((address, port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError as error:
