@@ -47,6 +47,7 @@ COMPARED = [
     "relay_double_at_ours_first", "relay_trailing_dots_double", "relay_ip_literal_ours",
     "relay_empty_sender_no_path", "relay_empty_sender_blank_path",
     "reply_mail_garbage_after_path", "reply_rcpt_garbage_after_path", "reply_dsn_after_helo",
+    "reply_header_name_with_spaces",
 ]
 OUR_EXTENSIONS = {"250-PIPELINING", "250-CHUNKING", "250-SMTPUTF8"}
 
