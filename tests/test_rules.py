@@ -72,6 +72,18 @@ def test_from_src_and_regex_tables() -> None:
     assert decide(text, other, "a@b.test", "x@foreign.test").action is None
 
 
+def test_from_src_regex_sees_an_ipv6_client_in_brackets() -> None:
+    """The reference's `from` key for an IPv6 client is `[::1]`; a regex table saw `::1` (and an address table
+    still takes the address bare)."""
+    six = dataclasses.replace(REMOTE, address="::1")
+    bracketed = 'match from src regex "^\\[::1\\]$" for any action "relay"\n'
+    assert decide(bracketed, six, "a@b.test", "x@foreign.test").action.name == "relay"
+    assert decide('match from src regex "^::1$" for any action "relay"\n', six, "a@b.test",
+                  "x@foreign.test").action is None
+    assert decide('table six { ::1 }\nmatch from src <six> for any action "relay"\n', six, "a@b.test",
+                  "x@foreign.test").action.name == "relay"
+
+
 def test_auth_and_tls_are_evaluated() -> None:
     text = 'match auth from any for any action "relay"\nmatch tls from any for domain "example.org" action "local"\n'
     assert decide(text, REMOTE, "a@b.test", "x@foreign.test").action is None

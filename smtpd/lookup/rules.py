@@ -122,6 +122,12 @@ def _holds(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
     return not result if condition.negated else result
 
 
+def regex_address(address: str, regex: bool) -> str:
+    """The client address a `src regex` table sees: an IPv6 one in brackets (`[::1]`), as the reference's key
+    is; address tables (netaddr) take it bare."""
+    return f"[{address}]" if regex and ":" in address else address
+
+
 def _table_test(tables: Any, condition: Condition, service: Service, candidate: str) -> bool:
     assert condition.table is not None
     if condition.regex:
@@ -151,7 +157,7 @@ def _test_from(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
             raise _Skip
         return envelope.facts.local_socket
     if variant == "src":
-        return _table_test(tables, condition, Service.NETADDR, envelope.from_key)
+        return _table_test(tables, condition, Service.NETADDR, regex_address(envelope.from_key, condition.regex))
     if variant == "rdns":
         if condition.table is None:
             if envelope.internal:

@@ -22,6 +22,7 @@ from typing import Any
 
 from smtpd import trace
 from smtpd.config.model import Condition, Config, Filter
+from smtpd.lookup.rules import regex_address
 from smtpd.lookup.tables.base import Service, TableError
 
 # What a reject/disconnect message must look like (otherwise it becomes 421 Internal server error), as 6.8
@@ -131,7 +132,7 @@ def _matches(condition: Condition, tables: Any, facts: FilterFacts) -> bool:
             return facts.rdns is not None
         return _table(condition, tables, Service.DOMAIN, facts.rdns.lower() if facts.rdns else None)
     if family == "src":
-        return _table(condition, tables, Service.NETADDR, facts.address)
+        return _table(condition, tables, Service.NETADDR, regex_address(facts.address, condition.regex))
     if family == "helo":
         return _table(condition, tables, Service.DOMAIN, facts.helo.lower() if facts.helo else None)
     if family == "auth":
