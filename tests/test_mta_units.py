@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -79,7 +80,7 @@ def test_resolver_setting_forms() -> None:
             parse_resolver_setting(bad)
 
 
-def test_ipv6_mx_delivery(tmp_path: os.PathLike[str]) -> None:
+def test_ipv6_mx_delivery(tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture) -> None:
     port = free_port("::1")
     zone = {"six.test": [("MX", "10 mx.six.test.")], "mx.six.test": [("AAAA", "::1")]}
     path = os.path.join(tmp_path, "message")
@@ -97,8 +98,11 @@ def test_ipv6_mx_delivery(tmp_path: os.PathLike[str]) -> None:
             await agent.stop()
             assert routes[0]["route"] == "[] <-> ::1 (mx.six.test)"
             return result.outcome
-        assert asyncio.run(run()) is Outcome.OK
+        with caplog.at_level(logging.INFO, logger="smtpd"):
+            assert asyncio.run(run()) is Outcome.OK
     assert remote.received[0].rcpt_tos == ["x@six.test"]
+    # the address and the port told apart, as in a URL (it read smtp://::1:PORT)
+    assert f"mta connecting address=smtp://[::1]:{port} host=mx.six.test" in caplog.text
 
 
 def test_unused_state_is_forgotten_but_penalties_are_kept() -> None:

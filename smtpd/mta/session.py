@@ -97,7 +97,9 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
     server_hostname = host_name if host_name and not _is_address(host_name) and not host_name.startswith("[") \
         else address
     scheme = "lmtp" if plan.lmtp else "smtps" if use_smtps else "smtp"
-    where = address if address.startswith("/") else f"{address}:{plan.port}"  # a Unix socket, or TCP
+    # A Unix socket, or TCP (an IPv6 address in brackets, as in a URL: `[::1]:25`, not `::1:25`)
+    where = address if address.startswith("/") else f"[{address}]:{plan.port}" if ":" in address \
+        else f"{address}:{plan.port}"
     LOG.info("%s mta connecting address=%s://%s host=%s", session_id, scheme, where, host_name)
     trace.emit("mta", f"{session_id}: connecting to {where} ({host_name}) {policy.describe()}",
                session=session_id, host=host_name, address=address)
