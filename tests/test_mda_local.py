@@ -644,6 +644,56 @@ def test_lmtp_replies_received_are_final_even_if_the_server_says_more(spool) -> 
                                                                           (250, "250 2.0.0 saved b")]
 
 
+@pytest.mark.parametrize(("offers_smtputf8", "sender", "mail_line", "codes"), [
+    (False, "u@ex\u00e4mple.org", "MAIL FROM:<u@xn--exmple-cua.org>", [250]),  # only the domain: A-labels
+    (False, "j\u00fcrgen@ex\u00e4mple.org", None, [553]),  # a UTF-8 local part cannot go: refused for good
+    (True, "j\u00fcrgen@ex\u00e4mple.org", "MAIL FROM:<j\u00fcrgen@ex\u00e4mple.org> SMTPUTF8", [250]),
+])
+def test_lmtp_utf8_senders_go_as_the_server_can_take_them(spool, offers_smtputf8: bool, sender: str,
+                                                          mail_line: str | None, codes: list[int]) -> None:
+    """A UTF-8 sender went to Dovecot (no SMTPUTF8 offered) without the parameter; it answered 250 and stored
+    Return-Path: <>, the sender lost. Now as the relay does it."""
+    from smtpd.mda.lmtp import deliver_lmtp
+
+    tmp_path, _, _ = spool
+    seen: list[str] = []
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 lmtp ready\r\n")
+        while line := await reader.readline():
+            text = line.decode("utf-8").rstrip("\r\n")
+            seen.append(text)
+            if text.startswith("LHLO"):
+                writer.write(b"250-lmtp\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n" if offers_smtputf8
+                             else b"250-lmtp\r\n250 PIPELINING\r\n")
+            elif text == "DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                while await reader.readline() != b".\r\n":
+                    pass
+                writer.write(b"250 2.0.0 saved\r\n")
+            elif text == "QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_unix_server(peer, str(tmp_path / "lmtp8.sock"))
+        try:
+            with open(write_message(str(tmp_path / "m8"), "Subject: x\n\nbody\n"), "rb") as message:
+                return await deliver_lmtp(str(tmp_path / "lmtp8.sock"), "mx.test", sender, ["bob"], b"", message)
+        finally:
+            server.close()
+
+    assert [reply.code for reply in asyncio.run(run())] == codes
+    mail = [line for line in seen if line.startswith("MAIL FROM")]
+    assert mail == ([mail_line] if mail_line else [])
+
+
 @pytest.mark.parametrize(("template", "expected"), [
     # no shell syntax: split into words, run directly
     ("/usr/bin/procmail -a %{rcpt.user}", ["/usr/bin/procmail", "-a", "bob+tag"]),

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from shared.numbers import ascii_digits
 from smtpd.mda.local import message_lines
 from smtpd.mta.client import CHUNK, ClientError, RepliesCut, Reply, SmtpClient
+from smtpd.mta.session import ascii_address
 
 LMTP_TIMEOUT = 300.0  # for each step of the session (connecting, each reply, each write)
 
@@ -36,6 +37,10 @@ class LmtpReply:
     @property
     def temporary(self) -> bool:
         return not (200 <= self.code < 300 or 500 <= self.code < 600)
+
+
+# An address with a UTF-8 local part, to a server that does not offer SMTPUTF8 (as the relay says it).
+UTF8_REFUSED = LmtpReply(553, "553 5.6.7 SMTPUTF8 not supported by the LMTP server")
 
 
 class LmtpError(Exception):
@@ -84,14 +89,25 @@ async def _transaction(client: SmtpClient, helo: str, sender: str, recipients: l
     greeting = await client.greeting()
     if greeting.code != 220:
         raise LmtpError(f"LMTP server error: {greeting.lines[-1]}")
-    for reply in (await client.hello(helo), await client.mail_from(sender, [])):
-        if not reply.is_ok:
-            if reply.code >= 500:
-                return [LmtpReply.of(reply)] * len(recipients)
-            raise LmtpError(f"LMTP server error: {reply.lines[-1]}")
+    hello = await client.hello(helo)
+    if not hello.is_ok:
+        if hello.code >= 500:
+            return [LmtpReply.of(hello)] * len(recipients)
+        raise LmtpError(f"LMTP server error: {hello.lines[-1]}")
+    sender, addresses, parameters = _utf8_plan(client, sender, recipients)
+    if sender is None:
+        return [UTF8_REFUSED] * len(recipients)
+    reply = await client.mail_from(sender, parameters)
+    if not reply.is_ok:
+        if reply.code >= 500:
+            return [LmtpReply.of(reply)] * len(recipients)
+        raise LmtpError(f"LMTP server error: {reply.lines[-1]}")
     refusals: list[LmtpReply | None] = []
-    for recipient in recipients:
-        reply = await client.rcpt_to(recipient)
+    for address in addresses:
+        if address is None:
+            refusals.append(UTF8_REFUSED)
+            continue
+        reply = await client.rcpt_to(address)
         refusals.append(None if reply.is_ok else LmtpReply.of(reply))
     accepted = refusals.count(None)
     if not accepted:
@@ -111,6 +127,22 @@ async def _transaction(client: SmtpClient, helo: str, sender: str, recipients: l
     await client.quit()
     received = iter(finals)
     return [reply or LmtpReply.of(next(received)) for reply in refusals]
+
+
+def _utf8_plan(client: SmtpClient, sender: str,
+               recipients: list[str]) -> tuple[str | None, list[str | None], list[str]]:
+    """(MAIL FROM address, RCPT TO addresses, MAIL parameters) as the server can take them, as the relay does
+    (smtpd/mta/session.py): with SMTPUTF8 offered, UTF-8 addresses go as they are (and the parameter is sent);
+    without it, a domain goes in A-labels, and an address whose local part is UTF-8 cannot go (None: refused for
+    good). Sent as UTF-8 without the parameter, Dovecot took the sender for <> and the sender was lost."""
+    addresses = [sender, *recipients]
+    if all(address.isascii() for address in addresses):
+        return sender, list(recipients), []
+    if client.extensions.has("SMTPUTF8"):
+        return sender, list(recipients), ["SMTPUTF8"]
+    ascii_sender = ascii_address(sender) if sender else sender
+    return ascii_sender, [ascii_address(recipient) if "@" in recipient else
+                          (recipient if recipient.isascii() else None) for recipient in recipients], []
 
 
 async def _wire_chunks(prefix: bytes, message: BinaryIO) -> AsyncIterator[bytes]:
