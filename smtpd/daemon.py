@@ -118,7 +118,7 @@ class Daemon:
             self.paused.add(subsystem)
         else:
             self.paused.discard(subsystem)
-        self.log.info("%s %s", subsystem, "paused" if paused else "resumed")
+        self.log.info("info: %s %s", subsystem, "paused" if paused else "resumed")
         for listener in list(self.pause_listeners):
             listener(self, subsystem, paused)
         return True
@@ -214,7 +214,7 @@ async def serve(daemon: Daemon) -> None:
     except Exception as error:  # noqa: BLE001 — reported as one `smtpd: ...` line, not a traceback
         raise StartupFailed(str(error)) from error
     _install_signal_handlers(daemon)
-    daemon.log.info("%s starting", VERSION)
+    daemon.log.info("info: %s starting", VERSION)
     pid_written = False
     try:
         try:

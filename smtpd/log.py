@@ -1,4 +1,9 @@
-"""Daemon logging: `info: ...` / `warn: ...` lines on stderr in the foreground (-d), syslog (mail) with -F."""
+"""Daemon logging: lines on stderr in the foreground (-d), syslog (mail) with -F or detached.
+
+As OpenSMTPD's, an informational line is the message alone (`0123456789abcdef smtp connected address=...`: log
+parsers such as fail2ban's filters anchor on the session id); warnings and debug lines start with `warn: ` and
+`debug: `. The few informational lines that OpenSMTPD itself starts with `info: ` (the start, pause/resume, table
+updates) carry it in their message."""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 LOGGER_NAME = "smtpd"
-_LEVEL_WORDS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
-                logging.ERROR: "warn", logging.CRITICAL: "fatal"}
+_LEVEL_WORDS = {logging.DEBUG: "debug: ", logging.INFO: "", logging.WARNING: "warn: ",
+                logging.ERROR: "warn: ", logging.CRITICAL: "fatal: "}
 
 
 _CSTYLE = {0x00: "\\0", 0x07: "\\a", 0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0B: "\\v", 0x0C: "\\f",
@@ -42,7 +47,7 @@ def visible(text: str, *, white: bool = False) -> str:
 
 class _ReferenceFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_LEVEL_WORDS.get(record.levelno, 'info')}: {record.getMessage()}"
+        line = f"{_LEVEL_WORDS.get(record.levelno, '')}{record.getMessage()}"
         if not record.exc_info or record.exc_info[1] is None:
             return line
         # An unexpected error names itself on its line (its text may hold a client's bytes: made visible); with
@@ -154,7 +159,7 @@ class _DaemonLogger(logging.Logger):
             except (RuntimeError, TypeError, ValueError):  # no loop here, or a bad format: the usual way reports it
                 pass
             else:
-                handler.add(f"info: {text}{handler.terminator}", loop)  # (as _ReferenceFormatter writes it)
+                handler.add(f"{text}{handler.terminator}", loop)  # (as _ReferenceFormatter writes it)
                 return
         super().info(msg, *args, **kwargs)
 

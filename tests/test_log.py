@@ -75,8 +75,8 @@ def test_lines_join_the_foreground_batch_as_the_handler_writes_them(foreground: 
             logger.warning("%s smtp: queue commit failed", "a1")
 
     on_loop(lines)
-    assert written.getvalue() == ("info: a1 smtp message msgid=0badcafe size=22\n"
-                                  "info: a1 smtp envelope evpid=0badcafe00000001 from=<x@y.test>\n"
+    assert written.getvalue() == ("a1 smtp message msgid=0badcafe size=22\n"
+                                  "a1 smtp envelope evpid=0badcafe00000001 from=<x@y.test>\n"
                                   "warn: a1 smtp: queue commit failed\n")
     assert records == ["%s smtp: queue commit failed"]  # the INFO lines made no LogRecord
 
@@ -88,7 +88,7 @@ def test_another_handler_gets_them_as_records(foreground: Any) -> None:
     logging.getLogger(log.LOGGER_NAME).addHandler(collect)
     on_loop(lambda: logger.info("%s smtp message msgid=%s", "b2", "12345678"))
     assert collect.messages == ["INFO b2 smtp message msgid=12345678"]
-    assert written.getvalue() == "info: b2 smtp message msgid=12345678\n"
+    assert written.getvalue() == "b2 smtp message msgid=12345678\n"
 
 
 def test_a_filter_or_a_higher_level_still_decides(foreground: Any) -> None:
@@ -117,8 +117,8 @@ def test_off_the_loop_and_odd_calls_take_the_usual_way(foreground: Any) -> None:
     logger.info("e5 from a thread, no loop")
     on_loop(lambda: logger.info("f6 %(name)s by name", {"name": "mapping"}))
     on_loop(lambda: logger.info("g7 %d", "not a number"))  # logging reports the bad format; it never raises
-    assert "info: e5 from a thread, no loop\n" in written.getvalue()
-    assert "info: f6 mapping by name\n" in written.getvalue()
+    assert "e5 from a thread, no loop\n" in written.getvalue()
+    assert "f6 mapping by name\n" in written.getvalue()
     assert records == ["e5 from a thread, no loop", "f6 %(name)s by name", "g7 %d"]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from helpers_mta import Daemon, Remote, free_port, wait_until
 
-LINE = re.compile(r"^info: [0-9a-f]{16} mta delivery evpid=[0-9a-f]{16} from=<(?P<sender>[^>]*)> to=<(?P<to>[^>]*)> "
+LINE = re.compile(r"^[0-9a-f]{16} mta delivery evpid=[0-9a-f]{16} from=<(?P<sender>[^>]*)> to=<(?P<to>[^>]*)> "
                   r'rcpt=<(?P<rcpt>[^>]*)> source="(?P<source>[^"]*)" relay="(?P<relay>[^"]*)" '
                   r'delay=(?P<delay>(\d+[dhm])*\d+s|\d+[dhm](\d+[dhm])*) result="(?P<result>Ok|TempFail|PermFail)" '
                   r'stat="(?P<stat>[^"]*)"$')

@@ -60,8 +60,8 @@ def test_visible_escapes_what_could_forge_a_line_or_a_field() -> None:
 
 
 def test_auth_user_with_a_newline_cannot_forge_a_log_line(daemon: SmtpDaemon) -> None:
-    forged = "info: 0000000000000000 smtp authentication user=admin result=ok"
-    user = f"x result=ok\n{forged}\ninfo: y"
+    forged = "0000000000000000 smtp authentication user=admin result=ok"
+    user = f"x result=ok\n{forged}\ny"
     client = secured_client(daemon.port)
     try:
         token = base64.b64encode(f"\0{user}\0wrong".encode()).decode()
@@ -72,9 +72,9 @@ def test_auth_user_with_a_newline_cannot_forge_a_log_line(daemon: SmtpDaemon) ->
     wait_until(lambda: "y result=permfail" in daemon.log(), explain=daemon.log)
     lines = daemon.log().splitlines()
     assert forged not in lines
-    assert not any(line.startswith("info: y result=") for line in lines)
-    assert ("smtp authentication user=x\\040result=ok\\012info:\\0400000000000000000\\040smtp\\040authentication"
-            "\\040user=admin\\040result=ok\\012info:\\040y result=permfail") in daemon.log()
+    assert not any(line.startswith("y result=") for line in lines)
+    assert ("smtp authentication user=x\\040result=ok\\0120000000000000000\\040smtp\\040authentication"
+            "\\040user=admin\\040result=ok\\012y result=permfail") in daemon.log()
 
 
 def test_refused_command_with_control_characters_is_logged_escaped(daemon: SmtpDaemon) -> None:

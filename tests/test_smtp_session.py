@@ -180,12 +180,12 @@ def test_accepted_message_is_logged_as_the_reference_says(daemon: SmtpDaemon) ->
         client.rcpt("root@example.org")
         msgid = send_data(client, b"Subject: logged\r\n\r\nbody\r\n")
     message_line = wait_until(lambda: re.search(
-        rf"^info: ([0-9a-f]{{16}}) smtp message msgid={msgid} size=(\d+) nrcpt=1 proto=ESMTP$", daemon.log(), re.M),
+        rf"^([0-9a-f]{{16}}) smtp message msgid={msgid} size=(\d+) nrcpt=1 proto=ESMTP$", daemon.log(), re.M),
         explain=daemon.log)
     token = message_line.group(1)
-    assert f"info: {token} smtp connected address=127.0.0.1 host=localhost\n" in daemon.log()
+    assert f"\n{token} smtp connected address=127.0.0.1 host=localhost\n" in daemon.log()  # no level word: OpenSMTPD's
     assert int(message_line.group(2)) == len(b"Subject: logged\n\nbody\n")  # the client's text, LF line ends
-    assert re.search(rf"^info: {token} smtp envelope evpid={msgid}[0-9a-f]{{8}} from=<alice@sender.test> "
+    assert re.search(rf"^{token} smtp envelope evpid={msgid}[0-9a-f]{{8}} from=<alice@sender.test> "
                      rf"to=<root@example.org>$", daemon.log(), re.M), daemon.log()
 
 

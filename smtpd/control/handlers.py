@@ -207,12 +207,12 @@ async def update_table(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             outcome = await outcome
     except Exception as error:  # noqa: BLE001 — TableError or a backend's own: the reload failed, say why
         LOG.warning('table "%s": reload failed: %s', name, error)
-        LOG.info('Failed to update table "%s"', name)  # OpenSMTPD's line (reference §5.5)
+        LOG.info('info: Failed to update table "%s"', name)  # OpenSMTPD's line (reference §5.5)
         raise ControlFailure(f'table "{name}": reload failed: {error}') from None
     if outcome is False:
-        LOG.info('Failed to update table "%s"', name)
+        LOG.info('info: Failed to update table "%s"', name)
         raise ControlFailure(f'table "{name}": reload failed')
-    LOG.info('Table "%s" successfully updated', name)  # OpenSMTPD's line (reference §5.5)
+    LOG.info('info: Table "%s" successfully updated', name)  # OpenSMTPD's line (reference §5.5)
     return {"table": name}
 
 
