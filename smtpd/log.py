@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -103,6 +105,40 @@ class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
+class SyslogHandler(logging.handlers.SysLogHandler):
+    """Lines to syslog (facility mail) as syslog(3) sends them for OpenSMTPD, which opens its log with its name
+    and the pid: `<PRI>Mmm dd hh:mm:ss smtpd[PID]: message`, so that the log says `smtpd[PID]:` (what fail2ban's
+    `_daemon = smtpd`, `journalctl -t smtpd` and mail log summarizers look for; without a tag, syslog took the
+    message's first word for the program's name). One datagram per line (a traceback's lines too), no NUL.
+    Without a syslog daemon a line is dropped quietly, and the next one tries to connect again."""
+
+    def __init__(self, address: str = "/dev/log") -> None:
+        super().__init__(address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 — as logging does: report, never raise into the caller
+            self.handleError(record)
+            return
+        priority = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+        head = f"<{priority}>{time.strftime('%b %e %H:%M:%S')} smtpd[{os.getpid()}]: "
+        for line in text.split("\n"):
+            self.send(f"{head}{line}".encode("utf-8", "surrogateescape"))
+
+    def send(self, datagram: bytes) -> None:
+        with self.lock:  # type: ignore[union-attr]  # (lines from other threads: one socket)
+            try:
+                self.socket.send(datagram)
+            except OSError:
+                try:  # the syslog daemon restarted, or was not there yet
+                    self.socket.close()
+                    self._connect_unixsocket(self.address)
+                    self.socket.send(datagram)
+                except OSError:
+                    pass
+
+
 _batching: _BatchedStreamHandler | None = None  # the foreground handler, when setup() installed one
 
 
@@ -178,11 +214,7 @@ def setup(to_syslog: bool = False, verbose: bool = False) -> None:
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     if to_syslog:
-        try:
-            handler: logging.Handler = logging.handlers.SysLogHandler(
-                address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        except OSError:
-            handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = SyslogHandler()
     else:
         handler = _batching = _BatchedStreamHandler()
     handler.setFormatter(_ReferenceFormatter())

@@ -144,3 +144,54 @@ def test_an_unexpected_error_names_itself_and_with_v_shows_its_traceback(foregro
         assert any("in failing" in line for line in lines) and all(line.startswith("debug: ") for line in lines[1:])
     else:
         assert len(lines) == 1
+
+
+def test_syslog_lines_are_tagged_smtpd_pid_one_datagram_per_line(tmp_path: Any) -> None:
+    """As syslog(3) sends OpenSMTPD's lines: `<PRI>TIMESTAMP smtpd[PID]: message` (facility mail), one datagram a
+    line, no NUL; without the tag, syslog named the program after the message's first word (`info:`)."""
+    import os
+    import re
+    import socket
+
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    server.settimeout(5)
+    handler = log.SyslogHandler(address=path)
+    handler.setFormatter(log._ReferenceFormatter())  # noqa: SLF001
+    logger = logging.getLogger("smtpd-test-syslog")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.info("0123456789abcdef smtp connected address=127.0.0.1 host=localhost")
+        logger.warning("two\nlines")
+        got = [server.recv(4096) for _ in range(3)]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        server.close()
+    head = rf"^<(\d+)>[A-Z][a-z]{{2}} [ \d]\d \d\d:\d\d:\d\d smtpd\[{os.getpid()}\]: "
+    first = re.match(head + "(.*)$", got[0].decode())
+    assert first is not None, got
+    assert int(first.group(1)) == 2 * 8 + 6  # mail.info
+    assert first.group(2).endswith("0123456789abcdef smtp connected address=127.0.0.1 host=localhost")
+    second, third = (re.match(head + "(.*)$", datagram.decode()) for datagram in got[1:])
+    assert second is not None and third is not None and int(second.group(1)) == 2 * 8 + 4  # mail.warning
+    assert (second.group(2), third.group(2)) == ("warn: two", "lines")
+    assert not any(b"\0" in datagram or b"\n" in datagram for datagram in got)
+
+
+def test_syslog_without_a_daemon_drops_lines_quietly(tmp_path: Any, capsys: Any) -> None:
+    handler = log.SyslogHandler(address=str(tmp_path / "nobody-listens"))
+    handler.setFormatter(log._ReferenceFormatter())  # noqa: SLF001
+    logger = logging.getLogger("smtpd-test-syslog-none")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.info("lost")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert "Logging error" not in capsys.readouterr().err
