@@ -332,10 +332,15 @@ def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
 def _run_locked(paths: Paths, config: Config, options: DaemonOptions) -> int:
     if not options.foreground:
         _detach()
-    log.setup(to_syslog=options.log_to_syslog or not options.foreground, verbose=options.verbose)
-    if options.traces:
-        for keyword in options.traces:
-            trace.BUS.enable(keyword)
+    to_syslog = options.log_to_syslog or not options.foreground
+    log.setup(to_syslog=to_syslog, verbose=options.verbose)
+    for keyword in options.traces:
+        trace.BUS.enable(keyword)
+    # Traces go where the log goes, whether -T asked for them at the start or `smtpctl trace` does later (the
+    # console is looked at only for an enabled subsystem: nothing is formatted for the others).
+    if to_syslog:
+        trace.BUS.set_console(log.TraceToLog())  # type: ignore[arg-type]  # (a text stream as print() uses it)
+    else:
         trace.console_to_stderr()
     try:
         daemon = Daemon(paths, config, options)

@@ -49,6 +49,8 @@ def visible(text: str, *, white: bool = False) -> str:
 
 class _ReferenceFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "bare", False):  # a trace line: as the trace bus wrote it
+            return record.getMessage()
         line = f"{_LEVEL_WORDS.get(record.levelno, '')}{record.getMessage()}"
         if not record.exc_info or record.exc_info[1] is None:
             return line
@@ -137,6 +139,28 @@ class SyslogHandler(logging.handlers.SysLogHandler):
                     self.socket.send(datagram)
                 except OSError:
                     pass
+
+
+class TraceToLog:
+    """The trace bus's console when the log goes to syslog (-F, or detached): each trace line is a debug-priority
+    message of the log, whatever `log verbose/brief` says, as OpenSMTPD's traces are (written to stderr, they
+    went nowhere once detached, and to the terminal with -F)."""
+
+    def __init__(self) -> None:
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            record = logging.LogRecord(LOGGER_NAME, logging.DEBUG, "", 0, line, None, None)
+            record.bare = True
+            for handler in logging.getLogger(LOGGER_NAME).handlers:
+                handler.handle(record)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 _batching: _BatchedStreamHandler | None = None  # the foreground handler, when setup() installed one

@@ -156,3 +156,22 @@ def test_monitor_counts_sessions_and_envelopes(daemon: DaemonProcess) -> None:
         stop(monitor)
     assert first["client_conn"] >= 0
     assert (connected, enqueued) == (2, 2)
+
+
+def test_trace_turned_on_at_runtime_goes_to_the_log(daemon: DaemonProcess) -> None:
+    """`smtpctl trace smtp` on a daemon started without -T: the session's trace lines are in its log, as
+    OpenSMTPD's (they went nowhere: only a daemon started with -T had somewhere to print them)."""
+    assert daemon.smtpctl("trace", "smtp").stdout == "command succeeded\n"
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as client:  # type: ignore[attr-defined]
+            client.ehlo("runtime-trace.test")
+        deadline = time.monotonic() + 20
+        while "runtime-trace.test" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert re.search(r"^smtp: \S+: <<< ehlo runtime-trace\.test$", daemon.log(), re.M), daemon.log()
+    finally:
+        assert daemon.smtpctl("untrace", "smtp").stdout == "command succeeded\n"
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as client:  # type: ignore[attr-defined]
+        client.ehlo("after-untrace.test")
+    time.sleep(0.5)
+    assert "after-untrace.test" not in daemon.log()
