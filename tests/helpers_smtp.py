@@ -97,6 +97,50 @@ def make_certificate(folder: Path, name: str = "mx.test.example") -> tuple[Path,
     return cert, key
 
 
+AUTH_LISTENER_CONFIG = """
+pki mx.test.example cert "{dir}/mx.test.example.crt"
+pki mx.test.example key "{dir}/mx.test.example.key"
+CREDENTIALS
+listen on 127.0.0.1 port {port} tls pki mx.test.example AUTH
+action "local" mbox
+match from any for local action "local"
+"""
+
+
+def start_auth_daemon(folder: Path, password: str | None, traces: tuple[str, ...] = ()) -> SmtpDaemon:
+    """A daemon whose STARTTLS listener offers AUTH: against a creds table where alice has ``password`` (a
+    `$6$` hash), or with None against the system's passwords."""
+    from shared.passwords import hash_password
+
+    make_certificate(folder)
+    if password is None:
+        config = AUTH_LISTENER_CONFIG.replace("CREDENTIALS", "").replace("AUTH", "auth")
+    else:
+        table = f'table creds {{ alice = "{hash_password(password, "sha512")}" }}'
+        config = AUTH_LISTENER_CONFIG.replace("CREDENTIALS", table).replace("AUTH", "auth <creds>")
+    server = SmtpDaemon(folder, config, traces=traces)
+    server.start()
+    server.wait_listening(server.port)
+    return server
+
+
+def secured_client(port: int) -> LineClient:
+    """A client past EHLO, STARTTLS and EHLO again, with AUTH offered."""
+    import ssl
+
+    client = LineClient(port)
+    assert client.reply()[0].startswith("220 ")
+    client.send(b"EHLO c.test\r\nSTARTTLS\r\n")
+    client.reply()
+    assert client.reply() == ["220 2.0.0 Ready to start TLS"]
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    client.sock = context.wrap_socket(client.sock, server_hostname=MAILNAME)
+    client.send(b"EHLO c.test\r\n")
+    assert "250-AUTH PLAIN LOGIN" in client.reply()
+    return client
+
+
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
 

@@ -4,51 +4,21 @@ or fields to the maillog (as OpenSMTPD passes them through strnvis)."""
 from __future__ import annotations
 
 import base64
-import ssl
 
 import pytest
-from helpers_smtp import MAILNAME, LineClient, SmtpDaemon, make_certificate
+from helpers_smtp import LineClient, SmtpDaemon, secured_client, start_auth_daemon
 from waiting import wait_until
 
 from smtpd.log import visible
 
 PASSWORD = "secret"
 
-CONFIG = """
-pki mx.test.example cert "{dir}/mx.test.example.crt"
-pki mx.test.example key "{dir}/mx.test.example.key"
-table creds { alice = "HASH" }
-listen on 127.0.0.1 port {port} tls pki mx.test.example auth <creds>
-action "local" mbox
-match from any for local action "local"
-"""
-
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory):
-    from shared.passwords import hash_password
-
-    folder = tmp_path_factory.mktemp("authlog")
-    make_certificate(folder)
-    server = SmtpDaemon(folder, CONFIG.replace("HASH", hash_password(PASSWORD, "sha512")))
-    server.start()
-    server.wait_listening(server.port)
+    server = start_auth_daemon(tmp_path_factory.mktemp("authlog"), PASSWORD)
     yield server
     server.stop()
-
-
-def secured_client(port: int) -> LineClient:
-    client = LineClient(port)
-    assert client.reply()[0].startswith("220 ")
-    client.send(b"EHLO c.test\r\nSTARTTLS\r\n")
-    client.reply()
-    assert client.reply() == ["220 2.0.0 Ready to start TLS"]
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    client.sock = context.wrap_socket(client.sock, server_hostname=MAILNAME)
-    client.send(b"EHLO c.test\r\n")
-    assert "250-AUTH PLAIN LOGIN" in client.reply()
-    return client
 
 
 def test_visible_escapes_what_could_forge_a_line_or_a_field() -> None:
