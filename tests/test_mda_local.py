@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers_delivery import (
@@ -552,35 +554,30 @@ def test_command_time_limit_kills_the_process_group(spool, bob) -> None:
     assert outcome.error_text() == "terminated; timeout"
 
 
-def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
-    """A scripted LMTP peer: 2xx, 4xx and 5xx after DATA, one per accepted recipient, and a 4xx at RCPT."""
-    from smtpd.mda.lmtp import deliver_lmtp
-
-    tmp_path, _, _ = spool
-    received: list[bytes] = []
-
+def lmtp_peer(seen: list[bytes], final: Callable[[list[bytes]], bytes],
+              rcpt: Callable[[bytes], bytes] = lambda line: b"250 ok\r\n",
+              lhlo: bytes = b"250-lmtp\r\n250 PIPELINING\r\n") -> Callable[..., Any]:
+    """A scripted LMTP server: every line it reads goes to ``seen`` (the message's too); RCPT is answered by
+    ``rcpt``, the end of the message by ``final`` of the accepted RCPT lines."""
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 lmtp ready\r\n")
-        rcpts: list[bytes] = []
+        accepted: list[bytes] = []
         while line := await reader.readline():
-            received.append(line)
+            seen.append(line)
             verb = line[:4].upper()
             if verb == b"LHLO":
-                writer.write(b"250-lmtp\r\n250 PIPELINING\r\n")
+                writer.write(lhlo)
             elif verb == b"RCPT":
-                if b"busy" in line:
-                    writer.write(b"452 4.2.2 mailbox busy\r\n")
-                else:
-                    rcpts.append(line)
-                    writer.write(b"250 ok\r\n")
+                answer = rcpt(line)
+                if answer.startswith(b"250"):
+                    accepted.append(line)
+                writer.write(answer)
             elif verb == b"DATA":
                 writer.write(b"354 go\r\n")
                 await writer.drain()
                 while (body := await reader.readline()) != b".\r\n":
-                    received.append(body)
-                for rcpt in rcpts:
-                    writer.write(b"250 2.0.0 saved\r\n" if b"good" in rcpt else
-                                 b"452 4.2.2 over quota\r\n" if b"full" in rcpt else b"550 5.1.1 no such user\r\n")
+                    seen.append(body)
+                writer.write(final(accepted))
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
                 await writer.drain()
@@ -590,16 +587,42 @@ def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
             await writer.drain()
         writer.close()
 
-    async def run():
-        server = await asyncio.start_unix_server(peer, str(tmp_path / "lmtp.sock"))
+    return peer
+
+
+def deliver_to_peer(folder: str, peer: Callable[..., Any], sender: str, recipients: list[str], prefix: bytes = b"",
+                    text: str = "Subject: x\n\nbody\n") -> list[Any]:
+    """deliver_lmtp of a message of ``text`` to the scripted peer, on a Unix socket in ``folder``."""
+    from smtpd.mda.lmtp import deliver_lmtp
+
+    async def run() -> list[Any]:
+        socket_path = os.path.join(folder, "lmtp.sock")
+        server = await asyncio.start_unix_server(peer, socket_path)
         try:
-            with open(write_message(str(tmp_path / "m"), "Subject: x\n\n.dot\nbody\n"), "rb") as message:
-                return await deliver_lmtp(str(tmp_path / "lmtp.sock"), "mx.test", "s@x.test",
-                                          ["good", "busy", "full", "gone"], b"Delivered-To: x\n", message)
+            with open(write_message(os.path.join(folder, "m"), text), "rb") as message:
+                return await deliver_lmtp(socket_path, "mx.test", sender, recipients, prefix, message)
         finally:
             server.close()
+            await server.wait_closed()
+            os.unlink(socket_path)
 
-    replies = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
+    """A scripted LMTP peer: 2xx, 4xx and 5xx after DATA, one per accepted recipient, and a 4xx at RCPT."""
+    tmp_path, _, _ = spool
+    received: list[bytes] = []
+
+    def final(rcpts: list[bytes]) -> bytes:
+        return b"".join(b"250 2.0.0 saved\r\n" if b"good" in rcpt else
+                        b"452 4.2.2 over quota\r\n" if b"full" in rcpt else b"550 5.1.1 no such user\r\n"
+                        for rcpt in rcpts)
+
+    peer = lmtp_peer(received, final, rcpt=lambda line: b"452 4.2.2 mailbox busy\r\n" if b"busy" in line
+                     else b"250 ok\r\n")
+    replies = deliver_to_peer(str(tmp_path), peer, "s@x.test", ["good", "busy", "full", "gone"],
+                              b"Delivered-To: x\n", "Subject: x\n\n.dot\nbody\n")
     assert [(reply.code, reply.ok, reply.temporary) for reply in replies] == [
         (250, True, False), (452, False, True), (452, False, True), (550, False, False)]
     assert b"..dot\r\n" in received and b"Delivered-To: x\r\n" in received
@@ -608,40 +631,10 @@ def test_lmtp_reply_codes_map_per_recipient(spool) -> None:
 def test_lmtp_replies_received_are_final_even_if_the_server_says_more(spool) -> None:
     """A server that adds a line after its per-recipient replies is out of step from there on, but the replies
     it gave stand: taken as a failure, each recipient's copy (delivered) would be delivered again on retry."""
-    from smtpd.mda.lmtp import deliver_lmtp
-
     tmp_path, _, _ = spool
-
-    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 lmtp ready\r\n")
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"DATA":
-                writer.write(b"354 go\r\n")
-                await writer.drain()
-                while await reader.readline() != b".\r\n":
-                    pass
-                writer.write(b"250 2.0.0 saved a\r\n250 2.0.0 saved b\r\n250 2.0.0 and one more\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                break
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
-        writer.close()
-
-    async def run():
-        server = await asyncio.start_unix_server(peer, str(tmp_path / "lmtp2.sock"))
-        try:
-            with open(write_message(str(tmp_path / "m2"), "Subject: x\n\nbody\n"), "rb") as message:
-                return await deliver_lmtp(str(tmp_path / "lmtp2.sock"), "mx.test", "s@x.test", ["a", "b"], b"",
-                                          message)
-        finally:
-            server.close()
-
-    assert [(reply.code, reply.text) for reply in asyncio.run(run())] == [(250, "250 2.0.0 saved a"),
-                                                                          (250, "250 2.0.0 saved b")]
+    peer = lmtp_peer([], lambda rcpts: b"250 2.0.0 saved a\r\n250 2.0.0 saved b\r\n250 2.0.0 and one more\r\n")
+    replies = deliver_to_peer(str(tmp_path), peer, "s@x.test", ["a", "b"])
+    assert [(reply.code, reply.text) for reply in replies] == [(250, "250 2.0.0 saved a"), (250, "250 2.0.0 saved b")]
 
 
 @pytest.mark.parametrize(("offers_smtputf8", "sender", "mail_line", "codes"), [
@@ -653,44 +646,12 @@ def test_lmtp_utf8_senders_go_as_the_server_can_take_them(spool, offers_smtputf8
                                                           mail_line: str | None, codes: list[int]) -> None:
     """A UTF-8 sender went to Dovecot (no SMTPUTF8 offered) without the parameter; it answered 250 and stored
     Return-Path: <>, the sender lost. Now as the relay does it."""
-    from smtpd.mda.lmtp import deliver_lmtp
-
     tmp_path, _, _ = spool
-    seen: list[str] = []
-
-    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 lmtp ready\r\n")
-        while line := await reader.readline():
-            text = line.decode("utf-8").rstrip("\r\n")
-            seen.append(text)
-            if text.startswith("LHLO"):
-                writer.write(b"250-lmtp\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n" if offers_smtputf8
-                             else b"250-lmtp\r\n250 PIPELINING\r\n")
-            elif text == "DATA":
-                writer.write(b"354 go\r\n")
-                await writer.drain()
-                while await reader.readline() != b".\r\n":
-                    pass
-                writer.write(b"250 2.0.0 saved\r\n")
-            elif text == "QUIT":
-                writer.write(b"221 bye\r\n")
-                await writer.drain()
-                break
-            else:
-                writer.write(b"250 ok\r\n")
-            await writer.drain()
-        writer.close()
-
-    async def run():
-        server = await asyncio.start_unix_server(peer, str(tmp_path / "lmtp8.sock"))
-        try:
-            with open(write_message(str(tmp_path / "m8"), "Subject: x\n\nbody\n"), "rb") as message:
-                return await deliver_lmtp(str(tmp_path / "lmtp8.sock"), "mx.test", sender, ["bob"], b"", message)
-        finally:
-            server.close()
-
-    assert [reply.code for reply in asyncio.run(run())] == codes
-    mail = [line for line in seen if line.startswith("MAIL FROM")]
+    seen: list[bytes] = []
+    lhlo = b"250-lmtp\r\n250-SMTPUTF8\r\n250 PIPELINING\r\n" if offers_smtputf8 else b"250-lmtp\r\n250 PIPELINING\r\n"
+    peer = lmtp_peer(seen, lambda rcpts: b"250 2.0.0 saved\r\n" * len(rcpts), lhlo=lhlo)
+    assert [reply.code for reply in deliver_to_peer(str(tmp_path), peer, sender, ["bob"])] == codes
+    mail = [line.decode().rstrip("\r\n") for line in seen if line.startswith(b"MAIL FROM")]
     assert mail == ([mail_line] if mail_line else [])
 
 
