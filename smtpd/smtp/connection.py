@@ -82,8 +82,9 @@ class SocketConnection(asyncio.Protocol):
     # -- the transport's side -----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.on_made is not None:
-            self.on_made(self)
+        on_made, self.on_made = self.on_made, None  # (called once; not kept: it refers to the session)
+        if on_made is not None:
+            on_made(self)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

@@ -287,6 +287,14 @@ class Session:
             await asyncio.wait_for(self.connection.wait_closed(), 5)
         except (Exception, asyncio.CancelledError):  # noqa: BLE001 — the peer may be long gone
             pass
+        # Input left unread (a client that pipelined up to the read limit, 1 MiB, then went away) is freed now:
+        # the session's objects refer to each other and would otherwise wait for a full garbage collection,
+        # which the daemon's collector settings make rare, so such clients made the daemon grow by their
+        # buffers, wave after wave.
+        try:
+            self.buffer.clear()
+        except BufferError:  # (a view still exported: left to the collector)
+            pass
 
     async def _send_quietly(self, reply: Reply) -> None:
         try:

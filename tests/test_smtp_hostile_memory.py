@@ -1,0 +1,57 @@
+"""Memory after hostile clients: a session's unread input is freed when the session ends, not left to the collector."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from helpers_smtp import SmtpDaemon
+from waiting import wait_until
+
+CONFIG = 'listen on 127.0.0.1 port {port}\naction "local" mbox\nmatch from any for domain "example.org" action "local"\n'
+CLIENTS = 30
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _pipeline_without_reading(port: int) -> socket.socket:
+    """A client that pipelines more commands than the daemon reads ahead (1 MiB) and never reads a reply."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.setblocking(False)
+    data = memoryview(b"EHLO t.test\r\n" + b"HELP\r\n" * 250_000)
+    for _ in range(2000):  # bounded: until the kernel's buffers are full too
+        try:
+            sent = client.send(data)
+        except BlockingIOError:
+            break
+        data = data[sent:]
+        if not data:
+            break
+    return client
+
+
+def test_unread_input_of_ended_sessions_is_freed(tmp_path: Path) -> None:
+    with SmtpDaemon(tmp_path, CONFIG, env={"SMTPD_SMTP_TIMEOUT": "1"}) as server:
+        assert server.process is not None
+        pid = server.process.pid
+        wait_until(lambda: "smtp disconnected" in server.log())  # the start-up probe's session
+        sizes = []
+        for wave in range(3):
+            clients = [_pipeline_without_reading(server.port) for _ in range(CLIENTS)]
+            try:
+                # each session stops reading at 1 MiB, then ends when its client does not read its replies
+                expected = CLIENTS * (wave + 1)
+                wait_until(lambda n=expected: server.log().count("reason=timeout") >= n, bound=60)
+            finally:
+                for client in clients:
+                    client.close()
+            sizes.append(_rss_kib(pid))
+        # Each wave's sessions held about 1 MiB of input each. The first wave may leave the allocator bigger; the
+        # next ones must reuse that memory, not add their own buffers to it (they grew it by 38 MiB each).
+        grown = sizes[-1] - sizes[0]
+        assert grown < 16 * 1024, f"the daemon grew by {grown} KiB in two waves of {CLIENTS} sessions: {sizes}"
