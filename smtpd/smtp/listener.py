@@ -27,7 +27,10 @@ from smtpd.smtp.session import Session, SessionLimits, local_user_name
 if TYPE_CHECKING:
     from smtpd.daemon import Daemon
 
-BACKLOG = 128
+# The accept queue (the kernel caps it at net.core.somaxconn). With 128, a burst of 1,200 connections overflowed it
+# while the accept loop started sessions: the kernel then dropped the clients' final ACKs (with SYN cookies the
+# clients believed themselves connected) and ~700 of them waited for a banner that never came.
+BACKLOG = 4096
 _log = log.get("smtp")
 
 
