@@ -9,7 +9,7 @@ from helpers_smtp import SmtpDaemon
 from waiting import wait_until
 
 CONFIG = 'listen on 127.0.0.1 port {port}\naction "local" mbox\nmatch from any for domain "example.org" action "local"\n'
-CLIENTS = 30
+CLIENTS = 60
 
 
 def _rss_kib(pid: int) -> int:
@@ -41,7 +41,7 @@ def test_unread_input_of_ended_sessions_is_freed(tmp_path: Path) -> None:
         pid = server.process.pid
         wait_until(lambda: "smtp disconnected" in server.log())  # the start-up probe's session
         sizes = []
-        for wave in range(3):
+        for wave in range(4):
             clients = [_pipeline_without_reading(server.port) for _ in range(CLIENTS)]
             try:
                 # each session stops reading at 1 MiB, then ends when its client does not read its replies
@@ -51,7 +51,9 @@ def test_unread_input_of_ended_sessions_is_freed(tmp_path: Path) -> None:
                 for client in clients:
                     client.close()
             sizes.append(_rss_kib(pid))
-        # Each wave's sessions held about 1 MiB of input each. The first wave may leave the allocator bigger; the
-        # next ones must reuse that memory, not add their own buffers to it (they grew it by 38 MiB each).
-        grown = sizes[-1] - sizes[0]
-        assert grown < 16 * 1024, f"the daemon grew by {grown} KiB in two waves of {CLIENTS} sessions: {sizes}"
+        # Each wave's sessions held about 1 MiB of input each. The first waves may leave the allocator bigger (its
+        # arenas settle); the later ones must reuse that memory, not add their own buffers to it (each wave grew
+        # the daemon by about 1.2 MiB a session, 75 MiB a wave here; what the allocator does besides stays well
+        # under 40 MiB over two waves).
+        grown = sizes[-1] - sizes[1]
+        assert grown < 40 * 1024, f"the daemon grew by {grown} KiB in the last two waves of {CLIENTS} sessions: {sizes}"
