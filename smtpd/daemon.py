@@ -14,6 +14,7 @@ import fcntl
 import gc
 import importlib
 import os
+import resource
 import signal
 import sys
 import time
@@ -329,9 +330,22 @@ def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
         os.close(spool_lock)
 
 
+def _raise_open_files_limit() -> None:
+    """The soft limit of open files up to the hard one, as a server that holds a descriptor per client should
+    (Debian's default soft limit of 1024 is below the 1,000 sessions and their message files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def _run_locked(paths: Paths, config: Config, options: DaemonOptions) -> int:
     if not options.foreground:
         _detach()
+    _raise_open_files_limit()
     to_syslog = options.log_to_syslog or not options.foreground
     log.setup(to_syslog=to_syslog, verbose=options.verbose)
     for keyword in options.traces:

@@ -119,7 +119,7 @@ class SmtpdProcess:
                  env: dict[str, str] | None = None, paused: tuple[str, ...] = (), traces: tuple[str, ...] = (),
                  args: tuple[str, ...] = (), verbose: bool = False, port: int | None = None,
                  listens: bool = True, control: bool = True, log_name: str = "smtpd.log",
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, wrapper: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.ports: dict[str, int] = {} if port is None else {"port": port}
@@ -140,6 +140,7 @@ class SmtpdProcess:
                     "SMTPD_PIDFILE": str(self.workdir / "smtpd.pid"), "PYTHONPATH": str(ROOT), **(env or {})}
         self.flags = [*(["-v"] if verbose else []), *(word for name in paused for word in ("-P", name)),
                       *(word for name in traces for word in ("-T", name)), *args]
+        self.wrapper = list(wrapper)  # a command the daemon runs under (`prlimit --nofile=96:96 --`)
         self.listens = listens
         self.control = control
         self.cwd = cwd or self.workdir
@@ -155,8 +156,8 @@ class SmtpdProcess:
     def start(self, wait_port: int | None = None) -> Self:
         """Run the daemon (its log file starts afresh) and wait until it is ready; a failed start is stopped."""
         with open(self.log_path, "wb") as log:  # the child has its own copy of the descriptor
-            self.process = subprocess.Popen([sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path),
-                                             *self.flags], env=self.env, cwd=str(self.cwd), stdout=log,
+            command = [*self.wrapper, sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path), *self.flags]
+            self.process = subprocess.Popen(command, env=self.env, cwd=str(self.cwd), stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=self.own_group)
         try:
             if self.control:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import resource
 import socket
 import ssl
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from smtpd.config.model import Config, Listener, TlsMode
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.connection import SocketConnection, StreamConnection
-from smtpd.smtp.session import Session, SessionLimits, local_user_name
+from smtpd.smtp.session import Session, SessionLimits, local_user_name, sessions_open_files_allow
 
 if TYPE_CHECKING:
     from smtpd.daemon import Daemon
@@ -96,6 +97,9 @@ class SmtpServer:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.limits = SessionLimits.from_environment()
+        if self.limits.max_sessions == sessions_open_files_allow():  # (the open-files limit is what bounds it)
+            _log.info("smtp: at most %d sessions at once, as the open-files limit (%d) allows",
+                      self.limits.max_sessions, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.bound: list[_Bound] = []
         self.sessions: set[asyncio.Task[None]] = set()
         self.active = 0

@@ -21,6 +21,7 @@ import binascii
 import os
 import pwd
 import re
+import resource
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -73,7 +74,21 @@ class SessionLimits:
                 return default
 
         return cls(timeout=number("SMTPD_SMTP_TIMEOUT", 300.0), lifetime=number("SMTPD_SMTP_LIFETIME", 3600.0),
-                   max_sessions=int(number("SMTPD_SMTP_MAX_SESSIONS", 1000)))
+                   max_sessions=min(int(number("SMTPD_SMTP_MAX_SESSIONS", 1000)), sessions_open_files_allow()))
+
+
+# Descriptors kept back from SMTP sessions: the control socket and its clients, the queue's files, deliveries'
+# pipes, the log. A session may hold two (its socket, and its message's file while DATA runs).
+FD_RESERVE = 32
+
+
+def sessions_open_files_allow() -> int:
+    """How many sessions the open-files limit leaves room for: without this bound, a flood of clients took every
+    descriptor and root's smtpctl could not connect any more (nor the queue open a file)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, (soft - FD_RESERVE) // 2)
 
 
 class _Close(Exception):
