@@ -57,3 +57,20 @@ def test_unread_input_of_ended_sessions_is_freed(tmp_path: Path) -> None:
         # under 40 MiB over two waves).
         grown = sizes[-1] - sizes[1]
         assert grown < 40 * 1024, f"the daemon grew by {grown} KiB in the last two waves of {CLIENTS} sessions: {sizes}"
+
+
+def test_commands_left_by_a_client_that_is_gone_are_not_answered(tmp_path: Path) -> None:
+    """A client pipelines 1 MiB of commands and resets the connection: the session went on answering all of
+    them into the closed socket, and asyncio logged `socket.send() raised exception.` for each (a log flood)."""
+    import struct
+
+    with SmtpDaemon(tmp_path, CONFIG) as server:
+        wait_until(lambda: "smtp disconnected" in server.log())  # the start-up probe's session
+        before = server.log().count("smtp disconnected")
+        client = _pipeline_without_reading(server.port)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        client.close()
+        wait_until(lambda: server.log().count("smtp disconnected") > before, bound=60)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as other:
+            assert other.makefile("rb").readline().startswith(b"220 ")
+        assert "socket.send() raised exception" not in server.log()

@@ -50,6 +50,11 @@ class Connection(Protocol):
 
     def close(self) -> None: ...
 
+    @property
+    def closed(self) -> bool:
+        """The client is gone (or closed its side): replies can no longer reach it."""
+        ...
+
     async def wait_closed(self) -> None: ...
 
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
@@ -245,6 +250,10 @@ class StreamConnection:
 
     async def wait_closed(self) -> None:
         await self.writer.wait_closed()
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.transport.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.writer.get_extra_info(name, default)

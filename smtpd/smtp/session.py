@@ -506,6 +506,10 @@ class Session:
         }
         while True:
             line = await self.read_line()
+            if self.connection.closed:
+                # Gone, with commands still in the buffer (pipelined up to the read limit): answering them would
+                # only fill the log with asyncio's warnings about writes to a closed socket.
+                raise _Close("disconnect")
             self._trace_input(line)
             verb, argument = split_command(line)
             handler = handlers.get(verb)
