@@ -35,15 +35,18 @@ def world():
             yield Path(top), mail_root, alice, bob
 
 
+# Mail to mbox.test lands in mailboxes; every delivery to fail.test fails for good (its command exits 1).
+FAILING_CONFIG = ("listen on 127.0.0.1 port {port}\n"
+                  'action "local" mbox\n'
+                  'action "fail" mda "/bin/false"\n'
+                  'match from any for domain "mbox.test" action "local"\n'
+                  'match from any for domain "fail.test" action "fail"\n')
+
+
 def test_a_permanent_delivery_failure_comes_back_to_the_sender_as_a_dsn(world) -> None:
     top, mail_root, alice, bob = world
     port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "local" mbox\n'
-              'action "fail" mda "/bin/false"\n'
-              'match from any for domain "mbox.test" action "local"\n'
-              'match from any for domain "fail.test" action "fail"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
+    daemon = Daemon(str(top), FAILING_CONFIG.format(port=port), mail_root).start()
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
@@ -86,12 +89,7 @@ def test_a_report_whose_routing_fails_for_now_is_kept_not_dropped(world) -> None
     dropped with the envelope."""
     top, mail_root, alice, bob = world
     port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "local" mbox\n'
-              'action "fail" mda "/bin/false"\n'
-              'match from any for domain "mbox.test" action "local"\n'
-              'match from any for domain "fail.test" action "fail"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
+    daemon = Daemon(str(top), FAILING_CONFIG.format(port=port), mail_root).start()
     forward = Path(alice.pw_dir) / ".forward"
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
