@@ -4,6 +4,7 @@ handler joins its batch without a LogRecord; with any other handler or a filter,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -146,6 +147,22 @@ def test_an_unexpected_error_names_itself_and_with_v_shows_its_traceback(foregro
         assert len(lines) == 1
 
 
+@contextlib.contextmanager
+def syslog_logger(address: str) -> Iterator[logging.Logger]:
+    """A logger of its own whose only way out is the daemon's syslog handler, sending to ``address``."""
+    handler = log.SyslogHandler(address=address)
+    handler.setFormatter(log._ReferenceFormatter())  # noqa: SLF001
+    logger = logging.getLogger(f"smtpd-test-syslog-{address}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def test_syslog_lines_are_tagged_smtpd_pid_one_datagram_per_line(tmp_path: Any) -> None:
     """As syslog(3) sends OpenSMTPD's lines: `<PRI>TIMESTAMP smtpd[PID]: message` (facility mail), one datagram a
     line, no NUL; without the tag, syslog named the program after the message's first word (`info:`)."""
@@ -157,19 +174,12 @@ def test_syslog_lines_are_tagged_smtpd_pid_one_datagram_per_line(tmp_path: Any) 
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
     server.settimeout(5)
-    handler = log.SyslogHandler(address=path)
-    handler.setFormatter(log._ReferenceFormatter())  # noqa: SLF001
-    logger = logging.getLogger("smtpd-test-syslog")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    logger.addHandler(handler)
     try:
-        logger.info("0123456789abcdef smtp connected address=127.0.0.1 host=localhost")
-        logger.warning("two\nlines")
-        got = [server.recv(4096) for _ in range(3)]
+        with syslog_logger(path) as logger:
+            logger.info("0123456789abcdef smtp connected address=127.0.0.1 host=localhost")
+            logger.warning("two\nlines")
+            got = [server.recv(4096) for _ in range(3)]
     finally:
-        logger.removeHandler(handler)
-        handler.close()
         server.close()
     head = rf"^<(\d+)>[A-Z][a-z]{{2}} [ \d]\d \d\d:\d\d:\d\d smtpd\[{os.getpid()}\]: "
     first = re.match(head + "(.*)$", got[0].decode())
@@ -183,15 +193,6 @@ def test_syslog_lines_are_tagged_smtpd_pid_one_datagram_per_line(tmp_path: Any) 
 
 
 def test_syslog_without_a_daemon_drops_lines_quietly(tmp_path: Any, capsys: Any) -> None:
-    handler = log.SyslogHandler(address=str(tmp_path / "nobody-listens"))
-    handler.setFormatter(log._ReferenceFormatter())  # noqa: SLF001
-    logger = logging.getLogger("smtpd-test-syslog-none")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    logger.addHandler(handler)
-    try:
+    with syslog_logger(str(tmp_path / "nobody-listens")) as logger:
         logger.info("lost")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     assert "Logging error" not in capsys.readouterr().err
