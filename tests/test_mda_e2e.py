@@ -162,3 +162,47 @@ def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envel
         assert os.stat(home / "message.txt").st_uid == alice.pw_uid
     finally:
         daemon.stop()
+
+
+def test_file_targets_are_opened_as_their_writer_like_mail_mboxfile(world) -> None:
+    """`/file` items run with the writer's own rights (the unprivileged user for aliases), as OpenSMTPD's
+    mail.mboxfile: `/dev/null` (the usual discard alias) takes the message, and a symbolic link or a file with
+    two links is written through. They used to be refused (`not a regular file`: the mail waited in the queue
+    until it bounced; a symlink bounced at once). A FIFO is still refused, for now, without hanging."""
+    top, mail_root, _, _ = world
+    files = top / "files"
+    files.mkdir()
+    os.chmod(files, 0o777)
+    (files / "2026.mbox").touch()
+    os.chmod(files / "2026.mbox", 0o666)
+    os.symlink(files / "2026.mbox", files / "current")
+    (files / "audit").touch()
+    os.chmod(files / "audit", 0o666)
+    os.link(files / "audit", files / "audit.hardlink")
+    os.mkfifo(files / "pipe")
+    os.chmod(files / "pipe", 0o666)
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              f'table aliases {{ devnull = "/dev/null", archive = "{files}/current", '
+              f'audit = "{files}/audit.hardlink", fifo = "{files}/pipe" }}\n'
+              'action "local" mbox alias <aliases>\n'
+              'match from any for domain "mbox.test" action "local"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.sendmail("sender@client.test", ["devnull@mbox.test", "archive@mbox.test",
+                                                         "audit@mbox.test", "fifo@mbox.test"],
+                                   b"Subject: files\r\n\r\nbody\r\n") == {}
+        lines = wait_for(lambda: len(found := [line for line in daemon.log().splitlines()
+                                               if "mda delivery" in line]) == 4 and found)
+        results = {line.split(" to=<")[1].split("@")[0]: line.split(" result=")[1] for line in lines}
+        assert results["devnull"] == "Ok stat=Delivered"
+        assert results["archive"] == "Ok stat=Delivered"
+        assert results["audit"] == "Ok stat=Delivered"
+        assert results["fifo"].startswith("TempFail stat=Error (") and "not a regular file" in results["fifo"]
+        assert "Subject: files" in (files / "2026.mbox").read_text()
+        assert os.path.islink(files / "current")
+        assert "Subject: files" in (files / "audit").read_text()
+    finally:
+        daemon.stop()

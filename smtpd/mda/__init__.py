@@ -379,7 +379,7 @@ class MdaAgent:
                 {"sender": sender, "prefix": prefix.decode("latin-1")}, message, job.identity.username))
 
         def write(_: object) -> None:
-            local.deliver_mbox(path, sender, prefix, message)
+            local.deliver_mboxfile(path, sender, prefix, message)
 
         return _child_result(await run_as(job.identity, write))
 

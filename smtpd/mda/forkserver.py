@@ -80,7 +80,7 @@ def _child(request: dict[str, Any], message_fds: list[int], result_fd: int) -> N
                 os.close(mbox_fd)
         elif method == "mboxfile":
             _drop(request["identity"])
-            _each(items, messages, report, lambda item, message: local.deliver_mbox(
+            _each(items, messages, report, lambda item, message: local.deliver_mboxfile(
                 request["path"], item.get("sender", ""), _prefix(item), message))
         elif method == "maildir":
             _drop(request["identity"])

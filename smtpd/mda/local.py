@@ -252,6 +252,36 @@ def deliver_mbox(path: str, sender: str, prefix: bytes, message: BinaryIO,
         os.close(fd)
 
 
+def deliver_mboxfile(path: str, sender: str, prefix: bytes, message: BinaryIO) -> None:
+    """A `/file` item of an alias or a `.forward`: append in mbox format, as its owner or the unprivileged user.
+
+    Unlike the spool mbox (opened as root, so it must not be a link), this file is opened with the writer's own
+    rights, as OpenSMTPD's mail.mboxfile opens it: a symbolic link is followed and a file with several links is
+    written; a character device (`/dev/null`, the usual "discard" alias) takes the message without locks or
+    fsync. A FIFO, a directory or a socket is refused (temporary): a FIFO with no reader would hang the write.
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise LocalDeliveryError(f"{path}: {error.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISCHR(mode):
+            try:
+                for chunk in mbox_chunks(from_line(sender), prefix, message):
+                    write_all(fd, chunk)
+            except OSError as error:
+                raise LocalDeliveryError(f"{path}: write: {error.strerror}") from None
+            return
+        if not stat.S_ISREG(mode):
+            raise LocalDeliveryError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        append_mbox(fd, path, sender, prefix, message)
+    finally:
+        os.close(fd)
+
+
 # -- maildir -------------------------------------------------------------------------------------------------
 
 def ensure_maildir(directory: str) -> None:
@@ -401,6 +431,8 @@ def main(argv: list[str]) -> int:
         try:
             if mode == "maildir":
                 deliver_maildir(args[0], b"", spool, extension, junk)
+            elif mode == "mboxfile":
+                deliver_mboxfile(args[0], sender, b"", spool)
             else:
                 deliver_mbox(args[0], sender, b"", spool)
         except LocalDeliveryError as error:
