@@ -164,6 +164,34 @@ def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envel
         daemon.stop()
 
 
+def test_a_spool_mbox_that_is_a_symbolic_link_keeps_the_mail_queued(world) -> None:
+    """`/var/mail/<user>` made a symbolic link (to a file in the home, say): never followed, and the mail waits in
+    the queue for the administrator to fix the spool, as with OpenSMTPD, whose mail.local refuses a `linked or
+    special file` with EX_OSERR (temporary). It used to be a permanent failure: the mail bounced."""
+    top, mail_root, alice, _ = world
+    target = Path(alice.pw_dir) / "mbox"
+    target.touch()
+    os.chown(target, alice.pw_uid, alice.pw_gid)
+    os.symlink(target, os.path.join(mail_root, alice.pw_name))
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "local" mbox\n'
+              'match from any for domain "mbox.test" action "local"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.sendmail("sender@client.test", [f"{alice.pw_name}@mbox.test"],
+                                   b"Subject: link\r\n\r\nbody\r\n") == {}
+        [line] = wait_for(lambda: [line for line in daemon.log().splitlines() if "mda delivery" in line])
+        assert "result=TempFail" in line and "is a symbolic link" in line
+        assert target.read_text() == ""
+        assert "symbolic link" in daemon.smtpctl("show", "queue").stdout
+        assert "Delivery status notification" not in daemon.log()
+    finally:
+        daemon.stop()
+
+
 def test_file_targets_are_opened_as_their_writer_like_mail_mboxfile(world) -> None:
     """`/file` items run with the writer's own rights (the unprivileged user for aliases), as OpenSMTPD's
     mail.mboxfile: `/dev/null` (the usual discard alias) takes the message, and a symbolic link or a file with

@@ -180,7 +180,9 @@ def open_mbox(path: str, create_mode: int = 0o600, owner: tuple[int, int] | None
             raise LocalDeliveryError(f"{path}: {error.strerror}") from None
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise LocalDeliveryError(f"{path}: is a symbolic link", temporary=False) from None
+            # Temporary, as mail.local's "linked or special file" (EX_OSERR): the administrator fixes the spool
+            # and the mail is delivered; bouncing it would lose it for a local misconfiguration.
+            raise LocalDeliveryError(f"{path}: is a symbolic link") from None
         raise LocalDeliveryError(f"{path}: {error.strerror}") from None
     info = os.fstat(fd)
     problem = None
