@@ -164,6 +164,16 @@ def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envel
         daemon.stop()
 
 
+def _opened_by_some_process(path: str) -> bool:
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(link) == path for link in fd_dir.iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_a_spool_mbox_that_is_a_symbolic_link_keeps_the_mail_queued(world) -> None:
     """`/var/mail/<user>` made a symbolic link (to a file in the home, say): never followed, and the mail waits in
     the queue for the administrator to fix the spool, as with OpenSMTPD, whose mail.local refuses a `linked or
@@ -232,5 +242,42 @@ def test_file_targets_are_opened_as_their_writer_like_mail_mboxfile(world) -> No
         assert "Subject: files" in (files / "2026.mbox").read_text()
         assert os.path.islink(files / "current")
         assert "Subject: files" in (files / "audit").read_text()
+    finally:
+        daemon.stop()
+
+
+def test_a_mbox_removed_by_the_lock_holder_gets_the_mail_in_its_new_file(world) -> None:
+    """A reader holding the dotlock removes the spool mbox it emptied (BSD mail(1) without `keep`), then
+    unlocks, while our delivery waits for the lock with the old file open: the mail goes to the mailbox the path
+    names now (created afresh), never into the removed file. It used to be written there: logged Delivered, and
+    lost."""
+    top, mail_root, alice, _ = world
+    box = os.path.join(mail_root, alice.pw_name)
+    with open(box, "w") as handle:
+        handle.write("From old@client.test Mon Jan  1 00:00:00 2024\nSubject: old\n\nold\n\n")
+    os.chown(box, alice.pw_uid, alice.pw_gid)
+    os.chmod(box, 0o600)
+    lock = box + ".lock"
+    os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # the reader's dotlock
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "local" mbox\n'
+              'match from any for domain "mbox.test" action "local"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.sendmail("sender@client.test", [f"{alice.pw_name}@mbox.test"],
+                                   b"Subject: new mail\r\n\r\nbody\r\n") == {}
+        wait_for(lambda: _opened_by_some_process(box))  # the delivery has the mbox open, waiting for the lock
+        os.unlink(box)
+        os.unlink(lock)
+
+        def delivered() -> bool:
+            daemon.smtpctl("schedule", "all")  # a temporary failure is tried again at once
+            return os.path.exists(box) and "Subject: new mail" in open(box).read()
+
+        wait_for(delivered)
+        assert os.stat(box).st_uid == alice.pw_uid
     finally:
         daemon.stop()

@@ -49,6 +49,10 @@ class LocalDeliveryError(Exception):
         self.temporary = temporary
 
 
+class MailboxReplaced(LocalDeliveryError):
+    """The mbox we opened was removed or replaced while we waited for its lock (temporary: open it again)."""
+
+
 # -- message stream -----------------------------------------------------------------------------------------
 
 def message_lines(prefix: bytes, message: BinaryIO) -> Iterator[bytes]:
@@ -206,6 +210,11 @@ def append_mbox(fd: int, path: str, sender: str, prefix: bytes, message: BinaryI
     deadline = time.monotonic() + lock_timeout
     lock_path = take_locks(fd, path, deadline, dotlock)
     try:
+        if not _still_named(fd, path):
+            # A reader holding the lock removed the file (BSD mail(1) removes an emptied spool mbox) or put
+            # another in its place: what we wrote to this descriptor would be in no mailbox, and lost.
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            raise MailboxReplaced(f"{path}: mailbox removed or replaced while waiting for its lock")
         size = os.fstat(fd).st_size
         try:
             separator = _missing_separator(fd, size)
@@ -232,6 +241,16 @@ def append_mbox(fd: int, path: str, sender: str, prefix: bytes, message: BinaryI
         release_dotlock(lock_path)
 
 
+def _still_named(fd: int, path: str) -> bool:
+    """Whether path still names the file open on fd."""
+    try:
+        named = os.stat(path)
+    except OSError:
+        return False
+    info = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino)
+
+
 def _missing_separator(fd: int, size: int) -> bytes:
     """The newlines to add so that the new From_ line follows an empty line (a foreign writer may omit it)."""
     if size == 0:
@@ -247,11 +266,17 @@ def _missing_separator(fd: int, size: int) -> bytes:
 
 def deliver_mbox(path: str, sender: str, prefix: bytes, message: BinaryIO,
                  owner: tuple[int, int] | None = None) -> None:
-    fd = open_mbox(path, owner=owner)
-    try:
-        append_mbox(fd, path, sender, prefix, message)
-    finally:
-        os.close(fd)
+    for attempt in range(3):  # the file replaced while we waited for its lock: open the new one
+        fd = open_mbox(path, owner=owner)
+        try:
+            append_mbox(fd, path, sender, prefix, message)
+            return
+        except MailboxReplaced:
+            if attempt == 2:
+                raise
+            message.seek(0)
+        finally:
+            os.close(fd)
 
 
 def deliver_mboxfile(path: str, sender: str, prefix: bytes, message: BinaryIO) -> None:
