@@ -52,9 +52,20 @@ def _filter(args: dict[str, Any]) -> EnvelopeFilter:
         raise ControlFailure(str(error)) from None
 
 
-def _selection(daemon: Daemon, args: dict[str, Any]) -> tuple[Scheduler, list[Entry]]:
+async def _loaded(daemon: Daemon) -> None:
+    """The changing commands act on the queue as it is on disk: right after a start, while the queue is still
+    being loaded, they wait until the scheduler has all of it. (`remove all` removed the envelopes loaded so far
+    and printed their count; the others were loaded afterwards and delivered. A `discover` of a message not
+    loaded yet gave its envelopes twice, once by the loader.)"""
+    await daemon.queue.wait_loaded()
+
+
+async def _selection(daemon: Daemon, args: dict[str, Any]) -> tuple[Scheduler, list[Entry]]:
     scheduler = _scheduler(daemon)
-    return scheduler, scheduler.select(parse_target(args.get("target", "all")), _filter(args))
+    target = parse_target(args.get("target", "all"))
+    selector = _filter(args)
+    await _loaded(daemon)
+    return scheduler, scheduler.select(target, selector)
 
 
 @command("show.queue")
@@ -85,7 +96,7 @@ def _dry_run(scheduler: Scheduler, entries: list[Entry]) -> dict[str, Any]:
 
 @command("schedule")
 async def schedule(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    scheduler, entries = _selection(daemon, args)
+    scheduler, entries = await _selection(daemon, args)
     if args.get("dry_run"):
         return _dry_run(scheduler, [entry for entry in entries if entry.state in ("pending", "ready")])
     return {"count": scheduler.schedule_now(entries)}
@@ -93,7 +104,7 @@ async def schedule(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("remove")
 async def remove(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    scheduler, entries = _selection(daemon, args)
+    scheduler, entries = await _selection(daemon, args)
     if args.get("dry_run"):
         # (an envelope in flight is removed when its attempt ends: listed, unless a remove marked it already)
         return _dry_run(scheduler, [entry for entry in entries if entry.state != "inflight" or not entry.remove_after])
@@ -102,7 +113,7 @@ async def remove(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("pause.envelope")
 async def pause_envelope(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    scheduler, entries = _selection(daemon, args)
+    scheduler, entries = await _selection(daemon, args)
     if args.get("dry_run"):
         return _dry_run(scheduler, [entry for entry in entries if entry.state in ("pending", "ready")])
     return {"count": await scheduler.suspend(entries)}
@@ -110,7 +121,7 @@ async def pause_envelope(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]
 
 @command("resume.envelope")
 async def resume_envelope(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    scheduler, entries = _selection(daemon, args)
+    scheduler, entries = await _selection(daemon, args)
     if args.get("dry_run"):
         return _dry_run(scheduler, [entry for entry in entries if entry.state == "suspended"])
     return {"count": await scheduler.resume(entries)}
@@ -121,6 +132,7 @@ async def discover(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     scheduler = _scheduler(daemon)
     target = parse_target(args.get("target"), allow_all=False)
     assert isinstance(target, int)
+    await _loaded(daemon)
     if target > 0xFFFFFFFF:
         return {"count": await scheduler.discover(target >> 32, evpid=target)}
     return {"count": await scheduler.discover(target)}

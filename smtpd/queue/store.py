@@ -1489,6 +1489,13 @@ class Queue:
         self.corrupt_found.extend(entries)
 
     # -- loading at start -------------------------------------------------------------------------------
+    async def wait_loaded(self) -> None:
+        """Return once the queue found at start is in the scheduler's hands (or its loading ended otherwise)."""
+        loader = self._loader
+        if loader is not None and not loader.done():
+            # (asyncio.wait: a waiter cancelled, say its client gone, leaves the loading alone)
+            await asyncio.wait((loader,))
+
     async def _load_in_background(self, msgids: list[int]) -> None:
         """Hand the stored envelopes to the scheduler in chunks, reading files off the event loop."""
         started = time.monotonic()
