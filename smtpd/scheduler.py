@@ -170,6 +170,10 @@ class Scheduler:
             self.wake()
         return added
 
+    def _not_handed_over(self, msgid: int) -> bool:
+        """A message being received or committed: the queue gives its envelopes here once it is placed."""
+        return msgid in getattr(self.queue, "receiving", ())
+
     def _forget(self, evpid: int) -> None:
         entry = self.entries.pop(evpid, None)
         if entry is None:
@@ -568,7 +572,11 @@ class Scheduler:
     async def discover(self, msgid: int, evpid: int | None = None) -> int:
         """Take the message's envelope files that the scheduler does not know. Not those it forgot (delivered,
         failed, removed) while their files were still there, before or during the read: a delivered envelope
-        would be delivered again, a removed one come back."""
+        would be delivered again, a removed one come back. Nor those of a message the queue has not handed over
+        yet (under queue/, waiting for its checkpoint, or for room on the disk): the queue hands them over
+        later all the same, and they were delivered twice (once discovered, once handed over)."""
+        if self._not_handed_over(msgid):
+            return 0
         forgotten = set(self.removing)
         self._discovering.append(forgotten)
         try:
@@ -576,6 +584,8 @@ class Scheduler:
         finally:
             self._discovering.remove(forgotten)
         forgotten |= self.removing
+        if self._not_handed_over(msgid):
+            return 0
         envelopes = [envelope for envelope in envelopes if envelope.evpid not in forgotten
                      and (evpid is None or envelope.evpid == evpid)]
         return self.add_envelopes(envelopes, loaded=True)
