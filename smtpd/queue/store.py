@@ -128,7 +128,11 @@ def open_journal(spool: Spool) -> tuple[JournalPair | None, int]:
     if not wanted and not any(os.path.exists(path) for path in paths):
         return None, 0
     journal = JournalPair(paths, JOURNAL_BYTES)
-    journal.open()
+    try:
+        journal.open()
+    except OSError as error:
+        journal.close()
+        raise JournalUnusable(error) from error
 
     def restore(record: JournalRecord) -> None:
         spool.restore_message(record.msgid, record.message, record.envelopes)
@@ -146,6 +150,19 @@ def open_journal(spool: Spool) -> tuple[JournalPair | None, int]:
 
 class QueueError(Exception):
     pass
+
+
+class JournalUnusable(Exception):
+    """The journal files could not be opened (or made): nothing of them was read yet."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _where(error: OSError) -> str:
+    """`PATH: reason` of an error on a spool file."""
+    return f"{error.filename}: {error.strerror or error}" if error.filename else str(error.strerror or error)
 
 
 @dataclass
@@ -1291,17 +1308,27 @@ class Queue:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.spool.create_layout()
+        # A spool that cannot be written (a read-only filesystem, a file where a folder should be) stops the start
+        # with one line naming the file and the reason (not Python's `[Errno 30] ...`, nor, for the journal, "holds
+        # acknowledged mail ... make room" when it held nothing and no room was missing).
+        try:
+            self.spool.create_layout()
+        except FileExistsError as error:  # (create_layout makes only the folders that are not there)
+            raise QueueError(f"queue: the spool cannot be used ({error.filename}: not a folder)") from error
+        except OSError as error:
+            raise QueueError(f"queue: the spool cannot be used ({_where(error)})") from error
         # First the journal: it may write back messages whose folders a crash left incomplete.
         try:
             journal, restored = await asyncio.to_thread(open_journal, self.spool)
+        except JournalUnusable as unusable:
+            raise QueueError(f"queue: the commit journal cannot be opened ({_where(unusable.error)})") from unusable
         except OSError as error:
             # Typically a spool still full after a stop while a commit waited for room: say what to do. The journal
             # stays as it is (what was written back so far is written again at the next start).
-            where = f"{error.filename}: " if error.filename else ""
+            advice = ("make room on the spool's filesystem and start again"
+                      if error.errno in (errno.ENOSPC, errno.EDQUOT) else "mend that and start again")
             raise QueueError(f"queue: the commit journal holds acknowledged mail that cannot be written back "
-                             f"({where}{error.strerror or error}); nothing is lost, the journal is kept: make room "
-                             f"on the spool's filesystem and start again") from error
+                             f"({_where(error)}); nothing is lost, the journal is kept: {advice}") from error
         if restored:
             LOG.info("queue: wrote back %d acknowledged message(s) from the commit journal", restored)
         dropped, placed, _, aside = await asyncio.to_thread(self.spool.recover)
