@@ -240,3 +240,71 @@ def test_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone(daemo
         shutil.rmtree(workdir, ignore_errors=True)
     assert os.path.exists(daemon.socket)
     assert_still_serving(daemon)
+
+
+def _ask(connection: socket.socket, command: str) -> dict:
+    connection.sendall(json.dumps({"v": 1, "id": 1, "cmd": command}).encode() + b"\n")
+    return json.loads(read_line(connection))
+
+
+def test_groups_are_the_peers_at_connect_time(daemon: DaemonProcess) -> None:
+    """Read access comes from the groups the peer had when it connected (as the uid does), not from whatever
+    the process with its pid has later: a pid is reused once its process ends, and another user's process
+    (a member of the control group) must not lend its groups to a connection it never made."""
+    nobody = pwd.getpwnam("nobody")
+    mail_gid = grp.getgrnam("mail").gr_gid
+    report_read, report_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: connect as nobody without groups, then let the same pid gain the control group
+        answers: list[bool] = []
+        try:
+            os.setgroups([])
+            os.setresgid(nobody.pw_gid, nobody.pw_gid, 0)
+            os.setresuid(nobody.pw_uid, nobody.pw_uid, 0)
+            connection = connect(daemon)
+            answers.append(_ask(connection, "show.status")["ok"])
+            os.setresuid(-1, 0, -1)
+            os.setgroups([mail_gid])
+            os.setresuid(-1, nobody.pw_uid, -1)
+            answers.append(_ask(connection, "show.status")["ok"])
+        finally:
+            os.write(report_write, json.dumps(answers).encode())
+            os._exit(0)
+    os.close(report_write)
+    with os.fdopen(report_read, "rb") as report:
+        answers = json.loads(report.read())
+    os.waitpid(pid, 0)
+    assert answers == [False, False]
+    assert_still_serving(daemon)
+
+
+def test_groups_of_a_pid_that_now_runs_as_another_user_are_not_the_peers() -> None:
+    """Without the kernel's record (SO_PEERGROUPS), /proc/PID is asked only while that pid runs as the peer's
+    uid; otherwise the group file decides."""
+    from smtpd.control.server import Peer
+
+    nobody = pwd.getpwnam("nobody")
+    other = pwd.getpwnam("daemon")
+    mail_gid = grp.getgrnam("mail").gr_gid
+    assert "nobody" not in grp.getgrgid(mail_gid).gr_mem
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a process of another user, in the control group, that holds the pid the peer had
+        try:
+            os.setgroups([mail_gid])
+            os.setgid(other.pw_gid)
+            os.setuid(other.pw_uid)
+            os.write(ready_write, b"x")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        os.read(ready_read, 1)
+        peer = Peer(pid=pid, uid=nobody.pw_uid, gid=nobody.pw_gid)
+        assert mail_gid not in peer.groups()
+        assert mail_gid in Peer(pid=pid, uid=other.pw_uid, gid=other.pw_gid).groups()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(ready_read)
+        os.close(ready_write)

@@ -53,6 +53,8 @@ MAX_CONNECTIONS_PER_UID = 32
 SOCKET_MODE = 0o666
 STREAM_SEND_BUFFER = 16384  # bytes queued towards a streaming client (trace.follow, monitor) before waiting
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # (Linux's number; Python does not name it)
+_MAX_PEER_GROUPS = 256  # (getsockopt takes at most 1024 bytes: a peer in more groups falls back to /proc)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    # The supplementary groups the kernel recorded when the peer connected (SO_PEERGROUPS), None if unknown.
+    connect_groups: frozenset[int] | None = None
 
     @property
     def user(self) -> str:
@@ -72,15 +76,19 @@ class Peer:
         return f"uid={self.uid} ({self.user}) pid={self.pid}"
 
     def groups(self) -> set[int]:
-        """The peer's primary and supplementary groups, from /proc (the kernel's view), else the group file."""
+        """The peer's primary and supplementary groups: the kernel's record of them at connect time; without
+        one, those of the process with the peer's pid if it still runs as the peer's uid (a pid is reused once
+        its process ends: another user's process must not lend its groups), else the group file's."""
         groups = {self.gid}
+        if self.connect_groups is not None:
+            return groups | self.connect_groups
         try:
             with open(f"/proc/{self.pid}/status", encoding="ascii") as handle:
-                for line in handle:
-                    if line.startswith("Groups:"):
-                        groups.update(int(gid) for gid in line.split()[1:])
-                        return groups
-        except (OSError, ValueError):
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+            if int(fields["Uid"].split()[1]) == self.uid:  # the effective uid, as SO_PEERCRED's
+                groups.update(int(gid) for gid in fields["Groups"].split())
+                return groups
+        except (OSError, ValueError, KeyError, IndexError):
             pass
         user = self.user
         groups.update(entry.gr_gid for entry in grp.getgrall() if user in entry.gr_mem)
@@ -89,7 +97,16 @@ class Peer:
 
 def peer_credentials(sock: socket.socket) -> Peer:
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return Peer(*_PEERCRED.unpack(data))
+    return Peer(*_PEERCRED.unpack(data), connect_groups=_peer_groups(sock))
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int] | None:
+    """SO_PEERGROUPS (Linux 4.13): the groups the peer had when it connected, None where there is no such option."""
+    try:
+        data = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _MAX_PEER_GROUPS * 4)
+    except OSError:
+        return None
+    return frozenset(struct.unpack(f"{len(data) // 4}I", data[:len(data) // 4 * 4]))
 
 
 def control_group_id(name: str | None) -> int | None:
