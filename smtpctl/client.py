@@ -14,6 +14,7 @@ from shared import wire as protocol
 
 NOT_RUNNING = "smtpd doesn't seem to be running"
 INCOMPATIBLE = "incompatible smtpd and smtpctl"
+CLOSED = "connection closed by smtpd"  # it took the request, then went away (stopped, crashed) without an answer
 DEFAULT_TIMEOUT = 120.0  # reload and explain may take a while; a stream has no timeout
 
 
@@ -104,15 +105,13 @@ class Client:
             return _result(message)
 
     def stream(self, command: str, **args: object) -> Iterator[dict[str, object]]:
-        """Yield a streaming command's events until it ends (its final reply) or the daemon goes away."""
+        """Yield a streaming command's events until it ends (its final reply); a daemon that goes away first
+        (stopped, crashed) raises ControlError (code `closed`): the stream was cut, not finished."""
         request_id = self.send(command, **args)
         if self._socket is not None:
             self._socket.settimeout(None)
         while True:
-            try:
-                message = self._receive()
-            except DaemonNotRunning:
-                return
+            message = self._receive()
             if message.get("id") not in (request_id, None):
                 continue
             if "event" in message:
@@ -137,7 +136,7 @@ class Client:
                 chunk = b""
             if not chunk:
                 self.close()
-                raise DaemonNotRunning()
+                raise ControlError("closed", CLOSED)
             searched = len(self._buffer)
             self._buffer += chunk
             end = self._buffer.find(b"\n", searched)
@@ -145,7 +144,7 @@ class Client:
         del self._buffer[:end + 1]
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # (not JSON, not UTF-8, or nested deeper than the parser goes)
             raise ControlError("version-mismatch", INCOMPATIBLE) from None
         if not isinstance(message, dict) or message.get("v") != protocol.PROTOCOL_VERSION:
             raise ControlError("version-mismatch", INCOMPATIBLE)
@@ -156,6 +155,8 @@ def _result(message: dict[str, object]) -> object:
     if message.get("ok"):
         return message.get("result")
     error = message.get("error") or {}
+    if not isinstance(error, dict):
+        raise ControlError("version-mismatch", INCOMPATIBLE)
     code = str(error.get("code", "failed"))
     if code == "version-mismatch":
         raise ControlError(code, INCOMPATIBLE)

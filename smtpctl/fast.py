@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 DEFAULT_SOCKET = "/var/run/smtpd.sock"  # shared.paths.DEFAULT_SOCKET (tests check they agree)
+INCOMPATIBLE = "incompatible smtpd and smtpctl"  # smtpctl.client.INCOMPATIBLE (not imported here: start-up time)
 
 
 # smtpctl.commands.show.SHOW_CHILDREN's names (that module imports Click; a test checks they agree).
@@ -117,7 +118,7 @@ def _show_queue(socket_path: str) -> int | None:
         return None
     if not reply.get("ok"):
         error = reply.get("error")
-        message = error.get("message", "command failed") if isinstance(error, dict) else "command failed"
+        message = error.get("message", "command failed") if isinstance(error, dict) else INCOMPATIBLE
         sys.stdout.flush()
         sys.stderr.write(f"smtpctl: {message}\n")
         return 1
@@ -155,7 +156,7 @@ def _read_reply(receive: Callable[[int], bytes]) -> dict[str, object] | None:
             continue
         try:
             message = json.loads(bytes(received[:end]))
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         del received[:end + 1]
         searched = 0

@@ -230,7 +230,7 @@ def simple(command: str, **args: Any) -> None:
     except DaemonNotRunning:
         fail("smtpd doesn't seem to be running")
     except ControlError as error:
-        if error.code in ("forbidden", "version-mismatch", "busy", "unknown-command"):
+        if error.code in ("forbidden", "version-mismatch", "busy", "unknown-command", "closed"):
             fail(error.message)
         print("command failed")
         sys.stdout.flush()

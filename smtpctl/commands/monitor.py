@@ -99,7 +99,7 @@ def monitor(as_json: bool, count: int | None, interval: float) -> None:
     terminal = render.is_terminal() and not as_json
     try:
         snapshots = (event["stats"] for event in client.stream("monitor", interval=interval)
-                     if event.get("type") == "stats")
+                     if event.get("type") == "stats" and isinstance(event.get("stats"), dict))
         for number, row in enumerate(monitor_rows(snapshots)):
             if as_json:
                 render.print_json(row)

@@ -40,6 +40,7 @@ from smtpd.queue.spool import MESSAGE_FILE, Spool
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 255
 NOT_RUNNING = "smtpd doesn't seem to be running"
+INCOMPATIBLE = "incompatible smtpd and smtpctl"
 
 
 class DaemonDown(Exception):
@@ -104,11 +105,17 @@ def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
             while end >= 0:
                 line = bytes(received[:end])
                 del received[:end + 1]
-                reply = protocol.decode_reply(line)
+                try:
+                    reply = protocol.decode_reply(line)
+                except (ValueError, RecursionError, protocol.ProtocolError):
+                    raise CommandFailed(INCOMPATIBLE) from None
                 if "event" not in reply:
                     if reply.get("ok"):
                         return reply.get("result")
-                    raise CommandFailed(reply.get("error", {}).get("message", "command failed"))
+                    error = reply.get("error")
+                    if not isinstance(error, dict):
+                        raise CommandFailed(INCOMPATIBLE)
+                    raise CommandFailed(str(error.get("message", "command failed")))
                 end = received.find(b"\n")
 
 

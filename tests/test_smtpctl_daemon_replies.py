@@ -1,0 +1,103 @@
+"""smtpctl when the daemon does not answer as it should: it goes away in the middle of a command or a stream, or
+answers something that is not our protocol. Each gets one line on stderr and exit 1, never a traceback, and a
+stream the daemon cut is not taken for one that ended well."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_control import ROOT, running_daemon, smtpctl
+
+INCOMPATIBLE = "smtpctl: incompatible smtpd and smtpctl\n"
+CLOSED = "smtpctl: connection closed by smtpd\n"
+
+
+@contextlib.contextmanager
+def fake_daemon(path: Path, answer: bytes) -> Iterator[None]:
+    """A control socket that reads each request line and answers `answer`, then closes the connection."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(10)
+                received = b""
+                with contextlib.suppress(OSError):
+                    while b"\n" not in received:
+                        chunk = connection.recv(4096)
+                        if not chunk:
+                            break
+                        received += chunk
+                    connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+        server.close()
+
+
+COMMANDS = [("show", "status"), ("show", "queue"), ("show", "hosts"), ("pause", "mda"), ("schedule", "all"),
+            ("monitor", "-c", "1"), ("trace", "smtp", "--follow")]
+
+
+@pytest.mark.parametrize(("answer", "said"), [
+    (b"", CLOSED),  # took the request and went away
+    (b'{"v": 1, "id": 1, "ok": tr', CLOSED),  # went away in the middle of its answer
+    (b"hello there\n", INCOMPATIBLE),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", INCOMPATIBLE),  # deeper than the JSON parser goes
+    (b'{"v": 2, "id": 1, "ok": true, "result": {}}\n', INCOMPATIBLE),
+    (b'{"v": 1, "id": 1, "ok": false, "error": "no"}\n', INCOMPATIBLE),  # an error that is no object
+], ids=["closed", "cut", "not-json", "deep", "version-2", "error-string"])
+@pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(words) for words in COMMANDS])
+def test_a_daemon_that_does_not_answer_our_protocol(tmp_path: Path, answer: bytes, said: str,
+                                                    words: tuple[str, ...]) -> None:
+    path = tmp_path / "smtpd.sock"
+    with fake_daemon(path, answer):
+        result = smtpctl(str(path), *words, env={"SMTPD_SPOOL": str(tmp_path / "spool")}, timeout=60)
+    assert (result.returncode, result.stderr, result.stdout) == (1, said, "")
+
+
+@pytest.mark.parametrize("words", [("monitor", "--interval", "0.1"), ("trace", "stat", "--follow")])
+def test_a_stream_the_daemon_cuts_fails(words: tuple[str, ...]) -> None:
+    """`smtpctl monitor` and `trace --follow` end with 0 only when the user ends them (Ctrl-C, the reader of the
+    pipe leaving): a daemon that stops under them is an error a supervising script must see."""
+    with running_daemon() as daemon:
+        follower = subprocess.Popen([sys.executable, "-m", "smtpctl", "--socket", daemon.socket, *words],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+        try:
+            assert follower.stdout is not None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # events: control connections count in `stat`
+                daemon.request("hello")
+                if select.select([follower.stdout], [], [], 0.1)[0]:
+                    break
+            assert follower.stdout.readline()
+            daemon.signal(signal.SIGTERM)
+            out, err = follower.communicate(timeout=30)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+    assert (follower.returncode, err) == (1, CLOSED)
