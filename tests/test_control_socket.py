@@ -242,6 +242,33 @@ def test_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone(daemo
     assert_still_serving(daemon)
 
 
+@pytest.mark.parametrize("client", ["idle", "monitor", "enqueue"])
+def test_stop_with_a_control_client_connected_logs_no_traceback(client: str) -> None:
+    """The daemon's stop ends every control connection; asyncio logged each one it found (an idle client, a
+    `smtpctl monitor`, a sendmail's session) as an unhandled CancelledError with a traceback."""
+    workdir = make_workdir()
+    try:
+        running = DaemonProcess(workdir).start()
+        try:
+            with connect(running) as connection:
+                if client == "monitor":
+                    connection.sendall(b'{"v": 1, "id": 1, "cmd": "monitor", "args": {"interval": 0.1}}\n')
+                    assert json.loads(read_line(connection))["event"]["type"] == "stats"
+                elif client == "enqueue":
+                    assert reply_to(connection, b'{"v": 1, "id": 1, "cmd": "enqueue"}\n')["ok"]
+                    assert read_line(connection).startswith(b"220 ")
+                else:
+                    assert reply_to(connection, b'{"v": 1, "id": 1, "cmd": "hello"}\n')["ok"]
+                running.stop()
+            assert running.process is not None and running.process.returncode == 0
+        finally:
+            running.stop()
+        log = running.log()
+        assert "Traceback" not in log and "Exception in callback" not in log, log
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _ask(connection: socket.socket, command: str) -> dict:
     connection.sendall(json.dumps({"v": 1, "id": 1, "cmd": command}).encode() + b"\n")
     return json.loads(read_line(connection))

@@ -188,6 +188,15 @@ class ControlServer:
 
     # -- connections ----------------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's task for one connection. It never ends cancelled: start_unix_server asks the finished task
+        for its exception(), which (Python 3.12.1) raises for a cancelled task, and asyncio logged that with a
+        traceback at every stop that found a client connected (a `smtpctl monitor`, a `trace --follow`)."""
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:  # stop() cancels the connections: the daemon is going, end quietly
+            writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
