@@ -242,6 +242,27 @@ def test_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone(daemo
     assert_still_serving(daemon)
 
 
+def test_start_on_a_socket_whose_owner_does_not_accept_fails_at_once() -> None:
+    """A daemon that still owns the socket but is hung (stopped, swamped: its backlog full) is a live owner: the
+    new one must say so and exit, not wait for that connect forever."""
+    workdir = make_workdir()
+    try:
+        path = str(workdir / "busy.sock")
+        with full_unix_backlog(path):
+            second = DaemonProcess(workdir, env={"SMTPD_SOCKET": path})
+            started = time.monotonic()
+            try:
+                with pytest.raises(RuntimeError, match="smtpd exited at start"):
+                    second.start()
+            finally:
+                second.stop()
+            assert time.monotonic() - started < 20
+            assert "control socket already listening" in second.log()
+            assert stat.S_ISSOCK(os.stat(path).st_mode)  # the owner's socket is left alone
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("client", ["idle", "monitor", "enqueue"])
 def test_stop_with_a_control_client_connected_logs_no_traceback(client: str) -> None:
     """The daemon's stop ends every control connection; asyncio logged each one it found (an idle client, a

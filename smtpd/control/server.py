@@ -456,10 +456,15 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 def _socket_is_live(path: str) -> bool:
-    """True when a daemon already answers on this socket (a stale file is not live)."""
+    """True when a daemon already listens on this socket (a stale file is not live)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # With a timeout the connect does not wait when the listener's backlog is full (a hung or swamped daemon):
+    # it fails at once with EAGAIN, and that listener is alive. A blocking connect waited for it forever.
+    probe.settimeout(5)
     try:
         probe.connect(path)
+    except BlockingIOError:
+        return True
     except OSError:
         return False
     finally:
