@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from daemon import full_unix_backlog
 from helpers_control import DaemonProcess, make_workdir, read_line, smtpctl_as
 
 
@@ -239,6 +240,20 @@ def test_second_daemon_on_the_same_socket_fails_and_leaves_the_first_alone(daemo
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     assert os.path.exists(daemon.socket)
+    assert_still_serving(daemon)
+
+
+@pytest.mark.parametrize("identifier", [b"NaN", b"-Infinity", b"[1, Infinity]"])
+def test_error_reply_to_a_request_with_a_non_json_id_is_json(daemon: DaemonProcess, identifier: bytes) -> None:
+    """The id is echoed when it can be read; one that is no JSON value must not make the reply invalid JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    with connect(daemon) as connection:
+        connection.sendall(b'{"v": 1, "id": ' + identifier + b', "cmd": "hello"}\n')
+        reply = json.loads(read_line(connection), parse_constant=refuse)
+        assert (reply["id"], reply["error"]["code"]) == (None, "bad-request")
     assert_still_serving(daemon)
 
 

@@ -439,6 +439,7 @@ def _guess_id(line: bytes) -> Any:
     request_id = message.get("id") if isinstance(message, dict) else None
     try:
         encode({"id": request_id})
+        json.dumps(request_id, allow_nan=False)  # NaN or Infinity (the request's own fault) is no JSON to echo
     except (TypeError, ValueError):  # e.g. a lone surrogate: the reply could not carry it
         return None
     return request_id
