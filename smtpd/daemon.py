@@ -77,6 +77,9 @@ class Daemon:
         self.control: Any = None
         self.components: list[Component] = []
         self._stopping = asyncio.Event()
+        # Set once every component has started: a reload asked for before (SIGHUP while a big queue loads) waits
+        # for it, else it would bind the listeners that the SMTP server's own start binds again.
+        self._started = asyncio.Event()
         # One reload at a time: two that overlapped (SIGHUP and `smtpctl reload`) would each diff against the
         # same old config, mix their steps, and the one whose parse ended last would win, whatever the file says.
         self._reload_lock = asyncio.Lock()
@@ -96,6 +99,7 @@ class Daemon:
     async def start(self) -> None:
         for component in self.components:
             await component.start()
+        self._started.set()
 
     async def stop(self) -> None:
         for component in reversed(self.components):
@@ -130,13 +134,18 @@ class Daemon:
     # -- reload ---------------------------------------------------------------------------------------
     async def reload(self) -> ReloadResult:
         """Parse and validate the config again; swap it in only if valid. Reloads run one after the other, each
-        reading the file when its turn comes, so the last one asked for leaves the newest file in force."""
+        reading the file when its turn comes, so the last one asked for leaves the newest file in force. One asked
+        for while the daemon starts runs once it has started; one asked for while it stops is refused."""
+        await self._started.wait()
         async with self._reload_lock:
             return await self._reload()
 
     async def _reload(self) -> ReloadResult:
         from smtpd import config as config_package
 
+        if self._stopping.is_set():
+            self.log.warning("reload refused: smtpd is stopping")
+            return ReloadResult(False, ["smtpd is stopping"])
         result = await asyncio.to_thread(config_package.load, self.paths.config, macros=self.options.macros)
         errors = [str(diagnostic) for diagnostic in result.errors]
         warnings = [str(diagnostic) for diagnostic in result.warnings]
@@ -145,6 +154,9 @@ class Daemon:
                 self.log.warning("reload: %s", error)
             self.log.warning("reload failed, keeping the running configuration")
             return ReloadResult(False, errors, warnings)
+        if self._stopping.is_set():  # asked to stop while the file was read: nothing is switched any more
+            self.log.warning("reload refused: smtpd is stopping")
+            return ReloadResult(False, ["smtpd is stopping"], warnings)
         old, new = self.config, result.config
         from smtpd.control.diff import describe_changes
 

@@ -128,3 +128,27 @@ def test_reload_json(daemon: DaemonProcess) -> None:
     result = daemon.smtpctl("reload", "--json")
     assert result.returncode == 0
     assert json.loads(result.stdout) == {"ok": True, "errors": [], "warnings": [], "changes": []}
+
+
+def test_sighup_while_the_daemon_starts_waits_for_the_start() -> None:
+    """A SIGHUP while the daemon starts (its components still starting): the reload ran at once, bound the
+    changed listener, and the SMTP server's own start then found its port taken: the daemon exited. The reload
+    must wait for the start, then read the edited file."""
+    from daemon import accepts
+    from waiting import wait_until
+
+    workdir = make_workdir()
+    port = free_port()
+    daemon = DaemonProcess(workdir, config(port))
+    daemon.control = daemon.listens = False  # start() returns at once: the signal must come during the start
+    try:
+        daemon.start()
+        wait_until(lambda: "starting" in daemon.log(), 30, interval=0.001)
+        daemon.config_path.write_text(config(port).replace(f"port {port}", f"port {port} hostname new.example"))
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: not daemon.alive() or ("configuration reloaded" in daemon.log() and accepts(port)), 30)
+        assert daemon.alive(), daemon.log()
+        assert banner(port).startswith(b"220 new.example ESMTP PySMTPD")
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
