@@ -28,6 +28,7 @@ from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row, line_parts
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
+    from smtpd.config.model import Config
     from smtpd.daemon import Daemon
 
 LOG = log.get("scheduler")
@@ -122,6 +123,13 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
         # The queue stops after us: let the removals already asked finish on its writer thread.
         await asyncio.gather(*self.removals, return_exceptions=True)
+
+    async def reconfigure(self, old: Config, new: Config) -> list[str]:
+        """A reload: `mda limit max-session` takes effect for the deliveries started from now on (those running
+        finish; a raised limit starts more at once)."""
+        self.limits = dict(DEFAULT_LIMITS, **_limits_from_config(new))
+        self.wake()
+        return []
 
     def _on_pause(self, daemon: Any, subsystem: str, paused: bool) -> None:
         if subsystem in self.ready and not paused:
@@ -599,9 +607,9 @@ def build(daemon: Daemon) -> Scheduler:
     return scheduler
 
 
-def _limits_from_config(daemon: Daemon) -> dict[str, int]:
+def _limits_from_config(source: Daemon | Config) -> dict[str, int]:
     limits: dict[str, int] = {}
-    config = daemon.config
+    config = getattr(source, "config", source)
     for key, value in getattr(config, "mda_limits", ()):
         if key == "max-session":
             limits["mda"] = value

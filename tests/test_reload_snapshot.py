@@ -248,3 +248,42 @@ def test_reload_output_names_each_change_once_and_warnings_as_smtpd_n(workdir: P
         ]
         [warning] = result.stderr.splitlines()
         assert warning.startswith(f"{daemon.config_path}:4: warning: table \"users\" (passwd)"), warning
+
+
+def test_a_reload_applies_the_new_mda_max_session(workdir: Path) -> None:
+    """`mda limit max-session` was read once, at start: a reload said "mda limits changed" and the deliveries
+    went on one at a time. Each delivery here waits (at most 10 s) until three are running together."""
+    import os
+    import time
+
+    from waiting import wait_until
+
+    port = free_port()
+    running = workdir / "running"
+    running.mkdir()
+    os.chmod(running, 0o777)
+    script = workdir / "meet.sh"
+    script.write_text("#!/bin/sh\ncat > /dev/null\n"
+                      f'touch "{running}/$$"\n'
+                      f'for i in $(seq 100); do [ "$(ls {running} | wc -l)" -ge 3 ] && exit 0; sleep 0.1; done\n'
+                      "exit 75\n")
+    script.chmod(0o755)
+
+    def config(sessions: int) -> str:
+        return (f"mda limit max-session {sessions}\n"
+                f"listen on 127.0.0.1 port {port}\n"
+                f'action "cmd" mda "{script}" user nobody\n'
+                'match from any for domain "cmd.test" action "cmd"\n')
+
+    with DaemonProcess(workdir, config(1), paused=("mda",)) as daemon:
+        daemon.config_path.write_text(config(3))
+        result = daemon.smtpctl("reload")
+        assert result.stdout == "mda limits changed\nconfiguration reloaded\n", result
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for _ in range(3):
+                assert client.sendmail("a@example.com", ["root@cmd.test"], b"Subject: t\r\n\r\nb\r\n") == {}
+        began = time.monotonic()
+        assert daemon.smtpctl("resume", "mda").returncode == 0
+        wait_until(lambda: daemon.smtpctl("show", "queue").stdout == "", 60, interval=0.2)
+        assert time.monotonic() - began < 8, "the deliveries did not run three at a time"
+        assert daemon.log().count("result=Ok stat=Delivered") == 3
