@@ -130,6 +130,21 @@ def test_reload_json(daemon: DaemonProcess) -> None:
     assert json.loads(result.stdout) == {"ok": True, "errors": [], "warnings": [], "changes": []}
 
 
+@pytest.mark.parametrize(("statement", "change"), [
+    ("mta max-deferred 5\n", "mta max-deferred changed"),
+    ('mda wrapper "w" "/usr/bin/env %{mda}"\n', 'mda wrapper added: mda wrapper "w" "/usr/bin/env %{mda}"'),
+    ('admd "mx.example"\n', "admd changed"),
+    ("scheduler limit max-inflight 10\n", "scheduler limits changed"),
+    ('proc "p" "/bin/cat"\n', 'proc added: proc "p" "/bin/cat"'),
+])
+def test_reload_names_every_changed_statement(daemon: DaemonProcess, statement: str, change: str) -> None:
+    # These statements were not compared: the daemon took them and smtpctl said "no changes".
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text(config(port) + statement)
+    result = daemon.smtpctl("reload")
+    assert (result.returncode, result.stdout) == (0, f"{change}\nconfiguration reloaded\n"), result
+
+
 def test_sighup_while_the_daemon_starts_waits_for_the_start() -> None:
     """A SIGHUP while the daemon starts (its components still starting): the reload ran at once, bound the
     changed listener, and the SMTP server's own start then found its port taken: the daemon exited. The reload
@@ -152,3 +167,22 @@ def test_sighup_while_the_daemon_starts_waits_for_the_start() -> None:
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_comment_above_the_listener_is_no_change(daemon: DaemonProcess) -> None:
+    # The listener was compared with its line number: "smtp: listening on 1 address(es)" for a comment.
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text("# the relay of example.org\n" + config(port))
+    result = daemon.smtpctl("reload")
+    assert (result.returncode, result.stdout) == (0, "no changes\nconfiguration reloaded\n"), result
+
+
+def test_reload_names_an_added_ca(daemon: DaemonProcess, tmp_path) -> None:  # noqa: ANN001
+    from helpers_smtp import make_certificate
+
+    certificate, _ = make_certificate(tmp_path)
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text(f'ca "x" cert "{certificate}"\n' + config(port))
+    result = daemon.smtpctl("reload")
+    assert result.returncode == 0, result
+    assert f'ca added: ca "x" cert "{certificate}"' in result.stdout.splitlines()

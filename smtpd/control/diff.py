@@ -47,10 +47,35 @@ def describe_changes(old: Config, new: Config) -> list[str]:
                                  ("bounce warn-interval", old.bounce_warn_intervals, new.bounce_warn_intervals),
                                  ("mta limits", old.mta_limits, new.mta_limits),
                                  ("mda limits", old.mda_limits, new.mda_limits),
-                                 ("pki", _without_locations(old.pkis), _without_locations(new.pkis))):
+                                 ("pki", _without_locations(old.pkis), _without_locations(new.pkis)),
+                                 ("mta max-deferred", old.mta_max_deferred, new.mta_max_deferred),
+                                 ("scheduler limits", old.scheduler_limits, new.scheduler_limits),
+                                 ("admd", old.admd, new.admd)):
         if before != after:
             changes.append(f"{label} changed")
+    changes += _named("ca", {name: _format_ca(ca) for name, ca in old.cas.items()},
+                      {name: _format_ca(ca) for name, ca in new.cas.items()})
+    changes += _named("mda wrapper", _wrappers(old), _wrappers(new))
+    changes += _named("proc", _procs(old), _procs(new))
+    if not changes and dump.comparable(old) != dump.comparable(new):
+        changes.append("other statements changed")  # a statement not compared above: never "no changes"
     return changes
+
+
+def _format_ca(ca: Any) -> str:
+    return f"ca {dump.quote(ca.name)} cert {dump.quote(ca.cert)}"
+
+
+def _wrappers(config: Config) -> dict[str, str]:
+    return {name: f"mda wrapper {dump.quote(name)} {dump.quote(command)}"
+            for name, command in config.mda_wrappers.items()}
+
+
+def _procs(config: Config) -> dict[str, str]:
+    return {name: f"proc {dump.quote(proc.name)} {dump.quote(proc.command)}"
+            + "".join(f" {key} {dump.quote(value)}" for key, value in
+                      (("user", proc.user), ("group", proc.group), ("chroot", proc.chroot)) if value is not None)
+            for name, proc in config.procs.items()}
 
 
 def _user_tables(config: Config) -> dict[str, str]:

@@ -14,7 +14,7 @@ import os
 import resource
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from shared.paths import parse_resolver_setting
@@ -132,7 +132,9 @@ class SmtpServer:
         contexts stay in use).
         """
         fresh = self._bind_all(new, reuse=self.bound)
-        unchanged = old.listeners == new.listeners and old.pkis == new.pkis and old.cas == new.cas
+        # Compared without their places in the file: a line added above a listener does not change it.
+        unchanged = all(_placeless(getattr(old, part)) == _placeless(getattr(new, part))
+                        for part in ("listeners", "pkis", "cas"))
         if unchanged and [bound.sock for bound in fresh] == [bound.sock for bound in self.bound]:
             # The same sockets: the accept loops stay, their endpoints (contexts, host names) are replaced.
             for bound, refreshed in zip(self.bound, fresh, strict=True):
@@ -366,6 +368,13 @@ class SmtpServer:
             trace.emit("smtp", f"no address for {name}: {error}", address=ip)
             return "error" if _temporary_dns_error(error) else "fail"
         return "pass" if any(_same_address(found, ip) for found in addresses) else "fail"
+
+
+def _placeless(items: Any) -> Any:
+    """Listeners (a tuple) or pki/ca declarations (a dict by name) without their locations."""
+    if isinstance(items, dict):
+        return {name: replace(item, location=None) for name, item in items.items()}
+    return tuple(replace(item, location=None) for item in items)
 
 
 def _resolve(listener: Listener) -> list[str]:
