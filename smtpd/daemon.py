@@ -14,6 +14,7 @@ import fcntl
 import gc
 import importlib
 import os
+import re
 import resource
 import signal
 import sys
@@ -179,7 +180,7 @@ class Daemon:
                         await component.reconfigure(new, old)
                 except Exception:  # noqa: BLE001 — best effort; the old config stays in force regardless
                     self.log.exception("could not restore %r", component)
-            return ReloadResult(False, [f"{self.paths.config}: {error}"], warnings)
+            return ReloadResult(False, _located(error, self.paths.config), warnings)
         for component in done:
             commit = getattr(component, "commit", None)
             if commit is not None:
@@ -189,6 +190,16 @@ class Daemon:
             self.log.info("reload: %s", change)
         self.log.info("configuration reloaded")
         return ReloadResult(True, [], warnings, changes)
+
+
+def _located(error: Exception, config_path: str) -> list[str]:
+    """The messages of a failure while switching, each `FILE:LINE: message` where the failure names its line
+    (a listener's port taken), else after the configuration file's name."""
+    lines = getattr(error, "lines", None) or [str(error)]  # a table's TableLoadError has its own lines
+    return [line if _LOCATED.match(line) else f"{config_path}: {line}" for line in lines]
+
+
+_LOCATED = re.compile(r"\S+:\d+: ")
 
 
 # The component builders, in start order, as "module:function". A builder takes the Daemon, sets its
