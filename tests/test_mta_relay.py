@@ -455,6 +455,18 @@ def test_tls_required_but_not_offered(tmp_path: os.PathLike[str]) -> None:
     assert results[0].text == "TLS required but not supported by remote host"
 
 
+def test_a_server_hanging_up_in_the_tls_handshake_is_named(tmp_path: os.PathLike[str]) -> None:
+    # asyncio reports it as a ConnectionResetError without arguments: the errorline said "TLS handshake failed: "
+    script = standard_script({"EHLO": b"250-raw.test\r\n250 STARTTLS\r\n", "STARTTLS": b"220 2.0.0 go ahead\r\n" + CLOSE})
+    with RawRemote(script) as remote:
+        config = relay_config(Relay(host=smarthost(remote, "smtp+tls"), tls="no-verify"))
+        results = relay_all(agent_for(config), [envelope("a@remote.test")], write_message(tmp_path))
+    assert results[0].outcome is Outcome.TEMPFAIL
+    # (or, as the timing falls, the kernel's "Connection reset by peer")
+    assert results[0].text in ("TLS handshake failed: connection closed by the remote host",
+                               "TLS handshake failed: Connection reset by peer"), results[0].text
+
+
 def test_opportunistic_starttls_is_used_when_offered(tmp_path: os.PathLike[str], certificate) -> None:
     with Remote(tls=certificate) as remote:
         results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")],

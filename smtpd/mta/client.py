@@ -155,9 +155,9 @@ class SmtpClient:
         except ssl.SSLCertVerificationError as error:  # (smtps: worded as for STARTTLS)
             raise ClientError(f"TLS certificate verification failed: {error.verify_message}") from None
         except ssl.SSLError as error:
-            raise ClientError(f"TLS handshake failed: {error.reason or error}") from None
+            raise ClientError(f"TLS handshake failed: {_reason(error)}") from None
         except OSError as error:
-            reason = os.strerror(error.errno) if error.errno else str(error)
+            reason = os.strerror(error.errno) if error.errno else _reason(error)
             raise ClientError(f"Connection failed: {reason}") from None
         peer = address if address.startswith("/") else f"{address}:{port}"
         client = cls(connection, timeout=timeout, peer=peer, lmtp=lmtp, session_id=session_id, subsystem=subsystem)
@@ -286,7 +286,7 @@ class SmtpClient:
         except ssl.SSLCertVerificationError as error:
             raise ClientError(f"TLS certificate verification failed: {error.verify_message}") from None
         except (ssl.SSLError, OSError) as error:
-            raise ClientError(f"TLS handshake failed: {getattr(error, 'reason', None) or error}") from None
+            raise ClientError(f"TLS handshake failed: {_reason(error)}") from None
         self._note_tls(context)
         self.extensions = Extensions()
         return reply
@@ -390,6 +390,13 @@ def _hidden(line: str) -> str:
     if words[0].upper() == "AUTH":
         return " ".join(words[:2]) + " ..."
     return "..."
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, never empty: asyncio reports a connection the server closed during the TLS handshake as a
+    ConnectionResetError without arguments (the errorline said `TLS handshake failed: ` and nothing more)."""
+    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
+    return reason or "connection closed by the remote host"
 
 
 def _preview(raw: bytes) -> str:
