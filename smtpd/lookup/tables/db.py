@@ -16,7 +16,8 @@ order (a regex can match anything).
 
 The file is opened read-only. `makemap` replaces it by renaming a new file over it, so before each question we
 check whether the path now names another file and reopen if so: the table follows `newaliases` at once, and a
-question sees either the old file or the new one, never a mix.
+question sees either the old file or the new one, never a mix. A path that names no file any more leaves the open
+file answering.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ class DbTable:
         reader = self.reader
         try:
             identity = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            # Removed (by hand, or by a script that deletes before it runs makemap): the open file still answers,
+            # as OpenSMTPD's open handle does, until a new file takes the name; `update table` keeps it too.
+            return reader
         except OSError as error:
             raise TableError(f"{self.path}: {_strerror(error)}") from None
         if identity != reader.identity:
