@@ -23,8 +23,10 @@ pki mx.test.example cert "{dir}/mx.test.example.crt"
 pki mx.test.example key "{dir}/mx.test.example.key"
 table creds db:{dir}/creds.db
 table sendermap db:{dir}/senders.db
+table rcpts db:{dir}/rcpts.db
 listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <creds> senders <sendermap>
 action "relay" relay
+match auth from any for rcpt-to <rcpts> action "relay"
 match auth from any for any action "relay"
 """
 
@@ -60,6 +62,7 @@ def daemon(tmp_path: Path):
     make_certificate(tmp_path)
     makemap(tmp_path / "creds", f"alice {hash_password(PASSWORD, 'sha512')}\n")
     makemap(tmp_path / "senders", "alice alice@example.org\n")
+    makemap(tmp_path / "rcpts", "carol@example.net carol\n")
     server = SmtpDaemon(tmp_path, CONFIG, traces=("smtp",))
     server.start()
     yield server
@@ -102,7 +105,25 @@ def test_senders_table_failure_is_421_temporary_error_and_the_session_goes_on(da
     finally:
         client.close()
     assert "Temporary Error" in daemon.log()
+    # The client only hears "Temporary Error": the log says which table failed, and why.
+    assert f"smtp: temporary failure of the senders table <sendermap>: {database}: dbopen:" in daemon.log()
     assert daemon.process is not None and daemon.process.poll() is None
+
+
+def test_a_recipient_table_failure_is_451_and_the_log_says_why(daemon: SmtpDaemon) -> None:
+    database = daemon.dir / "rcpts.db"
+    client = submission(daemon.port)
+    try:
+        assert auth_plain(client)[0] == 235
+        spoil(database)
+        assert client.docmd("MAIL", "FROM:<alice@example.org>") == (250, b"2.0.0 Ok")
+        assert client.docmd("RCPT", "TO:<carol@example.net>")[0] == 451
+        assert client.quit()[0] == 221
+    finally:
+        client.close()
+    lines = [line for line in daemon.log().splitlines() if "temporary failure for <carol@example.net>" in line]
+    assert len(lines) == 1, daemon.log()
+    assert f"table error: {database}: dbopen: not a table database made by makemap" in lines[0]
 
 
 def test_senders_table_gone_is_a_temporary_error_too(daemon: SmtpDaemon) -> None:

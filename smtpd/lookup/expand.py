@@ -129,6 +129,7 @@ class ExpansionResult:
     deliveries: list[Envelope] = field(default_factory=list)
     refusal: tuple[int, str] | None = None
     tree: list[ExpansionNode] = field(default_factory=list)
+    why: str = ""  # what made the refusal (a table's error, ...): for the log, never for the client
 
     @property
     def accepted(self) -> bool:
@@ -195,7 +196,7 @@ class _Expansion:
                 raise _Refused(EXPANSION_PERMFAIL, "expanded to an empty delivery list")
         except _Refused as refused:
             _emit(f"refused: {refused.reply[0]} {refused.reply[1]} ({refused.why})")
-            return ExpansionResult([], refused.reply, self.tree)
+            return ExpansionResult([], refused.reply, self.tree, refused.why)
         return ExpansionResult(self.deliveries, None, self.tree)
 
     def _process(self, node: ExpansionNode) -> None:
@@ -247,7 +248,8 @@ class _Expansion:
                                 internal=node.parent is not None)
         if decision.tempfail:
             node.outcome = "refused: temporary failure in the rules"
-            raise _Refused(TEMPORARY_FAILURE, f"temporary failure matching the rules for {node.value}")
+            raise _Refused(TEMPORARY_FAILURE, f"temporary failure matching the rules for {node.value}: "
+                                              f"{decision.reasons[-1] if decision.reasons else 'unknown'}")
         if decision.rejected or decision.action is None:
             node.outcome = "refused: rejected" if decision.rejected else "refused: no rule matched"
             raise _Refused(INVALID_RECIPIENT, f"{node.value}: {node.outcome[len('refused: '):]}")

@@ -799,7 +799,8 @@ class Session:
         try:
             value = await asyncio.to_thread(self.tables.lookup, table, Service.MAILADDRMAP,
                                             self.auth_user or "")
-        except TableError:
+        except TableError as error:
+            _log.warning("%s smtp: temporary failure of the senders table <%s>: %s", self.token, table, error)
             await self.reply(replies.TEMPORARY_ERROR, command=line)
             return False
         patterns = [item.strip() for item in (value or "").split(",") if item.strip()]
@@ -867,12 +868,16 @@ class Session:
             else:  # it may read files or the user database: off the event loop
                 result = await asyncio.to_thread(expand_recipient, self.config, tables, self.facts(), str(sender),
                                                  str(rcpt), self.smtpname)
-        except TableError:
+        except TableError as error:
+            _log.warning("%s smtp: temporary failure for <%s>: %s", self.token, log.visible(str(rcpt)), error)
             return replies.rcpt_refused(*replies.TEMPORARY_FAILURE, str(rcpt)), []
         except Exception:  # noqa: BLE001 — a bug or a missing subsystem must not lose the session: tempfail
             _log.exception("%s smtp: expansion of %s failed", self.token, rcpt)
             return replies.rcpt_refused(*replies.TEMPORARY_FAILURE, str(rcpt)), []
         if result.refusal is not None:
+            if result.refusal[0] // 100 == 4:  # the client only gets "Temporary failure": the log says why
+                _log.warning("%s smtp: temporary failure for <%s>: %s", self.token, log.visible(str(rcpt)),
+                             log.visible(result.why))
             return replies.rcpt_refused(result.refusal[0], result.refusal[1], str(rcpt)), []
         return None, list(result.deliveries)
 
