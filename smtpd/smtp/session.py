@@ -1125,7 +1125,7 @@ def _masked(line: str) -> str:
     """A command line as it may be traced or logged: an AUTH line keeps its mechanism, not its credentials."""
     if line[:5].upper() != "AUTH ":
         return line
-    mechanism, initial = split_auth_argument(line[5:].lstrip(" "))
+    mechanism, initial = split_auth_argument(line[5:].lstrip(ARGUMENT_SPACE))
     return f"{line[:5]}{mechanism}" + (" ********" if initial else "")
 
 
@@ -1137,14 +1137,25 @@ def split_auth_argument(argument: str) -> tuple[str, str]:
     return mechanism, initial
 
 
+# What OpenSMTPD skips before an argument: C's isspace() (so `MAIL FROM:<TAB><a@b>` is MAIL FROM:<a@b>).
+ARGUMENT_SPACE = " \t\v\f\r"
+
+
 def split_command(line: str) -> tuple[str, str]:
-    """`MAIL FROM:` / `RCPT TO:` split at the first ':', other commands at the first space (§7.1)."""
+    """`MAIL FROM:` / `RCPT TO:` split at the first ':', other commands at the first space (§7.1); the
+    argument's leading white space (tabs too) is skipped."""
     upper = line.upper()
     for verb in ("MAIL FROM", "RCPT TO"):
         if upper.startswith(verb + ":"):
-            return verb, line[len(verb) + 1:].lstrip(" ")
+            return verb, _skip_space(line[len(verb) + 1:])
     verb, _, argument = line.partition(" ")
-    return verb.upper(), argument.lstrip(" ")
+    return verb.upper(), _skip_space(argument)
+
+
+def _skip_space(argument: str) -> str:
+    """The argument without its leading white space; white space alone loses its spaces only (`NOOP  ` is NOOP,
+    docs/smtp.md, but `NOOP <TAB>` keeps an argument and is refused, as by OpenSMTPD)."""
+    return argument.lstrip(ARGUMENT_SPACE) or argument.lstrip(" ")
 
 
 # A line that starts with a dot is found by jumping from dot to dot with memchr (bytes.find of one byte): 2 us
