@@ -48,7 +48,7 @@ COMPARED = [
     "relay_empty_sender_no_path", "relay_empty_sender_blank_path",
     "reply_mail_garbage_after_path", "reply_rcpt_garbage_after_path", "reply_dsn_after_helo",
     "reply_header_name_with_spaces",
-    "reply_argument_leading_tab",
+    "reply_argument_leading_tab", "reply_sender_syntax_before_parameters",
 ]
 OUR_EXTENSIONS = {"250-PIPELINING", "250-CHUNKING", "250-SMTPUTF8"}
 

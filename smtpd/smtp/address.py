@@ -192,6 +192,11 @@ def parse_mail_parameters(text: str, *, dsn: bool, smtputf8_offered: bool) -> Ma
     return parameters
 
 
+def asks_smtputf8(text: str) -> bool:
+    """Whether MAIL's parameter text holds the SMTPUTF8 keyword (the one parameter the address depends on)."""
+    return any(word.upper() == "SMTPUTF8" for word in text.split(" "))
+
+
 NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
 
 

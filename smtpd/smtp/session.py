@@ -776,19 +776,22 @@ class Session:
 
     async def _parse_mail(self, argument: str, line: str) -> tuple[addr.Mailaddr, addr.MailParameters, str] | None:
         """MAIL FROM's sender, parameters and address as written (None: refused, the reply is sent)."""
+        # The address is judged before the parameters, as OpenSMTPD does: `MAIL FROM:<a b> X=1` is a sender
+        # syntax error (553), not an unsupported option. Only SMTPUTF8's presence is needed for the address.
         try:
             inner, parameter_text = addr.split_path(argument)
+            sender = addr.parse_path_address(inner, allow_null=True, default_domain=self.smtpname,
+                                             utf8=self.esmtp and addr.asks_smtputf8(parameter_text))
+        except addr.AddressError:
+            await self._error(replies.SENDER_SYNTAX, line)
+            return None
+        try:
             parameters = addr.parse_mail_parameters(parameter_text, dsn=self.dsn_offered,
                                                     smtputf8_offered=self.esmtp)
-            sender = addr.parse_path_address(inner, allow_null=True, default_domain=self.smtpname,
-                                             utf8=parameters.smtputf8)
         except addr.ParameterError as error:
             reply = replies.envid_too_large(error.value) if error.kind == "too-large" \
                 else replies.unsupported_option(error.value)
             await self._error(reply, line)
-            return None
-        except addr.AddressError:
-            await self._error(replies.SENDER_SYNTAX, line)
             return None
         return sender, parameters, inner
 
