@@ -134,6 +134,9 @@ def test_parameters() -> None:
     rcpt = addr.parse_rcpt_parameters("NOTIFY=success,delay,bogus ORCPT=rfc822;a+2Bb@c.d", dsn=True, utf8=False,
                                       default_domain="d")
     assert rcpt.notify == {"SUCCESS", "DELAY"} and rcpt.orcpt == "a+2Bb@c.d"
+    # UTF-8 in ORCPT only in an SMTPUTF8 transaction (tests/dialogs/reply_orcpt_utf8_without_smtputf8.dialog)
+    assert addr.parse_rcpt_parameters("ORCPT=rfc822;jos\u00e9@c.d", dsn=True, utf8=True,
+                                      default_domain="d").orcpt == "jos\u00e9@c.d"
 
 
 def test_source_routes_are_dropped() -> None:

@@ -216,6 +216,8 @@ def parse_rcpt_parameters(text: str, *, dsn: bool, utf8: bool, default_domain: s
             address = value
             if address[:7].lower() == "rfc822;":
                 address = address[7:]
+            if not utf8 and not address.isascii():  # UTF-8 is for SMTPUTF8 transactions only, as in the address
+                raise ParameterError("orcpt", value)
             try:
                 parse_mailaddr(xtext_decode(address), default_domain=default_domain, utf8=True)
             except (AddressError, ValueError):
