@@ -49,7 +49,7 @@ COMPARED = [
     "reply_mail_garbage_after_path", "reply_rcpt_garbage_after_path", "reply_dsn_after_helo",
     "reply_header_name_with_spaces",
     "reply_argument_leading_tab", "reply_sender_syntax_before_parameters",
-    "reply_orcpt_utf8_without_smtputf8",
+    "reply_orcpt_utf8_without_smtputf8", "relay_ipv6_literal_zone",
 ]
 OUR_EXTENSIONS = {"250-PIPELINING", "250-CHUNKING", "250-SMTPUTF8"}
 

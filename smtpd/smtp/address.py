@@ -72,6 +72,8 @@ def valid_address_literal(literal: str) -> bool:
     if not literal.endswith("]"):
         return False
     inner = literal[1:-1]
+    if "%" in inner:  # a zone (`fe80::1%eth0`), which Python's parser takes: no address literal has one (RFC 5321)
+        return False
     try:
         if inner[:5].lower() == "ipv6:":
             ipaddress.IPv6Address(inner[5:])
