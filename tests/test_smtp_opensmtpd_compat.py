@@ -50,6 +50,7 @@ COMPARED = [
     "reply_header_name_with_spaces",
     "reply_argument_leading_tab", "reply_sender_syntax_before_parameters",
     "reply_orcpt_utf8_without_smtputf8", "relay_ipv6_literal_zone",
+    "reply_helo_name_too_long",
 ]
 OUR_EXTENSIONS = {"250-PIPELINING", "250-CHUNKING", "250-SMTPUTF8"}
 

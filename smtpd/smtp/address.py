@@ -18,6 +18,7 @@ from shared.numbers import ascii_digits
 
 MAX_PART = 255  # local part, domain, and the whole address (reference §10)
 MAX_ENVID = 100
+MAX_HOST_NAME = 253  # a host name fits DNS's 255 octets (res_hnok, as OpenSMTPD checks names)
 
 _ATOM_CHARS = "!#$%&'*/?^`{|}~+-=_"
 _ATOM_RE = re.compile(r"[A-Za-z0-9" + re.escape(_ATOM_CHARS) + r"]+")
@@ -62,7 +63,7 @@ def valid_domain(domain: str, utf8: bool = False) -> bool:
         return False
     if domain.startswith("["):
         return valid_address_literal(domain)
-    if domain.startswith("-"):
+    if domain.startswith("-") or len(domain) > MAX_HOST_NAME:
         return False
     pattern = _LABEL_UTF8_RE if utf8 else _LABEL_RE
     return all(pattern.fullmatch(label) for label in domain.split("."))
