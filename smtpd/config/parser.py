@@ -76,7 +76,7 @@ LISTEN_OPTIONS = frozenset((
 FILTER_DECISIONS_WITH_ARG = ("reject", "disconnect", "rewrite", "report")
 RELAY_SCHEMES = ("smtp", "smtp+tls", "smtp+notls", "lmtp", "smtps")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
-_SCALED_RE = re.compile(r"^(\d+)(?:\.(\d+))?([BKMGTPEbkmgtpe]?)$")
+_SCALED_RE = re.compile(r"^([0-9]+)(?:\.([0-9]+))?([BKMGTPEbkmgtpe]?)$")  # ASCII digits only, as C's isdigit
 _SCALES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 
 
@@ -102,7 +102,7 @@ def delay_to_seconds(text: str) -> tuple[int | None, str]:
         return None, text
     factor = factors[text[-1]]
     digits = text[:-1]
-    if not re.fullmatch(r"[+-]?\d+", digits):
+    if not re.fullmatch(r"[+-]?[0-9]+", digits):  # not \d: int() would read "\u0665" as 5
         return None, digits
     value = int(digits)
     if value < 1 or value > (2**31 - 1) // factor:
