@@ -76,8 +76,10 @@ LISTEN_OPTIONS = frozenset((
 FILTER_DECISIONS_WITH_ARG = ("reject", "disconnect", "rewrite", "report")
 RELAY_SCHEMES = ("smtp", "smtp+tls", "smtp+notls", "lmtp", "smtps")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
-_SCALED_RE = re.compile(r"^([0-9]+)(?:\.([0-9]+))?([BKMGTPEbkmgtpe]?)$")  # ASCII digits only, as C's isdigit
-_SCALES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+ASCII_DIGITS = "0123456789"
+C_SPACE = " \t\n\v\f\r"  # C's isspace
+LLONG_MAX = 2**63 - 1
+_SCALES = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 
 
 class SyntaxProblem(Exception):
@@ -102,24 +104,51 @@ def delay_to_seconds(text: str) -> tuple[int | None, str]:
         return None, text
     factor = factors[text[-1]]
     digits = text[:-1]
-    if not re.fullmatch(r"[+-]?[0-9]+", digits):  # not \d: int() would read "\u0665" as 5
+    # strtonum: leading white space and a sign, then ASCII digits only (not \d: int() reads "\u0665" as 5)
+    if not re.fullmatch(r"[ \t\n\v\f\r]*[+-]?[0-9]+", digits):
         return None, digits
-    value = int(digits)
+    value = int(digits.lstrip(C_SPACE))
     if value < 1 or value > (2**31 - 1) // factor:
         return None, digits
     return value * factor, digits
 
 
 def scan_scaled(text: str) -> int | None:
-    match = _SCALED_RE.match(text)
-    if match is None:
+    """A size as OpenSMTPD's scan_scaled reads it (None when invalid or too big): leading white space, one
+    optional sign, ASCII digits with at most one dot, then either nothing (the fraction is dropped) or one unit
+    letter B K M G T P E (either case) that no ASCII letter or digit follows (`1M`, `1.M`, `+1.5m`, `1M.`)."""
+    position, end = 0, len(text)
+    while position < end and text[position] in C_SPACE:
+        position += 1
+    sign = 1
+    if position < end and text[position] in "+-":
+        sign = -1 if text[position] == "-" else 1
+        position += 1
+    whole, fraction, fraction_digits, dot = 0, 0, 0, False
+    while position < end and (text[position] in ASCII_DIGITS or text[position] == "."):
+        char = text[position]
+        position += 1
+        if char == ".":
+            if dot:
+                return None
+            dot = True
+        elif dot:
+            if fraction_digits < 19:  # further fraction digits are ignored
+                fraction, fraction_digits = fraction * 10 + int(char), fraction_digits + 1
+        else:
+            whole = whole * 10 + int(char)
+            if whole > LLONG_MAX:
+                return None
+    if position == end:
+        return sign * whole
+    unit = text[position].upper()
+    after = text[position + 1:position + 2]
+    if unit not in _SCALES or not unit or (after and after.isascii() and after.isalnum()):
         return None
-    whole, fraction, unit = match.group(1), match.group(2) or "", match.group(3).upper()
     scale = _SCALES[unit]
-    value = int(whole) * scale
-    if fraction:
-        value += int(fraction) * scale // (10 ** len(fraction))
-    return value if value < 2**63 else None
+    if whole > LLONG_MAX // scale:
+        return None
+    return sign * (whole * scale + fraction * scale // 10**fraction_digits)
 
 
 def is_valid_hostname(name: str) -> bool:
@@ -764,7 +793,7 @@ class Parser:
             return token.number
         token = self.expect_string()
         value = scan_scaled(token.text)
-        if value is None:
+        if value is None or value < 0:
             raise SemanticProblem(f"invalid size: {token.text}", token)
         return value
 
