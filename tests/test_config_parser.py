@@ -228,6 +228,19 @@ def test_listener_warnings() -> None:
     assert texts[1].startswith("/etc/smtpd.conf:2: warning: listener on 127.0.0.1 port 25 duplicates")
 
 
+def test_options_taken_but_not_used_are_said() -> None:
+    """An administrator must not believe a tuning or DH setting took effect: each line that we take without using
+    gets a warning; max-session, the one mda limit we use, gets none."""
+    warned = parse('pki mx.example dhe auto\nmda limit max-session 4 task-lowat 3\nmda limit max-session 5\n'
+                   'scheduler limit max-inflight 10\n' + RULE)
+    assert warned.ok
+    assert [str(w) for w in warned.warnings] == [
+        "/etc/smtpd.conf:1: warning: pki mx.example dhe: not used: key exchange is ECDHE (or TLS 1.3's)",
+        "/etc/smtpd.conf:2: warning: mda limit task-lowat: not used (of the mda limits, only max-session is)",
+        "/etc/smtpd.conf:4: warning: scheduler limit: not used (our scheduler sizes its own batches, docs/queue.md)",
+    ]
+
+
 def test_no_pki_warning_only_when_the_listener_has_no_certificate() -> None:
     pki = 'pki {name} cert "/x/{name}.crt"\npki {name} key "/x/{name}.key"\n'
 

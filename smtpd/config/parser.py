@@ -660,6 +660,8 @@ class Parser:
                 if value.text.lower() not in ("none", "auto", "legacy"):
                     raise SemanticProblem(f"invalid DHE keyword: {value.text}", value)
                 pki = replace(pki, dhe=value.text.lower())
+                # (Python's ssl offers no built-in DH groups to switch on: an administrator must not believe it does)
+                self.warning(f"pki {name.text} dhe: not used: key exchange is ECDHE (or TLS 1.3's)", self.location(value))
             else:
                 raise self.fail()
             self.pkis[key] = pki
@@ -667,7 +669,12 @@ class Parser:
     def stmt_mda(self) -> None:
         self.advance()
         if self.accept_kw("limit"):
+            where = self.location(self.peek())
+            before = set(self.mda_limits)
             self._limits(self.mda_limits, MDA_LIMITS, "invalid scheduler limit keyword: {}")
+            unused = sorted(set(self.mda_limits) - before - {"max-session"})
+            if unused:
+                self.warning(f"mda limit {', '.join(unused)}: not used (of the mda limits, only max-session is)", where)
             return
         self.expect_kw("wrapper")
         name = self.expect_string()
@@ -766,7 +773,9 @@ class Parser:
     def stmt_scheduler(self) -> None:
         self.advance()
         self.expect_kw("limit")
+        where = self.location(self.peek())
         self._limits(self.scheduler_limits, SCHEDULER_LIMITS, "invalid scheduler limit keyword: {}")
+        self.warning("scheduler limit: not used (our scheduler sizes its own batches, docs/queue.md)", where)
 
     def stmt_smtp(self) -> None:
         self.advance()
