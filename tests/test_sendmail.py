@@ -265,6 +265,35 @@ def test_a_burst_of_sendmails_waits_for_a_control_connection(world) -> None:
         daemon.stop()
 
 
+def test_bs_speaks_smtp_on_standard_input_and_output(world) -> None:
+    """`sendmail -bs` (Symfony Mailer's and Laravel's default): an SMTP session on stdin/stdout. It was taken
+    as `-b s`, ignored: sendmail waited for the end of its input while the caller waited for a greeting, and
+    then said `no recipients` (exit 70). A caller writing bare LF and closing its input without QUIT is served
+    too; one whose input ends in the middle of a message sends nothing."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        dialogue = ("EHLO app.test\nMAIL FROM:<app@example.org>\nRCPT TO:<root>\nDATA\n"
+                    "From: App <app@example.org>\nSubject: via -bs\n\nhello\n..dotted\n.\n")
+        result = run_sendmail(daemon.env, ["-bs", "-i"], dialogue)
+        assert result.returncode == 0, (result.stderr, daemon.log())
+        replies = result.stdout.splitlines()
+        assert replies[0].startswith("220 ") and replies[-1].startswith("221 "), replies
+        assert "354 " in result.stdout and "Message accepted for delivery" in replies[-2]
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith("From app@example.org ") and "\nSubject: via -bs\n" in content
+        assert content.endswith("\nhello\n.dotted\n\n")
+        cut = run_sendmail(daemon.env, ["-bs"], "EHLO app.test\nMAIL FROM:<app@example.org>\nRCPT TO:<root>\n"
+                                               "DATA\nSubject: cut short\n\nhalf")
+        assert cut.returncode == 70
+        offline = run_sendmail({**daemon.env, "SMTPD_SOCKET": str(workdir / "none.sock")}, ["-bs"], "EHLO a\n")
+        assert (offline.returncode, offline.stdout) == (75, "421 4.3.0 mail system not running, try again later\n")
+        time.sleep(1)
+        assert "cut short" not in open(os.path.join(mail_root, "root")).read()
+    finally:
+        daemon.stop()
+
+
 # -- pieces ------------------------------------------------------------------------------------------------
 
 def test_options_and_usage() -> None:

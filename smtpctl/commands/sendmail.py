@@ -77,6 +77,7 @@ class Options:
     from_headers: bool = False  # -t
     verbose: bool = False
     queue_run: bool = False  # -q
+    mode: str | None = None  # -b: only `-bs` (SMTP on standard input and output) means something
     recipients: list[str] = field(default_factory=list)
 
 
@@ -145,7 +146,9 @@ def _apply(options: Options, letter: str, value: str | None) -> None:
         options.verbose = True
     elif letter == "q":
         options.queue_run = True
-    # A, B, b, e, L, o, p, i, m, x: accepted and ignored.
+    elif letter == "b":
+        options.mode = value
+    # A, B, e, L, o, p, i, m, x (and -b other than -bs): accepted and ignored.
 
 
 # -- addresses ----------------------------------------------------------------------------------------------
@@ -521,6 +524,8 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         print(f"{prog}: queue runs are not supported: the daemon schedules deliveries itself", file=sys.stderr)
         return EX_SOFTWARE
     locations = paths.Paths.from_environment()
+    if options.mode == "s":
+        return smtp_on_stdio(prog, locations.socket)
     try:
         mailname = paths.read_mailname(locations.mailname)
     except paths.MailnameError as error:
@@ -565,6 +570,103 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
             write_dead_letter(data)
         return EX_SOFTWARE
     return 0
+
+
+def smtp_on_stdio(prog: str, socket_path: str) -> int:
+    """`sendmail -bs`: an SMTP session on standard input and output, as Postfix's and Sendmail's (what Symfony
+    Mailer and Laravel call by default). The caller's dialogue goes to an enqueue session of the daemon and the
+    daemon's replies come back: the session `sendmail` itself speaks, with the caller's own MAIL FROM, RCPT TO
+    and message. Lines may end with LF alone, as Postfix takes them (see _ClientStream). Without a daemon there
+    is no session to offer: a 421 reply, exit 75."""
+    import select
+
+    try:
+        connection = open_enqueue_waiting(socket_path)
+    except NotRunning:
+        _write_all(1, b"421 4.3.0 mail system not running, try again later\r\n")
+        print(f"{prog}: smtpd doesn't seem to be running", file=sys.stderr)
+        return EX_TEMPFAIL
+    except SubmissionError as error:
+        _write_all(1, b"421 4.3.0 submission refused, try again later\r\n")
+        print(f"{prog}: {error}", file=sys.stderr)
+        return EX_TEMPFAIL
+    with connection:
+        connection.settimeout(None)  # (the daemon's session times an idle caller out)
+        readers = [0, connection.fileno()]
+        stream = _ClientStream()
+        try:
+            while True:
+                ready, _, _ = select.select(readers, [], [])
+                if connection.fileno() in ready:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return 0  # the daemon ended the session (QUIT, timeout)
+                    _write_all(1, chunk)
+                if 0 in ready:
+                    chunk = os.read(0, 65536)
+                    if chunk:
+                        connection.sendall(stream.feed(chunk))
+                        continue
+                    # The caller is done writing. The daemon takes a closed connection for a client that is gone
+                    # (what it left unanswered is dropped): end the session with a QUIT instead, so that all it
+                    # sent is answered; but never in the middle of a message (it must not go out cut short).
+                    readers = [connection.fileno()]
+                    if stream.in_message():
+                        return EX_SOFTWARE
+                    connection.sendall(stream.feed(b"\n") if stream.pending else b"")
+                    connection.sendall(b"QUIT\r\n")
+        except BrokenPipeError:
+            return 0  # the caller stopped reading (it had what it wanted, or it gave up)
+        except OSError as error:
+            print(f"{prog}: {error}", file=sys.stderr)
+            return EX_SOFTWARE
+
+
+class _ClientStream:
+    """What the caller of `sendmail -bs` writes, passed on with every line ended by CRLF (a caller's bare LF
+    would leave a command unanswered and a message without its end: the daemon takes only CRLF), except the
+    bytes of a BDAT chunk, which go as they are. It also tells whether the caller is in the middle of a message."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.in_data = False  # after DATA, before the lone dot
+        self.chunk_left = 0  # bytes of a BDAT chunk still to come
+
+    def in_message(self) -> bool:
+        return self.in_data or self.chunk_left > 0
+
+    def feed(self, data: bytes) -> bytes:
+        self.pending += data
+        out = bytearray()
+        while self.pending:
+            if self.chunk_left:
+                taken = self.pending[: self.chunk_left]
+                out += taken
+                self.chunk_left -= len(taken)
+                self.pending = self.pending[len(taken):]
+                continue
+            line, newline, rest = self.pending.partition(b"\n")
+            if not newline:
+                break
+            self.pending = rest
+            line = line.removesuffix(b"\r")
+            out += line + b"\r\n"
+            if self.in_data:
+                self.in_data = line != b"."
+                continue
+            words = line.split()
+            verb = words[0].upper() if words else b""
+            if verb == b"DATA" and len(words) == 1:
+                self.in_data = True
+            elif verb == b"BDAT" and len(words) >= 2 and words[1].isdigit():
+                self.chunk_left = int(words[1])
+        return bytes(out)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _go_offline(prog: str, spool: str, argv: list[str], data: bytes) -> int:
