@@ -309,6 +309,17 @@ def test_options_and_usage() -> None:
     assert (result.returncode, result.stderr) == (70, "sendmail: no recipients\n")
 
 
+def test_standard_input_closed_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """A caller that runs sendmail with standard input closed (`sendmail root <&-`): Python then has no
+    sys.stdin, and sendmail died with an AttributeError traceback (exit 1). It is a read error, reported as
+    such with OpenSMTPD's exit status (69), and nothing is sent or kept offline."""
+    env = {**os.environ, "SMTPD_SOCKET": str(tmp_path / "no.sock"), "SMTPD_SPOOL": str(tmp_path / "spool")}
+    result = subprocess.run(["sh", "-c", 'exec "$0" root <&-', SENDMAIL], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert (result.returncode, result.stderr) == (69, "sendmail: cannot read the message: Bad file descriptor\n")
+    assert not (tmp_path / "spool" / "offline").exists() or not list((tmp_path / "spool" / "offline").iterdir())
+
+
 def test_options_may_follow_recipients(monkeypatch) -> None:
     """glibc getopt(3) permutes: OpenSMTPD's sendmail on Linux takes `sendmail root -f cron -t` as options."""
     monkeypatch.delenv("POSIXLY_CORRECT", raising=False)

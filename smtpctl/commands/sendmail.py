@@ -17,6 +17,7 @@ name no usual message field (MESSAGE_FIELDS) is text without a header, all of it
 from __future__ import annotations
 
 import email.utils
+import errno
 import os
 import pwd
 import quopri
@@ -31,6 +32,7 @@ from shared import paths
 USAGE = "usage: sendmail [-tv] [-f from] [-F name] to ..."
 EX_USAGE_ERROR = 1
 EX_NOUSER = 67  # -S (the daemon replaying an offline file): the daemon refused the message for good (5xx)
+EX_UNAVAILABLE = 69  # the message could not be read (standard input closed or unreadable), as OpenSMTPD's getline
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 LINE_SPLIT = 990
@@ -531,7 +533,11 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
     except paths.MailnameError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return EX_SOFTWARE
-    data = sys.stdin.buffer.read()
+    try:
+        data = read_input()
+    except OSError as error:
+        print(f"{prog}: cannot read the message: {error.strerror or error}", file=sys.stderr)
+        return EX_UNAVAILABLE
     message = parse_message(data)
     sender, full_name = envelope_sender(options, message, mailname)
     recipients = [qualify(address, mailname) for address in options.recipients]
@@ -667,6 +673,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def read_input() -> bytes:
+    """The message on standard input. A caller that started us with standard input closed leaves Python no
+    sys.stdin at all: that is a read error (EBADF), as OpenSMTPD's `sendmail: getline: Bad file descriptor`."""
+    if sys.stdin is None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return sys.stdin.buffer.read()
 
 
 def _go_offline(prog: str, spool: str, argv: list[str], data: bytes) -> int:
