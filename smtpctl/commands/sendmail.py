@@ -687,8 +687,9 @@ def _go_offline(prog: str, spool: str, argv: list[str], data: bytes) -> int:
     try:
         write_offline(spool, argv, data)
     except UsageError as error:
+        # (OpenSMTPD 6.8 exits EX_SOFTWARE for this one; cron and scripts see the same status)
         print(f"{prog}: {error}", file=sys.stderr)
-        return EX_USAGE_ERROR
+        return EX_SOFTWARE
     except OSError as error:
         directory = os.path.join(spool, "offline")
         print(f"{prog}: cannot write the offline queue {directory}: {error.strerror or error}", file=sys.stderr)
