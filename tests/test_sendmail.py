@@ -310,6 +310,20 @@ def test_options_and_usage() -> None:
     assert (result.returncode, result.stderr) == (70, "sendmail: no recipients\n")
 
 
+def test_a_sender_with_an_unclosed_bracket_is_refused_at_once(tmp_path: Path) -> None:
+    """`sendmail -f '<bounce@x'`: OpenSMTPD's sendmail refuses it (`leading < but no trailing >`, exit 1) before
+    reading the message. Ours took `<bounce@x` as the sender: kept offline (exit 75) only to be refused at the
+    replay, or refused by the daemon (501) with the message in dead.letter."""
+    env = {**os.environ, "SMTPD_SOCKET": str(tmp_path / "no.sock"), "SMTPD_SPOOL": str(tmp_path / "spool")}
+    result = subprocess.run([SENDMAIL, "-f", "<bounce@example.org", "root"], input="x\n", capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert (result.returncode, result.stderr) == (1, "sendmail: leading < but no trailing >\n")
+    assert not (tmp_path / "spool" / "offline").exists()
+    result = subprocess.run([SENDMAIL, "-f", "<bounce@example.org>", "root"], input="x\n", capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 75, result.stderr  # (closed: fine, kept offline)
+
+
 def test_standard_input_closed_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     """A caller that runs sendmail with standard input closed (`sendmail root <&-`): Python then has no
     sys.stdin, and sendmail died with an AttributeError traceback (exit 1). It is a read error, reported as

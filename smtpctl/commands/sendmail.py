@@ -522,6 +522,11 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         print(f"{prog}: {error}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return EX_USAGE_ERROR
+    if options.sender is not None and options.sender.startswith("<") and not options.sender.endswith(">"):
+        # As OpenSMTPD's: refused at once, not taken as the address `<abc@mailname` (refused by the daemon with
+        # 501 online, or kept offline only to be refused at the replay).
+        print(f"{prog}: leading < but no trailing >", file=sys.stderr)
+        return EX_USAGE_ERROR
     if options.queue_run:
         print(f"{prog}: queue runs are not supported: the daemon schedules deliveries itself", file=sys.stderr)
         return EX_SOFTWARE
