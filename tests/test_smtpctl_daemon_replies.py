@@ -101,3 +101,19 @@ def test_a_stream_the_daemon_cuts_fails(words: tuple[str, ...]) -> None:
                 follower.kill()
                 follower.wait()
     assert (follower.returncode, err) == (1, CLOSED)
+
+
+@pytest.mark.parametrize("answer", [b"garbage\n", b"[1]\n", b'{"v":1,"ok":false,"error":"x"}\n', b"\xff\xfe\n",
+                                    b"[" * 100000 + b"\n"], ids=["text", "array", "error-text", "bad-utf8", "deep"])
+def test_sendmail_keeps_the_message_offline_when_the_daemon_answers_garbage(tmp_path: Path, answer: bytes) -> None:
+    """Nothing was handed over to a daemon whose answer to the enqueue request is not our protocol: the message
+    is kept offline (exit 75) for a daemon that can take it. It died with a traceback (exit 1), the message lost."""
+    sock = tmp_path / "garbage.sock"
+    env = {"SMTPD_SOCKET": str(sock), "SMTPD_SPOOL": str(tmp_path / "spool"), "PATH": "/usr/bin:/bin"}
+    with fake_daemon(sock, answer):
+        result = subprocess.run([str(ROOT / ".venv" / "bin" / "sendmail"), "root"], input="Subject: kept\n\nhi\n",
+                                capture_output=True, text=True, timeout=60, env=env)
+    assert (result.returncode, result.stderr) == (
+        75, "sendmail: incompatible smtpd and sendmail: the message is kept offline\n")
+    [kept] = list((tmp_path / "spool" / "offline").iterdir())
+    assert "Subject: kept" in kept.read_text()

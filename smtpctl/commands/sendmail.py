@@ -64,6 +64,11 @@ class NotRunning(Exception):
     pass
 
 
+class Incompatible(NotRunning):
+    """The daemon answered the enqueue request with something that is not our protocol (another version of it,
+    or not smtpd at all): nothing was handed over, so the message is kept offline for a daemon that can take it."""
+
+
 class Busy(SubmissionError):
     """The daemon serves as many control connections for our uid as it allows: try again shortly."""
 
@@ -379,10 +384,16 @@ def open_enqueue(socket_path: str) -> socket.socket:
                 raise send_error
             raise NotRunning()
         answer += chunk
-    reply = json.loads(answer)
+    try:
+        reply = json.loads(answer)
+        if not isinstance(reply, dict) or not isinstance(reply.get("error") or {}, dict):
+            raise ValueError("not an answer of the protocol")
+        error = reply.get("error") or {}
+    except (ValueError, RecursionError):  # (invalid UTF-8 is a ValueError too)
+        connection.close()
+        raise Incompatible() from None
     if not reply.get("ok"):
         connection.close()
-        error = reply.get("error", {})
         message = error.get("message", "enqueue refused")
         if error.get("code") == "busy":
             raise Busy(message)
@@ -555,7 +566,9 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
     lines = complete_message(message, sender, full_name)
     try:
         submit(locations.socket, options, sender, recipients, lines)
-    except NotRunning:
+    except NotRunning as not_running:
+        if isinstance(not_running, Incompatible):
+            print(f"{prog}: incompatible smtpd and sendmail: the message is kept offline", file=sys.stderr)
         if options.server_mode:
             print(f"{prog}: smtpd doesn't seem to be running", file=sys.stderr)
             return EX_TEMPFAIL
