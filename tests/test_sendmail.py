@@ -506,3 +506,19 @@ def test_an_offline_file_the_daemon_refuses_for_good_goes_to_its_owners_dead_let
         assert "for no one" in dead.read_text() and dead.stat().st_uid == user.pw_uid
     finally:
         daemon.stop()
+
+
+def test_a_full_name_with_a_comma_is_quoted_in_the_from_header() -> None:
+    """`sendmail -F 'Doe, John'`: put in From: as it is, the header named two mailboxes (`Doe` and `John <...>`),
+    and readers showed, or strict receivers refused, a From of two addresses."""
+    import email.utils
+
+    def from_header(name: str) -> str:
+        [header] = [line for line in complete_message(parse_message(b"hi\n"), "j@x.test", name)
+                    if line.startswith("From:")]
+        return header
+
+    assert from_header("Doe, John") == 'From: "Doe, John" <j@x.test>'
+    assert email.utils.getaddresses([from_header('J. "Bob" Dobbs')[6:]]) == [('J. "Bob" Dobbs', "j@x.test")]
+    assert from_header("John Doe") == "From: John Doe <j@x.test>"
+    assert from_header('"Doe, John"') == 'From: "Doe, John" <j@x.test>'

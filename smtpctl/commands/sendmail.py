@@ -286,11 +286,22 @@ def recipients_from_headers(message: Message) -> list[str]:
     return [address for _, address in email.utils.getaddresses(values) if address]
 
 
+_SPECIALS = frozenset('()<>[]:;@\\,."')  # RFC 5322: a display name holding one must be a quoted string
+
+
+def display_name(name: str) -> str:
+    """The full name as the From: header's display name: quoted when it holds a special (`-F 'Doe, John'` would
+    otherwise read as two addresses, `Doe` and `John <...>`), unless the caller quoted it already."""
+    if (len(name) > 1 and name[0] == name[-1] == '"') or not _SPECIALS.intersection(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def complete_message(message: Message, sender: str, full_name: str | None) -> list[str]:
     """The lines to send: headers completed with From and Date, the body quoted-printable if a line is too long."""
     headers = list(message.headers)
     if not message.has_header("from"):
-        headers.append(f"From: {full_name} <{sender}>" if full_name else f"From: <{sender}>")
+        headers.append(f"From: {display_name(full_name)} <{sender}>" if full_name else f"From: <{sender}>")
     if not message.has_header("date"):
         headers.append(f"Date: {email.utils.formatdate(localtime=True)}")
     body = message.body
