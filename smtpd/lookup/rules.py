@@ -115,6 +115,11 @@ def _default_test(family: str, tables: Any, envelope: _Envelope) -> bool:
 
 
 def _holds(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
+    if (condition.family == "from" and condition.variant == "rdns" and condition.table is not None
+            and envelope.facts.rdns is None and not envelope.internal):
+        # A client without a reverse name fails `from rdns <t>` and `! from rdns <t>` alike: there is no name
+        # to look up, so the negation does not turn the miss into a match (checked against OpenSMTPD 6.8).
+        return False
     test = _TESTS[condition.family]
     result = test(condition, tables, envelope)
     # `from auth X`, `from mail-from X`, `for rcpt-to X`: "from any"/"for any" plus the test, and `!` negates
