@@ -61,3 +61,13 @@ def test_negated_rdns_table_does_not_match_a_client_without_a_reverse_name(tmp_p
         assert rcpt_code(daemon, "127.0.0.10", "x@m.test") == 550
         assert rcpt_code(daemon, "127.0.0.10", "x@r.test") == 550
         assert rcpt_code(daemon, "127.0.0.10", "x@n.test") == 250
+
+
+def test_rdns_table_entries_are_names_not_patterns(tmp_path: Path, dns: DnsServer) -> None:
+    rules = ('match from rdns { "*.example.org" } for domain "glob.test" reject\n'
+             'match from rdns { "*" } for domain "star.test" reject\n'
+             'match from rdns { "MAIL.example.org" } for domain "exact.test" reject\n')
+    with make_daemon(tmp_path, dns, rules) as daemon:
+        assert rcpt_code(daemon, "127.0.0.10", "x@glob.test") == 250
+        assert rcpt_code(daemon, "127.0.0.10", "x@star.test") == 250
+        assert rcpt_code(daemon, "127.0.0.10", "x@exact.test") == 550

@@ -203,7 +203,7 @@ def test_reverse_name_from_the_resolver_feeds_received_and_from_rdns(tmp_path: P
 
     records = {"1.0.0.127.in-addr.arpa": [("PTR", f"{ptr}.")]} if ptr else {}
     config = ("listen on 127.0.0.1 port {port}\n" + LOCAL_RULES + 'action "relay" relay\n'
-              'match from rdns "*.client.test" for any action "relay"\n')
+              'match from rdns "mail.client.test" for any action "relay"\n')
     with DnsServer(records) as dns, SmtpDaemon(tmp_path, config, env={"SMTPD_RESOLVER": dns.setting}) as daemon:
         with smtplib.SMTP("127.0.0.1", daemon.port) as client:
             client.ehlo("helo.test")

@@ -168,8 +168,10 @@ def _test_from(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
             if envelope.internal:
                 raise _Skip
             return envelope.facts.rdns is not None
+        # The reverse name is looked up as it is (case aside), not as a domain: OpenSMTPD 6.8 does not expand
+        # `*` here (`*.example.org` does not match mail.example.org; checked against its daemon).
         return envelope.facts.rdns is not None and _table_test(
-            tables, condition, Service.DOMAIN, envelope.facts.rdns.lower())
+            tables, condition, Service.STRING, envelope.facts.rdns.lower())
     if variant == "auth":
         return _auth_test(condition, tables, envelope)
     if variant == "mail-from":
