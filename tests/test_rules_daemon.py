@@ -28,9 +28,10 @@ def dns() -> Iterator[DnsServer]:
         yield server
 
 
-def make_daemon(tmp_path: Path, dns: DnsServer, rules: str) -> SmtpdProcess:
+def make_daemon(tmp_path: Path, dns: DnsServer, rules: str, virtual: str = "") -> SmtpdProcess:
     """A daemon whose rules reject what they are asked about; everything else is accepted."""
-    config = ('listen on 127.0.0.1 port {port}\naction "local" mbox virtual { "@" = "root" }\n' + rules
+    config = ('listen on 127.0.0.1 port {port}\naction "local" mbox virtual { ' + virtual + '"@" = "root" }\n'
+              + rules
               + 'match from any for any action "local"\n')
     return SmtpdProcess(tmp_path, config, paused=("mda",), env={"SMTPD_RESOLVER": dns.setting})
 
@@ -71,3 +72,16 @@ def test_rdns_table_entries_are_names_not_patterns(tmp_path: Path, dns: DnsServe
         assert rcpt_code(daemon, "127.0.0.10", "x@glob.test") == 250
         assert rcpt_code(daemon, "127.0.0.10", "x@star.test") == 250
         assert rcpt_code(daemon, "127.0.0.10", "x@exact.test") == 550
+
+
+def test_expanded_envelopes_are_local_to_rdns_tables(tmp_path: Path, dns: DnsServer) -> None:
+    """f@e.test expands to x@t.test, which goes through the rules again with "local" as its reverse name."""
+    virtual = '"f@e.test" = "x@t.test", "f2@e.test" = "x@t2.test", '
+    rules = ('match from rdns { "mail.example.org" } for domain "t.test" reject\n'
+             'match from rdns regex { "^local$" } for domain "t2.test" reject\n')
+    with make_daemon(tmp_path, dns, rules, virtual) as daemon:
+        assert rcpt_code(daemon, "127.0.0.10", "x@t.test") == 550
+        assert rcpt_code(daemon, "127.0.0.10", "f@e.test") == 250
+        assert rcpt_code(daemon, "127.0.0.10", "f2@e.test") == 550
+        assert rcpt_code(daemon, "127.0.0.20", "f2@e.test") == 550
+        assert rcpt_code(daemon, "127.0.0.10", "x@t2.test") == 250

@@ -170,6 +170,8 @@ def _test_from(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
             return envelope.facts.rdns is not None
         # The reverse name is looked up as it is (case aside), not as a domain: OpenSMTPD 6.8 does not expand
         # `*` here (`*.example.org` does not match mail.example.org; checked against its daemon).
+        if envelope.internal:  # an expanded envelope is "local", whoever the client was (OpenSMTPD 6.8)
+            return _table_test(tables, condition, Service.STRING, "local")
         return envelope.facts.rdns is not None and _table_test(
             tables, condition, Service.STRING, envelope.facts.rdns.lower())
     if variant == "auth":
