@@ -85,3 +85,16 @@ def test_expanded_envelopes_are_local_to_rdns_tables(tmp_path: Path, dns: DnsSer
         assert rcpt_code(daemon, "127.0.0.10", "f2@e.test") == 550
         assert rcpt_code(daemon, "127.0.0.20", "f2@e.test") == 550
         assert rcpt_code(daemon, "127.0.0.10", "x@t2.test") == 250
+
+
+def test_a_mail_from_regex_sees_the_empty_sender_as_an_at_sign(tmp_path: Path, dns: DnsServer) -> None:
+    rules = ('match from mail-from regex { "^@$" } for domain "at.test" reject\n'
+             'match from mail-from regex { "^$" } for domain "empty.test" reject\n'
+             'match from any mail-from regex { "@" } for domain "opt.test" reject\n'
+             'match from mail-from { "@" } for domain "table.test" reject\n')
+    with make_daemon(tmp_path, dns, rules) as daemon:
+        assert rcpt_code(daemon, "127.0.0.20", "x@at.test", sender="") == 550
+        assert rcpt_code(daemon, "127.0.0.20", "x@empty.test", sender="") == 250
+        assert rcpt_code(daemon, "127.0.0.20", "x@opt.test", sender="") == 550
+        assert rcpt_code(daemon, "127.0.0.20", "x@table.test", sender="") == 550
+        assert rcpt_code(daemon, "127.0.0.20", "x@at.test", sender="a@b.test") == 250

@@ -177,7 +177,7 @@ def _test_from(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
     if variant == "auth":
         return _auth_test(condition, tables, envelope)
     if variant == "mail-from":
-        return _table_test(tables, condition, Service.MAILADDR, envelope.sender)
+        return _test_mail_from(condition, tables, envelope)
     raise ValueError(f"unknown from variant {variant!r}")
 
 
@@ -218,7 +218,10 @@ def _test_tls(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
 
 
 def _test_mail_from(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
-    return _table_test(tables, condition, Service.MAILADDR, envelope.sender)
+    # A regex sees the empty sender (<>) as "@", the text OpenSMTPD 6.8 makes of an address with neither part
+    # (checked against its daemon: "^@$" matches a bounce, "^$" does not).
+    sender = envelope.sender or ("@" if condition.regex else "")
+    return _table_test(tables, condition, Service.MAILADDR, sender)
 
 
 def _test_rcpt_to(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
