@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import smtplib
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,7 @@ import pytest
 from daemon import SmtpdProcess
 from helpers_mta import DnsServer
 
-ROOT = Path(__file__).resolve().parent.parent
-SENDMAIL = str(ROOT / ".venv" / "bin" / "sendmail")
+SENDMAIL = [sys.executable, "-c", "import sys; from smtpctl.cli import main; main(sys.argv[1:], 'sendmail')"]
 RECORDS = {
     "10.0.0.127.in-addr.arpa": [("PTR", "mail.example.org.")],
     "mail.example.org": [("A", "127.0.0.10")],
@@ -44,7 +44,7 @@ def rcpt_code(daemon: SmtpdProcess, source: str, rcpt: str, sender: str = "a@sen
 
 
 def sendmail_ok(daemon: SmtpdProcess, rcpt: str) -> bool:
-    result = subprocess.run([SENDMAIL, "-f", "a@sender.test", rcpt], input="Subject: t\n\nx\n", text=True,
+    result = subprocess.run([*SENDMAIL, "-f", "a@sender.test", rcpt], input="Subject: t\n\nx\n", text=True,
                             capture_output=True, timeout=60, env=daemon.env, cwd="/")
     return result.returncode == 0
 
@@ -98,3 +98,17 @@ def test_a_mail_from_regex_sees_the_empty_sender_as_an_at_sign(tmp_path: Path, d
         assert rcpt_code(daemon, "127.0.0.20", "x@opt.test", sender="") == 550
         assert rcpt_code(daemon, "127.0.0.20", "x@table.test", sender="") == 550
         assert rcpt_code(daemon, "127.0.0.20", "x@at.test", sender="a@b.test") == 250
+
+
+def test_an_untagged_session_has_the_empty_tag(tmp_path: Path, dns: DnsServer) -> None:
+    rules = ('match from any tag regex { "^$" } for domain "a.test" reject\n'
+             'match from any !tag regex { "^$" } for domain "b.test" reject\n'
+             'match from any tag { "" } for domain "c.test" reject\n'
+             'match from any !tag { "mytag" } for domain "d.test" reject\n')
+    with make_daemon(tmp_path, dns, rules) as daemon:
+        assert rcpt_code(daemon, "127.0.0.20", "x@a.test") == 550
+        assert rcpt_code(daemon, "127.0.0.20", "x@b.test") == 250
+        assert rcpt_code(daemon, "127.0.0.20", "x@c.test") == 550
+        assert rcpt_code(daemon, "127.0.0.20", "x@d.test") == 550
+        assert not sendmail_ok(daemon, "x@a.test")
+        assert sendmail_ok(daemon, "x@b.test")

@@ -205,8 +205,9 @@ def _auth_test(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
 
 
 def _test_tag(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
-    tag = envelope.facts.tag
-    return tag is not None and _table_test(tables, condition, Service.STRING, tag)
+    # An untagged session's tag is the empty string, which a table or regex may match (OpenSMTPD 6.8, checked
+    # against its daemon: `tag regex "^$"` holds for it, `! tag regex "^$"` does not).
+    return _table_test(tables, condition, Service.STRING, envelope.facts.tag or "")
 
 
 def _test_helo(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
