@@ -4,6 +4,8 @@ with real OpenSMTPD 6.8 (its daemon, the same rules, the same clients)."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import smtplib
 import subprocess
 import sys
@@ -112,3 +114,16 @@ def test_an_untagged_session_has_the_empty_tag(tmp_path: Path, dns: DnsServer) -
         assert rcpt_code(daemon, "127.0.0.20", "x@d.test") == 550
         assert not sendmail_ok(daemon, "x@a.test")
         assert sendmail_ok(daemon, "x@b.test")
+
+
+def test_a_local_submission_is_authenticated_without_a_user_name(tmp_path: Path, dns: DnsServer) -> None:
+    me = pwd.getpwuid(os.getuid()).pw_name
+    rules = (f'match from auth {{ "{me}" }} for domain "user.test" reject\n'
+             'match from auth { "" } for domain "empty.test" reject\n'
+             'match from auth for domain "any.test" reject\n'
+             'match from any !auth { "" } for domain "not.test" reject\n')
+    with make_daemon(tmp_path, dns, rules) as daemon:
+        assert sendmail_ok(daemon, "x@user.test")
+        assert not sendmail_ok(daemon, "x@empty.test")
+        assert not sendmail_ok(daemon, "x@any.test")
+        assert sendmail_ok(daemon, "x@not.test")

@@ -156,8 +156,9 @@ def test_delivery_user_is_the_actions_user() -> None:
 
 def test_local_submission_is_explained_as_sendmail_makes_it() -> None:
     """Without --src, explain answers for a local submission: the one sendmail makes, on the socket listener
-    (its tag), named after this host (`from rdns` holds) and authenticated as the submitting user. Each rule
-    below holds for such a submission only through one of these; sendmail's own submission is the referee."""
+    (its tag), named after this host (`from rdns` holds) and authenticated as the submitting user, whose name
+    `auth <t>` does not see (as in OpenSMTPD 6.8). Each rule below holds for such a submission only through one
+    of these; sendmail's own submission is the referee."""
     import getpass
     import os
     import subprocess
@@ -170,13 +171,14 @@ def test_local_submission_is_explained_as_sendmail_makes_it() -> None:
             'action "out" relay\n'
             'match tag submitted for domain "tag.example" action "out"\n'
             'match from rdns for domain "rdns.example" action "out"\n'
-            f'match from any auth {{ {me} }} for domain "auth.example" action "out"\n'
+            'match from any auth for domain "auth.example" action "out"\n'
+            f'match from any auth {{ {me} }} for domain "user.example" action "out"\n'
             'match from local ! auth for domain "anonymous.example" action "out"\n')
     workdir = make_workdir()
     try:
         with DaemonProcess(workdir, text, paused=("mta",)) as daemon:
             for domain, accepted in (("tag.example", True), ("rdns.example", True), ("auth.example", True),
-                                     ("anonymous.example", False)):
+                                     ("user.example", False), ("anonymous.example", False)):
                 code = "import sys; from smtpctl.cli import main; main(sys.argv[1:], prog='sendmail')"
                 sendmail = subprocess.run([sys.executable, "-c", code, f"x@{domain}"], input="Subject: t\n\nhi\n",
                                           capture_output=True, text=True, timeout=60, cwd="/",

@@ -200,6 +200,11 @@ def _auth_test(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
         return False
     if condition.table is None:
         return True
+    if envelope.facts.local_socket:
+        # A local submission is authenticated without a user name: `auth <t>` sees the empty string, not the
+        # submitting Unix user (checked against OpenSMTPD 6.8: `from auth { "root" }` misses root's sendmail,
+        # `from auth { "" }` and `from auth regex { "^$" }` match it).
+        user = ""
     service = Service.MAILADDR if "@" in user else Service.STRING
     return _table_test(tables, condition, service, user)
 
