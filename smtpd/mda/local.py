@@ -245,8 +245,12 @@ def _still_named(fd: int, path: str) -> bool:
     """Whether path still names the file open on fd."""
     try:
         named = os.stat(path)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        # The user we write as may not search the folder (root's mail is written as the unprivileged user, the
+        # mbox opened before the drop): nothing tells that the file went away, so it is taken as still there.
+        return True
     info = os.fstat(fd)
     return (named.st_dev, named.st_ino) == (info.st_dev, info.st_ino)
 
