@@ -522,3 +522,27 @@ def test_a_full_name_with_a_comma_is_quoted_in_the_from_header() -> None:
     assert email.utils.getaddresses([from_header('J. "Bob" Dobbs')[6:]]) == [('J. "Bob" Dobbs', "j@x.test")]
     assert from_header("John Doe") == "From: John Doe <j@x.test>"
     assert from_header('"Doe, John"') == 'From: "Doe, John" <j@x.test>'
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "web@site.test>\r\nRCPT TO:<root@mx.control.test", "{user}"],
+    ["-f", "web@site.test>\nRCPT TO:<root@mx.control.test", "{user}"],
+    ["{user}@mx.control.test>\r\nRCPT TO:<root@mx.control.test"],
+    ["-V", "id\r\nRCPT TO:<root@mx.control.test>", "{user}"],
+    ["-F", "Web\r\nBcc: root", "-t"],
+])
+def test_a_line_break_in_an_address_or_option_adds_no_command(world, args: list[str]) -> None:
+    """A script that passes what a web form gave it to `sendmail -f ADDRESS` (PHP's mail() does) must not let a
+    CR LF in it end the MAIL FROM line and add a recipient: such a value is refused, nothing is sent."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        args = [arg.replace("{user}", user.pw_name) for arg in args]
+        result = run_sendmail(daemon.env, args, f"To: {user.pw_name}\nSubject: form\n\nhello\n")
+        assert result.returncode == 65, (result.stderr, daemon.log())
+        assert result.stderr.strip().endswith("contains a line break"), result.stderr
+        assert "\\r" in result.stderr or "\\n" in result.stderr  # shown escaped, on one line
+        assert " smtp envelope " not in daemon.log()  # no transaction at all, so no RCPT TO:<root@...>
+        assert not os.path.exists(os.path.join(mail_root, "root"))
+    finally:
+        daemon.stop()

@@ -31,6 +31,7 @@ from shared import paths
 
 USAGE = "usage: sendmail [-tv] [-f from] [-F name] to ..."
 EX_USAGE_ERROR = 1
+EX_DATAERR = 65  # an address or option value holding a line break: it would have added SMTP commands
 EX_NOUSER = 67  # -S (the daemon replaying an offline file): the daemon refused the message for good (5xx)
 EX_UNAVAILABLE = 69  # the message could not be read (standard input closed or unreadable), as OpenSMTPD's getline
 EX_SOFTWARE = 70
@@ -537,6 +538,9 @@ def _home() -> str:
 
 # -- main ---------------------------------------------------------------------------------------------------
 
+_LINE_BREAKS = frozenset("\r\n\0")
+
+
 def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
     try:
         options = parse_arguments(argv)
@@ -574,6 +578,14 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
     if not recipients:
         print(f"{prog}: no recipients", file=sys.stderr)
         return EX_SOFTWARE
+    broken = next((value for value in (sender, *recipients, options.notify, options.ret, options.envid, full_name)
+                   if value is not None and _LINE_BREAKS.intersection(value)), None)
+    if broken is not None:
+        # Each of these goes into an SMTP command line (or the From: header) as it is: a CR or LF in one, from a
+        # script passing on what a web form gave it, would end that line and add commands (another RCPT TO).
+        print(f"{prog}: {broken.encode('unicode_escape').decode('ascii')} contains a line break", file=sys.stderr)
+        write_dead_letter(data)
+        return EX_DATAERR
     lines = complete_message(message, sender, full_name)
     try:
         submit(locations.socket, options, sender, recipients, lines)
