@@ -524,6 +524,31 @@ def test_a_full_name_with_a_comma_is_quoted_in_the_from_header() -> None:
     assert from_header('"Doe, John"') == 'From: "Doe, John" <j@x.test>'
 
 
+@pytest.mark.parametrize("option", ["-bs", "-q"])
+def test_an_offline_file_asking_for_bs_or_q_is_refused_not_run(world, option: str) -> None:
+    """offline/ is writable by everyone, and the replay runs sendmail's code in a child of the daemon as the
+    file's owner. A file planted there with `-bs` (which sendmail never writes offline) made that child speak
+    SMTP on the daemon's own standard input and output: its greeting went into the daemon's log, and with a
+    terminal or a pipe for input it waited there up to 300 s, at every start. It is refused for good now."""
+    workdir, mail_root, user = world
+    daemon = make_daemon(workdir, mail_root, user)
+    offline = workdir / "spool" / "offline"
+    offline.mkdir(parents=True)
+    planted = offline / "1796600000.0000000005"
+    planted.write_text(f"{option}\nSubject: planted\n\nnot a session\n")
+    os.chown(planted, user.pw_uid, user.pw_gid)
+    planted.chmod(0o600)
+    daemon.start()
+    try:
+        wait_until(lambda: "saved in its owner's dead.letter and removed" in daemon.log(), explain=daemon.log)
+        assert not planted.exists()
+        assert "cannot be replayed from an offline file" in daemon.log()
+        assert "ESMTP" not in daemon.log() and "address=local" not in daemon.log()  # no session was spoken
+        assert "not a session" in (Path(user.pw_dir) / "dead.letter").read_text()
+    finally:
+        daemon.stop()
+
+
 @pytest.mark.parametrize("args", [
     ["-f", "web@site.test>\r\nRCPT TO:<root@mx.control.test", "{user}"],
     ["-f", "web@site.test>\nRCPT TO:<root@mx.control.test", "{user}"],

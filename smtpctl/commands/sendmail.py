@@ -548,6 +548,13 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         print(f"{prog}: {error}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return EX_USAGE_ERROR
+    if options.server_mode and (options.mode == "s" or options.queue_run):
+        # Replaying an offline file (the daemon's child, as the file's owner): sendmail never writes one with
+        # -bs or -q, so a file that says so was put in offline/ by hand. With -bs the child would have spoken
+        # SMTP on the daemon's own standard input and output (its log) for up to 300 s, at every start.
+        print(f"{prog}: -{'bs' if options.mode == 's' else 'q'} cannot be replayed from an offline file",
+              file=sys.stderr)
+        return _refuse_replay(prog)
     if options.sender is not None and options.sender.startswith("<") and not options.sender.endswith(">"):
         # As OpenSMTPD's: refused at once, not taken as the address `<abc@mailname` (refused by the daemon with
         # 501 online, or kept offline only to be refused at the replay).
@@ -617,6 +624,16 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
             write_dead_letter(data)
         return EX_SOFTWARE
     return 0
+
+
+def _refuse_replay(prog: str) -> int:
+    """An offline file whose arguments sendmail could never have written: refused for good (the daemon then
+    removes it, where a temporary failure would keep it, and try it, at every start), its message saved."""
+    try:
+        write_dead_letter(read_input())
+    except OSError:
+        pass
+    return EX_NOUSER
 
 
 def smtp_on_stdio(prog: str, socket_path: str) -> int:
