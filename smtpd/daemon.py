@@ -301,7 +301,11 @@ def _close_quietly(descriptor: int) -> None:
 def _write_pidfile(path: str) -> bool:
     """Whether the pid file was written (and so is ours to remove)."""
     try:
-        with open(path, "w", encoding="ascii") as handle:
+        # 0644 whatever the umask the daemon was started with (0 made it writable by everyone: a user could then
+        # name any process for a `kill $(cat smtpd.pid)` run as root); never through a symbolic link.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="ascii") as handle:
+            os.fchmod(fd, 0o644)
             handle.write(f"{os.getpid()}\n")
     except OSError:
         return False  # the pid file is a convenience; an unwritable /var/run must not stop an unprivileged daemon

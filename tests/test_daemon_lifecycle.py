@@ -136,3 +136,19 @@ def test_a_child_forked_by_the_daemon_does_not_hold_the_spool_lock(workdir: Path
             os.close(descriptor)
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_the_pid_file_is_not_writable_by_others_whatever_the_umask(workdir: Path) -> None:
+    """Started with umask 0 (a service manager or a shell that set it), the pid file was made 0666: any user
+    could write another pid into it for root's `kill $(cat /var/run/smtpd.pid)` to signal."""
+    old = os.umask(0)
+    try:
+        daemon = SmtpdProcess(workdir, CONFIG).start()
+    finally:
+        os.umask(old)
+    try:
+        pidfile = workdir / "smtpd.pid"
+        assert pidfile.read_text().strip() == str(daemon.process.pid)
+        assert pidfile.stat().st_mode & 0o777 == 0o644
+    finally:
+        daemon.stop()
