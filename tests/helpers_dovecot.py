@@ -24,6 +24,7 @@ class DovecotUser:
     gid: int
     home: str
     password: str = "secret"
+    fields: str = ""  # userdb extra fields, e.g. "userdb_quota_rule=*:storage=1K"
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Dovecot:
     base: str
     users: list[DovecotUser]
     mail_location: str
+    extra_config: str = ""  # appended to dovecot.conf (plugins, their settings)
     imap_port: int = field(default_factory=free_port)
     lmtp_port: int = field(default_factory=free_port)
     pid: int | None = None
@@ -55,7 +57,7 @@ class Dovecot:
         users_file = os.path.join(self.base, "users")
         with open(users_file, "w") as handle:
             for user in self.users:
-                handle.write(f"{user.name}:{{PLAIN}}{user.password}:{user.uid}:{user.gid}::{user.home}::\n")
+                handle.write(f"{user.name}:{{PLAIN}}{user.password}:{user.uid}:{user.gid}::{user.home}::{user.fields}\n")
         os.chmod(users_file, 0o644)
         config = f"""
 protocols = imap lmtp
@@ -100,6 +102,7 @@ service lmtp {{
     mode = 0666
   }}
 }}
+{self.extra_config}
 """
         with open(self.config_path, "w") as handle:
             handle.write(config)

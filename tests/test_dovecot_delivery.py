@@ -263,3 +263,66 @@ def test_daemon_batches_one_smtp_message_for_two_users_into_one_lmtp_session(wor
                 assert "Delivered-To:" not in text
                 assert bob.pw_name not in text and carol.pw_name not in text
             assert dovecot.log().count("Connect from local") == 1, dovecot.log()
+
+
+QUOTA_CONFIG = """
+mail_plugins = $mail_plugins quota
+plugin {
+  quota = maildir:User quota
+}
+"""
+
+
+def test_lmtp_refusals_keep_dovecots_status_codes_in_the_bounce(world) -> None:
+    """One message for three users through `lmtp ... rcpt-to`: one saved, one over quota (552 5.2.2 after DATA),
+    one Dovecot does not know (550 5.1.1 at RCPT). One bounce names the two failed recipients with Dovecot's
+    enhanced codes as their Status (5.2.2 mailbox full, 5.1.1 no such user: what bounce processors act on),
+    as a relayed recipient's report does; it said 5.3.0 for both."""
+    import smtplib
+
+    from helpers_delivery import Daemon
+    from helpers_dovecot import free_port
+
+    top, root, bob = world
+    homes = os.path.dirname(bob.pw_dir)
+    with system_user(homes, "pdq") as carol, system_user(homes, "pdu") as dave:
+        users = [DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir),
+                 DovecotUser(carol.pw_name, carol.pw_uid, carol.pw_gid, carol.pw_dir,
+                             fields="userdb_quota_rule=*:storage=1K")]
+        with Dovecot(os.path.join(top, "dovecot"), users, "maildir:~/Maildir", QUOTA_CONFIG) as dovecot:
+            port = free_port()
+            config = (f"listen on 127.0.0.1 port {port}\n"
+                      f'action "lm" lmtp "{dovecot.lmtp_socket}" rcpt-to\n'
+                      'action "mb" mbox\n'
+                      'match from any for domain "lmtp.test" action "lm"\n'
+                      'match from any for domain "local.test" action "mb"\n')
+            workdir = os.path.join(top, "daemon")
+            os.mkdir(workdir)
+            daemon = Daemon(workdir, config, root).start()
+            mbox = os.path.join(root, bob.pw_name)
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    refused = client.sendmail(f"{bob.pw_name}@local.test",
+                                              [f"{entry.pw_name}@lmtp.test" for entry in (bob, carol, dave)],
+                                              b"Subject: three\r\n\r\n" + b"x" * 3000 + b"\r\n")
+                assert refused == {}
+                wait_until(lambda: os.path.exists(mbox), 30, 0.1, explain=lambda: daemon.log() + dovecot.log())
+                wait_until(lambda: daemon.smtpctl("show", "queue").stdout.strip() == "", 30, 0.1,
+                           explain=daemon.log)
+            finally:
+                daemon.stop()
+            assert len(dovecot.fetch(bob.pw_name)) == 1
+            assert dovecot.fetch(carol.pw_name) == []
+        with open(mbox) as handle:
+            report = handle.read()
+    assert report.count("\nFrom ") == 0 and report.startswith("From MAILER-DAEMON "), report  # one bounce
+    blocks = {}
+    for block in report.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if "Final-Recipient" in fields:
+            blocks[fields["Final-Recipient"]] = fields
+    assert set(blocks) == {f"rfc822; {carol.pw_name}@lmtp.test", f"rfc822; {dave.pw_name}@lmtp.test"}, report
+    carol_block = blocks[f"rfc822; {carol.pw_name}@lmtp.test"]
+    dave_block = blocks[f"rfc822; {dave.pw_name}@lmtp.test"]
+    assert carol_block["Status"] == "5.2.2" and "552 5.2.2" in carol_block["Diagnostic-Code"], carol_block
+    assert dave_block["Status"] == "5.1.1" and "550 5.1.1" in dave_block["Diagnostic-Code"], dave_block

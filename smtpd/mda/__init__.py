@@ -39,6 +39,7 @@ from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfoError, parse_userinf
 from smtpd.mda import command, lmtp, local, offline
 from smtpd.mda.privilege import ChildResult, ForkServer, Identity, privileged, run_as
 from smtpd.mda.variables import VariableContext, VariableError, expand
+from smtpd.mta.session import esc_code
 from smtpd.queue.envelope import Envelope
 
 if TYPE_CHECKING:
@@ -632,9 +633,12 @@ class MdaAgent:
 def _lmtp_result(reply: lmtp.LmtpReply) -> DeliveryResult:
     if reply.ok:
         return DeliveryResult.ok()
+    # The server's enhanced status code (552 5.2.2 mailbox full, 550 5.1.1 no such user) is the recipient's
+    # status in a report, as for a relayed recipient; x.3.0 only when the reply carries none.
+    code = esc_code(reply.text) or 30
     if reply.temporary:
-        return DeliveryResult.tempfail(reply.text)
-    return DeliveryResult.permfail(reply.text)
+        return DeliveryResult.tempfail(reply.text, code)
+    return DeliveryResult.permfail(reply.text, code)
 
 
 def _child_result(result: ChildResult) -> DeliveryResult:
