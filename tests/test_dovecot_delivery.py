@@ -161,6 +161,19 @@ def test_lmtp_connection_refused_is_temporary(world) -> None:
     assert result.outcome is Outcome.TEMPFAIL and result.text.startswith("Connection failed")
 
 
+@pytest.mark.parametrize("port", ["99999", "0"])
+def test_lmtp_port_out_of_range_is_said(world, port) -> None:
+    """`lmtp "127.0.0.1:99999"` (a typo; the config check takes any destination, as OpenSMTPD's): the delivery
+    waits with the destination named as invalid, not as an internal error (OverflowError from connect)."""
+    top, _, bob = world
+    config = make_config([local_action("local", Method.LMTP, lmtp_destination=f"127.0.0.1:{port}")], [])
+    agent = MdaAgent(config, DictTables(), "mx.example.org")
+    path = write_message(os.path.join(top, "m"), "Subject: x\n\nx\n")
+    result = asyncio.run(agent.deliver(mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name), path))
+    assert result.outcome is Outcome.TEMPFAIL
+    assert result.text == f"invalid LMTP destination: 127.0.0.1:{port}", result
+
+
 def test_deliveries_while_dovecot_rewrites_the_mbox(world) -> None:
     """Dovecot rewrites the mbox on EXPUNGE under its dotlock+fcntl locks; our appends must wait, never mix."""
     import threading

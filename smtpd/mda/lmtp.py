@@ -56,7 +56,7 @@ def parse_destination(destination: str) -> tuple[str, int] | str:
         port_text = rest.lstrip(":")
     else:
         host, _, port_text = destination.rpartition(":")
-    if not host or not ascii_digits(port_text):
+    if not host or not ascii_digits(port_text) or not 0 < int(port_text) < 65536:
         raise LmtpError(f"invalid LMTP destination: {destination}")
     return host, int(port_text)
 
