@@ -41,6 +41,9 @@ MAX_INFLIGHT = 5000
 # wait for theirs (the writer thread sets the pace).
 MAX_REMOVALS_BEHIND = 1000
 IDLE_WAKE = 60.0  # the loop wakes up at least this often even with nothing due
+# A wall clock that moved back by more than this against the monotonic clock between two looks was set back
+# (an admin correcting a date, a virtual machine's clock resynchronized): see _follow_clock.
+CLOCK_STEP = 5.0
 
 PENDING, INFLIGHT, SUSPENDED = "pending", "inflight", "suspended"
 
@@ -54,6 +57,7 @@ class Entry:
     # The unchanging parts of this envelope's `show queue` line, made once: (fields before runstate, errorline).
     # Cleared whenever the envelope changes (see _schedule, suspend, resume, _attempt).
     line_parts: tuple[str, str] | None = None
+    planned: float = 0.0  # the monotonic time nexttry was set at (see _follow_clock)
 
 
 def agent_of(envelope: Envelope) -> str:
@@ -67,13 +71,18 @@ def retry_base(envelope: Envelope) -> int:
 
 
 def next_try_after_failure(envelope: Envelope, now: float) -> float:
-    """ctime + base × n², n = the retry count, increased until that time is in the future."""
+    """ctime + base × n², n = the retry count, increased until that time is in the future.
+
+    An envelope whose ctime is still ahead of the clock (the clock was set back past its arrival) counts from
+    now instead: from its ctime, it was not retried before the clock had caught up (a day set back, a day
+    without a try)."""
     base = retry_base(envelope)
+    origin = min(envelope.ctime, now)
     count = max(1, envelope.retry)
-    when = envelope.ctime + base * count * count
+    when = origin + base * count * count
     while when <= now:
         count += 1
-        when = envelope.ctime + base * count * count
+        when = origin + base * count * count
     return when
 
 
@@ -108,6 +117,7 @@ class Scheduler:
         # for its rewrite, which would otherwise put a file deleted meanwhile back (see _save_flags).
         self._saving: dict[int, asyncio.Future[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._clock_mark: tuple[float, float] | None = None  # (wall, monotonic) at the last look (_follow_clock)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,17 +156,21 @@ class Scheduler:
         """New (just committed) or loaded (at start, discover) envelopes. Returns how many were new to us."""
         envelopes = list(envelopes)  # walked twice when traced
         now = time.time()
+        self._follow_clock(now)
+        planned_at = self._mark()
         added = 0
         for envelope in envelopes:
             if envelope.evpid in self.entries:
                 continue
             nexttry = now
-            if loaded and envelope.retry:
+            if loaded and envelope.retry and envelope.ctime <= now:
+                # (one that arrived "after now", the clock set back since, is tried at once: the try planned
+                # from its ctime may be as far off as the clock was set back)
                 base = retry_base(envelope)
                 planned = envelope.ctime + base * envelope.retry * envelope.retry
                 nexttry = max(now, min(planned, expire_time(envelope)))
             suspended = "suspend" in envelope.flags  # paused by smtpctl before a restart
-            entry = Entry(envelope, SUSPENDED if suspended else PENDING, nexttry)
+            entry = Entry(envelope, SUSPENDED if suspended else PENDING, nexttry, planned=planned_at)
             self.entries[envelope.evpid] = entry
             evpids = self.messages.setdefault(envelope.msgid, [])
             if not evpids:
@@ -199,17 +213,53 @@ class Scheduler:
                 STATS.decrement("scheduler.ramqueue.message")
 
     def _schedule(self, entry: Entry, when: float) -> None:
+        # (a step found only now came after the caller read the clock for `when`: moved back as the others)
+        when += self._follow_clock(time.time())
         entry.line_parts = None
         entry.state = PENDING
         entry.nexttry = when
+        entry.planned = self._mark()
         heapq.heappush(self.heap, (when, entry.envelope.evpid))
         self.wake()
+
+    def _mark(self) -> float:
+        """The monotonic time of the last look at the clock: what is planned now counts as planned then."""
+        return self._clock_mark[1] if self._clock_mark is not None else time.monotonic()
+
+    def _follow_clock(self, now: float) -> float:
+        """Notice the wall clock set back, and move the tries planned before that back by as much.
+
+        The tries are planned on the wall clock (envelope times are wall times, and survive restarts): set back
+        by a day, the clock took a day to reach a try planned 10 minutes ahead, and no mail went out meanwhile.
+        Measured against the monotonic clock, the step is known; tries planned before it keep their real
+        waiting time. (A clock set forward needs nothing: what was planned is due sooner.) Returns the step
+        found (negative), or 0. Every planning looks first, so what was planned before a step is known."""
+        monotonic = time.monotonic()
+        mark, self._clock_mark = self._clock_mark, (now, monotonic)
+        if mark is None:
+            return 0.0
+        step = (now - mark[0]) - (monotonic - mark[1])
+        if step >= -CLOCK_STEP:
+            return 0.0
+        moved = 0
+        for entry in self.entries.values():
+            # Not those planned since the last look: maybe already on the clock as it is now.
+            if entry.state in (PENDING, SUSPENDED) and entry.planned <= mark[1] and entry.nexttry > now:
+                entry.nexttry = max(now, entry.nexttry + step)
+                entry.line_parts = None
+                moved += 1
+        self.heap = [(entry.nexttry, evpid) for evpid, entry in self.entries.items() if entry.state == PENDING]
+        heapq.heapify(self.heap)
+        LOG.warning("scheduler: the clock was set back by %s; %d planned tr%s moved back as much",
+                    duration_text(round(-step)), moved, "y" if moved == 1 else "ies")
+        return step
 
     # -- the loop -------------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
             self._wake.clear()
             now = time.time()
+            self._follow_clock(now)
             self._move_due(now)
             for agent in self.ready:
                 self._drain(agent)
@@ -328,6 +378,7 @@ class Scheduler:
     async def _tempfail(self, entry: Entry, result: DeliveryResult) -> None:
         envelope = entry.envelope
         now = time.time()
+        self._follow_clock(now)  # (see _schedule)
         envelope.retry += 1
         envelope.errorline = result.text
         envelope.esc_class = 4
