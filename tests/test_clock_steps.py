@@ -82,3 +82,14 @@ def test_mail_that_arrived_after_the_clock_time_is_retried_after_a_restart(tmp_p
         wait_until(lambda: daemon.queue().get(evpid, [""] * 11)[10] == "2", 30, explain=daemon.log)
         fields = daemon.queue()[evpid]
         assert fields[11] == "pending" and 0 < int(fields[12]) <= 1600, fields
+
+
+def test_a_clock_set_back_a_day_does_not_keep_a_disabled_route_disabled_for_a_day(tmp_path: Path) -> None:
+    with ShiftedDaemon(tmp_path) as daemon:
+        # Four connection failures in a row disable the route, for 200 s after the first penalty.
+        for number in range(4):
+            daemon.send(f"r{number}@remote.test")
+        wait_until(lambda: "Disabling route" in daemon.log(), 30, explain=daemon.log)
+        daemon.shift(-DAY)
+        routes = daemon.smtpctl("show", "routes").stdout
+        assert " -DQ- " in routes and "penalty=1 timeout=3m" in routes, routes  # 3m and some seconds, not 1d3m

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import re
-import time
 
 import pytest
 from helpers_mta import DnsServer, MemoryTables, Remote, free_port, relay_config
@@ -17,7 +16,7 @@ from smtpd.delivery import Outcome
 from smtpd.mta import MtaAgent
 from smtpd.mta.mx import Resolver
 from smtpd.mta.plan import rewrite_sender
-from smtpd.mta.routes import RelayHost, RelayUrlError, parse_relay_url
+from smtpd.mta.routes import RelayHost, RelayUrlError, clock, parse_relay_url
 from smtpd.mta.session import esc_code
 from smtpd.queue.envelope import Envelope
 
@@ -161,5 +160,5 @@ def test_connection_counters_of_sources_and_connectors_are_given_back_and_forgot
     assert state.source_conns == {"[]": 1} and state.connector_conns == {("[relay:nine.test,mx]", "[]"): 1}
     state.release(route, relay, "nine.test")
     assert route.lastdisc > 0  # reconn-delay-route counts from here
-    state.prune(time.time() + 7200)
+    state.prune(clock() + 7200)
     assert state.source_conns == {} and state.connector_conns == {} and state.last_opened == {}

@@ -29,7 +29,7 @@ from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
-from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route
+from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route, clock
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
 from smtpd.queue.envelope import Envelope
@@ -82,7 +82,7 @@ class MtaAgent:
         self._batches: dict[tuple[Any, ...], _Batch] = {}
         self._pool: dict[tuple[str, str], list[_Pooled]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._last_prune = time.time()
+        self._last_prune = clock()
         self._deferred: dict[str, int] = {}  # relay key -> envelopes handed over and not yet resolved
         self.held = 0  # envelopes waiting for their relay to drain below `mta max-deferred`
 
@@ -208,7 +208,7 @@ class MtaAgent:
     # -- one message, one relay -----------------------------------------------------------------------------
     async def _run_batch(self, batch: _Batch) -> None:
         plan = batch.plan
-        now = time.time()
+        now = clock()
         if now - self._last_prune > PRUNE_INTERVAL:
             self._last_prune = now
             self.state.prune(now)
@@ -266,7 +266,7 @@ class MtaAgent:
                 _resolve_pending(batch.jobs, DeliveryResult.tempfail("Address family mismatch on destination MXs", 42))
                 return
         last_error = "No MX host could be reached"
-        now = time.time()
+        now = clock()
         for name, address in candidates:
             pending = [job for job in batch.jobs if not job.future.done()]
             if not pending:
@@ -322,7 +322,7 @@ class MtaAgent:
                     return None
                 if self.state.route_error(route):
                     LOG.info("smtp-out: Disabling route %s for %ds", route.text(),
-                             int(route.disabled_until - time.time()))
+                             int(route.disabled_until - clock()))
                 return error.message
         sockname = session.client.get_extra_info("sockname")
         source = sockname[0] if isinstance(sockname, tuple) and sockname else ""
@@ -349,7 +349,7 @@ class MtaAgent:
             pooled = await self._take_pooled(plan.relay_key, address)
             if pooled is not None:
                 return pooled.session
-            delay = self.state.connect_delay(route, relay, plan.domain, time.time())
+            delay = self.state.connect_delay(route, relay, plan.domain, clock())
             if delay > 0:
                 # conn-delay-* / reconn-delay-route: wait, but take a session that becomes idle meanwhile.
                 trace.emit("mta", f"mta: route {route.id}. {route.text()}: next connection in {delay:.1f}s",
@@ -503,7 +503,7 @@ class MtaAgent:
 
     # -- smtpctl -------------------------------------------------------------------------------------------------
     def control_view(self, kind: str) -> list[dict[str, object]]:
-        now = time.time()
+        now = clock()
         views = {"hosts": self.state.show_hosts, "routes": self.state.show_routes,
                  "relays": self.state.show_relays, "hoststats": self.state.show_hoststats}
         if kind == "mta.paused":

@@ -28,6 +28,9 @@ ROUTE_DELAY_BASE = 200
 ROUTE_DELAY_MAX = 4 * 3600
 HOSTSTAT_EXPIRE = 4 * 3600
 FORGET_AFTER = 3600  # an unused relay, route or host is forgotten after an hour
+# The times of routes, hosts and relays (penalties, connection delays, forgetting) are on the monotonic clock:
+# on the wall clock, set back a day, a route disabled for 200 s stayed disabled (no relaying) for a day.
+clock = time.monotonic
 
 # Limits of reference §10 that the agent enforces (others are accepted by the parser and ignored).
 # Decision: the connection delays (conn-delay-*, reconn-delay-route) default to 0, not to OpenSMTPD's
@@ -209,8 +212,9 @@ class RelayState:
 
 @dataclass
 class HostStat:
-    time: float
+    time: float  # wall clock, shown
     text: str
+    seen: float = 0.0  # clock(), for its expiry
 
 
 @dataclass
@@ -308,7 +312,7 @@ class MtaState:
         """Take one connection's place on the route, host, relay and domain; False when one of them is full."""
         if not self._has_room(route, relay, domain):
             return False
-        now = time.time()
+        now = clock()
         source = route.source_text
         route.nconn += 1
         route.host.nconn += 1
@@ -329,7 +333,7 @@ class MtaState:
         route.host.nconn -= 1
         route.host.refcount -= 1
         relay.nconn -= 1
-        route.lastdisc = time.time()
+        route.lastdisc = clock()
         self.domain_conns[domain] -= 1
         self.source_conns[source] -= 1
         self.connector_conns[(relay.key, source)] -= 1
@@ -352,7 +356,7 @@ class MtaState:
     # -- errors and penalties ----------------------------------------------------------------------------
     def route_error(self, route: Route, now: float | None = None) -> bool:
         """Count a connection-level error. True when the route has just been disabled."""
-        now = time.time() if now is None else now
+        now = clock() if now is None else now
         route.nerror += 1
         if route.nerror < MAX_ERRORS_PER_ROUTE:
             return False
@@ -369,7 +373,7 @@ class MtaState:
     def resume_route_id(self, route_id: int) -> bool:
         for route in self.routes.values():
             if route.id == route_id:
-                if not route.disabled(time.time()) and not route.penalty and not route.nerror:
+                if not route.disabled(clock()) and not route.penalty and not route.nerror:
                     return False
                 self.route_ok(route)
                 return True
@@ -377,7 +381,7 @@ class MtaState:
 
     def hoststat(self, name: str, text: str) -> None:
         if name:
-            self.hoststats[name.lower()] = HostStat(time.time(), text.split("\n")[-1])
+            self.hoststats[name.lower()] = HostStat(time.time(), text.split("\n")[-1], clock())
 
     # -- forgetting ---------------------------------------------------------------------------------------
     def prune(self, now: float, idle_for: float = FORGET_AFTER) -> None:
@@ -402,7 +406,7 @@ class MtaState:
                 del self.hosts[address]
                 STATS.decrement("mta.host")
         for name, stat in list(self.hoststats.items()):
-            if now - stat.time > HOSTSTAT_EXPIRE:
+            if now - stat.seen > HOSTSTAT_EXPIRE:
                 del self.hoststats[name]
         for counts in (self.source_conns, self.connector_conns, self.domain_conns):
             for key in [key for key, count in counts.items() if count == 0]:
@@ -447,7 +451,7 @@ class MtaState:
     def show_hoststats(self, now: float) -> list[dict[str, object]]:
         rows = []
         for name, stat in sorted(self.hoststats.items()):
-            if now - stat.time > HOSTSTAT_EXPIRE:
+            if now - stat.seen > HOSTSTAT_EXPIRE:
                 continue
             line = f"{name}|{int(stat.time)}|{stat.text}"
             rows.append({"domain": name, "time": int(stat.time), "text": stat.text, "line": line})
