@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.bounce import DELAYED, DELIVERED, FAILED, RELAYED, Bouncer, duration_text
 from smtpd.delivery import DeliveryResult, Outcome
@@ -443,7 +444,7 @@ class Scheduler:
         STATS.increment("scheduler.envelope.expired")
         LOG.info("%016x %s delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> delay=%s result=Expire "
                  "stat=Envelope expired", envelope.evpid, agent_of(envelope), envelope.evpid, envelope.sender,
-                 envelope.dest, envelope.rcpt, duration_text(int(time.time() - envelope.ctime)))
+                 envelope.dest, envelope.rcpt, duration_to_text(max(0, int(time.time() - envelope.ctime))))
         await self._report_then_delete(entry, FAILED, "expired")
 
     async def _report_then_delete(self, entry: Entry, kind: str, why: str, wait: bool = True) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import email
 import email.utils
+import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -163,6 +165,23 @@ def test_loop_is_a_failure_with_loop_detected(tmp_path: Path) -> None:
     (report,) = reports(run(scenario()))
     assert "Loop detected" in report.get_payload()[0].get_payload()
     assert status_blocks(report)[0]["Status"] == "5.4.6"
+
+
+def test_the_expire_log_line_gives_the_delay_as_the_other_delivery_lines_do(tmp_path: Path, caplog) -> None:
+    """`delay=2s`, one word like every key=value of the line and like the Ok/TempFail lines (OpenSMTPD's
+    duration_to_text); it said `delay=2 seconds` (`delay=4 days`), which splits a log parser's fields."""
+    async def scenario() -> None:
+        harness = Harness(tmp_path, queue_config(queue_ttl=2))
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("421 try later") if envelope.sender
+                                               else DeliveryResult.ok())
+        async with harness:
+            await harness.submit(recipients=("slow@x.test",))
+            await wait_for(lambda: len(reports(harness)) == 1, what="expiry report")
+
+    with caplog.at_level(logging.INFO, logger="smtpd"):
+        run(scenario())
+    (line,) = [record.getMessage() for record in caplog.records if "result=Expire" in record.getMessage()]
+    assert re.search(r" rcpt=<slow@x\.test> delay=[2-9]s result=Expire stat=Envelope expired$", line), line
 
 
 def test_expired_mail_is_reported_as_failed_at_ctime_plus_ttl(tmp_path: Path) -> None:
