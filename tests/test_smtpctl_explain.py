@@ -63,7 +63,8 @@ def test_why_rejected(daemon: DaemonProcess) -> None:
                             "--src", "10.9.8.7")
     assert result.returncode == 1
     assert "matched rule #1" in result.stdout and "match from src" in result.stdout
-    assert "the rule rejects: the recipient is refused" in result.stdout
+    assert result.stdout.splitlines()[-1] == \
+        "the rule rejects: the recipient is refused (550 Invalid recipient: <bob@example.org>)"
 
 
 def test_no_rule_matched(daemon: DaemonProcess) -> None:
@@ -71,7 +72,7 @@ def test_no_rule_matched(daemon: DaemonProcess) -> None:
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert "  rule #4: matched" not in lines
-    assert lines[-1] == "no rule matched: the recipient is refused (550 Invalid recipient)"
+    assert lines[-1] == "no rule matched: the recipient is refused (550 Invalid recipient: <someone@elsewhere.example>)"
 
 
 def test_listener_tag_decides(daemon: DaemonProcess) -> None:
@@ -220,7 +221,7 @@ def test_table_failure_is_explained_as_a_451(tmp_path: Path) -> None:
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert lines[-2].startswith("  rule #1: table error: ")
-    assert lines[-1] == "a table lookup failed: the recipient is deferred (451 Temporary failure)"
+    assert lines[-1] == "a table lookup failed: the recipient is deferred (451 Temporary failure: <x@example.org>)"
     assert "550" not in result.stdout
 
 
@@ -260,5 +261,83 @@ def test_a_delivery_that_will_fail_as_root_is_said_so() -> None:
                 client.sendmail("", ["postmaster@md.test"], b"Subject: t\r\n\r\nhi\r\n")
             wait_until(lambda: "result=PermFail stat=Error (not allowed to deliver to: root)" in daemon.log(),
                        explain=daemon.log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_filters_and_senders_table_are_explained_as_the_session_refuses() -> None:
+    """A listener's builtin filters and its `senders` table refuse mail before the rules are tried. explain
+    skipped both and said "accepted" (exit 0) where the live session answered 550 or 530: its answer must be
+    the session's reply, the same code and text, for the same listener, client and addresses."""
+    import smtplib
+    import ssl
+
+    from helpers_smtp import make_certificate
+
+    from shared.passwords import hash_password
+
+    workdir = make_workdir()
+    try:
+        make_certificate(workdir)
+        (workdir / "creds").write_text(f"alice {hash_password('secret', 'sha512')}\n")
+        (workdir / "senders").write_text("alice alice@example.org, @alice.example\n")
+        text = ('pki mx.test.example cert "{dir}/mx.test.example.crt"\n'
+                'pki mx.test.example key "{dir}/mx.test.example.key"\n'
+                "table creds file:{dir}/creds\n"
+                "table sendermap file:{dir}/senders\n"
+                'filter "nospam" phase mail-from match mail-from regex "^spam" reject "550 5.7.1 no spammers"\n'
+                'filter "badrcpt" phase rcpt-to match rcpt-to regex "^blocked" reject "550 5.7.1 blocked here"\n'
+                'filter "marked" phase rcpt-to match rcpt-to regex "^junk" junk\n'
+                'filter "inbound" chain { "nospam", "badrcpt", "marked" }\n'
+                'listen on 127.0.0.1 port {port} filter "inbound"\n'
+                "listen on 127.0.0.1 port {port2} tls pki mx.test.example auth <creds> senders <sendermap> tag SUB\n"
+                'action "out" relay\n'
+                'match from any for domain "example.net" action "out"\n'
+                'match auth from any for any action "out"\n')
+        with DaemonProcess(workdir, text, paused=("mta",)) as daemon:
+            daemon.wait_listening(daemon.port)
+            inbound = ("--src", "127.0.0.1", "--listener", f"127.0.0.1:{daemon.port}")
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=20) as client:
+                client.ehlo("client.test")
+                assert client.mail("spam@example.com") == (550, b"5.7.1 no spammers")
+                client.rset()
+                assert client.mail("ham@example.com")[0] == 250
+                assert client.rcpt("blocked@example.net") == (550, b"5.7.1 blocked here")
+                assert client.rcpt("junk@example.net")[0] == 250
+            spam = daemon.smtpctl("explain", *inbound, "--from", "spam@example.com", "--to", "x@example.net")
+            assert spam.returncode == 1, spam.stdout
+            assert spam.stdout.splitlines()[-1] == 'refused at MAIL FROM: 550 5.7.1 no spammers (filter "nospam")'
+            assert "rules:" not in spam.stdout
+            blocked = daemon.smtpctl("explain", *inbound, "--from", "ham@example.com", "--to", "blocked@example.net")
+            assert blocked.returncode == 1, blocked.stdout
+            assert blocked.stdout.splitlines()[-1] == \
+                'refused at RCPT TO: 550 5.7.1 blocked here (filter "badrcpt")'
+            junk = daemon.smtpctl("explain", *inbound, "--from", "ham@example.com", "--to", "junk@example.net")
+            assert junk.returncode == 0, junk.stdout
+            assert "  the message will be marked as junk (X-Spam: Yes)" in junk.stdout.splitlines()
+            answer = json.loads(daemon.smtpctl("explain", *inbound, "--from", "ham@example.com", "--to",
+                                               "blocked@example.net", "--json").stdout)
+            assert answer["session"]["refusal"] == {"phase": "rcpt-to", "filter": "badrcpt", "code": 550,
+                                                    "text": "5.7.1 blocked here", "reason": 'filter "badrcpt"'}
+            assert answer["matched"] is None and answer["expansion"] is None
+
+            daemon.wait_listening(daemon.port2)
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with smtplib.SMTP("127.0.0.1", daemon.port2, timeout=20) as client:
+                client.ehlo("client.test")
+                client.starttls(context=context)
+                client.ehlo("client.test")
+                client.login("alice", "secret")
+                assert client.mail("bob@example.com") == (530, b"Sender rejected")
+                assert client.mail("me@alice.example")[0] == 250
+            submission = ("--src", "127.0.0.1", "--listener", "SUB", "--auth-user", "alice", "--tls")
+            refused = daemon.smtpctl("explain", *submission, "--from", "bob@example.com", "--to", "x@example.com")
+            assert refused.returncode == 1, refused.stdout
+            assert refused.stdout.splitlines()[-1] == ("refused at MAIL FROM: 530 Sender rejected (senders table "
+                                                       "<sendermap>: alice may send as alice@example.org, @alice.example)")
+            allowed = daemon.smtpctl("explain", *submission, "--from", "me@alice.example", "--to", "x@example.com")
+            assert allowed.returncode == 0, allowed.stdout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -45,6 +45,8 @@ def explain(sender: str, rcpt: str, src: str | None, rdns: str | None, listener:
 
 
 def _accepted(result: dict[str, Any]) -> bool:
+    if ((result.get("session") or {}).get("refusal")) is not None:
+        return False
     expansion = result.get("expansion") or {}
     return bool(result.get("action")) and bool(expansion.get("accepted"))
 
@@ -59,20 +61,33 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
     if facts.get("tls"):
         extras.append("tls")
     lines.append(f"session: {origin}" + (f" ({', '.join(extras)})" if extras else ""))
+    session = result.get("session") or {}
+    if result.get("listener"):
+        lines.append(f"listener: {result['listener']}")
+    lines.extend(f"  {step}" for step in session.get("steps") or [])
+    refusal = session.get("refusal")
+    if refusal is not None:
+        # The session refuses before the rules are tried: a builtin filter, or the senders table.
+        command = "RCPT TO" if refusal.get("phase") == "rcpt-to" else "MAIL FROM" \
+            if refusal.get("phase") == "mail-from" else refusal.get("phase")
+        lines.append(f"refused at {command}: {refusal.get('code')} {refusal.get('text')} ({refusal.get('reason')})")
+        return lines
+    if session.get("junk"):
+        lines.append("  the message will be marked as junk (X-Spam: Yes)")
     lines.append("rules:")
     lines.extend(f"  {reason}" for reason in result.get("rules") or [])
     matched = result.get("matched")
     if result.get("tempfail"):
         # A table failed while the rules were tried: no rule was chosen, and the daemon answers 451, not 550.
-        lines.append("a table lookup failed: the recipient is deferred (451 Temporary failure)")
+        lines.append(f"a table lookup failed: the recipient is deferred (451 Temporary failure: <{result.get('rcpt')}>)")
         return lines
     if matched is None:
-        lines.append("no rule matched: the recipient is refused (550 Invalid recipient)")
+        lines.append(f"no rule matched: the recipient is refused (550 Invalid recipient: <{result.get('rcpt')}>)")
         return lines
     where = f" ({matched['location']})" if matched.get("location") else ""
     lines.append(f"matched rule #{matched['number']}{where}: {matched['text']}")
     if result.get("rejected"):
-        lines.append("the rule rejects: the recipient is refused")
+        lines.append(f"the rule rejects: the recipient is refused (550 Invalid recipient: <{result.get('rcpt')}>)")
         return lines
     action = result.get("action") or {}
     where = f" ({action['location']})" if action.get("location") else ""
@@ -82,7 +97,7 @@ def explanation_lines(result: dict[str, Any]) -> list[str]:
     lines.extend(f"  {line}" for line in expansion.get("lines") or [])
     refusal = expansion.get("refusal")
     if refusal:
-        lines.append(f"refused: {refusal[0]} {refusal[1]}: {result.get('rcpt')}")
+        lines.append(f"refused: {refusal[0]} {refusal[1]}: <{result.get('rcpt')}>")
         return lines
     lines.append("deliveries:")
     for delivery in expansion.get("deliveries") or []:

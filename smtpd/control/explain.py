@@ -8,7 +8,7 @@ Runs in a worker thread (expansion reads files and tables).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from smtpd.config.model import Action, Config, Listener, MatchRule
@@ -29,18 +29,29 @@ def explain_delivery(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         rcpt = f"{rcpt}@{daemon.mailname}"  # as the session and sendmail complete a bare name
     listener = _find_listener(config, args.get("listener"))
     facts = _facts(daemon, args, listener)
+    if listener is None and facts.local_socket:  # a local submission arrives on the socket listener
+        listener = next((item for item in config.listeners if item.is_socket), None)
     from smtpd.lookup.rules import match_rules
 
     tables = daemon.tables if daemon.tables is not None else _snapshot_tables(daemon)
-    decision = match_rules(config, tables, facts, sender, rcpt)
+    checks = _session_checks(config, tables, listener, facts, sender, rcpt, daemon.mailname)
+    sender, rcpt, facts = checks.sender, checks.rcpt, checks.facts
     result: dict[str, Any] = {
         "sender": sender, "rcpt": rcpt, "facts": asdict(facts),
         "listener": _listener_text(listener) if listener else None,
+        "session": {"refusal": checks.refusal, "junk": checks.junk, "steps": checks.steps},
+        "rules": [],
+        "matched": None, "rejected": False, "tempfail": False, "action": None, "expansion": None,
+    }
+    if checks.refusal is not None:
+        # Refused before RCPT TO is acted on (a filter, the senders table): no rule is ever tried.
+        return result
+    decision = match_rules(config, tables, facts, sender, rcpt)
+    result |= {
         "rules": _rule_lines(config, decision),
         "matched": _rule_dict(decision.rule, config) if decision.rule is not None else None,
         "rejected": bool(decision.rejected), "tempfail": bool(decision.tempfail),
         "action": _action_dict(decision.action, config) if decision.action is not None else None,
-        "expansion": None,
     }
     if decision.action is None or decision.rejected or decision.tempfail:
         return result
@@ -55,6 +66,93 @@ def explain_delivery(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "deliveries": [_delivery_dict(envelope, config, getattr(daemon, "mda", None)) for envelope in expansion.deliveries],
     }
     return result
+
+
+@dataclass
+class _SessionChecks:
+    sender: str
+    rcpt: str
+    facts: SessionFacts
+    refusal: dict[str, Any] | None = None
+    junk: bool = False
+    steps: list[str] = field(default_factory=list)
+
+
+def _session_checks(config: Config, tables: Any, listener: Listener | None, facts: SessionFacts, sender: str,
+                    rcpt: str, mailname: str) -> _SessionChecks:
+    """What the session does before a recipient reaches the rules, in its order: the listener's builtin
+    filters at connect, EHLO, AUTH, MAIL FROM (then the `senders` table of an authenticated sender) and
+    RCPT TO. A refusal there is the answer the client gets (smtpd/smtp/session.py), whatever the rules say."""
+    from smtpd.smtp import address as addr
+    from smtpd.smtp.filters import FilterFacts, run_phase
+
+    checks = _SessionChecks(sender, rcpt, facts)
+    if listener is None:
+        return checks
+    filter_name = listener.filter
+    phases: list[tuple[str, str | None]] = [("connect", None), ("ehlo", None)]
+    if facts.auth_user and not facts.local_socket:
+        phases.append(("auth", None))
+    phases += [("mail-from", "senders"), ("rcpt-to", None)]
+    for phase, after in phases:
+        if filter_name:
+            filter_facts = FilterFacts(address=facts.address, rdns=facts.rdns, fcrdns=facts.fcrdns,
+                                       helo=checks.facts.helo or None, auth_user=facts.auth_user,
+                                       mail_from=checks.sender if phase not in ("connect", "ehlo", "auth") else None,
+                                       rcpt_to=checks.rcpt if phase == "rcpt-to" else None)
+            decision = run_phase(config, tables, filter_name, phase, filter_facts, "explain")
+            if decision.decision in ("reject", "disconnect", "tempfail"):
+                checks.refusal = {"phase": phase, "filter": decision.filter, "code": decision.code,
+                                  "text": decision.text, "reason": f"filter \"{decision.filter}\""}
+                return checks
+            if decision.decision != "proceed":
+                checks.steps.append(f"phase {phase}: filter {decision.filter}: {decision.decision}"
+                                    + (f" {decision.text}" if decision.decision == "rewrite" else ""))
+            if decision.decision == "junk":
+                checks.junk = True
+            if decision.decision == "rewrite":
+                value = decision.text.strip()
+                value = value[1:-1] if value.startswith("<") and value.endswith(">") else value
+                if phase in ("helo", "ehlo"):
+                    checks.facts = replace(checks.facts, helo=value)
+                elif phase == "mail-from":
+                    checks.sender = value
+                elif phase == "rcpt-to":
+                    checks.rcpt = value if "@" in value else f"{value}@{mailname}"
+        if after == "senders":
+            refusal = _senders_refusal(config, tables, listener, facts, checks.sender, mailname, addr)
+            if refusal is not None:
+                checks.refusal = refusal
+                return checks
+    return checks
+
+
+def _senders_refusal(config: Config, tables: Any, listener: Listener, facts: SessionFacts, sender: str,
+                     mailname: str, addr: Any) -> dict[str, Any] | None:
+    """The listener's `senders <table>` check of an authenticated (not local) session's MAIL FROM."""
+    from smtpd.lookup.tables.base import Service, TableError
+    from smtpd.smtp import replies
+
+    table = listener.senders_table
+    if table is None or not facts.auth_user or facts.local_socket:
+        return None
+    try:
+        value = tables.lookup(table, Service.MAILADDRMAP, facts.auth_user)
+    except TableError as error:
+        reply = replies.TEMPORARY_ERROR
+        return {"phase": "mail-from", "filter": None, "code": reply.code, "text": reply.text,
+                "reason": f"senders table <{table}> failed: {error}"}
+    try:
+        parsed = addr.parse_path_address(sender, allow_null=True, default_domain=mailname, utf8=True)
+    except addr.AddressError:
+        return None  # (a syntax error is the session's 553, not the senders table's)
+    patterns = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if any(addr.mailaddr_pattern_matches(pattern, parsed, config.smtp.sub_addr_delim) for pattern in patterns):
+        return None
+    reply = replies.SENDER_REJECTED
+    allowed = ", ".join(patterns) if patterns else "nothing"
+    return {"phase": "mail-from", "filter": None, "code": reply.code, "text": reply.text,
+            "reason": f"senders table <{table}>: {facts.auth_user} may send as {allowed}"}
 
 
 def tree_lines(nodes: list[Any]) -> list[str]:
