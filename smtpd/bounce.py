@@ -287,14 +287,17 @@ class Bouncer:
         try:
             msgid = await self._queue_report(group)
         except BounceRoutingError as error:
-            LOG.warning("bounce: report to <%s> dropped: %s", group.sender, error)
-            trace.emit("bounce", f"bounce: report to <{group.sender}> dropped: {error}")
+            LOG.warning("bounce: %s report for message %08x to <%s> dropped: %s", group.kind, group.msgid,
+                        group.sender, error)
+            trace.emit("bounce", f"bounce: {group.kind} report for message {group.msgid:08x} to <{group.sender}> "
+                                 f"dropped: {error}", original=f"{group.msgid:08x}", kind=group.kind)
             for future in group.futures:
                 if not future.done():
                     future.set_result(False)
             return
         except Exception as error:  # noqa: BLE001 — reported to every waiter: they keep their envelopes
-            LOG.warning("bounce: could not queue a report to <%s>: %s", group.sender, error)
+            LOG.warning("bounce: could not queue a %s report for message %08x to <%s>: %s", group.kind,
+                        group.msgid, group.sender, error)
             for future in group.futures:
                 if not future.done():
                     future.set_exception(error)
@@ -304,8 +307,11 @@ class Bouncer:
         STATS.increment("queue.bounce")
         LOG.info("bounce: %s report for message %08x to <%s> queued as %08x (%d recipient(s))", group.kind,
                  group.msgid, group.sender, msgid, len(group.envelopes))
-        trace.emit("bounce", f"bounce: {group.kind} report to <{group.sender}> queued as {msgid:08x}",
-                   msgid=f"{msgid:08x}", kind=group.kind, recipients=len(group.envelopes))
+        # The original's msgid too: `trace --follow --msgid ORIGINAL` sees where its report went.
+        trace.emit("bounce", f"bounce: {group.kind} report for message {group.msgid:08x} to <{group.sender}> "
+                             f"queued as {msgid:08x}",
+                   msgid=f"{msgid:08x}", original=f"{group.msgid:08x}", kind=group.kind,
+                   recipients=len(group.envelopes))
         for future in group.futures:
             if not future.done():
                 future.set_result(True)

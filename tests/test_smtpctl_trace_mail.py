@@ -175,3 +175,48 @@ def test_trace_turned_on_at_runtime_goes_to_the_log(daemon: DaemonProcess) -> No
         client.ehlo("after-untrace.test")
     time.sleep(0.5)
     assert "after-untrace.test" not in daemon.log()
+
+
+def test_the_report_about_a_message_is_followed_by_its_msgid() -> None:
+    """`trace --follow --msgid M` must show where the failure report about M went: the `queued as` event named
+    only the report's own msgid, and the log's `dropped` warning named no message at all."""
+    workdir = make_workdir()
+    port = free_port()
+    text = (f"listen on 127.0.0.1 port {port}\n"
+            'action "fail" mda "/bin/false" user nobody\n'
+            f'action "back" relay host smtp://127.0.0.1:{free_port()}\n'
+            'match from any for domain "fail.test" action "fail"\n'
+            'match from local for domain "back.test" action "back"\n')
+    try:
+        with DaemonProcess(workdir, text, paused=("mda", "mta")) as daemon:
+            daemon.wait_listening(port)
+            msgids = []
+            for sender in ("someone@back.test", "someone@nowhere.test"):
+                with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                    client.ehlo("client.test")
+                    client.mail(sender)
+                    assert client.rcpt("nobody@fail.test")[0] == 250, daemon.log()
+                    code, reply = client.data(MESSAGE)
+                    assert code == 250
+                    msgids.append(reply.decode().split()[1])
+            routed, dropped = msgids
+            follower = follow(daemon, "bounce", "--msgid", routed)
+            try:
+                wait_until_following(daemon, 1)
+                assert daemon.smtpctl("resume", "mda").returncode == 0
+                events = EventReader(follower).collect(re.compile(r"queued as [0-9a-f]{8}"))
+            finally:
+                stop(follower)
+            queued = events[-1]
+            assert queued["message"].startswith(f"failed report for message {routed} to <someone@back.test> queued as ")
+            assert queued["original"] == routed and queued["msgid"] != routed
+            deadline = time.monotonic() + 20
+            warning = (f"warn: bounce: failed report for message {dropped} to <someone@nowhere.test> dropped: "
+                       "no rule accepts the sender's address")
+            while warning not in daemon.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert warning in daemon.log()
+            assert f"bounce: failed report for message {routed} to <someone@back.test> queued as " \
+                   f"{queued['msgid']} (1 recipient(s))" in daemon.log()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
