@@ -495,7 +495,7 @@ def _read_include_file(path: str) -> list[Item]:
         _emit(f"include {path} unreadable: {error.strerror}")
         return []
     items: list[Item] = []
-    for line in parse_lines(data.decode("utf-8", errors="surrogateescape")):
+    for line in parse_lines(data.decode("utf-8", errors="surrogateescape"), comments_in_words=False):
         try:
             line_items = parse_items(line)
         except ItemError as error:

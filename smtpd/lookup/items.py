@@ -161,18 +161,24 @@ def parse_items(text: str) -> list[Item]:
     return items
 
 
-def parse_lines(text: str) -> list[str]:
+def parse_lines(text: str, *, comments_in_words: bool = True) -> list[str]:
     """Logical lines of a `.forward` or `:include:` file, read the way fparseln(3) does by default.
 
     A backslash at the end of a line continues it on the next one; an unescaped `#` starts a comment that runs
     to the end of the line; other backslashes are kept. Blank results are dropped.
+
+    ``comments_in_words=False`` (`:include:` files): a `#` starts a comment only at the start of a line or after
+    whitespace; inside a word it is data, as `#` may be in an address (`joe#1@partner.example`). Cut there, the
+    member would become the local user `joe` and his mail would go into that user's mailbox. OpenSMTPD 6.8 reads
+    include lines without comments at all (checked against the real daemon: `joe#1@...` is relayed as it is);
+    `.forward` files keep fparseln's comments anywhere, as OpenSMTPD's (where `joe#1@...` is `joe` too).
     """
     logical: list[str] = []
     pending = ""
     for raw_line in text.split("\n"):
         line = pending + raw_line
         pending = ""
-        stripped = _strip_comment(line)
+        stripped = _strip_comment(line, comments_in_words)
         if stripped.endswith("\\") and not stripped.endswith("\\\\"):
             pending = stripped[:-1]
             continue
@@ -183,13 +189,13 @@ def parse_lines(text: str) -> list[str]:
     return logical
 
 
-def _strip_comment(line: str) -> str:
+def _strip_comment(line: str, in_words: bool = True) -> str:
     escaped = False
     for index, char in enumerate(line):
         if escaped:
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == "#":
+        elif char == "#" and (in_words or index == 0 or line[index - 1].isspace()):
             return line[:index]
     return line
