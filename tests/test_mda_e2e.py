@@ -164,6 +164,25 @@ def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envel
         daemon.stop()
 
 
+def test_a_failing_mda_command_is_logged_with_one_error_wrapper(world) -> None:
+    """`mda "/bin/false"`: the delivery line says `stat=Error (exited with status 1)`, the shape of OpenSMTPD
+    6.8's `stat=Error (exited abnormally)` (checked against its daemon). It said `Error (Error (exited with
+    status 1))`, and log parsers took the inner `Error (` for part of the reason."""
+    top, mail_root, alice, _ = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "fail" mda "/bin/false"\n'
+              'match from any for domain "fail.test" action "fail"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("sender@client.test", [f"{alice.pw_name}@fail.test"], b"Subject: x\r\n\r\nx\r\n")
+        line = wait_for(lambda: next((text for text in daemon.log().splitlines() if "mda delivery" in text), None))
+        assert line.endswith("result=PermFail stat=Error (exited with status 1)"), line
+    finally:
+        daemon.stop()
+
+
 def _opened_by_some_process(path: str) -> bool:
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:

@@ -389,7 +389,7 @@ def test_mda_command_argv_environment_and_no_shell(spool, bob) -> None:
     ("echo 'mailbox full' >&2; exit 75", Outcome.TEMPFAIL, '"mailbox full"'),
     ("echo over quota; exit 71", Outcome.TEMPFAIL, '"over quota"'),
     ("echo 'no such folder'; exit 67", Outcome.PERMFAIL, '"no such folder"'),
-    ("exit 1", Outcome.PERMFAIL, "Error (exited with status 1)"),
+    ("exit 1", Outcome.PERMFAIL, "exited with status 1"),
     ("kill -TERM $$", Outcome.TEMPFAIL, "terminated; signal 15"),
 ])
 def test_mda_exit_status_mapping(spool, bob, script, outcome, text) -> None:

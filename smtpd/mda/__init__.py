@@ -650,7 +650,7 @@ def _child_result(result: ChildResult) -> DeliveryResult:
         return DeliveryResult.tempfail(f"terminated; signal {-result.status}")
     if result.status in command.TEMPFAIL_STATUSES:
         return DeliveryResult.tempfail(result.text or "temporary failure")
-    return DeliveryResult.permfail(result.text or f"Error (exited with status {result.status})")
+    return DeliveryResult.permfail(result.text or f"exited with status {result.status}")
 
 
 def _has_loop(message: BinaryIO, dest: str) -> bool:

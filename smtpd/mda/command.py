@@ -60,7 +60,7 @@ class CommandOutcome:
             return f"terminated; signal {self.signal}"
         if self.last_line:
             return '"' + vis(self.last_line) + '"'
-        return f"Error (exited with status {self.status})"
+        return f"exited with status {self.status}"
 
 
 def vis(text: str) -> str:
