@@ -56,6 +56,24 @@ def test_mailq_with_the_daemon_down_prints_offline_lines(tmp_path: Path) -> None
     assert null_sender.endswith("|offline||421 busy|try\\^Alater")
 
 
+def test_domain_filter_takes_an_idn_in_either_form(tmp_path: Path) -> None:
+    """An IDN is stored as the client wrote it (UTF-8 in SMTPUTF8 mail, A-labels otherwise): `--domain` in either
+    form selects both, as an administrator means the one domain (it found only the form written the same way)."""
+    async def scenario() -> None:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            await harness.submit(recipients=("anna@bücher.example",))
+            await harness.submit(recipients=("otto@xn--bcher-kva.example",))
+            await harness.submit(recipients=("eve@example.org",))
+
+    run(scenario())
+    for domain in ("BÜCHER.example", "xn--bcher-kva.example"):
+        result = smtpctl(tmp_path, "--json", "--domain", domain, prog="mailq")
+        assert result.returncode == 0, result.stderr
+        assert sorted(json.loads(line)["rcpt"] for line in result.stdout.splitlines()) == [
+            "anna@bücher.example", "otto@xn--bcher-kva.example"]
+
+
 def test_show_queue_json_lines_and_filters_offline(tmp_path: Path) -> None:
     ids = fill_spool(tmp_path)
     result = smtpctl(tmp_path, "--json", "--domain", "example.org", prog="mailq")

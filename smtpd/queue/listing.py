@@ -7,6 +7,7 @@ for `--json` (schema in docs/queue.md).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ class EnvelopeFilter:
 
     sender, rcpt: case-insensitive substring of the address (rcpt matches the original or the final one); the
     sender `@` selects the null sender only;
-    domain: the recipient's domain, exactly (case-insensitive); older/newer: age in seconds since creation;
+    domain: the recipient's domain, exactly (case-insensitive; an IDN in either form); older/newer: age in seconds since creation;
     state: pending | inflight | suspended | offline.
     """
 
@@ -185,13 +186,29 @@ class EnvelopeFilter:
             if needle not in envelope.rcpt.lower() and needle not in envelope.dest.lower():
                 return False
         if self.domain is not None:
-            domains = {address.rpartition("@")[2].lower() for address in (envelope.rcpt, envelope.dest)}
-            if self.domain.lower() not in domains:
+            forms = domain_forms(self.domain)
+            if not any(address.rpartition("@")[2].lower() in forms for address in (envelope.rcpt, envelope.dest)):
                 return False
         age = now - envelope.ctime
         if self.older is not None and age < self.older:
             return False
         return not (self.newer is not None and age > self.newer)
+
+
+@functools.lru_cache(maxsize=64)
+def domain_forms(domain: str) -> frozenset[str]:
+    """The ways an envelope may hold a domain: as given, and an IDN in both its Unicode and its A-label form
+    (`--domain bücher.example` also selects `xn--bcher-kva.example`, and the other way round), case aside."""
+    import dns.exception  # (here: the listing is also read by smtpctl, which needs dnspython only for this)
+    import dns.name
+
+    forms = {domain.lower()}
+    try:
+        name = dns.name.from_unicode(domain)
+        forms |= {name.to_text(omit_final_dot=True).lower(), name.to_unicode(omit_final_dot=True).lower()}
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        pass  # (not a valid IDN: only as given)
+    return frozenset(forms)
 
 
 def plural_envelopes(count: int, verb: str) -> str:
