@@ -309,7 +309,8 @@ class Scheduler:
             envelope.last_try = int(now)
             entry.line_parts = None
             trace.emit("scheduler", f"scheduler: {agent} delivery of {envelope.evpid:016x} to <{envelope.dest}>",
-                       evpid=f"{envelope.evpid:016x}", agent=agent)
+                       evpid=f"{envelope.evpid:016x}", agent=agent, rcpt=envelope.rcpt)  # (rcpt: the address
+            # before expansion, so that `trace --follow --address` with the address the client gave sees it)
             result = await self._deliver(envelope, agent)
             if entry.remove_after:
                 await self._delete(entry, "removed")
@@ -392,7 +393,8 @@ class Scheduler:
         warning = self._next_warning(envelope, now)
         when = min(nexttry, expire, warning if warning is not None else expire)
         trace.emit("scheduler", f"scheduler: {envelope.evpid:016x} tempfail ({result.text}), retry {envelope.retry} "
-                   f"in {duration_text(int(when - now))}", evpid=f"{envelope.evpid:016x}", retry=envelope.retry)
+                   f"in {duration_text(int(when - now))}", evpid=f"{envelope.evpid:016x}", retry=envelope.retry,
+                   rcpt=envelope.rcpt)
         if envelope.evpid not in self.entries:
             return
         if entry.remove_after:  # `smtpctl remove` while the failure was being recorded (a warning queued...)

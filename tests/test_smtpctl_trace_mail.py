@@ -220,3 +220,31 @@ def test_the_report_about_a_message_is_followed_by_its_msgid() -> None:
                    f"{queued['msgid']} (1 recipient(s))" in daemon.log()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_follow_by_the_address_the_client_gave_reaches_the_delivery_of_its_expansion() -> None:
+    """`trace scheduler --follow --address team@local.test`: the delivery attempts go to bob@remote.test (a
+    virtual table expanded the address); they name the address the client gave too, so following it does not stop
+    at the expansion."""
+    workdir = make_workdir()
+    port = free_port()
+    text = (f"listen on 127.0.0.1 port {port}\n"
+            'table virtuals { "team@local.test" = "bob@remote.test" }\n'
+            'action "local" mbox virtual <virtuals>\n'
+            f'action "out" relay host smtp://127.0.0.1:{free_port()}\n'
+            'match from any for domain "local.test" action "local"\n'
+            'match from any for any action "out"\n')
+    daemon = DaemonProcess(workdir, text).start()
+    try:
+        follower = follow(daemon, "scheduler", "--address", "team@local.test")
+        try:
+            wait_until_following(daemon, 1)
+            send(port, "alice@example.org", "team@local.test")
+            events = EventReader(follower).collect(re.compile(r"tempfail"))
+        finally:
+            stop(follower)
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert any(re.search(r"mta delivery of [0-9a-f]{16} to <bob@remote\.test>", event["message"]) for event in events)
+    assert all(event["rcpt"] == "team@local.test" for event in events)
