@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import os
 import pwd
 import subprocess
@@ -219,6 +220,8 @@ def test_offline_queue_is_replayed_at_start(world) -> None:
     [kept] = list(offline.iterdir())
     assert kept.read_text().startswith(f"-f|batch|{user.pw_name}\nSubject: while down\n")
     assert os.stat(kept).st_mode & 0o777 == 0o600
+    written = int(time.time()) - 3 * 3600  # written three hours before the daemon came back
+    os.utime(kept, (written, written))
     bad = run_sendmail(daemon.env, ["a|b"], "x\n")
     # exit 70 as OpenSMTPD 6.8's (it was 1)
     assert (bad.returncode, bad.stderr.strip()) == (70, "sendmail: a|b contains illegal character")
@@ -230,6 +233,8 @@ def test_offline_queue_is_replayed_at_start(world) -> None:
     try:
         content = wait_for_mail(os.path.join(mail_root, user.pw_name))
         assert "queued offline" in content and "From: <batch@mx.control.test>" in content
+        # The Date added is when the message was written, not when it was replayed.
+        assert f"Date: {email.utils.formatdate(written, localtime=True)}\n" in content
         deadline = time.monotonic() + 10
         while len(list(offline.iterdir())) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)

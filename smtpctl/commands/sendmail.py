@@ -298,13 +298,13 @@ def display_name(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def complete_message(message: Message, sender: str, full_name: str | None) -> list[str]:
+def complete_message(message: Message, sender: str, full_name: str | None, written: float | None = None) -> list[str]:
     """The lines to send: headers completed with From and Date, the body quoted-printable if a line is too long."""
     headers = list(message.headers)
     if not message.has_header("from"):
         headers.append(f"From: {display_name(full_name)} <{sender}>" if full_name else f"From: <{sender}>")
     if not message.has_header("date"):
-        headers.append(f"Date: {email.utils.formatdate(localtime=True)}")
+        headers.append(f"Date: {email.utils.formatdate(written, localtime=True)}")
     body = message.body
     if any(len(line.encode("utf-8", "surrogateescape")) >= LINE_SPLIT for line in body) \
             and not message.has_header("mime-version") and not message.has_header("content-transfer-encoding"):
@@ -593,7 +593,7 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         print(f"{prog}: {broken.encode('unicode_escape').decode('ascii')} contains a line break", file=sys.stderr)
         write_dead_letter(data)
         return EX_DATAERR
-    lines = complete_message(message, sender, full_name)
+    lines = complete_message(message, sender, full_name, _written_at() if options.server_mode else None)
     try:
         submit(locations.socket, options, sender, recipients, lines)
     except NotRunning as not_running:
@@ -624,6 +624,16 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
             write_dead_letter(data)
         return EX_SOFTWARE
     return 0
+
+
+def _written_at() -> float | None:
+    """When an offline file being replayed was written (SMTPD_OFFLINE_WRITTEN, set by the daemon from the file):
+    the Date added to a message without one is the time of the submission, not of the replay (cron mail sent
+    while the daemon was down said it was sent when the daemon came back)."""
+    try:
+        return float(os.environ["SMTPD_OFFLINE_WRITTEN"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _refuse_replay(prog: str) -> int:

@@ -169,7 +169,8 @@ async def _submit_in_subprocess(path: str, socket_path: str, mailname_path: str 
     with open(path, "rb") as handle:
         arguments = handle.readline().rstrip(b"\n").decode("utf-8", "surrogateescape")
         data = handle.read()
-    environment = dict(os.environ, SMTPD_SOCKET=socket_path)
+        written = os.fstat(handle.fileno()).st_mtime
+    environment = dict(os.environ, SMTPD_SOCKET=socket_path, SMTPD_OFFLINE_WRITTEN=str(written))
     if mailname_path:
         environment["SMTPD_MAILNAME"] = mailname_path
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -217,6 +218,7 @@ def _submit_work(path: str, socket_path: str, mailname_path: str | None, home: s
         with os.fdopen(fd, "rb") as handle:
             arguments = handle.readline().rstrip(b"\n").decode("utf-8", "surrogateescape")
             data = handle.read()
+            os.environ["SMTPD_OFFLINE_WRITTEN"] = str(os.fstat(handle.fileno()).st_mtime)
         argv = ["-S", *(arguments.split("|") if arguments else [])]
         os.environ["SMTPD_SOCKET"] = socket_path
         os.environ["HOME"] = home or "/"  # (the owner's: dead.letter goes there, not to the daemon's home)
