@@ -162,8 +162,11 @@ def _tls_policy(config: Config, relay: Relay, smarthost: RelayHost | None) -> Tl
     elif relay.tls == "tls":
         verify = True
     else:
-        # Smarthosts reached over smtp+tls:// or smtps:// are verified by default; MX delivery is not.
-        verify = mode in (TlsMode.STARTTLS, TlsMode.SMTPS)
+        # smtp+tls:// and smtps:// require TLS; the certificate is checked only with the action's `tls`, as in
+        # OpenSMTPD 6.8 (and Postfix's `encrypt`): internal smarthosts with self-signed certificates keep working
+        # after a migration. Our one addition: an action that names a `ca` is checked against it (6.8 ignores the
+        # ca without `tls`; a CA given for nothing would leave the administrator believing the relay verified).
+        verify = relay.ca is not None and mode in (TlsMode.STARTTLS, TlsMode.SMTPS)
     cert_file = key_file = ca_file = None
     if relay.pki:
         pki = config.pkis.get(relay.pki.lower())

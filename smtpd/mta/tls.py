@@ -5,8 +5,8 @@
 | MX delivery, `smtp://`         | STARTTLS if offered (opportunistic)   | no                  |
 | `tls` option                   | STARTTLS required                     | yes                 |
 | `tls no-verify` option         | STARTTLS required                     | no                  |
-| `smtp+tls://`                  | STARTTLS required                     | yes, unless `tls no-verify` |
-| `smtps://`                     | TLS on connect                        | yes, unless `tls no-verify` |
+| `smtp+tls://`                  | STARTTLS required                     | with `tls`, or a `ca` (not `tls no-verify`) |
+| `smtps://`                     | TLS on connect                        | with `tls`, or a `ca` (not `tls no-verify`) |
 | `smtp+notls://`, `lmtp://`     | never                                 | -                   |
 
 A checked certificate must chain to the action's `ca` file (or the system's CAs) and name the host we
