@@ -180,8 +180,6 @@ class Scheduler:
             if not suspended:
                 heapq.heappush(self.heap, (nexttry, envelope.evpid))
             added += 1
-            if not loaded:
-                STATS.increment("scheduler.envelope.incoming")
             if trace.wants("scheduler"):
                 trace.emit("scheduler", f"scheduler: {'loaded' if loaded else 'new'} envelope {envelope.evpid:016x}",
                            evpid=f"{envelope.evpid:016x}")

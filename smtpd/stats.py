@@ -14,9 +14,18 @@ class Stats:
     def __init__(self) -> None:
         self.values: dict[str, int] = {}
         self.started = time.time()
+        # `monitor`'s enq and deq columns: every envelope the scheduler took in (new, loaded at start, discovered)
+        # and let go, since the start. Not keys of `show stats` (OpenSMTPD keeps them aside too).
+        self.enqueued = 0
+        self.dequeued = 0
 
     def increment(self, key: str, amount: int = 1) -> None:
         self.values[key] = self.values.get(key, 0) + amount
+        if key == "scheduler.envelope":
+            if amount > 0:
+                self.enqueued += amount
+            else:
+                self.dequeued -= amount
         if trace.wants("stat"):
             trace.emit("stat", f"stat: {key} += {amount} -> {self.values[key]}", key=key, value=self.values[key])
 
@@ -28,6 +37,9 @@ class Stats:
 
     def get(self, key: str) -> int:
         return self.values.get(key, 0)
+
+    def digest(self) -> dict[str, int]:
+        return {"enqueued": self.enqueued, "dequeued": self.dequeued}
 
     def snapshot(self) -> dict[str, int]:
         """Every set key plus uptime, as `show stats` prints them (sorted by the caller)."""

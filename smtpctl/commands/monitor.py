@@ -35,6 +35,8 @@ DELTA_KEYS = {
     "bounce": ("queue.bounce",),
 }
 CONNECTION_KEYS = ("smtp.session.inet4", "smtp.session.inet6", "smtp.session.local")
+# The envelopes the scheduler took in since the start: the event's `digest`, put in the snapshot under this name.
+ENQUEUED = "digest.enqueued"
 
 
 def _total(stats: dict[str, int], keys: tuple[str, ...]) -> int:
@@ -46,7 +48,7 @@ def _counters(stats: dict[str, int]) -> dict[str, int]:
     values = {"client_curr": int(stats.get("smtp.session", 0)),
               "connections": _total(stats, CONNECTION_KEYS),
               "envelope_curr": int(stats.get("scheduler.envelope", 0)),
-              "enqueued": int(stats.get("scheduler.envelope.incoming", 0))}
+              "enqueued": int(stats.get(ENQUEUED, 0))}
     values.update({column: _total(stats, keys) for column, keys in DELTA_KEYS.items()})
     return values
 
@@ -70,6 +72,15 @@ def monitor_rows(snapshots: Iterator[dict[str, int]]) -> Iterator[dict[str, int]
         }
         previous = now
         yield {column: max(0, row[column]) for column in COLUMNS}
+
+
+def _snapshot(event: dict[str, Any]) -> dict[str, int]:
+    """The counters of one event, with the digest's enqueued total (a daemon without a digest: none)."""
+    stats = dict(event["stats"])
+    digest = event.get("digest")
+    if isinstance(digest, dict) and isinstance(digest.get("enqueued"), int):
+        stats[ENQUEUED] = digest["enqueued"]
+    return stats
 
 
 def _finite(value: float) -> float:
@@ -98,7 +109,7 @@ def monitor(as_json: bool, count: int | None, interval: float) -> None:
     client = state().client(timeout=None)
     terminal = render.is_terminal() and not as_json
     try:
-        snapshots = (event["stats"] for event in client.stream("monitor", interval=interval)
+        snapshots = (_snapshot(event) for event in client.stream("monitor", interval=interval)
                      if event.get("type") == "stats" and isinstance(event.get("stats"), dict))
         for number, row in enumerate(monitor_rows(snapshots)):
             if as_json:

@@ -243,7 +243,7 @@ async def monitor(daemon: Daemon, args: dict[str, Any], send: Send) -> None:
     """The counters every second; smtpctl turns them into the reference's columns (deltas between rows)."""
     interval = _bounded(args.get("interval"), MONITOR_INTERVAL, 0.1, 60.0)
     while True:
-        await send({"type": "stats", "time": time.time(), "stats": STATS.snapshot()})
+        await send({"type": "stats", "time": time.time(), "stats": STATS.snapshot(), "digest": STATS.digest()})
         await asyncio.sleep(interval)
 
 

@@ -116,6 +116,9 @@ class _Transaction:
     bdat_used: bool = False
     mail_from: str = ""  # the address of MAIL FROM as the client wrote it (the filters' `mail-from`)
     junk: bool = False  # a filter said junk in this transaction: X-Spam: Yes
+    # Its envelopes counted in `scheduler.envelope.incoming` (OpenSMTPD's gauge of the envelopes of messages
+    # being received: up at each accepted RCPT, down when the message is committed or dropped).
+    incoming: int = 0
 
 
 class Session:
@@ -838,6 +841,8 @@ class Session:
             await self.reply(refusal, command=line)
             return
         transaction.recipients.append(_Recipient(rcpt, parameters, deliveries))
+        transaction.incoming += len(deliveries)
+        STATS.increment("scheduler.envelope.incoming", len(deliveries))
         await self.reply(replies.RCPT_OK)
 
     async def _parse_rcpt(self, transaction: _Transaction, argument: str,
@@ -915,7 +920,7 @@ class Session:
         _log.warning("%s smtp: %s", self.token, error)  # ("queue write failed: ...", "cannot write message file: ...")
         if transaction.message is not None:
             await transaction.message.abort()
-        self.transaction = None
+        self._drop_transaction()
         await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
         raise _Close("queue failure")
 
@@ -1050,7 +1055,7 @@ class Session:
             refusal = await builder.finish()
         except QueueError as error:
             await self._queue_write_failed(transaction, error)
-        self.transaction = None
+        self._drop_transaction()
         self._set_state("STATE_HELO")
         if refusal is not None:
             await message.abort()
@@ -1114,8 +1119,16 @@ class Session:
                 result.append(delivery)
         return result
 
-    async def _abort_transaction(self) -> None:
+    def _drop_transaction(self) -> _Transaction | None:
+        """End the transaction (committed, refused or aborted): its envelopes are no longer incoming."""
         transaction, self.transaction = self.transaction, None
+        if transaction is not None and transaction.incoming:
+            STATS.decrement("scheduler.envelope.incoming", transaction.incoming)
+            transaction.incoming = 0
+        return transaction
+
+    async def _abort_transaction(self) -> None:
+        transaction = self._drop_transaction()
         if transaction is not None and transaction.message is not None:
             try:
                 await transaction.message.abort()
