@@ -41,4 +41,9 @@ def relays_lines(rows: list[dict[str, object]]) -> list[str]:
 
 
 def mta_paused_lines(rows: list[dict[str, object]]) -> list[str]:
-    return [_line(row, f"{row.get('source', '')} -> {row.get('domain') or '*'}") for row in rows]
+    return [_line(row, f"{_bracketed(str(row.get('source', '')))} -> {row.get('domain') or '*'}") for row in rows]
+
+
+def _bracketed(address: str) -> str:
+    # OpenSMTPD prints an IPv6 source in brackets: `[::1] -> example.org`.
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address

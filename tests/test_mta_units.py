@@ -95,7 +95,7 @@ def test_ipv6_mx_delivery(tmp_path: os.PathLike[str], caplog: pytest.LogCaptureF
             result = await agent.deliver(envelope, path)
             routes = agent.control_view("routes")
             await agent.stop()
-            assert routes[0]["route"] == "[] <-> ::1 (mx.six.test)"
+            assert routes[0]["route"] == "[] <-> [::1] (mx.six.test)"  # OpenSMTPD brackets IPv6
             return result.outcome
         with caplog.at_level(logging.INFO, logger="smtpd"):
             assert asyncio.run(run()) is Outcome.OK

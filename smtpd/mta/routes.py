@@ -173,6 +173,11 @@ def address_text(address: str) -> str:
     return address
 
 
+def bracketed(address: str) -> str:
+    """An IPv6 address in brackets (`[::1]`), as OpenSMTPD prints a source or a route's host; other text as it is."""
+    return f"[{address}]" if ":" in address and not address.startswith("/") else address
+
+
 @dataclass
 class Route:
     id: int
@@ -192,9 +197,11 @@ class Route:
         return self.source if self.source else "[]"
 
     def text(self) -> str:
+        """As OpenSMTPD shows a route (`show routes`, its log): an IPv6 address in brackets, `[] <-> [::1]`."""
         host = self.host
-        return f"{self.source_text} <-> {host.address} ({host.name})" if host.name else \
-            f"{self.source_text} <-> {host.address}"
+        source = bracketed(self.source) if self.source else "[]"
+        return f"{source} <-> {bracketed(host.address)} ({host.name})" if host.name else \
+            f"{source} <-> {bracketed(host.address)}"
 
     def disabled(self, now: float) -> bool:
         return self.disabled_until > now
@@ -458,7 +465,7 @@ class MtaState:
         return rows
 
     def show_paused(self) -> list[dict[str, object]]:
-        return [{"source": source, "domain": domain, "line": f"{source} -> {domain}"}
+        return [{"source": source, "domain": domain, "line": f"{bracketed(source)} -> {domain}"}
                 for source, domain in sorted(self.paused)]
 
 
