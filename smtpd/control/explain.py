@@ -146,8 +146,8 @@ def _senders_refusal(config: Config, tables: Any, listener: Listener, facts: Ses
         parsed = addr.parse_path_address(sender, allow_null=True, default_domain=mailname, utf8=True)
     except addr.AddressError:
         return None  # (a syntax error is the session's 553, not the senders table's)
-    patterns = [item.strip() for item in (value or "").split(",") if item.strip()]
-    if any(addr.mailaddr_pattern_matches(pattern, parsed, config.smtp.sub_addr_delim) for pattern in patterns):
+    patterns = addr.senders_patterns(value)
+    if addr.may_send_as(patterns, parsed, config.smtp.sub_addr_delim):
         return None
     reply = replies.SENDER_REJECTED
     allowed = ", ".join(patterns) if patterns else "nothing"

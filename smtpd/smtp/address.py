@@ -237,6 +237,16 @@ def xtext_decode(text: str) -> str:
 
 
 # -- mailaddr patterns (listen `senders`) ------------------------------------------------------------------------
+def senders_patterns(value: str | None) -> list[str]:
+    """The addresses a `senders <table>` value lets a user send as (`a@x, @y` -> ["a@x", "@y"])."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def may_send_as(patterns: list[str], sender: Mailaddr, sub_addr_delim: str) -> bool:
+    """Whether the sender is one of the `senders` table's patterns (the session's check and explain's)."""
+    return any(mailaddr_pattern_matches(pattern, sender, sub_addr_delim) for pattern in patterns)
+
+
 def mailaddr_pattern_matches(pattern: str, address: Mailaddr, delimiter: str = "+") -> bool:
     """Reference §5.1 MAILADDR matching: `user`, `@domain`, `user@domain`; the domain is a glob."""
     import fnmatch

@@ -809,9 +809,7 @@ class Session:
             _log.warning("%s smtp: temporary failure of the senders table <%s>: %s", self.token, table, error)
             await self.reply(replies.TEMPORARY_ERROR, command=line)
             return False
-        patterns = [item.strip() for item in (value or "").split(",") if item.strip()]
-        if any(addr.mailaddr_pattern_matches(pattern, sender, self.config.smtp.sub_addr_delim)
-               for pattern in patterns):
+        if addr.may_send_as(addr.senders_patterns(value), sender, self.config.smtp.sub_addr_delim):
             return True
         await self.reply(replies.SENDER_REJECTED, command=line)
         return False
