@@ -102,7 +102,10 @@ def read_line(connection: socket.socket) -> bytes:
 def fill_ports(config_text: str, ports: dict[str, int]) -> str:
     """Give each ``{port}``, ``{port2}``..``{port9}`` of config_text a free port (recorded in ports) and fill it in."""
     for name in sorted(set(re.findall(r"\{(port\d?)\}", config_text))):
-        ports.setdefault(name, free_port())
+        while name not in ports:
+            candidate = free_port()
+            if candidate not in ports.values():  # (the kernel may give a port it just gave: never twice here)
+                ports[name] = candidate
     for name, number in ports.items():
         config_text = config_text.replace("{" + name + "}", str(number))
     return config_text
