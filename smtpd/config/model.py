@@ -12,8 +12,9 @@ built-ins included. Durations are seconds, sizes bytes.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160
 DEFAULT_QUEUE_TTL = 4 * 86400
@@ -37,6 +38,14 @@ class Location:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}"
+
+
+def without_locations(items: Any) -> Any:
+    """Declarations (a tuple, or a dict by name) without their places in the file, to compare what they say: a
+    line added above a listener or a pki changes nothing."""
+    if isinstance(items, dict):
+        return {name: replace(item, location=None) for name, item in items.items()}
+    return tuple(replace(item, location=None) for item in items)
 
 
 class TableShape(StrEnum):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from smtpd.config import dump
-from smtpd.config.model import Config
+from smtpd.config.model import Config, without_locations
 
 
 def _texts(items: Iterable[Any], config: Config, render: Callable[[Any, Config], str]) -> list[str]:
@@ -47,7 +47,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
                                  ("bounce warn-interval", old.bounce_warn_intervals, new.bounce_warn_intervals),
                                  ("mta limits", old.mta_limits, new.mta_limits),
                                  ("mda limits", old.mda_limits, new.mda_limits),
-                                 ("pki", _without_locations(old.pkis), _without_locations(new.pkis)),
+                                 ("pki", without_locations(old.pkis), without_locations(new.pkis)),
                                  ("mta max-deferred", old.mta_max_deferred, new.mta_max_deferred),
                                  ("scheduler limits", old.scheduler_limits, new.scheduler_limits),
                                  ("admd", old.admd, new.admd)):
@@ -101,9 +101,3 @@ def _filters(config: Config) -> dict[str, str]:
     """Declared filters, chains and procs (the inline lists of listeners show in their listener's text)."""
     return {name: dump.format_filter(item, config) for name, item in config.filters.items()
             if not name.startswith("<dynchain:")}
-
-
-def _without_locations(items: dict[str, Any]) -> dict[str, Any]:
-    from dataclasses import replace
-
-    return {name: replace(item, location=None) for name, item in items.items()}

@@ -14,12 +14,12 @@ import os
 import resource
 import socket
 import ssl
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shared.paths import parse_resolver_setting
 from smtpd import log, trace
-from smtpd.config.model import Config, Listener, TlsMode
+from smtpd.config.model import Config, Listener, TlsMode, without_locations
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.connection import SocketConnection, StreamConnection
@@ -133,7 +133,7 @@ class SmtpServer:
         """
         fresh = self._bind_all(new, reuse=self.bound)
         # Compared without their places in the file: a line added above a listener does not change it.
-        unchanged = all(_placeless(getattr(old, part)) == _placeless(getattr(new, part))
+        unchanged = all(without_locations(getattr(old, part)) == without_locations(getattr(new, part))
                         for part in ("listeners", "pkis", "cas"))
         if unchanged and [bound.sock for bound in fresh] == [bound.sock for bound in self.bound]:
             # The same sockets: the accept loops stay, their endpoints (contexts, host names) are replaced.
@@ -368,13 +368,6 @@ class SmtpServer:
             trace.emit("smtp", f"no address for {name}: {error}", address=ip)
             return "error" if _temporary_dns_error(error) else "fail"
         return "pass" if any(_same_address(found, ip) for found in addresses) else "fail"
-
-
-def _placeless(items: Any) -> Any:
-    """Listeners (a tuple) or pki/ca declarations (a dict by name) without their locations."""
-    if isinstance(items, dict):
-        return {name: replace(item, location=None) for name, item in items.items()}
-    return tuple(replace(item, location=None) for item in items)
 
 
 def _resolve(listener: Listener) -> list[str]:
