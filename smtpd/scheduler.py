@@ -188,6 +188,7 @@ class Scheduler:
         if added:
             STATS.increment("scheduler.envelope", added)
             STATS.increment("scheduler.ramqueue.envelope", added)
+            STATS.enqueued += added
             self.wake()
         return added
 
@@ -203,6 +204,7 @@ class Scheduler:
             forgotten.add(evpid)
         STATS.decrement("scheduler.envelope")
         STATS.decrement("scheduler.ramqueue.envelope")
+        STATS.dequeued += 1
         evpids = self.messages.get(evpid >> 32)
         if evpids is not None:
             if evpid in evpids:

@@ -15,17 +15,13 @@ class Stats:
         self.values: dict[str, int] = {}
         self.started = time.time()
         # `monitor`'s enq and deq columns: every envelope the scheduler took in (new, loaded at start, discovered)
-        # and let go, since the start. Not keys of `show stats` (OpenSMTPD keeps them aside too).
+        # and let go, since the start (counted by the scheduler). Not keys of `show stats` (OpenSMTPD keeps them
+        # aside too).
         self.enqueued = 0
         self.dequeued = 0
 
     def increment(self, key: str, amount: int = 1) -> None:
         self.values[key] = self.values.get(key, 0) + amount
-        if key == "scheduler.envelope":
-            if amount > 0:
-                self.enqueued += amount
-            else:
-                self.dequeued -= amount
         if trace.wants("stat"):
             trace.emit("stat", f"stat: {key} += {amount} -> {self.values[key]}", key=key, value=self.values[key])
 
