@@ -57,6 +57,18 @@ def full_unix_backlog(path: str) -> Iterator[socket.socket]:
         server.close()
 
 
+@contextlib.contextmanager
+def tmpfs_at(folder: Path, size: str, mode: str) -> Iterator[Path]:
+    """A small filesystem of its own mounted on folder (made if missing), unmounted afterwards: a disk that
+    fills up, or that can be made unusable, without touching the machine's."""
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the kernel's pick), on host (IPv4 or IPv6 loopback)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:

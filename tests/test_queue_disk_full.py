@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon import SmtpdProcess
+from daemon import SmtpdProcess, tmpfs_at
 from helpers_delivery import open_temp_dir
 
 CONFIG = 'listen on 127.0.0.1 port {port}\naction "relay" relay\nmatch from any for any action "relay"\n'
@@ -24,13 +24,8 @@ BODY = b"Subject: filling\r\n\r\n" + (b"x" * 76 + b"\r\n") * 1300  # about 100 K
 
 @pytest.fixture
 def small_spool(tmp_path: Path) -> Iterator[Path]:
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(spool)], check=True)
-    try:
+    with tmpfs_at(tmp_path / "spool", "3m", "0700") as spool:
         yield spool
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
 def send(port: int, index: int, body: bytes = BODY) -> tuple[int, str]:
@@ -219,14 +214,9 @@ def small_mail_fs() -> Iterator[Path]:
     """A 300 KiB filesystem for the mailbox, owned by `nobody`, who the mail is delivered as (under a folder
     others may traverse, unlike pytest's tmp_path)."""
     with open_temp_dir("pysmtpd-full-mailbox-") as top:
-        mount = Path(top) / "mail"
-        mount.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k,mode=0755", "tmpfs", str(mount)], check=True)
-        try:
+        with tmpfs_at(Path(top) / "mail", "300k", "0755") as mount:
             os.chown(mount, pwd.getpwnam("nobody").pw_uid, -1)
             yield mount
-        finally:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_mailbox_filesystem_defers_delivery_and_delivers_once_there_is_room(

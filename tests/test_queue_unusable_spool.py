@@ -10,20 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon import SmtpdProcess
+from daemon import SmtpdProcess, tmpfs_at
 
 CONFIG = 'listen on 127.0.0.1 port {port}\naction "relay" relay\nmatch from any for any action "relay"\n'
 
 
 @pytest.fixture
 def tmpfs_spool(tmp_path: Path) -> Iterator[Path]:
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0711", "tmpfs", str(spool)], check=True)
-    try:
+    with tmpfs_at(tmp_path / "spool", "8m", "0711") as spool:
         yield spool
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
 def failed_start(daemon: SmtpdProcess) -> str:
