@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from daemon import SmtpdProcess
 
@@ -82,6 +83,12 @@ def local_action(name: str = "local", method: Method = Method.MBOX, **options: o
 
 def relay_action(name: str = "relay") -> Action:
     return Action(name=name, method=Method.RELAY)
+
+
+def maildir_count(maildir: Path | str) -> int:
+    """How many messages a Maildir holds in new/ (0 while it does not exist yet)."""
+    new = Path(maildir) / "new"
+    return len(os.listdir(new)) if new.is_dir() else 0
 
 
 def make_mail_root(parent: str) -> str:

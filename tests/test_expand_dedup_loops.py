@@ -10,12 +10,7 @@ import time
 from pathlib import Path
 
 from daemon import free_port
-from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-
-
-def count(folder: Path) -> int:
-    new = folder / "new"
-    return len(os.listdir(new)) if new.is_dir() else 0
+from helpers_delivery import Daemon, maildir_count, make_mail_root, open_temp_dir, system_user
 
 
 def test_duplicates_through_addresses_and_case_make_one_copy_and_address_loops_end() -> None:
@@ -40,11 +35,11 @@ def test_duplicates_through_addresses_and_case_make_one_copy_and_address_loops_e
                     assert client.sendmail("s@client.test", ["dups@local.test"], b"Subject: d\r\n\r\nbody\r\n") == {}
                     assert client.sendmail("s@client.test", ["la@local.test"], b"Subject: l\r\n\r\nbody\r\n") == {}
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and (count(Path(bob.pw_dir) / "Maildir") < 1
-                                                       or count(Path(carol.pw_dir) / "Maildir") < 1):
+                while time.monotonic() < deadline and (maildir_count(Path(bob.pw_dir) / "Maildir") < 1
+                                                       or maildir_count(Path(carol.pw_dir) / "Maildir") < 1):
                     time.sleep(0.1)
                 time.sleep(1.0)  # no second copy arrives
-                assert count(Path(bob.pw_dir) / "Maildir") == 1
-                assert count(Path(carol.pw_dir) / "Maildir") == 1
+                assert maildir_count(Path(bob.pw_dir) / "Maildir") == 1
+                assert maildir_count(Path(carol.pw_dir) / "Maildir") == 1
             finally:
                 daemon.stop()

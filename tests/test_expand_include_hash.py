@@ -14,13 +14,8 @@ import time
 from pathlib import Path
 
 from daemon import free_port
-from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+from helpers_delivery import Daemon, maildir_count, make_mail_root, open_temp_dir, system_user
 from helpers_mta import Remote
-
-
-def count(folder: Path) -> int:
-    new = folder / "new"
-    return len(os.listdir(new)) if new.is_dir() else 0
 
 
 def test_hash_inside_an_include_member_is_data_and_the_member_is_relayed() -> None:
@@ -46,11 +41,11 @@ def test_hash_inside_an_include_member_is_data_and_the_member_is_relayed() -> No
                     client.ehlo("client.test")
                     assert client.sendmail("s@client.test", ["list@local.test"], b"Subject: l\r\n\r\nbody\r\n") == {}
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and (not remote.received or count(Path(kim.pw_dir) / "Maildir") < 1):
+                while time.monotonic() < deadline and (not remote.received or maildir_count(Path(kim.pw_dir) / "Maildir") < 1):
                     time.sleep(0.1)
                 time.sleep(0.5)
                 assert [r.rcpt_tos for r in remote.received] == [[f"{joe.pw_name}#1@remote.test"]]
-                assert count(Path(joe.pw_dir) / "Maildir") == 0  # not the local user of the same name
-                assert count(Path(kim.pw_dir) / "Maildir") == 1  # a comment after whitespace is still one
+                assert maildir_count(Path(joe.pw_dir) / "Maildir") == 0  # not the local user of the same name
+                assert maildir_count(Path(kim.pw_dir) / "Maildir") == 1  # a comment after whitespace is still one
             finally:
                 daemon.stop()

@@ -10,12 +10,7 @@ import time
 from pathlib import Path
 
 from daemon import free_port
-from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-
-
-def count(folder: Path) -> int:
-    new = folder / "new"
-    return len(os.listdir(new)) if new.is_dir() else 0
+from helpers_delivery import Daemon, maildir_count, make_mail_root, open_temp_dir, system_user
 
 
 def test_same_user_under_two_actions_gets_both_deliveries() -> None:
@@ -41,9 +36,9 @@ def test_same_user_under_two_actions_gets_both_deliveries() -> None:
                     assert client.sendmail("s@client.test", ["both@local.test"], b"Subject: two\r\n\r\nbody\r\n") == {}
                 home = Path(user.pw_dir)
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline and (count(home / "Maildir") < 1 or count(home / "Archive") < 1):
+                while time.monotonic() < deadline and (maildir_count(home / "Maildir") < 1 or maildir_count(home / "Archive") < 1):
                     time.sleep(0.1)
                 time.sleep(0.5)  # nothing more arrives: the repeated name under "local" stays one delivery
-                assert (count(home / "Maildir"), count(home / "Archive")) == (1, 1)
+                assert (maildir_count(home / "Maildir"), maildir_count(home / "Archive")) == (1, 1)
             finally:
                 daemon.stop()

@@ -8,13 +8,8 @@ import smtplib
 from pathlib import Path
 
 from daemon import free_port
-from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
+from helpers_delivery import Daemon, maildir_count, make_mail_root, open_temp_dir, system_user
 from waiting import wait_until
-
-
-def maildir_count(home: str) -> int:
-    new = Path(home) / "Maildir" / "new"
-    return len(os.listdir(new)) if new.is_dir() else 0
 
 
 def test_backslash_user_and_escaped_quotes_in_forward() -> None:
@@ -40,8 +35,8 @@ def test_backslash_user_and_escaped_quotes_in_forward() -> None:
                     refused = client.sendmail("s@client.test", [f"{alice.pw_name}@fwd.test"],
                                               b"Subject: escapes\r\n\r\nbody\r\n")
                     assert refused == {}
-                wait_until(lambda: maildir_count(alice.pw_dir) == 1)
-                wait_until(lambda: maildir_count(bob.pw_dir) == 1)
+                wait_until(lambda: maildir_count(Path(alice.pw_dir) / "Maildir") == 1)
+                wait_until(lambda: maildir_count(Path(bob.pw_dir) / "Maildir") == 1)
                 wait_until(lambda: marker.exists() and "Subject: escapes" in marker.read_text())
                 assert marker.stat().st_uid == alice.pw_uid
                 assert "lka_expand: same user, submitting" in daemon.log()
