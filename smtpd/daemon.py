@@ -75,6 +75,7 @@ class Daemon:
         self.mda: Any = None
         self.mta: Any = None
         self.smtp: Any = None
+        self.processors: Any = None  # the filter processes of the running configuration (a ProcessorSet)
         self.control: Any = None
         self.components: list[Component] = []
         self._stopping = asyncio.Event()
@@ -211,6 +212,7 @@ BUILDERS: list[str] = [
     "smtpd.scheduler:build",
     "smtpd.mda:build",
     "smtpd.mta:build",
+    "smtpd.smtp.processes:build",  # the filter processes are ready before the listeners open
     "smtpd.smtp:build",
     "smtpd.control:build",  # last: the control socket opens once everything it controls exists
 ]

@@ -135,7 +135,8 @@ def test_reload_json(daemon: DaemonProcess) -> None:
     ('mda wrapper "w" "/usr/bin/env %{mda}"\n', 'mda wrapper added: mda wrapper "w" "/usr/bin/env %{mda}"'),
     ('admd "mx.example"\n', "admd changed"),
     ("scheduler limit max-inflight 10\n", "scheduler limits changed"),
-    ('proc "p" "/bin/cat"\n', 'proc added: proc "p" "/bin/cat"'),
+    ('proc "p" "echo \'register|ready\'; exec cat >/dev/null"\n',
+     'proc added: proc "p" "echo \'register|ready\'; exec cat >/dev/null"'),
 ])
 def test_reload_names_every_changed_statement(daemon: DaemonProcess, statement: str, change: str) -> None:
     # These statements were not compared: the daemon took them and smtpctl said "no changes".

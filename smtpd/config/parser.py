@@ -843,7 +843,6 @@ class Parser:
             if proc.text not in self.procs:
                 raise SemanticProblem(f"no processor exist with that name: {proc.text}", proc)
             self.filters[name.text] = Filter(name=name.text, kind="proc", proc=proc.text, location=location)
-            self._proc_filter_warning(name.text, location)
         elif self.accept_kw("proc-exec"):
             command = self.expect_string()
             self._filter_unique(name, command)
@@ -852,7 +851,6 @@ class Parser:
             options = self._proc_params("processor")
             self.filters[name.text] = replace(self.filters[name.text], **options)
             self.procs[name.text] = Proc(name=name.text, command=command.text, location=location, **options)
-            self._proc_filter_warning(name.text, location)
         elif self.accept_kw("phase"):
             self._filter_unique(name, name)
             self.filters[name.text] = Filter(name=name.text, kind="phase", location=location)
@@ -863,11 +861,6 @@ class Parser:
             self.filters[name.text] = Filter(name=name.text, kind="chain", chain=tuple(chain), location=location)
         else:
             raise self.fail()
-
-    def _proc_filter_warning(self, name: str, location: Location) -> None:
-        # Said out loud: an administrator must not believe mail is signed or scanned by a process we never start.
-        self.warning(f"filter {name}: filter processes are not run: sessions go on as if it said proceed "
-                     "(builtin filters are run)", location)
 
     def _filter_unique(self, name: Token, token: Token) -> None:
         if name.text in self.filters:

@@ -1164,7 +1164,8 @@ class IncomingMessage:
 
     def add_envelope(self, envelope: Envelope) -> int:
         taken = {existing.evpid for existing in self.envelopes}
-        evpid = new_evpid(self.msgid)
+        # An evpid given ahead (a filter process was told it at RCPT, smtpd/smtp/processes.py) is kept.
+        evpid = envelope.evpid if envelope.evpid >> 32 == self.msgid else new_evpid(self.msgid)
         while evpid in taken:
             evpid = new_evpid(self.msgid)
         envelope.evpid = evpid
@@ -1359,7 +1360,22 @@ class Queue:
             await asyncio.to_thread(self.io.stop)
 
     # -- receiving ------------------------------------------------------------------------------------
-    def new_message(self) -> IncomingMessage:
+    def reserve_msgid(self) -> int:
+        """A free msgid held for a message whose DATA is still to come (filter processes are told a
+        transaction's msgid at MAIL FROM, as OpenSMTPD does); ``new_message(msgid)`` takes it, or
+        ``release_msgid`` gives it back."""
+        msgid = self._take_free_msgid()
+        self.receiving.add(msgid)
+        self._check_msgid_ahead_soon()
+        return msgid
+
+    def release_msgid(self, msgid: int) -> None:
+        self.receiving.discard(msgid)
+
+    def new_message(self, msgid: int | None = None) -> IncomingMessage:
+        if msgid is not None:  # reserved at MAIL FROM
+            self.arriving += 1
+            return IncomingMessage(self, msgid)
         # No file yet (see MEMORY_LIMIT): the id must be free in memory and on disk; the commit's exclusive
         # mkdir in incoming/ catches the rest. The disk check (a stat of a name not there: 24-40 us here) is
         # made ahead, for a later message, in a turn of the loop of its own: with one client it runs while the

@@ -76,33 +76,56 @@ def reply_of(message: str) -> tuple[int, str]:
 def run_phase(config: Config, tables: Any, name: str | None, phase: str, facts: FilterFacts,
               session: str = "") -> FilterDecision:
     for item in phase_filters(config, name, phase):
-        condition = item.conditions[0]
-        try:
-            holds = _holds(condition, tables, facts)
-        except TableError as error:
-            trace.emit("filters", f"{session}: filters phase={phase}, filter={item.name}, table error: {error}",
-                       session=session, phase=phase, filter=item.name, decision="tempfail")
-            if phase == "connect":
-                return FilterDecision("tempfail", 421, "4.3.0 Temporary failure", item.name)
-            return FilterDecision("tempfail", 451, "4.3.0 Temporary failure", item.name)
-        if not holds:
-            _trace(session, phase, item, "proceed")
-            continue
-        decision = item.decision or "reject"
-        _trace(session, phase, item, decision)
-        if decision == "report":
-            continue
-        if decision == "bypass":
-            return FilterDecision("proceed", filter=item.name)
-        if decision == "junk":
-            return FilterDecision("junk", filter=item.name)
-        if decision == "rewrite":
-            return FilterDecision("rewrite", text=item.decision_arg or "", filter=item.name)
-        code, text = reply_of(item.decision_arg or "")
-        if code == 421:
-            decision = "disconnect"
-        return FilterDecision(decision, code, text, item.name)
+        decision = builtin_decision(item, tables, phase, facts, session)
+        if decision is not None:
+            return decision
     return PROCEED
+
+
+def chain_members(config: Config, name: str | None) -> list[Filter]:
+    """The filters the listener's filter (or chain) ``name`` runs, in order: builtin ones and processes."""
+    item = config.filters.get(name) if name else None
+    if item is None:
+        return []
+    if item.kind == "chain":
+        return [config.filters[member] for member in item.chain if member in config.filters]
+    return [item]
+
+
+def runs_processes(config: Config, name: str | None) -> bool:
+    return any(member.kind in ("proc", "proc-exec") for member in chain_members(config, name))
+
+
+def builtin_decision(item: Filter, tables: Any, phase: str, facts: FilterFacts,
+                     session: str = "") -> FilterDecision | None:
+    """What one builtin filter decides; None: the next filter decides (its condition does not hold, or it
+    only reports)."""
+    condition = item.conditions[0]
+    try:
+        holds = _holds(condition, tables, facts)
+    except TableError as error:
+        trace.emit("filters", f"{session}: filters phase={phase}, filter={item.name}, table error: {error}",
+                   session=session, phase=phase, filter=item.name, decision="tempfail")
+        if phase == "connect":
+            return FilterDecision("tempfail", 421, "4.3.0 Temporary failure", item.name)
+        return FilterDecision("tempfail", 451, "4.3.0 Temporary failure", item.name)
+    if not holds:
+        _trace(session, phase, item, "proceed")
+        return None
+    decision = item.decision or "reject"
+    _trace(session, phase, item, decision)
+    if decision == "report":
+        return None
+    if decision == "bypass":
+        return FilterDecision("proceed", filter=item.name)
+    if decision == "junk":
+        return FilterDecision("junk", filter=item.name)
+    if decision == "rewrite":
+        return FilterDecision("rewrite", text=item.decision_arg or "", filter=item.name)
+    code, text = reply_of(item.decision_arg or "")
+    if code == 421:
+        decision = "disconnect"
+    return FilterDecision(decision, code, text, item.name)
 
 
 def _trace(session: str, phase: str, item: Filter, decision: str) -> None:

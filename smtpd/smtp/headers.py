@@ -166,7 +166,9 @@ class MessageBuilder:
         if self.size > self.max_size:
             self._fail(replies.TOO_BIG)
         if self.error is None:
-            block = self.received.encode("utf-8", "surrogateescape") + b"\n" + b"".join(
+            # (no Received here when it went through filter processes at the top of the text)
+            received = self.received.encode("utf-8", "surrogateescape") + b"\n" if self.received else b""
+            block = received + b"".join(
                 header + b"\n" for header in headers) + separator
             await self._write(block)
 
@@ -214,6 +216,11 @@ class MessageBuilder:
             if "message-id" not in seen:
                 output.append(f"Message-ID: <{secrets.randbits(64):016x}@{self.hostname}>".encode())
         return output
+
+
+def has_bare_line_ending(block: bytes) -> bool:
+    """Whether the block holds a CR that begins no CRLF or an LF that ends none."""
+    return not _crlf_only(block, block.replace(b"\r", b""))
 
 
 def _crlf_only(block: bytes, text: bytes) -> bool:

@@ -153,6 +153,8 @@ MALFORMED = Reply(550, "5.7.1 Delivery not authorized, message refused: Message 
 # ours: the SMTP-smuggling defence (docs/smtp.md): a message with a bare CR or a bare LF is refused whole.
 BARE_LINE_ENDING = Reply(550, "5.6.0 Message refused: it contains a bare CR or LF (lines must end with CRLF)")
 TEMPORARY_FAILURE_CLOSE = Reply(421, "4.3.0 Temporary failure")
+# A filter process that could not judge (exited, timed out, answered garbage): nothing passes unfiltered.
+FILTER_FAILED = Reply(451, "4.3.0 Temporary failure")
 INTERNAL_ERROR = Reply(421, "Internal server error")
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from shared.ids import format_evpid, format_msgid, new_session_id
+from shared.ids import format_evpid, format_msgid, new_evpid, new_session_id
 from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.config.model import AuthMode, Listener, TlsMode
@@ -39,8 +39,9 @@ from smtpd.smtp import address as addr
 from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.auth import AuthResult, authenticate
 from smtpd.smtp.connection import Connection
-from smtpd.smtp.filters import PROCEED, FilterDecision, FilterFacts, run_phase
+from smtpd.smtp.filters import PROCEED, FilterDecision, FilterFacts, builtin_decision, reply_of, run_phase
 from smtpd.smtp.headers import MessageBuilder, received_header
+from smtpd.smtp.processes import Chain, DataLineStream, FilterFailure, ProcessorSet, report_line
 from smtpd.smtp.replies import Reply
 from smtpd.stats import STATS
 
@@ -112,13 +113,16 @@ class _Transaction:
     parameters: addr.MailParameters
     recipients: list[_Recipient] = field(default_factory=list)
     message: Any = None  # the queue's IncomingMessage once DATA/BDAT began
-    builder: MessageBuilder | None = None
+    builder: MessageBuilder | DataLineStream | None = None
     bdat_used: bool = False
     mail_from: str = ""  # the address of MAIL FROM as the client wrote it (the filters' `mail-from`)
     junk: bool = False  # a filter said junk in this transaction: X-Spam: Yes
     # Its envelopes counted in `scheduler.envelope.incoming` (OpenSMTPD's gauge of the envelopes of messages
     # being received: up at each accepted RCPT, down when the message is committed or dropped).
     incoming: int = 0
+    # Its msgid, taken at MAIL FROM when filter processes get the session's reports (they are told it then).
+    msgid: int | None = None
+    mail_address: str = ""  # MAIL FROM's address as the client wrote it, for those reports
 
 
 class Session:
@@ -132,6 +136,11 @@ class Session:
         self.tables = server.daemon.tables
         if self.tables is not None:
             self.tables.hold()  # released at the end of run()
+        # The filter processes of the same snapshot, and this listener's chain of them (None: it runs none).
+        processors: ProcessorSet | None = getattr(server.daemon, "processors", None)
+        self.processors = processors.hold() if processors is not None else None
+        self.chain: Chain | None = processors.chain(self.config, endpoint.listener.filter) \
+            if processors is not None else None
         self.endpoint = endpoint
         self.listener: Listener = endpoint.listener
         self.limits = server.limits
@@ -179,6 +188,7 @@ class Session:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_expired = False
         self._local_listener: bool | None = None  # see _is_local_listener
+        self._last_filter_code = 0  # the code of the last refusal by a filter (tx-rcpt's result)
 
     # -- facts -------------------------------------------------------------------------------------------------
     @property
@@ -234,9 +244,12 @@ class Session:
             finally:
                 if self.tables is not None:
                     self.tables.release()
+                if self.processors is not None:
+                    self.processors.release()
 
     def _timed_out(self) -> None:
         self.disconnect_reason = "timeout"
+        self._report("timeout")
         if trace.wants("io"):
             self._trace_io("timeout", timeout=self.limits.timeout)
 
@@ -274,10 +287,35 @@ class Session:
             self._count_tls("smtp.smtps")
         self._set_state("STATE_CONNECTED")
         self.early_bytes = len(self.buffer) + self.connection.unread()
-        if await self._filter("connect", None) is None:
+        if self.chain is not None:
+            self._report("link-connect", self.rdns or "<unknown>", self.fcrdns, *self._link_ends())
+        if await self._filter("connect", None, argument=(self.rdns or "<unknown>", self.client_ip)) is None:
             return  # the rejection was the greeting
         self.banner_sent = True
         await self.reply(replies.banner(self.smtpname))
+        self._report("link-greeting", self.smtpname)
+
+    def _link_ends(self) -> tuple[str, str]:
+        """The client's and our end of the connection, as link-connect reports them (`127.0.0.1:33018`)."""
+        if self.local:
+            where = f"unix:{self.daemon.paths.socket}"
+            return where, where
+        ours = self.connection.get_extra_info("sockname") or ("", 0)
+        address = str(ours[0]).split("%")[0]
+        return (f"{self.sockaddr}:{self.client_port}",
+                f"{f'[{address}]' if ':' in address else address}:{ours[1]}")
+
+    def _report(self, event: str, *fields: str) -> None:
+        """Tell the chain's filter processes registered for ``event`` (docs/filters.md); nothing without them."""
+        chain = self.chain
+        if chain is None:
+            return
+        line = None
+        for processor in chain.reporters:
+            if event in processor.reports:
+                if line is None:
+                    line = report_line(event, self.token, fields)
+                processor.report(line)
 
     def _count_tls(self, key: str) -> None:
         """smtp.smtps and smtp.tls count the sessions secured now, as smtp.session counts those open."""
@@ -296,6 +334,7 @@ class Session:
             self._trace_io(f"connection closed ({self.disconnect_reason})", reason=self.disconnect_reason)
         await self._abort_transaction()
         self._set_state("STATE_QUIT")
+        self._report("link-disconnect")
         reason = self.disconnect_reason
         if not reason.replace("-", "").isalnum():  # a value of several words is quoted, as OpenSMTPD's io-error one
             reason = '"' + reason.replace('"', "'") + '"'
@@ -428,9 +467,10 @@ class Session:
         trace.emit("io", f"{self.token}: {text}", session=self.token, address=self.client_ip, **fields)
 
     async def _filter(self, phase: str, line: str | None, *, helo: str | None = None,
-                      rcpt_to: str | None = None) -> FilterDecision | None:
-        """Run the listener's builtin filters of ``phase`` (smtpd/smtp/filters.py). None: they refused, the
-        reply is sent (and the session closed for disconnect); otherwise proceed, junk (marked here) or rewrite."""
+                      rcpt_to: str | None = None, argument: tuple[str, ...] = ("",)) -> FilterDecision | None:
+        """Run the listener's filters of ``phase``: builtin ones (smtpd/smtp/filters.py) and filter processes
+        (smtpd/smtp/processes.py; ``argument`` is what they are sent). None: they refused, the reply is sent
+        (and the session closed for disconnect); otherwise proceed, junk (marked here) or rewrite."""
         if not self.listener.filter:
             return PROCEED
         facts = FilterFacts(address="local" if self.local else self.client_ip, rdns=self.rdns,
@@ -438,11 +478,16 @@ class Session:
                             auth_user=self.auth_user if self.authenticated else None,
                             mail_from=self.transaction.mail_from if self.transaction is not None
                             else self.last_mail_from, rcpt_to=rcpt_to)
-        arguments = (self.config, self.tables, self.listener.filter, phase, facts, self.token)
-        if self.tables is not None and self.tables.lookups_may_block():
-            decision = await asyncio.to_thread(run_phase, *arguments)
+        if self.chain is not None:
+            decision = await self._run_chain(self.chain, phase, facts, argument)
+            self._report("filter-response", "connected" if phase == "connect" else phase,
+                         *_response_fields(decision))
         else:
-            decision = run_phase(*arguments)
+            arguments = (self.config, self.tables, self.listener.filter, phase, facts, self.token)
+            if self.tables is not None and self.tables.lookups_may_block():
+                decision = await asyncio.to_thread(run_phase, *arguments)
+            else:
+                decision = run_phase(*arguments)
         if decision.decision == "junk":
             # Before MAIL FROM it marks the session, after it the transaction (mail-from: cmd_mail does it).
             if self.transaction is not None:
@@ -451,12 +496,52 @@ class Session:
                 self.junk = True
         if decision.decision not in ("reject", "disconnect", "tempfail"):
             return decision
+        self._last_filter_code = decision.code
         _log.info("%s smtp filter-response phase=%s filter=%s response=%s result=\"%d %s\"", self.token, phase,
                   decision.filter, decision.decision, decision.code, log.visible(decision.text))
         await self.reply(Reply(decision.code, decision.text), command=line)
         if decision.code == 421 or decision.decision == "disconnect":
             raise _Close("filter")
         return None
+
+    async def _run_chain(self, chain: Chain, phase: str, facts: FilterFacts,
+                         argument: tuple[str, ...]) -> FilterDecision:
+        """A chain with filter processes, member by member. The first filter that decides anything but
+        proceed ends the phase, a process as a builtin filter (6.8: a rewrite is not passed on either)."""
+        may_block = self.tables is not None and self.tables.lookups_may_block()
+        for item, processor in chain.members:
+            if processor is None:
+                if item.kind != "phase" or item.phase != phase:
+                    continue
+                arguments = (item, self.tables, phase, facts, self.token)
+                builtin = await asyncio.to_thread(builtin_decision, *arguments) if may_block \
+                    else builtin_decision(*arguments)
+                if builtin is not None:
+                    return builtin
+                continue
+            if phase not in processor.phases:
+                continue
+            try:
+                word, text = await processor.ask(phase, self.token, argument)
+            except FilterFailure as error:
+                _log.warning("%s smtp: %s", self.token, error)
+                return _filter_failed(phase, item.name)
+            trace.emit("filters", f"{self.token}: filters phase={phase}, action={word}, filter={item.name}"
+                       + (f", response={text}" if text else ""), session=self.token, phase=phase,
+                       filter=item.name, decision=word)
+            if word == "proceed":
+                continue
+            if word == "junk":
+                return FilterDecision("junk", filter=item.name)
+            if word == "rewrite":
+                return FilterDecision("rewrite", text=text, filter=item.name)
+            if word in ("reject", "disconnect"):
+                code, reply_text = reply_of(text)
+                return FilterDecision("disconnect" if code == 421 else word, code, reply_text, item.name)
+            _log.warning("%s smtp: filter process %s answered %r, which is no filter result", self.token,
+                         processor.name, word[:64])
+            return _filter_failed(phase, item.name)
+        return PROCEED
 
     def _trace_committed(self, msgid: str, envelopes: list[Envelope]) -> None:
         if trace.wants("imsg"):
@@ -471,6 +556,9 @@ class Session:
 
     def _write_reply(self, reply: Reply, command: str | None = None) -> None:
         wire = reply.wire()
+        if self.chain is not None:
+            for line in str(reply).split("\n"):
+                self._report("protocol-server", line)
         # Held while another pipelined command line waits: the group's replies then leave in one segment.
         self.connection.write(wire, hold=b"\n" in self.buffer)
         if trace.wants("io"):
@@ -515,6 +603,8 @@ class Session:
                 raise _Close("disconnect")
             self._trace_input(line)
             verb, argument = split_command(line)
+            if self.chain is not None:  # (an AUTH line's credentials are not told)
+                self._report("protocol-client", _masked(line))
             handler = handlers.get(verb)
             if handler is None:
                 await self._error(replies.UNKNOWN_COMMAND, line)
@@ -530,6 +620,7 @@ class Session:
 
     async def cmd_noop(self, argument: str, line: str) -> None:
         if await self._no_arguments(argument, line):
+            self._report("filter-response", "noop", "proceed")
             await self.reply(replies.NOOP_OK)
 
     async def cmd_help(self, argument: str, line: str) -> None:
@@ -542,6 +633,7 @@ class Session:
 
     async def cmd_quit(self, argument: str, line: str) -> None:
         if await self._no_arguments(argument, line):
+            self._report("filter-response", "quit", "proceed")
             await self.reply(replies.QUIT_OK)
             raise _Close("quit")
 
@@ -550,6 +642,12 @@ class Session:
             return
         if self.helo is None:
             await self._error(replies.BAD_SEQUENCE, line)
+            return
+        self._report("filter-response", "rset", "proceed")
+        if self.chain is not None:  # (reported as 6.8 does: the reply, then the transaction's end)
+            self._set_state("STATE_HELO")
+            await self.reply(replies.RSET_OK)
+            await self._abort_transaction()
             return
         await self._abort_transaction()
         self._set_state("STATE_HELO")
@@ -577,7 +675,7 @@ class Session:
         if not addr.valid_helo(name):
             await self._error(replies.BAD_HELO_DOMAIN, line)
             return
-        decision = await self._filter("ehlo" if extended else "helo", line, helo=name)
+        decision = await self._filter("ehlo" if extended else "helo", line, helo=name, argument=(name,))
         if decision is None:
             return
         if decision.decision == "rewrite":
@@ -587,6 +685,7 @@ class Session:
                 return
         self.helo, self.esmtp = name, extended
         self._set_state("STATE_HELO")
+        self._report("link-identify", "EHLO" if extended else "HELO", name)
         if extended:
             await self.reply(replies.ehlo_ok(self.smtpname, name, self.client_text, self.extensions()))
         else:
@@ -654,6 +753,9 @@ class Session:
             raise _Close("tls handshake failed") from None
         self.secure = True
         self.tls_text = tls.describe(self.connection.get_extra_info("ssl_object"))
+        if self.chain is not None:
+            version, cipher, bits = (self.tls_text or "::").split(":")[:3]
+            self._report("link-tls", f"version={version}, cipher={cipher}, bits={bits}")
         if trace.wants("io"):
             ssl_object = self.connection.get_extra_info("ssl_object")
             version, cipher = ssl_object.version(), ssl_object.cipher()[0]
@@ -730,6 +832,7 @@ class Session:
         result = await authenticate(self.tables, self.listener.auth_table, user, password)
         _log.info("%s smtp authentication user=%s result=%s", self.token, log.visible(user, white=True),
                   result.value)
+        self._report("link-auth", user, {AuthResult.OK: "pass", AuthResult.TEMPFAIL: "error"}.get(result, "fail"))
         if result is AuthResult.OK:
             self.auth_user, self.authenticated = user, True
             await self.reply(replies.AUTH_OK)
@@ -759,9 +862,9 @@ class Session:
         parsed = await self._parse_mail(argument, line)
         if parsed is None:
             return
-        inner = parsed[2]
+        inner = written = parsed[2]
         self.last_mail_from = inner
-        decision = await self._filter("mail-from", line)
+        decision = await self._filter("mail-from", line, argument=(inner,))
         if decision is None:
             return
         if decision.decision == "rewrite":
@@ -772,10 +875,23 @@ class Session:
         sender, parameters, _ = parsed
         if not await self._sender_allowed(sender, line):
             return
-        self.transaction = _Transaction(sender, parameters, mail_from=inner)
+        self.transaction = transaction = _Transaction(sender, parameters, mail_from=inner, mail_address=written)
         if decision.decision == "junk":
-            self.transaction.junk = True
+            transaction.junk = True
+        if self.chain is None:
+            await self.reply(replies.MAIL_OK)
+            return
+        try:  # filter processes are told the transaction's msgid from here on, as 6.8 tells them
+            transaction.msgid = self.daemon.queue.reserve_msgid()
+        except Exception:  # noqa: BLE001 — QueueError: no free id
+            _log.warning("%s smtp: cannot take a message id", self.token, exc_info=True)
+            self.transaction = None
+            await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
+            raise _Close("queue failure") from None
         await self.reply(replies.MAIL_OK)
+        msgid = format_msgid(transaction.msgid)
+        self._report("tx-begin", msgid)
+        self._report("tx-mail", msgid, "ok", written)
 
     async def _parse_mail(self, argument: str, line: str) -> tuple[addr.Mailaddr, addr.MailParameters, str] | None:
         """MAIL FROM's sender, parameters and address as written (None: refused, the reply is sent)."""
@@ -826,8 +942,14 @@ class Session:
         parsed = await self._parse_rcpt(transaction, argument, line)
         if parsed is None:
             return
-        decision = await self._filter("rcpt-to", line, rcpt_to=parsed[2])
+        written = parsed[2]
+        try:
+            decision = await self._filter("rcpt-to", line, rcpt_to=written, argument=(written,))
+        except _Close:  # a disconnect: the recipient was refused too
+            self._report_rcpt(transaction, written, self._last_filter_code)
+            raise
         if decision is None:
+            self._report_rcpt(transaction, written, self._last_filter_code)
             return
         if decision.decision == "rewrite":
             parsed = await self._parse_rcpt(transaction, decision.text, line)
@@ -837,11 +959,33 @@ class Session:
         refusal, deliveries = await self._expand(transaction.sender, rcpt)
         if refusal is not None:
             await self.reply(refusal, command=line)
+            self._report_rcpt(transaction, written, refusal.code)
             return
         transaction.recipients.append(_Recipient(rcpt, parameters, deliveries))
         transaction.incoming += len(deliveries)
         STATS.increment("scheduler.envelope.incoming", len(deliveries))
+        if transaction.msgid is not None:  # the evpids are told now: the queue keeps them
+            self._report_envelopes(transaction, deliveries)
         await self.reply(replies.RCPT_OK)
+        self._report_rcpt(transaction, written, 250)
+
+    def _report_envelopes(self, transaction: _Transaction, deliveries: list[Envelope]) -> None:
+        assert transaction.msgid is not None
+        msgid = format_msgid(transaction.msgid)
+        taken = {delivery.evpid for recipient in transaction.recipients for delivery in recipient.deliveries
+                 if delivery not in deliveries}
+        for delivery in deliveries:
+            evpid = new_evpid(transaction.msgid)
+            while evpid in taken:
+                evpid = new_evpid(transaction.msgid)
+            taken.add(evpid)
+            delivery.evpid = evpid
+            self._report("tx-envelope", msgid, format_evpid(evpid))
+
+    def _report_rcpt(self, transaction: _Transaction, written: str, code: int) -> None:
+        if transaction.msgid is not None:
+            result = "ok" if code < 400 else "tempfail" if code < 500 else "permfail"
+            self._report("tx-rcpt", format_msgid(transaction.msgid), result, written)
 
     async def _parse_rcpt(self, transaction: _Transaction, argument: str,
                           line: str) -> tuple[addr.Mailaddr, addr.RcptParameters, str] | None:
@@ -902,10 +1046,13 @@ class Session:
             await self._error(replies.NO_RECIPIENT, line)
             return
         if await self._filter("data", line) is None:
+            self._report_tx(transaction, "tx-data", "permfail")
             return
-        await self._open_message(transaction)
+        if not await self._open_message(transaction, line):
+            return
         self._set_state("STATE_BODY")
         await self.reply(replies.DATA_OK)
+        self._report_tx(transaction, "tx-data", "ok")
         try:
             await self._receive_data(transaction)
         except QueueError as error:
@@ -922,21 +1069,41 @@ class Session:
         await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
         raise _Close("queue failure")
 
-    async def _open_message(self, transaction: _Transaction) -> None:
+    async def _open_message(self, transaction: _Transaction, line: str) -> bool:
+        """Create the message in the queue and its builder (behind the data-line filter processes, if any).
+        False: a filter process is not there to take it (the refusal is sent)."""
         try:
-            transaction.message = self.daemon.queue.new_message()
+            transaction.message = self.daemon.queue.new_message(transaction.msgid)
         except Exception:  # noqa: BLE001 — QueueError or OSError: the client retries later
             _log.warning("%s smtp: cannot create a message in the queue", self.token, exc_info=True)
             await self.reply(replies.TEMPORARY_FAILURE_CLOSE)
             raise _Close("queue failure") from None
         message = transaction.message
-        transaction.builder = MessageBuilder(
-            message.write, max_size=self.config.smtp.max_message_size,
-            received=("X-Spam: Yes\n" if self.junk or transaction.junk else "")
-            + self._received(transaction, format_msgid(message.msgid)), hostname=self.smtpname,
-            local_listener=self._is_local_listener(),
+        top = ("X-Spam: Yes\n" if self.junk or transaction.junk else "") \
+            + self._received(transaction, format_msgid(message.msgid))
+        stages = self.chain.data_line_stages() if self.chain is not None else []
+        builder = MessageBuilder(
+            message.write, max_size=self.config.smtp.max_message_size, received="" if stages else top,
+            hostname=self.smtpname, local_listener=self._is_local_listener(),
             masquerade_from=str(transaction.sender) if self.listener.masquerade and self.authenticated else None,
             strict=not self.local)
+        if not stages:
+            transaction.builder = builder
+            return True
+        try:  # as 6.8: the header this daemon adds goes through the filters, first
+            transaction.builder = DataLineStream(stages, self.token, builder, top.split("\n"),
+                                                 strict=not self.local, timeout=self.limits.timeout)
+        except FilterFailure as error:
+            _log.warning("%s smtp: %s", self.token, error)
+            await message.abort()
+            transaction.message = None
+            await self.reply(replies.FILTER_FAILED, command=line)
+            return False
+        return True
+
+    def _report_tx(self, transaction: _Transaction, event: str, *fields: str) -> None:
+        if transaction.msgid is not None:
+            self._report(event, format_msgid(transaction.msgid), *fields)
 
     def _is_local_listener(self) -> bool:
         # Asked for every message; the answer depends on the endpoint only: parse its address once.
@@ -1019,10 +1186,14 @@ class Session:
             return
         if transaction.message is None:
             if await self._filter("data", line) is None:  # (a 421 closed the session; else the chunk is dropped)
+                self._report_tx(transaction, "tx-data", "permfail")
                 await self._read_chunk(size, None)
                 return
             transaction.bdat_used = True
-            await self._open_message(transaction)
+            if not await self._open_message(transaction, line):
+                await self._read_chunk(size, None)
+                return
+            self._report_tx(transaction, "tx-data", "ok")
             self._set_state("STATE_BODY")
         try:
             await self._read_chunk(size, transaction.builder)
@@ -1033,7 +1204,7 @@ class Session:
         else:
             await self.reply(replies.bdat_ok(size))
 
-    async def _read_chunk(self, size: int, builder: MessageBuilder | None) -> None:
+    async def _read_chunk(self, size: int, builder: MessageBuilder | DataLineStream | None) -> None:
         remaining = size
         self._data_deadline, self._data_progress = None, 0
         while remaining:
@@ -1055,17 +1226,22 @@ class Session:
             await self._queue_write_failed(transaction, error)
         self._drop_transaction()
         self._set_state("STATE_HELO")
+        if self.chain is not None:
+            self._report("protocol-client", ".")
         if refusal is not None:
             await message.abort()
             await self.reply(refusal, command="DATA")
+            self._report_refused(transaction)
             return
         try:
             refused = await self._filter("commit", ".") is None
         except _Close:
             await message.abort()
+            self._report_refused(transaction)
             raise
         if refused:
             await message.abort()
+            self._report_refused(transaction)
             return
         envelopes = self._envelopes(transaction)
         try:
@@ -1090,6 +1266,17 @@ class Session:
                           format_evpid(envelope.evpid), envelope.sender, envelope.dest or envelope.rcpt)
             self._write_reply(replies.message_accepted(msgid))
         await self._drain_replies()
+        if transaction.msgid is not None:
+            self._report("tx-commit", msgid, str(builder.size))
+            self._report("tx-reset", msgid)
+
+    def _report_refused(self, transaction: _Transaction) -> None:
+        """A message refused at its end (by a filter, or as malformed): its transaction is over."""
+        if transaction.msgid is not None:
+            msgid = format_msgid(transaction.msgid)
+            self._report("tx-data", msgid, "permfail")
+            self._report("tx-rollback", msgid)
+            self._report("tx-reset", msgid)
 
     def _envelopes(self, transaction: _Transaction) -> list[Envelope]:
         now = int(time.time())
@@ -1127,14 +1314,40 @@ class Session:
 
     async def _abort_transaction(self) -> None:
         transaction = self._drop_transaction()
-        if transaction is not None and transaction.message is not None:
+        if transaction is None:
+            return
+        if transaction.message is not None:
             try:
                 await transaction.message.abort()
             except Exception:  # noqa: BLE001
                 _log.warning("%s smtp: aborting a message failed", self.token, exc_info=True)
+        elif transaction.msgid is not None:
+            self.daemon.queue.release_msgid(transaction.msgid)
+        if isinstance(transaction.builder, DataLineStream):
+            transaction.builder.close()
+        if transaction.msgid is not None:
+            self._report("tx-rollback", format_msgid(transaction.msgid))
+            self._report("tx-reset", format_msgid(transaction.msgid))
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------------
+def _filter_failed(phase: str, name: str) -> FilterDecision:
+    """A filter process that could not judge: nothing passes unfiltered (421 at connect, else 451)."""
+    if phase == "connect":
+        return FilterDecision("tempfail", 421, "4.3.0 Temporary failure", name)
+    return FilterDecision("tempfail", replies.FILTER_FAILED.code, replies.FILTER_FAILED.text, name)
+
+
+def _response_fields(decision: FilterDecision) -> tuple[str, ...]:
+    """A phase's outcome as the filter-response report gives it: `proceed`, `reject|550 ...`, `rewrite|<v>`."""
+    if decision.decision in ("reject", "disconnect", "tempfail"):
+        word = "disconnect" if decision.decision == "disconnect" or decision.code == 421 else "reject"
+        return word, f"{decision.code} {decision.text}"
+    if decision.decision == "rewrite":
+        return "rewrite", decision.text
+    return (decision.decision,)
+
+
 def _masked(line: str) -> str:
     """A command line as it may be traced or logged: an AUTH line keeps its mechanism, not its credentials."""
     if line[:5].upper() != "AUTH ":
