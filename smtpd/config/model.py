@@ -268,7 +268,7 @@ class MtaLimit:
 @dataclass(frozen=True)
 class Filter:
     """A filter, proc or chain declaration. Builtin (phase) filters run in sessions (smtpd/smtp/filters.py);
-    processes (proc, proc-exec) are not run."""
+    processes (proc, proc-exec) run beside the daemon (smtpd/smtp/processes.py)."""
 
     name: str
     kind: str  # "phase" | "proc" | "proc-exec" | "chain" (an inline listen/relay list is a chain too)

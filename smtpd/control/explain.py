@@ -90,6 +90,11 @@ def _session_checks(config: Config, tables: Any, listener: Listener | None, fact
     if listener is None:
         return checks
     filter_name = listener.filter
+    from smtpd.smtp.filters import chain_members
+
+    processes = [member.name for member in chain_members(config, filter_name) if member.kind in ("proc", "proc-exec")]
+    if processes:  # programs of their own: asking them would be a session, with reports; said, not guessed
+        checks.steps.append("filter processes not consulted: " + ", ".join(processes))
     phases: list[tuple[str, str | None]] = [("connect", None), ("ehlo", None)]
     if facts.auth_user and not facts.local_socket:
         phases.append(("auth", None))

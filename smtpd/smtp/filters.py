@@ -10,8 +10,9 @@ Where OpenSMTPD 6.8 differs, on purpose:
 * A table that fails while a condition is tested gives a temporary failure (451, or 421 at connect), where 6.8
   reads the failure as "no match" (so `! src <allowed>` refused everyone, permanently, while a table was down).
 * `auth` phase filters run (6.8 accepts them in the grammar and never runs them).
-* Processes (`proc`, `proc-exec`) are not run: the configuration says so with a warning, and the chain goes on
-  past them as if they had said proceed.
+
+Filter processes (`proc`, `proc-exec`) in the same chain are asked by the session (smtpd/smtp/processes.py,
+docs/filters.md); ``builtin_decision`` is one builtin filter's part of such a chain.
 """
 
 from __future__ import annotations

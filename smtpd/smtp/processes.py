@@ -52,6 +52,7 @@ FILTER_PHASES = frozenset({
 REGISTER_TIMEOUT = 30.0  # seconds a process has to say `register|ready`
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # after each exit in a row
 STDERR_LINE_MAX = 1024
+REPORT_BACKLOG = 16 << 20  # bytes of reports a process may leave unread
 LINE_MAX = 65536 + 1024  # a data line of up to 64 KiB and the protocol's fields
 
 _log = log.get("filter")
@@ -136,6 +137,7 @@ class Processor:
         self._streams: dict[str, Callable[[str | None], None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
+        self._dropping = False  # reports are being dropped (see report)
         self._restart: asyncio.TimerHandle | None = None
 
     # -- starting ------------------------------------------------------------------------------------------------
@@ -143,12 +145,12 @@ class Processor:
         """Start the process and wait for its registrations. Raises FilterFailure when it cannot."""
         spec = self.spec
         try:
-            options = _run_as(spec)
+            argv, options = _launch(spec)
         except (KeyError, OSError) as error:
             raise FilterFailure(f"filter process {spec.name}: {error}") from None
         try:
             self.process = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", spec.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, close_fds=True, limit=LINE_MAX,
                 **options)
         except OSError as error:
@@ -156,10 +158,11 @@ class Processor:
         trace.emit("filters", f"filter process {spec.name} started, pid {self.process.pid}: {spec.command}",
                    filter=spec.name, pid=self.process.pid)
         self._tasks.append(asyncio.create_task(self._read_stderr()))
-        self._send_lines([f"config|smtpd-version|{SMTPD_VERSION}",
-                          f"config|smtp-session-timeout|{int(self.session_timeout)}",
-                          *([f"config|subsystem|{SUBSYSTEM}"] if spec.in_use else []),
-                          f"config|admd|{self.admd}", "config|ready"])
+        with contextlib.suppress(FilterFailure, ConnectionError):  # (one that exited at once: said below)
+            self._send_lines([f"config|smtpd-version|{SMTPD_VERSION}",
+                              f"config|smtp-session-timeout|{int(self.session_timeout)}",
+                              *([f"config|subsystem|{SUBSYSTEM}"] if spec.in_use else []),
+                              f"config|admd|{self.admd}", "config|ready"])
         try:
             async with asyncio.timeout(REGISTER_TIMEOUT):
                 await self._registrations()
@@ -225,26 +228,27 @@ class Processor:
         self._lost(why)
 
     def _dispatch(self, line: str) -> bool:
+        """Take one line of the process; False: it is no line of the protocol (the process is started again).
+        An answer to no request waiting (one that timed out, or for a session that ended) is logged and left,
+        as 6.8 leaves an answer for an unknown session."""
         kind, _, rest = line.partition("|")
+        if kind not in ("filter-result", "filter-dataline"):
+            return False
+        session, _, rest = rest.partition("|")
+        token, _, value = rest.partition("|")
         if kind == "filter-result":
-            session, _, rest = rest.partition("|")
-            token, _, result = rest.partition("|")
             waiter = self._pending.pop((session, token), None)
-            if waiter is None:
-                return False
-            decision, _, argument = result.partition("|")
-            if not waiter.done():
+            if waiter is not None and not waiter.done():
+                decision, _, argument = value.partition("|")
                 waiter.set_result((decision, argument))
-            return True
-        if kind == "filter-dataline":
-            session, _, rest = rest.partition("|")
-            _token, _, text = rest.partition("|")
+                return True
+        else:
             stream = self._streams.get(session)
-            if stream is None:
-                return False
-            stream(text)
-            return True
-        return False
+            if stream is not None:
+                stream(value)
+                return True
+        _log.warning("filter process %s answered a request not waiting: %s", self.name, log.visible(line[:200]))
+        return True
 
     async def _read_stderr(self) -> None:
         assert self.process is not None and self.process.stderr is not None
@@ -327,9 +331,19 @@ class Processor:
         process.stdin.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
 
     def report(self, line: str) -> None:
-        if self.ready:
-            with contextlib.suppress(FilterFailure):
-                self._send_lines([line])
+        """One report line, not waited for. A process that stops reading its input does not make the daemon
+        hold its reports without end: past REPORT_BACKLOG bytes waiting, they are dropped (said once)."""
+        if not self.ready:
+            return
+        stdin = self.process.stdin if self.process is not None else None
+        if stdin is not None and stdin.transport.get_write_buffer_size() > REPORT_BACKLOG:
+            if not self._dropping:
+                self._dropping = True
+                _log.warning("filter process %s reads none of its input: reports to it are dropped", self.name)
+            return
+        self._dropping = False
+        with contextlib.suppress(FilterFailure):
+            self._send_lines([line])
 
     async def ask(self, phase: str, session: str, fields: tuple[str, ...]) -> tuple[str, str]:
         """One filter request; its (decision, argument). Raises FilterFailure."""
@@ -373,10 +387,14 @@ class Processor:
                 await process.stdin.drain()
 
 
-def _run_as(spec: ProcessorSpec) -> dict[str, Any]:
-    """The user, group and root directory the process runs with (only a daemon running as root switches)."""
+def _launch(spec: ProcessorSpec) -> tuple[list[str], dict[str, Any]]:
+    """The command line and the user switch of the process: `/bin/sh -c COMMAND` as 6.8 runs it, as the `user`
+    and `group` the declaration names, else the unprivileged user; inside `chroot` when one is named (entered by
+    coreutils' chroot(8), which switches user after entering, as a child of ours could not once switched). Only
+    a daemon running as root switches at all."""
+    argv = ["/bin/sh", "-c", spec.command]
     if os.geteuid() != 0:
-        return {}
+        return argv, {}
     from smtpd.lookup.userinfo import unprivileged_user
 
     entry = pwd.getpwnam(spec.user or unprivileged_user())
@@ -385,15 +403,10 @@ def _run_as(spec: ProcessorSpec) -> dict[str, Any]:
         import grp
 
         gid = grp.getgrnam(spec.group).gr_gid
-    chroot = spec.chroot
-
-    def enter_root() -> None:
-        if chroot:
-            os.chroot(chroot)
-            os.chdir("/")
-
-    return {"user": entry.pw_uid, "group": gid, "extra_groups": [], "cwd": chroot and "/" or entry.pw_dir or "/",
-            "preexec_fn": enter_root if chroot else None}
+    if spec.chroot:
+        return ["chroot", f"--userspec={entry.pw_uid}:{gid}", "--groups=", spec.chroot, *argv], {}
+    # The working folder is the daemon's, as 6.8 leaves it (a home such as /nonexistent must not stop it).
+    return argv, {"user": entry.pw_uid, "group": gid, "extra_groups": []}
 
 
 @dataclass(frozen=True)

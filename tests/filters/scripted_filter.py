@@ -6,9 +6,9 @@ reads to a log file, and answers as its arguments say.
 
 PHASE=RESULT answers that phase's requests with RESULT (`reject|550 5.7.1 no`, `rewrite|x@y`, `junk`, ...),
 when the request's argument holds the text after an `@` in the phase (`rcpt-to@bad=reject|550 no`), else
-`proceed`. `dataline=prepend:TEXT` adds TEXT as the message's first line (after the daemon's Received header
-in 6.8's order: before everything it is given). `hang=PHASE` never answers that phase; `exit=PHASE` exits when
-asked. It registers for every report event and filter phase of smtp-in, or for those named by `reports=a,b`
+`proceed`. `dataline=prepend:TEXT` adds TEXT as the message's first line (before everything it is given, the
+daemon's Received header included). `hang=PHASE` never answers that phase; `exit=PHASE` exits when asked
+(`exit=PHASE@TEXT`: when the request's argument holds TEXT). It registers for every report event and filter phase of smtp-in, or for those named by `reports=a,b`
 and `phases=c,d`.
 """
 
@@ -54,7 +54,8 @@ def main() -> None:
             continue
         phase, session, token = fields[4], fields[5], fields[6]
         argument = "|".join(fields[7:])
-        if phase == options.get("exit"):
+        exit_phase, _, exit_needle = options.get("exit", "").partition("@")
+        if phase == exit_phase and exit_needle in argument:
             sys.exit(3)
         if phase == options.get("hang"):
             continue

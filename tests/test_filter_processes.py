@@ -1,0 +1,232 @@
+"""Filter processes where we go beyond OpenSMTPD 6.8 (which exits when a filter does, and waits forever for one
+that does not answer) and where 6.8 could not be compared (BDAT, bare line endings, reloads). The filter is
+tests/filters/scripted_filter.py; the side-by-side comparison with 6.8 is tests/test_filter_processes_opensmtpd.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import smtplib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon import ROOT, SmtpdProcess, free_port
+from helpers_filters import filter_command, lines_of, open_folder
+from helpers_mta import wait_until
+from helpers_smtp import LineClient, SmtpDaemon
+
+MESSAGE = b"From: alice@example.com\r\nSubject: filtered\r\n\r\nbody\r\n..a dot line\r\n"
+
+
+@pytest.fixture()
+def folder() -> Iterator[Path]:
+    with open_folder("filter-processes") as made:
+        yield made
+
+
+def config(folder: Path, *arguments: str, log: str = "filter.log", extra: str = "") -> str:
+    return (f'filter "rec" proc-exec {filter_command(folder, log, *arguments)}\n'
+            'listen on 127.0.0.1 port {port} filter "rec"\n' + extra +
+            'action "relay" relay\nmatch from any for any action "relay"\n')
+
+
+def send(port: int) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("alice@example.com")
+        client.rcpt("bob@remote.test")
+        return client.data(MESSAGE)
+
+
+def test_a_filter_that_exits_fails_what_waits_for_it_and_is_started_again(folder: Path) -> None:
+    with SmtpDaemon(folder / "daemon", config(folder, "exit=mail-from@crash")) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.ehlo("client.test")
+            # Nothing passes a filter that did not judge: a temporary failure, and the session goes on.
+            assert client.mail("crash@example.com") == (451, b"4.3.0 Temporary failure")
+            assert client.noop()[0] == 250
+        assert "filter process rec exited" in daemon.log()
+        assert wait_until(lambda: "filter process rec started again" in daemon.log(), 15), daemon.log()
+        code, text = send(daemon.port)
+        assert code == 250, text
+        assert lines_of(folder, "filter.log").count("config|ready") == 2
+        assert daemon.alive()
+
+
+def test_a_request_left_unanswered_fails_after_the_session_timeout(folder: Path) -> None:
+    daemon = SmtpDaemon(folder / "daemon", config(folder, "hang=rcpt-to"), env={"SMTPD_SMTP_TIMEOUT": "2"})
+    with daemon, smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.ehlo("client.test")
+        assert client.mail("alice@example.com")[0] == 250
+        assert client.rcpt("bob@remote.test") == (451, b"4.3.0 Temporary failure")
+        assert client.rset()[0] == 250
+        assert "filter process rec did not answer within 2 seconds" in daemon.log()
+
+
+def test_a_message_the_data_line_filter_never_ends_is_not_accepted(folder: Path) -> None:
+    daemon = SmtpDaemon(folder / "daemon", config(folder, "hang=data-line"), env={"SMTPD_SMTP_TIMEOUT": "2"})
+    with daemon, smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("alice@example.com")
+        client.rcpt("bob@remote.test")
+        assert client.data(MESSAGE) == (451, b"4.3.0 Temporary failure")
+        assert client.noop()[0] == 250
+    assert not list((folder / "daemon" / "spool" / "queue").rglob("message"))
+
+
+@pytest.mark.parametrize(("command", "error"), [
+    ("exit 3", "filter process rec exited before `register|ready`"),
+    ("echo 'register|report|smtp-in|bogus'; cat", "filter process rec: unknown report event in registration: "
+                                                  "'register|report|smtp-in|bogus'"),
+    ("echo 'register|what'; cat", "filter process rec: invalid registration: 'register|what'"),
+])
+def test_a_filter_that_cannot_start_stops_the_start_with_its_reason(tmp_path: Path, command: str,
+                                                                     error: str) -> None:
+    text = (f'filter "rec" proc-exec "{command}"\nlisten on 127.0.0.1 port {free_port()} filter "rec"\n'
+            'action "relay" relay\nmatch from any for any action "relay"\n')
+    daemon = SmtpdProcess(tmp_path, text, listens=False, control=False)
+    daemon.start()
+    assert daemon.process is not None
+    daemon.process.wait(30)
+    assert daemon.process.returncode != 0
+    assert f"smtpd: {error}" in daemon.log()
+
+
+def test_reload_keeps_an_unchanged_process_and_replaces_a_changed_one(folder: Path) -> None:
+    with SmtpdProcess(folder / "daemon", config(folder, "dataline=prepend:X-Version: 1")) as daemon:
+        daemon.config_path.write_text(daemon.config_path.read_text() + "# the filter unchanged\n")
+        assert daemon.smtpctl("reload").returncode == 0
+        assert lines_of(folder, "filter.log").count("config|ready") == 1
+        code, text = send(daemon.port)
+        assert code == 250
+        assert b"X-Version: 1\n" in daemon.message(text.split()[1].decode())
+        # A changed filter: a new process (its own log), and the old one ends (its input closed).
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as held:  # a session on the old snapshot
+            held.ehlo("client.test")
+            daemon.config_path.write_text(config(folder, "dataline=prepend:X-Version: 2", log="new.log").replace(
+                "{port}", str(daemon.port)))
+            assert daemon.smtpctl("reload").returncode == 0
+            assert "config|ready" in lines_of(folder, "new.log")
+            held.mail("alice@example.com")
+            held.rcpt("bob@remote.test")
+            code, text = held.data(MESSAGE)
+            assert b"X-Version: 1\n" in daemon.message(text.split()[1].decode())
+        assert wait_until(lambda: lines_of(folder, "filter.log")[-1:] != [] and
+                          lines_of(folder, "filter.log")[-1].startswith("# end of input"), 15)
+        code, text = send(daemon.port)
+        assert b"X-Version: 2\n" in daemon.message(text.split()[1].decode())
+
+
+def test_a_message_in_bdat_chunks_goes_through_the_data_line_filters(folder: Path) -> None:
+    # (6.8 offers no CHUNKING: a filter sees BDAT's text in lines, dot-stuffed, as it sees DATA's)
+    with SmtpDaemon(folder / "daemon", config(folder, "dataline=prepend:X-Filtered: yes")) as daemon:
+        client = LineClient(daemon.port)
+        try:
+            client.reply()
+            first, second = b"Subject: chunks\r\n\r\n.dot at the start\r\nsplit li", b"ne\r\n"
+            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
+                client.send(command + b"\r\n")
+                assert client.reply()[-1].startswith("250")
+            client.send(b"BDAT %d\r\n" % len(first) + first)
+            assert client.reply() == [f"250 2.0.0 {len(first)} octets received"]
+            client.send(b"BDAT %d LAST\r\n" % len(second) + second)
+            reply = client.reply()[-1]
+        finally:
+            client.close()
+        assert reply.startswith("250 2.0.0 ")
+        message = daemon.message(reply.split()[2])
+        assert message.startswith(b"X-Filtered: yes\nReceived: from client.test")
+        assert b"\nSubject: chunks\n" in message
+        assert message.endswith(b"\n\n.dot at the start\nsplit line\n")
+        assert "filter|0.6|" in "\n".join(lines_of(folder, "filter.log"))
+        assert any(line.endswith("|..dot at the start") for line in lines_of(folder, "filter.log"))
+
+
+def test_a_bare_line_feed_is_refused_before_the_data_line_filters(folder: Path) -> None:
+    with SmtpDaemon(folder / "daemon", config(folder)) as daemon:
+        client = LineClient(daemon.port)
+        try:
+            client.reply()
+            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>",
+                            b"DATA"):
+                client.send(command + b"\r\n")
+                client.reply()
+            client.send(b"Subject: smuggled\r\n\r\nline\nMAIL FROM:<x@y>\r\n.\r\n")
+            # as without filters (docs/smtp.md): the filter would never see the bare LF, split into two lines
+            assert client.reply()[-1].startswith("550 5.6.0 Message refused: it contains a bare CR or LF")
+        finally:
+            client.close()
+
+
+def test_local_submissions_go_through_the_socket_listeners_filter(folder: Path) -> None:
+    text = (f'filter "rec" proc-exec {filter_command(folder, "filter.log", "dataline=prepend:X-Filtered: yes")}\n'
+            'listen on socket filter "rec"\nlisten on 127.0.0.1 port {port}\n'
+            'action "relay" relay\nmatch from any for any action "relay"\n')
+    with SmtpDaemon(folder / "daemon", text) as daemon:
+        sent = subprocess.run([str(ROOT / ".venv" / "bin" / "sendmail"), "-f", "alice@example.com",
+                               "bob@remote.test"], input=b"Subject: local\n\nbody\n", env=daemon.env, cwd="/",
+                              timeout=60, check=False)
+        assert sent.returncode == 0
+        assert wait_until(lambda: "|tx-commit|" in "\n".join(lines_of(folder, "filter.log")), 15)
+        lines = lines_of(folder, "filter.log")
+        where = f"unix:{daemon.socket}"
+        assert any(line.endswith(f"|link-connect|{line.split('|')[5]}|mx.test.example|pass|{where}|{where}")
+                   for line in lines if "|link-connect|" in line)
+        assert any(line.endswith("|mx.test.example|local") for line in lines if "|connect|" in line)
+
+
+def test_a_filter_runs_inside_its_chroot_as_its_user(folder: Path) -> None:
+    """`chroot` and `user`: the filter below registers only where /inside exists, which is in its root alone
+    (the daemon would not start otherwise), and runs as nobody."""
+    root = folder / "root"
+    for path in ("/bin/sh", *libraries_of("/bin/sh")):
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.realpath(path), target)
+    (root / "inside").write_text("")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    script = "[ -e /inside ] && while read line; do [ \\\"$line\\\" = config\\|ready ] && echo 'register|ready'; done"
+    text = (f'filter "jailed" proc-exec "{script}" user nobody chroot "{root}"\n'
+            'listen on 127.0.0.1 port {port} filter "jailed"\naction "relay" relay\n'
+            'match from any for any action "relay"\n')
+    with SmtpDaemon(folder / "daemon", text) as daemon:
+        assert send(daemon.port)[0] == 250
+        status = Path(f"/proc/{filter_pid(daemon)}/status").read_text()
+        assert f"\nUid:\t{nobody}\t" in status
+        assert os.readlink(f"/proc/{filter_pid(daemon)}/root") == str(root)
+
+
+def libraries_of(program: str) -> list[str]:
+    listing = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    return [word for line in listing.splitlines() for word in line.split() if word.startswith("/")]
+
+
+def filter_pid(daemon: SmtpdProcess) -> int:
+    assert daemon.process is not None
+    children = Path(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children").read_text().split()
+    for child in children:
+        if Path(f"/proc/{child}/root").resolve() != Path("/"):
+            return int(child)
+    raise AssertionError(f"no chrooted child among {children}")
+
+
+def test_explain_says_it_does_not_ask_filter_processes(folder: Path) -> None:
+    with SmtpdProcess(folder / "daemon", config(folder)) as daemon:
+        result = daemon.smtpctl("explain", "--src", "127.0.0.1", "--listener", f"127.0.0.1:{daemon.port}",
+                                "--from", "alice@example.com", "--to", "bob@remote.test")
+        assert "  filter processes not consulted: rec" in result.stdout.splitlines(), result.stdout
+
+
+def test_an_answer_that_is_no_decision_fails_its_request_and_the_process_stays(folder: Path) -> None:
+    # (6.8 exits on `bypass`, a builtin filter's word, as on any unknown one)
+    with SmtpDaemon(folder / "daemon", config(folder, "mail-from@typo=bypass")) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.mail("typo@example.com") == (451, b"4.3.0 Temporary failure")
+            assert client.mail("alice@example.com")[0] == 250
+        assert "filter process rec answered 'bypass', which is no filter result" in daemon.log()
+        assert lines_of(folder, "filter.log").count("config|ready") == 1
