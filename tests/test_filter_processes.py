@@ -49,7 +49,7 @@ def test_a_filter_that_exits_fails_what_waits_for_it_and_is_started_again(folder
             # Nothing passes a filter that did not judge: a temporary failure, and the session goes on.
             assert client.mail("crash@example.com") == (451, b"4.3.0 Temporary failure")
             assert client.noop()[0] == 250
-        assert "filter process rec exited" in daemon.log()
+        assert "filter process rec exited (status 3)" in daemon.log()
         assert wait_until(lambda: "filter process rec started again" in daemon.log(), 15), daemon.log()
         code, text = send(daemon.port)
         assert code == 250, text

@@ -138,6 +138,7 @@ class Processor:
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
         self._dropping = False  # reports are being dropped (see report)
+        self._ready_since = 0.0
         self._restart: asyncio.TimerHandle | None = None
 
     # -- starting ------------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class Processor:
             self._kill()
             raise
         self.ready = True
-        self._failures = 0
+        self._ready_since = time.monotonic()
         self._tasks.append(asyncio.create_task(self._read_results()))
         _log.info("info: filter process %s ready (reports: %s; filters: %s)", spec.name,
                   ", ".join(sorted(self.reports)) or "none", ", ".join(sorted(self.phases)) or "none")
@@ -215,7 +216,7 @@ class Processor:
 
     # -- running ---------------------------------------------------------------------------------------------------
     async def _read_results(self) -> None:
-        why = "exited"
+        why = ""
         try:
             while (line := await self._read_line()) is not None:
                 if not self._dispatch(line):
@@ -225,6 +226,12 @@ class Processor:
             why = str(error)
         except (ConnectionError, OSError) as error:
             why = f"read failed: {error}"
+        if not why:  # its output ended: it exited, or is about to
+            status = None
+            if self.process is not None:
+                with contextlib.suppress(TimeoutError):
+                    status = await asyncio.wait_for(self.process.wait(), 1)
+            why = "exited" + (f" (status {status})" if status is not None else "")
         self._lost(why)
 
     def _dispatch(self, line: str) -> bool:
@@ -278,6 +285,9 @@ class Processor:
         self._schedule_restart()
 
     def _schedule_restart(self) -> None:
+        if self._ready_since and time.monotonic() - self._ready_since > 60:
+            self._failures = 0  # it had run well for a while: start it again soon
+        self._ready_since = 0.0
         delay = RESTART_DELAYS[min(self._failures, len(RESTART_DELAYS) - 1)]
         self._failures += 1
         loop = asyncio.get_running_loop()
