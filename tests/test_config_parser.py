@@ -232,12 +232,16 @@ def test_options_taken_but_not_used_are_said() -> None:
     """An administrator must not believe a tuning or DH setting took effect: each line that we take without using
     gets a warning; max-session, the one mda limit we use, gets none."""
     warned = parse('pki mx.example dhe auto\nmda limit max-session 4 task-lowat 3\nmda limit max-session 5\n'
-                   'scheduler limit max-inflight 10\n' + RULE)
+                   'scheduler limit max-inflight 10\n'
+                   'filter "f" phase mail-from match mail-from regex "^x" reject "550 no"\naction "r" relay filter "f"\n'
+                   + RULE)
     assert warned.ok
     assert [str(w) for w in warned.warnings] == [
         "/etc/smtpd.conf:1: warning: pki mx.example dhe: not used: key exchange is ECDHE (or TLS 1.3's)",
         "/etc/smtpd.conf:2: warning: mda limit task-lowat: not used (of the mda limits, only max-session is)",
         "/etc/smtpd.conf:4: warning: scheduler limit: not used (our scheduler sizes its own batches, docs/queue.md)",
+        "/etc/smtpd.conf:6: warning: relay filter: not used (filters judge incoming sessions; our relay client's "
+        "sessions are neither filtered nor reported, docs/filters.md)",
     ]
 
 

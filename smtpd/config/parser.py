@@ -1299,6 +1299,8 @@ class Parser:
                 if relay.filter is not None:
                     raise SemanticProblem("filter already specified for this dispatcher", self.last)
                 relay = replace(relay, filter=self.filter_option() if name is None else self.filter_name(name))
+                self.warning("relay filter: not used (filters judge incoming sessions; our relay client's sessions "
+                             "are neither filtered nor reported, docs/filters.md)", self.location(token))
             elif word == "srs":
                 self.advance()
                 if self.srs.key is None:
