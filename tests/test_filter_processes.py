@@ -230,3 +230,24 @@ def test_an_answer_that_is_no_decision_fails_its_request_and_the_process_stays(f
             assert client.mail("alice@example.com")[0] == 250
         assert "filter process rec answered 'bypass', which is no filter result" in daemon.log()
         assert lines_of(folder, "filter.log").count("config|ready") == 1
+
+
+def test_a_client_gone_in_the_middle_of_a_message_leaves_the_filters_ready(folder: Path) -> None:
+    with SmtpDaemon(folder / "daemon", config(folder, "dataline=prepend:X-Filtered: yes")) as daemon:
+        client = LineClient(daemon.port)
+        client.reply()
+        for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>",
+                        b"DATA"):
+            client.send(command + b"\r\n")
+            client.reply()
+        client.send(b"Subject: cut\r\n\r\n" + b"a line of a message never ended\r\n" * 200)
+        client.close()
+
+        def last_reports() -> list[str]:
+            return [line.split("|")[4] for line in lines_of(folder, "filter.log") if line.startswith("report|")][-3:]
+
+        assert wait_until(lambda: last_reports() == ["tx-rollback", "tx-reset", "link-disconnect"], 15), \
+            last_reports()
+        code, text = send(daemon.port)
+        assert code == 250
+        assert daemon.message(text.split()[1].decode()).startswith(b"X-Filtered: yes\nReceived: ")

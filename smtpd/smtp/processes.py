@@ -253,7 +253,8 @@ class Processor:
             stream = self._streams.get(session)
             if stream is not None:
                 stream(value)
-                return True
+            # (else the lines of a message its client gave up, still on their way: left without a word)
+            return True
         _log.warning("filter process %s answered a request not waiting: %s", self.name, log.visible(line[:200]))
         return True
 
