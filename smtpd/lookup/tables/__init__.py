@@ -32,6 +32,7 @@ from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addr
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.passwd import GetpwnamTable, system_users_are_local
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
+from smtpd.lookup.tables.sqlite import SqliteTable
 from smtpd.lookup.tables.static import FileTable, InlineTable
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
         if not decl.source:
             raise TableLoadError(f"table {decl.name}: the passwd backend needs a file path")
         return PasswdFileTable(decl.name, decl.source)
+    if decl.backend == "sqlite":
+        if not decl.source:
+            raise TableLoadError(f"table {decl.name}: the sqlite backend needs its configuration file's path")
+        return SqliteTable(decl.name, decl.source)
     raise TableLoadError(f'table_create: backend "{decl.backend}" is not supported')
 
 
