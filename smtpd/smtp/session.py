@@ -122,7 +122,6 @@ class _Transaction:
     incoming: int = 0
     # Its msgid, taken at MAIL FROM when filter processes get the session's reports (they are told it then).
     msgid: int | None = None
-    mail_address: str = ""  # MAIL FROM's address as the client wrote it, for those reports
 
 
 class Session:
@@ -875,7 +874,7 @@ class Session:
         sender, parameters, _ = parsed
         if not await self._sender_allowed(sender, line):
             return
-        self.transaction = transaction = _Transaction(sender, parameters, mail_from=inner, mail_address=written)
+        self.transaction = transaction = _Transaction(sender, parameters, mail_from=inner)
         if decision.decision == "junk":
             transaction.junk = True
         if self.chain is None:
@@ -972,8 +971,7 @@ class Session:
     def _report_envelopes(self, transaction: _Transaction, deliveries: list[Envelope]) -> None:
         assert transaction.msgid is not None
         msgid = format_msgid(transaction.msgid)
-        taken = {delivery.evpid for recipient in transaction.recipients for delivery in recipient.deliveries
-                 if delivery not in deliveries}
+        taken = {delivery.evpid for recipient in transaction.recipients for delivery in recipient.deliveries}
         for delivery in deliveries:
             evpid = new_evpid(transaction.msgid)
             while evpid in taken:
