@@ -213,3 +213,26 @@ def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(fold
             "SELECT ?1 WHERE ?1 IN (SELECT domain FROM domains) OR ?1 = 'example.org'"))
         assert daemon.smtpctl("update", "table", "domains").returncode == 0
         assert accepted("x@example.com") and accepted("x@example.org")
+
+
+def test_keys_apart_from_their_values_by_tabs_or_colons_as_table_sqlite_takes_them(folder: Path) -> None:
+    """table-sqlite ends a key at its first space, tab or colon: `query_domain<TAB>SELECT ...` (a value with
+    spaces in it) and `dbpath: FILE` were refused as unknown keys."""
+    conf = folder / "sqlite.conf"
+    conf.write_text(f"dbpath: {folder}/smtp.sqlite\n"
+                    "query_alias:SELECT destination FROM virtuals WHERE email=?\n"
+                    "query_domain\tSELECT domain FROM domains WHERE domain=?\n")
+    results = {}
+    for side in ("ours", "theirs"):
+        port = free_port()
+        text = config(folder, side, port)
+        if side == "ours":
+            daemon: SmtpdProcess | OpenSmtpd = SmtpdProcess(folder / "daemon", text, port=port)
+        else:
+            daemon = OpenSmtpd(str(folder), text, port)
+        with daemon, smtplib.SMTP("127.0.0.1", port, timeout=30) as client:  # (no message: none left queued)
+            client.ehlo("client.test")
+            client.mail("sender@example.org")
+            results[side] = [client.rcpt(rcpt) for rcpt in RECIPIENTS]
+    assert results["ours"] == results["theirs"]
+    assert results["ours"][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4

@@ -6,8 +6,8 @@ built on it (the OpenSMTPD FAQ's, table-sqlite(5)'s example) works unchanged. do
 in short, as table-sqlite (checked against it under OpenSMTPD 6.8, tests/test_tables_sqlite.py):
 
 * the file holds `dbpath FILE` and `query_SERVICE SQL` lines (alias, domain, credentials, netaddr, userinfo,
-  source, mailaddr, addrname, mailaddrmap), and `fetch_source SQL` for relay `src` tables; `#` lines and blank
-  lines are skipped;
+  source, mailaddr, addrname, mailaddrmap), and `fetch_source SQL` for relay `src` tables, each key apart from
+  its value by spaces, tabs or a colon (`dbpath: FILE`); `#` lines and blank lines are skipped;
 * each query takes the key as its one `?` and returns one column, two for credentials (user, password: answered
   `user:password`) and three for userinfo (uid, gid, home: `uid:gid:home`);
 * alias and mailaddrmap answers join every row's value with `, `; the other services answer from the first row,
@@ -25,6 +25,7 @@ with `lower(column) = ?`. The database is opened read-only, and opened again whe
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ COLUMNS = {Service.CREDENTIALS: 2, Service.USERINFO: 3}  # the others: 1
 JOINED = frozenset({Service.ALIAS, Service.MAILADDRMAP})  # every row's value, joined with ", "
 MATCHED = frozenset({Service.DOMAIN, Service.NETADDR, Service.MAILADDR, Service.REGEX})
 OTHER_KEYS = ("dbpath", "fetch_source", "fetch_source_expire", "fetch_source_refresh")
+SEPARATOR = re.compile(r"[ \t:]")
+VALUE_START = re.compile(r"^(?:\s|:(?=\s))+")
 
 
 @dataclass
@@ -60,8 +63,11 @@ def parse_config(text: str, path: str) -> SqliteConfig:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition(" ") if " " in line else line.partition("\t")
-        key, value = key.strip(), value.strip()
+        # As table-sqlite: the key ends at the first space, tab or colon (`dbpath /x`, `dbpath\t/x`,
+        # `dbpath: /x`, `dbpath:/x`); blanks and colons followed by a blank are skipped before the value.
+        found = SEPARATOR.search(line)
+        key, value = (line[:found.start()], line[found.end():]) if found else (line, "")
+        value = VALUE_START.sub("", value)
         if key not in QUERIES and key not in OTHER_KEYS:
             raise TableLoadError(f"{path}:{number}: unknown key {key!r} (dbpath, fetch_source, "
                                  + ", ".join(QUERIES) + ")")
