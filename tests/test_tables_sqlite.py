@@ -215,6 +215,47 @@ def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(fold
         assert accepted("x@example.com") and accepted("x@example.org")
 
 
+def test_a_writer_locking_the_database_does_not_stop_the_daemon_while_a_delivery_asks_it(folder: Path,
+                                                                                          tmp_path: Path) -> None:
+    """A delivery asks its `userbase <sqlite>`; a program writing the database held its lock (rollback journal),
+    and the question waited for it (up to sqlite3's 5 s) on the event loop: no client got a banner meanwhile.
+    It waits in a worker thread now, and the delivery goes through once the writer is done."""
+    import socket
+    import time
+
+    mailbox = folder / "ours"  # (outside pytest's private tree: the delivery runs as nobody)
+    database = folder / "users.sqlite"
+    with sqlite3.connect(database) as writer:
+        writer.executescript("CREATE TABLE users (name TEXT, uid, gid, home);"
+                             "INSERT INTO users VALUES ('bob', 65534, 65534, '/nonexistent');")
+    (folder / "users.conf").write_text(f"dbpath {database}\n"
+                                       "query_userinfo SELECT uid, gid, home FROM users WHERE name=?\n")
+    text = (f"table users sqlite:{folder}/users.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            f'action "vmail" maildir "{mailbox}" userbase <users>\n'
+            'match from any for rcpt-to "bob@example.com" action "vmail"\n')
+    with SmtpdProcess(tmp_path / "daemon", text) as daemon:
+        assert daemon.smtpctl("pause", "mda").returncode == 0
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.sendmail("sender@example.org", ["bob@example.com"], b"Subject: locked\r\n\r\nhello\r\n")
+        writer = sqlite3.connect(database, isolation_level=None)
+        try:
+            writer.execute("BEGIN EXCLUSIVE")
+            assert daemon.smtpctl("resume", "mda").returncode == 0
+            time.sleep(0.3)
+            slowest = 0.0
+            for _ in range(6):
+                started = time.monotonic()
+                with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as probe:
+                    assert probe.recv(512).startswith(b"220 ")
+                slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.2)
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        assert slowest < 1.0
+        assert wait_until(lambda: len(maildir_messages(str(mailbox))) == 1, 20)
+
+
 def test_keys_apart_from_their_values_by_tabs_or_colons_as_table_sqlite_takes_them(folder: Path) -> None:
     """table-sqlite ends a key at its first space, tab or colon: `query_domain<TAB>SELECT ...` (a value with
     spaces in it) and `dbpath: FILE` were refused as unknown keys."""

@@ -34,6 +34,7 @@ from shared.ids import new_session_id
 from smtpd import log, trace
 from smtpd.config.model import Action, Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfoError, parse_userinfo, unprivileged_user
 from smtpd.mda import command, lmtp, local, offline
@@ -255,7 +256,7 @@ class MdaAgent:
         with message:
             if _has_loop(message, envelope.dest):
                 return DeliveryResult(Outcome.LOOP, "Loop detected", 5, 47)
-            job = self._prepare(envelope, action)
+            job = await asked_off_the_loop(self.tables, self._prepare, envelope, action)  # the userbase
             trace.emit("mda", f"delivering {envelope.evpid:016x} to {envelope.dest} as {job.identity.username} "
                               f"via {envelope.mda_exec or action.method}", evpid=f"{envelope.evpid:016x}")
             return await self._run(job, message)

@@ -26,6 +26,7 @@ from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.config.model import Config, Method
 from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
@@ -134,7 +135,7 @@ class MtaAgent:
         job: Job | None = None
         plan: Plan | None = None
         try:
-            plan = self._plan(envelope)
+            plan = await asked_off_the_loop(self.tables, self._plan, envelope)  # src, relay tables
             await self._wait_below_max_deferred(plan.relay_key, envelope)
             try:
                 job = self._enqueue(envelope, plan, message_path)
@@ -257,7 +258,7 @@ class MtaAgent:
         if plan.source:
             # A source address connects only to addresses of its own family (as OpenSMTPD's routing skips the
             # others): an IPv4 source cannot reach an IPv6-only MX, and trying failed as "Unknown error -9".
-            plan = self._source_for(plan, candidates)
+            plan = await asked_off_the_loop(self.tables, self._source_for, plan, candidates)
             candidates = [(name, address) for name, address in candidates
                           if _family_of(address) in (_family_of(plan.source or ""), None)]
             if not candidates:

@@ -18,6 +18,7 @@ import dns.name
 from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
@@ -130,7 +131,8 @@ async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, c
     if greeting.code != 220:
         raise SessionError(greeting.text)
     sockname = client.get_extra_info("sockname")
-    helo = helo_name(tables, plan, sockname[0] if sockname else None, mailname)
+    local_address = sockname[0] if sockname else None
+    helo = await asked_off_the_loop(tables, helo_name, tables, plan, local_address, mailname)
     reply = await client.hello(helo)
     if not reply.is_ok:
         raise SessionError(reply.text)
@@ -162,7 +164,7 @@ async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
     if not client.extensions.auth_mechanisms() & {"PLAIN", "LOGIN"}:
         # The only mechanisms we speak; the credentials are not sent to a server that did not offer one of them.
         raise SessionError("no supported AUTH method", route_failure=False)
-    username, password = secret_for(tables, plan)
+    username, password = await asked_off_the_loop(tables, secret_for, tables, plan)
     reply = await client.auth(username, password)
     if reply.code != 235:
         raise SessionError(f"AUTH rejected: {reply.text}", route_failure=False)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from smtpd import trace
 from smtpd.config.model import Config, TableDecl, TableShape
@@ -40,11 +40,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MATCH_SERVICES", "Service", "TableBackend", "TableError", "TableLoadError", "Tables", "open_table",
-    "validate_tables",
+    "asked_off_the_loop", "validate_tables",
 ]
 
 FILE_BACKENDS = ("file", "static")
 MASK = "********"
+
+
+async def asked_off_the_loop[T](tables: Any, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, which asks ``tables``: in a worker thread when one of them may block
+    (lookups_may_block: a file, the system, an SQLite database whose writer holds its lock for
+    seconds), on the event loop otherwise. The delivery agents ask the userbase, the relay's
+    source, helo and auth tables so."""
+    may_block = getattr(tables, "lookups_may_block", None)
+    if may_block is not None and may_block():
+        return await asyncio.to_thread(function, *args)
+    return function(*args)
 
 
 def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
