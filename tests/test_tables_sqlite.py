@@ -215,6 +215,24 @@ def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(fold
         assert accepted("x@example.com") and accepted("x@example.org")
 
 
+def test_keys_reach_the_queries_lowercased_under_opensmtpd_too(folder: Path) -> None:
+    """OpenSMTPD 6.8 lowercases a key before table-sqlite gets it, as we do (docs/tables.md said it did not):
+    `BOB@EXAMPLE.COM` finds the row stored as `bob@example.com`, on both sides."""
+    results = {}
+    for side in ("ours", "theirs"):
+        port = free_port()
+        text = config(folder, side, port)
+        daemon: SmtpdProcess | OpenSmtpd = (SmtpdProcess(folder / "daemon", text, port=port) if side == "ours"
+                                            else OpenSmtpd(str(folder), text, port))
+        with daemon, smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail("sender@example.org")
+            recipients = ("BOB@EXAMPLE.COM", "Team@Example.Com", "x@EXAMPLE.ORG")
+            results[side] = [client.rcpt(rcpt) for rcpt in recipients]
+    assert results["ours"] == results["theirs"]
+    assert [code for code, _ in results["ours"]] == [250, 250, 550]
+
+
 def test_a_writer_locking_the_database_does_not_stop_the_daemon_while_a_delivery_asks_it(folder: Path,
                                                                                           tmp_path: Path) -> None:
     """A delivery asks its `userbase <sqlite>`; a program writing the database held its lock (rollback journal),

@@ -17,9 +17,9 @@ in short, as table-sqlite (checked against it under OpenSMTPD 6.8, tests/test_ta
 
 Where we differ, on purpose: the file is checked when it is loaded, and its mistakes are `FILE:LINE: message`
 (an unknown key, a query that does not compile or returns the wrong number of columns, a database that cannot be
-opened), where table-sqlite says `error parsing config file` or exits when first asked. Keys are lowercased, as
-for every table of ours (table-sqlite gets them as the client wrote them): store them in lowercase, or compare
-with `lower(column) = ?`. The database is opened read-only, and opened again when its path names a new file.
+opened), where table-sqlite says `error parsing config file` or exits when first asked. The database is opened
+read-only, and opened again when its path names a new file. Keys come lowercased, as OpenSMTPD 6.8 hands them to
+table-sqlite: rows are to store them in lowercase, or queries to compare with `lower(column) = ?`.
 """
 
 from __future__ import annotations
