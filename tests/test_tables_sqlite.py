@@ -295,3 +295,18 @@ def test_keys_apart_from_their_values_by_tabs_or_colons_as_table_sqlite_takes_th
             results[side] = [client.rcpt(rcpt) for rcpt in RECIPIENTS]
     assert results["ours"] == results["theirs"]
     assert results["ours"][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4
+
+
+def test_fetch_source_hands_out_the_distinct_addresses_in_turn(tmp_path: Path) -> None:
+    """A relay `src <t>` table: table-sqlite's order (the distinct values, sorted, from the first)."""
+    from smtpd.lookup.tables.base import Service
+    from smtpd.lookup.tables.sqlite import SqliteTable
+
+    database = sqlite3.connect(tmp_path / "s.sqlite")
+    database.executescript("CREATE TABLE src (a TEXT); INSERT INTO src VALUES ('127.0.0.3'), ('127.0.0.2'), "
+                           "('127.0.0.3');")
+    database.commit()
+    database.close()
+    (tmp_path / "c.conf").write_text(f"dbpath {tmp_path}/s.sqlite\nfetch_source SELECT a FROM src\n")
+    table = SqliteTable("sources", str(tmp_path / "c.conf"))
+    assert [table.fetch(Service.SOURCE) for _ in range(3)] == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]

@@ -192,11 +192,13 @@ class SqliteTable:
         query = self.config.fetch_source
         if query is None:
             raise TableError(f"sqlite table {self.name}: {self.path} has no fetch_source")
-        rows = self._rows(query, (), None)
-        if not rows:
+        # As table-sqlite hands them out: the distinct values in order, in turn from the first.
+        values = sorted({_text(row[0]) for row in self._rows(query, (), None)})
+        if not values:
             return None
-        self._next_source = (self._next_source + 1) % len(rows)
-        return _text(rows[self._next_source][0])
+        value = values[self._next_source % len(values)]
+        self._next_source += 1
+        return value
 
 
 def _text(value: object) -> str:
