@@ -251,3 +251,17 @@ def test_a_client_gone_in_the_middle_of_a_message_leaves_the_filters_ready(folde
         code, text = send(daemon.port)
         assert code == 250
         assert daemon.message(text.split()[1].decode()).startswith(b"X-Filtered: yes\nReceived: ")
+
+
+def test_a_large_message_waits_for_a_slow_data_line_filter_and_is_accepted_whole(folder: Path) -> None:
+    # While the session waits for the filter to read its lines, the client's next lines pile up in the input
+    # buffer, far past one line's limit: that is no line too long.
+    body = b"".join(b"line %07d of a message of short lines\r\n" % number for number in range(60000))
+    with SmtpDaemon(folder / "daemon", config(folder, "slow=1", "reports=", "phases=data-line")) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=60) as client:
+            client.ehlo("client.test")
+            client.mail("alice@example.com")
+            client.rcpt("bob@remote.test")
+            code, text = client.data(b"Subject: big\r\n\r\n" + body)
+        assert code == 250, text
+        assert daemon.message(text.split()[1].decode()).endswith(b"\n\n" + body.replace(b"\r\n", b"\n"))

@@ -3,13 +3,15 @@
 reads to a log file, and answers as its arguments say.
 
     scripted_filter.py LOG [PHASE=RESULT ...] [dataline=prepend:TEXT] [hang=PHASE] [exit=PHASE] [name=NAME]
+                       [slow=SECONDS]
 
 PHASE=RESULT answers that phase's requests with RESULT (`reject|550 5.7.1 no`, `rewrite|x@y`, `junk`, ...),
 when the request's argument holds the text after an `@` in the phase (`rcpt-to@bad=reject|550 no`), else
 `proceed`. `dataline=prepend:TEXT` adds TEXT as the message's first line (before everything it is given, the
 daemon's Received header included). `hang=PHASE` never answers that phase; `exit=PHASE` exits when asked
-(`exit=PHASE@TEXT`: when the request's argument holds TEXT). It registers for every report event and filter phase of smtp-in, or for those named by `reports=a,b`
-and `phases=c,d`.
+(`exit=PHASE@TEXT`: when the request's argument holds TEXT). `slow=SECONDS` waits that long before it
+answers a message's first data line (its input pipe fills up meanwhile). It registers for every report event
+and filter phase of smtp-in, or for those named by `reports=a,b` and `phases=c,d`.
 """
 
 import sys
@@ -27,7 +29,7 @@ def main() -> None:
     options: dict[str, str] = {}
     for word in sys.argv[2:]:
         key, _, value = word.partition("=")
-        if key in ("dataline", "hang", "exit", "reports", "phases", "name"):
+        if key in ("dataline", "hang", "exit", "reports", "phases", "name", "slow"):
             options[key] = value
         else:
             phase, _, needle = key.partition("@")
@@ -60,9 +62,12 @@ def main() -> None:
         if phase == options.get("hang"):
             continue
         if phase == "data-line":
-            if prepend and session not in started:
+            if "slow" in options and session not in started:
+                time.sleep(float(options["slow"]))
+            if session not in started:
                 started.add(session)
-                out.write(f"filter-dataline|{session}|{token}|{prepend}\n")
+                if prepend:
+                    out.write(f"filter-dataline|{session}|{token}|{prepend}\n")
             if argument == ".":
                 started.discard(session)
             out.write(f"filter-dataline|{session}|{token}|{argument}\n")
