@@ -253,6 +253,29 @@ def test_a_client_gone_in_the_middle_of_a_message_leaves_the_filters_ready(folde
         assert daemon.message(text.split()[1].decode()).startswith(b"X-Filtered: yes\nReceived: ")
 
 
+def test_a_bdat_line_too_long_for_the_filters_refuses_the_message_and_leaves_the_process(folder: Path) -> None:
+    # DATA refuses a line of 64 KiB; BDAT has no lines and could bring one, which the filter would send back
+    # longer than the protocol's lines may be (a misbehaving process, started again: every session's loss).
+    with SmtpDaemon(folder / "daemon", config(folder, "reports=", "phases=data-line")) as daemon:
+        client = LineClient(daemon.port)
+        try:
+            client.reply()
+            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
+                client.send(command + b"\r\n")
+                assert client.reply()[-1].startswith("250")
+            chunk = b"Subject: long\r\n\r\n" + b"x" * 100_000 + b"\r\nafter\r\n"
+            client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+            assert client.reply() == ["500 5.0.0 Line too long"]
+            client.send(b"NOOP\r\n")
+            assert client.reply()[-1].startswith("250")
+        finally:
+            client.close()
+        code, text = send(daemon.port)
+        assert code == 250, text
+        assert "filter process rec" not in daemon.log().replace("filter process rec ready", "")
+        assert lines_of(folder, "filter.log").count("config|ready") == 1
+
+
 def test_a_large_message_waits_for_a_slow_data_line_filter_and_is_accepted_whole(folder: Path) -> None:
     # While the session waits for the filter to read its lines, the client's next lines pile up in the input
     # buffer, far past one line's limit: that is no line too long.

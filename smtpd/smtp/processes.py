@@ -54,6 +54,10 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # after each exit in a row
 STDERR_LINE_MAX = 1024
 REPORT_BACKLOG = 16 << 20  # bytes of reports a process may leave unread
 LINE_MAX = 65536 + 1024  # a data line of up to 64 KiB and the protocol's fields
+# A message line as long as DATA refuses it (its bytes before the LF, CR included; smtpd/smtp/session.py's
+# LINE_MAX_BYTES): BDAT, which has no lines, could bring one; it is not sent to the filters (their answer, past
+# LINE_MAX, would be taken for a misbehaving process), and the message is refused.
+DATA_LINE_MAX = 65535
 
 _log = log.get("filter")
 
@@ -582,6 +586,7 @@ class DataLineStream:
         self.failure: FilterFailure | None = None
         self.refusal: Any = None
         self._partial = b""
+        self._skipping = False  # the rest of a line too long is being dropped
         self._output: list[str] = []
         self._more = asyncio.Event()
         self._ended = False
@@ -626,16 +631,44 @@ class DataLineStream:
     async def feed(self, data: bytes) -> None:
         data = self._partial + data if self._partial else data
         cut = data.rfind(b"\n") + 1
-        self._partial = data[cut:]
+        partial = data[cut:]
         if cut:
             block = data[:cut]
             if self.strict and self.refusal is None and has_bare_line_ending(block):
                 self.refusal = replies.BARE_LINE_ENDING
-            text = block.decode("utf-8", "surrogateescape")
-            self._send(0, [_stuffed(line.removesuffix("\r")) for line in text.split("\n")[:-1]])
-            if self.failure is None:
-                await self.stages[0].drain()
+            if self._skipping or len(block) > DATA_LINE_MAX:
+                lines = self._short_lines(block)
+            else:
+                lines = block.decode("utf-8", "surrogateescape").split("\n")[:-1]
+            self._send(0, [_stuffed(line.removesuffix("\r")) for line in lines])
+        if len(partial) >= DATA_LINE_MAX:  # (not held without end either)
+            self._too_long()
+            partial = b""
+        self._partial = partial
+        if cut and self.failure is None:
+            await self.stages[0].drain()
         await self._flush()
+
+    def _too_long(self) -> None:
+        """A line too long (a BDAT message's): dropped up to its end, and the message refused."""
+        self._skipping = True
+        if self.refusal is None:
+            self.refusal = replies.LINE_TOO_LONG
+
+    def _short_lines(self, block: bytes) -> list[str]:
+        """The lines of ``block`` (ending with a LF) but those too long, and the rest of one begun before."""
+        raw = block.split(b"\n")[:-1]
+        if self._skipping:
+            self._skipping = False
+            raw = raw[1:]
+        lines = []
+        for line in raw:
+            if len(line) >= DATA_LINE_MAX:
+                self._too_long()
+                self._skipping = False
+            else:
+                lines.append(line.decode("utf-8", "surrogateescape"))
+        return lines
 
     async def _flush(self) -> None:
         if self._output and self.failure is None:
@@ -647,6 +680,8 @@ class DataLineStream:
         """The client's text is all in: end the stream, wait for the last process's dot, finish the builder.
         Returns the refusal (a Reply) or None; a process that failed gives a temporary failure."""
         tail, self._partial = self._partial, b""
+        if self._skipping:
+            tail = b""
         if tail:
             if self.strict and b"\r" in tail and self.refusal is None:
                 self.refusal = replies.BARE_LINE_ENDING
