@@ -276,6 +276,26 @@ def test_a_bdat_line_too_long_for_the_filters_refuses_the_message_and_leaves_the
         assert lines_of(folder, "filter.log").count("config|ready") == 1
 
 
+def test_a_data_line_filter_that_reads_nothing_fails_the_message_after_the_session_timeout(folder: Path) -> None:
+    (folder / "deaf.py").write_text(DEAF_FILTER)
+    text = (f'filter "deaf" proc-exec "/usr/bin/python3 {folder}/deaf.py"\n'
+            'listen on 127.0.0.1 port {port} filter "deaf"\naction "relay" relay\n'
+            'match from any for any action "relay"\n')
+    with SmtpDaemon(folder / "daemon", text, env={"SMTPD_SMTP_TIMEOUT": "2"}) as daemon:
+        client = LineClient(daemon.port, timeout=20)
+        try:
+            client.reply()
+            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
+                client.send(command + b"\r\n")
+                assert client.reply()[-1].startswith("250")
+            chunk = b"Subject: unread\r\n\r\n" + b"a line nobody reads\r\n" * 100_000  # more than the pipe holds
+            client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+            assert client.reply() == ["451 4.3.0 Temporary failure"]
+        finally:
+            client.close()
+        assert "filter process deaf read none of the message within 2 seconds" in daemon.log()
+
+
 def test_a_large_message_waits_for_a_slow_data_line_filter_and_is_accepted_whole(folder: Path) -> None:
     # While the session waits for the filter to read its lines, the client's next lines pile up in the input
     # buffer, far past one line's limit: that is no line too long.

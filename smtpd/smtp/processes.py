@@ -646,7 +646,14 @@ class DataLineStream:
             partial = b""
         self._partial = partial
         if cut and self.failure is None:
-            await self.stages[0].drain()
+            # A process that reads none of its input for the session timeout fails the message, as one that
+            # does not answer (the session would otherwise wait here, past every timeout of its own).
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.stages[0].drain()
+            except TimeoutError:
+                self._fail(FilterFailure(f"filter process {self.stages[0].name} read none of the message "
+                                         f"within {self.timeout:.0f} seconds"))
         await self._flush()
 
     def _too_long(self) -> None:
