@@ -253,6 +253,28 @@ def test_a_client_gone_in_the_middle_of_a_message_leaves_the_filters_ready(folde
         assert daemon.message(text.split()[1].decode()).startswith(b"X-Filtered: yes\nReceived: ")
 
 
+def test_the_late_lines_of_a_message_given_up_do_not_go_into_the_next_one(folder: Path) -> None:
+    # The filter answers the first message after the session timeout: that message fails (451), and its lines,
+    # when they come (with that message's token), must not be taken for the second message's.
+    (folder / "holding.py").write_text(HOLDING_FILTER)
+    text = (f'filter "hold" proc-exec "/usr/bin/python3 {folder}/holding.py"\n'
+            'listen on 127.0.0.1 port {port} filter "hold"\naction "relay" relay\n'
+            'match from any for any action "relay"\n')
+    with SmtpDaemon(folder / "daemon", text, env={"SMTPD_SMTP_TIMEOUT": "2"}) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail("alice@example.com")
+            client.rcpt("bob@remote.test")
+            assert client.data(b"Subject: first SLOW\r\n\r\nfor bob\r\n") == (451, b"4.3.0 Temporary failure")
+            client.mail("alice@example.com")
+            client.rcpt("carol@remote.test")
+            code, reply = client.data(b"Subject: second\r\n\r\nfor carol\r\n")
+        assert code == 250, reply
+        message = daemon.message(reply.split()[1].decode())
+        assert b"for bob" not in message
+        assert b"\nSubject: second\n" in message and message.endswith(b"\n\nfor carol\n")
+
+
 def test_a_bdat_line_too_long_for_the_filters_refuses_the_message_and_leaves_the_process(folder: Path) -> None:
     # DATA refuses a line of 64 KiB; BDAT has no lines and could bring one, which the filter would send back
     # longer than the protocol's lines may be (a misbehaving process, started again: every session's loss).

@@ -137,8 +137,9 @@ class Processor:
         self.stopping = False
         # A request waiting for its filter-result, by (session, token).
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[str, str]]] = {}
-        # Where the lines of a data-line stream go, by session (one message at a time per session).
-        self._streams: dict[str, Callable[[str | None], None]] = {}
+        # Where the lines of a data-line stream go, by session (one message at a time per session), with the
+        # stream's token: lines with another are a message given up before (its filter was too slow), not this one's.
+        self._streams: dict[str, tuple[str, Callable[[str | None], None]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
         self._dropping = False  # reports are being dropped (see report)
@@ -255,9 +256,10 @@ class Processor:
                 return True
         else:
             stream = self._streams.get(session)
-            if stream is not None:
-                stream(value)
-            # (else the lines of a message its client gave up, still on their way: left without a word)
+            if stream is not None and stream[0] == token:
+                stream[1](value)
+            # (else the lines of a message given up (its client left, or its filters were too slow), still on
+            # their way: left without a word)
             return True
         _log.warning("filter process %s answered a request not waiting: %s", self.name, log.visible(line[:200]))
         return True
@@ -279,7 +281,7 @@ class Processor:
             if not waiter.done():
                 waiter.set_exception(failure)
         self._pending.clear()
-        for stream in list(self._streams.values()):
+        for _, stream in list(self._streams.values()):
             stream(None)  # the stream ends without its dot
         self._streams.clear()
         if self.stopping:
@@ -383,8 +385,9 @@ class Processor:
         """Begin a data-line stream of ``session``; returned lines go to ``receive``. Returns the token."""
         if not self.ready:
             raise FilterFailure(f"filter process {self.name} is not running")
-        self._streams[session] = receive
-        return f"{secrets.randbits(64):016x}"
+        token = f"{secrets.randbits(64):016x}"
+        self._streams[session] = (token, receive)
+        return token
 
     def send_data_lines(self, session: str, token: str, lines: list[str]) -> None:
         stamp = timestamp()
