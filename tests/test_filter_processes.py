@@ -253,6 +253,26 @@ def test_a_client_gone_in_the_middle_of_a_message_leaves_the_filters_ready(folde
         assert daemon.message(text.split()[1].decode()).startswith(b"X-Filtered: yes\nReceived: ")
 
 
+def test_a_message_over_the_size_limit_is_not_sent_whole_to_the_data_line_filters(folder: Path) -> None:
+    # A filter that keeps a message until its end (filter-dkimsign, filter-rspamd) would keep all a client sends.
+    text = "smtp max-message-size 100K\n" + config(folder, "reports=", "phases=data-line")
+    with SmtpDaemon(folder / "daemon", text) as daemon:
+        client = LineClient(daemon.port)
+        try:
+            client.reply()
+            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
+                client.send(command + b"\r\n")
+                assert client.reply()[-1].startswith("250")
+            chunk = b"Subject: big\r\n\r\n" + b"a line of a message far too big\r\n" * 60_000
+            client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+            assert client.reply()[-1].startswith("554 5.3.4 Message too big")
+        finally:
+            client.close()
+        sent = [line for line in lines_of(folder, "filter.log") if "|data-line|" in line]
+        assert sent[-1].endswith("|.")
+        assert sum(len(line) for line in sent) < 300_000, len(sent)
+
+
 def test_the_late_lines_of_a_message_given_up_do_not_go_into_the_next_one(folder: Path) -> None:
     # The filter answers the first message after the session timeout: that message fails (451), and its lines,
     # when they come (with that message's token), must not be taken for the second message's.

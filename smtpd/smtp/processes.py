@@ -588,6 +588,10 @@ class DataLineStream:
         self.timeout = timeout
         self.failure: FilterFailure | None = None
         self.refusal: Any = None
+        # What the client sent (without CRs, as the message is stored); past max-message-size nothing more
+        # goes to the filters (a filter holding the message until its end would hold it all).
+        self._received = 0
+        self._max_size: int | None = getattr(builder, "max_size", None)
         self._partial = b""
         self._skipping = False  # the rest of a line too long is being dropped
         self._output: list[str] = []
@@ -632,6 +636,14 @@ class DataLineStream:
         self._more.set()
 
     async def feed(self, data: bytes) -> None:
+        if self._max_size is not None:
+            self._received += len(data) - data.count(b"\r")
+            if self._received > self._max_size:
+                self._partial = b""
+                if self.refusal is None:
+                    self.refusal = replies.TOO_BIG
+                await self._flush()
+                return
         data = self._partial + data if self._partial else data
         cut = data.rfind(b"\n") + 1
         partial = data[cut:]
