@@ -22,6 +22,33 @@ from helpers_smtp import LineClient, SmtpDaemon
 MESSAGE = b"From: alice@example.com\r\nSubject: filtered\r\n\r\nbody\r\n..a dot line\r\n"
 
 
+HOLDING_FILTER = '''import sys, time
+held = {}
+for raw in sys.stdin:
+    line = raw.rstrip("\\n")
+    if line == "config|ready":
+        print("register|filter|smtp-in|data-line\\nregister|ready", flush=True)
+    fields = line.split("|", 7)
+    if fields[0] == "filter" and fields[4] == "data-line":
+        held.setdefault(fields[5], []).append((fields[6], fields[7]))
+        if fields[7] == ".":
+            lines = held.pop(fields[5])
+            if any("SLOW" in text for _, text in lines):
+                time.sleep(3)
+            print("".join(f"filter-dataline|{fields[5]}|{token}|{text}\\n" for token, text in lines), end="",
+                  flush=True)
+'''
+
+
+DEAF_FILTER = '''import sys, time
+for raw in iter(sys.stdin.readline, ""):
+    if raw == "config|ready\\n":
+        print("register|filter|smtp-in|data-line\\nregister|ready", flush=True)
+        break
+time.sleep(3600)  # reads nothing more
+'''
+
+
 @pytest.fixture()
 def folder() -> Iterator[Path]:
     with open_folder("filter-processes") as made:
