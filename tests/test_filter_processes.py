@@ -136,7 +136,11 @@ def test_reload_keeps_an_unchanged_process_and_replaces_a_changed_one(folder: Pa
             held.ehlo("client.test")
             daemon.config_path.write_text(config(folder, "dataline=prepend:X-Version: 2", log="new.log").replace(
                 "{port}", str(daemon.port)))
-            assert daemon.smtpctl("reload").returncode == 0
+            reloaded = daemon.smtpctl("reload")
+            assert reloaded.returncode == 0
+            # (said once, as the filter the administrator wrote: not also as a `proc` never written)
+            assert [line.split(":")[0] for line in reloaded.stdout.splitlines()] == ["filter changed",
+                                                                                    "configuration reloaded"]
             assert "config|ready" in lines_of(folder, "new.log")
             held.mail("alice@example.com")
             held.rcpt("bob@remote.test")
@@ -377,3 +381,29 @@ def test_a_large_message_waits_for_a_slow_data_line_filter_and_is_accepted_whole
             code, text = client.data(b"Subject: big\r\n\r\n" + body)
         assert code == 250, text
         assert daemon.message(text.split()[1].decode()).endswith(b"\n\n" + body.replace(b"\r\n", b"\n"))
+
+
+
+def test_a_process_two_reloads_share_ends_when_the_last_session_using_it_does(folder: Path) -> None:
+    """Reloaded twice: the filter kept by the second configuration and dropped by the third serves the sessions
+    begun under the second even after those begun under the first have ended."""
+    def write(arguments: tuple[str, ...], log: str, extra: str = "") -> None:
+        daemon.config_path.write_text(config(folder, *arguments, log=log).replace("{port}", str(daemon.port))
+                                      + extra)
+        assert daemon.smtpctl("reload").returncode == 0
+
+    with SmtpdProcess(folder / "daemon", config(folder, "dataline=prepend:X-Version: 1")) as daemon:
+        first = smtplib.SMTP("127.0.0.1", daemon.port, timeout=30)
+        first.ehlo("first.test")
+        write(("dataline=prepend:X-Version: 1",), "filter.log", "# the same filter\n")
+        second = smtplib.SMTP("127.0.0.1", daemon.port, timeout=30)
+        second.ehlo("second.test")
+        write(("dataline=prepend:X-Version: 3",), "third.log")
+        first.quit()  # the first configuration's last session: its filter is the second's too
+        second.mail("alice@example.com")
+        second.rcpt("bob@remote.test")
+        code, text = second.data(MESSAGE)
+        assert code == 250, text
+        assert daemon.message(text.split()[1].decode()).startswith(b"X-Version: 1\n")
+        second.quit()
+        assert wait_until(lambda: lines_of(folder, "filter.log")[-1].startswith("# end of input"), 15)

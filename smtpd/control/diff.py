@@ -75,7 +75,9 @@ def _procs(config: Config) -> dict[str, str]:
     return {name: f"proc {dump.quote(proc.name)} {dump.quote(proc.command)}"
             + "".join(f" {key} {dump.quote(value)}" for key, value in
                       (("user", proc.user), ("group", proc.group), ("chroot", proc.chroot)) if value is not None)
-            for name, proc in config.procs.items()}
+            for name, proc in config.procs.items()
+            # (a `filter NAME proc-exec` declares its process too: its change is the filter's, said once)
+            if getattr(config.filters.get(name), "kind", None) != "proc-exec"}
 
 
 def _user_tables(config: Config) -> dict[str, str]:

@@ -497,6 +497,9 @@ class FilterProcesses:
         self.current = ProcessorSet({})
         self._previous: ProcessorSet | None = None
         self._started: list[Processor] = []
+        # The sets still in use: the current one, and replaced ones that sessions begun before a reload hold. A
+        # process ends once no set of these has it (several reloads may share it between sets).
+        self._live: list[ProcessorSet] = []
 
     def _timeout(self) -> float:
         server = self.daemon.smtp
@@ -527,18 +530,19 @@ class FilterProcesses:
 
     async def start(self) -> None:
         self.current = await self._start_set(self.daemon.config, {})
+        self._live = [self.current]
         self.daemon.processors = self.current
 
     async def stop(self) -> None:
-        processors = {id(p): p for p in self.current.processors.values()}
-        if self._previous is not None:
-            processors.update({id(p): p for p in self._previous.processors.values()})
-        for processor in processors.values():
+        everyone = {id(processor): processor for held in (*self._live, self._previous) if held is not None
+                    for processor in held.processors.values()}
+        for processor in everyone.values():
             await processor.stop()
 
     async def reconfigure(self, old: Config, new: Config) -> list[str]:
         replacement = await self._start_set(new, self.current.processors)
         self._previous, self.current = self.current, replacement
+        self._live.append(replacement)
         self.daemon.processors = replacement
         return []
 
@@ -553,15 +557,18 @@ class FilterProcesses:
             return
         replacement, self.current = self.current, previous
         self.daemon.processors = previous
+        if replacement in self._live:
+            self._live.remove(replacement)
         for processor in self._started:
             asyncio.ensure_future(processor.stop())
-        del replacement
 
     def _retired(self, retired: ProcessorSet) -> None:
-        """A replaced set no session holds any more: stop its processes the current set does not share."""
-        kept = {id(p) for p in self.current.processors.values()}
+        """A replaced set no session holds any more: stop its processes that no set still in use has."""
+        if retired in self._live:
+            self._live.remove(retired)
+        in_use = {id(processor) for held in self._live for processor in held.processors.values()}
         for processor in retired.processors.values():
-            if id(processor) not in kept:
+            if id(processor) not in in_use:
                 asyncio.ensure_future(processor.stop())
 
 
