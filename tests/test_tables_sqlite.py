@@ -98,7 +98,9 @@ def test_virtual_domains_in_sqlite_answer_as_under_opensmtpd(folder: Path) -> No
             daemon = OpenSmtpd(str(folder), text, port, args=("-T", "lookup"))
         with daemon:
             replies = rcpt_replies(port)
-            wait_until(lambda: len(maildir_messages(f"{folder}/{side}")) >= 5, 20)  # noqa: B023 — used at once
+            # (6.8 delivers team@'s two copies to the one user: all its deliveries are awaited, none left queued)
+            expected = 5 if side == "ours" else 6
+            wait_until(lambda: len(maildir_messages(f"{folder}/{side}")) >= expected, 20)  # noqa: B023 — at once
         lookups = [re.sub(r" in table (proc|sqlite):", " in table sqlite:", line[line.index("lookup: "):])
                    for line in daemon.log().splitlines() if re.search(r"lookup: .* in table (proc|sqlite):", line)]
         results[side] = (replies, [message["Delivered-To"] for message in maildir_messages(f"{folder}/{side}")],
