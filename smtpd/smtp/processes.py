@@ -80,18 +80,15 @@ class ProcessorSpec:
 
 def specs_of(config: Config) -> dict[str, ProcessorSpec]:
     """Every processor of the configuration by name: `proc` declarations and `filter NAME proc-exec` ones. All
-    are started, as 6.8 starts them, even those no listener uses."""
+    are started, as 6.8 starts them, even those no listener uses. (Not the config model's Proc: its location
+    would make a moved line a changed process at a reload.)"""
     from smtpd.smtp.filters import chain_members
 
     used = {processor_of(config, member.name) for listener in config.listeners
             for member in chain_members(config, listener.filter)}
-    specs = {proc.name: ProcessorSpec(proc.name, proc.command, proc.user, proc.group, proc.chroot,
-                                      proc.name in used) for proc in config.procs.values()}
-    for item in config.filters.values():
-        if item.kind == "proc-exec" and item.command is not None:
-            specs[item.name] = ProcessorSpec(item.name, item.command, item.user, item.group, item.chroot,
-                                             item.name in used)
-    return specs
+    # (a `filter NAME proc-exec` declares its process among the procs too, as 6.8's grammar does)
+    return {proc.name: ProcessorSpec(proc.name, proc.command, proc.user, proc.group, proc.chroot, proc.name in used)
+            for proc in config.procs.values()}
 
 
 def processor_of(config: Config, filter_name: str) -> str | None:
