@@ -61,6 +61,28 @@ def config(folder: Path, *arguments: str, log: str = "filter.log", extra: str = 
             'action "relay" relay\nmatch from any for any action "relay"\n')
 
 
+def program_config(folder: Path, name: str, source: str) -> str:
+    """A configuration whose listener runs the filter program ``source`` (written into the folder) as ``name``."""
+    (folder / f"{name}.py").write_text(source)
+    return (f'filter "{name}" proc-exec "/usr/bin/python3 {folder}/{name}.py"\n'
+            f'listen on 127.0.0.1 port {{port}} filter "{name}"\naction "relay" relay\n'
+            'match from any for any action "relay"\n')
+
+
+def in_transaction(port: int, timeout: float = 30) -> LineClient:
+    """A raw client past the greeting, EHLO, MAIL FROM and RCPT TO, each answered 250."""
+    client = LineClient(port, timeout=timeout)
+    try:
+        client.reply()
+        for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
+            client.send(command + b"\r\n")
+            assert client.reply()[-1].startswith("250")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 def send(port: int) -> tuple[int, bytes]:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
@@ -155,13 +177,9 @@ def test_reload_keeps_an_unchanged_process_and_replaces_a_changed_one(folder: Pa
 def test_a_message_in_bdat_chunks_goes_through_the_data_line_filters(folder: Path) -> None:
     # (6.8 offers no CHUNKING: a filter sees BDAT's text in lines, dot-stuffed, as it sees DATA's)
     with SmtpDaemon(folder / "daemon", config(folder, "dataline=prepend:X-Filtered: yes")) as daemon:
-        client = LineClient(daemon.port)
+        first, second = b"Subject: chunks\r\n\r\n.dot at the start\r\nsplit li", b"ne\r\n"
+        client = in_transaction(daemon.port)
         try:
-            client.reply()
-            first, second = b"Subject: chunks\r\n\r\n.dot at the start\r\nsplit li", b"ne\r\n"
-            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
-                client.send(command + b"\r\n")
-                assert client.reply()[-1].startswith("250")
             client.send(b"BDAT %d\r\n" % len(first) + first)
             assert client.reply() == [f"250 2.0.0 {len(first)} octets received"]
             client.send(b"BDAT %d LAST\r\n" % len(second) + second)
@@ -288,12 +306,8 @@ def test_a_message_over_the_size_limit_is_not_sent_whole_to_the_data_line_filter
     # A filter that keeps a message until its end (filter-dkimsign, filter-rspamd) would keep all a client sends.
     text = "smtp max-message-size 100K\n" + config(folder, "reports=", "phases=data-line")
     with SmtpDaemon(folder / "daemon", text) as daemon:
-        client = LineClient(daemon.port)
+        client = in_transaction(daemon.port)
         try:
-            client.reply()
-            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
-                client.send(command + b"\r\n")
-                assert client.reply()[-1].startswith("250")
             chunk = b"Subject: big\r\n\r\n" + b"a line of a message far too big\r\n" * 60_000
             client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
             assert client.reply()[-1].startswith("554 5.3.4 Message too big")
@@ -307,10 +321,7 @@ def test_a_message_over_the_size_limit_is_not_sent_whole_to_the_data_line_filter
 def test_the_late_lines_of_a_message_given_up_do_not_go_into_the_next_one(folder: Path) -> None:
     # The filter answers the first message after the session timeout: that message fails (451), and its lines,
     # when they come (with that message's token), must not be taken for the second message's.
-    (folder / "holding.py").write_text(HOLDING_FILTER)
-    text = (f'filter "hold" proc-exec "/usr/bin/python3 {folder}/holding.py"\n'
-            'listen on 127.0.0.1 port {port} filter "hold"\naction "relay" relay\n'
-            'match from any for any action "relay"\n')
+    text = program_config(folder, "hold", HOLDING_FILTER)
     with SmtpDaemon(folder / "daemon", text, env={"SMTPD_SMTP_TIMEOUT": "2"}) as daemon:
         with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
             client.ehlo("client.test")
@@ -330,12 +341,8 @@ def test_a_bdat_line_too_long_for_the_filters_refuses_the_message_and_leaves_the
     # DATA refuses a line of 64 KiB; BDAT has no lines and could bring one, which the filter would send back
     # longer than the protocol's lines may be (a misbehaving process, started again: every session's loss).
     with SmtpDaemon(folder / "daemon", config(folder, "reports=", "phases=data-line")) as daemon:
-        client = LineClient(daemon.port)
+        client = in_transaction(daemon.port)
         try:
-            client.reply()
-            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
-                client.send(command + b"\r\n")
-                assert client.reply()[-1].startswith("250")
             chunk = b"Subject: long\r\n\r\n" + b"x" * 100_000 + b"\r\nafter\r\n"
             client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
             assert client.reply() == ["500 5.0.0 Line too long"]
@@ -350,17 +357,10 @@ def test_a_bdat_line_too_long_for_the_filters_refuses_the_message_and_leaves_the
 
 
 def test_a_data_line_filter_that_reads_nothing_fails_the_message_after_the_session_timeout(folder: Path) -> None:
-    (folder / "deaf.py").write_text(DEAF_FILTER)
-    text = (f'filter "deaf" proc-exec "/usr/bin/python3 {folder}/deaf.py"\n'
-            'listen on 127.0.0.1 port {port} filter "deaf"\naction "relay" relay\n'
-            'match from any for any action "relay"\n')
+    text = program_config(folder, "deaf", DEAF_FILTER)
     with SmtpDaemon(folder / "daemon", text, env={"SMTPD_SMTP_TIMEOUT": "2"}) as daemon:
-        client = LineClient(daemon.port, timeout=20)
+        client = in_transaction(daemon.port, timeout=20)
         try:
-            client.reply()
-            for command in (b"EHLO client.test", b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@remote.test>"):
-                client.send(command + b"\r\n")
-                assert client.reply()[-1].startswith("250")
             chunk = b"Subject: unread\r\n\r\n" + b"a line nobody reads\r\n" * 100_000  # more than the pipe holds
             client.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
             assert client.reply() == ["451 4.3.0 Temporary failure"]
