@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 FILE_BACKENDS = ("file", "static")
+# opensmtpd-extras' table programs that take a configuration file (`table NAME BACKEND:/etc/mail/FILE.conf`),
+# answered by the daemon itself: backend name -> its class, called with (table name, the file's path).
+CONFIGURED_BACKENDS: dict[str, Callable[[str, str], TableBackend]] = {
+    "sqlite": SqliteTable,
+}
 MASK = "********"
 
 
@@ -75,10 +80,11 @@ def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
         if not decl.source:
             raise TableLoadError(f"table {decl.name}: the passwd backend needs a file path")
         return PasswdFileTable(decl.name, decl.source)
-    if decl.backend == "sqlite":
+    opener = CONFIGURED_BACKENDS.get(decl.backend)
+    if opener is not None:
         if not decl.source:
-            raise TableLoadError(f"table {decl.name}: the sqlite backend needs its configuration file's path")
-        return SqliteTable(decl.name, decl.source)
+            raise TableLoadError(f"table {decl.name}: the {decl.backend} backend needs its configuration file's path")
+        return opener(decl.name, decl.source)
     raise TableLoadError(f'table_create: backend "{decl.backend}" is not supported')
 
 
