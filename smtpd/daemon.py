@@ -229,6 +229,16 @@ def _install_signal_handlers(daemon: Daemon) -> None:
 
     loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
 
+    # Their default action ends a process, and tools send them to daemons by habit (logrotate's postrotate
+    # scripts, monitoring): a mail server must not stop for that. OpenSMTPD 6.8 dies of both.
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(signum, _ignored_signal, daemon, signum)
+
+
+def _ignored_signal(daemon: Daemon, signum: int) -> None:
+    daemon.log.warning("warn: %s received and ignored (SIGHUP reloads, SIGTERM stops)",
+                       signal.Signals(signum).name)
+
 
 class StartupFailed(Exception):
     """A subsystem could not start (a port taken, a table unreadable, another daemon on the socket)."""

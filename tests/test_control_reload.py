@@ -99,6 +99,18 @@ def test_sighup_reloads_and_reports_in_the_log(daemon: DaemonProcess) -> None:
     assert daemon.alive() and banner(port).startswith(b"220 ")
 
 
+def test_sigusr1_and_sigusr2_are_logged_and_change_nothing(daemon: DaemonProcess) -> None:
+    port = daemon.port  # type: ignore[attr-defined]
+    for signum, name in ((signal.SIGUSR1, "SIGUSR1"), (signal.SIGUSR2, "SIGUSR2")):
+        daemon.signal(signum)
+        deadline = time.monotonic() + 15
+        while f"{name} received and ignored" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"warn: {name} received and ignored" in daemon.log()
+    assert daemon.alive() and banner(port).startswith(b"220 ")
+    assert "configuration reloaded" not in daemon.log()
+
+
 def test_listener_swapped_while_a_session_is_open(daemon: DaemonProcess) -> None:
     old_port = daemon.port  # type: ignore[attr-defined]
     new_port = free_port()
