@@ -32,6 +32,7 @@ from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addr
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.passwd import GetpwnamTable, system_users_are_local
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
+from smtpd.lookup.tables.socketmap import SocketmapTable
 from smtpd.lookup.tables.sqlite import SqliteTable
 from smtpd.lookup.tables.static import FileTable, InlineTable
 
@@ -44,11 +45,14 @@ __all__ = [
 ]
 
 FILE_BACKENDS = ("file", "static")
-# opensmtpd-extras' table programs that take a configuration file (`table NAME BACKEND:/etc/mail/FILE.conf`),
-# answered by the daemon itself: backend name -> its class, called with (table name, the file's path).
+# opensmtpd-extras' table programs that take a configuration file (`table NAME BACKEND:/etc/mail/FILE.conf`) or,
+# for socketmap, the server's socket, answered by the daemon itself: backend name -> its class, called with
+# (table name, the path after `BACKEND:`).
 CONFIGURED_BACKENDS: dict[str, Callable[[str, str], TableBackend]] = {
     "sqlite": SqliteTable,
+    "socketmap": SocketmapTable,
 }
+SOCKET_BACKENDS = frozenset({"socketmap"})  # their path names a socket, not a configuration file
 MASK = "********"
 
 
@@ -83,7 +87,8 @@ def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
     opener = CONFIGURED_BACKENDS.get(decl.backend)
     if opener is not None:
         if not decl.source:
-            raise TableLoadError(f"table {decl.name}: the {decl.backend} backend needs its configuration file's path")
+            needed = "its server's socket path" if decl.backend in SOCKET_BACKENDS else "its configuration file's path"
+            raise TableLoadError(f"table {decl.name}: the {decl.backend} backend needs {needed}")
         return opener(decl.name, decl.source)
     raise TableLoadError(f'table_create: backend "{decl.backend}" is not supported')
 
