@@ -372,11 +372,23 @@ def test_failures_are_temporary_and_the_next_question_is_answered(folder: Path, 
             table.close()
 
 
-def test_relay_src_cannot_be_fetched(folder: Path, server: MapServer) -> None:
+def test_relay_src_cannot_be_fetched_and_smtpd_n_says_so(folder: Path, server: MapServer) -> None:
     table = SocketmapTable("sources", server.path)
     with pytest.raises(TableError, match="cannot hand out SOURCE entries"):
         table.fetch(Service.SOURCE)
     assert server.asked == []
+    conf = folder / "smtpd.conf"
+    conf.write_text(f'table sources socketmap:{server.path}\naction "out" relay src <sources>\n'
+                    'match from any for any action "out"\n')
+    result = check_config(conf)
+    assert result.returncode == 0
+    assert (f'{conf}:1: warning: table "sources" (socketmap) cannot hand out entries in turn; every use of it as '
+            "src fails (a temporary failure)") in result.stderr
+
+
+def check_config(conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(conf)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=False)
 
 
 @pytest.mark.parametrize(("source", "message"), [
@@ -391,8 +403,7 @@ def test_config_mistakes(folder: Path, source: str, message: str | None) -> None
     backend = f"socketmap:{source}" if source else "socketmap"
     conf.write_text(f"table t {backend.format(folder=folder)}\naction \"out\" relay\n"
                     "match from any for domain <t> action \"out\"\n")
-    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(conf)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, check=False)
+    result = check_config(conf)
     if message is None:
         assert result.returncode == 0, result.stderr
     else:

@@ -20,6 +20,7 @@ from smtpd.lookup.tables.base import TableError
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.matching import regex_error
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
+from smtpd.lookup.tables.socketmap import SocketmapTable
 from smtpd.lookup.tables.static import FileTable, _StaticTable
 
 # A value that looks like a hash one of the schemes we verify: bcrypt, crypt(3) `$id$`, or traditional DES.
@@ -136,6 +137,26 @@ def _all_uses(config: Config) -> Iterator[tuple[str, str]]:
                 yield condition.table, f"match {what}{' regex' if condition.regex else ''}"
 
 
+# Uses that take a table's entries in turn (fetch), which a socketmap server cannot be asked for.
+_FETCHED_USES = ("src", "relay host")
+
+
+def _check_socketmap_uses(tables: Tables, config: Config) -> list[Diagnostic]:
+    """A socketmap table only looks keys up: warn once per use that hands out entries in turn (relay `src`,
+    `host`), where every question fails (a temporary failure, as with table-socketmap)."""
+    diagnostics: list[Diagnostic] = []
+    for name, use in dict.fromkeys(_all_uses(config)):
+        if use not in _FETCHED_USES or name not in tables or name in tables.load_errors:
+            continue
+        if isinstance(tables.backend(name), SocketmapTable):
+            decl = config.tables.get(name)
+            location = decl.location if decl is not None else None
+            text = (f'table "{name}" (socketmap) cannot hand out entries in turn; every use of it as {use} fails '
+                    "(a temporary failure)")
+            diagnostics.append(Diagnostic(text, location, Severity.WARNING if location else Severity.NOTE))
+    return diagnostics
+
+
 # Locked accounts, by passwd(5) convention: no warning for them, they are meant not to log in.
 _LOCKED = ("*", "!")
 
@@ -217,7 +238,7 @@ def check_table_uses(tables: Tables) -> list[Diagnostic]:
     config = tables.config
     if config is None:
         return []
-    diagnostics: list[Diagnostic] = []
+    diagnostics: list[Diagnostic] = _check_socketmap_uses(tables, config)
     passwd_uses: dict[str, list[str]] = {}
     for name, use in _all_uses(config):
         if name in tables and name not in tables.load_errors and isinstance(tables.backend(name), PasswdFileTable):
