@@ -32,6 +32,7 @@ from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addr
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.passwd import GetpwnamTable, system_users_are_local
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
+from smtpd.lookup.tables.redis import RedisTable
 from smtpd.lookup.tables.socketmap import SocketmapTable
 from smtpd.lookup.tables.sqlite import SqliteTable
 from smtpd.lookup.tables.static import FileTable, InlineTable
@@ -51,6 +52,7 @@ FILE_BACKENDS = ("file", "static")
 CONFIGURED_BACKENDS: dict[str, Callable[[str, str], TableBackend]] = {
     "sqlite": SqliteTable,
     "socketmap": SocketmapTable,
+    "redis": RedisTable,
 }
 SOCKET_BACKENDS = frozenset({"socketmap"})  # their path names a socket, not a configuration file
 MASK = "********"
