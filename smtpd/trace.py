@@ -113,6 +113,9 @@ class TraceBus:
         self._subscriptions: list[Subscription] = []
         self._wanted: frozenset[str] = frozenset()
         self._lock = threading.Lock()
+        # Lines come from worker threads too (tables asked off the event loop): each is written whole, where
+        # print's two writes (the line, then its newline) let two threads' lines run into one.
+        self._console_lock = threading.Lock()
 
     # -- switches -------------------------------------------------------------------------------------
     def enable(self, keyword: str) -> bool:
@@ -171,7 +174,9 @@ class TraceBus:
         event = TraceEvent(time.time(), subsystem, message, fields)
         if self.console is not None and subsystem in self.enabled:
             try:
-                print(event.to_line(), file=self.console, flush=True)
+                with self._console_lock:
+                    self.console.write(event.to_line() + "\n")
+                    self.console.flush()
             except (OSError, ValueError):
                 pass
         for subscription in list(self._subscriptions):
