@@ -30,6 +30,7 @@ from smtpd.lookup.tables.base import (
 )
 from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addresses
 from smtpd.lookup.tables.db import DbTable
+from smtpd.lookup.tables.ldap import LdapTable
 from smtpd.lookup.tables.passwd import GetpwnamTable, system_users_are_local
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
 from smtpd.lookup.tables.redis import RedisTable
@@ -53,6 +54,7 @@ CONFIGURED_BACKENDS: dict[str, Callable[[str, str], TableBackend]] = {
     "sqlite": SqliteTable,
     "socketmap": SocketmapTable,
     "redis": RedisTable,
+    "ldap": LdapTable,
 }
 SOCKET_BACKENDS = frozenset({"socketmap"})  # their path names a socket, not a configuration file
 MASK = "********"
