@@ -15,6 +15,7 @@ masked. A backend failure raises TableError (a temporary failure for the caller)
 from __future__ import annotations
 
 import asyncio
+import importlib
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,12 +31,8 @@ from smtpd.lookup.tables.base import (
 )
 from smtpd.lookup.tables.builtin import BUILTIN_NAMES, builtin_table, local_addresses
 from smtpd.lookup.tables.db import DbTable
-from smtpd.lookup.tables.ldap import LdapTable
 from smtpd.lookup.tables.passwd import GetpwnamTable, system_users_are_local
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
-from smtpd.lookup.tables.redis import RedisTable
-from smtpd.lookup.tables.socketmap import SocketmapTable
-from smtpd.lookup.tables.sqlite import SqliteTable
 from smtpd.lookup.tables.static import FileTable, InlineTable
 
 if TYPE_CHECKING:
@@ -48,13 +45,14 @@ __all__ = [
 
 FILE_BACKENDS = ("file", "static")
 # opensmtpd-extras' table programs that take a configuration file (`table NAME BACKEND:/etc/mail/FILE.conf`) or,
-# for socketmap, the server's socket, answered by the daemon itself: backend name -> its class, called with
-# (table name, the path after `BACKEND:`).
-CONFIGURED_BACKENDS: dict[str, Callable[[str, str], TableBackend]] = {
-    "sqlite": SqliteTable,
-    "socketmap": SocketmapTable,
-    "redis": RedisTable,
-    "ldap": LdapTable,
+# for socketmap, the server's socket, answered by the daemon itself: backend name -> "module:class", the class
+# called with (table name, the path after `BACKEND:`). Imported when such a table is opened: the database
+# drivers cost 20-120 ms each to import, which every start and every smtpctl run would pay otherwise.
+CONFIGURED_BACKENDS: dict[str, str] = {
+    "sqlite": "smtpd.lookup.tables.sqlite:SqliteTable",
+    "socketmap": "smtpd.lookup.tables.socketmap:SocketmapTable",
+    "redis": "smtpd.lookup.tables.redis:RedisTable",
+    "ldap": "smtpd.lookup.tables.ldap:LdapTable",
 }
 SOCKET_BACKENDS = frozenset({"socketmap"})  # their path names a socket, not a configuration file
 MASK = "********"
@@ -88,11 +86,13 @@ def open_table(decl: TableDecl, delimiter: str = "+") -> TableBackend:
         if not decl.source:
             raise TableLoadError(f"table {decl.name}: the passwd backend needs a file path")
         return PasswdFileTable(decl.name, decl.source)
-    opener = CONFIGURED_BACKENDS.get(decl.backend)
-    if opener is not None:
+    where = CONFIGURED_BACKENDS.get(decl.backend)
+    if where is not None:
         if not decl.source:
             needed = "its server's socket path" if decl.backend in SOCKET_BACKENDS else "its configuration file's path"
             raise TableLoadError(f"table {decl.name}: the {decl.backend} backend needs {needed}")
+        module_name, class_name = where.split(":")
+        opener: Callable[[str, str], TableBackend] = getattr(importlib.import_module(module_name), class_name)
         return opener(decl.name, decl.source)
     raise TableLoadError(f'table_create: backend "{decl.backend}" is not supported')
 

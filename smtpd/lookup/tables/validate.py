@@ -20,7 +20,6 @@ from smtpd.lookup.tables.base import TableError
 from smtpd.lookup.tables.db import DbTable
 from smtpd.lookup.tables.matching import regex_error
 from smtpd.lookup.tables.passwd_file import PasswdFileTable
-from smtpd.lookup.tables.socketmap import SocketmapTable
 from smtpd.lookup.tables.static import FileTable, _StaticTable
 
 # A value that looks like a hash one of the schemes we verify: bcrypt, crypt(3) `$id$`, or traditional DES.
@@ -148,7 +147,7 @@ def _check_socketmap_uses(tables: Tables, config: Config) -> list[Diagnostic]:
     for name, use in dict.fromkeys(_all_uses(config)):
         if use not in _FETCHED_USES or name not in tables or name in tables.load_errors:
             continue
-        if isinstance(tables.backend(name), SocketmapTable):
+        if tables.backend(name).backend_name == "socketmap":
             decl = config.tables.get(name)
             location = decl.location if decl is not None else None
             text = (f'table "{name}" (socketmap) cannot hand out entries in turn; every use of it as {use} fails '
