@@ -282,11 +282,11 @@ def test_a_path_is_needed_and_other_external_backends_stay_refused(tmp_path: Pat
     assert (result.returncode, result.stderr.splitlines()) == (1, [
         "passwd: a file is needed (table NAME passwd:/path/to/file)",
         f"{config}:1: invalid configuration file (null) for table users"])
-    config.write_text(f'table sql mysql:{tmp_path}/mysql.conf\naction "x" maildir userbase <sql>\n'
+    config.write_text(f'table sql socketmap:{tmp_path}/socketmap.conf\naction "x" maildir userbase <sql>\n'
                       'match for local action "x"\n')
     result = run_smtpd("-n", "-f", str(config))
-    # (with opensmtpd-extras installed, as `make test` does: its table-mysql is there, and still not supported;
-    # sqlite tables are: tests/test_tables_sqlite.py)
-    expected = ['table_create: backend "mysql" is not supported',
-                f"{config}:1: invalid configuration file {tmp_path}/mysql.conf for table sql"]
+    # (with opensmtpd-extras installed, as `make test` does: its table-socketmap is there, and still not
+    # supported; sqlite, postgres and mysql tables are: tests/test_tables_sqlite.py, ..._postgres.py, ..._mysql.py)
+    expected = ['table_create: backend "socketmap" is not supported',
+                f"{config}:1: invalid configuration file {tmp_path}/socketmap.conf for table sql"]
     assert (result.returncode, result.stderr.splitlines()) == (1, expected)

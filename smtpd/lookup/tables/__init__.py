@@ -53,6 +53,8 @@ CONFIGURED_BACKENDS: dict[str, str] = {
     "socketmap": "smtpd.lookup.tables.socketmap:SocketmapTable",
     "redis": "smtpd.lookup.tables.redis:RedisTable",
     "ldap": "smtpd.lookup.tables.ldap:LdapTable",
+    "postgres": "smtpd.lookup.tables.postgres:PostgresTable",
+    "mysql": "smtpd.lookup.tables.mysql:MysqlTable",
 }
 SOCKET_BACKENDS = frozenset({"socketmap"})  # their path names a socket, not a configuration file
 MASK = "********"

@@ -1,0 +1,128 @@
+"""`postgres:` tables: the configuration files of table-postgres (opensmtpd-extras), answered by the daemon itself.
+
+OpenSMTPD runs `table NAME postgres:/etc/mail/postgres.conf` through the external program table-postgres; we read
+the same file and ask the same server through libpq (psycopg's, at its lowest level: the conninfo string goes to
+libpq as table-postgres hands it over, and the queries are prepared and run as it does). The keys, the answers and
+the checks are those of every SQL table (sql.py, docs/tables.md); the key of table-postgres's own is `conninfo`
+(libpq's connection string: `host=... dbname=... user=... password=...`, or a `postgresql://` URI), and each query
+takes the key as its `$1`.
+
+As table-postgres, each statement is prepared when the connection opens, so the server checks it then; we also
+ask the server to describe it and check its parameters and columns. A connection that broke (the server
+restarted) is opened again and the question asked once more. Where we differ: a conninfo that names no
+`connect_timeout` gets one of CONNECT_TIMEOUT seconds (libpq waits for ever for a server whose packets are lost,
+and every question of the table would wait behind it); the server not answering at start does not stop the
+daemon (sql.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from smtpd.lookup.tables.base import TableError, TableLoadError
+from smtpd.lookup.tables.sql import (
+    ConnectionLost,
+    Row,
+    ServerUnavailable,
+    SqlConfig,
+    SqlTable,
+    Statement,
+    check_shape,
+)
+
+BACKEND = "postgres"
+CONNECT_TIMEOUT = 10  # seconds, when neither the conninfo nor PGCONNECT_TIMEOUT says
+# SQLSTATE classes after which a new connection may answer: connection exceptions (08), the server shutting
+# down or starting (57P), and a prepared statement whose table changed shape (0A000, "cached plan must not
+# change result type": prepared again on the new connection).
+RECONNECT_STATES = (b"08", b"57P", b"0A000")
+INDETERMINATE_DATATYPE = b"42P18"  # a `$1` the query does not use, or a `$2`
+
+
+class PostgresTable(SqlTable):
+    """`table NAME postgres:/path/to/postgres.conf`."""
+
+    backend_name = BACKEND
+    settings_keys = ("conninfo",)
+    required = {"conninfo": "the server must be named (`conninfo host=... dbname=...`)"}
+    placeholder = "$1"
+
+    def _connect(self, config: SqlConfig) -> pq.abc.PGconn:
+        conninfo = _conninfo(config)
+        try:
+            connection = pq.PGconn.connect(conninfo.encode())
+        except psycopg.Error as error:
+            raise ServerUnavailable(str(error)) from None
+        if connection.status != pq.ConnStatus.OK:
+            message = _text(connection.error_message.split(b"\n")[0])  # (not libpq's hint on the next line)
+            connection.finish()
+            raise ServerUnavailable(message)
+        try:
+            for statement in config.statements():
+                _prepare(connection, config, statement)
+        except BaseException:
+            connection.finish()
+            raise
+        return connection
+
+    def _disconnect(self, connection: pq.abc.PGconn) -> None:
+        connection.finish()
+
+    def _run(self, connection: pq.abc.PGconn, statement: Statement, parameters: tuple[str, ...],
+             first_only: bool) -> list[Row]:
+        try:
+            result = connection.exec_prepared(statement.key.encode(), [value.encode() for value in parameters])
+        except psycopg.Error as error:  # (libpq gave no result at all: the connection is gone)
+            raise ConnectionLost(str(error)) from None
+        if result.status == pq.ExecStatus.TUPLES_OK:
+            count = min(result.ntuples, 1) if first_only else result.ntuples
+            return [tuple(result.get_value(row, column) for column in range(result.nfields)) for row in range(count)]
+        message = _result_message(result, connection)
+        state = result.error_field(pq.DiagnosticField.SQLSTATE)
+        if connection.status != pq.ConnStatus.OK or state is None or state.startswith(RECONNECT_STATES):
+            raise ConnectionLost(message)
+        raise TableError(f"{self.label}: {statement.key}: {message}")
+
+
+def _conninfo(config: SqlConfig) -> str:
+    """The file's conninfo, with our connect_timeout unless one is given. A conninfo libpq cannot parse is a
+    mistake of its line."""
+    conninfo = config.settings["conninfo"]
+    try:
+        given = conninfo_to_dict(conninfo)
+    except psycopg.Error as error:
+        raise TableLoadError(f"{config.where('conninfo')}: conninfo: {error}") from None
+    if "connect_timeout" in given or os.environ.get("PGCONNECT_TIMEOUT"):
+        return conninfo
+    return make_conninfo(conninfo, connect_timeout=CONNECT_TIMEOUT)
+
+
+def _prepare(connection: pq.abc.PGconn, config: SqlConfig, statement: Statement) -> None:
+    """Prepare a statement under its key's name, as table-postgres does (one parameter of a type the server
+    infers), then check what the server says it takes and returns."""
+    name = statement.key.encode()
+    where = f"{config.where(statement.key)}: {statement.key}"
+    result = connection.prepare(name, statement.sql.encode(), [0] * statement.parameters)
+    if result.status == pq.ExecStatus.COMMAND_OK:
+        result = connection.describe_prepared(name)
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        message = _result_message(result, connection)
+        if connection.status != pq.ConnStatus.OK:
+            raise ServerUnavailable(message)
+        if result.error_field(pq.DiagnosticField.SQLSTATE) == INDETERMINATE_DATATYPE and statement.parameters:
+            message += " (the key is the query's one `$1`)"
+        raise TableLoadError(f"{where}: {message}")
+    check_shape(config, statement, result.nparams, result.nfields, "$1")
+
+
+def _result_message(result: pq.abc.PGresult, connection: pq.abc.PGconn) -> str:
+    primary = result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
+    return _text(primary if primary else result.error_message or connection.error_message)
+
+
+def _text(message: bytes) -> str:
+    return " ".join(message.decode("utf-8", "replace").split())
