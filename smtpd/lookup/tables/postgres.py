@@ -116,7 +116,8 @@ def _prepare(connection: pq.abc.PGconn, config: SqlConfig, statement: Statement)
         if result.error_field(pq.DiagnosticField.SQLSTATE) == INDETERMINATE_DATATYPE and statement.parameters:
             message += " (the key is the query's one `$1`)"
         raise TableLoadError(f"{where}: {message}")
-    check_shape(config, statement, result.nparams, result.nfields, "$1")
+    # (more columns than needed are ignored, as table-postgres ignores them: `SELECT * FROM domains ...` works)
+    check_shape(config, statement, result.nparams, result.nfields, "$1", more_columns=True)
 
 
 def _result_message(result: pq.abc.PGresult, connection: pq.abc.PGconn) -> str:

@@ -124,16 +124,17 @@ def parse_config(text: str, path: str, settings_keys: Sequence[str], required: d
 
 
 def check_shape(config: SqlConfig, statement: Statement, parameters: int | None, columns: int,
-                placeholder: str) -> None:
+                placeholder: str, more_columns: bool = False) -> None:
     """Say a statement's mistake with its line when the database's description of it (its parameters, when the
-    driver knows them, and its columns) is not what its service needs."""
+    driver knows them, and its columns) is not what its service needs. ``more_columns``: columns after those
+    needed are ignored (table-postgres reads the first ones and never counts them)."""
     where = config.where(statement.key)
     if parameters is not None and parameters != statement.parameters:
         hint = (f" (the key is the query's one `{placeholder}`)" if statement.parameters
                 else " (it is asked without a key)")
         raise TableLoadError(f"{where}: {statement.key} takes {_count(parameters, 'parameter')}, "
                              f"{statement.parameters} expected{hint}")
-    if columns != statement.columns:
+    if columns < statement.columns or (columns > statement.columns and not more_columns):
         raise TableLoadError(f"{where}: {statement.key} returns {_count(columns, 'column')}, "
                              f"{statement.columns} expected")
 
@@ -241,13 +242,13 @@ class SqlTable(ABC):
         try:
             connection = self._connect(config)
         except ServerUnavailable as error:
-            message = (f"{self.path}: cannot reach the database: {error}; the queries are checked, and the table "
-                       "answers, once it can be reached")
             if strict:
                 raise TableLoadError(f"{self.path}: cannot reach the database: {error}; the table is kept as it "
                                      "was") from None
-            _log.warning("%s: %s", self.label, message)
-            connection, warnings, self._failing = None, [message], True
+            # (said by `smtpd -n` and at start as a warning of the configuration: smtpd.lookup.tables.validate)
+            warnings = [f"{self.path}: warning: cannot reach the database: {error}; the queries are checked, and the "
+                        f"table {self.name} answers, once it can be reached"]
+            connection, self._failing = None, True
         with self._lock:
             old, self._connection, self.config = self._connection, connection, config
             self.load_warnings = warnings

@@ -278,6 +278,9 @@ def validate_config(config: Config) -> list[Diagnostic]:
             shown = "(null)" if source is None else source  # C's printf of a missing path, never Python's None
             diagnostics.append(Diagnostic(f"invalid configuration file {shown} for table {name}",
                                           decl.location if decl is not None else None))
+        for name in tables.names():  # tables loaded, and not checked in full (an SQL server not answering)
+            diagnostics.extend(Diagnostic(warning, None, Severity.WARNING)
+                               for warning in getattr(tables.backend(name), "load_warnings", ()))
         diagnostics.extend(tables.validate())
         return diagnostics
     finally:

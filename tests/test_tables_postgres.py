@@ -1,0 +1,214 @@
+"""`postgres:` tables, the configuration files of table-postgres (opensmtpd-extras), against a PostgreSQL server the
+test runs: side by side with OpenSMTPD 6.8 running the real table-postgres on the same file and server (the
+virtual-domain example: domains, virtual users, aliases of several rows), then ours alone for AUTH (6.8's TLS
+fails on Debian 12), senders, mistakes said with their line, the server going away and coming back, and
+`smtpctl update table`."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon import ROOT, SmtpdProcess
+from helpers_smtp import SmtpDaemon, make_certificate
+from helpers_sqlservers import (
+    AUTH_PASSWORD,
+    AUTH_USER,
+    TABLE_PASSWORD,
+    PostgresServer,
+    rcpt_replies,
+    shared_folder,
+    side_by_side,
+)
+
+from smtpd.lookup.tables.base import Service, TableError
+from smtpd.lookup.tables.postgres import PostgresTable
+
+# (query_alias returns a column more than it needs: table-postgres reads the first and ignores the others)
+QUERIES = """query_alias SELECT destination, email FROM virtuals WHERE email=$1;
+query_credentials SELECT email, password FROM credentials WHERE email=$1;
+query_domain SELECT domain FROM domains WHERE domain=$1;
+query_mailaddrmap SELECT address FROM senders WHERE login=$1;
+"""
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PostgresServer]:
+    with PostgresServer() as running:
+        yield running
+
+
+@pytest.fixture()
+def folder(server: PostgresServer) -> Iterator[Path]:
+    made = shared_folder()
+    (made / "postgres.conf").write_text(f"# as table-postgres(5)'s example\nconninfo {server.conninfo()}\n{QUERIES}")
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def test_virtual_domains_in_postgres_answer_as_under_opensmtpd(folder: Path) -> None:
+    results = side_by_side(f"postgres:{folder}/postgres.conf", folder)
+    assert results["ours"][0] == results["theirs"][0]
+    assert results["ours"][0][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4
+    assert results["ours"][0][5] == (550, b"Invalid recipient: <someone@example.org>")
+    # (the same mailboxes; 6.8 delivers team@'s two members' copies to the one user twice, we once:
+    # docs/delivery.md, "Duplicates")
+    assert sorted(set(results["ours"][1])) == sorted(set(results["theirs"][1])) != []
+    # Every question we asked got table-postgres's answer (6.8 asks more: `nobody@` before `nobody`).
+    assert results["ours"][2] and set(results["ours"][2]) <= set(results["theirs"][2])
+    assert 'lookup: lookup "team@example.com" as ALIAS in table sql:virtuals -> ' \
+           '"bob@example.com, alice@example.net"' in results["ours"][2]
+
+
+def tls_config(folder: Path, certificates: Path) -> str:
+    return (f'pki mx.test.example cert "{certificates}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{certificates}/mx.test.example.key"\n'
+            f"table credentials postgres:{folder}/postgres.conf\ntable sendermap postgres:{folder}/postgres.conf\n"
+            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
+            "senders <sendermap>\n"
+            'action "out" relay\nmatch auth from any for any action "out"\n')
+
+
+def test_credentials_and_senders_from_postgres(folder: Path, tmp_path: Path) -> None:
+    """AUTH against query_credentials (the server's user logged in with its password), and `senders` against
+    query_mailaddrmap, whose rows are joined as table-postgres joins them."""
+    make_certificate(tmp_path)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with SmtpDaemon(tmp_path / "daemon", tls_config(folder, tmp_path)) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.starttls(context=context)
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login(AUTH_USER, "wrong")
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.starttls(context=context)
+            assert client.login(AUTH_USER, AUTH_PASSWORD)[0] == 235
+            assert client.mail("bob@example.com")[0] == 250
+            client.rset()
+            assert client.mail("team@example.com")[0] == 250  # the second row of the senders query
+            client.rset()
+            assert client.mail("alice@example.net") == (530, b"Sender rejected")
+
+
+def check(folder: Path, conf_text: str) -> subprocess.CompletedProcess[str]:
+    conf = folder / "broken.conf"
+    conf.write_text(conf_text)
+    smtpd_conf = folder / "smtpd.conf"
+    smtpd_conf.write_text(f'table domains postgres:{conf}\naction "out" relay\n'
+                          'match from any for domain <domains> action "out"\n')
+    return subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ("conninfo {conninfo}\nquery_domain SELECT domain FROM domainz WHERE domain=$1\n",
+     '{conf}:2: query_domain: relation "domainz" does not exist'),
+    ("conninfo {conninfo}\n# the hash, without the user\nquery_credentials SELECT password FROM credentials "
+     "WHERE email=$1\n", "{conf}:3: query_credentials returns 1 column, 2 expected"),
+    ("conninfo {conninfo}\nquery_alias SELECT destination FROM virtuals\n",
+     "{conf}:2: query_alias: could not determine data type of parameter $1 (the key is the query's one `$1`)"),
+    ("conninfo {conninfo}\nquery_alias: SELECT destination FROM virtuals WHERE email=$1 OR email=$2\n",
+     "{conf}:2: query_alias takes 2 parameters, 1 expected (the key is the query's one `$1`)"),
+    ("conninfo host=127.0.0.1 dbname\n", "{conf}:1: conninfo: missing \"=\" after \"dbname\""),
+    ("query_alias SELECT 1\n", "{conf}: no conninfo: the server must be named"),
+    ("conninfo {conninfo}\nquery_aliases SELECT 1\n", "{conf}:2: unknown key 'query_aliases'"),
+    ("conninfo {conninfo}\nfetch_source_expire 1m\n",
+     "{conf}:2: fetch_source_expire takes a number of 0 to 2147483647, not '1m'"),
+])
+def test_mistakes_in_the_file_are_said_with_their_line(server: PostgresServer, folder: Path, lines: str,
+                                                        message: str) -> None:
+    result = check(folder, lines.format(conninfo=server.conninfo()))
+    assert result.returncode != 0
+    assert message.format(conf=folder / "broken.conf") in result.stderr
+
+
+def test_a_wrong_database_password_is_a_temporary_failure_said_at_check(folder: Path,
+                                                                       server: PostgresServer) -> None:
+    result = check(folder, f"conninfo {server.conninfo(password='not-' + TABLE_PASSWORD)}\n{QUERIES}")
+    assert result.returncode == 0, result.stderr
+    assert (f"{folder}/broken.conf: warning: cannot reach the database: connection to server at \"127.0.0.1\", "
+            f"port {server.port} failed: FATAL: password authentication failed for user \"smtpd\"") in result.stderr
+
+
+def accepted(port: int, rcpt: str) -> int:
+    return rcpt_replies(port, [rcpt], data=False)[0][0]
+
+
+TEMPORARY_FAILURE = (451, b"Temporary failure: <x@example.com>")  # OpenSMTPD 6.8's, with its table program
+
+
+def test_server_down_is_a_temporary_failure_and_the_table_answers_once_it_is_back(server: PostgresServer,
+                                                                                  folder: Path) -> None:
+    """The daemon starts while the server is down (a warning says so), answers 4xx meanwhile, and accepts as soon
+    as the server is back; a server restarted under an open connection answers the very next question."""
+    text = (f"table domains postgres:{folder}/postgres.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    server.stop()
+    try:
+        with SmtpdProcess(folder / "daemon", text) as daemon:
+            assert "warning: cannot reach the database: connection to server at" in daemon.log()
+            assert rcpt_replies(daemon.port, ["x@example.com"], data=False) == [TEMPORARY_FAILURE]
+            server.start()
+            assert accepted(daemon.port, "x@example.com") == 250
+            server.stop()
+            assert rcpt_replies(daemon.port, ["x@example.com"], data=False) == [TEMPORARY_FAILURE]
+            update = daemon.smtpctl("update", "table", "domains")
+            assert update.returncode != 0
+            assert "cannot reach the database" in update.stderr and "the table is kept as it was" in update.stderr
+            assert accepted(daemon.port, "x@example.org") == 451  # (never a permanent refusal while it is down)
+            server.start()
+            assert accepted(daemon.port, "x@example.com") == 250
+            server.stop()
+            server.start()
+            assert accepted(daemon.port, "x@example.com") == 250  # reconnected under the question
+            assert accepted(daemon.port, "x@example.org") == 550
+            assert "connection lost" in daemon.log()
+    finally:
+        if server.process is None or server.process.poll() is not None:
+            server.start()  # (for the module's other tests)
+
+
+def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(folder: Path, tmp_path: Path) -> None:
+    text = (f"table domains postgres:{folder}/postgres.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    conf = folder / "postgres.conf"
+    with SmtpdProcess(tmp_path / "daemon", text) as daemon:
+        assert accepted(daemon.port, "x@example.org") == 550
+        conf.write_text(conf.read_text().replace("FROM domains WHERE domain=$1", "FROM domainz WHERE domain=$1"))
+        result = daemon.smtpctl("update", "table", "domains")
+        assert result.returncode != 0
+        assert f'{conf}:5: query_domain: relation "domainz" does not exist' in result.stderr
+        assert accepted(daemon.port, "x@example.com") == 250  # the table as it was
+        conf.write_text(conf.read_text().replace(
+            "SELECT domain FROM domainz WHERE domain=$1",
+            "SELECT $1 WHERE $1 IN (SELECT domain FROM domains) OR $1 = 'example.org'"))
+        assert daemon.smtpctl("update", "table", "domains").returncode == 0
+        assert accepted(daemon.port, "x@example.com") == 250
+        assert accepted(daemon.port, "x@example.org") == 250
+
+
+def test_userinfo_and_fetch_source_answer_as_table_postgres_forms_them(server: PostgresServer, tmp_path: Path) -> None:
+    """userinfo's three columns (integers, as the server's text) as `uid:gid:home`; fetch_source's distinct
+    values in sorted order, in turn."""
+    conf = tmp_path / "postgres.conf"
+    conf.write_text(f"conninfo {server.conninfo()}\n"
+                    "query_userinfo SELECT uid, gid, home FROM users WHERE name=$1\n"
+                    "fetch_source SELECT address FROM sources\n")
+    table = PostgresTable("users", str(conf))
+    try:
+        assert table.load_warnings == []
+        assert table.lookup(Service.USERINFO, "bob") == "65534:65534:/nonexistent"
+        assert table.lookup(Service.USERINFO, "carol") is None
+        assert [table.fetch(Service.SOURCE) for _ in range(3)] == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
+        with pytest.raises(TableError, match="has no query_alias"):
+            table.lookup(Service.ALIAS, "bob")
+    finally:
+        table.close()
