@@ -195,7 +195,8 @@ def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(fold
         assert accepted(daemon.port, "x@example.org") == 250
 
 
-def test_userinfo_and_fetch_source_answer_as_table_postgres_forms_them(server: PostgresServer, tmp_path: Path) -> None:
+def test_userinfo_and_fetch_source_answer_as_table_postgres_forms_them(server: PostgresServer,
+                                                                      tmp_path: Path) -> None:
     """userinfo's three columns (integers, as the server's text) as `uid:gid:home`; fetch_source's distinct
     values in sorted order, in turn."""
     conf = tmp_path / "postgres.conf"

@@ -246,8 +246,8 @@ class SqlTable(ABC):
                 raise TableLoadError(f"{self.path}: cannot reach the database: {error}; the table is kept as it "
                                      "was") from None
             # (said by `smtpd -n` and at start as a warning of the configuration: smtpd.lookup.tables.validate)
-            warnings = [f"{self.path}: warning: cannot reach the database: {error}; the queries are checked, and the "
-                        f"table {self.name} answers, once it can be reached"]
+            warnings = [f"{self.path}: warning: cannot reach the database: {error}; the queries are checked, "
+                        f"and the table {self.name} answers, once it can be reached"]
             connection, self._failing = None, True
         with self._lock:
             old, self._connection, self.config = self._connection, connection, config
