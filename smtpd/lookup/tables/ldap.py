@@ -38,7 +38,7 @@ from ldap3.operation.search import parse_filter
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
-from smtpd.lookup.tables.sqlite import SEPARATOR, VALUE_START
+from smtpd.lookup.tables.settings import setting_lines
 from smtpd.lookup.tables.static import read_table_file
 
 BACKEND = "ldap"
@@ -103,15 +103,7 @@ def parse_config(text: str, path: str) -> LdapConfig:
     config = LdapConfig(path)
     filters: dict[Service, str] = {}
     attributes: dict[Service, tuple[str, ...]] = {}
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        # As table-ldap (and table-sqlite): the key ends at the first space, tab or colon; blanks and colons
-        # followed by a blank are skipped before the value.
-        found = SEPARATOR.search(line)
-        key, value = (line[:found.start()], line[found.end():]) if found else (line, "")
-        value = VALUE_START.sub("", value)
+    for number, key, value in setting_lines(text):
         where = f"{path}:{number}"
         service_name, _, kind = key.rpartition("_")
         service = SERVICES.get(service_name) if kind in ("filter", "attributes") else None

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
-from smtpd.lookup.tables.sqlite import SEPARATOR, VALUE_START
+from smtpd.lookup.tables.settings import setting_lines
 from smtpd.lookup.tables.static import read_table_file
 
 if TYPE_CHECKING:
@@ -108,14 +108,7 @@ def parse_config(text: str, path: str) -> RedisConfig:
     """Parse a table-redis configuration file. Raises TableLoadError(`PATH:N: ...`)."""
     values: dict[str, str] = {}
     lines: dict[str, int] = {}
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        # As table-redis (and table-sqlite): the key ends at the first space, tab or colon.
-        found = SEPARATOR.search(line)
-        key, value = (line[:found.start()], line[found.end():]) if found else (line, "")
-        value = VALUE_START.sub("", value)
+    for number, key, value in setting_lines(text):
         if key not in QUERIES and key not in SERVER_KEYS:
             raise TableLoadError(f"{path}:{number}: unknown key {key!r} (" + ", ".join(SERVER_KEYS) + ", "
                                  + ", ".join(QUERIES) + ")")

@@ -30,7 +30,6 @@ checked when the server first answers, and until then questions are temporary fa
 
 from __future__ import annotations
 
-import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from typing import Any, ClassVar
 from smtpd import log
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
+from smtpd.lookup.tables.settings import setting_lines
 from smtpd.lookup.tables.static import read_table_file
 
 QUERY_KEYS = {f"query_{service.value.lower()}": service for service in (
@@ -50,8 +50,6 @@ JOINED = frozenset({Service.ALIAS, Service.MAILADDRMAP})  # every row's value, j
 FETCH_KEY = "fetch_source"
 NUMBER_KEYS = ("fetch_source_expire", "fetch_source_refresh")  # taken, checked, not needed: we ask each time
 NUMBER_MAX = 2**31 - 1  # the programs' INT_MAX
-SEPARATOR = re.compile(r"[ \t:]")
-VALUE_START = re.compile(r"^(?:\s|:(?=\s))+")
 
 _log = log.get("table")
 
@@ -90,15 +88,7 @@ def parse_config(text: str, path: str, settings_keys: Sequence[str], required: d
     it cannot do without (key -> why). Raises TableLoadError(`PATH:N: ...`)."""
     config = SqlConfig(path)
     known = (*settings_keys, FETCH_KEY, *NUMBER_KEYS, *QUERY_KEYS)
-    for number, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        # As the programs: the key ends at the first space, tab or colon (`dbpath /x`, `dbpath\t/x`,
-        # `dbpath: /x`, `dbpath:/x`); blanks and colons followed by a blank are skipped before the value.
-        found = SEPARATOR.search(line)
-        key, value = (line[:found.start()], line[found.end():]) if found else (line, "")
-        value = VALUE_START.sub("", value)
+    for number, key, value in setting_lines(text):
         if key not in known:
             raise TableLoadError(f"{path}:{number}: unknown key {key!r} ("
                                  + ", ".join((*settings_keys, FETCH_KEY, *QUERY_KEYS)) + ")")
