@@ -387,6 +387,21 @@ def test_quoted_printable_keeps_the_messages_own_content_type() -> None:
     assert all(len(line) < 990 for line in lines) and lines[len(header) + 1].startswith("<p>caf=E9 ")
 
 
+def test_added_fields_come_before_the_messages_own() -> None:
+    """OpenSMTPD's enqueue writes the From: and Date: it adds first, then the message's own fields; ours came
+    last, after the Subject: and the rest."""
+    lines = complete_message(parse_message(b"Subject: backup\nX-Job: nightly\n\nbody\n"), "a@b.c", "Cron")
+    assert lines[0] == "From: Cron <a@b.c>" and lines[1].startswith("Date: ")
+    assert lines[2:] == ["Subject: backup", "X-Job: nightly", "", "body"]
+
+
+def test_a_return_path_further_down_the_header_goes() -> None:
+    """A message resent from a mailbox file (`Delivered-To:` then `Return-Path:`): its old Return-Path went on,
+    and the delivered message had two that disagreed. OpenSMTPD's enqueue drops them anywhere in the header."""
+    message = parse_message(b"Delivered-To: a@x.test\nReturn-Path:\n <old@x.test>\nSubject: resent\n\nbody\n")
+    assert message.headers == ["Delivered-To: a@x.test", "Subject: resent"]
+
+
 def test_a_user_without_privileges_submits_as_themself(world) -> None:
     """What a user's cron job does: sendmail runs with the user's uid; the daemon learns who it is."""
     import io

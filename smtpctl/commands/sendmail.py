@@ -9,9 +9,9 @@ in `<spool>/offline/` and exit status 75 says so; the daemon replays these files
 Bare names get `@<mailname>`; an argument may hold several comma-separated addresses; `-t` adds the To, Cc
 and Bcc recipients of the header. Without -f/-r the envelope sender is the header's From: address, else the
 user (with their GECOS full name in the From: header added). The message gets `From:` and `Date:` if it has
-none; leading `From ` and `Return-Path:` lines and every `Bcc:` header are removed. Input whose leading lines
-name no usual message field (MESSAGE_FIELDS) is text without a header, all of it body
-(`echo "Warning: disk full" | sendmail root`).
+none, before the message's own fields; leading `From ` lines and every `Return-Path:` and `Bcc:` header are
+removed. Input whose leading lines name no usual message field (MESSAGE_FIELDS) is text without a header, all
+of it body (`echo "Warning: disk full" | sendmail root`).
 """
 
 from __future__ import annotations
@@ -261,6 +261,9 @@ def parse_message(data: bytes) -> Message:
         # lines skipped above included (as OpenSMTPD's enqueue tells a message from text).
         return Message([], lines)
     kept, bcc = _split_header(headers, "bcc")
+    # A Return-Path: further down (a message resent from a mailbox file) is an earlier hop's envelope too: the
+    # daemon adds the real one, and two would disagree (OpenSMTPD drops them anywhere in the header).
+    kept, _ = _split_header(kept, "return-path")
     return Message(kept, lines[index:], bcc)
 
 
@@ -299,24 +302,25 @@ def display_name(name: str) -> str:
 
 
 def complete_message(message: Message, sender: str, full_name: str | None, written: float | None = None) -> list[str]:
-    """The lines to send: headers completed with From and Date, the body quoted-printable if a line is too long."""
-    headers = list(message.headers)
+    """The lines to send: the fields the message lacks (From, Date; the MIME ones if a line is too long and the
+    body becomes quoted-printable) and then the message's own, in OpenSMTPD's order."""
+    added: list[str] = []
     if not message.has_header("from"):
-        headers.append(f"From: {display_name(full_name)} <{sender}>" if full_name else f"From: <{sender}>")
+        added.append(f"From: {display_name(full_name)} <{sender}>" if full_name else f"From: <{sender}>")
     if not message.has_header("date"):
-        headers.append(f"Date: {email.utils.formatdate(written, localtime=True)}")
+        added.append(f"Date: {email.utils.formatdate(written, localtime=True)}")
     body = message.body
     if any(len(line.encode("utf-8", "surrogateescape")) >= LINE_SPLIT for line in body) \
             and not message.has_header("mime-version") and not message.has_header("content-transfer-encoding"):
         # A Content-Type the message has is kept (a second one would contradict it): only the missing ones go in.
-        headers += [f"{name}: {value}" for name, value in (
+        added += [f"{name}: {value}" for name, value in (
             ("MIME-Version", "1.0"), ("Content-Type", "text/plain; charset=utf-8"),
             ("Content-Transfer-Encoding", "quoted-printable")) if not message.has_header(name)]
         raw = "\n".join(body).encode("utf-8", "surrogateescape") + b"\n"
         body = quopri.encodestring(raw).decode("ascii").split("\n")
         if body and body[-1] == "":
             body.pop()
-    return headers + [""] + body
+    return added + message.headers + [""] + body
 
 
 # -- talking to the daemon -----------------------------------------------------------------------------------
