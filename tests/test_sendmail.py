@@ -373,6 +373,32 @@ def test_long_lines_become_quoted_printable() -> None:
     assert "short" in lines
 
 
+def test_a_line_is_long_at_989_bytes_of_text_and_the_charset_said_is_the_texts() -> None:
+    """As OpenSMTPD 6.8's enqueue counts: 990 bytes with the line end (we waited for 990 without it); the body
+    made quoted-printable goes with `Content-Disposition: inline` too. Its charset is UTF-8 when the text is
+    (6.8 says unknown-8bit of every text, and readers then show UTF-8 as mojibake) and unknown-8bit otherwise,
+    as 6.8 (we said UTF-8 of Latin-1 too)."""
+    def added(text: bytes) -> list[str]:
+        lines = complete_message(parse_message(b"Subject: s\n\n" + text + b"\n"), "a@b.c", None)
+        return [line for line in lines[: lines.index("")] if line.startswith(("MIME-", "Content-"))]
+
+    assert added(b"y" * 988) == []
+    assert added(b"y" * 989) == ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8",
+                                 "Content-Disposition: inline", "Content-Transfer-Encoding: quoted-printable"]
+    assert added(b"caf\xc3\xa9 " + b"y" * 1000)[1] == "Content-Type: text/plain; charset=utf-8"
+    assert added(b"caf\xe9 " + b"y" * 1000)[1] == "Content-Type: text/plain; charset=unknown-8bit"
+
+
+def test_long_text_without_a_header_is_encoded_and_a_long_header_line_leaves_the_body() -> None:
+    """Where OpenSMTPD 6.8 does otherwise (docs/delivery.md): text without a header and with a long line is made
+    quoted-printable, as its added header says (6.8 says so and sends the text as it is: `a=b` then reads as an
+    escape); a long header line leaves a body of short lines as it is (6.8 encodes the body then)."""
+    lines = complete_message(parse_message(b"x" * 1000 + b" a=b\n"), "a@b.c", None)
+    assert "Content-Transfer-Encoding: quoted-printable" in lines and lines[-1].endswith(" a=3Db")
+    lines = complete_message(parse_message(b"Subject: s\nX-List: " + b"z" * 1000 + b"\n\na=b\n"), "a@b.c", None)
+    assert lines[-1] == "a=b" and not any(line.startswith(("MIME-", "Content-")) for line in lines)
+
+
 def test_quoted_printable_keeps_the_messages_own_content_type() -> None:
     """A script's HTML report with a Content-Type but no MIME-Version: the long line makes the body
     quoted-printable, and the message's Content-Type stays the only one (as OpenSMTPD's enqueue adds it only

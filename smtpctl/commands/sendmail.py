@@ -310,17 +310,30 @@ def complete_message(message: Message, sender: str, full_name: str | None, writt
     if not message.has_header("date"):
         added.append(f"Date: {email.utils.formatdate(written, localtime=True)}")
     body = message.body
-    if any(len(line.encode("utf-8", "surrogateescape")) >= LINE_SPLIT for line in body) \
+    # A line is too long at LINE_SPLIT bytes with its line end, as OpenSMTPD counts (989 bytes of text are).
+    if any(len(line.encode("utf-8", "surrogateescape")) + 1 >= LINE_SPLIT for line in body) \
             and not message.has_header("mime-version") and not message.has_header("content-transfer-encoding"):
+        raw = "\n".join(body).encode("utf-8", "surrogateescape") + b"\n"
         # A Content-Type the message has is kept (a second one would contradict it): only the missing ones go in.
         added += [f"{name}: {value}" for name, value in (
-            ("MIME-Version", "1.0"), ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Transfer-Encoding", "quoted-printable")) if not message.has_header(name)]
-        raw = "\n".join(body).encode("utf-8", "surrogateescape") + b"\n"
+            ("MIME-Version", "1.0"), ("Content-Type", f"text/plain; charset={_charset(raw)}"),
+            ("Content-Disposition", "inline"), ("Content-Transfer-Encoding", "quoted-printable"))
+            if not message.has_header(name)]
         body = quopri.encodestring(raw).decode("ascii").split("\n")
         if body and body[-1] == "":
             body.pop()
     return added + message.headers + [""] + body
+
+
+def _charset(raw: bytes) -> str:
+    """The charset of a text made quoted-printable: UTF-8 when it is (ASCII is), so that readers show it right;
+    otherwise unknown-8bit, as OpenSMTPD labels every such text (a Latin-1 byte in a text said to be UTF-8 is
+    shown as a replacement character)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown-8bit"
+    return "utf-8"
 
 
 # -- talking to the daemon -----------------------------------------------------------------------------------
