@@ -117,6 +117,22 @@ def test_t_sends_to_the_bcc_recipients_without_showing_them(world) -> None:
         daemon.stop()
 
 
+def test_verbose_prints_the_dialogue_on_standard_output(world) -> None:
+    """`sendmail -v`: the SMTP dialogue goes to standard output, as OpenSMTPD's (and Sendmail's), so that `>log`
+    keeps it. It went to standard error, with the message shown as `>>> [message]` where 6.8 shows its end."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        result = run_sendmail(daemon.env, ["-v", "root"], "Subject: verbose\n\nbody\n")
+        assert (result.returncode, result.stderr) == (0, ""), daemon.log()
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith("<<< 220 ") and ">>> MAIL FROM:<root@mx.control.test>" in lines
+        assert lines[lines.index(">>> DATA") + 2] == ">>> ." and lines[-1].startswith("<<< 221 ")
+        assert "\nbody\n" in wait_for_mail(os.path.join(mail_root, "root"))
+    finally:
+        daemon.stop()
+
+
 def test_text_without_a_header_is_all_body(world) -> None:
     """`echo "Warning: ..." | sendmail root`, `uptime | sendmail root`: the text is the body, not a header."""
     workdir, mail_root, user = world

@@ -359,12 +359,12 @@ class _Connection:
             lines.append(self.line())
         if self.verbose:
             for line in lines:
-                print(f"<<< {line}", file=sys.stderr)
+                _transcript(f"<<< {line}")
         return lines[-1]
 
     def send(self, line: str) -> None:
         if self.verbose:
-            print(f">>> {line}", file=sys.stderr)
+            _transcript(f">>> {line}")
         self.connection.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
 
     def command(self, line: str) -> str:
@@ -376,6 +376,12 @@ class _Connection:
         if reply[:1] not in ("2", "3"):
             raise SubmissionError(reply)
         return reply
+
+
+def _transcript(line: str) -> None:
+    """One line of the -v transcript: on standard output, as OpenSMTPD's and Sendmail's (`sendmail -v ... >log`
+    keeps it; errors stay on standard error)."""
+    print(line, flush=True)
 
 
 def open_enqueue(socket_path: str) -> socket.socket:
@@ -465,7 +471,7 @@ def submit(socket_path: str, options: Options, sender: str, recipients: list[str
         session.command("DATA")
         payload = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines) + ".\r\n"
         if options.verbose:
-            print(">>> [message]", file=sys.stderr)
+            _transcript(">>> .")  # (the message itself is not shown, only its end, as OpenSMTPD's -v)
         connection.sendall(payload.encode("utf-8", "surrogateescape"))
         session.expect(session.reply())
         session.send("QUIT")
