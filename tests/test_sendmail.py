@@ -151,6 +151,23 @@ def test_a_recipient_named_twice_gets_one_copy_and_dsn_options_are_taken(world) 
         daemon.stop()
 
 
+def test_root_in_another_users_login_session_sends_as_root(world) -> None:
+    """A root shell opened from the user's login session (`sudo -i`): the sender is root, the account sendmail
+    runs as. OpenSMTPD 6.8's asks getlogin(3), which reads the session's /proc/self/loginuid, and sends as the
+    user (docs/delivery.md)."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        result = subprocess.run(["sh", "-c", 'echo "$0" >/proc/self/loginuid && exec "$@"', str(user.pw_uid),
+                                 SENDMAIL, "root"], input="Subject: from sudo\n\nbody\n", capture_output=True,
+                                text=True, timeout=60, env=daemon.env, cwd="/")
+        assert (result.returncode, result.stderr) == (0, ""), daemon.log()
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith("From root@mx.control.test ") and "\nSubject: from sudo\n" in content
+    finally:
+        daemon.stop()
+
+
 def test_an_offline_message_keeps_its_bcc_recipients_for_the_replay(world) -> None:
     """`sendmail -t` with the daemon down: the file keeps the message as given, Bcc: lines included, so that the
     replay finds the blind copies' recipients (OpenSMTPD 6.8 keeps its copy without them: never sent)."""
