@@ -319,6 +319,21 @@ def test_offline_queue_is_replayed_at_start(world) -> None:
         daemon.stop()
 
 
+def test_an_offline_file_of_sendmail_v_is_replayed_without_a_transcript(world) -> None:
+    """`sendmail -v` with the daemon down: the replay submits it, and the dialogue -v prints (on standard
+    output) goes nowhere: not into the daemon's own output, its log when run in the foreground."""
+    workdir, mail_root, user = world
+    daemon = make_daemon(workdir, mail_root, user)
+    result = run_sendmail(daemon.env, ["-v", "root"], "Subject: verbose offline\n\nbody\n")
+    assert result.returncode == 75, result.stderr
+    daemon.start()
+    try:
+        assert "\nSubject: verbose offline\n" in wait_for_mail(os.path.join(mail_root, "root"))
+        assert ">>> " not in daemon.log() and "<<< " not in daemon.log(), daemon.log()
+    finally:
+        daemon.stop()
+
+
 def test_a_burst_of_sendmails_waits_for_a_control_connection(world) -> None:
     """More concurrent sendmails of one uid than the control socket serves at once: the next one waits for a
     connection to end instead of failing (exit 70, `[Errno 32] Broken pipe`)."""

@@ -224,14 +224,15 @@ def _submit_work(path: str, socket_path: str, mailname_path: str | None, home: s
         os.environ["HOME"] = home or "/"  # (the owner's: dead.letter goes there, not to the daemon's home)
         if mailname_path:
             os.environ["SMTPD_MAILNAME"] = mailname_path
-        stdin, stderr = sys.stdin, sys.stderr
+        stdin, stdout, stderr = sys.stdin, sys.stdout, sys.stderr
         sys.stdin = io.TextIOWrapper(io.BytesIO(data))
+        sys.stdout = io.StringIO()  # (the dialogue of a `sendmail -v` kept offline: nobody to show it to)
         sys.stderr = io.StringIO()
         try:
             status = sendmail.sendmail_main(argv, "sendmail")
         finally:
             messages = sys.stderr.getvalue() if isinstance(sys.stderr, io.StringIO) else ""
-            sys.stdin, sys.stderr = stdin, stderr
+            sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
         if status != 0:
             raise LocalDeliveryError(messages.strip().splitlines()[-1] if messages.strip() else f"exit {status}",
                                      temporary=status != EX_NOUSER)
