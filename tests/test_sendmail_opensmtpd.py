@@ -245,20 +245,33 @@ def session_id(message: bytes) -> str:
     return found.group(1).decode()
 
 
-def collect_deliveries(log: str, maildir: Path, outcomes: dict[str, Outcome], order: list[str]) -> None:
-    """Wait for every recipient the daemon accepted, then hand each delivery to the invocation that submitted it
-    (invocations ran one after the other: the daemon's log lists their transactions in the same order)."""
-    accepted = re.findall(r"smtp message msgid=([0-9a-f]+) .*nrcpt=(\d+)", log)
-    expected = sum(int(count) for _, count in accepted)
-    wait_until(lambda: len(maildir_files(maildir)) >= expected, 30, explain=lambda: log)
-    by_session: dict[str, list[bytes]] = {msgid: [] for msgid, _ in accepted}
-    for path in maildir_files(maildir):
-        message = path.read_bytes()
-        by_session[session_id(message)].append(message)
-    submitted = [name for name in order if outcomes[name].status == 0]
-    assert len(submitted) == len(accepted), (submitted, accepted)
-    for name, (msgid, _) in zip(submitted, accepted, strict=True):
-        outcomes[name].deliveries = sorted(by_session[msgid], key=lambda message: delivered_to(message))
+@dataclass
+class Mailbox:
+    """One side's daemon log and maildir, and how much of each the invocations so far have accounted for."""
+    log: Callable[[], str]
+    maildir: Path
+    transactions: int = 0
+    taken: set[str] = field(default_factory=set)
+
+    def deliveries_of_the_last_submission(self) -> list[bytes]:
+        """What the transaction the daemon accepted last delivered: its log line says how many recipients it
+        had, and that many new messages, each with the transaction's id in its Received:, are waited for."""
+        def next_transaction() -> tuple[str, str] | None:
+            accepted = re.findall(r"smtp message msgid=([0-9a-f]+) .*nrcpt=(\d+)", self.log())
+            return accepted[self.transactions] if len(accepted) > self.transactions else None
+
+        msgid, count = wait_until(next_transaction, 30, explain=self.log)
+        self.transactions += 1
+
+        def arrived() -> list[Path] | None:
+            new = [path for path in maildir_files(self.maildir) if path.name not in self.taken]
+            return new if len(new) >= int(count) else None
+
+        new = wait_until(arrived, 30, explain=self.log)
+        self.taken.update(path.name for path in new)
+        messages = [path.read_bytes() for path in new]
+        assert [session_id(message) for message in messages] == [msgid] * int(count), (msgid, messages)
+        return sorted(messages, key=delivered_to)
 
 
 def delivered_to(message: bytes) -> bytes:
@@ -298,11 +311,14 @@ def user(folder: Path) -> Iterator[pwd.struct_passwd]:
 
 
 def run_cases(outcomes: dict[str, Outcome], send: Callable[[Case], tuple[int, str, str]],
-              user: pwd.struct_passwd) -> bytes:
-    """Every invocation, one after the other; then two refused ones in a row: returns the dead.letter they leave."""
+              user: pwd.struct_passwd, mailbox: Mailbox) -> bytes:
+    """Every invocation, one after the other, each with what it delivered; then two refused ones in a row:
+    returns the dead.letter they leave."""
     take_dead_letter(user)
     for item in ALL_CASES:
-        outcomes[item.name] = Outcome(*send(item), dead_letter=take_dead_letter(user))
+        outcome = outcomes[item.name] = Outcome(*send(item), dead_letter=take_dead_letter(user))
+        if outcome.status == 0:
+            outcome.deliveries = mailbox.deliveries_of_the_last_submission()
     refused = next(item for item in CASES if item.name == "double-at")
     for text in (b"first refused\n", b"second refused\n"):
         send(Case(refused.name, refused.args, text))
@@ -312,12 +328,11 @@ def run_cases(outcomes: dict[str, Outcome], send: Callable[[Case], tuple[int, st
 @pytest.fixture(scope="module")
 def world(folder: Path, user: pwd.struct_passwd) -> World:
     found = World()
-    names = [item.name for item in ALL_CASES]
     port = free_port()
     with OpenSmtpd(str(folder), config(folder, "theirs", port), port) as opensmtpd:
         found.dead_letter_after_two["theirs"] = run_cases(
-            found.theirs, lambda item: run_opensmtpd_sendmail(user, item), user)
-        collect_deliveries(opensmtpd.log(), folder / "theirs", found.theirs, names)
+            found.theirs, lambda item: run_opensmtpd_sendmail(user, item), user,
+            Mailbox(opensmtpd.log, folder / "theirs"))
     # 6.8's sendmail names bare addresses after /etc/mailname, else the host's canonical name: ours gets the same.
     found.mailname = delivered_to(found.theirs["echo-hi"].deliveries[0]).decode().removeprefix("root@")
     port = free_port()
@@ -326,8 +341,7 @@ def world(folder: Path, user: pwd.struct_passwd) -> World:
         env = {key: value for key, value in ours.env.items() if key.startswith("SMTPD_")}
         env.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", HOME=user.pw_dir, LANG="C.UTF-8")
         found.dead_letter_after_two["ours"] = run_cases(
-            found.ours, lambda item: run_our_sendmail(user, item, env, folder), user)
-        collect_deliveries(ours.log(), folder / "ours", found.ours, names)
+            found.ours, lambda item: run_our_sendmail(user, item, env, folder), user, Mailbox(ours.log, folder / "ours"))
     return found
 
 
