@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -420,3 +421,32 @@ def test_replies_table_redis_answers_and_those_it_refuses(server: RedisServer, f
         table.close()
     with pytest.raises(TableError, match="closed"):
         table.match(Service.DOMAIN, "example.com")
+
+
+def test_a_server_that_stops_answering_fails_the_question_within_the_documented_time(folder: Path) -> None:
+    """A server that takes the connection and then answers nothing (hung, swapping, stopped here with SIGSTOP):
+    the question is a 451 once the reply's time is up (COMMAND_TIMEOUT, docs/tables.md's 10 s), not asked once
+    more for as long again; the daemon answers as soon as the server does."""
+    from smtpd.lookup.tables.redis import COMMAND_TIMEOUT
+
+    server = RedisServer(folder / "master", free_port())
+    (folder / "redis.conf").write_text(f"master 127.0.0.1\nmaster_port {server.port}\npassword {PASSWORD}\n"
+                                       "query_domain SISMEMBER domains %s\n")
+    text = (f"table domains redis:{folder}/redis.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    with server:
+        with server.client(0) as client:
+            client.sadd("domains", "example.com")
+        with SmtpdProcess(folder / "daemon", text) as daemon:
+            rcpt_code = accepted_by(daemon.port)
+            assert rcpt_code("x@example.com") == 250
+            assert server.process is not None
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                assert rcpt_code("x@example.com") == 451
+                took = time.monotonic() - started
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert COMMAND_TIMEOUT - 0.5 <= took < COMMAND_TIMEOUT + 3
+            assert rcpt_code("x@example.com") == 250

@@ -283,8 +283,11 @@ def _client(config: RedisConfig, server: Server) -> redis.Redis:
     client = driver.Redis(host=server.host or DEFAULT_HOST, port=server.port, unix_socket_path=server.socket_path,
                          db=config.database, password=config.password, protocol=2,
                          socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
-                         # once more at once: a connection the server closed when it restarted is opened again
-                         retry=driver.retry.Retry(driver.backoff.NoBackoff(), 1))
+                         # once more at once: a connection the server closed when it restarted is opened again.
+                         # Not after a timeout: a server that did not answer within COMMAND_TIMEOUT is not asked
+                         # for as long again (redis-py retries timeouts too by default).
+                         retry=driver.retry.Retry(driver.backoff.NoBackoff(), 1,
+                                                  supported_errors=(driver.exceptions.ConnectionError,)))
     # Replies as the server sent them (hiredis's view, which table-redis answers from): SISMEMBER an integer,
     # not redis-py's bool, HMGET a list.
     client.response_callbacks.clear()
