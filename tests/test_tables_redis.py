@@ -8,11 +8,13 @@ folder, a password) and stop by pid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -450,3 +452,71 @@ def test_a_server_that_stops_answering_fails_the_question_within_the_documented_
                 os.kill(server.process.pid, signal.SIGCONT)
             assert COMMAND_TIMEOUT - 0.5 <= took < COMMAND_TIMEOUT + 3
             assert rcpt_code("x@example.com") == 250
+
+
+class BannerServer:
+    """What `master_port 25` (a slip of the finger) reaches: a server that greets in SMTP, not in Redis's protocol.
+    The test's own, on loopback, in a thread; every client gets the banner and is then left waiting."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.port = self.listener.getsockname()[1]
+        self.clients: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.clients.append(client)
+            with contextlib.suppress(OSError):
+                client.sendall(b"220 mail.example.com ESMTP\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+        for client in self.clients:
+            client.close()
+
+
+def test_a_master_that_is_no_redis_server_is_said_with_its_line(folder: Path) -> None:
+    """smtpd -n names the line of the port that reaches something else than Redis, and the daemon started on such a
+    file says so in one line (a traceback both times, before)."""
+    banner = BannerServer()
+    conf = folder / "redis.conf"
+    conf.write_text(f"master 127.0.0.1\nmaster_port {banner.port}\nquery_domain SISMEMBER domains %s\n")
+    smtpd_conf = folder / "smtpd.conf"
+    smtpd_conf.write_text(f'table domains redis:{conf}\naction "out" relay\n'
+                          'match from any for domain <domains> action "out"\n')
+    try:
+        result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
+                                text=True, cwd=ROOT, timeout=60, check=False)
+        daemon = SmtpdProcess(folder / "daemon", smtpd_conf.read_text())
+        with pytest.raises(RuntimeError, match="smtpd exited at start"):
+            daemon.start()
+    finally:
+        banner.close()
+    message = f"{conf}:2: master 127.0.0.1:{banner.port} does not answer as a Redis server"
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert message in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_master_that_becomes_another_service_is_a_temporary_failure(folder: Path) -> None:
+    """Nothing on the port when the daemon starts (no check then); later another service takes the port: the
+    question is a 451, said in one line of the log, as for a server that does not answer."""
+    port = free_port()
+    (folder / "redis.conf").write_text(f"master 127.0.0.1\nmaster_port {port}\nquery_domain SISMEMBER domains %s\n")
+    text = (f"table domains redis:{folder}/redis.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    with SmtpdProcess(folder / "daemon", text) as daemon:
+        banner = BannerServer(port)
+        try:
+            assert accepted_by(daemon.port)("x@example.com") == 451
+        finally:
+            banner.close()
+        assert f"master 127.0.0.1:{port} does not answer as a Redis server" in daemon.log()
+        assert "Traceback" not in daemon.log()

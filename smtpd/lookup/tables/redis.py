@@ -99,9 +99,12 @@ class RedisConfig:
     queries: dict[Service, Query] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=dict)  # key -> its line, for messages
 
-    def where(self, key: str) -> str:
-        line = self.lines.get(key)
-        return f"{self.path}:{line}" if line else self.path
+    def where(self, *keys: str) -> str:
+        """`FILE:LINE` of the first of keys the file gives (`FILE` alone when none)."""
+        for key in keys:
+            if key in self.lines:
+                return f"{self.path}:{self.lines[key]}"
+        return self.path
 
 
 def parse_config(text: str, path: str) -> RedisConfig:
@@ -244,6 +247,8 @@ class RedisTable:
                 failures.append(f"{server.role} {server.label}: {error}")
             except exceptions.ResponseError as error:  # WRONGTYPE and the like: the query is wrong, not the server
                 raise TableError(f"redis table {self.name}: {query} for {key!r}: {error}") from None
+            except exceptions.RedisError as error:  # a reply that is no Redis reply (another service's port)
+                failures.append(f"{server.role} {server.label} does not answer as a Redis server: {error}")
             else:
                 self._answering = index
                 return reply
@@ -314,6 +319,9 @@ def _check(config: RedisConfig, servers: tuple[tuple[Server, redis.Redis], ...])
                                  f"{config.database}: {error}") from None
         except _unreachable_errors():
             continue
+        except exceptions.RedisError as error:  # a reply that is no Redis reply: the port of another service
+            raise TableLoadError(f"{config.where(f'{server.role}_port', server.role)}: {server.role} {server.label} "
+                                 f"does not answer as a Redis server ({error})") from None
         if not commands_checked:
             _check_commands(config, client)
             commands_checked = True
