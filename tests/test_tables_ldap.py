@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import smtplib
 import ssl
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,3 +368,42 @@ def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(fold
         assert rcpt_code(daemon.port, "x@example.org") == 250
         assert rcpt_code(daemon.port, "x@example.com") == 250
         assert rcpt_code(daemon.port, "x@example.edu") == 550
+
+
+def test_sessions_asking_a_server_that_stopped_answering_each_get_a_451_in_bounded_time(folder: Path) -> None:
+    """The server takes connections and answers nothing (hung; stopped here with SIGSTOP) while several sessions
+    ask: each gets its 451 within a question's wait for the one before it and its own bind (ANSWER_TIMEOUT each),
+    not after every question before it in turn; the daemon answers again as soon as the server does."""
+    from smtpd.lookup.tables.ldap import ANSWER_TIMEOUT
+
+    slapd_folder = made_folder("pysmtpd-slapd-")
+    try:
+        with Slapd(slapd_folder, directory()) as slapd:
+            conf = folder / "own.conf"
+            conf.write_text(table_config(slapd.url, *SERVICES))
+            text = (f"table domains ldap:{conf}\nlisten on 127.0.0.1 port {{port}}\n"
+                    'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+            with SmtpdProcess(folder / "daemon", text) as daemon:
+                assert rcpt_code(daemon.port) == 250
+                assert slapd.process is not None
+                outcomes: list[tuple[int | str, float]] = []
+
+                def session() -> None:
+                    started = time.monotonic()
+                    code = rcpt_code(daemon.port)
+                    outcomes.append((code, time.monotonic() - started))
+
+                sessions = [threading.Thread(target=session) for _ in range(4)]
+                os.kill(slapd.process.pid, signal.SIGSTOP)
+                try:
+                    for thread in sessions:
+                        thread.start()
+                    for thread in sessions:
+                        thread.join(120)
+                finally:
+                    os.kill(slapd.process.pid, signal.SIGCONT)
+                assert rcpt_code(daemon.port) == 250
+    finally:
+        shutil.rmtree(slapd_folder, ignore_errors=True)
+    assert [code for code, _ in outcomes] == [451] * 4
+    assert max(took for _, took in outcomes) < 2 * ANSWER_TIMEOUT + 3, outcomes

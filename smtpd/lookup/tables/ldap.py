@@ -52,6 +52,7 @@ SETTINGS = ("url", "username", "password", "basedn")
 DEFAULT_PORT = 389
 CONNECT_TIMEOUT = 5  # seconds; table-ldap has none (it waits as long as the kernel does)
 ANSWER_TIMEOUT = 10  # (ldap3 wants whole seconds)
+QUESTION_WAIT = 10  # seconds a question waits for the one before it on the table's connection
 NO_SUCH_OBJECT = 32
 SIZE_LIMIT_EXCEEDED = 4
 CRYPT_MARKER = "{crypt}"  # RFC 2307's userPassword prefix of a crypt(3) hash
@@ -238,9 +239,15 @@ class LdapTable:
     def _entries(self, config: LdapConfig, query: Query, key: str, attributes: tuple[str, ...],
                  limit: int) -> list[dict[str, list[str]]]:
         """The entries the query finds for key, each as {lowercased attribute: values}. A connection that broke
-        (the server restarted, or closed it when idle) is opened again once before the question fails."""
+        (the server restarted, or closed it when idle) is opened again once before the question fails; a server
+        that did not answer in time is not asked again (the wait would double). Questions take turns on the one
+        connection: one waits QUESTION_WAIT at most for the one before it, so that sessions asking a server that
+        hangs each get their temporary failure in bounded time, not after every question before theirs."""
         search_filter = query.filter_for(key)
-        with self._lock:
+        if not self._lock.acquire(timeout=QUESTION_WAIT):
+            raise TableError(f"ldap table {self.name}: {config.host}:{config.port} is still busy with an earlier "
+                             "question")
+        try:
             for attempt in (1, 2):
                 connection = self._connection
                 if connection is None or connection.closed:
@@ -252,10 +259,12 @@ class LdapTable:
                 except LDAPException as error:
                     self._connection = None
                     _close(connection)
-                    if attempt == 2:
+                    if attempt == 2 or isinstance(error, TimeoutError):  # (ldap3's socket errors are both)
                         raise TableError(f"ldap table {self.name}: {config.host}:{config.port}: {error}") from None
                     continue
                 return _found(connection, self.name, config, limit)
+        finally:
+            self._lock.release()
         raise AssertionError("unreachable")
 
     def lookup(self, service: Service, key: str) -> str | None:
