@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -407,3 +408,49 @@ def test_sessions_asking_a_server_that_stopped_answering_each_get_a_451_in_bound
         shutil.rmtree(slapd_folder, ignore_errors=True)
     assert [code for code, _ in outcomes] == [451] * 4
     assert max(took for _, took in outcomes) < 2 * ANSWER_TIMEOUT + 3, outcomes
+
+
+def banner_delay(port: int) -> float:
+    """Seconds from connecting to the daemon's greeting: how long its event loop takes to turn to a new client."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.recv(512)
+    return time.monotonic() - started
+
+
+def test_a_reload_while_a_delivery_asks_a_hung_server_does_not_stall_the_daemon(folder: Path) -> None:
+    """A delivery asks the userbase (off the event loop) while the server hangs, and `smtpctl reload` replaces the
+    table meanwhile: the replaced table is closed on the event loop, which must not wait for that question (it
+    did, up to the question's 10 s, and no client was greeted meanwhile)."""
+    slapd_folder = made_folder("pysmtpd-slapd-")
+    try:
+        with Slapd(slapd_folder, directory()) as slapd:
+            conf = folder / "own.conf"
+            conf.write_text(table_config(slapd.url, *SERVICES))
+            action = f'action "local" maildir "{folder}/ours/%{{user.username}}" userbase <users>\n'
+            rule = 'match from any for domain "example.org" action "local"\n'
+            text = f"table users ldap:{conf}\nlisten on 127.0.0.1 port {{port}}\n{action}{rule}"
+            with SmtpdProcess(folder / "daemon", text, paused=("mda",)) as daemon:
+                with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                    client.sendmail("sender@example.net", ["bob@example.org"], b"Subject: hi\r\n\r\nhello\r\n")
+                assert slapd.process is not None
+                os.kill(slapd.process.pid, signal.SIGSTOP)
+                try:
+                    assert daemon.smtpctl("resume", "mda").returncode == 0
+                    time.sleep(1)  # (the delivery is waiting for its userinfo)
+                    daemon.config_path.write_text(
+                        f"table users {{ bob = {VIRTUAL_UID}:{VIRTUAL_UID}:/nonexistent }}\n"
+                        f"listen on 127.0.0.1 port {daemon.port}\n{action}{rule}")
+                    reload = threading.Thread(target=daemon.smtpctl, args=("reload",))
+                    reload.start()
+                    delays = []
+                    while reload.is_alive() or len(delays) < 5:
+                        delays.append(banner_delay(daemon.port))
+                        time.sleep(0.1)
+                    reload.join()
+                finally:
+                    os.kill(slapd.process.pid, signal.SIGCONT)
+                assert max(delays) < 2, delays
+                assert daemon.alive()
+    finally:
+        shutil.rmtree(slapd_folder, ignore_errors=True)

@@ -210,6 +210,7 @@ class LdapTable:
         self.path = path
         self._lock = threading.Lock()  # one connection, asked from the event loop and from expansion threads
         self._connection: ldap3.Connection | None = None
+        self._closed = False
         self.config = LdapConfig(path)
         self._load()
 
@@ -225,9 +226,18 @@ class LdapTable:
         self._load()  # raises, keeping the old configuration and connection, on failure
 
     def close(self) -> None:
-        with self._lock:
-            old, self._connection = self._connection, None
-        _close(old)
+        """Close the connection. Never waits (a retired snapshot's tables are closed on the event loop): a
+        question in flight keeps the connection, and it is closed once that question is answered."""
+        self._closed = True
+        self._drop_if_idle()
+
+    def _drop_if_idle(self) -> None:
+        if self._lock.acquire(blocking=False):
+            try:
+                old, self._connection = self._connection, None
+            finally:
+                self._lock.release()
+            _close(old)
 
     # -- questions ------------------------------------------------------------------------------------------------
     def _query(self, config: LdapConfig, service: Service) -> Query:
@@ -248,6 +258,8 @@ class LdapTable:
             raise TableError(f"ldap table {self.name}: {config.host}:{config.port} is still busy with an earlier "
                              "question")
         try:
+            if self._closed:  # (a reload replaced the table: no new connection for it)
+                raise TableError(f"ldap table {self.name}: closed")
             for attempt in (1, 2):
                 connection = self._connection
                 if connection is None or connection.closed:
@@ -265,6 +277,8 @@ class LdapTable:
                 return _found(connection, self.name, config, limit)
         finally:
             self._lock.release()
+            if self._closed:  # closed while this question was asked: close the connection now
+                self._drop_if_idle()
         raise AssertionError("unreachable")
 
     def lookup(self, service: Service, key: str) -> str | None:
