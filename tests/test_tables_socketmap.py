@@ -67,6 +67,7 @@ class MapServer:
         self.path = path
         self.answers = answers
         self.asked: list[tuple[str, str]] = []
+        self.delays: dict[tuple[str, str], float] = {}  # seconds before answering these questions
         self.connections = 0
         self._listener: socket.socket | None = None
         self._clients: list[socket.socket] = []
@@ -126,6 +127,7 @@ class MapServer:
                     name, _, key = line.decode().partition(" ")
                     self.asked.append((name, key))
                     answer = self.answers.get((name, key), b"NOTFOUND ")
+                    time.sleep(self.delays.get((name, key), 0))
                     if answer == SILENT:
                         continue
                     if answer.endswith(b"\0"):
@@ -419,3 +421,21 @@ def test_update_table_connects_anew(folder: Path, server: MapServer) -> None:
         assert daemon.smtpctl("update", "table", "aliases").returncode == 0
         assert accepted(daemon.port, "postmaster@example.org") == 250
         assert server.connections == 3  # <aliases> twice, <users> once
+
+
+def test_update_table_lets_a_question_in_flight_be_answered(folder: Path, server: MapServer) -> None:
+    """`smtpctl update table` while a session's question waits for its answer: the session gets the answer (it got
+    a 4xx: the update cut the connection under it), and the next question is asked on a new connection."""
+    server.delays[("aliases", "postmaster")] = 1.5
+    text = LOCAL_CONFIG.format(sock=server.path, maildir=folder / "ours")
+    with SmtpdProcess(folder / "daemon", text, paused=("mda",)) as daemon:
+        codes: list[int] = []
+        session = threading.Thread(target=lambda: codes.append(accepted(daemon.port, "postmaster@example.org")))
+        session.start()
+        assert wait_until(lambda: ("aliases", "postmaster") in server.asked, 10)
+        assert daemon.smtpctl("update", "table", "aliases").returncode == 0
+        session.join(30)
+        assert codes == [250]
+        server.delays.clear()
+        assert accepted(daemon.port, "postmaster@example.org") == 250
+        assert server.connections == 3  # <aliases> before and after the update, <users> once

@@ -169,13 +169,14 @@ class SocketmapTable:
         # on one connection, as from table-socketmap.
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
+        self._renew = False  # set by reload: the next question connects anew
 
     # -- loading ----------------------------------------------------------------------------------------------
     def reload(self) -> None:
         """Check the path again and let the next question connect anew (`smtpctl update table` after moving the
-        server, say)."""
+        server, say). A question in flight is answered on its connection first: cutting it would fail it."""
         check_socket_path(self.name, self.path)
-        self.close()
+        self._renew = True
 
     def close(self) -> None:
         """Close the connection. Never waits (a retired snapshot's tables are closed on the event loop): a
@@ -210,6 +211,9 @@ class SocketmapTable:
         if not self._lock.acquire(timeout=REPLY_TIMEOUT + CONNECT_TIMEOUT):
             raise TableError(f"socketmap table {self.name}: the server is still busy with an earlier question")
         try:
+            if self._renew:
+                self._renew = False
+                self._drop()
             return parse_reply(self._exchange(question))
         except ValueError as error:
             self._drop()
