@@ -141,6 +141,25 @@ def secured_client(port: int) -> LineClient:
     return client
 
 
+def auth_plain_codes(port: int, user: bytes, password: bytes) -> tuple[int, int]:
+    """(the reply code to AUTH PLAIN with these exact bytes, after STARTTLS; the code to a NOOP after it, 0 when
+    the session was closed)."""
+    import base64
+    import smtplib
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.starttls(context=context)
+        client.ehlo("client.test")
+        code = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0" + user + b"\0" + password).decode())[0]
+        try:
+            return code, client.noop()[0]
+        except smtplib.SMTPServerDisconnected:
+            return code, 0
+
+
 SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
 

@@ -26,7 +26,7 @@ import pytest
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_ldap import Slapd, table_config
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
-from helpers_smtp import SmtpDaemon, make_certificate
+from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
 
 from shared.passwords import hash_password
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
@@ -454,3 +454,19 @@ def test_a_reload_while_a_delivery_asks_a_hung_server_does_not_stall_the_daemon(
                 assert daemon.alive()
     finally:
         shutil.rmtree(slapd_folder, ignore_errors=True)
+
+
+def test_a_user_name_that_is_not_utf8_is_refused_as_unknown(folder: Path, tmp_path: Path) -> None:
+    """An AUTH user name in Latin-1 (an old client's `jörg`): its bytes are escaped into the filter (`\\f6`) and
+    the directory, whose names are UTF-8, finds no such user: 535, and the session goes on (it was dropped with
+    `421 Internal server error`)."""
+    make_certificate(tmp_path)
+    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
+            f"table credentials ldap:{folder}/ldap.conf\n"
+            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials>\n"
+            'action "out" relay\nmatch auth from any for any action "out"\n')
+    with SmtpDaemon(tmp_path / "daemon", text) as daemon:
+        assert auth_plain_codes(daemon.port, "jörg".encode("latin-1"), b"secret") == (535, 250)
+        assert auth_plain_codes(daemon.port, b"alice", b"alice-secret") == (235, 250)
+        assert "Traceback" not in daemon.log()

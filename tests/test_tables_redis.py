@@ -28,7 +28,7 @@ import pytest
 import redis
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
-from helpers_smtp import SmtpDaemon, make_certificate
+from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
 
 from shared.passwords import hash_password
 
@@ -519,4 +519,25 @@ def test_a_master_that_becomes_another_service_is_a_temporary_failure(folder: Pa
         finally:
             banner.close()
         assert f"master 127.0.0.1:{port} does not answer as a Redis server" in daemon.log()
+        assert "Traceback" not in daemon.log()
+
+
+def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(server: RedisServer, folder: Path,
+                                                                    tmp_path: Path) -> None:
+    """An AUTH user name in Latin-1 (an old client's `jörg`): the key holds those bytes, as table-redis sends
+    them, and the user can log in (the session was dropped with `421 Internal server error`)."""
+    load_manual_data(server)
+    latin1 = "jörg".encode("latin-1")
+    with server.client() as client:
+        client.hset(b"user:" + latin1, mapping={"login": latin1, "passwd": hash_password("secret", "bcrypt")})
+    (folder / "redis.conf").write_text(manual_conf(server))
+    make_certificate(tmp_path)
+    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
+            f"table credentials redis:{folder}/redis.conf\n"
+            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials>\n"
+            'action "out" relay\nmatch auth from any for any action "out"\n')
+    with SmtpDaemon(tmp_path / "daemon", text) as daemon:
+        assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
+        assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)
         assert "Traceback" not in daemon.log()

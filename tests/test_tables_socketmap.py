@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
-from helpers_smtp import SmtpDaemon, make_certificate
+from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
 
 from shared.passwords import hash_password
 from smtpd.lookup.tables import socketmap
@@ -124,7 +124,7 @@ class MapServer:
                 pending += chunk
                 while b"\n" in pending:
                     line, pending = pending.split(b"\n", 1)
-                    name, _, key = line.decode().partition(" ")
+                    name, _, key = line.decode("utf-8", "surrogateescape").partition(" ")
                     self.asked.append((name, key))
                     answer = self.answers.get((name, key), b"NOTFOUND ")
                     time.sleep(self.delays.get((name, key), 0))
@@ -439,3 +439,22 @@ def test_update_table_lets_a_question_in_flight_be_answered(folder: Path, server
         server.delays.clear()
         assert accepted(daemon.port, "postmaster@example.org") == 250
         assert server.connections == 3  # <aliases> before and after the update, <users> once
+
+
+def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(folder: Path, server: MapServer,
+                                                                    tmp_path: Path) -> None:
+    """An AUTH user name in Latin-1 (an old client's `jörg`): the server is asked those bytes, as table-socketmap
+    asks it, and its answer is checked (the session was dropped with `421 Internal server error`)."""
+    latin1 = "jörg".encode("latin-1")
+    server.answers[("credentials", latin1.decode("utf-8", "surrogateescape"))] = \
+        b"OK " + hash_password("secret", "bcrypt").encode()
+    make_certificate(tmp_path)
+    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
+            f"table credentials socketmap:{server.path}\n"
+            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials>\n"
+            'action "out" relay\nmatch auth from any for any action "out"\n')
+    with SmtpDaemon(tmp_path / "daemon", text) as daemon:
+        assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
+        assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)
+        assert "Traceback" not in daemon.log()

@@ -57,6 +57,7 @@ NO_SUCH_OBJECT = 32
 SIZE_LIMIT_EXCEEDED = 4
 CRYPT_MARKER = "{crypt}"  # RFC 2307's userPassword prefix of a crypt(3) hash
 PERCENT = re.compile(r"%(.?)", re.DOTALL)
+SURROGATE_BYTES = (0xDC80, 0xDCFF)  # surrogateescape's stand-ins for the bytes 0x80-0xff
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,17 @@ class LdapConfig:
 def escape_value(key: str) -> str:
     """The key as an LDAP filter assertion value: RFC 4515's `*`, `(`, `)`, `\\` and NUL as `\\2a`, `\\28`, `\\29`,
     `\\5c`, `\\00`, so that a key can only ever be compared, never change the filter. Blanks and control characters
-    are escaped too (allowed by RFC 4515): ldap3's filter parser would strip blanks at a value's ends."""
-    return "".join(f"\\{ord(char):02x}" if char in "*()\\\0" or ord(char) < 0x21 or ord(char) == 0x7F else char
-                   for char in key)
+    are escaped too (allowed by RFC 4515): ldap3's filter parser would strip blanks at a value's ends. A byte that
+    was not UTF-8 (an AUTH user name from a Latin-1 client, decoded with surrogateescape) is sent as it came."""
+    return "".join(_escaped(char) for char in key)
+
+
+def _escaped(char: str) -> str:
+    if char in "*()\\\0" or ord(char) < 0x21 or ord(char) == 0x7F:
+        return f"\\{ord(char):02x}"
+    if SURROGATE_BYTES[0] <= ord(char) <= SURROGATE_BYTES[1]:
+        return f"\\{ord(char) - SURROGATE_BYTES[0] + 0x80:02x}"
+    return char
 
 
 def parse_config(text: str, path: str) -> LdapConfig:

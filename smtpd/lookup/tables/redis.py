@@ -287,6 +287,8 @@ def _client(config: RedisConfig, server: Server) -> redis.Redis:
     driver = _driver()
     client = driver.Redis(host=server.host or DEFAULT_HOST, port=server.port, unix_socket_path=server.socket_path,
                          db=config.database, password=config.password, protocol=2,
+                         # a key that is not UTF-8 (an AUTH user name from a Latin-1 client): as the client sent it
+                         encoding_errors="surrogateescape",
                          socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
                          # once more at once: a connection the server closed when it restarted is opened again.
                          # Not after a timeout: a server that did not answer within COMMAND_TIMEOUT is not asked

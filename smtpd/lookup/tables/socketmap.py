@@ -199,7 +199,8 @@ class SocketmapTable:
         """The value the server answers for key, or None for NOTFOUND. Raises TableError for anything else."""
         if "\n" in key:
             raise TableError(f"socketmap table {self.name}: a key with a newline cannot be asked")
-        question = f"{self.name} {key}\n".encode()
+        # A key that is not UTF-8 (an AUTH user name from a Latin-1 client) goes as the client sent it.
+        question = f"{self.name} {key}\n".encode("utf-8", "surrogateescape")
         status, text = self._answer(question)
         if status == "OK":
             return text
