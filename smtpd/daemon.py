@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +31,12 @@ from smtpd.stats import STATS, Stats
 
 VERSION = "PySMTPD 0.1.0"
 PAUSABLE = ("mda", "mta", "smtp")
+# Threads for the work the event loop hands off (asyncio.to_thread): table questions, file reads, waiting for
+# delivery processes. Most of it waits rather than computes: a session whose table asks a server that hangs holds
+# its thread for that table's bound (5 to 20 s), and with Python's default pool (CPUs + 4 threads: 6 on a 2-CPU
+# host) a few such sessions stalled every other session's expansion, AUTH and the deliveries. Threads are made
+# only when every one is busy.
+WORKER_THREADS = 128
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,8 @@ class StartupFailed(Exception):
 
 
 async def serve(daemon: Daemon) -> None:
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="smtpd-worker"))
     try:
         daemon.build()
     except Exception as error:  # noqa: BLE001 — reported as one `smtpd: ...` line, not a traceback

@@ -458,3 +458,37 @@ def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(folder: Pat
         assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
         assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)
         assert "Traceback" not in daemon.log()
+
+
+def test_many_sessions_waiting_on_a_silent_server_leave_the_others_served(folder: Path, server: MapServer) -> None:
+    """Twelve sessions ask a server that never answers, at once. Each gets its 4xx within the documented bounds (a
+    question waits at most 10 s for the one before it, then its own answer's 5 s), and meanwhile a session whose
+    recipient asks no table is answered at once. Each waiting question holds a worker thread: with Python's
+    default pool (CPUs + 4 threads: 6 on a 2-CPU host) the unrelated session waited ~9 s and the last waiting
+    ones up to 20 s."""
+    waiting = 12
+    for number in range(waiting):
+        server.answers[("aliases", f"silent{number}")] = SILENT
+    text = LOCAL_CONFIG.format(sock=server.path, maildir=folder / "ours")
+    with SmtpdProcess(folder / "daemon", text, paused=("mda",)) as daemon:
+        outcomes: list[tuple[int, float]] = []
+
+        def slow_session(number: int) -> None:
+            started = time.monotonic()
+            code = accepted(daemon.port, f"silent{number}@example.org")
+            outcomes.append((code, time.monotonic() - started))
+
+        sessions = [threading.Thread(target=slow_session, args=(number,)) for number in range(waiting)]
+        for thread in sessions:
+            thread.start()
+        assert wait_until(lambda: ("aliases", "silent0") in server.asked, 10)
+        time.sleep(0.5)  # (every session has sent its RCPT)
+        started = time.monotonic()
+        assert accepted(daemon.port, "someone@example.net") == 250
+        unrelated = time.monotonic() - started
+        for thread in sessions:
+            thread.join(60)
+    assert unrelated < 2
+    assert [code // 100 for code, _ in outcomes] == [4] * waiting
+    bound = socketmap.REPLY_TIMEOUT + socketmap.CONNECT_TIMEOUT + socketmap.REPLY_TIMEOUT
+    assert max(took for _, took in outcomes) < bound + 2, sorted(took for _, took in outcomes)
