@@ -492,3 +492,33 @@ def test_many_sessions_waiting_on_a_silent_server_leave_the_others_served(folder
     assert [code // 100 for code, _ in outcomes] == [4] * waiting
     bound = socketmap.REPLY_TIMEOUT + socketmap.CONNECT_TIMEOUT + socketmap.REPLY_TIMEOUT
     assert max(took for _, took in outcomes) < bound + 2, sorted(took for _, took in outcomes)
+
+
+def banner_delay(port: int) -> float:
+    """Seconds from connecting to the daemon's greeting: how long its event loop takes to turn to a new client."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.recv(512)
+    return time.monotonic() - started
+
+
+def test_a_reload_asks_a_hostnames_table_off_the_event_loop(folder: Path, server: MapServer) -> None:
+    """`listen on ... hostnames <t>`: each reload asks the table for the listener's address. A server that does not
+    answer makes that question wait its 5 s, during which the daemon must go on greeting clients (the question
+    was asked on the event loop: no client was greeted for 5 s)."""
+    server.answers[("names", "127.0.0.1")] = SILENT
+    text = (f"table names socketmap:{server.path}\nlisten on 127.0.0.1 port {{port}} hostnames <names>\n"
+            'action "out" relay\nmatch from any for any action "out"\n')
+    with SmtpdProcess(folder / "daemon", text) as daemon:
+        outcome: list[int] = []
+        reload = threading.Thread(target=lambda: outcome.append(daemon.smtpctl("reload").returncode))
+        asked = server.asked.count(("names", "127.0.0.1"))
+        reload.start()
+        assert wait_until(lambda: server.asked.count(("names", "127.0.0.1")) > asked, 10)
+        delays = []
+        while reload.is_alive() or len(delays) < 5:
+            delays.append(banner_delay(daemon.port))
+            time.sleep(0.1)
+        reload.join()
+        assert outcome == [0]
+        assert max(delays) < 2, delays

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from shared.paths import parse_resolver_setting
 from smtpd import log, trace
 from smtpd.config.model import Config, Listener, TlsMode, without_locations
+from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.smtp import proxy_header, replies, tls
 from smtpd.smtp.connection import SocketConnection, StreamConnection
@@ -108,7 +109,7 @@ class SmtpServer:
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._config = self.daemon.config
-        self.bound = self._bind_all(self.daemon.config)
+        self.bound = await self._bound_for(self.daemon.config)
         self.daemon.pause_listeners.append(self._on_pause)
         if not self.daemon.is_paused("smtp"):
             self._start_accepting()
@@ -131,7 +132,7 @@ class SmtpServer:
         make new sessions present it. A certificate or key that does not load fails the reload (the old
         contexts stay in use).
         """
-        fresh = self._bind_all(new, reuse=self.bound)
+        fresh = await self._bound_for(new, reuse=self.bound)
         # Compared without their places in the file: a line added above a listener does not change it.
         unchanged = all(without_locations(getattr(old, part)) == without_locations(getattr(new, part))
                         for part in ("listeners", "pkis", "cas"))
@@ -152,6 +153,12 @@ class SmtpServer:
         return [f"smtp: listening on {len(fresh)} address(es)"]
 
     # -- binding --------------------------------------------------------------------------------------------
+    async def _bound_for(self, config: Config, reuse: list[_Bound] | None = None) -> list[_Bound]:
+        # A `hostnames <t>` table is asked for each address (_smtpname): off the event loop when its lookups may
+        # wait for a server (a socketmap, redis or ldap server that hangs kept the daemon from greeting anyone for
+        # that table's timeout).
+        return await asked_off_the_loop(self.daemon.tables, self._bind_all, config, reuse)
+
     def _bind_all(self, config: Config, reuse: list[_Bound] | None = None) -> list[_Bound]:
         previous = {(bound.endpoint.address, bound.endpoint.port): bound for bound in reuse or []}
         result: list[_Bound] = []
