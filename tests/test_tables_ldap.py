@@ -470,3 +470,19 @@ def test_a_user_name_that_is_not_utf8_is_refused_as_unknown(folder: Path, tmp_pa
         assert auth_plain_codes(daemon.port, "jörg".encode("latin-1"), b"secret") == (535, 250)
         assert auth_plain_codes(daemon.port, b"alice", b"alice-secret") == (235, 250)
         assert "Traceback" not in daemon.log()
+
+
+def test_smtpd_n_warns_about_a_server_that_cannot_be_reached(folder: Path) -> None:
+    """The file is fine, the server is not running: the configuration is accepted (the server may come up later)
+    and smtpd -n says why the bind and basedn could not be checked, as for an SQL table (it said only
+    `configuration OK`)."""
+    port = free_port()
+    conf = folder / "down.conf"
+    conf.write_text(table_config(f"ldap://127.0.0.1:{port}", *SERVICES))
+    smtpd_conf = folder / "smtpd.conf"
+    smtpd_conf.write_text(f'table domains ldap:{conf}\naction "out" relay\n'
+                          'match from any for domain <domains> action "out"\n')
+    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"{conf}:1: warning: cannot reach 127.0.0.1:{port} (" in result.stderr

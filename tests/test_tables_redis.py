@@ -541,3 +541,18 @@ def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(server: Red
         assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
         assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)
         assert "Traceback" not in daemon.log()
+
+
+def test_smtpd_n_warns_about_a_server_that_cannot_be_reached(folder: Path) -> None:
+    """The file is fine, the server is not running: the configuration is accepted (the server may come up later)
+    and smtpd -n says why nothing could be checked, as for an SQL table (it said only `configuration OK`)."""
+    port = free_port()
+    conf = folder / "redis.conf"
+    conf.write_text(f"master 127.0.0.1\nmaster_port {port}\nquery_domain SISMEMBER domains %s\n")
+    smtpd_conf = folder / "smtpd.conf"
+    smtpd_conf.write_text(f'table domains redis:{conf}\naction "out" relay\n'
+                          'match from any for domain <domains> action "out"\n')
+    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"{conf}:2: warning: master 127.0.0.1:{port} does not answer (" in result.stderr

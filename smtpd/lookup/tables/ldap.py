@@ -220,13 +220,15 @@ class LdapTable:
         self._lock = threading.Lock()  # one connection, asked from the event loop and from expansion threads
         self._connection: ldap3.Connection | None = None
         self._closed = False
+        self.load_warnings: list[str] = []  # why the file could not be checked on the server (said by smtpd -n)
         self.config = LdapConfig(path)
         self._load()
 
     # -- loading ----------------------------------------------------------------------------------------------
     def _load(self) -> None:
         config = parse_config(read_table_file(self.path), self.path)
-        connection = _checked_connection(config)
+        connection, warnings = _checked_connection(config, self.name)
+        self.load_warnings = warnings
         with self._lock:
             old, self._connection, self.config = self._connection, connection, config
         _close(old)
@@ -362,28 +364,32 @@ def _connect(config: LdapConfig, name: str) -> ldap3.Connection:
         raise TableError(f"ldap table {name}: cannot reach {config.host}:{config.port}: {error}") from None
 
 
-def _checked_connection(config: LdapConfig) -> ldap3.Connection | None:
+def _checked_connection(config: LdapConfig, name: str) -> tuple[ldap3.Connection | None, list[str]]:
     """Bind once when the file is loaded, so that a wrong username, password or basedn is said with its line.
     A server that cannot be reached does not stop the loading: its questions fail (temporarily) until it
-    answers, as when it goes away later."""
+    answers, as when it goes away later; the warning returned says so."""
+    def unreachable(error: LDAPException) -> list[str]:
+        return [f"{config.where('url')}: warning: cannot reach {config.host}:{config.port} ({error}); the bind and "
+                f"basedn are checked, and the table {name} answers, once it can be reached"]
+
     try:
         connection = _bound_connection(config)
     except _Refused as refused:
         who = config.settings.get("username", "anonymous")
         raise TableLoadError(f"{config.where('password', 'username', 'url')}: the server at "
                              f"{config.settings['url']} refuses the bind as {who}: {refused}") from None
-    except LDAPException:
-        return None
+    except LDAPException as error:
+        return None, unreachable(error)
     try:
         connection.search(config.basedn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=ldap3.NO_ATTRIBUTES)
-    except LDAPException:
+    except LDAPException as error:
         _close(connection)
-        return None
+        return None, unreachable(error)
     if (connection.result or {}).get("result") == NO_SUCH_OBJECT:
         _close(connection)
         raise TableLoadError(f"{config.where('basedn')}: basedn {config.basedn!r}: no such entry on the server "
                              f"at {config.settings['url']}")
-    return connection
+    return connection, []
 
 
 def _found(connection: ldap3.Connection, name: str, config: LdapConfig, limit: int) -> list[dict[str, list[str]]]:

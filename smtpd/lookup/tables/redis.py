@@ -198,6 +198,7 @@ class RedisTable:
         self._servers: tuple[tuple[Server, redis.Redis], ...] = ()
         self._answering = 0  # the server that answered last is asked first, as table-redis stays on its slave
         self._closed = False
+        self.load_warnings: list[str] = []  # the servers that did not answer when loaded (said by smtpd -n)
         self.config = self._load()
 
     # -- loading ----------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class RedisTable:
         servers = tuple((server, _client(config, server)) for server in (config.master, config.slave)
                         if server is not None)
         try:
-            _check(config, servers)
+            self.load_warnings = _check(config, servers, self.name)
         except TableLoadError:
             _disconnect(servers)
             raise
@@ -301,12 +302,13 @@ def _client(config: RedisConfig, server: Server) -> redis.Redis:
     return client
 
 
-def _check(config: RedisConfig, servers: tuple[tuple[Server, redis.Redis], ...]) -> None:
+def _check(config: RedisConfig, servers: tuple[tuple[Server, redis.Redis], ...], name: str) -> list[str]:
     """What the servers that answer now can tell of the file: the password, the database, and each query's
     command and number of arguments. A server that does not answer is no mistake of the file (a temporary
-    failure until it does)."""
+    failure until it does): the warnings returned say which."""
     exceptions = _driver().exceptions
     commands_checked = False
+    warnings = []
     for server, client in servers:
         try:
             client.execute_command("PING")
@@ -319,7 +321,10 @@ def _check(config: RedisConfig, servers: tuple[tuple[Server, redis.Redis], ...])
         except exceptions.ResponseError as error:  # the one command of the connection's set-up besides AUTH: SELECT
             raise TableLoadError(f"{config.where('database')}: {server.role} {server.label} refused database "
                                  f"{config.database}: {error}") from None
-        except _unreachable_errors():
+        except _unreachable_errors() as error:
+            warnings.append(f"{config.where(f'{server.role}_port', server.role)}: warning: {server.role} "
+                            f"{server.label} does not answer ({error}); the table {name} is checked, and answers, "
+                            "once a server does")
             continue
         except exceptions.RedisError as error:  # a reply that is no Redis reply: the port of another service
             raise TableLoadError(f"{config.where(f'{server.role}_port', server.role)}: {server.role} {server.label} "
@@ -327,6 +332,7 @@ def _check(config: RedisConfig, servers: tuple[tuple[Server, redis.Redis], ...])
         if not commands_checked:
             _check_commands(config, client)
             commands_checked = True
+    return warnings
 
 
 def _check_commands(config: RedisConfig, client: redis.Redis) -> None:
