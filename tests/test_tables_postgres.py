@@ -6,6 +6,7 @@ fails on Debian 12), senders, mistakes said with their line, the server going aw
 
 from __future__ import annotations
 
+import base64
 import shutil
 import smtplib
 import ssl
@@ -96,6 +97,23 @@ def test_credentials_and_senders_from_postgres(folder: Path, tmp_path: Path) -> 
             assert client.mail("team@example.com")[0] == 250  # the second row of the senders query
             client.rset()
             assert client.mail("alice@example.net") == (530, b"Sender rejected")
+
+
+def test_a_login_with_a_nul_byte_is_not_taken_for_the_name_before_it(folder: Path, tmp_path: Path) -> None:
+    """PostgreSQL text holds no NUL, and libpq cuts a parameter at one: `bob@example.com<NUL>x` (AUTH LOGIN's user
+    name is any bytes) must not be asked as `bob@example.com`, whose password would then let it in under a name
+    that is not in the table. It is no user (535), as for sqlite: and mysql: tables and OpenSMTPD's file tables."""
+    make_certificate(tmp_path)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with SmtpDaemon(tmp_path / "daemon", tls_config(folder, tmp_path)) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.starttls(context=context)
+            client.ehlo("client.test")
+            login = base64.b64encode(AUTH_USER.encode() + b"\0x").decode()
+            assert client.docmd("AUTH", f"LOGIN {login}")[0] == 334
+            assert client.docmd(base64.b64encode(AUTH_PASSWORD.encode()).decode())[0] == 535
+            assert client.login(AUTH_USER, AUTH_PASSWORD)[0] == 235  # (the user's own name still logs in)
 
 
 def check(folder: Path, conf_text: str) -> subprocess.CompletedProcess[str]:

@@ -74,6 +74,10 @@ class PostgresTable(SqlTable):
 
     def _run(self, connection: pq.abc.PGconn, statement: Statement, parameters: tuple[str, ...],
              first_only: bool) -> list[Row]:
+        if any("\0" in value for value in parameters):
+            # No PostgreSQL text holds a NUL, and libpq would cut the key at it: `bob@example.com<NUL>x` (an AUTH
+            # LOGIN name is any bytes) would be answered as `bob@example.com`. No row has such a key.
+            return []
         try:
             result = connection.exec_prepared(statement.key.encode(), [value.encode() for value in parameters])
         except psycopg.Error as error:  # (libpq gave no result at all: the connection is gone)
