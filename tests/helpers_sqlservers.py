@@ -14,8 +14,11 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -306,3 +309,30 @@ def side_by_side(table: str, folder: Path) -> dict[str, tuple[list[tuple[int, by
         delivered = [message["Delivered-To"] for message in maildir_messages(f"{folder}/{side}")]
         results[side] = (replies, delivered, lookups)
     return results
+
+
+class BannerWatch:
+    """How long the daemon keeps a new client waiting for its banner, sampled while the ``with`` block runs: the
+    longest wait says how long its event loop was held (the banner is written by the loop, nothing else)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.longest = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as client:
+                client.recv(512)
+            self.longest = max(self.longest, time.monotonic() - started)
+            self._done.wait(0.05)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(70)

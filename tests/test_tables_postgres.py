@@ -12,21 +12,25 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon import ROOT, SmtpdProcess
+from helpers_mta import maildir_messages
 from helpers_smtp import SmtpDaemon, make_certificate
 from helpers_sqlservers import (
     AUTH_PASSWORD,
     AUTH_USER,
     TABLE_PASSWORD,
+    BannerWatch,
     PostgresServer,
     rcpt_replies,
     shared_folder,
     side_by_side,
 )
+from waiting import wait_until as wait_bounded
 
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.tables.postgres import PostgresTable
@@ -231,3 +235,35 @@ def test_userinfo_and_fetch_source_answer_as_table_postgres_forms_them(server: P
             table.lookup(Service.ALIAS, "bob")
     finally:
         table.close()
+
+
+def connections(server: PostgresServer, state: str = "%") -> int:
+    """How many connections the tables' user has open (in a state: 'active' is running a statement)."""
+    with server.connect() as connection:
+        found = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'smtpd' "
+                                   "AND state LIKE %s", (state,)).fetchone()
+    return int(found[0]) if found else 0
+
+
+def test_a_reload_while_a_delivery_asks_the_userbase_leaves_the_daemon_answering(server: PostgresServer,
+                                                                                 folder: Path) -> None:
+    """A reload retires the old configuration's tables; closing one whose question is in flight (a delivery
+    asking a slow userbase query) must not hold the event loop until the answer comes: new clients get their
+    banner at once, the reload is done at once, and the delivery still gets its answer."""
+    (folder / "users.conf").write_text(f"conninfo {server.conninfo()}\nquery_userinfo SELECT 65534, 65534, "
+                                       "'/nonexistent'::text FROM pg_sleep(4) WHERE $1::text IS NOT NULL\n")
+    text = (f"table users postgres:{folder}/users.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            f'action "vmail" maildir "{folder}/ours" userbase <users>\nmatch from any for local action "vmail"\n')
+    with SmtpdProcess(folder / "daemon", text) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:  # (its RCPT waits for the query too)
+            client.sendmail("sender@example.org", ["nobody@localhost"], b"Subject: slow userbase\r\n\r\nhi\r\n")
+        wait_bounded(lambda: connections(server, "active") == 1, 10)  # the delivery's question
+        with BannerWatch(daemon.port) as watch:
+            started = time.monotonic()
+            assert daemon.smtpctl("reload").returncode == 0
+            reloaded_in = time.monotonic() - started
+            time.sleep(0.5)
+        assert watch.longest < 1.0, f"a banner waited {watch.longest:.1f} s"
+        assert reloaded_in < 2.0
+        wait_bounded(lambda: len(maildir_messages(f"{folder}/ours")) == 1, 20)
+        wait_bounded(lambda: connections(server) == 1, 10)  # the retired table's, closed once answered

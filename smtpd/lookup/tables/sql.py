@@ -244,13 +244,28 @@ class SqlTable(ABC):
             self.load_warnings = warnings
         if old is not None:
             self._disconnect(old)
+        if self._closed:  # (closed while this connection was made)
+            self._close_if_idle()
 
     def reload(self) -> None:
         self._load(strict=True)  # raises, keeping the old configuration and connection, on failure
 
     def close(self) -> None:
-        with self._lock:
-            old, self._connection, self._closed = self._connection, None, True
+        """Close the connection. Never waits: the tables of a configuration replaced by a reload are closed on the
+        event loop, and a question in flight (a delivery's, on a slow query) would hold it until answered; that
+        question closes the connection when it is done instead."""
+        self._closed = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        """Once closed: close the connection unless a question holds it (whoever holds it calls this again when it
+        lets it go, so the last one closes it)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            old, self._connection = self._connection, None
+        finally:
+            self._lock.release()
         if old is not None:
             self._disconnect(old)
 
@@ -275,6 +290,13 @@ class SqlTable(ABC):
         return self._connection
 
     def _rows(self, statement: Statement, parameters: tuple[str, ...], first_only: bool) -> list[Row]:
+        try:
+            return self._ask(statement, parameters, first_only)
+        finally:
+            if self._closed:  # (closed while asked: close() left the connection to us)
+                self._close_if_idle()
+
+    def _ask(self, statement: Statement, parameters: tuple[str, ...], first_only: bool) -> list[Row]:
         with self._lock:
             if self._closed:  # (a reload replaced the table: no new connection for it)
                 raise TableError(f"{self.label}: closed")
