@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from helpers_sqlservers import (
     AUTH_PASSWORD,
     AUTH_USER,
     TABLE_PASSWORD,
+    TABLE_USER,
     BannerWatch,
     PostgresServer,
     rcpt_replies,
@@ -267,3 +269,32 @@ def test_a_reload_while_a_delivery_asks_the_userbase_leaves_the_daemon_answering
         assert reloaded_in < 2.0
         wait_bounded(lambda: len(maildir_messages(f"{folder}/ours")) == 1, 20)
         wait_bounded(lambda: connections(server) == 1, 10)  # the retired table's, closed once answered
+
+
+def greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        return client.recv(512)
+
+
+def test_a_reload_with_a_slow_hostnames_table_leaves_the_daemon_answering(server: PostgresServer,
+                                                                          folder: Path) -> None:
+    """`listen on ... hostnames <t>` asks the table for each address when the listeners are set up again at a
+    reload: a slow answer must not hold the event loop meanwhile (the other listener's clients get their banner
+    at once), and the name it gives is the listener's."""
+    server.execute(["CREATE TABLE names (address VARCHAR(64), name VARCHAR(255), delay FLOAT)",
+                    "INSERT INTO names VALUES ('127.0.0.1', 'mx.sql.example', 0)",
+                    f"GRANT SELECT ON names TO {TABLE_USER}"])
+    try:
+        (folder / "names.conf").write_text(f"conninfo {server.conninfo()}\nquery_addrname SELECT name FROM names, "
+                                           "pg_sleep(delay) WHERE address=$1\n")
+        text = (f"table names postgres:{folder}/names.conf\nlisten on 127.0.0.1 port {{port}} hostnames <names>\n"
+                "listen on 127.0.0.1 port {port2}\n" 'action "out" relay\nmatch from any action "out"\n')
+        with SmtpdProcess(folder / "daemon", text) as daemon:
+            assert greeting(daemon.port).startswith(b"220 mx.sql.example ")
+            server.execute(["UPDATE names SET delay = 4"])
+            with BannerWatch(daemon.port2) as watch:
+                assert daemon.smtpctl("reload").returncode == 0
+            assert watch.longest < 1.0, f"a banner waited {watch.longest:.1f} s"
+            assert greeting(daemon.port).startswith(b"220 mx.sql.example ")
+    finally:
+        server.execute(["DROP TABLE names"])

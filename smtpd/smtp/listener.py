@@ -105,6 +105,7 @@ class SmtpServer:
         self.sessions: set[asyncio.Task[None]] = set()
         self.active = 0
         self._config: Config | None = None
+        self._stopped = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,6 +116,7 @@ class SmtpServer:
             self._start_accepting()
 
     async def stop(self) -> None:
+        self._stopped = True
         self._stop_accepting()
         for bound in self.bound:
             bound.sock.close()
@@ -133,6 +135,10 @@ class SmtpServer:
         contexts stay in use).
         """
         fresh = await self._bound_for(new, reuse=self.bound)
+        if self._stopped:  # (the daemon stopped while the tables were asked: nothing to listen on any more)
+            for bound in fresh:
+                bound.sock.close()
+            return []
         # Compared without their places in the file: a line added above a listener does not change it.
         unchanged = all(without_locations(getattr(old, part)) == without_locations(getattr(new, part))
                         for part in ("listeners", "pkis", "cas"))
