@@ -120,6 +120,29 @@ class SqlServer:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
 
+    def processes(self) -> list[int]:
+        """The server's pid and its children's (PostgreSQL's backends, one a connection)."""
+        assert self.process is not None
+        found = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:  # (not a process, or one that ended meanwhile)
+                continue
+            if re.search(rf"^PPid:\s+{self.process.pid}$", status, re.MULTILINE):
+                found.append(int(entry.name))
+        return found
+
+    def freeze(self) -> None:
+        """Stop the server's processes (SIGSTOP): connections stay open and nothing answers, as when its host
+        hangs or the network drops its packets."""
+        for pid in self.processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.processes():
+            os.kill(pid, signal.SIGCONT)
+
     def log(self) -> str:
         try:
             return (self.folder / "server.log").read_text(errors="replace")[-3000:]

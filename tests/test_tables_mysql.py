@@ -13,6 +13,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from helpers_smtp import SmtpDaemon, make_certificate
 from helpers_sqlservers import (
     AUTH_PASSWORD,
     AUTH_USER,
+    DATABASE,
     TABLE_PASSWORD,
     MariadbServer,
     rcpt_replies,
@@ -29,6 +31,7 @@ from helpers_sqlservers import (
     side_by_side,
 )
 
+from smtpd.lookup.tables import sql
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.tables.mysql import MysqlTable
 
@@ -177,6 +180,45 @@ def test_server_down_is_a_temporary_failure_and_the_table_answers_once_it_is_bac
     finally:
         if server.process is None or server.process.poll() is not None:
             server.start()  # (for the module's other tests)
+
+
+def statements_running(server: MariadbServer) -> int:
+    """How many statements of the tables' user the server is running now."""
+    with server.connect() as admin, admin.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM information_schema.processlist WHERE user = 'smtpd' "
+                       "AND command <> 'Sleep'")
+        found = cursor.fetchone()
+    return int(found[0]) if found else 0
+
+
+def test_a_server_that_does_not_answer_is_a_temporary_failure_in_bounded_time(server: MariadbServer,
+                                                                              folder: Path) -> None:
+    """A statement waiting for a table another session holds locked, and a server that does not answer at all
+    (its host hung): each question is a temporary failure within the bound, never a session waiting for ever;
+    the server is told to give the statement up too (none of ours is left waiting there); and the table answers
+    as soon as the server does."""
+    text = (f"table domains mysql:{folder}/mysql.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    with SmtpdProcess(folder / "daemon", text) as daemon:
+        assert accepted(daemon.port, "x@example.com") == 250
+        with server.connect(DATABASE) as admin, admin.cursor() as cursor:
+            cursor.execute("LOCK TABLES domains WRITE")
+            started = time.monotonic()
+            assert accepted(daemon.port, "x@example.com") == 451
+            assert time.monotonic() - started < sql.QUERY_TIMEOUT + 3
+            assert statements_running(server) == 0
+            cursor.execute("UNLOCK TABLES")
+        assert accepted(daemon.port, "x@example.com") == 250
+        server.freeze()
+        try:
+            started = time.monotonic()
+            assert accepted(daemon.port, "x@example.com") == 451
+            assert time.monotonic() - started < sql.REPLY_TIMEOUT + 3
+        finally:
+            server.thaw()
+        assert accepted(daemon.port, "x@example.com") == 250
+        assert accepted(daemon.port, "x@example.org") == 550
+        assert "no answer within" in daemon.log()
 
 
 def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(folder: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from helpers_smtp import SmtpDaemon, make_certificate
 from helpers_sqlservers import (
     AUTH_PASSWORD,
     AUTH_USER,
+    DATABASE,
     TABLE_PASSWORD,
     TABLE_USER,
     BannerWatch,
@@ -34,6 +35,7 @@ from helpers_sqlservers import (
 )
 from waiting import wait_until as wait_bounded
 
+from smtpd.lookup.tables import sql
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.lookup.tables.postgres import PostgresTable
 
@@ -198,6 +200,35 @@ def test_server_down_is_a_temporary_failure_and_the_table_answers_once_it_is_bac
     finally:
         if server.process is None or server.process.poll() is not None:
             server.start()  # (for the module's other tests)
+
+
+def test_a_server_that_does_not_answer_is_a_temporary_failure_in_bounded_time(server: PostgresServer,
+                                                                              folder: Path) -> None:
+    """A statement waiting for a lock another transaction holds (a migration left open), and a server that does
+    not answer at all (its host hung): each question is a temporary failure within the bound, never a session
+    waiting for ever; the server is told to give the statement up too (none of ours is left waiting there);
+    and the table answers as soon as the server does."""
+    text = (f"table domains postgres:{folder}/postgres.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    with SmtpdProcess(folder / "daemon", text) as daemon:
+        assert accepted(daemon.port, "x@example.com") == 250
+        with server.connect(DATABASE) as admin, admin.transaction():
+            admin.execute("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            assert accepted(daemon.port, "x@example.com") == 451
+            assert time.monotonic() - started < sql.QUERY_TIMEOUT + 3
+            assert connections(server, "active") == 0
+        assert accepted(daemon.port, "x@example.com") == 250
+        server.freeze()
+        try:
+            started = time.monotonic()
+            assert accepted(daemon.port, "x@example.com") == 451
+            assert time.monotonic() - started < sql.REPLY_TIMEOUT + 3
+        finally:
+            server.thaw()
+        assert accepted(daemon.port, "x@example.com") == 250
+        assert accepted(daemon.port, "x@example.org") == 550
+        assert "no answer within" in daemon.log()
 
 
 def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(folder: Path, tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ default (otherwise a long-lived session would answer from one old snapshot and n
 As table-mysql, each statement is prepared by the server when the connection opens, and its parameters and
 columns are checked then (PyMySQL prepares nothing: we send the prepare command ourselves to learn them, and run
 the statements as server-side `PREPARE`d ones, the key passed in a session variable). A connection that broke
-(the server restarted) is opened again and the question asked once more.
+(the server restarted) is opened again and the question asked once more. The server is told to give a statement
+up after QUERY_TIMEOUT, and an answer is waited for at most REPLY_TIMEOUT (table-mysql waits for ever).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from pymysql.constants import COMMAND
 
 from smtpd.lookup.tables.base import TableError, TableLoadError
 from smtpd.lookup.tables.sql import (
+    CONNECT_TIMEOUT,
+    QUERY_TIMEOUT,
+    REPLY_TIMEOUT,
     ConnectionLost,
+    QueryTimeout,
     Row,
     ServerUnavailable,
     SqlConfig,
@@ -40,7 +45,6 @@ from smtpd.lookup.tables.sql import (
 BACKEND = "mysql"
 DEFAULT_SOCKET = "/run/mysqld/mysqld.sock"  # libmariadb's on Debian
 DEFAULT_PORT = 3306
-CONNECT_TIMEOUT = 10  # seconds
 KEY_VARIABLE = "@pysmtpd_key"
 # Values come back as the server's text (as table-mysql binds every column as a string): no decoders, only
 # PyMySQL's encoders for the key.
@@ -48,6 +52,11 @@ ENCODERS_ONLY = {kind: encoder for kind, encoder in converters.conversions.items
 # Server errors after which the connection is gone: shutdown in progress, connection killed, disconnected for
 # inactivity (MySQL 8). Client errors (2000-2999: server gone, lost connection, cannot connect) are all so.
 LOST_CONNECTION_ERRORS = frozenset({1053, 1927, 4031})
+UNKNOWN_VARIABLE = 1193
+# How the server is told to give a statement up after QUERY_TIMEOUT (waiting for a table's lock included), so that
+# a question we stop waiting for is not left running there: MariaDB's variable (seconds), else MySQL's (ms).
+STATEMENT_LIMITS = (f"SET SESSION max_statement_time = {QUERY_TIMEOUT}",
+                    f"SET SESSION max_execution_time = {QUERY_TIMEOUT * 1000}")
 
 
 class MysqlTable(SqlTable):
@@ -63,6 +72,7 @@ class MysqlTable(SqlTable):
         except pymysql.MySQLError as error:
             raise ServerUnavailable(_message(error)) from None
         try:
+            _limit_statements(connection)
             for statement in config.statements():
                 _prepare(connection, config, statement)
         except BaseException:
@@ -87,6 +97,8 @@ class MysqlTable(SqlTable):
                     cursor.execute(f"EXECUTE {_name(statement)}")
                 rows = list(cursor.fetchall())
         except pymysql.MySQLError as error:
+            if isinstance(error.__context__, TimeoutError):  # (PyMySQL's read_timeout: the connection is closed)
+                raise QueryTimeout(f"no answer within {REPLY_TIMEOUT:g} s") from None
             if _lost(error):
                 raise ConnectionLost(_message(error)) from None
             raise TableError(f"{self.label}: {statement.key}: {_message(error)}") from None
@@ -99,13 +111,24 @@ def _connect_arguments(config: SqlConfig) -> dict[str, Any]:
     arguments: dict[str, Any] = {
         "user": settings.get("username"), "password": settings.get("password", ""),
         "database": settings.get("database"), "autocommit": True, "charset": "utf8mb4", "conv": ENCODERS_ONLY,
-        "connect_timeout": CONNECT_TIMEOUT}
+        "connect_timeout": CONNECT_TIMEOUT, "read_timeout": REPLY_TIMEOUT, "write_timeout": REPLY_TIMEOUT}
     if host is None or host == "localhost":
         arguments["unix_socket"] = os.environ.get("MYSQL_UNIX_PORT") or DEFAULT_SOCKET
     else:
         port = os.environ.get("MYSQL_TCP_PORT", "")
         arguments.update(host=host, port=int(port) if port.isascii() and port.isdigit() else DEFAULT_PORT)
     return arguments
+
+
+def _limit_statements(connection: pymysql.connections.Connection[Any]) -> None:
+    for setting in STATEMENT_LIMITS:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(setting)
+            return
+        except pymysql.MySQLError as error:
+            if _code(error) != UNKNOWN_VARIABLE:
+                raise ServerUnavailable(_message(error)) from None
 
 
 def _name(statement: Statement) -> str:

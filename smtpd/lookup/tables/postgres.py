@@ -11,13 +11,16 @@ As table-postgres, each statement is prepared when the connection opens, so the 
 ask the server to describe it and check its parameters and columns. A connection that broke (the server
 restarted) is opened again and the question asked once more. Where we differ: a conninfo that names no
 `connect_timeout` gets one of CONNECT_TIMEOUT seconds (libpq waits for ever for a server whose packets are lost,
-and every question of the table would wait behind it); the server not answering at start does not stop the
-daemon (sql.py).
+and every question of the table would wait behind it); the server is told to give a statement up after
+QUERY_TIMEOUT (`statement_timeout`), and an answer is waited for at most REPLY_TIMEOUT (libpq's own wait has no
+end); the server not answering at start does not stop the daemon (sql.py).
 """
 
 from __future__ import annotations
 
 import os
+import select
+import time
 
 import psycopg
 from psycopg import pq
@@ -25,7 +28,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from smtpd.lookup.tables.base import TableError, TableLoadError
 from smtpd.lookup.tables.sql import (
+    CONNECT_TIMEOUT,
+    QUERY_TIMEOUT,
+    REPLY_TIMEOUT,
     ConnectionLost,
+    QueryTimeout,
     Row,
     ServerUnavailable,
     SqlConfig,
@@ -35,7 +42,6 @@ from smtpd.lookup.tables.sql import (
 )
 
 BACKEND = "postgres"
-CONNECT_TIMEOUT = 10  # seconds, when neither the conninfo nor PGCONNECT_TIMEOUT says
 # SQLSTATE classes after which a new connection may answer: connection exceptions (08), the server shutting
 # down or starting (57P), and a prepared statement whose table changed shape (0A000, "cached plan must not
 # change result type": prepared again on the new connection).
@@ -62,8 +68,12 @@ class PostgresTable(SqlTable):
             connection.finish()
             raise ServerUnavailable(message)
         try:
+            _limit_statements(connection)
             for statement in config.statements():
                 _prepare(connection, config, statement)
+        except QueryTimeout as error:
+            connection.finish()
+            raise ServerUnavailable(str(error)) from None
         except BaseException:
             connection.finish()
             raise
@@ -79,9 +89,10 @@ class PostgresTable(SqlTable):
             # LOGIN name is any bytes) would be answered as `bob@example.com`. No row has such a key.
             return []
         try:
-            result = connection.exec_prepared(statement.key.encode(), [value.encode() for value in parameters])
+            connection.send_query_prepared(statement.key.encode(), [value.encode() for value in parameters])
+            result = _result(connection)
         except psycopg.Error as error:  # (libpq gave no result at all: the connection is gone)
-            raise ConnectionLost(str(error)) from None
+            raise ConnectionLost(_first_line(error)) from None
         if result.status == pq.ExecStatus.TUPLES_OK:
             count = min(result.ntuples, 1) if first_only else result.ntuples
             return [tuple(result.get_value(row, column) for column in range(result.nfields)) for row in range(count)]
@@ -110,9 +121,14 @@ def _prepare(connection: pq.abc.PGconn, config: SqlConfig, statement: Statement)
     infers), then check what the server says it takes and returns."""
     name = statement.key.encode()
     where = f"{config.where(statement.key)}: {statement.key}"
-    result = connection.prepare(name, statement.sql.encode(), [0] * statement.parameters)
-    if result.status == pq.ExecStatus.COMMAND_OK:
-        result = connection.describe_prepared(name)
+    try:
+        connection.send_prepare(name, statement.sql.encode(), [0] * statement.parameters)
+        result = _result(connection)
+        if result.status == pq.ExecStatus.COMMAND_OK:
+            connection.send_describe_prepared(name)
+            result = _result(connection)
+    except psycopg.Error as error:
+        raise ServerUnavailable(_first_line(error)) from None
     if result.status != pq.ExecStatus.COMMAND_OK:
         message = _result_message(result, connection)
         if connection.status != pq.ConnStatus.OK:
@@ -124,9 +140,48 @@ def _prepare(connection: pq.abc.PGconn, config: SqlConfig, statement: Statement)
     check_shape(config, statement, result.nparams, result.nfields, "$1", more_columns=True)
 
 
+def _limit_statements(connection: pq.abc.PGconn) -> None:
+    """Have the server give up a statement after QUERY_TIMEOUT (one waiting for a lock included), so that a
+    question we stop waiting for is not left running there, holding a connection of the server's."""
+    try:
+        connection.send_query(f"SET statement_timeout = {QUERY_TIMEOUT * 1000}".encode())
+        result = _result(connection)
+    except psycopg.Error as error:
+        raise ServerUnavailable(_first_line(error)) from None
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        raise ServerUnavailable(_result_message(result, connection))
+
+
+def _result(connection: pq.abc.PGconn) -> pq.abc.PGresult:
+    """The result of the statement just sent, waited for at most REPLY_TIMEOUT (libpq's own wait has no end).
+    Raises QueryTimeout, and psycopg.Error when the connection broke."""
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    readable = select.poll()
+    readable.register(connection.socket, select.POLLIN)
+    results: list[pq.abc.PGresult] = []
+    while True:
+        while connection.is_busy():
+            left = deadline - time.monotonic()
+            if left <= 0 or not readable.poll(left * 1000):
+                raise QueryTimeout(f"no answer within {REPLY_TIMEOUT:g} s")
+            connection.consume_input()
+        result = connection.get_result()
+        if result is None:  # (the end of the statement's results)
+            break
+        results.append(result)
+    if not results:
+        raise psycopg.OperationalError(_text(connection.error_message) or "no result")
+    return results[-1]
+
+
 def _result_message(result: pq.abc.PGresult, connection: pq.abc.PGconn) -> str:
     primary = result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)
     return _text(primary if primary else result.error_message or connection.error_message)
+
+
+def _first_line(error: psycopg.Error) -> str:
+    """libpq's message, without its hints on the next lines (a log line stays one line)."""
+    return " ".join(str(error).split("\n", 1)[0].split())
 
 
 def _text(message: bytes) -> str:

@@ -23,7 +23,8 @@ when first asked; an unknown key is such a mistake (table-postgres and table-mys
 
 A table whose database is a server (postgres, mysql) holds one connection, used by one question at a time. A
 lost connection is opened again and the question asked once more, as the programs do; when the server cannot be
-reached the question is a temporary failure (TableError), and the next one tries again. A server that cannot be
+reached, or does not answer in time (QUERY_TIMEOUT, REPLY_TIMEOUT: the programs wait for ever), the question is a
+temporary failure (TableError), and the next one tries again. A server that cannot be
 reached when the daemon starts does not stop it (docs/tables.md says why): the file is read, the queries are
 checked when the server first answers, and until then questions are temporary failures.
 """
@@ -50,6 +51,12 @@ JOINED = frozenset({Service.ALIAS, Service.MAILADDRMAP})  # every row's value, j
 FETCH_KEY = "fetch_source"
 NUMBER_KEYS = ("fetch_source_expire", "fetch_source_refresh")  # taken, checked, not needed: we ask each time
 NUMBER_MAX = 2**31 - 1  # the programs' INT_MAX
+# Time bounds of a question to a server (the programs have none: a table locked by a transaction left open, or a
+# server whose host hung, held every session asking it, and the threads they were asked in, for ever).
+CONNECT_TIMEOUT = 10  # seconds for a connection to be made
+QUERY_TIMEOUT = 10  # seconds the server is told a statement may run (it gives up itself: nothing left waiting)
+REPLY_TIMEOUT = QUERY_TIMEOUT + 5  # seconds we wait for an answer of any kind (a server that says nothing at all)
+WAIT_TIMEOUT = CONNECT_TIMEOUT + REPLY_TIMEOUT  # seconds a question waits for the one before it on the connection
 
 _log = log.get("table")
 
@@ -177,6 +184,11 @@ class ConnectionLost(TableError):
     """The connection broke under a question: open another one and ask again."""
 
 
+class QueryTimeout(TableError):
+    """No answer within REPLY_TIMEOUT: the connection is out of step (the answer may still come) and is dropped;
+    the question is not asked again (it would wait as long once more)."""
+
+
 class SqlTable(ABC):
     """A `table NAME BACKEND:/path/to/FILE.conf` of one of the SQL backends. Subclasses say how to connect (and
     check every statement while connecting), how to run a statement, and how to disconnect."""
@@ -297,7 +309,9 @@ class SqlTable(ABC):
                 self._close_if_idle()
 
     def _ask(self, statement: Statement, parameters: tuple[str, ...], first_only: bool) -> list[Row]:
-        with self._lock:
+        if not self._lock.acquire(timeout=WAIT_TIMEOUT):
+            raise TableError(f"{self.label}: the database is still busy with an earlier question")
+        try:
             if self._closed:  # (a reload replaced the table: no new connection for it)
                 raise TableError(f"{self.label}: closed")
             self._refresh()
@@ -308,13 +322,22 @@ class SqlTable(ABC):
                     return self._run(connection, statement, parameters, first_only)
                 except ConnectionLost as error:
                     # As the programs: connect again and ask once more (a restarted server answers at once).
-                    self._connection = None
-                    self._disconnect(connection)
-                    _log.warning("%s: connection lost: %s", self.label, error)
-                    self._failing = True
+                    self._drop(connection, f"connection lost: {error}")
                     if retried:
                         raise TableError(f"{self.label}: {error}") from None
                     retried = True
+                except QueryTimeout as error:
+                    self._drop(connection, str(error))
+                    raise TableError(f"{self.label}: {error}") from None
+        finally:
+            self._lock.release()
+
+    def _drop(self, connection: Any, why: str) -> None:
+        """Give up the connection a question failed on (under the lock)."""
+        self._connection = None
+        self._disconnect(connection)
+        _log.warning("%s: %s", self.label, why)
+        self._failing = True
 
     def _statement(self, service: Service) -> Statement:
         statement = self.config.queries.get(service)
