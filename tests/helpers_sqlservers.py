@@ -136,12 +136,17 @@ class SqlServer:
     def freeze(self) -> None:
         """Stop the server's processes (SIGSTOP): connections stay open and nothing answers, as when its host
         hangs or the network drops its packets."""
-        for pid in self.processes():
-            os.kill(pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def thaw(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
         for pid in self.processes():
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # (a backend that ended since it was listed)
+                pass
 
     def log(self) -> str:
         try:

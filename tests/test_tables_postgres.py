@@ -231,6 +231,39 @@ def test_a_server_that_does_not_answer_is_a_temporary_failure_in_bounded_time(se
         assert "no answer within" in daemon.log()
 
 
+def test_a_server_that_does_not_answer_is_waited_for_once_not_once_a_table(server: PostgresServer,
+                                                                           folder: Path) -> None:
+    """A database host whose packets are lost (down, or a firewall) makes a connection attempt wait out its
+    timeout. Three tables on it cost `smtpd -n`, and the start, one such wait, not three (or six: the start checks
+    the configuration, then opens the tables); questions meanwhile are temporary failures at once, not a wait
+    each; and the table answers once the server does."""
+    conf = f"postgres:{folder}/postgres.conf"
+    text = (f"table domains {conf}\ntable virtuals {conf}\ntable sendermap {conf}\n"
+            "listen on 127.0.0.1 port {port} senders <sendermap>\n"
+            f'action "vmail" maildir "{folder}/ours" virtual <virtuals>\n'
+            'match from any for domain <domains> action "vmail"\n')
+    (folder / "smtpd.conf").write_text(text.replace("{port}", "25"))
+    server.freeze()
+    try:
+        started = time.monotonic()
+        checked = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(folder / "smtpd.conf")],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+        assert time.monotonic() - started < sql.CONNECT_TIMEOUT + 5
+        assert checked.returncode == 0, checked.stderr
+        assert checked.stderr.count("warning: cannot reach the database") == 3
+        started = time.monotonic()
+        with SmtpdProcess(folder / "daemon", text) as daemon:
+            assert time.monotonic() - started < sql.CONNECT_TIMEOUT + 5
+            started = time.monotonic()
+            assert accepted(daemon.port, "bob@example.com") == 451
+            assert time.monotonic() - started < 2
+            server.thaw()
+            wait_bounded(lambda: accepted(daemon.port, "bob@example.com") == 250, sql.UNANSWERED_PAUSE + 5,
+                         interval=1)
+    finally:
+        server.thaw()
+
+
 def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(folder: Path, tmp_path: Path) -> None:
     text = (f"table domains postgres:{folder}/postgres.conf\nlisten on 127.0.0.1 port {{port}}\n"
             'action "out" relay\nmatch from any for domain <domains> action "out"\n')

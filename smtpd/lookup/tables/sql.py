@@ -24,14 +24,16 @@ when first asked; an unknown key is such a mistake (table-postgres and table-mys
 A table whose database is a server (postgres, mysql) holds one connection, used by one question at a time. A
 lost connection is opened again and the question asked once more, as the programs do; when the server cannot be
 reached, or does not answer in time (QUERY_TIMEOUT, REPLY_TIMEOUT: the programs wait for ever), the question is a
-temporary failure (TableError), and the next one tries again. A server that cannot be
-reached when the daemon starts does not stop it (docs/tables.md says why): the file is read, the queries are
-checked when the server first answers, and until then questions are temporary failures.
+temporary failure (TableError), and the next one tries again (after UNANSWERED_PAUSE when the server let the
+connection attempt time out). A server that cannot be reached when the daemon starts does not stop it
+(docs/tables.md says why): the file is read, the queries are checked when the server first answers, and until
+then questions are temporary failures.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +59,13 @@ CONNECT_TIMEOUT = 10  # seconds for a connection to be made
 QUERY_TIMEOUT = 10  # seconds the server is told a statement may run (it gives up itself: nothing left waiting)
 REPLY_TIMEOUT = QUERY_TIMEOUT + 5  # seconds we wait for an answer of any kind (a server that says nothing at all)
 WAIT_TIMEOUT = CONNECT_TIMEOUT + REPLY_TIMEOUT  # seconds a question waits for the one before it on the connection
+# A server that let a connection attempt wait out CONNECT_TIMEOUT (its host down, its packets dropped) is not tried
+# again for UNANSWERED_PAUSE seconds, by any table of the process that names it: each table (three on one server
+# are common) and each question would wait as long again, the start, which opens every table twice (checked,
+# then opened), would wait for each, and the questions of a table wait for one another.
+UNANSWERED_PAUSE = CONNECT_TIMEOUT
+_unanswered: dict[tuple[str, ...], tuple[float, str]] = {}  # server -> (when to try again, why it failed)
+_unanswered_lock = threading.Lock()
 
 _log = log.get("table")
 
@@ -242,7 +251,7 @@ class SqlTable(ABC):
         config = parse_config(read_table_file(self.path), self.path, self.settings_keys, self.required)
         warnings: list[str] = []
         try:
-            connection = self._connect(config)
+            connection = self._open(config)
         except ServerUnavailable as error:
             if strict:
                 raise TableLoadError(f"{self.path}: cannot reach the database: {error}; the table is kept as it "
@@ -281,13 +290,29 @@ class SqlTable(ABC):
         if old is not None:
             self._disconnect(old)
 
+    def _open(self, config: SqlConfig) -> Any:
+        """_connect, unless the server did not answer a moment ago (UNANSWERED_PAUSE)."""
+        server = (self.backend_name, *(f"{key} {value}" for key, value in sorted(config.settings.items())))
+        with _unanswered_lock:
+            retry_at, why = _unanswered.get(server, (0.0, ""))
+        if time.monotonic() < retry_at:
+            raise ServerUnavailable(f"{why} (not tried again for {UNANSWERED_PAUSE:g} s)")
+        started = time.monotonic()
+        try:
+            return self._connect(config)
+        except ServerUnavailable as error:
+            if time.monotonic() - started >= CONNECT_TIMEOUT:
+                with _unanswered_lock:
+                    _unanswered[server] = (time.monotonic() + UNANSWERED_PAUSE, str(error))
+            raise
+
     # -- questions ------------------------------------------------------------------------------------------------
     def _connected(self) -> Any:
         """The open connection, or a new one. Raises TableError when there is none to be had."""
         if self._connection is not None:
             return self._connection
         try:
-            self._connection = self._connect(self.config)
+            self._connection = self._open(self.config)
         except ServerUnavailable as error:
             self._failing = True
             _log.warning("%s: cannot reach the database: %s", self.label, error)
