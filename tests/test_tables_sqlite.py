@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from daemon import SmtpdProcess, free_port
-from helpers_mta import OpenSmtpd, maildir_messages, wait_until
+from helpers_mta import OpenSmtpd, Remote, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, make_certificate
 
 from shared.passwords import hash_password
@@ -312,3 +312,24 @@ def test_fetch_source_hands_out_the_distinct_addresses_in_turn(tmp_path: Path) -
     (tmp_path / "c.conf").write_text(f"dbpath {tmp_path}/s.sqlite\nfetch_source SELECT a FROM src\n")
     table = SqliteTable("sources", str(tmp_path / "c.conf"))
     assert [table.fetch(Service.SOURCE) for _ in range(3)] == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
+
+
+def test_a_relay_host_table_is_not_handed_fetch_source_entries(tmp_path: Path) -> None:
+    """fetch_source answers a relay `src <t>` only, as table-sqlite's (it fails every other fetch): a table used as
+    `relay host <t>` by mistake must not relay the mail to whatever its fetch_source query returns. The delivery
+    is deferred (a temporary failure)."""
+    with Remote() as remote:
+        database = sqlite3.connect(tmp_path / "s.sqlite")
+        database.execute("CREATE TABLE src (a TEXT)")
+        database.execute("INSERT INTO src VALUES (?)", (f"smtp://127.0.0.1:{remote.port}",))
+        database.commit()
+        database.close()
+        (tmp_path / "c.conf").write_text(f"dbpath {tmp_path}/s.sqlite\nfetch_source SELECT a FROM src\n")
+        text = (f"table hosts sqlite:{tmp_path}/c.conf\nlisten on 127.0.0.1 port {{port}}\n"
+                f'action "r{remote.port}" relay host <hosts>\nmatch from any for any action "r{remote.port}"\n')
+        with SmtpdProcess(tmp_path / "daemon", text) as daemon:
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("a@example.org", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
+            assert wait_until(lambda: "result=\"TempFail\"" in daemon.log() or remote.received, 20)
+            assert remote.received == []
+            assert "temporary failure in relay host lookup" in daemon.log()

@@ -383,6 +383,8 @@ class SqlTable(ABC):
         return bool(self._rows(self._statement(service), (candidate,), first_only=True))
 
     def fetch(self, service: Service) -> str | None:
+        if service is not Service.SOURCE:  # (as the programs: fetch_source is no list of relay hosts)
+            raise TableError(f"{self.label}: only a relay src table hands out entries (fetch_source), not {service}")
         statement = self.config.fetch_source
         if statement is None:
             raise TableError(f"{self.label}: {self.path} has no fetch_source")
