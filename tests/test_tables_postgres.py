@@ -202,6 +202,14 @@ def test_server_down_is_a_temporary_failure_and_the_table_answers_once_it_is_bac
             server.start()  # (for the module's other tests)
 
 
+def connections(server: PostgresServer, state: str = "%") -> int:
+    """How many connections the tables' user has open (in a state: 'active' is running a statement)."""
+    with server.connect() as connection:
+        found = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'smtpd' "
+                                   "AND state LIKE %s", (state,)).fetchone()
+    return int(found[0]) if found else 0
+
+
 def test_a_server_that_does_not_answer_is_a_temporary_failure_in_bounded_time(server: PostgresServer,
                                                                               folder: Path) -> None:
     """A statement waiting for a lock another transaction holds (a migration left open), and a server that does
@@ -301,14 +309,6 @@ def test_userinfo_and_fetch_source_answer_as_table_postgres_forms_them(server: P
             table.lookup(Service.ALIAS, "bob")
     finally:
         table.close()
-
-
-def connections(server: PostgresServer, state: str = "%") -> int:
-    """How many connections the tables' user has open (in a state: 'active' is running a statement)."""
-    with server.connect() as connection:
-        found = connection.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = 'smtpd' "
-                                   "AND state LIKE %s", (state,)).fetchone()
-    return int(found[0]) if found else 0
 
 
 def test_a_reload_while_a_delivery_asks_the_userbase_leaves_the_daemon_answering(server: PostgresServer,
