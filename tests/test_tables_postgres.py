@@ -272,6 +272,28 @@ def test_a_server_that_does_not_answer_is_waited_for_once_not_once_a_table(serve
         server.thaw()
 
 
+def test_connecting_to_a_server_that_does_not_answer_leaves_the_daemon_answering(server: PostgresServer,
+                                                                                  folder: Path) -> None:
+    """psycopg's libpq connection call keeps every other thread of the process from running while it waits: a
+    postgres: table connecting to a server that does not answer (at `smtpctl update table`, or for a question
+    after its connection was dropped) held the whole daemon, and every session, for the connect timeout. The
+    other clients get their banner at once meanwhile, and the update fails and keeps the table."""
+    text = (f"table domains postgres:{folder}/postgres.conf\nlisten on 127.0.0.1 port {{port}}\n"
+            "listen on 127.0.0.1 port {port2}\n" 'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    with SmtpdProcess(folder / "daemon", text) as daemon:
+        assert accepted(daemon.port, "x@example.com") == 250
+        server.freeze()
+        try:
+            with BannerWatch(daemon.port2) as watch:
+                update = daemon.smtpctl("update", "table", "domains")
+            assert update.returncode != 0
+            assert "cannot reach the database" in update.stderr and "no answer within" in update.stderr
+            assert watch.longest < 1.0, f"a banner waited {watch.longest:.1f} s"
+        finally:
+            server.thaw()
+        assert accepted(daemon.port, "x@example.com") == 250  # (on the connection kept)
+
+
 def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(folder: Path, tmp_path: Path) -> None:
     text = (f"table domains postgres:{folder}/postgres.conf\nlisten on 127.0.0.1 port {{port}}\n"
             'action "out" relay\nmatch from any for domain <domains> action "out"\n')

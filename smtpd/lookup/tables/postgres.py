@@ -24,7 +24,7 @@ import time
 
 import psycopg
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from smtpd.lookup.tables.base import TableError, TableLoadError
 from smtpd.lookup.tables.sql import (
@@ -58,15 +58,7 @@ class PostgresTable(SqlTable):
     placeholder = "$1"
 
     def _connect(self, config: SqlConfig) -> pq.abc.PGconn:
-        conninfo = _conninfo(config)
-        try:
-            connection = pq.PGconn.connect(conninfo.encode())
-        except psycopg.Error as error:
-            raise ServerUnavailable(str(error)) from None
-        if connection.status != pq.ConnStatus.OK:
-            message = _text(connection.error_message.split(b"\n")[0])  # (not libpq's hint on the next line)
-            connection.finish()
-            raise ServerUnavailable(message)
+        connection = _connection(*_conninfo(config))
         try:
             _limit_statements(connection)
             for statement in config.statements():
@@ -103,17 +95,58 @@ class PostgresTable(SqlTable):
         raise TableError(f"{self.label}: {statement.key}: {message}")
 
 
-def _conninfo(config: SqlConfig) -> str:
-    """The file's conninfo, with our connect_timeout unless one is given. A conninfo libpq cannot parse is a
-    mistake of its line."""
+def _conninfo(config: SqlConfig) -> tuple[str, float | None]:
+    """The file's conninfo, and how long to wait for a connection: its connect_timeout (or PGCONNECT_TIMEOUT's),
+    counted as libpq counts it (0 or less is no limit, less than 2 is 2), else CONNECT_TIMEOUT. A conninfo libpq
+    cannot parse is a mistake of its line."""
     conninfo = config.settings["conninfo"]
     try:
-        given = conninfo_to_dict(conninfo)
+        given = conninfo_to_dict(conninfo).get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
     except psycopg.Error as error:
         raise TableLoadError(f"{config.where('conninfo')}: conninfo: {error}") from None
-    if "connect_timeout" in given or os.environ.get("PGCONNECT_TIMEOUT"):
-        return conninfo
-    return make_conninfo(conninfo, connect_timeout=CONNECT_TIMEOUT)
+    try:
+        seconds = int(str(given).strip()) if given is not None else CONNECT_TIMEOUT
+    except ValueError:
+        seconds = CONNECT_TIMEOUT  # (libpq refuses it, and says why, when connecting)
+    return conninfo, (max(seconds, 2) if seconds > 0 else None)
+
+
+def _connection(conninfo: str, timeout: float | None) -> pq.abc.PGconn:
+    """A connection, made step by step, waiting for the server here: libpq's one-call connect, as psycopg's
+    binary module calls it, keeps every other thread of the process (the event loop's too) from running until the
+    server answers, for as long as connect_timeout when it does not. Raises ServerUnavailable."""
+    try:
+        connection = pq.PGconn.connect_start(conninfo.encode())
+    except psycopg.Error as error:
+        raise ServerUnavailable(_first_line(error)) from None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = pq.PollingStatus.WRITING  # (libpq's first step: wait until the socket can be written)
+    try:
+        while status not in (pq.PollingStatus.OK, pq.PollingStatus.FAILED):
+            event = select.POLLIN if status == pq.PollingStatus.READING else select.POLLOUT
+            if not _ready(connection.socket, event, deadline):
+                where = f'server at "{_text(connection.host)}", port {_text(connection.port)}'
+                raise ServerUnavailable(f"connection to {where} failed: no answer within {timeout:g} s")
+            status = connection.connect_poll()
+    except psycopg.Error as error:
+        connection.finish()
+        raise ServerUnavailable(_first_line(error)) from None
+    except ServerUnavailable:
+        connection.finish()
+        raise
+    if status == pq.PollingStatus.FAILED:
+        message = _text(connection.error_message.split(b"\n")[0])  # (not libpq's hint on the next line)
+        connection.finish()
+        raise ServerUnavailable(message)
+    return connection
+
+
+def _ready(socket: int, event: int, deadline: float | None) -> bool:
+    """Whether the socket is ready for the event before the deadline (None: no limit)."""
+    waiting = select.poll()
+    waiting.register(socket, event)
+    left = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
+    return bool(waiting.poll(left))
 
 
 def _prepare(connection: pq.abc.PGconn, config: SqlConfig, statement: Statement) -> None:
@@ -156,13 +189,10 @@ def _result(connection: pq.abc.PGconn) -> pq.abc.PGresult:
     """The result of the statement just sent, waited for at most REPLY_TIMEOUT (libpq's own wait has no end).
     Raises QueryTimeout, and psycopg.Error when the connection broke."""
     deadline = time.monotonic() + REPLY_TIMEOUT
-    readable = select.poll()
-    readable.register(connection.socket, select.POLLIN)
     results: list[pq.abc.PGresult] = []
     while True:
         while connection.is_busy():
-            left = deadline - time.monotonic()
-            if left <= 0 or not readable.poll(left * 1000):
+            if not _ready(connection.socket, select.POLLIN, deadline):
                 raise QueryTimeout(f"no answer within {REPLY_TIMEOUT:g} s")
             connection.consume_input()
         result = connection.get_result()
