@@ -38,7 +38,7 @@ from ldap3.operation.search import parse_filter
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
-from smtpd.lookup.tables.settings import setting_lines
+from smtpd.lookup.tables.settings import bound_seconds, setting_lines
 from smtpd.lookup.tables.static import read_table_file
 
 BACKEND = "ldap"
@@ -50,9 +50,9 @@ JOINED = frozenset({Service.ALIAS, Service.MAILADDRMAP})  # every value of every
 MATCHED = frozenset({Service.DOMAIN, Service.NETADDR, Service.MAILADDR})  # an entry found is the answer
 SETTINGS = ("url", "username", "password", "basedn")
 DEFAULT_PORT = 389
-CONNECT_TIMEOUT = 5  # seconds; table-ldap has none (it waits as long as the kernel does)
-ANSWER_TIMEOUT = 10  # (ldap3 wants whole seconds)
-QUESTION_WAIT = 10  # seconds a question waits for the one before it on the table's connection
+CONNECT_TIMEOUT = bound_seconds(5)  # seconds; table-ldap has none (it waits as long as the kernel does)
+ANSWER_TIMEOUT = max(1, round(bound_seconds(10)))  # (ldap3 wants whole seconds)
+QUESTION_WAIT = bound_seconds(10)  # seconds a question waits for the one before it on the table's connection
 NO_SUCH_OBJECT = 32
 SIZE_LIMIT_EXCEEDED = 4
 CRYPT_MARKER = "{crypt}"  # RFC 2307's userPassword prefix of a crypt(3) hash

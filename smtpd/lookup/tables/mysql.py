@@ -56,7 +56,7 @@ UNKNOWN_VARIABLE = 1193
 # How the server is told to give a statement up after QUERY_TIMEOUT (waiting for a table's lock included), so that
 # a question we stop waiting for is not left running there: MariaDB's variable (seconds), else MySQL's (ms).
 STATEMENT_LIMITS = (f"SET SESSION max_statement_time = {QUERY_TIMEOUT}",
-                    f"SET SESSION max_execution_time = {QUERY_TIMEOUT * 1000}")
+                    f"SET SESSION max_execution_time = {round(QUERY_TIMEOUT * 1000)}")
 
 
 class MysqlTable(SqlTable):

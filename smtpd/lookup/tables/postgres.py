@@ -177,7 +177,7 @@ def _limit_statements(connection: pq.abc.PGconn) -> None:
     """Have the server give up a statement after QUERY_TIMEOUT (one waiting for a lock included), so that a
     question we stop waiting for is not left running there, holding a connection of the server's."""
     try:
-        connection.send_query(f"SET statement_timeout = {QUERY_TIMEOUT * 1000}".encode())
+        connection.send_query(f"SET statement_timeout = {round(QUERY_TIMEOUT * 1000)}".encode())
         result = _result(connection)
     except psycopg.Error as error:
         raise ServerUnavailable(_first_line(error)) from None

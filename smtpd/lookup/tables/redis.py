@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
-from smtpd.lookup.tables.settings import setting_lines
+from smtpd.lookup.tables.settings import bound_seconds, setting_lines
 from smtpd.lookup.tables.static import read_table_file
 
 if TYPE_CHECKING:
@@ -58,8 +58,8 @@ DEFAULT_MASTER_PORT = 6379
 DEFAULT_SLAVE_PORT = 6380
 MAX_DATABASE = 256  # table-redis's bound; the server's own (16 by default) is checked when it answers
 UNIX_PREFIX = "unix:"
-CONNECT_TIMEOUT = 5.0  # seconds: a server that does not answer is a temporary failure, not a stuck delivery
-COMMAND_TIMEOUT = 10.0
+CONNECT_TIMEOUT = bound_seconds(5)  # seconds: a server that does not answer is a temporary failure, not a stuck delivery
+COMMAND_TIMEOUT = bound_seconds(10)
 PERCENT = re.compile(r"%(.|$)")
 
 

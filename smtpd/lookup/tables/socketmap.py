@@ -43,11 +43,12 @@ import time
 
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
+from smtpd.lookup.tables.settings import bound_seconds
 
 BACKEND = "socketmap"
 REPLY_LIMIT = 100_000  # table-socketmap's reply buffer: a longer line (without its newline) is refused
-CONNECT_TIMEOUT = 5.0  # seconds for the connection to be accepted
-REPLY_TIMEOUT = 5.0  # seconds for the question to be written and its whole answer read
+CONNECT_TIMEOUT = bound_seconds(5)  # seconds for the connection to be accepted
+REPLY_TIMEOUT = bound_seconds(5)  # seconds for the question to be written and its whole answer read
 SUN_PATH_LIMIT = 107  # bytes of a unix socket's path (sockaddr_un's 108, less the NUL)
 FAILURES = ("TEMP", "TIMEOUT", "PERM")
 STATUSES = frozenset({"OK", "NOTFOUND", *FAILURES})

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 from smtpd import log
 from smtpd.config.model import TableShape
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
-from smtpd.lookup.tables.settings import setting_lines
+from smtpd.lookup.tables.settings import bound_seconds, setting_lines
 from smtpd.lookup.tables.static import read_table_file
 
 QUERY_KEYS = {f"query_{service.value.lower()}": service for service in (
@@ -55,9 +55,9 @@ NUMBER_KEYS = ("fetch_source_expire", "fetch_source_refresh")  # taken, checked,
 NUMBER_MAX = 2**31 - 1  # the programs' INT_MAX
 # Time bounds of a question to a server (the programs have none: a table locked by a transaction left open, or a
 # server whose host hung, held every session asking it, and the threads they were asked in, for ever).
-CONNECT_TIMEOUT = 10  # seconds for a connection to be made
-QUERY_TIMEOUT = 10  # seconds the server is told a statement may run (it gives up itself: nothing left waiting)
-REPLY_TIMEOUT = QUERY_TIMEOUT + 5  # seconds we wait for an answer of any kind (a server that says nothing at all)
+CONNECT_TIMEOUT = bound_seconds(10)  # seconds for a connection to be made
+QUERY_TIMEOUT = bound_seconds(10)  # seconds the server is told a statement may run (it gives up itself: nothing left waiting)
+REPLY_TIMEOUT = QUERY_TIMEOUT + bound_seconds(5)  # seconds we wait for an answer of any kind (a server that says nothing at all)
 WAIT_TIMEOUT = CONNECT_TIMEOUT + REPLY_TIMEOUT  # seconds a question waits for the one before it on the connection
 # A server that let a connection attempt wait out CONNECT_TIMEOUT (its host down, its packets dropped) is not tried
 # again for UNANSWERED_PAUSE seconds, by any table of the process that names it: each table (three on one server
