@@ -27,6 +27,8 @@ import psycopg
 import pymysql
 from daemon import SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
+from helpers_tables import shared_folder as shared_table_folder
+from helpers_tables import starttls_client
 from waiting import wait_until as wait_bounded
 
 from shared.passwords import hash_password
@@ -287,14 +289,7 @@ RECIPIENTS = ["abuse@example.com", "bob@example.com", "alice@example.net", "team
 
 
 def shared_folder() -> Path:
-    """A folder OpenSMTPD's unprivileged processes can read (its table programs, its maildir deliveries), with
-    a maildir for each side."""
-    made = Path(tempfile.mkdtemp(prefix="pysmtpd-sqltable-"))
-    os.chmod(made, 0o755)
-    for side in ("ours", "theirs"):
-        (made / side).mkdir(mode=0o755)
-        shutil.chown(made / side, "nobody")
-    return made
+    return shared_table_folder("pysmtpd-sqltable-")
 
 
 def virtual_domains_config(table: str, folder: Path, side: str, port: int) -> str:
@@ -364,3 +359,36 @@ class BannerWatch:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join(70)
+
+
+def assert_answered_as_the_program(results: dict[str, tuple[list[tuple[int, bytes]], list[str], list[str]]]) -> None:
+    """What side_by_side gave, checked: the same RCPT replies, the same mailboxes (6.8 delivers team@'s two
+    members' copies to the one user twice, we once: docs/delivery.md, "Duplicates"), and every question we asked
+    got the table program's answer (6.8 asks more: `nobody@` before `nobody`)."""
+    ours, theirs = results["ours"], results["theirs"]
+    assert ours[0] == theirs[0]
+    assert ours[0][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4
+    assert ours[0][5] == (550, b"Invalid recipient: <someone@example.org>")
+    assert sorted(set(ours[1])) == sorted(set(theirs[1])) != []
+    assert ours[2] and set(ours[2]) <= set(theirs[2])
+    assert 'lookup: lookup "team@example.com" as ALIAS in table sql:virtuals -> ' \
+           '"bob@example.com, alice@example.net"' in ours[2]
+
+
+def assert_credentials_and_senders(port: int) -> None:
+    """AUTH against query_credentials (a wrong password refused, the right one taken), then `senders` against
+    query_mailaddrmap: both of the user's rows allowed, another address refused."""
+    with starttls_client(port) as client:
+        try:
+            client.login(AUTH_USER, "wrong")
+        except smtplib.SMTPAuthenticationError as error:
+            assert error.smtp_code == 535
+        else:
+            raise AssertionError("a wrong password was taken")
+    with starttls_client(port) as client:
+        assert client.login(AUTH_USER, AUTH_PASSWORD)[0] == 235
+        assert client.mail("bob@example.com")[0] == 250
+        client.rset()
+        assert client.mail("team@example.com")[0] == 250  # the second row of the senders query
+        client.rset()
+        assert client.mail("alice@example.net") == (530, b"Sender rejected")

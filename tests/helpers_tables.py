@@ -1,7 +1,13 @@
-"""Helpers for the tables tests: configs with hand-made table declarations, and a trace recorder."""
+"""Helpers for the tables tests: configs with hand-made table declarations, a trace recorder, and what the tests
+of the tables that ask a server share (a folder OpenSMTPD's processes can read, an AUTH listener over STARTTLS)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import smtplib
+import ssl
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,3 +55,37 @@ def recorded_lookups() -> Iterator[list[str]]:
         events, _ = subscription.drain()
         lines.extend(event.to_line() for event in events)
         subscription.close()
+
+
+def shared_folder(prefix: str = "pysmtpd-table-") -> Path:
+    """A folder outside pytest's private (0700) tree, which OpenSMTPD's unprivileged processes can read (its table
+    programs, its maildir deliveries), with a maildir folder for each side ("ours", "theirs")."""
+    made = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(made, 0o755)
+    for side in ("ours", "theirs"):
+        (made / side).mkdir(mode=0o755)
+        shutil.chown(made / side, "nobody")
+    return made
+
+
+def auth_listener_config(table: str, certificates: Path) -> str:
+    """A STARTTLS-required listener whose `auth` credentials and `senders` both come from ``table``
+    (`postgres:/path/postgres.conf`, ...), for a test's SmtpDaemon (`{port}` left in), with the certificate
+    make_certificate wrote to ``certificates``."""
+    return (f'pki mx.test.example cert "{certificates}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{certificates}/mx.test.example.key"\n'
+            f"table credentials {table}\ntable sendermap {table}\n"
+            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
+            "senders <sendermap>\n"
+            'action "out" relay\nmatch auth from any for any action "out"\n')
+
+
+@contextmanager
+def starttls_client(port: int) -> Iterator[smtplib.SMTP]:
+    """A client of the daemon on ``port``, its session under TLS (the test certificate is not checked)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=context)
+        yield client
+

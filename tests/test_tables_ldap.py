@@ -13,7 +13,6 @@ import shutil
 import signal
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from daemon import ROOT, SmtpdProcess, free_port
 from helpers_ldap import Slapd, table_config
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
+from helpers_tables import auth_listener_config, starttls_client
 
 from shared.passwords import hash_password
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
@@ -235,25 +235,15 @@ def test_credentials_and_senders_from_ldap(folder: Path, tmp_path: Path) -> None
     mailaddrmap)."""
     make_certificate(tmp_path)
     conf = folder / "ldap.conf"
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials ldap:{conf}\ntable sendermap ldap:{conf}\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
-            "senders <sendermap>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    text = auth_listener_config(f"ldap:{conf}", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
         for user, password in (("bob", "wrong"), ("nosuchuser", "secret")):
-            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-                client.starttls(context=context)
+            with starttls_client(daemon.port) as client:
                 with pytest.raises(smtplib.SMTPAuthenticationError):
                     client.login(user, password)
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             assert client.login("alice", "alice-secret")[0] == 235
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             assert client.login("Bob", "secret")[0] == 235
             assert client.mail("bob.builder@example.com")[0] == 250  # bob's second mail value
             client.rset()
@@ -461,11 +451,7 @@ def test_a_user_name_that_is_not_utf8_is_refused_as_unknown(folder: Path, tmp_pa
     the directory, whose names are UTF-8, finds no such user: 535, and the session goes on (it was dropped with
     `421 Internal server error`)."""
     make_certificate(tmp_path)
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials ldap:{folder}/ldap.conf\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
+    text = auth_listener_config(f"ldap:{folder}/ldap.conf", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
         assert auth_plain_codes(daemon.port, "jörg".encode("latin-1"), b"secret") == (535, 250)
         assert auth_plain_codes(daemon.port, b"alice", b"alice-secret") == (235, 250)

@@ -9,8 +9,6 @@ path from MYSQL_UNIX_PORT), and so do we; the tests set it for both daemons."""
 from __future__ import annotations
 
 import shutil
-import smtplib
-import ssl
 import subprocess
 import sys
 import time
@@ -21,15 +19,16 @@ import pytest
 from daemon import ROOT, SmtpdProcess
 from helpers_smtp import SmtpDaemon, make_certificate
 from helpers_sqlservers import (
-    AUTH_PASSWORD,
-    AUTH_USER,
     DATABASE,
     TABLE_PASSWORD,
     MariadbServer,
+    assert_answered_as_the_program,
+    assert_credentials_and_senders,
     rcpt_replies,
     shared_folder,
     side_by_side,
 )
+from helpers_tables import auth_listener_config
 
 from smtpd.lookup.tables import sql
 from smtpd.lookup.tables.base import Service, TableError
@@ -60,47 +59,19 @@ def folder(server: MariadbServer) -> Iterator[Path]:
 
 
 def test_virtual_domains_in_mysql_answer_as_under_opensmtpd(folder: Path) -> None:
-    results = side_by_side(f"mysql:{folder}/mysql.conf", folder)
-    assert results["ours"][0] == results["theirs"][0]
-    assert results["ours"][0][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4
-    assert results["ours"][0][5] == (550, b"Invalid recipient: <someone@example.org>")
-    # (the same mailboxes; 6.8 delivers team@'s two members' copies to the one user twice, we once:
-    # docs/delivery.md, "Duplicates")
-    assert sorted(set(results["ours"][1])) == sorted(set(results["theirs"][1])) != []
-    # Every question we asked got table-mysql's answer (6.8 asks more: `nobody@` before `nobody`).
-    assert results["ours"][2] and set(results["ours"][2]) <= set(results["theirs"][2])
-    assert 'lookup: lookup "team@example.com" as ALIAS in table sql:virtuals -> ' \
-           '"bob@example.com, alice@example.net"' in results["ours"][2]
+    assert_answered_as_the_program(side_by_side(f"mysql:{folder}/mysql.conf", folder))
 
 
 def tls_config(folder: Path, certificates: Path) -> str:
-    return (f'pki mx.test.example cert "{certificates}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{certificates}/mx.test.example.key"\n'
-            f"table credentials mysql:{folder}/mysql.conf\ntable sendermap mysql:{folder}/mysql.conf\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
-            "senders <sendermap>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
+    return auth_listener_config(f"mysql:{folder}/mysql.conf", certificates)
 
 
 def test_credentials_and_senders_from_mysql(folder: Path, tmp_path: Path) -> None:
     """AUTH against query_credentials (the server's user logged in with its password), and `senders` against
     query_mailaddrmap, whose rows are joined as table-mysql joins them."""
     make_certificate(tmp_path)
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     with SmtpDaemon(tmp_path / "daemon", tls_config(folder, tmp_path)) as daemon:
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
-            with pytest.raises(smtplib.SMTPAuthenticationError):
-                client.login(AUTH_USER, "wrong")
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
-            assert client.login(AUTH_USER, AUTH_PASSWORD)[0] == 235
-            assert client.mail("bob@example.com")[0] == 250
-            client.rset()
-            assert client.mail("team@example.com")[0] == 250  # the second row of the senders query
-            client.rset()
-            assert client.mail("alice@example.net") == (530, b"Sender rejected")
+        assert_credentials_and_senders(daemon.port)
 
 
 def check(folder: Path, conf_text: str) -> subprocess.CompletedProcess[str]:

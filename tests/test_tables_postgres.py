@@ -10,7 +10,6 @@ import base64
 import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -29,10 +28,13 @@ from helpers_sqlservers import (
     TABLE_USER,
     BannerWatch,
     PostgresServer,
+    assert_answered_as_the_program,
+    assert_credentials_and_senders,
     rcpt_replies,
     shared_folder,
     side_by_side,
 )
+from helpers_tables import auth_listener_config, starttls_client
 from waiting import wait_until as wait_bounded
 
 from smtpd.lookup.tables import sql
@@ -64,47 +66,19 @@ def folder(server: PostgresServer) -> Iterator[Path]:
 
 
 def test_virtual_domains_in_postgres_answer_as_under_opensmtpd(folder: Path) -> None:
-    results = side_by_side(f"postgres:{folder}/postgres.conf", folder)
-    assert results["ours"][0] == results["theirs"][0]
-    assert results["ours"][0][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4
-    assert results["ours"][0][5] == (550, b"Invalid recipient: <someone@example.org>")
-    # (the same mailboxes; 6.8 delivers team@'s two members' copies to the one user twice, we once:
-    # docs/delivery.md, "Duplicates")
-    assert sorted(set(results["ours"][1])) == sorted(set(results["theirs"][1])) != []
-    # Every question we asked got table-postgres's answer (6.8 asks more: `nobody@` before `nobody`).
-    assert results["ours"][2] and set(results["ours"][2]) <= set(results["theirs"][2])
-    assert 'lookup: lookup "team@example.com" as ALIAS in table sql:virtuals -> ' \
-           '"bob@example.com, alice@example.net"' in results["ours"][2]
+    assert_answered_as_the_program(side_by_side(f"postgres:{folder}/postgres.conf", folder))
 
 
 def tls_config(folder: Path, certificates: Path) -> str:
-    return (f'pki mx.test.example cert "{certificates}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{certificates}/mx.test.example.key"\n'
-            f"table credentials postgres:{folder}/postgres.conf\ntable sendermap postgres:{folder}/postgres.conf\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
-            "senders <sendermap>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
+    return auth_listener_config(f"postgres:{folder}/postgres.conf", certificates)
 
 
 def test_credentials_and_senders_from_postgres(folder: Path, tmp_path: Path) -> None:
     """AUTH against query_credentials (the server's user logged in with its password), and `senders` against
     query_mailaddrmap, whose rows are joined as table-postgres joins them."""
     make_certificate(tmp_path)
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     with SmtpDaemon(tmp_path / "daemon", tls_config(folder, tmp_path)) as daemon:
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
-            with pytest.raises(smtplib.SMTPAuthenticationError):
-                client.login(AUTH_USER, "wrong")
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
-            assert client.login(AUTH_USER, AUTH_PASSWORD)[0] == 235
-            assert client.mail("bob@example.com")[0] == 250
-            client.rset()
-            assert client.mail("team@example.com")[0] == 250  # the second row of the senders query
-            client.rset()
-            assert client.mail("alice@example.net") == (530, b"Sender rejected")
+        assert_credentials_and_senders(daemon.port)
 
 
 def test_a_login_with_a_nul_byte_is_not_taken_for_the_name_before_it(folder: Path, tmp_path: Path) -> None:
@@ -112,11 +86,8 @@ def test_a_login_with_a_nul_byte_is_not_taken_for_the_name_before_it(folder: Pat
     name is any bytes) must not be asked as `bob@example.com`, whose password would then let it in under a name
     that is not in the table. It is no user (535), as for sqlite: and mysql: tables and OpenSMTPD's file tables."""
     make_certificate(tmp_path)
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     with SmtpDaemon(tmp_path / "daemon", tls_config(folder, tmp_path)) as daemon:
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             client.ehlo("client.test")
             login = base64.b64encode(AUTH_USER.encode() + b"\0x").decode()
             assert client.docmd("AUTH", f"LOGIN {login}")[0] == 334

@@ -15,7 +15,6 @@ import shutil
 import signal
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import redis
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
+from helpers_tables import auth_listener_config, shared_folder, starttls_client
 
 from shared.passwords import hash_password
 
@@ -103,13 +103,8 @@ def server() -> Iterator[RedisServer]:
 
 @pytest.fixture()
 def folder() -> Iterator[Path]:
-    # Outside pytest's private (0700) tree: OpenSMTPD's table programs and deliveries run as unprivileged users.
-    made = Path(tempfile.mkdtemp(prefix="pysmtpd-redis-"))
-    os.chmod(made, 0o755)
+    made = shared_folder("pysmtpd-redis-")
     try:
-        for side in ("ours", "theirs"):
-            (made / side).mkdir(mode=0o755)
-            shutil.chown(made / side, "nobody")
         yield made
     finally:
         shutil.rmtree(made, ignore_errors=True)
@@ -275,24 +270,15 @@ def test_credentials_and_senders_from_redis(server: RedisServer, folder: Path, t
     load_manual_data(server)
     (folder / "redis.conf").write_text(manual_conf(server))
     make_certificate(tmp_path)
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials redis:{folder}/redis.conf\ntable sendermap redis:{folder}/redis.conf\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
-            "senders <sendermap>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    text = auth_listener_config(f"redis:{folder}/redis.conf", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
         for user, password in (("bob@example.com", "wrong"), ("carol@example.com", "secret")):
-            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-                client.starttls(context=context)
+            with starttls_client(daemon.port) as client:
                 # (an unknown user is refused, not a temporary failure as under table-redis: HMGET's nils)
                 with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
                     client.login(user, password)
                 assert refused.value.smtp_code == 535
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             assert client.login("bob@example.com", "secret")[0] == 235
             assert client.mail("team@example.com")[0] == 250  # a second member of the senders set
             client.rset()
@@ -532,11 +518,7 @@ def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(server: Red
         client.hset(b"user:" + latin1, mapping={"login": latin1, "passwd": hash_password("secret", "bcrypt")})
     (folder / "redis.conf").write_text(manual_conf(server))
     make_certificate(tmp_path)
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials redis:{folder}/redis.conf\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
+    text = auth_listener_config(f"redis:{folder}/redis.conf", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
         assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
         assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)

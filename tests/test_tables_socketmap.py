@@ -14,10 +14,8 @@ import os
 import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ import pytest
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
+from helpers_tables import auth_listener_config, shared_folder, starttls_client
 
 from shared.passwords import hash_password
 from smtpd.lookup.tables import socketmap
@@ -139,13 +138,8 @@ class MapServer:
 
 @pytest.fixture()
 def folder() -> Iterator[Path]:
-    # Outside pytest's private (0700) tree: OpenSMTPD's table-socketmap and deliveries run as unprivileged users.
-    made = Path(tempfile.mkdtemp(prefix="pysmtpd-socketmap-"))
-    os.chmod(made, 0o755)
+    made = shared_folder("pysmtpd-socketmap-")
     try:
-        for side in ("ours", "theirs"):
-            (made / side).mkdir(mode=0o755)
-            shutil.chown(made / side, "nobody")
         yield made
     finally:
         shutil.rmtree(made, ignore_errors=True)
@@ -306,21 +300,12 @@ def test_credentials_and_senders_from_a_socketmap(folder: Path, server: MapServe
     question, which would refuse every authenticated sender; we take the answer). 6.8 cannot be asked: its
     STARTTLS fails on Debian 12."""
     make_certificate(tmp_path)
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials socketmap:{server.path}\ntable sendermap socketmap:{server.path}\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
-            "senders <sendermap>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    text = auth_listener_config(f"socketmap:{server.path}", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             with pytest.raises(smtplib.SMTPAuthenticationError):
                 client.login("bob@example.com", "wrong")
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             assert client.login("bob@example.com", "secret")[0] == 235
             assert client.mail("team@example.com")[0] == 250
             client.rset()
@@ -449,11 +434,7 @@ def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(folder: Pat
     server.answers[("credentials", latin1.decode("utf-8", "surrogateescape"))] = \
         b"OK " + hash_password("secret", "bcrypt").encode()
     make_certificate(tmp_path)
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials socketmap:{server.path}\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
+    text = auth_listener_config(f"socketmap:{server.path}", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
         assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
         assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)

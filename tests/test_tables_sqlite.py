@@ -10,8 +10,6 @@ import re
 import shutil
 import smtplib
 import sqlite3
-import ssl
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from daemon import SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, Remote, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, make_certificate
+from helpers_tables import auth_listener_config, shared_folder, starttls_client
 
 from shared.passwords import hash_password
 
@@ -48,9 +47,7 @@ query_mailaddrmap SELECT address FROM senders WHERE login=?;
 
 @pytest.fixture()
 def folder() -> Iterator[Path]:
-    # Outside pytest's private (0700) tree: OpenSMTPD's table-sqlite and deliveries run as unprivileged users.
-    made = Path(tempfile.mkdtemp(prefix="pysmtpd-sqlite-"))
-    os.chmod(made, 0o755)
+    made = shared_folder("pysmtpd-sqlite-")
     try:
         database = sqlite3.connect(made / "smtp.sqlite")
         database.executescript(SCHEMA)
@@ -59,9 +56,6 @@ def folder() -> Iterator[Path]:
         database.commit()
         database.close()
         (made / "sqlite.conf").write_text(CONF.format(db=made / "smtp.sqlite"))
-        for side in ("ours", "theirs"):
-            (made / side).mkdir(mode=0o755)
-            shutil.chown(made / side, "nobody")
         yield made
     finally:
         shutil.rmtree(made, ignore_errors=True)
@@ -121,21 +115,12 @@ def test_credentials_and_senders_from_sqlite(folder: Path, tmp_path: Path) -> No
     """AUTH against query_credentials and `senders` against query_mailaddrmap (6.8 cannot be asked: its
     STARTTLS fails on Debian 12)."""
     make_certificate(tmp_path)
-    text = (f'pki mx.test.example cert "{tmp_path}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{tmp_path}/mx.test.example.key"\n'
-            f"table credentials sqlite:{folder}/sqlite.conf\ntable sendermap sqlite:{folder}/sqlite.conf\n"
-            "listen on 127.0.0.1 port {port} tls-require pki mx.test.example auth <credentials> "
-            "senders <sendermap>\n"
-            'action "out" relay\nmatch auth from any for any action "out"\n')
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    text = auth_listener_config(f"sqlite:{folder}/sqlite.conf", tmp_path)
     with SmtpDaemon(tmp_path / "daemon", text) as daemon:
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             with pytest.raises(smtplib.SMTPAuthenticationError):
                 client.login("bob@example.com", "wrong")
-        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
-            client.starttls(context=context)
+        with starttls_client(daemon.port) as client:
             assert client.login("bob@example.com", "secret")[0] == 235
             assert client.mail("team@example.com")[0] == 250  # a second row of the senders query
             client.rset()
