@@ -392,3 +392,41 @@ def assert_credentials_and_senders(port: int) -> None:
         assert client.mail("team@example.com")[0] == 250  # the second row of the senders query
         client.rset()
         assert client.mail("alice@example.net") == (530, b"Sender rejected")
+
+
+def accepted(port: int, rcpt: str) -> int:
+    return rcpt_replies(port, [rcpt], data=False)[0][0]
+
+
+TEMPORARY_FAILURE = (451, b"Temporary failure: <x@example.com>")  # OpenSMTPD 6.8's, with its table program
+
+
+def check_server_down_and_back(server: SqlServer, conf: Path, folder: Path, warning: str) -> None:
+    """The daemon starts while ``server`` is down (``warning`` in its log), answers 4xx meanwhile, and accepts as
+    soon as the server is back; a server restarted under an open connection answers the very next question.
+    ``conf`` is the table's `BACKEND:/path` source."""
+    text = (f"table domains {conf}\nlisten on 127.0.0.1 port {{port}}\n"
+            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+    server.stop()
+    try:
+        with SmtpdProcess(folder / "daemon", text) as daemon:
+            assert warning in daemon.log()
+            assert rcpt_replies(daemon.port, ["x@example.com"], data=False) == [TEMPORARY_FAILURE]
+            server.start()
+            assert accepted(daemon.port, "x@example.com") == 250
+            server.stop()
+            assert rcpt_replies(daemon.port, ["x@example.com"], data=False) == [TEMPORARY_FAILURE]
+            update = daemon.smtpctl("update", "table", "domains")
+            assert update.returncode != 0
+            assert "cannot reach the database" in update.stderr and "the table is kept as it was" in update.stderr
+            assert accepted(daemon.port, "x@example.org") == 451  # (never a permanent refusal while it is down)
+            server.start()
+            assert accepted(daemon.port, "x@example.com") == 250
+            server.stop()
+            server.start()
+            assert accepted(daemon.port, "x@example.com") == 250  # reconnected under the question
+            assert accepted(daemon.port, "x@example.org") == 550
+            assert "connection lost" in daemon.log()
+    finally:
+        if server.process is None or server.process.poll() is not None:
+            server.start()  # (for the module's other tests)

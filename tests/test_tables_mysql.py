@@ -22,9 +22,10 @@ from helpers_sqlservers import (
     DATABASE,
     TABLE_PASSWORD,
     MariadbServer,
+    accepted,
     assert_answered_as_the_program,
     assert_credentials_and_senders,
-    rcpt_replies,
+    check_server_down_and_back,
     shared_folder,
     side_by_side,
 )
@@ -115,42 +116,10 @@ def test_a_wrong_database_password_is_a_temporary_failure_said_at_check(folder: 
             "'smtpd'@'127.0.0.1' (using password: YES)") in result.stderr
 
 
-def accepted(port: int, rcpt: str) -> int:
-    return rcpt_replies(port, [rcpt], data=False)[0][0]
-
-
-TEMPORARY_FAILURE = (451, b"Temporary failure: <x@example.com>")  # OpenSMTPD 6.8's, with its table program
-
-
 def test_server_down_is_a_temporary_failure_and_the_table_answers_once_it_is_back(server: MariadbServer,
                                                                                   folder: Path) -> None:
-    """The daemon starts while the server is down (a warning says so), answers 4xx meanwhile, and accepts as soon
-    as the server is back; a server restarted under an open connection answers the very next question."""
-    text = (f"table domains mysql:{folder}/mysql.conf\nlisten on 127.0.0.1 port {{port}}\n"
-            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
-    server.stop()
-    try:
-        with SmtpdProcess(folder / "daemon", text) as daemon:
-            assert "warning: cannot reach the database: Can't connect to MySQL server" in daemon.log()
-            assert rcpt_replies(daemon.port, ["x@example.com"], data=False) == [TEMPORARY_FAILURE]
-            server.start()
-            assert accepted(daemon.port, "x@example.com") == 250
-            server.stop()
-            assert rcpt_replies(daemon.port, ["x@example.com"], data=False) == [TEMPORARY_FAILURE]
-            update = daemon.smtpctl("update", "table", "domains")
-            assert update.returncode != 0
-            assert "cannot reach the database" in update.stderr and "the table is kept as it was" in update.stderr
-            assert accepted(daemon.port, "x@example.org") == 451  # (never a permanent refusal while it is down)
-            server.start()
-            assert accepted(daemon.port, "x@example.com") == 250
-            server.stop()
-            server.start()
-            assert accepted(daemon.port, "x@example.com") == 250  # reconnected under the question
-            assert accepted(daemon.port, "x@example.org") == 550
-            assert "connection lost" in daemon.log()
-    finally:
-        if server.process is None or server.process.poll() is not None:
-            server.start()  # (for the module's other tests)
+    check_server_down_and_back(server, f"mysql:{folder}/mysql.conf", folder,
+                               "warning: cannot reach the database: Can't connect to MySQL server")
 
 
 def statements_running(server: MariadbServer) -> int:
