@@ -300,8 +300,10 @@ def virtual_domains_config(table: str, folder: Path, side: str, port: int) -> st
             f'match from any for domain <domains> action "vmail{port}"\n')
 
 
-def rcpt_replies(port: int, recipients: Sequence[str] = RECIPIENTS, data: bool = True) -> list[tuple[int, bytes]]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+def rcpt_replies(port: int, recipients: Sequence[str] = RECIPIENTS, data: bool = True,
+                 within: float = 30) -> list[tuple[int, bytes]]:
+    """The RCPT replies; a reply that takes over ``within`` seconds fails the test (the client gives up)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=within) as client:
         client.ehlo("client.test")
         client.mail("sender@example.org")
         replies = [client.rcpt(rcpt) for rcpt in recipients]
@@ -394,8 +396,8 @@ def assert_credentials_and_senders(port: int) -> None:
         assert client.mail("alice@example.net") == (530, b"Sender rejected")
 
 
-def accepted(port: int, rcpt: str) -> int:
-    return rcpt_replies(port, [rcpt], data=False)[0][0]
+def accepted(port: int, rcpt: str, within: float = 30) -> int:
+    return rcpt_replies(port, [rcpt], data=False, within=within)[0][0]
 
 
 TEMPORARY_FAILURE = (451, b"Temporary failure: <x@example.com>")  # OpenSMTPD 6.8's, with its table program

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,17 +142,13 @@ def test_a_server_that_does_not_answer_is_a_temporary_failure_in_bounded_time(se
         assert accepted(daemon.port, "x@example.com") == 250
         with server.connect(DATABASE) as admin, admin.cursor() as cursor:
             cursor.execute("LOCK TABLES domains WRITE")
-            started = time.monotonic()
-            assert accepted(daemon.port, "x@example.com") == 451
-            assert time.monotonic() - started < sql.QUERY_TIMEOUT + 3
+            assert accepted(daemon.port, "x@example.com", within=sql.QUERY_TIMEOUT + 3) == 451  # (a bound, not for ever)
             assert statements_running(server) == 0
             cursor.execute("UNLOCK TABLES")
         assert accepted(daemon.port, "x@example.com") == 250
         server.freeze()
         try:
-            started = time.monotonic()
-            assert accepted(daemon.port, "x@example.com") == 451
-            assert time.monotonic() - started < sql.REPLY_TIMEOUT + 3
+            assert accepted(daemon.port, "x@example.com", within=sql.REPLY_TIMEOUT + 3) == 451  # (a bound, not for ever)
         finally:
             server.thaw()
         assert accepted(daemon.port, "x@example.com") == 250

@@ -162,16 +162,12 @@ def test_a_server_that_does_not_answer_is_a_temporary_failure_in_bounded_time(se
         assert accepted(daemon.port, "x@example.com") == 250
         with server.connect(DATABASE) as admin, admin.transaction():
             admin.execute("LOCK TABLE domains IN ACCESS EXCLUSIVE MODE")
-            started = time.monotonic()
-            assert accepted(daemon.port, "x@example.com") == 451
-            assert time.monotonic() - started < sql.QUERY_TIMEOUT + 3
+            assert accepted(daemon.port, "x@example.com", within=sql.QUERY_TIMEOUT + 3) == 451  # (a bound, not for ever)
             assert connections(server, "active") == 0
         assert accepted(daemon.port, "x@example.com") == 250
         server.freeze()
         try:
-            started = time.monotonic()
-            assert accepted(daemon.port, "x@example.com") == 451
-            assert time.monotonic() - started < sql.REPLY_TIMEOUT + 3
+            assert accepted(daemon.port, "x@example.com", within=sql.REPLY_TIMEOUT + 3) == 451  # (a bound, not for ever)
         finally:
             server.thaw()
         assert accepted(daemon.port, "x@example.com") == 250
@@ -193,18 +189,15 @@ def test_a_server_that_does_not_answer_is_waited_for_once_not_once_a_table(serve
     (folder / "smtpd.conf").write_text(text.replace("{port}", "25"))
     server.freeze()
     try:
-        started = time.monotonic()
+        # (the client's bounds: one connection wait in all, not one a table, nor a wait a question)
         checked = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(folder / "smtpd.conf")],
-                                 capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
-        assert time.monotonic() - started < sql.CONNECT_TIMEOUT + 5
+                                 capture_output=True, text=True, cwd=ROOT, timeout=sql.CONNECT_TIMEOUT + 5,
+                                 check=False)
         assert checked.returncode == 0, checked.stderr
         assert checked.stderr.count("warning: cannot reach the database") == 3
-        started = time.monotonic()
+        assert checked.stderr.count("(not tried again for") == 2  # the second and third table did not wait
         with SmtpdProcess(folder / "daemon", text) as daemon:
-            assert time.monotonic() - started < sql.CONNECT_TIMEOUT + 5
-            started = time.monotonic()
-            assert accepted(daemon.port, "bob@example.com") == 451
-            assert time.monotonic() - started < 2
+            assert accepted(daemon.port, "bob@example.com", within=2) == 451
             server.thaw()
             wait_bounded(lambda: accepted(daemon.port, "bob@example.com") == 250, sql.UNANSWERED_PAUSE + 5,
                          interval=1)
@@ -279,7 +272,7 @@ def test_a_reload_while_a_delivery_asks_the_userbase_leaves_the_daemon_answering
     asking a slow userbase query) must not hold the event loop until the answer comes: new clients get their
     banner at once, the reload is done at once, and the delivery still gets its answer."""
     (folder / "users.conf").write_text(f"conninfo {server.conninfo()}\nquery_userinfo SELECT 65534, 65534, "
-                                       "'/nonexistent'::text FROM pg_sleep(2) WHERE $1::text IS NOT NULL\n")
+                                       "'/nonexistent'::text FROM pg_sleep(3) WHERE $1::text IS NOT NULL\n")
     text = (f"table users postgres:{folder}/users.conf\nlisten on 127.0.0.1 port {{port}}\n"
             f'action "vmail" maildir "{folder}/ours" userbase <users>\nmatch from any for local action "vmail"\n')
     with SmtpdProcess(folder / "daemon", text) as daemon:
@@ -287,12 +280,10 @@ def test_a_reload_while_a_delivery_asks_the_userbase_leaves_the_daemon_answering
             client.sendmail("sender@example.org", ["nobody@localhost"], b"Subject: slow userbase\r\n\r\nhi\r\n")
         wait_bounded(lambda: connections(server, "active") == 1, 10)  # the delivery's question
         with BannerWatch(daemon.port) as watch:
-            started = time.monotonic()
-            assert daemon.smtpctl("reload").returncode == 0
-            reloaded_in = time.monotonic() - started
+            # (the query takes 3 s: a reload that waited for it would outlast smtpctl's bound)
+            assert daemon.smtpctl("reload", timeout=2.5).returncode == 0
             time.sleep(0.5)
         assert watch.longest < 1.0, f"a banner waited {watch.longest:.1f} s"
-        assert reloaded_in < 2.0
         wait_bounded(lambda: len(maildir_messages(f"{folder}/ours")) == 1, 20)
         wait_bounded(lambda: connections(server) == 1, 10)  # the retired table's, closed once answered
 
