@@ -462,14 +462,12 @@ def test_many_sessions_waiting_on_a_silent_server_leave_the_others_served(folder
         sessions = [threading.Thread(target=slow_session, args=(number,)) for number in range(waiting)]
         for thread in sessions:
             thread.start()
-        assert wait_until(lambda: ("aliases", "silent0") in server.asked, 10)
+        # (the sessions' questions go one at a time, in no set order: whichever comes first)
+        assert wait_until(lambda: any(key.startswith("silent") for _, key in server.asked), 10)
         time.sleep(0.5)  # (every session has sent its RCPT)
-        started = time.monotonic()
-        assert accepted(daemon.port, "someone@example.net") == 250
-        unrelated = time.monotonic() - started
+        assert accepted(daemon.port, "someone@example.net", within=2) == 250  # answered at once meanwhile
         for thread in sessions:
             thread.join(60)
-    assert unrelated < 2
     assert [code // 100 for code, _ in outcomes] == [4] * waiting
     bound = socketmap.REPLY_TIMEOUT + socketmap.CONNECT_TIMEOUT + socketmap.REPLY_TIMEOUT
     assert max(took for _, took in outcomes) < bound + 2, sorted(took for _, took in outcomes)
