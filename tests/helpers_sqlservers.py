@@ -330,7 +330,7 @@ def side_by_side(table: str, folder: Path) -> dict[str, tuple[list[tuple[int, by
             wait_until(lambda: len(maildir_messages(f"{folder}/{side}")) >= expected, 20)  # noqa: B023 — at once
         lookups = [re.sub(r" in table \w+:", " in table sql:", line[line.index("lookup: "):])
                    for line in daemon.log().splitlines()
-                   if re.search(r"lookup: .* in table (proc|postgres|mysql):(domains|virtuals)", line)]
+                   if re.search(r"lookup: .* in table (proc|sqlite|postgres|mysql):(domains|virtuals)", line)]
         delivered = [message["Delivered-To"] for message in maildir_messages(f"{folder}/{side}")]
         results[side] = (replies, delivered, lookups)
     return results

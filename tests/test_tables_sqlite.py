@@ -6,7 +6,6 @@ its Debian build cannot do) or where we do better (mistakes in the file said wit
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import smtplib
 import sqlite3
@@ -17,7 +16,14 @@ import pytest
 from daemon import SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, Remote, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, make_certificate
-from helpers_tables import auth_listener_config, shared_folder, starttls_client
+from helpers_sqlservers import (
+    RECIPIENTS,
+    assert_answered_as_the_program,
+    assert_credentials_and_senders,
+    side_by_side,
+    virtual_domains_config,
+)
+from helpers_tables import auth_listener_config, shared_folder
 
 from shared.passwords import hash_password
 
@@ -61,70 +67,16 @@ def folder() -> Iterator[Path]:
         shutil.rmtree(made, ignore_errors=True)
 
 
-def config(folder: Path, side: str, port: int) -> str:
-    return (f"table domains sqlite:{folder}/sqlite.conf\ntable virtuals sqlite:{folder}/sqlite.conf\n"
-            f"listen on 127.0.0.1 port {port}\n"
-            f'action "vmail{port}" maildir "{folder}/{side}" virtual <virtuals>\n'
-            f'match from any for domain <domains> action "vmail{port}"\n')
-
-
-RECIPIENTS = ["abuse@example.com", "bob@example.com", "alice@example.net", "team@example.com",
-              "nobody@example.com", "someone@example.org", "postmaster@example.com"]
-
-
-def rcpt_replies(port: int) -> list[tuple[int, bytes]]:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo("client.test")
-        client.mail("sender@example.org")
-        replies = [client.rcpt(rcpt) for rcpt in RECIPIENTS]
-        client.data(b"Subject: through sqlite tables\r\n\r\nhello\r\n")
-    return replies
-
-
 def test_virtual_domains_in_sqlite_answer_as_under_opensmtpd(folder: Path) -> None:
-    results = {}
-    for side in ("ours", "theirs"):
-        port = free_port()
-        text = config(folder, side, port)
-        if side == "ours":
-            daemon: SmtpdProcess | OpenSmtpd = SmtpdProcess(folder / "daemon", text, port=port, traces=("lookup",))
-        else:
-            daemon = OpenSmtpd(str(folder), text, port, args=("-T", "lookup"))
-        with daemon:
-            replies = rcpt_replies(port)
-            # (6.8 delivers team@'s two copies to the one user: all its deliveries are awaited, none left queued)
-            expected = 5 if side == "ours" else 6
-            wait_until(lambda: len(maildir_messages(f"{folder}/{side}")) >= expected, 20)  # noqa: B023 — at once
-        lookups = [re.sub(r" in table (proc|sqlite):", " in table sqlite:", line[line.index("lookup: "):])
-                   for line in daemon.log().splitlines() if re.search(r"lookup: .* in table (proc|sqlite):", line)]
-        results[side] = (replies, [message["Delivered-To"] for message in maildir_messages(f"{folder}/{side}")],
-                         lookups)
-    assert results["ours"][0] == results["theirs"][0]
-    assert results["ours"][0][:4] == [(250, b"2.1.5 Destination address valid: Recipient ok")] * 4
-    # (the same mailboxes; 6.8 delivers team@'s two members' copies to the one user twice, we once:
-    # docs/delivery.md, "Duplicates")
-    assert sorted(set(results["ours"][1])) == sorted(set(results["theirs"][1]))
-    # Every question we asked the tables got table-sqlite's answer (the expansion may ask in another order, and
-    # 6.8 asks more: `nobody@` before `nobody`).
-    assert results["ours"][2] and set(results["ours"][2]) <= set(results["theirs"][2])
-    assert 'lookup: lookup "team@example.com" as ALIAS in table sqlite:virtuals -> ' \
-           '"bob@example.com, alice@example.net"' in results["ours"][2]
+    assert_answered_as_the_program(side_by_side(f"sqlite:{folder}/sqlite.conf", folder))
 
 
 def test_credentials_and_senders_from_sqlite(folder: Path, tmp_path: Path) -> None:
     """AUTH against query_credentials and `senders` against query_mailaddrmap (6.8 cannot be asked: its
     STARTTLS fails on Debian 12)."""
     make_certificate(tmp_path)
-    text = auth_listener_config(f"sqlite:{folder}/sqlite.conf", tmp_path)
-    with SmtpDaemon(tmp_path / "daemon", text) as daemon:
-        with starttls_client(daemon.port) as client:
-            with pytest.raises(smtplib.SMTPAuthenticationError):
-                client.login("bob@example.com", "wrong")
-        with starttls_client(daemon.port) as client:
-            assert client.login("bob@example.com", "secret")[0] == 235
-            assert client.mail("team@example.com")[0] == 250  # a second row of the senders query
-            client.rset()
-            assert client.mail("alice@example.net") == (530, b"Sender rejected")
+    with SmtpDaemon(tmp_path / "daemon", auth_listener_config(f"sqlite:{folder}/sqlite.conf", tmp_path)) as daemon:
+        assert_credentials_and_senders(daemon.port)
 
 
 def test_a_replaced_database_is_asked_at_once(folder: Path, tmp_path: Path) -> None:
@@ -208,7 +160,7 @@ def test_keys_reach_the_queries_lowercased_under_opensmtpd_too(folder: Path) -> 
     results = {}
     for side in ("ours", "theirs"):
         port = free_port()
-        text = config(folder, side, port)
+        text = virtual_domains_config(f"sqlite:{folder}/sqlite.conf", folder, side, port)
         daemon: SmtpdProcess | OpenSmtpd = (SmtpdProcess(folder / "daemon", text, port=port) if side == "ours"
                                             else OpenSmtpd(str(folder), text, port))
         with daemon, smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -271,7 +223,7 @@ def test_keys_apart_from_their_values_by_tabs_or_colons_as_table_sqlite_takes_th
     results = {}
     for side in ("ours", "theirs"):
         port = free_port()
-        text = config(folder, side, port)
+        text = virtual_domains_config(f"sqlite:{folder}/sqlite.conf", folder, side, port)
         if side == "ours":
             daemon: SmtpdProcess | OpenSmtpd = SmtpdProcess(folder / "daemon", text, port=port)
         else:
