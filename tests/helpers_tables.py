@@ -7,10 +7,14 @@ import os
 import shutil
 import smtplib
 import ssl
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from daemon import ROOT
 
 from smtpd import trace
 from smtpd.config.model import Config, Location, SmtpOptions, TableDecl, TableShape
@@ -89,3 +93,13 @@ def starttls_client(port: int) -> Iterator[smtplib.SMTP]:
         client.starttls(context=context)
         yield client
 
+
+
+def checked_domains_table(folder: Path, table: str) -> subprocess.CompletedProcess[str]:
+    """`smtpd -n` on a config whose `domains` table is ``table`` (`redis:/path/redis.conf`, ...), written in
+    ``folder``: what an administrator sees of a mistake in the table's file or server."""
+    smtpd_conf = folder / "smtpd.conf"
+    smtpd_conf.write_text(f'table domains {table}\naction "out" relay\n'
+                          'match from any for domain <domains> action "out"\n')
+    return subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60, check=False)

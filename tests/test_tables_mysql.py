@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon import ROOT, SmtpdProcess
+from daemon import SmtpdProcess
 from helpers_smtp import SmtpDaemon, make_certificate
 from helpers_sqlservers import (
     DATABASE,
@@ -28,7 +27,7 @@ from helpers_sqlservers import (
     shared_folder,
     side_by_side,
 )
-from helpers_tables import auth_listener_config
+from helpers_tables import auth_listener_config, checked_domains_table
 
 from smtpd.lookup.tables import sql
 from smtpd.lookup.tables.base import Service, TableError
@@ -77,11 +76,7 @@ def test_credentials_and_senders_from_mysql(folder: Path, tmp_path: Path) -> Non
 def check(folder: Path, conf_text: str) -> subprocess.CompletedProcess[str]:
     conf = folder / "broken.conf"
     conf.write_text(conf_text)
-    smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains mysql:{conf}\naction "out" relay\n'
-                          'match from any for domain <domains> action "out"\n')
-    return subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60, check=False)
+    return checked_domains_table(folder, f"mysql:{conf}")
 
 
 @pytest.mark.parametrize(("lines", "message"), [

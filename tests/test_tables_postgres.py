@@ -35,7 +35,7 @@ from helpers_sqlservers import (
     shared_folder,
     side_by_side,
 )
-from helpers_tables import auth_listener_config, starttls_client
+from helpers_tables import auth_listener_config, checked_domains_table, starttls_client
 from waiting import wait_until as wait_bounded
 
 from smtpd.lookup.tables import sql
@@ -99,11 +99,7 @@ def test_a_login_with_a_nul_byte_is_not_taken_for_the_name_before_it(folder: Pat
 def check(folder: Path, conf_text: str) -> subprocess.CompletedProcess[str]:
     conf = folder / "broken.conf"
     conf.write_text(conf_text)
-    smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains postgres:{conf}\naction "out" relay\n'
-                          'match from any for domain <domains> action "out"\n')
-    return subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60, check=False)
+    return checked_domains_table(folder, f"postgres:{conf}")
 
 
 @pytest.mark.parametrize(("lines", "message"), [

@@ -28,7 +28,7 @@ import redis
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
-from helpers_tables import auth_listener_config, shared_folder, starttls_client
+from helpers_tables import auth_listener_config, checked_domains_table, shared_folder, starttls_client
 
 from shared.passwords import hash_password
 
@@ -296,11 +296,7 @@ def test_mistakes_in_the_file_are_said_with_their_line(server: RedisServer, fold
                                                        message: str) -> None:
     conf = folder / "broken.conf"
     conf.write_text(manual_conf(server, "# below, the mistake\n" + line))
-    smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains redis:{conf}\naction "out" relay\n'
-                          'match from any for domain <domains> action "out"\n')
-    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, check=False)
+    result = checked_domains_table(folder, f"redis:{conf}")
     assert result.returncode != 0
     assert message.format(conf=conf) in result.stderr + result.stdout
 
@@ -308,11 +304,7 @@ def test_mistakes_in_the_file_are_said_with_their_line(server: RedisServer, fold
 def test_a_wrong_password_is_said_with_its_line(server: RedisServer, folder: Path) -> None:
     conf = folder / "redis.conf"
     conf.write_text(manual_conf(server).replace(f"password {PASSWORD}", "password guessed"))
-    smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains redis:{conf}\naction "out" relay\n'
-                          'match from any for domain <domains> action "out"\n')
-    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, check=False)
+    result = checked_domains_table(folder, f"redis:{conf}")
     assert result.returncode != 0
     assert f"{conf}:3: master 127.0.0.1:{server.port} refused the password" in result.stderr + result.stdout
 
@@ -531,10 +523,6 @@ def test_smtpd_n_warns_about_a_server_that_cannot_be_reached(folder: Path) -> No
     port = free_port()
     conf = folder / "redis.conf"
     conf.write_text(f"master 127.0.0.1\nmaster_port {port}\nquery_domain SISMEMBER domains %s\n")
-    smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains redis:{conf}\naction "out" relay\n'
-                          'match from any for domain <domains> action "out"\n')
-    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, check=False)
+    result = checked_domains_table(folder, f"redis:{conf}")
     assert result.returncode == 0, result.stderr
     assert f"{conf}:2: warning: master 127.0.0.1:{port} does not answer (" in result.stderr

@@ -23,7 +23,7 @@ from helpers_sqlservers import (
     side_by_side,
     virtual_domains_config,
 )
-from helpers_tables import auth_listener_config, shared_folder
+from helpers_tables import auth_listener_config, checked_domains_table, shared_folder
 
 from shared.passwords import hash_password
 
@@ -115,18 +115,11 @@ def test_a_replaced_database_is_asked_at_once(folder: Path, tmp_path: Path) -> N
     ("dbpath {db}\nquery_aliases SELECT 1\n", "{conf}:2: unknown key 'query_aliases'"),
 ])
 def test_mistakes_in_the_file_are_said_with_their_line(folder: Path, lines: str, message: str) -> None:
-    import subprocess
-    import sys
 
-    from daemon import ROOT
 
     conf = folder / "broken.conf"
     conf.write_text(lines.format(db=folder / "smtp.sqlite", folder=folder))
-    smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains sqlite:{conf}\naction "out" relay\n'
-                          "match from any for domain <domains> action \"out\"\n")
-    result = subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, check=False)
+    result = checked_domains_table(folder, f"sqlite:{conf}")
     assert result.returncode != 0
     assert message.format(conf=conf, folder=folder) in result.stderr + result.stdout
 
