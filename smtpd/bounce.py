@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from smtpd import log, trace
+from smtpd.queue import codec
 from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType, shared_flags
 from smtpd.smtp.address import xtext_decode
 from smtpd.stats import STATS
@@ -339,9 +340,9 @@ class Bouncer:
     def _read_original(self, msgid: int) -> bytes:
         path = self.queue.message_path(msgid)  # type: ignore[attr-defined]
         try:
-            with open(path, "rb") as handle:
+            with codec.open_message(path) as handle:
                 return handle.read(MAX_RETURNED_BYTES + 1)
-        except OSError:
+        except (OSError, codec.QueueCodecError):
             return b"(the original message could not be read)\n"
 
     async def _route_by_rules(self, sender: str, smtpname: str) -> list[Envelope]:

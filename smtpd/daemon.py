@@ -368,14 +368,51 @@ def run(paths: Paths, config: Config, options: DaemonOptions) -> int:
     try:
         if _control_socket_is_live(paths.socket):
             raise StartupFailed("control socket already listening")
+        # Asked before detaching, as OpenSMTPD asks: the key may come from the terminal or standard input.
+        queue_codec = _queue_codec(config)
         spool_lock = _lock_spool(paths.spool)  # (a detached daemon keeps it: the lock goes with the descriptor)
     except StartupFailed as error:
         print(f"smtpd: {error}", file=sys.stderr)
         return 1
+    from smtpd.queue import codec
+
+    codec.configure(queue_codec)
     try:
         return _run_locked(paths, config, options)
     finally:
         os.close(spool_lock)
+
+
+def _queue_codec(config: Config) -> Any:
+    """The queue's codec (smtpd/queue/codec.py) for `queue compression` and `queue encryption [KEY|stdin]`."""
+    from smtpd.queue import codec
+
+    options = config.queue
+    if not (options.compression or options.encryption):
+        return codec.PLAIN
+    try:
+        return codec.codec_for(options.compression, options.encryption, options.encryption_key, _read_queue_key)
+    except codec.QueueCodecError as error:
+        raise StartupFailed(f"crypto_setup:{error}") from error
+
+
+def _read_queue_key(setting: str | None) -> str:
+    """The key of `queue encryption stdin` (one line of standard input) or of `queue encryption` without a key
+    (asked on the terminal, `queue key: `, as OpenSMTPD asks)."""
+    if setting == "stdin":
+        line = sys.stdin.readline()
+        if not line:
+            raise StartupFailed("queue encryption: no key on standard input")
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise StartupFailed("queue encryption: smtpd.conf gives no key and there is no terminal to ask for it "
+                            "(write `queue encryption KEY`, or `queue encryption stdin` and pipe the key in)")
+    import getpass
+
+    try:
+        return getpass.getpass("queue key: ")
+    except (EOFError, KeyboardInterrupt):
+        raise StartupFailed("queue encryption: no key given") from None
 
 
 def _raise_open_files_limit() -> None:

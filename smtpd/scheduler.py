@@ -23,6 +23,7 @@ from shared.durations import duration_to_text
 from smtpd import log, trace
 from smtpd.bounce import DELAYED, DELIVERED, FAILED, RELAYED, Bouncer, duration_text
 from smtpd.delivery import DeliveryResult, Outcome
+from smtpd.queue import codec
 from smtpd.queue.envelope import Envelope, EnvelopeType, shared_flags
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.listing import EnvelopeFilter, Row, envelope_row, line_parts
@@ -596,7 +597,7 @@ class Scheduler:
         spool = getattr(self.queue, "spool", None)
         if not entries or spool is None:
             return
-        files = [(entry.envelope.evpid, dump_envelope(entry.envelope)) for entry in entries]
+        files = [(entry.envelope.evpid, codec.stored(dump_envelope(entry.envelope))) for entry in entries]
         # The rewrite checks that each file is still there, then replaces it: a removal in between (`smtpctl
         # remove` while the pause runs) would find its file put back, and the removed mail would return at the next
         # start. So a removal asked from here on waits until the rewrite is done, then deletes the file.

@@ -161,6 +161,7 @@ class SmtpdProcess:
         self.cwd = cwd or self.workdir
         self.own_group = False  # start() puts the daemon in a process group of its own (see signal_group)
         self.process: subprocess.Popen[bytes] | None = None
+        self.stdin_data: bytes | None = None  # piped to the daemon's standard input at start (else inherited)
 
     # -- where things are -------------------------------------------------------------------------------------
     @property
@@ -173,7 +174,12 @@ class SmtpdProcess:
         with open(self.log_path, "wb") as log:  # the child has its own copy of the descriptor
             command = [*self.wrapper, sys.executable, "-m", "smtpd", "-d", "-f", str(self.config_path), *self.flags]
             self.process = subprocess.Popen(command, env=self.env, cwd=str(self.cwd), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=self.own_group)
+                                            stderr=subprocess.STDOUT, start_new_session=self.own_group,
+                                            stdin=None if self.stdin_data is None else subprocess.PIPE)
+        if self.stdin_data is not None:
+            assert self.process.stdin is not None
+            with self.process.stdin:
+                self.process.stdin.write(self.stdin_data)
         try:
             if self.control:
                 self.wait_ready(self.answers, "open its control socket")

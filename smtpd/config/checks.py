@@ -137,12 +137,17 @@ def validate_tables(config: Config) -> list[Diagnostic]:
     return list(tables_validate(config))
 
 
+def _valid_queue_key(key: str) -> bool:
+    """32 bytes, AES-256's key (smtpd.queue.codec.KEY_BYTES; not imported: -n stays light)."""
+    return len(key.encode("utf-8", "surrogateescape")) == 32
+
+
 # -- pki, ca and queue key (smtpd -n) ---------------------------------------------------------------------
 def check_pki_and_queue(config: Config) -> list[str]:
     """Raise FatalConfigError like OpenSMTPD's -n; return warn: lines that do not stop the run."""
     notes: list[str] = []
     key = config.queue.encryption_key
-    if config.queue.encryption and key is not None and key != "stdin" and len(key) != 32:
+    if config.queue.encryption and key is not None and key != "stdin" and not _valid_queue_key(key):
         raise FatalConfigError("smtpd: crypto_setup:invalid key for queue encryption")
     # OpenSMTPD keeps pkis and cas in dictionaries sorted by name and checks each pki's cert and key are
     # given before it loads the certificate: the same order here, so the first fatal line is the same one.

@@ -741,13 +741,9 @@ class Parser:
 
     def stmt_queue(self) -> None:
         self.advance()
-        where = self.location(self.peek())
         if self.accept_kw("compression"):
             self.queue = replace(self.queue, compression=True)
-            # Said out loud rather than silently ignored: an administrator must not believe the spool is compressed.
-            self.warning("queue compression is not implemented yet: the queue is stored uncompressed", where)
         elif self.accept_kw("encryption"):
-            self.warning("queue encryption is not implemented yet: the queue is stored unencrypted", where)
             key: str | None = None
             if self.at_kw("key"):
                 from smtpd.config import legacy

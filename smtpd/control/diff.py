@@ -53,6 +53,9 @@ def describe_changes(old: Config, new: Config) -> list[str]:
                                  ("admd", old.admd, new.admd)):
         if before != after:
             changes.append(f"{label} changed")
+    if _queue_codec_settings(old) != _queue_codec_settings(new):
+        changes.append("queue compression or encryption changed: it takes effect at the next start (until then "
+                       "the queue is stored as before)")
     changes += _named("ca", {name: _format_ca(ca) for name, ca in old.cas.items()},
                       {name: _format_ca(ca) for name, ca in new.cas.items()})
     changes += _named("mda wrapper", _wrappers(old), _wrappers(new))
@@ -60,6 +63,12 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     if not changes and dump.comparable(old) != dump.comparable(new):
         changes.append("other statements changed")  # a statement not compared above: never "no changes"
     return changes
+
+
+def _queue_codec_settings(config: Config) -> tuple[bool, bool, str | None]:
+    """What the queue's codec is made of: chosen at the start (the key may have been typed in), kept until
+    the daemon stops."""
+    return config.queue.compression, config.queue.encryption, config.queue.encryption_key
 
 
 def _format_ca(ca: Any) -> str:

@@ -41,6 +41,7 @@ from smtpd.mda import command, lmtp, local, offline
 from smtpd.mda.privilege import ChildResult, ForkServer, Identity, privileged, run_as
 from smtpd.mda.variables import VariableContext, VariableError, expand
 from smtpd.mta.session import esc_code
+from smtpd.queue import codec
 from smtpd.queue.envelope import Envelope
 
 if TYPE_CHECKING:
@@ -250,9 +251,13 @@ class MdaAgent:
         if action.method is Method.RELAY:
             return DeliveryResult.permfail(f"dispatcher {action.name} relays, it does not deliver locally")
         try:
-            message = open(message_path, "rb")  # noqa: SIM115 — closed below, after the child is done
+            # The file itself, or its clear text in memory when the queue compresses or encrypts.
+            message = await asyncio.to_thread(codec.open_message, message_path) if codec.current().active \
+                else open(message_path, "rb")  # noqa: SIM115 — closed below, after the child is done
         except OSError as error:
             return DeliveryResult.tempfail(f"cannot open message: {error.strerror}")
+        except codec.QueueCodecError as error:
+            return DeliveryResult.tempfail(f"cannot read message: {error}")
         with message:
             if _has_loop(message, envelope.dest):
                 return DeliveryResult(Outcome.LOOP, "Loop detected", 5, 47)

@@ -33,6 +33,7 @@ from smtpd.mta.plan import Plan, PlanError, make_plan
 from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route, clock
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
+from smtpd.queue.codec import QueueCodecError
 from smtpd.queue.envelope import Envelope
 from smtpd.stats import STATS
 
@@ -239,6 +240,9 @@ class MtaAgent:
             has_8bit, size = await asyncio.to_thread(message_facts, batch.message_path)
         except OSError as error:
             _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
+            return
+        except QueueCodecError as error:  # (the message was read a moment ago: stuffed_lines will read it too)
+            _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"cannot read the message: {error}"))
             return
         try:
             candidates = await self._candidates(plan)

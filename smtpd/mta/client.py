@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from smtpd import trace
+from smtpd.queue import codec
 from smtpd.smtp.connection import SocketConnection
 
 MAX_REPLY_LINE = 4096  # RFC 5321 says 512; some servers send longer text, nobody sends 4 KiB per line
@@ -406,7 +407,7 @@ def _preview(raw: bytes) -> str:
 async def stuffed_lines(path: str) -> AsyncIterator[bytes]:
     """The spool's message file (LF line endings, dot-unstuffed) as CRLF lines, dot-stuffed for DATA."""
     loop = asyncio.get_running_loop()
-    handle = await loop.run_in_executor(None, open, path, "rb")
+    handle = await loop.run_in_executor(None, codec.open_message, path)
     try:
         pending = b""
         while True:

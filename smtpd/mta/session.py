@@ -22,6 +22,7 @@ from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
+from smtpd.queue import codec
 from smtpd.queue.envelope import DsnNotify, Envelope
 
 LOG = log.get("mta")
@@ -295,6 +296,10 @@ async def _transaction(session: Session, sender: str, jobs: list[Job], message_p
         _resolve_all(jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
         await client.close()
         return False, [], None
+    except codec.QueueCodecError as error:  # (the connection is closed before the final dot: nothing is sent)
+        _resolve_all(jobs, DeliveryResult.tempfail(f"cannot read the message: {error}"))
+        await client.close()
+        return False, [], None
 
 
 def _rcpt_line(envelope: Envelope, dsn: bool, address: str = "") -> str:
@@ -344,7 +349,7 @@ def message_facts(path: str) -> tuple[bool, int]:
     worker thread."""
     has_8bit = False
     size = 0
-    with open(path, "rb") as handle:
+    with codec.open_message(path) as handle:
         while block := handle.read(1 << 20):
             size += len(block) + block.count(b"\n")
             if not has_8bit and not block.isascii():

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from shared.ids import format_evpid, format_msgid
+from smtpd.queue import codec
 from smtpd.queue.durable import fsync_directory, replace_file, write_new_file
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import MAX_ENVELOPE_BYTES, EnvelopeFormatError, load_envelope
@@ -51,6 +52,9 @@ def is_hex_name(name: str, length: int) -> bool:
 RETIRE_MAX_BYTES = 128 * 1024
 # Why an acknowledged commit went to corrupt/: it could not go under queue/ (at start, or when it was placed).
 MESSAGE_COPY_SUFFIX = ".message"  # corrupt/<msgid>.message: a message kept beside envelopes of it moved aside
+# Written encrypted by the first start with `queue encryption`, checked by the next ones (check_encryption_key).
+KEY_CHECK_FILE = "encryption-check"
+KEY_CHECK_TEXT = b"PySMTPD queue encryption key check\n"
 ID_TAKEN = "an acknowledged message whose id a folder under queue/ has already"
 
 
@@ -98,6 +102,31 @@ class Spool:
         return os.path.join(self.incoming, format_msgid(msgid))
 
     # -- setup and recovery -----------------------------------------------------------------------------
+    def check_encryption_key(self, queue_codec: codec.QueueCodec) -> str:
+        """Whether the key of `queue encryption` is the one the spool's queue was encrypted with: the first
+        start with a key leaves KEY_CHECK_FILE, a known text encrypted with it, and every later start with a key
+        decrypts it. QueueCodecError when that fails: a mistyped key must stop the start, not have the whole
+        queue moved aside as undecodable. Returns a warning, or "": the file is there and no key is given."""
+        path = os.path.join(self.root, KEY_CHECK_FILE)
+        if queue_codec.key is None:
+            return (f"queue: this spool was used with queue encryption ({path}): messages stored encrypted "
+                    "cannot be read without its key, and are moved to corrupt/") if os.path.exists(path) else ""
+        key_only = codec.QueueCodec(key=queue_codec.key)
+        try:
+            with open(path, "rb") as handle:
+                stored_check = handle.read(4096)
+        except FileNotFoundError:
+            replace_file(path, key_only.encode(KEY_CHECK_TEXT))
+            return ""
+        try:
+            if key_only.decode(stored_check) == KEY_CHECK_TEXT:
+                return ""
+        except codec.QueueCodecError:
+            pass
+        raise codec.QueueCodecError(
+            f"the queue encryption key is not the one this spool's queue was encrypted with ({path} does not "
+            "decrypt with it); nothing was read or changed: start with that key, or move the spool aside")
+
     def create_layout(self) -> None:
         """Create the folders that are missing (and the 256 buckets), flushing each new entry once."""
         created = False
@@ -475,10 +504,11 @@ def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | Non
 
 
 def envelope_from_data(data: bytes, name: str) -> tuple[Envelope | None, str]:
-    """(envelope, "") or (None, reason) for the content of the envelope file ``name`` (a checked evpid)."""
+    """(envelope, "") or (None, reason) for the content of the envelope file ``name`` (a checked evpid), as
+    stored: compressed or encrypted content is decoded first (smtpd/queue/codec.py)."""
     try:
-        envelope = load_envelope(data)
-    except EnvelopeFormatError as error:
+        envelope = load_envelope(codec.clear(data, MAX_ENVELOPE_BYTES))
+    except (EnvelopeFormatError, codec.QueueCodecError) as error:
         return None, str(error)
     evpid = int(name, 16)
     if envelope.evpid and envelope.evpid != evpid:
