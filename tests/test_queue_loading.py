@@ -63,7 +63,7 @@ def test_a_file_the_fast_path_refuses_gets_the_strict_paths_reason(extra: str, r
 
 
 def test_the_reader_and_the_format_agree_on_the_largest_envelope() -> None:
-    assert spool_reader.MAX_ENVELOPE_BYTES == envelope_format.MAX_ENVELOPE_BYTES
+    assert spool_reader.MAX_STORED_ENVELOPE_BYTES == envelope_format.MAX_STORED_ENVELOPE_BYTES
     assert spool_reader.MESSAGE_FILE == "message"
 
 

@@ -22,6 +22,8 @@ from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType, shared_flags
 FORMAT_MARKER = "pysmtpd-envelope"
 FORMAT_VERSION = 1
 MAX_ENVELOPE_BYTES = 64 * 1024
+# An envelope file as stored: compressed or encrypted, a few bytes over its clear text (smtpd/queue/codec.py).
+MAX_STORED_ENVELOPE_BYTES = MAX_ENVELOPE_BYTES + 1024
 
 
 class EnvelopeFormatError(ValueError):

@@ -32,7 +32,7 @@ from shared.ids import format_evpid, format_msgid
 from smtpd.queue import codec
 from smtpd.queue.durable import fsync_directory, replace_file, write_new_file
 from smtpd.queue.envelope import Envelope
-from smtpd.queue.format import MAX_ENVELOPE_BYTES, EnvelopeFormatError, load_envelope
+from smtpd.queue.format import MAX_ENVELOPE_BYTES, MAX_STORED_ENVELOPE_BYTES, EnvelopeFormatError, load_envelope
 
 MESSAGE_FILE = "message"
 SUBDIRS = ("temporary", "incoming", "queue", "corrupt", "offline", "purge")
@@ -495,7 +495,7 @@ def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | Non
     if not is_hex_name(name, 16) or int(name[:8], 16) != msgid or not int(name[8:], 16):
         return None, "file name is not an envelope id of this message"
     try:
-        data = _read_regular_file(path, MAX_ENVELOPE_BYTES + 1)
+        data = _read_regular_file(path, MAX_STORED_ENVELOPE_BYTES + 1)
     except OSError as error:
         return None, f"unreadable: {error.strerror}"
     if data is None:
@@ -506,6 +506,8 @@ def read_envelope_file(path: str, msgid: int, name: str) -> tuple[Envelope | Non
 def envelope_from_data(data: bytes, name: str) -> tuple[Envelope | None, str]:
     """(envelope, "") or (None, reason) for the content of the envelope file ``name`` (a checked evpid), as
     stored: compressed or encrypted content is decoded first (smtpd/queue/codec.py)."""
+    if len(data) > MAX_STORED_ENVELOPE_BYTES:
+        return None, "envelope file too large"
     try:
         envelope = load_envelope(codec.clear(data, MAX_ENVELOPE_BYTES))
     except (EnvelopeFormatError, codec.QueueCodecError) as error:

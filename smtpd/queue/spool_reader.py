@@ -25,7 +25,7 @@ import os
 import sys
 
 MESSAGE_FILE = "message"
-MAX_ENVELOPE_BYTES = 64 * 1024  # smtpd.queue.format.MAX_ENVELOPE_BYTES (a test checks they agree)
+MAX_STORED_ENVELOPE_BYTES = 65 * 1024  # smtpd.queue.format.MAX_STORED_ENVELOPE_BYTES (a test checks they agree)
 FRAME_MESSAGES = 256
 _ROOT = os.geteuid() == 0
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -49,7 +49,7 @@ def read_folder(directory: str) -> Files | None:
                 return None
             fd = os.open(entry.path, _OPEN_FLAGS)
             try:
-                files.append((name, os.read(fd, MAX_ENVELOPE_BYTES + 1)))
+                files.append((name, os.read(fd, MAX_STORED_ENVELOPE_BYTES + 1)))
             finally:
                 os.close(fd)
     if not has_message or not files:
