@@ -32,7 +32,12 @@ from shared.ids import format_evpid, format_msgid
 from smtpd.queue import codec
 from smtpd.queue.durable import fsync_directory, replace_file, write_new_file
 from smtpd.queue.envelope import Envelope
-from smtpd.queue.format import MAX_ENVELOPE_BYTES, MAX_STORED_ENVELOPE_BYTES, EnvelopeFormatError, load_envelope
+from smtpd.queue.format import (
+    MAX_ENVELOPE_BYTES,
+    MAX_STORED_ENVELOPE_BYTES,
+    EnvelopeFormatError,
+    load_envelope,
+)
 
 MESSAGE_FILE = "message"
 SUBDIRS = ("temporary", "incoming", "queue", "corrupt", "offline", "purge")
