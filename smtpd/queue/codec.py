@@ -34,6 +34,7 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip stream, as zcat reads it
 BLOCK = 1 << 20  # bytes read at a time from a big message's file
 COMPRESS_LEVEL = 6
 WRONG_KEY = "cannot be decrypted with the queue encryption key (another key, or damaged)"
+NO_KEY = "encrypted, and no queue encryption key is configured"
 
 
 class QueueCodecError(ValueError):
@@ -107,7 +108,7 @@ class QueueCodec:
 
     def _decrypt(self, data: bytes) -> bytes:
         if self.key is None:
-            raise QueueCodecError("encrypted, and no queue encryption key is configured")
+            raise QueueCodecError(NO_KEY)
         if len(data) < 1 + NONCE_BYTES + TAG_BYTES:
             raise QueueCodecError("encrypted file too short")
         nonce = data[1:1 + NONCE_BYTES]
@@ -152,7 +153,7 @@ class QueueCodec:
         decryptor = None
         if head[:1] == ENCRYPTED_MARK:
             if self.key is None:
-                raise QueueCodecError("encrypted, and no queue encryption key is configured")
+                raise QueueCodecError(NO_KEY)
             if size < 1 + NONCE_BYTES + TAG_BYTES:
                 raise QueueCodecError("encrypted file too short")
             nonce = os.pread(source, NONCE_BYTES, 1)
