@@ -61,6 +61,8 @@ MESSAGE_COPY_SUFFIX = ".message"  # corrupt/<msgid>.message: a message kept besi
 KEY_CHECK_FILE = "encryption-check"
 KEY_CHECK_TEXT = b"PySMTPD queue encryption key check\n"
 ID_TAKEN = "an acknowledged message whose id a folder under queue/ has already"
+# Why a whole message went aside because not one of its envelopes could be read (followed by each file's reason).
+UNLOADABLE = "no envelope of the message can be loaded"
 
 
 @dataclass
@@ -287,7 +289,7 @@ class Spool:
             # a delivered message's: the message was lost, and the envelopes kept in corrupt/ were of no use.
             reasons = "; ".join(f"{name}: {reason}" for name, reason in sorted(bad))
             loaded.corrupt.append(self._aside(directory, format_msgid(msgid),
-                                              f"no envelope of the message can be loaded ({reasons})", move_corrupt))
+                                              f"{UNLOADABLE} ({reasons})", move_corrupt))
             return loaded
         if bad and move_corrupt:
             # The good envelopes will be delivered and the folder purged with its message: a copy of the message
