@@ -13,6 +13,7 @@ groups; ``schedule``, ``remove``, ``discover`` are top-level commands; ``mailq_m
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
@@ -24,8 +25,10 @@ import click
 from shared.ids import format_msgid, parse_evpid, parse_msgid
 from shared.paths import Paths
 from shared.wire import json_text
+from smtpctl import queuekey
 from smtpctl.fast import queue_notes
 from smtpctl.words import Leaf, possibilities, words_so_far
+from smtpd.queue.codec import PLAIN, QueueCodecError
 from smtpd.queue.listing import (
     EnvelopeFilter,
     Row,
@@ -393,30 +396,29 @@ def mailq_main(argv: list[str], prog: str) -> int:
 
 # -- show envelope / show message ----------------------------------------------------------------------------
 # As OpenSMTPD (reference §2.4): the file is printed as it is, no daemon needed; a gzip file is printed
-# uncompressed (as its `zcat`); a word that is not an id lists what was expected (exit 255); a file that cannot
-# be opened is `smtpctl: fopen: <strerror>`, exit 1.
+# uncompressed (as its `zcat`), an encrypted one decrypted (the key: smtpctl/queuekey.py); a word that is not an
+# id lists what was expected (exit 255); a file that cannot be opened is `smtpctl: fopen: <strerror>`, exit 1.
 ENVELOPE_PLACEHOLDERS = ["<evpid>"]
 MESSAGE_PLACEHOLDERS = ["<msgid>", "<evpid>"]
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _print_file(path: str) -> None:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        if queuekey.is_encrypted(path):
+            handle = queuekey.decrypted(path, _paths().config, lambda codec: codec.open_message(path))
+        else:
+            handle = PLAIN.open_message(path)  # the file itself, or its gzip content unpacked
     except OSError as error:
         _fail(f"fopen: {error.strerror or error}")
         return
-    if data.startswith(GZIP_MAGIC):
-        import gzip
-        import zlib
-
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:
-            _fail(f"{path}: {error}")
-            return
-    sys.stdout.buffer.write(data)
+    except queuekey.KeyProblem as problem:
+        _fail(str(problem))
+        return
+    except QueueCodecError as error:
+        _fail(f"{path}: {error}")
+        return
+    with handle:
+        shutil.copyfileobj(handle, sys.stdout.buffer)
     sys.stdout.flush()
 
 
