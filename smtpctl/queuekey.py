@@ -103,3 +103,33 @@ def _note(text: str) -> None:
     sys.stderr.write(f"smtpctl: {text}\n")
     sys.stderr.flush()
 
+
+class OfflineKey:
+    """smtpd.conf's key for the offline `show queue`: looked up once, and only when a message has files that
+    cannot be read (a queue stored clear never pays for parsing the configuration). Never asks."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.found: ConfiguredKey | None = None
+
+    def settle(self) -> bool:
+        """Look the key up (the first time only) and decode with it from now on. True when that may read
+        files that could not be read before."""
+        if self.found is not None:
+            return False
+        self.found = configured_key(self.config_path)
+        if self.found.key is None:
+            return False
+        from smtpd.queue import codec
+
+        codec.configure(QueueCodec(key=self.found.key))
+        return True
+
+    def note(self, count: int) -> str:
+        """The stderr line for ``count`` envelopes left out because they could not be decrypted."""
+        shown = f"{count} envelope{'s' if count != 1 else ''} not shown"
+        if self.found is None or self.found.key is None:
+            missing = self.found.missing if self.found is not None else "no key was looked for"
+            return f"{shown}: encrypted, and {missing}"
+        return (f"{shown}: they cannot be decrypted with the queue encryption key in {self.config_path} "
+                "(another key, or damaged)")

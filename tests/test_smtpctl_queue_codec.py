@@ -176,3 +176,51 @@ def test_on_a_terminal_three_wrong_keys_end_in_an_error(tmp_path: Path) -> None:
         terminal.close(force=True)
     assert terminal.exitstatus == 1
 
+
+def test_offline_show_queue_lists_encrypted_envelopes_with_the_configured_key(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    evpids = (store(spool, 0x1A000001, CLEAR) + store(spool, 0x2B000002, BOTH, ("carol@example.org", "dan@ex.test"))
+              + store(spool, 0x3C000003, GZIP))
+    conf = config(tmp_path, f"queue compression\nqueue encryption {KEY}\n")
+    listed = smtpctl(tmp_path, conf, prog="mailq")
+    assert (listed.returncode, listed.stderr) == (0, "")
+    lines = listed.stdout.splitlines()
+    assert [int(line.split("|")[0], 16) for line in lines] == evpids
+    assert [line.split("|")[5] for line in lines] == ["bob@example.org", "carol@example.org", "dan@ex.test",
+                                                       "bob@example.org"]
+    assert all(line.split("|")[11] == "offline" for line in lines)
+
+
+def test_offline_show_queue_without_the_key_says_once_what_it_leaves_out(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    clear = store(spool, 0x1A000001, CLEAR)
+    store(spool, 0x2B000002, BOTH, ("carol@example.org", "dan@ex.test"))
+    store(spool, 0x3C000003, ENCRYPTED)
+    packed = store(spool, 0x4D000004, GZIP)
+    for conf in (config(tmp_path, "queue encryption\n"), config(tmp_path, "queue encryption \"-\"\n")):
+        listed = smtpctl(tmp_path, conf, "show", "queue")
+        assert listed.returncode == 0
+        assert [int(line.split("|")[0], 16) for line in listed.stdout.splitlines()] == clear + packed
+        assert listed.stderr == f"smtpctl: 3 envelopes not shown: encrypted, and {conf} names no queue encryption key\n"
+
+    # With another key than the spool's: also one line, and the spool is left as it is.
+    before = sorted(str(path.relative_to(spool)) for path in spool.rglob("*"))
+    other = config(tmp_path, f"queue encryption {OTHER_KEY}\n")
+    listed = smtpctl(tmp_path, other, "--json", prog="mailq")
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 2
+    assert listed.stderr == (f"smtpctl: 3 envelopes not shown: they cannot be decrypted with the queue encryption "
+                             f"key in {other} (another key, or damaged)\n")
+    assert sorted(str(path.relative_to(spool)) for path in spool.rglob("*")) == before
+
+
+def test_offline_show_queue_still_reports_a_damaged_file_beside_encrypted_ones(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    evpids = store(spool, 0x2B000002, ENCRYPTED, ("carol@example.org", "dan@ex.test"))
+    Path(file_of(tmp_path, evpids[1])).write_bytes(b"format: pysmtpd-envelope\nversion: 9\n")
+    listed = smtpctl(tmp_path, config(tmp_path, ""), "show", "queue")
+    assert (listed.returncode, listed.stdout) == (0, "")
+    problems = listed.stderr.splitlines()
+    assert len(problems) == 2
+    assert problems[0].startswith(f"smtpctl: corrupt queue file queue/2b/2b000002.{evpids[1]:016x}: ")
+    assert problems[1] == f"smtpctl: 1 envelope not shown: encrypted, and {tmp_path}/smtpd.conf names no queue " \
+                          "encryption key"

@@ -27,8 +27,9 @@ from shared.paths import Paths
 from shared.wire import json_text
 from smtpctl import queuekey
 from smtpctl.fast import queue_notes
+from smtpctl.queuekey import OfflineKey
 from smtpctl.words import Leaf, possibilities, words_so_far
-from smtpd.queue.codec import PLAIN, QueueCodecError
+from smtpd.queue.codec import NO_KEY, PLAIN, WRONG_KEY, QueueCodecError
 from smtpd.queue.listing import (
     EnvelopeFilter,
     Row,
@@ -39,7 +40,7 @@ from smtpd.queue.listing import (
     row_to_json,
     vis,
 )
-from smtpd.queue.spool import MESSAGE_FILE, Spool
+from smtpd.queue.spool import MESSAGE_FILE, UNLOADABLE, CorruptEntry, LoadedMessage, Spool, read_envelope_file
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 255
 NOT_RUNNING = "smtpd doesn't seem to be running"
@@ -176,19 +177,64 @@ def _check_target(value: str, choices: tuple[str, ...] = DEFAULT_TARGETS) -> str
 
 
 # -- show queue -------------------------------------------------------------------------------------------
-def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter) -> tuple[list[Row], list[str]]:
-    """Rows read from the spool by smtpctl itself (daemon down). Nothing is moved; problems are reported."""
+# Why an envelope file that is fine cannot be read: it is encrypted and smtpctl has no key, or another one.
+KEY_REASONS = frozenset({NO_KEY, WRONG_KEY})
+
+
+def _load_offline(spool: Spool, msgid: int, keys: OfflineKey) -> LoadedMessage:
+    """A message's envelopes as smtpctl reads them with the daemon down: the first unreadable file makes it
+    look for smtpd.conf's key, and the message is read again if one is found."""
+    loaded = spool.load_message(msgid, move_corrupt=False)
+    if loaded.corrupt and keys.settle():
+        loaded = spool.load_message(msgid, move_corrupt=False)
+    return loaded
+
+
+def _key_locked(spool: Spool, msgid: int, entry: CorruptEntry) -> tuple[int, list[tuple[str, str]]]:
+    """How many envelope files behind ``entry`` only lack the key, and (label, reason) of the others."""
+    if entry.reason in KEY_REASONS:
+        return 1, []
+    label = format_msgid(msgid)
+    if entry.name != label or not entry.reason.startswith(UNLOADABLE):
+        return 0, [(entry.name, entry.reason)]
+    # Not one envelope of the message loads (an encrypted queue read without its key, usually): each file's own
+    # reason tells the ones that need the key from the damaged ones.
+    folder = spool.message_dir(msgid)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return 0, [(entry.name, entry.reason)]
+    locked, others = 0, []
+    for name in names:
+        if name == MESSAGE_FILE or (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        _, reason = read_envelope_file(os.path.join(folder, name), msgid, name)
+        if reason in KEY_REASONS:
+            locked += 1
+        elif reason:
+            others.append((f"{label}.{name}", reason))
+    return (locked, others) if locked else (0, [(entry.name, entry.reason)])
+
+
+def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter,
+                 config_path: str) -> tuple[list[Row], list[str]]:
+    """Rows read from the spool by smtpctl itself (daemon down). Nothing is moved; problems are reported.
+    Encrypted envelopes are read with smtpd.conf's key; without it they are counted in one problem line."""
     spool = Spool(spool_root)
     if not os.path.isdir(spool.queue):
         raise CommandFailed(f"{spool.queue}: no such spool directory")
     rows: list[Row] = []
     problems: list[str] = []
+    keys = OfflineKey(config_path)
+    locked = 0
     now = time.time()
     msgids = [msgid] if msgid is not None else spool.message_ids()
     for current in msgids:
-        loaded = spool.load_message(current, move_corrupt=False)
+        loaded = _load_offline(spool, current, keys)
         for entry in loaded.corrupt:
-            problems.append(f"corrupt queue file queue/{current >> 24:02x}/{entry.name}: {entry.reason}")
+            count, others = _key_locked(spool, current, entry)
+            locked += count
+            problems += [f"corrupt queue file queue/{current >> 24:02x}/{name}: {reason}" for name, reason in others]
         for envelope in sorted(loaded.envelopes, key=lambda item: (item.ctime, item.evpid)):
             # Every envelope is `offline` with the daemon down; `--state suspended` still finds the paused ones
             # (their flag is on disk).
@@ -197,6 +243,8 @@ def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter) -
                 rows.append(envelope_row(envelope, "offline", None))
     for entry in spool.corrupt_entries():
         problems.append(f"corrupt queue file moved aside: corrupt/{entry.name}: {entry.reason}")
+    if locked:
+        problems.append(keys.note(locked))
     return rows, problems
 
 
@@ -207,16 +255,18 @@ def _label_path(label: str) -> str:
     return f"{folder}/{name}" if name else folder
 
 
-def offline_corrupt(spool_root: str) -> list[dict[str, Any]]:
+def offline_corrupt(spool_root: str, config_path: str) -> list[dict[str, Any]]:
     """The corrupt files, read by smtpctl itself: those moved aside, then those still in queue/ (the daemon
-    moves them aside when it loads them)."""
+    moves them aside when it loads them). Encrypted files are read with smtpd.conf's key, as the daemon reads
+    them; without it they are listed with the codec's reason."""
     spool = Spool(spool_root)
     if not os.path.isdir(spool.queue):
         raise CommandFailed(f"{spool.queue}: no such spool directory")
     found = [{"path": f"corrupt/{entry.name}", "moved": entry.moved, "reason": entry.reason}
              for entry in spool.corrupt_entries()]
+    keys = OfflineKey(config_path)
     for msgid in spool.message_ids():
-        for entry in spool.load_message(msgid, move_corrupt=False).corrupt:
+        for entry in _load_offline(spool, msgid, keys).corrupt:
             found.append({"path": _label_path(entry.name), "moved": 0, "reason": entry.reason})
     return found
 
@@ -240,7 +290,8 @@ def run_show_corrupt(as_json: bool) -> int:
                    for entry in result.get("corrupt", [])]
     except DaemonDown:
         try:
-            entries = offline_corrupt(_paths().spool)
+            paths = _paths()
+            entries = offline_corrupt(paths.spool, paths.config)
         except CommandFailed as error:
             _fail(str(error))
             return EXIT_FAILURE
@@ -330,7 +381,8 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
         result = call_daemon("show.queue", large_reply=True, **args)
     except DaemonDown:
         try:
-            rows, problems = offline_rows(_paths().spool, msgid, selector)
+            paths = _paths()
+            rows, problems = offline_rows(paths.spool, msgid, selector, paths.config)
         except CommandFailed as error:
             _fail(str(error))
             return EXIT_FAILURE
