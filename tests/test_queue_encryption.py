@@ -105,6 +105,10 @@ def test_stored_encrypted_and_compressed_delivered_as_sent(world) -> None:
             assert max(len(data) for data in messages) < 60_000
             assert sorted(row[5] for row in queue_rows(daemon)) == sorted([f"{bob.pw_name}@local.test"] * 2
                                                                             + ["carol@far.test"] * 2)
+            # smtpctl prints a queued message in clear with smtpd.conf's key, as the administrator reads it.
+            msgid = queue_rows(daemon)[0][0][:8]
+            shown = daemon.smtpctl("show", "message", msgid)
+            assert shown.returncode == 0 and "Subject: " in shown.stdout and token in shown.stdout, shown
             daemon.flags = []  # a restart reads the encrypted envelopes back, and delivers
             daemon.restart()
             wait_until(lambda: len(remote.received) == 2 and not queue_rows(daemon), 30,
