@@ -18,7 +18,7 @@ import pexpect
 import pytest
 from helpers_delivery import Daemon, mail_world
 from helpers_dovecot import Dovecot, DovecotUser, free_port
-from helpers_mta import Remote
+from helpers_mta import Remote, ScriptedHandler, maildir_messages
 from test_queue_file_writer import file_writer_of
 from waiting import wait_until
 
@@ -121,6 +121,30 @@ def test_stored_encrypted_and_compressed_delivered_as_sent(world) -> None:
             body = sent.replace("\r\n", "\n").split("\n\n", 1)[1]
             assert got_relayed.endswith("\n\n" + body) and got_local.endswith("\n\n" + body)
             assert f"Subject: {sent.split(' ', 2)[1]} {token}\n" in got_local
+
+
+def test_a_bounce_quotes_the_original_in_clear(world) -> None:
+    """The relay refuses the recipient for good: the bounce, delivered to the local sender, returns the
+    original message read from the encrypted queue, not its stored bytes."""
+    top, root, bob = world
+    token = f"bounced{uuid.uuid4().hex}"
+    with Remote(ScriptedHandler(rcpt_replies={"ghost@far.test": "550 5.1.1 no such user"})) as remote:
+        port = free_port()
+        daemon = new_daemon(top, root, config_text(port, f"queue compression\nqueue encryption {KEY}",
+                                                   remote.port), paused=False).start()
+        try:
+            send_from = f"{bob.pw_name}@local.test"
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail(send_from, ["ghost@far.test"], f"Subject: {token}\r\n\r\nsaid {token}\r\n")
+            maildir = os.path.join(bob.pw_dir, "Maildir")
+            wait_until(lambda: maildir_messages(maildir), 30, explain=daemon.log)
+        finally:
+            daemon.stop()
+    [report] = maildir_messages(maildir)
+    returned = [part for part in report.walk() if part.get_content_type() == "message/rfc822"]
+    assert returned, report.as_string()
+    original = returned[0].get_payload()[0]
+    assert original["Subject"] == token and f"said {token}" in original.get_payload()
 
 
 def test_wrong_key_stops_the_start_and_changes_nothing(world) -> None:
