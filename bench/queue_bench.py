@@ -49,6 +49,8 @@ CONFIG = """listen on 127.0.0.1 port {port}
 action "relay" relay
 match from any for any action "relay"
 """
+# --encrypted: both daemons store their queue compressed and encrypted (the same key).
+ENCRYPTED = "queue compression\nqueue encryption 0123456789abcdef0123456789abcdef\n"
 
 
 def opensmtpd_running() -> bool:
@@ -108,6 +110,8 @@ class Target:
     results: dict[str, float] = field(default_factory=dict)
 
     # overridden
+    config_prefix = ""  # statements before the listener (--encrypted)
+
     def command(self) -> list[str]: raise NotImplementedError
     def env(self) -> dict[str, str]: return dict(os.environ)
     def ctl(self) -> list[str]: raise NotImplementedError
@@ -163,7 +167,7 @@ class OpenSMTPD(Target):
     def prepare_spool(self, run: int) -> None:
         if OPENSMTPD_SPOOL.exists():
             OPENSMTPD_SPOOL.rename(WORK / f"trash-opensmtpd-spool-{run}-{time.time_ns()}")
-        (self.workdir / "smtpd.conf").write_text(CONFIG.format(port=self.port))
+        (self.workdir / "smtpd.conf").write_text(self.config_prefix + CONFIG.format(port=self.port))
 
 
 class Ours(Target):
@@ -199,7 +203,7 @@ class Ours(Target):
         spool = self.workdir / "spool"
         if spool.exists():
             spool.rename(WORK / f"trash-ours-spool-{run}-{time.time_ns()}")
-        (self.workdir / "smtpd.conf").write_text(CONFIG.format(port=self.port))
+        (self.workdir / "smtpd.conf").write_text(self.config_prefix + CONFIG.format(port=self.port))
 
 
 class OursStoringNothing(Ours):
@@ -386,6 +390,8 @@ def main() -> int:
     parser.add_argument("--accept-only", action="store_true", help="only the accept rows (a few minutes)")
     parser.add_argument("--ceiling", action="store_true",
                         help="accept rows only, with a third daemon: ours storing nothing (bench/store_nothing.py)")
+    parser.add_argument("--encrypted", action="store_true",
+                        help="both daemons with `queue compression` and `queue encryption KEY`")
     parser.add_argument("--retries", type=int, default=2,
                         help="run an accept row again (both daemons) when a connection stalled in it [2]")
     args = parser.parse_args()
@@ -406,6 +412,8 @@ def main() -> int:
     if args.ceiling:
         args.accept_only = True
         targets.append(OursStoringNothing(STORING_NOTHING, free_port(), WORK / "nothing"))
+    for target in targets:
+        target.config_prefix = ENCRYPTED if args.encrypted else ""
     results: dict[str, dict[str, float]] = {target.name: {} for target in targets}
     rounds: dict[str, dict[str, list[float]]] = {}
     try:

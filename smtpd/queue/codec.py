@@ -18,6 +18,7 @@ cryptography is imported when a key is first used (14 ms: smtpctl and a daemon w
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import zlib
@@ -194,7 +195,9 @@ class QueueCodec:
                 raise QueueCodecError("compressed data cut short")
 
 
+@functools.lru_cache(maxsize=4)
 def _aesgcm(key: bytes) -> Any:
+    """One AESGCM per key, kept: each call encrypts with its own nonce, and the object holds no other state."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     return AESGCM(key)
