@@ -240,8 +240,8 @@ def test_options_taken_but_not_used_are_said() -> None:
         "/etc/smtpd.conf:1: warning: pki mx.example dhe: not used: key exchange is ECDHE (or TLS 1.3's)",
         "/etc/smtpd.conf:2: warning: mda limit task-lowat: not used (of the mda limits, only max-session is)",
         "/etc/smtpd.conf:4: warning: scheduler limit: not used (our scheduler sizes its own batches, docs/queue.md)",
-        "/etc/smtpd.conf:6: warning: relay filter: not used (filters judge incoming sessions; our relay client's "
-        "sessions are neither filtered nor reported, docs/filters.md)",
+        "/etc/smtpd.conf:6: warning: relay filter: not used (a relay action's filter only reports the relay "
+        "sessions to its filter processes, and this one runs none, docs/filters.md)",
     ]
 
 

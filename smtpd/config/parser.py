@@ -932,6 +932,13 @@ class Parser:
             return name
         return self.filter_name(self.expect_string())
 
+    def runs_processes(self, name: str | None) -> bool:
+        """Whether the filter (or chain) ``name`` runs a filter process."""
+        item = self.filters.get(name) if name else None
+        members = [self.filters.get(member) for member in item.chain] if item is not None and item.kind == "chain" \
+            else [item]
+        return any(member is not None and member.kind in ("proc", "proc-exec") for member in members)
+
     def filter_name(self, name: Token) -> str:
         if name.text not in self.filters:
             raise SemanticProblem(f"no filter exist with that name: {name.text}", name)
@@ -1295,8 +1302,10 @@ class Parser:
                 if relay.filter is not None:
                     raise SemanticProblem("filter already specified for this dispatcher", self.last)
                 relay = replace(relay, filter=self.filter_option() if name is None else self.filter_name(name))
-                self.warning("relay filter: not used (filters judge incoming sessions; our relay client's sessions "
-                             "are neither filtered nor reported, docs/filters.md)", self.location(token))
+                if not self.runs_processes(relay.filter):
+                    self.warning("relay filter: not used (a relay action's filter only reports the relay sessions "
+                                 "to its filter processes, and this one runs none, docs/filters.md)",
+                                 self.location(token))
             elif word == "srs":
                 self.advance()
                 if self.srs.key is None:

@@ -7,7 +7,7 @@ output (docs/filters.md), so the filters written for OpenSMTPD (filter-dkimsign,
 * at start the daemon sends `config|KEY|VALUE` lines and `config|ready`; the process answers with
   `register|report|smtp-in|EVENT` and `register|filter|smtp-in|PHASE` lines and `register|ready`;
 * sessions then send `report|0.6|TIME|smtp-in|EVENT|SESSION|...` lines to every process registered for EVENT,
-  and `filter|0.6|TIME|smtp-in|PHASE|SESSION|TOKEN|...` requests to the processes of their listener's filter
+  the relay client's sessions `report|0.6|TIME|smtp-out|EVENT|SESSION|...` lines (smtpd/mta/reports.py), and `filter|0.6|TIME|smtp-in|PHASE|SESSION|TOKEN|...` requests to the processes of their listener's filter
   chain registered for PHASE, each answered by `filter-result|SESSION|TOKEN|DECISION[|ARGUMENT]`;
 * in the `data-line` phase each line of the message goes to the process and comes back, changed or not, as
   `filter-dataline|SESSION|TOKEN|LINE`, up to a line of a single dot.
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = "0.6"
 SMTPD_VERSION = "6.8.0p2"  # what filters are told: the protocol is 6.8's, and some filters check the version
 SUBSYSTEM = "smtp-in"
+OUT_SUBSYSTEM = "smtp-out"  # the relay client's sessions, reported to the processes of the relay action's filter
 REPORT_EVENTS = frozenset({
     "link-connect", "link-disconnect", "link-greeting", "link-identify", "link-tls", "link-auth",
     "tx-reset", "tx-begin", "tx-mail", "tx-rcpt", "tx-envelope", "tx-data", "tx-commit", "tx-rollback",
@@ -76,6 +77,7 @@ class ProcessorSpec:
     group: str | None = None
     chroot: str | None = None
     in_use: bool = False  # a listener's filter runs it (6.8 tells only such processes their subsystem)
+    out_use: bool = False  # a relay action's filter runs it: it is told smtp-out as well
 
 
 def specs_of(config: Config) -> dict[str, ProcessorSpec]:
@@ -86,8 +88,11 @@ def specs_of(config: Config) -> dict[str, ProcessorSpec]:
 
     used = {processor_of(config, member.name) for listener in config.listeners
             for member in chain_members(config, listener.filter)}
+    out_used = {processor_of(config, member.name) for action in config.actions.values()
+                if action.relay is not None for member in chain_members(config, action.relay.filter)}
     # (a `filter NAME proc-exec` declares its process among the procs too, as 6.8's grammar does)
-    return {proc.name: ProcessorSpec(proc.name, proc.command, proc.user, proc.group, proc.chroot, proc.name in used)
+    return {proc.name: ProcessorSpec(proc.name, proc.command, proc.user, proc.group, proc.chroot, proc.name in used,
+                                     proc.name in out_used)
             for proc in config.procs.values()}
 
 
@@ -103,8 +108,9 @@ def processor_of(config: Config, filter_name: str) -> str | None:
     return None
 
 
-def report_line(event: str, session: str, fields: tuple[str, ...]) -> str:
-    return "|".join(("report", PROTOCOL_VERSION, timestamp(), SUBSYSTEM, event, session,
+def report_line(event: str, session: str, fields: tuple[str, ...], subsystem: str = SUBSYSTEM) -> str:
+    """The one place report lines are made, for both subsystems."""
+    return "|".join(("report", PROTOCOL_VERSION, timestamp(), subsystem, event, session,
                      *(escape(field) for field in fields)))
 
 
@@ -128,6 +134,7 @@ class Processor:
         self.name = spec.name
         self.session_timeout = session_timeout
         self.reports: frozenset[str] = frozenset()
+        self.out_reports: frozenset[str] = frozenset()  # the smtp-out events it registered
         self.phases: frozenset[str] = frozenset()
         self.process: asyncio.subprocess.Process | None = None
         self.ready = False
@@ -165,6 +172,7 @@ class Processor:
             self._send_lines([f"config|smtpd-version|{SMTPD_VERSION}",
                               f"config|smtp-session-timeout|{int(self.session_timeout)}",
                               *([f"config|subsystem|{SUBSYSTEM}"] if spec.in_use else []),
+                              *([f"config|subsystem|{OUT_SUBSYSTEM}"] if spec.out_use else []),
                               f"config|admd|{self.admd}", "config|ready"])
         try:
             async with asyncio.timeout(REGISTER_TIMEOUT):
@@ -179,11 +187,13 @@ class Processor:
         self.ready = True
         self._ready_since = time.monotonic()
         self._tasks.append(asyncio.create_task(self._read_results()))
-        _log.info("info: filter process %s ready (reports: %s; filters: %s)", spec.name,
-                  ", ".join(sorted(self.reports)) or "none", ", ".join(sorted(self.phases)) or "none")
+        _log.info("info: filter process %s ready (reports: %s; smtp-out reports: %s; filters: %s)", spec.name,
+                  ", ".join(sorted(self.reports)) or "none", ", ".join(sorted(self.out_reports)) or "none",
+                  ", ".join(sorted(self.phases)) or "none")
 
     async def _registrations(self) -> None:
         reports: set[str] = set()
+        out_reports: set[str] = set()
         phases: set[str] = set()
         while True:
             line = await self._read_line()
@@ -196,15 +206,16 @@ class Processor:
                 raise FilterFailure(f"filter process {self.name}: invalid registration: {line[:200]!r}")
             kind, subsystem, name = fields[1:]
             known = REPORT_EVENTS if kind == "report" else FILTER_PHASES
-            if subsystem not in (SUBSYSTEM, "smtp-out") or (kind == "filter" and subsystem != SUBSYSTEM):
+            if subsystem not in (SUBSYSTEM, OUT_SUBSYSTEM) or (kind == "filter" and subsystem != SUBSYSTEM):
                 raise FilterFailure(f"filter process {self.name}: invalid registration: {line[:200]!r}")
             if name not in known:
                 raise FilterFailure(f"filter process {self.name}: unknown {'report event' if kind == 'report' else 'filter phase'} "
                                     f"in registration: {line[:200]!r}")
-            if subsystem == "smtp-out":
-                continue  # (accepted, as 6.8 does; our relay client does not report its sessions: docs/filters.md)
+            if subsystem == OUT_SUBSYSTEM:
+                out_reports.add(name)
+                continue
             (reports if kind == "report" else phases).add(name)
-        self.reports, self.phases = frozenset(reports), frozenset(phases)
+        self.reports, self.out_reports, self.phases = frozenset(reports), frozenset(out_reports), frozenset(phases)
 
     async def _read_line(self) -> str | None:
         assert self.process is not None and self.process.stdout is not None
@@ -446,6 +457,7 @@ class ProcessorSet:
     def __init__(self, processors: dict[str, Processor]) -> None:
         self.processors = processors
         self._chains: dict[tuple[int, str], Chain | None] = {}
+        self._relay_reporters: dict[tuple[int, str], tuple[Processor, ...]] = {}
         self._holders = 0
         self._retired = False
         self.on_retired: Callable[[ProcessorSet], None] = lambda _: None
@@ -469,6 +481,23 @@ class ProcessorSet:
                     reporters.append(processor)
             self._chains[key] = Chain(members, tuple(reporters)) if reporters else None
         return self._chains[key]
+
+    def relay_reporters(self, config: Config, name: str | None) -> tuple[Processor, ...]:
+        """The processes that get the smtp-out reports of a relay action whose `filter` is ``name``: those its
+        filter (or chain) runs, each once, as in 6.8 (builtin members judge nothing there). Empty without any."""
+        if not name or not self.processors:
+            return ()
+        key = (id(config), name)
+        if key not in self._relay_reporters:
+            from smtpd.smtp.filters import chain_members
+
+            found: list[Processor] = []
+            for item in chain_members(config, name):
+                processor = self.get(processor_of(config, item.name))
+                if processor is not None and processor not in found:
+                    found.append(processor)
+            self._relay_reporters[key] = tuple(found)
+        return self._relay_reporters[key]
 
     def hold(self) -> ProcessorSet:
         self._holders += 1
