@@ -30,6 +30,7 @@ from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
+from smtpd.mta.reports import Opener, opener
 from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route, clock
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
@@ -85,6 +86,7 @@ class MtaAgent:
         self._pool: dict[tuple[str, str], list[_Pooled]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_prune = clock()
+        self._ptr_lookups: dict[str, asyncio.Task[None]] = {}  # by address, while under way
         self._deferred: dict[str, int] = {}  # relay key -> envelopes handed over and not yet resolved
         self.held = 0  # envelopes waiting for their relay to drain below `mta max-deferred`
 
@@ -190,7 +192,7 @@ class MtaAgent:
     def _enqueue(self, envelope: Envelope, plan: Plan, message_path: str) -> Job:
         loop = asyncio.get_running_loop()
         job = Job(envelope, loop.create_future(), time.time())
-        key = (envelope.msgid, plan.relay_key, plan.sender, message_path)
+        key = (envelope.msgid, plan.session_key, plan.sender, message_path)
         batch = self._batches.get(key)
         if batch is None or len(batch.jobs) >= MAX_RCPT_PER_TRANSACTION:
             batch = self._batches[key] = _Batch(plan, message_path)
@@ -351,7 +353,7 @@ class MtaAgent:
                                      address: str) -> Session | None:
         """An idle session to reuse, or None once a connection place is reserved for a new one."""
         while True:
-            pooled = await self._take_pooled(plan.relay_key, address)
+            pooled = await self._take_pooled(plan.session_key, address)
             if pooled is not None:
                 return pooled.session
             delay = self.state.connect_delay(route, relay, plan.domain, clock())
@@ -381,20 +383,37 @@ class MtaAgent:
     async def _connect(self, plan: Plan, relay: RelayState, route: Route, name: str, address: str) -> Session:
         """Open a session on a reserved connection place (given back if it fails)."""
         try:
+            reports = self._reports(plan)
+            rdns = await self._rdns(route.host) if reports is not None else ""
             try:
-                session = await open_session(plan, name, address, self.tables, self.mailname, self.timeout)
+                session = await open_session(plan, name, address, self.tables, self.mailname, self.timeout,
+                                             reports=reports, rdns=rdns)
             except SessionError as error:
                 if plan.tls.mode is not TlsMode.OPPORTUNISTIC or "TLS" not in error.message:
                     raise
                 # Opportunistic TLS that fails is not a reason to keep the mail: start again in plain text.
                 trace.emit("mta", f"mta: {address}: {error.message}; retrying without TLS", address=address)
                 session = await open_session(plan, name, address, self.tables, self.mailname, self.timeout,
-                                             allow_tls=False)
+                                             allow_tls=False, reports=reports, rdns=rdns)
         except BaseException:
             self.state.release(route, relay, plan.domain)
             raise
         STATS.increment("mta.session")
         return session
+
+    def _reports(self, plan: Plan) -> Opener | None:
+        """Who hears of the relay's sessions (smtp-out reports): None for a relay without a filter process."""
+        if not plan.report_filter:
+            return None
+        return opener(getattr(self._config_source, "processors", None), self.config, plan.report_filter)
+
+    async def _rdns(self, host: Host) -> str:
+        """The host's PTR name for link-connect (its address without one). 6.8 connects once it knows it: a
+        session reported waits for the lookup under way (bounded by the resolver's PTR timeout)."""
+        lookup = self._ptr_lookups.get(host.address)
+        if lookup is not None and not lookup.done():
+            await asyncio.wait([lookup])  # (shields it, and raises nothing: a failed lookup is no name)
+        return host.ptr or host.address
 
     # -- the session pool -------------------------------------------------------------------------------------
     async def _take_pooled(self, plan_key: str, address: str) -> _Pooled | None:
@@ -423,7 +442,7 @@ class MtaAgent:
             await self._discard(session, route, relay, plan.domain, polite=True)
             return
         pooled = _Pooled(session, route, relay, plan.domain)
-        key = (plan.relay_key, session.address)
+        key = (plan.session_key, session.address)
         self._pool.setdefault(key, []).append(pooled)
         route.idle += 1
         pooled.timer = asyncio.get_running_loop().call_later(keepalive, self._expire, key, pooled)
@@ -505,6 +524,8 @@ class MtaAgent:
         task = asyncio.get_running_loop().create_task(look_up())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._ptr_lookups[host.address] = task
+        task.add_done_callback(lambda _: self._ptr_lookups.pop(host.address, None))
 
     # -- smtpctl -------------------------------------------------------------------------------------------------
     def control_view(self, kind: str) -> list[dict[str, object]]:

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from smtpd import trace
+from smtpd.mta.reports import SessionReports, masked, tls_text
 from smtpd.queue import codec
 from smtpd.smtp.connection import SocketConnection
 
@@ -132,6 +133,8 @@ class SmtpClient:
         self.tls_verified = False
         self.tls_version = ""
         self.peer_cert_error = ""
+        self.reports: SessionReports | None = None  # the session's smtp-out reports (None: nobody listens)
+        self.sent_size = 0  # the last message's bytes as sent (dot-stuffed, CRLF), without the final dot
 
     # -- connecting ---------------------------------------------------------------------------------------
     @classmethod
@@ -178,6 +181,8 @@ class SmtpClient:
         code = None
         while True:
             raw = await self._read_line()
+            if self.reports is not None:  # (each line as it came, before it is checked, as 6.8 reports it)
+                self.reports("protocol-server", _clean(raw.decode("utf-8", errors="replace")))
             match = _REPLY_LINE.fullmatch(raw)
             if match is None:
                 raise BadReply(f"Bad response from remote host: malformed line {_clean(_preview(raw))!r}")
@@ -217,6 +222,7 @@ class SmtpClient:
         try:
             return await asyncio.wait_for(self.connection.receive(), self.timeout)
         except TimeoutError:
+            self._timed_out()
             raise ClientError("Connection timeout") from None
         except ssl.SSLError as error:
             raise ClientError(f"TLS error: {error.reason or error}") from None
@@ -224,11 +230,18 @@ class SmtpClient:
             raise ClientError(f"Connection error: {error.strerror or error}") from None
 
     # -- commands -----------------------------------------------------------------------------------------
-    async def command(self, line: str, *, secret: bool = False, in_step: bool = True) -> Reply:
+    async def command(self, line: str, *, secret: bool = False, in_step: bool = True,
+                      then: tuple[str, ...] = ()) -> Reply:
+        """Send one command line and read its reply. ``then``: a report (event and fields) made once the line is
+        sent, before its reply is read (link-identify after EHLO, tx-envelope after RCPT, as 6.8 orders them)."""
         if "\r" in line or "\n" in line:
             raise ClientError("refusing to send a command containing a line break")
         self._trace(">>> " + (_hidden(line) if secret else line))
+        if self.reports is not None:
+            self.reports("protocol-client", masked(line) if secret else line)
         await self._write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        if then and self.reports is not None:
+            self.reports(*then)
         return await self._only_reply() if in_step else await self.read_reply()
 
     async def _only_reply(self) -> Reply:
@@ -253,6 +266,7 @@ class SmtpClient:
             self.connection.write(data)
             await asyncio.wait_for(self.connection.drain(), self.timeout)
         except TimeoutError:
+            self._timed_out()
             raise ClientError("Connection timeout") from None
         except (OSError, ssl.SSLError) as error:
             raise ClientError(f"Connection error: {error}") from None
@@ -263,12 +277,12 @@ class SmtpClient:
     async def hello(self, name: str) -> Reply:
         """EHLO (LHLO for LMTP), falling back to HELO when EHLO is refused with 5xx (SMTP only)."""
         if self.lmtp:
-            reply = await self.command(f"LHLO {name}")
+            reply = await self.command(f"LHLO {name}", then=("link-identify", "LHLO", name))
         else:
-            reply = await self.command(f"EHLO {name}")
+            reply = await self.command(f"EHLO {name}", then=("link-identify", "EHLO", name))
             if reply.code >= 500:
                 self.extensions = Extensions()
-                return await self.command(f"HELO {name}")
+                return await self.command(f"HELO {name}", then=("link-identify", "HELO", name))
         if reply.is_ok:
             self.extensions = Extensions.from_ehlo(reply)
         return reply
@@ -290,7 +304,12 @@ class SmtpClient:
             raise ClientError(f"TLS handshake failed: {_reason(error)}") from None
         self._note_tls(context)
         self.extensions = Extensions()
+        self.report_tls()
         return reply
+
+    def report_tls(self) -> None:
+        if self.reports is not None:
+            self.reports("link-tls", tls_text(self.connection.get_extra_info("ssl_object")))
 
     async def auth(self, username: str, password: str) -> Reply:
         """AUTH PLAIN, or LOGIN when the server offers that and not PLAIN (the caller checked it offers one)."""
@@ -334,12 +353,16 @@ class SmtpClient:
         """After DATA's 354: the message (already in wire form, dot-stuffed), the end marker, and the final
         reply, or with LMTP one per accepted recipient (RepliesCut if the session ends among those)."""
         buffer = bytearray()
+        self.sent_size = 0
         async for chunk in message_lines:
             buffer += chunk
+            self.sent_size += len(chunk)
             if len(buffer) >= CHUNK:
                 await self._write(bytes(buffer))
                 buffer.clear()
         buffer += b".\r\n"
+        if self.reports is not None:  # (the message's own lines are not reported; its end is)
+            self.reports("protocol-client", ".")
         await self._write(bytes(buffer))
         self._trace(">>> [message] .")
         count = recipients if self.lmtp else 1
@@ -372,6 +395,8 @@ class SmtpClient:
             await asyncio.wait_for(self.connection.wait_closed(), 2)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
             pass
+        if self.reports is not None:  # (every end of a session comes here; told once)
+            self.reports.disconnected()
 
     @property
     def closed(self) -> bool:
@@ -379,6 +404,10 @@ class SmtpClient:
 
     def get_extra_info(self, name: str) -> object:
         return self.connection.get_extra_info(name)
+
+    def _timed_out(self) -> None:
+        if self.reports is not None:
+            self.reports("timeout")
 
     def _trace(self, text: str) -> None:
         if trace.wants(self.subsystem):

@@ -42,6 +42,7 @@ class Plan:
     sender: str  # MAIL FROM, after the mail-from rewrite
     port: int
     source_table: str | None = None  # the `src <table>` the source came from (others of it may suit the MX better)
+    report_filter: str | None = None  # the action's `filter`: its processes get the sessions' smtp-out reports
 
     @property
     def relay_key(self) -> str:
@@ -72,6 +73,12 @@ class Plan:
         if self.tls.verify:
             parts.append("verify")
         return "[" + ",".join(parts) + "]"
+
+    @property
+    def session_key(self) -> str:
+        """What envelopes sharing a transaction or a session have in common: the relay, and whose processes
+        hear of the session (not in `show relays`, which prints relay_key as 6.8 prints its relays)."""
+        return self.relay_key + (f",filter={self.report_filter}" if self.report_filter else "")
 
 
 def rewrite_sender(sender: str, mail_from: str | None) -> str:
@@ -117,6 +124,7 @@ def make_plan(config: Config, tables: Any, relay: Relay, envelope: Envelope, mx_
         sender=_sender(config, relay, envelope, mailname),
         port=smarthost.port if smarthost is not None else mx_port,
         source_table=None if relay.src else relay.src_table,
+        report_filter=relay.filter,
     )
 
 

@@ -21,9 +21,11 @@ from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
+from smtpd.mta.reports import Opener
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
 from smtpd.queue import codec
 from smtpd.queue.envelope import DsnNotify, Envelope
+from smtpd.smtp.address import valid_domain
 
 LOG = log.get("mta")
 _ESC = re.compile(r"^[245]\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -85,8 +87,10 @@ def result_for_reply(reply: Reply) -> DeliveryResult:
 
 # -- opening ------------------------------------------------------------------------------------------------
 async def open_session(plan: Plan, host_name: str, address: str, tables: Any, mailname: str,
-                       timeout: float, allow_tls: bool = True) -> Session:
-    """Connect and get the session ready for MAIL FROM. Raises SessionError."""
+                       timeout: float, allow_tls: bool = True, reports: Opener | None = None,
+                       rdns: str = "") -> Session:
+    """Connect and get the session ready for MAIL FROM. Raises SessionError. ``reports``: the session is told to
+    the relay's filter processes (``rdns``: the host's PTR name, for link-connect)."""
     session_id = secrets.token_hex(8)
     policy = plan.tls
     use_smtps = policy.mode is TlsMode.SMTPS
@@ -111,7 +115,9 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
                                           server_hostname=server_hostname, lmtp=plan.lmtp, session_id=session_id)
     except ClientError as error:
         raise SessionError(error.args[0]) from None
-    session = Session(client, host_name, address, plan.relay_key, id=session_id)
+    if reports is not None:  # (a connection that never opened is no session to report, docs/filters.md)
+        _open_reports(client, reports(session_id), rdns or address)
+    session = Session(client, host_name, address, plan.session_key, id=session_id)
     try:
         await _handshake(session, plan, tables, mailname, context, server_hostname)
     except (ClientError, SessionError, PlanError) as error:
@@ -125,12 +131,29 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
     return session
 
 
+def _open_reports(client: SmtpClient, reports: Any, rdns: str) -> None:
+    client.reports = reports
+    reports.link_connect(rdns, client.get_extra_info("sockname"), client.get_extra_info("peername"))
+    if client.tls:  # smtps: TLS came with the connection
+        client.report_tls()
+
+
+def greeting_name(greeting: Reply) -> str:
+    """The name a greeting gives (its first word), as link-greeting reports it: empty when it is no domain."""
+    words = greeting.lines[0][4:].split(" ", 1)
+    name = words[0] if words else ""
+    literal = name.startswith("[") and name.endswith("]") and len(name) > 2
+    return name if literal or valid_domain(name) else ""
+
+
 async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, context: Any,
                      server_hostname: str | None) -> None:
     client = session.client
     greeting = await client.greeting()
     if greeting.code != 220:
         raise SessionError(greeting.text)
+    if client.reports is not None:
+        client.reports("link-greeting", greeting_name(greeting))
     sockname = client.get_extra_info("sockname")
     local_address = sockname[0] if sockname else None
     helo = await asked_off_the_loop(tables, helo_name, tables, plan, local_address, mailname)
@@ -167,6 +190,8 @@ async def _authenticate(session: Session, plan: Plan, tables: Any) -> None:
         raise SessionError("no supported AUTH method", route_failure=False)
     username, password = await asked_off_the_loop(tables, secret_for, tables, plan)
     reply = await client.auth(username, password)
+    if client.reports is not None:
+        client.reports("link-auth", username, "pass" if reply.code == 235 else "fail")
     if reply.code != 235:
         raise SessionError(f"AUTH rejected: {reply.text}", route_failure=False)
     trace.emit("mta", f"{session.id}: authenticated as {username}", session=session.id)
@@ -250,12 +275,17 @@ async def _transaction(session: Session, sender: str, jobs: list[Job], message_p
     limit_reply: Reply | None = None
     try:
         reply = await client.mail_from(sender, params)
-        if not reply.is_ok:
+        if not reply.is_ok:  # (no transaction began: nothing but the protocol lines is reported, as in 6.8)
             _resolve_all(jobs, result_for_reply(reply))
             await _reset(client)
             return not client.closed, [], None
+        msgid = f"{jobs[0].envelope.evpid >> 32:08x}"
+        _tx(client, "tx-begin", msgid)
+        _tx(client, "tx-mail", msgid, "ok", sender)
         for index, job in enumerate(jobs):
-            reply = await client.command(_rcpt_line(job.envelope, dsn, job.address))
+            reply = await client.command(_rcpt_line(job.envelope, dsn, job.address),
+                                         then=("tx-envelope", msgid, f"{job.envelope.evpid:016x}"))
+            _tx(client, "tx-rcpt", msgid, _result_word(reply), job.address or job.envelope.dest)
             if reply.is_ok:
                 accepted.append(job)
             elif reply.code == 452 and accepted:
@@ -266,9 +296,10 @@ async def _transaction(session: Session, sender: str, jobs: list[Job], message_p
             else:
                 job.resolve(result_for_reply(reply))
         if not accepted:
+            _tx_ended(client, msgid, committed=False)
             await _reset(client)
             return not client.closed, [], None
-        replies = await client.data(stuffed_lines(message_path), len(accepted))
+        replies = await _data(client, msgid, message_path, len(accepted))
         if len(replies) == 1:  # SMTP, or DATA itself refused: one answer for every accepted recipient
             replies = replies * len(accepted)
         for job, reply in zip(accepted, replies, strict=True):
@@ -300,6 +331,40 @@ async def _transaction(session: Session, sender: str, jobs: list[Job], message_p
         _resolve_all(jobs, DeliveryResult.tempfail(f"cannot read the message: {error}"))
         await client.close()
         return False, [], None
+
+
+async def _data(client: SmtpClient, msgid: str, message_path: str, recipients: int) -> list[Reply]:
+    """DATA and the message: [the refusal of DATA] (the transaction reset, as 6.8 does), or the final replies."""
+    reply = await client.begin_data()
+    _tx(client, "tx-data", msgid, "ok" if reply.code == 354 else _result_word(reply))
+    if reply.code != 354:
+        _tx_ended(client, msgid, committed=False)
+        await _reset(client)
+        return [reply]
+    replies = await client.send_message(stuffed_lines(message_path), recipients)
+    for final in replies:  # (LMTP: one per recipient, each reported as 6.8 reports it)
+        _tx_ended(client, msgid, committed=final.is_ok)
+    return replies
+
+
+def _tx(client: SmtpClient, event: str, msgid: str, *fields: str) -> None:
+    if client.reports is not None:
+        client.reports(event, msgid, *fields)
+
+
+def _tx_ended(client: SmtpClient, msgid: str, *, committed: bool) -> None:
+    """tx-commit (with the bytes sent) or tx-rollback, then tx-reset: the transaction is over."""
+    if client.reports is None:
+        return
+    if committed:
+        client.reports("tx-commit", msgid, str(client.sent_size))
+    else:
+        client.reports("tx-rollback", msgid)
+    client.reports("tx-reset", msgid)
+
+
+def _result_word(reply: Reply) -> str:
+    return "ok" if reply.is_ok else "permfail" if reply.code >= 500 else "tempfail"
 
 
 def _rcpt_line(envelope: Envelope, dsn: bool, address: str = "") -> str:
