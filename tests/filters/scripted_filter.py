@@ -11,7 +11,8 @@ when the request's argument holds the text after an `@` in the phase (`rcpt-to@b
 daemon's Received header included). `hang=PHASE` never answers that phase; `exit=PHASE` exits when asked
 (`exit=PHASE@TEXT`: when the request's argument holds TEXT). `slow=SECONDS` waits that long before it
 answers a message's first data line (its input pipe fills up meanwhile). It registers for every report event
-and filter phase of smtp-in, or for those named by `reports=a,b` and `phases=c,d`.
+and filter phase of smtp-in, or for those named by `reports=a,b` and `phases=c,d`; `out=a,b` (`out=all`: every
+report event) registers for those report events of smtp-out as well.
 """
 
 import sys
@@ -29,13 +30,14 @@ def main() -> None:
     options: dict[str, str] = {}
     for word in sys.argv[2:]:
         key, _, value = word.partition("=")
-        if key in ("dataline", "hang", "exit", "reports", "phases", "name", "slow"):
+        if key in ("dataline", "hang", "exit", "reports", "phases", "name", "slow", "out"):
             options[key] = value
         else:
             phase, _, needle = key.partition("@")
             rules.append((phase, needle, value))
     reports = options["reports"].split(",") if "reports" in options else REPORTS
     phases = options["phases"].split(",") if "phases" in options else PHASES
+    out_reports = REPORTS if options.get("out") == "all" else options.get("out", "").split(",")
     prepend = options.get("dataline", "").removeprefix("prepend:")
     started: set[str] = set()
     out = sys.stdout
@@ -47,6 +49,8 @@ def main() -> None:
         if line == "config|ready":
             for event in filter(None, reports):
                 out.write(f"register|report|smtp-in|{event}\n")
+            for event in filter(None, out_reports):
+                out.write(f"register|report|smtp-out|{event}\n")
             for phase in filter(None, phases):
                 out.write(f"register|filter|smtp-in|{phase}\n")
             out.write("register|ready\n")
