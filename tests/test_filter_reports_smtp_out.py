@@ -175,19 +175,23 @@ def normalized(events: list[str]) -> list[str]:
 
 
 def sorted_recipients(events: list[str]) -> list[str]:
-    """Each run of RCPT groups (a RCPT line and the reports up to the next command) sorted by the RCPT line."""
+    """Each run of RCPT groups (a RCPT line and the reports up to the next command) sorted by the RCPT line. A
+    transaction's end (tx-rollback, tx-reset) stays after the run, wherever the last recipient was sorted to."""
     result: list[str] = []
     groups: list[list[str]] = []
+    ends: list[str] = []
     for event in events:
         if event.startswith("protocol-client|RCPT TO:"):
             groups.append([event])
+        elif groups and event.startswith(("tx-rollback|", "tx-reset|")):
+            ends.append(event)
         elif groups and not event.startswith("protocol-client|"):
             groups[-1].append(event)
         else:
-            result += [line for group in sorted(groups) for line in group]
-            groups = []
+            result += [line for group in sorted(groups) for line in group] + ends
+            groups, ends = [], []
             result.append(event)
-    return result + [line for group in sorted(groups) for line in group]
+    return result + [line for group in sorted(groups) for line in group] + ends
 
 
 def corrected(events: list[str]) -> list[str]:
