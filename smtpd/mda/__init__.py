@@ -251,9 +251,7 @@ class MdaAgent:
         if action.method is Method.RELAY:
             return DeliveryResult.permfail(f"dispatcher {action.name} relays, it does not deliver locally")
         try:
-            # The file itself, or its clear text in memory when the queue compresses or encrypts.
-            message = await asyncio.to_thread(codec.open_message, message_path) if codec.current().active \
-                else open(message_path, "rb")  # noqa: SIM115 — closed below, after the child is done
+            message = await _open_message(message_path)
         except OSError as error:
             return DeliveryResult.tempfail(f"cannot open message: {error.strerror}")
         except codec.QueueCodecError as error:
@@ -657,6 +655,25 @@ def _child_result(result: ChildResult) -> DeliveryResult:
     if result.status in command.TEMPFAIL_STATUSES:
         return DeliveryResult.tempfail(result.text or "temporary failure")
     return DeliveryResult.permfail(result.text or f"exited with status {result.status}")
+
+
+async def _open_message(path: str) -> BinaryIO:
+    """The message file itself, or its clear text in memory when it is stored compressed or encrypted. Told by
+    its bytes, not by the configuration: mail queued while `queue compression` was on is still delivered in
+    clear once it is off (opened as a plain file, its gzip bytes went into the mailbox). Decoding runs in a
+    worker thread; a clear file is opened on the loop, as it always was."""
+    if not codec.current().active:  # (when it is, every message is stored encoded: straight to the thread)
+        handle = open(path, "rb")  # noqa: SIM115 — returned, or closed below
+        try:
+            encoded = codec.is_encoded(handle.read(2))
+            handle.seek(0)
+        except BaseException:
+            handle.close()
+            raise
+        if not encoded:
+            return handle
+        handle.close()
+    return await asyncio.to_thread(codec.open_message, path)
 
 
 def _has_loop(message: BinaryIO, dest: str) -> bool:

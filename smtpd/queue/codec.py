@@ -127,7 +127,7 @@ class QueueCodec:
         handle = open(path, "rb")  # noqa: SIM115 — returned, or closed below
         try:
             head = handle.read(2)
-            if head[:1] != ENCRYPTED_MARK and head != GZIP_MAGIC:
+            if not is_encoded(head):
                 handle.seek(0)
                 return handle
             with handle:
@@ -193,6 +193,11 @@ class QueueCodec:
             out(unpacker.flush())
             if not unpacker.eof:
                 raise QueueCodecError("compressed data cut short")
+
+
+def is_encoded(head: bytes) -> bool:
+    """Whether stored bytes beginning with ``head`` (their first two) are compressed or encrypted."""
+    return head[:1] == ENCRYPTED_MARK or head[:2] == GZIP_MAGIC
 
 
 @functools.lru_cache(maxsize=4)
@@ -266,7 +271,7 @@ def stored(data: bytes) -> bytes:
 
 def clear(data: bytes, limit: int | None = None) -> bytes:
     """The clear text of stored bytes under this process's codec (QueueCodecError when it cannot be had)."""
-    if data[:1] == ENCRYPTED_MARK or data[:2] == GZIP_MAGIC:
+    if is_encoded(data):
         return _current.decode(data, limit)
     return data
 
