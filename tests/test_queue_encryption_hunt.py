@@ -3,14 +3,20 @@ them off with mail queued, starting without the key after a crash, LMTP deliveri
 
 from __future__ import annotations
 
+import asyncio
 import os
 import smtplib
 from pathlib import Path
 
 import pytest
-from helpers_delivery import Daemon, mail_world
-from helpers_dovecot import free_port
+from helpers_delivery import Daemon, DictTables, local_action, mail_world, make_config, mda_envelope
+from helpers_dovecot import Dovecot, DovecotUser, free_port
 from waiting import wait_until
+
+from smtpd.config.model import Method
+from smtpd.delivery import Outcome
+from smtpd.mda import MdaAgent
+from smtpd.queue import codec
 
 KEY = "0123456789abcdef0123456789abcdef"
 
@@ -66,3 +72,27 @@ def test_mail_queued_compressed_is_delivered_in_clear_once_compression_is_off(wo
         daemon.stop()
     [text] = maildir_texts(bob.pw_dir)
     assert b"\nSubject: squeezed\n" in text and text.endswith(b"\n\nsqueezed body\n"), text[:300]
+
+
+def test_lmtp_envelopes_of_an_encrypted_message_share_one_transaction(world, monkeypatch) -> None:
+    """The LMTP batch of a message gathered its envelopes by the inode of the file each read: a decrypted copy
+    in memory is one per envelope, so every recipient of an encrypted message had a session of its own."""
+    top, _, bob = world
+    monkeypatch.setattr(codec, "_current", codec.QueueCodec(compress=True, key=KEY.encode()))
+    user = DovecotUser(bob.pw_name, bob.pw_uid, bob.pw_gid, bob.pw_dir)
+    with Dovecot(os.path.join(top, "dovecot"), [user], "maildir:~/Maildir") as dovecot:
+        config = make_config([local_action("lm", Method.LMTP, lmtp_destination=dovecot.lmtp_socket,
+                                           lmtp_rcpt_to=True)], [])
+        agent = MdaAgent(config, DictTables(), "mx.example.org")
+        path = os.path.join(top, "message")
+        Path(path).write_bytes(codec.stored(b"Subject: for two\n\nsent once\n"))
+        first = mda_envelope("lm", f"{bob.pw_name}@example.org", bob.pw_name, evpid=0x1111222200000001)
+        second = mda_envelope("lm", f"{bob.pw_name}+two@example.org", bob.pw_name, evpid=0x1111222200000002)
+
+        async def both():
+            return await asyncio.gather(agent.deliver(first, path), agent.deliver(second, path))
+
+        results = asyncio.run(both())
+        assert [result.outcome for result in results] == [Outcome.OK, Outcome.OK], results
+        wait_until(lambda: "Disconnect from local" in dovecot.log(), explain=dovecot.log)
+        assert dovecot.log().count("Connect from local") == 1, dovecot.log()

@@ -85,6 +85,9 @@ class _Job:
     directory: str  # the recipient's home
     prefix: bytes
     context: VariableContext
+    # The stored message file's (device, inode): an LMTP batch gathers the envelopes of one message by it (the
+    # clear copy a compressed or encrypted message is read from is made for each envelope).
+    source: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ class MdaAgent:
         if action.method is Method.RELAY:
             return DeliveryResult.permfail(f"dispatcher {action.name} relays, it does not deliver locally")
         try:
-            message = await _open_message(message_path)
+            message, source = await _open_message(message_path)
         except OSError as error:
             return DeliveryResult.tempfail(f"cannot open message: {error.strerror}")
         except codec.QueueCodecError as error:
@@ -259,7 +262,7 @@ class MdaAgent:
         with message:
             if _has_loop(message, envelope.dest):
                 return DeliveryResult(Outcome.LOOP, "Loop detected", 5, 47)
-            job = await asked_off_the_loop(self.tables, self._prepare, envelope, action)  # the userbase
+            job = await asked_off_the_loop(self.tables, self._prepare, envelope, action, source)  # the userbase
             trace.emit("mda", f"delivering {envelope.evpid:016x} to {envelope.dest} as {job.identity.username} "
                               f"via {envelope.mda_exec or action.method}", evpid=f"{envelope.evpid:016x}")
             return await self._run(job, message)
@@ -287,7 +290,7 @@ class MdaAgent:
         # (mbox for root: _run_mbox writes as the unprivileged user)
         return username, directory, Identity.for_user(username, uid, gid, directory)
 
-    def _prepare(self, envelope: Envelope, action: Action) -> _Job:
+    def _prepare(self, envelope: Envelope, action: Action, source: tuple[int, int]) -> _Job:
         username, directory, identity = self._identity(envelope, action)
         prefix = b""
         if envelope.sender:
@@ -295,7 +298,7 @@ class MdaAgent:
         prefix += f"Delivered-To: {envelope.rcpt or envelope.dest}\n".encode("utf-8", "surrogateescape")
         context = VariableContext(envelope.sender, envelope.rcpt or envelope.dest, envelope.dest, username,
                                   directory, delimiter=(self.config.smtp.sub_addr_delim or "+")[:1])
-        return _Job(envelope, action, identity, username, directory, prefix, context)
+        return _Job(envelope, action, identity, username, directory, prefix, context, source)
 
     def _resolve_user(self, envelope: Envelope, action: Action) -> tuple[str, int, int, str]:
         if action.user:
@@ -495,7 +498,7 @@ class MdaAgent:
         """
         destination = job.action.lmtp_destination or ""
         recipient = job.envelope.dest if job.action.lmtp_rcpt_to else job.username
-        key = (job.envelope.msgid, os.fstat(message.fileno()).st_ino, job.action.name, destination,
+        key = (job.envelope.msgid, job.source, job.action.name, destination,
                job.envelope.sender)
         loop = asyncio.get_running_loop()
         batch = self._lmtp_batches.get(key)
@@ -657,23 +660,29 @@ def _child_result(result: ChildResult) -> DeliveryResult:
     return DeliveryResult.permfail(result.text or f"exited with status {result.status}")
 
 
-async def _open_message(path: str) -> BinaryIO:
-    """The message file itself, or its clear text in memory when it is stored compressed or encrypted. Told by
-    its bytes, not by the configuration: mail queued while `queue compression` was on is still delivered in
-    clear once it is off (opened as a plain file, its gzip bytes went into the mailbox). Decoding runs in a
-    worker thread; a clear file is opened on the loop, as it always was."""
+async def _open_message(path: str) -> tuple[BinaryIO, tuple[int, int]]:
+    """The message file itself, or its clear text in memory when it is stored compressed or encrypted; and the
+    stored file's (device, inode). Told by its bytes, not by the configuration: mail queued while `queue
+    compression` was on is still delivered in clear once it is off (opened as a plain file, its gzip bytes went
+    into the mailbox). Decoding runs in a worker thread; a clear file is opened on the loop, as it always was."""
     if not codec.current().active:  # (when it is, every message is stored encoded: straight to the thread)
         handle = open(path, "rb")  # noqa: SIM115 — returned, or closed below
         try:
             encoded = codec.is_encoded(handle.read(2))
             handle.seek(0)
+            info = os.fstat(handle.fileno())
         except BaseException:
             handle.close()
             raise
         if not encoded:
-            return handle
+            return handle, (info.st_dev, info.st_ino)
         handle.close()
-    return await asyncio.to_thread(codec.open_message, path)
+    return await asyncio.to_thread(_decoded_message, path)
+
+
+def _decoded_message(path: str) -> tuple[BinaryIO, tuple[int, int]]:
+    info = os.stat(path)
+    return codec.open_message(path), (info.st_dev, info.st_ino)
 
 
 def _has_loop(message: BinaryIO, dest: str) -> bool:
