@@ -96,3 +96,39 @@ def test_lmtp_envelopes_of_an_encrypted_message_share_one_transaction(world, mon
         assert [result.outcome for result in results] == [Outcome.OK, Outcome.OK], results
         wait_until(lambda: "Disconnect from local" in dovecot.log(), explain=dovecot.log)
         assert dovecot.log().count("Connect from local") == 1, dovecot.log()
+
+
+def test_an_acknowledged_commit_left_in_incoming_is_kept_by_a_start_without_the_key(world) -> None:
+    """A crash left an acknowledged commit in incoming/ (not yet moved under queue/), and the next start has no
+    key: its envelopes cannot be read to tell an acknowledged commit from an unfinished one, so it must be kept
+    aside with the reason, never dropped as unacknowledged."""
+    top, root, _ = world
+    port = free_port()
+    workdir = os.path.join(top, "daemon")
+    os.mkdir(workdir)
+    daemon = Daemon(workdir, config_text(port, f"queue encryption {KEY}"), root, extra_args=("-P", "mta"))
+    daemon.start()
+    try:
+        send(port, ["carol@far.test"], "Subject: acknowledged\r\n\r\nkeep me\r\n")
+        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
+        msgid = queued(daemon)[0][:8]
+    finally:
+        daemon.stop()
+    # As a crash between the commit's flush and its move under queue/ leaves it.
+    os.rename(os.path.join(daemon.spool, "queue", msgid[:2], msgid), os.path.join(daemon.spool, "incoming", msgid))
+    Path(daemon.config_path).write_text(config_text(port, ""))
+    daemon.start()
+    try:
+        corrupt = daemon.smtpctl("show", "queue", "--corrupt").stdout
+    finally:
+        daemon.stop()
+    assert "unacknowledged" not in daemon.log(), daemon.log()
+    assert msgid in corrupt and codec.NO_KEY in corrupt, corrupt
+    # What the reason says to do: back to incoming/, a start with the key checks it and places it.
+    os.rename(os.path.join(daemon.spool, "corrupt", msgid), os.path.join(daemon.spool, "incoming", msgid))
+    Path(daemon.config_path).write_text(config_text(port, f"queue encryption {KEY}"))
+    daemon.start()
+    try:
+        wait_until(lambda: [line[:8] for line in queued(daemon)] == [msgid], 20, explain=daemon.log)
+    finally:
+        daemon.stop()

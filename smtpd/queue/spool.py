@@ -61,6 +61,9 @@ MESSAGE_COPY_SUFFIX = ".message"  # corrupt/<msgid>.message: a message kept besi
 KEY_CHECK_FILE = "encryption-check"
 KEY_CHECK_TEXT = b"PySMTPD queue encryption key check\n"
 ID_TAKEN = "an acknowledged message whose id a folder under queue/ has already"
+# A commit a crash left in incoming/ whose files are encrypted, found by a start without the key.
+INCOMING_NO_KEY = (f"{codec.NO_KEY}: a commit left in incoming/ by a crash, maybe acknowledged; move it back "
+                   "to incoming/ and start with the key to have it checked")
 # Why a whole message went aside because not one of its envelopes could be read (followed by each file's reason).
 UNLOADABLE = "no envelope of the message can be loaded"
 
@@ -177,6 +180,10 @@ class Spool:
         for name in _listdir(self.incoming):
             path = os.path.join(self.incoming, name)
             msgid = int(name, 16) if is_hex_name(name, 8) else 0
+            if msgid and not os.path.islink(path) and _encrypted_without_key(path):
+                # Its envelopes cannot be read, so whether it was acknowledged cannot be told: kept, never dropped.
+                aside.append(self.set_aside(path, format_msgid(msgid), INCOMING_NO_KEY))
+                continue
             # Only a real folder can be a commit: anything else under that name (a symbolic link, a file) is
             # not one of ours, and is dropped like an incomplete commit without being followed.
             if msgid and not os.path.islink(path) and complete_commit(path, msgid):
@@ -467,6 +474,24 @@ class Spool:
             os.rmdir(target)
         except OSError:
             shutil.rmtree(target, ignore_errors=True)
+
+
+def _encrypted_without_key(directory: str) -> bool:
+    """Whether this process has no queue encryption key and the folder holds a file stored encrypted."""
+    if codec.current().key is not None:
+        return False
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            head = _read_regular_file(os.path.join(directory, name), 1)
+        except OSError:
+            continue
+        if head == codec.ENCRYPTED_MARK:
+            return True
+    return False
 
 
 def complete_commit(directory: str, msgid: int) -> bool:
