@@ -132,3 +132,36 @@ def test_an_acknowledged_commit_left_in_incoming_is_kept_by_a_start_without_the_
         wait_until(lambda: [line[:8] for line in queued(daemon)] == [msgid], 20, explain=daemon.log)
     finally:
         daemon.stop()
+
+
+def test_a_lost_or_damaged_key_check_file_is_judged_by_the_queue(world) -> None:
+    """encryption-check gone (a spool copied without it, a cleanup): a start with another key wrote it for that
+    key, moved every queued message aside as undecryptable, and from then on refused the right key. The queue
+    itself now decides; and a damaged check file no longer locks out the key the queue decrypts with."""
+    top, root, _ = world
+    port = free_port()
+    workdir = os.path.join(top, "daemon")
+    os.mkdir(workdir)
+    daemon = Daemon(workdir, config_text(port, f"queue encryption {KEY}"), root, extra_args=("-P", "mta"))
+    daemon.start()
+    try:
+        send(port, ["carol@far.test"], "Subject: kept\r\n\r\nkept\r\n")
+        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
+    finally:
+        daemon.stop()
+    check = Path(daemon.spool, "encryption-check")
+    check.unlink()
+    Path(daemon.config_path).write_text(config_text(port, f"queue encryption {'x' * 32}"))
+    with pytest.raises(RuntimeError, match="exited at start"):
+        daemon.start()
+    assert "the queue encryption key is not the one this spool's queue was encrypted with" in daemon.log()
+    assert not check.exists() and not any(Path(daemon.spool, "corrupt").iterdir())
+    check.write_bytes(b"")  # damaged: the right key starts, and writes it again
+    Path(daemon.config_path).write_text(config_text(port, f"queue encryption {KEY}"))
+    daemon.start()
+    try:
+        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
+        assert "encryption-check was damaged: written again" in daemon.log(), daemon.log()
+    finally:
+        daemon.stop()
+    assert check.read_bytes().startswith(codec.ENCRYPTED_MARK)

@@ -116,7 +116,11 @@ class Spool:
         """Whether the key of `queue encryption` is the one the spool's queue was encrypted with: the first
         start with a key leaves KEY_CHECK_FILE, a known text encrypted with it, and every later start with a key
         decrypts it. QueueCodecError when that fails: a mistyped key must stop the start, not have the whole
-        queue moved aside as undecodable. Returns a warning, or "": the file is there and no key is given."""
+        queue moved aside as undecodable. Returns a warning, or "".
+
+        A missing or damaged check file is judged by the queue itself: its first encrypted envelope must decrypt
+        with the key before the file is written (again). Writing it for whatever key came would take a wrong key
+        for the right one, move the queue aside, and then refuse the right key."""
         path = os.path.join(self.root, KEY_CHECK_FILE)
         if queue_codec.key is None:
             return (f"queue: this spool was used with queue encryption ({path}): messages stored encrypted "
@@ -126,16 +130,35 @@ class Spool:
             with open(path, "rb") as handle:
                 stored_check = handle.read(4096)
         except FileNotFoundError:
-            replace_file(path, key_only.encode(KEY_CHECK_TEXT))
+            stored_check = None
+        if stored_check is not None and _decrypts(key_only, stored_check, KEY_CHECK_TEXT):
             return ""
-        try:
-            if key_only.decode(stored_check) == KEY_CHECK_TEXT:
-                return ""
-        except codec.QueueCodecError:
-            pass
-        raise codec.QueueCodecError(
-            f"the queue encryption key is not the one this spool's queue was encrypted with ({path} does not "
-            "decrypt with it); nothing was read or changed: start with that key, or move the spool aside")
+        queued = self._first_encrypted_envelope()
+        if queued is not None and not _decrypts(key_only, queued[1]):
+            raise _wrong_key(queued[0])
+        if stored_check is None:
+            replace_file(path, key_only.encode(KEY_CHECK_TEXT))
+            return f"queue: {path} was missing: written for this key, which decrypts the queue" if queued else ""
+        if queued is None:  # nothing queued tells a damaged check file from a mistyped key: refuse
+            raise _wrong_key(path)
+        replace_file(path, key_only.encode(KEY_CHECK_TEXT))
+        return f"queue: {path} was damaged: written again, since the queue decrypts with this key"
+
+    def _first_encrypted_envelope(self) -> tuple[str, bytes] | None:
+        """(path, content) of the first envelope file under queue/ stored encrypted, or None."""
+        for msgid in self.message_ids():
+            directory = self.message_dir(msgid)
+            for name in _listdir(directory):
+                if name == MESSAGE_FILE or not is_hex_name(name, 16):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    data = _read_regular_file(path, MAX_STORED_ENVELOPE_BYTES)
+                except OSError:
+                    continue
+                if data and data[:1] == codec.ENCRYPTED_MARK:
+                    return path, data
+        return None
 
     def create_layout(self) -> None:
         """Create the folders that are missing (and the 256 buckets), flushing each new entry once."""
@@ -474,6 +497,21 @@ class Spool:
             os.rmdir(target)
         except OSError:
             shutil.rmtree(target, ignore_errors=True)
+
+
+def _wrong_key(path: str) -> codec.QueueCodecError:
+    return codec.QueueCodecError(
+        f"the queue encryption key is not the one this spool's queue was encrypted with ({path} does not decrypt "
+        "with it); nothing was read or changed: start with that key, or move the spool aside")
+
+
+def _decrypts(key_only: codec.QueueCodec, data: bytes, expected: bytes | None = None) -> bool:
+    """Whether ``data`` decrypts with the codec's key (to ``expected``, when given)."""
+    try:
+        clear = key_only.decode(data, MAX_ENVELOPE_BYTES)
+    except codec.QueueCodecError:
+        return False
+    return expected is None or clear == expected
 
 
 def _encrypted_without_key(directory: str) -> bool:
