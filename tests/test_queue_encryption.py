@@ -201,7 +201,9 @@ def test_key_from_standard_input_or_the_terminal(world) -> None:
         child.expect_exact("queue key: ")
         child.sendline(KEY)
         wait_until(daemon.answers, 20, explain=lambda: child.before.decode(errors="replace"))
-        assert [row[5] for row in queue_rows(daemon)] == [f"{bob.pw_name}@local.test"]
+        # (The queue loads in the background: right after the start, show queue may list nothing yet.)
+        wait_until(lambda: [row[5] for row in queue_rows(daemon)] == [f"{bob.pw_name}@local.test"], 20,
+                   explain=lambda: child.before.decode(errors="replace"))
     finally:
         child.terminate(force=True)
 
