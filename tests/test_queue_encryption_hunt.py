@@ -165,3 +165,39 @@ def test_a_lost_or_damaged_key_check_file_is_judged_by_the_queue(world) -> None:
     finally:
         daemon.stop()
     assert check.read_bytes().startswith(codec.ENCRYPTED_MARK)
+
+
+def open_copies() -> set[int]:
+    """The inodes of the clear message copies (memfds) this process holds open."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:smtpd-message"):
+                found.add(os.stat(f"/proc/self/fd/{name}").st_ino)
+        except OSError:
+            continue
+    return found
+
+
+def test_readers_of_one_message_share_one_clear_copy(tmp_path: Path, monkeypatch) -> None:
+    """Every delivery decoded a copy of its own, kept while it ran or waited for its mailbox batch: a 20 MB
+    message to 40 local users held 750 MB of copies. The readers at one time now share one, each with its own
+    offset, and it goes with the last of them."""
+    monkeypatch.setattr(codec, "_current", codec.QueueCodec(compress=True, key=KEY.encode()))
+    clear = b"Subject: shared\n\n" + b"".join(b"line %d\n" % number for number in range(50_000))
+    path = tmp_path / "message"
+    path.write_bytes(codec.stored(clear))
+    readers = [codec.open_message(str(path)) for _ in range(10)]
+    try:
+        assert len(open_copies()) == 1
+        assert readers[0].read(100) == clear[:100]
+        assert [reader.read() for reader in readers[1:]] == [clear] * 9  # (offsets of their own)
+    finally:
+        for reader in readers:
+            reader.close()
+    assert open_copies() == set()
+    path.write_bytes(codec.stored(clear)[:-1])  # damaged: each reader is told, nothing stays behind
+    for _ in range(2):
+        with pytest.raises(codec.QueueCodecError):
+            codec.open_message(str(path))
+    assert open_copies() == set()
