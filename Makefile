@@ -58,7 +58,7 @@ run: install
 	$(PY) scripts/trial.py
 
 test: test-deps install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=20
 
 lint: install
 	$(VENV)/bin/ruff check smtpd smtpctl shared tests bench scripts
