@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from helpers_delivery import Daemon, mail_world
+from helpers_codec import KEY, OTHER_KEY, config_text, new_daemon, queue_one, queue_rows, send
+from helpers_delivery import mail_world
 from helpers_dovecot import Dovecot, DovecotUser, free_port
 from helpers_mta import Remote, ScriptedHandler, maildir_messages
 from test_queue_file_writer import file_writer_of
@@ -24,8 +25,6 @@ from waiting import wait_until
 
 from smtpd.queue.codec import ENCRYPTED_MARK
 
-KEY = "0123456789abcdef0123456789abcdef"
-OTHER_KEY = "fedcba9876543210fedcba9876543210"
 BIG_LINES = 9000  # about 400 KB: over the 256 KiB a message is held in memory, so it goes through its file
 
 
@@ -35,24 +34,10 @@ def world(monkeypatch):
         yield made
 
 
-def config_text(port: int, queue: str, relay_port: int = 9) -> str:
-    return (f"{queue}\n"
-            f"listen on 127.0.0.1 port {port}\n"
-            'action "md" maildir\n'
-            f'action "out" relay host smtp://127.0.0.1:{relay_port}\n'
-            'match from any for domain "local.test" action "md"\n'
-            'match from any for domain "far.test" action "out"\n')
 
 
-def new_daemon(top: str, root: str, config: str, name: str = "daemon", paused: bool = True) -> Daemon:
-    workdir = os.path.join(top, name)
-    os.makedirs(workdir, exist_ok=True)
-    return Daemon(workdir, config, root, extra_args=("-P", "mda", "-P", "mta") if paused else ())
 
 
-def send(port: int, recipients: list[str], message: str) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        assert client.sendmail("alice@client.test", recipients, message.encode()) == {}
 
 
 def big_message(token: str) -> str:
@@ -63,10 +48,6 @@ def spool_files(spool: str) -> dict[str, bytes]:
     return {str(path.relative_to(spool)): path.read_bytes() for path in Path(spool).rglob("*") if path.is_file()}
 
 
-def queue_rows(daemon: Daemon) -> list[list[str]]:
-    result = daemon.smtpctl("show", "queue")
-    assert result.returncode == 0, result.stderr
-    return [line.split("|") for line in result.stdout.splitlines()]
 
 
 def test_smtpd_n_takes_both_without_a_warning(tmp_path: Path) -> None:
@@ -131,7 +112,7 @@ def test_a_bounce_quotes_the_original_in_clear(world) -> None:
     with Remote(ScriptedHandler(rcpt_replies={"ghost@far.test": "550 5.1.1 no such user"})) as remote:
         port = free_port()
         daemon = new_daemon(top, root, config_text(port, f"queue compression\nqueue encryption {KEY}",
-                                                   remote.port), paused=False).start()
+                                                   remote.port), flags=()).start()
         try:
             send_from = f"{bob.pw_name}@local.test"
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -152,8 +133,7 @@ def test_wrong_key_stops_the_start_and_changes_nothing(world) -> None:
     port = free_port()
     daemon = new_daemon(top, root, config_text(port, f"queue encryption {KEY}")).start()
     try:
-        send(port, [f"{bob.pw_name}@local.test"], "Subject: kept\r\n\r\nkept\r\n")
-        wait_until(lambda: len(queue_rows(daemon)) == 1, 20, explain=daemon.log)
+        queue_one(daemon, port, [f"{bob.pw_name}@local.test"], "Subject: kept\r\n\r\nkept\r\n")
         # A reload cannot switch the codec of a running queue: it says so.
         Path(daemon.config_path).write_text(config_text(port, f"queue encryption {OTHER_KEY}"))
         assert daemon.smtpctl("reload").returncode == 0
@@ -184,8 +164,7 @@ def test_key_from_standard_input_or_the_terminal(world) -> None:
     daemon.stdin_data = f"{KEY}\n".encode()
     daemon.start()
     try:
-        send(port, [f"{bob.pw_name}@local.test"], "Subject: piped key\r\n\r\nbody\r\n")
-        wait_until(lambda: len(queue_rows(daemon)) == 1, 20, explain=daemon.log)
+        queue_one(daemon, port, [f"{bob.pw_name}@local.test"], "Subject: piped key\r\n\r\nbody\r\n")
     finally:
         daemon.stop()
     # No key in smtpd.conf and no terminal: a clear refusal.

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import smtplib
 from pathlib import Path
 
 import pytest
-from helpers_delivery import Daemon, DictTables, local_action, mail_world, make_config, mda_envelope
+from helpers_codec import KEY, config_text, new_daemon, queue_one, queue_rows
+from helpers_delivery import DictTables, local_action, mail_world, make_config, mda_envelope
 from helpers_dovecot import Dovecot, DovecotUser, free_port
 from waiting import wait_until
 
@@ -18,8 +18,6 @@ from smtpd.delivery import Outcome
 from smtpd.mda import MdaAgent
 from smtpd.queue import codec
 
-KEY = "0123456789abcdef0123456789abcdef"
-
 
 @pytest.fixture()
 def world(monkeypatch):
@@ -27,22 +25,10 @@ def world(monkeypatch):
         yield made
 
 
-def config_text(port: int, queue: str) -> str:
-    return (f"{queue}\n"
-            f"listen on 127.0.0.1 port {port}\n"
-            'action "md" maildir\n'
-            'action "out" relay host smtp://127.0.0.1:9\n'
-            'match from any for domain "local.test" action "md"\n'
-            'match from any for domain "far.test" action "out"\n')
 
 
-def send(port: int, recipients: list[str], message: str) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        assert client.sendmail("alice@client.test", recipients, message.encode()) == {}
 
 
-def queued(daemon: Daemon) -> list[str]:
-    return daemon.smtpctl("show", "queue").stdout.splitlines()
 
 
 def maildir_texts(home: str) -> list[bytes]:
@@ -55,19 +41,16 @@ def test_mail_queued_compressed_is_delivered_in_clear_once_compression_is_off(wo
     smtpd.conf must write the message, not its gzip stream, into the mailbox."""
     top, root, bob = world
     port = free_port()
-    workdir = os.path.join(top, "daemon")
-    os.mkdir(workdir)
-    daemon = Daemon(workdir, config_text(port, "queue compression"), root, extra_args=("-P", "mda")).start()
+    daemon = new_daemon(top, root, config_text(port, "queue compression"), ("-P", "mda")).start()
     try:
-        send(port, [f"{bob.pw_name}@local.test"], "Subject: squeezed\r\n\r\nsqueezed body\r\n")
-        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
+        queue_one(daemon, port, [f"{bob.pw_name}@local.test"], "Subject: squeezed\r\n\r\nsqueezed body\r\n")
     finally:
         daemon.stop()
     Path(daemon.config_path).write_text(config_text(port, ""))
     daemon.flags = []
     daemon.start()
     try:
-        wait_until(lambda: maildir_texts(bob.pw_dir) and not queued(daemon), 20, explain=daemon.log)
+        wait_until(lambda: maildir_texts(bob.pw_dir) and not queue_rows(daemon), 20, explain=daemon.log)
     finally:
         daemon.stop()
     [text] = maildir_texts(bob.pw_dir)
@@ -104,14 +87,10 @@ def test_an_acknowledged_commit_left_in_incoming_is_kept_by_a_start_without_the_
     aside with the reason, never dropped as unacknowledged."""
     top, root, _ = world
     port = free_port()
-    workdir = os.path.join(top, "daemon")
-    os.mkdir(workdir)
-    daemon = Daemon(workdir, config_text(port, f"queue encryption {KEY}"), root, extra_args=("-P", "mta"))
+    daemon = new_daemon(top, root, config_text(port, f"queue encryption {KEY}"), ("-P", "mta"))
     daemon.start()
     try:
-        send(port, ["carol@far.test"], "Subject: acknowledged\r\n\r\nkeep me\r\n")
-        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
-        msgid = queued(daemon)[0][:8]
+        msgid = queue_one(daemon, port, ["carol@far.test"], "Subject: acknowledged\r\n\r\nkeep me\r\n")
     finally:
         daemon.stop()
     # As a crash between the commit's flush and its move under queue/ leaves it.
@@ -129,7 +108,7 @@ def test_an_acknowledged_commit_left_in_incoming_is_kept_by_a_start_without_the_
     Path(daemon.config_path).write_text(config_text(port, f"queue encryption {KEY}"))
     daemon.start()
     try:
-        wait_until(lambda: [line[:8] for line in queued(daemon)] == [msgid], 20, explain=daemon.log)
+        wait_until(lambda: [row[0][:8] for row in queue_rows(daemon)] == [msgid], 20, explain=daemon.log)
     finally:
         daemon.stop()
 
@@ -140,13 +119,10 @@ def test_a_lost_or_damaged_key_check_file_is_judged_by_the_queue(world) -> None:
     itself now decides; and a damaged check file no longer locks out the key the queue decrypts with."""
     top, root, _ = world
     port = free_port()
-    workdir = os.path.join(top, "daemon")
-    os.mkdir(workdir)
-    daemon = Daemon(workdir, config_text(port, f"queue encryption {KEY}"), root, extra_args=("-P", "mta"))
+    daemon = new_daemon(top, root, config_text(port, f"queue encryption {KEY}"), ("-P", "mta"))
     daemon.start()
     try:
-        send(port, ["carol@far.test"], "Subject: kept\r\n\r\nkept\r\n")
-        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
+        queue_one(daemon, port, ["carol@far.test"], "Subject: kept\r\n\r\nkept\r\n")
     finally:
         daemon.stop()
     check = Path(daemon.spool, "encryption-check")
@@ -160,7 +136,7 @@ def test_a_lost_or_damaged_key_check_file_is_judged_by_the_queue(world) -> None:
     Path(daemon.config_path).write_text(config_text(port, f"queue encryption {KEY}"))
     daemon.start()
     try:
-        wait_until(lambda: len(queued(daemon)) == 1, 20, explain=daemon.log)
+        wait_until(lambda: len(queue_rows(daemon)) == 1, 20, explain=daemon.log)
         assert "encryption-check was damaged: written again" in daemon.log(), daemon.log()
     finally:
         daemon.stop()

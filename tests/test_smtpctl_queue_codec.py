@@ -137,16 +137,24 @@ def test_a_wrong_key_in_the_configuration_or_damaged_data_is_an_error_naming_the
         1, "", f"smtpctl: {file_of(tmp_path, damaged)}: compressed data cut short\n")
 
 
+NOT_THIS_KEY = "smtpctl: this key does not decrypt the file\r\n"
+
+
+def answer(terminal: pexpect.spawn, key: str, note: str | None = None) -> None:
+    """Type ``key`` at the `key> ` prompt; then ``note`` must be what smtpctl says of it."""
+    terminal.expect_exact("key> ")
+    terminal.sendline(key)
+    if note is not None:
+        terminal.expect_exact(note)
+
+
 def test_on_a_terminal_the_key_is_asked_for_and_a_wrong_one_asked_again(tmp_path: Path) -> None:
     evpid = store(tmp_path / "spool", 0x3C000003, BOTH)[0]
     conf = config(tmp_path, "queue encryption stdin\n")
     terminal = on_terminal(tmp_path, conf, "show", "message", f"{evpid:016x}")
     try:
-        terminal.expect_exact("key> ")
-        terminal.sendline(OTHER_KEY)
-        terminal.expect_exact("smtpctl: this key does not decrypt the file\r\n")
-        terminal.expect_exact("key> ")
-        terminal.sendline(KEY)
+        answer(terminal, OTHER_KEY, NOT_THIS_KEY)
+        answer(terminal, KEY)
         terminal.expect(pexpect.EOF)
         printed = terminal.before
     finally:
@@ -161,13 +169,9 @@ def test_on_a_terminal_three_wrong_keys_end_in_an_error(tmp_path: Path) -> None:
     conf = config(tmp_path, "")
     terminal = on_terminal(tmp_path, conf, "show", "envelope", f"{evpid:016x}")
     try:
-        terminal.expect_exact("key> ")
-        terminal.sendline("too short")
-        terminal.expect_exact("smtpctl: a queue encryption key is 32 characters long\r\n")
+        answer(terminal, "too short", "smtpctl: a queue encryption key is 32 characters long\r\n")
         for _ in range(2):
-            terminal.expect_exact("key> ")
-            terminal.sendline(OTHER_KEY)
-            terminal.expect_exact("smtpctl: this key does not decrypt the file\r\n")
+            answer(terminal, OTHER_KEY, NOT_THIS_KEY)
         terminal.expect_exact(f"smtpctl: {file_of(tmp_path, evpid)}: cannot be decrypted with the keys typed (3 "
                               "tries: another key, or a damaged file)\r\n")
         terminal.expect(pexpect.EOF)

@@ -126,17 +126,7 @@ class QueueCodec:
         """The message file at ``path`` for reading, as clear text: the file itself when it is stored clear,
         else a copy decoded into memory (a memfd: the clear text never reaches a disk; delivery children read
         it as they read a file). Raises OSError, or QueueCodecError when it cannot be decoded."""
-        handle = open(path, "rb")  # noqa: SIM115 — returned, or closed below
-        try:
-            head = handle.read(2)
-            if not is_encoded(head):
-                handle.seek(0)
-                return handle
-            with handle:
-                return self._decoded_copy(handle.fileno(), head)
-        except BaseException:
-            handle.close()
-            raise
+        return _open_clear(path, self._decoded_copy)
 
     def _decoded_copy(self, source: int, head: bytes) -> BinaryIO:
         copy = os.memfd_create("smtpd-message", os.MFD_CLOEXEC)
@@ -195,6 +185,22 @@ class QueueCodec:
             out(unpacker.flush())
             if not unpacker.eof:
                 raise QueueCodecError("compressed data cut short")
+
+
+def _open_clear(path: str, decoded: Callable[[int, bytes], BinaryIO]) -> BinaryIO:
+    """The stored file at ``path`` for reading as clear text: the file itself when it is clear, else what
+    ``decoded(its descriptor, its first two bytes)`` makes of it (the file is closed once that returns)."""
+    handle = open(path, "rb")  # noqa: SIM115 — returned, or closed below
+    try:
+        head = handle.read(2)
+        if not is_encoded(head):
+            handle.seek(0)
+            return handle
+        with handle:
+            return decoded(handle.fileno(), head)
+    except BaseException:
+        handle.close()
+        raise
 
 
 def is_encoded(head: bytes) -> bool:
@@ -296,17 +302,7 @@ class _SharedCopies:
         self._copies: dict[tuple[int, ...], _Copy] = {}
 
     def open(self, queue_codec: QueueCodec, path: str) -> BinaryIO:
-        handle = open(path, "rb")  # noqa: SIM115 — returned, or closed below
-        try:
-            head = handle.read(2)
-            if not is_encoded(head):
-                handle.seek(0)
-                return handle
-            with handle:
-                return self._shared(queue_codec, handle.fileno(), head)
-        except BaseException:
-            handle.close()
-            raise
+        return _open_clear(path, lambda source, head: self._shared(queue_codec, source, head))
 
     def _shared(self, queue_codec: QueueCodec, source: int, head: bytes) -> BinaryIO:
         info = os.fstat(source)  # (a stored file is never changed in place: a new one is a new inode)
