@@ -33,6 +33,10 @@ class SessionReports:
         self._ended = False
 
     def __call__(self, event: str, *fields: str) -> None:
+        if self._ended:
+            # link-disconnect was the session's last word: a filter forgets the session there, and a line after
+            # it would be about a session it no longer knows (the QUIT tried on a connection already closed).
+            return
         line = None
         for processor in self.reporters:
             if event in processor.out_reports:
@@ -48,8 +52,8 @@ class SessionReports:
         """`link-disconnect`, once, and the snapshot let go."""
         if self._ended:
             return
-        self._ended = True
         self("link-disconnect")
+        self._ended = True
         self.processors.release()
 
 
