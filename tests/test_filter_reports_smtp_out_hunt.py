@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daemon import SmtpdProcess, free_port
 from helpers_filters import filter_command, lines_of, open_folder
-from helpers_mta import CLOSE, RawRemote, standard_script, wait_until
+from helpers_mta import CLOSE, DnsServer, RawRemote, Remote, standard_script, wait_until
 from test_filter_processes_opensmtpd import converse
 
 
@@ -23,8 +23,8 @@ def relay_config(folder: Path, port: int, remote: str, *, log: str = "out.log", 
             'match from any for domain "t.test" action "r"\n')
 
 
-def send(port: int, subject: str = "hunt") -> None:
-    transcript = converse(port, ["EHLO client.test", "MAIL FROM:<alice@example.com>", "RCPT TO:<bob@t.test>",
+def send(port: int, subject: str = "hunt", rcpt: str = "bob@t.test") -> None:
+    transcript = converse(port, ["EHLO client.test", "MAIL FROM:<alice@example.com>", f"RCPT TO:<{rcpt}>",
                                  "DATA", f"Subject: {subject}\r\n\r\nbody\r\n.", "QUIT"])
     assert transcript[-2].startswith("250 "), transcript
 
@@ -59,3 +59,25 @@ def test_nothing_is_reported_after_link_disconnect_when_the_remote_hangs_up_afte
         "link-disconnect"], events
     assert events[-7:-5] == ["protocol-client|DATA", "protocol-server|421 4.3.2 shutting down"]
     assert events[-2] == "protocol-client|RSET"
+
+
+def test_a_ptr_name_that_is_no_host_name_is_not_reported_as_the_remote_s_name() -> None:
+    """link-connect's first field is the remote's PTR name, which its owner writes as it likes: a name with `|`
+    shifted the fields after it (`a|fail|...|pass|LOCAL|REMOTE`: a filter read fcrdns `fail`). Only a host name
+    is told; otherwise the address, as for a remote without a PTR record."""
+    records = {"2.0.0.127.in-addr.arpa": [("PTR", "mx.remote.test.")],
+               "3.0.0.127.in-addr.arpa": [("PTR", "a|fail|9.9.9.9:25|x.evil.test.")]}
+    with open_folder("out-hunt") as folder, DnsServer(records) as dns, Remote(host="127.0.0.2") as named, \
+            Remote(host="127.0.0.3") as forged:
+        port = free_port()
+        text = (relay_config(folder, port, f"127.0.0.2:{named.port}") +
+                f'action "e" relay host "smtp://127.0.0.3:{forged.port}" filter "out"\n'
+                'match from any for domain "e.test" action "e"\n')
+        with SmtpdProcess(folder / "daemon", text, port=port, env={"SMTPD_RESOLVER": dns.setting}):
+            send(port)
+            send(port, rcpt="eve@e.test")
+            assert wait_until(lambda: ended(folder) >= 2, 10)
+        connects = sorted(events[0].split("|") for events in sessions(folder).values())
+    assert [fields[:3] for fields in connects] == [["link-connect", "127.0.0.3", "pass"],
+                                                   ["link-connect", "mx.remote.test", "pass"]], connects
+    assert all(len(fields) == 5 for fields in connects), connects

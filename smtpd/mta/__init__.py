@@ -36,6 +36,7 @@ from smtpd.mta.session import Job, Session, SessionError, message_facts, open_se
 from smtpd.mta.tls import TlsMode
 from smtpd.queue.codec import QueueCodecError
 from smtpd.queue.envelope import Envelope
+from smtpd.smtp.address import valid_domain
 from smtpd.stats import STATS
 
 if TYPE_CHECKING:
@@ -413,7 +414,9 @@ class MtaAgent:
         lookup = self._ptr_lookups.get(host.address)
         if lookup is not None and not lookup.done():
             await asyncio.wait([lookup])  # (shields it, and raises nothing: a failed lookup is no name)
-        return host.ptr or host.address
+        # The PTR record is written by the remote's owner: a name that is no host name (one with `|` would shift
+        # the fields after it) is told as no name at all.
+        return host.ptr if host.ptr and valid_domain(host.ptr) else host.address
 
     # -- the session pool -------------------------------------------------------------------------------------
     async def _take_pooled(self, plan_key: str, address: str) -> _Pooled | None:
