@@ -6,8 +6,11 @@ loopback address of its own, the relay's filter is tests/filters/scripted_filter
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
+import dns.message
 from daemon import SmtpdProcess, free_port
 from helpers_filters import filter_command, lines_of, open_folder
 from helpers_mta import CLOSE, DnsServer, RawRemote, Remote, standard_script, wait_until
@@ -37,6 +40,32 @@ def sessions(folder: Path, log: str = "out.log") -> dict[str, list[str]]:
         if fields[:2] == ["report", "0.6"] and fields[3] == "smtp-out":
             found.setdefault(fields[5], []).append("|".join([fields[4], *fields[6:]]))
     return found
+
+
+class SlowPtrDns(DnsServer):
+    """Answers the PTR question about 127.0.0.2 after ``delay`` seconds, every other one at once."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__({})
+        self.delay = delay
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            slow = query.question[0].name.to_text().startswith("2.0.0.127.")
+            timer = threading.Timer(self.delay if slow else 0, self._send, (self._answer(query).to_wire(), peer))
+            timer.daemon = True
+            timer.start()
+
+    def _send(self, answer: bytes, peer: object) -> None:
+        with contextlib.suppress(OSError):  # (the server may be gone by then)
+            self.sock.sendto(answer, peer)
 
 
 def ended(folder: Path, log: str = "out.log") -> int:
@@ -81,3 +110,25 @@ def test_a_ptr_name_that_is_no_host_name_is_not_reported_as_the_remote_s_name() 
     assert [fields[:3] for fields in connects] == [["link-connect", "127.0.0.3", "pass"],
                                                    ["link-connect", "mx.remote.test", "pass"]], connects
     assert all(len(fields) == 5 for fields in connects), connects
+
+
+def test_a_reload_while_a_relay_session_waits_for_the_ptr_lookup_leaves_it_reported() -> None:
+    """A session reported waits for the remote's PTR name before it connects. A reload meanwhile replacing the
+    relay filter's process stopped the old one (no session held it yet) while the session, once connected,
+    reported to it: neither process heard of the session. Its reports go to the processes of the configuration
+    it connects under."""
+    with open_folder("out-hunt") as folder, SlowPtrDns(3.0) as dns_server, Remote(host="127.0.0.2") as remote:
+        port = free_port()
+        where = f"127.0.0.2:{remote.port}"
+        with SmtpdProcess(folder / "daemon", relay_config(folder, port, where, log="old.log"), port=port,
+                          env={"SMTPD_RESOLVER": dns_server.setting}) as daemon:
+            send(port)
+            daemon.config_path.write_text(relay_config(folder, port, where, log="new.log"))
+            assert daemon.smtpctl("reload").returncode == 0
+            assert not remote.received  # (the reload came during the PTR wait)
+            assert wait_until(lambda: ended(folder, "new.log") >= 1, 10), lines_of(folder, "old.log")
+        assert len(remote.received) == 1
+        assert not sessions(folder, "old.log")
+        (events,) = sessions(folder, "new.log").values()
+    assert events[0].startswith("link-connect|127.0.0.2|pass|") and events[-1] == "link-disconnect"
+    assert [event.split("|")[0] for event in events].count("tx-commit") == 1

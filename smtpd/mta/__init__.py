@@ -30,7 +30,7 @@ from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
-from smtpd.mta.reports import Opener, opener
+from smtpd.mta.reports import Opener, SessionReports, opener
 from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route, clock
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
@@ -403,7 +403,20 @@ class MtaAgent:
         return session
 
     def _reports(self, plan: Plan) -> Opener | None:
-        """Who hears of the relay's sessions (smtp-out reports): None for a relay without a filter process."""
+        """Who hears of the relay's sessions (smtp-out reports): None for a relay without a filter process.
+
+        The processes are looked up again once the connection is open: the PTR wait and the connection may span
+        a reload, and the processes it replaces stop as soon as no session holds them (a set taken before would
+        be reported to when stopped, and the new processes would hear nothing of the session)."""
+        if self._opener_now(plan) is None:
+            return None
+
+        def open_reports(session_id: str) -> SessionReports | None:
+            now = self._opener_now(plan)  # (None: a reload took the relay's filter processes away meanwhile)
+            return now(session_id) if now is not None else None
+        return open_reports
+
+    def _opener_now(self, plan: Plan) -> Opener | None:
         if not plan.report_filter:
             return None
         return opener(getattr(self._config_source, "processors", None), self.config, plan.report_filter)

@@ -57,7 +57,8 @@ class SessionReports:
         self.processors.release()
 
 
-Opener = Callable[[str], SessionReports]
+# Opens the reports of a connected session (its id given); None when no process hears of it by then.
+Opener = Callable[[str], SessionReports | None]
 
 
 def opener(processors: ProcessorSet | None, config: Config, filter_name: str | None) -> Opener | None:

@@ -21,7 +21,7 @@ from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
-from smtpd.mta.reports import Opener
+from smtpd.mta.reports import Opener, SessionReports
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
 from smtpd.queue import codec
 from smtpd.queue.envelope import DsnNotify, Envelope
@@ -115,8 +115,9 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
                                           server_hostname=server_hostname, lmtp=plan.lmtp, session_id=session_id)
     except ClientError as error:
         raise SessionError(error.args[0]) from None
-    if reports is not None:  # (a connection that never opened is no session to report, docs/filters.md)
-        _open_reports(client, reports(session_id), rdns or address)
+    opened = reports(session_id) if reports is not None else None
+    if opened is not None:  # (a connection that never opened is no session to report, docs/filters.md)
+        _open_reports(client, opened, rdns or address)
     session = Session(client, host_name, address, plan.session_key, id=session_id)
     try:
         await _handshake(session, plan, tables, mailname, context, server_hostname)
@@ -131,7 +132,7 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
     return session
 
 
-def _open_reports(client: SmtpClient, reports: Any, rdns: str) -> None:
+def _open_reports(client: SmtpClient, reports: SessionReports, rdns: str) -> None:
     client.reports = reports
     reports.link_connect(rdns, client.get_extra_info("sockname"), client.get_extra_info("peername"))
     if client.tls:  # smtps: TLS came with the connection
