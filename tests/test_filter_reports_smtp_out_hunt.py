@@ -132,3 +132,28 @@ def test_a_reload_while_a_relay_session_waits_for_the_ptr_lookup_leaves_it_repor
         (events,) = sessions(folder, "new.log").values()
     assert events[0].startswith("link-connect|127.0.0.2|pass|") and events[-1] == "link-disconnect"
     assert [event.split("|")[0] for event in events].count("tx-commit") == 1
+
+
+def test_a_session_kept_for_reuse_across_a_reload_that_replaced_its_filter_process_is_not_reused() -> None:
+    """A session busy with a message during a reload that replaces the relay filter's process was kept for reuse
+    after it (the reload closes only the sessions idle then), and the next message went over it: reported to the
+    old process, kept running for it, while the new one heard nothing. The next message has a session of its own,
+    told to the new process."""
+    with open_folder("out-hunt") as folder, RawRemote(standard_script(), host="127.0.0.2", eom_delay=1.5) as remote:
+        port = free_port()
+        where = f"127.0.0.2:{remote.port}"
+        with SmtpdProcess(folder / "daemon", relay_config(folder, port, where, log="old.log", keepalive=30),
+                          port=port) as daemon:
+            send(port, "first")
+            assert wait_until(lambda: "<EOM>" in remote.commands, 10)
+            daemon.config_path.write_text(relay_config(folder, port, where, log="new.log", keepalive=30))
+            assert daemon.smtpctl("reload").returncode == 0
+            assert wait_until(lambda: "mta delivery" in daemon.log(), 10)
+            send(port, "second")
+            assert wait_until(lambda: daemon.log().count("mta delivery") == 2, 10)
+            assert wait_until(lambda: ended(folder, "old.log") == 1, 10)  # (the old session, closed)
+        assert remote.connections == 2
+        old = [event.split("|")[0] for events in sessions(folder, "old.log").values() for event in events]
+        new = [event.split("|")[0] for events in sessions(folder, "new.log").values() for event in events]
+    assert old.count("tx-commit") == 1 and old[-1] == "link-disconnect"
+    assert new[0] == "link-connect" and new.count("tx-commit") == 1

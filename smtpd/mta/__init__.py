@@ -30,7 +30,7 @@ from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.mta.mx import MxError, Resolver
 from smtpd.mta.plan import Plan, PlanError, make_plan
-from smtpd.mta.reports import Opener, SessionReports, opener
+from smtpd.mta.reports import Opener, SessionReports, listeners, opener
 from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route, clock
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
@@ -416,6 +416,15 @@ class MtaAgent:
             return now(session_id) if now is not None else None
         return open_reports
 
+    def _told_as_now(self, plan: Plan, session: Session) -> bool:
+        """Whether the session is told to the processes the relay's filter runs now. One opened before a reload
+        that replaced them is not kept for reuse: the next messages' reports would go to the old processes, kept
+        running for it, and the new ones would hear nothing (the reload closes only the sessions idle then)."""
+        if not plan.report_filter:
+            return True
+        told = session.client.reports.reporters if session.client.reports is not None else ()
+        return told == listeners(getattr(self._config_source, "processors", None), self.config, plan.report_filter)
+
     def _opener_now(self, plan: Plan) -> Opener | None:
         if not plan.report_filter:
             return None
@@ -454,7 +463,7 @@ class MtaAgent:
     async def _keep_or_close(self, plan: Plan, session: Session, route: Route, relay: RelayState) -> None:
         keepalive = self.state.limit("session-keepalive", plan.domain)
         if session.client.closed or session.messages >= self.state.limit("session-mail-max", plan.domain) \
-                or keepalive <= 0:
+                or keepalive <= 0 or not self._told_as_now(plan, session):
             await self._discard(session, route, relay, plan.domain, polite=True)
             return
         pooled = _Pooled(session, route, relay, plan.domain)

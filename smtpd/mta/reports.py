@@ -63,13 +63,20 @@ Opener = Callable[[str], SessionReports | None]
 
 def opener(processors: ProcessorSet | None, config: Config, filter_name: str | None) -> Opener | None:
     """What opens the reports of a session of the relay whose `filter` is ``filter_name``; None when no process
-    would hear anything (no filter, no process in it, or none registered for a smtp-out event)."""
-    if processors is None or not filter_name:
-        return None
-    reporters = processors.relay_reporters(config, filter_name)
-    if not any(processor.out_reports for processor in reporters):
+    would hear anything."""
+    reporters = listeners(processors, config, filter_name)
+    if processors is None or not reporters:
         return None
     return lambda session_id: SessionReports(processors, reporters, session_id)
+
+
+def listeners(processors: ProcessorSet | None, config: Config, filter_name: str | None) -> tuple[Processor, ...]:
+    """The processes told of the sessions of the relay whose `filter` is ``filter_name``: none without a filter,
+    without a process in it, or when none of them registered for a smtp-out event."""
+    if processors is None or not filter_name:
+        return ()
+    reporters = processors.relay_reporters(config, filter_name)
+    return reporters if any(processor.out_reports for processor in reporters) else ()
 
 
 def masked(line: str) -> str:
