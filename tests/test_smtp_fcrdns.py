@@ -25,6 +25,8 @@ RECORDS = {
     "4.0.0.127.in-addr.arpa": [("PTR", "broken.client.test.")],
     "broken.client.test": [("SERVFAIL", "")],
     # 127.0.0.5: no reverse name: fail
+    # 127.0.0.6: a reverse "name" that is no host name (written to shift a filter report's fields): no name, fail
+    "6.0.0.127.in-addr.arpa": [("PTR", "a|fail|9.9.9.9:25|x.evil.test.")],
 }
 
 CONFIG = """
@@ -67,6 +69,7 @@ def fcrdns_trace(daemon: SmtpDaemon, source: str) -> list[str]:
     ("127.0.0.3", "fail", "six.client.test"),
     ("127.0.0.4", "error", "broken.client.test"),
     ("127.0.0.5", "fail", "<unknown>"),
+    ("127.0.0.6", "fail", "<unknown>"),
 ])
 def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer], source: str, status: str,
                                             host: str) -> None:

@@ -23,6 +23,7 @@ from smtpd.config.model import Config, Listener, TlsMode, without_locations
 from smtpd.lookup.tables import asked_off_the_loop
 from smtpd.lookup.tables.base import Service, TableError
 from smtpd.smtp import proxy_header, replies, tls
+from smtpd.smtp.address import valid_domain
 from smtpd.smtp.connection import SocketConnection, StreamConnection
 from smtpd.smtp.session import Session, SessionLimits, local_user_name, sessions_open_files_allow
 
@@ -365,6 +366,12 @@ class SmtpServer:
         except Exception as error:  # noqa: BLE001 — OSError, timeouts, dnspython's NXDOMAIN/NoAnswer/...
             trace.emit("smtp", f"no reverse name for {ip}: {error}", address=ip)
             return None, "error" if _temporary_dns_error(error) else "fail"
+        if name is not None and (name.startswith("[") or not valid_domain(name)):
+            # The PTR record is the client's owner's to write: a name that is no host name (a `|` would shift a
+            # filter report's fields, a space or parenthesis the Received line's) is no name, as libc's resolver
+            # refuses it (res_hnok) when the system resolver is asked.
+            trace.emit("smtp", f"no reverse name for {ip}: {name!r} is not a host name", address=ip)
+            return None, "fail"
         return name, "fail"
 
     async def _forward_confirm(self, name: str, ip: str) -> str:
