@@ -76,7 +76,11 @@ class DnsServer:
                 query = dns.message.from_wire(data)
             except Exception:  # noqa: BLE001 — a broken packet gets no answer
                 continue
-            self.sock.sendto(self._answer(query).to_wire(), peer)
+            self._reply(query, peer)
+
+    def _reply(self, query: dns.message.Message, peer: Any) -> None:
+        """Send the answer (a subclass may send it later, or not at all)."""
+        self.sock.sendto(self._answer(query).to_wire(), peer)
 
     def _answer(self, query: dns.message.Message) -> dns.message.Message:
         response = dns.message.make_response(query)

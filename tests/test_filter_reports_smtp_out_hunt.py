@@ -49,19 +49,11 @@ class SlowPtrDns(DnsServer):
         super().__init__({})
         self.delay = delay
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            query = dns.message.from_wire(data)
-            slow = query.question[0].name.to_text().startswith("2.0.0.127.")
-            timer = threading.Timer(self.delay if slow else 0, self._send, (self._answer(query).to_wire(), peer))
-            timer.daemon = True
-            timer.start()
+    def _reply(self, query: dns.message.Message, peer: object) -> None:
+        slow = query.question[0].name.to_text().startswith("2.0.0.127.")
+        timer = threading.Timer(self.delay if slow else 0, self._send, (self._answer(query).to_wire(), peer))
+        timer.daemon = True
+        timer.start()
 
     def _send(self, answer: bytes, peer: object) -> None:
         with contextlib.suppress(OSError):  # (the server may be gone by then)
