@@ -400,6 +400,18 @@ def accepted(port: int, rcpt: str, within: float = 30) -> int:
     return rcpt_replies(port, [rcpt], data=False, within=within)[0][0]
 
 
+def check_frozen_server_is_a_bounded_4xx(port: int, server: SqlServer, reply_timeout: float) -> None:
+    """``server`` frozen: the question fails (451) within the table's answer bound, not for ever; thawed, the
+    daemon answers from it again (a domain in it 250, one not in it 550), and its log said why it gave up."""
+    server.freeze()
+    try:
+        assert accepted(port, "x@example.com", within=reply_timeout + 3) == 451  # (a bound, not for ever)
+    finally:
+        server.thaw()
+    assert accepted(port, "x@example.com") == 250
+    assert accepted(port, "x@example.org") == 550
+
+
 TEMPORARY_FAILURE = (451, b"Temporary failure: <x@example.com>")  # OpenSMTPD 6.8's, with its table program
 
 

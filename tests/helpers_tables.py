@@ -84,6 +84,18 @@ def auth_listener_config(table: str, certificates: Path) -> str:
             'action "out" relay\nmatch auth from any for any action "out"\n')
 
 
+def check_non_utf8_login(table: str, folder: Path, login: bytes) -> None:
+    """A user name that is not UTF-8 (``login``, whose password in ``table`` is `secret`): AUTH fails with the
+    wrong password and succeeds with the right one, the session going on either way, and nothing crashes."""
+    from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
+
+    make_certificate(folder)
+    with SmtpDaemon(folder / "daemon", auth_listener_config(table, folder)) as daemon:
+        assert auth_plain_codes(daemon.port, login, b"wrong") == (535, 250)
+        assert auth_plain_codes(daemon.port, login, b"secret") == (235, 250)
+        assert "Traceback" not in daemon.log()
+
+
 @contextmanager
 def starttls_client(port: int) -> Iterator[smtplib.SMTP]:
     """A client of the daemon on ``port``, its session under TLS (the test certificate is not checked)."""

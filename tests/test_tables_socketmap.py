@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
-from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
-from helpers_tables import auth_listener_config, shared_folder, starttls_client
+from helpers_smtp import SmtpDaemon, make_certificate
+from helpers_tables import auth_listener_config, check_non_utf8_login, shared_folder, starttls_client
 
 from shared.passwords import hash_password
 from smtpd.lookup.tables import socketmap
@@ -433,12 +433,7 @@ def test_a_user_name_that_is_not_utf8_is_asked_as_the_client_sent_it(folder: Pat
     latin1 = "jörg".encode("latin-1")
     server.answers[("credentials", latin1.decode("utf-8", "surrogateescape"))] = \
         b"OK " + hash_password("secret", "bcrypt").encode()
-    make_certificate(tmp_path)
-    text = auth_listener_config(f"socketmap:{server.path}", tmp_path)
-    with SmtpDaemon(tmp_path / "daemon", text) as daemon:
-        assert auth_plain_codes(daemon.port, latin1, b"wrong") == (535, 250)
-        assert auth_plain_codes(daemon.port, latin1, b"secret") == (235, 250)
-        assert "Traceback" not in daemon.log()
+    check_non_utf8_login(f"socketmap:{server.path}", tmp_path, latin1)
 
 
 def test_many_sessions_waiting_on_a_silent_server_leave_the_others_served(folder: Path, server: MapServer) -> None:
