@@ -8,8 +8,9 @@ writer, the rename under queue/) carries those bytes as they are, so no clear te
 reaches the spool.
 
 Reading goes by what the bytes are, whatever the configuration says now: 0x01 is encrypted, 0x1f 0x8b is gzip,
-anything else is clear text. A stored message always starts with our Received: header and an envelope with
-`format:`, so neither can be taken for the other. A queue written before compression or encryption was turned
+anything else is clear text. A stored message starts with our Received: header and an envelope with `format:`,
+so neither can be taken for the other; a message that a filter made begin otherwise, with one of those bytes,
+is stored gzipped even when neither option is on (SELF_MARKING). A queue written before compression or encryption was turned
 on (or off) is read all the same; only an encrypted file needs the key.
 
 The crypto and the compression are cryptography's AESGCM/Cipher and zlib: nothing of either is our own.
@@ -259,6 +260,7 @@ def parse_key(text: str) -> bytes:
 
 
 PLAIN = QueueCodec()
+SELF_MARKING = QueueCodec(compress=True)  # for clear text that begins like encoded bytes (readable without a key)
 _current = PLAIN
 
 

@@ -1146,11 +1146,14 @@ class IncomingMessage:
         self._fd: int | None = None  # the temporary file once it is not
         self.spilled = False
         self.stored: _Stored | None = None  # set at commit when the queue compresses or encrypts
+        self._head = b""  # the message's first two bytes (see commit)
         self._state = "open"
 
     async def write(self, data: bytes) -> None:
         if self._state != "open":
             raise QueueError("message is not open")
+        if len(self._head) < 2:
+            self._head += data[:2 - len(self._head)]
         if not self.spilled and self.size + len(data) > MEMORY_LIMIT:
             self._spill()
         if self.spilled:
@@ -1202,8 +1205,13 @@ class IncomingMessage:
             raise QueueError(f"message already {self._state}")
         if not self.envelopes:
             raise QueueError("message has no envelope")
-        if codec.current().active:
-            await self._encode(codec.current())
+        queue_codec = codec.current()
+        if not queue_codec.active and codec.is_encoded(self._head):
+            # Readers take a file starting with 0x01 or 1f 8b for encoded (codec.py): a message that begins so
+            # (a filter took our Received: line away) is stored gzipped, which any reader turns back into it.
+            queue_codec = codec.SELF_MARKING
+        if queue_codec.active:
+            await self._encode(queue_codec)
         self._state = "committing"
         self.store.arriving -= 1
         durable, placed = self.store.io.submit_commit(self)
