@@ -215,3 +215,15 @@ def test_readers_of_one_message_share_one_clear_copy(tmp_path: Path, monkeypatch
         with pytest.raises(codec.QueueCodecError):
             codec.open_message(str(path))
     assert open_copies() == set()
+
+
+def test_a_tampered_compressed_and_encrypted_message_is_a_tag_failure(tmp_path: Path) -> None:
+    """Decrypted blocks are decompressed before the tag at the end is checked: a changed byte was reported as
+    damaged compressed data, which sends an administrator looking at gzip instead of at the file or the key."""
+    queue_codec = codec.QueueCodec(compress=True, key=KEY.encode())
+    stored = bytearray(queue_codec.encode(os.urandom(300_000)))  # (random: the gzip stream is as long)
+    stored[len(stored) // 2] ^= 0xFF
+    path = tmp_path / "message"
+    path.write_bytes(bytes(stored))
+    with pytest.raises(codec.QueueCodecError, match="cannot be decrypted"):
+        queue_codec.open_message(str(path))

@@ -173,19 +173,40 @@ class QueueCodec:
                 block, pending, decided = pending, b"", True
                 if block[:2] == GZIP_MAGIC:
                     unpacker = zlib.decompressobj(GZIP_WBITS)
-            out(_unpack(unpacker, block))
-        if decryptor is not None:
-            from cryptography.exceptions import InvalidTag
-
             try:
-                decryptor.finalize()
-            except InvalidTag:
-                raise QueueCodecError(WRONG_KEY) from None
+                out(_unpack(unpacker, block))
+            except QueueCodecError:
+                # Decrypted bytes are not verified before the tag: damage there is a tag failure first.
+                if decryptor is not None:
+                    _verify_rest(source, offset, end, decryptor)
+                raise
+        if decryptor is not None:
+            _finalize(decryptor)
         out(pending)
         if unpacker is not None:
             out(unpacker.flush())
             if not unpacker.eof:
                 raise QueueCodecError("compressed data cut short")
+
+
+def _finalize(decryptor: Any) -> None:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        decryptor.finalize()
+    except InvalidTag:
+        raise QueueCodecError(WRONG_KEY) from None
+
+
+def _verify_rest(source: int, offset: int, end: int, decryptor: Any) -> None:
+    """Decrypt what is left of the file at ``source`` only to check its tag (QueueCodecError if it fails)."""
+    while offset < end:
+        block = os.pread(source, min(BLOCK, end - offset), offset)
+        if not block:
+            raise QueueCodecError("file shrank while it was read")
+        offset += len(block)
+        decryptor.update(block)
+    _finalize(decryptor)
 
 
 def _open_clear(path: str, decoded: Callable[[int, bytes], BinaryIO]) -> BinaryIO:
