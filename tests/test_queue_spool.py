@@ -212,6 +212,11 @@ def test_message_folders_made_ahead_are_used_and_never_taken_for_messages(tmp_pa
     leftover.mkdir()
     assert Spool(str(tmp_path / "spool")).recover() == (0, 0, 0, [])
     assert not leftover.exists()
+    # A big message cut while being encoded for the queue codec: one message dropped, with both its files.
+    for name in ("0badf00d", "0badf00d.stored"):
+        (tmp_path / "spool" / "temporary" / name).write_bytes(b"cut")
+    assert Spool(str(tmp_path / "spool")).recover() == (1, 0, 0, [])
+    assert os.listdir(tmp_path / "spool" / "temporary") == []
 
 
 def test_with_the_file_writer_no_empty_folder_is_made_ahead(tmp_path: Path) -> None:

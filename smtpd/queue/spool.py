@@ -198,7 +198,9 @@ class Spool:
         aside: list[CorruptEntry] = []
         for name in _listdir(self.temporary):
             remove_path(os.path.join(self.temporary, name))
-            if not name.startswith("folder-"):  # (empty folders the queue made ahead are no message)
+            # (Empty folders the queue made ahead are no message, and a big message being encoded for `queue
+            # encryption` or `compression` has a second file, <msgid>.stored, beside its clear one.)
+            if not name.startswith("folder-") and not name.endswith(".stored"):
                 dropped += 1
         for name in _listdir(self.incoming):
             path = os.path.join(self.incoming, name)
