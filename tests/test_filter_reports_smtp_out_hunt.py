@@ -149,3 +149,19 @@ def test_a_session_kept_for_reuse_across_a_reload_that_replaced_its_filter_proce
         new = [event.split("|")[0] for events in sessions(folder, "new.log").values() for event in events]
     assert old.count("tx-commit") == 1 and old[-1] == "link-disconnect"
     assert new[0] == "link-connect" and new.count("tx-commit") == 1
+
+
+def test_a_remote_that_stops_answering_is_reported_timed_out_then_disconnected() -> None:
+    """The `timeout` event (docs/filters.md): a remote silent after MAIL FROM, with the relay's reply timeout
+    cut to 1 s (SMTPD_MTA_TIMEOUT; 300 s by default)."""
+    script = standard_script({"MAIL": b""})  # (nothing sent back: the remote waits for another line)
+    with open_folder("out-hunt") as folder, RawRemote(script, host="127.0.0.2") as remote:
+        port = free_port()
+        with SmtpdProcess(folder / "daemon", relay_config(folder, port, f"127.0.0.2:{remote.port}"), port=port,
+                          env={"SMTPD_MTA_TIMEOUT": "1"}) as daemon:
+            send(port)
+            assert wait_until(lambda: ended(folder) >= 1, 10), daemon.log()
+            assert "Connection timeout" in daemon.log()
+        first = next(iter(sessions(folder).values()))
+    assert [event.split("|")[0] for event in first[-3:]] == ["protocol-client", "timeout", "link-disconnect"], first
+    assert first[-3].startswith("protocol-client|MAIL FROM:<alice@example.com>"), first

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from smtpd.daemon import Daemon
 
 ENV_MX_PORT = "SMTPD_MX_PORT"
+ENV_TIMEOUT = "SMTPD_MTA_TIMEOUT"
 SOURCE_TRIES = 32  # entries of a `src` table tried for one that suits the MX's address family
 BATCH_WINDOW = 0.05  # seconds to wait for the other envelopes of a message before connecting
 MAX_RCPT_PER_TRANSACTION = 100
@@ -614,6 +615,8 @@ def _resolve_pending(jobs: list[Job], result: DeliveryResult) -> None:
 
 
 def build(daemon: Daemon) -> MtaAgent:
-    agent = MtaAgent(daemon, daemon.tables, daemon.mailname)
+    # SMTPD_MTA_TIMEOUT: seconds a remote may take to answer (300, as OpenSMTPD; shorter in tests).
+    timeout = float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT)
+    agent = MtaAgent(daemon, daemon.tables, daemon.mailname, timeout=timeout)
     daemon.mta = agent
     return agent
