@@ -11,6 +11,7 @@ import pytest
 from helpers_codec import KEY, config_text, new_daemon, queue_one, queue_rows, send
 from helpers_delivery import DictTables, local_action, mail_world, make_config, mda_envelope
 from helpers_dovecot import Dovecot, DovecotUser, free_port
+from helpers_filters import filter_command, open_folder
 from waiting import wait_until
 
 from smtpd.config.model import Method
@@ -51,48 +52,23 @@ def test_mail_queued_compressed_is_delivered_in_clear_once_compression_is_off(wo
     assert b"\nSubject: squeezed\n" in text and text.endswith(b"\n\nsqueezed body\n"), text[:300]
 
 
-# A data-line filter that takes our Received: header away and makes the message begin with the byte 0x01.
-MARKING_FILTER = """import sys
-state = {}
-for raw in sys.stdin:
-    line = raw.rstrip("\\n")
-    if line == "config|ready":
-        print("register|filter|smtp-in|data-line\\nregister|ready", flush=True)
-    fields = line.split("|", 7)
-    if fields[0] != "filter" or fields[4] != "data-line":
-        continue
-    session, token, text = fields[5], fields[6], fields[7]
-    seen = state.setdefault(session, {"received": True})
-    if seen["received"] and (text.startswith("Received:") or text[:1] in (" ", "\\t")):
-        continue
-    if seen["received"]:
-        seen["received"] = False
-        text = "\\x01" + text
-    if text == ".":
-        del state[session]
-    print(f"filter-dataline|{session}|{token}|{text}", flush=True)
-"""
-
-
 def test_a_clear_message_a_filter_made_begin_like_encrypted_bytes_is_delivered_as_it_is(world) -> None:
     """Reading goes by the first bytes, and 0x01 means encrypted: a message with neither queue option on that a
     filter made begin with it was taken for an encrypted one, with no key to read it: every delivery failed."""
     top, root, bob = world
-    script = Path(top, "marking_filter.py")
-    script.write_text(MARKING_FILTER)
-    script.chmod(0o644)
     port = free_port()
-    config = (f'filter "mark" proc-exec "/usr/bin/python3 {script}"\n'
-              + config_text(port, "").replace(f"port {port}\n", f'port {port} filter "mark"\n'))
-    daemon = new_daemon(top, root, config, ()).start()
-    try:
-        send(port, [f"{bob.pw_name}@local.test"], "Subject: marked\r\n\r\nmarked body\r\n")
-        wait_until(lambda: maildir_texts(bob.pw_dir), 20, explain=daemon.log)
-    finally:
-        daemon.stop()
+    with open_folder("codec-mark") as folder:
+        marking = filter_command(folder, "filter.log", "reports=", "phases=data-line", r"dataline=prepend:\x01X-Mark: 1")
+        config = (f'filter "mark" proc-exec {marking}\n'
+                  + config_text(port, "").replace(f"port {port}\n", f'port {port} filter "mark"\n'))
+        daemon = new_daemon(top, root, config, ()).start()
+        try:
+            send(port, [f"{bob.pw_name}@local.test"], "Subject: marked\r\n\r\nmarked body\r\n")
+            wait_until(lambda: maildir_texts(bob.pw_dir), 20, explain=daemon.log)
+        finally:
+            daemon.stop()
     [text] = maildir_texts(bob.pw_dir)
-    assert b"\x01Subject: marked\n" in text and text.endswith(b"\n\nmarked body\n"), text[:300]
-    assert b"Received:" not in text
+    assert b"\x01X-Mark: 1\nReceived: " in text and text.endswith(b"\n\nmarked body\n"), text[:300]
 
 
 def test_lmtp_envelopes_of_an_encrypted_message_share_one_transaction(world, monkeypatch) -> None:

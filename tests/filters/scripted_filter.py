@@ -8,13 +8,14 @@ reads to a log file, and answers as its arguments say.
 PHASE=RESULT answers that phase's requests with RESULT (`reject|550 5.7.1 no`, `rewrite|x@y`, `junk`, ...),
 when the request's argument holds the text after an `@` in the phase (`rcpt-to@bad=reject|550 no`), else
 `proceed`. `dataline=prepend:TEXT` adds TEXT as the message's first line (before everything it is given, the
-daemon's Received header included). `hang=PHASE` never answers that phase; `exit=PHASE` exits when asked
+daemon's Received header included; `\\xNN` in TEXT stands for that byte). `hang=PHASE` never answers that phase; `exit=PHASE` exits when asked
 (`exit=PHASE@TEXT`: when the request's argument holds TEXT). `slow=SECONDS` waits that long before it
 answers a message's first data line (its input pipe fills up meanwhile). It registers for every report event
 and filter phase of smtp-in, or for those named by `reports=a,b` and `phases=c,d`; `out=a,b` (`out=all`: every
 report event) registers for those report events of smtp-out as well.
 """
 
+import re
 import sys
 import time
 
@@ -38,7 +39,8 @@ def main() -> None:
     reports = options["reports"].split(",") if "reports" in options else REPORTS
     phases = options["phases"].split(",") if "phases" in options else PHASES
     out_reports = REPORTS if options.get("out") == "all" else options.get("out", "").split(",")
-    prepend = options.get("dataline", "").removeprefix("prepend:")
+    prepend = re.sub(r"\\x([0-9a-fA-F]{2})", lambda hexa: chr(int(hexa[1], 16)),
+                     options.get("dataline", "").removeprefix("prepend:"))
     started: set[str] = set()
     out = sys.stdout
     log.write(f"# started {options.get('name', '')} pid\n")
