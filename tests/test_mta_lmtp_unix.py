@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from helpers_codec import KEY
 from helpers_dovecot import Dovecot, DovecotUser
 from helpers_mta import MemoryTables
 
@@ -17,6 +18,7 @@ from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mta import MtaAgent
 from smtpd.mta.mx import Resolver
 from smtpd.mta.routes import RelayHost, RelayUrlError, parse_relay_url
+from smtpd.queue import codec
 from smtpd.queue.envelope import Envelope
 
 NOBODY = 65534
@@ -95,3 +97,26 @@ def test_unix_socket_urls(url: str, expected: RelayHost) -> None:
 def test_bad_unix_socket_urls(url: str, message: str) -> None:
     with pytest.raises(RelayUrlError, match=message):
         parse_relay_url(url)
+
+
+def test_an_encrypted_message_is_decoded_once_for_its_relay(dovecot: Dovecot, monkeypatch) -> None:  # noqa: ANN001
+    """With `queue encryption`, the relay read the message once for its size and 8-bit check and once more to
+    send it, decrypting a clear copy each time: the batch now holds the one copy until it ends."""
+    queue_codec = codec.QueueCodec(compress=True, key=KEY.encode())
+    monkeypatch.setattr(codec, "_current", queue_codec)
+    decoded: list[str] = []
+    original = codec.QueueCodec._decoded_copy
+
+    def counted(self: codec.QueueCodec, source: int, head: bytes):  # noqa: ANN202
+        decoded.append(head.hex())
+        return original(self, source, head)
+
+    monkeypatch.setattr(codec.QueueCodec, "_decoded_copy", counted)
+    message_path = os.path.join(dovecot.base, "message")
+    with open(message_path, "wb") as handle:
+        handle.write(queue_codec.encode(MESSAGE))
+    [result] = relay(dovecot.lmtp_socket, message_path, ["carol@example.org"])
+    assert result.outcome is Outcome.OK, result.text
+    [stored] = dovecot.fetch("carol")
+    assert "Hello Carol.\n.dot\n" in stored.replace("\r\n", "\n")
+    assert len(decoded) == 1, decoded

@@ -34,6 +34,7 @@ from smtpd.mta.reports import Opener, SessionReports, listeners, opener
 from smtpd.mta.routes import DEFAULT_LIMITS, Host, MtaState, RelayState, Route, clock
 from smtpd.mta.session import Job, Session, SessionError, message_facts, open_session, transfer
 from smtpd.mta.tls import TlsMode
+from smtpd.queue import codec
 from smtpd.queue.codec import QueueCodecError
 from smtpd.queue.envelope import Envelope
 from smtpd.smtp.address import valid_domain
@@ -239,15 +240,26 @@ class MtaAgent:
             STATS.decrement("mta.task.running")
 
     async def _deliver_batch(self, batch: _Batch, relay: RelayState) -> None:
-        plan = batch.plan
         try:
-            has_8bit, size = await asyncio.to_thread(message_facts, batch.message_path)
+            message = await asyncio.to_thread(codec.open_message, batch.message_path)
         except OSError as error:
             _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
             return
-        except QueueCodecError as error:  # (the message was read a moment ago: stuffed_lines will read it too)
+        except QueueCodecError as error:
             _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"cannot read the message: {error}"))
             return
+        # Held open until the batch ends: an encoded message's clear copy is then decoded once for its facts
+        # and shared by every transfer of the batch (codec._SharedCopies), rather than decoded for each.
+        with message:
+            try:
+                has_8bit, size = await asyncio.to_thread(message_facts, message)
+            except OSError as error:
+                _resolve_pending(batch.jobs, DeliveryResult.tempfail(f"cannot read the message: {error.strerror}"))
+                return
+            await self._deliver_read_batch(batch, relay, has_8bit, size)
+
+    async def _deliver_read_batch(self, batch: _Batch, relay: RelayState, has_8bit: bool, size: int) -> None:
+        plan = batch.plan
         try:
             candidates = await self._candidates(plan)
         except MxError as error:

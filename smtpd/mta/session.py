@@ -10,7 +10,7 @@ import asyncio
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import dns.exception
 import dns.name
@@ -410,14 +410,13 @@ async def _reset(client: SmtpClient) -> None:
         await client.close()
 
 
-def message_facts(path: str) -> tuple[bool, int]:
-    """(the message has 8-bit bytes, its size on the wire with CRLF line ends) — read once per message, in a
-    worker thread."""
+def message_facts(handle: BinaryIO) -> tuple[bool, int]:
+    """(the message has 8-bit bytes, its size on the wire with CRLF line ends), read from ``handle`` (the
+    message as codec.open_message gives it) — once per message, in a worker thread."""
     has_8bit = False
     size = 0
-    with codec.open_message(path) as handle:
-        while block := handle.read(1 << 20):
-            size += len(block) + block.count(b"\n")
-            if not has_8bit and not block.isascii():
-                has_8bit = True
+    while block := handle.read(1 << 20):
+        size += len(block) + block.count(b"\n")
+        if not has_8bit and not block.isascii():
+            has_8bit = True
     return has_8bit, size
