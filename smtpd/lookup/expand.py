@@ -182,7 +182,7 @@ class _Expansion:
         self.delimiter = (config.smtp.sub_addr_delim or DEFAULT_SUBADDRESS_DELIMITER)[:1]
         self.pending: deque[ExpansionNode] = deque()
         self.tree: list[ExpansionNode] = []
-        self.seen: set[tuple[Any, ...]] = set()
+        self.seen: dict[tuple[Any, ...], ExpansionNode] = {}
         self.deliveries: list[Envelope] = []
 
     # -- driving --------------------------------------------------------------------------------------
@@ -224,15 +224,51 @@ class _Expansion:
                   f"[parent={_token(parent)}, rule={_rule_token(node.rule)}, "
                   f"dispatcher={node.action.name if node.action else None}]")
         self.tree.append(node)
-        if node.key() in self.seen:
+        earlier = self.seen.get(node.key())
+        if earlier is not None:
             _emit(f"{_token(node)}: node found, discarding")
             node.outcome = "duplicate, discarded"
+            owner = self._forward_naming_itself(parent, earlier) if parent is not None else None
+            if owner is not None:
+                # A .forward line naming its own user by address (`bob@example.org` in bob's .forward, to keep a
+                # copy, as with Postfix or sendmail) comes back to where it started: discarded, the user's own
+                # copy would silently be lost. It means "my mailbox", as `\bob` does.
+                _emit(f"{_token(node)}: names {owner.value} itself, delivering to its mailbox")
+                return self._insert(NodeKind.USERNAME, owner.value, owner, source)
             return False
-        self.seen.add(node.key())
+        self.seen[node.key()] = node
         if tracing:
             _emit(f"{_token(parent)}: inserted node {_token(node)}")
         self.pending.append(node)
         return True
+
+    def _forward_naming_itself(self, parent: ExpansionNode, earlier: ExpansionNode) -> ExpansionNode | None:
+        """The user node whose `.forward` a duplicate node (under ``parent``, repeating ``earlier``) came from, when
+        it leads straight back to that same user: ``earlier`` is that user's node, or an ancestor reached only
+        through it and addresses that stand for nobody else (its address, that address with a +tag, the user
+        under another local domain); never through an alias, a virtual entry of several members or another user.
+        None otherwise (an ordinary duplicate)."""
+        owner: ExpansionNode | None = None
+        current: ExpansionNode | None = parent
+        while current is not None:
+            if current.kind is NodeKind.USERNAME:
+                if current.user is None:
+                    return None
+                if owner is None:
+                    if not current.forwarded:
+                        return None
+                    owner = current
+                elif owner.user is None or current.user.username != owner.user.username:
+                    return None
+            elif current.kind is not NodeKind.ADDRESS or self._children(current) > 1:
+                return None
+            if current is earlier:
+                return owner
+            current = current.parent
+        return None
+
+    def _children(self, node: ExpansionNode) -> int:
+        return sum(1 for other in self.tree if other.parent is node and other.outcome != "duplicate, discarded")
 
     def _insert_items(self, items: list[Item], parent: ExpansionNode, source: str) -> None:
         for item in items:
