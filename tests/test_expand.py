@@ -475,3 +475,10 @@ def test_bounces_to_srs_addresses_go_back_to_the_original_sender() -> None:
     forged = "SRS0=XXXX" + rewritten[9:]
     assert expand_recipient(config, tables, SessionFacts(), "", forged, "mx.example.org",
                             matcher=domain_matcher).refusal == (550, "Invalid recipient")
+
+
+def test_a_hash_inside_double_quotes_is_no_comment() -> None:
+    line = "\"|IFS=' ' && exec /usr/bin/procmail -f- || exit 75 #bob\""
+    assert parse_lines(f"{line} # a comment\n") == [line]
+    assert parse_lines(f"{line}\n", comments_in_words=False) == [line]
+    assert parse_lines("o'brien@x.org # single quotes do not quote\n") == ["o'brien@x.org"]

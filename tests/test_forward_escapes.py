@@ -42,3 +42,34 @@ def test_backslash_user_and_escaped_quotes_in_forward() -> None:
                 assert "lka_expand: same user, submitting" in daemon.log()
             finally:
                 daemon.stop()
+
+
+def test_procmail_forward_line_with_a_hash_inside_its_quotes_is_delivered() -> None:
+    # procmail's documented .forward line ends its quoted command with `#user`: a comment there would cut the line
+    # inside its quotes, and every RCPT to the user was refused (424) for a .forward that could not be parsed.
+    with open_temp_dir("pysmtpd-fwdhash-") as top:
+        homes = os.path.join(top, "homes")
+        os.mkdir(homes, 0o755)
+        mail_root = make_mail_root(top)
+        with system_user(homes, "pfh") as alice:
+            marker = Path(alice.pw_dir) / "piped"
+            forward = Path(alice.pw_dir) / ".forward"
+            forward.write_text(f"# procmail, as its FAQ says\n"
+                               f"\"|IFS=' ' && exec /bin/sh -c 'cat > {marker}' || exit 75 #{alice.pw_name}\"\n")
+            os.chown(forward, alice.pw_uid, alice.pw_gid)
+            port = free_port()
+            config = (f"listen on 127.0.0.1 port {port}\n"
+                      'action "md" maildir\n'
+                      'match from any for domain "fwd.test" action "md"\n')
+            daemon = Daemon(top, config, mail_root).start()
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.ehlo("client.test")
+                    refused = client.sendmail("s@client.test", [f"{alice.pw_name}@fwd.test"],
+                                              b"Subject: hashed\r\n\r\nbody\r\n")
+                    assert refused == {}
+                wait_until(lambda: marker.exists() and "Subject: hashed" in marker.read_text())
+                assert marker.stat().st_uid == alice.pw_uid
+                assert maildir_count(Path(alice.pw_dir) / "Maildir") == 0
+            finally:
+                daemon.stop()

@@ -164,8 +164,8 @@ def parse_items(text: str) -> list[Item]:
 def parse_lines(text: str, *, comments_in_words: bool = True) -> list[str]:
     """Logical lines of a `.forward` or `:include:` file, read the way fparseln(3) does by default.
 
-    A backslash at the end of a line continues it on the next one; an unescaped `#` starts a comment that runs
-    to the end of the line; other backslashes are kept. Blank results are dropped.
+    A backslash at the end of a line continues it on the next one; an unescaped `#` outside double quotes starts
+    a comment that runs to the end of the line; other backslashes are kept. Blank results are dropped.
 
     ``comments_in_words=False`` (`:include:` files): a `#` starts a comment only at the start of a line or after
     whitespace; inside a word it is data, as `#` may be in an address (`joe#1@partner.example`). Cut there, the
@@ -190,12 +190,17 @@ def parse_lines(text: str, *, comments_in_words: bool = True) -> list[str]:
 
 
 def _strip_comment(line: str, in_words: bool = True) -> str:
-    escaped = False
+    # A `#` inside double quotes is part of a quoted |command, never a comment: procmail's documented .forward
+    # line, `"|IFS=' ' && exec /usr/bin/procmail -f- || exit 75 #bob"`, ends its command with one. Cut there, the
+    # quote was left open and the whole .forward refused (424 at every RCPT, as OpenSMTPD's fparseln reads it).
+    escaped = quoted = False
     for index, char in enumerate(line):
         if escaped:
             escaped = False
         elif char == "\\":
             escaped = True
-        elif char == "#" and (in_words or index == 0 or line[index - 1].isspace()):
+        elif char == '"':
+            quoted = not quoted
+        elif char == "#" and not quoted and (in_words or index == 0 or line[index - 1].isspace()):
             return line[:index]
     return line
