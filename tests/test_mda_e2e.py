@@ -165,6 +165,31 @@ def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envel
         daemon.stop()
 
 
+def test_an_mda_command_written_as_sh_dash_c_gets_the_envelope_as_arguments_not_as_script_text(world) -> None:
+    """`mda "/bin/sh -c '... %{sender:raw} ...'"`: the script is one quoted word, so the line has no shell syntax
+    of its own, but the script is shell text all the same: its specifiers are positional parameters of that
+    shell. Before, the raw sender was pasted into the script and its backquotes ran as the recipient."""
+    top, mail_root, alice, _ = world
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "cmd" mda "/bin/sh -c \'echo %{sender:raw} > sender.txt; cat > message.txt\'"\n'
+              'match from any for domain "cmd.test" action "cmd"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.docmd("MAIL FROM:<x`touch${IFS}pwned`@client.test>")[0] == 250
+            assert client.docmd(f"RCPT TO:<{alice.pw_name}@cmd.test>")[0] == 250
+            assert client.data(b"Subject: scripted\r\n\r\nbody\r\n")[0] == 250
+        home = Path(alice.pw_dir)
+        text = wait_for(lambda: (home / "message.txt").exists() and (home / "message.txt").read_text())
+        assert "Subject: scripted" in text
+        assert (home / "sender.txt").read_text() == "x`touch${IFS}pwned`@client.test\n"
+        assert not (home / "pwned").exists() and not any(home.glob("*pwned*"))
+    finally:
+        daemon.stop()
+
+
 def test_a_failing_mda_command_is_logged_with_one_error_wrapper(world) -> None:
     """`mda "/bin/false"`: the delivery line says `stat=Error (exited with status 1)`, the shape of OpenSMTPD
     6.8's `stat=Error (exited abnormally)` (checked against its daemon). It said `Error (Error (exited with

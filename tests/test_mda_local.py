@@ -664,6 +664,11 @@ def test_lmtp_utf8_senders_go_as_the_server_can_take_them(spool, offers_smtputf8
     ("echo \"to %{rcpt}\" '%{sender}' 100%% > out",
      ["/bin/sh", "-c", "echo \"to ${1}\" ''\"${2}\"'' 100% > out", "sh", "bob+tag@example.org", "a`b`$c@x.test"]),
     ("cat >> \"$HOME/log\"", ["/bin/sh", "-c", "cat >> \"$HOME/log\"", "sh"]),
+    # a written-out `sh -c 'SCRIPT'`: the script is shell text too, its values positional parameters after its own
+    ("sh -c 'procmail -a %{sender}'", ["sh", "-c", 'procmail -a "${1}"', "sh", "a`b`$c@x.test"]),
+    ("/bin/bash -o pipefail -c 'spamc | procmail %{rcpt}' name one",
+     ["/bin/bash", "-o", "pipefail", "-c", 'spamc | procmail "${2}"', "name", "one", "bob+tag@example.org"]),
+    ("sh script.sh %{rcpt}", ["sh", "script.sh", "bob+tag@example.org"]),
 ])
 def test_mda_command_lines_with_and_without_shell_syntax(template: str, expected: list[str]) -> None:
     from smtpd.mda.command import command_argv

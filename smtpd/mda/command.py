@@ -122,14 +122,18 @@ def needs_shell(template: str) -> bool:
     return False
 
 
-def shell_argv(template: str, context: VariableContext, wrapped: list[str] | None = None) -> list[str]:
+def shell_argv(template: str, context: VariableContext, wrapped: list[str] | None = None,
+               offset: int = 0) -> list[str]:
     """`/bin/sh -c SCRIPT sh VALUE...`: the command line as the administrator wrote it runs in a shell (as
     OpenSMTPD runs every mda command), but each %{...} in it becomes a reference to a positional parameter
     ("${1}", ...) whose value is passed as an argument of sh: the envelope data is never read as shell text.
 
     wrapped: for a wrapper, the wrapped command's argv; `%{mda}` is then that command: outside quotes (`exec
     %{mda}`, `sed ... | %{mda}`) its words are positional parameters as well; inside quotes, where it must be
-    one string for a shell within (`sh -c '%{mda}'`), its words are written quoted by shlex."""
+    one string for a shell within (`sh -c '%{mda}'`), its words are written quoted by shlex.
+
+    offset: how many positional parameters the script has already (its own arguments after `sh -c SCRIPT
+    NAME`): the values are numbered after them."""
     values: list[str] = []
     script: list[str] = []
     quote = ""
@@ -152,13 +156,13 @@ def shell_argv(template: str, context: VariableContext, wrapped: list[str] | Non
                 if quote:  # one string for a shell inside (`sh -c '%{mda}'`): shlex-quoted words, as data
                     script.append(_quoted_for(quote, shlex.join(wrapped)))
                 else:  # (the usual `exec %{mda}`) the wrapped argv as positional parameters too
-                    first = len(values) + 1
+                    first = offset + len(values) + 1
                     values.extend(wrapped)
-                    script.append(" ".join(f'"${{{number}}}"' for number in range(first, len(values) + 1)))
+                    script.append(" ".join(f'"${{{number}}}"' for number in range(first, offset + len(values) + 1)))
                 position = end + 1
                 continue
             values.append(expand(specifier, context))
-            reference = f"${{{len(values)}}}"
+            reference = f"${{{offset + len(values)}}}"
             script.append({"": f'"{reference}"', '"': reference, "'": f"'\"{reference}\"'"}[quote])
             position = end + 1
             continue
@@ -184,9 +188,47 @@ def _quoted_for(quote: str, text: str) -> str:
     return text
 
 
+# Programs whose `-c SCRIPT` argument is shell text.
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "posh", "yash"})
+
+
+def _shell_script_index(words: list[str]) -> int | None:
+    """The index of the script in `sh [options] -c SCRIPT [NAME [ARG...]]`, else None."""
+    if os.path.basename(words[0]) not in _SHELLS:
+        return None
+    index = 1
+    while index < len(words):
+        word = words[index]
+        if word in ("-o", "+o"):  # takes an option name
+            index += 2
+            continue
+        if len(word) < 2 or word[0] not in "-+" or word == "--":
+            return None  # a script file, not -c
+        if word[0] == "-" and "c" in word[1:]:
+            return index + 1 if index + 1 < len(words) else None
+        index += 1
+    return None
+
+
+def _with_shell_script(words: list[str], context: VariableContext,
+                       wrapped: list[str] | None = None) -> list[str] | None:
+    """`sh -c '... %{rcpt.user} ...'`, the script written as one quoted word: it is shell text, so its specifiers
+    become positional parameters (shell_argv), never text pasted into it. None when the words are no such command
+    (or its script holds no specifier)."""
+    index = _shell_script_index(words)
+    if index is None or "%{" not in words[index]:
+        return None
+    arguments = [expand(word, context) for word in words[index + 1:]]  # the script's $0, $1, ...: data already
+    converted = shell_argv(words[index], context, wrapped, offset=max(len(arguments) - 1, 0))
+    script, values = converted[2], converted[4:]
+    head = [expand(word, context) for word in words[:index]]
+    return [*head, script, *(arguments or ["sh"]), *values]
+
+
 def command_argv(template: str, context: VariableContext) -> list[str]:
     """Split the configured command into words, then expand %{...} inside each word; a command line that uses
-    the shell's syntax runs in a shell instead (shell_argv). Raises VariableError."""
+    the shell's syntax runs in a shell instead (shell_argv), and so does the script of a written-out
+    `sh -c '...'`. Raises VariableError."""
     if needs_shell(template):
         return shell_argv(template, context)
     try:
@@ -195,6 +237,9 @@ def command_argv(template: str, context: VariableContext) -> list[str]:
         raise VariableError(f"mda command line could not be split: {error}") from None
     if not words:
         raise VariableError("empty mda command")
+    scripted = _with_shell_script(words, context)
+    if scripted is not None:
+        return scripted
     return [expand(word, context) for word in words]
 
 
@@ -212,6 +257,11 @@ def wrap_argv(wrapper: str, wrapped: list[str], context: VariableContext) -> lis
         words = shlex.split(wrapper)
     except ValueError as error:
         raise VariableError(f"mda wrapper could not be split: {error}") from None
+    if not words:
+        raise VariableError("empty mda wrapper")
+    scripted = _with_shell_script(words, with_mda, wrapped)
+    if scripted is not None:
+        return scripted
     argv: list[str] = []
     for word in words:
         if word.strip() in ("%{mda}", "%{mda:raw}"):
