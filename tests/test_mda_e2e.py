@@ -190,6 +190,29 @@ def test_an_mda_command_written_as_sh_dash_c_gets_the_envelope_as_arguments_not_
         daemon.stop()
 
 
+def test_a_forward_command_of_a_sub_address_gets_its_extension(world) -> None:
+    """`"|procmail -a $EXTENSION"` in bob's .forward, mail to bob+lists@: the command sees EXTENSION=lists, as an
+    mda action's command does (and as Postfix gives it to .forward commands). It used to be missing."""
+    top, mail_root, alice, _ = world
+    home = Path(alice.pw_dir)
+    forward = home / ".forward"
+    forward.write_text(f'"|echo ext=$EXTENSION local=$LOCAL > {home}/env.txt"\n')
+    os.chown(forward, alice.pw_uid, alice.pw_gid)
+    port = free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              'action "md" maildir\n'
+              'match from any for domain "fwd.test" action "md"\n')
+    daemon = Daemon(str(top), config, mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.sendmail("s@client.test", [f"{alice.pw_name}+lists@fwd.test"], b"Subject: x\r\n\r\nb\r\n") == {}
+        text = wait_for(lambda: (home / "env.txt").exists() and (home / "env.txt").read_text())
+        assert text == f"ext=lists local={alice.pw_name}+lists\n"
+    finally:
+        daemon.stop()
+
+
 def test_a_failing_mda_command_is_logged_with_one_error_wrapper(world) -> None:
     """`mda "/bin/false"`: the delivery line says `stat=Error (exited with status 1)`, the shape of OpenSMTPD
     6.8's `stat=Error (exited abnormally)` (checked against its daemon). It said `Error (Error (exited with

@@ -459,6 +459,10 @@ class _Expansion:
             else:
                 envelope.mda_user = node.owner or unprivileged_user()
                 envelope.mda_exec = f"|{node.value}" if node.kind is NodeKind.FILTER else node.value
+                if node.owner is not None and node.parent is not None:
+                    # bob+lists's .forward: its commands learn the sub-address ($EXTENSION), as a mailbox
+                    # delivery's do (and as Postfix gives it to .forward commands: `procmail -a $EXTENSION`).
+                    envelope.mda_subaddress = node.parent.subaddress
                 if node.kind is NodeKind.FILTER and node.owner is None:
                     _log.warning("commands executed from aliases run with %s privileges", envelope.mda_user)
         node.outcome = f"delivery via action {action.name} ({envelope_type})"
