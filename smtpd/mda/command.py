@@ -22,12 +22,13 @@ signal or the 300 s limit: temporary.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shlex
 import signal
 import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from smtpd import trace
 from smtpd.mda.privilege import CHILD_TIMEOUT, Identity, privileged
@@ -271,6 +272,12 @@ def wrap_argv(wrapper: str, wrapped: list[str], context: VariableContext) -> lis
     return argv
 
 
+# Run as the user: change into the home ($1), or to / when the user cannot; then the command.
+_CHANGE_DIRECTORY = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
+_TEMPORARY_SPAWN_ERRORS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ETXTBSY,
+                                     errno.EIO, errno.EINTR})
+
+
 async def run_command(argv: list[str], identity: Identity, environment: dict[str, str], prefix: bytes,
                       message: BinaryIO, timeout: float = CHILD_TIMEOUT,
                       stdout: BinaryIO | None = None) -> CommandOutcome:
@@ -284,12 +291,27 @@ async def run_command(argv: list[str], identity: Identity, environment: dict[str
         switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
     cwd = identity.home if identity.home and os.path.isdir(identity.home) else "/"
     with tempfile.TemporaryFile() as output:
+
+        def start(command: list[str], directory: str) -> Any:
+            return asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.PIPE, stdout=output if stdout is None else stdout, stderr=output,
+                env=environment, cwd=directory, start_new_session=True, close_fds=True, **switch)
+
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=output if stdout is None else stdout, stderr=output, env=environment, cwd=cwd,
-                start_new_session=True, close_fds=True, **switch)  # type: ignore[arg-type]
+            try:
+                process = await start(argv, cwd)
+            except OSError as error:
+                if error.filename != cwd or cwd == "/":
+                    raise
+                # The directory change happens before the switch to the user, as root: a home root may not enter
+                # (NFS with root_squash) made every command fail for good, said as "<program>: Permission
+                # denied". The user changes into it, or to / when it cannot either (as OpenSMTPD falls back).
+                process = await start(["/bin/sh", "-c", _CHANGE_DIRECTORY, "sh", cwd, *argv], "/")
         except OSError as error:
-            return CommandOutcome(127, None, False, f"{argv[0]}: {error.strerror}")
+            # A program that cannot run (missing, not executable) fails for good; a lack of resources (no process
+            # or memory left, too many open files) is temporary: the mail must wait, not bounce.
+            status = 75 if error.errno in _TEMPORARY_SPAWN_ERRORS else 127
+            return CommandOutcome(status, None, False, f"{argv[0]}: {error.strerror}")
         uid = identity.uid if privileged() else os.getuid()
         trace.emit("mproc", f"mda command {argv[0]} started, pid {process.pid}, uid {uid}", pid=process.pid, uid=uid,
                    command=argv[0], **trace.bound())
