@@ -399,7 +399,7 @@ class _Expansion:
     def _expand_forward(self, node: ExpansionNode, action: Action) -> None:
         assert node.user is not None
         user = node.user
-        forward = read_forward(user.directory, user.uid)
+        forward = read_forward(user.directory, user.uid, user.gid)
         if forward.status is ForwardStatus.TEMPFAIL:
             _emit(f"~/.forward failed for user {user.username}", reason=forward.reason)
             _log.warning("%s", forward.reason)

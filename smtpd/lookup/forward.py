@@ -7,9 +7,12 @@ file that is not the user's or is writable by others, a directory on the way tha
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -32,6 +35,7 @@ class ForwardFile:
     path: str
     items: list[Item] = field(default_factory=list)
     reason: str = ""
+    denied: bool = False  # the home or the file could not be read (EACCES)
 
 
 def secure_file(fd: int, path: str, home: str, uid: int) -> str | None:
@@ -66,8 +70,46 @@ def secure_file(fd: int, path: str, home: str, uid: int) -> str | None:
             return None
 
 
-def read_forward(home: str, uid: int) -> ForwardFile:
-    """Open and check `<home>/.forward` and parse its items (`:include:` items are dropped)."""
+def read_forward(home: str, uid: int, gid: int | None = None) -> ForwardFile:
+    """Open and check `<home>/.forward` and parse its items (`:include:` items are dropped).
+
+    Read as root; when root may not read there (a home on NFS exported with root_squash, mode 0700), read again
+    with the user's own file-system identity (gid: the user's group), as the user could: every RCPT to such a
+    user used to be refused (524), whether or not a .forward was there."""
+    found = _read_forward(home, uid)
+    if found.denied and os.geteuid() == 0 and uid != 0:
+        try:
+            with _filesystem_identity(uid, gid if gid is not None else -1):
+                found = _read_forward(home, uid)
+        except OSError as error:
+            return ForwardFile(ForwardStatus.TEMPFAIL, found.path, reason=f"{found.path}: {error.strerror}")
+    return found
+
+
+_libc: ctypes.CDLL | None = None
+
+
+@contextlib.contextmanager
+def _filesystem_identity(uid: int, gid: int) -> Iterator[None]:
+    """This thread's file accesses made as uid (and gid, unless -1): Linux's fsuid and fsgid are per thread, so
+    the daemon's other threads keep root's; restored on the way out. OSError when they cannot be set."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
+    if gid >= 0:
+        libc.setfsgid(gid)
+    libc.setfsuid(uid)
+    try:
+        if libc.setfsuid(-1) != uid or (gid >= 0 and libc.setfsgid(-1) != gid):
+            raise OSError(errno.EPERM, "cannot take the user's file-system identity")
+        yield
+    finally:
+        libc.setfsuid(0)
+        libc.setfsgid(0)
+
+
+def _read_forward(home: str, uid: int) -> ForwardFile:
     path = os.path.join(home, ".forward")
     try:
         home_info = os.stat(home)
@@ -108,7 +150,8 @@ def _open_failure(path: str, error: OSError) -> ForwardFile:
         return ForwardFile(ForwardStatus.TEMPFAIL, path, reason=f"{path}: {error.strerror}")
     if error.errno == errno.ELOOP:
         return ForwardFile(ForwardStatus.PERMFAIL, path, reason=f"{path}: cannot follow symbolic links")
-    return ForwardFile(ForwardStatus.PERMFAIL, path, reason=f"{path}: {error.strerror}")
+    return ForwardFile(ForwardStatus.PERMFAIL, path, reason=f"{path}: {error.strerror}",
+                       denied=error.errno == errno.EACCES)
 
 
 def _parse_forward(path: str, data: bytes) -> ForwardFile:
