@@ -1,4 +1,4 @@
-"""`mda wrapper` around mbox and maildir actions, delivering as a real unprivileged user.
+"""`mda wrapper` around mbox, maildir and lmtp actions, delivering as a real unprivileged user.
 
 The recipient cannot read the daemon's Python (it lives under /root here): the wrapper runs as the recipient
 around a filter, and the daemon's own writer delivers what the wrapper passes on.
@@ -122,3 +122,35 @@ def test_root_mbox_wrapper_runs_unprivileged(world) -> None:
     assert result.outcome is Outcome.OK, result
     assert Path(out, "who").read_text() == f"{unprivileged_user()}\n"
     assert "X-Wrapped: yes\n" in Path(root, "root").read_text()
+
+
+def test_a_wrapper_on_an_lmtp_action_filters_what_goes_over_lmtp() -> None:
+    """`action "lmtp" lmtp "/run/dovecot/lmtp" wrapper W`: the config takes it, and every message bounced
+    (`wrapper not supported for lmtp`). The wrapper now runs as the recipient around /bin/cat, as for mbox and
+    maildir, and its output is what the LMTP server receives."""
+    from test_mda_local import lmtp_peer
+
+    with open_temp_dir("pysmtpd-lmtpwrap-") as top, system_user(top, "plw") as bob:
+        socket_path = os.path.join(top, "lmtp.sock")
+        config = make_config([local_action("lmtp", Method.LMTP, lmtp_destination=socket_path, wrapper="tag")], [])
+        config.mda_wrappers["tag"] = "sed -e 's/^Subject: /Subject: [wrapped by '\"$USER\"'] /' | %{mda}"
+        message = os.path.join(top, "message")
+        with open(message, "w") as handle:
+            handle.write("Subject: hello\n\nbody\n")
+        seen: list[bytes] = []
+        peer = lmtp_peer(seen, lambda rcpts: b"250 2.0.0 saved\r\n" * len(rcpts))
+
+        async def run():
+            server = await asyncio.start_unix_server(peer, socket_path)
+            try:
+                agent = MdaAgent(config, DictTables(), "mx.example.org")
+                return await agent.deliver(mda_envelope("lmtp", f"{bob.pw_name}@example.org", bob.pw_name), message)
+            finally:
+                server.close()
+                await server.wait_closed()
+
+        result = asyncio.run(run())
+        assert result.outcome is Outcome.OK, result
+        assert f"RCPT TO:<{bob.pw_name}>\r\n".encode() in seen
+        assert f"Subject: [wrapped by {bob.pw_name}] hello\r\n".encode() in seen
+        assert f"Delivered-To: {bob.pw_name}@example.org\r\n".encode() in seen

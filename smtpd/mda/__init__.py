@@ -558,7 +558,7 @@ class MdaAgent:
         method = job.action.method
         if method is Method.MDA:
             wrapped = self._expand_argv(job.action.mda_command or "", job)
-        elif method in (Method.MBOX, Method.MAILDIR):
+        elif method in (Method.MBOX, Method.MAILDIR, Method.LMTP):
             return await self._run_wrapped_mailbox(job, wrapper, message)
         else:
             return DeliveryResult.permfail(f"wrapper not supported for {method}")
@@ -569,7 +569,8 @@ class MdaAgent:
         return await self._run_command(job, argv, message)
 
     async def _run_wrapped_mailbox(self, job: _Job, wrapper: str, message: BinaryIO) -> DeliveryResult:
-        """mbox and maildir under a wrapper: the wrapper runs as the recipient around a filter, then we write.
+        """mbox, maildir and lmtp under a wrapper: the wrapper runs as the recipient around a filter, then we write
+        (or send over LMTP; a wrapper there used to bounce every message, `wrapper not supported`).
 
         The wrapped command (%{mda}) is `/bin/cat`: the wrapper (limits, environment, a filter of its own) runs
         as the recipient with the message on stdin, and its standard output is what gets delivered, by the same
@@ -595,6 +596,11 @@ class MdaAgent:
             unprefixed = dataclasses.replace(job, prefix=b"")  # the wrapper's output already holds the prefix
             if job.action.method is Method.MBOX:
                 return await self._run_mbox(unprefixed, filtered)
+            if job.action.method is Method.LMTP:
+                # Its own copy, never in a batch with the other envelopes' (their filtered copies differ).
+                info = os.fstat(filtered.fileno())
+                return await self._run_lmtp(dataclasses.replace(unprefixed, source=(info.st_dev, info.st_ino)),
+                                            filtered)
             return await self._run_maildir(unprefixed, filtered)
 
     async def _run_command(self, job: _Job, argv: list[str], message: BinaryIO,
