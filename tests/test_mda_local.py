@@ -669,6 +669,7 @@ def test_lmtp_utf8_senders_go_as_the_server_can_take_them(spool, offers_smtputf8
     ("/bin/bash -o pipefail -c 'spamc | procmail %{rcpt}' name one",
      ["/bin/bash", "-o", "pipefail", "-c", 'spamc | procmail "${2}"', "name", "one", "bob+tag@example.org"]),
     ("sh script.sh %{rcpt}", ["sh", "script.sh", "bob+tag@example.org"]),
+    ("bash --norc -c 'echo %{rcpt}'", ["bash", "--norc", "-c", 'echo "${1}"', "sh", "bob+tag@example.org"]),
 ])
 def test_mda_command_lines_with_and_without_shell_syntax(template: str, expected: list[str]) -> None:
     from smtpd.mda.command import command_argv

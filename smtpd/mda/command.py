@@ -205,6 +205,9 @@ def _shell_script_index(words: list[str]) -> int | None:
             continue
         if len(word) < 2 or word[0] not in "-+" or word == "--":
             return None  # a script file, not -c
+        if word.startswith("--"):  # bash's long options (--norc, --login)
+            index += 1
+            continue
         if word[0] == "-" and "c" in word[1:]:
             return index + 1 if index + 1 < len(words) else None
         index += 1
