@@ -249,6 +249,7 @@ class _Expansion:
         under another local domain); never through an alias, a virtual entry of several members or another user.
         None otherwise (an ordinary duplicate)."""
         owner: ExpansionNode | None = None
+        addresses: list[ExpansionNode] = []
         current: ExpansionNode | None = parent
         while current is not None:
             if current.kind is NodeKind.USERNAME:
@@ -260,12 +261,17 @@ class _Expansion:
                     owner = current
                 elif owner.user is None or current.user.username != owner.user.username:
                     return None
-            elif current.kind is not NodeKind.ADDRESS or self._children(current) > 1:
+            elif current.kind is NodeKind.ADDRESS:
+                addresses.append(current)
+            else:
                 return None
             if current is earlier:
-                return owner
+                break
             current = current.parent
-        return None
+        if current is None or owner is None:
+            return None
+        # (counted last: a long list's duplicates never get here, and the count walks the whole tree)
+        return owner if all(self._children(address) <= 1 for address in addresses) else None
 
     def _children(self, node: ExpansionNode) -> int:
         return sum(1 for other in self.tree if other.parent is node and other.outcome != "duplicate, discarded")
