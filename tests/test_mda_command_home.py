@@ -31,18 +31,28 @@ print(result.outcome, result.text)
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-def test_mda_command_runs_in_a_home_that_root_may_not_enter() -> None:
-    with open_temp_dir("pysmtpd-cmdhome-") as top, system_user(top, "pch") as bob:
-        home = Path(bob.pw_dir)
-        os.chmod(home, 0o700)
-        message = Path(top) / "message"
-        message.write_text("Subject: nfs\n\nbody\n")
-        environment = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-        done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
-                               DELIVER, bob.pw_name, str(message)],
-                              capture_output=True, text=True, env=environment, timeout=60, cwd="/")
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "ok Delivered", done.stdout + done.stderr
-        assert (home / "where.txt").read_text() == f"{home}\n"
-        assert "Subject: nfs" in (home / "message.txt").read_text()
-        assert (home / "message.txt").stat().st_uid == bob.pw_uid
+@pytest.mark.parametrize("closed", ["home", "its folder"])
+def test_mda_command_runs_in_a_home_that_root_may_not_enter(closed: str) -> None:
+    with open_temp_dir("pysmtpd-cmdhome-") as top:
+        os.mkdir(os.path.join(top, "nfs"), 0o755)
+        with system_user(os.path.join(top, "nfs"), "pch") as bob:
+            run_in_a_closed_home(top, bob, closed)
+
+
+def run_in_a_closed_home(top: str, bob, closed: str) -> None:  # noqa: ANN001
+    home = Path(bob.pw_dir)
+    os.chmod(home, 0o700)
+    if closed == "its folder":  # root may not even look at the home (stat: Permission denied)
+        os.chown(home.parent, bob.pw_uid, bob.pw_gid)
+        os.chmod(home.parent, 0o700)
+    message = Path(top) / "message"
+    message.write_text("Subject: nfs\n\nbody\n")
+    environment = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+                           DELIVER, bob.pw_name, str(message)],
+                          capture_output=True, text=True, env=environment, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok Delivered", done.stdout + done.stderr
+    assert (home / "where.txt").read_text() == f"{home}\n"
+    assert "Subject: nfs" in (home / "message.txt").read_text()
+    assert (home / "message.txt").stat().st_uid == bob.pw_uid

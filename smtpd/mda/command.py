@@ -26,6 +26,7 @@ import errno
 import os
 import shlex
 import signal
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -275,6 +276,18 @@ def wrap_argv(wrapper: str, wrapped: list[str], context: VariableContext) -> lis
     return argv
 
 
+def _working_directory(home: str) -> str:
+    """The home when it is a folder, or when root may not even look (the user enters it: see run_command); else /."""
+    if not home:
+        return "/"
+    try:
+        return home if stat.S_ISDIR(os.stat(home).st_mode) else "/"
+    except PermissionError:
+        return home
+    except OSError:
+        return "/"
+
+
 # Run as the user: change into the home ($1), or to / when the user cannot; then the command.
 _CHANGE_DIRECTORY = 'cd -- "$1" 2>/dev/null || cd /; shift; exec "$@"'
 _TEMPORARY_SPAWN_ERRORS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ETXTBSY,
@@ -292,7 +305,7 @@ async def run_command(argv: list[str], identity: Identity, environment: dict[str
     switch: dict[str, object] = {}
     if privileged():
         switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
-    cwd = identity.home if identity.home and os.path.isdir(identity.home) else "/"
+    cwd = _working_directory(identity.home)
     with tempfile.TemporaryFile() as output:
 
         def start(command: list[str], directory: str) -> Any:
