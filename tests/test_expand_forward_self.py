@@ -1,6 +1,7 @@
 """A `.forward` naming its own user by address (`bob@example.org` in bob's .forward, beside another target) keeps
 a copy in bob's mailbox, as `\\bob` does; it used to be discarded as a repeat of the RCPT address, and bob's own
-copy was silently lost (OpenSMTPD 6.8 goes round to depth 10 and refuses the recipient with 524)."""
+copy was silently lost (OpenSMTPD 6.8 goes round to depth 10 and refuses the recipient with 524). So does an alias
+entry of user bob naming bob's own address."""
 
 from __future__ import annotations
 
@@ -41,12 +42,15 @@ def write_forward(user: pwd.struct_passwd, text: str) -> None:
     os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def expand(rcpt: str, virtual: dict[str, str] | None = None):
+def expand(rcpt: str, virtual: dict[str, str] | None = None, aliases: dict[str, str] | None = None):
     tables = DictTables(maps={"locals": {LOCAL: "", OTHER_LOCAL: ""}, "remotes": {REMOTE: ""}})
     options = {}
     if virtual is not None:
         tables.maps["virt"] = virtual
         options["virtual_table"] = "virt"
+    if aliases is not None:
+        tables.maps["aliases"] = aliases
+        options["alias_table"] = "aliases"
     config = make_config([local_action("local", Method.MAILDIR, **options), relay_action("out")],
                          [rule_for_domain(1, "locals", "local"), rule_for_domain(2, "remotes", "out")])
     return expand_recipient(config, tables, SessionFacts(), "s@client.test", rcpt, "mx.example.org",
@@ -90,3 +94,15 @@ def test_a_list_named_in_a_members_forward_is_still_an_ordinary_repeat(users) ->
     write_forward(bob, f"team@{LOCAL}\n")
     result = expand(f"team@{LOCAL}", virtual={f"team@{LOCAL}": f"{b}, {a}"})
     assert mailboxes(result) == [a]
+
+
+def test_an_alias_of_a_user_naming_that_users_own_address_keeps_a_copy(users) -> None:
+    bob, alice = users
+    b, a = bob.pw_name, alice.pw_name
+    # As `bob: bob, ...` does; the address form used to be discarded as a repeat of the RCPT, bob's copy lost.
+    aliases = {b: f"{b}@{LOCAL}, {a}, friend@{REMOTE}", "team-x": f"team-x@{LOCAL}, {a}"}
+    result = expand(f"{b}@{LOCAL}", aliases=aliases)
+    assert mailboxes(result) == sorted([a, b])
+    assert relayed(result) == [f"friend@{REMOTE}"]
+    # An alias that is no user has no mailbox to keep a copy in: its own address is an ordinary repeat.
+    assert mailboxes(expand(f"team-x@{LOCAL}", aliases=aliases)) == [a]

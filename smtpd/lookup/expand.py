@@ -84,6 +84,7 @@ class ExpansionNode:
     user: UserInfo | None = None  # set once a USERNAME was found in the userbase
     subaddress: str = ""
     forwarded: bool = False  # its ~/.forward was read and gave children
+    aliased: bool = False  # it was a key of the alias table, whose entries are its children
     outcome: str = ""  # what became of it: "children", "delivery via X", "duplicate", "refused: ..."
 
     @property
@@ -243,23 +244,24 @@ class _Expansion:
         return True
 
     def _forward_naming_itself(self, parent: ExpansionNode, earlier: ExpansionNode) -> ExpansionNode | None:
-        """The user node whose `.forward` a duplicate node (under ``parent``, repeating ``earlier``) came from, when
-        it leads straight back to that same user: ``earlier`` is that user's node, or an ancestor reached only
-        through it and addresses that stand for nobody else (its address, that address with a +tag, the user
-        under another local domain); never through an alias, a virtual entry of several members or another user.
-        None otherwise (an ordinary duplicate)."""
+        """The user node whose `.forward` (or alias entry: `bob: bob@example.org, bob@remote.test`, bob a user) a
+        duplicate node (under ``parent``, repeating ``earlier``) came from, when it leads straight back to that same
+        user: ``earlier`` is that user's node, or an ancestor reached only through it and addresses that stand for
+        nobody else (its address, that address with a +tag, the user under another local domain); never through
+        another alias, a virtual entry of several members or another user. None otherwise (an ordinary
+        duplicate)."""
         owner: ExpansionNode | None = None
+        owner_name = ""
         addresses: list[ExpansionNode] = []
         current: ExpansionNode | None = parent
         while current is not None:
             if current.kind is NodeKind.USERNAME:
-                if current.user is None:
-                    return None
                 if owner is None:
-                    if not current.forwarded:
+                    name = self._owner_name(current)
+                    if name is None:
                         return None
-                    owner = current
-                elif owner.user is None or current.user.username != owner.user.username:
+                    owner, owner_name = current, name
+                elif current.user is None or current.user.username != owner_name:
                     return None
             elif current.kind is NodeKind.ADDRESS:
                 addresses.append(current)
@@ -272,6 +274,20 @@ class _Expansion:
             return None
         # (counted last: a long list's duplicates never get here, and the count walks the whole tree)
         return owner if all(self._children(address) <= 1 for address in addresses) else None
+
+    def _owner_name(self, node: ExpansionNode) -> str | None:
+        """The user whose own list of targets node's children are: its .forward's, or its alias entry's when the
+        alias is named after a user of the userbase (as `bob: bob, bob@remote.test` keeps a copy for bob)."""
+        if node.forwarded and node.user is not None:
+            return node.user.username
+        if not node.aliased or node.action is None:
+            return None
+        name = self._split_tag(node.value)[0]
+        try:
+            found = self.tables.lookup(node.action.userbase_table or DEFAULT_USERBASE, Service.USERINFO, name)
+        except TableError:
+            return None
+        return name if found is not None else None
 
     def _children(self, node: ExpansionNode) -> int:
         return sum(1 for other in self.tree if other.parent is node and other.outcome != "duplicate, discarded")
@@ -381,6 +397,7 @@ class _Expansion:
         # done without children, as OpenSMTPD's expansion; it does not fall back to a system user of that name.
         key, items = found
         node.outcome = f"{kind} {table}[{key}]"
+        node.aliased = True
         self._insert_items(items, node, source=f"{kind} <{table}> key {key}")
         return True
 
