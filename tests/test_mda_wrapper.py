@@ -154,3 +154,14 @@ def test_a_wrapper_on_an_lmtp_action_filters_what_goes_over_lmtp() -> None:
         assert f"RCPT TO:<{bob.pw_name}>\r\n".encode() in seen
         assert f"Subject: [wrapped by {bob.pw_name}] hello\r\n".encode() in seen
         assert f"Delivered-To: {bob.pw_name}@example.org\r\n".encode() in seen
+
+
+def test_a_wrapper_running_the_command_inside_sh_dash_c_gets_all_of_its_words(world) -> None:
+    """`mda wrapper w "/bin/sh -c '%{mda}'"`: the script is the wrapped command, all of it. Taken for an argv
+    word, `%{mda}` was replaced by the command's words, and sh ran the program alone (`sh -c /usr/bin/tee
+    wrapped.txt` runs tee without its file, the next word being only sh's $0)."""
+    top, _, out, bob = world
+    config = wrapped_config(Method.MDA, "/bin/sh -c '%{mda}'", mda_command=f"/usr/bin/tee {out}/wrapped.txt")
+    result = deliver(config, top, bob.pw_name)
+    assert result.outcome is Outcome.OK, result
+    assert "Subject: wrapped" in Path(out, "wrapped.txt").read_text()
