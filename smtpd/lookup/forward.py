@@ -97,16 +97,16 @@ def _filesystem_identity(uid: int, gid: int) -> Iterator[None]:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     libc = _libc
-    if gid >= 0:
-        libc.setfsgid(gid)
-    libc.setfsuid(uid)
+    previous_gid = libc.setfsgid(gid) if gid >= 0 else -1  # (each returns the id it replaced)
+    previous_uid = libc.setfsuid(uid)
     try:
         if libc.setfsuid(-1) != uid or (gid >= 0 and libc.setfsgid(-1) != gid):
             raise OSError(errno.EPERM, "cannot take the user's file-system identity")
         yield
     finally:
-        libc.setfsuid(0)
-        libc.setfsgid(0)
+        libc.setfsuid(previous_uid)
+        if previous_gid >= 0:
+            libc.setfsgid(previous_gid)
 
 
 def _read_forward(home: str, uid: int) -> ForwardFile:
