@@ -482,3 +482,16 @@ def test_a_hash_inside_double_quotes_is_no_comment() -> None:
     assert parse_lines(f"{line} # a comment\n") == [line]
     assert parse_lines(f"{line}\n", comments_in_words=False) == [line]
     assert parse_lines("o'brien@x.org # single quotes do not quote\n") == ["o'brien@x.org"]
+
+
+def test_an_apostrophe_inside_an_address_is_no_quote(bob) -> None:
+    # O'Brien's address in a list: taken for an opening quote, the apostrophe hid every comma after it, and the
+    # whole alias was an invalid value (424, retried until it bounced) for everyone on it.
+    assert split_items("seamus.o'brien@x.ie, mary@x.ie") == ["seamus.o'brien@x.ie", "mary@x.ie"]
+    assert split_items("|/bin/echo 'a, b', bob") == ["|/bin/echo 'a, b'", "bob"]
+    assert split_items("|cmd --tag='a,b', bob") == ["|cmd --tag='a,b'", "bob"]
+    tables = DictTables(maps={"aliases": {"team": f"seamus.o'brien@{REMOTE_DOMAIN}, {bob.pw_name}"}})
+    result = expand(setup(tables, alias_table="aliases"), tables, f"team@{LOCAL_DOMAIN}")
+    assert result.refusal is None
+    assert mailbox_users(result) == [bob.pw_name]
+    assert [e.dest for e in result.deliveries if e.type is EnvelopeType.MTA] == [f"seamus.o'brien@{REMOTE_DOMAIN}"]

@@ -1,7 +1,8 @@
 """Expansion items: what an alias value, a virtual value, a `.forward` line or an `:include:` file holds.
 
 A value is a comma-separated list (reference §6.1). Commas inside double or single quotes do not split (the
-quotes are kept), and a backslash protects the character after it and is removed, as OpenSMTPD's splitting does:
+quotes are kept; a single quote opens only at the start of a word or after `=`: inside a word, as in
+`o'brien@example.ie`, it is a letter of an address), and a backslash protects the character after it and is removed, as OpenSMTPD's splitting does:
 `\\bob` in a `.forward` is the user bob (the sendmail idiom for "keep a copy here"), and in `"|cmd \\"a b\\""`
 the command sees `cmd "a b"`. A trailing backslash or an unclosed quote makes the value invalid. Each item is
 classified by the first of these shapes it fits:
@@ -76,7 +77,10 @@ def split_items(text: str) -> list[str]:
         if char == '"' and not in_single:
             in_double = not in_double
         elif char == "'" and not in_double:
-            in_single = not in_single
+            # An apostrophe inside a word is a letter of an address (`seamus.o'brien@example.ie`), not a quote:
+            # taken for one, it hid the commas after it and made the whole value invalid (424 at every RCPT).
+            if in_single or not current or current[-1].isspace() or current[-1] == "=":
+                in_single = not in_single
         current.append(char)
     if escaped or in_double or in_single:
         raise ItemError(f"unbalanced quote or trailing backslash in {text.strip()!r}")
