@@ -322,7 +322,10 @@ class Scheduler:
         except Exception as error:  # noqa: BLE001 — one envelope's trouble must not stop the scheduler
             LOG.warning("scheduler: %016x: %s; retrying later", envelope.evpid, error)
             if envelope.evpid in self.entries:
-                self._schedule(entry, time.time() + retry_base(envelope))
+                if entry.remove_after:  # (removed by smtpctl during the attempt: not tried again)
+                    await self._delete(entry, "removed")
+                else:
+                    self._schedule(entry, time.time() + retry_base(envelope))
         finally:
             self.inflight[agent] -= 1
             STATS.decrement("scheduler.envelope.inflight")
@@ -457,6 +460,9 @@ class Scheduler:
         try:
             await self.bouncer.report(envelope, kind)
         except Exception as error:  # noqa: BLE001 — keep the envelope and try again
+            if entry.remove_after:  # `smtpctl remove` meanwhile: it said removed, so no later try
+                await self._delete(entry, "removed")
+                return
             LOG.warning("scheduler: %016x: report not queued (%s); keeping the envelope", envelope.evpid, error)
             if kind == FAILED:
                 envelope.retry += 1

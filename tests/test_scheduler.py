@@ -459,3 +459,34 @@ def test_a_delay_warning_is_never_sent_ahead_of_its_moment(tmp_path: Path) -> No
     sent = email.utils.parsedate_to_datetime(warning["Date"]).timestamp()
     assert sent >= ctime + 2  # not before the moment it speaks of
     assert len(tries) == 2  # the first try, then the one brought forward to the warn moment
+
+
+def test_an_envelope_removed_while_its_failure_report_cannot_be_queued_stays_removed(tmp_path: Path) -> None:
+    """`smtpctl remove` while a failed envelope's report is being queued, and the report cannot be queued for
+    now (the sender's address cannot be routed yet): `remove` said "1 envelope removed", but the envelope was
+    kept for a later try with its report, and was delivered again then."""
+    from smtpd.bounce import BounceRoutingDeferred
+
+    async def scenario() -> tuple[dict, bool, bool, int]:
+        harness = Harness(tmp_path, group_delay=0.3)
+        harness.mda.policy = lambda envelope: DeliveryResult.permfail("550 no such user")
+
+        async def deferred(sender: str, smtpname: str) -> list:
+            raise BounceRoutingDeferred("a table failed")
+
+        harness.scheduler.bouncer.router = deferred
+        async with harness:
+            _, (evpid,) = await harness.submit()
+            await wait_for(lambda: harness.scheduler.bouncer.groups, what="the failure report being gathered")
+            removed = await HANDLERS["remove"](harness.daemon, {"target": f"{evpid:016x}"})
+            await wait_for(lambda: not harness.scheduler.bouncer.groups, what="the report given up for now")
+            await wait_for(lambda: evpid not in harness.scheduler.entries, timeout=3, what="the envelope removed")
+            await HANDLERS["schedule"](harness.daemon, {"target": "all"})  # (nothing left to try)
+            await asyncio.sleep(0.2)
+            gone = not Path(harness.queue.envelope_path(evpid)).exists()
+            return removed, evpid in harness.scheduler.entries, gone, len(harness.mda.attempts)
+
+    removed, known, gone, attempts = run(scenario())
+    assert removed == {"count": 1}
+    assert not known and gone
+    assert attempts == 1  # never tried again
