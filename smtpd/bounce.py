@@ -59,6 +59,22 @@ def duration_text(seconds: int) -> str:
     return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
+def remaining_text(seconds: int) -> str:
+    """A time left as an upper bound, in its two largest units with the smaller one rounded up: `3 days 20
+    hours` for what is left of 4 days 4 hours after arrival (less a few seconds). One unit in duration_text's
+    way would say `3 days`, and the sender told "up to 3 days" got the failure report most of a day later."""
+    seconds = max(0, int(seconds))
+    for (big, big_size), (small, small_size) in ((("day", 86400), ("hour", 3600)),
+                                                 (("hour", 3600), ("minute", 60)),
+                                                 (("minute", 60), ("second", 1))):
+        if seconds >= big_size:
+            smalls = -(-seconds // small_size)  # rounded up
+            count, rest = divmod(smalls, big_size // small_size)
+            text = f"{count} {big}{'s' if count != 1 else ''}"
+            return text + (f" {rest} {small}{'s' if rest != 1 else ''}" if rest else "")
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
 def status_code(envelope: Envelope, kind: str) -> str:
     """The enhanced status code (RFC 3463) of one recipient, e.g. 5.4.7."""
     if kind in (DELIVERED, RELAYED):
@@ -118,7 +134,7 @@ def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) ->
     lines.append("")
     if kind == DELAYED:
         lines += ["This is only a warning: you do not need to send the message again.",
-                  f"It stays in the queue for up to {duration_text(context.remaining)} more; if it still cannot",
+                  f"It stays in the queue for up to {remaining_text(context.remaining)} more; if it still cannot",
                   "be delivered by then, you will receive a failure report.", ""]
     lines += ["Please do not reply to this message.", ""]
     return lines

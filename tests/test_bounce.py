@@ -13,6 +13,7 @@ from smtpd.bounce import (
     ReportContext,
     duration_text,
     readable_xtext,
+    remaining_text,
     render_report,
     wants_report,
 )
@@ -52,6 +53,26 @@ def test_duration_text(seconds: int, text: str) -> None:
 ])
 def test_who_gets_a_report(fields: dict[str, object], kind: str, expected: bool) -> None:
     assert wants_report(envelope(**fields), kind) is expected
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 seconds"), (59, "59 seconds"), (60, "1 minute"), (61, "1 minute 1 second"), (3599, "59 minutes 59 seconds"),
+    (3600, "1 hour"), (3 * 3600 - 2, "3 hours"), (3 * 3600 + 1, "3 hours 1 minute"), (86400 - 1, "24 hours"),
+    (86400, "1 day"), (4 * 86400 - 4 * 3600 - 3, "3 days 20 hours"), (2 * 86400 + 3600, "2 days 1 hour"),
+])
+def test_remaining_text_never_understates(seconds: int, text: str) -> None:
+    assert remaining_text(seconds) == text
+
+
+def test_a_delay_warning_does_not_understate_how_long_the_message_stays_queued() -> None:
+    """Default settings: a warning 4 hours after arrival, 4 days of ttl. The message stays queued 3 days and 20
+    hours more, but the warning said "up to 3 days more": the failure report came most of a day after the time
+    the sender was told."""
+    remaining = 4 * 86400 - 4 * 3600 - 3  # (the failed try came a few seconds after the warn moment)
+    report = parse(render_report(DELAYED, [envelope(esc_class=4, esc_code=30, errorline="421 busy")], ORIGINAL,
+                                 ReportContext("h", 0, delay=4 * 3600, remaining=remaining)))
+    text = report.get_payload()[0].get_payload()
+    assert "up to 3 days 20 hours more" in text
 
 
 def parse(data: bytes) -> email.message.Message:
@@ -101,7 +122,7 @@ def test_a_tempfail_class_is_reported_as_permanent_in_a_failure_report() -> None
 
 def test_delayed_report_mentions_interval_and_remaining_time() -> None:
     report = parse(render_report(DELAYED, [envelope(esc_class=4, esc_code=30, errorline="421 busy")], ORIGINAL,
-                                 ReportContext("h", 0, delay=4 * 3600, remaining=3 * 86400 + 5)))
+                                 ReportContext("h", 0, delay=4 * 3600, remaining=3 * 86400 - 5)))
     text = report.get_payload()[0].get_payload()
     assert "more than 4 hours" in text
     assert "up to 3 days more" in text
