@@ -107,6 +107,8 @@ class ReportContext:
     now: float
     delay: int = 0  # delayed: the warn interval passed
     remaining: int = 0  # delayed: how long the message stays queued still (QUIRK fixed: the real time)
+    # failed on expiry: evpid -> the last temporary failure before it (the report's reason, not "Envelope expired")
+    last_errors: dict[int, str] = field(default_factory=dict)
 
 
 def _split_headers(message: bytes) -> bytes:
@@ -129,8 +131,11 @@ def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) ->
                   "recipient(s); that system does not confirm the final delivery.", ""]
     for envelope in envelopes:
         address = envelope.rcpt or envelope.dest
-        lines.append(f"<{address}>: {envelope.errorline}" if envelope.errorline and kind in (FAILED, DELAYED)
-                     else f"<{address}>")
+        error = envelope.errorline
+        last = context.last_errors.get(envelope.evpid)
+        if last and kind == FAILED:
+            error = f"{error}; the last attempt said: {last}"
+        lines.append(f"<{address}>: {error}" if error and kind in (FAILED, DELAYED) else f"<{address}>")
     lines.append("")
     if kind == DELAYED:
         lines += ["This is only a warning: you do not need to send the message again.",
@@ -166,10 +171,12 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
         lines.append(f"Final-Recipient: {_address_type(final)}; {final}")
         lines.append(f"Action: {kind}")
         lines.append(f"Status: {status_code(envelope, kind)}")
-        if envelope.errorline and kind in (FAILED, DELAYED):
+        # (an expired envelope's: the failure that kept it back, which is what the transport said)
+        diagnostic = (context.last_errors.get(envelope.evpid) if kind == FAILED else None) or envelope.errorline
+        if diagnostic and kind in (FAILED, DELAYED):
             # A reply of several lines is folded: each line after the first starts with a blank, or it would
             # begin a field of its own (RFC 3464 fields follow the header rules).
-            folded = "\n ".join(line.strip() for line in envelope.errorline.splitlines() if line.strip())
+            folded = "\n ".join(line.strip() for line in diagnostic.splitlines() if line.strip())
             lines.append(f"Diagnostic-Code: smtp; {folded}")
         if envelope.last_try:
             lines.append(f"Last-Attempt-Date: {email.utils.formatdate(envelope.last_try, localtime=True)}")
@@ -253,6 +260,7 @@ class _Group:
     envelopes: list[Envelope] = field(default_factory=list)
     futures: list[asyncio.Future[bool]] = field(default_factory=list)
     context: ReportContext | None = None
+    last_errors: dict[int, str] = field(default_factory=dict)
 
 
 class Bouncer:
@@ -267,9 +275,11 @@ class Bouncer:
         self.group_delay = group_delay
         self.groups: dict[tuple[int, str, str], _Group] = {}
 
-    def report(self, envelope: Envelope, kind: str, delay: int = 0, remaining: int = 0) -> asyncio.Future[bool]:
+    def report(self, envelope: Envelope, kind: str, delay: int = 0, remaining: int = 0,
+               last_error: str = "") -> asyncio.Future[bool]:
         """Ask for a report. The future resolves True when the DSN is queued, False when none is sent, and
-        raises when queueing failed (the caller keeps the envelope and tries again later)."""
+        raises when queueing failed (the caller keeps the envelope and tries again later). ``last_error``: for
+        an expired envelope, the temporary failure that kept it back."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if not wants_report(envelope, kind):
             if kind == FAILED and ("bounce" in envelope.flags or envelope.type is EnvelopeType.BOUNCE):
@@ -290,7 +300,9 @@ class Bouncer:
             delay, remaining = min(delay, group.context.delay), max(remaining, group.context.remaining)
         group.envelopes.append(envelope)
         group.futures.append(future)
-        group.context = ReportContext(self.smtpname, time.time(), delay, remaining)
+        if last_error:
+            group.last_errors[envelope.evpid] = last_error
+        group.context = ReportContext(self.smtpname, time.time(), delay, remaining, group.last_errors)
         trace.emit("bounce", f"bounce: {kind} report for {envelope.evpid:016x} to <{envelope.sender}> queued",
                    evpid=f"{envelope.evpid:016x}", kind=kind)
         return future

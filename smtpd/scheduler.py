@@ -48,6 +48,7 @@ IDLE_WAKE = 60.0  # the loop wakes up at least this often even with nothing due
 CLOCK_STEP = 5.0
 
 PENDING, INFLIGHT, SUSPENDED = "pending", "inflight", "suspended"
+EXPIRED = "Envelope expired"  # an expired envelope's error line (reference §8.4)
 
 
 @dataclass(slots=True)
@@ -60,6 +61,7 @@ class Entry:
     # Cleared whenever the envelope changes (see _schedule, suspend, resume, _attempt).
     line_parts: tuple[str, str] | None = None
     planned: float = 0.0  # the monotonic time nexttry was set at (see _follow_clock)
+    last_error: str = ""  # expired: the failure before the expiry, for its report (see _expire)
 
 
 def agent_of(envelope: Envelope) -> str:
@@ -444,21 +446,26 @@ class Scheduler:
 
     async def _expire(self, entry: Entry) -> None:
         envelope = entry.envelope
-        envelope.errorline = "Envelope expired"
+        # The report says why the mail never went: the last temporary failure (kept here, since the envelope's
+        # error line is `Envelope expired` from now on, also when the report has to be tried again later).
+        if envelope.errorline and envelope.errorline != EXPIRED:
+            entry.last_error = envelope.errorline
+        envelope.errorline = EXPIRED
         envelope.esc_class = 5
         envelope.esc_code = 47
         STATS.increment("scheduler.envelope.expired")
         LOG.info("%016x %s delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> delay=%s result=Expire "
                  "stat=Envelope expired", envelope.evpid, agent_of(envelope), envelope.evpid, envelope.sender,
                  envelope.dest, envelope.rcpt, duration_to_text(max(0, int(time.time() - envelope.ctime))))
-        await self._report_then_delete(entry, FAILED, "expired")
+        await self._report_then_delete(entry, FAILED, "expired", last_error=entry.last_error)
 
-    async def _report_then_delete(self, entry: Entry, kind: str, why: str, wait: bool = True) -> None:
+    async def _report_then_delete(self, entry: Entry, kind: str, why: str, wait: bool = True,
+                                  last_error: str = "") -> None:
         """Queue the report first (durable), then delete the envelope: a crash in between duplicates, never
         loses, the report."""
         envelope = entry.envelope
         try:
-            await self.bouncer.report(envelope, kind)
+            await self.bouncer.report(envelope, kind, last_error=last_error)
         except Exception as error:  # noqa: BLE001 — keep the envelope and try again
             if entry.remove_after:  # `smtpctl remove` meanwhile: it said removed, so no later try
                 await self._delete(entry, "removed")

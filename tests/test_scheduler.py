@@ -490,3 +490,24 @@ def test_an_envelope_removed_while_its_failure_report_cannot_be_queued_stays_rem
     assert removed == {"count": 1}
     assert not known and gone
     assert attempts == 1  # never tried again
+
+
+def test_the_expiry_report_gives_the_last_error_that_kept_the_mail_back(tmp_path: Path) -> None:
+    """A message that expires after temporary failures: the report said only "Envelope expired", in the text and
+    as the Diagnostic-Code, and the sender could not tell why the mail never went (a full mailbox, a remote
+    host greylisting it...). The status stays 5.4.7; the reason is the last failure."""
+    async def scenario() -> Harness:
+        harness = Harness(tmp_path, queue_config(queue_ttl=1))
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("452 4.2.2 mailbox full", 22)
+                                               if envelope.sender else DeliveryResult.ok())
+        async with harness:
+            await harness.submit(recipients=("full@x.test",))
+            await wait_for(lambda: len(reports(harness)) == 1, what="expiry report")
+            return harness
+
+    (report,) = reports(run(scenario()))
+    (block,) = status_blocks(report)
+    assert block["Status"] == "5.4.7" and block["Action"] == "failed"
+    assert block["Diagnostic-Code"] == "smtp; 452 4.2.2 mailbox full"
+    text = report.get_payload()[0].get_payload()
+    assert "<full@x.test>: Envelope expired; the last attempt said: 452 4.2.2 mailbox full" in text
