@@ -210,6 +210,12 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
     utf8_text = not all(line.isascii() for line in human)
     global_status = not all(line.isascii() for line in status)
     global_original = not _split_headers(original).isascii()
+    body = original if return_full else _split_headers(original)
+    # Parts holding 8-bit text say so (without the field a part is 7bit: RFC 2045 6.1, 2046 5.2.1), and so does
+    # the report that holds them (a multipart's encoding covers its parts'): an 8BITMIME original, a UTF-8 text.
+    eight_bit = ["Content-Transfer-Encoding: 8bit"]
+    body_8bit = not body.isascii()
+    report_8bit = utf8_text or global_status or body_8bit
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{context.smtpname}>",
         f"To: <{first.sender}>",
@@ -219,6 +225,7 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        *(eight_bit if report_8bit else []),
         "",
         "This is a MIME-encapsulated delivery status notification.",
         "",
@@ -231,6 +238,7 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
         f"--{boundary}",
         "Content-Description: Delivery report",
         "Content-Type: message/global-delivery-status" if global_status else "Content-Type: message/delivery-status",
+        *(eight_bit if global_status else []),
         "",
         *status,
         f"--{boundary}",
@@ -238,13 +246,11 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
     if return_full:
         lines += ["Content-Description: Undelivered message" if kind != DELIVERED else
                   "Content-Description: Delivered message",
-                  "Content-Type: message/global" if global_original else "Content-Type: message/rfc822", ""]
-        body = original
+                  "Content-Type: message/global" if global_original else "Content-Type: message/rfc822"]
     else:
         lines += ["Content-Description: Message headers",
-                  "Content-Type: message/global-headers" if global_original else "Content-Type: text/rfc822-headers",
-                  ""]
-        body = _split_headers(original)
+                  "Content-Type: message/global-headers" if global_original else "Content-Type: text/rfc822-headers"]
+    lines += [*(eight_bit if body_8bit else []), ""]
     head = "\n".join(lines).encode("utf-8", errors="surrogateescape") + b"\n"
     body = body.replace(b"\r\n", b"\n")
     if not body.endswith(b"\n"):

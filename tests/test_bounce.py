@@ -167,6 +167,23 @@ def test_a_report_about_smtputf8_mail_uses_the_internationalized_parts() -> None
         "text/plain", "message/delivery-status", "message/rfc822"]
 
 
+def test_a_returned_8bit_message_is_declared_8bit() -> None:
+    """An original with a Latin-1 or UTF-8 body (8BITMIME mail) was returned in a message/rfc822 part with no
+    Content-Transfer-Encoding, which means 7bit: the report declared its 8-bit content to be 7-bit (RFC 2045,
+    2046 5.2.1), and so did the report as a whole. Now the part and the report say 8bit; an ASCII report says
+    nothing (7bit)."""
+    original = "From: a@example.com\nSubject: caf\u00e9\nContent-Type: text/plain; charset=utf-8\n\nd\u00e9j\u00e0 vu\n"
+    original = original.replace("caf\u00e9", "cafe").encode()
+    report = email.message_from_bytes(render_report(FAILED, [envelope()], original, ReportContext("h", 0)))
+    returned = report.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned["Content-Transfer-Encoding"] == "8bit"
+    assert report["Content-Transfer-Encoding"] == "8bit"
+    plain = email.message_from_bytes(render_report(FAILED, [envelope()], ORIGINAL, ReportContext("h", 0)))
+    assert plain["Content-Transfer-Encoding"] is None
+    assert all(part["Content-Transfer-Encoding"] is None for part in plain.get_payload())
+
+
 def test_reports_are_routed_by_the_ruleset_and_expansion(tmp_path) -> None:
     """The DSN to the sender goes where the real rules and expansion send a local submission to that address:
     here a relay action for the sender's domain, and nothing at all for a domain no rule accepts."""
