@@ -244,8 +244,8 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
         f"--{boundary}",
     ]
     if return_full:
-        lines += ["Content-Description: Undelivered message" if kind != DELIVERED else
-                  "Content-Description: Delivered message",
+        description = {DELIVERED: "Delivered message", RELAYED: "Relayed message"}.get(kind, "Undelivered message")
+        lines += [f"Content-Description: {description}",
                   "Content-Type: message/global" if global_original else "Content-Type: message/rfc822"]
     else:
         lines += ["Content-Description: Message headers",

@@ -10,6 +10,7 @@ from smtpd.bounce import (
     DELAYED,
     DELIVERED,
     FAILED,
+    RELAYED,
     ReportContext,
     duration_text,
     readable_xtext,
@@ -182,6 +183,16 @@ def test_a_returned_8bit_message_is_declared_8bit() -> None:
     plain = email.message_from_bytes(render_report(FAILED, [envelope()], ORIGINAL, ReportContext("h", 0)))
     assert plain["Content-Transfer-Encoding"] is None
     assert all(part["Content-Transfer-Encoding"] is None for part in plain.get_payload())
+
+
+def test_a_relayed_notice_with_ret_full_does_not_call_the_message_undelivered() -> None:
+    """NOTIFY=SUCCESS with RET=FULL, relayed to a host without DSN: the notice says the message was passed on,
+    and its copy of the message was described as "Undelivered message"."""
+    report = email.message_from_bytes(render_report(RELAYED, [envelope(dsn_ret="FULL")], ORIGINAL,
+                                                    ReportContext("h", 0)))
+    returned = report.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned["Content-Description"] == "Relayed message"
 
 
 def test_reports_are_routed_by_the_ruleset_and_expansion(tmp_path) -> None:
