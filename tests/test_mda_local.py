@@ -323,6 +323,18 @@ def test_loop_detected_by_delivered_to(spool, bob) -> None:
     assert (result.outcome, result.text) == (Outcome.LOOP, "Loop detected")
 
 
+def test_loop_detected_by_the_delivered_to_line_we_write_for_an_alias(spool, bob) -> None:
+    """Mail to an alias (`team` -> bob) gets `Delivered-To: team@...`, the address the client gave, but the check
+    looked for the final address only: a message coming back to the alias (a script that re-sends it, two
+    aliases pointing at each other through a delivery program) was delivered again at every turn."""
+    tmp_path, _, _ = spool
+    dest = f"{bob.pw_name}@example.org"
+    path = write_message(str(tmp_path / "m"), "Delivered-To: team@example.org\nSubject: x\n\nbody\n")
+    envelope = mda_envelope("local", dest, bob.pw_name, rcpt="team@example.org")
+    result = deliver(agent_for(mbox_config()), envelope, path)
+    assert (result.outcome, result.text) == (Outcome.LOOP, "Loop detected")
+
+
 @pytest.mark.parametrize("text", [
     "Subject: x\n\nDelivered-To: {dest}\n",  # in the body: no loop
     "X-Note: delivered-to {dest} once\nSubject: x\n\nbody\n",  # in another header's value: no loop

@@ -260,7 +260,7 @@ class MdaAgent:
         except codec.QueueCodecError as error:
             return DeliveryResult.tempfail(f"cannot read message: {error}")
         with message:
-            if _has_loop(message, envelope.dest):
+            if _has_loop(message, envelope.dest, envelope.rcpt):
                 return DeliveryResult(Outcome.LOOP, "Loop detected", 5, 47)
             job = await asked_off_the_loop(self.tables, self._prepare, envelope, action, source)  # the userbase
             trace.emit("mda", f"delivering {envelope.evpid:016x} to {envelope.dest} as {job.identity.username} "
@@ -691,15 +691,17 @@ def _decoded_message(path: str) -> tuple[BinaryIO, tuple[int, int]]:
     return codec.open_message(path), (info.st_dev, info.st_ino)
 
 
-def _has_loop(message: BinaryIO, dest: str) -> bool:
-    """Whether the header already holds `Delivered-To: <dest>` (then the message is looping)."""
+def _has_loop(message: BinaryIO, dest: str, rcpt: str = "") -> bool:
+    """Whether the header already holds `Delivered-To: <dest>`, or `Delivered-To: <rcpt>`, the line this delivery
+    writes (_prepare): then the message is looping. (With dest alone, mail to an alias that came back to it
+    was never caught: its line names the alias, not the user.)"""
     # Usually the whole header is in the first block and names no Delivered-To at all: one search says so.
     head = message.read(LOOP_CHECK_BLOCK)
     message.seek(0)
     end = head.find(b"\n\n")
     if end >= 0 and b"delivered-to" not in head[:end].lower():
         return False
-    wanted = dest.strip().lower()
+    wanted = {address.strip().lower() for address in (dest, rcpt) if address.strip()}
     read = 0
     try:
         for line in message:
@@ -709,7 +711,7 @@ def _has_loop(message: BinaryIO, dest: str) -> bool:
             name, colon, value = line.partition(b":")
             if colon and name.strip().lower() == b"delivered-to":
                 text = value.decode("utf-8", "replace").strip().strip("<>").strip().lower()
-                if text == wanted:
+                if text in wanted:
                     return True
         return False
     finally:
