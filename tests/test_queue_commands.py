@@ -203,3 +203,22 @@ def test_show_queue_when_the_daemon_dies_before_answering_prints_an_error_line(t
             pass
         server.close()
         thread.join(10)
+
+
+def test_mailq_with_the_daemon_down_lists_the_oldest_first_as_with_it_running(tmp_path: Path) -> None:
+    """With the daemon running `show queue` lists the oldest envelope first; with it down the order was that of
+    the message ids (random), so the list came out shuffled."""
+    now = int(time.time())
+    ages = [50, 400, 10, 300, 200, 100, 30, 250]
+
+    async def scenario() -> None:
+        async with Harness(tmp_path) as harness:
+            harness.daemon.set_paused("mda", True)
+            for age in ages:
+                await harness.submit(recipients=(f"r{age}@example.org",), ctime=now - age)
+
+    run(scenario())
+    result = smtpctl(tmp_path, "show", "queue")
+    assert result.returncode == 0, result.stderr
+    listed = [line.split("|")[5] for line in result.stdout.splitlines()]
+    assert listed == [f"r{age}@example.org" for age in sorted(ages, reverse=True)]

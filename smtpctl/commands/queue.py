@@ -245,6 +245,7 @@ def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter,
         problems.append(f"corrupt queue file moved aside: corrupt/{entry.name}: {entry.reason}")
     if locked:
         problems.append(keys.note(locked))
+    rows.sort(key=lambda row: (row[7], row[0]))  # oldest first (ctime, then evpid), as the daemon lists them
     return rows, problems
 
 
