@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -177,7 +178,7 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
             # A reply of several lines is folded: each line after the first starts with a blank, or it would
             # begin a field of its own (RFC 3464 fields follow the header rules).
             folded = "\n ".join(line.strip() for line in diagnostic.splitlines() if line.strip())
-            lines.append(f"Diagnostic-Code: smtp; {folded}")
+            lines.append(f"Diagnostic-Code: {_diagnostic_type(folded)}; {folded}")
         if envelope.last_try:
             lines.append(f"Last-Attempt-Date: {email.utils.formatdate(envelope.last_try, localtime=True)}")
         if kind == DELAYED:
@@ -185,6 +186,15 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
             lines.append(f"Will-Retry-Until: {email.utils.formatdate(expire, localtime=True)}")
         lines.append("")
     return lines
+
+
+SMTP_REPLY = re.compile(r"[2-5][0-9][0-9](?:[ -]|$)")
+
+
+def _diagnostic_type(text: str) -> str:
+    """RFC 3464 2.3.6: `smtp` for a server's reply (it starts with its code); our own texts (a connection
+    refused, a loop, what a delivery program said) are of our private type, not passed off as SMTP replies."""
+    return "smtp" if SMTP_REPLY.match(text) else "X-PySMTPD"
 
 
 def _address_type(address: str) -> str:

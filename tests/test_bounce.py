@@ -185,6 +185,20 @@ def test_a_returned_8bit_message_is_declared_8bit() -> None:
     assert all(part["Content-Transfer-Encoding"] is None for part in plain.get_payload())
 
 
+@pytest.mark.parametrize(("errorline", "diagnostic"), [
+    ("550 5.1.1 no such user", "smtp; 550 5.1.1 no such user"),
+    ("Connection failed: Connection refused", "X-PySMTPD; Connection failed: Connection refused"),
+    ("Loop detected", "X-PySMTPD; Loop detected"),
+])
+def test_the_diagnostic_code_is_typed_smtp_only_for_an_smtp_reply(errorline: str, diagnostic: str) -> None:
+    """RFC 3464 2.3.6: `smtp` says the text is an SMTP reply (code first). Our own texts (a connection refused, a
+    loop, a delivery program's message) were typed `smtp` too, and a bounce processor that reads the reply code
+    from it found none."""
+    data = render_report(FAILED, [envelope(errorline=errorline)], ORIGINAL, ReportContext("h", 0))
+    _, per_recipient = parse(data).get_payload()[1].get_payload()
+    assert per_recipient["Diagnostic-Code"] == diagnostic
+
+
 def test_a_relayed_notice_with_ret_full_does_not_call_the_message_undelivered() -> None:
     """NOTIFY=SUCCESS with RET=FULL, relayed to a host without DSN: the notice says the message was passed on,
     and its copy of the message was described as "Undelivered message"."""
