@@ -117,6 +117,17 @@ def _split_headers(message: bytes) -> bytes:
     return message if end < 0 else message[:end + 1]
 
 
+MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:\n[ \t])?[ \t]*<[!-;=?-~]+@[!-;=?-~]+>)[ \t]*$",
+                        re.IGNORECASE | re.MULTILINE)
+
+
+def _original_message_id(headers: bytes) -> str | None:
+    """The original's Message-ID (`<left@right>`, maybe folded onto the next line), for In-Reply-To and
+    References; None when it has none or none of that form (nothing is copied that could break the header)."""
+    match = MESSAGE_ID.search(headers)
+    return match.group(1).decode("ascii").strip() if match else None
+
+
 def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) -> list[str]:
     lines = [f"This is the mail system at {context.smtpname} (PySMTPD).", ""]
     if kind == FAILED:
@@ -221,6 +232,7 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
     global_status = not all(line.isascii() for line in status)
     global_original = not _split_headers(original).isascii()
     body = original if return_full else _split_headers(original)
+    original_id = _original_message_id(_split_headers(original))
     # Parts holding 8-bit text say so (without the field a part is 7bit: RFC 2045 6.1, 2046 5.2.1), and so does
     # the report that holds them (a multipart's encoding covers its parts'): an 8BITMIME original, a UTF-8 text.
     eight_bit = ["Content-Transfer-Encoding: 8bit"]
@@ -232,6 +244,7 @@ def render_report(kind: str, envelopes: list[Envelope], original: bytes, context
         f"Subject: Delivery status notification: {kind}",
         f"Date: {email.utils.formatdate(context.now, localtime=True)}",
         f"Message-ID: {message_id}",
+        *([f"In-Reply-To: {original_id}", f"References: {original_id}"] if original_id else []),
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',

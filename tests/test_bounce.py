@@ -199,6 +199,17 @@ def test_the_diagnostic_code_is_typed_smtp_only_for_an_smtp_reply(errorline: str
     assert per_recipient["Diagnostic-Code"] == diagnostic
 
 
+def test_a_report_refers_to_the_message_it_reports_on() -> None:
+    """The report had no In-Reply-To or References: a mail reader could not show it with the message sent (in its
+    thread), and a sender with many messages out had to open the returned copy to tell which one it was about."""
+    original = b"From: alice@example.com\nMessage-ID:\n <orig.1@client.example>\nSubject: s\n\nbody\n"
+    report = parse(render_report(FAILED, [envelope(dsn_ret="HDRS")], original, ReportContext("h", 0)))
+    assert report["In-Reply-To"] == "<orig.1@client.example>"
+    assert report["References"] == "<orig.1@client.example>"
+    without = parse(render_report(FAILED, [envelope()], ORIGINAL, ReportContext("h", 0)))
+    assert without["In-Reply-To"] is None and without["References"] is None
+
+
 def test_a_relayed_notice_with_ret_full_does_not_call_the_message_undelivered() -> None:
     """NOTIFY=SUCCESS with RET=FULL, relayed to a host without DSN: the notice says the message was passed on,
     and its copy of the message was described as "Undelivered message"."""
