@@ -325,7 +325,11 @@ class Scheduler:
             LOG.warning("scheduler: %016x: %s; retrying later", envelope.evpid, error)
             if envelope.evpid in self.entries:
                 if entry.remove_after:  # (removed by smtpctl during the attempt: not tried again)
-                    await self._delete(entry, "removed")
+                    try:
+                        await self._delete(entry, "removed")
+                    except Exception as removal_error:  # noqa: BLE001 — forgotten here; the file stays
+                        LOG.warning("scheduler: %016x: removed but its file was not: %s", envelope.evpid,
+                                    removal_error)
                 else:
                     self._schedule(entry, time.time() + retry_base(envelope))
         finally:
