@@ -511,3 +511,28 @@ def test_the_expiry_report_gives_the_last_error_that_kept_the_mail_back(tmp_path
     assert block["Diagnostic-Code"] == "smtp; 452 4.2.2 mailbox full"
     text = report.get_payload()[0].get_payload()
     assert "<full@x.test>: Envelope expired; the last attempt said: 452 4.2.2 mailbox full" in text
+
+
+def test_a_paused_envelope_does_not_expire_until_it_is_resumed(tmp_path: Path) -> None:
+    """`pause envelope` holds mail for as long as the administrator wants, past its expiry too; once resumed it is
+    reported as expired at once (docs/queue.md, "Pausing envelopes")."""
+    async def scenario() -> tuple[bool, int, list]:
+        harness = Harness(tmp_path, queue_config(queue_ttl=60))
+        harness.mda.policy = lambda envelope: (DeliveryResult.tempfail("421 later") if envelope.sender
+                                               else DeliveryResult.ok())
+        async with harness:
+            harness.daemon.set_paused("mda", True)
+            # (arrived 2 minutes ago: past its expiry already)
+            _, (evpid,) = await harness.submit(recipients=("held@x.test",), ctime=int(time.time()) - 120)
+            assert await HANDLERS["pause.envelope"](harness.daemon, {"target": f"{evpid:016x}"}) == {"count": 1}
+            harness.daemon.set_paused("mda", False)
+            await asyncio.sleep(0.3)  # (nothing happens meanwhile)
+            still_there = evpid in harness.scheduler.entries
+            reports_while_paused = len(reports(harness))
+            await HANDLERS["resume.envelope"](harness.daemon, {"target": f"{evpid:016x}"})
+            await wait_for(lambda: len(reports(harness)) == 1, what="the expiry report")
+            return still_there, reports_while_paused, [a for a in harness.mda.attempts if a.sender]
+
+    still_there, reports_while_paused, attempts = run(scenario())
+    assert still_there and reports_while_paused == 0
+    assert attempts == []  # expired without a try
