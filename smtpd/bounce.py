@@ -86,7 +86,11 @@ def status_code(envelope: Envelope, kind: str) -> str:
     if kind == DELAYED:
         klass = 4
     code = envelope.esc_code
-    return f"{klass}.{code // 10}.{code % 10}" if code else f"{klass}.0.0"
+    if not code:
+        return f"{klass}.0.0"
+    # (stored as subject × 10 + detail, or subject × 100 + detail for a detail of two digits: 5.7.26 is 726)
+    subject, detail = divmod(code, 100 if code >= 100 else 10)
+    return f"{klass}.{subject}.{detail}"
 
 
 def wants_report(envelope: Envelope, kind: str) -> bool:

@@ -185,6 +185,19 @@ def test_a_returned_8bit_message_is_declared_8bit() -> None:
     assert all(part["Content-Transfer-Encoding"] is None for part in plain.get_payload())
 
 
+def test_a_status_with_a_two_digit_detail_is_reported_as_the_server_gave_it() -> None:
+    """`550 5.7.26 ... unauthenticated mail` (the usual DMARC refusal) is stored as esc-code 726; the report's
+    Status read it as 5.72.6, a code that does not exist, and bounce processors took it for something else."""
+    from smtpd.mta.session import esc_code
+
+    refusal = "550 5.7.26 This mail has been blocked because the sender is unauthenticated."
+    for text, expected in ((refusal, "5.7.26"), ("550 5.1.1 no such user", "5.1.1"), ("552 5.3.4 too big", "5.3.4")):
+        data = render_report(FAILED, [envelope(errorline=text, esc_class=5, esc_code=esc_code(text))], ORIGINAL,
+                             ReportContext("h", 0))
+        _, per_recipient = parse(data).get_payload()[1].get_payload()
+        assert per_recipient["Status"] == expected
+
+
 @pytest.mark.parametrize(("errorline", "diagnostic"), [
     ("550 5.1.1 no such user", "smtp; 550 5.1.1 no such user"),
     ("Connection failed: Connection refused", "X-PySMTPD; Connection failed: Connection refused"),
