@@ -17,6 +17,7 @@ import asyncio
 import email.utils
 import re
 import secrets
+import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -125,6 +126,16 @@ MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:\n[ \t])?[ \t]*<[!-;=?-~]+@[!-;
                         re.IGNORECASE | re.MULTILINE)
 
 
+LONGEST_LINE = 600  # a piece of error text: with an address (up to 255) or a field name before it, under 998
+
+
+def _pieces(line: str) -> list[str]:
+    """A line of an error text cut at blanks (or anywhere, for a long word) into pieces of LONGEST_LINE at most."""
+    if len(line) <= LONGEST_LINE:
+        return [line]
+    return textwrap.wrap(line, LONGEST_LINE, break_on_hyphens=False) or [line[:LONGEST_LINE]]
+
+
 def _original_message_id(headers: bytes) -> str | None:
     """The original's Message-ID (`<left@right>`, maybe folded onto the next line), for In-Reply-To and
     References; None when it has none or none of that form (nothing is copied that could break the header)."""
@@ -151,7 +162,13 @@ def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) ->
         last = context.last_errors.get(envelope.evpid)
         if last and kind == FAILED:
             error = f"{error}; the last attempt said: {last}"
-        lines.append(f"<{address}>: {error}" if error and kind in (FAILED, DELAYED) else f"<{address}>")
+        if error and kind in (FAILED, DELAYED):
+            # (a delivery program's or a server's long text: cut, so that no line of the report passes 998)
+            pieces = [piece for text_line in error.splitlines() or [""] for piece in _pieces(text_line)]
+            lines.append(f"<{address}>: {pieces[0]}")
+            lines += [f"    {piece}" for piece in pieces[1:]]
+        else:
+            lines.append(f"<{address}>")
     lines.append("")
     if kind == DELAYED:
         lines += ["This is only a warning: you do not need to send the message again.",
@@ -192,7 +209,8 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
         if diagnostic and kind in (FAILED, DELAYED):
             # A reply of several lines is folded: each line after the first starts with a blank, or it would
             # begin a field of its own (RFC 3464 fields follow the header rules).
-            folded = "\n ".join(line.strip() for line in diagnostic.splitlines() if line.strip())
+            folded = "\n ".join(piece for line in diagnostic.splitlines() if line.strip()
+                                 for piece in _pieces(line.strip()))
             lines.append(f"Diagnostic-Code: {_diagnostic_type(folded)}; {folded}")
         if envelope.last_try:
             lines.append(f"Last-Attempt-Date: {email.utils.formatdate(envelope.last_try, localtime=True)}")

@@ -198,6 +198,21 @@ def test_a_status_with_a_two_digit_detail_is_reported_as_the_server_gave_it() ->
         assert per_recipient["Status"] == expected
 
 
+def test_a_very_long_error_does_not_make_lines_longer_than_998_characters() -> None:
+    """A delivery program's last line (kept up to 4 KiB) or a server's long reply went into the report's text and
+    its Diagnostic-Code as one line, over RFC 5322's 998 characters: a strict receiving server refuses such a
+    report, and a report is never reported on (double bounce), so the sender heard nothing."""
+    words = "550 5.7.1 " + " ".join(f"reason{number}" for number in range(600))
+    glued = '"' + "x" * 3000 + '"'
+    for errorline in (words, glued):
+        data = render_report(FAILED, [envelope(errorline=errorline)], ORIGINAL, ReportContext("h", 0))
+        assert max(len(line) for line in data.split(b"\n")) <= 998
+        _, per_recipient = parse(data).get_payload()[1].get_payload()
+        diagnostic = " ".join(per_recipient["Diagnostic-Code"].split())
+        assert diagnostic.replace(" ", "") == ("smtp; " if errorline is words else "X-PySMTPD; ").replace(" ", "") \
+            + errorline.replace(" ", "")  # the whole text, folded
+
+
 @pytest.mark.parametrize(("errorline", "diagnostic"), [
     ("550 5.1.1 no such user", "smtp; 550 5.1.1 no such user"),
     ("Connection failed: Connection refused", "X-PySMTPD; Connection failed: Connection refused"),
