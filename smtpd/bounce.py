@@ -122,10 +122,6 @@ def _split_headers(message: bytes) -> bytes:
     return message if end < 0 else message[:end + 1]
 
 
-MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:\n[ \t])?[ \t]*<[!-;=?-~]+@[!-;=?-~]+>)[ \t]*$",
-                        re.IGNORECASE | re.MULTILINE)
-
-
 LONGEST_LINE = 600  # a piece of error text: with an address (up to 255) or a field name before it, under 998
 
 
@@ -134,6 +130,10 @@ def _pieces(line: str) -> list[str]:
     if len(line) <= LONGEST_LINE:
         return [line]
     return textwrap.wrap(line, LONGEST_LINE, break_on_hyphens=False) or [line[:LONGEST_LINE]]
+
+
+MESSAGE_ID = re.compile(rb"^message-id:[ \t]*((?:\n[ \t])?[ \t]*<[!-;=?-~]+@[!-;=?-~]+>)[ \t]*$",
+                        re.IGNORECASE | re.MULTILINE)
 
 
 def _original_message_id(headers: bytes) -> str | None:
