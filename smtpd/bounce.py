@@ -140,7 +140,8 @@ def _original_message_id(headers: bytes) -> str | None:
     """The original's Message-ID (`<left@right>`, maybe folded onto the next line), for In-Reply-To and
     References; None when it has none or none of that form (nothing is copied that could break the header)."""
     match = MESSAGE_ID.search(headers)
-    return match.group(1).decode("ascii").strip() if match else None
+    found = match.group(1).decode("ascii").strip() if match else None
+    return found if found is not None and len(found) <= LONGEST_LINE else None  # (a header line stays under 998)
 
 
 def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) -> list[str]:
