@@ -173,8 +173,12 @@ def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) ->
     lines.append("")
     if kind == DELAYED:
         lines += ["This is only a warning: you do not need to send the message again.",
-                  f"It stays in the queue for up to {remaining_text(context.remaining)} more; if it still cannot",
-                  "be delivered by then, you will receive a failure report.", ""]
+                  f"It stays in the queue for up to {remaining_text(context.remaining)} more; if it still cannot"]
+        # (NOTIFY=DELAY without FAILURE: no failure report will follow, so none is promised)
+        if any(wants_report(envelope, FAILED) for envelope in envelopes):
+            lines += ["be delivered by then, you will receive a failure report.", ""]
+        else:
+            lines += ["be delivered by then, it is given up; you asked for no failure report.", ""]
     lines += ["Please do not reply to this message.", ""]
     return lines
 

@@ -65,6 +65,21 @@ def test_remaining_text_never_understates(seconds: int, text: str) -> None:
     assert remaining_text(seconds) == text
 
 
+def test_a_delay_warning_promises_a_failure_report_only_to_a_sender_who_asked_for_one() -> None:
+    """NOTIFY=DELAY alone: the sender gets the warning but no failure report at expiry (RFC 3461); the warning
+    told them "you will receive a failure report", and they waited for one that never came."""
+    def text(notify: int) -> str:
+        warned = envelope(esc_class=4, esc_code=30, errorline="421 busy", dsn_notify=notify)
+        report = parse(render_report(DELAYED, [warned], ORIGINAL, ReportContext("h", 0, delay=3600, remaining=7200)))
+        return " ".join(report.get_payload()[0].get_payload().split())
+
+    assert "you will receive a failure report" in text(DsnNotify.NONE)
+    assert "you will receive a failure report" in text(DsnNotify.DELAY | DsnNotify.FAILURE)
+    only_delay = text(DsnNotify.DELAY)
+    assert "you will receive a failure report" not in only_delay
+    assert "no failure report" in only_delay
+
+
 def test_a_delay_warning_does_not_understate_how_long_the_message_stays_queued() -> None:
     """Default settings: a warning 4 hours after arrival, 4 days of ttl. The message stays queued 3 days and 20
     hours more, but the warning said "up to 3 days more": the failure report came most of a day after the time
