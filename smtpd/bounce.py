@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from smtpd import log, trace
 from smtpd.queue import codec
-from smtpd.queue.envelope import DsnNotify, Envelope, EnvelopeType, shared_flags
+from smtpd.queue.envelope import EXPANDED_FLAG, DsnNotify, Envelope, EnvelopeType, shared_flags
 from smtpd.smtp.address import xtext_decode
 from smtpd.stats import STATS
 
@@ -97,6 +97,8 @@ def status_code(envelope: Envelope, kind: str) -> str:
 def wants_report(envelope: Envelope, kind: str) -> bool:
     if not envelope.sender or "bounce" in envelope.flags or envelope.type is EnvelopeType.BOUNCE:
         return False
+    if kind in (DELIVERED, RELAYED) and EXPANDED_FLAG in envelope.flags:
+        return True  # (its address's `expanded` report: the sender asked NOTIFY=SUCCESS of that address)
     notify = envelope.dsn_notify
     if notify & DsnNotify.NEVER:
         return False
@@ -168,6 +170,8 @@ def _human_part(kind: str, envelopes: list[Envelope], context: ReportContext) ->
             pieces = [piece for text_line in error.splitlines() or [""] for piece in _pieces(text_line)]
             lines.append(f"<{address}>: {pieces[0]}")
             lines += [f"    {piece}" for piece in pieces[1:]]
+        elif kind in (DELIVERED, RELAYED) and EXPANDED_FLAG in envelope.flags:
+            lines.append(f"<{address}>: expanded to several recipients, which this report does not list")
         else:
             lines.append(f"<{address}>")
     lines.append("")
@@ -205,9 +209,11 @@ def _status_part(kind: str, envelopes: list[Envelope], context: ReportContext) -
                 orcpt = readable_xtext(orcpt)
                 orcpt = f"{_address_type(orcpt)}; {orcpt}"
             lines.append(f"Original-Recipient: {orcpt}")
-        final = envelope.dest or envelope.rcpt
+        expanded = kind in (DELIVERED, RELAYED) and EXPANDED_FLAG in envelope.flags
+        # (an expanded address is reported as itself: its targets are nobody's business but its owner's)
+        final = (envelope.rcpt or envelope.dest) if expanded else (envelope.dest or envelope.rcpt)
         lines.append(f"Final-Recipient: {_address_type(final)}; {final}")
-        lines.append(f"Action: {kind}")
+        lines.append(f"Action: {'expanded' if expanded else kind}")
         lines.append(f"Status: {status_code(envelope, kind)}")
         # (an expired envelope's: the failure that kept it back, which is what the transport said)
         diagnostic = (context.last_errors.get(envelope.evpid) if kind == FAILED else None) or envelope.errorline

@@ -111,3 +111,38 @@ def test_a_report_whose_routing_fails_for_now_is_kept_not_dropped(world) -> None
                    60, 0.1, explain=daemon.log)
     finally:
         daemon.stop()
+
+
+def test_success_asked_of_an_alias_of_several_is_one_expanded_report_naming_no_member(world) -> None:
+    """RFC 3461 6.2.7.3: NOTIFY=SUCCESS to an address expanded to several targets is answered once, `expanded`,
+    and not by each target. Before, the sender of a message to team@ got a report per member giving each
+    member's address (and the outside address a member's mail went on to), which is not the sender's to know."""
+    top, mail_root, alice, bob = world
+    aliases = top / "aliases"
+    aliases.write_text(f"team: {bob.pw_name}, {bob.pw_name}@fail.test\n")
+    config = (f"table aliases file:{aliases}\n"
+              + FAILING_CONFIG.replace('action "local" mbox\n', 'action "local" mbox alias <aliases>\n'))
+    port = free_port()
+    daemon = Daemon(str(top), config.format(port=port), mail_root).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail(f"{alice.pw_name}@mbox.test")
+            assert client.rcpt("team@mbox.test", ["NOTIFY=SUCCESS"])[0] == 250
+            assert client.data(b"Subject: to the team\r\n\r\nhello team\r\n")[0] == 250
+        reports = Path(mail_root) / alice.pw_name
+        wait_until(lambda: reports.exists() and "Delivery status notification" in reports.read_text(), 60, 0.1,
+                   explain=daemon.log)
+        wait_until(lambda: "result=PermFail" in daemon.log() and daemon.smtpctl("show", "queue").stdout == "", 60,
+                   0.1, explain=daemon.log)  # (the failed member: done, and no report of its own)
+    finally:
+        daemon.stop()
+    assert "hello team" in (Path(mail_root) / bob.pw_name).read_text()
+    text = reports.read_text()
+    assert text.count("Subject: Delivery status notification") == 1, text  # (none for the failed member)
+    report = message_from_string(text[text.index("\n") + 1:])
+    status = next(part for part in report.walk() if part.get_content_type() == "message/delivery-status")
+    [per_recipient] = status.get_payload()[1:]
+    assert per_recipient["Action"] == "expanded"
+    assert per_recipient["Final-Recipient"] == "rfc822; team@mbox.test"
+    assert bob.pw_name not in text.replace(f"for <{alice.pw_name}@", "")

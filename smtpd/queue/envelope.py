@@ -25,6 +25,10 @@ class DsnNotify(IntFlag):
     NEVER = 8
 
 
+# The envelope whose success stands for its recipient's: that address was expanded to several targets, and its
+# sender asked NOTIFY=SUCCESS (one `expanded` report for the address, none per target: smtpd/bounce.py).
+EXPANDED_FLAG = "dsn-expanded"
+
 _FLAG_SETS: dict[frozenset[str], frozenset[str]] = {}
 _FLAG_SETS_KEPT = 64  # (there are five flags; an envelope file could hold any words)
 

@@ -33,7 +33,7 @@ from smtpd import log, trace
 from smtpd.config.model import AuthMode, Listener, TlsMode
 from smtpd.lookup.facts import SessionFacts
 from smtpd.lookup.tables.base import Service, TableError
-from smtpd.queue.envelope import DsnNotify, Envelope, shared_flags
+from smtpd.queue.envelope import EXPANDED_FLAG, DsnNotify, Envelope, shared_flags
 from smtpd.queue.store import QueueError
 from smtpd.smtp import address as addr
 from smtpd.smtp import proxy_header, replies, tls
@@ -1287,7 +1287,16 @@ class Session:
             notify = DsnNotify.NONE
             for word in recipient.parameters.notify:
                 notify |= DsnNotify[word]
-            for delivery in recipient.deliveries:
+            expanded = len(recipient.deliveries) > 1 and bool(notify & DsnNotify.SUCCESS)
+            if expanded:
+                # RFC 3461 6.2.7.3: an address expanded to several (an alias, a list, a .forward) is reported
+                # once, as `expanded`, and success is not asked of each target. Else a sender's NOTIFY=SUCCESS
+                # to staff@ got back every member's address, its mailbox or its outside forwarding address.
+                notify &= ~DsnNotify.SUCCESS
+                notify = notify or DsnNotify.NEVER  # (SUCCESS alone: nothing else was asked for)
+            for position, delivery in enumerate(recipient.deliveries):
+                if expanded and position == 0:  # (the one whose success is reported, as the address's)
+                    delivery.flags = shared_flags((*delivery.flags, EXPANDED_FLAG))
                 delivery.sender = str(transaction.sender)
                 delivery.rcpt = str(recipient.address)
                 delivery.helo = self.helo or ""
