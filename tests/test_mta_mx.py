@@ -254,3 +254,20 @@ def test_show_hosts_without_a_ptr_record_prints_a_dash(tmp_path: os.PathLike[str
     assert ("4.0.0.127.in-addr.arpa", "PTR") in dns.queries
     assert str(hosts[0]["line"]).startswith("127.0.0.4 - refcount=1 nconn=1 lastconn=")
     assert hosts[0]["name"] == "noptr.test"
+
+
+def test_show_relays_names_the_backup_mx_even_when_it_is_our_mailname(tmp_path: os.PathLike[str]) -> None:
+    port = free_port("127.0.0.2")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.2", port=port):
+        agent = mx_agent(dns, port, Relay(backup=True), mailname="mx2.example.test")
+
+        async def run() -> tuple[DeliveryResult, list[dict[str, object]]]:
+            await agent.start()
+            result = await agent.deliver(envelope("a@example.test"), message(tmp_path))
+            relays = agent.control_view("relays")
+            await agent.stop()
+            return result, relays
+        result, relays = asyncio.run(run())
+    assert result.outcome is Outcome.OK, result.text
+    # `backup` alone: our own name is the cut-off, and show relays says so (it said `backup=None`)
+    assert str(relays[0]["text"]).startswith("[relay:example.test,mx,backup=mx2.example.test] ")

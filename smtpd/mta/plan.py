@@ -120,7 +120,8 @@ def make_plan(config: Config, tables: Any, relay: Relay, envelope: Envelope, mx_
         auth_table=relay.auth_table if auth_label else None,
         auth_label=auth_label,
         backup=relay.backup,
-        backup_name=relay.backup_mx,
+        # `backup` alone: our own name is the one whose MX preference is the cut-off (and show relays names it)
+        backup_name=(relay.backup_mx or mailname) if relay.backup else None,
         sender=_sender(config, relay, envelope, mailname),
         port=smarthost.port if smarthost is not None else mx_port,
         source_table=None if relay.src else relay.src_table,
