@@ -271,3 +271,18 @@ def test_show_relays_names_the_backup_mx_even_when_it_is_our_mailname(tmp_path: 
     assert result.outcome is Outcome.OK, result.text
     # `backup` alone: our own name is the cut-off, and show relays says so (it said `backup=None`)
     assert str(relays[0]["text"]).startswith("[relay:example.test,mx,backup=mx2.example.test] ")
+
+
+def test_an_mx_pointing_back_at_us_is_never_connected_to(tmp_path: os.PathLike[str]) -> None:
+    # RFC 5321 5.1: an MTA that is itself an exchanger of the domain uses only better ones; relaying to itself
+    # made the message loop through our own server until its hop count bounced it.
+    port = free_port("127.0.0.7")
+    zone = {**ZONE, "self.test": [("MX", "10 ours.test.")], "ours.test": [("A", "127.0.0.7")],
+            "secondary.test": [("MX", "10 mx1.example.test."), ("MX", "20 OURS.test.")]}
+    with DnsServer(zone) as dns, RawRemote(standard_script(), host="127.0.0.7", port=port) as ours:
+        results = deliver(mx_agent(dns, port, mailname="ours.test"),
+                          [envelope("a@self.test"), envelope("b@secondary.test", msgid=2)], message(tmp_path))
+    assert ours.connections == 0
+    assert [result.outcome for result in results] == [Outcome.TEMPFAIL, Outcome.TEMPFAIL]
+    assert results[0].text == "MX for self.test points back to us (ours.test): the mail would loop"
+    assert results[1].text.startswith("Connection failed")  # only the better exchanger was tried

@@ -536,18 +536,24 @@ class MtaAgent:
                 raise MxError(f"No address found for relay host {plan.smarthost.host}", permanent=False)
             return [(plan.smarthost.host, address) for address in addresses]
         hosts = await self.resolver.mx_hosts(plan.domain)
-        if plan.backup:
-            hosts = self._higher_than_us(plan, hosts)
-        return [(host.name, address) for host in hosts for address in host.addresses]
+        return [(host.name, address) for host in self._higher_than_us(plan, hosts) for address in host.addresses]
 
     def _higher_than_us(self, plan: Plan, hosts: list[Any]) -> list[Any]:
+        """The exchangers better than us (RFC 5321 5.1): when our own name (the `backup mx` name, else the
+        mailname) is among them, it and those no better are dropped, with or without `backup`. OpenSMTPD does it
+        only for `backup`: a plain relay to a domain whose MX is us sent the mail to our own server, which
+        relayed it again, round after round, until its hop count bounced it."""
         ours = (plan.backup_name or self.mailname).rstrip(".").lower()
         preference = next((host.preference for host in hosts if host.name == ours), None)
         if preference is None:
             return hosts
         better = [host for host in hosts if host.preference < preference]
         if not better:
-            raise MxError(f"No MX host with a better preference than {ours} (backup)", permanent=False)
+            if plan.backup:
+                raise MxError(f"No MX host with a better preference than {ours} (backup)", permanent=False)
+            # Kept (not bounced) with a clear error: it is a setup mistake (a rule relaying mail for one of our
+            # own domains) that the administrator can mend, and the queue then delivers it.
+            raise MxError(f"MX for {plan.domain} points back to us ({ours}): the mail would loop", permanent=False)
         return better
 
     def _look_up_ptr(self, host: Host) -> None:
