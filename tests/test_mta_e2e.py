@@ -120,7 +120,7 @@ def test_hybrid_setup_delivers_locally_and_relays_the_rest(workdir: Path, spelli
     port_text = f"port={tls_port if spelling == 'modern' else plain_port}"
     assert relays.startswith(f"[relay:smarthost.test,{port_text}")
     if spelling == "modern":
-        assert ",starttls,auth=secrets:lbl," in relays
+        assert ",smtp+tls,auth=secrets:lbl," in relays
     if spelling == "modern":
         assert "smtp authentication user=relayuser result=ok" in smarthost.log()
 

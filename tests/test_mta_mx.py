@@ -219,7 +219,7 @@ def test_show_hosts_relays_and_hoststats(tmp_path: os.PathLike[str]) -> None:
     host_line = str(views["hosts"][0]["line"])
     # the PTR column is the reverse DNS name of the address, not the name (implicit.test) we connected by
     assert host_line.startswith("127.0.0.3 mx.reverse.test refcount=1 nconn=1 lastconn=")
-    assert str(views["relays"][0]["text"]).startswith("[relay:implicit.test,mx] refcount=0 ntask=0 nconn=1")
+    assert str(views["relays"][0]["text"]).startswith("[relay:implicit.test,smtp,mx] refcount=0 ntask=0 nconn=1")
     stat = views["hoststats"][0]
     assert stat["domain"] == "implicit.test" and stat["text"] == "250 2.0.0 Ok: queued"
     assert str(stat["line"]).startswith("implicit.test|") and str(stat["line"]).endswith("|250 2.0.0 Ok: queued")
@@ -270,7 +270,7 @@ def test_show_relays_names_the_backup_mx_even_when_it_is_our_mailname(tmp_path: 
         result, relays = asyncio.run(run())
     assert result.outcome is Outcome.OK, result.text
     # `backup` alone: our own name is the cut-off, and show relays says so (it said `backup=None`)
-    assert str(relays[0]["text"]).startswith("[relay:example.test,mx,backup=mx2.example.test] ")
+    assert str(relays[0]["text"]).startswith("[relay:example.test,smtp,mx,backup=mx2.example.test] ")
 
 
 def test_an_mx_pointing_back_at_us_is_never_connected_to(tmp_path: os.PathLike[str]) -> None:

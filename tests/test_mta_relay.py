@@ -487,6 +487,31 @@ def test_notls_scheme_never_starts_tls(tmp_path: os.PathLike[str], certificate) 
     assert remote.received[0].tls is False
 
 
+def test_a_plain_text_session_of_smtp_notls_is_not_reused_for_smtp(tmp_path: os.PathLike[str], certificate) -> None:
+    # Two actions to one host: `smtp+notls://` and `smtp://` (opportunistic STARTTLS). The session kept open after
+    # the first must not carry the second's message in clear text: they are different relays, as in show relays.
+    with Remote(tls=certificate) as remote:
+        config = Config(path="<test>", actions={
+            "plain": Action("plain", Method.RELAY, relay=Relay(host=smarthost(remote, "smtp+notls"))),
+            "relay": Action("relay", Method.RELAY, relay=Relay(host=smarthost(remote)))})
+        agent = agent_for(config)
+        first = Envelope(evpid=(1 << 32) | 1, dispatcher="plain", sender="bob@local.test", rcpt="a@remote.test",
+                         dest="a@remote.test")
+
+        async def run() -> tuple[list[DeliveryResult], list[str]]:
+            await agent.start()
+            results = [await agent.deliver(first, write_message(tmp_path, name="m1")),
+                       await agent.deliver(envelope("b@remote.test", msgid=2), write_message(tmp_path, name="m2"))]
+            relays = [str(row["relay"]) for row in agent.control_view("relays")]
+            await agent.stop()
+            return results, relays
+        results, relays = asyncio.run(run())
+    assert [result.outcome for result in results] == [Outcome.OK, Outcome.OK]
+    assert [item.tls for item in remote.received] == [False, True]
+    assert sorted(relays) == [f"[relay:127.0.0.1,port={remote.port},smtp+notls]",
+                              f"[relay:127.0.0.1,port={remote.port},smtp]"]
+
+
 def test_auth_over_plain_text_is_refused(tmp_path: os.PathLike[str]) -> None:
     with RawRemote(standard_script({"EHLO": b"250-raw.test\r\n250 AUTH PLAIN LOGIN\r\n"})) as remote:
         config = relay_config(Relay(host=f"smtp+tls://lbl@{remote.host}:{remote.port}", auth_table="secrets",

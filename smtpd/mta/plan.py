@@ -50,12 +50,10 @@ class Plan:
         parts = [f"relay:{self.domain}"]
         if self.smarthost is not None:
             parts.append(f"port={self.port}")
-        if self.tls.mode is TlsMode.STARTTLS:
-            parts.append("starttls")
-        if self.tls.mode is TlsMode.SMTPS:
-            parts.append("smtps")
-        if self.lmtp:
-            parts.append("lmtp")
+        # The scheme word, as OpenSMTPD prints it: relays that differ only in it (`smtp+notls://` and `smtp://` to
+        # one host) are different relays, and never share a session (one in clear text where TLS was wanted).
+        parts.append("lmtp" if self.lmtp else {TlsMode.NONE: "smtp+notls", TlsMode.OPPORTUNISTIC: "smtp",
+                                               TlsMode.STARTTLS: "smtp+tls", TlsMode.SMTPS: "smtps"}[self.tls.mode])
         if self.auth_label:
             parts.append(f"auth={self.auth_table}:{self.auth_label}")
         if self.tls.cert_file:
