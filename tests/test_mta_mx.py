@@ -6,7 +6,16 @@ import asyncio
 import os
 
 import pytest
-from helpers_mta import DnsServer, MemoryTables, RawRemote, Remote, free_port, relay_config, standard_script
+from helpers_mta import (
+    CLOSE,
+    DnsServer,
+    MemoryTables,
+    RawRemote,
+    Remote,
+    free_port,
+    relay_config,
+    standard_script,
+)
 
 from smtpd import trace
 from smtpd.config.model import Action, Config, Method, MtaLimit, Relay
@@ -286,3 +295,18 @@ def test_an_mx_pointing_back_at_us_is_never_connected_to(tmp_path: os.PathLike[s
     assert [result.outcome for result in results] == [Outcome.TEMPFAIL, Outcome.TEMPFAIL]
     assert results[0].text == "MX for self.test points back to us (ours.test): the mail would loop"
     assert results[1].text.startswith("Connection failed")  # only the better exchanger was tried
+
+
+def test_an_exchanger_closing_with_421_at_starttls_passes_the_mail_to_the_next(tmp_path: os.PathLike[str]) -> None:
+    # 421 to STARTTLS: the server is closing. With opportunistic TLS the session went on in clear text, MAIL FROM
+    # met the closed connection, and the mail waited ("Connection closed unexpectedly") instead of going to MX 2.
+    port = free_port("127.0.0.2")
+    closing = standard_script({"EHLO": b"250-mx1.test\r\n250 STARTTLS\r\n",
+                               "STARTTLS": b"421 4.3.2 Service shutting down\r\n" + CLOSE})
+    with DnsServer(ZONE) as dns, RawRemote(closing, host="127.0.0.2", port=port) as mx1, \
+            Remote(host="127.0.0.3", port=port) as mx2:
+        agent = mx_agent(dns, port)
+        results = deliver(agent, [envelope("alice@example.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert mx1.commands == ["EHLO sender.test", "STARTTLS"]
+    assert mx2.received[0].rcpt_tos == ["alice@example.test"]

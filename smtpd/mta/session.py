@@ -168,7 +168,9 @@ async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, c
         if offered:
             reply = await client.starttls(context, server_hostname)
             if reply.code != 220:
-                if plan.tls.required:
+                # A refusal of opportunistic STARTTLS (454) lets the session go on in clear text; a 421 does not:
+                # the server is closing the connection, and the next exchanger is to be tried.
+                if plan.tls.required or reply.code == 421:
                     raise SessionError(reply.text)
             else:
                 trace.emit("mta", f"{session.id}: TLS established ({client.tls_version}, "
