@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -510,6 +511,19 @@ def test_a_plain_text_session_of_smtp_notls_is_not_reused_for_smtp(tmp_path: os.
     assert [item.tls for item in remote.received] == [False, True]
     assert sorted(relays) == [f"[relay:127.0.0.1,port={remote.port},smtp+notls]",
                               f"[relay:127.0.0.1,port={remote.port},smtp]"]
+
+
+def test_the_connecting_log_line_names_the_relay_scheme(tmp_path: os.PathLike[str], certificate, dns,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    # As OpenSMTPD logs it: `smtp+notls://` and `smtp+tls://` said `smtp://`, as if STARTTLS were merely optional.
+    with Remote(tls=certificate) as remote, caplog.at_level(logging.INFO, logger="smtpd"):
+        relay_all(agent_for(relay_config(Relay(host=smarthost(remote, "smtp+notls")))),
+                  [envelope("a@remote.test")], write_message(tmp_path))
+        relay_all(tls_agent(tls_config(remote, "smtp+tls", certificate), dns), [envelope("b@remote.test", msgid=2)],
+                  write_message(tmp_path))
+    assert [item.tls for item in remote.received] == [False, True]
+    assert f"mta connecting address=smtp+notls://127.0.0.1:{remote.port} host=127.0.0.1" in caplog.text
+    assert f"mta connecting address=smtp+tls://127.0.0.1:{remote.port} host=smarthost.test" in caplog.text
 
 
 def test_auth_over_plain_text_is_refused(tmp_path: os.PathLike[str]) -> None:

@@ -52,8 +52,7 @@ class Plan:
             parts.append(f"port={self.port}")
         # The scheme word, as OpenSMTPD prints it: relays that differ only in it (`smtp+notls://` and `smtp://` to
         # one host) are different relays, and never share a session (one in clear text where TLS was wanted).
-        parts.append("lmtp" if self.lmtp else {TlsMode.NONE: "smtp+notls", TlsMode.OPPORTUNISTIC: "smtp",
-                                               TlsMode.STARTTLS: "smtp+tls", TlsMode.SMTPS: "smtps"}[self.tls.mode])
+        parts.append(self.scheme)
         if self.auth_label:
             parts.append(f"auth={self.auth_table}:{self.auth_label}")
         if self.tls.cert_file:
@@ -71,6 +70,15 @@ class Plan:
         if self.tls.verify:
             parts.append("verify")
         return "[" + ",".join(parts) + "]"
+
+    @property
+    def scheme(self) -> str:
+        """How the relay talks, as OpenSMTPD names it in `show relays` and `mta connecting address=`: smtp (STARTTLS
+        if offered), smtp+tls (required; MX delivery with `tls` too), smtps, smtp+notls, lmtp."""
+        if self.lmtp:
+            return "lmtp"
+        return {TlsMode.NONE: "smtp+notls", TlsMode.OPPORTUNISTIC: "smtp", TlsMode.STARTTLS: "smtp+tls",
+                TlsMode.SMTPS: "smtps"}[self.tls.mode]
 
     @property
     def session_key(self) -> str:

@@ -102,7 +102,7 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
     # address (an IP entry of the certificate): with None the handshake would check no name at all.
     server_hostname = host_name if host_name and not _is_address(host_name) and not host_name.startswith("[") \
         else address
-    scheme = "lmtp" if plan.lmtp else "smtps" if use_smtps else "smtp"
+    scheme = plan.scheme  # (smtp+tls://, smtp+notls:// as OpenSMTPD logs them; these said smtp://)
     # A Unix socket, or TCP (an IPv6 address in brackets, as in a URL: `[::1]:25`, not `::1:25`)
     where = address if address.startswith("/") else f"[{address}]:{plan.port}" if ":" in address \
         else f"{address}:{plan.port}"
