@@ -143,15 +143,16 @@ def test_4xx_rcpt_reply_is_a_temporary_failure(tmp_path: os.PathLike[str]) -> No
 class _RecipientLimit(ScriptedHandler):
     """A server that takes at most ``limit`` recipients per transaction ("452 4.5.3 Too many recipients")."""
 
-    def __init__(self, limit: int, **kwargs: Any) -> None:
+    def __init__(self, limit: int, reply: str = "452 4.5.3 Too many recipients", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.limit = limit
+        self.reply = reply
         self.rcpt_commands: list[str] = []
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
         self.rcpt_commands.append(address)
         if len(envelope.rcpt_tos) >= self.limit:
-            return "452 4.5.3 Too many recipients"
+            return self.reply
         return await super().handle_RCPT(server, session, envelope, address, options)
 
 
@@ -170,6 +171,23 @@ def test_recipients_beyond_the_servers_limit_go_in_a_new_transaction(tmp_path: o
     assert sorted(delivered) == sorted(by_rcpt)  # each once: nothing lost, nothing twice
     assert [len(received.rcpt_tos) for received in remote.received] == [3, 3, 1]
     assert len(handler.sessions) == 1  # the same session
+
+
+def test_a_552_for_too_many_recipients_is_taken_as_452(tmp_path: os.PathLike[str]) -> None:
+    # RFC 5321 4.5.3.1.10: RFC 821 gave "too many recipients" the code 552, and clients SHOULD take a 552 to RCPT
+    # as temporary. It was a permanent failure: the recipients past an old server's limit were bounced.
+    handler = _RecipientLimit(2, reply="552 Too many recipients")
+    envelopes = [envelope(f"r{n}@remote.test", n=n) for n in range(1, 6)]
+    with Remote(handler) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), envelopes,
+                            write_message(tmp_path))
+    assert [result.outcome for result in results] == [Outcome.OK] * 5, [result.text for result in results]
+    assert [len(received.rcpt_tos) for received in remote.received] == [2, 2, 1]
+    first = _RecipientLimit(0, reply="552 5.2.2 Mailbox full")
+    with Remote(first) as remote:
+        results = relay_all(agent_for(relay_config(Relay(host=smarthost(remote)))), [envelope("a@remote.test")],
+                            write_message(tmp_path))
+    assert (results[0].outcome, results[0].text) == (Outcome.TEMPFAIL, "552 5.2.2 Mailbox full")
 
 
 def test_452_to_the_first_recipient_is_still_a_temporary_failure(tmp_path: os.PathLike[str]) -> None:

@@ -85,6 +85,14 @@ def result_for_reply(reply: Reply) -> DeliveryResult:
     return DeliveryResult.tempfail(reply.text, code)
 
 
+def rcpt_result(reply: Reply) -> DeliveryResult:
+    """The result of a refused RCPT. A 552 is temporary: RFC 821 gave "too many recipients" that code, and RFC 5321
+    4.5.3.1.10 has clients take a 552 to RCPT as they take 452 (as Postfix does), not bounce the recipient."""
+    if reply.code == 552:
+        return DeliveryResult.tempfail(reply.text, esc_code(reply.text))
+    return result_for_reply(reply)
+
+
 # -- opening ------------------------------------------------------------------------------------------------
 async def open_session(plan: Plan, host_name: str, address: str, tables: Any, mailname: str,
                        timeout: float, allow_tls: bool = True, reports: Opener | None = None,
@@ -259,7 +267,7 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
         if not overflow or limit_reply is None:
             return usable
         if not usable or client.closed:
-            _resolve_all(overflow, result_for_reply(limit_reply))
+            _resolve_all(overflow, rcpt_result(limit_reply))
             return usable
         # RFC 5321 4.5.3.1.10: the server's recipient limit was reached; the others go in the next transaction.
         trace.emit("mta", f"{session.id}: recipient limit of the remote reached; {len(overflow)} recipients "
@@ -270,7 +278,7 @@ async def transfer(session: Session, plan: Plan, jobs: list[Job], message_path: 
 async def _transaction(session: Session, sender: str, jobs: list[Job], message_path: str, params: list[str],
                        dsn: bool) -> tuple[bool, list[Job], Reply | None]:
     """MAIL FROM:<sender>, RCPTs, DATA for jobs. Resolves every job but the overflow: those from the first one that met a 452
-    after the remote had accepted others in this transaction (its recipient limit) on, to be sent in a new
+    (or 552) after the remote had accepted others in this transaction (its recipient limit) on, to be sent in a new
     transaction. Returns (the session is usable, overflow, that 452 reply)."""
     client = session.client
     accepted: list[Job] = []
@@ -291,13 +299,14 @@ async def _transaction(session: Session, sender: str, jobs: list[Job], message_p
             _tx(client, "tx-rcpt", msgid, _result_word(reply), job.address or job.envelope.dest)
             if reply.is_ok:
                 accepted.append(job)
-            elif reply.code == 452 and accepted:
+            elif reply.code in (452, 552) and accepted:
                 # "Too many recipients": what the remote takes in one transaction is reached. Sending the other
                 # RCPTs would only get the same answer; they wait for the next transaction, not for a retry.
+                # (552: RFC 821's code for it, see rcpt_result.)
                 overflow, limit_reply = jobs[index:], reply
                 break
             else:
-                job.resolve(result_for_reply(reply))
+                job.resolve(rcpt_result(reply))
         if not accepted:
             _tx_ended(client, msgid, committed=False)
             await _reset(client)
