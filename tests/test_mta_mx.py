@@ -310,3 +310,18 @@ def test_an_exchanger_closing_with_421_at_starttls_passes_the_mail_to_the_next(t
     assert results[0].outcome is Outcome.OK, results[0].text
     assert mx1.commands == ["EHLO sender.test", "STARTTLS"]
     assert mx2.received[0].rcpt_tos == ["alice@example.test"]
+
+
+def test_a_null_mx_bounce_has_the_status_rfc_7505_gives_it(tmp_path: os.PathLike[str]) -> None:
+    # RFC 7505 3.2: mail to a domain with a null MX fails with 5.1.10 ("Recipient address has null MX"); the bounce
+    # said 5.1.2 (bad destination system), as for a domain that does not exist.
+    from smtpd.bounce import FAILED, status_code
+    with DnsServer(ZONE) as dns:
+        results = deliver(mx_agent(dns, 2525), [envelope("x@nullmx.test"), envelope("y@nowhere.test", msgid=2)],
+                          message(tmp_path))
+    statuses = []
+    for result in results:
+        failed = envelope("x@nullmx.test")
+        failed.esc_class, failed.esc_code = result.esc_class, result.esc_code
+        statuses.append(status_code(failed, FAILED))
+    assert statuses == ["5.1.10", "5.1.2"]

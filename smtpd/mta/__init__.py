@@ -264,7 +264,7 @@ class MtaAgent:
             candidates = await self._candidates(plan)
         except MxError as error:
             result = (DeliveryResult.permfail if error.permanent else DeliveryResult.tempfail)(
-                error.message, 12 if error.permanent else 44)
+                error.message, error.esc_code or (12 if error.permanent else 44))
             trace.emit("mta", f"mta: {plan.domain}: {error.message}", domain=plan.domain)
             _resolve_pending(batch.jobs, result)
             return

@@ -24,16 +24,18 @@ from shared.paths import ENV_RESOLVER, parse_resolver_setting
 from smtpd import trace
 
 DNS_TIMEOUT = 10.0
+NULL_MX_ESC = 110  # x.1.10, "Recipient address has null MX" (RFC 7505 3.2), as an envelope esc-code
 PTR_TIMEOUT = 5.0  # a missing PTR only leaves `show hosts` with "-": do not wait long
 
 
 class MxError(Exception):
     """No usable answer. ``permanent``: the domain cannot receive mail (bounce); otherwise retry later."""
 
-    def __init__(self, message: str, permanent: bool) -> None:
+    def __init__(self, message: str, permanent: bool, esc_code: int = 0) -> None:
         super().__init__(message)
         self.message = message
         self.permanent = permanent
+        self.esc_code = esc_code  # the envelope's esc-code when not the usual one (5.1.2, 4.4.4)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Resolver:
             return await self._implicit_mx(domain)
         if all(exchange == dns.name.root for _, exchange in records):
             # RFC 7505: a single "MX 0 ." says the domain accepts no mail at all.
-            raise MxError("Domain does not accept mail (null MX)", permanent=True)
+            raise MxError("Domain does not accept mail (null MX)", permanent=True, esc_code=NULL_MX_ESC)
         # A "." published beside real exchangers (a zone in the middle of a change) is no exchanger: the others
         # are used, as OpenSMTPD does, rather than bouncing the mail.
         records = [(preference, exchange) for preference, exchange in records if exchange != dns.name.root]
