@@ -325,3 +325,17 @@ def test_a_null_mx_bounce_has_the_status_rfc_7505_gives_it(tmp_path: os.PathLike
         failed.esc_class, failed.esc_code = result.esc_class, result.esc_code
         statuses.append(status_code(failed, FAILED))
     assert statuses == ["5.1.10", "5.1.2"]
+
+
+def test_an_exchanger_that_failed_is_logged_before_the_next_one_takes_the_mail(
+        tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    port = free_port("127.0.0.3")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.3", port=port), \
+            caplog.at_level(logging.INFO, logger="smtpd"):
+        results = deliver(mx_agent(dns, port), [envelope("alice@example.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.OK
+    lines = [record.getMessage() for record in caplog.records if " mta " in record.getMessage()]
+    connecting = next(line for line in lines if "mta connecting" in line and "mx1.example.test" in line)
+    session = connecting.split()[0]
+    assert f"{session} mta error reason=Connection failed: Connection refused" in lines

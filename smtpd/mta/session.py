@@ -122,7 +122,7 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
                                           tls_context=context if use_smtps else None,
                                           server_hostname=server_hostname, lmtp=plan.lmtp, session_id=session_id)
     except ClientError as error:
-        raise SessionError(error.args[0]) from None
+        raise _failed(session_id, SessionError(error.args[0])) from None
     opened = reports(session_id) if reports is not None else None
     if opened is not None:  # (a connection that never opened is no session to report, docs/filters.md)
         _open_reports(client, opened, rdns or address)
@@ -132,12 +132,21 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
     except (ClientError, SessionError, PlanError) as error:
         await client.close()
         if isinstance(error, SessionError):
-            raise
+            raise _failed(session_id, error) from None
         if isinstance(error, PlanError):
-            raise SessionError(error.message, route_failure=False, permanent=error.permanent) from None
-        raise SessionError(error.args[0]) from None
+            raise _failed(session_id, SessionError(error.message, route_failure=False,
+                                                   permanent=error.permanent)) from None
+        raise _failed(session_id, SessionError(error.args[0])) from None
     LOG.info("%s mta connected%s", session_id, f" tls={client.tls_version}" if client.tls else "")
     return session
+
+
+def _failed(session_id: str, error: SessionError) -> SessionError:
+    """Log why a session that was logged as connecting did not open, as OpenSMTPD does (`mta error reason=`):
+    without it an exchanger that refused, timed out or failed TLS, before the next one took the mail, was in no
+    log line at all."""
+    LOG.info("%s mta error reason=%s", session_id, error.message)
+    return error
 
 
 def _open_reports(client: SmtpClient, reports: SessionReports, rdns: str) -> None:
