@@ -339,3 +339,15 @@ def test_an_exchanger_that_failed_is_logged_before_the_next_one_takes_the_mail(
     connecting = next(line for line in lines if "mta connecting" in line and "mx1.example.test" in line)
     session = connecting.split()[0]
     assert f"{session} mta error reason=Connection failed: Connection refused" in lines
+
+
+def test_a_domain_missing_from_the_relay_domain_map_is_not_sent_to_its_mx(tmp_path: os.PathLike[str]) -> None:
+    # `relay domain <map>` relays through the smarthost the map gives for the domain. A domain the map lacks was
+    # sent straight to its MX, around the smarthost the administrator set up; it waits, as in OpenSMTPD 6.8.
+    port = free_port("127.0.0.2")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.2", port=port) as mx1:
+        agent = MtaAgent(relay_config(Relay(domain_table="routes")), MemoryTables(maps={"routes": {}}),
+                         "sender.test", resolver=Resolver(dns.setting), mx_port=port, timeout=10.0)
+        results = deliver(agent, [envelope("alice@example.test")], message(tmp_path))
+    assert mx1.received == []
+    assert (results[0].outcome, results[0].text) == (Outcome.TEMPFAIL, "Cannot retrieve smarthost for example.test")

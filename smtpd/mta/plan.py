@@ -155,6 +155,10 @@ def _smarthost(tables: Any, relay: Relay, domain: str) -> RelayHost | None:
                 raise PlanError(f"relay host table {relay.host_table} is empty")
         if url is None and relay.domain_table:
             url = tables.lookup(relay.domain_table, Service.RELAYHOST, domain)
+            if not url:
+                # Not MX delivery: that would go around the smarthosts the map is there for. The envelope waits
+                # until the map names one (or expires), as in OpenSMTPD.
+                raise PlanError(f"Cannot retrieve smarthost for {domain}")
     except TableError as error:
         raise PlanError(f"temporary failure in relay host lookup: {error}") from None
     if url is None:
