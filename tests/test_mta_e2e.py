@@ -237,3 +237,24 @@ def test_relayed_notice_only_when_the_remote_does_not_offer_dsn(workdir: Path) -
     assert notices[0]["Subject"] == "Delivery status notification: relayed"
     text = notices[0].as_string()
     assert "dave@plain.test" in text and "carol@dsn.test" not in text
+
+
+def test_a_multi_line_refusal_stays_on_its_envelopes_line_in_show_queue(workdir: Path) -> None:
+    # The errorline keeps every line of the remote's reply; `show queue` printed them as they were, and the
+    # envelope's record broke over two lines (scripts reading one envelope per line read garbage).
+    from helpers_mta import RawRemote, standard_script
+    port = free_port()
+    refusal = b"451-4.7.1 Greylisted, see\r\n451 4.7.1 https://example.test/why\r\n"
+    with RawRemote(standard_script({"RCPT": refusal})) as remote:
+        text = (f"listen on 127.0.0.1 port {port}\n"
+                f'action "relay" relay host "smtp://127.0.0.1:{remote.port}"\n'
+                'match from local for any action "relay"\n')
+        ours = start(workdir, "ours", text, "mail.local.test", port)
+        try:
+            submit(port, ["alice@remote.test"])
+            assert wait_until(lambda: "|pending|" in ours.smtpctl("show", "queue").stdout, 30), ours.log()
+            queue = ours.smtpctl("show", "queue").stdout
+        finally:
+            ours.stop()
+    assert len(queue.splitlines()) == 1, queue
+    assert queue.rstrip("\n").endswith("|451-4.7.1 Greylisted, see\\n451 4.7.1 https://example.test/why")

@@ -85,6 +85,13 @@ def vis(text: str) -> str:
     return "".join(out)
 
 
+def errorline_text(text: str) -> str:
+    """An errorline as `show queue` prints it: vis-encoded, and a line break as `\\n` (the relay keeps every line of a
+    remote's reply): printed as it was, it broke the envelope's record over several lines. (vis doubles a
+    backslash, so a `\\n` of the reply's own text stays told apart.)"""
+    return vis(text).replace("\n", "\\n")
+
+
 _AGENTS = frozenset(("mda", "mta", "bounce"))
 
 
@@ -97,14 +104,14 @@ def line_parts(envelope: Envelope) -> tuple[str, str]:
     return (f"{envelope.evpid:016x}|{source_of(envelope.sockaddr)}|{kind if kind in _AGENTS else '?'}|"
             f"{flags_text(envelope.flags) if envelope.flags else ''}|{envelope.sender or '@'}|{envelope.rcpt}|"
             f"{envelope.dest}|{envelope.ctime}|{envelope.ctime + envelope.ttl}|{envelope.last_try}|"
-            f"{envelope.retry}", vis(envelope.errorline) if envelope.errorline else "")
+            f"{envelope.retry}", errorline_text(envelope.errorline) if envelope.errorline else "")
 
 
 def format_line(row: Row) -> str:
     """The 14 `|`-separated fields of reference §2.4."""
     values = list(row)
     values[12] = "" if values[12] is None else str(values[12])
-    values[13] = vis(values[13])
+    values[13] = errorline_text(values[13])
     return "|".join(str(value) for value in values)
 
 
