@@ -434,6 +434,32 @@ def test_unverifiable_certificate_is_refused_only_when_the_action_says_tls(tmp_p
     assert len(remote.received) == 2 and all(item.tls for item in remote.received)
 
 
+def test_a_session_verified_against_one_ca_is_not_reused_for_an_action_trusting_another(
+        tmp_path: os.PathLike[str], certificate, dns) -> None:
+    # Two actions to one smarthost, each checking it against its own `ca`. The session the first opened (verified
+    # against its CA) was reused for the second, whose CA does not vouch for the server: its mail went anyway.
+    other = make_certificate(str(tmp_path), "smarthost.test")  # another self-signed certificate, same name
+    with Remote(tls=certificate, require_starttls=True) as remote:
+        url = f"smtp+tls://smarthost.test:{remote.port}"
+        config = Config(path="<test>", cas={"good": Ca("good", certificate.cert), "other": Ca("other", other.cert)},
+                        actions={"good": Action("good", Method.RELAY, relay=Relay(host=url, tls="tls", ca="good")),
+                                 "relay": Action("relay", Method.RELAY, relay=Relay(host=url, tls="tls", ca="other"))})
+        agent = tls_agent(config, dns)
+        first = Envelope(evpid=(1 << 32) | 1, dispatcher="good", sender="bob@local.test", rcpt="a@remote.test",
+                         dest="a@remote.test")
+
+        async def run() -> list[DeliveryResult]:
+            await agent.start()
+            results = [await agent.deliver(first, write_message(tmp_path, name="m1")),
+                       await agent.deliver(envelope("b@remote.test", msgid=2), write_message(tmp_path, name="m2"))]
+            await agent.stop()
+            return results
+        results = asyncio.run(run())
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert results[1].outcome is Outcome.TEMPFAIL and "certificate verification failed" in results[1].text
+    assert [item.rcpt_tos for item in remote.received] == [["a@remote.test"]]
+
+
 def test_certificate_for_another_name_is_refused(tmp_path: os.PathLike[str], certificate) -> None:
     from helpers_mta import DnsServer
     with DnsServer({"elsewhere.test": [("A", "127.0.0.1")]}) as dns, \

@@ -69,6 +69,8 @@ class Plan:
             parts.append(f"heloname={self.helo}")
         if self.tls.verify:
             parts.append("verify")
+            if self.tls.ca_file:  # (verified against another CA is not verified for this relay: no shared session)
+                parts.append(f"ca={self.tls.ca_file}")
         return "[" + ",".join(parts) + "]"
 
     @property
