@@ -351,3 +351,29 @@ def test_a_domain_missing_from_the_relay_domain_map_is_not_sent_to_its_mx(tmp_pa
         results = deliver(agent, [envelope("alice@example.test")], message(tmp_path))
     assert mx1.received == []
     assert (results[0].outcome, results[0].text) == (Outcome.TEMPFAIL, "Cannot retrieve smarthost for example.test")
+
+
+def test_a_host_failing_one_relays_tls_policy_is_not_disabled_for_the_others(tmp_path: os.PathLike[str]) -> None:
+    # An action with `tls` (STARTTLS required) to an exchanger without STARTTLS: its mail waits, but that is its
+    # policy, not a fault of the network path. Counted against the route, four such messages disabled it, and the
+    # mail of every other action to that host (opportunistic TLS, which the host serves well) waited too.
+    port = free_port("127.0.0.3")
+    config = Config(path="<test>", actions={"strict": Action("strict", Method.RELAY, relay=Relay(tls="no-verify")),
+                                            "relay": Action("relay", Method.RELAY, relay=Relay())})
+    with DnsServer(ZONE) as dns, RawRemote(standard_script(), host="127.0.0.3", port=port) as remote:
+        agent = mx_agent(dns, port, config=config)
+
+        async def run() -> list[DeliveryResult]:
+            await agent.start()
+            results = []
+            for number in range(1, 6):
+                strict = Envelope(evpid=(number << 32) | 1, dispatcher="strict", sender="bob@local.test",
+                                  rcpt="a@implicit.test", dest="a@implicit.test")
+                results.append(await agent.deliver(strict, message(tmp_path)))
+            results.append(await agent.deliver(envelope("b@implicit.test", msgid=99), message(tmp_path)))
+            await agent.stop()
+            return results
+        results = asyncio.run(run())
+    assert [result.text for result in results[:5]] == ["TLS required but not supported by remote host"] * 5
+    assert results[5].outcome is Outcome.OK, results[5].text
+    assert remote.commands.count("<EOM>") == 1

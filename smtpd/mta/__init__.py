@@ -338,6 +338,8 @@ class MtaAgent:
                 if error.permanent:
                     _resolve_pending(jobs, DeliveryResult.permfail(error.message, 0))
                     return None
+                if error.policy:  # (the next host may meet the policy; this one is no worse for others)
+                    return error.message
                 if not error.route_failure:
                     _resolve_pending(jobs, DeliveryResult.tempfail(error.message, 0))
                     return None

@@ -43,6 +43,10 @@ class ClientError(Exception):
     """The session cannot go on (connection lost, timeout, TLS failure, bad reply): a temporary failure."""
 
 
+class CertificateRejected(ClientError):
+    """The server's certificate did not pass the relay's check: a matter of that relay's policy, not of the route."""
+
+
 class BadReply(ClientError):
     """The remote's reply broke the protocol (malformed or oversized)."""
 
@@ -157,7 +161,7 @@ class SmtpClient:
         except TimeoutError:
             raise ClientError("Connection timeout") from None
         except ssl.SSLCertVerificationError as error:  # (smtps: worded as for STARTTLS)
-            raise ClientError(f"TLS certificate verification failed: {error.verify_message}") from None
+            raise CertificateRejected(f"TLS certificate verification failed: {error.verify_message}") from None
         except ssl.SSLError as error:
             raise ClientError(f"TLS handshake failed: {_reason(error)}") from None
         except OSError as error:
@@ -299,7 +303,7 @@ class SmtpClient:
         except TimeoutError:
             raise ClientError("TLS handshake timeout") from None
         except ssl.SSLCertVerificationError as error:
-            raise ClientError(f"TLS certificate verification failed: {error.verify_message}") from None
+            raise CertificateRejected(f"TLS certificate verification failed: {error.verify_message}") from None
         except (ssl.SSLError, OSError) as error:
             raise ClientError(f"TLS handshake failed: {_reason(error)}") from None
         self._note_tls(context)

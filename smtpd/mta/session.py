@@ -19,7 +19,15 @@ from shared.numbers import ascii_digits
 from smtpd import log, trace
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.lookup.tables import asked_off_the_loop
-from smtpd.mta.client import BadReply, ClientError, RepliesCut, Reply, SmtpClient, stuffed_lines
+from smtpd.mta.client import (
+    BadReply,
+    CertificateRejected,
+    ClientError,
+    RepliesCut,
+    Reply,
+    SmtpClient,
+    stuffed_lines,
+)
 from smtpd.mta.plan import Plan, PlanError, helo_name, secret_for
 from smtpd.mta.reports import Opener, SessionReports
 from smtpd.mta.tls import TlsMode, TlsSetupError, client_context
@@ -32,13 +40,17 @@ _ESC = re.compile(r"^[245]\d\d[ -]([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 class SessionError(Exception):
-    """The session could not be set up or broke. ``route_failure``: count it against the route."""
+    """The session could not be set up or broke. ``route_failure``: count it against the route. ``policy``: the
+    host does not meet the relay's TLS policy (STARTTLS required but missing or refused, certificate rejected): the
+    next host is tried, but the route is not penalised, since other relays (opportunistic TLS) use it well."""
 
-    def __init__(self, message: str, route_failure: bool = True, permanent: bool = False) -> None:
+    def __init__(self, message: str, route_failure: bool = True, permanent: bool = False,
+                 policy: bool = False) -> None:
         super().__init__(message)
         self.message = message
-        self.route_failure = route_failure
+        self.route_failure = route_failure and not policy
         self.permanent = permanent
+        self.policy = policy
 
 
 @dataclass
@@ -122,7 +134,7 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
                                           tls_context=context if use_smtps else None,
                                           server_hostname=server_hostname, lmtp=plan.lmtp, session_id=session_id)
     except ClientError as error:
-        raise _failed(session_id, SessionError(error.args[0])) from None
+        raise _failed(session_id, SessionError(error.args[0], policy=isinstance(error, CertificateRejected))) from None
     opened = reports(session_id) if reports is not None else None
     if opened is not None:  # (a connection that never opened is no session to report, docs/filters.md)
         _open_reports(client, opened, rdns or address)
@@ -136,7 +148,8 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
         if isinstance(error, PlanError):
             raise _failed(session_id, SessionError(error.message, route_failure=False,
                                                    permanent=error.permanent)) from None
-        raise _failed(session_id, SessionError(error.args[0])) from None
+        raise _failed(session_id, SessionError(error.args[0], policy=isinstance(error, CertificateRejected))) \
+            from None
     LOG.info("%s mta connected%s", session_id, f" tls={client.tls_version}" if client.tls else "")
     return session
 
@@ -181,14 +194,16 @@ async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, c
     if context is not None and not client.tls:
         offered = client.extensions.has("STARTTLS")
         if plan.tls.required and not offered:
-            raise SessionError("TLS required but not supported by remote host")
+            raise SessionError("TLS required but not supported by remote host", policy=True)
         if offered:
             reply = await client.starttls(context, server_hostname)
             if reply.code != 220:
                 # A refusal of opportunistic STARTTLS (454) lets the session go on in clear text; a 421 does not:
                 # the server is closing the connection, and the next exchanger is to be tried.
-                if plan.tls.required or reply.code == 421:
+                if reply.code == 421:  # (closing: a failure of the host like any other)
                     raise SessionError(reply.text)
+                if plan.tls.required:
+                    raise SessionError(reply.text, policy=True)
             else:
                 trace.emit("mta", f"{session.id}: TLS established ({client.tls_version}, "
                            f"{'verified' if client.tls_verified else 'not verified'})", session=session.id)
