@@ -460,6 +460,23 @@ def test_a_session_verified_against_one_ca_is_not_reused_for_an_action_trusting_
     assert [item.rcpt_tos for item in remote.received] == [["a@remote.test"]]
 
 
+def test_a_rejected_certificate_does_not_disable_the_route(tmp_path: os.PathLike[str], certificate, dns) -> None:
+    # The action's policy refuses the host; the network path is fine: the route is not penalised for it.
+    with Remote(tls=certificate, require_starttls=True) as remote:
+        agent = tls_agent(relay_config(Relay(host=f"smtp+tls://smarthost.test:{remote.port}", tls="tls")), dns)
+
+        async def run() -> tuple[list[DeliveryResult], list[dict[str, object]]]:
+            await agent.start()
+            results = [await agent.deliver(envelope("a@remote.test", msgid=number), write_message(tmp_path))
+                       for number in range(1, 6)]
+            routes = agent.control_view("routes")
+            await agent.stop()
+            return results, routes
+        results, routes = asyncio.run(run())
+    assert all(result.text.startswith("TLS certificate verification failed") for result in results), results
+    assert routes[0]["nerror"] == 0 and routes[0]["flags"] == "----"
+
+
 def test_certificate_for_another_name_is_refused(tmp_path: os.PathLike[str], certificate) -> None:
     from helpers_mta import DnsServer
     with DnsServer({"elsewhere.test": [("A", "127.0.0.1")]}) as dns, \
