@@ -709,3 +709,24 @@ def test_a_line_break_in_an_address_or_option_adds_no_command(world, args: list[
         assert not os.path.exists(os.path.join(mail_root, "root"))
     finally:
         daemon.stop()
+
+
+def test_bp_lists_the_queue_as_mailq_does(world) -> None:
+    """`sendmail -bp` is the queue listing in every sendmail-compatible program (Sendmail, Postfix, Exim), and
+    scripts that watch the queue call it so. Ours took -bp for an ignored option: it read standard input for a
+    message and ended with `no recipients`, exit 70 (as OpenSMTPD 6.8's does)."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        assert daemon.smtpctl("pause", "mda").returncode == 0
+        assert run_sendmail(daemon.env, ["root"], "Subject: waiting\n\nin the queue\n").returncode == 0
+        mailq = subprocess.run([str(ROOT / ".venv" / "bin" / "mailq")], capture_output=True, text=True, timeout=60,
+                               env=daemon.env, cwd="/", stdin=subprocess.DEVNULL)
+        assert mailq.returncode == 0 and "|root@mx.control.test|" in mailq.stdout, mailq
+        listed = subprocess.run([SENDMAIL, "-bp"], capture_output=True, text=True, timeout=60, env=daemon.env,
+                                cwd="/", stdin=subprocess.DEVNULL)
+        assert (listed.returncode, listed.stderr) == (0, "")
+        assert [line.split("|")[0] for line in listed.stdout.splitlines()] == [
+            line.split("|")[0] for line in mailq.stdout.splitlines()]
+    finally:
+        daemon.stop()

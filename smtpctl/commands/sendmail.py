@@ -85,7 +85,7 @@ class Options:
     from_headers: bool = False  # -t
     verbose: bool = False
     queue_run: bool = False  # -q
-    mode: str | None = None  # -b: only `-bs` (SMTP on standard input and output) means something
+    mode: str | None = None  # -b: `-bs` (SMTP on standard input and output) and `-bp` (mailq) mean something
     recipients: list[str] = field(default_factory=list)
 
 
@@ -571,13 +571,18 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         print(f"{prog}: {error}", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return EX_USAGE_ERROR
-    if options.server_mode and (options.mode == "s" or options.queue_run):
+    if options.server_mode and (options.mode in ("s", "p") or options.queue_run):
         # Replaying an offline file (the daemon's child, as the file's owner): sendmail never writes one with
-        # -bs or -q, so a file that says so was put in offline/ by hand. With -bs the child would have spoken
-        # SMTP on the daemon's own standard input and output (its log) for up to 300 s, at every start.
-        print(f"{prog}: -{'bs' if options.mode == 's' else 'q'} cannot be replayed from an offline file",
-              file=sys.stderr)
+        # -bs, -bp or -q, so a file that says so was put in offline/ by hand. With -bs the child would have
+        # spoken SMTP on the daemon's own standard input and output (its log) for up to 300 s, at every start.
+        print(f"{prog}: -{'b' + options.mode if options.mode in ('s', 'p') else 'q'} cannot be replayed from an "
+              "offline file", file=sys.stderr)
         return _refuse_replay(prog)
+    if options.mode == "p":
+        # `sendmail -bp` is mailq in every sendmail-compatible program: the queue, and no message to read.
+        from smtpctl.commands.queue import mailq_main
+
+        return mailq_main([], prog)
     if options.sender is not None and options.sender.startswith("<") and not options.sender.endswith(">"):
         # As OpenSMTPD's: refused at once, not taken as the address `<abc@mailname` (refused by the daemon with
         # 501 online, or kept offline only to be refused at the replay).
