@@ -730,3 +730,22 @@ def test_bp_lists_the_queue_as_mailq_does(world) -> None:
             line.split("|")[0] for line in mailq.stdout.splitlines()]
     finally:
         daemon.stop()
+
+
+def test_a_mode_that_sends_nothing_elsewhere_is_refused_not_sent(world) -> None:
+    """`sendmail -bv root` asks to verify an address (Sendmail, Postfix, Exim), `-bt` to test addresses, `-bd` to
+    run a daemon: none of them sends a message. Ours ignored every -b it did not know and sent standard input as
+    mail to the address (an empty message from `sendmail -bv root </dev/null`). They are refused now, before
+    anything is read; `-bm` (and the old `-ba`) still send."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        for mode in ("-bv", "-bt", "-bd"):
+            result = run_sendmail(daemon.env, [mode, "root"], "Subject: not to be sent\n\nbody\n")
+            assert result.returncode == 1 and result.stderr.startswith(f"sendmail: {mode} is not supported"), result
+        assert run_sendmail(daemon.env, ["-bm", "root"], "Subject: sent\n\nbody\n").returncode == 0
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert "Subject: sent" in content and "not to be sent" not in content
+        assert daemon.log().count(" smtp message ") == 1, daemon.log()
+    finally:
+        daemon.stop()

@@ -41,6 +41,7 @@ LINE_SPLIT = 990
 WITH_ARGUMENT = set("ABbeFfLNopRrV")
 OPTIONAL_ARGUMENT = set("EJ")
 FLAGS = set("imqStvx")
+SENDING_MODES = ("m", "a")  # -bm (deliver the message: the default) and the older name -ba
 OFFLINE_DIRECTORY = "offline"
 # A message's leading lines are its header only if one of them is one of these fields (OpenSMTPD's enqueue list,
 # plus RFC 5322's other originator and identification fields); otherwise the input is text, all body.
@@ -578,6 +579,12 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         print(f"{prog}: -{'b' + options.mode if options.mode in ('s', 'p') else 'q'} cannot be replayed from an "
               "offline file", file=sys.stderr)
         return _refuse_replay(prog)
+    if options.mode is not None and options.mode not in SENDING_MODES + ("s", "p"):
+        # -bv (verify), -bt (address test), -bd (daemon), ...: modes of other sendmails that send no message.
+        # Ignored, they sent standard input as mail to the addresses given.
+        print(f"{prog}: -b{options.mode} is not supported (only -bm, -bs, -bp and -bi are)", file=sys.stderr)
+        # (an offline file asking for one, from a sendmail that did not refuse it: refused for good, not kept)
+        return _refuse_replay(prog) if options.server_mode else EX_USAGE_ERROR
     if options.mode == "p":
         # `sendmail -bp` is mailq in every sendmail-compatible program: the queue, and no message to read.
         from smtpctl.commands.queue import mailq_main
