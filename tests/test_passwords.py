@@ -225,3 +225,14 @@ def test_encrypt_sha512_stops_at_a_nul_byte_like_opensmtpd() -> None:
     assert result.returncode == 0, result.stderr
     stored = result.stdout.decode().strip()
     assert verify_password("pass", stored)
+
+
+def test_encrypt_takes_an_argument_that_starts_with_a_dash() -> None:
+    """`smtpctl encrypt "$PASSWORD"` with a password such as `-Xy7...` (a generated one often starts so): OpenSMTPD
+    6.8 hashes it; ours said `No such option` and exited 255. Our own options (--scheme, --rounds) still work."""
+    result = run_encrypt("--rounds", "4", "-Xy7!pw")
+    assert result.returncode == 0, result.stderr
+    [stored] = result.stdout.decode().splitlines()
+    assert verify_password("-Xy7!pw", stored) and stored.startswith("$2b$04$")
+    result = run_encrypt("--", "--rounds")
+    assert result.returncode == 0 and verify_password("--rounds", result.stdout.decode().strip())

@@ -20,7 +20,26 @@ ARGUMENT_WARNING = ("smtpctl: warning: a password given as an argument is visibl
                     "prefer standard input")
 
 
-@click.command(cls=Leaf)
+class EncryptCommand(Leaf):
+    """A word starting with `-` that is none of our options is the string to hash, as for OpenSMTPD's encrypt
+    (`smtpctl encrypt "$PASSWORD"` with a password like `-Xy7...`; Click would refuse it as an unknown option)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        options = {name: param for param in self.get_params(ctx) if isinstance(param, click.Option)
+                   for name in (*param.opts, *param.secondary_opts)}
+        index = 0
+        while index < len(args) and args[index] != "--":
+            word = args[index]
+            option = options.get(word.partition("=")[0]) if word.startswith("--") else options.get(word)
+            if option is None and word.startswith("-") and word != "-":
+                args = [*args[:index], "--", *args[index:]]
+                break
+            # (an option's value, the next word, is no string even when it starts with `-`)
+            index += 2 if option is not None and not option.is_flag and "=" not in word else 1
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=EncryptCommand)
 @click.option("--scheme", type=click.Choice(SCHEMES), default=DEFAULT_SCHEME, show_default=True,
               help="Hash scheme: bcrypt ($2b$) or sha512 ($6$, what OpenSMTPD's encrypt makes).")
 @click.option("--rounds", type=int, default=None,
