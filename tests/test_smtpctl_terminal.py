@@ -98,3 +98,31 @@ def test_trace_follow_does_not_pass_a_clients_control_characters_to_the_terminal
             terminal.close(force=True)
     assert "<<< EHLO \\^[[31mred\\^[]0;title\\^G café" in screen
     assert "\x1b[31mred" not in screen and "\x1b]0;" not in screen and "\x07" not in screen
+
+
+@pytest.mark.parametrize("plain", [{"NO_COLOR": "1"}, {"TERM": "dumb"}])
+def test_show_queue_on_a_terminal_that_wants_no_styles_prints_the_lines(daemon: DaemonProcess, plain) -> None:
+    """NO_COLOR or TERM=dumb turn the rich output off (docs/control-api.md), as `show status` does: `show queue`
+    and mailq drew their boxed table anyway, the evpid folded over lines, with bold escapes on a dumb terminal."""
+    import subprocess
+
+    daemon.smtpctl("pause", "mda")
+    try:
+        sent = subprocess.run([str(ROOT / ".venv" / "bin" / "sendmail"), "root"], input="Subject: q\n\nqueued\n",
+                              capture_output=True, text=True, timeout=60, env=daemon.env)
+        assert sent.returncode == 0, sent.stderr
+        lines = daemon.smtpctl("show", "queue").stdout  # (in a pipe: OpenSMTPD's lines)
+        assert lines.count("\n") == 1 and "|root@mx.control.test|" in lines
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", **plain}
+        terminal = pexpect.spawn(sys.executable, ["-m", "smtpctl", "--socket", daemon.socket, "show", "queue"],
+                                 env=environment, cwd=str(ROOT), encoding="utf-8", timeout=30, dimensions=(40, 80))
+        terminal.expect(pexpect.EOF)
+        terminal.close()
+        assert terminal.exitstatus == 0
+        shown = terminal.before.replace("\r\n", "\n")
+        # (field 13, the seconds to the next try, may have moved on between the two runs)
+        assert [line.split("|")[:12] for line in shown.splitlines()] == [
+            line.split("|")[:12] for line in lines.splitlines()], shown
+    finally:
+        daemon.smtpctl("remove", "all")
+        daemon.smtpctl("resume", "mda")

@@ -25,7 +25,7 @@ import click
 from shared.ids import format_msgid, parse_evpid, parse_msgid
 from shared.paths import Paths
 from shared.wire import json_text
-from smtpctl import queuekey
+from smtpctl import queuekey, render
 from smtpctl.fast import queue_notes
 from smtpctl.queuekey import OfflineKey
 from smtpctl.words import Leaf, possibilities, words_so_far
@@ -356,7 +356,7 @@ def print_rows(rows: list[Row], as_json: bool) -> None:
         out = sys.stdout
         for row in rows:
             out.write(json_text(row_to_json(row)) + "\n")
-    elif sys.stdout.isatty():
+    elif render.is_terminal():
         render_table(rows)
     else:
         sys.stdout.write("".join(format_line(row) + "\n" for row in rows))
@@ -375,7 +375,7 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
     args = dict(filters)
     if msgid is not None:
         args["msgid"] = format_msgid(msgid)
-    piped_lines = not as_json and not sys.stdout.isatty()
+    piped_lines = not as_json and not render.is_terminal()  # (NO_COLOR, TERM=dumb: the lines too)
     if piped_lines:
         args["format"] = "lines"
     try:
