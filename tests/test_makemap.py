@@ -32,13 +32,21 @@ def run_real(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProc
 
 
 def real_dump(path: Path) -> list[str]:
-    return sorted(run_real("-U", path.name, cwd=path.parent).stdout.splitlines())
+    """The real makemap's entries, less the blanks it keeps at the end of a key (set) or value, where ours trims
+    them as the daemon's file tables do (test_a_table_built_by_makemap_answers_as_the_same_file_does)."""
+    def trimmed(line: str) -> str:
+        if line.endswith("\t<set>"):
+            return line[:-len("\t<set>")].rstrip(" \t\v\f\r") + "\t<set>"
+        key, _, value = line.partition("\t")
+        return f"{key}\t{value.rstrip(' \t\v\f\r')}"
+
+    return sorted(trimmed(line) for line in run_real("-U", path.name, cwd=path.parent).stdout.splitlines())
 
 
 SOURCES = {
     "plain": "Foo: bar, Baz\n# comment\nx:\ty # trailing comment\nlong \\\n  continued\n",
     "escapes": "a: b\\,c\nb: x\\\\y\nc: x\\qy\nd: x\\\\\ne: \\#not-a-comment\n",
-    "spacing": "K\tV\r\n:empty-key\n   indented   value  \n",
+    "spacing": "K\tV\n:empty-key\n   indented   value\n",  # (blanks and CR at the end: see the db/file test)
     "comment_eats_continuation": "a: b # c \\\nd e\n",
 }
 
@@ -220,3 +228,28 @@ def test_sendmail_bi_is_newaliases(tmp_path: Path) -> None:
     config = write_config(tmp_path, f"table aliases file:{aliases}")
     result = run_ours("sendmail", "-bi", "-f", str(config), cwd=tmp_path)
     assert (result.returncode, result.stdout) == (0, f"{aliases}: 1 aliases\n"), result.stderr
+
+
+def test_a_table_built_by_makemap_answers_as_the_same_file_does(tmp_path: Path) -> None:
+    """A file edited on Windows (CRLF) or with blanks after a domain or a value: the daemon's `file:` table trims
+    each line, but makemap kept the CR and the blanks in the keys and values of the db (as OpenSMTPD 6.8's
+    makemap does), so moving the table to `db:` stopped `example.org` matching (mail refused) and made a
+    credentials hash `$2b$...\\r` that no password matches. makemap now trims them too."""
+    from helpers_control import DaemonProcess
+
+    (tmp_path / "domains").write_bytes(b"example.org \r\nexample.net\t\n# comment\r\nexample.com\n")
+    (tmp_path / "virtual").write_bytes(b"bob@example.org  root\r\nalice@example.net: root  \n")
+    assert run_ours("makemap", "-t", "set", "domains", cwd=tmp_path).returncode == 0
+    assert run_ours("makemap", "virtual", cwd=tmp_path).returncode == 0
+    assert run_ours("makemap", "-U", "domains.db", cwd=tmp_path).stdout == (
+        "example.com\t<set>\nexample.net\t<set>\nexample.org\t<set>\n")
+    assert run_ours("makemap", "-U", "virtual.db", cwd=tmp_path).stdout == (
+        "alice@example.net\troot\nbob@example.org\troot\n")
+    config = (f"table domains db:{tmp_path}/domains.db\ntable vusers db:{tmp_path}/virtual.db\n"
+              'action "local" mbox virtual <vusers>\nmatch from any for domain <domains> action "local"\n')
+    os.chmod(tmp_path, 0o755)
+    with DaemonProcess(tmp_path / "daemon", config) as daemon:
+        for address in ("bob@example.org", "alice@example.net"):
+            result = daemon.smtpctl("explain", "--to", address, "--src", "192.0.2.9")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert f"  mda via action local: {address} as root" in result.stdout, result.stdout

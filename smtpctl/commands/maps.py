@@ -5,7 +5,8 @@
 
 The source is read the way fparseln(3) reads it: `#` starts a comment anywhere (`\\#` is a literal `#`), a
 backslash at the end of a line continues it. A map line is a key up to the first space, TAB or `:`, then,
-after any run of `:` and whitespace, the value (kept as written, to the end of the line). Keys are lowercased.
+after any run of `:` and whitespace, the value (kept as written, to the end of the line, less the blanks there
+and a CR before the LF, as the daemon's file tables read it; OpenSMTPD's makemap keeps them). Keys are lowercased.
 A duplicate key, a key without a value, or (in aliases mode) a value with an item that is not an expansion
 item (§6.1) stops everything with `PROG: FILE:LINE: ...` and no output file. The output is built under a
 temporary name beside the target, synced, given the source's mode and owner, and renamed into place.
@@ -74,7 +75,7 @@ def logical_lines(text: str) -> Iterator[tuple[int, str]]:
         pieces: list[str] = []
         continued = True
         while continued and index < len(physical):
-            raw = physical[index]
+            raw = physical[index].removesuffix("\r")  # (a file edited on Windows reads as its LF version)
             index += 1
             number += 1
             hash_at = raw.find("#")
@@ -114,6 +115,9 @@ def parse_source(text: str, source: str, map_type: str) -> list[tuple[str, str]]
     """The entries of a source. Raises MapError(`FILE:LINE: ...`)."""
     entries: dict[str, str] = {}
     for number, line in logical_lines(text):
+        # Blanks at the end of a line are no part of a key or value, as the daemon's file tables read a line:
+        # a db made from a file must answer what the file answers (`example.org ` matched nothing in the db).
+        line = line.rstrip(_WHITESPACE)
         if map_type == "set":
             key = line.lstrip(_WHITESPACE)
             if not key or key[0] == "#":
