@@ -749,3 +749,23 @@ def test_a_mode_that_sends_nothing_elsewhere_is_refused_not_sent(world) -> None:
         assert daemon.log().count(" smtp message ") == 1, daemon.log()
     finally:
         daemon.stop()
+
+
+def test_an_address_in_utf8_is_submitted_with_smtputf8(world) -> None:
+    """RFC 6531: an address with UTF-8 goes with `MAIL FROM:<...> SMTPUTF8`, which the daemon offers. sendmail
+    never said it, so `sendmail jürgen` (or `-f jürgen@...`) was refused with `501 Recipient address syntax
+    error`: exit 70, the message in dead.letter. It says it now when the sender or a recipient needs it."""
+    workdir, mail_root, user = world
+    config = ('table aliases { "j\u00fcrgen" = "root" }\n'
+              'action "local" mbox alias <aliases>\nmatch from local for local action "local"\n')
+    daemon = Daemon(str(workdir), config, mail_root, mailname="mx.control.test").start()
+    try:
+        result = run_sendmail(daemon.env, ["-v", "-f", "b\u00e4r", "j\u00fcrgen"], "Subject: utf-8\n\nGr\u00fc\u00dfe\n")
+        assert (result.returncode, result.stderr) == (0, ""), daemon.log()
+        assert ">>> MAIL FROM:<b\u00e4r@mx.control.test> SMTPUTF8\n" in result.stdout
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert "\nDelivered-To: j\u00fcrgen@mx.control.test\n" in content and "Subject: utf-8" in content
+        plain = run_sendmail(daemon.env, ["-v", "root"], "Subject: ascii\n\nGr\u00fc\u00dfe\n")
+        assert plain.returncode == 0 and ">>> MAIL FROM:<root@mx.control.test>\n" in plain.stdout
+    finally:
+        daemon.stop()

@@ -462,6 +462,8 @@ def submit(socket_path: str, options: Options, sender: str, recipients: list[str
         session.expect(session.reply())
         session.command("EHLO localhost")
         mail = f"MAIL FROM:<{sender}>"
+        if not all(address.isascii() for address in (sender, *recipients)):
+            mail += " SMTPUTF8"  # (RFC 6531: the daemon takes an address in UTF-8 only so)
         if options.ret:
             mail += f" RET={options.ret}"
         if options.envid:
