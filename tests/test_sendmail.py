@@ -769,3 +769,23 @@ def test_an_address_in_utf8_is_submitted_with_smtputf8(world) -> None:
         assert plain.returncode == 0 and ">>> MAIL FROM:<root@mx.control.test>\n" in plain.stdout
     finally:
         daemon.stop()
+
+
+def test_bs_input_cut_in_a_message_says_so_and_shows_the_replies(world) -> None:
+    """`sendmail -bs` whose caller's input ends in the middle of DATA (a PHP script that died) exits 70 and sends
+    nothing, as before; but it said nothing at all, not even the greeting and the replies the commands before had
+    got: a caller debugging it saw an empty output and a bare 70. It now passes those replies on and says why."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        cut = run_sendmail(daemon.env, ["-bs"], "EHLO app.test\nMAIL FROM:<app@example.org>\nRCPT TO:<root>\n"
+                                               "DATA\nSubject: cut short\n\nhalf")
+        assert cut.returncode == 70
+        replies = cut.stdout.splitlines()
+        assert replies[0].startswith("220 ") and replies[-1].startswith("354 "), replies
+        assert cut.stderr == "sendmail: the input ended in the middle of a message: it is not sent\n"
+        assert run_sendmail(daemon.env, ["root"], "Subject: after\n\nbody\n").returncode == 0
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert "Subject: after" in content and "cut short" not in content
+    finally:
+        daemon.stop()

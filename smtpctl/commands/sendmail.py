@@ -723,6 +723,8 @@ def smtp_on_stdio(prog: str, socket_path: str) -> int:
                     # sent is answered; but never in the middle of a message (it must not go out cut short).
                     readers = [connection.fileno()]
                     if stream.in_message():
+                        _pass_on_replies(connection)
+                        print(f"{prog}: the input ended in the middle of a message: it is not sent", file=sys.stderr)
                         return EX_SOFTWARE
                     connection.sendall(stream.feed(b"\n") if stream.pending else b"")
                     connection.sendall(b"QUIT\r\n")
@@ -731,6 +733,18 @@ def smtp_on_stdio(prog: str, socket_path: str) -> int:
         except OSError as error:
             print(f"{prog}: {error}", file=sys.stderr)
             return EX_SOFTWARE
+
+
+def _pass_on_replies(connection: socket.socket, wait: float = 10.0) -> None:
+    """The caller's input ended in a message: end our side (the daemon drops a message whose client is gone, never
+    takes it cut short) and pass on what the daemon said to the commands before, up to its end of the session."""
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(wait)
+        while chunk := connection.recv(65536):
+            _write_all(1, chunk)
+    except OSError:  # (a timeout, a reset, or the caller gone from our standard output)
+        pass
 
 
 class _ClientStream:
