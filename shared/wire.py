@@ -27,4 +27,8 @@ def encode(message: dict) -> bytes:
 
 
 def request(request_id: int | str, command: str, **args: object) -> dict:
-    return {"v": PROTOCOL_VERSION, "id": request_id, "cmd": command, "args": args}
+    # "args" first: the request then begins `{"args"`, whose bytes 4 and 5 ("gs"), read as the length of an imsg
+    # header by OpenSMTPD's control process (at the same socket path, /var/run/smtpd.sock), make 29543, over
+    # any imsg's limit: it hangs up at once. With `{"v":1`, 12602 bytes, it waited for them without end (and
+    # smtpctl, mailq and sendmail with it).
+    return {"args": args, "v": PROTOCOL_VERSION, "id": request_id, "cmd": command}
