@@ -789,3 +789,28 @@ def test_bs_input_cut_in_a_message_says_so_and_shows_the_replies(world) -> None:
         assert "Subject: after" in content and "cut short" not in content
     finally:
         daemon.stop()
+
+
+def test_more_recipients_than_one_transaction_takes_all_get_the_message(world) -> None:
+    """`sendmail -t` of a message to more recipients than `smtp limit max-rcpt` allows in one transaction (1000 by
+    default: a newsletter script's Bcc list): the daemon answers the one too many `451 4.5.3 Too many
+    recipients`, and sendmail gave up on the whole message (exit 70, dead.letter). As RFC 5321 asks of a client,
+    it now sends the message to those accepted and the rest in further transactions."""
+    workdir, mail_root, user = world
+    config = ("smtp limit max-rcpt 2\n"
+              'table aliases { a = "root", b = "root", c = "root", d = "root", e = "{user}" }\n'
+              'action "local" mbox alias <aliases>\nmatch from local for local action "local"\n')
+    daemon = Daemon(str(workdir), config.replace("{user}", user.pw_name), mail_root,
+                    mailname="mx.control.test").start()
+    try:
+        result = run_sendmail({**daemon.env, "HOME": str(workdir)}, ["-t", "e"],
+                              "To: a, b\nCc: c\nBcc: d\nSubject: many\n\nbody\n")
+        assert (result.returncode, result.stderr) == (0, ""), daemon.log()
+        content = wait_for_mail(os.path.join(mail_root, "root"), count=4)
+        assert sorted(line for line in content.splitlines() if line.startswith("Delivered-To: ")) == [
+            f"Delivered-To: {name}@mx.control.test" for name in "abcd"]
+        assert "Subject: many" in wait_for_mail(os.path.join(mail_root, user.pw_name))
+        assert daemon.log().count(" smtp message ") == 3  # (2 + 2 + 1 recipients)
+        assert not (workdir / "dead.letter").exists()
+    finally:
+        daemon.stop()

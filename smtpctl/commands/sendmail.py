@@ -455,6 +455,11 @@ def open_enqueue_waiting(socket_path: str, wait: float = BUSY_WAIT) -> socket.so
         delay = min(delay * 2, 1.0)
 
 
+def _too_many_recipients(reply: str) -> bool:
+    """A temporary refusal of a recipient because the transaction has as many as the server takes (X.5.3)."""
+    return reply[:1] == "4" and reply[4:9] == "4.5.3"
+
+
 def submit(socket_path: str, options: Options, sender: str, recipients: list[str], lines: list[str]) -> None:
     connection = open_enqueue_waiting(socket_path)
     try:
@@ -468,15 +473,26 @@ def submit(socket_path: str, options: Options, sender: str, recipients: list[str
             mail += f" RET={options.ret}"
         if options.envid:
             mail += f" ENVID={options.envid}"
-        session.command(mail)
-        for recipient in recipients:
-            session.command(f"RCPT TO:<{recipient}>" + (f" NOTIFY={options.notify}" if options.notify else ""))
-        session.command("DATA")
         payload = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines) + ".\r\n"
-        if options.verbose:
-            _transcript(">>> .")  # (the message itself is not shown, only its end, as OpenSMTPD's -v)
-        connection.sendall(payload.encode("utf-8", "surrogateescape"))
-        session.expect(session.reply())
+        pending = list(recipients)
+        while pending:
+            # One transaction per as many recipients as the daemon takes in one (`smtp limit max-rcpt`): the
+            # one too many is answered `4.5.3 Too many recipients`, and the rest go in the next (RFC 5321 4.5.3.1.10).
+            session.command(mail)
+            taken = 0
+            for recipient in pending:
+                session.send(f"RCPT TO:<{recipient}>" + (f" NOTIFY={options.notify}" if options.notify else ""))
+                reply = session.reply()
+                if taken and _too_many_recipients(reply):
+                    break
+                session.expect(reply)
+                taken += 1
+            session.command("DATA")
+            if options.verbose:
+                _transcript(">>> .")  # (the message itself is not shown, only its end, as OpenSMTPD's -v)
+            connection.sendall(payload.encode("utf-8", "surrogateescape"))
+            session.expect(session.reply())
+            pending = pending[taken:]
         session.send("QUIT")
         try:
             session.reply()
