@@ -126,3 +126,28 @@ def test_show_queue_on_a_terminal_that_wants_no_styles_prints_the_lines(daemon: 
     finally:
         daemon.smtpctl("remove", "all")
         daemon.smtpctl("resume", "mda")
+
+
+def test_show_queue_table_keeps_each_evpid_whole_on_an_80_column_terminal(daemon: DaemonProcess) -> None:
+    """The table folded every column to fit 80 columns, the envelope id too (`9bb4e` / `75e37` / `64a60` / `5`
+    on four lines): it could not be copied into `smtpctl remove` or `show envelope`. The id now stays whole; the
+    other columns fold around it."""
+    import subprocess
+
+    daemon.smtpctl("pause", "mda")
+    try:
+        sent = subprocess.run([str(ROOT / ".venv" / "bin" / "sendmail"), "root"], input="Subject: q\n\nqueued\n",
+                              capture_output=True, text=True, timeout=60, env=daemon.env)
+        assert sent.returncode == 0, sent.stderr
+        evpid = daemon.smtpctl("show", "queue").stdout.split("|")[0]
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "80"}
+        environment.pop("NO_COLOR", None)
+        terminal = pexpect.spawn(sys.executable, ["-m", "smtpctl", "--socket", daemon.socket, "show", "queue"],
+                                 env=environment, cwd=str(ROOT), encoding="utf-8", timeout=30, dimensions=(40, 80))
+        terminal.expect(pexpect.EOF)
+        terminal.close()
+        assert terminal.exitstatus == 0
+        assert evpid in re.sub(r"\x1b\[[0-9;]*m", "", terminal.before), terminal.before
+    finally:
+        daemon.smtpctl("remove", "all")
+        daemon.smtpctl("resume", "mda")

@@ -327,8 +327,10 @@ def render_table(rows: list[Row]) -> None:
 
     now = time.time()
     table = Table(show_lines=False, header_style="bold")
-    for column in ("envelope", "state", "age", "created", "from", "to", "tries", "next/last", "expires in",
-                   "error"):
+    # The envelope id never folds (it is what one copies into `smtpctl remove` or `show envelope`); the other
+    # columns fold around it on a narrow terminal.
+    table.add_column("envelope", no_wrap=True, min_width=16)
+    for column in ("state", "age", "created", "from", "to", "tries", "next/last", "expires in", "error"):
         table.add_column(column, overflow="fold")
     for row in rows:
         state, value = row[11], row[12]
