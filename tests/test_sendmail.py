@@ -814,3 +814,17 @@ def test_more_recipients_than_one_transaction_takes_all_get_the_message(world) -
         assert not (workdir / "dead.letter").exists()
     finally:
         daemon.stop()
+
+
+def test_a_recipient_named_twice_with_the_domain_in_capitals_gets_one_copy(world) -> None:
+    """`sendmail -t root@MX.CONTROL.TEST` of a message `To: root`: a domain is the same whatever its case, but the
+    copies were told apart by the exact text, so the same mailbox got the message twice."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        result = run_sendmail(daemon.env, ["-t", "root@MX.Control.Test"], "To: root\nSubject: twice\n\nbody\n")
+        assert (result.returncode, result.stderr) == (0, ""), daemon.log()
+        assert daemon.log().count(" smtp envelope ") == 1, daemon.log()
+        wait_for_mail(os.path.join(mail_root, "root"))
+    finally:
+        daemon.stop()

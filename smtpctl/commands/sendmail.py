@@ -286,6 +286,12 @@ def _split_header(headers: list[str], name: str) -> tuple[list[str], list[str]]:
     return kept, taken
 
 
+def _same_address(address: str) -> str:
+    """What tells two recipients apart: the local part as written, the domain in any case."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address
+
+
 def recipients_from_headers(message: Message) -> list[str]:
     values = message.header_values("to", "cc", "bcc")
     return [address for _, address in email.utils.getaddresses(values) if address]
@@ -634,7 +640,12 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
     recipients = [qualify(address, mailname) for address in options.recipients]
     if options.from_headers:
         recipients += [qualify(address, mailname) for address in recipients_from_headers(message)]
-    recipients = list(dict.fromkeys(recipient for recipient in recipients if recipient))
+    # One copy per address: a domain is the same whatever its case (`-t root@Example.org` of `To: root@example.org`)
+    unique: dict[str, str] = {}
+    for recipient in recipients:
+        if recipient:
+            unique.setdefault(_same_address(recipient), recipient)
+    recipients = list(unique.values())
     if not recipients:
         print(f"{prog}: no recipients", file=sys.stderr)
         return EX_SOFTWARE
