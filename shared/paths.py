@@ -73,10 +73,13 @@ class MailnameError(Exception):
 
 
 def read_mailname(path: str) -> str:
-    """The server name as OpenSMTPD derives it: the mailname file's first line, else the host's FQDN."""
+    """The server name as OpenSMTPD derives it: the mailname file's first line (less blanks around it), else the
+    host's FQDN."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            first_line = handle.readline().rstrip("\n")
+            # (trimmed: a host name holds no blank, and `echo 'mx.example.org ' >/etc/mailname` put one in every
+            # address qualified with it, which the daemon refuses)
+            first_line = handle.readline().strip()
     except OSError:
         first_line = ""
     if first_line:

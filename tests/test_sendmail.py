@@ -828,3 +828,20 @@ def test_a_recipient_named_twice_with_the_domain_in_capitals_gets_one_copy(world
         wait_for_mail(os.path.join(mail_root, "root"))
     finally:
         daemon.stop()
+
+
+def test_a_mailname_with_blanks_after_the_name_still_names_the_host(world) -> None:
+    """`echo 'mx.example.org ' > /etc/mailname`: the blank went into every address sendmail qualified
+    (`root@mx.control.test `), which the daemon refused (553, exit 70, dead.letter). A host name holds no blank:
+    the line is trimmed."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        (workdir / "mailname-blank").write_text("mx.control.test \t\n")
+        env = {**daemon.env, "SMTPD_MAILNAME": str(workdir / "mailname-blank"), "HOME": str(workdir)}
+        result = run_sendmail(env, ["root"], "Subject: blank\n\nbody\n")
+        assert (result.returncode, result.stderr) == (0, ""), daemon.log()
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert content.startswith("From root@mx.control.test ") and "Subject: blank" in content
+    finally:
+        daemon.stop()
