@@ -783,7 +783,7 @@ def test_bs_input_cut_in_a_message_says_so_and_shows_the_replies(world) -> None:
         assert cut.returncode == 70
         replies = cut.stdout.splitlines()
         assert replies[0].startswith("220 ") and replies[-1].startswith("354 "), replies
-        assert cut.stderr == "sendmail: the input ended in the middle of a message: it is not sent\n"
+        assert cut.stderr == "sendmail: the input ended after DATA without the closing dot: no message is sent\n"
         assert run_sendmail(daemon.env, ["root"], "Subject: after\n\nbody\n").returncode == 0
         content = wait_for_mail(os.path.join(mail_root, "root"))
         assert "Subject: after" in content and "cut short" not in content

@@ -751,7 +751,7 @@ def smtp_on_stdio(prog: str, socket_path: str) -> int:
                     readers = [connection.fileno()]
                     if stream.in_message():
                         _pass_on_replies(connection)
-                        print(f"{prog}: the input ended in the middle of a message: it is not sent", file=sys.stderr)
+                        print(f"{prog}: the input ended after DATA without the closing dot: no message is sent", file=sys.stderr)
                         return EX_SOFTWARE
                     connection.sendall(stream.feed(b"\n") if stream.pending else b"")
                     connection.sendall(b"QUIT\r\n")
