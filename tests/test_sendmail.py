@@ -845,3 +845,22 @@ def test_a_mailname_with_blanks_after_the_name_still_names_the_host(world) -> No
         assert content.startswith("From root@mx.control.test ") and "Subject: blank" in content
     finally:
         daemon.stop()
+
+
+def test_verbose_to_a_reader_that_left_still_sends_the_message(world) -> None:
+    """`sendmail -v root | head -1`: once head has its line, writing the next line of the dialogue fails (EPIPE),
+    and sendmail gave up the message for it (`[Errno 32] Broken pipe`, exit 70, dead.letter): the transcript is
+    only a view of the submission. The submission goes on; the transcript stops."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    try:
+        process = subprocess.Popen([SENDMAIL, "-v", "root"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env={**daemon.env, "HOME": str(workdir)}, cwd="/")
+        assert process.stdout is not None
+        process.stdout.close()  # the reader is gone before the first line
+        _, errors = process.communicate(b"Subject: seen by head\n\nbody\n", timeout=60)
+        assert (process.returncode, errors) == (0, b""), daemon.log()
+        assert "Subject: seen by head" in wait_for_mail(os.path.join(mail_root, "root"))
+        assert not (workdir / "dead.letter").exists()
+    finally:
+        daemon.stop()

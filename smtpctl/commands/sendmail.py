@@ -387,8 +387,12 @@ class _Connection:
 
 def _transcript(line: str) -> None:
     """One line of the -v transcript: on standard output, as OpenSMTPD's and Sendmail's (`sendmail -v ... >log`
-    keeps it; errors stay on standard error)."""
-    print(line, flush=True)
+    keeps it; errors stay on standard error). A reader that left (`sendmail -v root | head -1`) ends the
+    transcript, not the submission: the rest of it goes nowhere."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def open_enqueue(socket_path: str) -> socket.socket:
