@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 
 # name -> "module:attribute" of a Click command or group. Each family adds its line. The order is OpenSMTPD's
 # (it is the order of the `possibilities are:` listing); our own commands follow.
@@ -54,15 +55,26 @@ def _personality(prog: str, argv: list[str]) -> int | None:
             return importlib.import_module("smtpctl.commands.maps").newaliases_main(argv, "newaliases")
         return importlib.import_module("smtpctl.commands.sendmail").sendmail_main(argv, prog)
     if prog == "makemap":
-        return importlib.import_module("smtpctl.commands.maps").makemap_main(argv, prog)
+        return _listing(lambda: importlib.import_module("smtpctl.commands.maps").makemap_main(argv, prog))
     if prog == "newaliases":
-        return importlib.import_module("smtpctl.commands.maps").newaliases_main(argv, prog)
+        return _listing(lambda: importlib.import_module("smtpctl.commands.maps").newaliases_main(argv, prog))
     if prog == "mailq":
-        return importlib.import_module("smtpctl.commands.queue").mailq_main(argv, prog)
+        return _listing(lambda: importlib.import_module("smtpctl.commands.queue").mailq_main(argv, prog))
     if prog == "smtpctl":
         return None
     print(f"{prog}: unsupported mode", file=sys.stderr)
     return 1
+
+
+def _listing(run: Callable[[], int]) -> int:
+    """Run a personality whose output is a listing: a reader that left (`makemap -U big.db | head`) is how such a
+    pipe ends, not an error with a BrokenPipeError traceback. (Not sendmail's: its status says what became of
+    a message.)"""
+    try:
+        return run()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

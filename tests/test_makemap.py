@@ -253,3 +253,19 @@ def test_a_table_built_by_makemap_answers_as_the_same_file_does(tmp_path: Path) 
             result = daemon.smtpctl("explain", "--to", address, "--src", "192.0.2.9")
             assert result.returncode == 0, result.stdout + result.stderr
             assert f"  mda via action local: {address} as root" in result.stdout, result.stdout
+
+
+def test_dump_to_a_reader_that_left_ends_quietly(tmp_path: Path) -> None:
+    """`makemap -U big.db | head -1`: once head has its line, the next write fails (EPIPE) and makemap died with
+    a BrokenPipeError traceback, exit 1. A reader that leaves is how such a pipe ends: no traceback, exit 0."""
+    (tmp_path / "big").write_text("".join(f"key{number} value{number}\n" for number in range(20000)))
+    assert run_ours("makemap", "big", cwd=tmp_path).returncode == 0
+    code = "import sys; from smtpctl.cli import main; main(sys.argv[1:], prog='makemap')"
+    process = subprocess.Popen([sys.executable, "-c", code, "-U", "big.db"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    errors = process.stderr.read()
+    process.stderr.close()
+    assert (first, process.wait(60), errors) == (b"key0\tvalue0\n", 0, b"")
