@@ -15,6 +15,7 @@ from shared import wire as protocol
 NOT_RUNNING = "smtpd doesn't seem to be running"
 INCOMPATIBLE = "incompatible smtpd and smtpctl"
 CLOSED = "connection closed by smtpd"  # it took the request, then went away (stopped, crashed) without an answer
+NO_ANSWER = "no answer from smtpd"  # it took the request and said nothing for DEFAULT_TIMEOUT seconds (hung)
 DEFAULT_TIMEOUT = 120.0  # reload and explain may take a while; a stream has no timeout
 
 
@@ -131,7 +132,7 @@ class Client:
             try:
                 chunk = connection.recv(65536)
             except TimeoutError:
-                raise ControlError("timeout", "no answer from smtpd") from None
+                raise ControlError("timeout", NO_ANSWER) from None
             except OSError:
                 chunk = b""
             if not chunk:

@@ -102,6 +102,7 @@ def _show_queue(socket_path: str) -> int | None:
     import socket
 
     from shared.wire import encode, request
+    from smtpctl import client
 
     try:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,7 +114,13 @@ def _show_queue(socket_path: str) -> int | None:
             connection.sendall(encode(request(1, "show.queue", format="lines")))
         except OSError:
             return None
-        reply = _read_reply(connection.recv)
+        # As long as any smtpctl request waits for its answer (a hung daemon: `mailq | wc -l` waited for ever).
+        connection.settimeout(client.DEFAULT_TIMEOUT)
+        try:
+            reply = _read_reply(connection.recv)
+        except TimeoutError:
+            sys.stderr.write(f"smtpctl: {client.NO_ANSWER}\n")
+            return 1
     if reply is None:
         return None
     if not reply.get("ok"):
@@ -148,6 +155,8 @@ def _read_reply(receive: Callable[[int], bytes]) -> dict[str, object] | None:
             searched = len(received)
             try:
                 chunk = receive(1 << 20)
+            except TimeoutError:
+                raise
             except OSError:
                 return None
             if not chunk:

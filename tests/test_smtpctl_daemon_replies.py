@@ -117,3 +117,47 @@ def test_sendmail_keeps_the_message_offline_when_the_daemon_answers_garbage(tmp_
         75, "sendmail: incompatible smtpd and sendmail: the message is kept offline\n")
     [kept] = list((tmp_path / "spool" / "offline").iterdir())
     assert "Subject: kept" in kept.read_text()
+
+
+@contextlib.contextmanager
+def silent_daemon(path: Path) -> Iterator[None]:
+    """A control socket that takes connections and requests and never answers (a daemon that hangs)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    held: list[socket.socket] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+        for connection in held:
+            connection.close()
+        server.close()
+
+
+@pytest.mark.parametrize("program", [("smtpctl", "show", "queue"), ("smtpctl", "show", "queue", "--json"),
+                                     ("mailq",)])
+def test_a_daemon_that_never_answers_is_given_up_on(tmp_path: Path, program: tuple[str, ...]) -> None:
+    """Every request waits for its answer up to smtpctl's timeout (120 s; 1 s here), then `no answer from smtpd`,
+    exit 1. `show queue` and mailq read their answer on their own path, which had no timeout at all: a monitoring
+    script's `mailq | wc -l` against a hung daemon waited for ever."""
+    path = tmp_path / "smtpd.sock"
+    name, *words = program
+    code = ("import sys; import smtpctl.client; smtpctl.client.DEFAULT_TIMEOUT = 1.0; from smtpctl.cli import main; "
+            f"main(sys.argv[1:], prog={name!r})")
+    with silent_daemon(path):
+        result = subprocess.run([sys.executable, "-c", code, *words], capture_output=True, text=True, timeout=30,
+                                env={"PYTHONPATH": str(ROOT), "SMTPD_SOCKET": str(path), "PATH": "/usr/bin:/bin"},
+                                cwd=ROOT)
+    assert (result.returncode, result.stderr, result.stdout) == (1, "smtpctl: no answer from smtpd\n", "")

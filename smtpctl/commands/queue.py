@@ -86,6 +86,7 @@ def call_daemon(command: str, large_reply: bool = False, **args: Any) -> Any:
 
 def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
     from shared import protocol
+    from smtpctl import client
 
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -94,12 +95,16 @@ def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
     except OSError:
         connection.close()
         raise DaemonDown(NOT_RUNNING) from None
+    # As long as any smtpctl request waits for its answer (a hung daemon: `mailq | wc -l` waited for ever).
+    connection.settimeout(client.DEFAULT_TIMEOUT)
     with connection:
         received = bytearray()
         while True:
             searched = len(received)
             try:
                 chunk = connection.recv(1 << 20)
+            except TimeoutError:
+                raise CommandFailed(client.NO_ANSWER) from None
             except OSError:  # reset: the daemon died (kill -9) before answering; as an end of file
                 chunk = b""
             if not chunk:
