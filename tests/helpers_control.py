@@ -60,8 +60,10 @@ def running_daemon(config_text: str | None = None) -> Iterator[DaemonProcess]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def smtpctl_as(user: str, socket_path: str, *args: str, extra_groups: tuple[int, ...] = ()) -> Result:
-    """Run smtpctl's main as ``user`` in a forked child (so it runs with that uid, as a user would)."""
+def smtpctl_as(user: str, socket_path: str, *args: str, extra_groups: tuple[int, ...] = (),
+               prog: str = "smtpctl") -> Result:
+    """Run smtpctl's main as ``user`` in a forked child (so it runs with that uid, as a user would); ``prog``
+    another personality (`mailq`), which is given the socket in SMTPD_SOCKET."""
     # Import everything the child needs while we can still read /root's interpreter files.
     for module in ("smtpctl.cli", "smtpctl.words", "smtpctl.fast", "smtpctl.showtext", "smtpctl.commands.show",
                    "smtpctl.commands.control", "smtpctl.commands.trace", "smtpctl.commands.monitor",
@@ -83,7 +85,11 @@ def smtpctl_as(user: str, socket_path: str, *args: str, extra_groups: tuple[int,
             os.setuid(account.pw_uid)
             from smtpctl.cli import main
 
-            main(["--socket", socket_path, *args], prog="smtpctl")
+            if prog == "smtpctl":
+                main(["--socket", socket_path, *args], prog=prog)
+            else:
+                os.environ["SMTPD_SOCKET"] = socket_path
+                main(list(args), prog=prog)
             status = 0
         except SystemExit as leaving:
             status = leaving.code if isinstance(leaving.code, int) else 1

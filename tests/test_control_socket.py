@@ -167,6 +167,14 @@ def test_nobody_is_refused_reads(daemon: DaemonProcess) -> None:
     assert result.stdout == ""
 
 
+def test_mailq_refused_to_nobody_says_mailq(daemon: DaemonProcess) -> None:
+    """A user who typed `mailq` was told `smtpctl: need root privileges for show.queue`, the name of a program
+    they did not run (OpenSMTPD 6.8: `mailq: need root privileges`). The message names mailq now."""
+    result = smtpctl_as("nobody", daemon.socket, prog="mailq")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("mailq: need root privileges"), result.stderr
+
+
 def test_control_group_member_may_read_but_not_write(daemon: DaemonProcess) -> None:
     mail_gid = grp.getgrnam("mail").gr_gid
     status = smtpctl_as("nobody", daemon.socket, "show", "status", extra_groups=(mail_gid,))

@@ -160,4 +160,4 @@ def test_a_daemon_that_never_answers_is_given_up_on(tmp_path: Path, program: tup
         result = subprocess.run([sys.executable, "-c", code, *words], capture_output=True, text=True, timeout=30,
                                 env={"PYTHONPATH": str(ROOT), "SMTPD_SOCKET": str(path), "PATH": "/usr/bin:/bin"},
                                 cwd=ROOT)
-    assert (result.returncode, result.stderr, result.stdout) == (1, "smtpctl: no answer from smtpd\n", "")
+    assert (result.returncode, result.stderr, result.stdout) == (1, f"{name}: no answer from smtpd\n", "")

@@ -36,5 +36,5 @@ def test_our_programs_do_not_hang_on_opensmtpds_control_socket() -> None:
                                   capture_output=True, text=True, env={**env, "HOME": folder}, timeout=30)
     for result in results:
         assert (result.returncode, result.stdout) == (1, ""), result
-        assert result.stderr == "smtpctl: connection closed by smtpd\n", result
+        assert result.stderr in ("smtpctl: connection closed by smtpd\n", "mailq: connection closed by smtpd\n"), result
     assert sent.returncode == 75, sent.stderr  # kept offline, for a daemon of ours to take

@@ -212,7 +212,7 @@ def test_offline_show_queue_without_the_key_says_once_what_it_leaves_out(tmp_pat
     other = config(tmp_path, f"queue encryption {OTHER_KEY}\n")
     listed = smtpctl(tmp_path, other, "--json", prog="mailq")
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 2
-    assert listed.stderr == (f"smtpctl: 3 envelopes not shown: they cannot be decrypted with the queue encryption "
+    assert listed.stderr == (f"mailq: 3 envelopes not shown: they cannot be decrypted with the queue encryption "
                              f"key in {other} (another key, or damaged)\n")
     assert sorted(str(path.relative_to(spool)) for path in spool.rglob("*")) == before
 

@@ -128,8 +128,12 @@ def _call_directly(socket_path: str, command: str, args: dict[str, Any]) -> Any:
                 end = received.find(b"\n")
 
 
+# The name errors and notes go under: `mailq` when run as mailq (a user who typed mailq was told `smtpctl: ...`).
+program = "smtpctl"
+
+
 def _fail(message: str, code: int = EXIT_FAILURE) -> None:
-    click.echo(f"smtpctl: {message}", err=True)
+    click.echo(f"{program}: {message}", err=True)
     sys.exit(code)
 
 
@@ -398,14 +402,14 @@ def run_show_queue(msgid_text: str | None, filters: dict[str, Any], as_json: boo
             _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
             return EXIT_FAILURE
         for problem in problems:
-            click.echo(f"smtpctl: {problem}", err=True)
+            click.echo(f"{program}: {problem}", err=True)
         print_rows(rows, as_json)
         return EXIT_OK
     except CommandFailed as error:
         _fail(str(error))
         return EXIT_FAILURE
     for note in queue_notes(result):
-        click.echo(f"smtpctl: {note}", err=True)
+        click.echo(f"{program}: {note}", err=True)
     if "lines" in result:
         sys.stdout.write(result["lines"])
         sys.stdout.flush()
@@ -438,6 +442,8 @@ MAILQ_HABITS = frozenset({"-v", "-Ac", "-bp"})
 
 def mailq_main(argv: list[str], prog: str) -> int:
     """The mailq personality: `show queue` with the same options; usage errors exit 255 as smtpctl's do."""
+    global program
+    program = prog
     arguments = [argument for argument in argv if argument not in MAILQ_HABITS]
     try:
         show_queue.main(args=arguments, prog_name=prog, standalone_mode=False)
