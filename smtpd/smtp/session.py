@@ -752,8 +752,10 @@ class Session:
             raise _Close("tls handshake failed") from None
         self.secure = True
         self.tls_text = tls.describe(self.connection.get_extra_info("ssl_object"))
+        version, cipher, bits = (self.tls_text or "::").split(":")[:3]
+        # As OpenSMTPD: one line per secured session, `smtp tls ciphers=VERSION:CIPHER:BITS`.
+        _log.info("%s smtp tls ciphers=%s:%s:%s", self.token, version, cipher, bits)
         if self.chain is not None:
-            version, cipher, bits = (self.tls_text or "::").split(":")[:3]
             self._report("link-tls", f"version={version}, cipher={cipher}, bits={bits}")
         if trace.wants("io"):
             ssl_object = self.connection.get_extra_info("ssl_object")

@@ -1,0 +1,35 @@
+"""Session events that OpenSMTPD 6.8 logs, logged alike: what log readers (logwatch, fail2ban-style filters,
+`grep 'smtp bad-input'`) find in the maillog for the same dialog."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from helpers_smtp import SmtpDaemon, secured_client, start_auth_daemon
+from waiting import wait_until
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory):
+    server = start_auth_daemon(tmp_path_factory.mktemp("loglines"), "secret")
+    yield server
+    server.stop()
+
+
+def logged(daemon: SmtpDaemon, line: str) -> str:
+    """The session id of the log line that reads `<session id> <line>` exactly (waited for)."""
+    pattern = re.compile(rf"^([0-9a-f]{{16}}) {re.escape(line)}$", re.M)
+    return wait_until(lambda: (found := pattern.search(daemon.log())) and found.group(1), explain=daemon.log)
+
+
+def test_a_secured_session_logs_its_tls_ciphers(daemon: SmtpDaemon) -> None:
+    """6.8 logs `smtp tls ciphers=VERSION:CIPHER:BITS` once STARTTLS (or SMTPS) succeeds; we logged nothing, so
+    the maillog could not tell which sessions were encrypted."""
+    client = secured_client(daemon.port)
+    version, cipher, bits = client.sock.version(), *client.sock.cipher()[0:3:2]
+    client.send(b"QUIT\r\n")
+    assert client.reply()[0].startswith("221 ")
+    client.close()
+    session = logged(daemon, f"smtp tls ciphers={version}:{cipher}:{bits}")
+    assert f"{session} smtp connected address=127.0.0.1" in daemon.log()
