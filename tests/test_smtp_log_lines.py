@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers_smtp import SmtpDaemon, secured_client, start_auth_daemon
+from helpers_smtp import LineClient, SmtpDaemon, secured_client, start_auth_daemon
 from waiting import wait_until
 
 
@@ -21,6 +21,24 @@ def logged(daemon: SmtpDaemon, line: str) -> str:
     """The session id of the log line that reads `<session id> <line>` exactly (waited for)."""
     pattern = re.compile(rf"^([0-9a-f]{{16}}) {re.escape(line)}$", re.M)
     return wait_until(lambda: (found := pattern.search(daemon.log())) and found.group(1), explain=daemon.log)
+
+
+@pytest.mark.parametrize(("line", "reply"), [
+    (b"X" * 70000 + b"\r\n", "500 5.0.0 Line too long"),
+    (b"HELO " + b"x" * 3000 + b"\r\n", "500 5.0.0 Command line too long"),
+])
+def test_a_line_too_long_is_logged_as_bad_input(daemon: SmtpDaemon, line: bytes, reply: str) -> None:
+    """6.8 logs `smtp bad-input result="500 5.0.0 Line too long"` before closing; we logged the disconnection
+    alone, so a count of bad-input lines (a scanner feeding junk) found none."""
+    client = LineClient(daemon.port)
+    try:
+        assert client.reply()[0].startswith("220 ")
+        client.send(line)
+        assert client.reply() == [reply]
+    finally:
+        client.close()
+    session = logged(daemon, f'smtp bad-input result="{reply}"')
+    assert f"{session} smtp connected address=127.0.0.1" in daemon.log()
 
 
 def test_a_secured_session_logs_its_tls_ciphers(daemon: SmtpDaemon) -> None:

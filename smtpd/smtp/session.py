@@ -403,14 +403,20 @@ class Session:
                 await self._error(replies.BARE_LF_COMMAND, "AUTH" if secret else _masked(text)[:64])
                 continue
             if len(raw) >= COMMAND_MAX:
-                await self.reply(replies.COMMAND_TOO_LONG)
+                await self._bad_input(replies.COMMAND_TOO_LONG)
                 raise _Close("command too long")
             return raw.decode("utf-8", "surrogateescape")
 
     async def _line_too_long_close(self) -> NoReturn:
         """A line of LINE_MAX_BYTES or more, in a command or in the data: the reference's reply, then the end."""
-        await self.reply(replies.LINE_TOO_LONG)
+        await self._bad_input(replies.LINE_TOO_LONG)
         raise _Close("line too long")
+
+    async def _bad_input(self, reply: Reply) -> None:
+        """Input that ends the session, as a line too long: the reply, logged as OpenSMTPD logs it (`smtp
+        bad-input result="..."`, no command: the line is not one), that log tools count as a failure."""
+        _log.info('%s smtp bad-input result="%s"', self.token, reply)
+        await self.reply(reply)
 
     async def _next_raw_line(self) -> bytes:
         """Bytes up to the next LF (excluded); the whole line must arrive within the timeout."""
