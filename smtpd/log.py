@@ -107,6 +107,15 @@ class _BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
+# The priorities OpenSMTPD's log functions use: its `warn:` lines are errors to syslog (log_warn, log_warnx), its
+# `fatal:` line is critical. A `mail.err` rule (Debian's rsyslog sends mail.err to /var/log/mail.err) keeps them.
+_SYSLOG_PRIORITY = {logging.DEBUG: logging.handlers.SysLogHandler.LOG_DEBUG,
+                    logging.INFO: logging.handlers.SysLogHandler.LOG_INFO,
+                    logging.WARNING: logging.handlers.SysLogHandler.LOG_ERR,
+                    logging.ERROR: logging.handlers.SysLogHandler.LOG_ERR,
+                    logging.CRITICAL: logging.handlers.SysLogHandler.LOG_CRIT}
+
+
 class SyslogHandler(logging.handlers.SysLogHandler):
     """Lines to syslog (facility mail) as syslog(3) sends them for OpenSMTPD, which opens its log with its name
     and the pid: `<PRI>Mmm dd hh:mm:ss smtpd[PID]: message`, so that the log says `smtpd[PID]:` (what fail2ban's
@@ -123,7 +132,7 @@ class SyslogHandler(logging.handlers.SysLogHandler):
         except Exception:  # noqa: BLE001 — as logging does: report, never raise into the caller
             self.handleError(record)
             return
-        priority = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+        priority = self.encodePriority(self.facility, _SYSLOG_PRIORITY.get(record.levelno, self.LOG_DEBUG))
         head = f"<{priority}>{time.strftime('%b %e %H:%M:%S')} smtpd[{os.getpid()}]: "
         for line in text.split("\n"):
             self.send(f"{head}{line}".encode("utf-8", "surrogateescape"))
