@@ -53,4 +53,4 @@ def test_auth_login_password_ending_with_bare_lf_is_not_logged(daemon: SmtpDaemo
         client.close()
     log = daemon.log()
     assert secret not in log and b64(PASSWORD) not in log
-    assert 'failed-command command="AUTH" result="500 5.5.2 ' in log
+    assert 'failed-command command="AUTH LOGIN (password)" result="500 5.5.2 ' in log

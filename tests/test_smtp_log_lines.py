@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
 import pytest
@@ -51,3 +52,35 @@ def test_a_secured_session_logs_its_tls_ciphers(daemon: SmtpDaemon) -> None:
     client.close()
     session = logged(daemon, f"smtp tls ciphers={version}:{cipher}:{bits}")
     assert f"{session} smtp connected address=127.0.0.1" in daemon.log()
+
+
+def test_auth_failures_name_the_mechanism_and_step_never_the_credentials(daemon: SmtpDaemon) -> None:
+    """6.8's failed-command lines say `AUTH LOGIN` (a scanner trying AUTH before STARTTLS), `AUTH LOGIN (password)`
+    and so on; ours said `AUTH` alone for every refusal, and a grep for the mechanism found nothing. The
+    credentials stay out of the log (6.8 logs the inline AUTH PLAIN token of a failed login: we do not)."""
+    plain = LineClient(daemon.port)
+    try:
+        assert plain.reply()[0].startswith("220 ")
+        plain.send(b"EHLO c.test\r\nAUTH LOGIN\r\nQUIT\r\n")
+        plain.reply()
+        refused = plain.reply()
+    finally:
+        plain.close()
+    token = base64.b64encode(b"\0alice\0wrong").decode()
+    client = secured_client(daemon.port)
+    try:
+        client.send(f"AUTH PLAIN {token}\r\n".encode())
+        assert client.reply() == ["535 Authentication failed"]
+        client.send(b"AUTH LOGIN\r\n")
+        client.reply()
+        client.send(base64.b64encode(b"alice") + b"\r\n")
+        client.reply()
+        client.send(base64.b64encode(b"wrong") + b"\r\n")
+        assert client.reply() == ["535 Authentication failed"]
+    finally:
+        client.close()
+    logged(daemon, f'smtp failed-command command="AUTH LOGIN" result="{refused[0]}"')
+    session = logged(daemon, 'smtp failed-command command="AUTH PLAIN ********" result="535 Authentication failed"')
+    assert logged(daemon, 'smtp failed-command command="AUTH LOGIN (password)" result="535 Authentication failed"'
+                  ) == session
+    assert token not in daemon.log()

@@ -168,6 +168,7 @@ class Session:
         self.mails = 0
         self.bad_commands = 0
         self.auth_failures = 0
+        self.auth_command = "AUTH"  # the AUTH exchange's command, as its failed-command lines name it
         self.transaction: _Transaction | None = None
         self.disconnect_reason = "disconnect"
         self.junk = False  # a connect/helo/ehlo/auth filter said junk: every message gets X-Spam: Yes
@@ -400,7 +401,7 @@ class Session:
                 # A bare LF never ends a command line: answer it as an error and do not act on its text.
                 text = raw.decode("utf-8", "surrogateescape")
                 self._trace_input(text, secret=secret)
-                await self._error(replies.BARE_LF_COMMAND, "AUTH" if secret else _masked(text)[:64])
+                await self._error(replies.BARE_LF_COMMAND, self.auth_command if secret else _masked(text)[:64])
                 continue
             if len(raw) >= COMMAND_MAX:
                 await self._bad_input(replies.COMMAND_TOO_LONG)
@@ -770,19 +771,22 @@ class Session:
 
     # -- AUTH ------------------------------------------------------------------------------------------------------------
     async def cmd_auth(self, argument: str, line: str) -> None:
+        # What a refusal's failed-command line names: the line, its credentials masked (`AUTH PLAIN ********`),
+        # then the step that failed, as OpenSMTPD names them (`AUTH LOGIN (password)`, `AUTH PLAIN (...)`).
+        self.auth_command = _masked(line)
         if self.helo is None or self.transaction is not None:
-            await self._error(replies.BAD_SEQUENCE, "AUTH")
+            await self._error(replies.BAD_SEQUENCE, self.auth_command)
             return
         if self.authenticated:
-            await self._error(replies.ALREADY_AUTHENTICATED, "AUTH")
+            await self._error(replies.ALREADY_AUTHENTICATED, self.auth_command)
             return
         if not self.auth_offered:
-            await self._error(replies.NOT_SUPPORTED, "AUTH")
+            await self._error(replies.NOT_SUPPORTED, self.auth_command)
             return
         if not argument:
-            await self._error(replies.AUTH_NO_PARAMETERS, "AUTH")
+            await self._error(replies.AUTH_NO_PARAMETERS, self.auth_command)
             return
-        if await self._filter("auth", "AUTH") is None:
+        if await self._filter("auth", self.auth_command) is None:
             return
         mechanism, initial = split_auth_argument(argument)
         self._set_state("STATE_AUTH_INIT")
@@ -792,10 +796,10 @@ class Session:
             elif mechanism.upper() == "LOGIN":
                 credentials = await self._auth_login(initial.strip())
             else:
-                await self._error(replies.auth_method_unsupported(mechanism), "AUTH")
+                await self._error(replies.auth_method_unsupported(mechanism), self.auth_command)
                 return
             if credentials is None:
-                await self._error(replies.AUTH_SYNTAX, "AUTH")
+                await self._error(replies.AUTH_SYNTAX, self.auth_command)
                 return
             await self._check_credentials(*credentials)
         finally:
@@ -803,6 +807,7 @@ class Session:
 
     async def _auth_response(self, prompt: Reply, state: str) -> str:
         self._set_state(state)
+        self.auth_command = _AUTH_STEPS[state]
         await self.reply(prompt)
         line = await self.read_line(secret=True)
         self._trace_input(line, secret=True)
@@ -844,10 +849,10 @@ class Session:
             self.auth_user, self.authenticated = user, True
             await self.reply(replies.AUTH_OK)
         elif result is AuthResult.TEMPFAIL:
-            await self.reply(replies.AUTH_TEMPFAIL, command="AUTH")
+            await self.reply(replies.AUTH_TEMPFAIL, command=self.auth_command)
         else:
             self.auth_failures += 1
-            await self.reply(replies.AUTH_FAILED, command="AUTH")
+            await self.reply(replies.AUTH_FAILED, command=self.auth_command)
             if self.auth_failures >= MAX_AUTH_FAILURES:
                 await self.reply(replies.too_many_auth_failures(self.smtpname))
                 raise _Close("too many authentication failures")
@@ -1365,6 +1370,11 @@ def _response_fields(decision: FilterDecision) -> tuple[str, ...]:
     if decision.decision == "rewrite":
         return "rewrite", decision.text
     return (decision.decision,)
+
+
+# The step of an AUTH exchange waiting for the client's line, as OpenSMTPD's failed-command lines name it.
+_AUTH_STEPS = {"STATE_AUTH_INIT": "AUTH PLAIN (...)", "STATE_AUTH_USERNAME": "AUTH LOGIN (username)",
+               "STATE_AUTH_PASSWORD": "AUTH LOGIN (password)"}
 
 
 def _masked(line: str) -> str:
