@@ -13,7 +13,7 @@ import smtplib
 import time
 from pathlib import Path
 
-from helpers_mta import Daemon, Remote, free_port, wait_until
+from helpers_mta import Daemon, Remote, free_port, make_certificate, wait_until
 
 LINE = re.compile(r"^[0-9a-f]{16} mta delivery evpid=[0-9a-f]{16} from=<(?P<sender>[^>]*)> to=<(?P<to>[^>]*)> "
                   r'rcpt=<(?P<rcpt>[^>]*)> source="(?P<source>[^"]*)" relay="(?P<relay>[^"]*)" '
@@ -63,3 +63,55 @@ def test_delivery_line_has_opensmtpd_fields(tmp_path: Path) -> None:
     later = lines[3]
     assert later["to"] == "x@dead.test"
     assert int(later["delay"].rstrip("s")) >= 2, later.string  # the envelope's age, not the attempt's length
+
+
+def session_lines(daemon: Daemon, kind: str) -> list[str]:
+    """The `mta` lines of the session whose `mta connecting` line is the first of the log, without their id."""
+    found = re.search(r"^([0-9a-f]{16}) mta connecting ", daemon.log(), re.M)
+    assert found is not None, daemon.log()
+    prefix = f"{found.group(1)} mta "
+    return [line[len(prefix):] for line in daemon.log().splitlines()
+            if line.startswith(prefix) and line.split()[2] in kind.split()]
+
+
+def test_a_session_that_cannot_open_logs_mta_error(tmp_path: Path) -> None:
+    """6.8 logs `mta error reason=...` when a session fails to open (here: nothing listens); we logged only the
+    `mta connecting` line, so `grep 'mta error'` (and docs/filters.md's pointer to it) found nothing."""
+    port, dead_port = free_port(), free_port()
+    config = (f"listen on 127.0.0.1 port {port}\n"
+              f'action "dead" relay host "smtp://127.0.0.1:{dead_port}"\n'
+              'match from any for any action "dead"\n')
+    daemon = Daemon(str(tmp_path), config, "mx.local.test", port).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("bob@client.test", ["x@dead.test"], b"Subject: log\r\n\r\nbody\r\n")
+        assert wait_until(lambda: len(delivery_lines(daemon)) == 1, 30), daemon.log()
+    finally:
+        daemon.stop()
+    lines = session_lines(daemon, "connecting connected error")
+    assert [line.split()[0] for line in lines] == ["connecting", "error"], lines
+    assert lines[1].startswith("error reason=Connection failed"), lines
+    assert delivery_lines(daemon)[0]["stat"].startswith("Connection failed")
+
+
+def test_a_session_secured_by_starttls_logs_its_ciphers(tmp_path: Path) -> None:
+    """6.8 logs `mta connected` once the connection is made, then `mta tls ciphers=VERSION:CIPHER:BITS`; we
+    logged `mta connected tls=TLSv1.3` after the whole handshake, which a watcher of either line missed."""
+    port = free_port()
+    certificate = make_certificate(str(tmp_path), "remote.test")
+    with Remote(tls=certificate, require_starttls=True) as remote:
+        config = (f"listen on 127.0.0.1 port {port}\n"
+                  f'action "out" relay host "smtp://127.0.0.1:{remote.port}"\n'
+                  'match from any for any action "out"\n')
+        daemon = Daemon(str(tmp_path / "d"), config, "mx.local.test", port).start()
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("bob@client.test", ["x@remote.test"], b"Subject: log\r\n\r\nbody\r\n")
+            assert wait_until(lambda: len(delivery_lines(daemon)) == 1, 30), daemon.log()
+        finally:
+            daemon.stop()
+    lines = session_lines(daemon, "connecting connected tls delivery")
+    assert [line.split()[0] for line in lines] == ["connecting", "connected", "tls", "delivery"], lines
+    assert lines[1] == "connected"
+    assert re.fullmatch(r"tls ciphers=TLSv1\.[23]:[A-Z0-9_-]+:\d+", lines[2]), lines
+    assert delivery_lines(daemon)[0]["result"] == "Ok"

@@ -134,7 +134,11 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
                                           tls_context=context if use_smtps else None,
                                           server_hostname=server_hostname, lmtp=plan.lmtp, session_id=session_id)
     except ClientError as error:
-        raise _failed(session_id, SessionError(error.args[0], policy=isinstance(error, CertificateRejected))) from None
+        _log_error(session_id, error.args[0])
+        raise SessionError(error.args[0], policy=isinstance(error, CertificateRejected)) from None
+    LOG.info("%s mta connected", session_id)
+    if client.tls:  # smtps: TLS came with the connection
+        _log_tls(session_id, client)
     opened = reports(session_id) if reports is not None else None
     if opened is not None:  # (a connection that never opened is no session to report, docs/filters.md)
         _open_reports(client, opened, rdns or address)
@@ -143,23 +147,29 @@ async def open_session(plan: Plan, host_name: str, address: str, tables: Any, ma
         await _handshake(session, plan, tables, mailname, context, server_hostname)
     except (ClientError, SessionError, PlanError) as error:
         await client.close()
+        _log_error(session_id, error.message if isinstance(error, SessionError | PlanError) else error.args[0])
         if isinstance(error, SessionError):
-            raise _failed(session_id, error) from None
+            raise
         if isinstance(error, PlanError):
-            raise _failed(session_id, SessionError(error.message, route_failure=False,
-                                                   permanent=error.permanent)) from None
-        raise _failed(session_id, SessionError(error.args[0], policy=isinstance(error, CertificateRejected))) \
-            from None
-    LOG.info("%s mta connected%s", session_id, f" tls={client.tls_version}" if client.tls else "")
+            raise SessionError(error.message, route_failure=False, permanent=error.permanent) from None
+        raise SessionError(error.args[0], policy=isinstance(error, CertificateRejected)) from None
     return session
 
 
-def _failed(session_id: str, error: SessionError) -> SessionError:
-    """Log why a session that was logged as connecting did not open, as OpenSMTPD does (`mta error reason=`):
-    without it an exchanger that refused, timed out or failed TLS, before the next one took the mail, was in no
-    log line at all."""
-    LOG.info("%s mta error reason=%s", session_id, error.message)
-    return error
+def _log_error(session_id: str, reason: str) -> None:
+    """As OpenSMTPD: why a session could not be opened or made ready (`mta error reason=...`; without it an
+    exchanger that refused, timed out or failed TLS, before the next one took the mail, was in no log line at
+    all); the envelopes' results follow in their `mta delivery` lines."""
+    LOG.info("%s mta error reason=%s", session_id, log.visible(reason.split("\n")[-1]))
+
+
+def _log_tls(session_id: str, client: SmtpClient) -> None:
+    """As OpenSMTPD: `mta tls ciphers=VERSION:CIPHER:BITS` once the session is encrypted."""
+    from smtpd.smtp import tls
+
+    described = tls.describe(client.get_extra_info("ssl_object"))
+    version, cipher, bits = (described or "::").split(":")[:3]
+    LOG.info("%s mta tls ciphers=%s:%s:%s", session_id, version, cipher, bits)
 
 
 def _open_reports(client: SmtpClient, reports: SessionReports, rdns: str) -> None:
@@ -205,6 +215,7 @@ async def _handshake(session: Session, plan: Plan, tables: Any, mailname: str, c
                 if plan.tls.required:
                     raise SessionError(reply.text, policy=True)
             else:
+                _log_tls(session.id, client)
                 trace.emit("mta", f"{session.id}: TLS established ({client.tls_version}, "
                            f"{'verified' if client.tls_verified else 'not verified'})", session=session.id)
                 reply = await client.hello(helo)
