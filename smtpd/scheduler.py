@@ -64,6 +64,17 @@ class Entry:
     last_error: str = ""  # expired: the failure before the expiry, for its report (see _expire)
 
 
+def _log_envelope(envelope: Envelope, what: str, status: str) -> None:
+    """An envelope the queue drops without a delivery, logged as OpenSMTPD logs it (`delivery: Remove for EVPID:
+    from=<...>, to=<...>, rcpt=<->, delay=3s, stat=Removed by administrator`; `relay:` for a relayed one; rcpt=
+    the original recipient when an alias changed it, else -). The null sender is `<>` (6.8 wrote `<@>`)."""
+    rcpt = envelope.rcpt if envelope.rcpt and envelope.rcpt != envelope.dest else "-"
+    delay = duration_to_text(max(0, int(time.time() - envelope.ctime))) if envelope.ctime else "0s"
+    LOG.info("%s: %s for %016x: from=<%s>, to=<%s>, rcpt=<%s>, delay=%s, stat=%s",
+             "relay" if envelope.type is EnvelopeType.MTA else "delivery", what, envelope.evpid, envelope.sender,
+             envelope.dest, rcpt, delay, status)
+
+
 def agent_of(envelope: Envelope) -> str:
     return "mta" if envelope.type is EnvelopeType.MTA else "mda"
 
@@ -458,9 +469,7 @@ class Scheduler:
         envelope.esc_class = 5
         envelope.esc_code = 47
         STATS.increment("scheduler.envelope.expired")
-        LOG.info("%016x %s delivery evpid=%016x from=<%s> to=<%s> rcpt=<%s> delay=%s result=Expire "
-                 "stat=Envelope expired", envelope.evpid, agent_of(envelope), envelope.evpid, envelope.sender,
-                 envelope.dest, envelope.rcpt, duration_to_text(max(0, int(time.time() - envelope.ctime))))
+        _log_envelope(envelope, "Expire", EXPIRED)
         await self._report_then_delete(entry, FAILED, "expired", last_error=entry.last_error)
 
     async def _report_then_delete(self, entry: Entry, kind: str, why: str, wait: bool = True,
@@ -640,11 +649,13 @@ class Scheduler:
                 if not entry.remove_after:
                     entry.remove_after = True
                     STATS.increment("scheduler.envelope.removed")
+                    _log_envelope(entry.envelope, "Remove", "Removed by administrator")
                     count += 1
                 continue
             if entry.envelope.evpid not in self.entries:
                 continue
             STATS.increment("scheduler.envelope.removed")
+            _log_envelope(entry.envelope, "Remove", "Removed by administrator")
             await self._delete(entry, "removed")
             count += 1
         return count
