@@ -84,3 +84,22 @@ def test_auth_failures_name_the_mechanism_and_step_never_the_credentials(daemon:
     assert logged(daemon, 'smtp failed-command command="AUTH LOGIN (password)" result="535 Authentication failed"'
                   ) == session
     assert token not in daemon.log()
+
+
+def test_a_session_over_the_limit_is_logged_with_its_address(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A client refused because the session limit is reached (ours: 6.8 stops accepting instead) got only
+    `smtp disconnected reason="too many sessions"`: no address for the flood's source, and a session whose
+    connected line never came for the log readers that pair them."""
+    config = 'listen on 127.0.0.1 port {port}\naction "local" mbox\nmatch from any for local action "local"\n'
+    with SmtpDaemon(tmp_path_factory.mktemp("limit"), config, env={"SMTPD_SMTP_MAX_SESSIONS": "1"}) as server:
+        wait_until(lambda: " smtp disconnected " in server.log(), explain=server.log)  # the start-up probe's
+        first = LineClient(server.port)
+        try:
+            assert first.reply()[0].startswith("220 ")
+            second = LineClient(server.port)
+            assert second.reply()[0].startswith("421 ")
+            second.close()
+        finally:
+            first.close()
+        session = logged(server, 'smtp disconnected reason="too many sessions"')
+        assert f"{session} smtp connected address=127.0.0.1 host=<unknown>" in server.log().splitlines()

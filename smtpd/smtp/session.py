@@ -254,17 +254,20 @@ class Session:
             self._trace_io("timeout", timeout=self.limits.timeout)
 
     async def _connect(self, proxy: Any, smtps: bool) -> None:
-        if self.server.active > self.limits.max_sessions:
-            # Checked first, so that a flood costs no DNS lookups; an SMTPS client cannot read plaintext.
-            if not smtps:
-                await self.reply(replies.too_many_sessions(self.smtpname))
-            raise _Close("too many sessions")
         if not self.local:
             peer = self.connection.get_extra_info("peername") or ("", 0)
             self.client_ip, self.client_port = str(peer[0]).split("%")[0], int(peer[1])
             source = proxy_header.source(proxy) if proxy is not None else None
             if source is not None:
                 self.client_ip, self.client_port = source
+        if self.server.active > self.limits.max_sessions:
+            # Checked before the DNS, so that a flood costs no lookups (its host is not known: `<unknown>`); the
+            # connected line still says who it was, and opens the session its disconnected line closes.
+            _log.info("%s smtp connected address=%s host=<unknown>", self.token, self.sockaddr)
+            if not smtps:  # (an SMTPS client cannot read plaintext)
+                await self.reply(replies.too_many_sessions(self.smtpname))
+            raise _Close("too many sessions")
+        if not self.local:
             family = "inet6" if ":" in self.client_ip else "inet4"
             STATS.increment(f"smtp.session.{family}")
             self.rdns, self.fcrdns = await self.server.client_names(self.client_ip)
