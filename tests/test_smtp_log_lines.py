@@ -103,3 +103,18 @@ def test_a_session_over_the_limit_is_logged_with_its_address(tmp_path_factory: p
             first.close()
         session = logged(server, 'smtp disconnected reason="too many sessions"')
         assert f"{session} smtp connected address=127.0.0.1 host=<unknown>" in server.log().splitlines()
+
+
+def test_a_reply_repeating_client_bytes_cannot_break_the_log_line(daemon: SmtpDaemon) -> None:
+    """The refusal of an unknown AUTH mechanism names it; its control bytes (a terminal escape, a bare CR that a
+    log reader takes for a line end) went raw into the reply and into failed-command's result=."""
+    client = secured_client(daemon.port)
+    try:
+        client.send(b"AUTH X\x1b[2J\rforged\r\n")
+        (reply,) = client.reply()
+    finally:
+        client.close()
+    assert reply == '504 5.7.4 Security features not supported: AUTH method "X\\033[2J\\015forged" not supported'
+    logged(daemon, 'smtp failed-command command="AUTH X\\033[2J\\rforged" result="504 5.7.4 Security features not '
+                   'supported: AUTH method "X\\\\033[2J\\\\015forged" not supported"')
+    assert b"\x1b" not in daemon.log_path.read_bytes() and b"\r" not in daemon.log_path.read_bytes()

@@ -576,8 +576,9 @@ class Session:
             for line in str(reply).split("\n"):
                 trace.emit("smtp", f"{self.token}: >>> {line}", session=self.token, code=reply.code)
         if reply.failed and command is not None:
+            # (a reply may repeat what the client sent: made visible as the command is)
             _log.info('%s smtp failed-command command="%s" result="%s"', self.token, log.visible(command),
-                      str(reply).split("\n")[0])
+                      log.visible(str(reply).split("\n")[0]))
 
     async def _drain_replies(self) -> None:
         # Flush when no further pipelined command waits (RFC 2920: replies may be grouped), or when a client
@@ -799,7 +800,9 @@ class Session:
             elif mechanism.upper() == "LOGIN":
                 credentials = await self._auth_login(initial.strip())
             else:
-                await self._error(replies.auth_method_unsupported(mechanism), self.auth_command)
+                # (named in the reply: with a client's control bytes made visible, never a bare CR in a reply)
+                await self._error(replies.auth_method_unsupported(log.visible(mechanism, white=True)),
+                                  self.auth_command)
                 return
             if credentials is None:
                 await self._error(replies.AUTH_SYNTAX, self.auth_command)
