@@ -266,7 +266,10 @@ async def serve(daemon: Daemon) -> None:
             await daemon.start()
         except Exception as error:  # noqa: BLE001 — as above; what did start is stopped below
             raise StartupFailed(str(error)) from error
-        pid_written = _write_pidfile(daemon.paths.pidfile)
+        pid_error = _write_pidfile(daemon.paths.pidfile)
+        pid_written = pid_error is None
+        if pid_error is not None:  # (what finds the daemon by it, an init script's stop, would find nothing)
+            daemon.log.warning("pid file %s not written: %s", daemon.paths.pidfile, pid_error)
         _tune_garbage_collector()
         await daemon.wait_stopped()
         daemon.log.info("Exiting")
@@ -319,8 +322,8 @@ def _close_quietly(descriptor: int) -> None:
         pass
 
 
-def _write_pidfile(path: str) -> bool:
-    """Whether the pid file was written (and so is ours to remove)."""
+def _write_pidfile(path: str) -> str | None:
+    """Write the pid file: None when it was written (and so is ours to remove), else why not."""
     try:
         # 0644 whatever the umask the daemon was started with (0 made it writable by everyone: a user could then
         # name any process for a `kill $(cat smtpd.pid)` run as root); never through a symbolic link.
@@ -328,9 +331,10 @@ def _write_pidfile(path: str) -> bool:
         with open(fd, "w", encoding="ascii") as handle:
             os.fchmod(fd, 0o644)
             handle.write(f"{os.getpid()}\n")
-    except OSError:
-        return False  # the pid file is a convenience; an unwritable /var/run must not stop an unprivileged daemon
-    return True
+    except OSError as error:
+        # The pid file is a convenience: an unwritable /var/run must not stop an unprivileged daemon.
+        return error.strerror or str(error)
+    return None
 
 
 def _remove_pidfile(path: str) -> None:

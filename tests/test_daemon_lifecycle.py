@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from daemon import SmtpdProcess, free_port
 from helpers_control import make_workdir
+from waiting import wait_until
 
 CONFIG = ("listen on 127.0.0.1 port {port}\n"
           'table users { "@" = "nobody" }\n'
@@ -150,5 +151,17 @@ def test_the_pid_file_is_not_writable_by_others_whatever_the_umask(workdir: Path
         pidfile = workdir / "smtpd.pid"
         assert pidfile.read_text().strip() == str(daemon.process.pid)
         assert pidfile.stat().st_mode & 0o777 == 0o644
+    finally:
+        daemon.stop()
+
+
+def test_a_pid_file_that_cannot_be_written_is_named_in_the_log(workdir: Path) -> None:
+    """The daemon runs without its pid file (an unwritable /var/run must not stop an unprivileged one), but it
+    said nothing: an init script's stop, or `kill $(cat ...)`, then found no daemon, with no line saying why."""
+    missing = workdir / "no-such-folder" / "smtpd.pid"
+    daemon = SmtpdProcess(workdir, CONFIG, env={"SMTPD_PIDFILE": str(missing)}).start()
+    try:
+        wait_until(lambda: "pid file" in daemon.log(), explain=daemon.log)
+        assert f"warn: pid file {missing} not written: No such file or directory" in daemon.log().splitlines()
     finally:
         daemon.stop()
