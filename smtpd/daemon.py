@@ -243,7 +243,7 @@ def _install_signal_handlers(daemon: Daemon) -> None:
 
 
 def _ignored_signal(daemon: Daemon, signum: int) -> None:
-    daemon.log.warning("warn: %s received and ignored (SIGHUP reloads, SIGTERM stops)",
+    daemon.log.warning("%s received and ignored (SIGHUP reloads, SIGTERM stops)",
                        signal.Signals(signum).name)
 
 
