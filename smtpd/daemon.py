@@ -160,7 +160,7 @@ class Daemon:
         warnings = [str(diagnostic) for diagnostic in result.warnings]
         if errors or result.config is None:
             for error in errors:
-                self.log.warning("reload: %s", error)
+                self.log.warning("reload: %s", _WARN_WORD.sub("", error))  # (the log line says warn: once)
             self.log.warning("reload failed, keeping the running configuration")
             return ReloadResult(False, errors, warnings)
         if self._stopping.is_set():  # asked to stop while the file was read: nothing is switched any more
@@ -208,6 +208,7 @@ def _located(error: Exception, config_path: str) -> list[str]:
 
 
 _LOCATED = re.compile(r"\S+:\d+: ")
+_WARN_WORD = re.compile(r"^warn: +")  # a message that says warn: itself (`warn: no rules, nothing to do`)
 
 
 # The component builders, in start order, as "module:function". A builder takes the Daemon, sets its

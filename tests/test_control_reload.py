@@ -200,3 +200,15 @@ def test_reload_names_an_added_ca(daemon: DaemonProcess, tmp_path) -> None:  # n
     result = daemon.smtpctl("reload")
     assert result.returncode == 0, result
     assert f'ca added: ca "x" cert "{certificate}"' in result.stdout.splitlines()
+
+
+def test_a_sighup_with_no_rules_left_says_why_once(daemon: DaemonProcess) -> None:
+    """A config without match rules: the log said `warn: reload: warn: no rules, nothing to do`."""
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text(f"listen on 127.0.0.1 port {port}\naction \"local\" mbox\n")
+    daemon.signal(signal.SIGHUP)
+    from waiting import wait_until
+
+    wait_until(lambda: "reload failed" in daemon.log(), 30)
+    assert "warn: reload: no rules, nothing to do" in daemon.log().splitlines()
+    assert daemon.alive() and banner(port).startswith(b"220 ")
