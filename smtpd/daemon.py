@@ -158,6 +158,8 @@ class Daemon:
         result = await asyncio.to_thread(config_package.load, self.paths.config, macros=self.options.macros)
         errors = [str(diagnostic) for diagnostic in result.errors]
         warnings = [str(diagnostic) for diagnostic in result.warnings]
+        for warning in warnings:  # (a SIGHUP has no caller to tell them: the log says them, as at a start)
+            self.log.warning("reload: %s", _WARN_WORD.sub("", warning))
         if errors or result.config is None:
             for error in errors:
                 self.log.warning("reload: %s", _WARN_WORD.sub("", error))  # (the log line says warn: once)

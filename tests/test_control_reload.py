@@ -212,3 +212,16 @@ def test_a_sighup_with_no_rules_left_says_why_once(daemon: DaemonProcess) -> Non
     wait_until(lambda: "reload failed" in daemon.log(), 30)
     assert "warn: reload: no rules, nothing to do" in daemon.log().splitlines()
     assert daemon.alive() and banner(port).startswith(b"220 ")
+
+
+def test_a_sighup_logs_the_warnings_of_the_new_config(daemon: DaemonProcess) -> None:
+    """The warnings of a reloaded file (a legacy statement, a listener that can never bind) went to `smtpctl
+    reload`'s caller alone: after a SIGHUP nobody saw them (here the one that tells why the reload then fails)."""
+    from waiting import wait_until
+
+    port = daemon.port  # type: ignore[attr-defined]
+    daemon.config_path.write_text(config(port).replace("\n", f"\nlisten on 127.0.0.1 port {port}\n", 1))
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in daemon.log(), 30, explain=daemon.log)
+    assert (f"warn: reload: {daemon.config_path}:2: warning: listener on 127.0.0.1 port {port} duplicates the one "
+            f"at {daemon.config_path}:1: only one can bind") in daemon.log().splitlines(), daemon.log()
