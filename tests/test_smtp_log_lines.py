@@ -118,3 +118,36 @@ def test_a_reply_repeating_client_bytes_cannot_break_the_log_line(daemon: SmtpDa
     logged(daemon, 'smtp failed-command command="AUTH X\\033[2J\\rforged" result="504 5.7.4 Security features not '
                    'supported: AUTH method "X\\\\033[2J\\\\015forged" not supported"')
     assert b"\x1b" not in daemon.log_path.read_bytes() and b"\r" not in daemon.log_path.read_bytes()
+
+
+FILTERED = """filter "c" phase connect match rdns reject "550 go away"
+filter "m" phase commit match mail-from regex "spam" reject "550 not this one"
+listen on 127.0.0.1 port {port} filter "m"
+listen on 127.0.0.1 port {port2} filter "c"
+action "local" mbox
+match from any for local action "local"
+"""
+
+
+def test_filter_refusals_are_failed_commands_as_in_6_8(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Checked against 6.8: a connect-phase refusal is `failed-command command="" result="550 ..."` (what greps for
+    refused clients, no rDNS and the like, look for; we logged only our filter-response line), and a commit-phase
+    one names DATA, as every other refusal of a message does (we said `command="."`)."""
+    with SmtpDaemon(tmp_path_factory.mktemp("filtered"), FILTERED) as server:
+        refused = LineClient(server.ports["port2"])
+        try:
+            assert refused.reply() == ["550 go away"]
+        finally:
+            refused.close()
+        client = LineClient(server.port)
+        try:
+            client.reply()
+            for line in (b"EHLO c.test", b"MAIL FROM:<spam@client.test>", b"RCPT TO:<root@localhost>", b"DATA"):
+                client.send(line + b"\r\n")
+                client.reply()
+            client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+            assert client.reply() == ["550 not this one"]
+        finally:
+            client.close()
+        logged(server, 'smtp failed-command command="" result="550 go away"')
+        logged(server, 'smtp failed-command command="DATA" result="550 not this one"')

@@ -292,7 +292,7 @@ class Session:
         self.early_bytes = len(self.buffer) + self.connection.unread()
         if self.chain is not None:
             self._report("link-connect", self.rdns or "<unknown>", self.fcrdns, *self._link_ends())
-        if await self._filter("connect", None, argument=(self.rdns or "<unknown>", self.client_ip)) is None:
+        if await self._filter("connect", "", argument=(self.rdns or "<unknown>", self.client_ip)) is None:
             return  # the rejection was the greeting
         self.banner_sent = True
         await self.reply(replies.banner(self.smtpname))
@@ -1255,7 +1255,7 @@ class Session:
             self._report_refused(transaction)
             return
         try:
-            refused = await self._filter("commit", ".") is None
+            refused = await self._filter("commit", "DATA") is None  # (logged as the other refusals of a message)
         except _Close:
             await message.abort()
             self._report_refused(transaction)
