@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import smtplib
 
 import pytest
 from helpers_smtp import LineClient, SmtpDaemon, secured_client, start_auth_daemon
@@ -151,3 +152,24 @@ def test_filter_refusals_are_failed_commands_as_in_6_8(tmp_path_factory: pytest.
             client.close()
         logged(server, 'smtp failed-command command="" result="550 go away"')
         logged(server, 'smtp failed-command command="DATA" result="550 not this one"')
+
+
+def test_an_expanded_recipient_is_one_envelope_line_naming_the_address_given(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Checked against 6.8: `smtp envelope` is one line per accepted RCPT, `to=` the address the client gave. Ours
+    had one line per envelope the expansion made, `to=` its target: an alias to an outside address read as if
+    the client had asked to relay there, and the lines outnumbered `nrcpt=`."""
+    config = ('table aliases { "list" = "root, someone@elsewhere.test" }\n'
+              "listen on 127.0.0.1 port {port}\n"
+              'action "local" mbox alias <aliases>\n'
+              'action "out" relay\n'
+              'match from any for local action "local"\n'
+              'match from local for any action "out"\n')
+    with SmtpDaemon(tmp_path_factory.mktemp("alias"), config, paused=("mda", "mta")) as server:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+            client.sendmail("sender@client.test", ["list@localhost"], b"Subject: x\r\n\r\nbody\r\n")
+        wait_until(lambda: " smtp message " in server.log(), explain=server.log)
+        assert re.search(r" smtp message msgid=\S+ size=\d+ nrcpt=1 proto=ESMTP$", server.log(), re.M)
+        lines = [line for line in server.log().splitlines() if " smtp envelope " in line]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(" from=<sender@client.test> to=<list@localhost>"), lines

@@ -1282,9 +1282,12 @@ class Session:
         with log.batch():
             _log.info("%s smtp message msgid=%s size=%d nrcpt=%d proto=%s", self.token, msgid, builder.size,
                       len(transaction.recipients), "ESMTP" if self.esmtp else "SMTP")
-            for envelope in envelopes:
-                _log.info("%s smtp envelope evpid=%s from=<%s> to=<%s>", self.token,
-                          format_evpid(envelope.evpid), envelope.sender, envelope.dest or envelope.rcpt)
+            # One line per accepted RCPT, as OpenSMTPD: the address the client gave, and the id of its (last)
+            # envelope; the envelopes an alias or a .forward made of it are in their delivery lines (rcpt=<it>).
+            for recipient in transaction.recipients:
+                if recipient.deliveries:
+                    _log.info("%s smtp envelope evpid=%s from=<%s> to=<%s>", self.token,
+                              format_evpid(recipient.deliveries[-1].evpid), transaction.sender, recipient.address)
             self._write_reply(replies.message_accepted(msgid))
         await self._drain_replies()
         if transaction.msgid is not None:
