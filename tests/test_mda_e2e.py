@@ -138,15 +138,14 @@ def test_relative_maildir_path_is_under_the_home(world) -> None:
         daemon.stop()
 
 
-def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envelope_as_shell_text(world) -> None:
-    """`mda "... | ... > file"` (a pipeline and a redirection, as migrated OpenSMTPD configs have: it runs every
-    mda command through /bin/sh -c) works; the sender, given raw and full of shell syntax that is valid in an
-    address, reaches the commands as an argument only: nothing of it is run. Before, `|` and `>` were passed to
-    the first program as arguments and the mail bounced."""
+def deliver_with_a_hostile_sender(world, command: str, subject: str) -> tuple[Path, str]:  # noqa: ANN001
+    """One message to alice through `mda COMMAND` from a raw sender full of shell syntax that is valid in an
+    address; the command is to write the sender into sender.txt and the message into message.txt in alice's
+    home. Returns (alice's home, message.txt), after checking that the sender arrived as data only."""
     top, mail_root, alice, _ = world
     port = free_port()
     config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "cmd" mda "echo %{sender:raw} > sender.txt; tr a-z A-Z | cat > message.txt"\n'
+              f'action "cmd" mda "{command}"\n'
               'match from any for domain "cmd.test" action "cmd"\n')
     daemon = Daemon(str(top), config, mail_root).start()
     try:
@@ -154,40 +153,34 @@ def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envel
             client.ehlo("client.test")
             assert client.docmd("MAIL FROM:<x`touch${IFS}pwned`@client.test>")[0] == 250
             assert client.docmd(f"RCPT TO:<{alice.pw_name}@cmd.test>")[0] == 250
-            assert client.data(b"Subject: piped\r\n\r\nbody\r\n")[0] == 250
+            assert client.data(f"Subject: {subject}\r\n\r\nbody\r\n".encode())[0] == 250
         home = Path(alice.pw_dir)
         text = wait_for(lambda: (home / "message.txt").exists() and (home / "message.txt").read_text())
-        assert "SUBJECT: PIPED" in text and "BODY" in text
         assert (home / "sender.txt").read_text() == "x`touch${IFS}pwned`@client.test\n"
         assert not (home / "pwned").exists() and not any(home.glob("*pwned*"))
         assert os.stat(home / "message.txt").st_uid == alice.pw_uid
+        return home, text
     finally:
         daemon.stop()
+
+
+def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envelope_as_shell_text(world) -> None:
+    """`mda "... | ... > file"` (a pipeline and a redirection, as migrated OpenSMTPD configs have: it runs every
+    mda command through /bin/sh -c) works; the sender, given raw and full of shell syntax that is valid in an
+    address, reaches the commands as an argument only: nothing of it is run. Before, `|` and `>` were passed to
+    the first program as arguments and the mail bounced."""
+    _, text = deliver_with_a_hostile_sender(
+        world, "echo %{sender:raw} > sender.txt; tr a-z A-Z | cat > message.txt", "piped")
+    assert "SUBJECT: PIPED" in text and "BODY" in text
 
 
 def test_an_mda_command_written_as_sh_dash_c_gets_the_envelope_as_arguments_not_as_script_text(world) -> None:
     """`mda "/bin/sh -c '... %{sender:raw} ...'"`: the script is one quoted word, so the line has no shell syntax
     of its own, but the script is shell text all the same: its specifiers are positional parameters of that
     shell. Before, the raw sender was pasted into the script and its backquotes ran as the recipient."""
-    top, mail_root, alice, _ = world
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "cmd" mda "/bin/sh -c \'echo %{sender:raw} > sender.txt; cat > message.txt\'"\n'
-              'match from any for domain "cmd.test" action "cmd"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.ehlo("client.test")
-            assert client.docmd("MAIL FROM:<x`touch${IFS}pwned`@client.test>")[0] == 250
-            assert client.docmd(f"RCPT TO:<{alice.pw_name}@cmd.test>")[0] == 250
-            assert client.data(b"Subject: scripted\r\n\r\nbody\r\n")[0] == 250
-        home = Path(alice.pw_dir)
-        text = wait_for(lambda: (home / "message.txt").exists() and (home / "message.txt").read_text())
-        assert "Subject: scripted" in text
-        assert (home / "sender.txt").read_text() == "x`touch${IFS}pwned`@client.test\n"
-        assert not (home / "pwned").exists() and not any(home.glob("*pwned*"))
-    finally:
-        daemon.stop()
+    _, text = deliver_with_a_hostile_sender(
+        world, "/bin/sh -c 'echo %{sender:raw} > sender.txt; cat > message.txt'", "scripted")
+    assert "Subject: scripted" in text
 
 
 def test_a_forward_command_of_a_sub_address_gets_its_extension(world) -> None:

@@ -23,6 +23,22 @@ CLOSED = "smtpctl: connection closed by smtpd\n"
 
 
 @contextlib.contextmanager
+def serving(serve, done: threading.Event, *sockets: list[socket.socket]) -> Iterator[None]:  # noqa: ANN001
+    """``serve`` run in a thread until the block ends (``done`` set, the thread joined), then the sockets in the
+    lists closed (lists, since a server fills its list of connections as it runs), even if the block fails."""
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)
+        for listed in sockets:
+            for each in listed:
+                each.close()
+
+
+@contextlib.contextmanager
 def fake_daemon(path: Path, answer: bytes) -> Iterator[None]:
     """A control socket that reads each request line and answers `answer`, then closes the connection."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -48,14 +64,8 @@ def fake_daemon(path: Path, answer: bytes) -> Iterator[None]:
                         received += chunk
                     connection.sendall(answer)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with serving(serve, done, [server]):
         yield
-    finally:
-        done.set()
-        thread.join(5)
-        server.close()
 
 
 COMMANDS = [("show", "status"), ("show", "queue"), ("show", "hosts"), ("pause", "mda"), ("schedule", "all"),
@@ -134,16 +144,8 @@ def silent_daemon(path: Path) -> Iterator[None]:
             with contextlib.suppress(TimeoutError):
                 held.append(server.accept()[0])
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with serving(serve, done, held, [server]):
         yield
-    finally:
-        done.set()
-        thread.join(5)
-        for connection in held:
-            connection.close()
-        server.close()
 
 
 @pytest.mark.parametrize("program", [("smtpctl", "show", "queue"), ("smtpctl", "show", "queue", "--json"),
