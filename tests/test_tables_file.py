@@ -59,6 +59,21 @@ def test_quirk_ipv6_first_line_without_at_list_is_a_mapping(tmp_path: Path) -> N
     assert tables.lookup("nets", Service.STRING, "") == ":1"
 
 
+def test_only_space_tab_and_colon_make_the_first_line_a_mapping(tmp_path: Path) -> None:
+    # 6.8 reads `a<VT>b` as a list entry (its `smtpd -n` accepts it in `for domain`); a loader that called it a
+    # mapping refused the file at start after `smtpd -n` had said OK.
+    tables = tables_with(file_decl("t", write(tmp_path / "t", "a\vb\nexample.org\n")))
+    assert tables.shape("t") is TableShape.LIST
+    assert tables.match("t", Service.DOMAIN, "example.org")
+
+
+@pytest.mark.parametrize("marker", ["# @ list", "#@ list", "# @LIST", "# @list extra"])
+def test_at_list_marker_must_be_exact(tmp_path: Path, marker: str) -> None:
+    # Only `#`, optional blanks, then exactly `@list` forces a list (6.8: corpus err-table-list-marker-spaced).
+    tables = tables_with(file_decl("t", write(tmp_path / "t", f"{marker}\n::1\n")))
+    assert tables.shape("t") is TableShape.MAPPING
+
+
 def test_empty_file_is_a_mapping(tmp_path: Path) -> None:
     tables = tables_with(file_decl("empty", write(tmp_path / "empty", "# nothing\n\n")))
     assert tables.shape("empty") is TableShape.MAPPING

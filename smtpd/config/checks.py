@@ -89,41 +89,20 @@ def _is_readable_file(path: str) -> bool:
 
 
 def probe_static_file(path: str) -> TableProbe:
-    """Shape detection of a static table file, with OpenSMTPD's error lines (reference §5.1)."""
+    """Shape detection of a static table file, with OpenSMTPD's error lines (reference §5.1).
+
+    The file is read by the same parser the daemon loads it with, so `smtpd -n` and the running daemon
+    cannot disagree on a line (C-locale whitespace only, `# @list` exactly, a lone `:` as a value)."""
+    from smtpd.lookup.tables.base import TableLoadError
+    from smtpd.lookup.tables.static import InvalidMapEntry, load_table_file
+
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except IsADirectoryError:
-        return TableProbe(False, TableShape.ANY, (f"{path}: getline: Is a directory",))
-    except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        return TableProbe(False, TableShape.ANY, (f"{path}: fopen: {reason}",))
-    shape: TableShape | None = None
-    forced_list = False
-    for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        if line.startswith("#"):
-            if shape is None and line.replace(" ", "").replace("\t", "") == "#@list":
-                forced_list = True
-            continue
-        if shape is None:
-            if forced_list or not any(char in line for char in " \t:"):
-                shape = TableShape.LIST
-            else:
-                shape = TableShape.MAPPING
-        if shape is TableShape.MAPPING and not _map_value(line):
-            return TableProbe(False, TableShape.ANY, (f"{path}: invalid map entry line {number}",))
-    return TableProbe(True, shape or TableShape.MAPPING)
-
-
-def _map_value(line: str) -> str:
-    """The value part of a mapping line: after the key and any run of whitespace and `:`."""
-    index = 0
-    while index < len(line) and line[index] not in " \t:":
-        index += 1
-    return line[index:].lstrip(" \t:").strip()
+        content = load_table_file(path)
+    except InvalidMapEntry as error:
+        return TableProbe(False, TableShape.ANY, (f"{error.path}: invalid map entry line {error.number}",))
+    except TableLoadError as error:
+        return TableProbe(False, TableShape.ANY, tuple(error.lines))
+    return TableProbe(True, content.shape)
 
 
 def validate_tables(config: Config) -> list[Diagnostic]:

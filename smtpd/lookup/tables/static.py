@@ -24,7 +24,8 @@ from smtpd.lookup.tables import matching
 from smtpd.lookup.tables.base import MATCH_SERVICES, Service, TableLoadError
 
 _WHITESPACE = " \t\n\v\f\r"
-_SHAPE_SEPARATOR = re.compile(r"[ \t\n\v\f\r:]")
+# Only these decide the shape (a VT or FF in the first line does not make a mapping, as in 6.8).
+_SHAPE_SEPARATOR = re.compile(r"[ \t:]")
 _KEY_END = re.compile(r"[ \t:]")
 # After the key: whitespace, and colons that are followed by whitespace (`key: value`, `key : value`).
 _VALUE_LEAD = re.compile(r"(?:[ \t\n\v\f\r]|:(?=[ \t\n\v\f\r]))*")
@@ -129,6 +130,15 @@ def read_table_file(path: str) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+class InvalidMapEntry(TableLoadError):
+    """A mapping line with a key and no value; ``number`` is its line."""
+
+    def __init__(self, path: str, number: int) -> None:
+        super().__init__(f"{path}:{number}: invalid map entry line {number}")
+        self.path = path
+        self.number = number
+
+
 def parse_table_text(text: str, path: str) -> StaticContent:
     """Parse a table file's text. Raises TableLoadError(`PATH:N: invalid map entry line N`)."""
     shape: TableShape | None = None
@@ -153,7 +163,7 @@ def parse_table_text(text: str, path: str) -> StaticContent:
                 rest = line[separator.end():]
                 value = rest[_VALUE_LEAD.match(rest).end():]  # type: ignore[union-attr]
             if not value:
-                raise TableLoadError(f"{path}:{number}: invalid map entry line {number}")
+                raise InvalidMapEntry(path, number)
             key = line[:separator.start()]  # type: ignore[union-attr]
         lowered = key.lower()
         entries[lowered] = value
