@@ -126,7 +126,9 @@ def parse_arguments(argv: list[str], stderr: TextIO) -> Options:
             if not equals:
                 print(f"warn: could not parse macro definition {value}", file=stderr)
             else:
-                options.macros[name] = macro_value
+                # The first -D of a name wins: OpenSMTPD's command-line macros are persistent from their first
+                # definition, so a later -D (like the file's own `name = ...`) does not replace it.
+                options.macros.setdefault(name, macro_value)
         elif flag == "-P":
             if value in PAUSABLE:
                 options.paused.add(value)

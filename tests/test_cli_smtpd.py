@@ -81,6 +81,16 @@ def test_macros_from_the_command_line(tmp_path: Path) -> None:
     assert (bad.returncode, bad.stderr) == (0, "warn: could not parse macro definition noequals\nconfiguration OK\n")
 
 
+def test_a_macro_given_twice_with_dash_d_keeps_the_first(tmp_path: Path) -> None:
+    # OpenSMTPD 6.8 (recorded): `-D p=25 -D p=xx` is OK, `-D p=xx -D p=25` says `invalid port: xx`; a
+    # command-line macro is persistent from its first definition, so the second -D is ignored as the file's is.
+    config = write(tmp_path, "smtpd.conf", 'listen on lo port $p\naction "a" mbox\nmatch for local action "a"\n')
+    first_good = run_smtpd("-n", "-D", "p=25", "-D", "p=xx", "-f", str(config))
+    assert (first_good.returncode, first_good.stderr) == (0, "configuration OK\n")
+    first_bad = run_smtpd("-n", "-D", "p=xx", "-D", "p=25", "-f", str(config))
+    assert (first_bad.returncode, first_bad.stderr) == (1, f"{config}:1: invalid port: xx\n")
+
+
 def test_trace_and_backend_warnings(good_config: Path) -> None:
     result = run_smtpd("-n", "-T", "bogus", "-T", "expand", "-B", "nope", "-B", "queue=fs", "-P", "zzz",
                        "-x", "lka", "-f", str(good_config))
