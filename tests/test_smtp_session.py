@@ -349,7 +349,7 @@ def test_submission_with_smtplib_received_auth_and_masquerade(daemon: SmtpDaemon
     head = stored.split("\n\t")
     assert head[0] == "Received: from laptop.test (localhost [127.0.0.1])"
     assert re.match(rf"by mx\.test\.example \(PySMTPD\) with ESMTPSA id {msgid} "
-                    r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:NO auth=yes user=alice\)$", head[1]), head[1]
+                    r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:NO\) auth=yes user=alice$", head[1]), head[1]
     assert "From: Alice <alice@example.org>\n" in stored
     envelope = daemon.envelopes(msgid)[0]
     assert "tag: SUBMIT" in envelope and "username: alice" in envelope

@@ -312,8 +312,9 @@ def _masquerade(value: str, sender: str) -> str:
 
 def received_header(*, helo: str, rdns: str | None, client: str, mask_src: bool, smtpname: str,
                     protocol: str, msgid: str, tls_text: str | None, rcpt: str | None,
-                    identity: str = replies.IDENTITY) -> str:
-    """The trace header, lines joined with LF+TAB, exactly as the reference lays it out (§7.6)."""
+                    identity: str = replies.IDENTITY, auth_text: str | None = None) -> str:
+    """The trace header, lines joined with LF+TAB, exactly as the reference lays it out (§7.6). ``auth_text``
+    (received-auth: `auth=yes user=U` or `auth=no`) follows the TLS details' closing parenthesis."""
     first = "Received: "
     if not mask_src:
         first += f"from {helo} ({rdns or '<unknown>'} [{client}])"
@@ -322,6 +323,8 @@ def received_header(*, helo: str, rdns: str | None, client: str, mask_src: bool,
         lines = [f"{first}by {smtpname} ({identity}) with {protocol} id {msgid}"]
     if tls_text:
         lines[-1] += f" ({tls_text})"
+        if auth_text:
+            lines[-1] += f" {auth_text}"
     if rcpt is not None:
         lines.append(f"for <{rcpt}>")
     lines[-1] += ";"

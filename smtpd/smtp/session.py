@@ -1134,13 +1134,14 @@ class Session:
         protocol = ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.secure else "") + (
             "A" if self.authenticated else "")
         tls_text = self.tls_text
-        if tls_text and self.listener.received_auth:
-            tls_text += f" auth=yes user={self.auth_user}" if self.authenticated and not self.local else " auth=no"
+        auth_text = None
+        if tls_text and self.listener.received_auth:  # (after the TLS details' parenthesis, as 6.8 writes it)
+            auth_text = f"auth=yes user={self.auth_user}" if self.authenticated and not self.local else "auth=no"
         rcpt = str(transaction.recipients[0].address) if len(transaction.recipients) == 1 else None
         client = "local" if self.local else self.client_ip
         return received_header(helo=self.helo or "", rdns=self.rdns, client=client,
                                mask_src=self.listener.mask_src, smtpname=self.smtpname, protocol=protocol,
-                               msgid=msgid, tls_text=tls_text, rcpt=rcpt)
+                               msgid=msgid, tls_text=tls_text, auth_text=auth_text, rcpt=rcpt)
 
     async def _receive_data(self, transaction: _Transaction) -> None:
         """Read DATA up to CRLF.CRLF, dot-unstuff, and feed the builder in large blocks."""
