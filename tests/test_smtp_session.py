@@ -355,6 +355,23 @@ def test_submission_with_smtplib_received_auth_and_masquerade(daemon: SmtpDaemon
     assert "tag: SUBMIT" in envelope and "username: alice" in envelope
 
 
+@pytest.mark.parametrize(("written", "masqueraded"), [
+    ("alice@elsewhere.test (Alice Smith)", "alice@example.org (Alice Smith)"),
+    ("Alice <someone@elsewhere.test> (work)", "Alice <alice@example.org> (work)"),
+    ("someone@elsewhere.test (Alice <home>)", "alice@example.org (Alice <home>)"),
+    ('"Smith <A>" <someone@elsewhere.test>', '"Smith <A>" <alice@example.org>'),
+], ids=["comment-name", "comment-after", "angle-in-comment", "angle-in-quotes"])
+def test_masquerade_replaces_only_the_from_address(daemon: SmtpDaemon, written: str, masqueraded: str) -> None:
+    # Only the address is replaced by the envelope sender: a display name, in quotes or in a comment, stays.
+    with smtplib.SMTP("127.0.0.1", daemon.port2) as client:
+        client.starttls(context=insecure_context())
+        client.login("alice", PASSWORD)
+        client.mail("alice@example.org")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, f"From: {written}\r\nSubject: s\r\n\r\nhi\r\n".encode())
+    assert f"\nFrom: {masqueraded}\n" in daemon.message(msgid).decode()
+
+
 def test_smtps_banner_after_handshake(daemon: SmtpDaemon) -> None:
     with smtplib.SMTP_SSL("127.0.0.1", daemon.ports["port3"], context=insecure_context()) as client:
         code, text = client.ehlo("tls.test")

@@ -302,12 +302,56 @@ def qualify_addresses(value: str, hostname: str) -> str:
 
 
 def _masquerade(value: str, sender: str) -> str:
-    """Replace the From: address by the envelope sender, keeping a display name."""
+    """Replace each From: address by the envelope sender (``_masquerade_one``), keeping the list's layout."""
+    if "," not in value:
+        return _masquerade_one(value, sender)
+    items = split_address_list(value)
+    return ",".join(item[:len(item) - len(item.lstrip())] + _masquerade_one(item, sender) if item.strip() else item
+                    for item in items).strip()
+
+
+def _masquerade_one(value: str, sender: str) -> str:
+    """Replace a From: address by the envelope sender, keeping the rest: a display name (quoted or not) and
+    comments, wherever they stand (`Name <addr> (work)`, `addr (Name)`). Angle brackets and spaces inside quotes
+    or comments are text, not the address's; text that does not parse (an open quote) gets the sender alone."""
     stripped = value.strip()
-    open_angle = stripped.rfind("<")
-    if open_angle >= 0:
-        return f"{stripped[:open_angle]}<{sender}>"
-    return f"<{sender}>" if sender else stripped
+    angle: tuple[int, int] | None = None  # the first <...> outside quotes and comments
+    token: tuple[int, int] | None = None  # else: the last run of address characters outside comments
+    start = -1
+    quoted = escaped = False
+    depth = 0
+    for position, char in enumerate(stripped):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quoted:
+            quoted = char != '"'
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif depth:
+            pass
+        elif char == '"':
+            quoted = True
+        elif char == "<" and angle is None:
+            start = position
+        elif char == ">" and angle is None and start >= 0:
+            angle = (start + 1, position)
+        if depth or char in " \t()":
+            continue
+        if token is not None and token[1] == position:
+            token = (token[0], position + 1)
+        else:
+            token = (position, position + 1)
+    if quoted or depth or (start >= 0 and angle is None):
+        return f"<{sender}>" if sender else stripped
+    if angle is not None:
+        return f"{stripped[:angle[0]]}{sender}{stripped[angle[1]:]}"
+    if token is None or not sender:
+        return f"<{sender}>" if sender else stripped
+    return f"{stripped[:token[0]]}{sender}{stripped[token[1]:]}"
 
 
 def received_header(*, helo: str, rdns: str | None, client: str, mask_src: bool, smtpname: str,
