@@ -1190,7 +1190,7 @@ class Session:
         return newline - 1 if newline > 0 and self.buffer[newline - 1] == 13 else newline
 
     async def cmd_bdat(self, argument: str, line: str) -> None:
-        words = argument.split(" ")
+        words = argument.rstrip(" ").split(" ")  # (trailing spaces are ignored, as after any command)
         last = len(words) == 2 and words[1].upper() == "LAST"
         if not ascii_digits(words[0]) or len(words) > 2 or (len(words) == 2 and not last):
             await self.reply(replies.BDAT_SYNTAX, command=line)
