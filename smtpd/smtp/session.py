@@ -1060,7 +1060,9 @@ class Session:
             await self._error(replies.DATA_AFTER_BDAT, line)
             return
         if not transaction.recipients:
-            await self._error(replies.NO_RECIPIENT, line)
+            # No bad command: after its recipients were refused, a pipelining client sends DATA all the same (RFC
+            # 2920), and counting it cut off a relay with 421 after 20 such messages on one connection.
+            await self.reply(replies.NO_RECIPIENT, command=line)
             return
         if await self._filter("data", line) is None:
             self._report_tx(transaction, "tx-data", "permfail")
@@ -1204,7 +1206,10 @@ class Session:
             error = replies.NO_RECIPIENT
         if error is not None or transaction is None:
             await self._read_chunk(size, None)  # RFC 3030: the chunk is read (and dropped) all the same
-            await self._error(error or replies.BAD_SEQUENCE, line)
+            if error is replies.NO_RECIPIENT:  # (as DATA's: no bad command)
+                await self.reply(error, command=line)
+            else:
+                await self._error(error or replies.BAD_SEQUENCE, line)
             return
         if transaction.message is None:
             if await self._filter("data", line) is None:  # (a 421 closed the session; else the chunk is dropped)
