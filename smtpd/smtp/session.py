@@ -167,6 +167,8 @@ class Session:
         # counters
         self.mails = 0
         self.bad_commands = 0
+        # The last MAIL was refused: the RCPTs and DATA a pipelining client sent behind it are no bad commands.
+        self.mail_refused = False
         self.auth_failures = 0
         self.auth_command = "AUTH"  # the AUTH exchange's command, as its failed-command lines name it
         self.transaction: _Transaction | None = None
@@ -589,6 +591,13 @@ class Session:
             async with asyncio.timeout(self.limits.timeout):
                 await self.connection.drain()
 
+    async def _out_of_sequence(self, line: str) -> None:
+        """RCPT, DATA or BDAT without a transaction: a bad command, unless it follows a refused MAIL."""
+        if self.mail_refused:
+            await self.reply(replies.BAD_SEQUENCE, command=line)
+        else:
+            await self._error(replies.BAD_SEQUENCE, line)
+
     async def _error(self, reply: Reply, command: str) -> None:
         """A client error: reply, and close after too many of them."""
         await self.reply(reply, command=command)
@@ -654,6 +663,7 @@ class Session:
             await self._error(replies.BAD_SEQUENCE, line)
             return
         self._report("filter-response", "rset", "proceed")
+        self.mail_refused = False
         if self.chain is not None:  # (reported as 6.8 does: the reply, then the transaction's end)
             self._set_state("STATE_HELO")
             await self.reply(replies.RSET_OK)
@@ -694,6 +704,7 @@ class Session:
                 await self._error(replies.BAD_HELO_DOMAIN, line)
                 return
         self.helo, self.esmtp = name, extended
+        self.mail_refused = False
         self._set_state("STATE_HELO")
         self._report("link-identify", "EHLO" if extended else "HELO", name)
         if extended:
@@ -865,6 +876,8 @@ class Session:
 
     # -- MAIL ---------------------------------------------------------------------------------------------------------------
     async def cmd_mail(self, argument: str, line: str) -> None:
+        if self.transaction is None:
+            self.mail_refused = True  # (until the transaction begins)
         if self.helo is None or self.transaction is not None:
             await self._error(replies.BAD_SEQUENCE, line)
             return
@@ -894,6 +907,7 @@ class Session:
         if not await self._sender_allowed(sender, line):
             return
         self.transaction = transaction = _Transaction(sender, parameters, mail_from=inner)
+        self.mail_refused = False
         if decision.decision == "junk":
             transaction.junk = True
         if self.chain is None:
@@ -951,7 +965,10 @@ class Session:
     # -- RCPT ------------------------------------------------------------------------------------------------------------------
     async def cmd_rcpt(self, argument: str, line: str) -> None:
         transaction = self.transaction
-        if transaction is None or transaction.message is not None:
+        if transaction is None:
+            await self._out_of_sequence(line)
+            return
+        if transaction.message is not None:
             await self._error(replies.BAD_SEQUENCE, line)
             return
         if len(transaction.recipients) >= self.config.smtp.max_rcpt:
@@ -1054,7 +1071,7 @@ class Session:
             return
         transaction = self.transaction
         if transaction is None:
-            await self._error(replies.BAD_SEQUENCE, line)
+            await self._out_of_sequence(line)
             return
         if transaction.bdat_used:
             await self._error(replies.DATA_AFTER_BDAT, line)
@@ -1209,7 +1226,7 @@ class Session:
             if error is replies.NO_RECIPIENT:  # (as DATA's: no bad command)
                 await self.reply(error, command=line)
             else:
-                await self._error(error or replies.BAD_SEQUENCE, line)
+                await self._out_of_sequence(line)
             return
         if transaction.message is None:
             if await self._filter("data", line) is None:  # (a 421 closed the session; else the chunk is dropped)
