@@ -26,8 +26,8 @@ pki mx.test.example key "{dir}/mx.test.example.key"
 pki other.test cert "{dir}/other.test.crt"
 pki other.test key "{dir}/other.test.key"
 ca clientca cert "{dir}/client.test.crt"
-table creds { alice = "HASH" }
-table sendermap { alice = "alice@example.org" }
+table creds { alice = "HASH", vacation = "HASH" }
+table sendermap { alice = "alice@example.org", vacation = "@" }
 listen on 127.0.0.1 port {port} tls pki mx.test.example
 listen on ::1 port {port}
 listen on 127.0.0.1 port {port2} tls-require pki mx.test.example auth <creds> received-auth senders <sendermap> masquerade tag SUBMIT
@@ -370,6 +370,18 @@ def test_masquerade_replaces_only_the_from_address(daemon: SmtpDaemon, written: 
         client.rcpt("root@example.org")
         msgid = send_data(client, f"From: {written}\r\nSubject: s\r\n\r\nhi\r\n".encode())
     assert f"\nFrom: {masqueraded}\n" in daemon.message(msgid).decode()
+
+
+def test_masquerade_leaves_from_alone_for_a_null_sender(daemon: SmtpDaemon) -> None:
+    # An auto-responder submits its replies with MAIL FROM:<>: there is no envelope address to put in From:, which
+    # must keep the address it has (it was made `Bob <>`, an address nobody can answer).
+    with smtplib.SMTP("127.0.0.1", daemon.port2) as client:
+        client.starttls(context=insecure_context())
+        client.login("vacation", PASSWORD)
+        client.mail("<>")
+        client.rcpt("root@example.org")
+        msgid = send_data(client, b"From: Bob <bob@example.org>\r\nSubject: away\r\n\r\nhi\r\n")
+    assert "\nFrom: Bob <bob@example.org>\n" in daemon.message(msgid).decode()
 
 
 def test_smtps_banner_after_handshake(daemon: SmtpDaemon) -> None:

@@ -1121,7 +1121,8 @@ class Session:
         builder = MessageBuilder(
             message.write, max_size=self.config.smtp.max_message_size, received="" if stages else top,
             hostname=self.smtpname, local_listener=self._is_local_listener(),
-            masquerade_from=str(transaction.sender) if self.listener.masquerade and self.authenticated else None,
+            masquerade_from=str(transaction.sender) if self.listener.masquerade and self.authenticated
+            and not transaction.sender.is_null else None,  # (<>: no address to put in From:, it is left alone)
             strict=not self.local)
         if not stages:
             transaction.builder = builder
