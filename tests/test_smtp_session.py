@@ -360,7 +360,8 @@ def test_submission_with_smtplib_received_auth_and_masquerade(daemon: SmtpDaemon
     ("Alice <someone@elsewhere.test> (work)", "Alice <alice@example.org> (work)"),
     ("someone@elsewhere.test (Alice <home>)", "alice@example.org (Alice <home>)"),
     ('"Smith <A>" <someone@elsewhere.test>', '"Smith <A>" <alice@example.org>'),
-], ids=["comment-name", "comment-after", "angle-in-comment", "angle-in-quotes"])
+    ("Team: someone@elsewhere.test;", "Team: someone@elsewhere.test;"),
+], ids=["comment-name", "comment-after", "angle-in-comment", "angle-in-quotes", "group"])
 def test_masquerade_replaces_only_the_from_address(daemon: SmtpDaemon, written: str, masqueraded: str) -> None:
     # Only the address is replaced by the envelope sender: a display name, in quotes or in a comment, stays.
     with smtplib.SMTP("127.0.0.1", daemon.port2) as client:

@@ -335,6 +335,8 @@ def _masquerade_one(value: str, sender: str) -> str:
             pass
         elif char == '"':
             quoted = True
+        elif char == ":" and start < 0:
+            return stripped  # a group (`Team: a@b;`): no single address to replace, as 6.8 leaves it
         elif char == "<" and angle is None:
             start = position
         elif char == ">" and angle is None and start >= 0:
