@@ -81,9 +81,14 @@ def servers():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+OUR_BUG_LINE = "please open an issue with the PySMTPD project"
+
+
 def normalise(reply: list[str]) -> list[str]:
     lines = [line for line in reply if line not in OUR_EXTENSIONS]
-    lines = [line.replace("OpenSMTPD", "PySMTPD") for line in lines]
+    # Identity strings are our own: the name, and HELP's address for bug reports (ours is not OpenBSD's).
+    lines = [line.replace("OpenSMTPD", "PySMTPD").replace("please contact bugs@openbsd.org", OUR_BUG_LINE)
+             for line in lines]
     return [re.sub(r"2\.0\.0 [0-9a-f]{8} Message accepted", "2.0.0 MSGID Message accepted", line) for line in lines]
 
 

@@ -81,7 +81,8 @@ RSET_OK = Reply(250, "2.0.0 Reset state")
 QUIT_OK = Reply(221, "2.0.0 Bye")
 HELP = Reply(214, "\n".join([
     f"2.0.0 This is {IDENTITY}",
-    "2.0.0 To report bugs in the implementation, please contact bugs@openbsd.org",
+    # (OpenSMTPD names its own bug address here: reports about us must not go to OpenBSD)
+    f"2.0.0 To report bugs in the implementation, please open an issue with the {IDENTITY} project",
     "2.0.0 with full details",
     "2.0.0 End of HELP info",
 ]))
