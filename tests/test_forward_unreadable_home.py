@@ -6,12 +6,10 @@ CAP_DAC_READ_SEARCH (setpriv), as root_squash makes it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from helpers_delivery import open_temp_dir, system_user
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +37,6 @@ def read_as_root_without_access(user: str) -> list[str]:
     return done.stdout.splitlines()
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_forward_in_a_home_root_may_not_read_is_read_as_the_user() -> None:
     with open_temp_dir("pysmtpd-fwdnfs-") as top, system_user(top, "pfn") as bob:
         home = Path(bob.pw_dir)

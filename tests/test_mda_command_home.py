@@ -6,7 +6,6 @@ running the delivery without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (setpriv),
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,6 @@ print(result.outcome, result.text)
 """
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 @pytest.mark.parametrize("closed", ["home", "its folder"])
 def test_mda_command_runs_in_a_home_that_root_may_not_enter(closed: str) -> None:
     with open_temp_dir("pysmtpd-cmdhome-") as top:
