@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # gcc and libcrypt-dev: crypt-r is published as source only, and pip compiles it (so test-deps runs before install).
 APT_PACKAGES := gcc libcrypt-dev iproute2 util-linux swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt faketime opensmtpd-filter-dkimsign opensmtpd-filter-rspamd postgresql mariadb-server redis-server slapd ldap-utils
 
-.PHONY: run test venv install test-deps lint completions
+.PHONY: run test venv install bytecode test-deps lint completions
 
 # 3.11 and older ship a stdlib module named `smtpd` that shadows ours.
 NEW_ENOUGH := import sys; sys.exit(sys.version_info < (3, 12))
@@ -54,10 +54,16 @@ test-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-run: install
+# Our sources byte-compiled ahead (only the changed ones are compiled again). Where PYTHONDONTWRITEBYTECODE is set,
+# as on this project's machines, Python would otherwise compile them in memory at every start of the daemon,
+# smtpctl or sendmail: 0.13 s of CPU each time, 23% of two test files' time (measured 2026-12-08).
+bytecode: install
+	@$(PY) -m compileall -q smtpd smtpctl shared scripts tests
+
+run: bytecode
 	$(PY) scripts/trial.py
 
-test: test-deps install
+test: test-deps bytecode
 	$(VENV)/bin/pytest -q --durations=20
 
 lint: install
