@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import select
@@ -482,6 +483,30 @@ def test_proxy_v2_headers_without_a_client_address_use_the_connection(daemon: Sm
         assert client.reply() == ["250 mx.test.example Hello checker.test [127.0.0.1], pleased to meet you"]
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_ipv4_client_of_a_dual_stack_proxy_is_an_ipv4_client(daemon: SmtpDaemon, version: str) -> None:
+    """A proxy on a dual-stack socket names an IPv4 client `::ffff:198.51.100.3` in a TCP6 header: the client is
+    198.51.100.3 (rules, Received, logs). It was taken as an IPv6 address and shown `[::ffff:c633:6403]`."""
+    mapped = ipaddress.IPv6Address("::ffff:198.51.100.3")
+    if version == "v1":
+        header = b"PROXY TCP6 ::ffff:198.51.100.3 ::1 40003 25\r\n"
+    else:
+        addresses = mapped.packed + ipaddress.IPv6Address("::1").packed + struct.pack("!HH", 40003, 25)
+        header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x21" + struct.pack("!H", len(addresses)) + addresses
+    client = LineClient(daemon.ports["port5"])
+    try:
+        client.send(header)
+        assert client.reply() == ["220 mx.test.example ESMTP PySMTPD"]
+        client.send(b"HELO dual.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<root@example.org>\r\nDATA\r\n")
+        assert client.reply() == ["250 mx.test.example Hello dual.test [198.51.100.3], pleased to meet you"]
+        assert [client.reply()[0][:3] for _ in range(3)] == ["250", "250", "354"]
+        client.send(b"Subject: dual stack\r\n\r\nx\r\n.\r\n")
+        msgid = accepted_msgid((250, client.reply()[0][4:].encode()))
+    finally:
+        client.close()
+    assert daemon.message(msgid).decode().startswith("Received: from dual.test (<unknown> [198.51.100.3])\n")
 
 
 def test_proxy_v2_proxy_command_without_an_address_is_dropped(daemon: SmtpDaemon) -> None:

@@ -79,9 +79,15 @@ async def read(connection: socket.socket) -> Any:
 
 def source(data: Any) -> tuple[str, int] | None:
     """The client's address and port as the proxy names them; None: the connection's own endpoints apply."""
-    if _real_endpoints(data) or not isinstance(data.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    address = data.src_addr
+    if _real_endpoints(data) or not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return None
-    return str(data.src_addr), int(data.src_port or 0)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A proxy on a dual-stack socket (HAProxy's `bind :::25 v4v6`) names its IPv4 clients `::ffff:a.b.c.d`
+        # in a TCP6 header: the client is that IPv4 address, for the rules (`from src 192.0.2.0/24`), the
+        # reverse DNS and Received, as Postfix takes it too.
+        address = address.ipv4_mapped
+    return str(address), int(data.src_port or 0)
 
 
 def _real_endpoints(data: Any) -> bool:
