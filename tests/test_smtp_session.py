@@ -26,6 +26,8 @@ pki mx.test.example cert "{dir}/mx.test.example.crt"
 pki mx.test.example key "{dir}/mx.test.example.key"
 pki other.test cert "{dir}/other.test.crt"
 pki other.test key "{dir}/other.test.key"
+pki "*" cert "{dir}/other.test.crt"
+pki "*" key "{dir}/other.test.key"
 ca clientca cert "{dir}/client.test.crt"
 table creds { alice = "HASH", vacation = "HASH" }
 table sendermap { alice = "alice@example.org", vacation = "@" }
@@ -402,6 +404,16 @@ def test_sni_picks_the_pki(daemon: SmtpDaemon) -> None:
         with socket.create_connection(("127.0.0.1", daemon.ports["port3"]), timeout=30) as raw, \
                 context.wrap_socket(raw, server_hostname=name) as secure:
             assert secure.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
+
+
+def test_sni_name_without_a_pki_gets_the_listeners_own(daemon: SmtpDaemon) -> None:
+    """A name no pki has is answered with the listener's `pki` (mx.test.example), as without SNI and as OpenSMTPD
+    does; the `*` pki (here other.test's certificate) was presented instead."""
+    context = ssl.create_default_context(cafile=str(daemon.dir / "mx.test.example.crt"))
+    context.check_hostname = False  # (the name asked for is not on the certificate: only its issuer is checked)
+    with socket.create_connection(("127.0.0.1", daemon.ports["port3"]), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="unknown.test") as secure:
+        assert secure.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
 
 
 def test_verify_requires_a_client_certificate(daemon: SmtpDaemon) -> None:

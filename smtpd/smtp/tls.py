@@ -2,8 +2,8 @@
 
 `pki` names a certificate/key pair declared with `pki NAME cert/key`. A listener without `pki` uses the pki
 named after its hostname (or the mailname), else the `*` one, else the only one there is. As in OpenSMTPD, the
-client's SNI name picks among every declared pki (exact name, then `*`); without SNI, or for an unknown name,
-the listener's own pki is used. `ca` names the CA file
+client's SNI name picks among every declared pki by its exact name (in any case); without SNI, or for a name no
+pki has, the listener's own pki is used (not `*`: the certificate the listener names is its default). `ca` names the CA file
 that client certificates are checked against; `verify` makes a valid client certificate mandatory (the
 handshake fails and the session is dropped otherwise). Without `verify` no client certificate is asked for.
 """
@@ -77,7 +77,7 @@ def server_context(config: Config, listener: Listener, default_name: str) -> ssl
     if len(contexts) > 1:
         def choose_by_sni(sock: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
             if server_name:
-                chosen = contexts.get(server_name.lower()) or contexts.get("*")  # else keep the listener's
+                chosen = contexts.get(server_name.lower())  # else keep the listener's
                 if chosen is not None:
                     sock.context = chosen
         first.sni_callback = choose_by_sni
