@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import smtplib
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from daemon import ROOT, SmtpdProcess, free_port
 from helpers_filters import filter_command, lines_of, open_folder
 from helpers_mta import wait_until
-from helpers_smtp import LineClient, SmtpDaemon
+from helpers_smtp import LineClient, SmtpDaemon, make_certificate
 
 MESSAGE = b"From: alice@example.com\r\nSubject: filtered\r\n\r\nbody\r\n..a dot line\r\n"
 
@@ -226,6 +227,29 @@ def test_local_submissions_go_through_the_socket_listeners_filter(folder: Path) 
         assert any(line.endswith(f"|link-connect|{line.split('|')[5]}|mx.test.example|pass|{where}|{where}")
                    for line in lines if "|link-connect|" in line)
         assert any(line.endswith("|mx.test.example|local") for line in lines if "|connect|" in line)
+
+
+def test_link_tls_reports_what_the_tls_log_line_says(folder: Path) -> None:
+    """6.8 reports link-tls with the text of its `smtp tls ciphers=` line, `TLSv1.3:TLS_AES_256_GCM_SHA384:256`;
+    we sent OpenSMTPD 7's `version=TLSv1.3, cipher=..., bits=256`, which a filter written for 6.8 cannot read."""
+    import ssl
+
+    make_certificate(folder)
+    text = (f'pki mx.test.example cert "{folder}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{folder}/mx.test.example.key"\n'
+            f'filter "rec" proc-exec {filter_command(folder, "filter.log", "reports=link-tls", "phases=")}\n'
+            'listen on 127.0.0.1 port {port} tls pki mx.test.example filter "rec"\n'
+            'action "relay" relay\nmatch from any for any action "relay"\n')
+    context = ssl.create_default_context(cafile=str(folder / "mx.test.example.crt"))
+    context.check_hostname = False  # (reached at 127.0.0.1: the certificate's issuer is what is checked)
+    with SmtpDaemon(folder / "daemon", text) as daemon, smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+        client.starttls(context=context)
+        client.ehlo("client.test")
+        assert wait_until(lambda: "|link-tls|" in "\n".join(lines_of(folder, "filter.log")), 15)
+        reported = next(line for line in lines_of(folder, "filter.log") if "|link-tls|" in line).split("|")[6:]
+        logged = re.search(r"smtp tls ciphers=(\S+)", daemon.log())
+    assert logged is not None and reported == [logged.group(1)]
+    assert re.fullmatch(r"TLSv1\.[23]:[A-Z0-9_-]+:\d+", reported[0])
 
 
 def test_a_filter_runs_inside_its_chroot_as_its_user(folder: Path) -> None:

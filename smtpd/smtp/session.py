@@ -774,11 +774,12 @@ class Session:
             raise _Close("tls handshake failed") from None
         self.secure = True
         self.tls_text = tls.describe(self.connection.get_extra_info("ssl_object"))
-        version, cipher, bits = (self.tls_text or "::").split(":")[:3]
-        # As OpenSMTPD: one line per secured session, `smtp tls ciphers=VERSION:CIPHER:BITS`.
-        _log.info("%s smtp tls ciphers=%s:%s:%s", self.token, version, cipher, bits)
+        ciphers = ":".join((self.tls_text or "::").split(":")[:3])
+        # As OpenSMTPD 6.8: one line per secured session, `smtp tls ciphers=VERSION:CIPHER:BITS`, and the same
+        # text in the link-tls report (`version=..., cipher=..., bits=...` is OpenSMTPD 7's).
+        _log.info("%s smtp tls ciphers=%s", self.token, ciphers)
         if self.chain is not None:
-            self._report("link-tls", f"version={version}, cipher={cipher}, bits={bits}")
+            self._report("link-tls", ciphers)
         if trace.wants("io"):
             ssl_object = self.connection.get_extra_info("ssl_object")
             version, cipher = ssl_object.version(), ssl_object.cipher()[0]
