@@ -771,6 +771,33 @@ def test_idle_and_slow_clients_and_session_limit(tmp_path: Path) -> None:
         assert "smtp disconnected reason=timeout" in server.log()
 
 
+def test_proxy_connections_beyond_the_session_limit_are_refused_without_waiting_for_a_header(
+        tmp_path: Path) -> None:
+    """Connections to a proxy-v2 listener that send no header counted as sessions but were never refused: each held
+    a descriptor for the whole timeout, however many came (the limit is there to keep descriptors free). Beyond the
+    limit a connection is now refused at once, with the 421 a direct client gets."""
+    config = 'listen on 127.0.0.1 port {port} proxy-v2\naction "local" mbox\nmatch from any for local action "local"\n'
+    with SmtpDaemon(tmp_path, config, env={"SMTPD_SMTP_MAX_SESSIONS": "2"}) as server:
+        wait_until(lambda: "bad PROXY header" in server.log())  # the start-up probe's connection is over
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                answer = b""
+                while not answer.endswith(b"\r\n"):
+                    chunk = extra.recv(1024)  # (a timeout here: the connection was held, waiting for a header)
+                    assert chunk, answer
+                    answer += chunk
+            assert answer == b"421 4.7.0 mx.test.example Too many connections, try again later\r\n"
+        finally:
+            for sock in held:
+                sock.close()
+        # the slots come back once the header-less connections are gone
+        wait_until(lambda: server.log().count("bad PROXY header") == 3)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+            client.sendall(b"PROXY TCP4 198.51.100.9 127.0.0.1 40009 25\r\n")
+            assert client.recv(1024) == b"220 mx.test.example ESMTP PySMTPD\r\n"
+
+
 @pytest.fixture()
 def system_user():
     """A system account with a password in /etc/shadow (removed afterwards)."""

@@ -254,6 +254,11 @@ class SmtpServer:
                 await asyncio.sleep(1)
                 continue
             if bound.endpoint.listener.proxy_v2:
+                if self.active >= self.limits.max_sessions:
+                    # Refused before its header is waited for: connections that never send one would otherwise
+                    # each hold a descriptor for the whole timeout, past the limit that keeps descriptors free.
+                    _refuse_proxied(connection, bound.endpoint)
+                    continue
                 # The header is read in the connection's own task (a slow client must not stop accepting);
                 # it counts as a session from now on, so that header-less floods meet the session limit.
                 self._track(self._serve_proxied(connection, bound.endpoint))
@@ -388,6 +393,22 @@ class SmtpServer:
             trace.emit("smtp", f"no address for {name}: {error}", address=ip)
             return "error" if _temporary_dns_error(error) else "fail"
         return "pass" if any(_same_address(found, ip) for found in addresses) else "fail"
+
+
+def _refuse_proxied(connection: socket.socket, endpoint: Endpoint) -> None:
+    """A proxy-v2 connection beyond the session limit: the client behind the proxy is told, as a direct one is (an
+    SMTPS one cannot read plaintext), without waiting for the header, then the connection is closed."""
+    _log.info("smtp: connection refused before its PROXY header: too many sessions")
+    try:
+        connection.recv(65536)  # what came already (the header): unread input would make close() a reset
+    except OSError:
+        pass
+    if endpoint.listener.tls is not TlsMode.SMTPS:
+        try:
+            connection.send(replies.too_many_sessions(endpoint.smtpname).wire())
+        except OSError:
+            pass
+    connection.close()
 
 
 def _resolve(listener: Listener) -> list[str]:
