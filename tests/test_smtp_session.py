@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import re
@@ -434,6 +435,22 @@ def test_verify_requires_a_client_certificate(daemon: SmtpDaemon) -> None:
         client.rcpt("root@example.org")
         msgid = send_data(client, b"Subject: verified\r\n\r\nx\r\n")
     assert re.search(r"\(TLSv1\.[23]:[A-Z0-9_-]+:\d+:YES\)", daemon.message(msgid).decode())
+
+
+def test_a_failed_handshake_is_logged_with_its_cause(daemon: SmtpDaemon) -> None:
+    """The disconnect line says why the handshake failed, as 6.8's `io-error: ...` does: it said only `tls handshake
+    failed`, and the cause was in the `smtp` trace alone."""
+    with smtplib.SMTP("127.0.0.1", daemon.ports["port4"]) as client:  # `verify`, and no client certificate
+        client.ehlo("c.test")
+        with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
+            client.starttls(context=insecure_context())
+            client.noop()
+    with socket.create_connection(("127.0.0.1", daemon.ports["port3"]), timeout=30) as plain:  # smtps
+        plain.sendall(b"EHLO plaintext.test\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert plain.recv(1024) == b""
+    for cause in ("peer did not return a certificate", "wrong version number"):
+        wait_until(lambda cause=cause: f'smtp disconnected reason="tls handshake failed: {cause}"' in daemon.log())
 
 
 def test_ca_without_verify_turns_no_client_certificate_away(daemon: SmtpDaemon) -> None:
