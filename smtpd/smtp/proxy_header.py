@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import struct
 from typing import Any
@@ -20,6 +21,7 @@ V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the protocol's longest v1 line, CRLF included
 V2_FIXED = 16
 V2_LOCAL = 0  # the v2 command byte's low nibble: LOCAL (the proxy's own connection), PROXY is 1
+AIOSMTPD_LOGGER = "mail.debug"  # aiosmtpd.proxy_protocol's
 AF_UNSPEC, AF_UNIX = 0, 3  # the v2 address family nibble; v1's UNKNOWN is AF_UNSPEC too
 
 
@@ -62,6 +64,9 @@ async def read(connection: socket.socket) -> Any:
     (``source``) or says the connection's own endpoints are the ones to use."""
     from aiosmtpd.proxy_protocol import get_proxy
 
+    # aiosmtpd tells of a bad header on its own logger ("PROXY error: ..."): a second, unformatted line (Python's
+    # last-resort handler writes it to stderr) for what our `connection dropped: bad PROXY header` line says.
+    logging.getLogger(AIOSMTPD_LOGGER).disabled = True
     header = await read_bytes(connection)
     reader = asyncio.StreamReader()
     reader.feed_data(header)
