@@ -273,3 +273,15 @@ def test_disconnect_reason_of_several_words_is_quoted(tmp_path: Path) -> None:
         wait_until(lambda: daemon.log().count("smtp disconnected reason=") >= 2, 10)
         line = [line for line in daemon.log().splitlines() if "smtp disconnected reason=" in line][-1]
     assert line.endswith('reason="command too long"'), line
+
+
+def test_invalid_smtp_ciphers_stop_the_start_with_openssls_words(tmp_path: Path) -> None:
+    """The reason was shown as a Python tuple: `invalid ciphers 'NOSUCH': ('No cipher can be selected.',)`."""
+    make_certificate(tmp_path)
+    config = ('smtp ciphers "NOSUCH"\npki mx.test.example cert "{dir}/mx.test.example.crt"\n'
+              'pki mx.test.example key "{dir}/mx.test.example.key"\n'
+              "listen on 127.0.0.1 port {port} tls pki mx.test.example\n" + LOCAL_RULES)
+    server = SmtpDaemon(tmp_path, config)
+    with pytest.raises(RuntimeError, match="smtpd exited at start"):
+        server.start()
+    assert "invalid ciphers 'NOSUCH': No cipher can be selected.\n" in server.log()

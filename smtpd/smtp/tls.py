@@ -39,7 +39,7 @@ def _context_for(config: Config, listener: Listener, pki_name: str) -> ssl.SSLCo
     try:
         context.set_ciphers(config.smtp.ciphers)
     except ssl.SSLError as error:
-        raise TlsSetupError(f"invalid ciphers {config.smtp.ciphers!r}: {error}") from None
+        raise TlsSetupError(f"invalid ciphers {config.smtp.ciphers!r}: {_ssl_message(error)}") from None
     try:
         context.load_cert_chain(pki.cert, pki.key)
     except (OSError, ssl.SSLError) as error:
@@ -60,6 +60,11 @@ def _context_for(config: Config, listener: Listener, pki_name: str) -> ssl.SSLCo
     # certificate is not from the `ca` (self-signed ones: Exim, Postfix with a cert file) for nothing.
     context.verify_mode = ssl.CERT_REQUIRED if listener.verify else ssl.CERT_NONE
     return context
+
+
+def _ssl_message(error: ssl.SSLError) -> str:
+    """OpenSSL's words: set_ciphers' error carries only its message, which str() shows as a tuple."""
+    return str(error.args[0]) if len(error.args) == 1 else str(error)
 
 
 def server_context(config: Config, listener: Listener, default_name: str) -> ssl.SSLContext | None:
