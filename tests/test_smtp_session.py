@@ -558,14 +558,16 @@ def test_proxy_v2_listener_drops_a_client_without_header(daemon: SmtpDaemon) -> 
 
 
 def test_a_bad_proxy_header_is_logged_once_in_our_format(daemon: SmtpDaemon) -> None:
-    """aiosmtpd's parser wrote its own bare `PROXY error: ...` line beside ours for every bad header."""
+    """aiosmtpd's parser wrote its own bare `PROXY error: ...` line beside ours for every bad header, and ours did
+    not say who sent it."""
     client = LineClient(daemon.ports["port5"])
     try:
         client.send(b"PROXY TCP4 192.0.2.300 127.0.0.1 1 25\r\n")
         assert client.closed()
     finally:
         client.close()
-    wait_until(lambda: "bad PROXY header: malformed PROXY header: PROXYv1 address malformed" in daemon.log())
+    wait_until(lambda: "bad PROXY header from 127.0.0.1: malformed PROXY header: PROXYv1 address malformed"
+                       in daemon.log())
     assert "PROXY error:" not in daemon.log()
 
 

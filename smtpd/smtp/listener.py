@@ -300,12 +300,18 @@ class SmtpServer:
         """A proxy-v2 listener's connection: the PROXY header is read from the socket to its last byte and no
         further, so what follows it (an SMTPS client's TLS handshake, often in the same packet) is left for
         the session."""
+        try:  # who sends it (the proxy, or whoever else reaches the listener): named when the header is bad
+            sender = _address_text(connection.getpeername()[0])
+        except OSError:  # (gone already)
+            connection.close()
+            return
         try:
             async with asyncio.timeout(self.limits.timeout):
                 proxy = await proxy_header.read(connection)
         except (OSError, TimeoutError, proxy_header.ProxyHeaderError) as error:
-            trace.emit("smtp", f"connection dropped: bad PROXY header: {error or 'timeout'}")
-            _log.info("smtp: connection dropped: bad PROXY header: %s", error or "timeout")
+            why = f"bad PROXY header from {sender}: {error or 'timeout'}"
+            trace.emit("smtp", f"connection dropped: {why}")
+            _log.info("smtp: connection dropped: %s", why)
             connection.close()
             return
         try:
@@ -409,6 +415,12 @@ def _refuse_proxied(connection: socket.socket, endpoint: Endpoint) -> None:
         except OSError:
             pass
     connection.close()
+
+
+def _address_text(address: str) -> str:
+    """An address as the session lines write it: `127.0.0.1`, `[::1]` (without a link-local zone)."""
+    address = str(address).split("%")[0]
+    return f"[{address}]" if ":" in address else address
 
 
 def _resolve(listener: Listener) -> list[str]:
