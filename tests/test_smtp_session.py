@@ -417,6 +417,16 @@ def test_sni_name_without_a_pki_gets_the_listeners_own(daemon: SmtpDaemon) -> No
         assert secure.recv(1024).startswith(b"220 mx.test.example ESMTP PySMTPD")
 
 
+def test_a_sni_name_that_is_not_ascii_writes_no_traceback_in_the_log(daemon: SmtpDaemon) -> None:
+    """Python's ssl refuses such a name before our SNI callback is called (the handshake fails), and wrote the
+    decoding error's traceback to the log, for any client that sends one."""
+    subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{daemon.ports['port3']}", "-servername",
+                    "caf\u00e9.test"], input=b"", capture_output=True, timeout=60, check=False)
+    wait_until(lambda: "callback failed" in daemon.log())
+    assert "Traceback" not in daemon.log() and "Exception ignored" not in daemon.log()
+    test_sni_picks_the_pki(daemon)  # and the listener goes on choosing by SNI
+
+
 def test_verify_requires_a_client_certificate(daemon: SmtpDaemon) -> None:
     port = daemon.ports["port4"]
     with smtplib.SMTP("127.0.0.1", port) as client:

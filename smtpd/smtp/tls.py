@@ -11,7 +11,10 @@ handshake fails and the session is dropped otherwise). Without `verify` no clien
 from __future__ import annotations
 
 import ssl
+import sys
+from typing import Any
 
+from smtpd import trace
 from smtpd.config.model import Config, Listener, TlsMode
 
 
@@ -86,7 +89,26 @@ def server_context(config: Config, listener: Listener, default_name: str) -> ssl
                 if chosen is not None:
                     sock.context = chosen
         first.sni_callback = choose_by_sni
+        _quiet_sni_decode_errors()
     return first
+
+
+def _quiet_sni_decode_errors() -> None:
+    """An SNI name that is not ASCII (RFC 6066 wants A-labels; a client may send UTF-8) fails in Python's ssl
+    before our callback is called: the handshake is refused, and Python writes the decoding error with its
+    traceback to stderr, our log, for every such client. It becomes one `smtp` trace line instead."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_sni", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(unraisable.object, bytes):
+            trace.emit("smtp", f"TLS handshake refused: the client's SNI name {unraisable.object!r} is not ASCII")
+            return
+        previous(unraisable)
+
+    hook.quiets_sni = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def describe(ssl_object: ssl.SSLObject | None) -> str | None:
