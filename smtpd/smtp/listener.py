@@ -404,7 +404,11 @@ class SmtpServer:
 def _refuse_proxied(connection: socket.socket, endpoint: Endpoint) -> None:
     """A proxy-v2 connection beyond the session limit: the client behind the proxy is told, as a direct one is (an
     SMTPS one cannot read plaintext), without waiting for the header, then the connection is closed."""
-    _log.info("smtp: connection refused before its PROXY header: too many sessions")
+    try:
+        sender = _address_text(connection.getpeername()[0])
+    except OSError:
+        sender = "a client gone already"
+    _log.info("smtp: connection from %s refused before its PROXY header: too many sessions", sender)
     try:
         connection.recv(65536)  # what came already (the header): unread input would make close() a reset
     except OSError:
