@@ -829,7 +829,8 @@ def test_proxy_connections_beyond_the_session_limit_are_refused_without_waiting_
                     assert chunk, answer
                     answer += chunk
             assert answer == b"421 4.7.0 mx.test.example Too many connections, try again later\r\n"
-            assert "smtp: connection from 127.0.0.1 refused before its PROXY header: too many sessions" in server.log()
+            wait_until(lambda: "smtp: connection from 127.0.0.1 refused before its PROXY header: too many sessions"
+                       in server.log())
         finally:
             for sock in held:
                 sock.close()
