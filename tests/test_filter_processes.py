@@ -252,6 +252,30 @@ def test_link_tls_reports_what_the_tls_log_line_says(folder: Path) -> None:
     assert re.fullmatch(r"TLSv1\.[23]:[A-Z0-9_-]+:\d+", reported[0])
 
 
+def test_an_smtps_session_is_reported_connected_before_secured(folder: Path) -> None:
+    """As 6.8 reports an SMTPS session: link-connect first (a filter makes its session's state there), then link-tls;
+    link-tls came first, for a session the filter did not know yet."""
+    import ssl
+
+    make_certificate(folder)
+    text = (f'pki mx.test.example cert "{folder}/mx.test.example.crt"\n'
+            f'pki mx.test.example key "{folder}/mx.test.example.key"\n'
+            f'filter "rec" proc-exec {filter_command(folder, "filter.log", "phases=")}\n'
+            'listen on 127.0.0.1 port {port} smtps pki mx.test.example filter "rec"\n'
+            'action "relay" relay\nmatch from any for any action "relay"\n')
+    context = ssl.create_default_context(cafile=str(folder / "mx.test.example.crt"))
+    context.check_hostname = False
+    with SmtpDaemon(folder / "daemon", text) as daemon, \
+            smtplib.SMTP_SSL("127.0.0.1", daemon.port, timeout=30, context=context) as client:
+        client.ehlo("client.test")
+        assert wait_until(lambda: "|link-identify|" in "\n".join(lines_of(folder, "filter.log")), 15)
+        session = next(line for line in lines_of(folder, "filter.log") if "|link-identify|" in line).split("|")[5]
+        events = [line.split("|")[4] for line in lines_of(folder, "filter.log")
+                  if line.startswith("report|") and line.split("|")[5] == session]
+    assert [event for event in events if event.startswith("link-")][:4] == [
+        "link-connect", "link-tls", "link-greeting", "link-identify"]
+
+
 def test_a_filter_runs_inside_its_chroot_as_its_user(folder: Path) -> None:
     """`chroot` and `user`: the filter below registers only where /inside exists, which is in its root alone
     (the daemon would not start otherwise), and runs as nobody."""

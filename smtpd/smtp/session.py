@@ -288,12 +288,14 @@ class Session:
         if trace.wants("io"):
             self._trace_io(f"connection opened from {self.sockaddr} port {self.client_port}", port=self.client_port)
         if smtps:
-            await self._start_tls()
+            await self._start_tls(report=False)
             self._count_tls("smtp.smtps")
         self._set_state("STATE_CONNECTED")
         self.early_bytes = len(self.buffer) + self.connection.unread()
         if self.chain is not None:
             self._report("link-connect", self.rdns or "<unknown>", self.fcrdns, *self._link_ends())
+            if smtps:  # (secured before the connect phase, so that its refusal is readable; told as 6.8 tells it)
+                self._report("link-tls", self._ciphers())
         if await self._filter("connect", "", argument=(self.rdns or "<unknown>", self.client_ip)) is None:
             return  # the rejection was the greeting
         self.banner_sent = True
@@ -762,8 +764,13 @@ class Session:
         self.esmtp = False
         self._set_state("STATE_CONNECTED")
 
-    async def _start_tls(self) -> None:
-        """Upgrade the connection; reading must be paused since the last byte that was plaintext."""
+    def _ciphers(self) -> str:
+        """`TLSv1.3:TLS_AES_256_GCM_SHA384:256`, as the `smtp tls ciphers=` line and link-tls give it."""
+        return ":".join((self.tls_text or "::").split(":")[:3])
+
+    async def _start_tls(self, report: bool = True) -> None:
+        """Upgrade the connection; reading must be paused since the last byte that was plaintext. ``report``:
+        tell the filter processes now (an SMTPS session tells them after link-connect)."""
         self._set_state("STATE_TLS")
         if self.endpoint.ssl_context is None:
             raise _Close("no tls context")
@@ -776,12 +783,11 @@ class Session:
             raise _Close(f"tls handshake failed: {_handshake_failure(error)}") from None
         self.secure = True
         self.tls_text = tls.describe(self.connection.get_extra_info("ssl_object"))
-        ciphers = ":".join((self.tls_text or "::").split(":")[:3])
         # As OpenSMTPD 6.8: one line per secured session, `smtp tls ciphers=VERSION:CIPHER:BITS`, and the same
         # text in the link-tls report (`version=..., cipher=..., bits=...` is OpenSMTPD 7's).
-        _log.info("%s smtp tls ciphers=%s", self.token, ciphers)
-        if self.chain is not None:
-            self._report("link-tls", ciphers)
+        _log.info("%s smtp tls ciphers=%s", self.token, self._ciphers())
+        if report:
+            self._report("link-tls", self._ciphers())
         if trace.wants("io"):
             ssl_object = self.connection.get_extra_info("ssl_object")
             version, cipher = ssl_object.version(), ssl_object.cipher()[0]
