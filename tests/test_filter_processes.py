@@ -5,11 +5,13 @@ tests/filters/scripted_filter.py; the side-by-side comparison with 6.8 is tests/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,7 +256,8 @@ def test_link_tls_reports_what_the_tls_log_line_says(folder: Path) -> None:
 
 def test_an_smtps_session_is_reported_connected_before_secured(folder: Path) -> None:
     """As 6.8 reports an SMTPS session: link-connect first (a filter makes its session's state there), then link-tls;
-    link-tls came first, for a session the filter did not know yet."""
+    link-tls came first, for a session the filter did not know yet, and a failed handshake was a link-disconnect
+    of a session never connected."""
     import ssl
 
     make_certificate(folder)
@@ -265,15 +268,29 @@ def test_an_smtps_session_is_reported_connected_before_secured(folder: Path) -> 
             'action "relay" relay\nmatch from any for any action "relay"\n')
     context = ssl.create_default_context(cafile=str(folder / "mx.test.example.crt"))
     context.check_hostname = False
-    with SmtpDaemon(folder / "daemon", text) as daemon, \
-            smtplib.SMTP_SSL("127.0.0.1", daemon.port, timeout=30, context=context) as client:
-        client.ehlo("client.test")
-        assert wait_until(lambda: "|link-identify|" in "\n".join(lines_of(folder, "filter.log")), 15)
-        session = next(line for line in lines_of(folder, "filter.log") if "|link-identify|" in line).split("|")[5]
-        events = [line.split("|")[4] for line in lines_of(folder, "filter.log")
-                  if line.startswith("report|") and line.split("|")[5] == session]
-    assert [event for event in events if event.startswith("link-")][:4] == [
-        "link-connect", "link-tls", "link-greeting", "link-identify"]
+
+    def link_events() -> dict[str, list[str]]:
+        """Each session's link-* report events, in order."""
+        sessions: dict[str, list[str]] = {}
+        for line in lines_of(folder, "filter.log"):
+            fields = line.split("|")
+            if line.startswith("report|") and fields[4].startswith("link-"):
+                sessions.setdefault(fields[5], []).append(fields[4])
+        return sessions
+
+    with SmtpDaemon(folder / "daemon", text) as daemon:
+        with smtplib.SMTP_SSL("127.0.0.1", daemon.port, timeout=30, context=context) as client:
+            client.ehlo("client.test")
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as plain:  # no TLS: it fails
+            plain.sendall(b"EHLO plaintext.test\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                plain.recv(1024)
+        assert wait_until(lambda: len([events for events in link_events().values()
+                                       if events[-1:] == ["link-disconnect"]]) == 3, 15)
+    sessions = list(link_events().values())  # in the order they began: the start-up probe's, then these two
+    assert all(events[0] == "link-connect" and events[-1] == "link-disconnect" for events in sessions)
+    assert sessions[-2][:4] == ["link-connect", "link-tls", "link-greeting", "link-identify"]
+    assert sessions[-1] == ["link-connect", "link-disconnect"]
 
 
 def test_a_filter_runs_inside_its_chroot_as_its_user(folder: Path) -> None:

@@ -175,6 +175,7 @@ class Session:
         self.disconnect_reason = "disconnect"
         self.junk = False  # a connect/helo/ehlo/auth filter said junk: every message gets X-Spam: Yes
         self.banner_sent = False  # a connect filter's rejection replaces the banner: HELO/EHLO are then refused
+        self.link_connected = False  # link-connect was reported: link-disconnect will be
         self.last_mail_from: str | None = None  # kept after the transaction, as the filters see it
         # Bytes the client sent before our banner (a client must wait for it): HELO/EHLO among them get 503.
         self.early_bytes = 0
@@ -287,15 +288,16 @@ class Session:
                   self.rdns or "<unknown>")
         if trace.wants("io"):
             self._trace_io(f"connection opened from {self.sockaddr} port {self.client_port}", port=self.client_port)
+        # Reported before an SMTPS handshake, as 6.8 does: link-tls follows, and a failed handshake is a
+        # link-disconnect of a session the filters know. (The connect phase waits for TLS: its refusal is readable.)
+        if self.chain is not None:
+            self._report("link-connect", self.rdns or "<unknown>", self.fcrdns, *self._link_ends())
+        self.link_connected = True
         if smtps:
-            await self._start_tls(report=False)
+            await self._start_tls()
             self._count_tls("smtp.smtps")
         self._set_state("STATE_CONNECTED")
         self.early_bytes = len(self.buffer) + self.connection.unread()
-        if self.chain is not None:
-            self._report("link-connect", self.rdns or "<unknown>", self.fcrdns, *self._link_ends())
-            if smtps:  # (secured before the connect phase, so that its refusal is readable; told as 6.8 tells it)
-                self._report("link-tls", self._ciphers())
         if await self._filter("connect", "", argument=(self.rdns or "<unknown>", self.client_ip)) is None:
             return  # the rejection was the greeting
         self.banner_sent = True
@@ -341,7 +343,8 @@ class Session:
             self._trace_io(f"connection closed ({self.disconnect_reason})", reason=self.disconnect_reason)
         await self._abort_transaction()
         self._set_state("STATE_QUIT")
-        self._report("link-disconnect")
+        if self.link_connected:  # (not for a client turned away before: the filters never heard of it)
+            self._report("link-disconnect")
         reason = self.disconnect_reason
         if not reason.replace("-", "").isalnum():  # a value of several words is quoted, as OpenSMTPD's io-error one
             reason = '"' + reason.replace('"', "'") + '"'
@@ -764,13 +767,8 @@ class Session:
         self.esmtp = False
         self._set_state("STATE_CONNECTED")
 
-    def _ciphers(self) -> str:
-        """`TLSv1.3:TLS_AES_256_GCM_SHA384:256`, as the `smtp tls ciphers=` line and link-tls give it."""
-        return ":".join((self.tls_text or "::").split(":")[:3])
-
-    async def _start_tls(self, report: bool = True) -> None:
-        """Upgrade the connection; reading must be paused since the last byte that was plaintext. ``report``:
-        tell the filter processes now (an SMTPS session tells them after link-connect)."""
+    async def _start_tls(self) -> None:
+        """Upgrade the connection; reading must be paused since the last byte that was plaintext."""
         self._set_state("STATE_TLS")
         if self.endpoint.ssl_context is None:
             raise _Close("no tls context")
@@ -785,9 +783,9 @@ class Session:
         self.tls_text = tls.describe(self.connection.get_extra_info("ssl_object"))
         # As OpenSMTPD 6.8: one line per secured session, `smtp tls ciphers=VERSION:CIPHER:BITS`, and the same
         # text in the link-tls report (`version=..., cipher=..., bits=...` is OpenSMTPD 7's).
-        _log.info("%s smtp tls ciphers=%s", self.token, self._ciphers())
-        if report:
-            self._report("link-tls", self._ciphers())
+        ciphers = ":".join((self.tls_text or "::").split(":")[:3])
+        _log.info("%s smtp tls ciphers=%s", self.token, ciphers)
+        self._report("link-tls", ciphers)
         if trace.wants("io"):
             ssl_object = self.connection.get_extra_info("ssl_object")
             version, cipher = ssl_object.version(), ssl_object.cipher()[0]
