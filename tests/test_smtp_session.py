@@ -827,7 +827,7 @@ def test_proxy_connections_beyond_the_session_limit_are_refused_without_waiting_
         wait_until(lambda: "bad PROXY header" in server.log())  # the start-up probe's connection is over
         held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
         try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as extra:
                 answer = b""
                 while not answer.endswith(b"\r\n"):
                     chunk = extra.recv(1024)  # (a timeout here: the connection was held, waiting for a header)
