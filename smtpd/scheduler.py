@@ -11,6 +11,7 @@ agent (mda, mta) that is drained while the agent is not paused and under its con
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import time
@@ -177,6 +178,8 @@ class Scheduler:
         for envelope in envelopes:
             if envelope.evpid in self.entries:
                 continue
+            if not envelope.ttl:  # (OpenSMTPD 6.8's envelope, left in its spool: its expiry is the config's)
+                envelope.ttl = self.queue.ttl_for(envelope)
             nexttry = now
             if loaded and envelope.retry and envelope.ctime <= now:
                 # (one that arrived "after now", the clock set back since, is tried at once: the try planned
@@ -320,6 +323,9 @@ class Scheduler:
             if now >= expire_time(envelope):
                 await self._expire(entry)
                 return
+            if envelope.type is EnvelopeType.BOUNCE:
+                await self._send_opensmtpd_report(entry)
+                return
             envelope.last_try = int(now)
             entry.line_parts = None
             trace.emit("scheduler", f"scheduler: {agent} delivery of {envelope.evpid:016x} to <{envelope.dest}>",
@@ -458,6 +464,22 @@ class Scheduler:
         config = self.daemon.config if self.daemon is not None else None
         values = config.bounce_warn_intervals if config is not None else (4 * 3600,)
         return sorted(value for value in values if value > 0)[:MAX_WARN_INTERVALS]
+
+    async def _send_opensmtpd_report(self, entry: Entry) -> None:
+        """A `type: bounce` envelope: a report OpenSMTPD 6.8 had queued but not sent before the switch (it
+        keeps the recipient's envelope, as it was when the report was asked, with the report's kind). Ours are
+        sent from the recipient's envelope at once, so only 6.8's spool has these: sent as ours would be."""
+        envelope = entry.envelope
+        kind = envelope.bounce_type if envelope.bounce_type in (FAILED, DELAYED, DELIVERED) else FAILED
+        recipient = dataclasses.replace(envelope, type=EnvelopeType.MTA)  # (any type but bounce: about a recipient)
+        try:
+            await self.bouncer.report(recipient, kind, delay=envelope.bounce_delay, remaining=envelope.bounce_ttl)
+        except Exception as error:  # noqa: BLE001 — kept, and tried again later
+            LOG.warning("scheduler: %016x: report not queued (%s); keeping the envelope", envelope.evpid, error)
+            envelope.retry += 1
+            self._schedule(entry, time.time() + retry_base(envelope))
+            return
+        await self._delete(entry, "reported")
 
     async def _expire(self, entry: Entry) -> None:
         envelope = entry.envelope

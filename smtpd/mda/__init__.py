@@ -43,6 +43,7 @@ from smtpd.mda.variables import VariableContext, VariableError, expand
 from smtpd.mta.session import esc_code
 from smtpd.queue import codec
 from smtpd.queue.envelope import Envelope
+from smtpd.queue.format import OPENSMTPD_MBOXFILE
 
 if TYPE_CHECKING:
     from smtpd.daemon import Daemon
@@ -51,7 +52,6 @@ ENV_MAIL_ROOT = "SMTPD_MAILDIR_ROOT"
 DEFAULT_MAIL_ROOT = "/var/mail"
 MAX_SESSIONS = 50
 MAX_SESSIONS_PER_USER = 7
-OPENSMTPD_MBOXFILE = "/usr/libexec/opensmtpd/mail.mboxfile"
 MAX_HEADER_BYTES = 1 << 20
 LOOP_CHECK_BLOCK = 16384  # read at once for the loop check's quick answer
 LMTP_BATCH_WINDOW = 0.05  # seconds an LMTP delivery waits for the other envelopes of its message

@@ -7,6 +7,10 @@ inside a value is escaped as ``\\\\``, ``\\r``, ``\\n``.
 
 Loading is strict: an unknown key, a duplicate key, a missing or different version, or a malformed value is an
 EnvelopeFormatError (the queue then moves the file aside as corrupt).
+
+OpenSMTPD 6.8's own envelope files (`version: 3` on the first line, reference §8.3) are read too, so that mail
+left in its spool is delivered after a switch to PySMTPD (docs/queue.md, "Coming from OpenSMTPD"). They are
+read by 6.8's rules: keys in any case, no escapes, an unknown key or a duplicate is an error.
 """
 
 from __future__ import annotations
@@ -173,6 +177,11 @@ _LOADERS = _loaders()
 
 
 _HEADER = f"format: {FORMAT_MARKER}\nversion: {FORMAT_VERSION}\n"
+# OpenSMTPD 6.8's envelope (reference §8.3): no format line, version 3, the evpid only in the file name.
+OPENSMTPD_VERSION = "3"
+_OPENSMTPD_KEYS = frozenset(key for key in _FIELDS if key != "evpid" and not key.startswith("commit-"))
+# 6.8 keeps an alias's or .forward's file delivery as a command line of its helper, and a command bare.
+OPENSMTPD_MBOXFILE = "/usr/libexec/opensmtpd/mail.mboxfile"
 _KNOWN_KEYS = frozenset(_FIELDS)
 _TYPES = {member.value: member for member in EnvelopeType}
 _DSN_NOTIFY = {str(value): DsnNotify(value) for value in _DSN_NOTIFY_VALUES}
@@ -221,7 +230,52 @@ def load_envelope(data: bytes) -> Envelope:
         envelope = _load_plain(text)
         if envelope is not None:
             return envelope
+    if _first_key_value(text) == ("version", OPENSMTPD_VERSION):
+        return _load_opensmtpd(text)
     return _load_strict(text)
+
+
+def _first_key_value(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("\n")[0].partition(":")
+    return key.strip().lower(), value.strip()
+
+
+def _load_opensmtpd(text: str) -> Envelope:
+    """An envelope file of OpenSMTPD 6.8 (reference §8.3). Its ``ttl`` is 0 (6.8 decides the expiry from its
+    configuration): the scheduler gives such an envelope its action's ttl when it takes it."""
+    if not text.endswith("\n"):
+        raise EnvelopeFormatError("truncated envelope (no final newline)")
+    envelope = Envelope()
+    seen: set[str] = set()
+    for number, line in enumerate(text[:-1].split("\n")[1:], 2):
+        key, separator, value = line.partition(":")
+        key, value = key.strip().lower(), value.lstrip(" \t")
+        if not separator:
+            raise EnvelopeFormatError(f"line {number}: not `key: value`")
+        if key in seen or key == "version":
+            raise EnvelopeFormatError(f"line {number}: duplicate key {key!r}")
+        seen.add(key)
+        if key not in _OPENSMTPD_KEYS:
+            raise EnvelopeFormatError(f"unknown key {key!r} in an OpenSMTPD envelope")
+        attribute, convert, _ = _LOADERS[key]
+        try:
+            setattr(envelope, attribute, value if convert is None else convert(value))
+        except (ValueError, TypeError) as error:
+            raise EnvelopeFormatError(f"bad value for {key}: {error}") from None
+    if "dsn-notify" not in seen or "ctime" not in seen:
+        raise EnvelopeFormatError("missing required key (dsn-notify, ctime)")
+    if envelope.mda_exec:
+        envelope.mda_exec = _opensmtpd_exec_item(envelope.mda_exec)
+    return envelope
+
+
+def _opensmtpd_exec_item(command: str) -> str:
+    """6.8's mda-exec as ours: its file helper's command line becomes the file's path, and a command gets the
+    `|` that marks one in ours (without it, a command starting with `/` would be taken for a file)."""
+    file_prefix = f"{OPENSMTPD_MBOXFILE} -f %{{mbox.from}} "
+    if command.startswith(file_prefix):
+        return command[len(file_prefix):]
+    return "|" + command
 
 
 def _load_plain(text: str) -> Envelope | None:
