@@ -44,6 +44,7 @@ from smtpd.mta.session import esc_code
 from smtpd.queue import codec
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import OPENSMTPD_MBOXFILE
+from smtpd.stats import STATS
 
 if TYPE_CHECKING:
     from smtpd.daemon import Daemon
@@ -142,6 +143,7 @@ class MdaAgent:
         self._sessions: asyncio.Semaphore | None = None
         self._per_user: dict[str, asyncio.Semaphore] = {}
         self._per_user_waiting: dict[str, int] = {}
+        self._envelopes_by_user: dict[str, int] = {}  # `show stats`' mda.user: users with an envelope here
         self.replay_task: asyncio.Task[Any] | None = None
         self.forkserver = ForkServer()
         self.lmtp_batch_window = LMTP_BATCH_WINDOW
@@ -203,6 +205,8 @@ class MdaAgent:
     # -- the contract ---------------------------------------------------------------------------------
     async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
         started = time.time()
+        user_key = envelope.mda_user or envelope.dest
+        self._count_envelope(user_key, 1)
         try:
             result = await self._deliver_limited(envelope, message_path)
         except _Failure as failure:
@@ -210,8 +214,22 @@ class MdaAgent:
         except Exception as error:  # noqa: BLE001 — a delivery never takes the daemon down
             _log.exception("mda: unexpected error delivering %016x", envelope.evpid)
             result = DeliveryResult.tempfail(f"internal error: {type(error).__name__}: {error}")
+        finally:
+            self._count_envelope(user_key, -1)
         self._log_result(envelope, result, started)
         return result
+
+    def _count_envelope(self, user_key: str, change: int) -> None:
+        """`show stats`' mda.envelope (envelopes being delivered) and mda.user (their distinct users), the
+        gauges OpenSMTPD keeps."""
+        STATS.increment("mda.envelope", change)
+        count = self._envelopes_by_user.get(user_key, 0) + change
+        if count > 0:
+            self._envelopes_by_user[user_key] = count
+        else:
+            self._envelopes_by_user.pop(user_key, None)
+        if count == (1 if change > 0 else 0):
+            STATS.increment("mda.user", change)
 
     async def _deliver_limited(self, envelope: Envelope, message_path: str) -> DeliveryResult:
         if self._batched(envelope):
@@ -222,15 +240,26 @@ class MdaAgent:
 
     @contextlib.asynccontextmanager
     async def _limited(self, user_key: str) -> AsyncIterator[None]:
-        """One of the MAX_SESSIONS sessions, and one of this user's MAX_SESSIONS_PER_USER."""
+        """One of the MAX_SESSIONS sessions, and one of this user's MAX_SESSIONS_PER_USER. While waiting for
+        it the delivery counts in `show stats`' mda.pending, while holding it in mda.running."""
         if self._sessions is None:
             self._sessions = asyncio.Semaphore(MAX_SESSIONS)
         per_user = self._per_user.setdefault(user_key, asyncio.Semaphore(MAX_SESSIONS_PER_USER))
         self._per_user_waiting[user_key] = self._per_user_waiting.get(user_key, 0) + 1
+        STATS.increment("mda.pending")
+        pending = True
         try:
             async with self._sessions, per_user:
-                yield
+                STATS.decrement("mda.pending")
+                pending = False
+                STATS.increment("mda.running")
+                try:
+                    yield
+                finally:
+                    STATS.decrement("mda.running")
         finally:
+            if pending:  # cancelled while waiting
+                STATS.decrement("mda.pending")
             self._per_user_waiting[user_key] -= 1
             if not self._per_user_waiting[user_key]:
                 del self._per_user_waiting[user_key]
