@@ -323,6 +323,14 @@ class MtaAgent:
                 return dataclasses.replace(plan, source=other)
         return plan
 
+    def _record_hoststats(self, jobs: list[Job]) -> None:
+        """`show hoststats`: the last reply per recipient domain, as OpenSMTPD keys it. A refused recipient is
+        recorded before the message's final reply, in the order 6.8 meets them (RCPT replies, then end of data)."""
+        results = [(job, job.future.result()) for job in jobs if job.future.done()]
+        results.sort(key=lambda pair: pair[1].outcome is Outcome.OK)  # (stable: RCPT order within each)
+        for job, result in results:
+            self.state.hoststat(_recipient_domain(job), result.text or "Ok")
+
     def _paused(self, source: str, domain: str) -> bool:
         return (source, domain) in self.state.paused or (source, "*") in self.state.paused
 
@@ -334,7 +342,8 @@ class MtaAgent:
             try:
                 session = await self._connect(plan, relay, route, name, address)
             except SessionError as error:
-                self.state.hoststat(name, error.message)
+                for job in jobs:
+                    self.state.hoststat(_recipient_domain(job), error.message)
                 if error.permanent:
                     _resolve_pending(jobs, DeliveryResult.permfail(error.message, 0))
                     return None
@@ -354,9 +363,7 @@ class MtaAgent:
             job.session_id = session.id
             job.source = source
         usable = await transfer(session, plan, jobs, batch.message_path, has_8bit, size)
-        last = next((job.future.result() for job in reversed(jobs) if job.future.done()), None)
-        if last is not None:
-            self.state.hoststat(name, last.text or "Ok")
+        self._record_hoststats(jobs)
         if usable:
             self.state.route_ok(route)
             await self._keep_or_close(plan, session, route, relay)
@@ -627,6 +634,10 @@ def _family_of(address: str) -> str | None:
     if address.startswith("/"):
         return None
     return "inet6" if ":" in address else "inet4"
+
+
+def _recipient_domain(job: Job) -> str:
+    return job.envelope.dest.rpartition("@")[2]
 
 
 def _resolve_pending(jobs: list[Job], result: DeliveryResult) -> None:

@@ -7,7 +7,7 @@ Vocabulary (OpenSMTPD's, which `show relays|hosts|routes|hoststats` print):
 * a **route** is a (source, host) pair. Connection errors count against the route; after MAX_ERRORS_PER_ROUTE
   in a row the route is disabled for ROUTE_DELAY_BASE × penalty² seconds (at most ROUTE_DELAY_MAX), and
   `smtpctl resume route ID` enables it again. A success clears the errors and the penalty.
-* **hoststats**: the last result seen per remote host name, kept 4 hours.
+* **hoststats**: the last result seen per recipient domain (as OpenSMTPD keys them), kept 4 hours.
 """
 
 from __future__ import annotations
