@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -108,7 +108,11 @@ class Subscription:
 
 class TraceBus:
     def __init__(self) -> None:
+        # What goes to the console (the daemon's log): what was asked for (-T, `smtpctl trace`) and what
+        # followers hold. A follower's hold ends when it leaves; what was asked for stays until `untrace`.
         self.enabled: set[str] = set()
+        self._asked: set[str] = set()
+        self._held: Counter[str] = Counter()
         self.console: TextIO | None = None
         self._subscriptions: list[Subscription] = []
         self._wanted: frozenset[str] = frozenset()
@@ -122,17 +126,40 @@ class TraceBus:
         subsystems = expand_keyword(keyword)
         if not subsystems:
             return False
+        self._asked |= subsystems
         self.enabled |= subsystems
         self._recompute()
         return True
 
     def disable(self, keyword: str) -> bool:
+        """Switch off what was asked for, at once (followers still get their events: they subscribed)."""
         subsystems = expand_keyword(keyword)
         if not subsystems:
             return False
+        self._asked -= subsystems
         self.enabled -= subsystems
         self._recompute()
         return True
+
+    def hold(self, subsystems: Iterable[str]) -> list[str]:
+        """A follower's subsystems go to the log while it follows. Returns those this switched on."""
+        wanted = set(subsystems)
+        turned_on = sorted(wanted - self.enabled)
+        self._held.update(wanted)
+        self.enabled |= wanted
+        self._recompute()
+        return turned_on
+
+    def release(self, subsystems: Iterable[str]) -> None:
+        """A follower left: what it held goes off, unless another follower holds it or it was asked for
+        (`smtpctl trace` while it followed)."""
+        for subsystem in set(subsystems):
+            self._held[subsystem] -= 1
+            if self._held[subsystem] <= 0:
+                del self._held[subsystem]
+                if subsystem not in self._asked:
+                    self.enabled.discard(subsystem)
+        self._recompute()
 
     def wants(self, subsystem: str) -> bool:
         return subsystem in self._wanted

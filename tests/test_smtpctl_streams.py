@@ -230,3 +230,51 @@ def test_a_reader_that_leaves_ends_the_stream_with_success(daemon: DaemonProcess
             shell.wait()
     assert err == ""
     assert out.splitlines()[-1] == "status=0"
+
+
+def follow(daemon: DaemonProcess, keyword: str) -> tuple[socket.socket, dict[str, object]]:
+    """A `trace.follow` connection of our own, once the daemon has subscribed it: (socket, its start event)."""
+    follower = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    follower.settimeout(20)
+    follower.connect(daemon.socket)
+    follower.sendall(json.dumps({"v": 1, "id": 1, "cmd": "trace.follow", "args": {"keywords": [keyword]}}).encode()
+                     + b"\n")
+    start = json.loads(read_line(follower))["event"]
+    assert start["type"] == "start"
+    return follower, start
+
+
+def leave(daemon: DaemonProcess, follower: socket.socket, still_following: int = 0) -> None:
+    """Close a follower and wait until the daemon has let it go: the control connections left are the other
+    followers' and the one asking."""
+    follower.close()
+
+    def sessions() -> int:
+        return daemon.request("show.stats")["result"]["stats"]["control.session"]
+
+    deadline = time.monotonic() + 20
+    while sessions() != 1 + still_following and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sessions() == 1 + still_following
+
+
+def test_a_leaving_follower_keeps_a_trace_the_administrator_turned_on_meanwhile(daemon: DaemonProcess) -> None:
+    """`smtpctl trace rules` while a colleague's `trace rules --follow` runs: when the follower left, it switched
+    off the trace the administrator had just asked for, and the log went quiet."""
+    follower, start = follow(daemon, "rules")
+    assert start["enabled"] == ["rules"]
+    assert daemon.smtpctl("trace", "rules").stdout == "command succeeded\n"
+    leave(daemon, follower)
+    assert "rules" in enabled_traces(daemon)
+    daemon.smtpctl("untrace", "rules")
+    assert "rules" not in enabled_traces(daemon)
+
+
+def test_a_trace_stays_on_while_another_follower_follows_it(daemon: DaemonProcess) -> None:
+    first, _ = follow(daemon, "rules")
+    second, start = follow(daemon, "rules")
+    assert start["enabled"] == []  # already on: the first follower's
+    leave(daemon, first, still_following=1)
+    assert "rules" in enabled_traces(daemon)  # the second one still follows it
+    leave(daemon, second)
+    assert "rules" not in enabled_traces(daemon)

@@ -2,7 +2,7 @@
 
 `smtpctl trace expand` turns the trace on (its lines go to the daemon's log) and returns at once.
 `smtpctl trace expand lookup --follow` streams those events to the terminal until Ctrl-C, then turns off what it
-turned on. The daemon keeps a bounded buffer per follower: a slow reader loses events, and is told how many.
+turned on (unless another follower or `smtpctl trace` keeps it on). The daemon keeps a bounded buffer per follower: a slow reader loses events, and is told how many.
 """
 
 from __future__ import annotations

@@ -268,12 +268,11 @@ def event_filter(args: dict[str, Any]) -> Callable[[trace.TraceEvent], bool] | N
 
 @stream("trace.follow")
 async def trace_follow(daemon: Daemon, args: dict[str, Any], send: Send) -> None:
-    """Stream the named subsystems' events until the client leaves; turn off the traces this turned on."""
+    """Stream the named subsystems' events until the client leaves; they go to the log meanwhile (BUS.hold)."""
     keywords = _trace_keywords(args)
     subsystems: set[str] = set()
     for keyword in keywords:
         subsystems |= trace.expand_keyword(keyword)
-    turned_on = sorted(subsystems - trace.BUS.enabled)
     capacity = int(_bounded(args.get("capacity"), FOLLOW_CAPACITY, 1, 100_000))
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
@@ -293,8 +292,7 @@ async def trace_follow(daemon: Daemon, args: dict[str, Any], send: Send) -> None
             loop.call_soon_threadsafe(set_ready)
 
     subscription = trace.BUS.subscribe(subsystems, capacity=capacity, accept=event_filter(args), notify=wake)
-    for subsystem in turned_on:
-        trace.BUS.enable(subsystem)
+    turned_on = trace.BUS.hold(subsystems)
     try:
         await send({"type": "start", "subsystems": sorted(subsystems), "enabled": turned_on,
                     "capacity": capacity})
@@ -304,8 +302,7 @@ async def trace_follow(daemon: Daemon, args: dict[str, Any], send: Send) -> None
             await _forward_events(subscription, send)
     finally:
         subscription.close()
-        for subsystem in turned_on:
-            trace.BUS.disable(subsystem)
+        trace.BUS.release(subsystems)
 
 
 async def _forward_events(subscription: trace.Subscription, send: Send) -> None:
