@@ -45,3 +45,25 @@ class Stats:
 
 
 STATS = Stats()
+
+
+class KeyGauge:
+    """A `show stats` gauge of the distinct keys in use (mda.user: users with an envelope in the mda; mta.source:
+    sources with a route): a key counts once however many times it is in use, until its last use ends."""
+
+    def __init__(self, stat: str) -> None:
+        self.stat = stat
+        self.uses: dict[object, int] = {}
+
+    def add(self, key: object) -> None:
+        count = self.uses.get(key, 0)
+        self.uses[key] = count + 1
+        if not count:
+            STATS.increment(self.stat)
+
+    def remove(self, key: object) -> None:
+        count = self.uses.pop(key, 0) - 1
+        if count > 0:
+            self.uses[key] = count
+        elif count == 0:
+            STATS.decrement(self.stat)

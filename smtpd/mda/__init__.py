@@ -44,7 +44,7 @@ from smtpd.mta.session import esc_code
 from smtpd.queue import codec
 from smtpd.queue.envelope import Envelope
 from smtpd.queue.format import OPENSMTPD_MBOXFILE
-from smtpd.stats import STATS
+from smtpd.stats import STATS, KeyGauge
 
 if TYPE_CHECKING:
     from smtpd.daemon import Daemon
@@ -143,7 +143,7 @@ class MdaAgent:
         self._sessions: asyncio.Semaphore | None = None
         self._per_user: dict[str, asyncio.Semaphore] = {}
         self._per_user_waiting: dict[str, int] = {}
-        self._envelopes_by_user: dict[str, int] = {}  # `show stats`' mda.user: users with an envelope here
+        self._users = KeyGauge("mda.user")  # users with an envelope here
         self.replay_task: asyncio.Task[Any] | None = None
         self.forkserver = ForkServer()
         self.lmtp_batch_window = LMTP_BATCH_WINDOW
@@ -205,8 +205,10 @@ class MdaAgent:
     # -- the contract ---------------------------------------------------------------------------------
     async def deliver(self, envelope: Envelope, message_path: str) -> DeliveryResult:
         started = time.time()
+        # `show stats`' mda.envelope (envelopes being delivered) and mda.user (their users), as OpenSMTPD's
         user_key = envelope.mda_user or envelope.dest
-        self._count_envelope(user_key, 1)
+        STATS.increment("mda.envelope")
+        self._users.add(user_key)
         try:
             result = await self._deliver_limited(envelope, message_path)
         except _Failure as failure:
@@ -215,21 +217,10 @@ class MdaAgent:
             _log.exception("mda: unexpected error delivering %016x", envelope.evpid)
             result = DeliveryResult.tempfail(f"internal error: {type(error).__name__}: {error}")
         finally:
-            self._count_envelope(user_key, -1)
+            STATS.decrement("mda.envelope")
+            self._users.remove(user_key)
         self._log_result(envelope, result, started)
         return result
-
-    def _count_envelope(self, user_key: str, change: int) -> None:
-        """`show stats`' mda.envelope (envelopes being delivered) and mda.user (their distinct users), the
-        gauges OpenSMTPD keeps."""
-        STATS.increment("mda.envelope", change)
-        count = self._envelopes_by_user.get(user_key, 0) + change
-        if count > 0:
-            self._envelopes_by_user[user_key] = count
-        else:
-            self._envelopes_by_user.pop(user_key, None)
-        if count == (1 if change > 0 else 0):
-            STATS.increment("mda.user", change)
 
     async def _deliver_limited(self, envelope: Envelope, message_path: str) -> DeliveryResult:
         if self._batched(envelope):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from shared.durations import duration_to_text
 from shared.numbers import ascii_digits
-from smtpd.stats import STATS
+from smtpd.stats import STATS, KeyGauge
 
 MAX_ERRORS_PER_ROUTE = 4
 ROUTE_DELAY_BASE = 200
@@ -238,6 +238,8 @@ class MtaState:
     domain_conns: dict[str, int] = field(default_factory=dict)
     source_conns: dict[str, int] = field(default_factory=dict)  # source text ("[]": any) -> connections
     connector_conns: dict[tuple[str, str], int] = field(default_factory=dict)  # (relay key, source text)
+    # the sources of the routes (None: the default one), as 6.8 counts them
+    sources: KeyGauge = field(default_factory=lambda: KeyGauge("mta.source"))
     # when a connection was last opened per source / connector / domain (conn-delay-*)
     last_opened: dict[tuple[str, object], float] = field(default_factory=dict)
     paused: set[tuple[str, str]] = field(default_factory=set)  # (source, domain or "*")
@@ -272,8 +274,7 @@ class MtaState:
             route = self.routes[key] = Route(self._next_route_id, source, host)
             self._next_route_id += 1
             STATS.increment("mta.route")
-            if source is not None:
-                STATS.increment("mta.source")
+            self.sources.add(source)
         return route
 
     def relay(self, key: str, domain: str) -> RelayState:
@@ -405,8 +406,7 @@ class MtaState:
                 continue
             del self.routes[key]
             STATS.decrement("mta.route")
-            if route.source is not None:
-                STATS.decrement("mta.source")
+            self.sources.remove(route.source)
         used = {route.host.address for route in self.routes.values()}
         for address, host in list(self.hosts.items()):
             if address not in used and host.nconn == 0:
