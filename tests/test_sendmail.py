@@ -587,6 +587,32 @@ def test_an_offline_file_written_while_the_daemon_runs_is_submitted_without_a_re
         daemon.stop()
 
 
+def test_with_smtp_paused_a_message_is_kept_offline_and_sent_on_resume(world) -> None:
+    """`smtpctl pause smtp` for maintenance: cron's mail (Debian's cron runs `sendmail -FCronDaemon -i -B8BITMIME
+    -oem root`) was refused with exit 70 and went to root's ~/dead.letter, never delivered. The daemon cannot
+    take it now, as when it is down: the message is kept offline (exit 75) and delivered once SMTP is resumed."""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    home = workdir / "crontab-home"
+    home.mkdir()
+    try:
+        assert daemon.smtpctl("pause", "smtp").returncode == 0
+        result = run_sendmail({**daemon.env, "HOME": str(home)}, ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+                              "Subject: Cron <root@host> backup\n\nbackup done\n")
+        assert result.returncode == 75, result.stderr
+        assert result.stderr == ("sendmail: server disallowed submission request: the message is kept offline "
+                                 "for a later try\n")
+        assert not (home / "dead.letter").exists()
+        [kept] = list((workdir / "spool" / "offline").iterdir())
+        assert "backup done" in kept.read_text()
+        assert daemon.smtpctl("resume", "smtp").returncode == 0  # (the daemon's own rescan is a minute away)
+        content = wait_for_mail(os.path.join(mail_root, "root"))
+        assert "\nFrom: CronDaemon <root@mx.control.test>\n" in content and content.endswith("\nbackup done\n\n")
+        wait_until(lambda: not list((workdir / "spool" / "offline").iterdir()), bound=10)
+    finally:
+        daemon.stop()
+
+
 def test_a_full_control_backlog_is_waited_for_not_taken_for_a_daemon_that_is_down(tmp_path: Path) -> None:
     """Connecting to a Unix socket whose backlog of connections not yet accepted is full fails at once (EAGAIN)
     when the socket has a timeout: sendmail took that for no daemon and went offline (the message then waited

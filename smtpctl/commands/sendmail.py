@@ -5,6 +5,7 @@
 Online, it asks the daemon for an enqueue session on the control socket (`enqueue` request), then speaks SMTP on
 the same connection: EHLO, MAIL FROM, one RCPT TO per recipient, DATA. Offline (no daemon), the message is kept
 in `<spool>/offline/` and exit status 75 says so; the daemon replays these files at start (smtpd/mda/offline.py).
+So is a message the daemon cannot take for now and took no copy of: SMTP paused, a 4xx reply, a cut session.
 
 Bare names get `@<mailname>`; an argument may hold several comma-separated addresses; `-t` adds the To, Cc
 and Bcc recipients of the header. Without -f/-r the envelope sender is the header's From: address, else the
@@ -51,6 +52,8 @@ MESSAGE_FIELDS = frozenset({
     "reply-to", "sender", "in-reply-to", "references",
 })
 SMTP_TIMEOUT = 300.0
+CONNECTION_CLOSED = "connection closed by the server"
+DISALLOWED = "server disallowed submission request"  # the daemon's answer while SMTP is paused
 BUSY_WAIT = 120.0  # seconds a sendmail waits for one of its uid's control connections to end (a burst of them)
 
 
@@ -62,6 +65,11 @@ class SubmissionError(Exception):
     """The daemon refused the message (exit 70, dead.letter written)."""
 
 
+class TemporaryRefusal(SubmissionError):
+    """The daemon cannot take the message now (SMTP paused, a 4xx reply, the session cut) and has taken none of
+    it: the message is kept offline, exit 75, as when the daemon is down."""
+
+
 class NotRunning(Exception):
     pass
 
@@ -71,7 +79,7 @@ class Incompatible(NotRunning):
     or not smtpd at all): nothing was handed over, so the message is kept offline for a daemon that can take it."""
 
 
-class Busy(SubmissionError):
+class Busy(TemporaryRefusal):
     """The daemon serves as many control connections for our uid as it allows: try again shortly."""
 
 
@@ -355,7 +363,7 @@ class _Connection:
         while b"\n" not in self.buffer:
             chunk = self.connection.recv(65536)
             if not chunk:
-                raise SubmissionError("connection closed by the server")
+                raise SubmissionError(CONNECTION_CLOSED)
             self.buffer += chunk
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line.decode("utf-8", "replace").rstrip("\r")
@@ -444,7 +452,7 @@ def open_enqueue(socket_path: str) -> socket.socket:
         if error.get("code") == "busy":
             raise Busy(message)
         if "disallowed" in message:
-            raise SubmissionError("server disallowed submission request")
+            raise TemporaryRefusal(DISALLOWED)
         raise SubmissionError(message)
     return connection
 
@@ -471,7 +479,19 @@ def _too_many_recipients(reply: str) -> bool:
 
 
 def submit(socket_path: str, options: Options, sender: str, recipients: list[str], lines: list[str]) -> None:
+    """Raises TemporaryRefusal for a temporary refusal (or a cut session) before any copy was taken, when keeping
+    the whole message for later can neither lose nor double a copy; any other failure is a SubmissionError."""
     connection = open_enqueue_waiting(socket_path)
+    try:
+        _transactions(connection, options, sender, recipients, lines)
+    finally:
+        connection.close()
+
+
+def _transactions(connection: socket.socket, options: Options, sender: str, recipients: list[str],
+                  lines: list[str]) -> None:
+    taken_any = False  # a transaction went through: trying the whole message again would double its copies
+    in_doubt = False  # the message is sent and its answer not read: a cut session may have delivered it
     try:
         session = _Connection(connection, options.verbose)
         session.expect(session.reply())
@@ -500,16 +520,24 @@ def submit(socket_path: str, options: Options, sender: str, recipients: list[str
             session.command("DATA")
             if options.verbose:
                 _transcript(">>> .")  # (the message itself is not shown, only its end, as OpenSMTPD's -v)
+            in_doubt = True
             connection.sendall(payload.encode("utf-8", "surrogateescape"))
-            session.expect(session.reply())
+            reply = session.reply()
+            in_doubt = False
+            session.expect(reply)
+            taken_any = True
             pending = pending[taken:]
-        session.send("QUIT")
-        try:
-            session.reply()
-        except SubmissionError:
-            pass
-    finally:
-        connection.close()
+    except SubmissionError as error:
+        text = str(error)
+        cut = text == CONNECTION_CLOSED and not in_doubt
+        if not taken_any and (text[:1] == "4" or cut):
+            raise TemporaryRefusal(text) from None
+        raise
+    session.send("QUIT")
+    try:
+        session.reply()
+    except SubmissionError:
+        pass
 
 
 # -- offline ------------------------------------------------------------------------------------------------
@@ -671,12 +699,17 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
             print(f"{prog}: smtpd doesn't seem to be running", file=sys.stderr)
             return EX_TEMPFAIL
         return _go_offline(prog, locations.spool, argv, data)
+    except TemporaryRefusal as refusal:
+        if options.server_mode:
+            _say_refused(prog, str(refusal))
+            return EX_SOFTWARE  # (the offline file stays for a later try)
+        # SMTP paused for maintenance, the daemon stopping, a table it cannot read now: a later try will do, as
+        # for a daemon that is down (cron's mail went to ~/dead.letter, never delivered, while SMTP was paused).
+        print(f"{prog}: {refusal}: the message is kept offline for a later try", file=sys.stderr)
+        return _go_offline(prog, locations.spool, argv, data)
     except SubmissionError as error:
         text = str(error)
-        if text == "server disallowed submission request":
-            print(f"{prog}: {text}", file=sys.stderr)
-        else:
-            print(f"{prog}: command failed: {text}", file=sys.stderr)
+        _say_refused(prog, text)
         if options.server_mode:
             # Replaying an offline file: refused for good, it is saved and the daemon removes the file (trying at
             # every start would never succeed); otherwise the file stays for a later try, and so nothing is saved.
@@ -692,6 +725,13 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
             write_dead_letter(data)
         return EX_SOFTWARE
     return 0
+
+
+def _say_refused(prog: str, text: str) -> None:
+    if text == DISALLOWED:
+        print(f"{prog}: {text}", file=sys.stderr)
+    else:
+        print(f"{prog}: command failed: {text}", file=sys.stderr)
 
 
 def _written_at() -> float | None:

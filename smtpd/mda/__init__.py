@@ -145,6 +145,8 @@ class MdaAgent:
         self._per_user_waiting: dict[str, int] = {}
         self._users = KeyGauge("mda.user")  # users with an envelope here
         self.replay_task: asyncio.Task[Any] | None = None
+        self._offline_failed: set[str] = set()  # offline files that failed for now: not tried at every rescan
+        self._offline_retry = asyncio.Event()
         self.forkserver = ForkServer()
         self.lmtp_batch_window = LMTP_BATCH_WINDOW
         self._lmtp_batches: dict[tuple[Any, ...], _LmtpBatch] = {}
@@ -169,21 +171,33 @@ class MdaAgent:
         if paths is not None:
             offline.ensure_offline_directory(paths.spool)
             self.replay_task = asyncio.create_task(self._replay_offline(paths))
+            pause_listeners = getattr(self._config_source, "pause_listeners", None)
+            if pause_listeners is not None:
+                pause_listeners.append(self._on_pause)
+
+    def _on_pause(self, _daemon: Any, subsystem: str, paused: bool) -> None:
+        """`smtpctl resume smtp`: the offline files kept while SMTP was paused (sendmail keeps a message there
+        when the daemon says it cannot take it now) are submitted at once, not at the next start."""
+        if subsystem == "smtp" and not paused:
+            self._offline_failed.clear()
+            self._offline_retry.set()
 
     async def _replay_offline(self, paths: Any) -> None:
         """Once the control socket answers (the control server starts after us), submit offline messages; then
-        look again now and then for files that came while we run (a file that failed waits for the next start)."""
-        failed: set[str] = set()
+        look again now and then for files that came while we run (a file that failed waits for the next start,
+        or for SMTP to be resumed)."""
         try:
             if not await offline.wait_for_socket(paths.socket):
                 _log.warning("offline: the control socket never answered; offline messages not replayed")
                 return
             while True:
+                self._offline_retry.clear()
                 try:
-                    await offline.replay_offline(paths.spool, paths.socket, paths.mailname, failed)
+                    await offline.replay_offline(paths.spool, paths.socket, paths.mailname, self._offline_failed)
                 except Exception:  # noqa: BLE001 — replaying is best effort; the files stay for the next start
                     _log.exception("offline: replay failed")
-                await asyncio.sleep(offline.RESCAN_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._offline_retry.wait(), offline.RESCAN_SECONDS)
         except asyncio.CancelledError:
             raise
 
