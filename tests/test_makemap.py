@@ -171,6 +171,23 @@ def test_newaliases_builds_the_configured_aliases_table(tmp_path: Path, backend:
     assert dict(dump_db(str(tmp_path / "aliases.db"))) == {"root": "bob", "postmaster": "root", "abuse": "root"}
 
 
+def test_newaliases_reads_an_aliases_file_from_postfix_with_continued_lines(tmp_path: Path) -> None:
+    """`newaliases` on the /etc/aliases a Postfix or Sendmail system leaves: an indented line continues the
+    value before it (a comment may come between). OpenSMTPD 6.8's makemap refused the file (`alice,` ends with
+    an empty item) or, with two items on the indented line, made it an alias of its own (`bob,` for `carol`)."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("postmaster: root\nstaff: alice,\n  # the rest of the team\n  bob, carol,\n\tdave\n"
+                       "root: admin@example.org\n")
+    config = write_config(tmp_path, f"table aliases file:{aliases}")
+    result = run_ours("newaliases", "-f", str(config), cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{aliases}: 3 aliases\n", "")
+    assert dict(dump_db(str(tmp_path / "aliases.db"))) == {
+        "postmaster": "root", "staff": "alice, bob, carol, dave", "root": "admin@example.org"}
+    aliases.write_text("staff: alice,\nroot: admin\n")  # (a value ending with its comma is still refused)
+    refused = run_ours("newaliases", "-f", str(config), cwd=tmp_path)
+    assert (refused.returncode, refused.stderr) == (1, f"newaliases: {aliases}:1: invalid entry\n")
+
+
 def test_newaliases_reports_file_line_errors_and_usage(tmp_path: Path) -> None:
     aliases = tmp_path / "aliases"
     aliases.write_text("root: bob\nx: !!\n")

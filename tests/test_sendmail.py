@@ -613,6 +613,25 @@ def test_with_smtp_paused_a_message_is_kept_offline_and_sent_on_resume(world) ->
         daemon.stop()
 
 
+def test_an_aliases_file_from_postfix_with_continued_lines_reaches_everyone(world) -> None:
+    """/etc/aliases as Postfix, Sendmail and Exim read it: an indented line continues the value before it. Read
+    as an entry of its own (OpenSMTPD 6.8), `staff` lost the user without a word, and `USER,` became an alias."""
+    workdir, mail_root, user = world
+    aliases = workdir / "aliases"
+    aliases.write_text(f"# See man 5 aliases for format\npostmaster: root\nstaff: root,\n"
+                       f"  # the list goes on after a comment\n\t{user.pw_name}, postmaster\n")
+    config = (f"table aliases file:{aliases}\n"
+              'action "local" mbox alias <aliases>\nmatch from local for local action "local"\n')
+    daemon = Daemon(str(workdir), config, mail_root, mailname="mx.control.test").start()
+    try:
+        result = run_sendmail(daemon.env, ["staff"], "Subject: meeting\n\nat noon\n")
+        assert result.returncode == 0, result.stderr
+        assert "at noon" in wait_for_mail(os.path.join(mail_root, "root"))
+        assert "at noon" in wait_for_mail(os.path.join(mail_root, user.pw_name))
+    finally:
+        daemon.stop()
+
+
 def test_a_full_control_backlog_is_waited_for_not_taken_for_a_daemon_that_is_down(tmp_path: Path) -> None:
     """Connecting to a Unix socket whose backlog of connections not yet accepted is full fails at once (EAGAIN)
     when the socket has a timeout: sendmail took that for no daemon and went offline (the message then waited

@@ -4,7 +4,8 @@
     newaliases [-f file]
 
 The source is read the way fparseln(3) reads it: `#` starts a comment anywhere (`\\#` is a literal `#`), a
-backslash at the end of a line continues it. A map line is a key up to the first space, TAB or `:`, then,
+backslash at the end of a line continues it; so does an indented line after a value ending with a comma (the
+aliases files of Sendmail and Postfix; the daemon's file tables read it so). A map line is a key up to the first space, TAB or `:`, then,
 after any run of `:` and whitespace, the value (kept as written, to the end of the line, less the blanks there
 and a CR before the LF, as the daemon's file tables read it; OpenSMTPD's makemap keeps them). Keys are lowercased.
 A duplicate key, a key without a value, or (in aliases mode) a value with an item that is not an expansion
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from smtpd.lookup.items import classify_item
 from smtpd.lookup.tables.base import TableLoadError
 from smtpd.lookup.tables.db import SET_VALUE, dump_db, write_db
+from smtpd.lookup.tables.static import continues_value
 
 DEFAULT_ALIASES = "/etc/aliases"
 MAKEMAP_USAGE = "usage: makemap [-U] [-d dbtype] [-o dbfile] [-t type] file"
@@ -114,10 +116,22 @@ def _valid_aliases(value: str) -> bool:
 def parse_source(text: str, source: str, map_type: str) -> list[tuple[str, str]]:
     """The entries of a source. Raises MapError(`FILE:LINE: ...`)."""
     entries: dict[str, str] = {}
+    numbers: dict[str, int] = {}  # the line where each entry's value ends (aliases errors name it)
+    previous: str | None = None  # the last entry's key, while its value ends with a comma
     for number, line in logical_lines(text):
         # Blanks at the end of a line are no part of a key or value, as the daemon's file tables read a line:
         # a db made from a file must answer what the file answers (`example.org ` matched nothing in the db).
         line = line.rstrip(_WHITESPACE)
+        if previous is not None and not line.strip(_WHITESPACE):
+            continue
+        if previous is not None and continues_value(line):
+            # `staff: alice,` then `  bob`: one value, as the daemon's file tables and other MTAs' aliases read it
+            entries[previous] += " " + line.lstrip(_WHITESPACE)
+            numbers[previous] = number
+            previous = previous if line.endswith(",") else None
+            continue
+        _check_aliases(entries, numbers, previous, source, map_type)
+        previous = None
         if map_type == "set":
             key = line.lstrip(_WHITESPACE)
             if not key or key[0] == "#":
@@ -127,13 +141,25 @@ def parse_source(text: str, source: str, map_type: str) -> list[tuple[str, str]]
             entry = _map_entry(line)
             if entry is None:
                 continue
-            if entry is False or (map_type == "aliases" and not _valid_aliases(entry[1])):  # type: ignore[index]
+            if entry is False:
                 raise MapError(f"{source}:{number}: invalid entry")
             key, value = entry  # type: ignore[misc]
         if key in entries:
             raise MapError(f"{source}:{number}: duplicate entry for {key}")
         entries[key] = value
+        numbers[key] = number
+        previous = key if map_type != "set" and value.endswith(",") else None
+        if previous is None:
+            _check_aliases(entries, numbers, key, source, map_type)
+    _check_aliases(entries, numbers, previous, source, map_type)
     return list(entries.items())
+
+
+def _check_aliases(entries: dict[str, str], numbers: dict[str, int], key: str | None, source: str,
+                   map_type: str) -> None:
+    """In aliases mode, an entry's value (once whole) must be all expansion items."""
+    if key is not None and map_type == "aliases" and not _valid_aliases(entries[key]):
+        raise MapError(f"{source}:{numbers[key]}: invalid entry")
 
 
 def _read_source(source: str) -> tuple[str, os.stat_result | None]:

@@ -9,7 +9,9 @@ File format (reference §5.1): lines are trimmed, blank lines skipped, lines sta
 or a `:` the file is a mapping, otherwise a list; a comment `# @list` before it forces a list; an empty file
 is a mapping. In a mapping the key runs to the first space, TAB or `:`, and the value starts after the run of
 whitespace and `:`-followed-by-whitespace that follows. Keys are lowercased, values keep their case, and the
-last of duplicate keys wins.
+last of duplicate keys wins. An indented line after a value that ends with a comma continues that value, as in
+the aliases files of Sendmail, Postfix and Exim (`staff: alice,` then `  bob, carol`); OpenSMTPD reads it as an
+entry of its own, `bob,` for `carol`, and staff lost bob and carol without a word.
 """
 
 from __future__ import annotations
@@ -139,15 +141,30 @@ class InvalidMapEntry(TableLoadError):
         self.number = number
 
 
+def continues_value(raw: str) -> bool:
+    """Whether a data line (as read, not trimmed) after a value ending with a comma continues it: it is
+    indented (a line starting with a blank continues the one before in the aliases files of other MTAs)."""
+    return raw[:1] in (" ", "\t")
+
+
 def parse_table_text(text: str, path: str) -> StaticContent:
     """Parse a table file's text. Raises TableLoadError(`PATH:N: invalid map entry line N`)."""
     shape: TableShape | None = None
     entries: dict[str, str] = {}
     originals: dict[str, str] = {}
+    previous: str | None = None  # the key of the last mapping entry, while its value ends with a comma
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip(_WHITESPACE)
         if not line:
             continue
+        if previous is not None and line[0] == "#":
+            continue  # (a comment inside a continued value, as those aliases files allow)
+        if previous is not None and continues_value(raw):
+            entries[previous] += " " + line
+            if not line.endswith(","):
+                previous = None
+            continue
+        previous = None
         if line[0] == "#":
             if shape is None and line[1:].lstrip(_WHITESPACE) == "@list":
                 shape = TableShape.LIST
@@ -167,6 +184,8 @@ def parse_table_text(text: str, path: str) -> StaticContent:
             key = line[:separator.start()]  # type: ignore[union-attr]
         lowered = key.lower()
         entries[lowered] = value
+        if shape is TableShape.MAPPING and value.endswith(","):
+            previous = lowered
         if lowered != key:
             originals[lowered] = key
         elif originals:
