@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from smtpd.lookup.items import classify_item
+from smtpd.lookup.items import ItemError, classify_item, split_items
 from smtpd.lookup.tables.base import TableLoadError
 from smtpd.lookup.tables.db import SET_VALUE, dump_db, write_db
 from smtpd.lookup.tables.static import continues_value
@@ -107,9 +107,14 @@ def _map_entry(line: str) -> tuple[str, str] | None | bool:
 
 
 def _valid_aliases(value: str) -> bool:
-    """makemap's own check (stricter than the daemon's reading of a value): the value is cut at every comma,
-    quotes or not, and every piece, trimmed, must be a non-empty expansion item (`bob,` is refused)."""
-    pieces = [piece.strip(_WHITESPACE) for piece in value.split(",")]
+    """makemap's check: every comma-separated item, split as the daemon splits a value (commas in quotes or
+    after a backslash do not split; `\\root` is root), is an expansion item, and none is empty (`bob,` is refused,
+    as OpenSMTPD's makemap refuses it). OpenSMTPD's makemap cuts at every comma and keeps the backslash: it
+    refused `root: \\root, admin@example.org` and `"|/usr/bin/filter a,b"`, which its daemon reads."""
+    try:
+        pieces = split_items(value, keep_empty=True)
+    except ItemError:
+        return False
     return all(piece and classify_item(piece) is not None for piece in pieces)
 
 

@@ -55,8 +55,9 @@ _ADDRESS_DOMAIN_RE = re.compile(r"[A-Za-z0-9.-]+")
 MAX_ITEM_LENGTH = 4096
 
 
-def split_items(text: str) -> list[str]:
-    """The comma-separated items of a value, trimmed, empty ones dropped, escaping backslashes removed.
+def split_items(text: str, keep_empty: bool = False) -> list[str]:
+    """The comma-separated items of a value, trimmed, empty ones dropped (kept, as "", with keep_empty),
+    escaping backslashes removed.
 
     Raises ItemError when the value ends inside a quote or with a lone backslash."""
     items: list[str] = []
@@ -85,7 +86,7 @@ def split_items(text: str) -> list[str]:
     if escaped or in_double or in_single:
         raise ItemError(f"unbalanced quote or trailing backslash in {text.strip()!r}")
     items.append("".join(current))
-    return [item.strip() for item in items if item.strip()]
+    return [item.strip() for item in items if keep_empty or item.strip()]
 
 
 def _as_error(text: str) -> Item | None:
