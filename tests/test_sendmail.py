@@ -577,12 +577,12 @@ def test_an_offline_file_written_while_the_daemon_runs_is_submitted_without_a_re
         assert refused.returncode == 75, refused.stderr
         offline = workdir / "spool" / "offline"
         deadline = time.monotonic() + 10
-        while "kept for the next start" not in daemon.log() and time.monotonic() < deadline:
+        while "kept for a later try" not in daemon.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         [kept] = list(offline.iterdir())  # the refused one
         assert "nobody" in kept.read_text()
         time.sleep(1.5)  # three more looks at the folder
-        assert daemon.log().count("kept for the next start") == 1
+        assert daemon.log().count("kept for a later try") == 1
     finally:
         daemon.stop()
 
@@ -628,6 +628,34 @@ def test_an_aliases_file_from_postfix_with_continued_lines_reaches_everyone(worl
         assert result.returncode == 0, result.stderr
         assert "at noon" in wait_for_mail(os.path.join(mail_root, "root"))
         assert "at noon" in wait_for_mail(os.path.join(mail_root, user.pw_name))
+    finally:
+        daemon.stop()
+
+
+def test_a_message_refused_for_now_is_kept_offline_and_tried_again(world) -> None:
+    """A 4xx at RCPT (here the aliases file has a broken value: the daemon cannot expand it) is a temporary
+    refusal: the message was written to ~/dead.letter, exit 70, and never delivered. It is kept offline (exit
+    75), and tried again after a while (SMTPD_OFFLINE_RETRY_SECONDS), not only at the next start: once the
+    table is fixed, it arrives."""
+    workdir, mail_root, user = world
+    aliases = workdir / "aliases"
+    aliases.write_text('staff: "|unclosed\n')
+    config = f'table aliases file:{aliases}\naction "local" mbox alias <aliases>\nmatch from local for local action "local"\n'
+    daemon = Daemon(str(workdir), config, mail_root, mailname="mx.control.test")
+    daemon.env.update(SMTPD_OFFLINE_RESCAN_SECONDS="0.2", SMTPD_OFFLINE_RETRY_SECONDS="1")
+    daemon.start()
+    home = workdir / "script-home"
+    home.mkdir()
+    try:
+        result = run_sendmail({**daemon.env, "HOME": str(home)}, ["staff"], "Subject: report\n\nnightly report\n")
+        assert result.returncode == 75, result.stderr
+        assert result.stderr.startswith("sendmail: 4") and result.stderr.endswith(
+            ": the message is kept offline for a later try\n"), result.stderr
+        assert not (home / "dead.letter").exists()
+        wait_until(lambda: "could not be submitted" in daemon.log(), explain=daemon.log)
+        aliases.write_text("staff: root\n")
+        assert daemon.smtpctl("update", "table", "aliases").returncode == 0
+        assert "nightly report" in wait_for_mail(os.path.join(mail_root, "root"))
     finally:
         daemon.stop()
 

@@ -184,14 +184,20 @@ class MdaAgent:
 
     async def _replay_offline(self, paths: Any) -> None:
         """Once the control socket answers (the control server starts after us), submit offline messages; then
-        look again now and then for files that came while we run (a file that failed waits for the next start,
-        or for SMTP to be resumed)."""
+        look again now and then for files that came while we run (a file that failed for now is tried again
+        after offline.RETRY_SECONDS, or when SMTP is resumed)."""
         try:
             if not await offline.wait_for_socket(paths.socket):
                 _log.warning("offline: the control socket never answered; offline messages not replayed")
                 return
+            retry_at = 0.0  # when the files that failed for now are tried again
+            loop = asyncio.get_running_loop()
             while True:
                 self._offline_retry.clear()
+                if not self._offline_failed:
+                    retry_at = loop.time() + offline.RETRY_SECONDS
+                elif loop.time() >= retry_at:
+                    self._offline_failed.clear()
                 try:
                     await offline.replay_offline(paths.spool, paths.socket, paths.mailname, self._offline_failed)
                 except Exception:  # noqa: BLE001 — replaying is best effort; the files stay for the next start

@@ -3,8 +3,8 @@
 Each file holds, on its first line, sendmail's arguments joined with `|`, then the message as sendmail read it.
 At start, once the control socket answers, every file is submitted again by running sendmail's code with `-S`
 (never offline again) as the file's owner — so the daemon sees the same local user submitting as the one who
-ran sendmail. A file that went through is deleted; an empty one too; one that failed stays for the next start
-(and is logged). While the daemon runs, the folder is looked at again every RESCAN_SECONDS for files that came
+ran sendmail. A file that went through is deleted; an empty one too; one that failed for now stays, is logged,
+and is tried again after RETRY_SECONDS, at `smtpctl resume smtp` or at the next start. While the daemon runs, the folder is looked at again every RESCAN_SECONDS for files that came
 since (a sendmail that could not reach the daemon: its socket not there yet during a start, say).
 
 As root the submission runs in a forked child that drops to the owner's uid before doing anything (the
@@ -35,6 +35,9 @@ READY_TIMEOUT = 60.0
 # socket not yet there during a start, a burst that found it unreachable) left a file that would otherwise wait
 # for the next start. OpenSMTPD looks only at start.
 RESCAN_SECONDS = float(os.environ.get("SMTPD_OFFLINE_RESCAN_SECONDS", "60"))
+# Seconds before files that failed for now (a 4xx: a table the daemon cannot read, say) are tried again: not at
+# every rescan (a line in the log each minute), but not only at the next start either.
+RETRY_SECONDS = float(os.environ.get("SMTPD_OFFLINE_RETRY_SECONDS", "900"))
 ABANDONED_AFTER = 86400.0  # seconds: a hidden file this old in offline/ was left by a crash (see _remove_abandoned)
 LINK_GRACE = 60.0  # seconds a file in offline/ may have a second name (sendmail's hidden one, about to go)
 
@@ -75,7 +78,7 @@ async def wait_for_socket(socket_path: str, timeout: float = READY_TIMEOUT) -> b
 async def replay_offline(spool: str, socket_path: str, mailname_path: str | None = None,
                          failed: set[str] | None = None) -> int:
     """Submit every offline file again. Returns how many went through. Files named in ``failed`` are left alone
-    (they failed before: kept for the next start); the names of those that fail now are added to it."""
+    (they failed for now before: kept for a later try); the names of those that fail now are added to it."""
     directory = offline_directory(spool)
     try:
         names = sorted(os.listdir(directory))
@@ -119,7 +122,7 @@ def _remove_abandoned(directory: str, hidden: list[str]) -> None:
 
 
 async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -> bool | None:
-    """Submit one file: True when it went through, False when it failed (kept for the next start), None when it
+    """Submit one file: True when it went through, False when it failed (kept for a later try), None when it
     is not ready (looked at again at the next rescan)."""
     try:
         info = os.lstat(path)
@@ -159,7 +162,7 @@ async def _replay_file(path: str, socket_path: str, mailname_path: str | None) -
                      text or f"status {status}")
         _unlink(path)
         return False
-    _log.warning("offline: %s could not be submitted (%s); kept for the next start", path,
+    _log.warning("offline: %s could not be submitted (%s); kept for a later try", path,
                  text or f"status {status}")
     return False
 
