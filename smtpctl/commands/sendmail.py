@@ -94,6 +94,7 @@ class Options:
     from_headers: bool = False  # -t
     verbose: bool = False
     queue_run: bool = False  # -q
+    queue_interval: str = ""  # what follows -q: `-q30m` asks for a periodic queue runner (Sendmail's daemon mode)
     mode: str | None = None  # -b: `-bs` (SMTP on standard input and output) and `-bp` (mailq) mean something
     recipients: list[str] = field(default_factory=list)
 
@@ -136,7 +137,8 @@ def parse_arguments(argv: list[str]) -> Options:
                 raise UsageError(f"invalid option -- '{letter}'")
             _apply(options, letter, None)
             if options.queue_run:
-                return options  # -q ends it all there (exit 70), whatever follows (`-q1h`)
+                options.queue_interval = rest
+                return options  # -q ends it all there, whatever follows (`-q1h`)
             position += 1
         index += 1
     for argument in operands + argv[index:]:
@@ -651,10 +653,14 @@ def sendmail_main(argv: list[str], prog: str = "sendmail") -> int:
         # 501 online, or kept offline only to be refused at the replay).
         print(f"{prog}: leading < but no trailing >", file=sys.stderr)
         return EX_USAGE_ERROR
-    if options.queue_run:
-        print(f"{prog}: queue runs are not supported: the daemon schedules deliveries itself", file=sys.stderr)
-        return EX_SOFTWARE
     locations = paths.Paths.from_environment()
+    if options.queue_run:
+        if options.queue_interval[:1].isdigit():
+            # (-qf, -qR<site>, -qI<id>, Sendmail's and Postfix's narrower runs, get the whole queue run: more)
+            print(f"{prog}: periodic queue runs are not supported: the daemon schedules deliveries itself",
+                  file=sys.stderr)
+            return EX_SOFTWARE
+        return flush_queue(prog, locations.socket)
     if options.mode == "s":
         return smtp_on_stdio(prog, locations.socket)
     try:
@@ -732,6 +738,24 @@ def _say_refused(prog: str, text: str) -> None:
         print(f"{prog}: {text}", file=sys.stderr)
     else:
         print(f"{prog}: command failed: {text}", file=sys.stderr)
+
+
+def flush_queue(prog: str, socket_path: str) -> int:
+    """`sendmail -q`: try every queued message now (`smtpctl schedule all`), what Postfix's, Exim's and Sendmail's
+    `sendmail -q` do (a network hook runs it when the link comes up). Quiet when it worked, as theirs; without a
+    daemon, exit 69 as Postfix's (OpenSMTPD's exits 70 for any -q, saying nothing)."""
+    from smtpctl.client import Client, ControlError, DaemonNotRunning
+
+    try:
+        with Client(socket_path) as client:
+            client.call("schedule", target="all")
+    except DaemonNotRunning:
+        print(f"{prog}: smtpd doesn't seem to be running: the queue cannot be run", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except ControlError as error:
+        print(f"{prog}: cannot run the queue: {error.message}", file=sys.stderr)
+        return EX_SOFTWARE
+    return 0
 
 
 def _written_at() -> float | None:
