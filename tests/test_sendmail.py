@@ -677,6 +677,30 @@ def test_sendmail_q_runs_the_queue_now(world) -> None:
         69, "sendmail: smtpd doesn't seem to be running: the queue cannot be run\n")
 
 
+def test_mail_of_bsd_mailx_and_s_nail_reaches_root(world) -> None:
+    """What smartd, cron scripts and admins run: `mail -s SUBJECT root` of Debian's bsd-mailx (it runs
+    `sendmail -i -t`, the recipients in the header) and of s-nail (`sendmail -i -f FROM -- root` with -r), each
+    pointed at our sendmail as an administrator's mailrc or `-S mta=` does. (Packages bsd-mailx and s-nail.)"""
+    workdir, mail_root, user = world
+    daemon = start_daemon(workdir, mail_root, user)
+    mailrc = workdir / "mailrc"
+    mailrc.write_text(f"set sendmail={SENDMAIL}\n")
+    env = {**daemon.env, "HOME": str(workdir), "MAILRC": str(mailrc)}
+    try:
+        for command, text in (
+                (["bsd-mailx", "-s", "SMART error detected on host", "root"], "Device: /dev/sda, 8 Currently unreadable sectors\n"),
+                (["s-nail", "-:/", "-S", f"mta={SENDMAIL}", "-r", "smartd@example.org", "-s", "disk report", "root"],
+                 "/dev/sda1 91%\n")):
+            result = subprocess.run(command, input=text, capture_output=True, text=True, timeout=60, env=env, cwd="/")
+            assert (result.returncode, result.stderr) == (0, ""), command
+        content = wait_for_mail(os.path.join(mail_root, "root"), count=2)
+        assert "\nSubject: SMART error detected on host\n" in content and "8 Currently unreadable sectors" in content
+        assert "\nTo: root@mx.control.test\n" in content
+        assert "Return-Path: <smartd@example.org>\n" in content and "\nSubject: disk report\n" in content
+    finally:
+        daemon.stop()
+
+
 def test_a_full_control_backlog_is_waited_for_not_taken_for_a_daemon_that_is_down(tmp_path: Path) -> None:
     """Connecting to a Unix socket whose backlog of connections not yet accepted is full fails at once (EAGAIN)
     when the socket has a timeout: sendmail took that for no daemon and went offline (the message then waited
