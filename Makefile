@@ -3,7 +3,7 @@ PYTHON ?= python3.12
 VENV := .venv
 PY := $(VENV)/bin/python
 # gcc and libcrypt-dev: crypt-r is published as source only, and pip compiles it (so test-deps runs before install).
-APT_PACKAGES := gcc libcrypt-dev iproute2 util-linux swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt faketime opensmtpd-filter-dkimsign opensmtpd-filter-rspamd postgresql mariadb-server redis-server slapd ldap-utils
+APT_PACKAGES := gcc libcrypt-dev iproute2 util-linux swaks opensmtpd opensmtpd-extras dovecot-core dovecot-imapd dovecot-lmtpd openssl tmux apache2-utils whois zsh fish mutt bsd-mailx s-nail faketime opensmtpd-filter-dkimsign opensmtpd-filter-rspamd postgresql mariadb-server redis-server slapd ldap-utils
 
 .PHONY: run test venv install bytecode test-deps lint completions
 
