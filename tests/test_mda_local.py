@@ -415,6 +415,23 @@ def test_mda_exit_status_mapping(spool, bob, script, outcome, text) -> None:
     assert (result.outcome, result.text) == (outcome, text)
 
 
+@pytest.mark.parametrize(("command", "outcome"), [
+    ("exit 75", Outcome.TEMPFAIL),  # a builtin: no program of that name (it bounced, `exit: No such file`)
+    ("umask 077", Outcome.OK),
+    ("LC_ALL=C /bin/true", Outcome.OK),  # an assignment before the program
+    ("if /bin/false; then exit 0; else exit 75; fi", Outcome.TEMPFAIL),  # (a keyword; `;` made it one already)
+])
+def test_an_mda_command_that_is_shell_text_without_operators_runs_in_a_shell(spool, bob, command,
+                                                                             outcome) -> None:
+    """OpenSMTPD runs every mda command with /bin/sh -c; ours runs one without the shell's syntax directly,
+    and a command line starting with a builtin, a keyword or a variable assignment is the shell's syntax too."""
+    tmp_path, _, _ = spool
+    config = mbox_config(method=Method.MDA, mda_command=command)
+    envelope = mda_envelope("local", f"{bob.pw_name}@example.org", bob.pw_name)
+    result = deliver(agent_for(config), envelope, write_message(str(tmp_path / "m"), MESSAGE))
+    assert result.outcome is outcome, result
+
+
 def test_wrapper_wraps_the_mda_command(spool, bob) -> None:
     tmp_path, _, _ = spool
     out = tmp_path / "wrapped"

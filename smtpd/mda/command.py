@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import shlex
 import signal
 import stat
@@ -102,9 +103,21 @@ _SHELL_OPERATORS = frozenset("|&;<>()`$")
 _DOUBLE_QUOTED_OPERATORS = frozenset("`$")
 
 
+# A command line starting with one of these, or with a variable assignment, is shell text though it has no
+# operator (`exit 75`, `umask 077`, `LC_ALL=C procmail`): no program of that name is run.
+_SHELL_FIRST_WORDS = frozenset({
+    ":", ".", "break", "continue", "eval", "exec", "exit", "export", "readonly", "return", "set", "shift",
+    "times", "trap", "unset", "cd", "umask", "ulimit", "alias", "unalias", "wait", "read", "command", "type",
+    "hash", "getopts", "if", "case", "for", "while", "until", "{", "!", "function", "select"})
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
 def needs_shell(template: str) -> bool:
-    """Whether the configured command uses the shell's syntax (`spamc | procmail`, `cat > file`), outside of
-    what shlex.split alone honours (words, quotes, backslashes)."""
+    """Whether the configured command uses the shell's syntax (`spamc | procmail`, `cat > file`, `exit 75`),
+    outside of what shlex.split alone honours (words, quotes, backslashes)."""
+    first_word = template.split(maxsplit=1)[0] if template.strip() else ""
+    if first_word in _SHELL_FIRST_WORDS or _ASSIGNMENT.match(first_word):
+        return True
     quote = ""
     escaped = False
     for char in template:
