@@ -12,6 +12,7 @@ import re
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,19 +232,25 @@ def test_local_submissions_go_through_the_socket_listeners_filter(folder: Path) 
         assert any(line.endswith("|mx.test.example|local") for line in lines if "|connect|" in line)
 
 
-def test_link_tls_reports_what_the_tls_log_line_says(folder: Path) -> None:
-    """6.8 reports link-tls with the text of its `smtp tls ciphers=` line, `TLSv1.3:TLS_AES_256_GCM_SHA384:256`;
-    we sent OpenSMTPD 7's `version=TLSv1.3, cipher=..., bits=256`, which a filter written for 6.8 cannot read."""
-    import ssl
-
+def recorded_tls_listener(folder: Path, mode: str, *filter_options: str) -> tuple[str, ssl.SSLContext]:
+    """A config whose `tls` or `smtps` listener has the recording filter (its options, no phases), and a client
+    context trusting the listener's new certificate."""
     make_certificate(folder)
+    options = [*filter_options, "phases="]
     text = (f'pki mx.test.example cert "{folder}/mx.test.example.crt"\n'
             f'pki mx.test.example key "{folder}/mx.test.example.key"\n'
-            f'filter "rec" proc-exec {filter_command(folder, "filter.log", "reports=link-tls", "phases=")}\n'
-            'listen on 127.0.0.1 port {port} tls pki mx.test.example filter "rec"\n'
+            f'filter "rec" proc-exec {filter_command(folder, "filter.log", *options)}\n'
+            f'listen on 127.0.0.1 port {{port}} {mode} pki mx.test.example filter "rec"\n'
             'action "relay" relay\nmatch from any for any action "relay"\n')
     context = ssl.create_default_context(cafile=str(folder / "mx.test.example.crt"))
     context.check_hostname = False  # (reached at 127.0.0.1: the certificate's issuer is what is checked)
+    return text, context
+
+
+def test_link_tls_reports_what_the_tls_log_line_says(folder: Path) -> None:
+    """6.8 reports link-tls with the text of its `smtp tls ciphers=` line, `TLSv1.3:TLS_AES_256_GCM_SHA384:256`;
+    we sent OpenSMTPD 7's `version=TLSv1.3, cipher=..., bits=256`, which a filter written for 6.8 cannot read."""
+    text, context = recorded_tls_listener(folder, "tls", "reports=link-tls")
     with SmtpDaemon(folder / "daemon", text) as daemon, smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
         client.starttls(context=context)
         client.ehlo("client.test")
@@ -258,16 +265,7 @@ def test_an_smtps_session_is_reported_connected_before_secured(folder: Path) -> 
     """As 6.8 reports an SMTPS session: link-connect first (a filter makes its session's state there), then link-tls;
     link-tls came first, for a session the filter did not know yet, and a failed handshake was a link-disconnect
     of a session never connected."""
-    import ssl
-
-    make_certificate(folder)
-    text = (f'pki mx.test.example cert "{folder}/mx.test.example.crt"\n'
-            f'pki mx.test.example key "{folder}/mx.test.example.key"\n'
-            f'filter "rec" proc-exec {filter_command(folder, "filter.log", "phases=")}\n'
-            'listen on 127.0.0.1 port {port} smtps pki mx.test.example filter "rec"\n'
-            'action "relay" relay\nmatch from any for any action "relay"\n')
-    context = ssl.create_default_context(cafile=str(folder / "mx.test.example.crt"))
-    context.check_hostname = False
+    text, context = recorded_tls_listener(folder, "smtps")
 
     def link_events() -> dict[str, list[str]]:
         """Each session's link-* report events, in order."""

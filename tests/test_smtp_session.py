@@ -553,34 +553,29 @@ def test_proxy_ipv4_client_of_a_dual_stack_proxy_is_an_ipv4_client(daemon: SmtpD
     assert daemon.message(msgid).decode().startswith("Received: from dual.test (<unknown> [198.51.100.3])\n")
 
 
-def test_proxy_v2_proxy_command_without_an_address_is_dropped(daemon: SmtpDaemon) -> None:
-    """The PROXY command with an unspecified family names no client: dropped, as OpenSMTPD 6.8 does."""
+def assert_proxy_listener_drops(daemon: SmtpDaemon, data: bytes) -> None:
+    """The proxy-v2 listener closes the connection that began with data."""
     client = LineClient(daemon.ports["port5"])
     try:
-        client.send(b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00EHLO x.test\r\n")
+        client.send(data)
         assert client.closed()
     finally:
         client.close()
+
+
+def test_proxy_v2_proxy_command_without_an_address_is_dropped(daemon: SmtpDaemon) -> None:
+    """The PROXY command with an unspecified family names no client: dropped, as OpenSMTPD 6.8 does."""
+    assert_proxy_listener_drops(daemon, b"\r\n\r\n\x00\r\nQUIT\n\x21\x00\x00\x00EHLO x.test\r\n")
 
 
 def test_proxy_v2_listener_drops_a_client_without_header(daemon: SmtpDaemon) -> None:
-    client = LineClient(daemon.ports["port5"])
-    try:
-        client.send(b"EHLO not-a-proxy.test\r\n")
-        assert client.closed()
-    finally:
-        client.close()
+    assert_proxy_listener_drops(daemon, b"EHLO not-a-proxy.test\r\n")
 
 
 def test_a_bad_proxy_header_is_logged_once_in_our_format(daemon: SmtpDaemon) -> None:
     """aiosmtpd's parser wrote its own bare `PROXY error: ...` line beside ours for every bad header, and ours did
     not say who sent it."""
-    client = LineClient(daemon.ports["port5"])
-    try:
-        client.send(b"PROXY TCP4 192.0.2.300 127.0.0.1 1 25\r\n")
-        assert client.closed()
-    finally:
-        client.close()
+    assert_proxy_listener_drops(daemon, b"PROXY TCP4 192.0.2.300 127.0.0.1 1 25\r\n")
     wait_until(lambda: "bad PROXY header from 127.0.0.1: malformed PROXY header: PROXYv1 address malformed"
                        in daemon.log())
     assert "PROXY error:" not in daemon.log()

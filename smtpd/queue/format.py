@@ -258,12 +258,8 @@ def _load_opensmtpd(text: str) -> Envelope:
         if key not in _OPENSMTPD_KEYS:
             raise EnvelopeFormatError(f"unknown key {key!r} in an OpenSMTPD envelope")
         attribute, convert, _ = _LOADERS[key]
-        try:
-            setattr(envelope, attribute, value if convert is None else convert(value))
-        except (ValueError, TypeError) as error:
-            raise EnvelopeFormatError(f"bad value for {key}: {error}") from None
-    if "dsn-notify" not in seen or "ctime" not in seen:
-        raise EnvelopeFormatError("missing required key (dsn-notify, ctime)")
+        _set_field(envelope, key, attribute, convert, value)
+    _check_required(seen)
     if envelope.mda_exec:
         envelope.mda_exec = _opensmtpd_exec_item(envelope.mda_exec)
     return envelope
@@ -329,10 +325,19 @@ def _load_strict(text: str) -> Envelope:
             value = _unescape(value)
         if shared:
             value = sys.intern(value)  # the same few values in thousands of envelopes
-        try:
-            setattr(envelope, attribute, value if convert is None else convert(value))
-        except (ValueError, TypeError) as error:
-            raise EnvelopeFormatError(f"bad value for {key}: {error}") from None
+        _set_field(envelope, key, attribute, convert, value)
+    _check_required(seen)
+    return envelope
+
+
+def _set_field(envelope: Envelope, key: str, attribute: str, convert: Callable[[str], Any] | None,
+               value: str) -> None:
+    try:
+        setattr(envelope, attribute, value if convert is None else convert(value))
+    except (ValueError, TypeError) as error:
+        raise EnvelopeFormatError(f"bad value for {key}: {error}") from None
+
+
+def _check_required(seen: set[str]) -> None:
     if "dsn-notify" not in seen or "ctime" not in seen:
         raise EnvelopeFormatError("missing required key (dsn-notify, ctime)")
-    return envelope
