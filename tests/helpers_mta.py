@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
-from typing import Any
+from typing import IO, Any
 
 import dns.flags
 import dns.message
@@ -368,6 +368,7 @@ def environment(**values: str) -> Iterator[None]:
 
 # -- real OpenSMTPD as a receiver --------------------------------------------------------------------------------
 OPENSMTPD = "/usr/sbin/smtpd"
+OPENSMTPD_LOCK = "/run/lock/pysmtpd-tests-opensmtpd.lock"  # held by the test whose OpenSMTPD runs (see OpenSmtpd)
 
 
 # OpenSMTPD looks up every client's reverse name before its banner, through the servers of /etc/resolv.conf (it
@@ -400,8 +401,39 @@ class OpenSmtpd:
         with open(self.config_path, "w", encoding="utf-8") as handle:
             handle.write(config_text)
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: IO[str] | None = None
 
     def __enter__(self) -> OpenSmtpd:
+        self._take_the_machines_opensmtpd()
+        try:
+            return self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _take_the_machines_opensmtpd(self) -> None:
+        """Wait for the other tests' OpenSMTPD to end, across pytest-xdist's worker processes: two started in the
+        same instant could both find the control socket free and share the spool."""
+        import fcntl
+        import time
+        self._lock = open(OPENSMTPD_LOCK, "a")  # noqa: SIM115 — held until __exit__
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._lock.close()
+                    raise RuntimeError("another test held OpenSMTPD for over 600 s") from None
+                time.sleep(0.1)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # (closing releases the flock)
+            self._lock = None
+
+    def _start(self) -> OpenSmtpd:
         import time
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -409,10 +441,13 @@ class OpenSmtpd:
             self.process = subprocess.Popen(opensmtpd_command(["-d", *self.args, "-f", self.config_path],
                                                               self.workdir), stdout=log, stderr=subprocess.STDOUT)
             log.close()
-            while self.process.poll() is None:
+            while self.process.poll() is None and time.monotonic() < deadline:
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
                     return self
                 time.sleep(0.1)
+            if self.process.poll() is None:  # (running, but not on self.port: a config naming another port)
+                self.__exit__()
+                break
             if "control socket already listening" not in self.log():
                 break
             # Another OpenSMTPD (someone else's run) holds /var/run/smtpd.sock: wait for it to finish.
@@ -420,13 +455,16 @@ class OpenSmtpd:
         raise RuntimeError(f"OpenSMTPD did not start:\n{self.log()[-3000:]}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, 15)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, 9)
-                self.process.wait(5)
+        try:
+            if self.process is not None and self.process.poll() is None:
+                os.kill(self.process.pid, 15)
+                try:
+                    self.process.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.kill(self.process.pid, 9)
+                    self.process.wait(5)
+        finally:
+            self._release()
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as handle:
