@@ -38,6 +38,7 @@ class DnsServer:
 
     records: {name: [(type, rdata text), ...]}, e.g. {"example.test": [("MX", "10 mx1.example.test.")]}.
     A name absent from records is NXDOMAIN; a present name without the asked type is an empty answer.
+    ("SERVFAIL", "") makes every question about the name fail; ("SERVFAIL", "AAAA") only the AAAA questions.
     """
 
     def __init__(self, records: dict[str, list[tuple[str, str]]]) -> None:
@@ -92,7 +93,7 @@ class DnsServer:
         if name not in self.records:
             response.set_rcode(dns.rcode.NXDOMAIN)
             return response
-        if any(kind == "SERVFAIL" for kind, _ in self.records[name]):
+        if any(kind == "SERVFAIL" and text in ("", rdtype) for kind, text in self.records[name]):
             response.set_rcode(dns.rcode.SERVFAIL)
             return response
         texts = [text for kind, text in self.records[name] if kind == rdtype]

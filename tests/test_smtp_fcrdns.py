@@ -27,6 +27,9 @@ RECORDS = {
     # 127.0.0.5: no reverse name: fail
     # 127.0.0.6: a reverse "name" that is no host name (written to shift a filter report's fields): no name, fail
     "6.0.0.127.in-addr.arpa": [("PTR", "a|fail|9.9.9.9:25|x.evil.test.")],
+    # 127.0.0.7: the name resolves back, but its server fails every AAAA question (IPv4 client): still pass
+    "7.0.0.127.in-addr.arpa": [("PTR", "noaaaa.client.test.")],
+    "noaaaa.client.test": [("A", "127.0.0.7"), ("SERVFAIL", "AAAA")],
 }
 
 CONFIG = """
@@ -70,6 +73,7 @@ def fcrdns_trace(daemon: SmtpDaemon, source: str) -> list[str]:
     ("127.0.0.4", "error", "broken.client.test"),
     ("127.0.0.5", "fail", "<unknown>"),
     ("127.0.0.6", "fail", "<unknown>"),
+    ("127.0.0.7", "pass", "noaaaa.client.test"),
 ])
 def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer], source: str, status: str,
                                             host: str) -> None:

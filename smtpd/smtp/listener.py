@@ -386,14 +386,20 @@ class SmtpServer:
         return name, "fail"
 
     async def _forward_confirm(self, name: str, ip: str) -> str:
-        """Whether ``name`` resolves (A/AAAA) to ``ip``."""
+        """Whether ``name`` resolves to ``ip``. Only the client's own family is asked (A for an IPv4 client, AAAA
+        for IPv6), as OpenSMTPD 6.8 does: a name server that fails AAAA questions (still common) must not turn an
+        IPv4 client's confirmed name into "error", nor is the other family's answer of any use."""
         resolver_address = os.environ.get("SMTPD_RESOLVER")
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
             if resolver_address:
-                addresses = await asyncio.wait_for(_addresses_with_dnspython(name, resolver_address), 10)
+                addresses = await asyncio.wait_for(
+                    _addresses_with_dnspython(name, "AAAA" if family == socket.AF_INET6 else "A", resolver_address),
+                    10)
             else:
                 loop = asyncio.get_running_loop()
-                infos = await asyncio.wait_for(loop.getaddrinfo(name, None, type=socket.SOCK_STREAM), 10)
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(name, None, family=family, type=socket.SOCK_STREAM), 10)
                 addresses = [str(info[4][0]) for info in infos]
         except Exception as error:  # noqa: BLE001 — as in _reverse
             trace.emit("smtp", f"no address for {name}: {error}", address=ip)
@@ -475,23 +481,9 @@ async def _reverse_with_dnspython(ip: str, resolver_address: str) -> str | None:
     return None
 
 
-async def _addresses_with_dnspython(name: str, resolver_address: str) -> list[str]:
-    import dns.resolver
-
-    resolver = _resolver(resolver_address)
-    addresses: list[str] = []
-    missing = 0
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(name, rdtype, lifetime=5)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer) as error:
-            missing += 1
-            last_error: Exception = error
-            continue
-        addresses += [record.to_text() for record in answer]
-    if missing == 2:
-        raise last_error
-    return addresses
+async def _addresses_with_dnspython(name: str, rdtype: str, resolver_address: str) -> list[str]:
+    answer = await _resolver(resolver_address).resolve(name, rdtype, lifetime=5)
+    return [record.to_text() for record in answer]
 
 
 def _same_address(found: str, ip: str) -> bool:
