@@ -125,6 +125,18 @@ def test_address_literal_domains_are_delivered_to_that_address(tmp_path: os.Path
     assert not [name for name, rdtype in asked if rdtype in ("MX", "A", "AAAA")]
 
 
+def test_a_bare_address_as_domain_is_a_name_that_does_not_exist(tmp_path: os.PathLike[str]) -> None:
+    # RFC 5321 4.1.3: only `[192.0.2.1]` is an address literal. `bob@127.0.0.3` is asked about as a name (as
+    # OpenSMTPD 6.8 and Postfix do) and bounces; nothing connects to the address written without brackets.
+    port = free_port("127.0.0.3")
+    with DnsServer(ZONE) as dns, Remote(host="127.0.0.3", port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope("bob@127.0.0.3")], message(tmp_path))
+        asked = list(dns.queries)
+    assert (results[0].outcome, results[0].text) == (Outcome.PERMFAIL, "Domain does not exist")
+    assert remote.received == []
+    assert ("127.0.0.3", "MX") in asked
+
+
 @pytest.mark.parametrize(("domain", "outcome", "text"), [
     ("nullmx.test", Outcome.PERMFAIL, "Domain does not accept mail (null MX)"),
     ("nowhere.test", Outcome.PERMFAIL, "Domain does not exist"),

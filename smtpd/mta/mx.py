@@ -64,9 +64,13 @@ class Resolver:
     async def mx_hosts(self, domain: str) -> list[MxHost]:
         """The exchangers of domain, in the order to try: by preference, random among equals."""
         domain = domain.rstrip(".").lower()
-        literal = _literal_address(domain)
-        if literal is not None:
-            return [MxHost(domain, 0, (literal,))]
+        if domain.startswith("["):
+            literal = _literal_address(domain)
+            if literal is not None:
+                return [MxHost(domain, 0, (literal,))]
+        # A bare address (`user@192.0.2.1`) is no address literal (RFC 5321 4.1.3 wants the brackets): it is asked
+        # about as a name, as OpenSMTPD 6.8 and Postfix do, and does not exist; taking it as the address sent the
+        # mail to whatever host the sender wrote without the brackets that say "this address, no DNS".
         try:
             answer = await self._resolver.resolve(domain, "MX", raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
@@ -93,7 +97,7 @@ class Resolver:
         return hosts
 
     async def _implicit_mx(self, domain: str) -> list[MxHost]:
-        addresses = await self.addresses(domain)
+        addresses = await self._dns_addresses(domain)
         if not addresses:
             raise MxError("No MX found for domain", permanent=False)
         trace.emit("mta", f"mta: no MX for {domain}, implicit MX {list(addresses)}", domain=domain)
@@ -121,6 +125,10 @@ class Resolver:
         literal = _literal_address(name)
         if literal is not None:
             return (literal,)
+        return await self._dns_addresses(name)
+
+    async def _dns_addresses(self, name: str) -> tuple[str, ...]:
+        """The A and AAAA addresses of name, which is taken as a name even when it reads as an address."""
         if not self.setting:
             return await _system_addresses(name)
         found: list[str] = []
