@@ -30,6 +30,9 @@ RECORDS = {
     # 127.0.0.7: the name resolves back, but its server fails every AAAA question (IPv4 client): still pass
     "7.0.0.127.in-addr.arpa": [("PTR", "noaaaa.client.test.")],
     "noaaaa.client.test": [("A", "127.0.0.7"), ("SERVFAIL", "AAAA")],
+    # 127.0.0.8: a reverse "name" that is an address (another one, to dress up the Received line): no name, fail
+    "8.0.0.127.in-addr.arpa": [("PTR", "10.0.0.8.")],
+    "10.0.0.8": [("A", "127.0.0.8")],
 }
 
 CONFIG = """
@@ -74,6 +77,7 @@ def fcrdns_trace(daemon: SmtpDaemon, source: str) -> list[str]:
     ("127.0.0.5", "fail", "<unknown>"),
     ("127.0.0.6", "fail", "<unknown>"),
     ("127.0.0.7", "pass", "noaaaa.client.test"),
+    ("127.0.0.8", "fail", "<unknown>"),
 ])
 def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer], source: str, status: str,
                                             host: str) -> None:

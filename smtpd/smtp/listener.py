@@ -383,6 +383,12 @@ class SmtpServer:
             # refuses it (res_hnok) when the system resolver is asked.
             trace.emit("smtp", f"no reverse name for {ip}: {name!r} is not a host name", address=ip)
             return None, "fail"
+        if name is not None and _reads_as_address(name):
+            # A PTR record saying "10.0.0.8" names no host: it would put a made-up address in the Received line
+            # beside the real one and satisfy `rdns` checks. Postfix counts it as unknown ("numeric hostname"),
+            # and OpenSMTPD's filters' rdns check does too.
+            trace.emit("smtp", f"no reverse name for {ip}: {name!r} is an address", address=ip)
+            return None, "fail"
         return name, "fail"
 
     async def _forward_confirm(self, name: str, ip: str) -> str:
@@ -484,6 +490,14 @@ async def _reverse_with_dnspython(ip: str, resolver_address: str) -> str | None:
 async def _addresses_with_dnspython(name: str, rdtype: str, resolver_address: str) -> list[str]:
     answer = await _resolver(resolver_address).resolve(name, rdtype, lifetime=5)
     return [record.to_text() for record in answer]
+
+
+def _reads_as_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _same_address(found: str, ip: str) -> bool:
