@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import smtplib
 
 import pytest
+from daemon import SmtpdProcess
 from helpers_mta import (
     CLOSE,
     DnsServer,
@@ -15,6 +17,7 @@ from helpers_mta import (
     free_port,
     relay_config,
     standard_script,
+    wait_until,
 )
 
 from smtpd import trace
@@ -389,3 +392,27 @@ def test_a_host_failing_one_relays_tls_policy_is_not_disabled_for_the_others(tmp
     assert [result.text for result in results[:5]] == ["TLS required but not supported by remote host"] * 5
     assert results[5].outcome is Outcome.OK, results[5].text
     assert remote.commands.count("<EOM>") == 1
+
+
+def test_a_resolv_conf_without_nameservers_means_the_local_one(tmp_path: os.PathLike[str]) -> None:
+    """resolv.conf(5): no `nameserver` line means the server on this machine (libc and OpenSMTPD take it so). The
+    daemon, without the resolver setting, runs in a mount namespace whose /etc/resolv.conf is empty: it starts,
+    takes mail and relays it (to an address literal, which needs no DNS)."""
+    empty = os.path.join(tmp_path, "resolv.conf")
+    with open(empty, "w", encoding="utf-8") as handle:
+        handle.write("search example.test\n")
+    port = free_port("127.0.0.2")
+    config = 'listen on 127.0.0.1 port {port}\naction "r" relay\nmatch from any for any action "r"\n'
+    with Remote(host="127.0.0.2", port=port) as remote:
+        daemon = SmtpdProcess(os.path.join(tmp_path, "d"), config, env={"SMTPD_RESOLVER": "",
+                                                                         "SMTPD_MX_PORT": str(port)},
+                              wrapper=("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                       'mount --bind "$0" /etc/resolv.conf && exec "$@"', empty))
+        daemon.start()
+        try:
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("bob@local.test", ["alice@[127.0.0.2]"], MESSAGE.replace(b"\n", b"\r\n"))
+            assert wait_until(lambda: len(remote.received) == 1), daemon.log()
+        finally:
+            daemon.stop()
+    assert remote.received[0].rcpt_tos == ["alice@[127.0.0.2]"]

@@ -57,7 +57,7 @@ class Resolver:
             self._resolver.nameservers = [host]
             self._resolver.port = port
         else:
-            self._resolver = dns.asyncresolver.Resolver()
+            self._resolver = _system_resolver()
         self._resolver.lifetime = DNS_TIMEOUT
         self._resolver.timeout = DNS_TIMEOUT / 3
 
@@ -167,6 +167,18 @@ class Resolver:
             if record.exchange.to_text(omit_final_dot=True).lower() == wanted:
                 return int(record.preference)
         return None
+
+
+def _system_resolver() -> dns.asyncresolver.Resolver:
+    """The resolver of /etc/resolv.conf. A file without `nameserver` lines (or no file) means the name server on
+    this machine, as resolv.conf(5) says and libc and OpenSMTPD do: the daemon stopped at start with "no
+    nameservers" instead."""
+    try:
+        return dns.asyncresolver.Resolver()
+    except dns.resolver.NoResolverConfiguration:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        return resolver
 
 
 async def _system_addresses(name: str) -> tuple[str, ...]:
