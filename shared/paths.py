@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_CONFIG = "/etc/smtpd.conf"
 DEFAULT_SPOOL = "/var/spool/smtpd"
@@ -44,6 +45,18 @@ def parse_resolver_setting(value: str) -> tuple[str, int]:
     if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"invalid resolver port: {port!r}")
     return host, int(port)
+
+
+def read_system_resolver(resolver: Any) -> None:
+    """Configure a dnspython resolver made with ``configure=False`` from /etc/resolv.conf. A file without
+    `nameserver` lines (or no file) means the server on this machine, as resolv.conf(5) says and libc and
+    OpenSMTPD do; dnspython refuses it ("no nameservers"), which stopped the daemon at start."""
+    import dns.resolver
+
+    try:
+        resolver.read_resolv_conf("/etc/resolv.conf")
+    except dns.resolver.NoResolverConfiguration:
+        resolver.nameservers = ["127.0.0.1"]
 
 
 @dataclass(frozen=True)

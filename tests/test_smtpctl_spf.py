@@ -102,3 +102,16 @@ def test_walk_with_a_resolver_setting_that_is_no_address_says_so() -> None:
                             capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
     assert result.returncode == 255
     assert "SMTPD_RESOLVER=resolver.example" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_walk_with_a_resolv_conf_without_nameservers_uses_the_local_one(tmp_path) -> None:  # noqa: ANN001
+    """resolv.conf(5): no `nameserver` line means the server on this machine. `spf walk` (no resolver setting,
+    in a mount namespace whose /etc/resolv.conf has none) died with dnspython's "no nameservers" traceback."""
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search example.test\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SMTPD_RESOLVER": ""}
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(conf),
+                             sys.executable, "-m", "smtpctl", "spf", "walk"], input="# no domain\n",
+                            capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

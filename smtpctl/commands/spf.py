@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from shared.paths import parse_resolver_setting
+from shared.paths import parse_resolver_setting, read_system_resolver
 from smtpctl.words import Leaf, WordGroup
 
 MAX_LOOKUPS = 50  # how many records one domain may pull in (loops and huge include trees end here)
@@ -54,9 +54,11 @@ def walk() -> None:
 def _resolver() -> Any:
     import dns.resolver
 
-    resolver = dns.resolver.Resolver(configure=not os.environ.get("SMTPD_RESOLVER"))
+    resolver = dns.resolver.Resolver(configure=False)
     address = os.environ.get("SMTPD_RESOLVER")
-    if address:
+    if not address:
+        read_system_resolver(resolver)
+    else:
         try:
             host, port = parse_resolver_setting(address)
         except ValueError as error:

@@ -20,7 +20,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from shared.paths import ENV_RESOLVER, parse_resolver_setting
+from shared.paths import ENV_RESOLVER, parse_resolver_setting, read_system_resolver
 from smtpd import trace
 
 DNS_TIMEOUT = 10.0
@@ -170,15 +170,9 @@ class Resolver:
 
 
 def _system_resolver() -> dns.asyncresolver.Resolver:
-    """The resolver of /etc/resolv.conf. A file without `nameserver` lines (or no file) means the name server on
-    this machine, as resolv.conf(5) says and libc and OpenSMTPD do: the daemon stopped at start with "no
-    nameservers" instead."""
-    try:
-        return dns.asyncresolver.Resolver()
-    except dns.resolver.NoResolverConfiguration:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = ["127.0.0.1"]
-        return resolver
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    read_system_resolver(resolver)
+    return resolver
 
 
 async def _system_addresses(name: str) -> tuple[str, ...]:
