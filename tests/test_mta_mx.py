@@ -75,6 +75,8 @@ ZONE = {
     "a.equal.test": [("A", "127.0.0.4")],
     "b.equal.test": [("A", "127.0.0.5")],
     "c.equal.test": [("A", "127.0.0.6")],
+    "sixonly.test": [("MX", "10 mx.sixonly.test.")],
+    "mx.sixonly.test": [("SERVFAIL", "A"), ("AAAA", "::1")],
 }
 
 
@@ -138,6 +140,16 @@ def test_a_bare_address_as_domain_is_a_name_that_does_not_exist(tmp_path: os.Pat
     assert (results[0].outcome, results[0].text) == (Outcome.PERMFAIL, "Domain does not exist")
     assert remote.received == []
     assert ("127.0.0.3", "MX") in asked
+
+
+def test_an_exchanger_whose_a_question_fails_is_reached_over_its_aaaa(tmp_path: os.PathLike[str]) -> None:
+    # Its name server fails A questions (SERVFAIL) but answers AAAA: the IPv6 address takes the mail, rather
+    # than the failed A question deferring it without the AAAA question ever being asked.
+    port = free_port("::1")
+    with DnsServer(ZONE) as dns, Remote(host="::1", port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope("bob@sixonly.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].rcpt_tos == ["bob@sixonly.test"]
 
 
 @pytest.mark.parametrize(("domain", "outcome", "text"), [

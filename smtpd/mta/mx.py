@@ -132,17 +132,20 @@ class Resolver:
         if not self.setting:
             return await _system_addresses(name)
         found: list[str] = []
+        failure: dns.exception.DNSException | None = None
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
             except dns.resolver.NXDOMAIN:
                 return ()
             except dns.exception.DNSException as error:
-                if not found:
-                    raise MxError(f"Temporary failure in host lookup: {error.__class__.__name__}",
-                                  permanent=False) from None
+                # One family failing does not hide the other's addresses (either way round): an IPv6-only
+                # exchanger whose server fails A questions is still reachable.
+                failure = error
                 continue
             found.extend(record.address for record in (answer.rrset or []))
+        if not found and failure is not None:
+            raise MxError(f"Temporary failure in host lookup: {failure.__class__.__name__}", permanent=False)
         return tuple(found)
 
     async def ptr(self, address: str) -> str | None:
