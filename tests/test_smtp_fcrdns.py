@@ -33,10 +33,14 @@ RECORDS = {
     # 127.0.0.8: a reverse "name" that is an address (another one, to dress up the Received line): no name, fail
     "8.0.0.127.in-addr.arpa": [("PTR", "10.0.0.8.")],
     "10.0.0.8": [("A", "127.0.0.8")],
+    # ::1: an IPv6 client whose name's server fails A questions: its AAAA confirms it
+    "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa": [("PTR", "six.client6.test.")],
+    "six.client6.test": [("SERVFAIL", "A"), ("AAAA", "::1")],
 }
 
 CONFIG = """
 listen on 127.0.0.1 port {port}
+listen on ::1 port {port}
 action "local" mbox
 match from any for domain "example.org" action "local"
 """
@@ -56,7 +60,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 
 def send_from(daemon: SmtpDaemon, source: str) -> str:
     """One message from the source address; returns the first line of the stored message."""
-    with smtplib.SMTP("127.0.0.1", daemon.port, source_address=(source, 0), timeout=30) as client:
+    with smtplib.SMTP(source if ":" in source else "127.0.0.1", daemon.port, source_address=(source, 0),
+                      timeout=30) as client:
         client.ehlo("helo.test")
         assert client.mail("a@sender.test")[0] == 250
         assert client.rcpt("root@example.org")[0] == 250
@@ -78,6 +83,7 @@ def fcrdns_trace(daemon: SmtpDaemon, source: str) -> list[str]:
     ("127.0.0.6", "fail", "<unknown>"),
     ("127.0.0.7", "pass", "noaaaa.client.test"),
     ("127.0.0.8", "fail", "<unknown>"),
+    ("::1", "pass", "six.client6.test"),
 ])
 def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer], source: str, status: str,
                                             host: str) -> None:
@@ -85,10 +91,10 @@ def test_fcrdns_is_recorded_for_each_client(served: tuple[SmtpDaemon, DnsServer]
     first_line = send_from(daemon, source)
     # The reverse name is kept whether or not it is confirmed (as OpenSMTPD does): Received and `from rdns`
     # see it; FCrDNS is a separate fact.
-    assert first_line == f"Received: from helo.test ({host} [{source}])"
+    assert first_line == f"Received: from helo.test ({host} [{source}])"  # IPv6 too: `[::1]`, as 6.8 writes it
     assert set(fcrdns_trace(daemon, source)) == {(status, host)}  # 127.0.0.1 also had the readiness probe
     if host != "<unknown>":
-        assert (host, "A") in dns.queries
+        assert (host, "AAAA" if ":" in source else "A") in dns.queries
 
 
 def test_without_the_resolver_setting_the_system_resolver_names_the_client(
