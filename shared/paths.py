@@ -47,14 +47,17 @@ def parse_resolver_setting(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def read_system_resolver(resolver: Any) -> None:
-    """Configure a dnspython resolver made with ``configure=False`` from /etc/resolv.conf. A file without
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def read_system_resolver(resolver: Any, path: str = RESOLV_CONF) -> None:
+    """Configure a dnspython resolver made with ``configure=False`` from resolv.conf. A file without
     `nameserver` lines (or no file) means the server on this machine, as resolv.conf(5) says and libc and
     OpenSMTPD do; dnspython refuses it ("no nameservers"), which stopped the daemon at start."""
     import dns.resolver
 
     try:
-        resolver.read_resolv_conf("/etc/resolv.conf")
+        resolver.read_resolv_conf(path)
     except dns.resolver.NoResolverConfiguration:
         resolver.nameservers = ["127.0.0.1"]
 

@@ -41,11 +41,11 @@ class DnsServer:
     ("SERVFAIL", "") makes every question about the name fail; ("SERVFAIL", "AAAA") only the AAAA questions.
     """
 
-    def __init__(self, records: dict[str, list[tuple[str, str]]]) -> None:
+    def __init__(self, records: dict[str, list[tuple[str, str]]], host: str = "127.0.0.1", port: int = 0) -> None:
         self.records = {name.rstrip(".").lower(): list(values) for name, values in records.items()}
         self.queries: list[tuple[str, str]] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, port))  # port 53: for programs that read resolv.conf, which names no port
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import smtplib
+import subprocess
+import sys
 
 import pytest
-from daemon import SmtpdProcess
+from daemon import ROOT, SmtpdProcess
 from helpers_mta import (
     CLOSE,
     DnsServer,
@@ -428,3 +430,42 @@ def test_a_resolv_conf_without_nameservers_means_the_local_one(tmp_path: os.Path
         finally:
             daemon.stop()
     assert remote.received[0].rcpt_tos == ["alice@[127.0.0.2]"]
+
+
+ASK_TWICE = """
+import asyncio, sys
+from smtpd.mta.mx import Resolver
+resolver = Resolver("")
+for _ in range(2):
+    hosts = asyncio.run(resolver.mx_hosts("moved.test"))
+    print(*(host.preference for host in hosts), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_changed_resolv_conf_is_read_again(tmp_path: os.PathLike[str]) -> None:
+    """Without the resolver setting the MX questions go to the servers of /etc/resolv.conf, and when the file
+    changes (a DHCP client rewrote it, a local cache was set up) to the new ones, as libc and OpenSMTPD do; they
+    kept going to the servers of the daemon's start. A resolver in a mount namespace whose /etc/resolv.conf is
+    the test's file (which names no port: two servers on loopback port 53) asks, the file changes, it asks again."""
+    resolv_conf = os.path.join(tmp_path, "resolv.conf")
+    with open(resolv_conf, "w", encoding="utf-8") as handle:
+        handle.write("nameserver 127.0.0.2\n")
+    # (the exchangers' addresses come from the system's getaddrinfo: `localhost`, named by /etc/hosts)
+    before = {"moved.test": [("MX", "10 localhost.")]}
+    after = {"moved.test": [("MX", "20 localhost.")]}
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv_conf, sys.executable, "-c", ASK_TWICE]
+    with DnsServer(before, host="127.0.0.2", port=53), DnsServer(after, host="127.0.0.3", port=53), \
+            subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "SMTPD_RESOLVER": ""}) as child:
+        assert child.stdin is not None and child.stdout is not None
+        first = child.stdout.readline().strip()
+        with open(resolv_conf, "w", encoding="utf-8") as handle:  # in place: the bind mount sees it
+            handle.write("# moved to the other cache\nnameserver 127.0.0.3\n")
+        child.stdin.write("\n")
+        child.stdin.flush()
+        second = child.stdout.readline().strip()
+        child.stdin.write("\n")
+        child.stdin.close()
+    assert (first, second) == ("10", "20")

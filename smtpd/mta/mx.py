@@ -20,7 +20,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from shared.paths import ENV_RESOLVER, parse_resolver_setting, read_system_resolver
+from shared.paths import ENV_RESOLVER, RESOLV_CONF, parse_resolver_setting, read_system_resolver
 from smtpd import trace
 
 DNS_TIMEOUT = 10.0
@@ -46,20 +46,34 @@ class MxHost:
 
 
 class Resolver:
-    """A thin asynchronous resolver over dnspython, configured once from SMTPD_RESOLVER."""
+    """A thin asynchronous resolver over dnspython, configured from SMTPD_RESOLVER, else from resolv.conf."""
 
-    def __init__(self, setting: str | None = None) -> None:
+    def __init__(self, setting: str | None = None, resolv_conf: str = RESOLV_CONF) -> None:
         setting = os.environ.get(ENV_RESOLVER) if setting is None else setting
         self.setting = setting or ""
+        self._resolv_conf = resolv_conf
+        self._stamp: tuple[int, int, int] | None = None
         if self.setting:
             host, port = parse_resolver_setting(self.setting)
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [host]
-            self._resolver.port = port
+            self._dns = _with_timeouts(dns.asyncresolver.Resolver(configure=False))
+            self._dns.nameservers = [host]
+            self._dns.port = port
         else:
-            self._resolver = _system_resolver()
-        self._resolver.lifetime = DNS_TIMEOUT
-        self._resolver.timeout = DNS_TIMEOUT / 3
+            self._dns = self._load_resolv_conf()
+
+    @property
+    def _resolver(self) -> dns.asyncresolver.Resolver:
+        # resolv.conf is read again when it changes (a DHCP client, a local cache installed later), as libc and
+        # OpenSMTPD do: a daemon running for months kept asking the servers it had at start.
+        if not self.setting and _file_stamp(self._resolv_conf) != self._stamp:
+            self._dns = self._load_resolv_conf()
+        return self._dns
+
+    def _load_resolv_conf(self) -> dns.asyncresolver.Resolver:
+        self._stamp = _file_stamp(self._resolv_conf)
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        read_system_resolver(resolver, self._resolv_conf)
+        return _with_timeouts(resolver)
 
     async def mx_hosts(self, domain: str) -> list[MxHost]:
         """The exchangers of domain, in the order to try: by preference, random among equals."""
@@ -172,10 +186,18 @@ class Resolver:
         return None
 
 
-def _system_resolver() -> dns.asyncresolver.Resolver:
-    resolver = dns.asyncresolver.Resolver(configure=False)
-    read_system_resolver(resolver)
+def _with_timeouts(resolver: dns.asyncresolver.Resolver) -> dns.asyncresolver.Resolver:
+    resolver.lifetime = DNS_TIMEOUT
+    resolver.timeout = DNS_TIMEOUT / 3
     return resolver
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
 
 
 async def _system_addresses(name: str) -> tuple[str, ...]:
