@@ -331,6 +331,10 @@ class Scheduler:
             trace.emit("scheduler", f"scheduler: {agent} delivery of {envelope.evpid:016x} to <{envelope.dest}>",
                        evpid=f"{envelope.evpid:016x}", agent=agent, rcpt=envelope.rcpt)  # (rcpt: the address
             # before expansion, so that `trace --follow --address` with the address the client gave sees it)
+            problem = self.queue.message_problem(envelope)
+            if problem:
+                await self._set_aside(envelope.msgid, problem)
+                return
             result = await self._deliver(envelope, agent)
             if entry.remove_after:
                 await self._delete(entry, "removed")
@@ -353,6 +357,15 @@ class Scheduler:
             self.inflight[agent] -= 1
             STATS.decrement("scheduler.envelope.inflight")
             self.wake()
+
+    async def _set_aside(self, msgid: int, problem: str) -> None:
+        """The message file is not what its commit wrote: none of its envelopes is delivered (a part of a
+        message delivered as the whole, and marked done, is mail lost). The scheduler forgets them all and the
+        queue moves the folder to corrupt/ whole, envelopes included, for whoever repairs it. An attempt of
+        another of its envelopes already under way ends as it would (its file is gone: nothing is rewritten)."""
+        for evpid in list(self.messages.get(msgid, ())):
+            self._forget(evpid)
+        await self.queue.set_message_aside(msgid, problem)
 
     async def _deliver(self, envelope: Envelope, agent: str) -> DeliveryResult:
         deliverer = self.deliverers.get(agent)

@@ -5,17 +5,24 @@ and by `show queue --corrupt` (online and offline), and the daemon goes on servi
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import pwd
 import shutil
+import smtplib
 from pathlib import Path
 
-from daemon import ROOT
+import pytest
+from daemon import ROOT, SmtpdProcess, placed
 from helpers_control import DaemonProcess
+from helpers_delivery import open_temp_dir
 from helpers_queue import Harness, paused_daemon, run, wait_for
 from waiting import wait_until
 
 from smtpd.queue.format import dump_envelope, load_envelope
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
 
 
 def message_dir(spool: Path, msgid: int) -> Path:
@@ -298,3 +305,45 @@ def test_bytes_that_are_not_utf8_in_a_queue_file_are_shown_as_they_are_online_an
         assert {record["rcpt"] for record in records} >= {"a0\udcff@one.test", "b0@two.test"}
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "grown"])
+def test_a_message_file_damaged_after_its_commit_is_moved_aside_not_delivered(tmp_path: Path, damage: str) -> None:
+    """A message file whose size is no longer what its commit wrote (a damaged disk, a hand edit) is not
+    delivered as if whole: the message goes aside with its envelopes, is logged and listed, and the rest of the
+    queue is delivered."""
+    with open_temp_dir() as top:  # (nobody cannot enter tmp_path)
+        check_damaged_message_is_set_aside(tmp_path, Path(top) / "Maildir", damage)
+
+
+def check_damaged_message_is_set_aside(tmp_path: Path, maildir: Path, damage: str) -> None:
+    maildir.mkdir()
+    os.chown(maildir, NOBODY, NOBODY)
+    config = ('listen on 127.0.0.1 port {port}\ntable users { "@" = "nobody" }\n'
+              f'action "local" maildir "{maildir}" virtual <users> user "nobody"\n'
+              'match from any for domain "localhost" action "local"\n')
+    body = b"Subject: whole\r\n\r\n" + b"a line of the body\r\n" * 500
+    with SmtpdProcess(tmp_path / "daemon", config, paused=("mda",)) as daemon:
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+            client.sendmail("sender@example.org", ["one@localhost", "two@localhost"], body)
+            client.sendmail("sender@example.org", ["three@localhost"], body.replace(b"whole", b"other"))
+        lines = wait_until(lambda: len(found := daemon.smtpctl("show", "queue").stdout.splitlines()) == 3 and found)
+        damaged = collections.Counter(line[:8] for line in lines).most_common(1)[0][0]  # the one of two recipients
+        message = placed(daemon.spool / "queue" / damaged[:2] / damaged / "message")
+        written = message.stat().st_size
+        if damage == "cut short":
+            os.truncate(message, written // 2)
+        else:
+            with message.open("ab") as handle:
+                handle.write(b"garbage\n")
+        size = message.stat().st_size
+        assert daemon.smtpctl("resume", "mda").returncode == 0
+        wait_until(lambda: daemon.smtpctl("show", "queue").stdout == "", explain=daemon.log)
+        delivered = [path.read_bytes() for path in (maildir / "new").iterdir()]
+        assert len(delivered) == 1 and b"Subject: other" in delivered[0]  # the other message only
+        assert [(path, reason) for path, _, reason in corrupt_listing(daemon)] == [
+            (f"corrupt/{damaged}", f"message file has {size} bytes where its commit wrote {written}")]
+        aside = daemon.spool / "corrupt" / damaged
+        assert sorted(name for name in os.listdir(aside) if name != "message") == sorted(
+            line[:16] for line in lines if line.startswith(damaged))  # its envelopes kept with it, for repair
+        assert f"corrupt queue file moved aside to corrupt/{damaged}" in daemon.log()

@@ -628,6 +628,21 @@ def message_file_problem(path: str) -> str:
     return ""
 
 
+def message_size_problem(path: str, envelope: Envelope) -> str:
+    """"" when the message file has the size its commit wrote, else what is wrong. A file cut short or grown
+    since (a damaged disk, a hand edit) must not be delivered as if whole; a stat catches that at every delivery
+    (its CRC-32 would need the whole file read each time)."""
+    if not envelope.commit_envelopes:
+        return ""  # (an envelope that no commit wrote: nothing to compare with)
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return ""  # (gone or unreadable: the delivery agent says so and the envelope waits, as before)
+    if size == envelope.commit_size:
+        return ""
+    return f"message file has {size} bytes where its commit wrote {envelope.commit_size}"
+
+
 def _is_message_copy(name: str) -> bool:
     return name.endswith(MESSAGE_COPY_SUFFIX) and is_hex_name(name[:-len(MESSAGE_COPY_SUFFIX)], 8)
 

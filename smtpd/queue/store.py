@@ -44,7 +44,7 @@ from smtpd.queue.file_writer import make_folder
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
-from smtpd.queue.spool import ID_TAKEN, MESSAGE_FILE, CorruptEntry, Spool, remove_path
+from smtpd.queue.spool import ID_TAKEN, MESSAGE_FILE, CorruptEntry, Spool, message_size_problem, remove_path
 from smtpd.queue.writer_client import FileWriterProcess
 from smtpd.stats import STATS
 
@@ -1610,6 +1610,16 @@ class Queue:
         loaded = await asyncio.to_thread(self.spool.load_message, msgid)
         self._note_corrupt(loaded.corrupt)
         return loaded.envelopes
+
+    def message_problem(self, envelope: Envelope) -> str:
+        """"" if the envelope's message file is as its commit wrote it; else why it must not be delivered."""
+        return message_size_problem(self.spool.message_path(envelope.msgid), envelope)
+
+    async def set_message_aside(self, msgid: int, reason: str) -> None:
+        """Move a committed message's folder (message and envelopes) to corrupt/, logged and listed."""
+        entry = await asyncio.to_thread(self.spool.set_aside, self.spool.message_dir(msgid), format_msgid(msgid),
+                                        reason)
+        self._note_corrupt([entry])
 
     def corrupt_entries(self) -> list[CorruptEntry]:
         return self.spool.corrupt_entries()
