@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from daemon import SmtpdProcess, tmpfs_at
 from helpers_delivery import open_temp_dir
+from waiting import wait_until
 
 CONFIG = 'listen on 127.0.0.1 port {port}\naction "relay" relay\nmatch from any for any action "relay"\n'
 BODY = b"Subject: filling\r\n\r\n" + (b"x" * 76 + b"\r\n") * 1300  # about 100 KB
@@ -254,3 +255,41 @@ def test_a_full_mailbox_filesystem_defers_delivery_and_delivers_once_there_is_ro
         later = list((maildir / "new").iterdir())
         assert len(later) == len(deferred)
         assert all(path.read_bytes().endswith(b"x" * 76 + b"\n") for path in later)  # each one whole
+
+
+def mbox_messages(mbox: Path) -> list[bytes]:
+    """The messages of an mbox file, split at its `From ` separator lines."""
+    data = mbox.read_bytes() if mbox.exists() else b""
+    return [part for part in re.split(rb"(?:^|\n)From [^\n]*\n", data) if part]
+
+
+def test_a_full_mbox_filesystem_defers_delivery_leaves_the_mbox_whole_and_delivers_once_there_is_room(
+        tmp_path: Path, small_mail_fs: Path) -> None:
+    """Appending to an mbox whose filesystem fills up fails for now: the part written is taken back (no message
+    cut short in the mailbox, none marked delivered), and once the owner empties the mbox the rest arrive whole."""
+    config = ('listen on 127.0.0.1 port {port}\ntable users { "user" = "nobody" }\n'
+              'action "local" mbox alias <users>\nmatch from any for domain "localhost" action "local"\n')
+    mbox = small_mail_fs / "nobody"
+    with SmtpdProcess(tmp_path / "daemon", config, env={"SMTPD_MAILDIR_ROOT": str(small_mail_fs)}) as daemon:
+        for index in range(5):
+            with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                client.sendmail("sender@example.org", ["user@localhost"], BODY.replace(b"filling", b"mail %d" % index))
+
+        def settled() -> list[str] | None:
+            lines = daemon.smtpctl("show", "queue").stdout.splitlines()
+            if len(lines) + len(mbox_messages(mbox)) == 5 and all("No space left on device" in line for line in lines):
+                return lines
+            return None
+
+        deferred = wait_until(settled, explain=lambda: daemon.smtpctl("show", "queue").stdout)
+        first = mbox_messages(mbox)
+        assert deferred and first  # some fit, some did not
+        assert all(message.count(b"x" * 76 + b"\n") == 1300 for message in first)  # each one whole
+        mbox.write_bytes(b"")  # the owner reads their mail
+        assert daemon.smtpctl("schedule", "all").returncode == 0
+        assert wait_for_queue(daemon, set()) == set()
+        later = mbox_messages(mbox)
+        assert len(later) == len(deferred)
+        assert all(message.count(b"x" * 76 + b"\n") == 1300 for message in later)
+        subjects = sorted(re.search(rb"Subject: mail (\d)", message)[1] for message in (*first, *later))
+        assert subjects == [b"0", b"1", b"2", b"3", b"4"]  # each exactly once
