@@ -5,6 +5,7 @@ not the trouble; a file where a folder of the spool belongs gave Python's `[Errn
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,3 +56,30 @@ def test_a_file_where_a_spool_folder_belongs(tmp_path: Path) -> None:
     log = failed_start(SmtpdProcess(tmp_path, CONFIG))
     assert f"smtpd: queue: the spool cannot be used ({spool}/queue: not a folder)" in log, log
     assert "Errno" not in log
+
+
+@pytest.mark.parametrize(("folder", "change", "reason"), [
+    ("queue", "mode", "writable by others than its owner (mode 0777)"),
+    ("queue/7f", "mode", "writable by others than its owner (mode 0770)"),
+    (".", "mode", "writable by others than its owner (mode 0777)"),
+    ("incoming", "owner", "owned by uid 65534, not by the daemon's (uid 0)"),
+])
+def test_a_spool_folder_others_could_write_into_stops_the_start(tmp_path: Path, folder: str, change: str,
+                                                                 reason: str) -> None:
+    """Anyone who can write under queue/ can put an envelope there that the daemon delivers (a command run as
+    any user): a spool folder writable by others, or owned by another user, stops the start with one line, as
+    OpenSMTPD refuses a spool of the wrong mode or owner."""
+    daemon = SmtpdProcess(tmp_path, CONFIG)
+    daemon.start()
+    daemon.stop()
+    path = (daemon.spool / folder).resolve()
+    if change == "mode":
+        path.chmod(0o777 if "0777" in reason else 0o770)
+    else:
+        os.chown(path, 65534, -1)
+    log = failed_start(daemon)
+    assert f"smtpd: queue: the spool cannot be used ({path}: {reason})" in log, log
+    path.chmod(0o700 if folder != "." else 0o711)
+    os.chown(path, 0, -1)
+    daemon.start()  # put right, it starts
+    daemon.stop()

@@ -68,6 +68,26 @@ INCOMING_NO_KEY = (f"{codec.NO_KEY}: a commit left in incoming/ by a crash, mayb
 UNLOADABLE = "no envelope of the message can be loaded"
 
 
+class SpoolPermissionError(Exception):
+    """A folder of the spool that others than the daemon's user could write into."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def _permission_problem(path: str, sharable: bool = False) -> str:
+    """"" if only the daemon's user can change what is in the folder; else why not. A sharable folder (offline/,
+    where anyone drops a file) may be writable by all if it is sticky (nobody takes or renames another's)."""
+    info = os.stat(path)
+    if info.st_uid != os.geteuid():
+        return f"owned by uid {info.st_uid}, not by the daemon's (uid {os.geteuid()})"
+    if info.st_mode & 0o022 and not (sharable and info.st_mode & stat.S_ISVTX):
+        return f"writable by others than its owner (mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
+
+
 @dataclass
 class CorruptEntry:
     name: str  # the name under corrupt/
@@ -182,6 +202,18 @@ class Spool:
             fsync_directory(self.queue)
         if created:
             fsync_directory(self.root)
+        self._check_owners()
+
+    def _check_owners(self) -> None:
+        """Refuse a spool that others could write into: whoever can put a file under queue/ (or rename a folder
+        of the spool) gets an envelope delivered, a command run as any user its `mda-user` names. OpenSMTPD
+        refuses such a spool at start too. Raises SpoolPermissionError naming the folder."""
+        folders = [self.root, *(os.path.join(self.root, name) for name in SUBDIRS),
+                   *(os.path.join(self.queue, f"{bucket:02x}") for bucket in range(256))]
+        for path in folders:
+            problem = _permission_problem(path, sharable=path == self.offline)
+            if problem:
+                raise SpoolPermissionError(path, problem)
 
     def recover(self) -> tuple[int, int, int, list[CorruptEntry]]:
         """Deal with what a crash left behind. Returns (unacknowledged messages dropped, acknowledged messages

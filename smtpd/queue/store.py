@@ -44,7 +44,15 @@ from smtpd.queue.file_writer import make_folder
 from smtpd.queue.format import dump_envelope
 from smtpd.queue.journal import Journal, JournalPair, JournalRecord, record_parts, record_size
 from smtpd.queue.loading import load_queue
-from smtpd.queue.spool import ID_TAKEN, MESSAGE_FILE, CorruptEntry, Spool, message_size_problem, remove_path
+from smtpd.queue.spool import (
+    ID_TAKEN,
+    MESSAGE_FILE,
+    CorruptEntry,
+    Spool,
+    SpoolPermissionError,
+    message_size_problem,
+    remove_path,
+)
 from smtpd.queue.writer_client import FileWriterProcess
 from smtpd.stats import STATS
 
@@ -1403,6 +1411,8 @@ class Queue:
         # acknowledged mail ... make room" when it held nothing and no room was missing).
         try:
             self.spool.create_layout()
+        except SpoolPermissionError as error:
+            raise QueueError(f"queue: the spool cannot be used ({error})") from error
         except FileExistsError as error:  # (create_layout makes only the folders that are not there)
             raise QueueError(f"queue: the spool cannot be used ({error.filename}: not a folder)") from error
         except OSError as error:
