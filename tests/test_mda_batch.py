@@ -6,10 +6,14 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import pwd
 import re
+import smtplib
+import subprocess
 from pathlib import Path
 
 import pytest
+from daemon import SmtpdProcess
 from helpers_delivery import (
     DictTables,
     local_action,
@@ -21,12 +25,14 @@ from helpers_delivery import (
     write_message,
 )
 from helpers_queue import Harness, run, wait_for
+from waiting import wait_until
 
 from smtpd.config.model import Method
 from smtpd.delivery import DeliveryResult, Outcome
 from smtpd.mda import MdaAgent, local
 from smtpd.mda.privilege import ForkServer
 
+NOBODY_UID = pwd.getpwnam("nobody").pw_uid
 MESSAGE = "From: Alice <alice@sender.test>\nSubject: batch {n}\n\nFrom here on\nbody {n}\n"
 
 
@@ -186,3 +192,63 @@ def test_queue_removal_results_per_envelope(tmp_path: Path) -> None:
 
     assert run(scenario()) == [True, True, True, False, False]
     assert list((tmp_path / "spool" / "queue").glob("*/*")) == []
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # (gone meanwhile)
+            if int(fields[1]) == pid:
+                found.append(int(name))
+    return found
+
+
+def test_a_helper_that_cannot_fork_fails_that_batch_alone_and_delivers_the_running_one_once() -> None:
+    """Out of descriptors (or processes), the fork helper could not start a child: it died, and the batch its
+    child was still writing was reported failed, tried again, and delivered twice. Now the batch it cannot start
+    fails for now, and the one under way is reported as it ends: each message is in its mbox once."""
+    with open_temp_dir() as top:
+        root = Path(top) / "mail"
+        root.mkdir()
+        os.chmod(root, 0o1777)
+        mbox = root / "nobody"
+        mbox.write_bytes(b"")
+        os.chown(mbox, NOBODY_UID, NOBODY_UID)
+        config = ('listen on 127.0.0.1 port {port}\ntable users { "a" = "nobody", "b" = "daemon" }\n'
+                  'action "local" mbox alias <users>\nmatch from any for domain "localhost" action "local"\n')
+        with SmtpdProcess(Path(top) / "daemon", config, env={"SMTPD_MAILDIR_ROOT": str(root)}) as daemon:
+            holder = os.open(mbox, os.O_RDWR)
+            fcntl.lockf(holder, fcntl.LOCK_EX)  # a mail reader holds the mbox: the child for `a` waits
+            try:
+                with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                    client.sendmail("s@example.org", ["a@localhost"], b"Subject: to a\r\n\r\nhello a\r\n")
+                helper = wait_until(lambda: next((pid for pid in child_pids(daemon.process.pid)
+                                                  if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                                                  and child_pids(pid)), None))
+                limits = subprocess.run(["prlimit", f"--pid={helper}", "--nofile", "--raw", "--noheadings",
+                                         "--output=SOFT,HARD"], check=True, capture_output=True, text=True)
+                soft, hard = limits.stdout.split()
+                open_now = len(os.listdir(f"/proc/{helper}/fd"))  # room for the next message's descriptor only
+                subprocess.run(["prlimit", f"--pid={helper}", f"--nofile={open_now + 1}:{hard}"], check=True)
+                with smtplib.SMTP("127.0.0.1", daemon.port, timeout=30) as client:
+                    client.sendmail("s@example.org", ["b@localhost"], b"Subject: to b\r\n\r\nhello b\r\n")
+                deferred = wait_until(lambda: [line for line in daemon.smtpctl("show", "queue").stdout.splitlines()
+                                               if "|b@localhost|" in line and not line.endswith("|")],
+                                      explain=daemon.log)
+                subprocess.run(["prlimit", f"--pid={helper}", f"--nofile={soft}:{hard}"], check=False)  # (gone
+                # by now, before the fix)
+            finally:
+                os.close(holder)  # the reader lets go
+
+            def delivered() -> bool:
+                daemon.smtpctl("schedule", "all")
+                return daemon.smtpctl("show", "queue").stdout == ""
+
+            wait_until(delivered, explain=daemon.log)
+            assert mbox.read_bytes().count(b"hello a") == 1, daemon.log()
+            assert (root / "daemon").read_bytes().count(b"hello b") == 1
+            assert deferred[0].endswith("|delivery helper: pipe: Too many open files"), deferred

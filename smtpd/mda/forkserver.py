@@ -207,13 +207,19 @@ def _accept_request(channel: socket.socket, selector: selectors.BaseSelector,
     request = json.loads(data)
     items = len(request.get("items") or [request])
     if len(fds) != items:
-        for fd in fds:
-            os.close(fd)
-        _reply(channel, {"id": request.get("id"), "status": local.EX_TEMPFAIL, "timed_out": False,
-                         "results": [[local.EX_TEMPFAIL, "not one message descriptor per item"]] * items})
-        return True
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
+        return _refuse(channel, request, fds, items, "not one message descriptor per item")
+    # Out of descriptors or processes, this batch fails for now; the helper goes on: dying here lost the results
+    # of the children still writing, and their messages were delivered again.
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError as error:
+        return _refuse(channel, request, fds, items, f"delivery helper: pipe: {error.strerror}")
+    try:
+        pid = os.fork()
+    except OSError as error:
+        os.close(read_fd)
+        os.close(write_fd)
+        return _refuse(channel, request, fds, items, f"delivery helper: fork: {error.strerror}")
     if pid == 0:
         os.close(read_fd)
         channel.close()
@@ -226,6 +232,15 @@ def _accept_request(channel: socket.socket, selector: selectors.BaseSelector,
                      items)
     running[read_fd] = child
     selector.register(read_fd, selectors.EVENT_READ, child)
+    return True
+
+
+def _refuse(channel: socket.socket, request: dict[str, Any], fds: list[int], items: int, text: str) -> bool:
+    """Fail every item of a request that gets no child (temporarily); True: the helper goes on serving."""
+    for fd in fds:
+        os.close(fd)
+    _reply(channel, {"id": request.get("id"), "status": local.EX_TEMPFAIL, "timed_out": False,
+                     "results": [[local.EX_TEMPFAIL, text]] * items})
     return True
 
 
