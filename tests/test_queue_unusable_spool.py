@@ -70,16 +70,19 @@ def test_a_spool_folder_others_could_write_into_stops_the_start(tmp_path: Path, 
     any user): a spool folder writable by others, or owned by another user, stops the start with one line, as
     OpenSMTPD refuses a spool of the wrong mode or owner."""
     daemon = SmtpdProcess(tmp_path, CONFIG)
-    daemon.start()
-    daemon.stop()
+    with daemon:  # (it makes the spool)
+        pass
     path = (daemon.spool / folder).resolve()
     if change == "mode":
         path.chmod(0o777 if "0777" in reason else 0o770)
     else:
         os.chown(path, 65534, -1)
-    log = failed_start(daemon)
+    try:
+        log = failed_start(daemon)
+    finally:
+        daemon.stop()  # (when it started after all)
     assert f"smtpd: queue: the spool cannot be used ({path}: {reason})" in log, log
     path.chmod(0o700 if folder != "." else 0o711)
     os.chown(path, 0, -1)
-    daemon.start()  # put right, it starts
-    daemon.stop()
+    with daemon:  # put right, it starts
+        assert daemon.alive()
