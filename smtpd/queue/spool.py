@@ -20,6 +20,7 @@ commit had completed, and dropped otherwise; temporary/ holds nothing acknowledg
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import time
@@ -77,6 +78,18 @@ class SpoolPermissionError(Exception):
         self.problem = problem
 
 
+OPENSMTPD_QUEUE_USERS = ("_smtpq", "opensmtpq")  # OpenSMTPD's queue account (OpenBSD's name, Debian's)
+
+
+def _opensmtpd_queue_uid() -> int | None:
+    for name in OPENSMTPD_QUEUE_USERS:
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            continue
+    return None
+
+
 def _permission_problem(path: str, sharable: bool = False) -> str:
     """"" if only the daemon's user can change what is in the folder; else why not. A sharable folder (offline/,
     where anyone drops a file) may be writable by all if it is sticky (nobody takes or renames another's)."""
@@ -110,6 +123,7 @@ class Spool:
         self.queue = os.path.join(root, "queue")
         self.corrupt = os.path.join(root, "corrupt")
         self.offline = os.path.join(root, "offline")
+        self.taken_over = 0  # entries of OpenSMTPD's queue account given to us at start (create_layout)
         self.purge = os.path.join(root, "purge")
 
     # -- paths ----------------------------------------------------------------------------------------
@@ -202,7 +216,28 @@ class Spool:
             fsync_directory(self.queue)
         if created:
             fsync_directory(self.root)
+        self.taken_over = self._take_over_from_opensmtpd()
         self._check_owners()
+
+    def _take_over_from_opensmtpd(self) -> int:
+        """OpenSMTPD 6.8's spool, left by a switch to us (docs/queue.md, "Coming from OpenSMTPD"): its folders
+        and files belong to its queue account, which could then still write envelopes into ours. As root, they
+        are given to us, and offline/ gets our mode (6.8's sendmail writes there as its group, ours as the
+        user). Only that account's entries: a folder of any other user stays refused. Returns how many."""
+        owner = _opensmtpd_queue_uid()
+        if os.geteuid() != 0 or owner is None or os.stat(self.queue).st_uid != owner:
+            return 0
+        given = 0
+        for folder, names, files in os.walk(self.root):
+            for path in (folder, *(os.path.join(folder, name) for name in names + files)):
+                info = os.lstat(path)
+                if info.st_uid == owner:
+                    os.lchown(path, 0, 0)
+                    given += 1
+        if os.stat(self.offline).st_mode & 0o7777 == 0o770:  # (6.8's: root, group opensmtpq)
+            os.chown(self.offline, 0, 0)
+            os.chmod(self.offline, _MODES["offline"])
+        return given
 
     def _check_owners(self) -> None:
         """Refuse a spool that others could write into: whoever can put a file under queue/ (or rename a folder

@@ -1417,6 +1417,9 @@ class Queue:
             raise QueueError(f"queue: the spool cannot be used ({error.filename}: not a folder)") from error
         except OSError as error:
             raise QueueError(f"queue: the spool cannot be used ({_where(error)})") from error
+        if self.spool.taken_over:
+            LOG.info("queue: OpenSMTPD's spool taken over: %d folders and files of its queue account now belong "
+                     "to the daemon", self.spool.taken_over)
         try:
             warning = await asyncio.to_thread(self.spool.check_encryption_key, codec.current())
         except codec.QueueCodecError as error:
