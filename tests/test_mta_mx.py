@@ -118,6 +118,18 @@ def test_implicit_mx_on_an_address_record(tmp_path: os.PathLike[str]) -> None:
     assert remote.received[0].rcpt_tos == ["bob@implicit.test"]
 
 
+def test_a_domain_with_sharp_s_is_asked_as_idna_2008_writes_it(tmp_path: os.PathLike[str]) -> None:
+    """straße.test is xn--strae-oqa.test (IDNA 2008, as Postfix and Exim ask); IDNA 2003 made it strasse.test,
+    someone else's domain, and the mail went there."""
+    port = free_port("127.0.0.3")
+    zone = {"xn--strae-oqa.test": [("A", "127.0.0.3")], "strasse.test": [("A", "127.0.0.4")]}
+    with DnsServer(zone) as dns, Remote(host="127.0.0.3", port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope("bob@straße.test")], message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results
+    assert remote.received[0].rcpt_tos == ["bob@straße.test"]
+    assert ("strasse.test", "MX") not in dns.queries
+
+
 @pytest.mark.parametrize(("domain", "host"), [("[127.0.0.3]", "127.0.0.3"), ("[IPv6:::1]", "::1"),
                                             ("[ipv6:0:0:0:0:0:0:0:1]", "::1")])
 def test_address_literal_domains_are_delivered_to_that_address(tmp_path: os.PathLike[str], domain: str,
