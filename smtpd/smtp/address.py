@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from shared.numbers import ascii_digits
+from smtpd.lookup.tables.matching import mailaddr_match
 
 MAX_PART = 255  # local part, domain, and the whole address (reference §10)
 MAX_ENVID = 100
@@ -248,18 +249,9 @@ def may_send_as(patterns: list[str], sender: Mailaddr, sub_addr_delim: str) -> b
 
 
 def mailaddr_pattern_matches(pattern: str, address: Mailaddr, delimiter: str = "+") -> bool:
-    """Reference §5.1 MAILADDR matching: `user`, `@domain`, `user@domain`; the domain is a glob."""
-    import fnmatch
+    """Reference §5.1 MAILADDR matching: `user`, `@domain`, `user@domain`; the domain is OpenSMTPD's glob.
 
-    pattern = pattern.strip()
-    if pattern in ("", "@"):
-        return True
-    user_pattern, at, domain_pattern = pattern.partition("@")
-    if not at:
-        user_pattern, domain_pattern = pattern, ""
-    user = address.user
-    if delimiter and delimiter not in user_pattern and delimiter in user:
-        user = user.split(delimiter, 1)[0]
-    if domain_pattern and not fnmatch.fnmatchcase(address.domain.lower(), domain_pattern.lower()):
-        return False
-    return not user_pattern or user_pattern.lower() == user.lower()
+    The same function as the `mail-from`/`rcpt-to` tables use, so that a `senders` pattern means what it means
+    in any other mailaddr table (a shell-style glob would let `@*.example.org` cover `a.b.example.org`)."""
+    candidate = f"{address.user}@{address.domain}" if address.domain else address.user
+    return mailaddr_match(candidate.lower(), pattern.strip().lower(), delimiter)
