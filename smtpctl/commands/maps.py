@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from smtpd.lookup.items import ItemError, classify_item, split_items
 from smtpd.lookup.tables.base import TableLoadError
 from smtpd.lookup.tables.db import SET_VALUE, dump_db, write_db
-from smtpd.lookup.tables.static import continues_value
+from smtpd.lookup.tables.static import continues_value, decode_table_text
 
 DEFAULT_ALIASES = "/etc/aliases"
 MAKEMAP_USAGE = "usage: makemap [-U] [-d dbtype] [-o dbfile] [-t type] file"
@@ -170,10 +170,10 @@ def _check_aliases(entries: dict[str, str], numbers: dict[str, int], key: str | 
 def _read_source(source: str) -> tuple[str, os.stat_result | None]:
     try:
         if source == "-":
-            return sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), None
+            return decode_table_text(sys.stdin.buffer.read()), None
         status = os.stat(source)
         with open(source, "rb") as handle:
-            return handle.read().decode("utf-8", "surrogateescape"), status
+            return decode_table_text(handle.read()), status
     except OSError as error:
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise MapError(f"stat: {source}: {reason}") from None

@@ -129,7 +129,13 @@ def read_table_file(path: str) -> str:
         raise TableLoadError(f"{path}: getline: Is a directory") from None
     except OSError as error:
         raise TableLoadError(f"{path}: fopen: {_strerror(error)}") from None
-    return data.decode("utf-8", "surrogateescape")
+    return decode_table_text(data)
+
+
+def decode_table_text(data: bytes) -> str:
+    """A table file's bytes as text, without the UTF-8 byte order mark some editors write first: it is never
+    part of the first entry (OpenSMTPD 6.8 keeps it, and that entry silently never matches)."""
+    return data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
 
 
 class InvalidMapEntry(TableLoadError):
