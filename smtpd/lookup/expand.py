@@ -37,6 +37,7 @@ from smtpd.lookup.facts import SessionFacts
 from smtpd.lookup.forward import ForwardStatus, read_forward
 from smtpd.lookup.items import Item, ItemError, ItemKind, parse_items, parse_lines
 from smtpd.lookup.tables.base import Service, TableError
+from smtpd.lookup.tables.matching import ascii_lower
 from smtpd.lookup.userinfo import DEFAULT_USERBASE, UserInfo, UserInfoError, parse_userinfo, unprivileged_user
 from smtpd.queue.envelope import Envelope, EnvelopeType, shared_flags
 
@@ -318,8 +319,8 @@ class _Expansion:
         elif action.virtual_table:
             self._expand_virtual_address(node, user, domain, action.virtual_table)
         else:
-            node.outcome = f"user {user.lower()}"
-            self._insert(NodeKind.USERNAME, user.lower(), node, source=f"local part, action {action.name}")
+            node.outcome = f"user {ascii_lower(user)}"
+            self._insert(NodeKind.USERNAME, ascii_lower(user), node, source=f"local part, action {action.name}")
 
     def _decode_srs(self, node: ExpansionNode) -> None:
         """A bounce (null sender) to one of our SRS addresses goes to the address it stands for."""
@@ -338,8 +339,8 @@ class _Expansion:
         node.value = decoded
 
     def _expand_virtual_address(self, node: ExpansionNode, user: str, domain: str, table: str) -> None:
-        base, tag = self._split_tag(user.lower())
-        domain = domain.lower()
+        base, tag = self._split_tag(ascii_lower(user))
+        domain = ascii_lower(domain)
         keys = [f"{base}{self.delimiter}{tag}@{domain}"] if tag else []
         keys.append(f"{base}@{domain}")
         if tag:

@@ -20,6 +20,7 @@ from smtpd import trace
 from smtpd.config.model import Action, Condition, Config, MatchRule
 from smtpd.lookup.facts import SessionFacts
 from smtpd.lookup.tables.base import Service, TableError
+from smtpd.lookup.tables.matching import ascii_lower
 
 FAMILY_ORDER = ("tag", "from", "for", "helo", "auth", "tls", "mail-from", "rcpt-to")
 
@@ -52,7 +53,7 @@ class _Envelope:
 
     @property
     def rcpt_domain(self) -> str:
-        return self.rcpt.rpartition("@")[2].lower()
+        return ascii_lower(self.rcpt.rpartition("@")[2])
 
 
 class _Skip(Exception):
@@ -173,7 +174,7 @@ def _test_from(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
         if envelope.internal:  # an expanded envelope is "local", whoever the client was (OpenSMTPD 6.8)
             return _table_test(tables, condition, Service.STRING, "local")
         return envelope.facts.rdns is not None and _table_test(
-            tables, condition, Service.STRING, envelope.facts.rdns.lower())
+            tables, condition, Service.STRING, ascii_lower(envelope.facts.rdns))
     if variant == "auth":
         return _auth_test(condition, tables, envelope)
     if variant == "mail-from":
@@ -216,7 +217,7 @@ def _test_tag(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
 
 
 def _test_helo(condition: Condition, tables: Any, envelope: _Envelope) -> bool:
-    return _table_test(tables, condition, Service.DOMAIN, envelope.facts.helo.lower())
+    return _table_test(tables, condition, Service.DOMAIN, ascii_lower(envelope.facts.helo))
 
 
 def _test_tls(condition: Condition, tables: Any, envelope: _Envelope) -> bool:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from shared.numbers import ascii_digits
-from smtpd.lookup.tables.matching import mailaddr_match
+from smtpd.lookup.tables.matching import ascii_lower, mailaddr_match
 
 MAX_PART = 255  # local part, domain, and the whole address (reference §10)
 MAX_ENVID = 100
@@ -254,4 +254,4 @@ def mailaddr_pattern_matches(pattern: str, address: Mailaddr, delimiter: str = "
     The same function as the `mail-from`/`rcpt-to` tables use, so that a `senders` pattern means what it means
     in any other mailaddr table (a shell-style glob would let `@*.example.org` cover `a.b.example.org`)."""
     candidate = f"{address.user}@{address.domain}" if address.domain else address.user
-    return mailaddr_match(candidate.lower(), pattern.strip().lower(), delimiter)
+    return mailaddr_match(ascii_lower(candidate), ascii_lower(pattern.strip()), delimiter)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from smtpd import trace
 from smtpd.config.model import Config, TableDecl, TableShape
+from smtpd.lookup.tables import matching
 from smtpd.lookup.tables.base import (
     MATCH_SERVICES,
     Service,
@@ -204,7 +205,7 @@ class Tables:
         """The value for key (for match services: of the first matching entry), or None."""
         backend = self.backend(name)
         try:
-            value = backend.lookup(service, key.lower())
+            value = backend.lookup(service, matching.ascii_lower(key))
         except TableError as error:
             self._trace("lookup", name, backend, service, key, f"error: {error}", found=None)
             raise
@@ -218,7 +219,7 @@ class Tables:
     def match(self, name: str, service: Service, key: str) -> bool:
         backend = self.backend(name)
         try:
-            found = backend.match(service, key.lower())
+            found = backend.match(service, matching.ascii_lower(key))
         except TableError as error:
             self._trace("match", name, backend, service, key, f"error: {error}", found=None)
             raise

@@ -1,7 +1,8 @@
 """The match functions of the lookup services (reference §5.1), shared by every backend.
 
 In each function ``candidate`` comes from the session (a domain, an address, a client IP) and ``entry`` from
-the table. Both are already lowercased by the caller, except regex patterns, which keep their case.
+the table. Both are already lowercased (A-Z only, ``ascii_lower``) by the caller, except regex patterns,
+which keep their case.
 
 A backend answers a match question in two steps, so that it never has to try every entry of a big table:
 ``exact_keys`` lists the only entry texts that can match without a wildcard, CIDR or regex (one indexed
@@ -13,11 +14,20 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import string
 
 from smtpd.lookup.tables.base import Service
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(text: str) -> str:
+    """Lowercase A-Z only, as OpenSMTPD's C-locale tolower does. ``str.lower`` also folds Unicode letters into
+    ASCII ones (the KELVIN SIGN U+212A becomes `k`), which would let an SMTPUTF8 domain equal an ASCII entry."""
+    return text.translate(_ASCII_LOWER)
 
 
 # -- DOMAIN ------------------------------------------------------------------------------------------------
@@ -28,7 +38,7 @@ def hostname_match(hostname: str, pattern: str) -> bool:
     at the first dot), exactly as OpenSMTPD 6.8 matches. A lone `*` matches everything.
     """
     if "*" not in pattern:
-        return hostname.lower() == pattern.lower()
+        return ascii_lower(hostname) == ascii_lower(pattern)
     return glob_regex(pattern).fullmatch(hostname) is not None
 
 
@@ -55,7 +65,7 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             following = pattern[index]
             parts.append(f"[^{re.escape(following.lower())}{re.escape(following.upper())}]*")
-    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
+    return re.compile("".join(parts), re.IGNORECASE | re.ASCII | re.DOTALL)
 
 
 # -- NETADDR -----------------------------------------------------------------------------------------------
@@ -139,7 +149,7 @@ def mailaddr_match(candidate: str, entry: str, delimiter: str = "+") -> bool:
         # An entry without a sub-address matches every sub-address of its user.
         if not delimiter or delimiter[0] not in entry_user:
             user = strip_subaddress(user, delimiter)
-        if user.lower() != entry_user.lower():
+        if ascii_lower(user) != ascii_lower(entry_user):
             return False
     return True
 
@@ -165,7 +175,7 @@ def compile_regex(pattern: str) -> re.Pattern[str] | None:
         pattern = pattern[4:]
     translated = _POSIX_CLASS_RE.sub(lambda m: _POSIX_CLASSES.get(m.group(1), m.group(0)), pattern)
     try:
-        return re.compile(translated, re.IGNORECASE)
+        return re.compile(translated, re.IGNORECASE | re.ASCII)
     except (re.error, RecursionError, OverflowError):
         return None
 

@@ -188,7 +188,7 @@ def parse_table_text(text: str, path: str) -> StaticContent:
             if not value:
                 raise InvalidMapEntry(path, number)
             key = line[:separator.start()]  # type: ignore[union-attr]
-        lowered = key.lower()
+        lowered = matching.ascii_lower(key)
         entries[lowered] = value
         if shape is TableShape.MAPPING and value.endswith(","):
             previous = lowered
@@ -207,9 +207,9 @@ def content_from_items(items: Iterable[str], shape: TableShape = TableShape.LIST
     entries: dict[str, str] = {}
     originals: dict[str, str] = {}
     for item in items:
-        entries[item.lower()] = ""
-        if item.lower() != item:
-            originals[item.lower()] = item
+        entries[matching.ascii_lower(item)] = ""
+        if matching.ascii_lower(item) != item:
+            originals[matching.ascii_lower(item)] = item
     return StaticContent(shape, entries, originals)
 
 
@@ -217,9 +217,9 @@ def content_from_mapping(pairs: Iterable[tuple[str, str]]) -> StaticContent:
     entries: dict[str, str] = {}
     originals: dict[str, str] = {}
     for key, value in pairs:
-        entries[key.lower()] = value
-        if key.lower() != key:
-            originals[key.lower()] = key
+        entries[matching.ascii_lower(key)] = value
+        if matching.ascii_lower(key) != key:
+            originals[matching.ascii_lower(key)] = key
     return StaticContent(TableShape.MAPPING, entries, originals)
 
 
