@@ -107,11 +107,29 @@ def starttls_client(port: int) -> Iterator[smtplib.SMTP]:
 
 
 
+def domains_relay_config(table: str, listen: bool = True) -> str:
+    """A config relaying mail for the domains of the table `domains` (``table``: `file:/path`, `ldap:/path/conf`,
+    ...), listening on `{port}` (SmtpdProcess fills it in) unless told not to."""
+    return (f"table domains {table}\n" + ("listen on 127.0.0.1 port {port}\n" if listen else "")
+            + 'action "out" relay\nmatch from any for domain <domains> action "out"\n')
+
+
 def checked_domains_table(folder: Path, table: str) -> subprocess.CompletedProcess[str]:
     """`smtpd -n` on a config whose `domains` table is ``table`` (`redis:/path/redis.conf`, ...), written in
     ``folder``: what an administrator sees of a mistake in the table's file or server."""
     smtpd_conf = folder / "smtpd.conf"
-    smtpd_conf.write_text(f'table domains {table}\naction "out" relay\n'
-                          'match from any for domain <domains> action "out"\n')
+    smtpd_conf.write_text(domains_relay_config(table, listen=False))
     return subprocess.run([sys.executable, "-m", "smtpd", "-n", "-f", str(smtpd_conf)], capture_output=True,
                           text=True, cwd=ROOT, timeout=60, check=False)
+
+
+def rcpt_code(port: int, rcpt: str = "x@example.com") -> int | str:
+    """The reply code to RCPT TO:<rcpt> in a fresh session with the daemon on port, or the error's name when the
+    session itself failed (a daemon that hung up)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail("sender@example.org")
+            return client.rcpt(rcpt)[0]
+    except (OSError, smtplib.SMTPException) as error:
+        return type(error).__name__

@@ -110,24 +110,28 @@ def test_equal_preferences_are_tried_in_random_order() -> None:
                     ("b.equal.test", "a.equal.test", "c.equal.test")}
 
 
+def relayed_by_mx(tmp_path: os.PathLike[str], host: str, address: str,
+                  zone: dict[str, list[tuple[str, str]]] = ZONE) -> list[tuple[str, str]]:
+    """Relay one envelope for address, found through the zone, to a server at host, and check that it took the
+    mail. Returns the DNS questions asked."""
+    port = free_port(host)
+    with DnsServer(zone) as dns, Remote(host=host, port=port) as remote:
+        results = deliver(mx_agent(dns, port), [envelope(address)], message(tmp_path))
+    assert results[0].outcome is Outcome.OK, results[0].text
+    assert remote.received[0].rcpt_tos == [address]
+    return dns.queries
+
+
 def test_implicit_mx_on_an_address_record(tmp_path: os.PathLike[str]) -> None:
-    port = free_port("127.0.0.3")
-    with DnsServer(ZONE) as dns, Remote(host="127.0.0.3", port=port) as remote:
-        results = deliver(mx_agent(dns, port), [envelope("bob@implicit.test")], message(tmp_path))
-    assert results[0].outcome is Outcome.OK
-    assert remote.received[0].rcpt_tos == ["bob@implicit.test"]
+    relayed_by_mx(tmp_path, "127.0.0.3", "bob@implicit.test")
 
 
 def test_a_domain_with_sharp_s_is_asked_as_idna_2008_writes_it(tmp_path: os.PathLike[str]) -> None:
     """straße.test is xn--strae-oqa.test (IDNA 2008, as Postfix and Exim ask); IDNA 2003 made it strasse.test,
     someone else's domain, and the mail went there."""
-    port = free_port("127.0.0.3")
     zone = {"xn--strae-oqa.test": [("A", "127.0.0.3")], "strasse.test": [("A", "127.0.0.4")]}
-    with DnsServer(zone) as dns, Remote(host="127.0.0.3", port=port) as remote:
-        results = deliver(mx_agent(dns, port), [envelope("bob@straße.test")], message(tmp_path))
-    assert results[0].outcome is Outcome.OK, results
-    assert remote.received[0].rcpt_tos == ["bob@straße.test"]
-    assert ("strasse.test", "MX") not in dns.queries
+    asked = relayed_by_mx(tmp_path, "127.0.0.3", "bob@straße.test", zone)
+    assert ("strasse.test", "MX") not in asked
 
 
 @pytest.mark.parametrize(("domain", "host"), [("[127.0.0.3]", "127.0.0.3"), ("[IPv6:::1]", "::1"),
@@ -159,11 +163,7 @@ def test_a_bare_address_as_domain_is_a_name_that_does_not_exist(tmp_path: os.Pat
 def test_an_exchanger_whose_a_question_fails_is_reached_over_its_aaaa(tmp_path: os.PathLike[str]) -> None:
     # Its name server fails A questions (SERVFAIL) but answers AAAA: the IPv6 address takes the mail, rather
     # than the failed A question deferring it without the AAAA question ever being asked.
-    port = free_port("::1")
-    with DnsServer(ZONE) as dns, Remote(host="::1", port=port) as remote:
-        results = deliver(mx_agent(dns, port), [envelope("bob@sixonly.test")], message(tmp_path))
-    assert results[0].outcome is Outcome.OK, results[0].text
-    assert remote.received[0].rcpt_tos == ["bob@sixonly.test"]
+    relayed_by_mx(tmp_path, "::1", "bob@sixonly.test")
 
 
 @pytest.mark.parametrize(("domain", "outcome", "text"), [
@@ -178,11 +178,7 @@ def test_domains_that_take_no_mail_bounce(tmp_path: os.PathLike[str], domain: st
 
 
 def test_null_mx_beside_a_real_exchanger_is_ignored(tmp_path: os.PathLike[str]) -> None:
-    port = free_port("127.0.0.2")
-    with DnsServer(ZONE) as dns, Remote(host="127.0.0.2", port=port) as remote:
-        results = deliver(mx_agent(dns, port), [envelope("bob@halfnull.test")], message(tmp_path))
-    assert results[0].outcome is Outcome.OK, results[0].text
-    assert remote.received[0].rcpt_tos == ["bob@halfnull.test"]
+    relayed_by_mx(tmp_path, "127.0.0.2", "bob@halfnull.test")
 
 
 def test_dns_failure_is_temporary(tmp_path: os.PathLike[str]) -> None:

@@ -4,22 +4,15 @@ in file tables and in makemap's db files alike."""
 
 from __future__ import annotations
 
-import smtplib
 from pathlib import Path
 
 import pytest
 from helpers_smtp import SmtpDaemon
+from helpers_tables import domains_relay_config, rcpt_code
 
 from smtpctl.commands.maps import makemap_main
 
 BOM = b"\xef\xbb\xbf"
-
-
-def rcpt_code(port: int, recipient: str) -> int:
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo("client.example.net")
-        assert client.mail("alice@example.net")[0] == 250
-        return client.rcpt(recipient)[0]
 
 
 @pytest.mark.parametrize("backend", ["file", "db"])
@@ -30,9 +23,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_entry(tmp_path: Path, backen
     if backend == "db":
         assert makemap_main(["-t", "set", str(source)], "makemap") == 0
         path = tmp_path / "domains.db"
-    config = (f"table domains {backend}:{path}\nlisten on 127.0.0.1 port {{port}}\n"
-              'action "out" relay host smtp://127.0.0.1:9\nmatch from any for domain <domains> action "out"\n')
-    with SmtpDaemon(tmp_path / "daemon", config) as daemon:
+    with SmtpDaemon(tmp_path / "daemon", domains_relay_config(f"{backend}:{path}")) as daemon:
         assert rcpt_code(daemon.port, "bob@first.example") == 250
         assert rcpt_code(daemon.port, "bob@second.example") == 250
         assert rcpt_code(daemon.port, "bob@third.example") == 550

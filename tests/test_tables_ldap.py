@@ -26,7 +26,13 @@ from daemon import ROOT, SmtpdProcess, free_port
 from helpers_ldap import Slapd, table_config
 from helpers_mta import OpenSmtpd, maildir_messages, wait_until
 from helpers_smtp import SmtpDaemon, auth_plain_codes, make_certificate
-from helpers_tables import auth_listener_config, checked_domains_table, starttls_client
+from helpers_tables import (
+    auth_listener_config,
+    checked_domains_table,
+    domains_relay_config,
+    rcpt_code,
+    starttls_client,
+)
 
 from shared.passwords import hash_password
 from smtpd.lookup.tables.base import Service, TableError, TableLoadError
@@ -297,16 +303,6 @@ def test_a_refused_bind_or_a_base_the_server_lacks_stops_smtpd_n_with_the_line(f
         assert message in result.stderr + result.stdout
 
 
-def rcpt_code(port: int, rcpt: str = "x@example.com") -> int | str:
-    try:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.ehlo("client.test")
-            client.mail("sender@example.org")
-            return client.rcpt(rcpt)[0]
-    except (OSError, smtplib.SMTPException) as error:
-        return type(error).__name__
-
-
 def test_a_server_gone_is_a_temporary_failure_and_is_asked_again_once_back(folder: Path) -> None:
     """With the server stopped, ours answers 4xx at RCPT and the same recipient is accepted once the server
     is back (the broken connection is opened again). 6.8's table-ldap finds nothing on the dead connection:
@@ -339,9 +335,7 @@ def test_a_server_gone_is_a_temporary_failure_and_is_asked_again_once_back(folde
 
 def test_update_table_reads_the_file_again_and_keeps_the_table_on_a_mistake(folder: Path, tmp_path: Path) -> None:
     conf = folder / "ldap.conf"
-    text = (f"table domains ldap:{conf}\nlisten on 127.0.0.1 port {{port}}\n"
-            'action "out" relay\nmatch from any for domain <domains> action "out"\n')
-    with SmtpdProcess(tmp_path / "daemon", text) as daemon:
+    with SmtpdProcess(tmp_path / "daemon", domains_relay_config(f"ldap:{conf}")) as daemon:
         assert rcpt_code(daemon.port, "x@example.com") == 250
         assert rcpt_code(daemon.port, "x@example.org") == 550
         good = conf.read_text()
