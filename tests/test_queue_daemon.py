@@ -111,7 +111,7 @@ def test_corrupt_file_is_moved_aside_by_the_daemon_and_reported(tmp_path: Path) 
     ids = fill(tmp_path)
     evpid = ids["first"][1]
     path = tmp_path / "spool" / "queue" / f"{evpid >> 56:02x}" / f"{evpid >> 32:08x}" / f"{evpid:016x}"
-    path.write_bytes(b"version: 3\nnonsense\n")
+    path.write_bytes(b"version: 9\nnonsense\n")  # (version 3 is OpenSMTPD 6.8's, read by its rules)
     process = paused_daemon(tmp_path)
     process.start()
     try:
