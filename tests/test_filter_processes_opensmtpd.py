@@ -179,13 +179,14 @@ def test_what_filters_are_told_and_what_clients_get_is_opensmtpds(folders: tuple
 
 
 def chain_config(folder: Path, ports: list[int]) -> str:
-    """A chain of a proc-exec filter and a shared proc, the proc alone on a second listener, a listener
-    without filters, and a filter no listener uses."""
-    return (f'table users {{ "@" = "nobody" }}\n'
+    """A chain of a builtin filter that only reports, a proc-exec filter and a shared proc, the proc alone on a
+    second listener, a listener without filters, and a filter no listener uses."""
+    return (f'table users {{ "@" = "nobody" }}\ntable chained {{ "^chain" }}\n'
+            'filter "said" phase ehlo match helo regex <chained> report "chain seen"\n'
             f'proc "shared" {filter_command(folder, "shared.log", "dataline=prepend:X-Shared: 1")}\n'
             f'filter "first" proc-exec {filter_command(folder, "first.log", "ehlo@chain=rewrite|rewritten.test", "dataline=prepend:X-First: 1")}\n'
             f'filter "unused" proc-exec {filter_command(folder, "unused.log")}\n'
-            'filter "fa" proc "shared"\nfilter "fa2" proc "shared"\nfilter "both" chain { "first", "fa" }\n'
+            'filter "fa" proc "shared"\nfilter "fa2" proc "shared"\nfilter "both" chain { "said", "first", "fa" }\n'
             f'listen on 127.0.0.1 port {ports[0]} hostname mx.test filter "both"\n'
             f'listen on 127.0.0.1 port {ports[1]} hostname mx.test filter "fa2"\n'
             f"listen on 127.0.0.1 port {ports[2]} hostname mx.test\n"
@@ -199,8 +200,8 @@ def message_to(subject: str) -> list[str]:
 
 
 def test_chains_shared_procs_and_who_gets_reports_are_opensmtpds(folders: tuple[Path, Path]) -> None:
-    """A rewrite ends the phase (the chain's second filter is not asked), data lines flow through the chain in
-    order, a proc used by two filters is one process, reports go only to the filters of the session's
+    """A builtin filter's report reaches the chain's processes (filter-report) and the chain goes on, a rewrite
+    ends the phase (the chain's next filter is not asked), data lines flow through the chain in order, a proc used by two filters is one process, reports go only to the filters of the session's
     listener, and a declared filter no listener uses is started (and told nothing more)."""
     dialogues = [(0, ["EHLO chain.test", *message_to("chain")]), (1, ["EHLO other.test", *message_to("proc")]),
                  (2, ["EHLO plain.test", *message_to("none")])]

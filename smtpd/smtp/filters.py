@@ -46,7 +46,7 @@ class FilterFacts:
 
 @dataclass(frozen=True)
 class FilterDecision:
-    decision: str  # "proceed" | "junk" | "rewrite" | "reject" | "disconnect" | "tempfail"
+    decision: str  # "proceed" | "junk" | "rewrite" | "reject" | "disconnect" | "tempfail" | "report"
     code: int = 0
     text: str = ""  # the reply's text after the code (reject, disconnect, tempfail), or the rewritten value
     filter: str | None = None
@@ -78,7 +78,7 @@ def run_phase(config: Config, tables: Any, name: str | None, phase: str, facts: 
               session: str = "") -> FilterDecision:
     for item in phase_filters(config, name, phase):
         decision = builtin_decision(item, tables, phase, facts, session)
-        if decision is not None:
+        if decision is not None and decision.decision != "report":
             return decision
     return PROCEED
 
@@ -99,8 +99,9 @@ def runs_processes(config: Config, name: str | None) -> bool:
 
 def builtin_decision(item: Filter, tables: Any, phase: str, facts: FilterFacts,
                      session: str = "") -> FilterDecision | None:
-    """What one builtin filter decides; None: the next filter decides (its condition does not hold, or it
-    only reports)."""
+    """What one builtin filter decides; None: the next filter decides (its condition does not hold). A
+    `report` decision lets the next one decide too: it only carries its text for the chain's processes
+    (their `filter-report` event)."""
     condition = item.conditions[0]
     try:
         holds = _holds(condition, tables, facts)
@@ -116,7 +117,7 @@ def builtin_decision(item: Filter, tables: Any, phase: str, facts: FilterFacts,
     decision = item.decision or "reject"
     _trace(session, phase, item, decision)
     if decision == "report":
-        return None
+        return FilterDecision("report", text=item.decision_arg or "", filter=item.name)
     if decision == "bypass":
         return FilterDecision("proceed", filter=item.name)
     if decision == "junk":

@@ -532,7 +532,10 @@ class Session:
                 arguments = (item, self.tables, phase, facts, self.token)
                 builtin = await asyncio.to_thread(builtin_decision, *arguments) if may_block \
                     else builtin_decision(*arguments)
-                if builtin is not None:
+                if builtin is not None and builtin.decision == "report":
+                    # 6.8 tells the processes what the builtin filter reports, and the chain goes on
+                    self._report("filter-report", "builtin", item.name, builtin.text)
+                elif builtin is not None:
                     return builtin
                 continue
             if phase not in processor.phases:
