@@ -14,8 +14,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from smtpd.queue.codec import ENCRYPTED_MARK, WRONG_KEY, QueueCodec, QueueCodecError, parse_key
+
+if TYPE_CHECKING:
+    from smtpd.config.model import Config
 
 PROMPT = "key> "
 TRIES = 3
@@ -111,6 +115,7 @@ class OfflineKey:
     def __init__(self, config_path: str) -> None:
         self.config_path = config_path
         self.found: ConfiguredKey | None = None
+        self.config: Config | None = None  # smtpd.conf, parsed only for an envelope of OpenSMTPD 6.8 (ttl_for)
 
     def settle(self) -> bool:
         """Look the key up (the first time only) and decode with it from now on. True when that may read
@@ -124,6 +129,16 @@ class OfflineKey:
 
         codec.configure(QueueCodec(key=self.found.key))
         return True
+
+    def ttl_for(self, dispatcher: str) -> int:
+        """An OpenSMTPD 6.8 envelope's time to live (it stores 0: docs/queue.md, "Coming from OpenSMTPD"), as the
+        daemon gives it: from smtpd.conf, read once; the default `queue ttl` when smtpd.conf cannot be read."""
+        if self.config is None:
+            import smtpd.config
+            from smtpd.config.model import Config
+
+            self.config = smtpd.config.load(self.config_path, check_files=False).config or Config(self.config_path)
+        return self.config.ttl_for(dispatcher)
 
     def note(self, count: int) -> str:
         """The stderr line for ``count`` envelopes left out because they could not be decrypted."""

@@ -85,6 +85,18 @@ def queue_with_opensmtpd(workdir: Path, config: str, port: int, copy_to: Path) -
     assert sorted(folder.name for folder in (copy_to / "queue").glob("*/*")) == sorted(msgids)
 
 
+def assert_listed_as_ours(ours: SmtpdProcess, runstate: str) -> None:
+    """`show queue` lists 6.8's three envelopes (its alias gave two), none unreadable, each expiring when the
+    queue's ttl (4 days, the config's default) says, not at its creation as 6.8's `ttl: 0` would have it."""
+    listing = ours.smtpctl("show", "queue")
+    assert (listing.returncode, listing.stderr) == (0, "")
+    rows = [line.split("|") for line in listing.stdout.splitlines()]
+    assert sorted((row[2], row[6], row[11]) for row in rows) == [
+        ("mda", "team@test.example", runstate), ("mda", "team@test.example", runstate),
+        ("mta", "bob@remote.test", runstate)]
+    assert all(int(row[8]) - int(row[7]) == 4 * 86400 for row in rows), rows
+
+
 def test_mail_opensmtpd_left_queued_is_delivered_by_ours(workdir: Path) -> None:
     with system_user(str(workdir), prefix="p68") as user, Remote() as remote:
         (workdir / "aliases").write_text(f"team: {user.pw_name}, |/usr/bin/tee {workdir}/piped/copy\n")
@@ -92,14 +104,9 @@ def test_mail_opensmtpd_left_queued_is_delivered_by_ours(workdir: Path) -> None:
                             paused=("mda", "mta"))
         port = free_port()
         queue_with_opensmtpd(workdir, shared_config(workdir, port, remote.port), port, ours.spool)
+        assert_listed_as_ours(ours, "offline")  # (smtpctl reading the spool itself, before the first start)
         with ours:
-            # Listed as ours: three envelopes (the alias gave two), none moved aside as unreadable.
-            listing = ours.smtpctl("show", "queue")
-            assert listing.returncode == 0, listing.stderr
-            rows = [line.split("|") for line in listing.stdout.splitlines()]
-            assert sorted((row[2], row[6]) for row in rows) == [
-                ("mda", "team@test.example"), ("mda", "team@test.example"), ("mta", "bob@remote.test")]
-            assert all(int(row[8]) - int(row[7]) == 4 * 86400 for row in rows), rows  # the queue's ttl
+            assert_listed_as_ours(ours, "pending")
             assert not (ours.spool / "corrupt").exists() or not os.listdir(ours.spool / "corrupt")
             # 6.8's queue account no longer owns anything in it (it could write envelopes into our queue)
             queue_account = pwd.getpwnam("opensmtpq").pw_uid

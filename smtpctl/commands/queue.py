@@ -245,6 +245,8 @@ def offline_rows(spool_root: str, msgid: int | None, selector: EnvelopeFilter,
             locked += count
             problems += [f"corrupt queue file queue/{current >> 24:02x}/{name}: {reason}" for name, reason in others]
         for envelope in sorted(loaded.envelopes, key=lambda item: (item.ctime, item.evpid)):
+            if not envelope.ttl:  # (OpenSMTPD 6.8's: its expiry is the configuration's, as the daemon gives it)
+                envelope.ttl = keys.ttl_for(envelope.dispatcher)
             # Every envelope is `offline` with the daemon down; `--state suspended` still finds the paused ones
             # (their flag is on disk).
             paused = selector.state == "suspended" and "suspend" in envelope.flags

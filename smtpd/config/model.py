@@ -333,5 +333,10 @@ class Config:
     def action(self, name: str) -> Action:
         return self.actions[name]
 
+    def ttl_for(self, dispatcher: str) -> int:
+        """How long mail for the action named dispatcher may stay queued: its `ttl`, else `queue ttl`."""
+        action = self.actions.get(dispatcher)
+        return action.ttl if action is not None and action.ttl else self.queue.ttl
+
     def table(self, name: str) -> TableDecl:
         return self.tables[name]

@@ -1550,10 +1550,7 @@ class Queue:
             from smtpd.config.model import DEFAULT_QUEUE_TTL
 
             return DEFAULT_QUEUE_TTL
-        action = config.actions.get(envelope.dispatcher)
-        if action is not None and action.ttl:
-            return action.ttl
-        return config.queue.ttl
+        return config.ttl_for(envelope.dispatcher)
 
     def committed(self, message: IncomingMessage) -> None:
         STATS.increment("queue.ram.message.size", message.size)
