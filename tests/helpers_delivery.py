@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import SmtpdProcess
+from daemon import SmtpdProcess, free_port
 
 from smtpd.config.model import Action, Condition, Config, MatchRule, Method, SmtpOptions
 from smtpd.lookup.tables.base import Service, TableError
@@ -145,6 +145,18 @@ class Daemon(SmtpdProcess):
         self.socket = str(self.socket_path)
         self.spool = str(self.workdir / "spool")
         self.config_path = str(self.config_path)  # type: ignore[assignment]
+
+
+@contextmanager
+def running(top: str | os.PathLike[str], mail_root: str, rules: str) -> Iterator[tuple[Daemon, int]]:
+    """The daemon with ``rules`` (its actions and match lines), listening on a free loopback port; yields it and
+    the port, and stops it afterwards."""
+    port = free_port()
+    daemon = Daemon(str(top), f"listen on 127.0.0.1 port {port}\n" + rules, mail_root).start()
+    try:
+        yield daemon, port
+    finally:
+        daemon.stop()
 
 
 @contextmanager

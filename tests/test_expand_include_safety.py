@@ -9,8 +9,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from daemon import free_port
 from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-from test_mda_e2e import free_port
 
 
 @pytest.fixture()

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from daemon import free_port
+from helpers_delivery import Daemon, make_mail_root, open_temp_dir, running, system_user
 
 
 def wait_for(predicate, timeout: float = 30):
@@ -99,12 +93,8 @@ def test_percent_brace_in_a_raw_value_or_after_double_percent_is_literal(world) 
     script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {out}\ncat > /dev/null\n')
     script.chmod(0o755)
     os.chmod(top, 0o777)  # the script writes its file as alice
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              f'action "cmd" mda "{script} %{{sender:raw}} 100%%{{literal}}"\n'
-              'match from any for domain "cmd.test" action "cmd"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, f'action "cmd" mda "{script} %{{sender:raw}} 100%%{{literal}}"\n'
+                                 'match from any for domain "cmd.test" action "cmd"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.docmd("MAIL FROM:<a%{x@client.test>")[0] == 250
@@ -112,20 +102,14 @@ def test_percent_brace_in_a_raw_value_or_after_double_percent_is_literal(world) 
             assert client.data(b"Subject: percent\r\n\r\nbody\r\n")[0] == 250
         argv = wait_for(lambda: out.exists() and out.read_text())
         assert argv.splitlines() == ["a%{x@client.test", "100%{literal}"]
-    finally:
-        daemon.stop()
 
 
 def test_relative_maildir_path_is_under_the_home(world) -> None:
     """`maildir "Mail/%{rcpt.user}"`: OpenSMTPD's mail.maildir runs in the home, so the folder is ~/Mail/<user>;
     such a config is valid for both, and its mail must not bounce."""
     top, mail_root, alice, _ = world
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "md" maildir "Mail/%{rcpt.user}"\n'
-              'match from any for domain "maildir.test" action "md"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, 'action "md" maildir "Mail/%{rcpt.user}"\n'
+                                 'match from any for domain "maildir.test" action "md"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.sendmail("sender@client.test", [f"{alice.pw_name}@maildir.test"],
@@ -134,8 +118,6 @@ def test_relative_maildir_path_is_under_the_home(world) -> None:
         [name] = wait_for(lambda: os.listdir(new) if new.exists() and os.listdir(new) else None)
         assert "Subject: relative" in (new / name).read_text()
         assert os.stat(new / name).st_uid == alice.pw_uid
-    finally:
-        daemon.stop()
 
 
 def deliver_with_a_hostile_sender(world, command: str, subject: str) -> tuple[Path, str]:  # noqa: ANN001
@@ -143,12 +125,8 @@ def deliver_with_a_hostile_sender(world, command: str, subject: str) -> tuple[Pa
     address; the command is to write the sender into sender.txt and the message into message.txt in alice's
     home. Returns (alice's home, message.txt), after checking that the sender arrived as data only."""
     top, mail_root, alice, _ = world
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              f'action "cmd" mda "{command}"\n'
-              'match from any for domain "cmd.test" action "cmd"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, f'action "cmd" mda "{command}"\n'
+                                 'match from any for domain "cmd.test" action "cmd"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.docmd("MAIL FROM:<x`touch${IFS}pwned`@client.test>")[0] == 250
@@ -160,8 +138,6 @@ def deliver_with_a_hostile_sender(world, command: str, subject: str) -> tuple[Pa
         assert not (home / "pwned").exists() and not any(home.glob("*pwned*"))
         assert os.stat(home / "message.txt").st_uid == alice.pw_uid
         return home, text
-    finally:
-        daemon.stop()
 
 
 def test_an_mda_command_line_with_shell_syntax_runs_in_a_shell_without_the_envelope_as_shell_text(world) -> None:
@@ -191,19 +167,13 @@ def test_a_forward_command_of_a_sub_address_gets_its_extension(world) -> None:
     forward = home / ".forward"
     forward.write_text(f'"|echo ext=$EXTENSION local=$LOCAL > {home}/env.txt"\n')
     os.chown(forward, alice.pw_uid, alice.pw_gid)
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "md" maildir\n'
-              'match from any for domain "fwd.test" action "md"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, 'action "md" maildir\n'
+                                 'match from any for domain "fwd.test" action "md"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.sendmail("s@client.test", [f"{alice.pw_name}+lists@fwd.test"], b"Subject: x\r\n\r\nb\r\n") == {}
         text = wait_for(lambda: (home / "env.txt").exists() and (home / "env.txt").read_text())
         assert text == f"ext=lists local={alice.pw_name}+lists\n"
-    finally:
-        daemon.stop()
 
 
 def test_a_failing_mda_command_is_logged_with_one_error_wrapper(world) -> None:
@@ -211,18 +181,12 @@ def test_a_failing_mda_command_is_logged_with_one_error_wrapper(world) -> None:
     6.8's `stat=Error (exited abnormally)` (checked against its daemon). It said `Error (Error (exited with
     status 1))`, and log parsers took the inner `Error (` for part of the reason."""
     top, mail_root, alice, _ = world
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "fail" mda "/bin/false"\n'
-              'match from any for domain "fail.test" action "fail"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, 'action "fail" mda "/bin/false"\n'
+                                 'match from any for domain "fail.test" action "fail"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.sendmail("sender@client.test", [f"{alice.pw_name}@fail.test"], b"Subject: x\r\n\r\nx\r\n")
         line = wait_for(lambda: next((text for text in daemon.log().splitlines() if "mda delivery" in text), None))
         assert line.endswith("result=PermFail stat=Error (exited with status 1)"), line
-    finally:
-        daemon.stop()
 
 
 def _opened_by_some_process(path: str) -> bool:
@@ -244,12 +208,8 @@ def test_a_spool_mbox_that_is_a_symbolic_link_keeps_the_mail_queued(world) -> No
     target.touch()
     os.chown(target, alice.pw_uid, alice.pw_gid)
     os.symlink(target, os.path.join(mail_root, alice.pw_name))
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "local" mbox\n'
-              'match from any for domain "mbox.test" action "local"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, 'action "local" mbox\n'
+                                 'match from any for domain "mbox.test" action "local"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.sendmail("sender@client.test", [f"{alice.pw_name}@mbox.test"],
@@ -259,8 +219,6 @@ def test_a_spool_mbox_that_is_a_symbolic_link_keeps_the_mail_queued(world) -> No
         assert target.read_text() == ""
         assert "symbolic link" in daemon.smtpctl("show", "queue").stdout
         assert "Delivery status notification" not in daemon.log()
-    finally:
-        daemon.stop()
 
 
 def test_file_targets_are_opened_as_their_writer_like_mail_mboxfile(world) -> None:
@@ -280,14 +238,10 @@ def test_file_targets_are_opened_as_their_writer_like_mail_mboxfile(world) -> No
     os.link(files / "audit", files / "audit.hardlink")
     os.mkfifo(files / "pipe")
     os.chmod(files / "pipe", 0o666)
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              f'table aliases {{ devnull = "/dev/null", archive = "{files}/current", '
-              f'audit = "{files}/audit.hardlink", fifo = "{files}/pipe" }}\n'
-              'action "local" mbox alias <aliases>\n'
-              'match from any for domain "mbox.test" action "local"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, f'table aliases {{ devnull = "/dev/null", archive = "{files}/current", '
+                                 f'audit = "{files}/audit.hardlink", fifo = "{files}/pipe" }}\n'
+                                 'action "local" mbox alias <aliases>\n'
+                                 'match from any for domain "mbox.test" action "local"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.sendmail("sender@client.test", ["devnull@mbox.test", "archive@mbox.test",
@@ -303,8 +257,6 @@ def test_file_targets_are_opened_as_their_writer_like_mail_mboxfile(world) -> No
         assert "Subject: files" in (files / "2026.mbox").read_text()
         assert os.path.islink(files / "current")
         assert "Subject: files" in (files / "audit").read_text()
-    finally:
-        daemon.stop()
 
 
 def test_a_mbox_removed_by_the_lock_holder_gets_the_mail_in_its_new_file(world) -> None:
@@ -320,12 +272,8 @@ def test_a_mbox_removed_by_the_lock_holder_gets_the_mail_in_its_new_file(world) 
     os.chmod(box, 0o600)
     lock = box + ".lock"
     os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # the reader's dotlock
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'action "local" mbox\n'
-              'match from any for domain "mbox.test" action "local"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, 'action "local" mbox\n'
+                                 'match from any for domain "mbox.test" action "local"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             assert client.sendmail("sender@client.test", [f"{alice.pw_name}@mbox.test"],
@@ -340,5 +288,3 @@ def test_a_mbox_removed_by_the_lock_holder_gets_the_mail_in_its_new_file(world) 
 
         wait_for(delivered)
         assert os.stat(box).st_uid == alice.pw_uid
-    finally:
-        daemon.stop()

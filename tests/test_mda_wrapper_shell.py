@@ -9,8 +9,8 @@ import smtplib
 from pathlib import Path
 
 import pytest
-from helpers_delivery import Daemon, make_mail_root, open_temp_dir, system_user
-from test_mda_e2e import free_port, wait_for
+from helpers_delivery import make_mail_root, open_temp_dir, running, system_user
+from test_mda_e2e import wait_for
 
 SENDER = "`touch${IFS}/tmp/pysmtpd-wrapper-pwned`$HOME'x@client.test"
 
@@ -27,16 +27,12 @@ def world():
 
 def test_wrappers_with_shell_syntax_run_in_a_shell(world) -> None:
     top, mail_root, bob = world
-    port = free_port()
-    config = (f"listen on 127.0.0.1 port {port}\n"
-              'mda wrapper limits "ulimit -t 60; echo %{sender:raw} > ~/wrapper.sender; exec %{mda}"\n'
-              'mda wrapper sedit "sed -e s/hello/HELLO/ | %{mda}"\n'
-              'action "cmd" mda "/bin/sh -c \'cat > ~/command.out\'" wrapper limits\n'
-              'action "box" mbox wrapper sedit\n'
-              'match from any for domain "cmd.test" action "cmd"\n'
-              'match from any for domain "box.test" action "box"\n')
-    daemon = Daemon(str(top), config, mail_root).start()
-    try:
+    with running(top, mail_root, 'mda wrapper limits "ulimit -t 60; echo %{sender:raw} > ~/wrapper.sender; exec %{mda}"\n'
+                                 'mda wrapper sedit "sed -e s/hello/HELLO/ | %{mda}"\n'
+                                 'action "cmd" mda "/bin/sh -c \'cat > ~/command.out\'" wrapper limits\n'
+                                 'action "box" mbox wrapper sedit\n'
+                                 'match from any for domain "cmd.test" action "cmd"\n'
+                                 'match from any for domain "box.test" action "box"\n') as (daemon, port):
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo("client.test")
             refused = client.sendmail(SENDER, [f"{bob.pw_name}@cmd.test", f"{bob.pw_name}@box.test"],
@@ -51,5 +47,3 @@ def test_wrappers_with_shell_syntax_run_in_a_shell(world) -> None:
         assert "HELLO world" in wait_for(lambda: box.exists() and box.read_text())
         assert not os.path.exists("/tmp/pysmtpd-wrapper-pwned")
         assert "result=PermFail" not in daemon.log()
-    finally:
-        daemon.stop()
